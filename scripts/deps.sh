@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what keelson needs on Debian 12 (idempotent). Used by test.sh, demo.sh and CI.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(containerd runc iptables nftables busybox-static etcd-server containernetworking-plugins
+      protobuf-compiler libprotobuf-dev conntrack curl jq iproute2 gcc)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || { echo "keelson: a Rust toolchain (cargo >= 1.89) is required" >&2; exit 1; }

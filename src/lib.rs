@@ -1,0 +1,5 @@
+//! keelson: a Kubernetes node agent (kubelet + kube-proxy) with a thin control plane.
+
+pub mod agent;
+pub mod net;
+pub mod runtime;

@@ -1,0 +1,391 @@
+//! Containers and tasks in containerd: create (snapshot + container + task), start, signal,
+//! inspect, delete, list by label, and exec. One container per keelson container instance.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest, GetRequest, KillRequest,
+    ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest, container::Runtime,
+    snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest},
+};
+use prost_types::Any;
+
+use super::{Containerd, Error, RUNC_RUNTIME, Result, SNAPSHOTTER, image::ImageInfo, random_hex};
+
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+
+/// What to create.
+pub struct CreateOpts<'a> {
+    pub id: &'a str,
+    pub image: &'a ImageInfo,
+    pub spec: &'a oci_spec::runtime::Spec,
+    pub labels: HashMap<String, String>,
+    /// Paths the shim opens for the container's stdio (FIFOs or regular files); empty = none.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A task's state as containerd reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskState {
+    /// No task (never created, or deleted).
+    Missing,
+    Created,
+    Running { pid: u32 },
+    Stopped { exit_code: u32, exited_at: Option<jiff::Timestamp> },
+    Other,
+}
+
+/// A container found in containerd, with its labels.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub id: String,
+    pub labels: HashMap<String, String>,
+    pub image: String,
+}
+
+/// The outcome of an exec.
+#[derive(Debug, Clone)]
+pub struct ExecResult {
+    pub exit_code: Option<u32>,
+    pub output: Vec<u8>,
+    pub timed_out: bool,
+}
+
+pub(crate) fn ts(t: Option<prost_types::Timestamp>) -> Option<jiff::Timestamp> {
+    let t = t?;
+    jiff::Timestamp::new(t.seconds, t.nanos).ok()
+}
+
+fn ignore_not_found(r: std::result::Result<(), tonic::Status>, op: &'static str) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+        Err(source) => Err(Error::Rpc { op, source }),
+    }
+}
+
+impl Containerd {
+    /// Prepares a rootfs snapshot, creates the container and its task (not started).
+    pub async fn create(&self, o: CreateOpts<'_>) -> Result<u32> {
+        let mounts = self
+            .snapshots()
+            .prepare(self.req(PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: o.id.into(),
+                parent: o.image.chain_id.clone(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(Error::rpc("snapshot prepare"))?
+            .into_inner()
+            .mounts;
+        let spec = serde_json::to_vec(o.spec).map_err(|e| Error::bad("runtime spec", e))?;
+        let container = Container {
+            id: o.id.into(),
+            labels: o.labels,
+            image: o.image.name.clone(),
+            runtime: Some(Runtime {
+                name: RUNC_RUNTIME.into(),
+                options: None,
+            }),
+            spec: Some(Any {
+                type_url: SPEC_TYPE_URL.into(),
+                value: spec,
+            }),
+            snapshotter: SNAPSHOTTER.into(),
+            snapshot_key: o.id.into(),
+            ..Default::default()
+        };
+        if let Err(source) = self
+            .containers()
+            .create(self.req(CreateContainerRequest {
+                container: Some(container),
+            }))
+            .await
+        {
+            let _ = self.remove_snapshot(o.id).await;
+            return Err(Error::Rpc {
+                op: "container create",
+                source,
+            });
+        }
+        let created = self
+            .tasks()
+            .create(self.req(CreateTaskRequest {
+                container_id: o.id.into(),
+                rootfs: mounts,
+                stdout: o.stdout,
+                stderr: o.stderr,
+                ..Default::default()
+            }))
+            .await;
+        match created {
+            Ok(r) => Ok(r.into_inner().pid),
+            Err(source) => {
+                let _ = self.delete(o.id).await;
+                Err(Error::Rpc {
+                    op: "task create",
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Starts a created task; returns its pid.
+    pub async fn start(&self, id: &str) -> Result<u32> {
+        let r = self
+            .tasks()
+            .start(self.req(StartRequest {
+                container_id: id.into(),
+                exec_id: String::new(),
+            }))
+            .await
+            .map_err(Error::rpc("task start"))?;
+        Ok(r.into_inner().pid)
+    }
+
+    /// Sends a signal to the container's init process.
+    pub async fn kill(&self, id: &str, signal: u32) -> Result<()> {
+        let r = self
+            .tasks()
+            .kill(self.req(KillRequest {
+                container_id: id.into(),
+                exec_id: String::new(),
+                signal,
+                all: false,
+            }))
+            .await
+            .map(|_| ());
+        ignore_not_found(r, "task kill")
+    }
+
+    /// The task's current state.
+    pub async fn task_state(&self, id: &str) -> Result<TaskState> {
+        let r = self
+            .tasks()
+            .get(self.req(GetRequest {
+                container_id: id.into(),
+                exec_id: String::new(),
+            }))
+            .await;
+        let p = match r {
+            Ok(r) => r.into_inner().process,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(TaskState::Missing),
+            Err(source) => return Err(Error::Rpc { op: "task get", source }),
+        };
+        let Some(p) = p else { return Ok(TaskState::Missing) };
+        use containerd_client::types::v1::Status;
+        Ok(match Status::try_from(p.status).unwrap_or(Status::Unknown) {
+            Status::Created => TaskState::Created,
+            Status::Running | Status::Pausing | Status::Paused => TaskState::Running { pid: p.pid },
+            Status::Stopped => TaskState::Stopped {
+                exit_code: p.exit_status,
+                exited_at: ts(p.exited_at),
+            },
+            Status::Unknown => TaskState::Other,
+        })
+    }
+
+    /// Waits for the task to exit, up to `timeout`; `None` when it is still running then.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<u32>> {
+        let mut tasks = self.tasks();
+        let fut = tasks.wait(self.req(WaitRequest {
+            container_id: id.into(),
+            exec_id: String::new(),
+        }));
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Ok(None),
+            Ok(Ok(r)) => Ok(Some(r.into_inner().exit_status)),
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(Some(0)),
+            Ok(Err(source)) => Err(Error::Rpc { op: "task wait", source }),
+        }
+    }
+
+    /// Deletes the task (if any), the container and its snapshot. Idempotent.
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let r = self
+            .tasks()
+            .delete(self.req(DeleteTaskRequest {
+                container_id: id.into(),
+            }))
+            .await
+            .map(|_| ());
+        if let Err(s) = &r
+            && s.code() == tonic::Code::FailedPrecondition
+        {
+            // Still running: kill hard, then delete.
+            self.kill(id, 9).await?;
+            let _ = self.wait(id, Duration::from_secs(5)).await?;
+            let r = self
+                .tasks()
+                .delete(self.req(DeleteTaskRequest {
+                    container_id: id.into(),
+                }))
+                .await
+                .map(|_| ());
+            ignore_not_found(r, "task delete")?;
+        } else {
+            ignore_not_found(r, "task delete")?;
+        }
+        let r = self
+            .containers()
+            .delete(self.req(DeleteContainerRequest { id: id.into() }))
+            .await
+            .map(|_| ());
+        ignore_not_found(r, "container delete")?;
+        self.remove_snapshot(id).await
+    }
+
+    async fn remove_snapshot(&self, key: &str) -> Result<()> {
+        let r = self
+            .snapshots()
+            .remove(self.req(RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await
+            .map(|_| ());
+        ignore_not_found(r, "snapshot remove")
+    }
+
+    /// Merges `labels` into the container's labels.
+    pub async fn set_labels(&self, id: &str, labels: HashMap<String, String>) -> Result<()> {
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        self.containers()
+            .update(self.req(UpdateContainerRequest {
+                container: Some(Container {
+                    id: id.into(),
+                    labels,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            }))
+            .await
+            .map_err(Error::rpc("container update"))?;
+        Ok(())
+    }
+
+    /// Every container in this namespace that carries `label`.
+    pub async fn list_with_label(&self, label: &str) -> Result<Vec<Listed>> {
+        let r = self
+            .containers()
+            .list(self.req(ListContainersRequest {
+                filters: vec![format!("labels.\"{label}\"")],
+            }))
+            .await
+            .map_err(Error::rpc("container list"))?;
+        Ok(r.into_inner()
+            .containers
+            .into_iter()
+            .map(|c| Listed {
+                id: c.id,
+                labels: c.labels,
+                image: c.image,
+            })
+            .collect())
+    }
+
+    /// Runs a process inside a running container and collects its output (stdout and stderr
+    /// together, at most `max_output` bytes). The process is killed at `timeout`.
+    pub async fn exec(
+        &self,
+        id: &str,
+        process: &oci_spec::runtime::Process,
+        scratch_dir: &Path,
+        timeout: Duration,
+        max_output: usize,
+    ) -> Result<ExecResult> {
+        let exec_id = format!("exec-{}", random_hex(6));
+        std::fs::create_dir_all(scratch_dir).map_err(Error::io("exec scratch dir"))?;
+        let out_path = scratch_dir.join(format!("{exec_id}.out"));
+        std::fs::File::create(&out_path).map_err(Error::io("exec output file"))?;
+        let out = out_path.to_string_lossy().to_string();
+        let spec = serde_json::to_vec(process).map_err(|e| Error::bad("exec spec", e))?;
+        let res = self
+            .exec_inner(id, &exec_id, spec, &out, timeout)
+            .await;
+        let mut output = std::fs::read(&out_path).unwrap_or_default();
+        output.truncate(max_output);
+        let _ = std::fs::remove_file(&out_path);
+        let (exit_code, timed_out) = res?;
+        Ok(ExecResult {
+            exit_code,
+            output,
+            timed_out,
+        })
+    }
+
+    async fn exec_inner(
+        &self,
+        id: &str,
+        exec_id: &str,
+        spec: Vec<u8>,
+        out: &str,
+        timeout: Duration,
+    ) -> Result<(Option<u32>, bool)> {
+        self.tasks()
+            .exec(self.req(ExecProcessRequest {
+                container_id: id.into(),
+                stdin: String::new(),
+                stdout: out.into(),
+                stderr: out.into(),
+                terminal: false,
+                spec: Some(Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                    value: spec,
+                }),
+                exec_id: exec_id.into(),
+            }))
+            .await
+            .map_err(Error::rpc("exec"))?;
+        let mut waiter = self.tasks();
+        let wait = waiter.wait(self.req(WaitRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+        }));
+        let started = self
+            .tasks()
+            .start(self.req(StartRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await;
+        let result = match started {
+            Err(source) => Err(Error::Rpc { op: "exec start", source }),
+            Ok(_) => match tokio::time::timeout(timeout, wait).await {
+                Ok(Ok(r)) => Ok((Some(r.into_inner().exit_status), false)),
+                Ok(Err(source)) => Err(Error::Rpc { op: "exec wait", source }),
+                Err(_) => {
+                    let _ = self
+                        .tasks()
+                        .kill(self.req(KillRequest {
+                            container_id: id.into(),
+                            exec_id: exec_id.into(),
+                            signal: 9,
+                            all: false,
+                        }))
+                        .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        self.tasks().wait(self.req(WaitRequest {
+                            container_id: id.into(),
+                            exec_id: exec_id.into(),
+                        })),
+                    )
+                    .await;
+                    Ok((None, true))
+                }
+            },
+        };
+        let _ = self
+            .tasks()
+            .delete_process(self.req(DeleteProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await;
+        result
+    }
+}

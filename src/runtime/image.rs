@@ -1,0 +1,672 @@
+//! Images in containerd: importing OCI / docker-archive tarballs (content → snapshots → image),
+//! and resolving an image reference to what a container needs (chain ID, config).
+//! Never pulls from a registry: keelson hosts are air-gapped by design.
+
+use std::collections::HashMap;
+
+use containerd_client::{
+    services::v1::{
+        ApplyRequest, CreateImageRequest, GetImageRequest, Image, InfoRequest, ReadContentRequest,
+        UpdateImageRequest, WriteAction, WriteContentRequest,
+        leases_client::LeasesClient,
+        snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest, StatSnapshotRequest},
+    },
+    types::Descriptor,
+};
+use futures::StreamExt;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::{Containerd, Error, Result, SNAPSHOTTER, pack::sha256_digest, random_hex};
+
+/// Kubernetes' image-name normalization: `busybox` → `docker.io/library/busybox:latest`.
+pub fn normalize_ref(r: &str) -> String {
+    let (name, digest) = match r.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (r, None),
+    };
+    let first = name.split('/').next().unwrap_or("");
+    let has_domain = name.contains('/')
+        && (first.contains('.') || first.contains(':') || first == "localhost");
+    let mut full = if has_domain {
+        name.to_string()
+    } else if name.contains('/') {
+        format!("docker.io/{name}")
+    } else {
+        format!("docker.io/library/{name}")
+    };
+    let last = full.rsplit('/').next().unwrap_or("");
+    if digest.is_none() && !last.contains(':') {
+        full.push_str(":latest");
+    }
+    if let Some(d) = digest {
+        full.push('@');
+        full.push_str(d);
+    }
+    full
+}
+
+/// What a container needs from its image.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    /// The normalized reference.
+    pub name: String,
+    /// `name@sha256:<manifest digest>`, reported as a container's imageID.
+    pub image_id: String,
+    /// Snapshot name of the top layer, the parent of every container's rootfs.
+    pub chain_id: String,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+}
+
+#[derive(Deserialize)]
+struct OciDescriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: i64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+#[derive(Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+#[derive(Deserialize)]
+struct OciIndex {
+    manifests: Vec<OciDescriptor>,
+}
+#[derive(Deserialize)]
+struct OciManifest {
+    config: OciDescriptor,
+    layers: Vec<OciDescriptor>,
+}
+#[derive(Deserialize, Default)]
+struct ImgConfigInner {
+    #[serde(rename = "Entrypoint", default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    cmd: Option<Vec<String>>,
+    #[serde(rename = "Env", default)]
+    env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    working_dir: Option<String>,
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+}
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+#[derive(Deserialize)]
+struct ImgConfig {
+    #[serde(default)]
+    config: Option<ImgConfigInner>,
+    rootfs: RootFs,
+}
+#[derive(Deserialize)]
+struct DockerManifest {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Layers")]
+    layers: Vec<String>,
+}
+
+const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const MT_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+
+/// Chain IDs (snapshot names) of a list of layer diff IDs, per the OCI image spec.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{prev} {d}").as_bytes()))
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// One image found in an archive, ready to be written to containerd.
+struct Unpacked {
+    names: Vec<String>,
+    manifest: (String, Vec<u8>),
+    config: (String, Vec<u8>),
+    layers: Vec<(Descriptor, Vec<u8>)>,
+    diff_ids: Vec<String>,
+}
+
+fn desc_of(media: &str, data: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: media.into(),
+        digest: sha256_digest(data),
+        size: data.len() as i64,
+        annotations: HashMap::new(),
+    }
+}
+
+/// Reads every entry of a tarball into memory.
+fn read_archive(what: &str, bytes: &[u8]) -> Result<HashMap<String, Vec<u8>>> {
+    let mut files = HashMap::new();
+    let mut ar = tar::Archive::new(bytes);
+    let entries = ar
+        .entries()
+        .map_err(|e| Error::bad(what, format!("not a tar archive: {e}")))?;
+    for e in entries {
+        let mut e = e.map_err(|e| Error::bad(what, format!("corrupt tar entry: {e}")))?;
+        if e.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let path = e
+            .path()
+            .map_err(|e| Error::bad(what, e))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data)
+            .map_err(|e| Error::bad(what, format!("reading {path}: {e}")))?;
+        files.insert(path, data);
+    }
+    Ok(files)
+}
+
+fn parse_archive(what: &str, bytes: &[u8]) -> Result<Vec<Unpacked>> {
+    let files = read_archive(what, bytes)?;
+    let get = |p: &str| -> Result<&Vec<u8>> {
+        files
+            .get(p)
+            .ok_or_else(|| Error::bad(what, format!("missing entry {p}")))
+    };
+    let blob = |digest: &str| -> Result<&Vec<u8>> {
+        let hexd = digest
+            .strip_prefix("sha256:")
+            .ok_or_else(|| Error::bad(what, format!("unsupported digest {digest}")))?;
+        let data = get(&format!("blobs/sha256/{hexd}"))?;
+        if sha256_digest(data) != digest {
+            return Err(Error::bad(what, format!("blob {digest} does not match its digest")));
+        }
+        Ok(data)
+    };
+    let json = |p: &str, data: &[u8]| -> Result<serde_json::Value> {
+        serde_json::from_slice(data).map_err(|e| Error::bad(what, format!("{p}: {e}")))
+    };
+    let mut out = Vec::new();
+    if let Some(index) = files.get("index.json") {
+        let index: OciIndex = serde_json::from_value(json("index.json", index)?)
+            .map_err(|e| Error::bad(what, format!("index.json: {e}")))?;
+        for m in index.manifests {
+            let mut name = m
+                .annotations
+                .get("io.containerd.image.name")
+                .cloned()
+                .or_else(|| m.annotations.get("org.opencontainers.image.ref.name").cloned());
+            let mut m = m;
+            // Follow one level of index (multi-platform) to the linux/amd64 manifest.
+            if m.media_type == MT_OCI_INDEX || m.media_type == MT_DOCKER_LIST {
+                let inner: OciIndex = serde_json::from_value(json(&m.digest, blob(&m.digest)?)?)
+                    .map_err(|e| Error::bad(what, format!("{}: {e}", m.digest)))?;
+                let pick = inner.manifests.into_iter().find(|d| {
+                    d.platform
+                        .as_ref()
+                        .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
+                });
+                m = pick.ok_or_else(|| Error::bad(what, "no linux/amd64 manifest"))?;
+            }
+            let mbytes = blob(&m.digest)?.clone();
+            let man: OciManifest = serde_json::from_value(json(&m.digest, &mbytes)?)
+                .map_err(|e| Error::bad(what, format!("manifest {}: {e}", m.digest)))?;
+            let cbytes = blob(&man.config.digest)?.clone();
+            let cfg: ImgConfig = serde_json::from_value(json(&man.config.digest, &cbytes)?)
+                .map_err(|e| Error::bad(what, format!("config: {e}")))?;
+            let mut layers = Vec::new();
+            for l in &man.layers {
+                let data = blob(&l.digest)?.clone();
+                layers.push((
+                    Descriptor {
+                        media_type: l.media_type.clone(),
+                        digest: l.digest.clone(),
+                        size: l.size,
+                        annotations: HashMap::new(),
+                    },
+                    data,
+                ));
+            }
+            let names = name.take().map(|n| vec![normalize_ref(&n)]).unwrap_or_default();
+            out.push(Unpacked {
+                names,
+                manifest: (m.media_type.clone(), mbytes),
+                config: (man.config.media_type.clone(), cbytes),
+                layers,
+                diff_ids: cfg.rootfs.diff_ids,
+            });
+        }
+    } else if let Some(mj) = files.get("manifest.json") {
+        let list: Vec<DockerManifest> = serde_json::from_value(json("manifest.json", mj)?)
+            .map_err(|e| Error::bad(what, format!("manifest.json: {e}")))?;
+        for dm in list {
+            let cbytes = get(&dm.config)?.clone();
+            let cfg: ImgConfig = serde_json::from_value(json(&dm.config, &cbytes)?)
+                .map_err(|e| Error::bad(what, format!("{}: {e}", dm.config)))?;
+            let mut layers = Vec::new();
+            for l in &dm.layers {
+                let data = get(l)?.clone();
+                layers.push((desc_of(MT_DOCKER_LAYER, &data), data));
+            }
+            let cdesc = desc_of(MT_DOCKER_CONFIG, &cbytes);
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MT_DOCKER_MANIFEST,
+                "config": {"mediaType": MT_DOCKER_CONFIG, "digest": cdesc.digest, "size": cdesc.size},
+                "layers": layers.iter().map(|(d, _)| serde_json::json!({
+                    "mediaType": d.media_type, "digest": d.digest, "size": d.size})).collect::<Vec<_>>(),
+            });
+            let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::bad(what, e))?;
+            out.push(Unpacked {
+                names: dm
+                    .repo_tags
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| normalize_ref(n))
+                    .collect(),
+                manifest: (MT_DOCKER_MANIFEST.into(), mbytes),
+                config: (MT_DOCKER_CONFIG.into(), cbytes),
+                layers,
+                diff_ids: cfg.rootfs.diff_ids,
+            });
+        }
+    } else {
+        return Err(Error::bad(
+            what,
+            "neither an OCI layout (index.json) nor a docker archive (manifest.json)",
+        ));
+    }
+    for u in &out {
+        if u.diff_ids.len() != u.layers.len() {
+            return Err(Error::bad(what, "config diff_ids and manifest layers differ in number"));
+        }
+        if u.names.is_empty() {
+            return Err(Error::bad(what, "image has no name (io.containerd.image.name / RepoTags)"));
+        }
+    }
+    Ok(out)
+}
+
+impl Containerd {
+    /// Imports every image of an OCI-layout or docker-archive tarball; returns the image names.
+    pub async fn import_archive(&self, what: &str, bytes: &[u8]) -> Result<Vec<String>> {
+        let images = parse_archive(what, bytes)?;
+        let lease = format!("keelson-import-{}", random_hex(6));
+        let mut leases: LeasesClient<_> = self.leases();
+        leases
+            .create(self.req(containerd_client::services::v1::CreateRequest {
+                id: lease.clone(),
+                labels: [(
+                    "containerd.io/gc.expire".to_string(),
+                    jiff::Timestamp::now()
+                        .checked_add(jiff::SignedDuration::from_secs(3600))
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                )]
+                .into(),
+            }))
+            .await
+            .map_err(Error::rpc("lease create"))?;
+        let res = self.import_under_lease(&lease, images).await;
+        let _ = leases
+            .delete(self.req(containerd_client::services::v1::DeleteRequest {
+                id: lease,
+                sync: false,
+            }))
+            .await;
+        res
+    }
+
+    async fn import_under_lease(&self, lease: &str, images: Vec<Unpacked>) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for img in images {
+            let chain = chain_ids(&img.diff_ids);
+            let top = chain.last().cloned().unwrap_or_default();
+            for (d, data) in &img.layers {
+                self.write_blob(lease, &d.digest, data, HashMap::new()).await?;
+            }
+            let cdigest = sha256_digest(&img.config.1);
+            self.write_blob(
+                lease,
+                &cdigest,
+                &img.config.1,
+                [(
+                    format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
+                    top.clone(),
+                )]
+                .into(),
+            )
+            .await?;
+            let mut mlabels: HashMap<String, String> =
+                [("containerd.io/gc.ref.content.config".to_string(), cdigest)].into();
+            for (i, (d, _)) in img.layers.iter().enumerate() {
+                mlabels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.digest.clone());
+            }
+            let mdigest = sha256_digest(&img.manifest.1);
+            self.write_blob(lease, &mdigest, &img.manifest.1, mlabels).await?;
+            self.unpack(lease, &img.layers, &chain).await?;
+            let target = Descriptor {
+                media_type: if img.manifest.0.is_empty() {
+                    MT_OCI_MANIFEST.into()
+                } else {
+                    img.manifest.0.clone()
+                },
+                digest: mdigest,
+                size: img.manifest.1.len() as i64,
+                annotations: HashMap::new(),
+            };
+            for name in &img.names {
+                self.put_image(name, target.clone()).await?;
+                names.push(name.clone());
+            }
+        }
+        Ok(names)
+    }
+
+    async fn put_image(&self, name: &str, target: Descriptor) -> Result<()> {
+        let image = Image {
+            name: name.to_string(),
+            labels: HashMap::new(),
+            target: Some(target),
+            created_at: None,
+            updated_at: None,
+        };
+        let created = self
+            .images()
+            .create(self.req(CreateImageRequest {
+                image: Some(image.clone()),
+                source_date_epoch: None,
+            }))
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                self.images()
+                    .update(self.req(UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["target".into()],
+                        }),
+                        source_date_epoch: None,
+                    }))
+                    .await
+                    .map_err(Error::rpc("image update"))?;
+                Ok(())
+            }
+            Err(s) => Err(Error::Rpc {
+                op: "image create",
+                source: s,
+            }),
+        }
+    }
+
+    /// Writes one blob to the content store unless it is already there.
+    async fn write_blob(
+        &self,
+        lease: &str,
+        digest: &str,
+        data: &[u8],
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
+        let exists = self
+            .content()
+            .info(self.req(InfoRequest {
+                digest: digest.into(),
+            }))
+            .await
+            .is_ok();
+        if exists {
+            return Ok(());
+        }
+        const CHUNK: usize = 1 << 20;
+        let r#ref = format!("keelson-{}-{}", digest.trim_start_matches("sha256:"), random_hex(4));
+        let total = data.len() as i64;
+        let mut msgs = Vec::new();
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            msgs.push(WriteContentRequest {
+                action: WriteAction::Write as i32,
+                r#ref: r#ref.clone(),
+                total,
+                expected: digest.into(),
+                offset: (i * CHUNK) as i64,
+                data: chunk.to_vec(),
+                labels: HashMap::new(),
+            });
+        }
+        msgs.push(WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref,
+            total,
+            expected: digest.into(),
+            offset: total,
+            data: vec![],
+            labels,
+        });
+        let resp = self
+            .content()
+            .write(self.req_leased(futures::stream::iter(msgs), Some(lease)))
+            .await;
+        let mut stream = match resp {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+            Err(s) => return Err(Error::Rpc { op: "content write", source: s }),
+        };
+        while let Some(m) = stream.next().await {
+            match m {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+                Err(s) => return Err(Error::Rpc { op: "content write", source: s }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies each layer onto a snapshot named by its chain ID, skipping those that exist.
+    async fn unpack(&self, lease: &str, layers: &[(Descriptor, Vec<u8>)], chain: &[String]) -> Result<()> {
+        for (i, (d, _)) in layers.iter().enumerate() {
+            let name = &chain[i];
+            let exists = self
+                .snapshots()
+                .stat(self.req(StatSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: name.clone(),
+                }))
+                .await
+                .is_ok();
+            if exists {
+                continue;
+            }
+            let key = format!("extract-{} {}", random_hex(4), name);
+            let parent = if i == 0 { String::new() } else { chain[i - 1].clone() };
+            let mounts = self
+                .snapshots()
+                .prepare(self.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: key.clone(),
+                        parent,
+                        labels: HashMap::new(),
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(Error::rpc("snapshot prepare"))?
+                .into_inner()
+                .mounts;
+            self.diff()
+                .apply(self.req_leased(
+                    ApplyRequest {
+                        diff: Some(d.clone()),
+                        mounts,
+                        payloads: HashMap::new(),
+                        sync_fs: false,
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(Error::rpc("diff apply"))?;
+            let committed = self
+                .snapshots()
+                .commit(self.req_leased(
+                    CommitSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        name: name.clone(),
+                        key,
+                        labels: [(
+                            "containerd.io/gc.root".to_string(),
+                            jiff::Timestamp::now().to_string(),
+                        )]
+                        .into(),
+                    },
+                    Some(lease),
+                ))
+                .await;
+            match committed {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+                Err(s) => return Err(Error::Rpc { op: "snapshot commit", source: s }),
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        let mut s = self
+            .content()
+            .read(self.req(ReadContentRequest {
+                digest: digest.into(),
+                offset: 0,
+                size: 0,
+            }))
+            .await
+            .map_err(Error::rpc("content read"))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = s.next().await {
+            out.extend(chunk.map_err(Error::rpc("content read"))?.data);
+        }
+        Ok(out)
+    }
+
+    /// Looks an image up by reference (normalized as Kubernetes does).
+    pub async fn image_info(&self, reference: &str) -> Result<ImageInfo> {
+        let name = normalize_ref(reference);
+        let img = match self
+            .images()
+            .get(self.req(GetImageRequest { name: name.clone() }))
+            .await
+        {
+            Ok(r) => r.into_inner().image,
+            Err(s) if s.code() == tonic::Code::NotFound => None,
+            Err(s) => return Err(Error::Rpc { op: "image get", source: s }),
+        };
+        let target = img
+            .and_then(|i| i.target)
+            .ok_or_else(|| Error::ImageNotFound(reference.to_string()))?;
+        let mbytes = self.read_blob(&target.digest).await?;
+        let man: OciManifest = serde_json::from_slice(&mbytes)
+            .map_err(|e| Error::bad(format!("manifest of {name}"), e))?;
+        let cbytes = self.read_blob(&man.config.digest).await?;
+        let cfg: ImgConfig = serde_json::from_slice(&cbytes)
+            .map_err(|e| Error::bad(format!("config of {name}"), e))?;
+        let chain = chain_ids(&cfg.rootfs.diff_ids);
+        let inner = cfg.config.unwrap_or_default();
+        let repo = name.split('@').next().unwrap_or(&name);
+        let repo = match repo.rsplit_once(':') {
+            Some((r, tag)) if !tag.contains('/') => r,
+            _ => repo,
+        };
+        Ok(ImageInfo {
+            image_id: format!("{repo}@{}", target.digest),
+            name,
+            chain_id: chain
+                .last()
+                .cloned()
+                .ok_or_else(|| Error::bad(reference, "image has no layers"))?,
+            entrypoint: inner.entrypoint.unwrap_or_default(),
+            cmd: inner.cmd.unwrap_or_default(),
+            env: inner.env.unwrap_or_default(),
+            working_dir: inner.working_dir.unwrap_or_default(),
+            user: inner.user.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_are_normalized_like_kubernetes() {
+        assert_eq!(normalize_ref("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(normalize_ref("me/app:1"), "docker.io/me/app:1");
+        assert_eq!(normalize_ref("keelson.local/pause:1"), "keelson.local/pause:1");
+        assert_eq!(normalize_ref("localhost:5000/x"), "localhost:5000/x:latest");
+        assert_eq!(
+            normalize_ref("busybox@sha256:abc"),
+            "docker.io/library/busybox@sha256:abc"
+        );
+    }
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let d = vec!["sha256:a".to_string(), "sha256:b".to_string()];
+        let c = chain_ids(&d);
+        assert_eq!(c[0], "sha256:a");
+        assert_eq!(
+            c[1],
+            format!("sha256:{}", hex::encode(Sha256::digest(b"sha256:a sha256:b")))
+        );
+    }
+
+    #[test]
+    fn garbage_archive_is_a_clear_error() {
+        let err = parse_archive("x.tar", b"this is not a tarball at all").err().unwrap();
+        assert!(err.to_string().starts_with("x.tar:"), "{err}");
+    }
+
+    #[test]
+    fn packed_archive_parses_back() {
+        let layer = super::super::pack::layer_from_files(&[super::super::pack::MemFile {
+            path: "a",
+            mode: 0o644,
+            data: b"x",
+        }])
+        .unwrap();
+        let ar = super::super::pack::pack_oci_archive(
+            &super::super::pack::ImageSettings {
+                name: "t/x:2".into(),
+                ..Default::default()
+            },
+            &layer,
+        )
+        .unwrap();
+        let imgs = parse_archive("t", &ar).unwrap();
+        assert_eq!(imgs.len(), 1);
+        assert_eq!(imgs[0].names, vec!["docker.io/t/x:2".to_string()]);
+        assert_eq!(imgs[0].diff_ids.len(), 1);
+    }
+}

@@ -1,0 +1,164 @@
+//! Owns every call to containerd: images (import, lookup), containers, tasks, exec and events.
+//! Never touches the network or the API server; callers hand it fully resolved configs.
+
+pub mod container;
+pub mod events;
+pub mod image;
+pub mod pack;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+
+use containerd_client::services::v1::{
+    containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
+    events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
+    snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient,
+    version_client::VersionClient,
+};
+use tonic::transport::Channel;
+
+/// Errors of the runtime layer, named after the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not reach containerd's socket.
+    #[error("connecting to containerd at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A containerd RPC failed.
+    #[error("containerd {op}: {}", .source.message())]
+    Rpc {
+        op: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
+    /// The image is not in containerd's image store.
+    #[error("image {0:?} is not present")]
+    ImageNotFound(String),
+    /// An image archive or blob could not be understood.
+    #[error("{what}: {reason}")]
+    BadImage { what: String, reason: String },
+    /// Local file I/O for the runtime (FIFOs, archives, rootfs).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn rpc(op: &'static str) -> impl FnOnce(tonic::Status) -> Error {
+        move |source| Error::Rpc { op, source }
+    }
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+    pub(crate) fn bad(what: impl Into<String>, reason: impl std::fmt::Display) -> Error {
+        Error::BadImage {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+    /// True when containerd answered NotFound.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Rpc { source, .. } if source.code() == tonic::Code::NotFound)
+    }
+}
+
+/// The snapshotter every keelson container uses.
+pub const SNAPSHOTTER: &str = "overlayfs";
+/// containerd's runc shim.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+
+/// A connection to containerd, bound to one containerd namespace.
+#[derive(Clone)]
+pub struct Containerd {
+    channel: Channel,
+    namespace: String,
+}
+
+impl Containerd {
+    /// Connects to containerd's gRPC socket; `namespace` isolates this agent's objects.
+    pub async fn connect(socket: &Path, namespace: &str) -> Result<Self> {
+        let channel = containerd_client::connect(socket)
+            .await
+            .map_err(|source| Error::Connect {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            channel,
+            namespace: namespace.to_string(),
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Wraps a message in a request carrying the containerd namespace.
+    pub(crate) fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        self.req_leased(msg, None)
+    }
+
+    /// Same as [`Self::req`], with a lease that protects new content from garbage collection.
+    pub(crate) fn req_leased<T>(&self, msg: T, lease: Option<&str>) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        let md = req.metadata_mut();
+        if let Ok(v) = self.namespace.parse() {
+            md.insert("containerd-namespace", v);
+        }
+        if let Some(Ok(v)) = lease.map(str::parse) {
+            md.insert("containerd-lease", v);
+        }
+        req
+    }
+
+    pub(crate) fn containers(&self) -> ContainersClient<Channel> {
+        ContainersClient::new(self.channel.clone())
+    }
+    pub(crate) fn tasks(&self) -> TasksClient<Channel> {
+        TasksClient::new(self.channel.clone())
+    }
+    pub(crate) fn content(&self) -> ContentClient<Channel> {
+        ContentClient::new(self.channel.clone())
+    }
+    pub(crate) fn snapshots(&self) -> SnapshotsClient<Channel> {
+        SnapshotsClient::new(self.channel.clone())
+    }
+    pub(crate) fn diff(&self) -> DiffClient<Channel> {
+        DiffClient::new(self.channel.clone())
+    }
+    pub(crate) fn images(&self) -> ImagesClient<Channel> {
+        ImagesClient::new(self.channel.clone())
+    }
+    pub(crate) fn leases(&self) -> LeasesClient<Channel> {
+        LeasesClient::new(self.channel.clone())
+    }
+    pub(crate) fn events(&self) -> EventsClient<Channel> {
+        EventsClient::new(self.channel.clone())
+    }
+
+    /// containerd's version string (for `containerRuntimeVersion`).
+    pub async fn version(&self) -> Result<String> {
+        let v = VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(Error::rpc("version"))?;
+        Ok(v.into_inner().version)
+    }
+}
+
+/// A random lowercase hex identifier of `bytes` bytes.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    // getrandom only fails when the kernel has no entropy source at all.
+    getrandom::fill(&mut buf).expect("kernel random source");
+    hex::encode(buf)
+}
