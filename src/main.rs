@@ -1,1 +1,326 @@
-fn main() {}
+//! keelson's command line: parses flags and starts the roles. Nothing else.
+
+use std::{
+    io::{Read, Write},
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use keelson::{
+    agent::{self, AgentConfig, logs::Rotation},
+    runtime::pack::{self, ImageSettings},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "keelson",
+    version,
+    about = "A Kubernetes node agent with a thin control plane, in one binary"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent (kubelet). With --standalone it runs static pods without an API server.
+    Agent(AgentArgs),
+    /// Build and load container images offline.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// List the agent's pods (from its local API) as a kubectl-like table.
+    Pods {
+        #[arg(long, default_value = "/var/lib/keelson")]
+        data_dir: PathBuf,
+        /// Print the PodList as JSON instead of a table.
+        #[arg(short, long)]
+        json: bool,
+    },
+    /// Print a container's log from the agent's local API.
+    Logs {
+        /// NAMESPACE/POD or POD (namespace default).
+        pod: String,
+        /// Container name.
+        container: String,
+        #[arg(long, default_value = "/var/lib/keelson")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        previous: bool,
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Run static pods only, with no API server.
+    #[arg(long)]
+    standalone: bool,
+    /// Directory of static pod manifests.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The pod address range of this node, e.g. 10.244.1.0/24.
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pod_cidr: String,
+    /// The node's own address (default: the bridge address).
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    #[arg(long, default_value = "/var/lib/keelson")]
+    data_dir: PathBuf,
+    /// Where container logs go (CRI format).
+    #[arg(long, default_value = "/var/log/pods")]
+    log_dir: PathBuf,
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd: PathBuf,
+    /// The containerd namespace for this node's containers.
+    #[arg(long, default_value = "k8s.keelson.io")]
+    containerd_namespace: String,
+    /// Name of the node bridge.
+    #[arg(long, default_value = "keelson0")]
+    bridge: String,
+    /// Directory of image tarballs imported at start (default: DATA_DIR/images).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Seconds between manifest rescans (file events are also watched).
+    #[arg(long, default_value_t = 20)]
+    rescan_seconds: u64,
+    /// Seconds between pod relists against containerd.
+    #[arg(long, default_value_t = 10)]
+    resync_seconds: u64,
+    /// Rotate a container log when it exceeds this many bytes.
+    #[arg(long, default_value_t = 10 << 20)]
+    container_log_max_size: u64,
+    /// Rotated log files kept per container.
+    #[arg(long, default_value_t = 5)]
+    container_log_max_files: usize,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Pack a root filesystem directory into an OCI image archive.
+    Pack {
+        #[arg(long)]
+        rootfs: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, allow_hyphen_values = true, help = "repeat for each argument")]
+        entrypoint: Vec<String>,
+        #[arg(long, allow_hyphen_values = true, help = "repeat for each argument")]
+        cmd: Vec<String>,
+        #[arg(long)]
+        env: Vec<String>,
+        #[arg(long)]
+        workdir: Option<String>,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Import OCI or docker-archive tarballs into containerd.
+    Import {
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        containerd: PathBuf,
+        #[arg(long, default_value = "k8s.keelson.io")]
+        containerd_namespace: String,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Write the pause image archive built from keelson's embedded pause binary.
+    Pause {
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Agent(a) => {
+            if !a.standalone {
+                bail!(
+                    "joining a cluster is not available yet: run with --standalone --manifests DIR"
+                );
+            }
+            let pod_cidr: ipnet::Ipv4Net = a
+                .pod_cidr
+                .parse()
+                .with_context(|| format!("--pod-cidr {:?} is not an IPv4 CIDR", a.pod_cidr))?;
+            let pod_cidr = pod_cidr.trunc();
+            let node_name = match a.node_name {
+                Some(n) => n,
+                None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
+            };
+            let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
+            let cfg = AgentConfig {
+                node_name,
+                pod_cidr,
+                node_ip: a.node_ip.unwrap_or(gateway),
+                images_dir: a.images.unwrap_or_else(|| a.data_dir.join("images")),
+                data_dir: a.data_dir,
+                log_dir: a.log_dir,
+                manifests: a.manifests,
+                containerd: a.containerd,
+                namespace: a.containerd_namespace,
+                bridge: a.bridge,
+                rescan: Duration::from_secs(a.rescan_seconds.max(1)),
+                resync: Duration::from_secs(a.resync_seconds.max(1)),
+                rotation: Rotation {
+                    max_size: a.container_log_max_size,
+                    max_files: a.container_log_max_files,
+                },
+            };
+            agent::run(cfg, shutdown_signal()).await
+        }
+        Cmd::Image { cmd } => image(cmd).await,
+        Cmd::Pods { data_dir, json } => {
+            let body = local_get(&data_dir, "/pods")?;
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let list: serde_json::Value =
+                serde_json::from_str(&body).context("agent answered non-JSON")?;
+            let pods: Vec<k8s_openapi::api::core::v1::Pod> =
+                serde_json::from_value(list["items"].clone()).context("agent's PodList")?;
+            print!("{}", agent::print::table(&pods));
+            Ok(())
+        }
+        Cmd::Logs {
+            pod,
+            container,
+            data_dir,
+            previous,
+            tail,
+        } => {
+            let (ns, name) = pod.split_once('/').unwrap_or(("default", &pod));
+            let mut path = format!("/containerLogs/{ns}/{name}/{container}?previous={previous}");
+            if let Some(t) = tail {
+                path.push_str(&format!("&tailLines={t}"));
+            }
+            print!("{}", local_get(&data_dir, &path)?);
+            Ok(())
+        }
+    }
+}
+
+/// A GET against the agent's unix socket; the body on 2xx, an error with the body otherwise.
+fn local_get(data_dir: &std::path::Path, path: &str) -> anyhow::Result<String> {
+    let sock = data_dir.join("agent.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "connecting to the agent at {} (is it running?)",
+            sock.display()
+        )
+    })?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if !(200..300).contains(&code) {
+        let msg = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| body.to_string());
+        bail!("{msg}");
+    }
+    Ok(body.to_string())
+}
+
+async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
+    match cmd {
+        ImageCmd::Pack {
+            rootfs,
+            name,
+            entrypoint,
+            cmd,
+            env,
+            workdir,
+            output,
+        } => {
+            if !rootfs.is_dir() {
+                bail!("--rootfs {}: not a directory", rootfs.display());
+            }
+            let layer = pack::layer_from_dir(&rootfs)?;
+            let ar = pack::pack_oci_archive(
+                &ImageSettings {
+                    name: name.clone(),
+                    entrypoint,
+                    cmd,
+                    env,
+                    working_dir: workdir,
+                },
+                &layer,
+            )?;
+            std::fs::write(&output, ar).with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "packed {} into {}",
+                keelson::runtime::image::normalize_ref(&name),
+                output.display()
+            );
+            Ok(())
+        }
+        ImageCmd::Import {
+            containerd,
+            containerd_namespace,
+            files,
+        } => {
+            let rt = keelson::runtime::Containerd::connect(&containerd, &containerd_namespace)
+                .await
+                .with_context(|| format!("containerd at {}", containerd.display()))?;
+            for f in files {
+                let bytes =
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+                let names = rt.import_archive(&f.display().to_string(), &bytes).await?;
+                for n in names {
+                    println!("imported {n}");
+                }
+            }
+            Ok(())
+        }
+        ImageCmd::Pause { output } => {
+            std::fs::write(&output, agent::pause_archive()?)
+                .with_context(|| format!("writing {}", output.display()))?;
+            Ok(())
+        }
+    }
+}

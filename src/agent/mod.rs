@@ -1,1 +1,403 @@
-//! The kubelet.
+//! The kubelet half of keelson: pod sources (static manifests), one worker per pod, the
+//! containerd event router, and the local API. Never programs Service rules (that is `proxy`).
+
+pub mod build;
+pub mod config;
+pub mod logs;
+pub mod manifest;
+pub mod print;
+pub mod probe;
+pub mod quantity;
+pub mod server;
+pub mod state;
+pub mod validate;
+pub mod worker;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::mpsc;
+
+use crate::{
+    net::{self, ipam::Ipam},
+    runtime::{
+        Containerd,
+        container::Listed,
+        events::RuntimeEvent,
+        image::ImageInfo,
+        pack::{self, ImageSettings, MemFile},
+    },
+};
+pub use config::AgentConfig;
+use worker::{Msg, PodWorker, labels};
+
+/// The pause image keelson builds from its embedded binary.
+pub const PAUSE_IMAGE: &str = "keelson.local/pause:1";
+/// The embedded static pause binary (built by build.rs from pause/pause.rs).
+pub const PAUSE_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pause"));
+
+/// State shared by the agent's tasks.
+pub struct AgentCtx {
+    pub rt: Containerd,
+    pub cfg: AgentConfig,
+    pub ipam: Ipam,
+    pub pause: ImageInfo,
+    /// Pods with live status, by UID.
+    pub store: RwLock<BTreeMap<String, Pod>>,
+    /// Container ID → the worker that owns it (for runtime events).
+    pub routes: Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>,
+}
+
+/// The pause image archive (an OCI layout tarball with the static pause binary).
+pub fn pause_archive() -> anyhow::Result<Vec<u8>> {
+    let layer = pack::layer_from_files(&[MemFile {
+        path: "pause",
+        mode: 0o755,
+        data: PAUSE_BINARY,
+    }])?;
+    Ok(pack::pack_oci_archive(
+        &ImageSettings {
+            name: PAUSE_IMAGE.into(),
+            entrypoint: vec!["/pause".into()],
+            ..Default::default()
+        },
+        &layer,
+    )?)
+}
+
+/// Makes sure the pause image is in containerd; imports it from the binary when missing.
+pub async fn ensure_pause(rt: &Containerd) -> anyhow::Result<ImageInfo> {
+    match rt.image_info(PAUSE_IMAGE).await {
+        Ok(i) => Ok(i),
+        Err(crate::runtime::Error::ImageNotFound(_)) => {
+            rt.import_archive("pause image", &pause_archive()?).await?;
+            Ok(rt.image_info(PAUSE_IMAGE).await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Imports every tarball in `dir` (airgap images); errors are logged per file.
+pub async fn import_dir(rt: &Containerd, dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+        .collect();
+    files.sort();
+    for f in files {
+        let what = f.display().to_string();
+        match std::fs::read(&f) {
+            Ok(bytes) => match rt.import_archive(&what, &bytes).await {
+                Ok(names) => tracing::info!(file = %what, images = ?names, "imported images"),
+                Err(e) => tracing::warn!(file = %what, error = %e, "image import failed"),
+            },
+            Err(e) => tracing::warn!(file = %what, error = %e, "cannot read image archive"),
+        }
+    }
+}
+
+/// Connects to containerd, retrying for up to `patience`.
+pub async fn connect_containerd(
+    socket: &Path,
+    ns: &str,
+    patience: Duration,
+) -> anyhow::Result<Containerd> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match Containerd::connect(socket, ns).await {
+            Ok(rt) if rt.version().await.is_ok() => return Ok(rt),
+            Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(rt) => {
+                rt.version().await?;
+                return Ok(rt);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+struct WorkerHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the standalone agent until `shutdown` resolves. Pods keep running after it returns.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    for d in [
+        cfg.data_dir.clone(),
+        cfg.pods_dir(),
+        cfg.fifo_dir(),
+        cfg.log_dir.clone(),
+        cfg.images_dir.clone(),
+    ] {
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let rt = connect_containerd(&cfg.containerd, &cfg.namespace, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("containerd at {}", cfg.containerd.display()))?;
+    let pause = ensure_pause(&rt).await.context("pause image")?;
+    import_dir(&rt, &cfg.images_dir).await;
+    let ipam = Ipam::new(cfg.pod_cidr, &cfg.ipam_dir())?;
+    net::ensure_bridge(&cfg.bridge, ipam.gateway(), cfg.pod_cidr.prefix_len())
+        .await
+        .context("node bridge")?;
+    let ctx = Arc::new(AgentCtx {
+        rt: rt.clone(),
+        cfg: cfg.clone(),
+        ipam,
+        pause,
+        store: RwLock::new(BTreeMap::new()),
+        routes: Mutex::new(HashMap::new()),
+    });
+    // Events first, so that no exit between adoption and subscription is lost for long
+    // (the workers' relist repairs the rest).
+    let events = tokio::spawn(route_events(ctx.clone()));
+    let server = {
+        let ctx = ctx.clone();
+        let sock = cfg.socket();
+        tokio::spawn(async move {
+            if let Err(e) = server::serve(ctx, sock).await {
+                tracing::error!(error = %e, "agent API stopped");
+            }
+        })
+    };
+
+    // Containers that already run, by pod UID (agent restart).
+    let mut adopted: HashMap<String, Vec<Listed>> = HashMap::new();
+    for l in rt.list_with_label(labels::POD_UID).await? {
+        if let Some(uid) = l.labels.get(labels::POD_UID).cloned() {
+            adopted.entry(uid).or_default().push(l);
+        }
+    }
+    tracing::info!(
+        containers = adopted.values().map(Vec::len).sum::<usize>(),
+        "found existing containers"
+    );
+
+    let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<()>();
+    if let Some(dir) = &cfg.manifests {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        watch_dir(dir.clone(), notify_tx.clone());
+    }
+    let mut source = manifest::ManifestSource::default();
+    let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
+    let mut stopping: Vec<tokio::task::JoinHandle<()>> = vec![];
+    let mut first = true;
+    tokio::pin!(shutdown);
+    sd_ready();
+    loop {
+        let desired = match &cfg.manifests {
+            Some(dir) => {
+                let (pods, errors) = source.scan(dir, &cfg.node_name);
+                for e in errors {
+                    tracing::error!(file = %e.file.display(), "bad manifest: {}", e.message);
+                }
+                pods
+            }
+            None => vec![],
+        };
+        let want: HashSet<String> = desired
+            .iter()
+            .filter_map(|p| p.pod.metadata.uid.clone())
+            .collect();
+        for sp in desired {
+            let uid = sp.pod.metadata.uid.clone().unwrap_or_default();
+            if workers.contains_key(&uid) {
+                continue;
+            }
+            tracing::info!(pod = ?sp.pod.metadata.name, file = %sp.file.display(), "starting pod");
+            let (w, tx) = PodWorker::new(ctx.clone(), sp.pod);
+            let found = adopted.remove(&uid).unwrap_or_default();
+            let join = tokio::spawn(w.run(found));
+            workers.insert(uid, WorkerHandle { tx, join });
+        }
+        let gone: Vec<String> = workers
+            .keys()
+            .filter(|u| !want.contains(*u))
+            .cloned()
+            .collect();
+        for uid in gone {
+            if let Some(h) = workers.remove(&uid) {
+                let _ = h.tx.send(Msg::Terminate { grace: None });
+                stopping.push(h.join);
+            }
+        }
+        stopping.retain(|j| !j.is_finished());
+        if first {
+            first = false;
+            // Pods that no manifest wants any more: stop them and free their addresses.
+            for (uid, conts) in adopted.drain() {
+                tracing::info!(uid = %uid, "removing orphaned pod");
+                remove_orphan(&ctx, &uid, conts).await;
+            }
+            let live: HashSet<String> = workers.keys().cloned().collect();
+            if let Ok(allocs) = ctx.ipam.allocations() {
+                for (ip, owner) in allocs {
+                    if !live.contains(&owner) {
+                        tracing::info!(%ip, owner = %owner, "releasing leaked pod IP");
+                        let _ = ctx.ipam.release_owner(&owner);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = notify_rx.recv() => {
+                // Let a burst of file events settle.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while notify_rx.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(cfg.rescan) => {}
+        }
+    }
+    tracing::info!("agent stopping; pods keep running");
+    events.abort();
+    server.abort();
+    for (_, h) in workers {
+        h.join.abort();
+    }
+    let _ = std::fs::remove_file(cfg.socket());
+    Ok(())
+}
+
+/// Stops and removes the containers of a pod nobody wants, and frees its network.
+async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
+    let rt = &ctx.rt;
+    for c in conts
+        .iter()
+        .filter(|c| c.labels.get(labels::KIND).map(String::as_str) != Some("sandbox"))
+    {
+        let _ = rt.kill(&c.id, 15).await;
+        if rt
+            .wait(&c.id, Duration::from_secs(10))
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            let _ = rt.kill(&c.id, 9).await;
+        }
+    }
+    for c in &conts {
+        let _ = rt.delete(&c.id).await;
+        let fifo = ctx.cfg.fifo_dir();
+        let _ = std::fs::remove_file(fifo.join(format!("{}.out", c.id)));
+        let _ = std::fs::remove_file(fifo.join(format!("{}.err", c.id)));
+    }
+    let _ = net::teardown_pod(&net::host_veth_name(uid)).await;
+    let _ = ctx.ipam.release_owner(uid);
+    let _ = std::fs::remove_dir_all(ctx.cfg.pods_dir().join(uid));
+    if let Some(c) = conts.first()
+        && let (Some(ns), Some(name)) = (
+            c.labels.get(labels::POD_NAMESPACE),
+            c.labels.get(labels::POD_NAME),
+        )
+    {
+        let _ = std::fs::remove_dir_all(ctx.cfg.log_dir.join(format!("{ns}_{name}_{uid}")));
+    }
+}
+
+/// Routes containerd task events to the worker owning the container; resubscribes on failure.
+async fn route_events(ctx: Arc<AgentCtx>) {
+    loop {
+        match ctx.rt.subscribe().await {
+            Ok(stream) => {
+                tokio::pin!(stream);
+                while let Some(ev) = stream.next().await {
+                    let ev = match ev {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "containerd event stream");
+                            break;
+                        }
+                    };
+                    let (cid, msg) = match ev {
+                        RuntimeEvent::Exit {
+                            container_id,
+                            exec_id,
+                            exit_code,
+                            exited_at,
+                        } => {
+                            if exec_id != container_id && !exec_id.is_empty() {
+                                continue; // an exec process, not the container
+                            }
+                            let m = Msg::Exit {
+                                cid: container_id.clone(),
+                                code: exit_code,
+                                at: exited_at,
+                            };
+                            (container_id, m)
+                        }
+                        RuntimeEvent::Oom { container_id } => {
+                            let m = Msg::Oom {
+                                cid: container_id.clone(),
+                            };
+                            (container_id, m)
+                        }
+                    };
+                    let tx = ctx.routes.lock().ok().and_then(|r| r.get(&cid).cloned());
+                    if let Some(tx) = tx {
+                        let _ = tx.send(msg);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "subscribing to containerd events"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Watches a directory with inotify on a blocking thread; each event sends a notification.
+fn watch_dir(dir: std::path::PathBuf, tx: mpsc::UnboundedSender<()>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    std::thread::spawn(move || {
+        let ino = match Inotify::init(InitFlags::IN_CLOEXEC) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable; relying on periodic rescans");
+                return;
+            }
+        };
+        let flags = AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_MODIFY;
+        if let Err(e) = ino.add_watch(&dir, flags) {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch manifest directory");
+            return;
+        }
+        while let Ok(events) = ino.read_events() {
+            if !events.is_empty() && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Tells systemd (Type=notify) that the agent is ready, when started by systemd.
+fn sd_ready() {
+    if let Ok(path) = std::env::var("NOTIFY_SOCKET") {
+        let sock = std::os::unix::net::UnixDatagram::unbound();
+        if let Ok(s) = sock {
+            let _ = s.send_to(b"READY=1", path);
+        }
+    }
+}

@@ -81,7 +81,11 @@ impl Ipam {
         for i in 0..n {
             let ip = Ipv4Addr::from(first + (start + i) % n);
             let path = self.dir.join(ip.to_string());
-            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(mut f) => {
                     f.write_all(owner.as_bytes()).map_err(Self::io(&path))?;
                     f.sync_all().map_err(Self::io(&path))?;
@@ -100,7 +104,11 @@ impl Ipam {
         let mut out = vec![];
         for e in fs::read_dir(&self.dir).map_err(Self::io(&self.dir))? {
             let e = e.map_err(Self::io(&self.dir))?;
-            let Some(ip) = e.file_name().to_str().and_then(|s| s.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = e
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<Ipv4Addr>().ok())
+            else {
                 continue;
             };
             let owner = fs::read_to_string(e.path()).unwrap_or_default();
@@ -153,7 +161,11 @@ mod tests {
         let b = i.allocate("b").unwrap();
         assert_eq!(a, Ipv4Addr::new(10, 1, 0, 2));
         assert_eq!(b, Ipv4Addr::new(10, 1, 0, 3));
-        assert_eq!(i.allocate("a").unwrap(), a, "same owner gets its address back");
+        assert_eq!(
+            i.allocate("a").unwrap(),
+            a,
+            "same owner gets its address back"
+        );
     }
 
     #[test]

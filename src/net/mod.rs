@@ -227,11 +227,12 @@ where
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let r = (|| {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| NetError::Io {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                NetError::Io {
                     what: "setns".into(),
                     source: e.into(),
-                })?;
+                }
+            })?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -6,7 +6,8 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest, GetRequest, KillRequest,
-    ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest, container::Runtime,
+    ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest,
+    container::Runtime,
     snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest},
 };
 use prost_types::Any;
@@ -32,8 +33,13 @@ pub enum TaskState {
     /// No task (never created, or deleted).
     Missing,
     Created,
-    Running { pid: u32 },
-    Stopped { exit_code: u32, exited_at: Option<jiff::Timestamp> },
+    Running {
+        pid: u32,
+    },
+    Stopped {
+        exit_code: u32,
+        exited_at: Option<jiff::Timestamp>,
+    },
     Other,
 }
 
@@ -82,6 +88,7 @@ impl Containerd {
             .into_inner()
             .mounts;
         let spec = serde_json::to_vec(o.spec).map_err(|e| Error::bad("runtime spec", e))?;
+        tracing::debug!(id = o.id, spec = %String::from_utf8_lossy(&spec), "creating container");
         let container = Container {
             id: o.id.into(),
             labels: o.labels,
@@ -173,19 +180,30 @@ impl Containerd {
         let p = match r {
             Ok(r) => r.into_inner().process,
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(TaskState::Missing),
-            Err(source) => return Err(Error::Rpc { op: "task get", source }),
+            Err(source) => {
+                return Err(Error::Rpc {
+                    op: "task get",
+                    source,
+                });
+            }
         };
-        let Some(p) = p else { return Ok(TaskState::Missing) };
+        let Some(p) = p else {
+            return Ok(TaskState::Missing);
+        };
         use containerd_client::types::v1::Status;
-        Ok(match Status::try_from(p.status).unwrap_or(Status::Unknown) {
-            Status::Created => TaskState::Created,
-            Status::Running | Status::Pausing | Status::Paused => TaskState::Running { pid: p.pid },
-            Status::Stopped => TaskState::Stopped {
-                exit_code: p.exit_status,
-                exited_at: ts(p.exited_at),
+        Ok(
+            match Status::try_from(p.status).unwrap_or(Status::Unknown) {
+                Status::Created => TaskState::Created,
+                Status::Running | Status::Pausing | Status::Paused => {
+                    TaskState::Running { pid: p.pid }
+                }
+                Status::Stopped => TaskState::Stopped {
+                    exit_code: p.exit_status,
+                    exited_at: ts(p.exited_at),
+                },
+                Status::Unknown => TaskState::Other,
             },
-            Status::Unknown => TaskState::Other,
-        })
+        )
     }
 
     /// Waits for the task to exit, up to `timeout`; `None` when it is still running then.
@@ -199,7 +217,10 @@ impl Containerd {
             Err(_) => Ok(None),
             Ok(Ok(r)) => Ok(Some(r.into_inner().exit_status)),
             Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(Some(0)),
-            Ok(Err(source)) => Err(Error::Rpc { op: "task wait", source }),
+            Ok(Err(source)) => Err(Error::Rpc {
+                op: "task wait",
+                source,
+            }),
         }
     }
 
@@ -303,9 +324,7 @@ impl Containerd {
         std::fs::File::create(&out_path).map_err(Error::io("exec output file"))?;
         let out = out_path.to_string_lossy().to_string();
         let spec = serde_json::to_vec(process).map_err(|e| Error::bad("exec spec", e))?;
-        let res = self
-            .exec_inner(id, &exec_id, spec, &out, timeout)
-            .await;
+        let res = self.exec_inner(id, &exec_id, spec, &out, timeout).await;
         let mut output = std::fs::read(&out_path).unwrap_or_default();
         output.truncate(max_output);
         let _ = std::fs::remove_file(&out_path);
@@ -353,10 +372,16 @@ impl Containerd {
             }))
             .await;
         let result = match started {
-            Err(source) => Err(Error::Rpc { op: "exec start", source }),
+            Err(source) => Err(Error::Rpc {
+                op: "exec start",
+                source,
+            }),
             Ok(_) => match tokio::time::timeout(timeout, wait).await {
                 Ok(Ok(r)) => Ok((Some(r.into_inner().exit_status), false)),
-                Ok(Err(source)) => Err(Error::Rpc { op: "exec wait", source }),
+                Ok(Err(source)) => Err(Error::Rpc {
+                    op: "exec wait",
+                    source,
+                }),
                 Err(_) => {
                     let _ = self
                         .tasks()

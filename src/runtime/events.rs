@@ -37,7 +37,12 @@ impl Containerd {
         Ok(stream.filter_map(|env| async move {
             let env = match env {
                 Ok(e) => e,
-                Err(source) => return Some(Err(Error::Rpc { op: "events", source })),
+                Err(source) => {
+                    return Some(Err(Error::Rpc {
+                        op: "events",
+                        source,
+                    }));
+                }
             };
             let any = env.event?;
             let t = any.type_url.trim_start_matches("types.containerd.io/");

@@ -26,8 +26,8 @@ pub fn normalize_ref(r: &str) -> String {
         None => (r, None),
     };
     let first = name.split('/').next().unwrap_or("");
-    let has_domain = name.contains('/')
-        && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_domain =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     let mut full = if has_domain {
         name.to_string()
     } else if name.contains('/') {
@@ -202,7 +202,10 @@ fn parse_archive(what: &str, bytes: &[u8]) -> Result<Vec<Unpacked>> {
             .ok_or_else(|| Error::bad(what, format!("unsupported digest {digest}")))?;
         let data = get(&format!("blobs/sha256/{hexd}"))?;
         if sha256_digest(data) != digest {
-            return Err(Error::bad(what, format!("blob {digest} does not match its digest")));
+            return Err(Error::bad(
+                what,
+                format!("blob {digest} does not match its digest"),
+            ));
         }
         Ok(data)
     };
@@ -218,7 +221,11 @@ fn parse_archive(what: &str, bytes: &[u8]) -> Result<Vec<Unpacked>> {
                 .annotations
                 .get("io.containerd.image.name")
                 .cloned()
-                .or_else(|| m.annotations.get("org.opencontainers.image.ref.name").cloned());
+                .or_else(|| {
+                    m.annotations
+                        .get("org.opencontainers.image.ref.name")
+                        .cloned()
+                });
             let mut m = m;
             // Follow one level of index (multi-platform) to the linux/amd64 manifest.
             if m.media_type == MT_OCI_INDEX || m.media_type == MT_DOCKER_LIST {
@@ -250,7 +257,10 @@ fn parse_archive(what: &str, bytes: &[u8]) -> Result<Vec<Unpacked>> {
                     data,
                 ));
             }
-            let names = name.take().map(|n| vec![normalize_ref(&n)]).unwrap_or_default();
+            let names = name
+                .take()
+                .map(|n| vec![normalize_ref(&n)])
+                .unwrap_or_default();
             out.push(Unpacked {
                 names,
                 manifest: (m.media_type.clone(), mbytes),
@@ -301,10 +311,16 @@ fn parse_archive(what: &str, bytes: &[u8]) -> Result<Vec<Unpacked>> {
     }
     for u in &out {
         if u.diff_ids.len() != u.layers.len() {
-            return Err(Error::bad(what, "config diff_ids and manifest layers differ in number"));
+            return Err(Error::bad(
+                what,
+                "config diff_ids and manifest layers differ in number",
+            ));
         }
         if u.names.is_empty() {
-            return Err(Error::bad(what, "image has no name (io.containerd.image.name / RepoTags)"));
+            return Err(Error::bad(
+                what,
+                "image has no name (io.containerd.image.name / RepoTags)",
+            ));
         }
     }
     Ok(out)
@@ -317,17 +333,19 @@ impl Containerd {
         let lease = format!("keelson-import-{}", random_hex(6));
         let mut leases: LeasesClient<_> = self.leases();
         leases
-            .create(self.req(containerd_client::services::v1::CreateRequest {
-                id: lease.clone(),
-                labels: [(
-                    "containerd.io/gc.expire".to_string(),
-                    jiff::Timestamp::now()
-                        .checked_add(jiff::SignedDuration::from_secs(3600))
-                        .map(|t| t.to_string())
-                        .unwrap_or_default(),
-                )]
-                .into(),
-            }))
+            .create(
+                self.req(containerd_client::services::v1::CreateRequest {
+                    id: lease.clone(),
+                    labels: [(
+                        "containerd.io/gc.expire".to_string(),
+                        jiff::Timestamp::now()
+                            .checked_add(jiff::SignedDuration::from_secs(3600))
+                            .map(|t| t.to_string())
+                            .unwrap_or_default(),
+                    )]
+                    .into(),
+                }),
+            )
             .await
             .map_err(Error::rpc("lease create"))?;
         let res = self.import_under_lease(&lease, images).await;
@@ -346,7 +364,8 @@ impl Containerd {
             let chain = chain_ids(&img.diff_ids);
             let top = chain.last().cloned().unwrap_or_default();
             for (d, data) in &img.layers {
-                self.write_blob(lease, &d.digest, data, HashMap::new()).await?;
+                self.write_blob(lease, &d.digest, data, HashMap::new())
+                    .await?;
             }
             let cdigest = sha256_digest(&img.config.1);
             self.write_blob(
@@ -363,10 +382,14 @@ impl Containerd {
             let mut mlabels: HashMap<String, String> =
                 [("containerd.io/gc.ref.content.config".to_string(), cdigest)].into();
             for (i, (d, _)) in img.layers.iter().enumerate() {
-                mlabels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.digest.clone());
+                mlabels.insert(
+                    format!("containerd.io/gc.ref.content.l.{i}"),
+                    d.digest.clone(),
+                );
             }
             let mdigest = sha256_digest(&img.manifest.1);
-            self.write_blob(lease, &mdigest, &img.manifest.1, mlabels).await?;
+            self.write_blob(lease, &mdigest, &img.manifest.1, mlabels)
+                .await?;
             self.unpack(lease, &img.layers, &chain).await?;
             let target = Descriptor {
                 media_type: if img.manifest.0.is_empty() {
@@ -442,7 +465,11 @@ impl Containerd {
             return Ok(());
         }
         const CHUNK: usize = 1 << 20;
-        let r#ref = format!("keelson-{}-{}", digest.trim_start_matches("sha256:"), random_hex(4));
+        let r#ref = format!(
+            "keelson-{}-{}",
+            digest.trim_start_matches("sha256:"),
+            random_hex(4)
+        );
         let total = data.len() as i64;
         let mut msgs = Vec::new();
         for (i, chunk) in data.chunks(CHUNK).enumerate() {
@@ -472,20 +499,35 @@ impl Containerd {
         let mut stream = match resp {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
-            Err(s) => return Err(Error::Rpc { op: "content write", source: s }),
+            Err(s) => {
+                return Err(Error::Rpc {
+                    op: "content write",
+                    source: s,
+                });
+            }
         };
         while let Some(m) = stream.next().await {
             match m {
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
-                Err(s) => return Err(Error::Rpc { op: "content write", source: s }),
+                Err(s) => {
+                    return Err(Error::Rpc {
+                        op: "content write",
+                        source: s,
+                    });
+                }
             }
         }
         Ok(())
     }
 
     /// Applies each layer onto a snapshot named by its chain ID, skipping those that exist.
-    async fn unpack(&self, lease: &str, layers: &[(Descriptor, Vec<u8>)], chain: &[String]) -> Result<()> {
+    async fn unpack(
+        &self,
+        lease: &str,
+        layers: &[(Descriptor, Vec<u8>)],
+        chain: &[String],
+    ) -> Result<()> {
         for (i, (d, _)) in layers.iter().enumerate() {
             let name = &chain[i];
             let exists = self
@@ -500,7 +542,11 @@ impl Containerd {
                 continue;
             }
             let key = format!("extract-{} {}", random_hex(4), name);
-            let parent = if i == 0 { String::new() } else { chain[i - 1].clone() };
+            let parent = if i == 0 {
+                String::new()
+            } else {
+                chain[i - 1].clone()
+            };
             let mounts = self
                 .snapshots()
                 .prepare(self.req_leased(
@@ -530,24 +576,31 @@ impl Containerd {
                 .map_err(Error::rpc("diff apply"))?;
             let committed = self
                 .snapshots()
-                .commit(self.req_leased(
-                    CommitSnapshotRequest {
-                        snapshotter: SNAPSHOTTER.into(),
-                        name: name.clone(),
-                        key,
-                        labels: [(
-                            "containerd.io/gc.root".to_string(),
-                            jiff::Timestamp::now().to_string(),
-                        )]
-                        .into(),
-                    },
-                    Some(lease),
-                ))
+                .commit(
+                    self.req_leased(
+                        CommitSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            name: name.clone(),
+                            key,
+                            labels: [(
+                                "containerd.io/gc.root".to_string(),
+                                jiff::Timestamp::now().to_string(),
+                            )]
+                            .into(),
+                        },
+                        Some(lease),
+                    ),
+                )
                 .await;
             match committed {
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-                Err(s) => return Err(Error::Rpc { op: "snapshot commit", source: s }),
+                Err(s) => {
+                    return Err(Error::Rpc {
+                        op: "snapshot commit",
+                        source: s,
+                    });
+                }
             }
         }
         Ok(())
@@ -581,7 +634,12 @@ impl Containerd {
         {
             Ok(r) => r.into_inner().image,
             Err(s) if s.code() == tonic::Code::NotFound => None,
-            Err(s) => return Err(Error::Rpc { op: "image get", source: s }),
+            Err(s) => {
+                return Err(Error::Rpc {
+                    op: "image get",
+                    source: s,
+                });
+            }
         };
         let target = img
             .and_then(|i| i.target)
@@ -623,7 +681,10 @@ mod tests {
     fn image_names_are_normalized_like_kubernetes() {
         assert_eq!(normalize_ref("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(normalize_ref("me/app:1"), "docker.io/me/app:1");
-        assert_eq!(normalize_ref("keelson.local/pause:1"), "keelson.local/pause:1");
+        assert_eq!(
+            normalize_ref("keelson.local/pause:1"),
+            "keelson.local/pause:1"
+        );
         assert_eq!(normalize_ref("localhost:5000/x"), "localhost:5000/x:latest");
         assert_eq!(
             normalize_ref("busybox@sha256:abc"),
@@ -638,13 +699,18 @@ mod tests {
         assert_eq!(c[0], "sha256:a");
         assert_eq!(
             c[1],
-            format!("sha256:{}", hex::encode(Sha256::digest(b"sha256:a sha256:b")))
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(b"sha256:a sha256:b"))
+            )
         );
     }
 
     #[test]
     fn garbage_archive_is_a_clear_error() {
-        let err = parse_archive("x.tar", b"this is not a tarball at all").err().unwrap();
+        let err = parse_archive("x.tar", b"this is not a tarball at all")
+            .err()
+            .unwrap();
         assert!(err.to_string().starts_with("x.tar:"), "{err}");
     }
 

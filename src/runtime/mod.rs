@@ -86,12 +86,13 @@ pub struct Containerd {
 impl Containerd {
     /// Connects to containerd's gRPC socket; `namespace` isolates this agent's objects.
     pub async fn connect(socket: &Path, namespace: &str) -> Result<Self> {
-        let channel = containerd_client::connect(socket)
-            .await
-            .map_err(|source| Error::Connect {
-                path: socket.to_path_buf(),
-                source,
-            })?;
+        let channel =
+            containerd_client::connect(socket)
+                .await
+                .map_err(|source| Error::Connect {
+                    path: socket.to_path_buf(),
+                    source,
+                })?;
         Ok(Self {
             channel,
             namespace: namespace.to_string(),

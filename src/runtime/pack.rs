@@ -41,7 +41,8 @@ pub fn layer_from_dir(dir: &Path) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     b.mode(tar::HeaderMode::Deterministic);
     b.follow_symlinks(false);
-    b.append_dir_all(".", dir).map_err(Error::io(what.clone()))?;
+    b.append_dir_all(".", dir)
+        .map_err(Error::io(what.clone()))?;
     b.into_inner().map_err(Error::io(what))
 }
 
@@ -147,7 +148,10 @@ pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Ve
     let tag = full.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
     let annotations: std::collections::HashMap<String, String> = [
         ("io.containerd.image.name".to_string(), full.clone()),
-        ("org.opencontainers.image.ref.name".to_string(), tag.to_string()),
+        (
+            "org.opencontainers.image.ref.name".to_string(),
+            tag.to_string(),
+        ),
     ]
     .into();
     mdesc.set_annotations(Some(annotations));
@@ -214,6 +218,12 @@ mod tests {
         }
         assert!(names.contains(&"oci-layout".to_string()));
         assert!(names.contains(&"index.json".to_string()));
-        assert_eq!(names.iter().filter(|n| n.starts_with("blobs/sha256/")).count(), 3);
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.starts_with("blobs/sha256/"))
+                .count(),
+            3
+        );
     }
 }

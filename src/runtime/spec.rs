@@ -30,12 +30,47 @@ pub const DEFAULT_CAPS: &[&str] = &[
 
 /// Every capability Linux defines (what `privileged` and `add: [ALL]` grant).
 pub const ALL_CAPS: &[&str] = &[
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
-    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
-    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
 ];
 
 /// A bind or special mount inside the container.
@@ -120,14 +155,22 @@ fn cap(name: &str) -> Result<Capability, SpecError> {
 
 /// The effective capability set: defaults + add − drop ("ALL" honoured), or everything when privileged.
 pub fn capabilities(p: &ProcessConfig) -> Result<Vec<Capability>, SpecError> {
-    let all = || ALL_CAPS.iter().filter_map(|c| cap(c).ok()).collect::<Vec<_>>();
+    let all = || {
+        ALL_CAPS
+            .iter()
+            .filter_map(|c| cap(c).ok())
+            .collect::<Vec<_>>()
+    };
     if p.privileged {
         return Ok(all());
     }
     let mut set: Vec<Capability> = if p.cap_drop.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
         vec![]
     } else {
-        DEFAULT_CAPS.iter().map(|c| cap(c)).collect::<Result<_, _>>()?
+        DEFAULT_CAPS
+            .iter()
+            .map(|c| cap(c))
+            .collect::<Result<_, _>>()?
     };
     if p.cap_add.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
         set = all();
@@ -198,7 +241,11 @@ pub fn build(c: &RuntimeConfig) -> Result<Spec, SpecError> {
             ]));
         }
     }
-    mounts.retain(|m| !c.mounts.iter().any(|x| PathBuf::from(&x.destination) == *m.destination()));
+    mounts.retain(|m| {
+        !c.mounts
+            .iter()
+            .any(|x| std::path::Path::new(&x.destination) == m.destination())
+    });
     for m in &c.mounts {
         mounts.push(
             MountBuilder::default()
@@ -211,9 +258,11 @@ pub fn build(c: &RuntimeConfig) -> Result<Spec, SpecError> {
     }
     spec.set_mounts(Some(mounts));
 
-    let mut namespaces = vec![LinuxNamespaceBuilder::default()
-        .typ(LinuxNamespaceType::Mount)
-        .build()?];
+    let mut namespaces = vec![
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Mount)
+            .build()?,
+    ];
     for (typ, ns) in [
         (LinuxNamespaceType::Network, &c.net),
         (LinuxNamespaceType::Ipc, &c.ipc),
@@ -223,9 +272,12 @@ pub fn build(c: &RuntimeConfig) -> Result<Spec, SpecError> {
         match ns {
             Ns::Host => {}
             Ns::New => namespaces.push(LinuxNamespaceBuilder::default().typ(typ).build()?),
-            Ns::Join(path) => {
-                namespaces.push(LinuxNamespaceBuilder::default().typ(typ).path(path).build()?)
-            }
+            Ns::Join(path) => namespaces.push(
+                LinuxNamespaceBuilder::default()
+                    .typ(typ)
+                    .path(path)
+                    .build()?,
+            ),
         }
     }
     let mut resources = LinuxResourcesBuilder::default();
@@ -317,8 +369,20 @@ mod tests {
         assert_eq!(v["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 50_000);
         let ns = v["linux"]["namespaces"].as_array().unwrap();
-        assert!(ns.iter().any(|n| n["type"] == "network" && n["path"] == "/proc/1/ns/net"));
-        assert!(ns.iter().any(|n| n["type"] == "pid" && n.get("path").is_none()));
-        assert!(v["mounts"].as_array().unwrap().iter().any(|m| m["destination"] == "/data"));
+        assert!(
+            ns.iter()
+                .any(|n| n["type"] == "network" && n["path"] == "/proc/1/ns/net")
+        );
+        assert!(
+            ns.iter()
+                .any(|n| n["type"] == "pid" && n.get("path").is_none())
+        );
+        assert!(
+            v["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["destination"] == "/data")
+        );
     }
 }

@@ -1,0 +1,542 @@
+//! Turns a Pod's container (with the pod's sandbox and volumes) into a runtime config:
+//! command/args against the image, env with `$(VAR)` expansion and field refs, security
+//! context, resources → cgroup limits, volume mounts. Pure, apart from preparing volume dirs.
+
+use std::{collections::HashMap, path::Path};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+use super::quantity;
+use crate::runtime::{
+    image::ImageInfo,
+    spec::{MountSpec, Ns, ProcessConfig, RuntimeConfig},
+};
+
+/// Why a container cannot be configured (kubelet's `CreateContainerConfigError`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Facts about the pod's sandbox that containers need.
+#[derive(Debug, Clone)]
+pub struct SandboxInfo {
+    pub pause_pid: u32,
+    pub pod_ip: Option<String>,
+    pub host_ip: String,
+    pub node_name: String,
+    /// `DATA_DIR/pods/<uid>`.
+    pub pod_dir: std::path::PathBuf,
+    pub host_network: bool,
+}
+
+/// Expands `$(VAR)` references as Kubernetes does (`$$` escapes; unknown refs stay as they are).
+pub fn expand(s: &str, vars: &HashMap<String, String>) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'$' && i + 1 < b.len() {
+            if b[i + 1] == b'$' {
+                out.push('$');
+                i += 2;
+                continue;
+            }
+            if b[i + 1] == b'('
+                && let Some(end) = s[i + 2..].find(')')
+            {
+                let name = &s[i + 2..i + 2 + end];
+                match vars.get(name) {
+                    Some(v) => out.push_str(v),
+                    None => out.push_str(&s[i..i + 3 + end]),
+                }
+                i += 3 + end;
+                continue;
+            }
+        }
+        let ch = s[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
+fn field_ref(pod: &Pod, sb: &SandboxInfo, path: &str) -> Result<String, ConfigError> {
+    let m = &pod.metadata;
+    Ok(match path {
+        "metadata.name" => m.name.clone().unwrap_or_default(),
+        "metadata.namespace" => m.namespace.clone().unwrap_or_else(|| "default".into()),
+        "metadata.uid" => m.uid.clone().unwrap_or_default(),
+        "spec.nodeName" => sb.node_name.clone(),
+        "spec.serviceAccountName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
+        "status.podIP" | "status.podIPs" => sb.pod_ip.clone().unwrap_or_default(),
+        "status.hostIP" | "status.hostIPs" => sb.host_ip.clone(),
+        p if p.starts_with("metadata.labels['") || p.starts_with("metadata.annotations['") => {
+            let (map, key) = p
+                .split_once("['")
+                .map(|(a, b)| (a, b.trim_end_matches("']")))
+                .unwrap_or((p, ""));
+            let src = if map == "metadata.labels" {
+                &m.labels
+            } else {
+                &m.annotations
+            };
+            src.as_ref()
+                .and_then(|l| l.get(key))
+                .cloned()
+                .unwrap_or_default()
+        }
+        other => {
+            return Err(ConfigError(format!(
+                "unsupported fieldRef fieldPath {other:?}"
+            )));
+        }
+    })
+}
+
+fn resource_ref(
+    c: &Container,
+    resource: &str,
+    divisor: Option<&str>,
+) -> Result<String, ConfigError> {
+    let r = c.resources.as_ref();
+    let (list, key) = resource
+        .split_once('.')
+        .ok_or_else(|| ConfigError(format!("unsupported resourceFieldRef {resource:?}")))?;
+    let map = match list {
+        "limits" => r.and_then(|r| r.limits.as_ref()),
+        "requests" => r.and_then(|r| r.requests.as_ref()),
+        _ => None,
+    };
+    let value = map
+        .and_then(|m| m.get(key))
+        .and_then(|q| quantity::parse(&q.0));
+    let divisor = divisor.and_then(quantity::parse).unwrap_or(1.0);
+    let v = match (value, key) {
+        (Some(v), _) => v,
+        (None, "cpu") => num_cpus() as f64,
+        (None, _) => total_memory() as f64,
+    };
+    Ok(((v / divisor).ceil() as i64).to_string())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Resolves the container's environment (image env, then the container's, in order).
+pub fn environment(
+    pod: &Pod,
+    c: &Container,
+    img: &ImageInfo,
+    sb: &SandboxInfo,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars: Vec<(String, String)> = img
+        .env
+        .iter()
+        .filter_map(|e| {
+            e.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    let set = |vars: &mut Vec<(String, String)>, k: String, v: String| {
+        if let Some(slot) = vars.iter_mut().find(|(n, _)| *n == k) {
+            slot.1 = v;
+        } else {
+            vars.push((k, v));
+        }
+    };
+    if c.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
+        return Err(ConfigError(
+            "envFrom needs the API server (ConfigMaps and Secrets)".into(),
+        ));
+    }
+    let mut declared: HashMap<String, String> = HashMap::new();
+    for e in c.env.iter().flatten() {
+        let v = if let Some(vf) = &e.value_from {
+            if let Some(f) = &vf.field_ref {
+                field_ref(pod, sb, &f.field_path)?
+            } else if let Some(r) = &vf.resource_field_ref {
+                resource_ref(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))?
+            } else if let Some(k) = &vf.config_map_key_ref {
+                return Err(ConfigError(format!("configmap {:?} not found", k.name)));
+            } else if let Some(k) = &vf.secret_key_ref {
+                return Err(ConfigError(format!("secret {:?} not found", k.name)));
+            } else {
+                String::new()
+            }
+        } else {
+            expand(e.value.as_deref().unwrap_or(""), &declared)
+        };
+        declared.insert(e.name.clone(), v.clone());
+        set(&mut vars, e.name.clone(), v);
+    }
+    if !vars.iter().any(|(k, _)| k == "HOSTNAME") {
+        vars.push((
+            "HOSTNAME".into(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        ));
+    }
+    Ok(vars)
+}
+
+/// The argv: `command` replaces the image entrypoint, `args` the image cmd, `$(VAR)` expanded.
+pub fn argv(c: &Container, img: &ImageInfo, env: &HashMap<String, String>) -> Vec<String> {
+    let ex = |v: &Vec<String>| v.iter().map(|s| expand(s, env)).collect::<Vec<_>>();
+    match (&c.command, &c.args) {
+        (Some(cmd), args) if !cmd.is_empty() => {
+            let mut v = ex(cmd);
+            v.extend(args.as_ref().map(ex).unwrap_or_default());
+            v
+        }
+        (_, Some(args)) if !args.is_empty() => {
+            let mut v = img.entrypoint.clone();
+            v.extend(ex(args));
+            v
+        }
+        _ => {
+            let mut v = img.entrypoint.clone();
+            v.extend(img.cmd.clone());
+            v
+        }
+    }
+}
+
+/// A pod volume's host directory, created on first use.
+pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, ConfigError> {
+    let vol = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|v| v.iter().find(|v| v.name == name))
+        .ok_or_else(|| ConfigError(format!("volume {name:?} not found")))?;
+    if let Some(hp) = &vol.host_path {
+        let p = Path::new(&hp.path);
+        match hp.type_.as_deref().unwrap_or("") {
+            "DirectoryOrCreate" => std::fs::create_dir_all(p)
+                .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?,
+            "FileOrCreate" => {
+                if let Some(d) = p.parent() {
+                    let _ = std::fs::create_dir_all(d);
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?;
+            }
+            "Directory" if !p.is_dir() => {
+                return Err(ConfigError(format!(
+                    "hostPath type check failed: {} is not a directory",
+                    hp.path
+                )));
+            }
+            "File" if !p.is_file() => {
+                return Err(ConfigError(format!(
+                    "hostPath type check failed: {} is not a file",
+                    hp.path
+                )));
+            }
+            _ => {}
+        }
+        return Ok(hp.path.clone());
+    }
+    if let Some(ed) = &vol.empty_dir {
+        let dir = sb.pod_dir.join("volumes/empty-dir").join(name);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
+            if ed.medium.as_deref() == Some("Memory") {
+                let size = ed
+                    .size_limit
+                    .as_ref()
+                    .and_then(|q| quantity::bytes(&q.0))
+                    .map(|b| format!("size={b}"));
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &dir,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                    size.as_deref(),
+                )
+                .map_err(|e| ConfigError(format!("emptyDir {name:?}: mount tmpfs: {e}")))?;
+            }
+        }
+        return Ok(dir.to_string_lossy().into());
+    }
+    Err(ConfigError(format!(
+        "volume {name:?}: this volume type needs the API server"
+    )))
+}
+
+fn parse_user(u: &str) -> (Option<u32>, Option<u32>) {
+    let (a, b) = u.split_once(':').unwrap_or((u, ""));
+    (a.parse().ok(), b.parse().ok())
+}
+
+/// Builds the runtime config of an app or init container joined to the sandbox.
+pub fn runtime_config(
+    pod: &Pod,
+    c: &Container,
+    img: &ImageInfo,
+    sb: &SandboxInfo,
+    container_id: &str,
+    termination_log: &Path,
+) -> Result<RuntimeConfig, ConfigError> {
+    let spec = pod
+        .spec
+        .as_ref()
+        .ok_or_else(|| ConfigError("pod has no spec".into()))?;
+    let env = environment(pod, c, img, sb)?;
+    let env_map: HashMap<String, String> = env.iter().cloned().collect();
+    let args = argv(c, img, &env_map);
+    if args.is_empty() {
+        return Err(ConfigError("no command specified".into()));
+    }
+    let psc = spec.security_context.as_ref();
+    let sc = c.security_context.as_ref();
+    let (img_uid, img_gid) = parse_user(&img.user);
+    let uid = sc
+        .and_then(|s| s.run_as_user)
+        .or(psc.and_then(|s| s.run_as_user))
+        .map(|u| u as u32)
+        .or(img_uid)
+        .unwrap_or(0);
+    let gid = sc
+        .and_then(|s| s.run_as_group)
+        .or(psc.and_then(|s| s.run_as_group))
+        .map(|g| g as u32)
+        .or(img_gid)
+        .unwrap_or(0);
+    if sc
+        .and_then(|s| s.run_as_non_root)
+        .or(psc.and_then(|s| s.run_as_non_root))
+        == Some(true)
+        && uid == 0
+    {
+        return Err(ConfigError(
+            "container has runAsNonRoot and image will run as root".into(),
+        ));
+    }
+    let mut additional_gids: Vec<u32> = psc
+        .and_then(|s| s.supplemental_groups.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g as u32)
+        .collect();
+    if let Some(fs) = psc.and_then(|s| s.fs_group) {
+        additional_gids.push(fs as u32);
+    }
+    let privileged = sc.and_then(|s| s.privileged).unwrap_or(false);
+    let caps = sc.and_then(|s| s.capabilities.as_ref());
+    let process = ProcessConfig {
+        args,
+        env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        cwd: c
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| img.working_dir.clone()),
+        uid,
+        gid,
+        additional_gids,
+        privileged,
+        cap_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
+        cap_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
+        no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
+        terminal: c.tty.unwrap_or(false),
+    };
+    let mut mounts = vec![
+        MountSpec::bind(
+            sb.pod_dir.join("etc-hosts").to_string_lossy(),
+            "/etc/hosts",
+            false,
+        ),
+        MountSpec::bind(
+            sb.pod_dir.join("hostname").to_string_lossy(),
+            "/etc/hostname",
+            false,
+        ),
+        MountSpec::bind(
+            sb.pod_dir.join("resolv.conf").to_string_lossy(),
+            "/etc/resolv.conf",
+            false,
+        ),
+    ];
+    let tpath = c
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
+    mounts.push(MountSpec::bind(
+        termination_log.to_string_lossy(),
+        tpath,
+        false,
+    ));
+    for m in c.volume_mounts.iter().flatten() {
+        let mut src = volume_dir(pod, sb, &m.name)?;
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
+                return Err(ConfigError(format!(
+                    "subPath {sub:?} must be a relative path without '..'"
+                )));
+            }
+            let p = Path::new(&src).join(sub);
+            let _ = std::fs::create_dir_all(&p);
+            src = p.to_string_lossy().into();
+        }
+        let mut ms = MountSpec::bind(src, m.mount_path.clone(), m.read_only.unwrap_or(false));
+        if m.mount_propagation.as_deref() == Some("Bidirectional") {
+            ms.options[1] = "rshared".into();
+        }
+        mounts.push(ms);
+    }
+    let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref());
+    let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+    let memory_limit = limits
+        .and_then(|l| l.get("memory"))
+        .and_then(|q| quantity::bytes(&q.0));
+    let cpu_limit = limits
+        .and_then(|l| l.get("cpu"))
+        .and_then(|q| quantity::millicores(&q.0));
+    let cpu_request = requests
+        .and_then(|l| l.get("cpu"))
+        .and_then(|q| quantity::millicores(&q.0))
+        .or(cpu_limit);
+    let ns = |kind: &str| Ns::Join(format!("/proc/{}/ns/{kind}", sb.pause_pid));
+    let share_pid = spec.share_process_namespace.unwrap_or(false);
+    Ok(RuntimeConfig {
+        process,
+        hostname: pod.metadata.name.clone().unwrap_or_default(),
+        readonly_rootfs: sc
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false),
+        mounts,
+        net: ns("net"),
+        ipc: ns("ipc"),
+        uts: ns("uts"),
+        pid: if share_pid { ns("pid") } else { Ns::New },
+        cgroups_path: format!("/keelson/{container_id}"),
+        memory_limit,
+        // kubelet: quota = limit(millicores) * period / 1000, minimum 1000 µs.
+        cpu_quota: cpu_limit.map(|m| (m * 100).max(1000)),
+        cpu_period: cpu_limit.map(|_| 100_000),
+        // kubelet: shares = request(millicores) * 1024 / 1000, minimum 2.
+        cpu_shares: cpu_request.map(|m| ((m * 1024) / 1000).max(2) as u64),
+        oom_score_adj: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img() -> ImageInfo {
+        ImageInfo {
+            name: "docker.io/library/busybox:latest".into(),
+            image_id: "x".into(),
+            chain_id: "sha256:x".into(),
+            entrypoint: vec!["/bin/sh".into()],
+            cmd: vec!["-c".into(), "echo image".into()],
+            env: vec!["PATH=/bin".into(), "A=image".into()],
+            working_dir: String::new(),
+            user: String::new(),
+        }
+    }
+    fn sb() -> SandboxInfo {
+        SandboxInfo {
+            pause_pid: 42,
+            pod_ip: Some("10.1.0.5".into()),
+            host_ip: "192.168.1.1".into(),
+            node_name: "n1".into(),
+            pod_dir: "/tmp/pod".into(),
+            host_network: false,
+        }
+    }
+    fn pod(yaml: &str) -> Pod {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn var_references_expand_and_dollar_dollar_escapes() {
+        let v: HashMap<String, String> = [("A".to_string(), "1".to_string())].into();
+        assert_eq!(expand("x$(A)y$(B)$$(A)", &v), "x1y$(B)$(A)");
+    }
+
+    #[test]
+    fn command_replaces_entrypoint_and_args_replace_cmd() {
+        let p = pod(
+            "metadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: b\n    args: [\"-c\", \"echo $(A)\"]\n",
+        );
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let env: HashMap<String, String> = [("A".to_string(), "z".to_string())].into();
+        assert_eq!(argv(c, &img(), &env), vec!["/bin/sh", "-c", "echo z"]);
+        let p = pod(
+            "metadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: b\n    command: [sleep]\n",
+        );
+        assert_eq!(
+            argv(&p.spec.as_ref().unwrap().containers[0], &img(), &env),
+            vec!["sleep"]
+        );
+    }
+
+    #[test]
+    fn env_overrides_image_env_and_resolves_field_refs() {
+        let p = pod(
+            "metadata: {name: p, namespace: ns1, labels: {app: web}}\nspec:\n  containers:\n  - name: c\n    image: b\n    env:\n    - {name: A, value: mine}\n    - {name: B, value: \"$(A)-x\"}\n    - name: IP\n      valueFrom: {fieldRef: {fieldPath: status.podIP}}\n    - name: APP\n      valueFrom: {fieldRef: {fieldPath: \"metadata.labels['app']\"}}\n    - name: MEM\n      valueFrom: {resourceFieldRef: {resource: limits.memory, divisor: 1Mi}}\n    resources: {limits: {memory: 64Mi}}\n",
+        );
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let env: HashMap<_, _> = environment(&p, c, &img(), &sb())
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(env["A"], "mine");
+        assert_eq!(env["B"], "mine-x");
+        assert_eq!(env["IP"], "10.1.0.5");
+        assert_eq!(env["APP"], "web");
+        assert_eq!(env["MEM"], "64");
+        assert_eq!(env["PATH"], "/bin");
+    }
+
+    #[test]
+    fn resources_become_cgroup_limits_like_kubelet() {
+        let p = pod(
+            "metadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: b\n    resources: {limits: {memory: 32Mi, cpu: 250m}, requests: {cpu: 100m}}\n    securityContext: {runAsUser: 1000, readOnlyRootFilesystem: true, capabilities: {add: [NET_ADMIN]}}\n",
+        );
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let rc = runtime_config(&p, c, &img(), &sb(), "cid", Path::new("/tmp/t")).unwrap();
+        assert_eq!(rc.memory_limit, Some(32 << 20));
+        assert_eq!(rc.cpu_quota, Some(25_000));
+        assert_eq!(rc.cpu_shares, Some(102));
+        assert_eq!(rc.process.uid, 1000);
+        assert!(rc.readonly_rootfs);
+        assert_eq!(rc.net, Ns::Join("/proc/42/ns/net".into()));
+        assert_eq!(rc.hostname, "p");
+    }
+
+    #[test]
+    fn secret_refs_without_an_api_server_are_config_errors() {
+        let p = pod(
+            "metadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: b\n    env:\n    - name: S\n      valueFrom: {secretKeyRef: {name: s, key: k}}\n",
+        );
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let e = environment(&p, c, &img(), &sb()).unwrap_err();
+        assert!(e.to_string().contains("secret \"s\""));
+    }
+}

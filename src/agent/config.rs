@@ -1,0 +1,39 @@
+//! The agent's configuration (from flags) and the paths it derives.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use ipnet::Ipv4Net;
+
+use super::logs::Rotation;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub node_ip: Ipv4Addr,
+    pub data_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub manifests: Option<PathBuf>,
+    pub containerd: PathBuf,
+    pub namespace: String,
+    pub bridge: String,
+    pub images_dir: PathBuf,
+    pub rescan: Duration,
+    pub resync: Duration,
+    pub rotation: Rotation,
+}
+
+impl AgentConfig {
+    pub fn pods_dir(&self) -> PathBuf {
+        self.data_dir.join("pods")
+    }
+    pub fn fifo_dir(&self) -> PathBuf {
+        self.data_dir.join("fifo")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.join("agent.sock")
+    }
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.data_dir.join("ipam")
+    }
+}

@@ -1,0 +1,365 @@
+//! Container probes (exec, httpGet, tcpSocket) and the per-container probe supervisor:
+//! startup first, then liveness and readiness, with kubelet's defaults and thresholds.
+//! Sends results to the pod worker; never changes containers itself.
+
+use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+
+use k8s_openapi::{api::core::v1::Probe, apimachinery::pkg::util::intstr::IntOrString};
+use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream, sync::mpsc};
+
+use crate::runtime::{Containerd, spec::ProcessConfig};
+
+/// Which probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    Startup,
+    Liveness,
+    Readiness,
+}
+
+impl ProbeKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ProbeKind::Startup => "Startup",
+            ProbeKind::Liveness => "Liveness",
+            ProbeKind::Readiness => "Readiness",
+        }
+    }
+}
+
+/// What a probe supervisor reports to its pod worker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeEvent {
+    /// The startup probe succeeded (or there is none): liveness and readiness may run.
+    Started,
+    /// Readiness changed.
+    Ready(bool),
+    /// A probe failed once (for the `Unhealthy` event).
+    Unhealthy { kind: ProbeKind, output: String },
+    /// Liveness or startup failed `failureThreshold` times: the container must be restarted.
+    Failed { kind: ProbeKind },
+}
+
+/// Everything a probe of one container instance needs.
+pub struct ProbeTarget {
+    pub rt: Containerd,
+    pub container_id: String,
+    pub pod_ip: Option<Ipv4Addr>,
+    pub process: ProcessConfig,
+    pub scratch: PathBuf,
+    pub named_ports: HashMap<String, i32>,
+}
+
+/// kubelet's probe defaults applied to a probe.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    pub initial_delay: Duration,
+    pub timeout: Duration,
+    pub period: Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+}
+
+pub fn timing(p: &Probe) -> Timing {
+    let secs = |v: Option<i32>, d: i32| Duration::from_secs(v.unwrap_or(d).max(0) as u64);
+    Timing {
+        initial_delay: secs(p.initial_delay_seconds, 0),
+        timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
+        period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+        success_threshold: p.success_threshold.unwrap_or(1).max(1) as u32,
+        failure_threshold: p.failure_threshold.unwrap_or(3).max(1) as u32,
+    }
+}
+
+fn resolve_port(port: &IntOrString, named: &HashMap<String, i32>) -> Result<u16, String> {
+    match port {
+        IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("invalid port {n}")),
+        IntOrString::String(s) => match s.parse::<u16>() {
+            Ok(n) => Ok(n),
+            Err(_) => named
+                .get(s)
+                .and_then(|n| u16::try_from(*n).ok())
+                .ok_or_else(|| format!("couldn't find port {s:?} in the container's ports")),
+        },
+    }
+}
+
+/// Runs one probe once: Ok(output) on success, Err(output) on failure.
+pub async fn probe_once(p: &Probe, t: &ProbeTarget, timeout: Duration) -> Result<String, String> {
+    if let Some(e) = &p.exec {
+        let mut proc = t.process.clone();
+        proc.args = e.command.clone().unwrap_or_default();
+        proc.terminal = false;
+        let spec = crate::runtime::spec::process(&proc).map_err(|e| e.to_string())?;
+        let r =
+            t.rt.exec(&t.container_id, &spec, &t.scratch, timeout, 10 * 1024)
+                .await
+                .map_err(|e| e.to_string())?;
+        let out = String::from_utf8_lossy(&r.output).to_string();
+        if r.timed_out {
+            return Err(format!("command {:?} timed out", proc.args.join(" ")));
+        }
+        return match r.exit_code {
+            Some(0) => Ok(out),
+            _ => Err(out),
+        };
+    }
+    if let Some(h) = &p.http_get {
+        let port = resolve_port(&h.port, &t.named_ports)?;
+        let host = match &h.host {
+            Some(h) if !h.is_empty() => h.clone(),
+            _ => t.pod_ip.map(|i| i.to_string()).ok_or("pod has no IP")?,
+        };
+        if h.scheme.as_deref() == Some("HTTPS") {
+            return Err("HTTPS probes are not supported by keelson yet".into());
+        }
+        let path = h.path.clone().unwrap_or_else(|| "/".into());
+        let path = if path.starts_with('/') {
+            path
+        } else {
+            format!("/{path}")
+        };
+        let headers: Vec<(String, String)> = h
+            .http_headers
+            .iter()
+            .flatten()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
+        return tokio::time::timeout(timeout, http_get(&host, port, &path, &headers))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "Get \"http://{host}:{port}{path}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
+                ))
+            });
+    }
+    if let Some(s) = &p.tcp_socket {
+        let port = resolve_port(&s.port, &t.named_ports)?;
+        let host = match &s.host {
+            Some(h) if !h.is_empty() => h.clone(),
+            _ => t.pod_ip.map(|i| i.to_string()).ok_or("pod has no IP")?,
+        };
+        return match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port))).await
+        {
+            Ok(Ok(_)) => Ok(String::new()),
+            Ok(Err(e)) => Err(format!("dial tcp {host}:{port}: connect: {e}")),
+            Err(_) => Err(format!("dial tcp {host}:{port}: i/o timeout")),
+        };
+    }
+    Err("probe has no handler".into())
+}
+
+/// A minimal HTTP/1.1 GET: success for status 200–399. Reads at most 10 KiB of the body.
+async fn http_get(
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<String, String> {
+    let url = format!("http://{host}:{port}{path}");
+    let mut s = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("Get \"{url}\": dial tcp {host}:{port}: connect: {e}"))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n");
+    let mut has_ua = false;
+    let mut has_accept = false;
+    for (k, v) in headers {
+        has_ua |= k.eq_ignore_ascii_case("user-agent");
+        has_accept |= k.eq_ignore_ascii_case("accept");
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !has_ua {
+        req.push_str("User-Agent: kube-probe/1.33\r\n");
+    }
+    if !has_accept {
+        req.push_str("Accept: */*\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    while buf.len() < 10 * 1024 + 4096 {
+        match s.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if buf.is_empty() => return Err(format!("Get \"{url}\": {e}")),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let status_line = text.lines().next().unwrap_or("");
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response {status_line:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let body: String = body.chars().take(10 * 1024).collect();
+    if (200..400).contains(&code) {
+        Ok(body)
+    } else {
+        Err(format!("HTTP probe failed with statuscode: {code}"))
+    }
+}
+
+/// Runs a probe until it reaches success or failure threshold; for the startup probe.
+async fn until_threshold(
+    kind: ProbeKind,
+    p: &Probe,
+    t: &ProbeTarget,
+    started: tokio::time::Instant,
+    tx: &mpsc::UnboundedSender<ProbeEvent>,
+) -> bool {
+    let tm = timing(p);
+    tokio::time::sleep_until(started + tm.initial_delay).await;
+    let (mut ok, mut bad) = (0, 0);
+    let mut tick = tokio::time::interval(tm.period);
+    loop {
+        tick.tick().await;
+        match probe_once(p, t, tm.timeout).await {
+            Ok(_) => {
+                bad = 0;
+                ok += 1;
+                if ok >= tm.success_threshold {
+                    return true;
+                }
+            }
+            Err(output) => {
+                ok = 0;
+                bad += 1;
+                let _ = tx.send(ProbeEvent::Unhealthy { kind, output });
+                if bad >= tm.failure_threshold {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Liveness / readiness loop: reports readiness changes and liveness failure.
+async fn periodic(
+    kind: ProbeKind,
+    p: Probe,
+    t: Arc<ProbeTarget>,
+    started: tokio::time::Instant,
+    tx: mpsc::UnboundedSender<ProbeEvent>,
+) {
+    let tm = timing(&p);
+    tokio::time::sleep_until(started + tm.initial_delay).await;
+    let (mut ok, mut bad) = (0u32, 0u32);
+    let mut ready = false;
+    let mut tick = tokio::time::interval(tm.period);
+    loop {
+        tick.tick().await;
+        let r = probe_once(&p, &t, tm.timeout).await;
+        match r {
+            Ok(_) => {
+                bad = 0;
+                ok = ok.saturating_add(1);
+                if kind == ProbeKind::Readiness && !ready && ok >= tm.success_threshold {
+                    ready = true;
+                    let _ = tx.send(ProbeEvent::Ready(true));
+                }
+            }
+            Err(output) => {
+                ok = 0;
+                bad = bad.saturating_add(1);
+                let _ = tx.send(ProbeEvent::Unhealthy { kind, output });
+                if bad >= tm.failure_threshold {
+                    if kind == ProbeKind::Liveness {
+                        let _ = tx.send(ProbeEvent::Failed { kind });
+                        return;
+                    }
+                    if ready {
+                        ready = false;
+                        let _ = tx.send(ProbeEvent::Ready(false));
+                    }
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// Supervises all probes of one container instance started at `started`.
+pub async fn supervise(
+    startup: Option<Probe>,
+    liveness: Option<Probe>,
+    readiness: Option<Probe>,
+    t: Arc<ProbeTarget>,
+    started: tokio::time::Instant,
+    tx: mpsc::UnboundedSender<ProbeEvent>,
+) {
+    if let Some(sp) = &startup
+        && !until_threshold(ProbeKind::Startup, sp, &t, started, &tx).await
+    {
+        let _ = tx.send(ProbeEvent::Failed {
+            kind: ProbeKind::Startup,
+        });
+        return;
+    }
+    let _ = tx.send(ProbeEvent::Started);
+    if readiness.is_none() {
+        let _ = tx.send(ProbeEvent::Ready(true));
+    }
+    // Liveness and readiness count from when the container started, as kubelet does.
+    let live = liveness.map(|p| periodic(ProbeKind::Liveness, p, t.clone(), started, tx.clone()));
+    let ready =
+        readiness.map(|p| periodic(ProbeKind::Readiness, p, t.clone(), started, tx.clone()));
+    match (live, ready) {
+        (Some(a), Some(b)) => {
+            tokio::select! { _ = a => {}, _ = b => {} }
+        }
+        (Some(a), None) => a.await,
+        (None, Some(b)) => b.await,
+        (None, None) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_defaults_are_kubelets() {
+        let t = timing(&Probe::default());
+        assert_eq!(t.timeout, Duration::from_secs(1));
+        assert_eq!(t.period, Duration::from_secs(10));
+        assert_eq!((t.success_threshold, t.failure_threshold), (1, 3));
+    }
+
+    #[test]
+    fn named_ports_resolve_through_the_container_ports() {
+        let named: HashMap<String, i32> = [("http".to_string(), 8080)].into();
+        assert_eq!(
+            resolve_port(&IntOrString::String("http".into()), &named),
+            Ok(8080)
+        );
+        assert_eq!(resolve_port(&IntOrString::Int(81), &named), Ok(81));
+        assert!(resolve_port(&IntOrString::String("nope".into()), &named).is_err());
+    }
+
+    #[tokio::test]
+    async fn http_probe_reports_the_status_code_on_failure() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            for code in [200, 500] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 1024];
+                let _ = s.read(&mut b).await;
+                let resp = format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\n\r\nok");
+                s.write_all(resp.as_bytes()).await.unwrap();
+            }
+        });
+        assert_eq!(http_get("127.0.0.1", port, "/", &[]).await, Ok("ok".into()));
+        assert_eq!(
+            http_get("127.0.0.1", port, "/", &[]).await,
+            Err("HTTP probe failed with statuscode: 500".into())
+        );
+    }
+}
