@@ -1,0 +1,386 @@
+//! The integration-test lab: a private containerd (own root, state and socket under a temp
+//! dir), a node network namespace with no route out, a busybox image packed from Debian's
+//! busybox-static with `keelson image pack`, and the agent started inside the node namespace.
+//! Everything it starts is stopped and removed on drop, also when a test fails.
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+
+pub const BUSYBOX: &str = "keelson.local/busybox:1";
+pub const NS: &str = "k8s.keelson.io";
+
+fn keelson_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keelson")
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "keelson's integration tests need root (containerd, runc, network namespaces); run them with sudo"
+    );
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Builds the busybox image archive (once per test binary) and returns its path.
+pub fn busybox_archive(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("busybox-rootfs");
+    for d in ["bin", "tmp", "etc", "www", "proc", "sys", "dev", "root"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::set_permissions(rootfs.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static is installed at /bin/busybox");
+    for applet in [
+        "sh", "httpd", "nc", "wget", "sleep", "echo", "cat", "ls", "true", "false", "env", "id", "hostname",
+        "ip", "kill", "ps", "touch", "mkdir", "rm", "dd", "head", "tail", "date", "grep", "seq", "test", "[",
+        "printf", "yes", "wc", "stat", "mount", "tr", "timeout",
+    ] {
+        let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n").unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    let out = dir.join("busybox.tar");
+    run(Command::new(keelson_bin()).args(["image", "pack", "--rootfs"]).arg(&rootfs).args([
+        "--name", BUSYBOX, "--cmd", "sh", "-o",
+    ]).arg(&out));
+    out
+}
+
+/// A private containerd, a node namespace and (optionally) a running agent.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub netns: String,
+    pub pod_cidr: String,
+    containerd: Option<Child>,
+    agent: Option<Child>,
+}
+
+impl Lab {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// Starts containerd and the node namespace; packs busybox into the agent's images dir.
+    pub fn start(name: &str) -> Lab {
+        require_root();
+        let dir = tempfile::Builder::new().prefix(&format!("keelson-{name}-")).tempdir().unwrap();
+        let p = dir.path().to_path_buf();
+        let p = p.as_path();
+        let config = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{0}/debug.sock\"\n",
+            p.display()
+        );
+        std::fs::write(p.join("containerd.toml"), config).unwrap();
+        let log = std::fs::File::create(p.join("containerd.log")).unwrap();
+        let containerd = Command::new("containerd")
+            .arg("--config")
+            .arg(p.join("containerd.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd is installed");
+        let suffix = &hex::encode(rand_bytes())[..6];
+        let netns = format!("kt-{}-{suffix}", &name[..name.len().min(6)]);
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        run(Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]));
+        for d in ["data/images", "manifests", "logs"] {
+            std::fs::create_dir_all(p.join(d)).unwrap();
+        }
+        let lab = Lab {
+            dir,
+            netns,
+            pod_cidr: "10.77.0.0/24".into(),
+            containerd: Some(containerd),
+            agent: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !lab.socket().exists() {
+            assert!(Instant::now() < deadline, "containerd did not start; see {}", p.join("containerd.log").display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ar = busybox_archive(p);
+        std::fs::rename(ar, lab.data_dir().join("images/busybox.tar")).unwrap();
+        lab
+    }
+
+    /// Starts (or restarts) the agent inside the node namespace.
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(keelson_bin())
+            .args(["agent", "--standalone", "--node-name", "node1", "--pod-cidr", &self.pod_cidr])
+            .arg("--manifests")
+            .arg(self.manifests())
+            .arg("--containerd")
+            .arg(self.socket())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--log-dir")
+            .arg(self.log_dir())
+            .args(["--rescan-seconds", "2", "--resync-seconds", "2"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start agent");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.get("/healthz").is_err() {
+            assert!(Instant::now() < deadline, "agent did not come up:\n{}", self.agent_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the agent with SIGKILL (pods keep running).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        // Write then rename, as editors and config tools do.
+        let tmp = self.manifests().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(tmp, self.manifests().join(file)).unwrap();
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifests().join(file)).unwrap();
+    }
+
+    /// GET on the agent's unix socket: (status, body).
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.data_dir().join("agent.sock"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp)?;
+        let text = String::from_utf8_lossy(&resp).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        Ok((code, body.to_string()))
+    }
+
+    pub fn pods(&self) -> Vec<Pod> {
+        let Ok((200, body)) = self.get("/pods") else { return vec![] };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        serde_json::from_value(v["items"].clone()).unwrap()
+    }
+
+    /// The pod named `name` (without the node suffix).
+    pub fn pod(&self, name: &str) -> Option<Pod> {
+        let full = format!("{name}-node1");
+        self.pods().into_iter().find(|p| p.metadata.name.as_deref() == Some(&full))
+    }
+
+    /// Waits until `cond` holds for the pod, or panics with the pod and the agent log.
+    pub fn wait_pod(&self, name: &str, what: &str, timeout: Duration, cond: impl Fn(&Pod) -> bool) -> Pod {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = self.pod(name)
+                && cond(&p)
+            {
+                return p;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pod {name}: timed out waiting for {what}; pod = {}\nagent log:\n{}",
+                    serde_json::to_string_pretty(&self.pod(name)).unwrap(),
+                    self.agent_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the pod to be Ready.
+    pub fn wait_ready(&self, name: &str) -> Pod {
+        self.wait_pod(name, "Ready", Duration::from_secs(60), is_ready)
+    }
+
+    /// Runs a command in the node namespace (busybox applets from the host's busybox-static).
+    pub fn node_exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns, "/bin/busybox"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// HTTP GET from the node namespace; the body, or None if the connection failed.
+    pub fn node_http(&self, url: &str) -> Option<String> {
+        // (busybox-static's `wget -T` crashes; bound the time with `timeout` instead.)
+        let out = self.node_exec(&["timeout", "5", "/bin/busybox", "wget", "-qO-", url]);
+        if !out.status.success() {
+            eprintln!("wget {url}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// The IPAM allocations on disk (address files).
+    pub fn allocated_ips(&self) -> Vec<String> {
+        let dir = self.data_dir().join("ipam").join(self.pod_cidr.replace('/', "_"));
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// containerd's view: container IDs in the agent's namespace.
+    pub fn containers(&self) -> Vec<String> {
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(self.socket())
+            .args(["-n", NS, "containers", "ls", "-q"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+
+    /// Links in the node namespace.
+    pub fn node_links(&self) -> String {
+        String::from_utf8_lossy(&Command::new("ip").args(["-n", &self.netns, "-o", "link"]).output().unwrap().stdout).to_string()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_agent();
+        // Stop every task and container this lab's containerd runs, then containerd itself.
+        let ctr = |args: &[&str]| {
+            Command::new("ctr")
+                .arg("-a")
+                .arg(self.socket())
+                .args(["-n", NS])
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        };
+        for id in self.containers() {
+            let _ = ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for id in self.containers() {
+            let _ = ctr(&["tasks", "delete", "-f", &id]);
+            let _ = ctr(&["containers", "delete", &id]);
+        }
+        if let Some(mut c) = self.containerd.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
+        // tmpfs emptyDirs and snapshot mounts under the lab dir, if anything was left mounted.
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            let root = self.dir.path().to_string_lossy().to_string();
+            let mut targets: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&root)).collect();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            for t in targets {
+                let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+fn rand_bytes() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    b
+}
+
+pub fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn phase(p: &Pod) -> String {
+    p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default()
+}
+
+pub fn pod_ip(p: &Pod) -> String {
+    p.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod has an IP")
+}
+
+/// The status of container `name` (app or init).
+pub fn cstatus(p: &Pod, name: &str) -> k8s_openapi::api::core::v1::ContainerStatus {
+    let st = p.status.as_ref().expect("status");
+    st.container_statuses
+        .iter()
+        .flatten()
+        .chain(st.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no status for container {name}"))
+}
+
+pub fn restarts(p: &Pod, name: &str) -> i32 {
+    cstatus(p, name).restart_count
+}
+
+pub fn waiting_reason(p: &Pod, name: &str) -> Option<String> {
+    cstatus(p, name).state.and_then(|s| s.waiting).and_then(|w| w.reason)
+}
+
+pub fn terminated(p: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
+    cstatus(p, name).state.and_then(|s| s.terminated)
+}
+
+/// A minimal pod manifest with one busybox container running `script`.
+pub fn pod_yaml(name: &str, script: &str, extra_container: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{extra_spec}  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [\"sh\", \"-c\", {script:?}]\n{extra_container}"
+    )
+}
