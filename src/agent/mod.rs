@@ -295,7 +295,7 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
         }
     }
     for c in &conts {
-        let _ = rt.delete(&c.id).await;
+        worker::remove_container(rt, &c.id).await;
         let fifo = ctx.cfg.fifo_dir();
         let _ = std::fs::remove_file(fifo.join(format!("{}.out", c.id)));
         let _ = std::fs::remove_file(fifo.join(format!("{}.err", c.id)));

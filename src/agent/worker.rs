@@ -379,7 +379,7 @@ impl PodWorker {
                     self.register(&l.id);
                     continue;
                 }
-                let _ = rt.delete(&l.id).await;
+                remove_container(&rt, &l.id).await;
                 continue;
             }
             let name = l.labels.get(labels::NAME).cloned().unwrap_or_default();
@@ -406,14 +406,14 @@ impl PodWorker {
             };
             let Some(i) = list.iter().position(|c| c.name == name) else {
                 for (_, l) in insts {
-                    let _ = rt.delete(&l.id).await;
+                    remove_container(&rt, &l.id).await;
                 }
                 continue;
             };
             let mut found = vec![];
             for (n, (rc, l)) in insts.into_iter().enumerate() {
                 if n >= 2 {
-                    let _ = rt.delete(&l.id).await;
+                    remove_container(&rt, &l.id).await;
                     continue;
                 }
                 let started_at = l
@@ -669,7 +669,7 @@ impl PodWorker {
         }
         if let Some(sb) = self.sandbox.take() {
             self.unregister(&sb.id);
-            let _ = self.ctx.rt.delete(&sb.id).await;
+            remove_container(&self.ctx.rt, &sb.id).await;
             let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
         }
         self.sandbox_dead = false;
@@ -772,7 +772,7 @@ impl PodWorker {
             Ok(p) => p,
             Err(e) => {
                 self.unregister(&id);
-                let _ = self.ctx.rt.delete(&id).await;
+                remove_container(&self.ctx.rt, &id).await;
                 return Err(e.to_string());
             }
         };
@@ -786,7 +786,7 @@ impl PodWorker {
             };
             if let Err(e) = net::setup_pod(pid, &pn).await {
                 self.unregister(&id);
-                let _ = self.ctx.rt.delete(&id).await;
+                remove_container(&self.ctx.rt, &id).await;
                 let _ = net::teardown_pod(&pn.host_veth).await;
                 return Err(format!("pod network: {e}"));
             }
@@ -964,7 +964,7 @@ impl PodWorker {
         rec.oom = false;
         if let Some(d) = dropped {
             self.unregister(&d.id);
-            let _ = self.ctx.rt.delete(&d.id).await;
+            remove_container(&self.ctx.rt, &d.id).await;
             let _ = std::fs::remove_file(self.termination_log(&c.name, &d.id));
         }
         if let Err(e) = created {
@@ -1272,7 +1272,7 @@ impl PodWorker {
         let rt = self.ctx.rt.clone();
         for r in self.init.iter().chain(self.app.iter()) {
             for inst in [&r.current, &r.previous].into_iter().flatten() {
-                let _ = rt.delete(&inst.id).await;
+                remove_container(&rt, &inst.id).await;
                 self.unregister(&inst.id);
             }
         }
@@ -1356,7 +1356,7 @@ impl PodWorker {
 
     async fn teardown_sandbox(&mut self) {
         if let Some(sb) = self.sandbox.take() {
-            let _ = self.ctx.rt.delete(&sb.id).await;
+            remove_container(&self.ctx.rt, &sb.id).await;
             self.unregister(&sb.id);
         }
         let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
@@ -1529,6 +1529,13 @@ impl PodWorker {
             self.terminal = true;
             self.set_wake(Instant::now());
         }
+    }
+}
+
+/// Deletes a container from containerd, logging (not failing) on error.
+pub(crate) async fn remove_container(rt: &crate::runtime::Containerd, id: &str) {
+    if let Err(e) = rt.delete(id).await {
+        tracing::warn!(container = id, error = %e, "removing container");
     }
 }
 

@@ -224,21 +224,11 @@ impl Containerd {
         }
     }
 
-    /// Deletes the task (if any), the container and its snapshot. Idempotent.
+    /// Deletes the task (if any), the container and its snapshot. Idempotent. A task that is
+    /// still running (or whose exit containerd has not processed yet) is killed first.
     pub async fn delete(&self, id: &str) -> Result<()> {
-        let r = self
-            .tasks()
-            .delete(self.req(DeleteTaskRequest {
-                container_id: id.into(),
-            }))
-            .await
-            .map(|_| ());
-        if let Err(s) = &r
-            && s.code() == tonic::Code::FailedPrecondition
-        {
-            // Still running: kill hard, then delete.
-            self.kill(id, 9).await?;
-            let _ = self.wait(id, Duration::from_secs(5)).await?;
+        let mut attempt = 0;
+        loop {
             let r = self
                 .tasks()
                 .delete(self.req(DeleteTaskRequest {
@@ -246,9 +236,19 @@ impl Containerd {
                 }))
                 .await
                 .map(|_| ());
-            ignore_not_found(r, "task delete")?;
-        } else {
-            ignore_not_found(r, "task delete")?;
+            match r {
+                Ok(()) => break,
+                Err(s) if s.code() == tonic::Code::NotFound => break,
+                Err(source) if attempt >= 5 => {
+                    return Err(Error::Rpc { op: "task delete", source });
+                }
+                Err(_) => {
+                    attempt += 1;
+                    self.kill(id, 9).await?;
+                    let _ = self.wait(id, Duration::from_secs(2)).await?;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+            }
         }
         let r = self
             .containers()

@@ -288,6 +288,14 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.agent_log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- agent log (last 80 lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         self.kill_agent();
         // Stop every task and container this lab's containerd runs, then containerd itself.
         let ctr = |args: &[&str]| {
