@@ -14,10 +14,20 @@ fn init_containers_run_in_order_before_the_app() {
     );
     lab.write_manifest("init.yaml", &yaml);
     // While the second init container runs, the app waits with PodInitializing.
-    let p = lab.wait_pod("init", "second init running", Duration::from_secs(30), |p| {
-        cstatus(p, "second").state.is_some_and(|s| s.running.is_some())
-    });
-    assert_eq!(waiting_reason(&p, "main").as_deref(), Some("PodInitializing"));
+    let p = lab.wait_pod(
+        "init",
+        "second init running",
+        Duration::from_secs(30),
+        |p| {
+            cstatus(p, "second")
+                .state
+                .is_some_and(|s| s.running.is_some())
+        },
+    );
+    assert_eq!(
+        waiting_reason(&p, "main").as_deref(),
+        Some("PodInitializing")
+    );
     assert_eq!(phase(&p), "Pending");
     assert_eq!(keelson::agent::print::pod_status(&p), "Init:1/2");
     let p = lab.wait_ready("init");
@@ -27,14 +37,22 @@ fn init_containers_run_in_order_before_the_app() {
     }
     let uid = p.metadata.uid.clone().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let log_path = lab.log_dir().join(format!("default_init-node1_{uid}/main/0.log"));
+    let log_path = lab
+        .log_dir()
+        .join(format!("default_init-node1_{uid}/main/0.log"));
     loop {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3))
+            .collect();
         if lines == ["one", "two", "app"] {
             break;
         }
-        assert!(Instant::now() < deadline, "order in the shared volume: {lines:?}");
+        assert!(
+            Instant::now() < deadline,
+            "order in the shared volume: {lines:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -50,12 +68,22 @@ fn a_failing_init_container_blocks_the_app() {
     };
     lab.write_manifest("always.yaml", &yaml("always", "Always"));
     lab.write_manifest("never.yaml", &yaml("never", "Never"));
-    let never = lab.wait_pod("never", "Failed", Duration::from_secs(30), |p| phase(p) == "Failed");
+    let never = lab.wait_pod("never", "Failed", Duration::from_secs(30), |p| {
+        phase(p) == "Failed"
+    });
     assert_eq!(terminated(&never, "setup").unwrap().exit_code, 2);
-    assert!(cstatus(&never, "main").container_id.is_none(), "the app never started");
-    let always = lab.wait_pod("always", "init restarted", Duration::from_secs(30), |p| restarts(p, "setup") >= 1);
+    assert!(
+        cstatus(&never, "main").container_id.is_none(),
+        "the app never started"
+    );
+    let always = lab.wait_pod("always", "init restarted", Duration::from_secs(30), |p| {
+        restarts(p, "setup") >= 1
+    });
     assert_eq!(phase(&always), "Pending");
-    assert!(cstatus(&always, "main").container_id.is_none(), "the app never started");
+    assert!(
+        cstatus(&always, "main").container_id.is_none(),
+        "the app never started"
+    );
     let st = keelson::agent::print::pod_status(&always);
     assert!(st == "Init:Error" || st == "Init:CrashLoopBackOff", "{st}");
 }
@@ -67,15 +95,26 @@ fn readiness_follows_the_probe_without_restarts() {
     let script = "sleep 2; touch /tmp/ready; sleep 4; rm /tmp/ready; sleep 3600";
     let probe = "    readinessProbe:\n      exec: {command: [test, -f, /tmp/ready]}\n      periodSeconds: 1\n      failureThreshold: 1\n";
     lab.write_manifest("ready.yaml", &pod_yaml("ready", script, probe, ""));
-    let p = lab.wait_pod("ready", "running", Duration::from_secs(30), |p| phase(p) == "Running");
+    let p = lab.wait_pod("ready", "running", Duration::from_secs(30), |p| {
+        phase(p) == "Running"
+    });
     assert!(!is_ready(&p), "not ready before the probe succeeds");
     let c = p.status.as_ref().unwrap().conditions.clone().unwrap();
     let ready = c.iter().find(|c| c.type_ == "ContainersReady").unwrap();
     assert_eq!(ready.reason.as_deref(), Some("ContainersNotReady"));
-    assert_eq!(ready.message.as_deref(), Some("containers with unready status: [main]"));
+    assert_eq!(
+        ready.message.as_deref(),
+        Some("containers with unready status: [main]")
+    );
     lab.wait_pod("ready", "Ready", Duration::from_secs(15), is_ready);
-    let p = lab.wait_pod("ready", "not Ready again", Duration::from_secs(15), |p| !is_ready(p));
-    assert_eq!(restarts(&p, "main"), 0, "readiness never restarts a container");
+    let p = lab.wait_pod("ready", "not Ready again", Duration::from_secs(15), |p| {
+        !is_ready(p)
+    });
+    assert_eq!(
+        restarts(&p, "main"),
+        0,
+        "readiness never restarts a container"
+    );
     assert!(cstatus(&p, "main").state.unwrap().running.is_some());
 }
 
@@ -85,17 +124,27 @@ fn removing_the_manifest_runs_prestop_then_sigterm_and_frees_the_ip() {
     lab.start_agent();
     let marks = lab.dir.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    let vol = format!("  volumes: [{{name: marks, hostPath: {{path: {}}}}}]\n", marks.display());
+    let vol = format!(
+        "  volumes: [{{name: marks, hostPath: {{path: {}}}}}]\n",
+        marks.display()
+    );
     let mount = "    volumeMounts: [{name: marks, mountPath: /marks}]\n";
     // Traps TERM and records it; preStop records that it ran first.
     let polite = "trap 'echo term >> /marks/polite; exit 0' TERM; while true; do sleep 0.2; done";
-    let pre = format!("{mount}    lifecycle:\n      preStop:\n        exec: {{command: [sh, -c, 'echo prestop >> /marks/polite']}}\n");
+    let pre = format!(
+        "{mount}    lifecycle:\n      preStop:\n        exec: {{command: [sh, -c, 'echo prestop >> /marks/polite']}}\n"
+    );
     lab.write_manifest("polite.yaml", &pod_yaml("polite", polite, &pre, &vol));
     // Ignores TERM: must be killed when its 3 s grace period ends.
     let stubborn = "trap '' TERM; while true; do sleep 0.2; done";
     lab.write_manifest(
         "stubborn.yaml",
-        &pod_yaml("stubborn", stubborn, "", "  terminationGracePeriodSeconds: 3\n"),
+        &pod_yaml(
+            "stubborn",
+            stubborn,
+            "",
+            "  terminationGracePeriodSeconds: 3\n",
+        ),
     );
     let a = lab.wait_ready("polite");
     lab.wait_ready("stubborn");
@@ -111,7 +160,11 @@ fn removing_the_manifest_runs_prestop_then_sigterm_and_frees_the_ip() {
     let mut polite_gone = None;
     while t0.elapsed() < Duration::from_secs(20) {
         let pods = lab.pods();
-        if polite_gone.is_none() && !pods.iter().any(|p| p.metadata.name.as_deref() == Some("polite-node1")) {
+        if polite_gone.is_none()
+            && !pods
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some("polite-node1"))
+        {
             polite_gone = Some(t0.elapsed());
         }
         if pods.is_empty() {
@@ -120,14 +173,38 @@ fn removing_the_manifest_runs_prestop_then_sigterm_and_frees_the_ip() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let all_gone = t0.elapsed();
-    assert!(lab.pods().is_empty(), "pods still listed: {:?}", lab.pods().len());
-    assert!(polite_gone.unwrap() < Duration::from_secs(3), "the polite pod stops at once: {polite_gone:?}");
-    assert!(all_gone >= Duration::from_millis(2900), "the stubborn pod gets its 3 s grace: {all_gone:?}");
-    assert!(all_gone < Duration::from_secs(10), "then it is killed: {all_gone:?}");
+    assert!(
+        lab.pods().is_empty(),
+        "pods still listed: {:?}",
+        lab.pods().len()
+    );
+    assert!(
+        polite_gone.unwrap() < Duration::from_secs(3),
+        "the polite pod stops at once: {polite_gone:?}"
+    );
+    assert!(
+        all_gone >= Duration::from_millis(2900),
+        "the stubborn pod gets its 3 s grace: {all_gone:?}"
+    );
+    assert!(
+        all_gone < Duration::from_secs(10),
+        "then it is killed: {all_gone:?}"
+    );
     let record = std::fs::read_to_string(marks.join("polite")).unwrap();
     assert_eq!(record, "prestop\nterm\n", "preStop ran before SIGTERM");
-    assert!(lab.allocated_ips().is_empty(), "IPs freed: {:?}", lab.allocated_ips());
-    assert!(lab.containers().is_empty(), "containers removed: {:?}", lab.containers());
+    assert!(
+        lab.allocated_ips().is_empty(),
+        "IPs freed: {:?}",
+        lab.allocated_ips()
+    );
+    assert!(
+        lab.containers().is_empty(),
+        "containers removed: {:?}",
+        lab.containers()
+    );
     assert!(!lab.node_links().contains(&veth), "veth removed");
-    assert!(std::fs::read_dir(lab.log_dir()).unwrap().next().is_none(), "pod log dirs removed");
+    assert!(
+        std::fs::read_dir(lab.log_dir()).unwrap().next().is_none(),
+        "pod log dirs removed"
+    );
 }

@@ -3,7 +3,8 @@
 mod common;
 use common::*;
 
-const HTTPD: &str = "echo hello-from-$(hostname) > /www/index.html; echo serving; exec httpd -f -p 80 -h /www";
+const HTTPD: &str =
+    "echo hello-from-$(hostname) > /www/index.html; echo serving; exec httpd -f -p 80 -h /www";
 
 #[test]
 fn an_httpd_pod_becomes_ready_and_answers_on_its_pod_ip() {
@@ -15,25 +16,49 @@ fn an_httpd_pod_becomes_ready_and_answers_on_its_pod_ip() {
     );
     let p = lab.wait_ready("web");
     let ip = pod_ip(&p);
-    assert!(ip.starts_with("10.77.0."), "pod IP {ip} is from the pod CIDR");
-    assert_eq!(lab.node_http(&format!("http://{ip}/")).as_deref(), Some("hello-from-web-node1\n"));
+    assert!(
+        ip.starts_with("10.77.0."),
+        "pod IP {ip} is from the pod CIDR"
+    );
+    assert_eq!(
+        lab.node_http(&format!("http://{ip}/")).as_deref(),
+        Some("hello-from-web-node1\n")
+    );
     let st = p.status.as_ref().unwrap();
     assert_eq!(st.phase.as_deref(), Some("Running"));
     assert!(st.start_time.is_some());
     let cs = cstatus(&p, "main");
     assert!(cs.container_id.unwrap().starts_with("containerd://"));
-    assert!(cs.image_id.starts_with("keelson.local/busybox@sha256:"), "{}", cs.image_id);
+    assert!(
+        cs.image_id.starts_with("keelson.local/busybox@sha256:"),
+        "{}",
+        cs.image_id
+    );
     assert_eq!(cs.started, Some(true));
     // Logs: the CRI file on disk and the agent's containerLogs endpoint.
     let uid = p.metadata.uid.clone().unwrap();
-    let file = lab.log_dir().join(format!("default_web-node1_{uid}/main/0.log"));
+    let file = lab
+        .log_dir()
+        .join(format!("default_web-node1_{uid}/main/0.log"));
     let content = std::fs::read_to_string(&file).expect("CRI log file");
-    assert!(content.lines().any(|l| l.ends_with(" stdout F serving")), "{content}");
-    let (code, body) = lab.get("/containerLogs/default/web-node1/main?tailLines=1").unwrap();
+    assert!(
+        content.lines().any(|l| l.ends_with(" stdout F serving")),
+        "{content}"
+    );
+    let (code, body) = lab
+        .get("/containerLogs/default/web-node1/main?tailLines=1")
+        .unwrap();
     assert_eq!((code, body.as_str()), (200, "serving\n"));
-    let (code, body) = lab.get("/containerLogs/default/web-node1/main?previous=true").unwrap();
+    let (code, body) = lab
+        .get("/containerLogs/default/web-node1/main?previous=true")
+        .unwrap();
     assert_eq!(code, 400);
-    assert!(body.contains("previous terminated container \\\"main\\\" in pod \\\"web-node1\\\" not found"), "{body}");
+    assert!(
+        body.contains(
+            "previous terminated container \\\"main\\\" in pod \\\"web-node1\\\" not found"
+        ),
+        "{body}"
+    );
     // The pod's hostname is its name, and its default route goes via the bridge.
     let table = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
         .args(["pods", "--data-dir"])
@@ -41,7 +66,10 @@ fn an_httpd_pod_becomes_ready_and_answers_on_its_pod_ip() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("web-node1") && table.contains("1/1") && table.contains("Running"), "{table}");
+    assert!(
+        table.contains("web-node1") && table.contains("1/1") && table.contains("Running"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -61,9 +89,18 @@ fn two_pods_on_one_node_reach_each_other() {
         "client.yaml",
         &pod_yaml("client", &script, "", "  restartPolicy: Never\n"),
     );
-    let c = lab.wait_pod("client", "Succeeded", std::time::Duration::from_secs(60), |p| phase(p) == "Succeeded");
+    let c = lab.wait_pod(
+        "client",
+        "Succeeded",
+        std::time::Duration::from_secs(60),
+        |p| phase(p) == "Succeeded",
+    );
     let uid = c.metadata.uid.clone().unwrap();
-    let log = std::fs::read_to_string(lab.log_dir().join(format!("default_client-node1_{uid}/main/0.log"))).unwrap();
+    let log = std::fs::read_to_string(
+        lab.log_dir()
+            .join(format!("default_client-node1_{uid}/main/0.log")),
+    )
+    .unwrap();
     assert!(log.contains("hello-from-b-node1"), "{log}");
     assert!(log.contains("hello-from-a-node1"), "{log}");
     let t = terminated(&c, "main").unwrap();

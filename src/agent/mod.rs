@@ -244,7 +244,8 @@ pub async fn run(
             // Pods that no manifest wants any more: stop them and free their addresses.
             for (uid, conts) in adopted.drain() {
                 tracing::info!(uid = %uid, "removing orphaned pod");
-                remove_orphan(&ctx, &uid, conts).await;
+                let ctx = ctx.clone();
+                tokio::spawn(async move { remove_orphan(&ctx, &uid, conts).await });
             }
             let live: HashSet<String> = workers.keys().cloned().collect();
             if let Ok(allocs) = ctx.ipam.allocations() {
@@ -276,16 +277,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Stops and removes the containers of a pod nobody wants, and frees its network.
+/// Stops and removes the containers of a pod nobody wants, and frees its network. Its spec is
+/// unknown, so it gets kubelet's minimum grace period of 2 s.
 async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
     let rt = &ctx.rt;
-    for c in conts
+    let apps = conts
         .iter()
-        .filter(|c| c.labels.get(labels::KIND).map(String::as_str) != Some("sandbox"))
-    {
+        .filter(|c| c.labels.get(labels::KIND).map(String::as_str) != Some("sandbox"));
+    futures::future::join_all(apps.map(|c| async move {
         let _ = rt.kill(&c.id, 15).await;
         if rt
-            .wait(&c.id, Duration::from_secs(10))
+            .wait(&c.id, Duration::from_secs(2))
             .await
             .ok()
             .flatten()
@@ -293,13 +295,15 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
         {
             let _ = rt.kill(&c.id, 9).await;
         }
-    }
+    }))
+    .await;
     for c in &conts {
         worker::remove_container(rt, &c.id).await;
         let fifo = ctx.cfg.fifo_dir();
         let _ = std::fs::remove_file(fifo.join(format!("{}.out", c.id)));
         let _ = std::fs::remove_file(fifo.join(format!("{}.err", c.id)));
     }
+    tracing::info!(uid, containers = conts.len(), "orphaned pod removed");
     let _ = net::teardown_pod(&net::host_veth_name(uid)).await;
     let _ = ctx.ipam.release_owner(uid);
     let _ = std::fs::remove_dir_all(ctx.cfg.pods_dir().join(uid));

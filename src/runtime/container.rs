@@ -240,7 +240,10 @@ impl Containerd {
                 Ok(()) => break,
                 Err(s) if s.code() == tonic::Code::NotFound => break,
                 Err(source) if attempt >= 5 => {
-                    return Err(Error::Rpc { op: "task delete", source });
+                    return Err(Error::Rpc {
+                        op: "task delete",
+                        source,
+                    });
                 }
                 Err(_) => {
                     attempt += 1;

@@ -28,7 +28,9 @@ fn require_root() {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -44,21 +46,32 @@ pub fn busybox_archive(dir: &Path) -> PathBuf {
     for d in ["bin", "tmp", "etc", "www", "proc", "sys", "dev", "root"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    std::fs::set_permissions(rootfs.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static is installed at /bin/busybox");
+    std::fs::set_permissions(
+        rootfs.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("busybox-static is installed at /bin/busybox");
     for applet in [
-        "sh", "httpd", "nc", "wget", "sleep", "echo", "cat", "ls", "true", "false", "env", "id", "hostname",
-        "ip", "kill", "ps", "touch", "mkdir", "rm", "dd", "head", "tail", "date", "grep", "seq", "test", "[",
-        "printf", "yes", "wc", "stat", "mount", "tr", "timeout",
+        "sh", "httpd", "nc", "wget", "sleep", "echo", "cat", "ls", "true", "false", "env", "id",
+        "hostname", "ip", "kill", "ps", "touch", "mkdir", "rm", "dd", "head", "tail", "date",
+        "grep", "seq", "test", "[", "printf", "yes", "wc", "stat", "mount", "tr", "timeout",
     ] {
         let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
     }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n").unwrap();
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
+    .unwrap();
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
     let out = dir.join("busybox.tar");
-    run(Command::new(keelson_bin()).args(["image", "pack", "--rootfs"]).arg(&rootfs).args([
-        "--name", BUSYBOX, "--cmd", "sh", "-o",
-    ]).arg(&out));
+    run(Command::new(keelson_bin())
+        .args(["image", "pack", "--rootfs"])
+        .arg(&rootfs)
+        .args(["--name", BUSYBOX, "--cmd", "sh", "-o"])
+        .arg(&out));
     out
 }
 
@@ -88,7 +101,10 @@ impl Lab {
     /// Starts containerd and the node namespace; packs busybox into the agent's images dir.
     pub fn start(name: &str) -> Lab {
         require_root();
-        let dir = tempfile::Builder::new().prefix(&format!("keelson-{name}-")).tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("keelson-{name}-"))
+            .tempdir()
+            .unwrap();
         let p = dir.path().to_path_buf();
         let p = p.as_path();
         let config = format!(
@@ -120,7 +136,11 @@ impl Lab {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !lab.socket().exists() {
-            assert!(Instant::now() < deadline, "containerd did not start; see {}", p.join("containerd.log").display());
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start; see {}",
+                p.join("containerd.log").display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let ar = busybox_archive(p);
@@ -139,7 +159,14 @@ impl Lab {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(keelson_bin())
-            .args(["agent", "--standalone", "--node-name", "node1", "--pod-cidr", &self.pod_cidr])
+            .args([
+                "agent",
+                "--standalone",
+                "--node-name",
+                "node1",
+                "--pod-cidr",
+                &self.pod_cidr,
+            ])
             .arg("--manifests")
             .arg(self.manifests())
             .arg("--containerd")
@@ -149,7 +176,10 @@ impl Lab {
             .arg("--log-dir")
             .arg(self.log_dir())
             .args(["--rescan-seconds", "2", "--resync-seconds", "2"])
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -157,7 +187,11 @@ impl Lab {
         self.agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.get("/healthz").is_err() {
-            assert!(Instant::now() < deadline, "agent did not come up:\n{}", self.agent_log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not come up:\n{}",
+                self.agent_log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -194,12 +228,18 @@ impl Lab {
         s.read_to_end(&mut resp)?;
         let text = String::from_utf8_lossy(&resp).to_string();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         Ok((code, body.to_string()))
     }
 
     pub fn pods(&self) -> Vec<Pod> {
-        let Ok((200, body)) = self.get("/pods") else { return vec![] };
+        let Ok((200, body)) = self.get("/pods") else {
+            return vec![];
+        };
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         serde_json::from_value(v["items"].clone()).unwrap()
     }
@@ -207,11 +247,19 @@ impl Lab {
     /// The pod named `name` (without the node suffix).
     pub fn pod(&self, name: &str) -> Option<Pod> {
         let full = format!("{name}-node1");
-        self.pods().into_iter().find(|p| p.metadata.name.as_deref() == Some(&full))
+        self.pods()
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() == Some(&full))
     }
 
     /// Waits until `cond` holds for the pod, or panics with the pod and the agent log.
-    pub fn wait_pod(&self, name: &str, what: &str, timeout: Duration, cond: impl Fn(&Pod) -> bool) -> Pod {
+    pub fn wait_pod(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Pod) -> bool,
+    ) -> Pod {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(p) = self.pod(name)
@@ -251,12 +299,17 @@ impl Lab {
         if !out.status.success() {
             eprintln!("wget {url}: {}", String::from_utf8_lossy(&out.stderr));
         }
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
     }
 
     /// The IPAM allocations on disk (address files).
     pub fn allocated_ips(&self) -> Vec<String> {
-        let dir = self.data_dir().join("ipam").join(self.pod_cidr.replace('/', "_"));
+        let dir = self
+            .data_dir()
+            .join("ipam")
+            .join(self.pod_cidr.replace('/', "_"));
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .map(|d| {
                 d.flatten()
@@ -277,12 +330,22 @@ impl Lab {
             .args(["-n", NS, "containers", "ls", "-q"])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// Links in the node namespace.
     pub fn node_links(&self) -> String {
-        String::from_utf8_lossy(&Command::new("ip").args(["-n", &self.netns, "-o", "link"]).output().unwrap().stdout).to_string()
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-n", &self.netns, "-o", "link"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string()
     }
 }
 
@@ -291,6 +354,13 @@ impl Drop for Lab {
         if std::thread::panicking() {
             let log = self.agent_log();
             let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            if let Ok(c) = std::fs::read_to_string(self.dir.path().join("containerd.log")) {
+                eprintln!("--- containerd log (last 30 lines) ---");
+                let tail: Vec<&str> = c.lines().rev().take(30).collect();
+                for l in tail.into_iter().rev() {
+                    eprintln!("{}", &l[..l.len().min(400)]);
+                }
+            }
             eprintln!("--- agent log (last 80 lines) ---");
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");
@@ -317,7 +387,10 @@ impl Drop for Lab {
             let _ = ctr(&["containers", "delete", &id]);
         }
         if let Some(mut c) = self.containerd.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -328,11 +401,17 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
         // tmpfs emptyDirs and snapshot mounts under the lab dir, if anything was left mounted.
         if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
             let root = self.dir.path().to_string_lossy().to_string();
-            let mut targets: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&root)).collect();
+            let mut targets: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|m| m.starts_with(&root))
+                .collect();
             targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
             for t in targets {
                 let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
@@ -355,11 +434,17 @@ pub fn is_ready(p: &Pod) -> bool {
 }
 
 pub fn phase(p: &Pod) -> String {
-    p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default()
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default()
 }
 
 pub fn pod_ip(p: &Pod) -> String {
-    p.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod has an IP")
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod has an IP")
 }
 
 /// The status of container `name` (app or init).
@@ -379,10 +464,16 @@ pub fn restarts(p: &Pod, name: &str) -> i32 {
 }
 
 pub fn waiting_reason(p: &Pod, name: &str) -> Option<String> {
-    cstatus(p, name).state.and_then(|s| s.waiting).and_then(|w| w.reason)
+    cstatus(p, name)
+        .state
+        .and_then(|s| s.waiting)
+        .and_then(|w| w.reason)
 }
 
-pub fn terminated(p: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
+pub fn terminated(
+    p: &Pod,
+    name: &str,
+) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
     cstatus(p, name).state.and_then(|s| s.terminated)
 }
 
