@@ -171,7 +171,7 @@ fn restart_policy_never_and_on_failure() {
     );
     // A finished pod gives its address back.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while lab.allocated_ips().len() > 0 && Instant::now() < deadline {
+    while !lab.allocated_ips().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(

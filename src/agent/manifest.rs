@@ -48,7 +48,7 @@ pub fn parse_file(file: &Path, text: &str, node: &str) -> Result<Vec<Pod>, Manif
         out
     } else {
         serde_saphyr::from_multiple::<serde_json::Value>(text)
-            .map_err(|e| merr(file, format!("invalid YAML: {e}")))?
+            .map_err(|e| merr(file, format!("invalid YAML: {}", one_line(&e.to_string()))))?
     };
     let mut pods = vec![];
     for (i, doc) in docs.into_iter().enumerate() {
@@ -111,6 +111,31 @@ pub fn parse_file(file: &Path, text: &str, node: &str) -> Result<Vec<Pod>, Manif
         pods.push(pod);
     }
     Ok(pods)
+}
+
+/// The parser's multi-line message (with a source snippet) as one log-friendly line.
+fn one_line(msg: &str) -> String {
+    let lines: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '|' || c == ' ')
+        })
+        .collect();
+    let mut parts: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            l.trim_start_matches(|c: char| c.is_ascii_digit() || c == '|' || c == '^' || c == ' ')
+                .to_string()
+        })
+        .filter(|l| !l.is_empty())
+        .collect();
+    parts.dedup();
+    parts.join("; ")
 }
 
 fn is_manifest(p: &Path) -> bool {
