@@ -27,6 +27,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 TOML
 
 cleanup() {
+  set +e
+  trap - EXIT INT TERM
   echo; echo "stopping the demo..."
   [ -n "${AGENT:-}" ] && kill "$AGENT" 2>/dev/null && wait "$AGENT" 2>/dev/null || true
   for id in $(ctr -a "$DEMO/containerd.sock" -n k8s.keelson.io containers ls -q 2>/dev/null); do
@@ -39,8 +41,10 @@ cleanup() {
   done
   [ -n "${CONTAINERD:-}" ] && kill "$CONTAINERD" 2>/dev/null && wait "$CONTAINERD" 2>/dev/null || true
   ip netns delete "$NETNS" 2>/dev/null || true
+  echo "demo stopped and cleaned up"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 containerd --config "$DEMO/containerd.toml" >"$DEMO/containerd.log" 2>&1 &
 CONTAINERD=$!

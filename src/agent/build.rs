@@ -278,6 +278,21 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
                 )
                 .map_err(|e| ConfigError(format!("emptyDir {name:?}: mount tmpfs: {e}")))?;
             }
+            // kubelet makes emptyDirs world-writable, group-owned by fsGroup (setgid) if set.
+            let fs_group = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.security_context.as_ref())
+                .and_then(|s| s.fs_group);
+            let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
+            if let Some(g) = fs_group {
+                nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(g as u32)))
+                    .map_err(|e| {
+                        ConfigError(format!("emptyDir {name:?}: chown to fsGroup {g}: {e}"))
+                    })?;
+            }
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
         }
         return Ok(dir.to_string_lossy().into());
     }

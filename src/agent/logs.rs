@@ -113,7 +113,7 @@ pub async fn pump(
     log: Arc<Mutex<LogFile>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; 8 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     let mut stopping = *stop.borrow();
     loop {

@@ -261,7 +261,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = notify_rx.recv() => {
                 // Let a burst of file events settle.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 while notify_rx.try_recv().is_ok() {}
             }
             _ = tokio::time::sleep(cfg.rescan) => {}

@@ -644,6 +644,15 @@ impl Containerd {
         let target = img
             .and_then(|i| i.target)
             .ok_or_else(|| Error::ImageNotFound(reference.to_string()))?;
+        let key = format!("{name}@{}", target.digest);
+        if let Some(info) = self
+            .image_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key).cloned())
+        {
+            return Ok(info);
+        }
         let mbytes = self.read_blob(&target.digest).await?;
         let man: OciManifest = serde_json::from_slice(&mbytes)
             .map_err(|e| Error::bad(format!("manifest of {name}"), e))?;
@@ -657,7 +666,7 @@ impl Containerd {
             Some((r, tag)) if !tag.contains('/') => r,
             _ => repo,
         };
-        Ok(ImageInfo {
+        let info = ImageInfo {
             image_id: format!("{repo}@{}", target.digest),
             name,
             chain_id: chain
@@ -669,7 +678,11 @@ impl Containerd {
             env: inner.env.unwrap_or_default(),
             working_dir: inner.working_dir.unwrap_or_default(),
             user: inner.user.unwrap_or_default(),
-        })
+        };
+        if let Ok(mut c) = self.image_cache.lock() {
+            c.insert(key, info.clone());
+        }
+        Ok(info)
     }
 }
 

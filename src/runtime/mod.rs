@@ -81,6 +81,9 @@ pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 pub struct Containerd {
     channel: Channel,
     namespace: String,
+    /// Resolved images by `name@manifest-digest` (content is immutable).
+    pub(crate) image_cache:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, image::ImageInfo>>>,
 }
 
 impl Containerd {
@@ -96,6 +99,7 @@ impl Containerd {
         Ok(Self {
             channel,
             namespace: namespace.to_string(),
+            image_cache: Default::default(),
         })
     }
 

@@ -204,6 +204,11 @@ impl Lab {
         }
     }
 
+    /// The agent's pid (the process nsenter became).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.id())
+    }
+
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }

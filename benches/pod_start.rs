@@ -1,0 +1,217 @@
+//! `cargo bench --bench pod_start`: how fast the standalone agent turns manifests into Ready
+//! pods, against the floor measured in the same run (the same pause + app containers created
+//! and started directly through containerd, no keelson in between). Needs root.
+//! Prints lines beginning `pod-start`.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use keelson::runtime::{
+    Containerd,
+    container::CreateOpts,
+    random_hex,
+    spec::{self, Ns, ProcessConfig, RuntimeConfig},
+};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn sleeper(name: &str) -> String {
+    pod_yaml(name, "exec sleep 3600", "", "")
+}
+
+/// The floor: pause (new namespaces) + one app container joining them, through containerd.
+async fn floor_once(
+    rt: &Containerd,
+    pause: &keelson::runtime::image::ImageInfo,
+    app: &keelson::runtime::image::ImageInfo,
+) -> Duration {
+    let t0 = Instant::now();
+    let sid = random_hex(16);
+    let sandbox = RuntimeConfig {
+        process: ProcessConfig {
+            args: vec!["/pause".into()],
+            ..Default::default()
+        },
+        hostname: "floor".into(),
+        readonly_rootfs: true,
+        mounts: vec![],
+        net: Ns::New,
+        ipc: Ns::New,
+        uts: Ns::New,
+        pid: Ns::New,
+        cgroups_path: format!("/keelson/{sid}"),
+        memory_limit: None,
+        cpu_quota: None,
+        cpu_period: None,
+        cpu_shares: Some(2),
+        oom_score_adj: None,
+    };
+    let s = spec::build(&sandbox).unwrap();
+    rt.create(CreateOpts {
+        id: &sid,
+        image: pause,
+        spec: &s,
+        labels: Default::default(),
+        stdout: String::new(),
+        stderr: String::new(),
+    })
+    .await
+    .unwrap();
+    let pid = rt.start(&sid).await.unwrap();
+    let aid = random_hex(16);
+    let ns = |k: &str| Ns::Join(format!("/proc/{pid}/ns/{k}"));
+    let appc = RuntimeConfig {
+        process: ProcessConfig {
+            args: vec!["sleep".into(), "3600".into()],
+            env: vec!["PATH=/bin".into()],
+            ..Default::default()
+        },
+        net: ns("net"),
+        ipc: ns("ipc"),
+        uts: ns("uts"),
+        cgroups_path: format!("/keelson/{aid}"),
+        readonly_rootfs: false,
+        ..sandbox.clone()
+    };
+    let a = spec::build(&appc).unwrap();
+    rt.create(CreateOpts {
+        id: &aid,
+        image: app,
+        spec: &a,
+        labels: Default::default(),
+        stdout: String::new(),
+        stderr: String::new(),
+    })
+    .await
+    .unwrap();
+    rt.start(&aid).await.unwrap();
+    let took = t0.elapsed();
+    for id in [aid, sid] {
+        rt.delete(&id).await.unwrap();
+    }
+    took
+}
+
+fn main() {
+    let sequential: usize = std::env::var("POD_START_SEQUENTIAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let burst: usize = std::env::var("POD_START_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let mut lab = Lab::start("bench");
+    lab.start_agent();
+
+    // Floor, measured first (the agent is idle; its images are imported).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut floor: Vec<f64> = runtime.block_on(async {
+        let rt = Containerd::connect(&lab.socket(), "keelson-bench-floor")
+            .await
+            .unwrap();
+        let archive = std::fs::read(lab.data_dir().join("images/busybox.tar")).unwrap();
+        rt.import_archive("busybox", &archive).await.unwrap();
+        let pause = keelson::agent::ensure_pause(&rt).await.unwrap();
+        let app = rt.image_info(BUSYBOX).await.unwrap();
+        let _ = floor_once(&rt, &pause, &app).await; // warm-up
+        let mut v = vec![];
+        for _ in 0..sequential {
+            v.push(floor_once(&rt, &pause, &app).await.as_secs_f64() * 1000.0);
+        }
+        v
+    });
+
+    // One pod at a time: manifest written → Ready in the agent's status.
+    lab.write_manifest("warm.yaml", &sleeper("warm"));
+    lab.wait_ready("warm");
+    let mut seq = vec![];
+    for i in 0..sequential {
+        let name = format!("seq{i}");
+        let t0 = Instant::now();
+        lab.write_manifest(&format!("{name}.yaml"), &sleeper(&name));
+        loop {
+            if lab.pod(&name).is_some_and(|p| is_ready(&p)) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "pod {name} not Ready"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        seq.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    for i in 0..sequential {
+        lab.remove_manifest(&format!("seq{i}.yaml"));
+    }
+    lab.remove_manifest("warm.yaml");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !lab.pods().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A burst: `burst` manifests at once, time until every pod is Ready.
+    let t0 = Instant::now();
+    for i in 0..burst {
+        lab.write_manifest(&format!("b{i}.yaml"), &sleeper(&format!("b{i}")));
+    }
+    loop {
+        let pods = lab.pods();
+        if pods.len() == burst && pods.iter().all(is_ready) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "burst not Ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let burst_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_secs(2));
+    let agent_pid = lab.agent_pid().expect("agent pid");
+    let rss = rss_kib(agent_pid);
+
+    let (f50, s50, s99) = (
+        pct(&mut floor, 0.5),
+        pct(&mut seq.clone(), 0.5),
+        pct(&mut seq, 0.99),
+    );
+    println!(
+        "pod-start floor containerd-direct (pause+app, no network) p50_ms={f50:.1} p99_ms={:.1} n={sequential}",
+        pct(&mut floor, 0.99)
+    );
+    println!(
+        "pod-start sequential manifest-to-Ready p50_ms={s50:.1} p99_ms={s99:.1} n={sequential} ratio_p50_vs_floor={:.2}",
+        s50 / f50
+    );
+    println!(
+        "pod-start burst pods={burst} all_ready_ms={burst_ms:.0} per_pod_ms={:.1}",
+        burst_ms / burst as f64
+    );
+    println!(
+        "pod-start agent rss_mib={:.1} pods={burst}",
+        rss as f64 / 1024.0
+    );
+    for i in 0..burst {
+        lab.remove_manifest(&format!("b{i}.yaml"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !lab.pods().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,535 @@
+//! The pod worker: one task per pod that owns its sandbox and containers. Each wake-up runs
+//! `sync` (compare spec with what runs, take the next actions, as kubelet's SyncPod does) and
+//! publishes the pod's status. Exits arrive from containerd's event stream; a periodic relist
+//! repairs anything missed. Termination runs preStop, SIGTERM, the grace period, then SIGKILL.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerStatus, HostIP, LifecycleHandler, Pod, PodCondition, PodIP, PodStatus,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use tokio::{
+    sync::{Mutex, mpsc},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use super::{
+    AgentCtx,
+    build::{self, SandboxInfo},
+    logs::{self, LogFile},
+    probe::{self, ProbeEvent, ProbeKind, ProbeTarget},
+    state::{ContainerRecord, InstState, Instance, exit_reason, phase},
+};
+use crate::{
+    net,
+    runtime::{
+        container::{CreateOpts, Listed, TaskState},
+        image::ImageInfo,
+        random_hex,
+        spec::{self, Ns, ProcessConfig, RuntimeConfig},
+    },
+};
+
+mod adopt;
+mod start;
+mod status;
+mod stop;
+
+pub use status::qos_class;
+
+/// Container labels that let a restarted agent adopt what runs.
+pub mod labels {
+    pub const POD_UID: &str = "io.keelson.pod.uid";
+    pub const POD_NAME: &str = "io.keelson.pod.name";
+    pub const POD_NAMESPACE: &str = "io.keelson.pod.namespace";
+    pub const NAME: &str = "io.keelson.container.name";
+    pub const KIND: &str = "io.keelson.container.kind";
+    pub const RESTART: &str = "io.keelson.container.restart-count";
+    pub const STARTED_AT: &str = "io.keelson.container.started-at";
+    pub const POD_STARTED: &str = "io.keelson.pod.start-time";
+}
+
+/// Messages a pod worker reacts to.
+#[derive(Debug)]
+pub enum Msg {
+    Exit {
+        cid: String,
+        code: u32,
+        at: Option<Timestamp>,
+    },
+    Oom {
+        cid: String,
+    },
+    Probe {
+        cid: String,
+        ev: ProbeEvent,
+    },
+    /// Stop the pod (grace override in seconds) and end the worker.
+    Terminate {
+        grace: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Sandbox {
+    id: String,
+    pid: u32,
+    ip: Option<Ipv4Addr>,
+}
+
+/// Which list a container belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Init,
+    App,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Init => "init",
+            Kind::App => "app",
+        }
+    }
+}
+
+struct Running {
+    probes: Option<JoinHandle<()>>,
+    pumps: Vec<JoinHandle<()>>,
+    /// Tells the log pumps that the process exited (drain, then stop).
+    exited: tokio::sync::watch::Sender<bool>,
+    /// The container's process (user, env), for exec probes and hooks.
+    process: ProcessConfig,
+}
+
+pub struct PodWorker {
+    ctx: Arc<AgentCtx>,
+    pod: Pod,
+    uid: String,
+    name: String,
+    namespace: String,
+    sandbox: Option<Sandbox>,
+    sandbox_dead: bool,
+    sandbox_error: Option<String>,
+    init: Vec<ContainerRecord>,
+    app: Vec<ContainerRecord>,
+    tasks: HashMap<String, Running>,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    start_time: Option<Timestamp>,
+    conditions: Vec<PodCondition>,
+    wake: Option<Instant>,
+    terminal: bool,
+}
+
+fn spec_of(pod: &Pod) -> &k8s_openapi::api::core::v1::PodSpec {
+    static EMPTY: std::sync::OnceLock<k8s_openapi::api::core::v1::PodSpec> =
+        std::sync::OnceLock::new();
+    pod.spec
+        .as_ref()
+        .unwrap_or_else(|| EMPTY.get_or_init(Default::default))
+}
+
+impl PodWorker {
+    pub fn new(ctx: Arc<AgentCtx>, pod: Pod) -> (Self, mpsc::UnboundedSender<Msg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let s = spec_of(&pod);
+        let n_init = s.init_containers.as_ref().map_or(0, Vec::len);
+        let n_app = s.containers.len();
+        let w = Self {
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            ctx,
+            pod,
+            sandbox: None,
+            sandbox_dead: false,
+            sandbox_error: None,
+            init: vec![ContainerRecord::default(); n_init],
+            app: vec![ContainerRecord::default(); n_app],
+            tasks: HashMap::new(),
+            tx: tx.clone(),
+            rx,
+            start_time: None,
+            conditions: vec![],
+            wake: None,
+            terminal: false,
+        };
+        (w, tx)
+    }
+
+    fn pod_dir(&self) -> PathBuf {
+        self.ctx.cfg.pods_dir().join(&self.uid)
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.ctx
+            .cfg
+            .log_dir
+            .join(format!("{}_{}_{}", self.namespace, self.name, self.uid))
+    }
+
+    fn container(&self, kind: Kind, i: usize) -> &Container {
+        let s = spec_of(&self.pod);
+        match kind {
+            Kind::Init => &s.init_containers.as_ref().expect("index from the spec")[i],
+            Kind::App => &s.containers[i],
+        }
+    }
+
+    fn rec(&mut self, kind: Kind, i: usize) -> &mut ContainerRecord {
+        match kind {
+            Kind::Init => &mut self.init[i],
+            Kind::App => &mut self.app[i],
+        }
+    }
+
+    fn find_cid(&mut self, cid: &str) -> Option<(Kind, usize)> {
+        for (i, r) in self.init.iter().enumerate() {
+            if r.current.as_ref().is_some_and(|c| c.id == cid) {
+                return Some((Kind::Init, i));
+            }
+        }
+        for (i, r) in self.app.iter().enumerate() {
+            if r.current.as_ref().is_some_and(|c| c.id == cid) {
+                return Some((Kind::App, i));
+            }
+        }
+        None
+    }
+
+    fn restart_policy(&self) -> String {
+        spec_of(&self.pod)
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into())
+    }
+
+    /// Runs the worker until the pod is terminated.
+    pub async fn run(mut self, adopted: Vec<Listed>) {
+        self.adopt(adopted).await;
+        loop {
+            self.sync().await;
+            self.publish();
+            let resync = Instant::now() + self.ctx.cfg.resync;
+            let wake = self.wake.take().map_or(resync, |w| w.min(resync));
+            let msg = tokio::select! {
+                m = self.rx.recv() => m,
+                _ = tokio::time::sleep_until(wake) => { self.relist().await; continue; }
+            };
+            let Some(msg) = msg else { break };
+            if let Msg::Terminate { grace } = msg {
+                self.terminate(grace).await;
+                break;
+            }
+            self.handle(msg).await;
+            while let Ok(m) = self.rx.try_recv() {
+                if let Msg::Terminate { grace } = m {
+                    self.terminate(grace).await;
+                    return;
+                }
+                self.handle(m).await;
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Exit { cid, code, at } => {
+                if self.sandbox.as_ref().is_some_and(|s| s.id == cid) {
+                    tracing::warn!(pod = %self.name, "sandbox exited");
+                    self.sandbox_dead = true;
+                    return;
+                }
+                self.mark_exited(&cid, code as i32, at.unwrap_or_else(Timestamp::now));
+            }
+            Msg::Oom { cid } => {
+                if let Some((k, i)) = self.find_cid(&cid) {
+                    self.rec(k, i).oom = true;
+                }
+            }
+            Msg::Probe { cid, ev } => self.on_probe(&cid, ev).await,
+            Msg::Terminate { .. } => {}
+        }
+    }
+
+    async fn on_probe(&mut self, cid: &str, ev: ProbeEvent) {
+        let Some((k, i)) = self.find_cid(cid) else {
+            return;
+        };
+        let cname = self.container(k, i).name.clone();
+        match ev {
+            ProbeEvent::Started => self.rec(k, i).started = true,
+            ProbeEvent::Ready(r) => self.rec(k, i).ready = r,
+            ProbeEvent::Unhealthy { kind, output } => {
+                tracing::info!(pod = %self.name, container = %cname, event = "Unhealthy", "{} probe failed: {}", kind.label(), output.trim());
+            }
+            ProbeEvent::Failed { kind } => {
+                let c = self.container(k, i);
+                let probe = match kind {
+                    ProbeKind::Liveness => c.liveness_probe.as_ref(),
+                    _ => c.startup_probe.as_ref(),
+                };
+                let grace = probe
+                    .and_then(|p| p.termination_grace_period_seconds)
+                    .unwrap_or_else(|| self.grace(None));
+                tracing::info!(pod = %self.name, container = %cname, event = "Killing", "Container {cname} failed {} probe, will be restarted", kind.label().to_lowercase());
+                self.stop_container(k, i, grace, true).await;
+            }
+        }
+    }
+
+    fn grace(&self, over: Option<i64>) -> i64 {
+        over.or(spec_of(&self.pod).termination_grace_period_seconds)
+            .unwrap_or(30)
+            .max(0)
+    }
+
+    /// Records an exit of the instance `cid` (idempotent).
+    fn mark_exited(&mut self, cid: &str, code: i32, at: Timestamp) {
+        let Some((k, i)) = self.find_cid(cid) else {
+            return;
+        };
+        let c = self.container(k, i).clone();
+        let tlog = self.termination_log(&c.name, cid);
+        let log_path = self.log_dir().join(&c.name);
+        let rec = self.rec(k, i);
+        let Some(cur) = rec.current.as_mut() else {
+            return;
+        };
+        if !cur.is_running() {
+            return;
+        }
+        let oom = std::mem::take(&mut rec.oom);
+        let mut message = std::fs::read(&tlog)
+            .ok()
+            .filter(|m| !m.is_empty())
+            .map(|m| String::from_utf8_lossy(&m[..m.len().min(4096)]).to_string());
+        if message.is_none()
+            && code != 0
+            && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError")
+        {
+            let file = log_path.join(format!("{}.log", cur.restart_count));
+            if let Ok(content) = std::fs::read_to_string(file) {
+                let mut tail = logs::render(
+                    &content,
+                    &logs::ReadOpts {
+                        tail_lines: Some(80),
+                        timestamps: false,
+                    },
+                );
+                if tail.len() > 2048 {
+                    tail = tail[tail.len() - 2048..].to_string();
+                }
+                message = Some(tail);
+            }
+        }
+        cur.state = InstState::Exited {
+            code,
+            reason: exit_reason(code, oom).to_string(),
+            message,
+            finished_at: at,
+        };
+        rec.exited_mono = Some(std::time::Instant::now());
+        rec.started = false;
+        rec.ready = false;
+        if let Some(r) = self.tasks.remove(cid) {
+            let _ = r.exited.send(true);
+            if let Some(p) = r.probes {
+                p.abort();
+            }
+        }
+    }
+
+    fn termination_log(&self, cname: &str, cid: &str) -> PathBuf {
+        self.pod_dir()
+            .join("containers")
+            .join(cname)
+            .join(format!("{cid}.termlog"))
+    }
+
+    fn register(&self, cid: &str) {
+        if let Ok(mut r) = self.ctx.routes.lock() {
+            r.insert(cid.to_string(), self.tx.clone());
+        }
+    }
+
+    fn unregister(&self, cid: &str) {
+        if let Ok(mut r) = self.ctx.routes.lock() {
+            r.remove(cid);
+        }
+    }
+
+    /// Checks every running instance against containerd (repairs missed events).
+    async fn relist(&mut self) {
+        if let Some(sb) = &self.sandbox
+            && !matches!(
+                self.ctx.rt.task_state(&sb.id).await,
+                Ok(TaskState::Running { .. })
+            )
+        {
+            self.sandbox_dead = true;
+        }
+        let mut exits = vec![];
+        for r in self.init.iter().chain(self.app.iter()) {
+            if let Some(cur) = r.current.as_ref().filter(|c| c.is_running()) {
+                match self.ctx.rt.task_state(&cur.id).await {
+                    Ok(TaskState::Stopped {
+                        exit_code,
+                        exited_at,
+                    }) => exits.push((
+                        cur.id.clone(),
+                        exit_code as i32,
+                        exited_at.unwrap_or_else(Timestamp::now),
+                    )),
+                    Ok(TaskState::Missing) => exits.push((cur.id.clone(), 255, Timestamp::now())),
+                    _ => {}
+                }
+            }
+        }
+        for (cid, code, at) in exits {
+            self.mark_exited(&cid, code, at);
+        }
+    }
+
+    fn set_wake(&mut self, at: Instant) {
+        self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
+    }
+
+    /// One reconciliation pass.
+    async fn sync(&mut self) {
+        if self.terminal {
+            let running = self
+                .init
+                .iter()
+                .chain(self.app.iter())
+                .any(|r| r.current.as_ref().is_some_and(|c| c.is_running()));
+            if !running && self.sandbox.is_some() {
+                self.teardown_sandbox().await;
+            }
+            return;
+        }
+        if self.sandbox_dead {
+            self.replace_sandbox().await;
+        }
+        if self.sandbox.is_none() {
+            if let Err(e) = self.create_sandbox().await {
+                tracing::warn!(pod = %self.name, error = %e, "creating pod sandbox failed");
+                self.sandbox_error = Some(e);
+                self.set_wake(Instant::now() + Duration::from_secs(5));
+                return;
+            }
+            self.sandbox_error = None;
+        }
+        let policy = self.restart_policy();
+        // Init containers, one at a time, in order.
+        for i in 0..self.init.len() {
+            let rec = &self.init[i];
+            match rec
+                .current
+                .as_ref()
+                .map(|c| (c.is_running(), c.exit_code()))
+            {
+                None => {
+                    if rec.retry_at.is_none_or(|t| t <= std::time::Instant::now()) {
+                        self.start(Kind::Init, i).await;
+                    }
+                    return;
+                }
+                Some((true, _)) => return,
+                Some((false, Some(0))) => continue,
+                Some((false, _)) => {
+                    if policy != "Never" {
+                        self.restart_with_backoff(Kind::Init, i).await;
+                    }
+                    return;
+                }
+            }
+        }
+        for i in 0..self.app.len() {
+            let rec = &self.app[i];
+            match rec
+                .current
+                .as_ref()
+                .map(|c| (c.is_running(), c.exit_code()))
+            {
+                None => {
+                    if rec.retry_at.is_none_or(|t| t <= std::time::Instant::now()) {
+                        self.start(Kind::App, i).await;
+                    }
+                }
+                Some((true, _)) => {}
+                Some((false, code)) => {
+                    let restart = match policy.as_str() {
+                        "Always" => true,
+                        "OnFailure" => code != Some(0),
+                        _ => false,
+                    };
+                    if restart {
+                        self.restart_with_backoff(Kind::App, i).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn restart_with_backoff(&mut self, kind: Kind, i: usize) {
+        let now = std::time::Instant::now();
+        let name = self.container(kind, i).name.clone();
+        let (pod, ns, uid) = (self.name.clone(), self.namespace.clone(), self.uid.clone());
+        let rec = self.rec(kind, i);
+        let finished = rec.exited_mono.unwrap_or(now);
+        if let Some(until) = rec.backoff.wait_until(finished, now) {
+            let delay = rec.backoff.current();
+            let msg = format!(
+                "back-off {} restarting failed container={name} pod={pod}_{ns}({uid})",
+                humantime(delay)
+            );
+            if rec
+                .waiting
+                .as_ref()
+                .is_none_or(|(r, _)| r != "CrashLoopBackOff")
+            {
+                tracing::info!(pod = %pod, container = %name, event = "BackOff", "Back-off restarting failed container {name} in pod {pod}_{ns}({uid})");
+            }
+            rec.waiting = Some(("CrashLoopBackOff".into(), msg));
+            let wake = Instant::now() + until.saturating_duration_since(now);
+            self.set_wake(wake);
+            return;
+        }
+        rec.backoff.next(now);
+        self.start(kind, i).await;
+    }
+}
+
+pub(crate) async fn remove_container(rt: &crate::runtime::Containerd, id: &str) {
+    if let Err(e) = rt.delete(id).await {
+        tracing::warn!(container = id, error = %e, "removing container");
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 && s.is_multiple_of(60) {
+        format!("{}m0s", s / 60)
+    } else if s >= 60 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}

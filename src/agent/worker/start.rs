@@ -1,0 +1,566 @@
+//! Starting things: the sandbox (pause + pod network) and container instances, their log
+//! pumps, probes and hooks.
+
+use super::*;
+
+impl PodWorker {
+    /// Kills every container and the old sandbox; the next sync makes a new one.
+    pub(super) async fn replace_sandbox(&mut self) {
+        tracing::info!(pod = %self.name, event = "SandboxChanged", "Pod sandbox changed, it will be killed and re-created.");
+        for k in [Kind::Init, Kind::App] {
+            let n = if k == Kind::Init {
+                self.init.len()
+            } else {
+                self.app.len()
+            };
+            for i in 0..n {
+                if self
+                    .rec(k, i)
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.is_running())
+                {
+                    self.stop_container(k, i, 0, false).await;
+                }
+            }
+        }
+        if let Some(sb) = self.sandbox.take() {
+            self.unregister(&sb.id);
+            remove_container(&self.ctx.rt, &sb.id).await;
+            let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
+        }
+        self.sandbox_dead = false;
+    }
+
+    pub(super) fn sandbox_info(&self) -> SandboxInfo {
+        let sb = self.sandbox.as_ref();
+        let host_network = spec_of(&self.pod).host_network.unwrap_or(false);
+        SandboxInfo {
+            pause_pid: sb.map_or(0, |s| s.pid),
+            pod_ip: if host_network {
+                Some(self.ctx.cfg.node_ip.to_string())
+            } else {
+                sb.and_then(|s| s.ip).map(|i| i.to_string())
+            },
+            host_ip: self.ctx.cfg.node_ip.to_string(),
+            node_name: self.ctx.cfg.node_name.clone(),
+            pod_dir: self.pod_dir(),
+            host_network,
+        }
+    }
+
+    pub(super) async fn create_sandbox(&mut self) -> Result<(), String> {
+        let host_network = spec_of(&self.pod).host_network.unwrap_or(false);
+        let ip = if host_network {
+            None
+        } else {
+            Some(
+                self.ctx
+                    .ipam
+                    .allocate(&self.uid)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        let dir = self.pod_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let shown_ip = ip.unwrap_or(self.ctx.cfg.node_ip);
+        let hosts = format!(
+            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{shown_ip}\t{}\n",
+            self.name
+        );
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        for (f, content) in [
+            ("etc-hosts", hosts),
+            ("hostname", format!("{}\n", self.name)),
+            ("resolv.conf", resolv),
+        ] {
+            std::fs::write(dir.join(f), content).map_err(|e| format!("{f}: {e}"))?;
+        }
+        let id = random_hex(16);
+        let agent_net = format!("/proc/{}/ns/net", std::process::id());
+        let cfg = RuntimeConfig {
+            process: ProcessConfig {
+                args: vec!["/pause".into()],
+                cap_drop: vec!["ALL".into()],
+                ..Default::default()
+            },
+            hostname: self.name.clone(),
+            readonly_rootfs: true,
+            mounts: vec![],
+            net: if host_network {
+                Ns::Join(agent_net)
+            } else {
+                Ns::New
+            },
+            ipc: Ns::New,
+            uts: if host_network { Ns::Host } else { Ns::New },
+            pid: Ns::New,
+            cgroups_path: format!("/keelson/{id}"),
+            memory_limit: None,
+            cpu_quota: None,
+            cpu_period: None,
+            cpu_shares: Some(2),
+            oom_score_adj: None,
+        };
+        let spec = spec::build(&cfg).map_err(|e| e.to_string())?;
+        let now = Timestamp::now();
+        let start = self.start_time.unwrap_or(now);
+        let labels = self.labels(
+            "sandbox",
+            "POD",
+            0,
+            [(labels::POD_STARTED, start.to_string())],
+        );
+        let pause = self.ctx.pause.clone();
+        self.ctx
+            .rt
+            .create(CreateOpts {
+                id: &id,
+                image: &pause,
+                spec: &spec,
+                labels,
+                stdout: String::new(),
+                stderr: String::new(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.register(&id);
+        let pid = match self.ctx.rt.start(&id).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.unregister(&id);
+                remove_container(&self.ctx.rt, &id).await;
+                return Err(e.to_string());
+            }
+        };
+        if let Some(ip) = ip {
+            let pn = net::PodNet {
+                host_veth: net::host_veth_name(&self.uid),
+                ip,
+                prefix: self.ctx.ipam.cidr().prefix_len(),
+                gateway: self.ctx.ipam.gateway(),
+                bridge: self.ctx.cfg.bridge.clone(),
+            };
+            if let Err(e) = net::setup_pod(pid, &pn).await {
+                self.unregister(&id);
+                remove_container(&self.ctx.rt, &id).await;
+                let _ = net::teardown_pod(&pn.host_veth).await;
+                return Err(format!("pod network: {e}"));
+            }
+        }
+        self.start_time = Some(start);
+        self.sandbox = Some(Sandbox { id, pid, ip });
+        Ok(())
+    }
+
+    pub(super) fn labels<const N: usize>(
+        &self,
+        kind: &str,
+        name: &str,
+        restart: i32,
+        extra: [(&str, String); N],
+    ) -> HashMap<String, String> {
+        let mut l: HashMap<String, String> = [
+            (labels::POD_UID, self.uid.clone()),
+            (labels::POD_NAME, self.name.clone()),
+            (labels::POD_NAMESPACE, self.namespace.clone()),
+            (labels::NAME, name.to_string()),
+            (labels::KIND, kind.to_string()),
+            (labels::RESTART, restart.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            l.insert(k.to_string(), v);
+        }
+        l
+    }
+
+    /// Marks a container as failing to start, with kubelet's waiting reason.
+    pub(super) fn fail_start(
+        &mut self,
+        kind: Kind,
+        i: usize,
+        reason: &str,
+        message: String,
+        retry: Duration,
+    ) {
+        tracing::warn!(pod = %self.name, container = %self.container(kind, i).name, reason, "{message}");
+        let rec = self.rec(kind, i);
+        rec.waiting = Some((reason.to_string(), message));
+        rec.retry_at = Some(std::time::Instant::now() + retry);
+        self.set_wake(Instant::now() + retry);
+    }
+
+    /// Starts a new instance of a container.
+    pub(super) async fn start(&mut self, kind: Kind, i: usize) {
+        let c = self.container(kind, i).clone();
+        let image_ref = c.image.clone().unwrap_or_default();
+        let img: ImageInfo = match self.ctx.rt.image_info(&image_ref).await {
+            Ok(img) => img,
+            Err(crate::runtime::Error::ImageNotFound(_)) => {
+                let never = c.image_pull_policy.as_deref() == Some("Never");
+                let (reason, msg) = if never {
+                    (
+                        "ErrImageNeverPull",
+                        format!(
+                            "Container image \"{image_ref}\" is not present with pull policy of Never"
+                        ),
+                    )
+                } else {
+                    let prev = self.rec(kind, i).waiting.as_ref().map(|w| w.0.clone());
+                    let reason = if prev.as_deref() == Some("ErrImagePull")
+                        || prev.as_deref() == Some("ImagePullBackOff")
+                    {
+                        "ImagePullBackOff"
+                    } else {
+                        "ErrImagePull"
+                    };
+                    (
+                        reason,
+                        format!(
+                            "image \"{image_ref}\" is not present on the node and keelson does not pull images; import it with `keelson image import`"
+                        ),
+                    )
+                };
+                self.fail_start(kind, i, reason, msg, Duration::from_secs(10));
+                return;
+            }
+            Err(e) => {
+                self.fail_start(
+                    kind,
+                    i,
+                    "ErrImagePull",
+                    e.to_string(),
+                    Duration::from_secs(10),
+                );
+                return;
+            }
+        };
+        let rec = self.rec(kind, i);
+        let restart = rec
+            .current
+            .as_ref()
+            .map(|c| c.restart_count + 1)
+            .unwrap_or_else(|| rec.previous.as_ref().map_or(0, |p| p.restart_count + 1));
+        let id = random_hex(16);
+        let tlog = self.termination_log(&c.name, &id);
+        if let Some(d) = tlog.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        if let Err(e) = std::fs::write(&tlog, b"") {
+            self.fail_start(
+                kind,
+                i,
+                "CreateContainerError",
+                format!("termination log: {e}"),
+                Duration::from_secs(10),
+            );
+            return;
+        }
+        let sb = self.sandbox_info();
+        let rc = match build::runtime_config(&self.pod, &c, &img, &sb, &id, &tlog) {
+            Ok(rc) => rc,
+            Err(e) => {
+                self.fail_start(
+                    kind,
+                    i,
+                    "CreateContainerConfigError",
+                    e.0,
+                    Duration::from_secs(10),
+                );
+                return;
+            }
+        };
+        let spec = match spec::build(&rc) {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail_start(
+                    kind,
+                    i,
+                    "CreateContainerError",
+                    e.to_string(),
+                    Duration::from_secs(10),
+                );
+                return;
+            }
+        };
+        let fifo_dir = self.ctx.cfg.fifo_dir();
+        let (out, err) = (
+            fifo_dir.join(format!("{id}.out")),
+            fifo_dir.join(format!("{id}.err")),
+        );
+        let inst = Instance {
+            id: id.clone(),
+            restart_count: restart,
+            started_at: None,
+            state: InstState::Running,
+            image_id: img.image_id.clone(),
+        };
+        if let Err(e) = self.attach(kind, i, &inst, rc.process.clone()) {
+            self.fail_start(kind, i, "CreateContainerError", e, Duration::from_secs(10));
+            return;
+        }
+        let labels = self.labels(kind.label(), &c.name, restart, []);
+        let created = self
+            .ctx
+            .rt
+            .create(CreateOpts {
+                id: &id,
+                image: &img,
+                spec: &spec,
+                labels,
+                stdout: out.to_string_lossy().into(),
+                stderr: err.to_string_lossy().into(),
+            })
+            .await;
+        self.register(&id);
+        // The older of the kept instances goes; the current one becomes lastState.
+        let rec = self.rec(kind, i);
+        let dropped = rec.previous.take();
+        rec.previous = rec.current.take().filter(|c| !c.is_running());
+        rec.current = Some(inst.clone());
+        rec.waiting = None;
+        rec.retry_at = None;
+        rec.started = false;
+        rec.ready = false;
+        rec.oom = false;
+        if let Some(d) = dropped {
+            self.unregister(&d.id);
+            remove_container(&self.ctx.rt, &d.id).await;
+            let _ = std::fs::remove_file(self.termination_log(&c.name, &d.id));
+        }
+        if let Err(e) = created {
+            // runc refused the container (e.g. executable not found): kubelet's StartError.
+            self.start_error(kind, i, &id, e.to_string());
+            return;
+        }
+        match self.ctx.rt.start(&id).await {
+            Ok(_) => {
+                let now = Timestamp::now();
+                let rec = self.rec(kind, i);
+                if let Some(cur) = rec.current.as_mut() {
+                    cur.started_at = Some(now);
+                }
+                let _ = self
+                    .ctx
+                    .rt
+                    .set_labels(
+                        &id,
+                        [(labels::STARTED_AT.to_string(), now.to_string())].into(),
+                    )
+                    .await;
+                tracing::info!(pod = %self.name, container = %c.name, restart, event = "Started", "Started container {}", c.name);
+                let inst = self.rec(kind, i).current.clone();
+                if let Some(inst) = inst {
+                    self.start_probes(kind, i, &inst, tokio::time::Instant::now());
+                }
+                if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
+                    self.post_start(kind, i, &id, &h).await;
+                }
+            }
+            Err(e) => self.start_error(kind, i, &id, e.to_string()),
+        }
+    }
+
+    pub(super) fn start_error(&mut self, kind: Kind, i: usize, id: &str, message: String) {
+        tracing::warn!(pod = %self.name, container = %self.container(kind, i).name, "start failed: {message}");
+        let rec = self.rec(kind, i);
+        if let Some(cur) = rec.current.as_mut().filter(|c| c.id == id) {
+            cur.state = InstState::Exited {
+                code: 128,
+                reason: "StartError".into(),
+                message: Some(message),
+                finished_at: Timestamp::now(),
+            };
+        }
+        rec.exited_mono = Some(std::time::Instant::now());
+        if let Some(r) = self.tasks.remove(id) {
+            let _ = r.exited.send(true);
+        }
+    }
+
+    pub(super) async fn post_start(
+        &mut self,
+        kind: Kind,
+        i: usize,
+        id: &str,
+        h: &LifecycleHandler,
+    ) {
+        if let Err(e) = self.run_hook(kind, i, id, h, Duration::from_secs(30)).await {
+            let name = self.container(kind, i).name.clone();
+            tracing::warn!(pod = %self.name, container = %name, event = "FailedPostStartHook", "PostStartHook failed: {e}");
+            self.stop_container(kind, i, self.grace(None), false).await;
+        }
+    }
+
+    /// Opens the log FIFOs of an instance and starts its log pumps. For a new instance this runs
+    /// before the task is created, since the shim's open of the write side waits for a reader.
+    pub(super) fn attach(
+        &mut self,
+        kind: Kind,
+        i: usize,
+        inst: &Instance,
+        process: ProcessConfig,
+    ) -> Result<(), String> {
+        let name = self.container(kind, i).name.clone();
+        let path = self
+            .log_dir()
+            .join(&name)
+            .join(format!("{}.log", inst.restart_count));
+        let log = LogFile::open(&path, self.ctx.cfg.rotation)
+            .map_err(|e| format!("container log {}: {e}", path.display()))?;
+        let log = Arc::new(Mutex::new(log));
+        let fifo = self.ctx.cfg.fifo_dir();
+        let (exited, stop) = tokio::sync::watch::channel(false);
+        let mut pumps = vec![];
+        for (suffix, stream) in [("out", "stdout"), ("err", "stderr")] {
+            let p = fifo.join(format!("{}.{suffix}", inst.id));
+            if !p.exists() {
+                nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|e| format!("log FIFO {}: {e}", p.display()))?;
+            }
+            let rx = logs::open_fifo(&p).map_err(|e| format!("log FIFO {}: {e}", p.display()))?;
+            pumps.push(tokio::spawn(logs::pump(
+                rx,
+                stream,
+                log.clone(),
+                stop.clone(),
+            )));
+        }
+        self.tasks.insert(
+            inst.id.clone(),
+            Running {
+                probes: None,
+                pumps,
+                exited,
+                process,
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts probes of an adopted running instance, counting from its recorded start.
+    pub(super) fn resume_probes(&mut self, kind: Kind, i: usize, inst: &Instance) {
+        let since = inst
+            .started_at
+            .map(|t| Timestamp::now().duration_since(t).unsigned_abs())
+            .unwrap_or_default();
+        let started = tokio::time::Instant::now()
+            .checked_sub(since)
+            .unwrap_or_else(tokio::time::Instant::now);
+        self.start_probes(kind, i, inst, started);
+    }
+
+    pub(super) fn start_probes(
+        &mut self,
+        kind: Kind,
+        i: usize,
+        inst: &Instance,
+        started: tokio::time::Instant,
+    ) {
+        let c = self.container(kind, i).clone();
+        if kind == Kind::Init {
+            self.rec(kind, i).started = true;
+            return;
+        }
+        let sb = self.sandbox_info();
+        let named_ports = c
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.clone().map(|n| (n, p.container_port)))
+            .collect();
+        let process = self
+            .tasks
+            .get(&inst.id)
+            .map(|r| r.process.clone())
+            .unwrap_or_default();
+        let target = Arc::new(ProbeTarget {
+            rt: self.ctx.rt.clone(),
+            container_id: inst.id.clone(),
+            pod_ip: sb.pod_ip.as_deref().and_then(|i| i.parse().ok()),
+            process,
+            scratch: self.ctx.cfg.data_dir.join("exec"),
+            named_ports,
+        });
+        let (ptx, mut prx) = mpsc::unbounded_channel();
+        let wtx = self.tx.clone();
+        let cid = inst.id.clone();
+        let fwd = async move {
+            while let Some(ev) = prx.recv().await {
+                if wtx
+                    .send(Msg::Probe {
+                        cid: cid.clone(),
+                        ev,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        };
+        let sup = probe::supervise(
+            c.startup_probe.clone(),
+            c.liveness_probe.clone(),
+            c.readiness_probe.clone(),
+            target,
+            started,
+            ptx,
+        );
+        let handle = tokio::spawn(async move {
+            tokio::join!(sup, fwd);
+        });
+        if let Some(r) = self.tasks.get_mut(&inst.id) {
+            if let Some(old) = r.probes.replace(handle) {
+                old.abort();
+            }
+        } else {
+            handle.abort();
+        }
+    }
+
+    /// Runs a lifecycle hook within `budget`.
+    pub(super) async fn run_hook(
+        &self,
+        kind: Kind,
+        i: usize,
+        cid: &str,
+        h: &LifecycleHandler,
+        budget: Duration,
+    ) -> Result<(), String> {
+        if let Some(s) = &h.sleep {
+            tokio::time::sleep(Duration::from_secs(s.seconds.max(0) as u64).min(budget)).await;
+            return Ok(());
+        }
+        let c = self.container(kind, i);
+        let as_probe = k8s_openapi::api::core::v1::Probe {
+            exec: h.exec.clone(),
+            http_get: h.http_get.clone(),
+            tcp_socket: h.tcp_socket.clone(),
+            ..Default::default()
+        };
+        let sb = self.sandbox_info();
+        let target = ProbeTarget {
+            rt: self.ctx.rt.clone(),
+            container_id: cid.to_string(),
+            pod_ip: sb.pod_ip.as_deref().and_then(|i| i.parse().ok()),
+            process: self
+                .tasks
+                .get(cid)
+                .map(|r| r.process.clone())
+                .unwrap_or_default(),
+            scratch: self.ctx.cfg.data_dir.join("exec"),
+            named_ports: c
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.name.clone().map(|n| (n, p.container_port)))
+                .collect(),
+        };
+        probe::probe_once(&as_probe, &target, budget)
+            .await
+            .map(|_| ())
+    }
+}
