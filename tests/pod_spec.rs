@@ -61,28 +61,50 @@ fn security_context_env_and_volumes_reach_the_process() {
 fn a_changed_manifest_replaces_the_pod() {
     let mut lab = Lab::start("change");
     lab.start_agent();
+    let grace = "  terminationGracePeriodSeconds: 3\n";
     lab.write_manifest(
         "app.yaml",
-        &pod_yaml("app", "echo v1; exec sleep 3600", "", ""),
+        &pod_yaml("app", "echo v1; exec sleep 3600", "", grace),
     );
     let v1 = lab.wait_ready("app");
     lab.write_manifest(
         "app.yaml",
-        &pod_yaml("app", "echo v2; exec sleep 3600", "", ""),
+        &pod_yaml("app", "echo v2; exec sleep 3600", "", grace),
     );
-    let v2 = lab.wait_pod("app", "the new version", Duration::from_secs(30), |p| {
-        p.metadata.uid != v1.metadata.uid && is_ready(p)
+    // The old instance is Terminating for its grace period (`sleep` as PID 1 ignores TERM) and
+    // the new one starts only after it is gone: never two pods of one name, as kubelet does.
+    let old = lab.wait_pod("app", "Terminating", Duration::from_secs(10), |p| {
+        p.metadata.deletion_timestamp.is_some()
     });
+    assert_eq!(old.metadata.uid, v1.metadata.uid);
+    assert_eq!(keelson::agent::print::pod_status(&old), "Terminating");
+    let t0 = std::time::Instant::now();
+    let mut most_listed = 0;
+    let v2 = loop {
+        let pods = lab.pods();
+        most_listed = most_listed.max(pods.len());
+        if let Some(p) = pods
+            .into_iter()
+            .find(|p| p.metadata.uid != v1.metadata.uid && is_ready(p))
+        {
+            break p;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the new version did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(most_listed, 1, "old and new never listed together");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "the new one waited for the old one's grace"
+    );
     assert_eq!(log_of(&lab, &v2, "main"), "v2\n");
     assert_ne!(
         cstatus(&v2, "main").container_id,
         cstatus(&v1, "main").container_id
     );
-    // The old pod's containers go (TERM is ignored by `sleep` as PID 1: killed after its grace).
-    let deadline = std::time::Instant::now() + Duration::from_secs(45);
-    while lab.containers().len() > 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
     assert_eq!(
         lab.containers().len(),
         2,

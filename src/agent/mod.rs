@@ -132,6 +132,16 @@ pub async fn connect_containerd(
 struct WorkerHandle {
     tx: mpsc::UnboundedSender<Msg>,
     join: tokio::task::JoinHandle<()>,
+    /// `namespace/name`.
+    full_name: String,
+}
+
+fn full_name(p: &Pod) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or("default"),
+        p.metadata.name.as_deref().unwrap_or("")
+    )
 }
 
 /// Runs the standalone agent until `shutdown` resolves. Pods keep running after it returns.
@@ -197,7 +207,10 @@ pub async fn run(
     }
     let mut source = manifest::ManifestSource::default();
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
-    let mut stopping: Vec<tokio::task::JoinHandle<()>> = vec![];
+    // Workers terminating, by UID: (namespace/name, task). A new version of a static pod starts
+    // only once the previous one has terminated, as kubelet does for static pods.
+    let mut stopping: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let mut first = true;
     tokio::pin!(shutdown);
     sd_ready();
@@ -216,17 +229,6 @@ pub async fn run(
             .iter()
             .filter_map(|p| p.pod.metadata.uid.clone())
             .collect();
-        for sp in desired {
-            let uid = sp.pod.metadata.uid.clone().unwrap_or_default();
-            if workers.contains_key(&uid) {
-                continue;
-            }
-            tracing::info!(pod = ?sp.pod.metadata.name, file = %sp.file.display(), "starting pod");
-            let (w, tx) = PodWorker::new(ctx.clone(), sp.pod);
-            let found = adopted.remove(&uid).unwrap_or_default();
-            let join = tokio::spawn(w.run(found));
-            workers.insert(uid, WorkerHandle { tx, join });
-        }
         let gone: Vec<String> = workers
             .keys()
             .filter(|u| !want.contains(*u))
@@ -235,10 +237,38 @@ pub async fn run(
         for uid in gone {
             if let Some(h) = workers.remove(&uid) {
                 let _ = h.tx.send(Msg::Terminate { grace: None });
-                stopping.push(h.join);
+                stopping.insert(uid, (h.full_name, h.join));
             }
         }
-        stopping.retain(|j| !j.is_finished());
+        stopping.retain(|_, (_, j)| !j.is_finished());
+        for sp in desired {
+            let uid = sp.pod.metadata.uid.clone().unwrap_or_default();
+            if workers.contains_key(&uid) {
+                continue;
+            }
+            let full_name = full_name(&sp.pod);
+            if stopping.values().any(|(n, _)| *n == full_name) {
+                tracing::debug!(pod = %full_name, "waiting for the previous instance to terminate");
+                continue;
+            }
+            tracing::info!(pod = %full_name, file = %sp.file.display(), "starting pod");
+            let (w, tx) = PodWorker::new(ctx.clone(), sp.pod);
+            let found = adopted.remove(&uid).unwrap_or_default();
+            let done = done_tx.clone();
+            let key = uid.clone();
+            let join = tokio::spawn(async move {
+                w.run(found).await;
+                let _ = done.send(uid);
+            });
+            workers.insert(
+                key,
+                WorkerHandle {
+                    tx,
+                    join,
+                    full_name,
+                },
+            );
+        }
         if first {
             first = false;
             // Pods that no manifest wants any more: stop them and free their addresses.
@@ -264,6 +294,7 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 while notify_rx.try_recv().is_ok() {}
             }
+            _ = done_rx.recv() => {}
             _ = tokio::time::sleep(cfg.rescan) => {}
         }
     }

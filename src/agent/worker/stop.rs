@@ -65,6 +65,10 @@ impl PodWorker {
     pub(super) async fn terminate(&mut self, grace: Option<i64>) {
         let grace = self.grace(grace);
         tracing::info!(pod = %self.name, grace, "terminating pod");
+        // Shown as Terminating while it stops.
+        self.pod.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        self.pod.metadata.deletion_grace_period_seconds = Some(grace);
+        self.publish();
         // App containers stop in parallel as kubelet does; we run them concurrently via join.
         let mut stops = vec![];
         for (k, n) in [(Kind::App, self.app.len()), (Kind::Init, self.init.len())] {
