@@ -343,14 +343,15 @@ impl PodWorker {
                 if let Some(cur) = rec.current.as_mut() {
                     cur.started_at = Some(now);
                 }
-                let _ = self
-                    .ctx
-                    .rt
-                    .set_labels(
-                        &id,
-                        [(labels::STARTED_AT.to_string(), now.to_string())].into(),
-                    )
-                    .await;
+                // Recorded for adoption; off the pod-start path.
+                let rt = self.ctx.rt.clone();
+                let started = [(labels::STARTED_AT.to_string(), now.to_string())].into();
+                let cid = id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = rt.set_labels(&cid, started).await {
+                        tracing::warn!(container = %cid, error = %e, "recording start time");
+                    }
+                });
                 tracing::info!(pod = %self.name, container = %c.name, restart, event = "Started", "Started container {}", c.name);
                 let inst = self.rec(kind, i).current.clone();
                 if let Some(inst) = inst {
@@ -461,8 +462,13 @@ impl PodWorker {
         started: tokio::time::Instant,
     ) {
         let c = self.container(kind, i).clone();
-        if kind == Kind::Init {
-            self.rec(kind, i).started = true;
+        let no_probes =
+            c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none();
+        if kind == Kind::Init || no_probes {
+            // Nothing to wait for: started and ready at once (no round trip through a task).
+            let rec = self.rec(kind, i);
+            rec.started = true;
+            rec.ready = kind == Kind::App;
             return;
         }
         let sb = self.sandbox_info();
