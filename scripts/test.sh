@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cargo build --all-targets
-cargo test --all-targets -- --test-threads=2
+cargo test -- --test-threads=2

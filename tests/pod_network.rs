@@ -106,3 +106,38 @@ fn two_pods_on_one_node_reach_each_other() {
     let t = terminated(&c, "main").unwrap();
     assert_eq!((t.exit_code, t.reason.as_deref()), (0, Some("Completed")));
 }
+
+#[test]
+fn a_host_network_pod_shares_the_nodes_namespace() {
+    let mut lab = Lab::start("hostnet");
+    lab.start_agent();
+    lab.write_manifest(
+        "host.yaml",
+        &pod_yaml(
+            "host",
+            "echo on-the-node > /www/index.html; exec httpd -f -p 127.0.0.1:8089 -h /www",
+            "",
+            "  hostNetwork: true\n",
+        ),
+    );
+    let p = lab.wait_ready("host");
+    assert_eq!(
+        pod_ip(&p),
+        "10.77.0.1",
+        "a host-network pod has the node's address"
+    );
+    // Bound to the node namespace's loopback: reachable from the node, not via any pod IP.
+    let mut body = None;
+    for _ in 0..50 {
+        body = lab.node_http("http://127.0.0.1:8089/");
+        if body.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(body.as_deref(), Some("on-the-node\n"));
+    assert!(
+        lab.allocated_ips().is_empty(),
+        "no pod address is allocated"
+    );
+}

@@ -438,7 +438,11 @@ pub fn runtime_config(
     let share_pid = spec.share_process_namespace.unwrap_or(false);
     Ok(RuntimeConfig {
         process,
-        hostname: pod.metadata.name.clone().unwrap_or_default(),
+        hostname: if sb.host_network {
+            String::new()
+        } else {
+            pod.metadata.name.clone().unwrap_or_default()
+        },
         readonly_rootfs: sc
             .and_then(|s| s.read_only_root_filesystem)
             .unwrap_or(false),

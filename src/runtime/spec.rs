@@ -222,7 +222,10 @@ pub fn build(c: &RuntimeConfig) -> Result<Spec, SpecError> {
     let mut proc = process(&c.process)?;
     proc.set_oom_score_adj(c.oom_score_adj);
     spec.set_process(Some(proc));
-    spec.set_hostname(Some(c.hostname.clone()));
+    // Only a container with its own UTS namespace may (and does) set a hostname: never write
+    // the hostname of a namespace that is shared with the host.
+    let own_uts = matches!(c.uts, Ns::New);
+    spec.set_hostname((own_uts && !c.hostname.is_empty()).then(|| c.hostname.clone()));
     spec.set_root(Some(
         RootBuilder::default()
             .path("rootfs")
@@ -320,6 +323,31 @@ mod tests {
     }
 
     #[test]
+    fn a_private_uts_namespace_gets_the_hostname() {
+        let c = RuntimeConfig {
+            process: pc(),
+            hostname: "web".into(),
+            readonly_rootfs: false,
+            mounts: vec![],
+            net: Ns::New,
+            ipc: Ns::New,
+            uts: Ns::New,
+            pid: Ns::New,
+            cgroups_path: "/keelson/x".into(),
+            memory_limit: None,
+            cpu_quota: None,
+            cpu_period: None,
+            cpu_shares: None,
+            oom_score_adj: None,
+        };
+        let v = serde_json::to_value(build(&c).unwrap()).unwrap();
+        assert_eq!(v["hostname"], "web");
+        let host = RuntimeConfig { uts: Ns::Host, ..c };
+        let v = serde_json::to_value(build(&host).unwrap()).unwrap();
+        assert!(v.get("hostname").is_none());
+    }
+
+    #[test]
     fn capabilities_add_and_drop_from_the_default_set() {
         let mut p = pc();
         p.cap_add = vec!["NET_ADMIN".into()];
@@ -364,7 +392,6 @@ mod tests {
             oom_score_adj: None,
         };
         let v = serde_json::to_value(build(&c).unwrap()).unwrap();
-        assert_eq!(v["hostname"], "web");
         assert_eq!(v["root"]["readonly"], true);
         assert_eq!(v["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 50_000);

@@ -122,6 +122,8 @@ pub struct PodWorker {
     sandbox: Option<Sandbox>,
     sandbox_dead: bool,
     sandbox_error: Option<String>,
+    sandbox_failures: u32,
+    sandbox_retry_at: Option<Instant>,
     init: Vec<ContainerRecord>,
     app: Vec<ContainerRecord>,
     tasks: HashMap<String, Running>,
@@ -160,6 +162,8 @@ impl PodWorker {
             sandbox: None,
             sandbox_dead: false,
             sandbox_error: None,
+            sandbox_failures: 0,
+            sandbox_retry_at: None,
             init: vec![ContainerRecord::default(); n_init],
             app: vec![ContainerRecord::default(); n_app],
             tasks: HashMap::new(),
@@ -223,6 +227,9 @@ impl PodWorker {
     /// Runs the worker until the pod is terminated.
     pub async fn run(mut self, adopted: Vec<Listed>) {
         self.adopt(adopted).await;
+        // A pod adopted in a terminal phase must not get a new sandbox: publishing first
+        // computes the phase from what was found.
+        self.publish();
         loop {
             self.sync().await;
             self.publish();
@@ -428,13 +435,26 @@ impl PodWorker {
             self.replace_sandbox().await;
         }
         if self.sandbox.is_none() {
+            if let Some(at) = self.sandbox_retry_at
+                && at > Instant::now()
+            {
+                self.set_wake(at);
+                return;
+            }
             if let Err(e) = self.create_sandbox().await {
-                tracing::warn!(pod = %self.name, error = %e, "creating pod sandbox failed");
+                // Retry with back-off: 1, 2, 4 … 60 s.
+                self.sandbox_failures = self.sandbox_failures.saturating_add(1);
+                let delay = Duration::from_secs(1 << self.sandbox_failures.min(6))
+                    .min(Duration::from_secs(60));
+                tracing::warn!(pod = %self.name, error = %e, retry_in = ?delay, "creating pod sandbox failed");
                 self.sandbox_error = Some(e);
-                self.set_wake(Instant::now() + Duration::from_secs(5));
+                self.sandbox_retry_at = Some(Instant::now() + delay);
+                self.set_wake(Instant::now() + delay);
                 return;
             }
             self.sandbox_error = None;
+            self.sandbox_failures = 0;
+            self.sandbox_retry_at = None;
         }
         let policy = self.restart_policy();
         // Init containers, one at a time, in order.
