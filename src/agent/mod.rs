@@ -178,11 +178,12 @@ pub async fn run(
     // Events first, so that no exit between adoption and subscription is lost for long
     // (the workers' relist repairs the rest).
     let events = tokio::spawn(route_events(ctx.clone()));
+    let listener = server::bind(&cfg.socket())
+        .with_context(|| format!("agent socket {}", cfg.socket().display()))?;
     let server = {
         let ctx = ctx.clone();
-        let sock = cfg.socket();
         tokio::spawn(async move {
-            if let Err(e) = server::serve(ctx, sock).await {
+            if let Err(e) = server::serve(ctx, listener).await {
                 tracing::error!(error = %e, "agent API stopped");
             }
         })

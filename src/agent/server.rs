@@ -1,7 +1,7 @@
 //! The agent's local API on `DATA_DIR/agent.sock`, with kubelet's paths: `/pods`, `/healthz`,
 //! `/containerLogs/NS/POD/CONTAINER`. Reads the status store and log files; changes nothing.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -24,11 +24,16 @@ pub fn router(ctx: Arc<AgentCtx>) -> Router {
         .with_state(ctx)
 }
 
-/// Serves the router on a unix socket until the task is dropped.
-pub async fn serve(ctx: Arc<AgentCtx>, socket: PathBuf) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)?;
-    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+/// Binds the agent's unix socket (owner-only).
+pub fn bind(socket: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the router on a bound socket until the task is dropped.
+pub async fn serve(ctx: Arc<AgentCtx>, listener: tokio::net::UnixListener) -> std::io::Result<()> {
     axum::serve(listener, router(ctx)).await
 }
 
