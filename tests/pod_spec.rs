@@ -168,3 +168,62 @@ fn followed_logs_stream_until_the_container_exits() {
         "the stream ended with the container"
     );
 }
+
+#[test]
+fn probe_timing_fields_are_honoured() {
+    let mut lab = Lab::start("timing");
+    lab.start_agent();
+    // tcpSocket readiness that would pass at once, delayed by initialDelaySeconds.
+    let delayed = "    readinessProbe:\n      tcpSocket: {port: 80}\n      initialDelaySeconds: 3\n      periodSeconds: 1\n";
+    lab.write_manifest(
+        "delayed.yaml",
+        &pod_yaml("delayed", "exec httpd -f -p 80 -h /www", delayed, ""),
+    );
+    // An exec liveness probe slower than its timeoutSeconds fails and restarts the container.
+    let slow = "    livenessProbe:\n      exec: {command: [sleep, \"3\"]}\n      timeoutSeconds: 1\n      periodSeconds: 1\n      failureThreshold: 2\n      terminationGracePeriodSeconds: 1\n";
+    lab.write_manifest(
+        "slow.yaml",
+        &pod_yaml("slowprobe", "exec sleep 3600", slow, ""),
+    );
+    let running = lab.wait_pod("delayed", "running", Duration::from_secs(30), |p| {
+        phase(p) == "Running"
+    });
+    let started_at = cstatus(&running, "main")
+        .state
+        .unwrap()
+        .running
+        .unwrap()
+        .started_at
+        .unwrap()
+        .0;
+    let ready = lab.wait_ready("delayed");
+    let became_ready = ready
+        .status
+        .unwrap()
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .last_transition_time
+        .unwrap()
+        .0;
+    let waited = became_ready.duration_since(started_at).as_secs_f64();
+    assert!(
+        waited >= 2.5,
+        "readiness waited for initialDelaySeconds: {waited}s"
+    );
+    assert!(waited < 8.0, "then passed promptly: {waited}s");
+    lab.wait_pod(
+        "slowprobe",
+        "restart after probe timeouts",
+        Duration::from_secs(30),
+        |p| restarts(p, "main") >= 1,
+    );
+    assert!(
+        lab.agent_log()
+            .contains("Liveness probe failed: command \"sleep 3\" timed out"),
+        "{}",
+        lab.agent_log()
+    );
+}
