@@ -74,7 +74,27 @@ fn ignore_not_found(r: std::result::Result<(), tonic::Status>, op: &'static str)
 
 impl Containerd {
     /// Prepares a rootfs snapshot, creates the container and its task (not started).
+    /// A rootfs mount that fails with ENOENT is retried a few times: containerd 1.6 can race
+    /// its snapshot garbage collection against a fresh overlay mount.
     pub async fn create(&self, o: CreateOpts<'_>) -> Result<u32> {
+        let mut attempt = 0;
+        loop {
+            match self.create_once(&o).await {
+                Err(Error::Rpc { op: "task create", source })
+                    if attempt < 3
+                        && source.message().contains("failed to mount rootfs component")
+                        && source.message().contains("no such file or directory") =>
+                {
+                    attempt += 1;
+                    tracing::debug!(id = o.id, attempt, "retrying task create after a rootfs mount race");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn create_once(&self, o: &CreateOpts<'_>) -> Result<u32> {
         let mounts = self
             .snapshots()
             .prepare(self.req(PrepareSnapshotRequest {
@@ -91,7 +111,7 @@ impl Containerd {
         tracing::debug!(id = o.id, spec = %String::from_utf8_lossy(&spec), "creating container");
         let container = Container {
             id: o.id.into(),
-            labels: o.labels,
+            labels: o.labels.clone(),
             image: o.image.name.clone(),
             runtime: Some(Runtime {
                 name: RUNC_RUNTIME.into(),
@@ -123,8 +143,8 @@ impl Containerd {
             .create(self.req(CreateTaskRequest {
                 container_id: o.id.into(),
                 rootfs: mounts,
-                stdout: o.stdout,
-                stderr: o.stderr,
+                stdout: o.stdout.clone(),
+                stderr: o.stderr.clone(),
                 ..Default::default()
             }))
             .await;
