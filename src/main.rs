@@ -29,6 +29,14 @@ struct Cli {
 enum Cmd {
     /// Run the node agent (kubelet). With --standalone it runs static pods without an API server.
     Agent(AgentArgs),
+    /// Run the API server (HTTPS, embedded store). Writes DATA_DIR/kubeconfig.yaml.
+    Server {
+        #[arg(long, default_value = "/var/lib/keelson")]
+        data_dir: PathBuf,
+        /// Address to serve HTTPS on.
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: std::net::SocketAddr,
+    },
     /// Build and load container images offline.
     Image {
         #[command(subcommand)]
@@ -206,6 +214,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agent::run(cfg, shutdown_signal()).await
         }
         Cmd::Image { cmd } => image(cmd).await,
+        Cmd::Server { data_dir, listen } => {
+            keelson::api::run(
+                keelson::api::ServerConfig { data_dir, listen },
+                shutdown_signal(),
+            )
+            .await
+        }
         Cmd::Pods { data_dir, json } => {
             let body = local_get(&data_dir, "/pods")?;
             if json {

@@ -80,13 +80,21 @@ impl Containerd {
         let mut attempt = 0;
         loop {
             match self.create_once(&o).await {
-                Err(Error::Rpc { op: "task create", source })
-                    if attempt < 3
-                        && source.message().contains("failed to mount rootfs component")
-                        && source.message().contains("no such file or directory") =>
+                Err(Error::Rpc {
+                    op: "task create",
+                    source,
+                }) if attempt < 3
+                    && source
+                        .message()
+                        .contains("failed to mount rootfs component")
+                    && source.message().contains("no such file or directory") =>
                 {
                     attempt += 1;
-                    tracing::debug!(id = o.id, attempt, "retrying task create after a rootfs mount race");
+                    tracing::debug!(
+                        id = o.id,
+                        attempt,
+                        "retrying task create after a rootfs mount race"
+                    );
                     tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
                 }
                 other => return other,

@@ -1,0 +1,821 @@
+//! The REST handlers: parse the request path into (resource, namespace, name), read or write
+//! the store, and answer with objects, lists, Tables, watch streams or Status errors. One
+//! generic handler serves every kind in the registry.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Query, State},
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+use super::{
+    ApiState,
+    registry::{self, Resource},
+    table,
+};
+use crate::store::{self, EventKind, Precondition};
+
+/// A Kubernetes `Status` failure response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: StatusCode,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
+    }
+    fn with(mut self, name: &str, r: &Resource) -> Self {
+        self.details = Some(json!({"name": name, "kind": r.plural, "group": r.group}));
+        self
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+    fn not_found(r: &Resource, name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{} \"{name}\" not found", r.qualified()),
+        )
+        .with(name, r)
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("Internal error occurred: {e}"),
+        )
+    }
+    fn from_store(e: store::Error, r: &Resource, name: &str) -> Self {
+        match e {
+            store::Error::AlreadyExists(_) => Self::new(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", r.qualified()),
+            )
+            .with(name, r),
+            store::Error::NotFound(_) => Self::not_found(r, name),
+            store::Error::Conflict { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                    r.qualified()
+                ),
+            )
+            .with(name, r),
+            store::Error::Compacted { requested, .. } => Self::new(
+                StatusCode::GONE,
+                "Expired",
+                format!("too old resource version: {requested}"),
+            ),
+            other => Self::internal(other),
+        }
+    }
+    pub fn status(&self) -> Value {
+        let mut s = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": self.message, "reason": self.reason, "code": self.code.as_u16()});
+        if let Some(d) = &self.details {
+            s["details"] = d.clone();
+        }
+        s
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.code, &self.status())
+    }
+}
+
+pub fn json_response(code: StatusCode, v: &Value) -> Response {
+    (code, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+/// What a request path names.
+#[derive(Debug)]
+pub struct Target {
+    pub resource: &'static Resource,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+/// Parses `/api/v1/...` or `/apis/<group>/<version>/...` into a target.
+pub fn parse_path(path: &str) -> Result<Target, ApiError> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        }
+    };
+    let nf = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    };
+    let find = |plural: &str| registry::find(group, version, plural).ok_or_else(nf);
+    let (resource, namespace, name) = match rest {
+        ["namespaces", ns, plural] => (find(plural)?, Some(ns.to_string()), None),
+        ["namespaces", ns, plural, name] => {
+            (find(plural)?, Some(ns.to_string()), Some(name.to_string()))
+        }
+        [plural] => (find(plural)?, None, None),
+        [plural, name] => (find(plural)?, None, Some(name.to_string())),
+        _ => return Err(nf()),
+    };
+    if namespace.is_some() && !resource.namespaced {
+        return Err(nf());
+    }
+    Ok(Target {
+        resource,
+        namespace,
+        name,
+    })
+}
+
+fn now() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// The object as stored, with the store's revision as its resourceVersion.
+fn with_rv(mut v: Value, rev: i64) -> Value {
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert("resourceVersion".into(), Value::String(rev.to_string()));
+    }
+    v
+}
+
+fn decode(kv: &store::KeyValue) -> Result<Value, ApiError> {
+    let v: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+    Ok(with_rv(v, kv.mod_revision))
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+/// Parses a request body as a JSON object, naming what is wrong.
+fn parse_body(body: &Bytes, r: &Resource) -> Result<Value, ApiError> {
+    if body.len() > 3 * 1024 * 1024 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            "the request body is larger than 3 MiB",
+        ));
+    }
+    if body.starts_with(b"k8s\0") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            "protobuf request bodies are not supported yet; send JSON",
+        ));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body of the request could not be decoded as JSON: {e}"
+        ))
+    })?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON object",
+        ));
+    }
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
+    let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if kind != r.kind || api != r.api_version() {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({api}) does not match the expected API version ({}), or the kind ({kind}) does not match the expected kind ({})",
+            r.api_version(),
+            r.kind
+        )));
+    }
+    Ok(v)
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    crate::agent::validate::is_dns1123_subdomain(s)
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Params {
+    watch: Option<String>,
+    resource_version: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_: Option<String>,
+    label_selector: Option<String>,
+    timeout_seconds: Option<u64>,
+    dry_run: Option<String>,
+}
+
+/// The generic handler for every resource path.
+pub async fn resource(
+    State(st): State<Arc<ApiState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(q): Query<Params>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let segs: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["api", v] if method == Method::GET => return Ok(super::discovery("", v)),
+        ["apis", g, v] if method == Method::GET => return Ok(super::discovery(g, v)),
+        _ => {}
+    }
+    let t = parse_path(uri.path())?;
+    let r = t.resource;
+    let dry = q.dry_run.as_deref() == Some("All");
+    match (method, t.name.as_deref()) {
+        (Method::GET, None) if q.watch.as_deref().is_some_and(|w| w == "true" || w == "1") => {
+            watch(st, r, t.namespace, q, wants_table(&headers)).await
+        }
+        (Method::GET, None) => {
+            list(&st, r, t.namespace.as_deref(), &q, wants_table(&headers)).await
+        }
+        (Method::GET, Some(name)) => {
+            let kv = st
+                .store
+                .get(&r.key(t.namespace.as_deref(), name))
+                .await
+                .map_err(ApiError::internal)?;
+            let obj = decode(&kv.ok_or_else(|| ApiError::not_found(r, name))?)?;
+            Ok(if wants_table(&headers) {
+                json_response(StatusCode::OK, &table::table(r, &[obj], None))
+            } else {
+                json_response(StatusCode::OK, &obj)
+            })
+        }
+        (Method::POST, None) => create(&st, r, t.namespace.as_deref(), &body, dry).await,
+        (Method::PUT, Some(name)) => update(&st, r, t.namespace.as_deref(), name, &body, dry).await,
+        (Method::DELETE, Some(name)) => {
+            let key = r.key(t.namespace.as_deref(), name);
+            if dry {
+                let kv = st.store.get(&key).await.map_err(ApiError::internal)?;
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &decode(&kv.ok_or_else(|| ApiError::not_found(r, name))?)?,
+                ));
+            }
+            let kv = st
+                .store
+                .delete(&key, Precondition::Exists)
+                .await
+                .map_err(|e| ApiError::from_store(e, r, name))?;
+            Ok(json_response(StatusCode::OK, &decode(&kv)?))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )),
+    }
+}
+
+async fn ensure_namespace(st: &ApiState, ns: Option<&str>) -> Result<(), ApiError> {
+    let Some(ns) = ns else { return Ok(()) };
+    let nsr = registry::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("no namespaces"))?;
+    if st
+        .store
+        .get(&nsr.key(None, ns))
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("namespaces \"{ns}\" not found"),
+        )
+        .with(ns, nsr));
+    }
+    Ok(())
+}
+
+async fn create(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    body: &Bytes,
+    dry: bool,
+) -> Result<Response, ApiError> {
+    let mut obj = parse_body(body, r)?;
+    let meta = obj
+        .as_object_mut()
+        .and_then(|o| {
+            Some(
+                o.entry("metadata")
+                    .or_insert_with(|| json!({}))
+                    .as_object_mut()?
+                    .clone(),
+            )
+        })
+        .unwrap_or_default();
+    let mut meta = meta;
+    let mut name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if name.is_empty()
+        && let Some(g) = meta.get("generateName").and_then(Value::as_str)
+    {
+        name = format!("{g}{}", &crate::runtime::random_hex(3)[..5]);
+    }
+    if name.is_empty() {
+        return Err(invalid(
+            r,
+            "",
+            "metadata.name: Required value: name or generateName is required",
+        ));
+    }
+    if !is_dns_subdomain(&name) {
+        return Err(invalid(
+            r,
+            &name,
+            &format!(
+                "metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+            ),
+        ));
+    }
+    if r.namespaced {
+        let body_ns = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
+        let ns = ns.unwrap_or("");
+        if !body_ns.is_empty() && body_ns != ns {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        meta.insert("namespace".into(), Value::String(ns.to_string()));
+    }
+    ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
+    meta.insert("name".into(), Value::String(name.clone()));
+    meta.insert("uid".into(), Value::String(uuid()));
+    meta.insert("creationTimestamp".into(), Value::String(now()));
+    meta.remove("resourceVersion");
+    if obj.get("spec").is_some() {
+        meta.insert("generation".into(), json!(1));
+    }
+    if r.kind == "Namespace" {
+        obj["spec"] = json!({"finalizers": ["kubernetes"]});
+        obj["status"] = json!({"phase": "Active"});
+    }
+    obj["metadata"] = Value::Object(meta);
+    let key = r.key(ns, &name);
+    if dry {
+        if st
+            .store
+            .get(&key)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            return Err(ApiError::from_store(
+                store::Error::AlreadyExists(key),
+                r,
+                &name,
+            ));
+        }
+        return Ok(json_response(StatusCode::CREATED, &obj));
+    }
+    let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
+    let kv = st
+        .store
+        .put(&key, bytes, Precondition::Absent)
+        .await
+        .map_err(|e| ApiError::from_store(e, r, &name))?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &with_rv(obj, kv.mod_revision),
+    ))
+}
+
+/// A 422 Invalid with one field cause (`field: message`), as kube-apiserver words it.
+fn invalid(r: &Resource, name: &str, cause: &str) -> ApiError {
+    let (field, msg) = cause.split_once(": ").unwrap_or(("", cause));
+    let reason = if msg.starts_with("Required value") {
+        "FieldValueRequired"
+    } else {
+        "FieldValueInvalid"
+    };
+    let mut e = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        format!("{} \"{name}\" is invalid: {cause}", r.kind),
+    );
+    e.details = Some(json!({"name": name, "kind": r.kind, "group": r.group,
+        "causes": [{"reason": reason, "message": msg, "field": field}]}));
+    e
+}
+
+async fn update(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    body: &Bytes,
+    dry: bool,
+) -> Result<Response, ApiError> {
+    let mut obj = parse_body(body, r)?;
+    let key = r.key(ns, name);
+    let cur = st
+        .store
+        .get(&key)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let old: Value = serde_json::from_slice(&cur.value).map_err(ApiError::internal)?;
+    let body_name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if body_name != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    let pre = match obj
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        Some(rv) if !rv.is_empty() => Precondition::ModRevision(rv.parse().map_err(|_| {
+            invalid(
+                r,
+                name,
+                &format!("metadata.resourceVersion: Invalid value: \"{rv}\": must be a number"),
+            )
+        })?),
+        _ => Precondition::Exists,
+    };
+    // Immutable metadata is kept; generation moves when the spec changes.
+    for f in ["uid", "creationTimestamp", "namespace"] {
+        if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
+            obj["metadata"][f] = v.clone();
+        }
+    }
+    let generation = old.pointer("/metadata/generation").and_then(Value::as_i64);
+    if let Some(g) = generation {
+        let changed = old.get("spec") != obj.get("spec");
+        obj["metadata"]["generation"] = json!(if changed { g + 1 } else { g });
+    }
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    if dry {
+        if let Precondition::ModRevision(rv) = pre
+            && rv != cur.mod_revision
+        {
+            return Err(ApiError::from_store(
+                store::Error::Conflict {
+                    key,
+                    expected: rv,
+                    actual: cur.mod_revision,
+                },
+                r,
+                name,
+            ));
+        }
+        return Ok(json_response(
+            StatusCode::OK,
+            &with_rv(obj, cur.mod_revision),
+        ));
+    }
+    let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
+    let kv = st
+        .store
+        .put(&key, bytes, pre)
+        .await
+        .map_err(|e| ApiError::from_store(e, r, name))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &with_rv(obj, kv.mod_revision),
+    ))
+}
+
+fn uuid() -> String {
+    let h = crate::runtime::random_hex(16);
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+/// A parsed label selector (equality- and set-based).
+#[derive(Debug, PartialEq)]
+pub enum Requirement {
+    Eq(String, String),
+    NotEq(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+/// Parses `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
+pub fn parse_selector(s: &str) -> Result<Vec<Requirement>, ApiError> {
+    let mut out = vec![];
+    let mut parts = vec![];
+    let mut depth = 0;
+    let mut cur = String::new();
+    for ch in s.chars() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(ch);
+    }
+    parts.push(cur);
+    let bad = |p: &str| ApiError::bad_request(format!("unable to parse requirement: {p:?}"));
+    for p in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let set = |rest: &str| -> Option<Vec<String>> {
+            let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
+            Some(
+                inner
+                    .split(',')
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .collect(),
+            )
+        };
+        if let Some((k, v)) = p.split_once("!=") {
+            out.push(Requirement::NotEq(k.trim().into(), v.trim().into()));
+        } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
+            out.push(Requirement::Eq(k.trim().into(), v.trim().into()));
+        } else if let Some((k, rest)) = p.split_once(" notin ") {
+            out.push(Requirement::NotIn(
+                k.trim().into(),
+                set(rest).ok_or_else(|| bad(p))?,
+            ));
+        } else if let Some((k, rest)) = p.split_once(" in ") {
+            out.push(Requirement::In(
+                k.trim().into(),
+                set(rest).ok_or_else(|| bad(p))?,
+            ));
+        } else if let Some(k) = p.strip_prefix('!') {
+            out.push(Requirement::NotExists(k.trim().into()));
+        } else if p
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            out.push(Requirement::Exists(p.into()));
+        } else {
+            return Err(bad(p));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether an object's labels satisfy every requirement.
+pub fn matches(obj: &Value, reqs: &[Requirement]) -> bool {
+    let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
+    let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+    reqs.iter().all(|r| match r {
+        Requirement::Eq(k, v) => get(k) == Some(v.as_str()),
+        Requirement::NotEq(k, v) => get(k) != Some(v.as_str()),
+        Requirement::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+        Requirement::NotIn(k, vs) => get(k).is_none_or(|x| !vs.iter().any(|v| v == x)),
+        Requirement::Exists(k) => get(k).is_some(),
+        Requirement::NotExists(k) => get(k).is_none(),
+    })
+}
+
+fn scope_prefix(r: &Resource, ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) if r.namespaced => format!("{}{ns}/", r.prefix()),
+        _ => r.prefix(),
+    }
+}
+
+async fn list(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    q: &Params,
+    as_table: bool,
+) -> Result<Response, ApiError> {
+    let reqs = parse_selector(q.label_selector.as_deref().unwrap_or(""))?;
+    let prefix = scope_prefix(r, ns);
+    let after = match q.continue_.as_deref() {
+        Some(c) if !c.is_empty() => {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(c)
+                .map_err(|_| ApiError::bad_request("invalid continue token"))?;
+            Some(
+                String::from_utf8(raw)
+                    .map_err(|_| ApiError::bad_request("invalid continue token"))?,
+            )
+        }
+        _ => None,
+    };
+    let limit = q.limit.unwrap_or(0);
+    let mut items = vec![];
+    let mut last_key = after.clone();
+    let mut revision;
+    let mut more;
+    // Filtering by labels happens after the range read; keep reading until the page is full.
+    loop {
+        let page = st
+            .store
+            .list(&prefix, last_key.as_deref(), limit)
+            .await
+            .map_err(ApiError::internal)?;
+        revision = page.revision;
+        more = page.more;
+        last_key = page.items.last().map(|kv| kv.key.clone()).or(last_key);
+        for kv in &page.items {
+            let obj = decode(kv)?;
+            if matches(&obj, &reqs) {
+                items.push(obj);
+            }
+        }
+        if !more || limit == 0 || items.len() >= limit {
+            break;
+        }
+    }
+    let cont = if more {
+        use base64::Engine;
+        last_key.map(|k| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k))
+    } else {
+        None
+    };
+    let mut metadata = json!({"resourceVersion": revision.to_string()});
+    if let Some(c) = &cont {
+        metadata["continue"] = Value::String(c.clone());
+    }
+    if as_table {
+        let mut t = table::table(r, &items, None);
+        t["metadata"] = metadata;
+        return Ok(json_response(StatusCode::OK, &t));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": metadata, "items": items}),
+    ))
+}
+
+async fn watch(
+    st: Arc<ApiState>,
+    r: &'static Resource,
+    ns: Option<String>,
+    q: Params,
+    as_table: bool,
+) -> Result<Response, ApiError> {
+    let reqs = parse_selector(q.label_selector.as_deref().unwrap_or(""))?;
+    let prefix = scope_prefix(r, ns.as_deref());
+    let rv = q.resource_version.as_deref().unwrap_or("");
+    // No version (or "0"): the current state as ADDED events, then changes.
+    let (initial, from) = if rv.is_empty() || rv == "0" {
+        let page = st
+            .store
+            .list(&prefix, None, 0)
+            .await
+            .map_err(ApiError::internal)?;
+        let objs: Result<Vec<Value>, ApiError> = page.items.iter().map(decode).collect();
+        (objs?, page.revision)
+    } else {
+        let from: i64 = rv
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?;
+        (vec![], from)
+    };
+    let mut rx = st
+        .store
+        .watch(&prefix, from)
+        .await
+        .map_err(|e| ApiError::from_store(e, r, ""))?;
+    let timeout = Duration::from_secs(q.timeout_seconds.unwrap_or(1800).clamp(1, 3600));
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+    let line = move |typ: &str, obj: Value| -> String {
+        let obj = if as_table {
+            table::table(r, &[obj], Some(typ))
+        } else {
+            obj
+        };
+        format!("{}\n", json!({"type": typ, "object": obj}))
+    };
+    tokio::spawn(async move {
+        for obj in initial {
+            if matches(&obj, &reqs) && tx.send(Ok(line("ADDED", obj))).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tokio::time::sleep_until(deadline) => return,
+            };
+            let Some(ev) = ev else { return };
+            let typ = match ev.kind {
+                EventKind::Put if ev.prev.is_none() => "ADDED",
+                EventKind::Put => "MODIFIED",
+                EventKind::Delete => "DELETED",
+            };
+            let Ok(v) = serde_json::from_slice::<Value>(&ev.kv.value) else {
+                continue;
+            };
+            let obj = with_rv(v, ev.kv.mod_revision);
+            // A change that moves an object out of the selector is a deletion for this watcher.
+            let now_in = matches(&obj, &reqs);
+            let was_in = ev
+                .prev
+                .as_ref()
+                .and_then(|p| serde_json::from_slice::<Value>(&p.value).ok())
+                .is_some_and(|p| matches(&p, &reqs));
+            let typ = match (typ, was_in, now_in) {
+                ("MODIFIED", false, true) => "ADDED",
+                ("MODIFIED", true, false) => "DELETED",
+                (t, _, true) => t,
+                ("DELETED", true, _) => "DELETED",
+                _ => continue,
+            };
+            if tx.send(Ok(line(typ, obj))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(body_rx);
+    Ok((
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_resource_namespace_and_name() {
+        let t = parse_path("/api/v1/namespaces/default/pods/web").unwrap();
+        assert_eq!(
+            (t.resource.plural, t.namespace.as_deref(), t.name.as_deref()),
+            ("pods", Some("default"), Some("web"))
+        );
+        let t = parse_path("/api/v1/namespaces/kube-system").unwrap();
+        assert_eq!(
+            (t.resource.plural, t.name.as_deref()),
+            ("namespaces", Some("kube-system"))
+        );
+        let t = parse_path("/apis/apps/v1/deployments").unwrap();
+        assert_eq!((t.resource.plural, t.namespace), ("deployments", None));
+        assert!(
+            parse_path("/api/v1/namespaces/default/nodes").is_err(),
+            "nodes are cluster-scoped"
+        );
+        assert!(parse_path("/api/v1/widgets").is_err());
+    }
+
+    #[test]
+    fn label_selectors_support_equality_and_sets() {
+        let obj = json!({"metadata": {"labels": {"app": "web", "tier": "front"}}});
+        let ok = |s: &str| matches(&obj, &parse_selector(s).unwrap());
+        assert!(ok("app=web"));
+        assert!(ok("app==web,tier!=back"));
+        assert!(ok("tier in (front, mid),!missing,app"));
+        assert!(!ok("app notin (web)"));
+        assert!(!ok("missing"));
+        assert!(ok(""));
+        assert!(parse_selector("a in b").is_err());
+    }
+}

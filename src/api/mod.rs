@@ -1,0 +1,230 @@
+//! Owns the Kubernetes REST API over HTTPS: credentials, authentication, discovery, and the
+//! generic resource handlers over the store. Never runs containers or programs the network.
+
+pub mod handlers;
+pub mod pki;
+pub mod registry;
+pub mod table;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{any, get},
+};
+use serde_json::json;
+
+use crate::store::{Precondition, Store, embedded::Embedded};
+use handlers::{ApiError, json_response};
+
+/// The Kubernetes version keelson's API presents (kubectl picks its client by the minor).
+pub const KUBE_MINOR: &str = "32";
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+}
+
+/// Shared state of the API handlers.
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub admin_token: String,
+}
+
+async fn auth(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        Some(t) if constant_time_eq(t.as_bytes(), st.admin_token.as_bytes()) => next.run(req).await,
+        _ => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized").into_response()
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn version() -> serde_json::Value {
+    json!({"major": "1", "minor": KUBE_MINOR, "gitVersion": format!("v1.{KUBE_MINOR}.0-keelson.{}", env!("CARGO_PKG_VERSION")),
+           "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "n/a",
+           "compiler": "rustc", "platform": "linux/amd64"})
+}
+
+/// The API router (authenticated except health and version).
+pub fn router(st: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/api", get(|| async { json_response(StatusCode::OK, &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})) }))
+        .route("/apis", get(|| async { json_response(StatusCode::OK, &registry::group_list()) }))
+        .route("/openapi/v3", get(|| async { json_response(StatusCode::OK, &registry::openapi_index()) }))
+        .route(
+            "/openapi/v3/{*path}",
+            get(|axum::extract::Path(p): axum::extract::Path<String>| async move {
+                match registry::openapi_doc(p.trim_matches('/')) {
+                    Some(doc) => json_response(StatusCode::OK, &doc),
+                    None => ApiError::new(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource").into_response(),
+                }
+            }),
+        )
+        .route("/api/{*rest}", any(handlers::resource))
+        .route("/apis/{*rest}", any(handlers::resource))
+        .layer(middleware::from_fn_with_state(st.clone(), auth))
+        .with_state(st);
+    Router::new()
+        .route(
+            "/version",
+            get(|| async { json_response(StatusCode::OK, &version()) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .merge(api)
+}
+
+/// `APIResourceList` of a group/version, or 404.
+pub fn discovery(group: &str, version: &str) -> Response {
+    match registry::resource_list(group, version) {
+        Some(v) => json_response(StatusCode::OK, &v),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+        .into_response(),
+    }
+}
+
+/// Creates the namespaces kube-apiserver makes at start, if missing.
+pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
+    let ns = registry::find("", "v1", "namespaces").context("namespaces resource")?;
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let obj = json!({"kind": "Namespace", "apiVersion": "v1",
+            "metadata": {"name": name, "uid": crate::runtime::random_hex(16),
+                         "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                         "labels": {"kubernetes.io/metadata.name": name}},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+        match store
+            .put(
+                &ns.key(None, name),
+                serde_json::to_vec(&obj)?,
+                Precondition::Absent,
+            )
+            .await
+        {
+            Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the API server until `shutdown` resolves. Writes `DATA_DIR/kubeconfig.yaml` once it serves.
+pub async fn run(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let store =
+        Embedded::open(&cfg.data_dir.join("store/keelson.redb")).context("opening the store")?;
+    seed(&store).await?;
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut names: Vec<String> = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !host.is_empty() {
+        names.push(host);
+    }
+    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    if !cfg.listen.ip().is_unspecified() && !ips.contains(&cfg.listen.ip()) {
+        ips.push(cfg.listen.ip());
+    }
+    let pki = pki::ensure(&cfg.data_dir.join("pki"), &names, &ips).context("credentials")?;
+    let tls = tls_config(&pki)?;
+    let st = Arc::new(ApiState {
+        store: Arc::new(store),
+        admin_token: pki.admin_token.clone(),
+    });
+    let app = router(st);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let shown = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let kc = pki::kubeconfig(&format!("https://{shown}"), &pki.ca_pem, &pki.admin_token);
+    pki::write_private(&cfg.data_dir.join("kubeconfig.yaml"), &kc)?;
+    tracing::info!(%addr, kubeconfig = %cfg.data_dir.join("kubeconfig.yaml").display(), "API server serving");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let io = hyper_util::rt::TokioIo::new(tls);
+            if let Err(e) =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(io, svc)
+                    .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn tls_config(p: &pki::Pki) -> anyhow::Result<rustls::ServerConfig> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut p.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .context("serving certificate")?;
+    let key = rustls_pemfile::private_key(&mut p.key_pem.as_bytes())
+        .context("serving key")?
+        .context("no private key in server.key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS certificate")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

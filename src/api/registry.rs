@@ -1,0 +1,248 @@
+//! The one table of served kinds (not a handler per kind): group, version, kind, plural,
+//! scope, short names, verbs. Discovery documents are generated from it.
+
+use serde_json::{Value, json};
+
+/// One served resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resource {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+    pub short: &'static [&'static str],
+}
+
+impl Resource {
+    /// `v1` or `apps/v1`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `pods` or `deployments.apps` (how errors name the resource).
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
+    /// The storage key prefix of this resource (etcd's layout: `/registry/<resource>/`).
+    pub fn prefix(&self) -> String {
+        format!("/registry/{}/", self.qualified())
+    }
+
+    /// The storage key of one object.
+    pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
+        match namespace {
+            Some(ns) if self.namespaced => format!("{}{ns}/{name}", self.prefix()),
+            _ => format!("{}{name}", self.prefix()),
+        }
+    }
+}
+
+const fn r(
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+    short: &'static [&'static str],
+) -> Resource {
+    Resource {
+        group,
+        version,
+        kind,
+        plural,
+        namespaced,
+        short,
+    }
+}
+
+/// Every kind keelson serves.
+pub const RESOURCES: &[Resource] = &[
+    r("", "v1", "Namespace", "namespaces", false, &["ns"]),
+    r("", "v1", "Node", "nodes", false, &["no"]),
+    r("", "v1", "Pod", "pods", true, &["po"]),
+    r("", "v1", "Service", "services", true, &["svc"]),
+    r("", "v1", "Endpoints", "endpoints", true, &["ep"]),
+    r("", "v1", "Event", "events", true, &["ev"]),
+    r("", "v1", "ConfigMap", "configmaps", true, &["cm"]),
+    r("", "v1", "Secret", "secrets", true, &[]),
+    r("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"]),
+    r("apps", "v1", "Deployment", "deployments", true, &["deploy"]),
+    r("apps", "v1", "ReplicaSet", "replicasets", true, &["rs"]),
+    r("apps", "v1", "DaemonSet", "daemonsets", true, &["ds"]),
+    r(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+        &[],
+    ),
+    r("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
+];
+
+/// The resource served at `group/version/plural`.
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+const VERBS: &[&str] = &[
+    "create", "delete", "get", "list", "patch", "update", "watch",
+];
+
+/// `APIResourceList` for one group/version, or None if not served.
+pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let rs: Vec<Value> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .map(|r| {
+            json!({
+                "name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced,
+                "kind": r.kind, "verbs": VERBS, "shortNames": r.short,
+            })
+        })
+        .collect();
+    if rs.is_empty() {
+        return None;
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs}),
+    )
+}
+
+/// `APIGroupList` of every named group.
+pub fn group_list() -> Value {
+    let mut groups: Vec<&str> = RESOURCES
+        .iter()
+        .map(|r| r.group)
+        .filter(|g| !g.is_empty())
+        .collect();
+    groups.dedup();
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|g| {
+            let gv = json!({"groupVersion": format!("{g}/v1"), "version": "v1"});
+            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// The group/versions served, as `api/v1` / `apis/<group>/<version>` paths.
+fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut gvs: Vec<(&str, &str)> = RESOURCES.iter().map(|r| (r.group, r.version)).collect();
+    gvs.dedup();
+    gvs
+}
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// The OpenAPI v3 index kubectl reads before `apply`/`create` to learn that the server
+/// validates fields itself (`fieldValidation`).
+pub fn openapi_index() -> Value {
+    let paths: serde_json::Map<String, Value> = group_versions()
+        .into_iter()
+        .map(|(g, v)| {
+            let p = gv_path(g, v);
+            (p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=keelson-{}", env!("CARGO_PKG_VERSION"))}))
+        })
+        .collect();
+    json!({"paths": paths})
+}
+
+/// A minimal OpenAPI v3 document for one group/version: a `patch` operation per kind with its
+/// group-version-kind and the `fieldValidation` parameter. No schemas.
+pub fn openapi_doc(path: &str) -> Option<Value> {
+    let (g, v) = group_versions()
+        .into_iter()
+        .find(|(g, v)| gv_path(g, v) == path)?;
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES.iter().filter(|r| r.group == g && r.version == v) {
+        let base = if r.namespaced {
+            format!(
+                "/{}/namespaces/{{namespace}}/{}/{{name}}",
+                gv_path(g, v),
+                r.plural
+            )
+        } else {
+            format!("/{}/{}/{{name}}", gv_path(g, v), r.plural)
+        };
+        let op = |verb: &str| {
+            json!({"operationId": format!("{verb}{}", r.kind),
+                   "x-kubernetes-group-version-kind": {"group": g, "version": v, "kind": r.kind},
+                   "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+                                  {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+                                  {"name": "fieldManager", "in": "query", "schema": {"type": "string"}}],
+                   "responses": {"200": {"description": "OK"}}})
+        };
+        paths.insert(base, json!({"patch": op("patch"), "put": op("replace")}));
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": format!("v1.{}.0", super::KUBE_MINOR)}, "paths": paths}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_keys_follow_etcds_layout() {
+        let pods = find("", "v1", "pods").unwrap();
+        assert_eq!(
+            pods.key(Some("default"), "web"),
+            "/registry/pods/default/web"
+        );
+        let ns = find("", "v1", "namespaces").unwrap();
+        assert_eq!(
+            ns.key(None, "kube-system"),
+            "/registry/namespaces/kube-system"
+        );
+        let d = find("apps", "v1", "deployments").unwrap();
+        assert_eq!(d.key(Some("a"), "b"), "/registry/deployments.apps/a/b");
+        assert_eq!(d.api_version(), "apps/v1");
+    }
+
+    #[test]
+    fn discovery_lists_every_group_and_resource() {
+        let core = resource_list("", "v1").unwrap();
+        assert!(
+            core["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == "pods" && r["namespaced"] == true)
+        );
+        let groups = group_list();
+        let names: Vec<&str> = groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["apps", "discovery.k8s.io", "coordination.k8s.io"]);
+        assert!(resource_list("nope", "v1").is_none());
+    }
+}

@@ -1,0 +1,151 @@
+//! `meta.k8s.io/v1` Table responses with kubectl's usual columns, so `kubectl get` prints what
+//! users expect. Rows carry the object's metadata (for `-A`, `--show-labels`).
+
+use serde_json::{Value, json};
+
+use super::registry::Resource;
+
+fn age(obj: &Value) -> String {
+    let Some(ts) = obj
+        .pointer("/metadata/creationTimestamp")
+        .and_then(Value::as_str)
+    else {
+        return "<unknown>".into();
+    };
+    let Ok(t) = ts.parse::<jiff::Timestamp>() else {
+        return "<unknown>".into();
+    };
+    let s = jiff::Timestamp::now().duration_since(t).as_secs().max(0);
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn col(name: &str, typ: &str, priority: i32) -> Value {
+    json!({"name": name, "type": typ, "format": if name == "Name" { "name" } else { "" }, "description": "", "priority": priority})
+}
+
+/// Columns and cells for one kind.
+fn columns(r: &Resource) -> Vec<Value> {
+    match r.kind {
+        "Namespace" => vec![
+            col("Name", "string", 0),
+            col("Status", "string", 0),
+            col("Age", "string", 0),
+        ],
+        "Pod" => vec![
+            col("Name", "string", 0),
+            col("Ready", "string", 0),
+            col("Status", "string", 0),
+            col("Restarts", "string", 0),
+            col("Age", "string", 0),
+            col("IP", "string", 1),
+            col("Node", "string", 1),
+        ],
+        "ConfigMap" | "Secret" => vec![
+            col("Name", "string", 0),
+            col("Data", "integer", 0),
+            col("Age", "string", 0),
+        ],
+        _ => vec![col("Name", "string", 0), col("Age", "string", 0)],
+    }
+}
+
+fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
+    let name = obj
+        .pointer("/metadata/name")
+        .cloned()
+        .unwrap_or(Value::Null);
+    match r.kind {
+        "Namespace" => vec![
+            name,
+            obj.pointer("/status/phase")
+                .cloned()
+                .unwrap_or_else(|| json!("Active")),
+            json!(age(obj)),
+        ],
+        "Pod" => {
+            let pod: Option<k8s_openapi::api::core::v1::Pod> =
+                serde_json::from_value(obj.clone()).ok();
+            let (ready, status, restarts) = match &pod {
+                Some(p) => {
+                    let cs = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.clone())
+                        .unwrap_or_default();
+                    let total = p.spec.as_ref().map_or(0, |s| s.containers.len());
+                    let ready = cs.iter().filter(|c| c.ready).count();
+                    let restarts: i32 = cs.iter().map(|c| c.restart_count).sum();
+                    (
+                        format!("{ready}/{total}"),
+                        crate::agent::print::pod_status(p),
+                        restarts.to_string(),
+                    )
+                }
+                None => ("0/0".into(), "Unknown".into(), "0".into()),
+            };
+            vec![
+                name,
+                json!(ready),
+                json!(status),
+                json!(restarts),
+                json!(age(obj)),
+                obj.pointer("/status/podIP")
+                    .cloned()
+                    .unwrap_or_else(|| json!("<none>")),
+                obj.pointer("/spec/nodeName")
+                    .cloned()
+                    .unwrap_or_else(|| json!("<none>")),
+            ]
+        }
+        "ConfigMap" | "Secret" => {
+            let n = ["data", "binaryData", "stringData"]
+                .iter()
+                .filter_map(|f| obj.get(*f).and_then(Value::as_object).map(|m| m.len()))
+                .sum::<usize>();
+            vec![name, json!(n), json!(age(obj))]
+        }
+        _ => vec![name, json!(age(obj))],
+    }
+}
+
+/// A Table of `objs`. `event` marks a one-row table sent in a watch.
+pub fn table(r: &Resource, objs: &[Value], _event: Option<&str>) -> Value {
+    let rows: Vec<Value> = objs
+        .iter()
+        .map(|o| {
+            json!({
+                "cells": cells(r, o),
+                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                           "metadata": o.get("metadata").cloned().unwrap_or_else(|| json!({}))},
+            })
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {},
+           "columnDefinitions": columns(r), "rows": rows})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_show_their_phase_and_rows_carry_metadata() {
+        let r = super::super::registry::find("", "v1", "namespaces").unwrap();
+        let t = table(
+            r,
+            &[
+                json!({"metadata": {"name": "default", "labels": {"a": "b"}}, "status": {"phase": "Active"}}),
+            ],
+            None,
+        );
+        assert_eq!(t["columnDefinitions"][1]["name"], "Status");
+        assert_eq!(t["rows"][0]["cells"][0], "default");
+        assert_eq!(t["rows"][0]["cells"][1], "Active");
+        assert_eq!(t["rows"][0]["object"]["metadata"]["labels"]["a"], "b");
+    }
+}

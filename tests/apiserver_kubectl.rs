@@ -1,0 +1,238 @@
+//! The real kubectl (v1.32) against `keelson server`: HTTPS with the generated CA and admin
+//! token, version and discovery, the seeded namespaces, create/get/replace/delete/watch of a
+//! ConfigMap with kube-apiserver's errors, and data that survives a SIGKILL of the server.
+use std::{
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+struct Server {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Server {
+    fn start(dir: tempfile::TempDir) -> Server {
+        let _ = std::fs::remove_file(dir.path().join("kubeconfig.yaml"));
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !dir.path().join("kubeconfig.yaml").exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { dir, child }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.dir.path().join("kubeconfig.yaml"))
+            .env("HOME", self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.kubectl(args);
+        assert!(
+            o.status.success(),
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.kubectl(args);
+        assert!(
+            !o.status.success(),
+            "kubectl {args:?} should fail: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).to_string()
+    }
+
+    fn url(&self) -> String {
+        let kc = std::fs::read_to_string(self.dir.path().join("kubeconfig.yaml")).unwrap();
+        kc.lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .unwrap()
+            .to_string()
+    }
+
+    fn write(&self, name: &str, content: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_string_lossy().to_string()
+    }
+
+    fn kill(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::TempDir::new().unwrap();
+        let _ = dir;
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  labels: {app: web}\ndata:\n  color: blue\n";
+
+#[test]
+fn kubectl_works_against_keelson_server() {
+    let s = Server::start(tempfile::tempdir().unwrap());
+    let v: serde_json::Value = serde_json::from_str(&s.ok(&["version", "-o", "json"])).unwrap();
+    assert_eq!(v["serverVersion"]["minor"], keelson::api::KUBE_MINOR);
+    let ns = s.ok(&["get", "namespaces"]);
+    for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(
+            ns.lines().any(|l| l.starts_with(n) && l.contains("Active")),
+            "{ns}"
+        );
+    }
+    assert!(
+        ns.starts_with("NAME"),
+        "a Table with kubectl's columns: {ns}"
+    );
+
+    // No token, no access.
+    let anon = Command::new("curl")
+        .args(["-sk", &format!("{}/api/v1/namespaces", s.url())])
+        .output()
+        .unwrap();
+    let anon: serde_json::Value = serde_json::from_slice(&anon.stdout).unwrap();
+    assert_eq!(
+        (anon["code"].as_i64(), anon["reason"].as_str()),
+        (Some(401), Some("Unauthorized"))
+    );
+
+    let f = s.write("cm.yaml", CM);
+    assert_eq!(
+        s.ok(&["create", "-f", &f]).trim(),
+        "configmap/settings created"
+    );
+    assert!(
+        s.fails(&["create", "-f", &f])
+            .contains("configmaps \"settings\" already exists")
+    );
+    assert!(
+        s.fails(&["create", "-f", &f, "-n", "nowhere"])
+            .contains("namespaces \"nowhere\" not found")
+    );
+    assert!(s.ok(&["get", "cm", "-l", "app=web"]).contains("settings"));
+    assert!(
+        !s.ok(&["get", "cm", "-l", "app in (api, db)"])
+            .contains("settings")
+    );
+    let table = s.ok(&["get", "cm"]);
+    assert!(
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .eq(["NAME", "DATA", "AGE"]),
+        "{table}"
+    );
+    assert!(
+        s.fails(&["get", "cm", "nope"])
+            .contains("configmaps \"nope\" not found")
+    );
+
+    // Optimistic concurrency: a replace with a stale resourceVersion is a Conflict.
+    let current = s.ok(&["get", "cm", "settings", "-o", "json"]);
+    let stale = s.write("stale.json", &current.replace("\"blue\"", "\"green\""));
+    s.ok(&["replace", "-f", &stale]);
+    assert_eq!(
+        s.ok(&["get", "cm", "settings", "-o", "jsonpath={.data.color}"]),
+        "green"
+    );
+    let err = s.fails(&["replace", "-f", &stale]);
+    assert!(
+        err.contains(
+            "the object has been modified; please apply your changes to the latest version"
+        ),
+        "{err}"
+    );
+
+    // Invalid names are 422 with the field named.
+    let bad = s.write("bad.yaml", &CM.replace("name: settings", "name: Bad_Name"));
+    let err = s.fails(&["create", "-f", &bad]);
+    assert!(
+        err.contains("metadata.name: Invalid value: \"Bad_Name\""),
+        "{err}"
+    );
+
+    // A watch sees the deletion.
+    let mut w = Command::new("kubectl")
+        .args([
+            "get",
+            "cm",
+            "-w",
+            "--output-watch-events",
+            "--request-timeout=5s",
+        ])
+        .env("KUBECONFIG", s.dir.path().join("kubeconfig.yaml"))
+        .env("HOME", s.dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(s.ok(&["delete", "cm", "settings"]).contains("deleted"));
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = w.kill();
+    let out = w.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("DELETED") && l.contains("settings")),
+        "{out}"
+    );
+}
+
+#[test]
+fn objects_survive_a_sigkill_of_the_server() {
+    let s = Server::start(tempfile::tempdir().unwrap());
+    let f = s.write("cm.yaml", CM);
+    s.ok(&["create", "-f", &f]);
+    let rv = s.ok(&[
+        "get",
+        "cm",
+        "settings",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    let dir = s.kill();
+    let s = Server::start(dir);
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "cm",
+            "settings",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}"
+        ]),
+        rv
+    );
+    assert_eq!(
+        s.ok(&["get", "cm", "settings", "-o", "jsonpath={.data.color}"]),
+        "blue"
+    );
+}
