@@ -180,6 +180,83 @@ fn kubectl_works_against_keelson_server() {
         "{err}"
     );
 
+    // Patches: apply twice (strategic merge), label (merge patch), JSON patch, server-side
+    // apply (create, then update), server dry-run.
+    s.ok(&["delete", "cm", "settings"]);
+    assert_eq!(
+        s.ok(&["apply", "-f", &f]).trim(),
+        "configmap/settings created"
+    );
+    let f2 = s.write("cm2.yaml", &CM.replace("color: blue", "color: red"));
+    assert_eq!(
+        s.ok(&["apply", "-f", &f2]).trim(),
+        "configmap/settings configured"
+    );
+    s.ok(&["label", "cm", "settings", "tier=front"]);
+    s.ok(&[
+        "patch",
+        "cm",
+        "settings",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"add","path":"/data/size","value":"small"}]"#,
+    ]);
+    s.ok(&[
+        "patch",
+        "cm",
+        "settings",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"extra":"1"}}"#,
+    ]);
+    let data: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "cm", "settings", "-o", "jsonpath={.data}"])).unwrap();
+    assert_eq!(
+        data,
+        serde_json::json!({"color": "red", "size": "small", "extra": "1"})
+    );
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "cm",
+            "settings",
+            "-o",
+            "jsonpath={.metadata.labels.tier}"
+        ]),
+        "front"
+    );
+    let ssa = s.write("ssa.yaml", &CM.replace("name: settings", "name: ssa"));
+    assert_eq!(
+        s.ok(&["apply", "--server-side", "-f", &ssa]).trim(),
+        "configmap/ssa serverside-applied"
+    );
+    let ssa2 = s.write(
+        "ssa2.yaml",
+        &CM.replace("name: settings", "name: ssa")
+            .replace("blue", "teal"),
+    );
+    s.ok(&["apply", "--server-side", "-f", &ssa2]);
+    assert_eq!(
+        s.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.color}"]),
+        "teal"
+    );
+    let dry = s.write("dry.yaml", &CM.replace("name: settings", "name: dry"));
+    assert!(
+        s.ok(&["create", "-f", &dry, "--dry-run=server"])
+            .contains("(server dry run)")
+    );
+    assert!(
+        s.fails(&["get", "cm", "dry"]).contains("not found"),
+        "a dry run stores nothing"
+    );
+    // kubectl's generators send protobuf: a clear 415 until it is decoded.
+    assert!(
+        s.fails(&["create", "configmap", "proto", "--from-literal=a=b"])
+            .contains("protobuf request bodies are not supported yet")
+    );
+
     // A watch sees the deletion.
     let mut w = Command::new("kubectl")
         .args([

@@ -275,6 +275,9 @@ pub async fn resource(
         }
         (Method::POST, None) => create(&st, r, t.namespace.as_deref(), &body, dry).await,
         (Method::PUT, Some(name)) => update(&st, r, t.namespace.as_deref(), name, &body, dry).await,
+        (Method::PATCH, Some(name)) => {
+            patch(&st, r, t.namespace.as_deref(), name, &headers, &body, dry).await
+        }
         (Method::DELETE, Some(name)) => {
             let key = r.key(t.namespace.as_deref(), name);
             if dry {
@@ -475,20 +478,7 @@ async fn update(
         })?),
         _ => Precondition::Exists,
     };
-    // Immutable metadata is kept; generation moves when the spec changes.
-    for f in ["uid", "creationTimestamp", "namespace"] {
-        if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
-            obj["metadata"][f] = v.clone();
-        }
-    }
-    let generation = old.pointer("/metadata/generation").and_then(Value::as_i64);
-    if let Some(g) = generation {
-        let changed = old.get("spec") != obj.get("spec");
-        obj["metadata"]["generation"] = json!(if changed { g + 1 } else { g });
-    }
-    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.remove("resourceVersion");
-    }
+    carry_over(&old, &mut obj);
     if dry {
         if let Precondition::ModRevision(rv) = pre
             && rv != cur.mod_revision
@@ -517,6 +507,146 @@ async fn update(
     Ok(json_response(
         StatusCode::OK,
         &with_rv(obj, kv.mod_revision),
+    ))
+}
+
+/// Keeps immutable metadata of `old` in `new`, moves `generation` when the spec changed, and
+/// drops the resourceVersion (the store assigns it).
+fn carry_over(old: &Value, new: &mut Value) {
+    if !new.get("metadata").is_some_and(Value::is_object) {
+        new["metadata"] = json!({});
+    }
+    for f in ["name", "uid", "creationTimestamp", "namespace"] {
+        if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
+            new["metadata"][f] = v.clone();
+        }
+    }
+    if let Some(g) = old.pointer("/metadata/generation").and_then(Value::as_i64) {
+        let changed = old.get("spec") != new.get("spec");
+        new["metadata"]["generation"] = json!(if changed { g + 1 } else { g });
+    }
+    if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+}
+
+/// PATCH in the format the Content-Type names, retried on a concurrent write (a patch applies
+/// to whatever is current).
+async fn patch(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    dry: bool,
+) -> Result<Response, ApiError> {
+    let ctype = headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let doc: Value = match ctype.as_str() {
+        "application/apply-patch+yaml" => serde_saphyr::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
+        "application/merge-patch+json"
+        | "application/json-patch+json"
+        | "application/strategic-merge-patch+json" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other:?})"
+                ),
+            ));
+        }
+    };
+    let key = r.key(ns, name);
+    for _ in 0..8 {
+        let cur = st.store.get(&key).await.map_err(ApiError::internal)?;
+        let Some(cur) = cur else {
+            if ctype == "application/apply-patch+yaml" {
+                // Server-side apply of a missing object creates it.
+                let bytes = Bytes::from(serde_json::to_vec(&doc).map_err(ApiError::internal)?);
+                return create(st, r, ns, &bytes, dry).await;
+            }
+            return Err(ApiError::not_found(r, name));
+        };
+        let old: Value = serde_json::from_slice(&cur.value).map_err(ApiError::internal)?;
+        let mut new = with_rv(old.clone(), cur.mod_revision);
+        let applied = match ctype.as_str() {
+            "application/json-patch+json" => super::patch::json_patch(&mut new, &doc),
+            "application/strategic-merge-patch+json" => {
+                super::patch::strategic_merge(&mut new, &doc)
+            }
+            _ => {
+                super::patch::merge_patch(&mut new, &doc);
+                Ok(())
+            }
+        };
+        applied.map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                format!("the patch could not be applied: {e}"),
+            )
+        })?;
+        // A patch may carry a resourceVersion precondition of its own.
+        let pre = match doc
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+        {
+            Some(rv) if rv != cur.mod_revision.to_string() => {
+                return Err(ApiError::from_store(
+                    store::Error::Conflict {
+                        key,
+                        expected: 0,
+                        actual: cur.mod_revision,
+                    },
+                    r,
+                    name,
+                ));
+            }
+            _ => Precondition::ModRevision(cur.mod_revision),
+        };
+        if new.get("kind") != old.get("kind") || new.get("apiVersion") != old.get("apiVersion") {
+            return Err(ApiError::bad_request(
+                "a patch may not change kind or apiVersion",
+            ));
+        }
+        carry_over(&old, &mut new);
+        if dry {
+            return Ok(json_response(
+                StatusCode::OK,
+                &with_rv(new, cur.mod_revision),
+            ));
+        }
+        let bytes = serde_json::to_vec(&new).map_err(ApiError::internal)?;
+        match st.store.put(&key, bytes, pre).await {
+            Ok(kv) => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &with_rv(new, kv.mod_revision),
+                ));
+            }
+            Err(store::Error::Conflict { .. }) => continue,
+            Err(e) => return Err(ApiError::from_store(e, r, name)),
+        }
+    }
+    Err(ApiError::from_store(
+        store::Error::Conflict {
+            key,
+            expected: 0,
+            actual: 0,
+        },
+        r,
+        name,
     ))
 }
 

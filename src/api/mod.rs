@@ -2,6 +2,7 @@
 //! generic resource handlers over the store. Never runs containers or programs the network.
 
 pub mod handlers;
+pub mod patch;
 pub mod pki;
 pub mod registry;
 pub mod table;
