@@ -257,6 +257,55 @@ fn kubectl_works_against_keelson_server() {
             .contains("protobuf request bodies are not supported yet")
     );
 
+    // Strict field validation (kubectl's default) rejects unknown fields, naming them; with
+    // --validate=warn the object is stored without them and kubectl prints a warning.
+    let typo = s.write(
+        "typo.yaml",
+        &CM.replace("name: settings", "name: typo")
+            .replace("  labels:", "  lables:"),
+    );
+    let err = s.fails(&["create", "-f", &typo]);
+    assert!(
+        err.contains("strict decoding error: unknown field \"metadata.lables\""),
+        "{err}"
+    );
+    let o = s.kubectl(&["create", "-f", &typo, "--validate=warn"]);
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Warning: unknown field \"metadata.lables\"")
+    );
+    // Pods are validated and defaulted as kube-apiserver does.
+    let bad_pod = s.write(
+        "badpod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p1}\nspec:\n  containers:\n  - {name: c, image: busybox}\n  - {name: c}\n",
+    );
+    let err = s.fails(&["create", "-f", &bad_pod]);
+    assert!(err.contains("The Pod \"p1\" is invalid"), "{err}");
+    assert!(
+        err.contains("spec.containers[1].name: Duplicate value: \"c\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("spec.containers[1].image: Required value"),
+        "{err}"
+    );
+    let pod = s.write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p2}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.36\n    ports: [{containerPort: 80}]\n",
+    );
+    s.ok(&["create", "-f", &pod]);
+    let got = s.ok(&["get", "pod", "p2", "-o", "jsonpath={.spec.restartPolicy} {.spec.containers[0].imagePullPolicy} {.spec.containers[0].ports[0].protocol} {.status.phase}"]);
+    assert_eq!(got, "Always IfNotPresent TCP Pending");
+    let pods = s.ok(&["get", "pods"]);
+    assert!(
+        pods.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .eq(["NAME", "READY", "STATUS", "RESTARTS", "AGE"]),
+        "{pods}"
+    );
+
     // A watch sees the deletion.
     let mut w = Command::new("kubectl")
         .args([

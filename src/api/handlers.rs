@@ -233,6 +233,81 @@ pub struct Params {
     label_selector: Option<String>,
     timeout_seconds: Option<u64>,
     dry_run: Option<String>,
+    field_validation: Option<String>,
+}
+
+/// Options of a write request.
+#[derive(Clone, Copy)]
+struct WriteOpts<'a> {
+    /// `dryRun=All`: validate and answer, store nothing.
+    dry: bool,
+    /// `fieldValidation`: Strict, Warn (default) or Ignore.
+    field_validation: Option<&'a str>,
+}
+
+/// Decodes, defaults and validates an object about to be stored (kube-apiserver's admission
+/// chain for the parts keelson has): returns the canonical object and warnings.
+fn admit(
+    r: &Resource,
+    obj: Value,
+    name: &str,
+    field_validation: Option<&str>,
+) -> Result<(Value, Vec<String>), ApiError> {
+    let d = super::typed::decode(r, &obj).map_err(ApiError::bad_request)?;
+    let mut warnings = vec![];
+    if !d.unknown.is_empty() {
+        let list: Vec<String> = d
+            .unknown
+            .iter()
+            .map(|f| format!("unknown field \"{f}\""))
+            .collect();
+        match field_validation.unwrap_or("Warn") {
+            "Strict" => {
+                return Err(ApiError::bad_request(format!(
+                    "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                    r.kind,
+                    r.api_version(),
+                    r.kind,
+                    list.join(", ")
+                )));
+            }
+            "Ignore" => {}
+            _ => warnings = list,
+        }
+    }
+    let mut obj = d.canonical;
+    if r.kind == "Pod" {
+        super::typed::default_pod(&mut obj);
+    }
+    let errs = super::typed::validate(r, &obj);
+    if !errs.is_empty() {
+        let causes: Vec<Value> = errs
+            .iter()
+            .map(|e| {
+                let (field, msg) = e.split_once(": ").unwrap_or(("", e));
+                json!({"reason": "FieldValueInvalid", "message": msg, "field": field})
+            })
+            .collect();
+        let mut e = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("{} \"{name}\" is invalid: [{}]", r.kind, errs.join(", ")),
+        );
+        e.details = Some(json!({"name": name, "kind": r.kind, "group": r.group, "causes": causes}));
+        return Err(e);
+    }
+    Ok((obj, warnings))
+}
+
+/// Adds `Warning` headers (kubectl prints them as `Warning: ...`).
+fn warn(mut resp: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        let v = format!("299 - {}", serde_json::to_string(w).unwrap_or_default());
+        if let Ok(h) = axum::http::HeaderValue::from_str(&v) {
+            resp.headers_mut().append("warning", h);
+        }
+    }
+    resp
 }
 
 /// The generic handler for every resource path.
@@ -253,6 +328,10 @@ pub async fn resource(
     let t = parse_path(uri.path())?;
     let r = t.resource;
     let dry = q.dry_run.as_deref() == Some("All");
+    let wo = WriteOpts {
+        dry,
+        field_validation: q.field_validation.as_deref(),
+    };
     match (method, t.name.as_deref()) {
         (Method::GET, None) if q.watch.as_deref().is_some_and(|w| w == "true" || w == "1") => {
             watch(st, r, t.namespace, q, wants_table(&headers)).await
@@ -273,10 +352,10 @@ pub async fn resource(
                 json_response(StatusCode::OK, &obj)
             })
         }
-        (Method::POST, None) => create(&st, r, t.namespace.as_deref(), &body, dry).await,
-        (Method::PUT, Some(name)) => update(&st, r, t.namespace.as_deref(), name, &body, dry).await,
+        (Method::POST, None) => create(&st, r, t.namespace.as_deref(), &body, wo).await,
+        (Method::PUT, Some(name)) => update(&st, r, t.namespace.as_deref(), name, &body, wo).await,
         (Method::PATCH, Some(name)) => {
-            patch(&st, r, t.namespace.as_deref(), name, &headers, &body, dry).await
+            patch(&st, r, t.namespace.as_deref(), name, &headers, &body, wo).await
         }
         (Method::DELETE, Some(name)) => {
             let key = r.key(t.namespace.as_deref(), name);
@@ -328,8 +407,9 @@ async fn create(
     r: &'static Resource,
     ns: Option<&str>,
     body: &Bytes,
-    dry: bool,
+    o: WriteOpts<'_>,
 ) -> Result<Response, ApiError> {
+    let (dry, field_validation) = (o.dry, o.field_validation);
     let mut obj = parse_body(body, r)?;
     let meta = obj
         .as_object_mut()
@@ -379,7 +459,6 @@ async fn create(
         }
         meta.insert("namespace".into(), Value::String(ns.to_string()));
     }
-    ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
     meta.insert("name".into(), Value::String(name.clone()));
     meta.insert("uid".into(), Value::String(uuid()));
     meta.insert("creationTimestamp".into(), Value::String(now()));
@@ -392,6 +471,8 @@ async fn create(
         obj["status"] = json!({"phase": "Active"});
     }
     obj["metadata"] = Value::Object(meta);
+    let (obj, warnings) = admit(r, obj, &name, field_validation)?;
+    ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
     let key = r.key(ns, &name);
     if dry {
         if st
@@ -407,7 +488,7 @@ async fn create(
                 &name,
             ));
         }
-        return Ok(json_response(StatusCode::CREATED, &obj));
+        return Ok(warn(json_response(StatusCode::CREATED, &obj), &warnings));
     }
     let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
     let kv = st
@@ -415,10 +496,8 @@ async fn create(
         .put(&key, bytes, Precondition::Absent)
         .await
         .map_err(|e| ApiError::from_store(e, r, &name))?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        &with_rv(obj, kv.mod_revision),
-    ))
+    let resp = json_response(StatusCode::CREATED, &with_rv(obj, kv.mod_revision));
+    Ok(warn(resp, &warnings))
 }
 
 /// A 422 Invalid with one field cause (`field: message`), as kube-apiserver words it.
@@ -445,8 +524,9 @@ async fn update(
     ns: Option<&str>,
     name: &str,
     body: &Bytes,
-    dry: bool,
+    o: WriteOpts<'_>,
 ) -> Result<Response, ApiError> {
+    let (dry, field_validation) = (o.dry, o.field_validation);
     let mut obj = parse_body(body, r)?;
     let key = r.key(ns, name);
     let cur = st
@@ -479,6 +559,7 @@ async fn update(
         _ => Precondition::Exists,
     };
     carry_over(&old, &mut obj);
+    let (obj, warnings) = admit(r, obj, name, field_validation)?;
     if dry {
         if let Precondition::ModRevision(rv) = pre
             && rv != cur.mod_revision
@@ -493,10 +574,8 @@ async fn update(
                 name,
             ));
         }
-        return Ok(json_response(
-            StatusCode::OK,
-            &with_rv(obj, cur.mod_revision),
-        ));
+        let resp = json_response(StatusCode::OK, &with_rv(obj, cur.mod_revision));
+        return Ok(warn(resp, &warnings));
     }
     let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
     let kv = st
@@ -504,10 +583,8 @@ async fn update(
         .put(&key, bytes, pre)
         .await
         .map_err(|e| ApiError::from_store(e, r, name))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &with_rv(obj, kv.mod_revision),
-    ))
+    let resp = json_response(StatusCode::OK, &with_rv(obj, kv.mod_revision));
+    Ok(warn(resp, &warnings))
 }
 
 /// Keeps immutable metadata of `old` in `new`, moves `generation` when the spec changed, and
@@ -539,8 +616,9 @@ async fn patch(
     name: &str,
     headers: &HeaderMap,
     body: &Bytes,
-    dry: bool,
+    o: WriteOpts<'_>,
 ) -> Result<Response, ApiError> {
+    let (dry, field_validation) = (o.dry, o.field_validation);
     let ctype = headers
         .get("content-type")
         .and_then(|c| c.to_str().ok())
@@ -574,7 +652,7 @@ async fn patch(
             if ctype == "application/apply-patch+yaml" {
                 // Server-side apply of a missing object creates it.
                 let bytes = Bytes::from(serde_json::to_vec(&doc).map_err(ApiError::internal)?);
-                return create(st, r, ns, &bytes, dry).await;
+                return create(st, r, ns, &bytes, o).await;
             }
             return Err(ApiError::not_found(r, name));
         };
@@ -621,19 +699,16 @@ async fn patch(
             ));
         }
         carry_over(&old, &mut new);
+        let (new, warnings) = admit(r, new, name, field_validation)?;
         if dry {
-            return Ok(json_response(
-                StatusCode::OK,
-                &with_rv(new, cur.mod_revision),
-            ));
+            let resp = json_response(StatusCode::OK, &with_rv(new, cur.mod_revision));
+            return Ok(warn(resp, &warnings));
         }
         let bytes = serde_json::to_vec(&new).map_err(ApiError::internal)?;
         match st.store.put(&key, bytes, pre).await {
             Ok(kv) => {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &with_rv(new, kv.mod_revision),
-                ));
+                let resp = json_response(StatusCode::OK, &with_rv(new, kv.mod_revision));
+                return Ok(warn(resp, &warnings));
             }
             Err(store::Error::Conflict { .. }) => continue,
             Err(e) => return Err(ApiError::from_store(e, r, name)),

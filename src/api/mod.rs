@@ -6,6 +6,7 @@ pub mod patch;
 pub mod pki;
 pub mod registry;
 pub mod table;
+pub mod typed;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 

@@ -1,0 +1,210 @@
+//! Decoding objects into their Kubernetes types: the canonical form that is stored, the
+//! unknown fields (for `fieldValidation` Strict/Warn/Ignore), type errors with the field path,
+//! and the defaulting and validation kube-apiserver applies to the kinds keelson serves.
+
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    coordination::v1::Lease,
+    core::v1::{
+        ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
+    },
+    discovery::v1::EndpointSlice,
+};
+use serde_json::Value;
+
+use super::registry::Resource;
+
+/// The outcome of decoding an object.
+pub struct Decoded {
+    /// The object as its type serializes it (unknown fields gone).
+    pub canonical: Value,
+    /// Paths of fields the type does not know (`spec.foo`).
+    pub unknown: Vec<String>,
+}
+
+fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
+    v: &Value,
+    kind: &str,
+    api: &str,
+) -> Result<Value, String> {
+    let typed: T = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        format!(
+            "{kind} in version \"{api}\" cannot be handled as a {kind}: {}: {}",
+            e.path(),
+            e.inner()
+        )
+    })?;
+    serde_json::to_value(typed).map_err(|e| e.to_string())
+}
+
+fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, known) {
+        (Value::Object(i), Value::Object(k)) => {
+            for (key, v) in i {
+                if v.is_null() {
+                    continue;
+                }
+                let p = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match k.get(key) {
+                    Some(kv) => unknown_fields(v, kv, &p, out),
+                    // Empty values may be dropped by the type's serializer; they are not unknown.
+                    None if matches!(v, Value::Object(m) if m.is_empty())
+                        || matches!(v, Value::Array(a) if a.is_empty()) => {}
+                    None if v == &Value::String(String::new()) || v == &Value::Bool(false) => {}
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(k)) => {
+            for (n, (a, b)) in i.iter().zip(k).enumerate() {
+                unknown_fields(a, b, &format!("{path}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Decodes `obj` as the resource's type.
+pub fn decode(r: &Resource, obj: &Value) -> Result<Decoded, String> {
+    let api = r.api_version();
+    let canonical = match r.kind {
+        "Namespace" => roundtrip::<Namespace>(obj, r.kind, &api)?,
+        "Node" => roundtrip::<Node>(obj, r.kind, &api)?,
+        "Pod" => roundtrip::<Pod>(obj, r.kind, &api)?,
+        "Service" => roundtrip::<Service>(obj, r.kind, &api)?,
+        "Endpoints" => roundtrip::<Endpoints>(obj, r.kind, &api)?,
+        "Event" => roundtrip::<Event>(obj, r.kind, &api)?,
+        "ConfigMap" => roundtrip::<ConfigMap>(obj, r.kind, &api)?,
+        "Secret" => roundtrip::<Secret>(obj, r.kind, &api)?,
+        "ServiceAccount" => roundtrip::<ServiceAccount>(obj, r.kind, &api)?,
+        "Deployment" => roundtrip::<Deployment>(obj, r.kind, &api)?,
+        "ReplicaSet" => roundtrip::<ReplicaSet>(obj, r.kind, &api)?,
+        "DaemonSet" => roundtrip::<DaemonSet>(obj, r.kind, &api)?,
+        "EndpointSlice" => roundtrip::<EndpointSlice>(obj, r.kind, &api)?,
+        "Lease" => roundtrip::<Lease>(obj, r.kind, &api)?,
+        _ => obj.clone(),
+    };
+    let mut unknown = vec![];
+    unknown_fields(obj, &canonical, "", &mut unknown);
+    Ok(Decoded { canonical, unknown })
+}
+
+/// kube-apiserver's defaults for a Pod spec (those kubelet and kubectl rely on).
+pub fn default_pod(obj: &mut Value) {
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let mut set = |k: &str, v: Value| {
+        spec.entry(k.to_string()).or_insert(v);
+    };
+    set("restartPolicy", "Always".into());
+    set("terminationGracePeriodSeconds", 30.into());
+    set("dnsPolicy", "ClusterFirst".into());
+    set("schedulerName", "default-scheduler".into());
+    set("securityContext", serde_json::json!({}));
+    set("enableServiceLinks", true.into());
+    for list in ["initContainers", "containers"] {
+        let Some(cs) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in cs.iter_mut().filter_map(Value::as_object_mut) {
+            let image = c
+                .get("image")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let last = image.rsplit('/').next().unwrap_or("");
+            let tag_latest =
+                !last.contains(':') && !image.contains('@') || last.ends_with(":latest");
+            c.entry("imagePullPolicy")
+                .or_insert_with(|| if tag_latest { "Always" } else { "IfNotPresent" }.into());
+            c.entry("terminationMessagePath")
+                .or_insert_with(|| "/dev/termination-log".into());
+            c.entry("terminationMessagePolicy")
+                .or_insert_with(|| "File".into());
+            if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
+                for p in ports.iter_mut().filter_map(Value::as_object_mut) {
+                    p.entry("protocol").or_insert_with(|| "TCP".into());
+                }
+            }
+            for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                if let Some(p) = c.get_mut(probe).and_then(Value::as_object_mut) {
+                    p.entry("timeoutSeconds").or_insert(1.into());
+                    p.entry("periodSeconds").or_insert(10.into());
+                    p.entry("successThreshold").or_insert(1.into());
+                    p.entry("failureThreshold").or_insert(3.into());
+                    if let Some(h) = p.get_mut("httpGet").and_then(Value::as_object_mut) {
+                        h.entry("path").or_insert_with(|| "/".into());
+                        h.entry("scheme").or_insert_with(|| "HTTP".into());
+                    }
+                }
+            }
+        }
+    }
+    if obj.get("status").is_none() {
+        obj["status"] = serde_json::json!({"phase": "Pending"});
+    }
+}
+
+/// Validation errors as `field: message` lines (kube-apiserver's wording).
+pub fn validate(r: &Resource, obj: &Value) -> Vec<String> {
+    match r.kind {
+        "Pod" => match serde_json::from_value::<Pod>(obj.clone()) {
+            Ok(p) => crate::agent::validate::validate_pod(&p)
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        },
+        _ => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::registry::find;
+
+    #[test]
+    fn unknown_fields_are_found_with_their_paths() {
+        let r = find("", "v1", "configmaps").unwrap();
+        let d = decode(r, &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "colour": "x"}, "data": {"k": "v"}, "spce": {}, "extra": 1})).unwrap();
+        assert_eq!(
+            d.unknown,
+            vec!["extra".to_string(), "metadata.colour".to_string()]
+        );
+        assert!(d.canonical.get("extra").is_none());
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let r = find("", "v1", "configmaps").unwrap();
+        let e = decode(r, &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": 5}})).err().unwrap();
+        assert!(
+            e.contains("cannot be handled as a ConfigMap: data.k"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pods_get_kube_apiserver_defaults() {
+        let mut p = json!({"spec": {"containers": [{"name": "a", "image": "busybox", "ports": [{"containerPort": 80}]},
+                                                   {"name": "b", "image": "nginx:1.27"}]}});
+        default_pod(&mut p);
+        assert_eq!(p["spec"]["restartPolicy"], "Always");
+        assert_eq!(p["spec"]["terminationGracePeriodSeconds"], 30);
+        assert_eq!(p["spec"]["containers"][0]["imagePullPolicy"], "Always");
+        assert_eq!(
+            p["spec"]["containers"][1]["imagePullPolicy"],
+            "IfNotPresent"
+        );
+        assert_eq!(p["spec"]["containers"][0]["ports"][0]["protocol"], "TCP");
+        assert_eq!(p["status"]["phase"], "Pending");
+    }
+}
