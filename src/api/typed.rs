@@ -90,6 +90,7 @@ pub fn decode(r: &Resource, obj: &Value) -> Result<Decoded, String> {
     };
     let mut unknown = vec![];
     unknown_fields(obj, &canonical, "", &mut unknown);
+    unknown.sort();
     Ok(Decoded { canonical, unknown })
 }
 
