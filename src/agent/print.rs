@@ -83,17 +83,39 @@ pub fn pod_status(p: &Pod) -> String {
     reason
 }
 
-fn age(p: &Pod) -> String {
-    let Some(t) = p.status.as_ref().and_then(|s| s.start_time.as_ref()) else {
+/// kubectl's AGE column: the time since `t`, coarsened as kubectl prints it.
+pub fn age_since(t: Option<jiff::Timestamp>) -> String {
+    let Some(t) = t else {
         return "<unknown>".into();
     };
-    let secs = jiff::Timestamp::now().duration_since(t.0).as_secs().max(0);
+    let secs = jiff::Timestamp::now().duration_since(t).as_secs().max(0);
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 3600 * 2 => format!("{}m", s / 60),
         s if s < 86400 * 2 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86400),
     }
+}
+
+fn age(p: &Pod) -> String {
+    age_since(
+        p.status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0),
+    )
+}
+
+/// kubectl's READY (`ready/total`) and RESTARTS columns of a pod.
+pub fn ready_and_restarts(p: &Pod) -> (String, i32) {
+    let cs = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref());
+    let total = p.spec.as_ref().map_or(0, |s| s.containers.len());
+    let ready = cs.map_or(0, |cs| cs.iter().filter(|c| c.ready).count());
+    let restarts = cs.map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum());
+    (format!("{ready}/{total}"), restarts)
 }
 
 /// The table for a list of pods.
@@ -108,18 +130,11 @@ pub fn table(pods: &[Pod]) -> String {
         "IP".into(),
     ]];
     for p in pods {
-        let cs = p
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.clone())
-            .unwrap_or_default();
-        let total = p.spec.as_ref().map_or(0, |s| s.containers.len());
-        let ready = cs.iter().filter(|c| c.ready).count();
-        let restarts: i32 = cs.iter().map(|c| c.restart_count).sum();
+        let (ready, restarts) = ready_and_restarts(p);
         rows.push([
             p.metadata.namespace.clone().unwrap_or_default(),
             p.metadata.name.clone().unwrap_or_default(),
-            format!("{ready}/{total}"),
+            ready,
             pod_status(p),
             restarts.to_string(),
             age(p),

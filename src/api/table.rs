@@ -6,22 +6,11 @@ use serde_json::{Value, json};
 use super::registry::Resource;
 
 fn age(obj: &Value) -> String {
-    let Some(ts) = obj
+    let created = obj
         .pointer("/metadata/creationTimestamp")
         .and_then(Value::as_str)
-    else {
-        return "<unknown>".into();
-    };
-    let Ok(t) = ts.parse::<jiff::Timestamp>() else {
-        return "<unknown>".into();
-    };
-    let s = jiff::Timestamp::now().duration_since(t).as_secs().max(0);
-    match s {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
+        .and_then(|t| t.parse().ok());
+    crate::agent::print::age_since(created)
 }
 
 fn col(name: &str, typ: &str, priority: i32) -> Value {
@@ -72,16 +61,9 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
                 serde_json::from_value(obj.clone()).ok();
             let (ready, status, restarts) = match &pod {
                 Some(p) => {
-                    let cs = p
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.container_statuses.clone())
-                        .unwrap_or_default();
-                    let total = p.spec.as_ref().map_or(0, |s| s.containers.len());
-                    let ready = cs.iter().filter(|c| c.ready).count();
-                    let restarts: i32 = cs.iter().map(|c| c.restart_count).sum();
+                    let (ready, restarts) = crate::agent::print::ready_and_restarts(p);
                     (
-                        format!("{ready}/{total}"),
+                        ready,
                         crate::agent::print::pod_status(p),
                         restarts.to_string(),
                     )
