@@ -63,6 +63,11 @@ impl Server {
         String::from_utf8_lossy(&o.stderr).to_string()
     }
 
+    /// `kubectl get KIND NAME -o jsonpath=PATH`.
+    fn jsonpath(&self, kind: &str, name: &str, path: &str) -> String {
+        self.ok(&["get", kind, name, "-o", &format!("jsonpath={path}")])
+    }
+
     fn url(&self) -> String {
         let kc = std::fs::read_to_string(self.dir.path().join("kubeconfig.yaml")).unwrap();
         kc.lines()
@@ -80,8 +85,7 @@ impl Server {
     fn kill(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let dir = tempfile::TempDir::new().unwrap();
-        let _ = dir;
+        // Hand the data directory over; the placeholder left behind is removed with `self`.
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }
@@ -160,10 +164,7 @@ fn kubectl_works_against_keelson_server() {
     let current = s.ok(&["get", "cm", "settings", "-o", "json"]);
     let stale = s.write("stale.json", &current.replace("\"blue\"", "\"green\""));
     s.ok(&["replace", "-f", &stale]);
-    assert_eq!(
-        s.ok(&["get", "cm", "settings", "-o", "jsonpath={.data.color}"]),
-        "green"
-    );
+    assert_eq!(s.jsonpath("cm", "settings", "{.data.color}"), "green");
     let err = s.fails(&["replace", "-f", &stale]);
     assert!(
         err.contains(
@@ -212,19 +213,13 @@ fn kubectl_works_against_keelson_server() {
         r#"{"data":{"extra":"1"}}"#,
     ]);
     let data: serde_json::Value =
-        serde_json::from_str(&s.ok(&["get", "cm", "settings", "-o", "jsonpath={.data}"])).unwrap();
+        serde_json::from_str(&s.jsonpath("cm", "settings", "{.data}")).unwrap();
     assert_eq!(
         data,
         serde_json::json!({"color": "red", "size": "small", "extra": "1"})
     );
     assert_eq!(
-        s.ok(&[
-            "get",
-            "cm",
-            "settings",
-            "-o",
-            "jsonpath={.metadata.labels.tier}"
-        ]),
+        s.jsonpath("cm", "settings", "{.metadata.labels.tier}"),
         "front"
     );
     let ssa = s.write("ssa.yaml", &CM.replace("name: settings", "name: ssa"));
@@ -238,10 +233,7 @@ fn kubectl_works_against_keelson_server() {
             .replace("blue", "teal"),
     );
     s.ok(&["apply", "--server-side", "-f", &ssa2]);
-    assert_eq!(
-        s.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.color}"]),
-        "teal"
-    );
+    assert_eq!(s.jsonpath("cm", "ssa", "{.data.color}"), "teal");
     let dry = s.write("dry.yaml", &CM.replace("name: settings", "name: dry"));
     assert!(
         s.ok(&["create", "-f", &dry, "--dry-run=server"])
@@ -294,7 +286,7 @@ fn kubectl_works_against_keelson_server() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p2}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.36\n    ports: [{containerPort: 80}]\n",
     );
     s.ok(&["create", "-f", &pod]);
-    let got = s.ok(&["get", "pod", "p2", "-o", "jsonpath={.spec.restartPolicy} {.spec.containers[0].imagePullPolicy} {.spec.containers[0].ports[0].protocol} {.status.phase}"]);
+    let got = s.jsonpath("pod", "p2", "{.spec.restartPolicy} {.spec.containers[0].imagePullPolicy} {.spec.containers[0].ports[0].protocol} {.status.phase}");
     assert_eq!(got, "Always IfNotPresent TCP Pending");
     let pods = s.ok(&["get", "pods"]);
     assert!(
@@ -338,27 +330,12 @@ fn objects_survive_a_sigkill_of_the_server() {
     let s = Server::start(tempfile::tempdir().unwrap());
     let f = s.write("cm.yaml", CM);
     s.ok(&["create", "-f", &f]);
-    let rv = s.ok(&[
-        "get",
-        "cm",
-        "settings",
-        "-o",
-        "jsonpath={.metadata.resourceVersion}",
-    ]);
+    let rv = s.jsonpath("cm", "settings", "{.metadata.resourceVersion}");
     let dir = s.kill();
     let s = Server::start(dir);
     assert_eq!(
-        s.ok(&[
-            "get",
-            "cm",
-            "settings",
-            "-o",
-            "jsonpath={.metadata.resourceVersion}"
-        ]),
+        s.jsonpath("cm", "settings", "{.metadata.resourceVersion}"),
         rv
     );
-    assert_eq!(
-        s.ok(&["get", "cm", "settings", "-o", "jsonpath={.data.color}"]),
-        "blue"
-    );
+    assert_eq!(s.jsonpath("cm", "settings", "{.data.color}"), "blue");
 }
