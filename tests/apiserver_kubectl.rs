@@ -298,6 +298,57 @@ fn kubectl_works_against_keelson_server() {
         "{pods}"
     );
 
+    // Deletion: finalizers hold an object until they are removed; a pod bound to a node
+    // stays Terminating for the node to finish; --force deletes at once; a namespace takes its
+    // contents along; field selectors filter.
+    let fin = s.write("fin.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fin\n  finalizers: [example.com/hold]\n");
+    s.ok(&["create", "-f", &fin]);
+    s.ok(&["delete", "cm", "fin", "--wait=false"]);
+    assert!(
+        !s.jsonpath("cm", "fin", "{.metadata.deletionTimestamp}")
+            .is_empty()
+    );
+    s.ok(&[
+        "patch",
+        "cm",
+        "fin",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    assert!(s.fails(&["get", "cm", "fin"]).contains("not found"));
+    let bound = s.write("bound.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: bound}\nspec:\n  nodeName: n1\n  containers: [{name: c, image: busybox:1}]\n");
+    s.ok(&["create", "-f", &bound]);
+    assert!(
+        s.ok(&["get", "pods", "--field-selector", "spec.nodeName=n1"])
+            .contains("bound")
+    );
+    assert!(
+        !s.ok(&["get", "pods", "--field-selector", "spec.nodeName=n2"])
+            .contains("bound")
+    );
+    s.ok(&["delete", "pod", "bound", "--wait=false"]);
+    assert!(s.ok(&["get", "pod", "bound"]).contains("Terminating"));
+    assert_eq!(
+        s.jsonpath("pod", "bound", "{.metadata.deletionGracePeriodSeconds}"),
+        "30"
+    );
+    s.ok(&["delete", "pod", "bound", "--grace-period=0", "--force"]);
+    assert!(s.fails(&["get", "pod", "bound"]).contains("not found"));
+    let ns = s.write(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: scratch}\n",
+    );
+    s.ok(&["create", "-f", &ns]);
+    s.ok(&["create", "-f", &f, "-n", "scratch"]);
+    s.ok(&["delete", "namespace", "scratch"]);
+    assert!(
+        s.ok(&["get", "cm", "-A"])
+            .lines()
+            .all(|l| !l.starts_with("scratch"))
+    );
+
     // A watch sees the deletion.
     let mut w = Command::new("kubectl")
         .args([

@@ -19,6 +19,9 @@ use super::{
 };
 use crate::store::{self, EventKind, Precondition};
 
+/// How often a watch that allows bookmarks gets one.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
+
 /// A Kubernetes `Status` failure response.
 #[derive(Debug)]
 pub struct ApiError {
@@ -231,9 +234,202 @@ pub struct Params {
     #[serde(rename = "continue")]
     continue_: Option<String>,
     label_selector: Option<String>,
+    field_selector: Option<String>,
+    allow_watch_bookmarks: Option<bool>,
     timeout_seconds: Option<u64>,
     dry_run: Option<String>,
     field_validation: Option<String>,
+    grace_period_seconds: Option<i64>,
+}
+
+/// The parts of DeleteOptions keelson honours.
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct DeleteOptions {
+    grace_period_seconds: Option<i64>,
+    preconditions: Option<DeletePreconditions>,
+    dry_run: Option<Vec<String>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct DeletePreconditions {
+    uid: Option<String>,
+    resource_version: Option<String>,
+}
+
+/// DELETE: preconditions, then finalizers and pod grace turn it into setting
+/// `deletionTimestamp` (the object stays until its finalizers are gone / its node confirms);
+/// otherwise the object goes at once. A namespace takes its contents with it.
+async fn delete(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    body: &Bytes,
+    grace_param: Option<i64>,
+    dry: bool,
+) -> Result<Response, ApiError> {
+    let opts: DeleteOptions = if body.iter().all(u8::is_ascii_whitespace) {
+        DeleteOptions::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+    };
+    let dry = dry
+        || opts
+            .dry_run
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|x| x == "All"));
+    let key = r.key(ns, name);
+    let kv = st
+        .store
+        .get(&key)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let obj = decode(&kv)?;
+    let conflict = |msg: String| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": {msg}",
+                r.qualified()
+            ),
+        )
+    };
+    if let Some(p) = &opts.preconditions {
+        let uid = obj
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if let Some(want) = p.uid.as_deref().filter(|w| *w != uid) {
+            return Err(conflict(format!(
+                "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+            )));
+        }
+        if let Some(want) = p
+            .resource_version
+            .as_deref()
+            .filter(|w| *w != kv.mod_revision.to_string())
+        {
+            return Err(conflict(format!(
+                "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {}",
+                kv.mod_revision
+            )));
+        }
+    }
+    let has_finalizers = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    // Pods on a node stop gracefully: the kubelet finishes the delete.
+    let grace = opts.grace_period_seconds.or(grace_param);
+    let pod_grace = (r.kind == "Pod"
+        && obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+        && !matches!(
+            obj.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        ))
+    .then(|| {
+        grace
+            .or_else(|| {
+                obj.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
+            .unwrap_or(30)
+    })
+    .filter(|g| *g > 0);
+    if has_finalizers || pod_grace.is_some() {
+        let mut marked = obj.clone();
+        let already = obj.pointer("/metadata/deletionTimestamp").is_some();
+        let g = pod_grace.unwrap_or(0);
+        let shorter = obj
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_none_or(|old| g < old);
+        if !already || shorter {
+            let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(g);
+            marked["metadata"]["deletionTimestamp"] =
+                json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+            marked["metadata"]["deletionGracePeriodSeconds"] = json!(g);
+        }
+        if dry {
+            return Ok(json_response(StatusCode::OK, &marked));
+        }
+        let mut stored = marked.clone();
+        if let Some(m) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
+        let kv = st
+            .store
+            .put(&key, bytes, Precondition::ModRevision(kv.mod_revision))
+            .await
+            .map_err(|e| ApiError::from_store(e, r, name))?;
+        return Ok(json_response(
+            StatusCode::OK,
+            &with_rv(stored, kv.mod_revision),
+        ));
+    }
+    if dry {
+        return Ok(json_response(StatusCode::OK, &obj));
+    }
+    let gone = st
+        .store
+        .delete(&key, Precondition::ModRevision(kv.mod_revision))
+        .await
+        .map_err(|e| ApiError::from_store(e, r, name))?;
+    if r.kind == "Namespace" {
+        delete_namespace_contents(st, name).await;
+    }
+    Ok(json_response(StatusCode::OK, &decode(&gone)?))
+}
+
+/// An update of an object being deleted that leaves no finalizers completes the deletion.
+async fn finish_delete(
+    st: &ApiState,
+    r: &'static Resource,
+    key: &str,
+    name: &str,
+    obj: &Value,
+    pre: Precondition,
+) -> Result<Option<Response>, ApiError> {
+    let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
+    let finalizers = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    let graceful_pod = r.kind == "Pod" && obj.pointer("/spec/nodeName").is_some();
+    if !deleting || finalizers || graceful_pod {
+        return Ok(None);
+    }
+    let gone = st
+        .store
+        .delete(key, pre)
+        .await
+        .map_err(|e| ApiError::from_store(e, r, name))?;
+    Ok(Some(json_response(StatusCode::OK, &decode(&gone)?)))
+}
+
+/// Removes every object in a deleted namespace (until the namespace controller exists).
+async fn delete_namespace_contents(st: &ApiState, ns: &str) {
+    for r in registry::RESOURCES.iter().filter(|r| r.namespaced) {
+        let Ok(page) = st
+            .store
+            .list(&format!("{}{ns}/", r.prefix()), None, 0)
+            .await
+        else {
+            continue;
+        };
+        for kv in page.items {
+            let _ = st.store.delete(&kv.key, Precondition::None).await;
+        }
+    }
 }
 
 /// Options of a write request.
@@ -358,20 +554,16 @@ pub async fn resource(
             patch(&st, r, t.namespace.as_deref(), name, &headers, &body, wo).await
         }
         (Method::DELETE, Some(name)) => {
-            let key = r.key(t.namespace.as_deref(), name);
-            if dry {
-                let kv = st.store.get(&key).await.map_err(ApiError::internal)?;
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &decode(&kv.ok_or_else(|| ApiError::not_found(r, name))?)?,
-                ));
-            }
-            let kv = st
-                .store
-                .delete(&key, Precondition::Exists)
-                .await
-                .map_err(|e| ApiError::from_store(e, r, name))?;
-            Ok(json_response(StatusCode::OK, &decode(&kv)?))
+            delete(
+                &st,
+                r,
+                t.namespace.as_deref(),
+                name,
+                &body,
+                q.grace_period_seconds,
+                dry,
+            )
+            .await
         }
         _ => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -577,6 +769,9 @@ async fn update(
         let resp = json_response(StatusCode::OK, &with_rv(obj, cur.mod_revision));
         return Ok(warn(resp, &warnings));
     }
+    if let Some(resp) = finish_delete(st, r, &key, name, &obj, pre).await? {
+        return Ok(resp);
+    }
     let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
     let kv = st
         .store
@@ -704,6 +899,9 @@ async fn patch(
             let resp = json_response(StatusCode::OK, &with_rv(new, cur.mod_revision));
             return Ok(warn(resp, &warnings));
         }
+        if let Some(resp) = finish_delete(st, r, &key, name, &new, pre).await? {
+            return Ok(resp);
+        }
         let bytes = serde_json::to_vec(&new).map_err(ApiError::internal)?;
         match st.store.put(&key, bytes, pre).await {
             Ok(kv) => {
@@ -807,6 +1005,104 @@ pub fn parse_selector(s: &str) -> Result<Vec<Requirement>, ApiError> {
     Ok(out)
 }
 
+/// Fields a field selector may name, per kind (kube-apiserver's field label conversions).
+fn field_supported(kind: &str, field: &str) -> bool {
+    if field == "metadata.name" || field == "metadata.namespace" {
+        return true;
+    }
+    let extra: &[&str] = match kind {
+        "Pod" => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ],
+        "Event" => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        "Secret" => &["type"],
+        "Node" => &["spec.unschedulable"],
+        "Namespace" => &["status.phase"],
+        "ReplicaSet" => &["status.replicas"],
+        _ => &[],
+    };
+    extra.contains(&field)
+}
+
+/// A label selector and a field selector together.
+#[derive(Debug, Default)]
+pub struct Filter {
+    labels: Vec<Requirement>,
+    /// (dotted path, equal?, value)
+    fields: Vec<(String, bool, String)>,
+}
+
+impl Filter {
+    pub fn parse(
+        r: &Resource,
+        labels: Option<&str>,
+        fields: Option<&str>,
+    ) -> Result<Filter, ApiError> {
+        let mut f = Filter {
+            labels: parse_selector(labels.unwrap_or(""))?,
+            fields: vec![],
+        };
+        for part in fields
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let (path, eq, value) = if let Some((a, b)) = part.split_once("!=") {
+                (a, false, b)
+            } else if let Some((a, b)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                (a, true, b)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector: {part:?}"
+                )));
+            };
+            let path = path.trim();
+            if !field_supported(r.kind, path) {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {path}"
+                )));
+            }
+            f.fields
+                .push((path.to_string(), eq, value.trim().to_string()));
+        }
+        Ok(f)
+    }
+
+    /// Whether `obj` passes both selectors.
+    pub fn accepts(&self, obj: &Value) -> bool {
+        matches(obj, &self.labels)
+            && self.fields.iter().all(|(path, eq, want)| {
+                let ptr = format!("/{}", path.replace('.', "/"));
+                let got = match obj.pointer(&ptr) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Null) | None => String::new(),
+                    Some(v) => v.to_string(),
+                };
+                (got == *want) == *eq
+            })
+    }
+}
+
 /// Whether an object's labels satisfy every requirement.
 pub fn matches(obj: &Value, reqs: &[Requirement]) -> bool {
     let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
@@ -835,7 +1131,7 @@ async fn list(
     q: &Params,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    let reqs = parse_selector(q.label_selector.as_deref().unwrap_or(""))?;
+    let filter = Filter::parse(r, q.label_selector.as_deref(), q.field_selector.as_deref())?;
     let prefix = scope_prefix(r, ns);
     let after = match q.continue_.as_deref() {
         Some(c) if !c.is_empty() => {
@@ -867,7 +1163,7 @@ async fn list(
         last_key = page.items.last().map(|kv| kv.key.clone()).or(last_key);
         for kv in &page.items {
             let obj = decode(kv)?;
-            if matches(&obj, &reqs) {
+            if filter.accepts(&obj) {
                 items.push(obj);
             }
         }
@@ -903,7 +1199,8 @@ async fn watch(
     q: Params,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    let reqs = parse_selector(q.label_selector.as_deref().unwrap_or(""))?;
+    let filter = Filter::parse(r, q.label_selector.as_deref(), q.field_selector.as_deref())?;
+    let bookmarks = q.allow_watch_bookmarks.unwrap_or(false);
     let prefix = scope_prefix(r, ns.as_deref());
     let rv = q.resource_version.as_deref().unwrap_or("");
     // No version (or "0"): the current state as ADDED events, then changes.
@@ -938,17 +1235,30 @@ async fn watch(
     };
     tokio::spawn(async move {
         for obj in initial {
-            if matches(&obj, &reqs) && tx.send(Ok(line("ADDED", obj))).await.is_err() {
+            if filter.accepts(&obj) && tx.send(Ok(line("ADDED", obj))).await.is_err() {
                 return;
             }
         }
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut progress = from;
+        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+        tick.tick().await;
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
                 _ = tokio::time::sleep_until(deadline) => return,
+                _ = tick.tick(), if bookmarks => {
+                    // Everything up to `progress` has been delivered to this watcher.
+                    let b = json!({"type": "BOOKMARK", "object": {"kind": r.kind, "apiVersion": r.api_version(),
+                        "metadata": {"resourceVersion": progress.to_string()}}});
+                    if tx.send(Ok(format!("{b}\n"))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
             };
             let Some(ev) = ev else { return };
+            progress = ev.kv.mod_revision;
             let typ = match ev.kind {
                 EventKind::Put if ev.prev.is_none() => "ADDED",
                 EventKind::Put => "MODIFIED",
@@ -959,12 +1269,12 @@ async fn watch(
             };
             let obj = with_rv(v, ev.kv.mod_revision);
             // A change that moves an object out of the selector is a deletion for this watcher.
-            let now_in = matches(&obj, &reqs);
+            let now_in = filter.accepts(&obj);
             let was_in = ev
                 .prev
                 .as_ref()
                 .and_then(|p| serde_json::from_slice::<Value>(&p.value).ok())
-                .is_some_and(|p| matches(&p, &reqs));
+                .is_some_and(|p| filter.accepts(&p));
             let typ = match (typ, was_in, now_in) {
                 ("MODIFIED", false, true) => "ADDED",
                 ("MODIFIED", true, false) => "DELETED",
@@ -1009,6 +1319,28 @@ mod tests {
             "nodes are cluster-scoped"
         );
         assert!(parse_path("/api/v1/widgets").is_err());
+    }
+
+    #[test]
+    fn field_selectors_match_supported_fields_and_reject_others() {
+        let pods = registry::find("", "v1", "pods").unwrap();
+        let p = json!({"metadata": {"name": "a", "namespace": "ns"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
+        let ok = |f: &str| Filter::parse(pods, None, Some(f)).unwrap().accepts(&p);
+        assert!(ok("spec.nodeName=n1,status.phase!=Pending"));
+        assert!(ok("metadata.name==a"));
+        assert!(!ok("spec.nodeName=n2"));
+        assert!(ok("spec.nodeName!=n2"));
+        let e = Filter::parse(pods, None, Some("spec.bogus=x")).unwrap_err();
+        assert_eq!(e.message, "field label not supported: spec.bogus");
+        let events = registry::find("", "v1", "events").unwrap();
+        assert!(
+            Filter::parse(
+                events,
+                None,
+                Some("involvedObject.name=a,involvedObject.uid=u")
+            )
+            .is_ok()
+        );
     }
 
     #[test]
