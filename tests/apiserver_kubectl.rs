@@ -349,6 +349,60 @@ fn kubectl_works_against_keelson_server() {
             .all(|l| !l.starts_with("scratch"))
     );
 
+    // Subresources: scale, status (the main resource keeps its status), binding (once).
+    let dep = s.write("dep.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: nginx:1.27}]\n");
+    s.ok(&["apply", "-f", &dep]);
+    assert_eq!(
+        s.ok(&["scale", "deployment", "web", "--replicas=5"]).trim(),
+        "deployment.apps/web scaled"
+    );
+    assert_eq!(
+        s.jsonpath("deploy", "web", "{.spec.replicas} {.metadata.generation}"),
+        "5 2"
+    );
+    let unbound = s.write("unbound.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: unbound}\nspec:\n  containers: [{name: c, image: busybox:1}]\n");
+    s.ok(&["create", "-f", &unbound]);
+    let binding = s.write("binding.json", r#"{"apiVersion":"v1","kind":"Binding","metadata":{"name":"unbound"},"target":{"kind":"Node","name":"n1"}}"#);
+    s.ok(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/pods/unbound/binding",
+        "-f",
+        &binding,
+    ]);
+    assert_eq!(s.jsonpath("pod", "unbound", "{.spec.nodeName}"), "n1");
+    let err = s.fails(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/pods/unbound/binding",
+        "-f",
+        &binding,
+    ]);
+    assert!(err.contains("is already assigned to node"), "{err}");
+    s.ok(&[
+        "patch",
+        "pod",
+        "unbound",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"phase":"Running","podIP":"10.0.0.9"}}"#,
+    ]);
+    s.ok(&[
+        "patch",
+        "pod",
+        "unbound",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"phase":"Failed"}}"#,
+    ]);
+    assert_eq!(
+        s.jsonpath("pod", "unbound", "{.status.phase} {.status.podIP}"),
+        "Running 10.0.0.9"
+    );
+
     // A watch sees the deletion.
     let mut w = Command::new("kubectl")
         .args([

@@ -47,7 +47,7 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
     }
-    fn not_found(r: &Resource, name: &str) -> Self {
+    pub(super) fn not_found(r: &Resource, name: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -55,14 +55,14 @@ impl ApiError {
         )
         .with(name, r)
     }
-    fn internal(e: impl std::fmt::Display) -> Self {
+    pub(super) fn internal(e: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
             format!("Internal error occurred: {e}"),
         )
     }
-    fn from_store(e: store::Error, r: &Resource, name: &str) -> Self {
+    pub(super) fn from_store(e: store::Error, r: &Resource, name: &str) -> Self {
         match e {
             store::Error::AlreadyExists(_) => Self::new(
                 StatusCode::CONFLICT,
@@ -114,6 +114,8 @@ pub struct Target {
     pub resource: &'static Resource,
     pub namespace: Option<String>,
     pub name: Option<String>,
+    /// `status`, `scale`, `binding`…
+    pub subresource: Option<String>,
 }
 
 /// Parses `/api/v1/...` or `/apis/<group>/<version>/...` into a target.
@@ -138,13 +140,32 @@ pub fn parse_path(path: &str) -> Result<Target, ApiError> {
         )
     };
     let find = |plural: &str| registry::find(group, version, plural).ok_or_else(nf);
-    let (resource, namespace, name) = match rest {
-        ["namespaces", ns, plural] => (find(plural)?, Some(ns.to_string()), None),
-        ["namespaces", ns, plural, name] => {
-            (find(plural)?, Some(ns.to_string()), Some(name.to_string()))
+    let (resource, namespace, name, subresource) = match rest {
+        ["namespaces", ns, plural, name, sub] => (
+            find(plural)?,
+            Some(ns.to_string()),
+            Some(name.to_string()),
+            Some(sub.to_string()),
+        ),
+        [plural, name, sub]
+            if *plural != "namespaces" || registry::find(group, version, sub).is_none() =>
+        {
+            (
+                find(plural)?,
+                None,
+                Some(name.to_string()),
+                Some(sub.to_string()),
+            )
         }
-        [plural] => (find(plural)?, None, None),
-        [plural, name] => (find(plural)?, None, Some(name.to_string())),
+        ["namespaces", ns, plural] => (find(plural)?, Some(ns.to_string()), None, None),
+        ["namespaces", ns, plural, name] => (
+            find(plural)?,
+            Some(ns.to_string()),
+            Some(name.to_string()),
+            None,
+        ),
+        [plural] => (find(plural)?, None, None, None),
+        [plural, name] => (find(plural)?, None, Some(name.to_string()), None),
         _ => return Err(nf()),
     };
     if namespace.is_some() && !resource.namespaced {
@@ -154,6 +175,7 @@ pub fn parse_path(path: &str) -> Result<Target, ApiError> {
         resource,
         namespace,
         name,
+        subresource,
     })
 }
 
@@ -164,14 +186,14 @@ fn now() -> String {
 }
 
 /// The object as stored, with the store's revision as its resourceVersion.
-fn with_rv(mut v: Value, rev: i64) -> Value {
+pub(super) fn with_rv(mut v: Value, rev: i64) -> Value {
     if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
         m.insert("resourceVersion".into(), Value::String(rev.to_string()));
     }
     v
 }
 
-fn decode(kv: &store::KeyValue) -> Result<Value, ApiError> {
+pub(super) fn decode(kv: &store::KeyValue) -> Result<Value, ApiError> {
     let v: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
     Ok(with_rv(v, kv.mod_revision))
 }
@@ -184,7 +206,7 @@ fn wants_table(headers: &HeaderMap) -> bool {
 }
 
 /// Parses a request body as a JSON object, naming what is wrong.
-fn parse_body(body: &Bytes, r: &Resource) -> Result<Value, ApiError> {
+pub(super) fn parse_body(body: &Bytes, r: &Resource) -> Result<Value, ApiError> {
     if body.len() > 3 * 1024 * 1024 {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -522,6 +544,19 @@ pub async fn resource(
         _ => {}
     }
     let t = parse_path(uri.path())?;
+    if let (Some(sub), Some(name)) = (t.subresource.as_deref(), t.name.as_deref()) {
+        return super::subresource::handle(
+            &st,
+            t.resource,
+            t.namespace.as_deref(),
+            name,
+            sub,
+            &method,
+            &headers,
+            &body,
+        )
+        .await;
+    }
     let r = t.resource;
     let dry = q.dry_run.as_deref() == Some("All");
     let wo = WriteOpts {
@@ -751,6 +786,9 @@ async fn update(
         _ => Precondition::Exists,
     };
     carry_over(&old, &mut obj);
+    if super::subresource::has_status(r) {
+        obj["status"] = old.get("status").cloned().unwrap_or(Value::Null);
+    }
     let (obj, warnings) = admit(r, obj, name, field_validation)?;
     if dry {
         if let Precondition::ModRevision(rv) = pre
@@ -784,7 +822,7 @@ async fn update(
 
 /// Keeps immutable metadata of `old` in `new`, moves `generation` when the spec changed, and
 /// drops the resourceVersion (the store assigns it).
-fn carry_over(old: &Value, new: &mut Value) {
+pub(super) fn carry_over(old: &Value, new: &mut Value) {
     if !new.get("metadata").is_some_and(Value::is_object) {
         new["metadata"] = json!({});
     }
@@ -894,6 +932,9 @@ async fn patch(
             ));
         }
         carry_over(&old, &mut new);
+        if super::subresource::has_status(r) {
+            new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
+        }
         let (new, warnings) = admit(r, new, name, field_validation)?;
         if dry {
             let resp = json_response(StatusCode::OK, &with_rv(new, cur.mod_revision));

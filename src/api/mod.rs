@@ -5,6 +5,7 @@ pub mod handlers;
 pub mod patch;
 pub mod pki;
 pub mod registry;
+pub mod subresource;
 pub mod table;
 pub mod typed;
 

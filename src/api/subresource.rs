@@ -1,0 +1,219 @@
+//! Subresources: `status` (writes only the status; the main resource keeps it), `pods/binding`
+//! (the scheduler's bind: sets `spec.nodeName` once), and `scale` of Deployments and
+//! ReplicaSets (an `autoscaling/v1` Scale view of `spec.replicas`).
+
+use axum::{
+    body::Bytes,
+    http::{HeaderMap, Method, StatusCode},
+    response::Response,
+};
+use serde_json::{Value, json};
+
+use super::{
+    ApiState,
+    handlers::{ApiError, carry_over, decode, json_response, parse_body, with_rv},
+    patch,
+    registry::Resource,
+};
+use crate::store::{self, Precondition};
+
+/// Kinds whose status is written only through `/status`.
+pub fn has_status(r: &Resource) -> bool {
+    matches!(
+        r.kind,
+        "Pod" | "Node" | "Namespace" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet"
+    )
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+/// Applies a PATCH body in the format its Content-Type names.
+fn apply_patch(headers: &HeaderMap, target: &mut Value, body: &Bytes) -> Result<(), ApiError> {
+    let ctype = headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("");
+    let ctype = ctype.split(';').next().unwrap_or("").trim();
+    let doc: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+    let r = match ctype {
+        "application/json-patch+json" => patch::json_patch(target, &doc),
+        "application/strategic-merge-patch+json" => patch::strategic_merge(target, &doc),
+        "application/merge-patch+json" | "application/apply-patch+yaml" => {
+            patch::merge_patch(target, &doc);
+            Ok(())
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!("unsupported patch type {other:?}"),
+            ));
+        }
+    };
+    r.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("the patch could not be applied: {e}"),
+        )
+    })
+}
+
+/// Serves `/<resource>/<name>/<sub>`.
+#[allow(clippy::too_many_arguments)]
+pub async fn handle(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    sub: &str,
+    method: &Method,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let key = r.key(ns, name);
+    let kv = st
+        .store
+        .get(&key)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let cur = decode(&kv)?;
+    let key_ref = key.as_str();
+    let write = |new: Value| async move {
+        let mut stored = new;
+        if let Some(m) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
+        let kv2 = st
+            .store
+            .put(key_ref, bytes, Precondition::ModRevision(kv.mod_revision))
+            .await
+            .map_err(|e| ApiError::from_store(e, r, name))?;
+        Ok::<Value, ApiError>(with_rv(stored, kv2.mod_revision))
+    };
+    match (sub, method) {
+        ("status", &Method::GET) => Ok(json_response(StatusCode::OK, &cur)),
+        ("status", &Method::PUT) | ("status", &Method::PATCH) => {
+            let incoming = if method == Method::PUT {
+                let b = parse_body(body, r)?;
+                if let Some(rv) = b
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    && rv != kv.mod_revision.to_string()
+                {
+                    return Err(ApiError::from_store(
+                        store::Error::Conflict {
+                            key: key.clone(),
+                            expected: 0,
+                            actual: kv.mod_revision,
+                        },
+                        r,
+                        name,
+                    ));
+                }
+                b
+            } else {
+                let mut v = cur.clone();
+                apply_patch(headers, &mut v, body)?;
+                v
+            };
+            let mut new = cur.clone();
+            new["status"] = incoming.get("status").cloned().unwrap_or(Value::Null);
+            Ok(json_response(StatusCode::OK, &write(new).await?))
+        }
+        ("binding", &Method::POST) if r.kind == "Pod" => {
+            let b: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid Binding: {e}")))?;
+            let node = b
+                .pointer("/target/name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty());
+            let node =
+                node.ok_or_else(|| ApiError::bad_request("Binding: target.name: Required value"))?;
+            if let Some(on) = cur
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{on}\""
+                    ),
+                ));
+            }
+            if cur.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!("pod {name} is being deleted, cannot be assigned to a host"),
+                ));
+            }
+            let mut new = cur.clone();
+            new["spec"]["nodeName"] = json!(node);
+            write(new).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
+        }
+        ("scale", m) if matches!(r.kind, "Deployment" | "ReplicaSet") => {
+            let view = |o: &Value| {
+                let sel = o
+                    .pointer("/spec/selector/matchLabels")
+                    .and_then(Value::as_object)
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+                    "metadata": {"name": o.pointer("/metadata/name"), "namespace": o.pointer("/metadata/namespace"),
+                                 "uid": o.pointer("/metadata/uid"), "resourceVersion": o.pointer("/metadata/resourceVersion"),
+                                 "creationTimestamp": o.pointer("/metadata/creationTimestamp")},
+                    "spec": {"replicas": o.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+                    "status": {"replicas": o.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": sel}})
+            };
+            let mut scale = view(&cur);
+            match *m {
+                Method::GET => return Ok(json_response(StatusCode::OK, &scale)),
+                Method::PUT => {
+                    scale = serde_json::from_slice(body)
+                        .map_err(|e| ApiError::bad_request(format!("invalid Scale: {e}")))?
+                }
+                Method::PATCH => apply_patch(headers, &mut scale, body)?,
+                _ => return Err(not_found()),
+            }
+            let replicas = scale
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            if replicas < 0 {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    format!(
+                        "Scale.autoscaling \"{name}\" is invalid: spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"
+                    ),
+                ));
+            }
+            let mut new = cur.clone();
+            new["spec"]["replicas"] = json!(replicas);
+            carry_over(&cur, &mut new);
+            Ok(json_response(StatusCode::OK, &view(&write(new).await?)))
+        }
+        _ => Err(not_found()),
+    }
+}
