@@ -36,6 +36,12 @@ enum Cmd {
         /// Address to serve HTTPS on.
         #[arg(long, default_value = "127.0.0.1:6443")]
         listen: std::net::SocketAddr,
+        /// ClusterIP range of Services.
+        #[arg(long, default_value = "10.96.0.0/12")]
+        service_cidr: String,
+        /// NodePort range, LOW-HIGH.
+        #[arg(long, default_value = "30000-32767")]
+        service_node_port_range: String,
     },
     /// Build and load container images offline.
     Image {
@@ -214,12 +220,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agent::run(cfg, shutdown_signal()).await
         }
         Cmd::Image { cmd } => image(cmd).await,
-        Cmd::Server { data_dir, listen } => {
-            keelson::api::run(
-                keelson::api::ServerConfig { data_dir, listen },
-                shutdown_signal(),
-            )
-            .await
+        Cmd::Server {
+            data_dir,
+            listen,
+            service_cidr,
+            service_node_port_range,
+        } => {
+            let cidr: ipnet::Ipv4Net = service_cidr
+                .parse()
+                .with_context(|| format!("--service-cidr {service_cidr:?} is not an IPv4 CIDR"))?;
+            let range = service_node_port_range
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                })
+                .filter(|(a, b)| a <= b)
+                .with_context(|| {
+                    format!("--service-node-port-range {service_node_port_range:?} is not LOW-HIGH")
+                })?;
+            let services = keelson::api::alloc::ServiceNet {
+                cidr: cidr.trunc(),
+                node_ports: range,
+            };
+            let cfg = keelson::api::ServerConfig {
+                data_dir,
+                listen,
+                services,
+            };
+            keelson::api::run(cfg, shutdown_signal()).await
         }
         Cmd::Pods { data_dir, json } => {
             let body = local_get(&data_dir, "/pods")?;

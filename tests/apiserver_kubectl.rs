@@ -403,6 +403,35 @@ fn kubectl_works_against_keelson_server() {
         "Running 10.0.0.9"
     );
 
+    // Services get a ClusterIP from the service range and node ports from the node-port range;
+    // a taken port is refused and freed again when its Service goes. `kubernetes` is there.
+    let k = s.ok(&["get", "svc", "kubernetes"]);
+    assert!(k.contains("10.96.0.1") && k.contains("443/TCP"), "{k}");
+    let svc = s.write("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 80, nodePort: 31000}]\n");
+    s.ok(&["apply", "-f", &svc]);
+    let ip = s.jsonpath("svc", "web", "{.spec.clusterIP}");
+    assert!(ip.starts_with("10.9") && ip != "10.96.0.1", "{ip}");
+    let row = s.ok(&["get", "svc", "web"]);
+    assert!(
+        row.contains("NodePort") && row.contains("80:31000/TCP"),
+        "{row}"
+    );
+    let clash = s.write(
+        "clash.yaml",
+        &std::fs::read_to_string(&svc)
+            .unwrap()
+            .replace("name: web", "name: clash"),
+    );
+    let err = s.fails(&["apply", "-f", &clash]);
+    assert!(
+        err.contains(
+            "spec.ports[0].nodePort: Invalid value: 31000: provided port is already allocated"
+        ),
+        "{err}"
+    );
+    s.ok(&["delete", "svc", "web"]);
+    s.ok(&["apply", "-f", &clash]);
+
     // A watch sees the deletion.
     let mut w = Command::new("kubectl")
         .args([

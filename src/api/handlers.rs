@@ -409,6 +409,9 @@ async fn delete(
     if r.kind == "Namespace" {
         delete_namespace_contents(st, name).await;
     }
+    if r.kind == "Service" {
+        super::alloc::release(st.store.as_ref(), &obj).await;
+    }
     Ok(json_response(StatusCode::OK, &decode(&gone)?))
 }
 
@@ -717,12 +720,22 @@ async fn create(
         }
         return Ok(warn(json_response(StatusCode::CREATED, &obj), &warnings));
     }
+    let mut obj = obj;
+    if r.kind == "Service" {
+        super::alloc::allocate(st.store.as_ref(), &st.services, &mut obj, None, &key)
+            .await
+            .map_err(|e| invalid(r, &name, &format!("{}: {}", e.field, e.message)))?;
+    }
     let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
-    let kv = st
-        .store
-        .put(&key, bytes, Precondition::Absent)
-        .await
-        .map_err(|e| ApiError::from_store(e, r, &name))?;
+    let kv = match st.store.put(&key, bytes, Precondition::Absent).await {
+        Ok(kv) => kv,
+        Err(e) => {
+            if r.kind == "Service" {
+                super::alloc::release(st.store.as_ref(), &obj).await;
+            }
+            return Err(ApiError::from_store(e, r, &name));
+        }
+    };
     let resp = json_response(StatusCode::CREATED, &with_rv(obj, kv.mod_revision));
     Ok(warn(resp, &warnings))
 }
@@ -789,7 +802,12 @@ async fn update(
     if super::subresource::has_status(r) {
         obj["status"] = old.get("status").cloned().unwrap_or(Value::Null);
     }
-    let (obj, warnings) = admit(r, obj, name, field_validation)?;
+    let (mut obj, warnings) = admit(r, obj, name, field_validation)?;
+    if r.kind == "Service" && !dry {
+        super::alloc::allocate(st.store.as_ref(), &st.services, &mut obj, Some(&old), &key)
+            .await
+            .map_err(|e| invalid(r, name, &format!("{}: {}", e.field, e.message)))?;
+    }
     if dry {
         if let Precondition::ModRevision(rv) = pre
             && rv != cur.mod_revision
@@ -935,7 +953,12 @@ async fn patch(
         if super::subresource::has_status(r) {
             new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
         }
-        let (new, warnings) = admit(r, new, name, field_validation)?;
+        let (mut new, warnings) = admit(r, new, name, field_validation)?;
+        if r.kind == "Service" && !dry {
+            super::alloc::allocate(st.store.as_ref(), &st.services, &mut new, Some(&old), &key)
+                .await
+                .map_err(|e| invalid(r, name, &format!("{}: {}", e.field, e.message)))?;
+        }
         if dry {
             let resp = json_response(StatusCode::OK, &with_rv(new, cur.mod_revision));
             return Ok(warn(resp, &warnings));

@@ -1,6 +1,7 @@
 //! Owns the Kubernetes REST API over HTTPS: credentials, authentication, discovery, and the
 //! generic resource handlers over the store. Never runs containers or programs the network.
 
+pub mod alloc;
 pub mod handlers;
 pub mod patch;
 pub mod pki;
@@ -33,12 +34,14 @@ pub const KUBE_MINOR: &str = "32";
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    pub services: alloc::ServiceNet,
 }
 
 /// Shared state of the API handlers.
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub admin_token: String,
+    pub services: alloc::ServiceNet,
 }
 
 async fn auth(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
@@ -133,6 +136,50 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `kubernetes` Service in `default` (the range's first address, port 443) and its
+/// Endpoints pointing at this server, as kube-apiserver keeps them.
+async fn seed_kubernetes_service(
+    store: &dyn Store,
+    net: &alloc::ServiceNet,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let svc_r = registry::find("", "v1", "services").context("services resource")?;
+    let ep_r = registry::find("", "v1", "endpoints").context("endpoints resource")?;
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let ip = net.first().to_string();
+    let svc_key = svc_r.key(Some("default"), "kubernetes");
+    if store.get(&svc_key).await?.is_none() {
+        let mut svc = json!({"kind": "Service", "apiVersion": "v1",
+            "metadata": {"name": "kubernetes", "namespace": "default", "uid": crate::runtime::random_hex(16), "creationTimestamp": now,
+                         "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"clusterIP": ip, "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": addr.port()}]}});
+        alloc::allocate(store, net, &mut svc, None, &svc_key)
+            .await
+            .map_err(|e| anyhow::anyhow!("kubernetes Service: {}: {}", e.field, e.message))?;
+        match store
+            .put(&svc_key, serde_json::to_vec(&svc)?, Precondition::Absent)
+            .await
+        {
+            Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let ep = json!({"kind": "Endpoints", "apiVersion": "v1",
+        "metadata": {"name": "kubernetes", "namespace": "default", "uid": crate::runtime::random_hex(16), "creationTimestamp": now,
+                     "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+        "subsets": [{"addresses": [{"ip": addr.ip().to_string()}], "ports": [{"name": "https", "port": addr.port(), "protocol": "TCP"}]}]});
+    store
+        .put(
+            &ep_r.key(Some("default"), "kubernetes"),
+            serde_json::to_vec(&ep)?,
+            Precondition::None,
+        )
+        .await?;
+    Ok(())
+}
+
 /// Runs the API server until `shutdown` resolves. Writes `DATA_DIR/kubeconfig.yaml` once it serves.
 pub async fn run(
     cfg: ServerConfig,
@@ -157,7 +204,10 @@ pub async fn run(
     if !host.is_empty() {
         names.push(host);
     }
-    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    let mut ips = vec![
+        std::net::IpAddr::from([127, 0, 0, 1]),
+        std::net::IpAddr::V4(cfg.services.first()),
+    ];
     if !cfg.listen.ip().is_unspecified() && !ips.contains(&cfg.listen.ip()) {
         ips.push(cfg.listen.ip());
     }
@@ -166,8 +216,9 @@ pub async fn run(
     let st = Arc::new(ApiState {
         store: Arc::new(store),
         admin_token: pki.admin_token.clone(),
+        services: cfg.services.clone(),
     });
-    let app = router(st);
+    let app = router(st.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -177,6 +228,7 @@ pub async fn run(
     } else {
         addr
     };
+    seed_kubernetes_service(st.store.as_ref(), &cfg.services, shown).await?;
     let kc = pki::kubeconfig(&format!("https://{shown}"), &pki.ca_pem, &pki.admin_token);
     pki::write_private(&cfg.data_dir.join("kubeconfig.yaml"), &kc)?;
     tracing::info!(%addr, kubeconfig = %cfg.data_dir.join("kubeconfig.yaml").display(), "API server serving");

@@ -39,6 +39,22 @@ fn columns(r: &Resource) -> Vec<Value> {
             col("Data", "integer", 0),
             col("Age", "string", 0),
         ],
+        "Service" => vec![
+            col("Name", "string", 0),
+            col("Type", "string", 0),
+            col("Cluster-IP", "string", 0),
+            col("External-IP", "string", 0),
+            col("Port(s)", "string", 0),
+            col("Age", "string", 0),
+            col("Selector", "string", 1),
+        ],
+        "Deployment" => vec![
+            col("Name", "string", 0),
+            col("Ready", "string", 0),
+            col("Up-to-date", "string", 0),
+            col("Available", "string", 0),
+            col("Age", "string", 0),
+        ],
         _ => vec![col("Name", "string", 0), col("Age", "string", 0)],
     }
 }
@@ -91,6 +107,77 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
                 .sum::<usize>();
             vec![name, json!(n), json!(age(obj))]
         }
+        "Service" => {
+            let ports: Vec<String> = obj
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+                    let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+                    match p.get("nodePort").and_then(Value::as_i64) {
+                        Some(np) => format!("{port}:{np}/{proto}"),
+                        None => format!("{port}/{proto}"),
+                    }
+                })
+                .collect();
+            let selector = obj
+                .pointer("/spec/selector")
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "<none>".into());
+            let external = obj
+                .pointer("/spec/externalIPs")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                name,
+                obj.pointer("/spec/type")
+                    .cloned()
+                    .unwrap_or_else(|| json!("ClusterIP")),
+                obj.pointer("/spec/clusterIP")
+                    .cloned()
+                    .unwrap_or_else(|| json!("<none>")),
+                json!(external),
+                json!(if ports.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    ports.join(",")
+                }),
+                json!(age(obj)),
+                json!(selector),
+            ]
+        }
+        "Deployment" => {
+            let n = |p: &str| obj.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+            vec![
+                name,
+                json!(format!(
+                    "{}/{}",
+                    n("/status/readyReplicas"),
+                    obj.pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                )),
+                json!(n("/status/updatedReplicas")),
+                json!(n("/status/availableReplicas")),
+                json!(age(obj)),
+            ]
+        }
         _ => vec![name, json!(age(obj))],
     }
 }
@@ -114,6 +201,23 @@ pub fn table(r: &Resource, objs: &[Value], _event: Option<&str>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_has_as_many_cells_as_columns() {
+        for r in super::super::registry::RESOURCES {
+            let t = table(
+                r,
+                &[json!({"metadata": {"name": "x"}, "spec": {"ports": [{"port": 80}]}})],
+                None,
+            );
+            assert_eq!(
+                t["columnDefinitions"].as_array().unwrap().len(),
+                t["rows"][0]["cells"].as_array().unwrap().len(),
+                "{}",
+                r.kind
+            );
+        }
+    }
 
     #[test]
     fn namespaces_show_their_phase_and_rows_carry_metadata() {
