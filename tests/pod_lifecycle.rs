@@ -76,9 +76,16 @@ fn a_failing_init_container_blocks_the_app() {
         cstatus(&never, "main").container_id.is_none(),
         "the app never started"
     );
-    let always = lab.wait_pod("always", "init restarted", Duration::from_secs(30), |p| {
-        restarts(p, "setup") >= 1
-    });
+    // Restarted, and failed again: between runs kubectl shows the failure, not Init:0/1.
+    let always = lab.wait_pod(
+        "always",
+        "init restarted and failing",
+        Duration::from_secs(30),
+        |p| {
+            let st = keelson::agent::print::pod_status(p);
+            restarts(p, "setup") >= 1 && (st == "Init:Error" || st == "Init:CrashLoopBackOff")
+        },
+    );
     assert_eq!(phase(&always), "Pending");
     assert!(
         cstatus(&always, "main").container_id.is_none(),
