@@ -84,7 +84,11 @@ fn two_pods_on_one_node_reach_each_other() {
     assert_ne!(ipa, ipb);
     // From inside pod a, fetch pod b (exec through a probe-less one-shot pod would be heavier;
     // a third pod that fetches b and exits reports the body in its log).
-    let script = format!("timeout 5 wget -qO- http://{ipb}/ && timeout 5 wget -qO- http://{ipa}/");
+    // (A few tries: the servers have no readiness probe, so "Ready" may precede listen().)
+    let fetch = |ip: &str| {
+        format!("for i in 1 2 3 4 5; do timeout 5 wget -qO- http://{ip}/ && break; sleep 0.5; done")
+    };
+    let script = format!("{} && {}", fetch(&ipb), fetch(&ipa));
     lab.write_manifest(
         "client.yaml",
         &pod_yaml("client", &script, "", "  restartPolicy: Never\n"),
