@@ -6,9 +6,11 @@ pub mod handlers;
 pub mod patch;
 pub mod pki;
 pub mod registry;
+pub mod selector;
 pub mod subresource;
 pub mod table;
 pub mod typed;
+pub mod write;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 

@@ -11,9 +11,10 @@ use serde_json::{Value, json};
 
 use super::{
     ApiState,
-    handlers::{ApiError, carry_over, decode, json_response, parse_body, with_rv},
+    handlers::{ApiError, decode, json_response, parse_body, with_rv},
     patch,
     registry::Resource,
+    write::carry_over,
 };
 use crate::store::{self, Precondition};
 
@@ -169,16 +170,8 @@ pub async fn handle(
         }
         ("scale", m) if matches!(r.kind, "Deployment" | "ReplicaSet") => {
             let view = |o: &Value| {
-                let sel = o
-                    .pointer("/spec/selector/matchLabels")
-                    .and_then(Value::as_object)
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    })
-                    .unwrap_or_default();
+                let sel =
+                    super::selector::labels_to_string(o.pointer("/spec/selector/matchLabels"));
                 json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
                     "metadata": {"name": o.pointer("/metadata/name"), "namespace": o.pointer("/metadata/namespace"),
                                  "uid": o.pointer("/metadata/uid"), "resourceVersion": o.pointer("/metadata/resourceVersion"),

@@ -122,17 +122,11 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
                     }
                 })
                 .collect();
-            let selector = obj
-                .pointer("/spec/selector")
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "<none>".into());
+            let selector = Some(super::selector::labels_to_string(
+                obj.pointer("/spec/selector"),
+            ))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "<none>".into());
             let external = obj
                 .pointer("/spec/externalIPs")
                 .and_then(Value::as_array)

@@ -1,0 +1,675 @@
+//! The write paths of the REST API: create, replace, patch and delete, with admission
+//! (typed decoding, defaulting, validation), Service allocation and finalizers.
+
+use axum::{
+    body::Bytes,
+    http::{HeaderMap, StatusCode},
+    response::Response,
+};
+use serde_json::{Value, json};
+
+use super::handlers::*;
+use super::{
+    ApiState,
+    registry::{self, Resource},
+};
+use crate::store::{self, Precondition};
+
+pub(super) fn is_dns_subdomain(s: &str) -> bool {
+    crate::agent::validate::is_dns1123_subdomain(s)
+}
+
+/// The parts of DeleteOptions keelson honours.
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeleteOptions {
+    grace_period_seconds: Option<i64>,
+    preconditions: Option<DeletePreconditions>,
+    dry_run: Option<Vec<String>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeletePreconditions {
+    uid: Option<String>,
+    resource_version: Option<String>,
+}
+
+/// DELETE: preconditions, then finalizers and pod grace turn it into setting
+/// `deletionTimestamp` (the object stays until its finalizers are gone / its node confirms);
+/// otherwise the object goes at once. A namespace takes its contents with it.
+pub(super) async fn delete(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    body: &Bytes,
+    grace_param: Option<i64>,
+    dry: bool,
+) -> Result<Response, ApiError> {
+    let opts: DeleteOptions = if body.iter().all(u8::is_ascii_whitespace) {
+        DeleteOptions::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+    };
+    let dry = dry
+        || opts
+            .dry_run
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|x| x == "All"));
+    let key = r.key(ns, name);
+    let kv = st
+        .store
+        .get(&key)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let obj = decode(&kv)?;
+    let conflict = |msg: String| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": {msg}",
+                r.qualified()
+            ),
+        )
+    };
+    if let Some(p) = &opts.preconditions {
+        let uid = obj
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if let Some(want) = p.uid.as_deref().filter(|w| *w != uid) {
+            return Err(conflict(format!(
+                "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+            )));
+        }
+        if let Some(want) = p
+            .resource_version
+            .as_deref()
+            .filter(|w| *w != kv.mod_revision.to_string())
+        {
+            return Err(conflict(format!(
+                "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {}",
+                kv.mod_revision
+            )));
+        }
+    }
+    let has_finalizers = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    // Pods on a node stop gracefully: the kubelet finishes the delete.
+    let grace = opts.grace_period_seconds.or(grace_param);
+    let pod_grace = (r.kind == "Pod"
+        && obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+        && !matches!(
+            obj.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        ))
+    .then(|| {
+        grace
+            .or_else(|| {
+                obj.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
+            .unwrap_or(30)
+    })
+    .filter(|g| *g > 0);
+    if has_finalizers || pod_grace.is_some() {
+        let mut marked = obj.clone();
+        let already = obj.pointer("/metadata/deletionTimestamp").is_some();
+        let g = pod_grace.unwrap_or(0);
+        let shorter = obj
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_none_or(|old| g < old);
+        if !already || shorter {
+            let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(g);
+            marked["metadata"]["deletionTimestamp"] =
+                json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+            marked["metadata"]["deletionGracePeriodSeconds"] = json!(g);
+        }
+        if dry {
+            return Ok(json_response(StatusCode::OK, &marked));
+        }
+        let mut stored = marked.clone();
+        if let Some(m) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
+        let kv = st
+            .store
+            .put(&key, bytes, Precondition::ModRevision(kv.mod_revision))
+            .await
+            .map_err(|e| ApiError::from_store(e, r, name))?;
+        return Ok(json_response(
+            StatusCode::OK,
+            &with_rv(stored, kv.mod_revision),
+        ));
+    }
+    if dry {
+        return Ok(json_response(StatusCode::OK, &obj));
+    }
+    let gone = st
+        .store
+        .delete(&key, Precondition::ModRevision(kv.mod_revision))
+        .await
+        .map_err(|e| ApiError::from_store(e, r, name))?;
+    if r.kind == "Namespace" {
+        delete_namespace_contents(st, name).await;
+    }
+    if r.kind == "Service" {
+        super::alloc::release(st.store.as_ref(), &obj).await;
+    }
+    Ok(json_response(StatusCode::OK, &decode(&gone)?))
+}
+
+/// An update of an object being deleted that leaves no finalizers completes the deletion.
+pub(super) async fn finish_delete(
+    st: &ApiState,
+    r: &'static Resource,
+    key: &str,
+    name: &str,
+    obj: &Value,
+    pre: Precondition,
+) -> Result<Option<Response>, ApiError> {
+    let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
+    let finalizers = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    let graceful_pod = r.kind == "Pod" && obj.pointer("/spec/nodeName").is_some();
+    if !deleting || finalizers || graceful_pod {
+        return Ok(None);
+    }
+    let gone = st
+        .store
+        .delete(key, pre)
+        .await
+        .map_err(|e| ApiError::from_store(e, r, name))?;
+    Ok(Some(json_response(StatusCode::OK, &decode(&gone)?)))
+}
+
+/// Removes every object in a deleted namespace (until the namespace controller exists).
+pub(super) async fn delete_namespace_contents(st: &ApiState, ns: &str) {
+    for r in registry::RESOURCES.iter().filter(|r| r.namespaced) {
+        let Ok(page) = st
+            .store
+            .list(&format!("{}{ns}/", r.prefix()), None, 0)
+            .await
+        else {
+            continue;
+        };
+        for kv in page.items {
+            let _ = st.store.delete(&kv.key, Precondition::None).await;
+        }
+    }
+}
+
+/// Options of a write request.
+#[derive(Clone, Copy)]
+pub(super) struct WriteOpts<'a> {
+    /// `dryRun=All`: validate and answer, store nothing.
+    pub(super) dry: bool,
+    /// `fieldValidation`: Strict, Warn (default) or Ignore.
+    pub(super) field_validation: Option<&'a str>,
+}
+
+/// Decodes, defaults and validates an object about to be stored (kube-apiserver's admission
+/// chain for the parts keelson has): returns the canonical object and warnings.
+pub(super) fn admit(
+    r: &Resource,
+    obj: Value,
+    name: &str,
+    field_validation: Option<&str>,
+) -> Result<(Value, Vec<String>), ApiError> {
+    let d = super::typed::decode(r, &obj).map_err(ApiError::bad_request)?;
+    let mut warnings = vec![];
+    if !d.unknown.is_empty() {
+        let list: Vec<String> = d
+            .unknown
+            .iter()
+            .map(|f| format!("unknown field \"{f}\""))
+            .collect();
+        match field_validation.unwrap_or("Warn") {
+            "Strict" => {
+                return Err(ApiError::bad_request(format!(
+                    "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                    r.kind,
+                    r.api_version(),
+                    r.kind,
+                    list.join(", ")
+                )));
+            }
+            "Ignore" => {}
+            _ => warnings = list,
+        }
+    }
+    let mut obj = d.canonical;
+    if r.kind == "Pod" {
+        super::typed::default_pod(&mut obj);
+    }
+    let errs = super::typed::validate(r, &obj);
+    if !errs.is_empty() {
+        let causes: Vec<Value> = errs
+            .iter()
+            .map(|e| {
+                let (field, msg) = e.split_once(": ").unwrap_or(("", e));
+                json!({"reason": "FieldValueInvalid", "message": msg, "field": field})
+            })
+            .collect();
+        let mut e = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("{} \"{name}\" is invalid: [{}]", r.kind, errs.join(", ")),
+        );
+        e.details = Some(json!({"name": name, "kind": r.kind, "group": r.group, "causes": causes}));
+        return Err(e);
+    }
+    Ok((obj, warnings))
+}
+
+/// Adds `Warning` headers (kubectl prints them as `Warning: ...`).
+pub(super) fn warn(mut resp: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        let v = format!("299 - {}", serde_json::to_string(w).unwrap_or_default());
+        if let Ok(h) = axum::http::HeaderValue::from_str(&v) {
+            resp.headers_mut().append("warning", h);
+        }
+    }
+    resp
+}
+
+pub(super) async fn ensure_namespace(st: &ApiState, ns: Option<&str>) -> Result<(), ApiError> {
+    let Some(ns) = ns else { return Ok(()) };
+    let nsr = registry::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("no namespaces"))?;
+    if st
+        .store
+        .get(&nsr.key(None, ns))
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("namespaces \"{ns}\" not found"),
+        )
+        .with(ns, nsr));
+    }
+    Ok(())
+}
+
+pub(super) async fn create(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    body: &Bytes,
+    o: WriteOpts<'_>,
+) -> Result<Response, ApiError> {
+    let (dry, field_validation) = (o.dry, o.field_validation);
+    let mut obj = parse_body(body, r)?;
+    let meta = obj
+        .as_object_mut()
+        .and_then(|o| {
+            Some(
+                o.entry("metadata")
+                    .or_insert_with(|| json!({}))
+                    .as_object_mut()?
+                    .clone(),
+            )
+        })
+        .unwrap_or_default();
+    let mut meta = meta;
+    let mut name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if name.is_empty()
+        && let Some(g) = meta.get("generateName").and_then(Value::as_str)
+    {
+        name = format!("{g}{}", &crate::runtime::random_hex(3)[..5]);
+    }
+    if name.is_empty() {
+        return Err(invalid(
+            r,
+            "",
+            "metadata.name: Required value: name or generateName is required",
+        ));
+    }
+    if !is_dns_subdomain(&name) {
+        return Err(invalid(
+            r,
+            &name,
+            &format!(
+                "metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+            ),
+        ));
+    }
+    if r.namespaced {
+        let body_ns = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
+        let ns = ns.unwrap_or("");
+        if !body_ns.is_empty() && body_ns != ns {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        meta.insert("namespace".into(), Value::String(ns.to_string()));
+    }
+    meta.insert("name".into(), Value::String(name.clone()));
+    meta.insert("uid".into(), Value::String(uuid()));
+    meta.insert("creationTimestamp".into(), Value::String(now()));
+    meta.remove("resourceVersion");
+    if obj.get("spec").is_some() {
+        meta.insert("generation".into(), json!(1));
+    }
+    if r.kind == "Namespace" {
+        obj["spec"] = json!({"finalizers": ["kubernetes"]});
+        obj["status"] = json!({"phase": "Active"});
+    }
+    obj["metadata"] = Value::Object(meta);
+    let (obj, warnings) = admit(r, obj, &name, field_validation)?;
+    ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
+    let key = r.key(ns, &name);
+    if dry {
+        if st
+            .store
+            .get(&key)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            return Err(ApiError::from_store(
+                store::Error::AlreadyExists(key),
+                r,
+                &name,
+            ));
+        }
+        return Ok(warn(json_response(StatusCode::CREATED, &obj), &warnings));
+    }
+    let mut obj = obj;
+    if r.kind == "Service" {
+        super::alloc::allocate(st.store.as_ref(), &st.services, &mut obj, None, &key)
+            .await
+            .map_err(|e| invalid(r, &name, &format!("{}: {}", e.field, e.message)))?;
+    }
+    let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
+    let kv = match st.store.put(&key, bytes, Precondition::Absent).await {
+        Ok(kv) => kv,
+        Err(e) => {
+            if r.kind == "Service" {
+                super::alloc::release(st.store.as_ref(), &obj).await;
+            }
+            return Err(ApiError::from_store(e, r, &name));
+        }
+    };
+    let resp = json_response(StatusCode::CREATED, &with_rv(obj, kv.mod_revision));
+    Ok(warn(resp, &warnings))
+}
+
+/// A 422 Invalid with one field cause (`field: message`), as kube-apiserver words it.
+pub(super) fn invalid(r: &Resource, name: &str, cause: &str) -> ApiError {
+    let (field, msg) = cause.split_once(": ").unwrap_or(("", cause));
+    let reason = if msg.starts_with("Required value") {
+        "FieldValueRequired"
+    } else {
+        "FieldValueInvalid"
+    };
+    let mut e = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        format!("{} \"{name}\" is invalid: {cause}", r.kind),
+    );
+    e.details = Some(json!({"name": name, "kind": r.kind, "group": r.group,
+        "causes": [{"reason": reason, "message": msg, "field": field}]}));
+    e
+}
+
+pub(super) async fn update(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    body: &Bytes,
+    o: WriteOpts<'_>,
+) -> Result<Response, ApiError> {
+    let (dry, field_validation) = (o.dry, o.field_validation);
+    let mut obj = parse_body(body, r)?;
+    let key = r.key(ns, name);
+    let cur = st
+        .store
+        .get(&key)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let old: Value = serde_json::from_slice(&cur.value).map_err(ApiError::internal)?;
+    let body_name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if body_name != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    let pre = match obj
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        Some(rv) if !rv.is_empty() => Precondition::ModRevision(rv.parse().map_err(|_| {
+            invalid(
+                r,
+                name,
+                &format!("metadata.resourceVersion: Invalid value: \"{rv}\": must be a number"),
+            )
+        })?),
+        _ => Precondition::Exists,
+    };
+    carry_over(&old, &mut obj);
+    if super::subresource::has_status(r) {
+        obj["status"] = old.get("status").cloned().unwrap_or(Value::Null);
+    }
+    let (mut obj, warnings) = admit(r, obj, name, field_validation)?;
+    if r.kind == "Service" && !dry {
+        super::alloc::allocate(st.store.as_ref(), &st.services, &mut obj, Some(&old), &key)
+            .await
+            .map_err(|e| invalid(r, name, &format!("{}: {}", e.field, e.message)))?;
+    }
+    if dry {
+        if let Precondition::ModRevision(rv) = pre
+            && rv != cur.mod_revision
+        {
+            return Err(ApiError::from_store(
+                store::Error::Conflict {
+                    key,
+                    expected: rv,
+                    actual: cur.mod_revision,
+                },
+                r,
+                name,
+            ));
+        }
+        let resp = json_response(StatusCode::OK, &with_rv(obj, cur.mod_revision));
+        return Ok(warn(resp, &warnings));
+    }
+    if let Some(resp) = finish_delete(st, r, &key, name, &obj, pre).await? {
+        return Ok(resp);
+    }
+    let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
+    let kv = st
+        .store
+        .put(&key, bytes, pre)
+        .await
+        .map_err(|e| ApiError::from_store(e, r, name))?;
+    let resp = json_response(StatusCode::OK, &with_rv(obj, kv.mod_revision));
+    Ok(warn(resp, &warnings))
+}
+
+/// Keeps immutable metadata of `old` in `new`, moves `generation` when the spec changed, and
+/// drops the resourceVersion (the store assigns it).
+pub(super) fn carry_over(old: &Value, new: &mut Value) {
+    if !new.get("metadata").is_some_and(Value::is_object) {
+        new["metadata"] = json!({});
+    }
+    for f in ["name", "uid", "creationTimestamp", "namespace"] {
+        if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
+            new["metadata"][f] = v.clone();
+        }
+    }
+    if let Some(g) = old.pointer("/metadata/generation").and_then(Value::as_i64) {
+        let changed = old.get("spec") != new.get("spec");
+        new["metadata"]["generation"] = json!(if changed { g + 1 } else { g });
+    }
+    if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+}
+
+/// PATCH in the format the Content-Type names, retried on a concurrent write (a patch applies
+/// to whatever is current).
+pub(super) async fn patch(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    o: WriteOpts<'_>,
+) -> Result<Response, ApiError> {
+    let (dry, field_validation) = (o.dry, o.field_validation);
+    let ctype = headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let doc: Value = match ctype.as_str() {
+        "application/apply-patch+yaml" => serde_saphyr::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
+        "application/merge-patch+json"
+        | "application/json-patch+json"
+        | "application/strategic-merge-patch+json" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other:?})"
+                ),
+            ));
+        }
+    };
+    let key = r.key(ns, name);
+    for _ in 0..8 {
+        let cur = st.store.get(&key).await.map_err(ApiError::internal)?;
+        let Some(cur) = cur else {
+            if ctype == "application/apply-patch+yaml" {
+                // Server-side apply of a missing object creates it.
+                let bytes = Bytes::from(serde_json::to_vec(&doc).map_err(ApiError::internal)?);
+                return create(st, r, ns, &bytes, o).await;
+            }
+            return Err(ApiError::not_found(r, name));
+        };
+        let old: Value = serde_json::from_slice(&cur.value).map_err(ApiError::internal)?;
+        let mut new = with_rv(old.clone(), cur.mod_revision);
+        let applied = match ctype.as_str() {
+            "application/json-patch+json" => super::patch::json_patch(&mut new, &doc),
+            "application/strategic-merge-patch+json" => {
+                super::patch::strategic_merge(&mut new, &doc)
+            }
+            _ => {
+                super::patch::merge_patch(&mut new, &doc);
+                Ok(())
+            }
+        };
+        applied.map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                format!("the patch could not be applied: {e}"),
+            )
+        })?;
+        // A patch may carry a resourceVersion precondition of its own.
+        let pre = match doc
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+        {
+            Some(rv) if rv != cur.mod_revision.to_string() => {
+                return Err(ApiError::from_store(
+                    store::Error::Conflict {
+                        key,
+                        expected: 0,
+                        actual: cur.mod_revision,
+                    },
+                    r,
+                    name,
+                ));
+            }
+            _ => Precondition::ModRevision(cur.mod_revision),
+        };
+        if new.get("kind") != old.get("kind") || new.get("apiVersion") != old.get("apiVersion") {
+            return Err(ApiError::bad_request(
+                "a patch may not change kind or apiVersion",
+            ));
+        }
+        carry_over(&old, &mut new);
+        if super::subresource::has_status(r) {
+            new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
+        }
+        let (mut new, warnings) = admit(r, new, name, field_validation)?;
+        if r.kind == "Service" && !dry {
+            super::alloc::allocate(st.store.as_ref(), &st.services, &mut new, Some(&old), &key)
+                .await
+                .map_err(|e| invalid(r, name, &format!("{}: {}", e.field, e.message)))?;
+        }
+        if dry {
+            let resp = json_response(StatusCode::OK, &with_rv(new, cur.mod_revision));
+            return Ok(warn(resp, &warnings));
+        }
+        if let Some(resp) = finish_delete(st, r, &key, name, &new, pre).await? {
+            return Ok(resp);
+        }
+        let bytes = serde_json::to_vec(&new).map_err(ApiError::internal)?;
+        match st.store.put(&key, bytes, pre).await {
+            Ok(kv) => {
+                let resp = json_response(StatusCode::OK, &with_rv(new, kv.mod_revision));
+                return Ok(warn(resp, &warnings));
+            }
+            Err(store::Error::Conflict { .. }) => continue,
+            Err(e) => return Err(ApiError::from_store(e, r, name)),
+        }
+    }
+    Err(ApiError::from_store(
+        store::Error::Conflict {
+            key,
+            expected: 0,
+            actual: 0,
+        },
+        r,
+        name,
+    ))
+}
+
+pub(super) fn uuid() -> String {
+    let h = crate::runtime::random_hex(16);
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
