@@ -406,6 +406,12 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Last resort: shims of this lab's containerd that outlived it (their tasks are gone). A
+        // shim being started while containerd stopped can appear a moment later: look twice.
+        for _ in 0..2 {
+            kill_shims_of(&self.socket());
+            std::thread::sleep(Duration::from_millis(300));
+        }
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.netns])
             .status();
@@ -421,6 +427,27 @@ impl Drop for Lab {
             for t in targets {
                 let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
             }
+        }
+    }
+}
+
+/// SIGKILLs every containerd shim started for the containerd at `socket`.
+fn kill_shims_of(socket: &Path) {
+    let sock = socket.to_string_lossy().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("containerd-shim") && cmd.contains(sock.as_str()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
