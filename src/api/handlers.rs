@@ -195,6 +195,20 @@ pub(super) fn with_rv(mut v: Value, rev: i64) -> Value {
     v
 }
 
+/// The stored object at `key`, or the resource's NotFound.
+pub(super) async fn get_existing(
+    st: &ApiState,
+    r: &Resource,
+    key: &str,
+    name: &str,
+) -> Result<store::KeyValue, ApiError> {
+    st.store
+        .get(key)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(r, name))
+}
+
 pub(super) fn decode(kv: &store::KeyValue) -> Result<Value, ApiError> {
     let v: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
     Ok(with_rv(v, kv.mod_revision))
@@ -305,12 +319,8 @@ pub async fn resource(
             list(&st, r, t.namespace.as_deref(), &q, wants_table(&headers)).await
         }
         (Method::GET, Some(name)) => {
-            let kv = st
-                .store
-                .get(&r.key(t.namespace.as_deref(), name))
-                .await
-                .map_err(ApiError::internal)?;
-            let obj = decode(&kv.ok_or_else(|| ApiError::not_found(r, name))?)?;
+            let kv = get_existing(&st, r, &r.key(t.namespace.as_deref(), name), name).await?;
+            let obj = decode(&kv)?;
             Ok(if wants_table(&headers) {
                 json_response(StatusCode::OK, &table::table(r, &[obj], None))
             } else {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::{
     ApiState,
-    handlers::{ApiError, decode, json_response, parse_body, with_rv},
+    handlers::{ApiError, decode, get_existing, json_response, parse_body, with_rv},
     patch,
     registry::Resource,
     write::carry_over,
@@ -80,12 +80,7 @@ pub async fn handle(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let key = r.key(ns, name);
-    let kv = st
-        .store
-        .get(&key)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let kv = get_existing(st, r, &key, name).await?;
     let cur = decode(&kv)?;
     let key_ref = key.as_str();
     let write = |new: Value| async move {

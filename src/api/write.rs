@@ -59,12 +59,7 @@ pub(super) async fn delete(
             .as_ref()
             .is_some_and(|d| d.iter().any(|x| x == "All"));
     let key = r.key(ns, name);
-    let kv = st
-        .store
-        .get(&key)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let kv = get_existing(st, r, &key, name).await?;
     let obj = decode(&kv)?;
     let conflict = |msg: String| {
         ApiError::new(
@@ -396,11 +391,7 @@ pub(super) async fn create(
         return Ok(warn(json_response(StatusCode::CREATED, &obj), &warnings));
     }
     let mut obj = obj;
-    if r.kind == "Service" {
-        super::alloc::allocate(st.store.as_ref(), &st.services, &mut obj, None, &key)
-            .await
-            .map_err(|e| invalid(r, &name, &format!("{}: {}", e.field, e.message)))?;
-    }
+    allocate_service(st, r, &mut obj, None, &key, &name).await?;
     let bytes = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
     let kv = match st.store.put(&key, bytes, Precondition::Absent).await {
         Ok(kv) => kv,
@@ -413,6 +404,46 @@ pub(super) async fn create(
     };
     let resp = json_response(StatusCode::CREATED, &with_rv(obj, kv.mod_revision));
     Ok(warn(resp, &warnings))
+}
+
+/// Allocates a Service's ClusterIP and node ports (`old` keeps its allocations); other kinds
+/// pass through.
+async fn allocate_service(
+    st: &ApiState,
+    r: &Resource,
+    obj: &mut Value,
+    old: Option<&Value>,
+    key: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    if r.kind != "Service" {
+        return Ok(());
+    }
+    super::alloc::allocate(st.store.as_ref(), &st.services, obj, old, key)
+        .await
+        .map_err(|e| invalid(r, name, &format!("{}: {}", e.field, e.message)))
+}
+
+/// The new version of an existing object, ready to store: immutable metadata and (for kinds
+/// with a status subresource) the status carried over from `old`, admitted, and allocated.
+async fn prepare_update(
+    st: &ApiState,
+    r: &Resource,
+    old: &Value,
+    mut new: Value,
+    name: &str,
+    key: &str,
+    o: WriteOpts<'_>,
+) -> Result<(Value, Vec<String>), ApiError> {
+    carry_over(old, &mut new);
+    if super::subresource::has_status(r) {
+        new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
+    }
+    let (mut new, warnings) = admit(r, new, name, o.field_validation)?;
+    if !o.dry {
+        allocate_service(st, r, &mut new, Some(old), key, name).await?;
+    }
+    Ok((new, warnings))
 }
 
 /// A 422 Invalid with one field cause (`field: message`), as kube-apiserver words it.
@@ -441,15 +472,10 @@ pub(super) async fn update(
     body: &Bytes,
     o: WriteOpts<'_>,
 ) -> Result<Response, ApiError> {
-    let (dry, field_validation) = (o.dry, o.field_validation);
-    let mut obj = parse_body(body, r)?;
+    let dry = o.dry;
+    let obj = parse_body(body, r)?;
     let key = r.key(ns, name);
-    let cur = st
-        .store
-        .get(&key)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found(r, name))?;
+    let cur = get_existing(st, r, &key, name).await?;
     let old: Value = serde_json::from_slice(&cur.value).map_err(ApiError::internal)?;
     let body_name = obj
         .pointer("/metadata/name")
@@ -473,16 +499,7 @@ pub(super) async fn update(
         })?),
         _ => Precondition::Exists,
     };
-    carry_over(&old, &mut obj);
-    if super::subresource::has_status(r) {
-        obj["status"] = old.get("status").cloned().unwrap_or(Value::Null);
-    }
-    let (mut obj, warnings) = admit(r, obj, name, field_validation)?;
-    if r.kind == "Service" && !dry {
-        super::alloc::allocate(st.store.as_ref(), &st.services, &mut obj, Some(&old), &key)
-            .await
-            .map_err(|e| invalid(r, name, &format!("{}: {}", e.field, e.message)))?;
-    }
+    let (obj, warnings) = prepare_update(st, r, &old, obj, name, &key, o).await?;
     if dry {
         if let Precondition::ModRevision(rv) = pre
             && rv != cur.mod_revision
@@ -544,7 +561,7 @@ pub(super) async fn patch(
     body: &Bytes,
     o: WriteOpts<'_>,
 ) -> Result<Response, ApiError> {
-    let (dry, field_validation) = (o.dry, o.field_validation);
+    let dry = o.dry;
     let ctype = headers
         .get("content-type")
         .and_then(|c| c.to_str().ok())
@@ -624,16 +641,7 @@ pub(super) async fn patch(
                 "a patch may not change kind or apiVersion",
             ));
         }
-        carry_over(&old, &mut new);
-        if super::subresource::has_status(r) {
-            new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
-        }
-        let (mut new, warnings) = admit(r, new, name, field_validation)?;
-        if r.kind == "Service" && !dry {
-            super::alloc::allocate(st.store.as_ref(), &st.services, &mut new, Some(&old), &key)
-                .await
-                .map_err(|e| invalid(r, name, &format!("{}: {}", e.field, e.message)))?;
-        }
+        let (new, warnings) = prepare_update(st, r, &old, new, name, &key, o).await?;
         if dry {
             let resp = json_response(StatusCode::OK, &with_rv(new, cur.mod_revision));
             return Ok(warn(resp, &warnings));
