@@ -131,6 +131,11 @@ pub struct ContainerRecord {
 }
 
 impl ContainerRecord {
+    /// Whether a start that failed before the container ran may be tried again now.
+    pub fn may_start(&self) -> bool {
+        self.retry_at.is_none_or(|t| t <= Instant::now())
+    }
+
     pub fn restart_count(&self) -> i32 {
         self.current
             .as_ref()

@@ -466,7 +466,7 @@ impl PodWorker {
                 .map(|c| (c.is_running(), c.exit_code()))
             {
                 None => {
-                    if rec.retry_at.is_none_or(|t| t <= std::time::Instant::now()) {
+                    if rec.may_start() {
                         self.start(Kind::Init, i).await;
                     }
                     return;
@@ -489,7 +489,7 @@ impl PodWorker {
                 .map(|c| (c.is_running(), c.exit_code()))
             {
                 None => {
-                    if rec.retry_at.is_none_or(|t| t <= std::time::Instant::now()) {
+                    if rec.may_start() {
                         self.start(Kind::App, i).await;
                     }
                 }
