@@ -243,11 +243,47 @@ fn kubectl_works_against_keelson_server() {
         s.fails(&["get", "cm", "dry"]).contains("not found"),
         "a dry run stores nothing"
     );
-    // kubectl's generators send protobuf: a clear 415 until it is decoded.
-    assert!(
-        s.fails(&["create", "configmap", "proto", "--from-literal=a=b"])
-            .contains("protobuf request bodies are not supported yet")
+    // kubectl's generators send protobuf bodies.
+    s.ok(&["create", "configmap", "proto", "--from-literal=a=b"]);
+    assert_eq!(s.jsonpath("cm", "proto", "{.data.a}"), "b");
+    s.ok(&["create", "secret", "generic", "psec", "--from-literal=x=yz"]);
+    assert_eq!(
+        s.jsonpath("secret", "psec", "{.data.x} {.type}"),
+        "eXo= Opaque"
     );
+    s.ok(&["create", "namespace", "pns"]);
+    assert_eq!(s.jsonpath("ns", "pns", "{.status.phase}"), "Active");
+    s.ok(&["create", "service", "nodeport", "psvc", "--tcp=80:8080"]);
+    let got = s.jsonpath(
+        "svc",
+        "psvc",
+        "{.spec.type} {.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.selector.app}",
+    );
+    assert_eq!(got, "NodePort 80 8080 psvc");
+    assert!(!s.jsonpath("svc", "psvc", "{.spec.clusterIP}").is_empty());
+    s.ok(&[
+        "create",
+        "deployment",
+        "pdep",
+        "--image=busybox:1.36",
+        "--port=80",
+        "--replicas=0",
+        "--",
+        "sleep",
+        "3600",
+    ]);
+    let got = s.jsonpath(
+        "deploy",
+        "pdep",
+        "{.spec.replicas} {.spec.selector.matchLabels.app} {.spec.strategy.type} {.spec.strategy.rollingUpdate.maxSurge} {.spec.revisionHistoryLimit} {.spec.progressDeadlineSeconds}",
+    );
+    assert_eq!(got, "0 pdep RollingUpdate 25% 10 600");
+    let got = s.jsonpath(
+        "deploy",
+        "pdep",
+        "{.spec.template.spec.containers[0].command} {.spec.template.spec.containers[0].ports[0].containerPort} {.spec.template.spec.restartPolicy} {.spec.template.metadata.creationTimestamp}",
+    );
+    assert_eq!(got, "[\"sleep\",\"3600\"] 80 Always ");
 
     // Strict field validation (kubectl's default) rejects unknown fields, naming them; with
     // --validate=warn the object is stored without them and kubectl prints a warning.

@@ -230,18 +230,19 @@ pub(super) fn parse_body(body: &Bytes, r: &Resource) -> Result<Value, ApiError> 
             "the request body is larger than 3 MiB",
         ));
     }
-    if body.starts_with(b"k8s\0") {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UnsupportedMediaType",
-            "protobuf request bodies are not supported yet; send JSON",
-        ));
-    }
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body of the request could not be decoded as JSON: {e}"
-        ))
-    })?;
+    let v: Value = if body.starts_with(b"k8s\0") {
+        super::protobuf::decode_body(body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body of the request could not be decoded as protobuf: {e}"
+            ))
+        })?
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body of the request could not be decoded as JSON: {e}"
+            ))
+        })?
+    };
     if !v.is_object() {
         return Err(ApiError::bad_request(
             "the body of the request must be a JSON object",

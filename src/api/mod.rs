@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod handlers;
 pub mod patch;
 pub mod pki;
+mod protobuf;
 pub mod registry;
 pub mod selector;
 pub mod subresource;

@@ -94,11 +94,89 @@ pub fn decode(r: &Resource, obj: &Value) -> Result<Decoded, String> {
     Ok(Decoded { canonical, unknown })
 }
 
-/// kube-apiserver's defaults for a Pod spec (those kubelet and kubectl rely on).
-pub fn default_pod(obj: &mut Value) {
+/// kube-apiserver's defaults for the kinds that have them: Pods and the pod templates of
+/// Deployments, ReplicaSets and DaemonSets, plus the workloads' own spec defaults.
+pub fn apply_defaults(kind: &str, obj: &mut Value) {
+    match kind {
+        "Pod" => default_pod(obj),
+        "Deployment" | "ReplicaSet" | "DaemonSet" => default_workload(kind, obj),
+        "Secret"
+            if obj
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty() =>
+        {
+            obj["type"] = "Opaque".into();
+        }
+        _ => {}
+    }
+}
+
+fn default_workload(kind: &str, obj: &mut Value) {
     let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
         return;
     };
+    if kind != "DaemonSet" {
+        spec.entry("replicas").or_insert(1.into());
+    }
+    if kind != "ReplicaSet" {
+        spec.entry("revisionHistoryLimit").or_insert(10.into());
+    }
+    if kind == "Deployment" {
+        spec.entry("progressDeadlineSeconds").or_insert(600.into());
+    }
+    let strategy_key = match kind {
+        "Deployment" => Some("strategy"),
+        "DaemonSet" => Some("updateStrategy"),
+        _ => None,
+    };
+    if let Some(key) = strategy_key {
+        let st = spec
+            .entry(key)
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut();
+        if let Some(st) = st {
+            let ty = st
+                .entry("type")
+                .or_insert_with(|| "RollingUpdate".into())
+                .clone();
+            if ty == "RollingUpdate" {
+                let ru = st
+                    .entry("rollingUpdate")
+                    .or_insert_with(|| serde_json::json!({}));
+                if let Some(ru) = ru.as_object_mut() {
+                    let (unavailable, surge): (Value, Value) = if kind == "Deployment" {
+                        ("25%".into(), "25%".into())
+                    } else {
+                        (1.into(), 0.into())
+                    };
+                    ru.entry("maxUnavailable").or_insert(unavailable);
+                    ru.entry("maxSurge").or_insert(surge);
+                }
+            }
+        }
+    }
+    if let Some(ps) = spec
+        .get_mut("template")
+        .and_then(|t| t.get_mut("spec"))
+        .and_then(Value::as_object_mut)
+    {
+        default_pod_spec(ps);
+    }
+}
+
+/// kube-apiserver's defaults for a Pod (those kubelet and kubectl rely on).
+pub fn default_pod(obj: &mut Value) {
+    if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+        default_pod_spec(spec);
+    }
+    if obj.get("status").is_none() {
+        obj["status"] = serde_json::json!({"phase": "Pending"});
+    }
+}
+
+fn default_pod_spec(spec: &mut serde_json::Map<String, Value>) {
     let mut set = |k: &str, v: Value| {
         spec.entry(k.to_string()).or_insert(v);
     };
@@ -145,9 +223,6 @@ pub fn default_pod(obj: &mut Value) {
                 }
             }
         }
-    }
-    if obj.get("status").is_none() {
-        obj["status"] = serde_json::json!({"phase": "Pending"});
     }
 }
 
@@ -207,5 +282,27 @@ mod tests {
         );
         assert_eq!(p["spec"]["containers"][0]["ports"][0]["protocol"], "TCP");
         assert_eq!(p["status"]["phase"], "Pending");
+    }
+
+    #[test]
+    fn workloads_get_strategy_and_template_defaults() {
+        let mut d = json!({"spec": {"strategy": {}, "template": {"spec": {"containers": [{"name": "a", "image": "x:1"}]}}}});
+        apply_defaults("Deployment", &mut d);
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        assert_eq!(d["spec"]["revisionHistoryLimit"], 10);
+        assert_eq!(d["spec"]["progressDeadlineSeconds"], 600);
+        assert_eq!(d["spec"]["template"]["spec"]["restartPolicy"], "Always");
+        let mut r = json!({"spec": {"strategy": {"type": "Recreate"}}});
+        apply_defaults("Deployment", &mut r);
+        assert!(r["spec"]["strategy"].get("rollingUpdate").is_none());
+        let mut ds = json!({"spec": {}});
+        apply_defaults("DaemonSet", &mut ds);
+        assert_eq!(
+            ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+            1
+        );
+        assert!(ds["spec"].get("replicas").is_none());
     }
 }

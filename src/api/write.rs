@@ -247,9 +247,7 @@ pub(super) fn admit(
         }
     }
     let mut obj = d.canonical;
-    if r.kind == "Pod" {
-        super::typed::default_pod(&mut obj);
-    }
+    super::typed::apply_defaults(r.kind, &mut obj);
     let errs = super::typed::validate(r, &obj);
     if !errs.is_empty() {
         let causes: Vec<Value> = errs
