@@ -509,3 +509,102 @@ fn objects_survive_a_sigkill_of_the_server() {
     );
     assert_eq!(s.jsonpath("cm", "settings", "{.data.color}"), "blue");
 }
+
+#[test]
+fn node_identities_write_only_their_own_objects() {
+    let s = Server::start(tempfile::tempdir().unwrap());
+    let node_token = std::fs::read_to_string(s.dir.path().join("node-token")).unwrap();
+    let n1 = keelson::api::authz::node_credential(&node_token, "n1");
+    let token = format!("--token={n1}");
+    let as_n1 = |args: &[&str]| {
+        let mut a = vec![token.as_str()];
+        a.extend_from_slice(args);
+        s.kubectl(&a)
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
+    let node = |name: &str| {
+        s.write(
+            &format!("{name}.yaml"),
+            &format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n"),
+        )
+    };
+    assert!(as_n1(&["create", "-f", &node("n1")]).status.success());
+    let o = as_n1(&["create", "-f", &node("n2")]);
+    assert!(
+        stderr(&o).contains(
+            "User \"system:node:n1\" cannot create resource \"nodes\" in API group \"\" at the cluster scope: node \"n1\" is not allowed to modify node \"n2\""
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(as_n1(&["label", "node", "n1", "a=b"]).status.success());
+    s.ok(&["create", "-f", &node("n2")]);
+    assert!(!as_n1(&["label", "node", "n2", "a=b"]).status.success());
+
+    // Pods: reads are open, status writes and deletes only for pods bound to n1.
+    let pod = |name: &str, node: &str| {
+        s.write(
+            &format!("{name}.yaml"),
+            &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, image: busybox:1}}]\n"),
+        )
+    };
+    s.ok(&["create", "-f", &pod("mine", "n1")]);
+    s.ok(&["create", "-f", &pod("theirs", "n2")]);
+    assert!(as_n1(&["get", "pods"]).status.success());
+    let running = r#"{"status":{"phase":"Running"}}"#;
+    let patch = |name: &str| {
+        as_n1(&[
+            "patch",
+            "pod",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            running,
+        ])
+    };
+    assert!(patch("mine").status.success());
+    assert_eq!(s.jsonpath("pod", "mine", "{.status.phase}"), "Running");
+    let o = patch("theirs");
+    assert!(
+        stderr(&o).contains("can only modify pods bound to itself"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !as_n1(&["label", "pod", "mine", "x=y"]).status.success(),
+        "no writes to the pod itself"
+    );
+    assert!(!as_n1(&["create", "-f", &pod("new", "n1")]).status.success());
+    assert!(
+        !as_n1(&["delete", "pod", "theirs", "--wait=false"])
+            .status
+            .success()
+    );
+    assert!(
+        as_n1(&["delete", "pod", "mine", "--wait=false"])
+            .status
+            .success()
+    );
+
+    // Leases: only its own, in kube-node-lease. Other kinds: no writes.
+    let lease = |name: &str| {
+        s.write(
+            &format!("lease-{name}.yaml"),
+            &format!("apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: {name}, namespace: kube-node-lease}}\nspec: {{holderIdentity: {name}}}\n"),
+        )
+    };
+    assert!(as_n1(&["create", "-f", &lease("n1")]).status.success());
+    assert!(!as_n1(&["create", "-f", &lease("n2")]).status.success());
+    let o = as_n1(&["create", "configmap", "x", "--from-literal=a=b"]);
+    assert!(
+        stderr(&o).contains("cannot create resource \"configmaps\""),
+        "{}",
+        stderr(&o)
+    );
+    assert!(as_n1(&["get", "configmaps", "-A"]).status.success());
+    // A forged credential is no identity at all.
+    let forged = format!("--token={}", n1.replacen("n1", "n2", 1));
+    let o = s.kubectl(&[forged.as_str(), "get", "pods"]);
+    assert!(stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
+}

@@ -283,6 +283,7 @@ pub async fn resource(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    axum::Extension(id): axum::Extension<super::authz::Identity>,
     Query(q): Query<Params>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -293,6 +294,9 @@ pub async fn resource(
         _ => {}
     }
     let t = parse_path(uri.path())?;
+    if let super::authz::Identity::Node(node) = &id {
+        super::authz::node_may_write(&st, node, &method, &t, &body).await?;
+    }
     if let (Some(sub), Some(name)) = (t.subresource.as_deref(), t.name.as_deref()) {
         return super::subresource::handle(
             &st,

@@ -2,6 +2,7 @@
 //! generic resource handlers over the store. Never runs containers or programs the network.
 
 pub mod alloc;
+pub mod authz;
 pub mod handlers;
 pub mod patch;
 pub mod pki;
@@ -44,19 +45,23 @@ pub struct ServerConfig {
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub admin_token: String,
+    pub node_token: String,
     pub services: alloc::ServiceNet,
 }
 
-async fn auth(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    let token = req
+async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
+    let id = req
         .headers()
         .get("authorization")
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token {
-        Some(t) if constant_time_eq(t.as_bytes(), st.admin_token.as_bytes()) => next.run(req).await,
-        _ => {
+        .and_then(|t| authz::authenticate(t.trim(), &st.admin_token, &st.node_token));
+    match id {
+        Some(id) => {
+            req.extensions_mut().insert(id);
+            next.run(req).await
+        }
+        None => {
             ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized").into_response()
         }
     }
@@ -219,6 +224,7 @@ pub async fn run(
     let st = Arc::new(ApiState {
         store: Arc::new(store),
         admin_token: pki.admin_token.clone(),
+        node_token: pki.node_token.clone(),
         services: cfg.services.clone(),
     });
     let app = router(st.clone());
@@ -233,6 +239,8 @@ pub async fn run(
     };
     seed_kubernetes_service(st.store.as_ref(), &cfg.services, shown).await?;
     let kc = pki::kubeconfig(&format!("https://{shown}"), &pki.ca_pem, &pki.admin_token);
+    // Agents join with this token (they derive their node credential from it).
+    pki::write_private(&cfg.data_dir.join("node-token"), &pki.node_token)?;
     pki::write_private(&cfg.data_dir.join("kubeconfig.yaml"), &kc)?;
     tracing::info!(%addr, kubeconfig = %cfg.data_dir.join("kubeconfig.yaml").display(), "API server serving");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
