@@ -42,6 +42,12 @@ enum Cmd {
         /// NodePort range, LOW-HIGH.
         #[arg(long, default_value = "30000-32767")]
         service_node_port_range: String,
+        /// Storage engine: the embedded database, or an etcd v3 cluster.
+        #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
+        store: String,
+        /// etcd client URLs, comma-separated (with --store etcd).
+        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+        etcd_endpoints: Vec<String>,
     },
     /// Build and load container images offline.
     Image {
@@ -225,6 +231,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             service_cidr,
             service_node_port_range,
+            store,
+            etcd_endpoints,
         } => {
             let cidr: ipnet::Ipv4Net = service_cidr
                 .parse()
@@ -246,6 +254,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 listen,
                 services,
+                store: match store.as_str() {
+                    "etcd" => keelson::api::StoreConfig::Etcd(etcd_endpoints),
+                    _ => keelson::api::StoreConfig::Embedded,
+                },
             };
             keelson::api::run(cfg, shutdown_signal()).await
         }

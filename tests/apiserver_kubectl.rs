@@ -13,11 +13,16 @@ struct Server {
 
 impl Server {
     fn start(dir: tempfile::TempDir) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: tempfile::TempDir, extra: &[&str]) -> Server {
         let _ = std::fs::remove_file(dir.path().join("kubeconfig.yaml"));
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -607,4 +612,72 @@ fn node_identities_write_only_their_own_objects() {
     let forged = format!("--token={}", n1.replacen("n1", "n2", 1));
     let o = s.kubectl(&[forged.as_str(), "get", "pods"]);
     assert!(stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
+}
+
+#[test]
+fn kubectl_works_on_the_etcd_store() {
+    let etcd_dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let peer = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let purl = format!("http://127.0.0.1:{peer}");
+    let mut etcd = Command::new("etcd")
+        .args(["--name", "e0", "--data-dir"])
+        .arg(etcd_dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &purl,
+            "--initial-advertise-peer-urls",
+            &purl,
+        ])
+        .args(["--initial-cluster", &format!("e0={purl}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed");
+    let args = ["--store", "etcd", "--etcd-endpoints", url.as_str()];
+    let s = Server::start_with(tempfile::tempdir().unwrap(), &args);
+    s.ok(&["create", "deployment", "web", "--image=busybox:1.36"]);
+    let f = s.write("cm.yaml", CM);
+    s.ok(&["apply", "-f", &f]);
+    s.ok(&["label", "cm", "settings", "tier=front"]);
+    let conflict = s.write(
+        "stale.yaml",
+        &CM.replace("name: settings", "name: settings\n  resourceVersion: \"1\""),
+    );
+    assert!(
+        s.fails(&["replace", "-f", &conflict])
+            .contains("the object has been modified")
+    );
+    let dir = s.kill();
+    // A new server process on the same etcd sees everything, with the same resourceVersions.
+    let s = Server::start_with(dir, &args);
+    assert_eq!(
+        s.jsonpath("cm", "settings", "{.metadata.labels.tier}"),
+        "front"
+    );
+    assert_eq!(
+        s.jsonpath("deploy", "web", "{.spec.template.spec.containers[0].image}"),
+        "busybox:1.36"
+    );
+    assert!(s.ok(&["get", "ns"]).contains("kube-node-lease"));
+    s.ok(&["delete", "deploy", "web"]);
+    assert!(s.fails(&["get", "deploy", "web"]).contains("not found"));
+    drop(s);
+    let _ = etcd.kill();
+    let _ = etcd.wait();
 }

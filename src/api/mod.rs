@@ -39,6 +39,17 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub services: alloc::ServiceNet,
+    pub store: StoreConfig,
+}
+
+/// Which storage engine the server runs on.
+#[derive(Debug, Clone, Default)]
+pub enum StoreConfig {
+    /// The embedded database under `DATA_DIR/store`.
+    #[default]
+    Embedded,
+    /// An etcd v3 cluster at these client URLs.
+    Etcd(Vec<String>),
 }
 
 /// Shared state of the API handlers.
@@ -193,9 +204,18 @@ pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let store =
-        Embedded::open(&cfg.data_dir.join("store/keelson.redb")).context("opening the store")?;
-    seed(&store).await?;
+    let store: Arc<dyn Store> = match &cfg.store {
+        StoreConfig::Embedded => Arc::new(
+            Embedded::open(&cfg.data_dir.join("store/keelson.redb"))
+                .context("opening the store")?,
+        ),
+        StoreConfig::Etcd(endpoints) => Arc::new(
+            crate::store::etcd::EtcdStore::connect(endpoints)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
+        ),
+    };
+    seed(store.as_ref()).await?;
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().to_string())
         .unwrap_or_default();
@@ -222,7 +242,7 @@ pub async fn run(
     let pki = pki::ensure(&cfg.data_dir.join("pki"), &names, &ips).context("credentials")?;
     let tls = tls_config(&pki)?;
     let st = Arc::new(ApiState {
-        store: Arc::new(store),
+        store,
         admin_token: pki.admin_token.clone(),
         node_token: pki.node_token.clone(),
         services: cfg.services.clone(),

@@ -9,6 +9,7 @@
 //! revision is gone and asking for it is `Error::Compacted` (HTTP 410 Gone upstream).
 
 pub mod embedded;
+pub mod etcd;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
