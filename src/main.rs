@@ -48,6 +48,9 @@ enum Cmd {
         /// etcd client URLs, comma-separated (with --store etcd).
         #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
         etcd_endpoints: Vec<String>,
+        /// How often history older than one interval is compacted (e.g. 300s, 5m).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        compaction_interval: std::time::Duration,
     },
     /// Build and load container images offline.
     Image {
@@ -176,6 +179,24 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(cli))
 }
 
+/// A duration like `300s`, `5m`, `1h` or `500ms` (plain numbers are seconds).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 500ms"))?;
+    let secs = |k: u64| Ok(std::time::Duration::from_secs(n * k));
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -233,6 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             service_node_port_range,
             store,
             etcd_endpoints,
+            compaction_interval,
         } => {
             let cidr: ipnet::Ipv4Net = service_cidr
                 .parse()
@@ -258,6 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "etcd" => keelson::api::StoreConfig::Etcd(etcd_endpoints),
                     _ => keelson::api::StoreConfig::Embedded,
                 },
+                compaction_interval,
             };
             keelson::api::run(cfg, shutdown_signal()).await
         }

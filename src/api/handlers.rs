@@ -458,11 +458,19 @@ async fn watch(
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?;
         (vec![], from)
     };
-    let mut rx = st
-        .store
-        .watch(&prefix, from)
-        .await
-        .map_err(|e| ApiError::from_store(e, r, ""))?;
+    let mut rx = match st.store.watch(&prefix, from).await {
+        Ok(rx) => rx,
+        // As kube-apiserver does: the watch starts (200), and its one event is a 410 Status,
+        // which tells clients (kubectl, kube-rs' watcher) to list again.
+        Err(e @ store::Error::Compacted { .. }) => {
+            let status = ApiError::from_store(e, r, "").status();
+            let line = format!("{}\n", json!({"type": "ERROR", "object": status}));
+            return Ok(
+                (StatusCode::OK, [("content-type", "application/json")], line).into_response(),
+            );
+        }
+        Err(e) => return Err(ApiError::from_store(e, r, "")),
+    };
     let timeout = Duration::from_secs(q.timeout_seconds.unwrap_or(1800).clamp(1, 3600));
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
     let line = move |typ: &str, obj: Value| -> String {

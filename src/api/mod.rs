@@ -40,6 +40,34 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub services: alloc::ServiceNet,
     pub store: StoreConfig,
+    /// How often history older than one interval is compacted (kube-apiserver: 5 minutes).
+    pub compaction_interval: std::time::Duration,
+}
+
+/// Compacts the store every `every`, to the revision seen one interval earlier, so watches
+/// can resume from any resourceVersion younger than one interval and older ones get 410 Gone.
+async fn compactor(store: Arc<dyn Store>, every: std::time::Duration) {
+    let mut previous: Option<crate::store::Revision> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let now = match store.revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "compaction: reading the revision");
+                continue;
+            }
+        };
+        if let Some(p) = previous {
+            let done = store.compacted().await.unwrap_or(0);
+            if p > done {
+                match store.compact(p).await {
+                    Ok(()) => tracing::debug!(revision = p, "compacted"),
+                    Err(e) => tracing::warn!(error = %e, "compaction failed"),
+                }
+            }
+        }
+        previous = Some(now);
+    }
 }
 
 /// Which storage engine the server runs on.
@@ -216,6 +244,7 @@ pub async fn run(
         ),
     };
     seed(store.as_ref()).await?;
+    let compaction = tokio::spawn(compactor(store.clone(), cfg.compaction_interval));
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().to_string())
         .unwrap_or_default();
@@ -294,6 +323,7 @@ pub async fn run(
             }
         });
     }
+    compaction.abort();
     Ok(())
 }
 
