@@ -302,6 +302,8 @@ pub async fn run(
                 Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
             },
         };
+        // Watch events are small writes that must go out at once (no Nagle delay).
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {

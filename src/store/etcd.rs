@@ -19,6 +19,9 @@ use super::{Error, Event, EventKind, KeyValue, List, Precondition, Result, Revis
 /// except by failing a watch). Outside `/registry/`, so no resource watch sees it.
 const COMPACTED_KEY: &str = "/keelson/compacted";
 
+/// Keys per range request when a list is read in chunks.
+const LIST_CHUNK: usize = 500;
+
 /// A store on an etcd cluster.
 pub struct EtcdStore {
     client: Client,
@@ -54,7 +57,10 @@ fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => matches!(
             s.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
         ),
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
@@ -82,12 +88,24 @@ impl EtcdStore {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        Ok(self.call_retried(op).await?.0)
+    }
+
+    /// [`Self::call`], also telling whether an earlier attempt failed (and so may have been
+    /// applied without an answer).
+    async fn call_retried<T, F, Fut>(&self, op: F) -> Result<(T, bool)>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let mut delay = Duration::from_millis(50);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut retried = false;
         loop {
             match op(self.client.clone()).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => return Ok((v, retried)),
                 Err(e) if transient(&e) && tokio::time::Instant::now() < deadline => {
+                    retried = true;
                     tracing::debug!(error = %e, "etcd call failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
@@ -149,34 +167,60 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<List> {
-        let from = match start_after {
+        let end = prefix_end(prefix);
+        let mut from = match start_after {
             Some(k) => format!("{k}\0"),
             None => prefix.to_string(),
         };
-        let end = prefix_end(prefix);
-        let resp = self
-            .call(|mut c| {
-                let (from, end) = (from.clone(), end.clone());
-                async move {
-                    let mut o = GetOptions::new().with_range(end);
-                    if limit > 0 {
-                        o = o.with_limit(limit as i64);
+        // Read in chunks at one revision: gRPC messages are capped at 4 MiB, and a list of
+        // 10,000 pods is larger than that.
+        let mut items = Vec::new();
+        let mut revision = 0;
+        loop {
+            let want = if limit == 0 {
+                LIST_CHUNK
+            } else {
+                (limit - items.len()).min(LIST_CHUNK)
+            };
+            let resp = self
+                .call(|mut c| {
+                    let (from, end) = (from.clone(), end.clone());
+                    async move {
+                        let mut o = GetOptions::new().with_range(end).with_limit(want as i64);
+                        if revision > 0 {
+                            o = o.with_revision(revision);
+                        }
+                        c.get(from, Some(o)).await
                     }
-                    c.get(from, Some(o)).await
-                }
-            })
-            .await?;
-        Ok(List {
-            items: resp.kvs().iter().map(kv).collect(),
-            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
-            more: resp.more(),
-        })
+                })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            items.extend(resp.kvs().iter().map(kv));
+            let more = resp.more();
+            if !more || (limit > 0 && items.len() >= limit) {
+                return Ok(List {
+                    items,
+                    revision,
+                    more,
+                });
+            }
+            let Some(last) = items.last() else {
+                return Ok(List {
+                    items,
+                    revision,
+                    more,
+                });
+            };
+            from = format!("{}\0", last.key);
+        }
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<KeyValue> {
         let k = key.to_string();
-        let resp = self
-            .call(|mut c| {
+        let (resp, retried) = self
+            .call_retried(|mut c| {
                 let txn = Txn::new().when(compare(&k, pre)).and_then([TxnOp::put(
                     k.clone(),
                     value.clone(),
@@ -186,6 +230,14 @@ impl Store for EtcdStore {
             })
             .await?;
         if !resp.succeeded() {
+            // A retried attempt may find its own earlier, acknowledged-but-unanswered write
+            // (API objects carry a uid, so an identical value is that write).
+            if retried
+                && let Ok(Some(cur)) = self.get(key).await
+                && cur.value == value
+            {
+                return Ok(cur);
+            }
             return Err(self.explain(key, pre).await);
         }
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);

@@ -1,0 +1,331 @@
+//! `cargo bench --bench apiserver`: the API server under load through kube-rs, on both storage
+//! engines, against the floor measured in the same run (the same writes straight into the
+//! storage engine, no HTTP, no API semantics). Prints lines beginning `apiserver`.
+//!
+//! Figures: sequential and 16-way concurrent creates per second, p50/p99 of a single-object
+//! write, time for one event to reach 100 watchers, list latency at 10,000 pods, and the server's
+//! RSS at 10,000 pods.
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use keelson::store::{Precondition, Store};
+use kube::{
+    Api, Client, Config,
+    api::{ListParams, PostParams, WatchEvent, WatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+const SEQUENTIAL: usize = 1000;
+const CONCURRENT: usize = 4000;
+const WATCHERS: usize = 100;
+const PODS: usize = 10_000;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_etcd(dir: &std::path::Path) -> (Kill, String) {
+    let (c, p) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{c}");
+    let purl = format!("http://127.0.0.1:{p}");
+    let child = Command::new("etcd")
+        .args(["--name", "b0", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &purl,
+            "--initial-advertise-peer-urls",
+            &purl,
+        ])
+        .args(["--initial-cluster", &format!("b0={purl}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed");
+    (Kill(child), url)
+}
+
+fn start_server(dir: &std::path::Path, extra: &[&str]) -> Kill {
+    let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !dir.join("kubeconfig.yaml").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Kill(child)
+}
+
+async fn client(dir: &std::path::Path) -> Client {
+    let kc = Kubeconfig::read_from(dir.join("kubeconfig.yaml")).unwrap();
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(cfg).unwrap()
+}
+
+fn cm(name: &str) -> ConfigMap {
+    serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "data": {"k": "v"}}))
+        .unwrap()
+}
+
+fn pod(i: usize) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("p{i:05}"), "labels": {"app": "bench"}},
+        "spec": {"nodeName": format!("n{}", i % 100),
+                 "containers": [{"name": "c", "image": "busybox:1.36", "command": ["sleep", "3600"]}]},
+    }))
+    .unwrap()
+}
+
+/// `n` creates over `width` concurrent tasks; creates per second.
+async fn concurrent<F, Fut>(n: usize, width: usize, f: F) -> f64
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let f = Arc::new(f);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..width)
+        .map(|_| {
+            let (f, next) = (f.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    f(i).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// The same writes straight into the engine: sequential p50/p99 (ms) and 16-way creates/s.
+async fn floor(store: Arc<dyn Store>) -> (f64, f64, f64) {
+    let value = serde_json::to_vec(&cm("floor")).unwrap();
+    let mut lat = vec![];
+    for i in 0..SEQUENTIAL {
+        let t = Instant::now();
+        store
+            .put(
+                &format!("/floor/seq/{i}"),
+                value.clone(),
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let s = store.clone();
+    let rate = concurrent(CONCURRENT, 16, move |i| {
+        let (s, v) = (s.clone(), value.clone());
+        async move {
+            s.put(&format!("/floor/par/{i}"), v, Precondition::Absent)
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    (pct(&mut lat, 0.5), pct(&mut lat, 0.99), rate)
+}
+
+async fn run(engine: &str, dir: &std::path::Path, server: &Kill, floor: (f64, f64, f64)) {
+    let client = client(dir).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    // Warm up the connection pool.
+    cms.list(&ListParams::default().limit(1)).await.unwrap();
+
+    let mut lat = vec![];
+    let t0 = Instant::now();
+    for i in 0..SEQUENTIAL {
+        let t = Instant::now();
+        cms.create(&PostParams::default(), &cm(&format!("s{i}")))
+            .await
+            .unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let seq_rate = SEQUENTIAL as f64 / t0.elapsed().as_secs_f64();
+    let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    let api = cms.clone();
+    let par_rate = concurrent(CONCURRENT, 16, move |i| {
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &cm(&format!("c{i}")))
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let (fp50, fp99, frate) = floor;
+    println!(
+        "apiserver {engine} sequential creates/s {seq_rate:.0} | write p50 {p50:.2} ms p99 {p99:.2} ms | floor (store only) p50 {fp50:.2} ms p99 {fp99:.2} ms"
+    );
+    println!("apiserver {engine} 16-way creates/s {par_rate:.0} | floor (store only) {frate:.0}/s");
+
+    // One event, 100 watchers.
+    let rv = cms
+        .list(&ListParams::default().limit(1))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut streams = vec![];
+    for _ in 0..WATCHERS {
+        let s = cms
+            .watch(&WatchParams::default().fields("metadata.name=fanout"), &rv)
+            .await
+            .unwrap()
+            .boxed();
+        streams.push(s);
+    }
+    let t0 = Instant::now();
+    cms.create(&PostParams::default(), &cm("fanout"))
+        .await
+        .unwrap();
+    let waits = streams.into_iter().map(|mut s| async move {
+        loop {
+            match s.try_next().await {
+                Ok(Some(WatchEvent::Added(_))) => return Instant::now(),
+                Ok(Some(_)) => continue,
+                other => panic!("watch ended: {other:?}"),
+            }
+        }
+    });
+    let last = futures::future::join_all(waits)
+        .await
+        .into_iter()
+        .max()
+        .unwrap();
+    println!(
+        "apiserver {engine} one event to {WATCHERS} watchers {:.1} ms",
+        (last - t0).as_secs_f64() * 1000.0
+    );
+
+    // 10,000 pods.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let p = pods.clone();
+    let pod_rate = concurrent(PODS, 16, move |i| {
+        let p = p.clone();
+        async move {
+            p.create(&PostParams::default(), &pod(i)).await.unwrap();
+        }
+    })
+    .await;
+    let mut lists = vec![];
+    for _ in 0..5 {
+        let t = Instant::now();
+        let l = pods.list(&ListParams::default()).await.unwrap();
+        assert_eq!(l.items.len(), PODS);
+        lists.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut node = vec![];
+    for i in 0..5 {
+        let t = Instant::now();
+        let l = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName=n{i}")))
+            .await
+            .unwrap();
+        assert_eq!(l.items.len(), PODS / 100);
+        node.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    println!(
+        "apiserver {engine} {PODS} pods: created at {pod_rate:.0}/s | list all p50 {:.0} ms | list one node's pods p50 {:.0} ms | server RSS {:.0} MiB",
+        pct(&mut lists, 0.5),
+        pct(&mut node, 0.5),
+        rss_mib(server.0.id())
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // Embedded engine.
+    let floor_dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        keelson::store::embedded::Embedded::open(&floor_dir.path().join("f.redb")).unwrap(),
+    );
+    let f = floor(store).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), &[]);
+    run("embedded", dir.path(), &server, f).await;
+    drop(server);
+
+    // etcd engine (one member on loopback, data in a temp dir).
+    let edir = tempfile::tempdir().unwrap();
+    let (_etcd, url) = start_etcd(edir.path());
+    let t0 = Instant::now();
+    let store: Arc<dyn Store> = loop {
+        match keelson::store::etcd::EtcdStore::connect(std::slice::from_ref(&url)).await {
+            Ok(s) => break Arc::new(s),
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "etcd did not start: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let f = floor(store).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), &["--store", "etcd", "--etcd-endpoints", &url]);
+    run("etcd", dir.path(), &server, f).await;
+}
