@@ -2,6 +2,9 @@
 
 pub mod agent;
 pub mod api;
+pub mod control;
+pub mod controllers;
 pub mod net;
 pub mod runtime;
+pub mod scheduler;
 pub mod store;

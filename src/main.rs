@@ -25,6 +25,27 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Leader election timings (client-go's defaults).
+#[derive(clap::Args, Clone, Copy)]
+struct ElectionArgs {
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_elect_lease_duration: std::time::Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    leader_elect_renew_deadline: std::time::Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    leader_elect_retry_period: std::time::Duration,
+}
+
+impl ElectionArgs {
+    fn config(self) -> keelson::control::leader::Config {
+        keelson::control::leader::Config {
+            lease_duration: self.leader_elect_lease_duration,
+            renew_deadline: self.leader_elect_renew_deadline,
+            retry_period: self.leader_elect_retry_period,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent (kubelet). With --standalone it runs static pods without an API server.
@@ -51,6 +72,25 @@ enum Cmd {
         /// How often history older than one interval is compacted (e.g. 300s, 5m).
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         compaction_interval: std::time::Duration,
+        /// Serve the API only: do not run the scheduler and controllers in this process.
+        #[arg(long)]
+        no_controllers: bool,
+        #[command(flatten)]
+        election: ElectionArgs,
+    },
+    /// Run the scheduler alone against an API server (several may stand by for each other).
+    Scheduler {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[command(flatten)]
+        election: ElectionArgs,
+    },
+    /// Run the controllers alone against an API server (several may stand by for each other).
+    Controllers {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[command(flatten)]
+        election: ElectionArgs,
     },
     /// Build and load container images offline.
     Image {
@@ -255,6 +295,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store,
             etcd_endpoints,
             compaction_interval,
+            no_controllers,
+            election,
         } => {
             let cidr: ipnet::Ipv4Net = service_cidr
                 .parse()
@@ -272,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cidr: cidr.trunc(),
                 node_ports: range,
             };
+            let ready = std::sync::Arc::new(tokio::sync::Notify::new());
             let cfg = keelson::api::ServerConfig {
                 data_dir,
                 listen,
@@ -281,8 +324,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     _ => keelson::api::StoreConfig::Embedded,
                 },
                 compaction_interval,
+                ready: Some(ready.clone()),
             };
+            if !no_controllers {
+                let kubeconfig = cfg.data_dir.join("kubeconfig.yaml");
+                tokio::spawn(async move {
+                    ready.notified().await;
+                    match keelson::control::client_from(&kubeconfig).await {
+                        Ok(client) => {
+                            keelson::control::run(
+                                client,
+                                keelson::control::Actors::Both,
+                                election.config(),
+                            )
+                            .await
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "control plane client")
+                        }
+                    }
+                });
+            }
             keelson::api::run(cfg, shutdown_signal()).await
+        }
+        Cmd::Scheduler {
+            kubeconfig,
+            election,
+        } => {
+            let client = keelson::control::client_from(&kubeconfig).await?;
+            tokio::select! {
+                _ = keelson::control::run(client, keelson::control::Actors::Scheduler, election.config()) => {}
+                _ = shutdown_signal() => {}
+            }
+            Ok(())
+        }
+        Cmd::Controllers {
+            kubeconfig,
+            election,
+        } => {
+            let client = keelson::control::client_from(&kubeconfig).await?;
+            tokio::select! {
+                _ = keelson::control::run(client, keelson::control::Actors::Controllers, election.config()) => {}
+                _ = shutdown_signal() => {}
+            }
+            Ok(())
         }
         Cmd::Pods { data_dir, json } => {
             let body = local_get(&data_dir, "/pods")?;

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// How often history older than one interval is compacted (kube-apiserver: 5 minutes).
     pub compaction_interval: std::time::Duration,
+    /// Notified once the server serves and `kubeconfig.yaml` is written.
+    pub ready: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Compacts the store every `every`, to the revision seen one interval earlier, so watches
@@ -291,6 +293,9 @@ pub async fn run(
     // Agents join with this token (they derive their node credential from it).
     pki::write_private(&cfg.data_dir.join("node-token"), &pki.node_token)?;
     pki::write_private(&cfg.data_dir.join("kubeconfig.yaml"), &kc)?;
+    if let Some(r) = &cfg.ready {
+        r.notify_one();
+    }
     tracing::info!(%addr, kubeconfig = %cfg.data_dir.join("kubeconfig.yaml").display(), "API server serving");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     tokio::pin!(shutdown);

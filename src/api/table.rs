@@ -55,8 +55,121 @@ fn columns(r: &Resource) -> Vec<Value> {
             col("Available", "string", 0),
             col("Age", "string", 0),
         ],
+        "Node" => vec![
+            col("Name", "string", 0),
+            col("Status", "string", 0),
+            col("Roles", "string", 0),
+            col("Age", "string", 0),
+            col("Version", "string", 0),
+            col("Internal-IP", "string", 1),
+            col("OS-Image", "string", 1),
+            col("Kernel-Version", "string", 1),
+            col("Container-Runtime", "string", 1),
+        ],
+        "ReplicaSet" => vec![
+            col("Name", "string", 0),
+            col("Desired", "integer", 0),
+            col("Current", "integer", 0),
+            col("Ready", "integer", 0),
+            col("Age", "string", 0),
+            col("Containers", "string", 1),
+            col("Images", "string", 1),
+            col("Selector", "string", 1),
+        ],
+        "DaemonSet" => vec![
+            col("Name", "string", 0),
+            col("Desired", "integer", 0),
+            col("Current", "integer", 0),
+            col("Ready", "integer", 0),
+            col("Up-to-date", "integer", 0),
+            col("Available", "integer", 0),
+            col("Node Selector", "string", 0),
+            col("Age", "string", 0),
+        ],
+        "Event" => vec![
+            col("Last Seen", "string", 0),
+            col("Type", "string", 0),
+            col("Reason", "string", 0),
+            col("Object", "string", 0),
+            col("Message", "string", 0),
+        ],
+        "Endpoints" => vec![
+            col("Name", "string", 0),
+            col("Endpoints", "string", 0),
+            col("Age", "string", 0),
+        ],
+        "EndpointSlice" => vec![
+            col("Name", "string", 0),
+            col("AddressType", "string", 0),
+            col("Ports", "string", 0),
+            col("Endpoints", "string", 0),
+            col("Age", "string", 0),
+        ],
+        "Lease" => vec![
+            col("Name", "string", 0),
+            col("Holder", "string", 0),
+            col("Age", "string", 0),
+        ],
+        "ServiceAccount" => vec![
+            col("Name", "string", 0),
+            col("Secrets", "integer", 0),
+            col("Age", "string", 0),
+        ],
         _ => vec![col("Name", "string", 0), col("Age", "string", 0)],
     }
+}
+
+fn int(obj: &Value, p: &str) -> i64 {
+    obj.pointer(p).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn text(obj: &Value, p: &str, default: &str) -> Value {
+    obj.pointer(p)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| json!(default), |s| json!(s))
+}
+
+/// A list shown as kubectl does: the first few, then `+ N more...`.
+fn some(items: Vec<String>, none: &str) -> Value {
+    if items.is_empty() {
+        return json!(none);
+    }
+    let mut s = items.iter().take(3).cloned().collect::<Vec<_>>().join(",");
+    if items.len() > 3 {
+        s.push_str(&format!(" + {} more...", items.len() - 3));
+    }
+    json!(s)
+}
+
+fn containers_and_images(obj: &Value, p: &str) -> (Value, Value) {
+    let cs = obj.pointer(p).and_then(Value::as_array);
+    let pick = |k: &str| {
+        json!(
+            cs.into_iter()
+                .flatten()
+                .filter_map(|c| c.get(k).and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    (pick("name"), pick("image"))
+}
+
+fn node_status(obj: &Value) -> String {
+    let ready = obj
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .and_then(|c| c["status"].as_str());
+    let mut s = match ready {
+        Some("True") => "Ready".to_string(),
+        _ => "NotReady".to_string(),
+    };
+    if obj.pointer("/spec/unschedulable") == Some(&json!(true)) {
+        s.push_str(",SchedulingDisabled");
+    }
+    s
 }
 
 fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
@@ -172,6 +285,160 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
                 json!(age(obj)),
             ]
         }
+        "Node" => {
+            let roles: Vec<String> = obj
+                .pointer("/metadata/labels")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, _)| {
+                    k.strip_prefix("node-role.kubernetes.io/")
+                        .map(str::to_string)
+                })
+                .collect();
+            let internal = obj
+                .pointer("/status/addresses")
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
+                .and_then(|x| x["address"].as_str())
+                .unwrap_or("<none>")
+                .to_string();
+            vec![
+                name,
+                json!(node_status(obj)),
+                json!(if roles.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    roles.join(",")
+                }),
+                json!(age(obj)),
+                text(obj, "/status/nodeInfo/kubeletVersion", ""),
+                json!(internal),
+                text(obj, "/status/nodeInfo/osImage", "<unknown>"),
+                text(obj, "/status/nodeInfo/kernelVersion", "<unknown>"),
+                text(obj, "/status/nodeInfo/containerRuntimeVersion", "<unknown>"),
+            ]
+        }
+        "ReplicaSet" => {
+            let (cs, images) = containers_and_images(obj, "/spec/template/spec/containers");
+            vec![
+                name,
+                json!(int(obj, "/spec/replicas")),
+                json!(int(obj, "/status/replicas")),
+                json!(int(obj, "/status/readyReplicas")),
+                json!(age(obj)),
+                cs,
+                images,
+                json!(super::selector::labels_to_string(
+                    obj.pointer("/spec/selector/matchLabels")
+                )),
+            ]
+        }
+        "DaemonSet" => vec![
+            name,
+            json!(int(obj, "/status/desiredNumberScheduled")),
+            json!(int(obj, "/status/currentNumberScheduled")),
+            json!(int(obj, "/status/numberReady")),
+            json!(int(obj, "/status/updatedNumberScheduled")),
+            json!(int(obj, "/status/numberAvailable")),
+            json!(
+                Some(super::selector::labels_to_string(
+                    obj.pointer("/spec/template/spec/nodeSelector")
+                ))
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "<none>".into())
+            ),
+            json!(age(obj)),
+        ],
+        "Event" => {
+            let last = obj
+                .pointer("/lastTimestamp")
+                .or_else(|| obj.pointer("/eventTime"))
+                .or_else(|| obj.pointer("/metadata/creationTimestamp"))
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse().ok());
+            let kind = obj
+                .pointer("/involvedObject/kind")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let oname = obj
+                .pointer("/involvedObject/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            vec![
+                json!(crate::agent::print::age_since(last)),
+                text(obj, "/type", ""),
+                text(obj, "/reason", ""),
+                json!(format!("{}/{oname}", kind.to_lowercase())),
+                text(obj, "/message", ""),
+            ]
+        }
+        "Endpoints" => {
+            let mut eps = vec![];
+            for ss in obj
+                .pointer("/subsets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let ports: Vec<i64> = ss["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["port"].as_i64())
+                    .collect();
+                for a in ss["addresses"].as_array().into_iter().flatten() {
+                    let ip = a["ip"].as_str().unwrap_or("");
+                    if ports.is_empty() {
+                        eps.push(ip.to_string());
+                    }
+                    eps.extend(ports.iter().map(|p| format!("{ip}:{p}")));
+                }
+            }
+            vec![name, some(eps, "<none>"), json!(age(obj))]
+        }
+        "EndpointSlice" => {
+            let ports: Vec<String> = obj
+                .pointer("/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["port"].as_i64().map(|n| n.to_string()))
+                .collect();
+            let eps: Vec<String> = obj
+                .pointer("/endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect();
+            vec![
+                name,
+                text(obj, "/addressType", ""),
+                json!(if ports.is_empty() {
+                    "<unset>".to_string()
+                } else {
+                    ports.join(",")
+                }),
+                some(eps, "<unset>"),
+                json!(age(obj)),
+            ]
+        }
+        "Lease" => vec![
+            name,
+            text(obj, "/spec/holderIdentity", "<none>"),
+            json!(age(obj)),
+        ],
+        "ServiceAccount" => vec![
+            name,
+            json!(
+                obj.pointer("/secrets")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len)
+            ),
+            json!(age(obj)),
+        ],
         _ => vec![name, json!(age(obj))],
     }
 }

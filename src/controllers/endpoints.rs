@@ -1,0 +1,364 @@
+//! Endpoints and EndpointSlices from Services and their pods.
+//!
+//! For every Service with a selector: the pods in its namespace that match it and have an IP.
+//! Each Service port's `targetPort` is resolved per pod (a name through the pod's container
+//! ports; a pod without that port is left out of that port's endpoints). Endpoints lists ready
+//! pods under `addresses` and not-ready ones under `notReadyAddresses` (all under `addresses`
+//! with `publishNotReadyAddresses`); terminating pods are left out of Endpoints. EndpointSlices
+//! (one per distinct port mapping, up to 100 endpoints each, named `<service>-<n>`) carry every
+//! pod with its `ready`/`serving`/`terminating` conditions, as kube-proxy needs them. Services
+//! without a selector are left alone; what belonged to a deleted Service is removed. Objects are
+//! written only when they differ from what is stored.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::control::{Cache, Caches, controller_ref, next_pass, pod_ready};
+
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const CONTROLLER: &str = "endpointslice-controller.k8s.io";
+const SERVICE_NAME: &str = "kubernetes.io/service-name";
+const MAX_PER_SLICE: usize = 100;
+
+pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
+    caches.ready().await;
+    let endpoints: Cache<Endpoints> = Cache::start(
+        Api::all(client.clone()),
+        kube::runtime::watcher::Config::default(),
+    );
+    let _ = endpoints.store.wait_until_ready().await;
+    let mut a = caches.services.changed.clone();
+    let mut b = caches.pods.changed.clone();
+    let mut c = caches.slices.changed.clone();
+    let mut d = endpoints.changed.clone();
+    loop {
+        next_pass(
+            &mut [&mut a, &mut b, &mut c, &mut d],
+            Duration::from_secs(10),
+        )
+        .await;
+        if !*leading.borrow() {
+            continue;
+        }
+        if let Err(e) = pass(&client, &caches, &endpoints).await {
+            tracing::debug!(error = %e, "endpoints pass");
+        }
+    }
+}
+
+/// A resolved port: (name, port, protocol).
+type PortMapping = (String, i32, String);
+
+/// One endpoint of a Service: a pod, its conditions, and its resolved ports.
+struct Ep<'a> {
+    pod: &'a Pod,
+    ip: String,
+    ready: bool,
+    terminating: bool,
+    ports: Vec<(String, i32, String)>,
+}
+
+fn resolve_port(p: &Pod, target: &Value, port: i32) -> Option<i32> {
+    match target {
+        Value::Number(n) => n.as_i64().map(|n| n as i32),
+        Value::String(name) => p
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|cp| cp.name.as_deref() == Some(name))
+            .map(|cp| cp.container_port),
+        _ => Some(port),
+    }
+}
+
+fn endpoints_for<'a>(svc: &Service, pods: &'a [&'a Arc<Pod>]) -> Vec<Ep<'a>> {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let sel = spec.selector.clone().unwrap_or_default();
+    let mut out = vec![];
+    for p in pods {
+        let labels = p.metadata.labels.clone().unwrap_or_default();
+        if sel.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+            continue;
+        }
+        let status = p.status.as_ref();
+        let Some(ip) = status
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|i| !i.is_empty())
+        else {
+            continue;
+        };
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
+            continue;
+        }
+        let mut ports = vec![];
+        for sp in spec.ports.iter().flatten() {
+            let target = sp
+                .target_port
+                .as_ref()
+                .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            if let Some(port) = resolve_port(p, &target, sp.port) {
+                ports.push((
+                    sp.name.clone().unwrap_or_default(),
+                    port,
+                    sp.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                ));
+            }
+        }
+        out.push(Ep {
+            pod: p.as_ref(),
+            ip,
+            ready: pod_ready(p),
+            terminating: p.metadata.deletion_timestamp.is_some(),
+            ports,
+        });
+    }
+    out.sort_by(|a, b| a.ip.cmp(&b.ip));
+    out
+}
+
+fn target_ref(p: &Pod) -> Value {
+    json!({"kind": "Pod", "name": p.metadata.name, "namespace": p.metadata.namespace, "uid": p.metadata.uid})
+}
+
+fn ports_json(ports: &[(String, i32, String)]) -> Vec<Value> {
+    ports
+        .iter()
+        .map(|(n, p, proto)| {
+            let mut v = json!({"port": p, "protocol": proto});
+            if !n.is_empty() {
+                v["name"] = json!(n);
+            }
+            v
+        })
+        .collect()
+}
+
+/// The Endpoints subsets: one per distinct port mapping.
+fn subsets(svc: &Service, eps: &[Ep]) -> Vec<Value> {
+    let publish = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.publish_not_ready_addresses)
+        .unwrap_or(false);
+    let mut groups: BTreeMap<Vec<PortMapping>, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
+    for e in eps.iter().filter(|e| !e.terminating && !e.ports.is_empty()) {
+        let addr = json!({"ip": e.ip, "nodeName": e.pod.spec.as_ref().and_then(|s| s.node_name.clone()), "targetRef": target_ref(e.pod)});
+        let g = groups.entry(e.ports.clone()).or_default();
+        if e.ready || publish {
+            g.0.push(addr);
+        } else {
+            g.1.push(addr);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(ports, (ready, not_ready))| {
+            let mut s = json!({"ports": ports_json(&ports)});
+            if !ready.is_empty() {
+                s["addresses"] = json!(ready);
+            }
+            if !not_ready.is_empty() {
+                s["notReadyAddresses"] = json!(not_ready);
+            }
+            s
+        })
+        .collect()
+}
+
+/// The slices a Service should have, by name.
+fn slices(svc: &Service, eps: &[Ep]) -> BTreeMap<String, Value> {
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let publish = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.publish_not_ready_addresses)
+        .unwrap_or(false);
+    let mut groups: BTreeMap<Vec<(String, i32, String)>, Vec<Value>> = BTreeMap::new();
+    for e in eps {
+        let ready = (e.ready || publish) && !e.terminating;
+        groups.entry(e.ports.clone()).or_default().push(json!({
+            "addresses": [e.ip],
+            "conditions": {"ready": ready, "serving": e.ready || publish, "terminating": e.terminating},
+            "nodeName": e.pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            "targetRef": target_ref(e.pod),
+        }));
+    }
+    if groups.is_empty() {
+        // An empty slice says "no endpoints" (kube-proxy then rejects connections).
+        let ports: Vec<(String, i32, String)> = vec![];
+        groups.insert(ports, vec![]);
+    }
+    let mut out = BTreeMap::new();
+    let mut n = 0;
+    for (ports, endpoints) in groups {
+        let chunks: Vec<&[Value]> = if endpoints.is_empty() {
+            vec![&[]]
+        } else {
+            endpoints.chunks(MAX_PER_SLICE).collect()
+        };
+        for chunk in chunks {
+            let slice_name = format!("{name}-{n}");
+            n += 1;
+            out.insert(
+                slice_name.clone(),
+                json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": slice_name, "namespace": svc.metadata.namespace,
+                                 "labels": {SERVICE_NAME: name, MANAGED_BY: CONTROLLER},
+                                 "ownerReferences": controller_ref(svc).map(|r| vec![r])},
+                    "addressType": "IPv4",
+                    "endpoints": chunk,
+                    "ports": ports_json(&ports),
+                }),
+            );
+        }
+    }
+    out
+}
+
+/// Whether the stored object already has `want`'s content in the given fields.
+fn same(stored: &Value, want: &Value, fields: &[&str]) -> bool {
+    let norm = |v: &Value| match v {
+        Value::Null => json!([]),
+        other => other.clone(),
+    };
+    fields.iter().all(|f| norm(&stored[f]) == norm(&want[f]))
+        && stored["metadata"]["labels"] == want["metadata"]["labels"]
+}
+
+async fn put<K>(api: &Api<K>, name: &str, stored: Option<&K>, want: &Value) -> kube::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let mut obj = want.clone();
+    match stored {
+        Some(s) => {
+            obj["metadata"]["resourceVersion"] = json!(s.meta().resource_version);
+            let k: K = serde_json::from_value(obj).map_err(kube::Error::SerdeError)?;
+            api.replace(name, &PostParams::default(), &k).await?;
+        }
+        None => {
+            let k: K = serde_json::from_value(obj).map_err(kube::Error::SerdeError)?;
+            match api.create(&PostParams::default(), &k).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn pass(client: &Client, caches: &Caches, endpoints: &Cache<Endpoints>) -> kube::Result<()> {
+    let pods = caches.pods.all();
+    let mut by_ns: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
+    for p in &pods {
+        by_ns
+            .entry(p.metadata.namespace.as_deref().unwrap_or(""))
+            .or_default()
+            .push(p);
+    }
+    let services = caches.services.all();
+    let mut managed: HashSet<(String, String)> = HashSet::new();
+    let mut wanted_slices: HashSet<(String, String)> = HashSet::new();
+    for svc in &services {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        if svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .is_none_or(|s| s.is_empty())
+            || svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName")
+        {
+            continue;
+        }
+        managed.insert((ns.clone(), name.clone()));
+        let in_ns = by_ns.get(ns.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        let eps = endpoints_for(svc, in_ns);
+
+        let want = json!({"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": name, "namespace": ns, "labels": svc.metadata.labels},
+            "subsets": subsets(svc, &eps)});
+        let stored = endpoints.get(Some(&ns), &name);
+        let stored_json = stored
+            .as_ref()
+            .map(|s| serde_json::to_value(s.as_ref()).unwrap_or_default());
+        if stored_json
+            .as_ref()
+            .is_none_or(|s| !same(s, &want, &["subsets"]))
+        {
+            let api: Api<Endpoints> = Api::namespaced(client.clone(), &ns);
+            put(&api, &name, stored.as_deref(), &want).await?;
+        }
+
+        let slice_api: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+        for (slice_name, want) in slices(svc, &eps) {
+            wanted_slices.insert((ns.clone(), slice_name.clone()));
+            let stored = caches.slices.get(Some(&ns), &slice_name);
+            let stored_json = stored
+                .as_ref()
+                .map(|s| serde_json::to_value(s.as_ref()).unwrap_or_default());
+            if stored_json
+                .as_ref()
+                .is_none_or(|s| !same(s, &want, &["endpoints", "ports"]))
+            {
+                put(&slice_api, &slice_name, stored.as_deref(), &want).await?;
+            }
+        }
+    }
+    // Slices this controller made that no Service wants any more.
+    for s in caches.slices.all() {
+        let labels = s.metadata.labels.clone().unwrap_or_default();
+        if labels.get(MANAGED_BY).map(String::as_str) != Some(CONTROLLER) {
+            continue;
+        }
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        let name = s.metadata.name.clone().unwrap_or_default();
+        if !wanted_slices.contains(&(ns.clone(), name.clone())) {
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    // Endpoints of Services that are gone (not the ones of selector-less Services).
+    let live: HashSet<(String, String)> = services
+        .iter()
+        .map(|s| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for e in endpoints.all() {
+        let key = (
+            e.metadata.namespace.clone().unwrap_or_default(),
+            e.metadata.name.clone().unwrap_or_default(),
+        );
+        if !live.contains(&key) && !managed.contains(&key) && key.1 != "kubernetes" {
+            let api: Api<Endpoints> = Api::namespaced(client.clone(), &key.0);
+            let _ = api.delete(&key.1, &DeleteParams::default()).await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,667 @@
+//! The scheduler: binds pending pods to nodes through `pods/binding`.
+//!
+//! Each pass takes the unbound pods (`spec.nodeName` empty, `schedulerName` default or keelson,
+//! not in back-off) and runs kube-scheduler's filters on every node, in its order, the first
+//! failure naming the node's reason: NodeUnschedulable, TaintToleration (NoSchedule/NoExecute;
+//! a node that is not Ready counts as tainted `node.kubernetes.io/not-ready`), NodeAffinity
+//! (nodeSelector and required node affinity), NodePorts, NodeResourcesFit (cpu, memory, pods
+//! against allocatable minus what bound and just-bound pods request). Feasible nodes are scored
+//! by least-allocated resources plus spreading of pods with the same owner; the best one wins.
+//!
+//! Bound pods are "assumed" on their node at once, so the next pod in the same pass sees the
+//! capacity taken, until the cache shows the binding. A pod that fits nowhere gets a
+//! PodScheduled=False condition and a FailedScheduling event in kube-scheduler's words, and is
+//! retried with back-off (1 s doubling to 10 s) and whenever nodes change.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, Taint, Toleration};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    agent::quantity,
+    control::{Caches, controller_uid, next_pass, recorder::Recorder},
+};
+
+/// Scheduler names this scheduler serves.
+const NAMES: [&str; 2] = ["default-scheduler", "keelson"];
+const BIND_CONCURRENCY: usize = 32;
+const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What a pod asks of a node.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Request {
+    pub milli_cpu: i64,
+    pub memory: i64,
+}
+
+/// Requests of a pod: the larger of the sum over app containers and any one init container.
+pub fn pod_request(p: &Pod) -> Request {
+    let Some(spec) = &p.spec else {
+        return Request::default();
+    };
+    let one = |c: &k8s_openapi::api::core::v1::Container| {
+        let r = c.resources.as_ref();
+        let get = |k: &str| {
+            r.and_then(|r| r.requests.as_ref().and_then(|m| m.get(k)))
+                .or_else(|| r.and_then(|r| r.limits.as_ref().and_then(|m| m.get(k))))
+                .map(|q| q.0.clone())
+        };
+        Request {
+            milli_cpu: get("cpu")
+                .and_then(|q| quantity::millicores(&q))
+                .unwrap_or(0),
+            memory: get("memory").and_then(|q| quantity::bytes(&q)).unwrap_or(0),
+        }
+    };
+    let mut sum = Request::default();
+    for c in &spec.containers {
+        let r = one(c);
+        sum.milli_cpu += r.milli_cpu;
+        sum.memory += r.memory;
+    }
+    for c in spec.init_containers.iter().flatten() {
+        let r = one(c);
+        sum.milli_cpu = sum.milli_cpu.max(r.milli_cpu);
+        sum.memory = sum.memory.max(r.memory);
+    }
+    sum
+}
+
+/// A node as the filters see it.
+#[derive(Debug, Clone)]
+struct NodeInfo {
+    node: Arc<Node>,
+    alloc_cpu: i64,
+    alloc_mem: i64,
+    alloc_pods: i64,
+    used: Request,
+    pods: i64,
+    ports: HashSet<(String, String, i32)>,
+    /// Pods per controlling owner uid, for spreading.
+    owners: HashMap<String, i64>,
+}
+
+impl NodeInfo {
+    fn new(node: Arc<Node>) -> NodeInfo {
+        let alloc = node
+            .status
+            .as_ref()
+            .and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()).cloned());
+        let get = |k: &str| alloc.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone());
+        NodeInfo {
+            alloc_cpu: get("cpu")
+                .and_then(|q| quantity::millicores(&q))
+                .unwrap_or(i64::MAX / 4),
+            alloc_mem: get("memory")
+                .and_then(|q| quantity::bytes(&q))
+                .unwrap_or(i64::MAX / 4),
+            alloc_pods: get("pods").and_then(|q| q.parse().ok()).unwrap_or(110),
+            node,
+            used: Request::default(),
+            pods: 0,
+            ports: HashSet::new(),
+            owners: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, p: &Pod) {
+        let r = pod_request(p);
+        self.used.milli_cpu += r.milli_cpu;
+        self.used.memory += r.memory;
+        self.pods += 1;
+        self.ports.extend(host_ports(p));
+        if let Some(o) = controller_uid(p) {
+            *self.owners.entry(o.to_string()).or_default() += 1;
+        }
+    }
+}
+
+fn host_ports(p: &Pod) -> Vec<(String, String, i32)> {
+    let Some(spec) = &p.spec else { return vec![] };
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|cp| cp.host_port.unwrap_or(0) > 0)
+        .map(|cp| {
+            (
+                cp.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                cp.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                cp.host_port.unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn tolerates(tols: &[Toleration], t: &Taint) -> bool {
+    tols.iter().any(|tol| {
+        let effect_ok = tol
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == t.effect);
+        let key_ok = match tol.key.as_deref() {
+            None | Some("") => tol.operator.as_deref() == Some("Exists"),
+            Some(k) => k == t.key,
+        };
+        let value_ok = match tol.operator.as_deref() {
+            Some("Exists") => true,
+            _ => tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or(""),
+        };
+        effect_ok && key_ok && value_ok
+    })
+}
+
+fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
+fn requirement_matches(r: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
+    let have = labels.get(&r.key);
+    let vals = r.values.as_deref().unwrap_or(&[]);
+    match r.operator.as_str() {
+        "In" => have.is_some_and(|v| vals.contains(v)),
+        "NotIn" => !have.is_some_and(|v| vals.contains(v)),
+        "Exists" => have.is_some(),
+        "DoesNotExist" => have.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(h), Some(v)) = (
+                have.and_then(|h| h.parse::<i64>().ok()),
+                vals.first().and_then(|v| v.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if r.operator == "Gt" { h > v } else { h < v }
+        }
+        _ => false,
+    }
+}
+
+fn affinity_matches(p: &Pod, n: &Node) -> bool {
+    let empty = BTreeMap::new();
+    let labels = n.metadata.labels.as_ref().unwrap_or(&empty);
+    let Some(spec) = &p.spec else { return true };
+    if let Some(sel) = &spec.node_selector
+        && sel.iter().any(|(k, v)| labels.get(k) != Some(v))
+    {
+        return false;
+    }
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| {
+            na.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    match required {
+        None => true,
+        // Terms are ORed; the expressions of a term are ANDed.
+        Some(req) => req.node_selector_terms.iter().any(|term| {
+            term.match_expressions
+                .iter()
+                .flatten()
+                .all(|r| requirement_matches(r, labels))
+                && term.match_fields.iter().flatten().all(|r| {
+                    r.key == "metadata.name"
+                        && requirement_matches(
+                            &NodeSelectorRequirement {
+                                key: "name".into(),
+                                ..r.clone()
+                            },
+                            &[(
+                                "name".to_string(),
+                                n.metadata.name.clone().unwrap_or_default(),
+                            )]
+                            .into(),
+                        )
+                })
+        }),
+    }
+}
+
+/// Runs the filters; `Err` holds the reasons this node does not fit (usually one).
+fn filter(p: &Pod, req: Request, ni: &NodeInfo) -> Result<(), Vec<String>> {
+    let n = &ni.node;
+    let spec = p.spec.as_ref();
+    let tols = spec.and_then(|s| s.tolerations.as_deref()).unwrap_or(&[]);
+    let unschedulable = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    if unschedulable
+        && !tolerates(
+            tols,
+            &Taint {
+                key: "node.kubernetes.io/unschedulable".into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            },
+        )
+    {
+        return Err(vec!["node(s) were unschedulable".into()]);
+    }
+    let mut taints: Vec<Taint> = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    if !node_ready(n)
+        && !taints
+            .iter()
+            .any(|t| t.key.starts_with("node.kubernetes.io/"))
+    {
+        taints.push(Taint {
+            key: "node.kubernetes.io/not-ready".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        });
+    }
+    if let Some(t) = taints
+        .iter()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .find(|t| !tolerates(tols, t))
+    {
+        return Err(vec![format!(
+            "node(s) had untolerated taint {{{}: {}}}",
+            t.key,
+            t.value.as_deref().unwrap_or("")
+        )]);
+    }
+    if !affinity_matches(p, n) {
+        return Err(vec![
+            "node(s) didn't match Pod's node affinity/selector".into(),
+        ]);
+    }
+    let wanted = host_ports(p);
+    let clash = wanted.iter().any(|(ip, proto, port)| {
+        ni.ports.iter().any(|(hip, hproto, hport)| {
+            hport == port && hproto == proto && (hip == ip || hip == "0.0.0.0" || ip == "0.0.0.0")
+        })
+    });
+    if clash {
+        return Err(vec![
+            "node(s) didn't have free ports for the requested pod ports".into(),
+        ]);
+    }
+    let mut why = vec![];
+    if ni.pods + 1 > ni.alloc_pods {
+        why.push("Too many pods".to_string());
+    }
+    if req.milli_cpu > 0 && ni.used.milli_cpu + req.milli_cpu > ni.alloc_cpu {
+        why.push("Insufficient cpu".into());
+    }
+    if req.memory > 0 && ni.used.memory + req.memory > ni.alloc_mem {
+        why.push("Insufficient memory".into());
+    }
+    if why.is_empty() { Ok(()) } else { Err(why) }
+}
+
+/// Higher is better: least-allocated (0–100) plus spreading of the owner's pods (0–100).
+fn score(p: &Pod, req: Request, ni: &NodeInfo, max_same_owner: i64) -> i64 {
+    let frac = |used: i64, want: i64, alloc: i64| {
+        if alloc <= 0 || alloc >= i64::MAX / 8 {
+            return 100;
+        }
+        ((alloc - used - want).max(0) * 100) / alloc
+    };
+    let least = (frac(ni.used.milli_cpu, req.milli_cpu, ni.alloc_cpu)
+        + frac(ni.used.memory, req.memory, ni.alloc_mem)
+        + frac(ni.pods, 1, ni.alloc_pods))
+        / 3;
+    let same = controller_uid(p)
+        .and_then(|o| ni.owners.get(o).copied())
+        .unwrap_or(0);
+    let spread = if max_same_owner == 0 {
+        100
+    } else {
+        100 - (same * 100) / (max_same_owner + 1)
+    };
+    least + spread
+}
+
+/// kube-scheduler's summary: `0/3 nodes are available: 1 Insufficient cpu, 2 node(s) ...`.
+pub fn unschedulable_message(total: usize, reasons: &BTreeMap<String, usize>) -> String {
+    if total == 0 {
+        return "no nodes available to schedule pods".into();
+    }
+    let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    format!("0/{total} nodes are available: {}.", parts.join(", "))
+}
+
+fn serves(p: &Pod) -> bool {
+    let spec = p.spec.as_ref();
+    let name = spec
+        .and_then(|s| s.scheduler_name.as_deref())
+        .unwrap_or("default-scheduler");
+    spec.and_then(|s| s.node_name.as_deref())
+        .unwrap_or("")
+        .is_empty()
+        && p.metadata.deletion_timestamp.is_none()
+        && NAMES.contains(&name)
+        && !matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+fn uid(p: &Pod) -> String {
+    p.metadata.uid.clone().unwrap_or_default()
+}
+
+/// Runs the scheduler while `leading` is true.
+pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
+    let recorder = Recorder::new(client.clone(), "default-scheduler");
+    caches.ready().await;
+    let mut pods_changed = caches.pods.changed.clone();
+    let mut nodes_changed = caches.nodes.changed.clone();
+    // Pods bound by us that the cache does not show bound yet: uid → (pod, node).
+    let mut assumed: HashMap<String, (Arc<Pod>, String)> = HashMap::new();
+    // Unschedulable pods: uid → (next try, back-off, last reported message).
+    let mut waiting: HashMap<String, (Instant, Duration, String)> = HashMap::new();
+    let mut node_version = *nodes_changed.borrow();
+    let mut rotate = 0usize;
+    loop {
+        next_pass(
+            &mut [&mut pods_changed, &mut nodes_changed],
+            Duration::from_millis(500),
+        )
+        .await;
+        if !*leading.borrow() {
+            continue;
+        }
+        let nv = *nodes_changed.borrow();
+        if nv != node_version {
+            // Nodes changed: every waiting pod may fit now.
+            node_version = nv;
+            for w in waiting.values_mut() {
+                w.0 = Instant::now();
+            }
+        }
+        let nodes = caches.nodes.all();
+        let mut infos: Vec<NodeInfo> = nodes.iter().cloned().map(NodeInfo::new).collect();
+        let index: HashMap<String, usize> = infos
+            .iter()
+            .enumerate()
+            .map(|(i, ni)| (ni.node.metadata.name.clone().unwrap_or_default(), i))
+            .collect();
+        let all = caches.pods.all();
+        let mut pending = vec![];
+        let mut live: HashSet<String> = HashSet::with_capacity(all.len());
+        for p in &all {
+            live.insert(uid(p));
+            let node = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .unwrap_or("");
+            if !node.is_empty() {
+                assumed.remove(&uid(p));
+                let finished = matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                );
+                if let (false, Some(&i)) = (finished, index.get(node)) {
+                    infos[i].add(p);
+                }
+            } else if serves(p) && !assumed.contains_key(&uid(p)) {
+                pending.push(p.clone());
+            }
+        }
+        assumed.retain(|u, _| live.contains(u));
+        waiting.retain(|u, _| live.contains(u));
+        for (p, node) in assumed.values() {
+            if let Some(&i) = index.get(node) {
+                infos[i].add(p);
+            }
+        }
+        let now = Instant::now();
+        pending.retain(|p| waiting.get(&uid(p)).is_none_or(|w| w.0 <= now));
+        pending.sort_by_key(|p| {
+            (
+                -p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
+                p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                p.metadata.name.clone(),
+            )
+        });
+        let mut binds = tokio::task::JoinSet::new();
+        for p in pending {
+            let req = pod_request(&p);
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+            let owner = controller_uid(p.as_ref()).map(str::to_string);
+            let max_same = owner
+                .as_ref()
+                .map(|o| {
+                    infos
+                        .iter()
+                        .filter_map(|ni| ni.owners.get(o))
+                        .copied()
+                        .max()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0);
+            let mut best: Option<(i64, usize)> = None;
+            let n = infos.len();
+            for k in 0..n {
+                let i = (k + rotate) % n;
+                match filter(&p, req, &infos[i]) {
+                    Ok(()) => {
+                        let s = score(&p, req, &infos[i], max_same);
+                        if best.is_none_or(|(b, _)| s > b) {
+                            best = Some((s, i));
+                        }
+                    }
+                    Err(why) => {
+                        for w in why {
+                            *reasons.entry(w).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            rotate = rotate.wrapping_add(1);
+            match best {
+                Some((_, i)) => {
+                    infos[i].add(&p);
+                    let node = infos[i].node.metadata.name.clone().unwrap_or_default();
+                    assumed.insert(uid(&p), (p.clone(), node.clone()));
+                    waiting.remove(&uid(&p));
+                    if binds.len() >= BIND_CONCURRENCY {
+                        handle_bind(binds.join_next().await, &mut assumed);
+                    }
+                    let (client, recorder) = (client.clone(), recorder.clone());
+                    binds.spawn(async move {
+                        let r = bind(&client, &p, &node).await;
+                        if r.is_ok() {
+                            let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+                            let name = p.metadata.name.as_deref().unwrap_or("");
+                            recorder.event(
+                                p.as_ref(),
+                                false,
+                                "Scheduled",
+                                format!("Successfully assigned {ns}/{name} to {node}"),
+                            );
+                        }
+                        (uid(&p), r)
+                    });
+                }
+                None => {
+                    let msg = unschedulable_message(n, &reasons);
+                    let entry =
+                        waiting
+                            .entry(uid(&p))
+                            .or_insert((now, INITIAL_BACKOFF / 2, String::new()));
+                    entry.1 = (entry.1 * 2).clamp(INITIAL_BACKOFF, MAX_BACKOFF);
+                    entry.0 = now + entry.1;
+                    let first = entry.2 != msg;
+                    entry.2 = msg.clone();
+                    recorder.event(p.as_ref(), true, "FailedScheduling", msg.clone());
+                    if first {
+                        let pods: Api<Pod> = Api::namespaced(
+                            client.clone(),
+                            p.metadata.namespace.as_deref().unwrap_or("default"),
+                        );
+                        let name = p.metadata.name.clone().unwrap_or_default();
+                        tokio::spawn(async move {
+                            let patch = serde_json::json!({"status": {"conditions": [{
+                                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                "message": msg, "lastTransitionTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                            }]}});
+                            if let Err(e) = pods
+                                .patch_status(
+                                    &name,
+                                    &PatchParams::default(),
+                                    &Patch::Strategic(&patch),
+                                )
+                                .await
+                            {
+                                tracing::debug!(pod = %name, error = %e, "PodScheduled condition");
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        while let Some(r) = binds.join_next().await {
+            handle_bind(Some(r), &mut assumed);
+        }
+    }
+}
+
+fn handle_bind(
+    r: Option<Result<(String, kube::Result<()>), tokio::task::JoinError>>,
+    assumed: &mut HashMap<String, (Arc<Pod>, String)>,
+) {
+    if let Some(Ok((uid, Err(e)))) = r {
+        tracing::debug!(%uid, error = %e, "binding failed; the pod goes back to the queue");
+        assumed.remove(&uid);
+    }
+}
+
+async fn bind(client: &Client, p: &Pod, node: &str) -> kube::Result<()> {
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    let name = p.metadata.name.as_deref().unwrap_or("");
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let binding = serde_json::json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "namespace": ns, "uid": p.metadata.uid},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    api.create_subresource::<_, serde_json::Value>(
+        "binding",
+        name,
+        &PostParams::default(),
+        &binding,
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cpu: &str, ready: bool) -> Arc<Node> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": {"disk": "ssd"}},
+                "status": {"allocatable": {"cpu": cpu, "memory": "1Gi", "pods": "3"},
+                           "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn pod(cpu: &str, extra: serde_json::Value) -> Pod {
+        let mut p = serde_json::json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": cpu}}}]},
+        });
+        if let (Some(s), Some(e)) = (p["spec"].as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        serde_json::from_value(p).unwrap()
+    }
+
+    #[test]
+    fn filters_give_kube_schedulers_reasons() {
+        let ni = NodeInfo::new(node("n1", "1", true));
+        let p = pod("1500m", serde_json::json!({}));
+        assert_eq!(
+            filter(&p, pod_request(&p), &ni),
+            Err(vec!["Insufficient cpu".to_string()])
+        );
+        let p = pod("500m", serde_json::json!({"nodeSelector": {"disk": "hdd"}}));
+        assert_eq!(
+            filter(&p, pod_request(&p), &ni),
+            Err(vec![
+                "node(s) didn't match Pod's node affinity/selector".to_string()
+            ])
+        );
+        let p = pod("500m", serde_json::json!({"nodeSelector": {"disk": "ssd"}}));
+        assert_eq!(filter(&p, pod_request(&p), &ni), Ok(()));
+        let not_ready = NodeInfo::new(node("n2", "1", false));
+        assert_eq!(
+            filter(&p, pod_request(&p), &not_ready),
+            Err(vec![
+                "node(s) had untolerated taint {node.kubernetes.io/not-ready: }".to_string()
+            ])
+        );
+        let tolerant = pod(
+            "500m",
+            serde_json::json!({"tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}]}),
+        );
+        assert_eq!(
+            filter(&tolerant, pod_request(&tolerant), &not_ready),
+            Ok(())
+        );
+        let mut full = NodeInfo::new(node("n3", "4", true));
+        for _ in 0..3 {
+            full.add(&pod("100m", serde_json::json!({})));
+        }
+        assert_eq!(
+            filter(&p, pod_request(&p), &full),
+            Err(vec!["Too many pods".to_string()])
+        );
+    }
+
+    #[test]
+    fn the_summary_reads_like_kube_schedulers() {
+        let reasons: BTreeMap<String, usize> = [
+            ("Insufficient cpu".to_string(), 1),
+            (
+                "node(s) had untolerated taint {node.kubernetes.io/unreachable: }".to_string(),
+                2,
+            ),
+        ]
+        .into();
+        assert_eq!(
+            unschedulable_message(3, &reasons),
+            "0/3 nodes are available: 1 Insufficient cpu, 2 node(s) had untolerated taint {node.kubernetes.io/unreachable: }."
+        );
+    }
+
+    #[test]
+    fn init_containers_count_by_their_maximum() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "a", "resources": {"requests": {"cpu": "100m", "memory": "10Mi"}}},
+                                    {"name": "b", "resources": {"limits": {"cpu": "200m"}}}],
+                     "initContainers": [{"name": "i", "resources": {"requests": {"cpu": "1"}}}]}
+        }))
+        .unwrap();
+        let r = pod_request(&p);
+        assert_eq!((r.milli_cpu, r.memory), (1000, 10 << 20));
+    }
+}

@@ -1,0 +1,450 @@
+//! The scheduler and controllers inside `keelson server`, driven by the real kubectl, with Node
+//! objects made by the test and a stand-in kubelet (a task of the test that reports bound pods
+//! Running and Ready after a short delay, and confirms deletions). No agents, no containers.
+use std::{
+    collections::{HashMap, HashSet},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+struct Server {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("RUST_LOG", "keelson=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !dir.path().join("kubeconfig.yaml").exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { dir, child }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.dir.path().join("kubeconfig.yaml"))
+            .env("HOME", self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.kubectl(args);
+        assert!(
+            o.status.success(),
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    fn apply(&self, name: &str, yaml: &str) {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, yaml).unwrap();
+        self.ok(&["apply", "-f", p.to_str().unwrap()]);
+    }
+
+    async fn client(&self) -> Client {
+        let kc = Kubeconfig::read_from(self.dir.path().join("kubeconfig.yaml")).unwrap();
+        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        Client::try_from(cfg).unwrap()
+    }
+
+    /// Waits until `f` holds, up to `secs`.
+    fn until(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}; server log tail:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+fn node_yaml(name: &str, cpu: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}}}\nstatus:\n  allocatable: {{cpu: \"{cpu}\", memory: 4Gi, pods: \"110\"}}\n  capacity: {{cpu: \"{cpu}\", memory: 4Gi, pods: \"110\"}}\n  conditions: [{{type: Ready, status: \"True\", reason: KubeletReady}}]\n"
+    )
+}
+
+/// The stand-in kubelet: bound pods turn Running and Ready `delay` after they are seen (unless
+/// their name is in `hold`), deleted pods are confirmed at once.
+struct FakeKubelet {
+    stop: Arc<AtomicBool>,
+    hold: Arc<Mutex<HashSet<String>>>,
+}
+
+impl FakeKubelet {
+    fn start(client: Client, delay: Duration) -> FakeKubelet {
+        let stop = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(Mutex::new(HashSet::new()));
+        let (s, h) = (stop.clone(), hold.clone());
+        tokio::spawn(async move {
+            let pods: Api<Pod> = Api::all(client.clone());
+            let mut seen: HashMap<String, Instant> = HashMap::new();
+            let mut next_ip = 1u32;
+            while !s.load(Ordering::Relaxed) {
+                let Ok(list) = pods.list(&ListParams::default()).await else {
+                    continue;
+                };
+                for p in list.items {
+                    let ns = p.metadata.namespace.clone().unwrap_or_default();
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                    if p.metadata.deletion_timestamp.is_some() {
+                        let _ = api
+                            .delete(&name, &DeleteParams::default().grace_period(0))
+                            .await;
+                        continue;
+                    }
+                    let node = p
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default();
+                    if node.is_empty() {
+                        continue;
+                    }
+                    let held = h.lock().unwrap().contains(&name);
+                    let ready = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    let first = *seen.entry(name.clone()).or_insert_with(Instant::now);
+                    let want_ready = !held && first.elapsed() >= delay;
+                    if ready == want_ready
+                        && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+                    {
+                        continue;
+                    }
+                    let ip = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.clone())
+                        .unwrap_or_else(|| {
+                            next_ip += 1;
+                            format!("10.244.{}.{}", next_ip / 250, next_ip % 250 + 2)
+                        });
+                    let now = jiff::Timestamp::now()
+                        .strftime("%Y-%m-%dT%H:%M:%SZ")
+                        .to_string();
+                    let st = if want_ready { "True" } else { "False" };
+                    let patch = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "conditions": [
+                        {"type": "Ready", "status": st, "lastTransitionTime": now},
+                        {"type": "ContainersReady", "status": st, "lastTransitionTime": now}]}});
+                    let _ = api
+                        .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        FakeKubelet { stop, hold }
+    }
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn jsonpath(s: &Server, args: &[&str], path: &str) -> String {
+    let mut a = args.to_vec();
+    let p = format!("jsonpath={path}");
+    a.extend(["-o", p.as_str()]);
+    s.ok(&a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_roll_replicasets_heal_services_get_endpoints() {
+    let s = Server::start();
+    for n in ["n1", "n2", "n3"] {
+        s.apply(&format!("{n}.yaml"), &node_yaml(n, "2"));
+    }
+    let kubelet = FakeKubelet::start(s.client().await, Duration::from_millis(300));
+
+    // A Deployment spreads over the nodes and its rollout completes.
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox:1.36",
+        "--replicas=3",
+        "--port=8080",
+    ]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let nodes = jsonpath(
+        &s,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[*].spec.nodeName}",
+    );
+    let distinct: HashSet<&str> = nodes.split_whitespace().collect();
+    assert_eq!(distinct.len(), 3, "one pod per node: {nodes}");
+    let events = s.ok(&["get", "events"]);
+    assert!(
+        events.contains("Scheduled") && events.contains("Successfully assigned default/web-"),
+        "{events}"
+    );
+    assert!(events.contains("ScalingReplicaSet"), "{events}");
+    assert!(events.contains("SuccessfulCreate"), "{events}");
+
+    // Scale, then a rolling update that keeps within maxSurge/maxUnavailable at every step.
+    s.ok(&["scale", "deployment", "web", "--replicas=4"]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let client = s.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let watching = Arc::new(AtomicBool::new(true));
+    let (w, p2) = (watching.clone(), pods.clone());
+    let observer = tokio::spawn(async move {
+        // (max pods alive, min ready) over the rollout
+        let (mut max_alive, mut min_ready) = (0usize, usize::MAX);
+        while w.load(Ordering::Relaxed) {
+            if let Ok(l) = p2.list(&ListParams::default().labels("app=web")).await {
+                let alive: Vec<&Pod> = l
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .collect();
+                let ready = alive
+                    .iter()
+                    .filter(|p| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|cs| {
+                                cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                    })
+                    .count();
+                max_alive = max_alive.max(alive.len());
+                min_ready = min_ready.min(ready);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (max_alive, min_ready)
+    });
+    s.ok(&["set", "image", "deployment/web", "busybox=busybox:1.37"]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    watching.store(false, Ordering::Relaxed);
+    let (max_alive, min_ready) = observer.await.unwrap();
+    // 4 replicas, 25%: maxSurge 1, maxUnavailable 1.
+    assert!(
+        max_alive <= 5,
+        "at most replicas + maxSurge pods: {max_alive}"
+    );
+    assert!(
+        min_ready >= 3,
+        "at least replicas - maxUnavailable ready: {min_ready}"
+    );
+    let images = jsonpath(
+        &s,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[*].spec.containers[0].image}",
+    );
+    assert_eq!(
+        images
+            .split_whitespace()
+            .filter(|i| *i == "busybox:1.37")
+            .count(),
+        4,
+        "{images}"
+    );
+    let rs = s.ok(&["get", "rs", "-l", "app=web"]);
+    assert_eq!(
+        rs.lines().count(),
+        3,
+        "header + new + old (kept for history): {rs}"
+    );
+
+    // Rollback to the first template.
+    s.ok(&["rollout", "undo", "deployment/web"]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    s.until(30, "pods back on busybox:1.36", || {
+        let images = jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].spec.containers[0].image}",
+        );
+        images
+            .split_whitespace()
+            .filter(|i| *i == "busybox:1.36")
+            .count()
+            == 4
+            && images.split_whitespace().count() == 4
+    });
+    let history = s.ok(&["rollout", "history", "deployment/web"]);
+    assert!(history.contains('2') && history.contains('3'), "{history}");
+
+    // A deleted pod is replaced.
+    let victim = jsonpath(
+        &s,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[0].metadata.name}",
+    );
+    s.ok(&["delete", "pod", &victim]);
+    s.until(30, "the ReplicaSet to replace the pod", || {
+        let names = jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].metadata.name}",
+        );
+        !names.contains(&victim) && names.split_whitespace().count() == 4
+    });
+
+    // A Service gets Endpoints and an EndpointSlice that follow readiness.
+    s.ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ]);
+    s.until(20, "4 endpoints", || {
+        jsonpath(
+            &s,
+            &["get", "endpoints", "web"],
+            "{.subsets[*].addresses[*].ip}",
+        )
+        .split_whitespace()
+        .count()
+            == 4
+    });
+    assert_eq!(
+        jsonpath(
+            &s,
+            &["get", "endpoints", "web"],
+            "{.subsets[0].ports[0].port}"
+        ),
+        "8080"
+    );
+    let slice = jsonpath(
+        &s,
+        &[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+        ],
+        "{.items[0].endpoints[*].conditions.ready}",
+    );
+    assert_eq!(
+        slice.split_whitespace().filter(|r| *r == "true").count(),
+        4,
+        "{slice}"
+    );
+    let one = jsonpath(
+        &s,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[0].metadata.name}",
+    );
+    kubelet.hold.lock().unwrap().insert(one.clone());
+    s.until(20, "a not-ready pod to move to notReadyAddresses", || {
+        jsonpath(
+            &s,
+            &["get", "endpoints", "web"],
+            "{.subsets[*].notReadyAddresses[*].targetRef.name}",
+        ) == one
+    });
+    let ready = jsonpath(
+        &s,
+        &[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+        ],
+        "{.items[0].endpoints[*].conditions.ready}",
+    );
+    assert_eq!(
+        ready.split_whitespace().filter(|r| *r == "false").count(),
+        1,
+        "{ready}"
+    );
+
+    // A pod that fits nowhere says why, like kube-scheduler.
+    s.apply(
+        "picky.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: picky}\nspec:\n  nodeSelector: {disk: none}\n  containers: [{name: c, image: busybox:1.36}]\n",
+    );
+    s.apply(
+        "big.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"3\"}}}]\n",
+    );
+    s.until(20, "PodScheduled=False on picky", || {
+        jsonpath(
+            &s,
+            &["get", "pod", "picky"],
+            "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        ) == "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+    });
+    s.until(20, "PodScheduled=False on big", || {
+        jsonpath(
+            &s,
+            &["get", "pod", "big"],
+            "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        ) == "0/3 nodes are available: 3 Insufficient cpu."
+    });
+    let ev = s.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=FailedScheduling",
+    ]);
+    assert!(ev.contains("pod/picky") && ev.contains("Warning"), "{ev}");
+    // A node that fits arrives: the pod is scheduled there.
+    s.apply("n4.yaml", &node_yaml("n4", "8"));
+    s.until(20, "big to land on n4", || {
+        jsonpath(&s, &["get", "pod", "big"], "{.spec.nodeName}") == "n4"
+    });
+    drop(kubelet);
+}
