@@ -26,6 +26,8 @@ pub(super) struct DeleteOptions {
     grace_period_seconds: Option<i64>,
     preconditions: Option<DeletePreconditions>,
     dry_run: Option<Vec<String>>,
+    propagation_policy: Option<String>,
+    orphan_dependents: Option<bool>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -90,6 +92,28 @@ pub(super) async fn delete(
                 "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {}",
                 kv.mod_revision
             )));
+        }
+    }
+    // Foreground and Orphan deletion: the garbage collector finishes them through a finalizer.
+    let policy_finalizer = match (opts.propagation_policy.as_deref(), opts.orphan_dependents) {
+        (Some("Foreground"), _) => Some("foregroundDeletion"),
+        (Some("Orphan"), _) | (None, Some(true)) => Some("orphan"),
+        (Some("Background") | None, _) => None,
+        (Some(other), _) => {
+            return Err(ApiError::bad_request(format!(
+                "DeleteOptions.propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\""
+            )));
+        }
+    };
+    let mut obj = obj;
+    if let Some(f) = policy_finalizer.filter(|_| r.kind != "Namespace") {
+        let list = obj["metadata"]
+            .as_object_mut()
+            .map(|m| m.entry("finalizers").or_insert_with(|| json!([])));
+        if let Some(Value::Array(a)) = list
+            && !a.iter().any(|x| x == f)
+        {
+            a.push(json!(f));
         }
     }
     let has_finalizers = obj

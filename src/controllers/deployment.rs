@@ -287,6 +287,20 @@ async fn sync(
             .unwrap_or(0)
             .min(replicas(r))
     };
+    let mut alive_by_rs: std::collections::HashMap<&str, i32> = std::collections::HashMap::new();
+    for p in pods {
+        if let Some(o) = controller_uid(p.as_ref())
+            && pod_active(p)
+        {
+            *alive_by_rs.entry(o).or_insert(0) += 1;
+        }
+    }
+    let alive = |r: &ReplicaSet| {
+        alive_by_rs
+            .get(r.metadata.uid.as_deref().unwrap_or(""))
+            .copied()
+            .unwrap_or(0)
+    };
     if !paused && let Some(n) = &new_rs {
         let old_active: i32 = old.iter().map(|r| replicas(r)).sum();
         if recreate {
@@ -309,7 +323,8 @@ async fn sync(
             // kube's rolling update: scale the new ReplicaSet up within the surge; if that
             // wrote nothing, scale old ones down within the availability floor — first the
             // replicas that are not available anyway, then available ones, oldest first.
-            let total: i32 = owned.iter().map(|r| replicas(r)).sum();
+            // Pods not yet deleted count against the surge until they are gone.
+            let total: i32 = owned.iter().map(|r| replicas(r).max(alive(r))).sum();
             let room = want + surge - total;
             let cur = replicas(n);
             let up = if room > 0 && cur < want {
@@ -324,7 +339,8 @@ async fn sync(
             } else {
                 let min_available = want - unavailable;
                 let new_unavailable = (replicas(n) - available(n)).max(0);
-                let max_down = total - min_available - new_unavailable;
+                let spec_total: i32 = owned.iter().map(|r| replicas(r)).sum();
+                let max_down = spec_total - min_available - new_unavailable;
                 let mut counts: Vec<i32> = old.iter().map(|r| replicas(r)).collect();
                 if max_down > 0 {
                     let mut cleaned = 0;
