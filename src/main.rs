@@ -36,6 +36,37 @@ struct ElectionArgs {
     leader_elect_retry_period: std::time::Duration,
 }
 
+/// Settings of the node controllers.
+#[derive(clap::Args, Clone, Copy)]
+struct NodeControllerArgs {
+    /// How long a node may stay silent (no Lease renewal) before it turns Ready=Unknown.
+    #[arg(long, default_value = "50s", value_parser = parse_duration)]
+    node_monitor_grace_period: std::time::Duration,
+    /// The pod network that node IPAM cuts into per-node blocks.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: ipnet::Ipv4Net,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value = "24")]
+    node_cidr_mask_size: u8,
+}
+
+impl NodeControllerArgs {
+    fn options(self) -> anyhow::Result<keelson::controllers::node::Options> {
+        anyhow::ensure!(
+            self.node_cidr_mask_size >= self.cluster_cidr.prefix_len()
+                && self.node_cidr_mask_size <= 30,
+            "--node-cidr-mask-size {} must be between the --cluster-cidr prefix ({}) and 30",
+            self.node_cidr_mask_size,
+            self.cluster_cidr.prefix_len()
+        );
+        Ok(keelson::controllers::node::Options {
+            grace: self.node_monitor_grace_period,
+            cluster_cidr: self.cluster_cidr.trunc(),
+            node_prefix: self.node_cidr_mask_size,
+        })
+    }
+}
+
 impl ElectionArgs {
     fn config(self) -> keelson::control::leader::Config {
         keelson::control::leader::Config {
@@ -77,6 +108,8 @@ enum Cmd {
         no_controllers: bool,
         #[command(flatten)]
         election: ElectionArgs,
+        #[command(flatten)]
+        nodes: NodeControllerArgs,
     },
     /// Run the scheduler alone against an API server (several may stand by for each other).
     Scheduler {
@@ -91,6 +124,8 @@ enum Cmd {
         kubeconfig: PathBuf,
         #[command(flatten)]
         election: ElectionArgs,
+        #[command(flatten)]
+        nodes: NodeControllerArgs,
     },
     /// Build and load container images offline.
     Image {
@@ -297,7 +332,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             compaction_interval,
             no_controllers,
             election,
+            nodes,
         } => {
+            let node_opts = nodes.options()?;
             let cidr: ipnet::Ipv4Net = service_cidr
                 .parse()
                 .with_context(|| format!("--service-cidr {service_cidr:?} is not an IPv4 CIDR"))?;
@@ -336,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 client,
                                 keelson::control::Actors::Both,
                                 election.config(),
+                                node_opts,
                             )
                             .await
                         }
@@ -353,7 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = keelson::control::client_from(&kubeconfig).await?;
             tokio::select! {
-                _ = keelson::control::run(client, keelson::control::Actors::Scheduler, election.config()) => {}
+                _ = keelson::control::run(client, keelson::control::Actors::Scheduler, election.config(), Default::default()) => {}
                 _ = shutdown_signal() => {}
             }
             Ok(())
@@ -361,10 +399,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Controllers {
             kubeconfig,
             election,
+            nodes,
         } => {
+            let node_opts = nodes.options()?;
             let client = keelson::control::client_from(&kubeconfig).await?;
             tokio::select! {
-                _ = keelson::control::run(client, keelson::control::Actors::Controllers, election.config()) => {}
+                _ = keelson::control::run(client, keelson::control::Actors::Controllers, election.config(), node_opts) => {}
                 _ = shutdown_signal() => {}
             }
             Ok(())

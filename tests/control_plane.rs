@@ -32,11 +32,16 @@ impl Drop for Server {
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
+            .args(extra)
             .env("RUST_LOG", "keelson=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -446,5 +451,170 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.until(20, "big to land on n4", || {
         jsonpath(&s, &["get", "pod", "big"], "{.spec.nodeName}") == "n4"
     });
+    drop(kubelet);
+}
+
+/// Renews the Lease of each named node every 500 ms while it is in `alive`.
+fn renew_leases(client: Client, alive: Arc<Mutex<HashSet<String>>>, stop: Arc<AtomicBool>) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    tokio::spawn(async move {
+        let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+        while !stop.load(Ordering::Relaxed) {
+            let names: Vec<String> = alive.lock().unwrap().iter().cloned().collect();
+            for n in names {
+                let now = jiff::Timestamp::now()
+                    .strftime("%Y-%m-%dT%H:%M:%S.%6fZ")
+                    .to_string();
+                let lease = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": n, "namespace": "kube-node-lease"},
+                    "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": now}});
+                let _ = leases
+                    .patch(
+                        &n,
+                        &PatchParams::apply("test").force(),
+                        &Patch::Apply(&lease),
+                    )
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_nodes_garbage_collection_and_node_ipam() {
+    let s = Server::start_with(&["--node-monitor-grace-period", "3s"]);
+    let client = s.client().await;
+    let alive = Arc::new(Mutex::new(HashSet::from([
+        "n1".to_string(),
+        "n2".to_string(),
+    ])));
+    let stop = Arc::new(AtomicBool::new(false));
+    renew_leases(client.clone(), alive.clone(), stop.clone());
+    for n in ["n1", "n2"] {
+        s.apply(&format!("{n}.yaml"), &node_yaml(n, "4"));
+    }
+    let kubelet = FakeKubelet::start(client.clone(), Duration::from_millis(100));
+
+    // Node IPAM: a block each, lowest first; a deleted node's block is handed out again.
+    s.until(10, "pod CIDRs", || {
+        jsonpath(&s, &["get", "nodes"], "{.items[*].spec.podCIDR}")
+            .split_whitespace()
+            .count()
+            == 2
+    });
+    let cidrs = jsonpath(&s, &["get", "nodes"], "{.items[*].spec.podCIDR}");
+    assert_eq!(cidrs, "10.244.0.0/24 10.244.1.0/24");
+    s.apply("n9.yaml", &node_yaml("n9", "4"));
+    s.until(10, "n9's CIDR", || {
+        jsonpath(&s, &["get", "node", "n9"], "{.spec.podCIDR}") == "10.244.2.0/24"
+    });
+    s.ok(&["delete", "node", "n9"]);
+    s.apply("n8.yaml", &node_yaml("n8", "4"));
+    s.until(10, "n8 reuses n9's block", || {
+        jsonpath(&s, &["get", "node", "n8"], "{.spec.podCIDR}") == "10.244.2.0/24"
+    });
+    s.ok(&["delete", "node", "n8"]);
+
+    // Pods that tolerate an unreachable node for 2 s.
+    s.apply(
+        "web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 4\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}]\n      containers: [{name: web, image: busybox:1.36}]\n",
+    );
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let on = |node: &str| {
+        jsonpath(
+            &s,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "--field-selector",
+                &format!("spec.nodeName={node}"),
+            ],
+            "{.items[*].metadata.name}",
+        )
+        .split_whitespace()
+        .count()
+    };
+    assert_eq!(on("n1") + on("n2"), 4);
+    assert!(on("n2") > 0, "spread over both nodes");
+
+    // n2 goes silent: Unknown, tainted, its pods evicted and replaced on n1.
+    alive.lock().unwrap().remove("n2");
+    s.until(20, "n2 to turn NotReady", || {
+        s.ok(&["get", "node", "n2"]).contains("NotReady")
+    });
+    assert_eq!(
+        jsonpath(
+            &s,
+            &["get", "node", "n2"],
+            "{.status.conditions[?(@.type==\"Ready\")].reason}"
+        ),
+        "NodeStatusUnknown"
+    );
+    let taints = jsonpath(&s, &["get", "node", "n2"], "{.spec.taints[*].key}");
+    assert_eq!(
+        taints,
+        "node.kubernetes.io/unreachable node.kubernetes.io/unreachable"
+    );
+    s.until(30, "all 4 pods to run on n1", || on("n1") == 4);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    // n2 comes back (its lease renewed, Ready posted as a kubelet does): the taints go.
+    alive.lock().unwrap().insert("n2".into());
+    s.until(20, "n2's taints to go", || {
+        s.ok(&[
+            "patch", "node", "n2", "--subresource=status", "--type=merge", "-p",
+            r#"{"status":{"conditions":[{"type":"Ready","status":"True","reason":"KubeletReady"}]}}"#,
+        ]);
+        jsonpath(&s, &["get", "node", "n2"], "{.spec.taints}").is_empty()
+    });
+
+    // Garbage collection: orphaning keeps the pods, without their owner.
+    let rs = jsonpath(
+        &s,
+        &["get", "rs", "-l", "app=web"],
+        "{.items[0].metadata.name}",
+    );
+    s.ok(&["delete", "deployment", "web", "--cascade=orphan"]);
+    s.until(20, "the deployment to go", || {
+        !s.ok(&["get", "deploy"]).contains("web")
+    });
+    s.until(20, "the ReplicaSet to lose its owner", || {
+        jsonpath(&s, &["get", "rs", &rs], "{.metadata.ownerReferences}").is_empty()
+    });
+    // Foreground: the ReplicaSet stays until its pods are gone.
+    s.ok(&["delete", "rs", &rs, "--cascade=foreground", "--wait=false"]);
+    s.until(30, "pods and ReplicaSet gone", || {
+        jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].metadata.name}",
+        )
+        .is_empty()
+            && !s.ok(&["get", "rs"]).contains(&rs)
+    });
+    // Background (kubectl's default): dependents go after the owner.
+    s.ok(&[
+        "create",
+        "deployment",
+        "bg",
+        "--image=busybox:1.36",
+        "--replicas=2",
+    ]);
+    s.ok(&["rollout", "status", "deployment/bg", "--timeout=60s"]);
+    s.ok(&["delete", "deployment", "bg"]);
+    s.until(30, "bg's ReplicaSet and pods gone", || {
+        s.ok(&["get", "rs,pods", "-l", "app=bg", "-o", "name"])
+            .trim()
+            .is_empty()
+    });
+    // A new namespace gets its default ServiceAccount.
+    s.ok(&["create", "namespace", "team"]);
+    s.until(10, "the default ServiceAccount", || {
+        s.ok(&["get", "sa", "-n", "team"]).contains("default")
+    });
+    stop.store(true, Ordering::Relaxed);
     drop(kubelet);
 }

@@ -273,7 +273,12 @@ pub async fn client_from(kubeconfig: &std::path::Path) -> anyhow::Result<Client>
 }
 
 /// Runs the chosen actors, each under its own leader-election lease.
-pub async fn run(client: Client, actors: Actors, election: leader::Config) {
+pub async fn run(
+    client: Client,
+    actors: Actors,
+    election: leader::Config,
+    node_opts: crate::controllers::node::Options,
+) {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().to_string())
         .unwrap_or_default();
@@ -300,7 +305,7 @@ pub async fn run(client: Client, actors: Actors, election: leader::Config) {
                 identity.clone(),
                 election,
             );
-            crate::controllers::run(client.clone(), caches.clone(), leading).await;
+            crate::controllers::run(client.clone(), caches.clone(), leading, node_opts).await;
         }
     };
     tokio::join!(sched, ctrl);

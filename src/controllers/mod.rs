@@ -1,8 +1,11 @@
 //! The controllers of the control plane, each a loop over the shared caches that writes only
-//! through the API server: ReplicaSets, Deployments, Endpoints and EndpointSlices.
+//! through the API server: ReplicaSets, Deployments, Endpoints and EndpointSlices, node lifecycle and IPAM, garbage
+//! collection and default ServiceAccounts.
 
 pub mod deployment;
 pub mod endpoints;
+pub mod gc;
+pub mod node;
 pub mod replicaset;
 
 use kube::Client;
@@ -11,10 +14,17 @@ use tokio::sync::watch;
 use crate::control::Caches;
 
 /// Runs every controller while `leading` is true (returns never).
-pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
+pub async fn run(
+    client: Client,
+    caches: Caches,
+    leading: watch::Receiver<bool>,
+    node_opts: node::Options,
+) {
     tokio::join!(
         replicaset::run(client.clone(), caches.clone(), leading.clone()),
         deployment::run(client.clone(), caches.clone(), leading.clone()),
         endpoints::run(client.clone(), caches.clone(), leading.clone()),
+        node::run(client.clone(), caches.clone(), leading.clone(), node_opts),
+        gc::run(client.clone(), caches.clone(), leading.clone()),
     );
 }

@@ -102,7 +102,10 @@ fn tolerates(p: &Pod, t: &Taint) -> Option<Option<i64>> {
                 None | Some("") => tol.operator.as_deref() == Some("Exists"),
                 Some(k) => k == t.key,
             };
-            let effect_ok = tol.effect.as_deref().is_none_or(|e| e.is_empty() || e == t.effect);
+            let effect_ok = tol
+                .effect
+                .as_deref()
+                .is_none_or(|e| e.is_empty() || e == t.effect);
             let value_ok = tol.operator.as_deref() == Some("Exists")
                 || tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or("");
             key_ok && effect_ok && value_ok
@@ -110,7 +113,12 @@ fn tolerates(p: &Pod, t: &Taint) -> Option<Option<i64>> {
         .map(|tol| tol.toleration_seconds)
 }
 
-async fn pass(client: &Client, caches: &Caches, rec: &Recorder, opts: &Options) -> kube::Result<()> {
+async fn pass(
+    client: &Client,
+    caches: &Caches,
+    rec: &Recorder,
+    opts: &Options,
+) -> kube::Result<()> {
     let nodes = caches.nodes.all();
     let api: Api<Node> = Api::all(client.clone());
     let now = jiff::Timestamp::now();
@@ -151,8 +159,9 @@ async fn pass(client: &Client, caches: &Caches, rec: &Recorder, opts: &Options) 
             .find(|c| c.type_ == "Ready")
             .map(|c| c.status.clone())
             .unwrap_or_else(|| "Unknown".into());
-        let silent = last_heard(n, caches)
-            .is_some_and(|t| now.as_millisecond() - t.as_millisecond() > opts.grace.as_millis() as i64);
+        let silent = last_heard(n, caches).is_some_and(|t| {
+            now.as_millisecond() - t.as_millisecond() > opts.grace.as_millis() as i64
+        });
         let mut ready_now = ready.clone();
         if silent && ready != "Unknown" {
             let mut list: Vec<serde_json::Value> = conds
@@ -174,7 +183,12 @@ async fn pass(client: &Client, caches: &Caches, rec: &Recorder, opts: &Options) 
                 &Patch::Strategic(&json!({"status": {"conditions": list}})),
             )
             .await?;
-            rec.event(n.as_ref(), false, "NodeNotReady", format!("Node {name} status is now: NodeNotReady"));
+            rec.event(
+                n.as_ref(),
+                false,
+                "NodeNotReady",
+                format!("Node {name} status is now: NodeNotReady"),
+            );
             ready_now = "Unknown".into();
         }
         let want_key = match ready_now.as_str() {
@@ -199,9 +213,9 @@ async fn pass(client: &Client, caches: &Caches, rec: &Recorder, opts: &Options) 
             .cloned()
             .collect();
         let has_all = want_key.is_none_or(|_| ours.len() == 2);
-        let has_other = taints
-            .iter()
-            .any(|t| (t.key == UNREACHABLE || t.key == NOT_READY) && Some(t.key.as_str()) != want_key);
+        let has_other = taints.iter().any(|t| {
+            (t.key == UNREACHABLE || t.key == NOT_READY) && Some(t.key.as_str()) != want_key
+        });
         let mut current = kept.clone();
         if let Some(k) = want_key {
             if has_all {
@@ -212,7 +226,7 @@ async fn pass(client: &Client, caches: &Caches, rec: &Recorder, opts: &Options) 
                         key: k.into(),
                         effect: effect.into(),
                         time_added: (effect == "NoExecute")
-                            .then(|| k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+                            .then_some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
                         value: None,
                     });
                 }
@@ -220,7 +234,12 @@ async fn pass(client: &Client, caches: &Caches, rec: &Recorder, opts: &Options) 
         }
         if !has_all || has_other {
             kept = current.clone();
-            let patch = json!({"spec": {"taints": kept}});
+            let taints = if kept.is_empty() {
+                json!(null)
+            } else {
+                json!(kept)
+            };
+            let patch = json!({"spec": {"taints": taints}});
             api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
         }
@@ -275,7 +294,10 @@ mod tests {
         assert_eq!(a.to_string(), "10.244.0.0/24");
         used.insert(a);
         used.insert("10.244.2.0/24".parse().unwrap());
-        assert_eq!(next_cidr(&opts, &used).unwrap().to_string(), "10.244.1.0/24");
+        assert_eq!(
+            next_cidr(&opts, &used).unwrap().to_string(),
+            "10.244.1.0/24"
+        );
         let tiny = Options {
             cluster_cidr: "10.0.0.0/24".parse().unwrap(),
             node_prefix: 24,

@@ -281,6 +281,11 @@ async fn release(api: &Api<Pod>, p: &Pod, uid: &str) -> kube::Result<()> {
         .filter(|r| r.uid != uid)
         .cloned()
         .collect();
+    let refs = if refs.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!(refs)
+    };
     let patch = serde_json::json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.metadata.resource_version}});
     match api
         .patch(&pod_name(p), &PatchParams::default(), &Patch::Merge(&patch))

@@ -1,0 +1,394 @@
+//! Garbage collection by ownerReferences, and the default ServiceAccount of every namespace.
+//!
+//! - Background: a dependent (pod, ReplicaSet, EndpointSlice, …) whose owners are all gone is
+//!   deleted. "Gone" is confirmed with a read from the API server, so a cache that has not seen a
+//!   new owner yet never costs a dependent.
+//! - Foreground: an owner deleted with `propagationPolicy: Foreground` carries the
+//!   `foregroundDeletion` finalizer; its dependents are deleted (foreground too), and the
+//!   finalizer is removed once none is left, which completes the owner's deletion.
+//! - Orphan: an owner carrying the `orphan` finalizer has its reference removed from every
+//!   dependent, then the finalizer.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment, ReplicaSet},
+        core::v1::{Pod, ServiceAccount},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use kube::{
+    Api, Client, Resource,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::control::{Caches, next_pass};
+
+const FOREGROUND: &str = "foregroundDeletion";
+const ORPHAN: &str = "orphan";
+
+pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
+    caches.ready().await;
+    let mut a = caches.pods.changed.clone();
+    let mut b = caches.replicasets.changed.clone();
+    let mut c = caches.deployments.changed.clone();
+    let mut d = caches.daemonsets.changed.clone();
+    let mut e = caches.namespaces.changed.clone();
+    let mut f = caches.services.changed.clone();
+    loop {
+        next_pass(
+            &mut [&mut a, &mut b, &mut c, &mut d, &mut e, &mut f],
+            Duration::from_secs(5),
+        )
+        .await;
+        if !*leading.borrow() {
+            continue;
+        }
+        if let Err(e) = pass(&client, &caches).await {
+            tracing::debug!(error = %e, "garbage collector pass");
+        }
+    }
+}
+
+/// A dependent, type-erased: its metadata and how to write it.
+struct Dependent {
+    meta: ObjectMeta,
+    kind: &'static str,
+}
+
+fn dependents(caches: &Caches) -> Vec<Dependent> {
+    fn of<K: Resource<DynamicType = ()> + Clone>(
+        all: Vec<Arc<K>>,
+        kind: &'static str,
+        out: &mut Vec<Dependent>,
+    ) {
+        out.extend(
+            all.into_iter()
+                .filter(|o| {
+                    o.meta()
+                        .owner_references
+                        .as_ref()
+                        .is_some_and(|r| !r.is_empty())
+                })
+                .map(|o| Dependent {
+                    meta: o.meta().clone(),
+                    kind,
+                }),
+        );
+    }
+    let mut out = vec![];
+    of(caches.pods.all(), "Pod", &mut out);
+    of(caches.replicasets.all(), "ReplicaSet", &mut out);
+    of(caches.slices.all(), "EndpointSlice", &mut out);
+    of(caches.deployments.all(), "Deployment", &mut out);
+    of(caches.daemonsets.all(), "DaemonSet", &mut out);
+    out
+}
+
+/// Owners that are being deleted with a GC finalizer: (kind, namespace, name, uid, finalizer).
+fn finalizing(caches: &Caches) -> Vec<(ObjectMeta, &'static str, &'static str)> {
+    fn of<K: Resource<DynamicType = ()> + Clone>(
+        all: Vec<Arc<K>>,
+        kind: &'static str,
+        out: &mut Vec<(ObjectMeta, &'static str, &'static str)>,
+    ) {
+        for o in all {
+            let m = o.meta();
+            if m.deletion_timestamp.is_none() {
+                continue;
+            }
+            for f in [FOREGROUND, ORPHAN] {
+                if m.finalizers.iter().flatten().any(|x| x == f) {
+                    out.push((m.clone(), kind, f));
+                }
+            }
+        }
+    }
+    let mut out = vec![];
+    of(caches.deployments.all(), "Deployment", &mut out);
+    of(caches.replicasets.all(), "ReplicaSet", &mut out);
+    of(caches.daemonsets.all(), "DaemonSet", &mut out);
+    of(caches.services.all(), "Service", &mut out);
+    of(caches.pods.all(), "Pod", &mut out);
+    out
+}
+
+fn api_for<K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>>(
+    client: &Client,
+    ns: &str,
+) -> Api<K> {
+    Api::namespaced(client.clone(), ns)
+}
+
+/// Whether the owner still exists with that uid, asked of the API server.
+async fn owner_exists(client: &Client, ns: &str, r: &OwnerReference) -> kube::Result<bool> {
+    async fn get<K>(api: Api<K>, r: &OwnerReference) -> kube::Result<bool>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        Ok(api
+            .get_opt(&r.name)
+            .await?
+            .is_some_and(|o| o.meta().uid.as_deref() == Some(r.uid.as_str())))
+    }
+    match (r.api_version.as_str(), r.kind.as_str()) {
+        ("apps/v1", "Deployment") => get(api_for::<Deployment>(client, ns), r).await,
+        ("apps/v1", "ReplicaSet") => get(api_for::<ReplicaSet>(client, ns), r).await,
+        ("apps/v1", "DaemonSet") => get(api_for::<DaemonSet>(client, ns), r).await,
+        ("v1", "Service") => {
+            get(
+                api_for::<k8s_openapi::api::core::v1::Service>(client, ns),
+                r,
+            )
+            .await
+        }
+        ("v1", "Pod") => get(api_for::<Pod>(client, ns), r).await,
+        ("v1", "Node") => {
+            get(
+                Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+                r,
+            )
+            .await
+        }
+        // Owners of kinds this collector does not know are assumed present.
+        _ => Ok(true),
+    }
+}
+
+async fn delete_dep(client: &Client, d: &Dependent, foreground: bool) -> kube::Result<()> {
+    let ns = d.meta.namespace.clone().unwrap_or_default();
+    let name = d.meta.name.clone().unwrap_or_default();
+    let dp = if foreground {
+        DeleteParams::foreground()
+    } else {
+        DeleteParams::background()
+    };
+    async fn del<K>(api: Api<K>, name: &str, dp: &DeleteParams) -> kube::Result<()>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        match api.delete(name, dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    match d.kind {
+        "Pod" => del(api_for::<Pod>(client, &ns), &name, &dp).await,
+        "ReplicaSet" => del(api_for::<ReplicaSet>(client, &ns), &name, &dp).await,
+        "EndpointSlice" => del(api_for::<EndpointSlice>(client, &ns), &name, &dp).await,
+        "Deployment" => del(api_for::<Deployment>(client, &ns), &name, &dp).await,
+        "DaemonSet" => del(api_for::<DaemonSet>(client, &ns), &name, &dp).await,
+        _ => Ok(()),
+    }
+}
+
+/// Replaces the dependent's ownerReferences (merge patch, guarded by its resourceVersion).
+async fn set_owners(client: &Client, d: &Dependent, refs: Vec<OwnerReference>) -> kube::Result<()> {
+    let ns = d.meta.namespace.clone().unwrap_or_default();
+    let name = d.meta.name.clone().unwrap_or_default();
+    let refs = if refs.is_empty() {
+        json!(null)
+    } else {
+        json!(refs)
+    };
+    let patch =
+        json!({"metadata": {"ownerReferences": refs, "resourceVersion": d.meta.resource_version}});
+    async fn p<K>(api: Api<K>, name: &str, patch: &serde_json::Value) -> kube::Result<()>
+    where
+        K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    {
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    match d.kind {
+        "Pod" => p(api_for::<Pod>(client, &ns), &name, &patch).await,
+        "ReplicaSet" => p(api_for::<ReplicaSet>(client, &ns), &name, &patch).await,
+        "EndpointSlice" => p(api_for::<EndpointSlice>(client, &ns), &name, &patch).await,
+        "Deployment" => p(api_for::<Deployment>(client, &ns), &name, &patch).await,
+        "DaemonSet" => p(api_for::<DaemonSet>(client, &ns), &name, &patch).await,
+        _ => Ok(()),
+    }
+}
+
+async fn remove_finalizer(
+    client: &Client,
+    m: &ObjectMeta,
+    kind: &str,
+    f: &str,
+) -> kube::Result<()> {
+    let ns = m.namespace.clone().unwrap_or_default();
+    let name = m.name.clone().unwrap_or_default();
+    let rest: Vec<&String> = m.finalizers.iter().flatten().filter(|x| *x != f).collect();
+    let rest = if rest.is_empty() {
+        json!(null)
+    } else {
+        json!(rest)
+    };
+    let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": m.resource_version}});
+    async fn p<K>(api: Api<K>, name: &str, patch: &serde_json::Value) -> kube::Result<()>
+    where
+        K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    {
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    match kind {
+        "Deployment" => p(api_for::<Deployment>(client, &ns), &name, &patch).await,
+        "ReplicaSet" => p(api_for::<ReplicaSet>(client, &ns), &name, &patch).await,
+        "DaemonSet" => p(api_for::<DaemonSet>(client, &ns), &name, &patch).await,
+        "Service" => {
+            p(
+                api_for::<k8s_openapi::api::core::v1::Service>(client, &ns),
+                &name,
+                &patch,
+            )
+            .await
+        }
+        "Pod" => p(api_for::<Pod>(client, &ns), &name, &patch).await,
+        _ => Ok(()),
+    }
+}
+
+async fn pass(client: &Client, caches: &Caches) -> kube::Result<()> {
+    let deps = dependents(caches);
+    // Owners being deleted with a policy.
+    for (m, kind, f) in finalizing(caches) {
+        let uid = m.uid.clone().unwrap_or_default();
+        let mine: Vec<&Dependent> = deps
+            .iter()
+            .filter(|d| {
+                d.meta
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|r| r.uid == uid)
+            })
+            .collect();
+        if f == ORPHAN {
+            for d in &mine {
+                let rest: Vec<OwnerReference> = d
+                    .meta
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.uid != uid)
+                    .cloned()
+                    .collect();
+                set_owners(client, d, rest).await?;
+            }
+        } else {
+            for d in &mine {
+                if d.meta.deletion_timestamp.is_none() {
+                    delete_dep(client, d, true).await?;
+                }
+            }
+        }
+        if mine.is_empty() {
+            remove_finalizer(client, &m, kind, f).await?;
+        }
+    }
+    // Background: dependents whose owners are all gone.
+    let live: HashSet<String> = [
+        caches
+            .pods
+            .all()
+            .iter()
+            .filter_map(|o| o.metadata.uid.clone())
+            .collect::<Vec<_>>(),
+        caches
+            .replicasets
+            .all()
+            .iter()
+            .filter_map(|o| o.metadata.uid.clone())
+            .collect(),
+        caches
+            .deployments
+            .all()
+            .iter()
+            .filter_map(|o| o.metadata.uid.clone())
+            .collect(),
+        caches
+            .daemonsets
+            .all()
+            .iter()
+            .filter_map(|o| o.metadata.uid.clone())
+            .collect(),
+        caches
+            .services
+            .all()
+            .iter()
+            .filter_map(|o| o.metadata.uid.clone())
+            .collect(),
+        caches
+            .nodes
+            .all()
+            .iter()
+            .filter_map(|o| o.metadata.uid.clone())
+            .collect(),
+    ]
+    .concat()
+    .into_iter()
+    .collect();
+    for d in &deps {
+        if d.meta.deletion_timestamp.is_some() {
+            continue;
+        }
+        let refs: Vec<&OwnerReference> = d.meta.owner_references.iter().flatten().collect();
+        if refs.iter().any(|r| live.contains(&r.uid)) {
+            continue;
+        }
+        let ns = d.meta.namespace.clone().unwrap_or_default();
+        let mut any = false;
+        for r in &refs {
+            if owner_exists(client, &ns, r).await? {
+                any = true;
+                break;
+            }
+        }
+        if !any {
+            tracing::debug!(kind = d.kind, name = ?d.meta.name, "owner gone: deleting");
+            delete_dep(client, d, false).await?;
+        }
+    }
+    // Every active namespace has a default ServiceAccount.
+    for ns in caches.namespaces.all() {
+        let name = ns.metadata.name.clone().unwrap_or_default();
+        if ns.metadata.deletion_timestamp.is_some()
+            || caches.serviceaccounts.get(Some(&name), "default").is_some()
+        {
+            continue;
+        }
+        let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some("default".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &sa).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 || e.code == 403 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
