@@ -571,6 +571,45 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
         jsonpath(&s, &["get", "node", "n2"], "{.spec.taints}").is_empty()
     });
 
+    // A DaemonSet runs one pod per eligible node (not on a node labelled away), and rolls.
+    s.ok(&["label", "node", "n1", "daemons=yes"]);
+    s.ok(&["label", "node", "n2", "daemons=yes"]);
+    s.apply(
+        "ds.yaml",
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      nodeSelector: {daemons: \"yes\"}\n      containers: [{name: a, image: busybox:1.36}]\n",
+    );
+    let ds_nodes = || {
+        let mut v: Vec<String> = jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=agent"],
+            "{.items[*].spec.nodeName}",
+        )
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+        v.sort();
+        v.join(" ")
+    };
+    s.until(20, "a daemon pod on n1 and n2", || ds_nodes() == "n1 n2");
+    s.until(20, "the DaemonSet to report 2 ready", || {
+        jsonpath(
+            &s,
+            &["get", "ds", "agent"],
+            "{.status.desiredNumberScheduled} {.status.numberReady}",
+        ) == "2 2"
+    });
+    s.ok(&["label", "node", "n2", "daemons-"]);
+    s.until(20, "the pod to leave n2", || ds_nodes() == "n1");
+    s.ok(&["set", "image", "ds/agent", "a=busybox:1.37"]);
+    s.until(30, "the daemon pod to be replaced", || {
+        jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=agent"],
+            "{.items[*].spec.containers[0].image}",
+        ) == "busybox:1.37"
+    });
+    s.ok(&["delete", "ds", "agent"]);
+
     // Garbage collection: orphaning keeps the pods, without their owner.
     let rs = jsonpath(
         &s,

@@ -2,6 +2,7 @@
 //! through the API server: ReplicaSets, Deployments, Endpoints and EndpointSlices, node lifecycle and IPAM, garbage
 //! collection and default ServiceAccounts.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
@@ -26,5 +27,6 @@ pub async fn run(
         endpoints::run(client.clone(), caches.clone(), leading.clone()),
         node::run(client.clone(), caches.clone(), leading.clone(), node_opts),
         gc::run(client.clone(), caches.clone(), leading.clone()),
+        daemonset::run(client.clone(), caches.clone(), leading.clone()),
     );
 }

@@ -142,7 +142,7 @@ fn host_ports(p: &Pod) -> Vec<(String, String, i32)> {
         .collect()
 }
 
-fn tolerates(tols: &[Toleration], t: &Taint) -> bool {
+pub(crate) fn tolerates(tols: &[Toleration], t: &Taint) -> bool {
     tols.iter().any(|tol| {
         let effect_ok = tol
             .effect
@@ -189,7 +189,7 @@ fn requirement_matches(r: &NodeSelectorRequirement, labels: &BTreeMap<String, St
     }
 }
 
-fn affinity_matches(p: &Pod, n: &Node) -> bool {
+pub(crate) fn affinity_matches(p: &Pod, n: &Node) -> bool {
     let empty = BTreeMap::new();
     let labels = n.metadata.labels.as_ref().unwrap_or(&empty);
     let Some(spec) = &p.spec else { return true };
