@@ -657,3 +657,103 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
     stop.store(true, Ordering::Relaxed);
     drop(kubelet);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_controller_manager_takes_over_without_doubling_pods() {
+    let s = Server::start_with(&["--no-controllers"]);
+    let kc = s.dir.path().join("kubeconfig.yaml");
+    let election = [
+        "--leader-elect-lease-duration",
+        "3s",
+        "--leader-elect-renew-deadline",
+        "2s",
+        "--leader-elect-retry-period",
+        "500ms",
+    ];
+    let spawn = |what: &str| {
+        Command::new(env!("CARGO_BIN_EXE_keelson"))
+            .arg(what)
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(election)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut scheduler = spawn("scheduler");
+    let mut a = spawn("controllers");
+    let mut b = spawn("controllers");
+    for n in ["n1", "n2"] {
+        s.apply(&format!("{n}.yaml"), &node_yaml(n, "4"));
+    }
+    let kubelet = FakeKubelet::start(s.client().await, Duration::from_millis(100));
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox:1.36",
+        "--replicas=3",
+    ]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let count = || {
+        jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].metadata.name}",
+        )
+        .split_whitespace()
+        .count()
+    };
+    assert_eq!(count(), 3);
+    let holder = jsonpath(
+        &s,
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "kube-controller-manager",
+        ],
+        "{.spec.holderIdentity}",
+    );
+    let pid_of = |h: &str| {
+        h.split('_')
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap()
+    };
+    let leader_pid = pid_of(&holder);
+    assert!(leader_pid == a.id() || leader_pid == b.id(), "{holder}");
+    let (leader, standby) = if leader_pid == a.id() {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    s.ok(&["scale", "deployment", "web", "--replicas=5"]);
+    s.until(30, "the standby to take over and scale", || count() == 5);
+    let holder = jsonpath(
+        &s,
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "kube-controller-manager",
+        ],
+        "{.spec.holderIdentity}",
+    );
+    assert_eq!(pid_of(&holder), standby.id());
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(), 5, "no pod doubled");
+    let rs = s.ok(&["get", "rs", "-o", "name"]);
+    assert_eq!(rs.lines().count(), 1, "{rs}");
+    for c in [&mut scheduler, standby] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop(kubelet);
+}

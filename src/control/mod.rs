@@ -284,7 +284,7 @@ pub async fn run(
         .unwrap_or_default();
     let mut id = [0u8; 4];
     let _ = getrandom::fill(&mut id);
-    let identity = format!("{host}_{}", hex::encode(id));
+    let identity = format!("{host}_{}_{}", std::process::id(), hex::encode(id));
     let caches = Caches::start(&client);
     let sched = async {
         if actors != Actors::Controllers {
