@@ -110,6 +110,12 @@ enum Cmd {
         election: ElectionArgs,
         #[command(flatten)]
         nodes: NodeControllerArgs,
+        /// Seconds new pods tolerate a not-ready node (DefaultTolerationSeconds).
+        #[arg(long, default_value = "300")]
+        default_not_ready_toleration_seconds: i64,
+        /// Seconds new pods tolerate an unreachable node (DefaultTolerationSeconds).
+        #[arg(long, default_value = "300")]
+        default_unreachable_toleration_seconds: i64,
     },
     /// Run the scheduler alone against an API server (several may stand by for each other).
     Scheduler {
@@ -333,6 +339,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_controllers,
             election,
             nodes,
+            default_not_ready_toleration_seconds,
+            default_unreachable_toleration_seconds,
         } => {
             let node_opts = nodes.options()?;
             let cidr: ipnet::Ipv4Net = service_cidr
@@ -362,6 +370,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 compaction_interval,
                 ready: Some(ready.clone()),
+                default_tolerations: (
+                    default_not_ready_toleration_seconds,
+                    default_unreachable_toleration_seconds,
+                ),
             };
             if !no_controllers {
                 let kubeconfig = cfg.data_dir.join("kubeconfig.yaml");

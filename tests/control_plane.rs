@@ -483,7 +483,12 @@ fn renew_leases(client: Client, alive: Arc<Mutex<HashSet<String>>>, stop: Arc<At
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_nodes_garbage_collection_and_node_ipam() {
-    let s = Server::start_with(&["--node-monitor-grace-period", "3s"]);
+    let s = Server::start_with(&[
+        "--node-monitor-grace-period",
+        "3s",
+        "--default-unreachable-toleration-seconds",
+        "2",
+    ]);
     let client = s.client().await;
     let alive = Arc::new(Mutex::new(HashSet::from([
         "n1".to_string(),
@@ -516,10 +521,10 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
     });
     s.ok(&["delete", "node", "n8"]);
 
-    // Pods that tolerate an unreachable node for 2 s.
+    // Pods tolerate an unreachable node for 2 s (the server's DefaultTolerationSeconds).
     s.apply(
         "web.yaml",
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 4\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}]\n      containers: [{name: web, image: busybox:1.36}]\n",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 4\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: busybox:1.36}]\n",
     );
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
     let on = |node: &str| {

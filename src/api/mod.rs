@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub compaction_interval: std::time::Duration,
     /// Notified once the server serves and `kubeconfig.yaml` is written.
     pub ready: Option<Arc<tokio::sync::Notify>>,
+    /// DefaultTolerationSeconds for not-ready and unreachable nodes.
+    pub default_tolerations: (i64, i64),
 }
 
 /// Compacts the store every `every`, to the revision seen one interval earlier, so watches
@@ -245,6 +247,7 @@ pub async fn run(
                 .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
         ),
     };
+    typed::set_default_tolerations(cfg.default_tolerations.0, cfg.default_tolerations.1);
     seed(store.as_ref()).await?;
     let compaction = tokio::spawn(compactor(store.clone(), cfg.compaction_interval));
     let host = nix::unistd::gethostname()

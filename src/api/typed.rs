@@ -166,10 +166,40 @@ fn default_workload(kind: &str, obj: &mut Value) {
     }
 }
 
+/// Seconds a new pod tolerates a not-ready and an unreachable node before it is evicted
+/// (kube-apiserver's DefaultTolerationSeconds admission; `--default-*-toleration-seconds`).
+static DEFAULT_TOLERATIONS: std::sync::OnceLock<(i64, i64)> = std::sync::OnceLock::new();
+
+/// Sets the DefaultTolerationSeconds values (once, at server start; 300 s each otherwise).
+pub fn set_default_tolerations(not_ready: i64, unreachable: i64) {
+    let _ = DEFAULT_TOLERATIONS.set((not_ready, unreachable));
+}
+
 /// kube-apiserver's defaults for a Pod (those kubelet and kubectl rely on).
 pub fn default_pod(obj: &mut Value) {
     if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
         default_pod_spec(spec);
+        let (not_ready, unreachable) = *DEFAULT_TOLERATIONS.get_or_init(|| (300, 300));
+        let tols = spec
+            .entry("tolerations")
+            .or_insert_with(|| serde_json::json!([]));
+        if let Some(list) = tols.as_array_mut() {
+            for (key, secs) in [
+                ("node.kubernetes.io/not-ready", not_ready),
+                ("node.kubernetes.io/unreachable", unreachable),
+            ] {
+                let covered = list.iter().any(|t| {
+                    let effect = t["effect"].as_str().unwrap_or("");
+                    (t["key"] == key
+                        || (t["key"].as_str().unwrap_or("").is_empty()
+                            && t["operator"] == "Exists"))
+                        && (effect.is_empty() || effect == "NoExecute")
+                });
+                if !covered {
+                    list.push(serde_json::json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": secs}));
+                }
+            }
+        }
     }
     if obj.get("status").is_none() {
         obj["status"] = serde_json::json!({"phase": "Pending"});
