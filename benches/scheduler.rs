@@ -95,8 +95,7 @@ async fn create_all(pods: Api<Pod>) -> HashMap<String, Instant> {
     for t in tasks {
         t.await.unwrap();
     }
-    let m = created.lock().unwrap().clone();
-    m
+    created.lock().unwrap().clone()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
