@@ -128,7 +128,7 @@ struct FakeKubelet {
 impl FakeKubelet {
     fn start(client: Client, delay: Duration) -> FakeKubelet {
         let stop = Arc::new(AtomicBool::new(false));
-        let hold = Arc::new(Mutex::new(HashSet::new()));
+        let hold = Arc::new(Mutex::new(HashSet::<String>::new()));
         let (s, h) = (stop.clone(), hold.clone());
         tokio::spawn(async move {
             let pods: Api<Pod> = Api::all(client.clone());
@@ -156,7 +156,11 @@ impl FakeKubelet {
                     if node.is_empty() {
                         continue;
                     }
-                    let held = h.lock().unwrap().contains(&name);
+                    let held = h
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|x| name.starts_with(x.as_str()));
                     let ready = p
                         .status
                         .as_ref()
@@ -329,6 +333,70 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     });
     let history = s.ok(&["rollout", "history", "deployment/web"]);
     assert!(history.contains('2') && history.contains('3'), "{history}");
+
+    // restart rolls every pod; pause stops a rollout, resume finishes it.
+    let before = jsonpath(
+        &s,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[*].metadata.name}",
+    );
+    s.ok(&["rollout", "restart", "deployment/web"]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    s.until(30, "all pods replaced by the restart", || {
+        let now = jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].metadata.name}",
+        );
+        now.split_whitespace().count() == 4 && now.split_whitespace().all(|n| !before.contains(n))
+    });
+    s.ok(&["rollout", "pause", "deployment/web"]);
+    s.ok(&["set", "image", "deployment/web", "busybox=busybox:1.38"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let images = jsonpath(
+        &s,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[*].spec.containers[0].image}",
+    );
+    assert!(
+        !images.contains("busybox:1.38"),
+        "a paused deployment does not roll: {images}"
+    );
+    s.ok(&["rollout", "resume", "deployment/web"]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    s.until(30, "the resumed rollout", || {
+        jsonpath(
+            &s,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].spec.containers[0].image}",
+        )
+        .split_whitespace()
+        .filter(|i| *i == "busybox:1.38")
+        .count()
+            == 4
+    });
+
+    // A rollout whose pods never get ready runs into its progress deadline.
+    kubelet.hold.lock().unwrap().insert("stuck-".into());
+    s.apply(
+        "stuck.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: stuck}\nspec:\n  replicas: 1\n  progressDeadlineSeconds: 2\n  selector: {matchLabels: {app: stuck}}\n  template:\n    metadata: {labels: {app: stuck}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
+    );
+    let o = s.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=30s"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("exceeded its progress deadline"),
+        "{err}"
+    );
+    assert_eq!(
+        jsonpath(
+            &s,
+            &["get", "deploy", "stuck"],
+            "{.status.conditions[?(@.type==\"Progressing\")].reason}"
+        ),
+        "ProgressDeadlineExceeded"
+    );
+    s.ok(&["delete", "deploy", "stuck"]);
 
     // A deleted pod is replaced.
     let victim = jsonpath(

@@ -423,6 +423,9 @@ async fn sync(
             "Deployment does not have minimum availability.",
         )
     };
+    // The progress clock restarts when the new ReplicaSet's count moves.
+    let moved = cur.updated_replicas.unwrap_or(0) != updated
+        || cur.available_replicas.unwrap_or(0) != avail;
     let prev_prog = cond("Progressing");
     let deadline = spec.progress_deadline_seconds.unwrap_or(600);
     let (pr_status, pr_reason, pr_msg) = if complete {
@@ -438,11 +441,18 @@ async fn sync(
             "Deployment is paused".to_string(),
         )
     } else {
+        let reason = prev_prog.as_ref().and_then(|c| c.reason.as_deref());
         let last = prev_prog
             .as_ref()
-            .filter(|c| c.reason.as_deref() == Some("ReplicaSetUpdated"))
+            .filter(|_| reason == Some("ReplicaSetUpdated"))
             .and_then(|c| c.last_update_time.as_ref().map(|t| t.0));
+        let stalled = reason == Some("ProgressDeadlineExceeded") && !moved;
         match last {
+            _ if stalled => (
+                "False",
+                "ProgressDeadlineExceeded",
+                format!("ReplicaSet \"{new_name}\" has timed out progressing."),
+            ),
             Some(t) if now.as_second() - t.as_second() > i64::from(deadline) => (
                 "False",
                 "ProgressDeadlineExceeded",
@@ -462,9 +472,6 @@ async fn sync(
     };
     let av_prev = keep(cond("Available"), av_status, av_reason);
     let pr_prev = keep(prev_prog, pr_status, pr_reason);
-    // The progress clock restarts when the new ReplicaSet's count moves.
-    let moved = cur.updated_replicas.unwrap_or(0) != updated
-        || cur.available_replicas.unwrap_or(0) != avail;
     let pr_update = match &pr_prev {
         Some(c) if !moved || pr_reason == "ProgressDeadlineExceeded" => c
             .last_update_time
