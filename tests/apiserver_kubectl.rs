@@ -691,3 +691,80 @@ fn kubectl_works_on_the_etcd_store() {
     let _ = etcd.kill();
     let _ = etcd.wait();
 }
+
+#[test]
+fn aggregated_discovery_and_eviction_through_kubectl_drain() {
+    let s = Server::start(tempfile::tempdir().unwrap());
+    // kubectl asks for aggregated discovery first and needs nothing else.
+    let o = Command::new("kubectl")
+        .args(["get", "ns", "-v=6"])
+        .env("KUBECONFIG", s.dir.path().join("kubeconfig.yaml"))
+        .env("HOME", s.dir.path())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success());
+    assert!(
+        !log.contains("/apis/apps/v1?"),
+        "no per-group discovery once /apis answered aggregated: {log}"
+    );
+    let res = s.ok(&["api-resources", "--no-headers"]);
+    assert_eq!(res.lines().count(), 14, "{res}");
+    assert!(
+        res.lines()
+            .any(|l| l.starts_with("deployments") && l.contains("apps/v1"))
+    );
+    let url = format!("{}/api", s.url());
+    let token = std::fs::read_to_string(s.dir.path().join("pki/admin-token")).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+        ])
+        .args([
+            "-H",
+            "Accept: application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pods = doc["items"][0]["versions"][0]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "pods")
+        .unwrap()
+        .clone();
+    let subs: Vec<&str> = pods["subresources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["subresource"].as_str())
+        .collect();
+    assert_eq!(subs, ["status", "binding", "eviction"]);
+
+    // kubectl drain cordons the node and evicts its pods through pods/eviction.
+    let node = s.write(
+        "n1.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus:\n  conditions: [{type: Ready, status: \"True\"}]\n",
+    );
+    s.ok(&["create", "-f", &node]);
+    s.ok(&[
+        "run",
+        "p1",
+        "--image=busybox:1.36",
+        "--overrides={\"spec\":{\"nodeName\":\"n1\"}}",
+    ]);
+    let out = s.ok(&[
+        "drain",
+        "n1",
+        "--force",
+        "--grace-period=0",
+        "--timeout=20s",
+    ]);
+    assert!(out.contains("pod/p1 evicted"), "{out}");
+    assert!(s.fails(&["get", "pod", "p1"]).contains("not found"));
+    assert_eq!(s.jsonpath("node", "n1", "{.spec.unschedulable}"), "true");
+}

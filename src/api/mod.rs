@@ -123,8 +123,18 @@ fn version() -> serde_json::Value {
 /// The API router (authenticated except health and version).
 pub fn router(st: Arc<ApiState>) -> Router {
     let api = Router::new()
-        .route("/api", get(|| async { json_response(StatusCode::OK, &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})) }))
-        .route("/apis", get(|| async { json_response(StatusCode::OK, &registry::group_list()) }))
+        .route("/api", get(|h: axum::http::HeaderMap| async move {
+            if wants_aggregated(&h) {
+                return aggregated_response(true);
+            }
+            json_response(StatusCode::OK, &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}))
+        }))
+        .route("/apis", get(|h: axum::http::HeaderMap| async move {
+            if wants_aggregated(&h) {
+                return aggregated_response(false);
+            }
+            json_response(StatusCode::OK, &registry::group_list())
+        }))
         .route("/openapi/v3", get(|| async { json_response(StatusCode::OK, &registry::openapi_index()) }))
         .route(
             "/openapi/v3/{*path}",
@@ -148,6 +158,28 @@ pub fn router(st: Arc<ApiState>) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .merge(api)
+}
+
+/// Whether the client asks for aggregated discovery (apidiscovery.k8s.io/v2).
+fn wants_aggregated(h: &axum::http::HeaderMap) -> bool {
+    h.get("accept")
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| {
+            a.split(',').any(|m| {
+                m.contains("as=APIGroupDiscoveryList")
+                    && m.contains("v=v2")
+                    && !m.contains("v=v2beta1")
+            })
+        })
+}
+
+fn aggregated_response(core: bool) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", registry::AGGREGATED)],
+        registry::aggregated(core).to_string(),
+    )
+        .into_response()
 }
 
 /// `APIResourceList` of a group/version, or 404.

@@ -112,6 +112,22 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "kind": r.kind, "verbs": VERBS, "shortNames": r.short,
             })
         })
+        .chain(
+            RESOURCES
+                .iter()
+                .filter(|r| r.group == group && r.version == version)
+                .flat_map(|r| {
+                    subresources_of(r).map(move |s| {
+                        let mut v = json!({"name": format!("{}/{}", s.plural, s.name), "singularName": "",
+                                           "namespaced": r.namespaced, "kind": s.kind, "verbs": s.verbs});
+                        if s.group != r.group {
+                            v["group"] = json!(s.group);
+                            v["version"] = json!(s.version);
+                        }
+                        v
+                    })
+                }),
+        )
         .collect();
     if rs.is_empty() {
         return None;
@@ -124,6 +140,129 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     Some(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs}),
     )
+}
+
+/// A served subresource and the kind its requests and responses carry.
+struct Sub {
+    plural: &'static str,
+    name: &'static str,
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    verbs: &'static [&'static str],
+}
+
+const fn sub(
+    plural: &'static str,
+    name: &'static str,
+    (group, version, kind): (&'static str, &'static str, &'static str),
+    verbs: &'static [&'static str],
+) -> Sub {
+    Sub {
+        plural,
+        name,
+        group,
+        version,
+        kind,
+        verbs,
+    }
+}
+
+const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
+
+const SUBRESOURCES: &[Sub] = &[
+    sub(
+        "namespaces",
+        "status",
+        ("", "v1", "Namespace"),
+        STATUS_VERBS,
+    ),
+    sub("nodes", "status", ("", "v1", "Node"), STATUS_VERBS),
+    sub("pods", "status", ("", "v1", "Pod"), STATUS_VERBS),
+    sub("pods", "binding", ("", "v1", "Binding"), &["create"]),
+    sub(
+        "pods",
+        "eviction",
+        ("policy", "v1", "Eviction"),
+        &["create"],
+    ),
+    sub("services", "status", ("", "v1", "Service"), STATUS_VERBS),
+    sub(
+        "deployments",
+        "status",
+        ("apps", "v1", "Deployment"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "deployments",
+        "scale",
+        ("autoscaling", "v1", "Scale"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "replicasets",
+        "status",
+        ("apps", "v1", "ReplicaSet"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "replicasets",
+        "scale",
+        ("autoscaling", "v1", "Scale"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "daemonsets",
+        "status",
+        ("apps", "v1", "DaemonSet"),
+        STATUS_VERBS,
+    ),
+];
+
+fn subresources_of(r: &Resource) -> impl Iterator<Item = &'static Sub> {
+    let plural = r.plural;
+    SUBRESOURCES.iter().filter(move |s| s.plural == plural)
+}
+
+/// The content type of aggregated discovery (kubectl asks for it first).
+pub const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// `APIGroupDiscoveryList` (apidiscovery.k8s.io/v2) for `/api` (core) or `/apis` (named groups).
+pub fn aggregated(core: bool) -> Value {
+    let mut groups: Vec<&str> = RESOURCES
+        .iter()
+        .map(|r| r.group)
+        .filter(|g| g.is_empty() == core)
+        .collect();
+    groups.dedup();
+    let items: Vec<Value> = groups
+        .into_iter()
+        .map(|g| {
+            let resources: Vec<Value> = RESOURCES
+                .iter()
+                .filter(|r| r.group == g)
+                .map(|r| {
+                    let subs: Vec<Value> = subresources_of(r)
+                        .map(|s| {
+                            json!({"subresource": s.name, "responseKind": {"group": s.group, "version": s.version, "kind": s.kind}, "verbs": s.verbs})
+                        })
+                        .collect();
+                    json!({
+                        "resource": r.plural,
+                        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+                        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+                        "singularResource": r.kind.to_lowercase(),
+                        "verbs": VERBS,
+                        "shortNames": r.short,
+                        "subresources": subs,
+                    })
+                })
+                .collect();
+            json!({"metadata": {"name": g, "creationTimestamp": null},
+                   "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}]})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items})
 }
 
 /// `APIGroupList` of every named group.

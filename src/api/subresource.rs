@@ -163,6 +163,24 @@ pub async fn handle(
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
             ))
         }
+        // No PodDisruptionBudgets are served, so every eviction is allowed: it deletes the
+        // pod with the Eviction's DeleteOptions.
+        ("eviction", &Method::POST) if r.kind == "Pod" => {
+            let b: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid Eviction: {e}")))?;
+            if b.get("kind").and_then(Value::as_str) != Some("Eviction") {
+                return Err(ApiError::bad_request(
+                    "the body of the request must be an Eviction (policy/v1)",
+                ));
+            }
+            let opts = b.get("deleteOptions").cloned().unwrap_or(json!({}));
+            let bytes = Bytes::from(opts.to_string());
+            super::write::delete(st, r, ns, name, &bytes, None, false).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
+        }
         ("scale", m) if matches!(r.kind, "Deployment" | "ReplicaSet") => {
             let view = |o: &Value| {
                 let sel =
