@@ -514,10 +514,65 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         "reason=FailedScheduling",
     ]);
     assert!(ev.contains("pod/picky") && ev.contains("Warning"), "{ev}");
+    // Recreate: every old pod is gone before a new one is made.
+    s.apply(
+        "re.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: re}\nspec:\n  replicas: 2\n  strategy: {type: Recreate}\n  selector: {matchLabels: {app: re}}\n  template:\n    metadata: {labels: {app: re}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
+    );
+    s.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
+    let pods_api: Api<Pod> = Api::namespaced(s.client().await, "default");
+    let mixed = Arc::new(AtomicBool::new(false));
+    let watching = Arc::new(AtomicBool::new(true));
+    let (m, w) = (mixed.clone(), watching.clone());
+    let observer = tokio::spawn(async move {
+        while w.load(Ordering::Relaxed) {
+            if let Ok(l) = pods_api.list(&ListParams::default().labels("app=re")).await {
+                let images: HashSet<String> = l
+                    .items
+                    .iter()
+                    .filter_map(|p| {
+                        p.spec
+                            .as_ref()
+                            .map(|s| s.containers[0].image.clone().unwrap_or_default())
+                    })
+                    .collect();
+                if images.len() > 1 {
+                    m.store(true, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    s.ok(&["set", "image", "deployment/re", "c=busybox:1.37"]);
+    s.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
+    watching.store(false, Ordering::Relaxed);
+    observer.await.unwrap();
+    assert!(
+        !mixed.load(Ordering::Relaxed),
+        "Recreate never runs old and new pods together"
+    );
+    s.ok(&["delete", "deploy", "re"]);
+
     // A node that fits arrives: the pod is scheduled there.
     s.apply("n4.yaml", &node_yaml("n4", "8"));
     s.until(20, "big to land on n4", || {
         jsonpath(&s, &["get", "pod", "big"], "{.spec.nodeName}") == "n4"
+    });
+    // Capacity freed by a deleted pod lets a waiting pod in.
+    s.apply(
+        "big2.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: big2}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"7\"}}}]\n",
+    );
+    s.until(20, "big2 to wait", || {
+        jsonpath(
+            &s,
+            &["get", "pod", "big2"],
+            "{.status.conditions[?(@.type==\"PodScheduled\")].reason}",
+        ) == "Unschedulable"
+    });
+    s.ok(&["delete", "pod", "big"]);
+    s.until(20, "big2 to land on n4", || {
+        jsonpath(&s, &["get", "pod", "big2"], "{.spec.nodeName}") == "n4"
     });
     drop(kubelet);
 }

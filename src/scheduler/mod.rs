@@ -373,6 +373,8 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>)
     // Unschedulable pods: uid → (next try, back-off, last reported message).
     let mut waiting: HashMap<String, (Instant, Duration, String)> = HashMap::new();
     let mut node_version = *nodes_changed.borrow();
+    // Bound pods seen in the previous pass: when one goes, its capacity is free again.
+    let mut bound_before: HashSet<String> = HashSet::new();
     let mut rotate = 0usize;
     loop {
         next_pass(
@@ -421,6 +423,25 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>)
                 pending.push(p.clone());
             }
         }
+        let bound_now: HashSet<String> = all
+            .iter()
+            .filter(|p| {
+                !p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .unwrap_or("")
+                    .is_empty()
+                    && p.metadata.deletion_timestamp.is_none()
+            })
+            .map(|p| uid(p))
+            .collect();
+        if bound_before.iter().any(|u| !bound_now.contains(u)) {
+            // A bound pod went away (or is going): waiting pods may fit now.
+            for w in waiting.values_mut() {
+                w.0 = Instant::now();
+            }
+        }
+        bound_before = bound_now;
         assumed.retain(|u, _| live.contains(u));
         waiting.retain(|u, _| live.contains(u));
         for (p, node) in assumed.values() {
