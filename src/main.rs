@@ -166,6 +166,18 @@ struct AgentArgs {
     /// Run static pods only, with no API server.
     #[arg(long)]
     standalone: bool,
+    /// Join the cluster with this kubeconfig.
+    #[arg(long, conflicts_with_all = ["standalone", "server"])]
+    kubeconfig: Option<PathBuf>,
+    /// Join the cluster at this API server URL (with --token-file and --ca-file).
+    #[arg(long, requires_all = ["token_file", "ca_file"], conflicts_with = "standalone")]
+    server: Option<String>,
+    /// The cluster's node token (the server's DATA_DIR/node-token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The API server's CA certificate (the server's DATA_DIR/pki/ca.crt).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Directory of static pod manifests.
     #[arg(long)]
     manifests: Option<PathBuf>,
@@ -292,11 +304,24 @@ async fn shutdown_signal() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Agent(a) => {
-            if !a.standalone {
-                bail!(
-                    "joining a cluster is not available yet: run with --standalone --manifests DIR"
-                );
-            }
+            let join = match (&a.kubeconfig, &a.server) {
+                (Some(k), _) => Some(agent::cluster::Join::Kubeconfig(k.clone())),
+                (None, Some(server)) => Some(agent::cluster::Join::Token {
+                    server: server.clone(),
+                    token_file: a
+                        .token_file
+                        .clone()
+                        .context("--token-file is required with --server")?,
+                    ca_file: a
+                        .ca_file
+                        .clone()
+                        .context("--ca-file is required with --server")?,
+                }),
+                (None, None) if a.standalone => None,
+                (None, None) => bail!(
+                    "say how to run: --standalone --manifests DIR, or join a cluster with --kubeconfig FILE or --server URL --token-file FILE --ca-file FILE"
+                ),
+            };
             let pod_cidr: ipnet::Ipv4Net = a
                 .pod_cidr
                 .parse()
@@ -324,6 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_size: a.container_log_max_size,
                     max_files: a.container_log_max_files,
                 },
+                join,
             };
             agent::run(cfg, shutdown_signal()).await
         }

@@ -21,6 +21,8 @@ pub struct AgentConfig {
     pub rescan: Duration,
     pub resync: Duration,
     pub rotation: Rotation,
+    /// The cluster to join (none: standalone).
+    pub join: Option<super::cluster::Join>,
 }
 
 impl AgentConfig {

@@ -2,6 +2,7 @@
 //! containerd event router, and the local API. Never programs Service rules (that is `proxy`).
 
 pub mod build;
+pub mod cluster;
 pub mod config;
 pub mod logs;
 pub mod manifest;
@@ -22,6 +23,7 @@ use std::{
 
 use anyhow::Context;
 use futures::StreamExt;
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::mpsc;
 
@@ -146,7 +148,7 @@ fn full_name(p: &Pod) -> String {
 
 /// Runs the standalone agent until `shutdown` resolves. Pods keep running after it returns.
 pub async fn run(
-    cfg: AgentConfig,
+    mut cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     for d in [
@@ -161,6 +163,36 @@ pub async fn run(
     let rt = connect_containerd(&cfg.containerd, &cfg.namespace, Duration::from_secs(30))
         .await
         .with_context(|| format!("containerd at {}", cfg.containerd.display()))?;
+    // Joining a cluster: register the Node first, and take the pod CIDR the cluster assigns.
+    let cluster = match &cfg.join {
+        Some(join) => {
+            let client = cluster::client(join, &cfg.node_name).await?;
+            let version = rt.version().await.unwrap_or_default();
+            let cidr = cluster::register(&client, &cfg, &version, Duration::from_secs(60))
+                .await
+                .context("registering the node")?;
+            match cidr {
+                Some(c) if c != cfg.pod_cidr => {
+                    tracing::info!(pod_cidr = %c, "using the pod CIDR the cluster assigned");
+                    // The bridge address follows the CIDR when it stood for the node's address.
+                    let gw = |n: Ipv4Net| std::net::Ipv4Addr::from(u32::from(n.network()) + 1);
+                    if cfg.node_ip == gw(cfg.pod_cidr) {
+                        cfg.node_ip = gw(c);
+                    }
+                    cfg.pod_cidr = c;
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!(pod_cidr = %cfg.pod_cidr, "no pod CIDR assigned by the cluster; using --pod-cidr")
+                }
+            }
+            cluster::heartbeat(client.clone(), cfg.clone(), version);
+            let pods = cluster::pods(&client, &cfg.node_name);
+            let _ = pods.store.wait_until_ready().await;
+            Some((client, pods))
+        }
+        None => None,
+    };
     let pause = ensure_pause(&rt).await.context("pause image")?;
     import_dir(&rt, &cfg.images_dir).await;
     let ipam = Ipam::new(cfg.pod_cidr, &cfg.ipam_dir())?;
@@ -180,6 +212,12 @@ pub async fn run(
     let events = tokio::spawn(route_events(ctx.clone()));
     let listener = server::bind(&cfg.socket())
         .with_context(|| format!("agent socket {}", cfg.socket().display()))?;
+    if let Some((client, pods)) = &cluster {
+        cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
+    }
+    let mut api_changed = cluster.as_ref().map(|(_, p)| p.changed.clone());
+    // API pods being deleted whose worker was told to stop: UID → the pod, to finish the delete.
+    let mut deleting: HashMap<String, Pod> = HashMap::new();
     let server = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -226,6 +264,44 @@ pub async fn run(
             }
             None => vec![],
         };
+        let mut desired = desired;
+        if let Some((client, pods)) = &cluster {
+            for p in pods.all() {
+                let uid = p.metadata.uid.clone().unwrap_or_default();
+                if p.metadata.deletion_timestamp.is_none() {
+                    desired.push(manifest::StaticPod {
+                        pod: (*p).clone(),
+                        file: std::path::PathBuf::from("api"),
+                    });
+                    continue;
+                }
+                if deleting.contains_key(&uid) {
+                    continue;
+                }
+                deleting.insert(uid.clone(), (*p).clone());
+                match workers.remove(&uid) {
+                    Some(h) => {
+                        let grace = p.metadata.deletion_grace_period_seconds;
+                        tracing::info!(pod = %h.full_name, ?grace, "pod deleted in the API: stopping it");
+                        let _ = h.tx.send(Msg::Terminate { grace });
+                        stopping.insert(uid, (h.full_name, h.join));
+                    }
+                    None if !stopping.contains_key(&uid) => {
+                        let (client, pod) = (client.clone(), (*p).clone());
+                        tokio::spawn(async move { cluster::finish_delete(&client, &pod).await });
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let Some((_, pods)) = &cluster {
+            let live: HashSet<String> = pods
+                .all()
+                .iter()
+                .filter_map(|p| p.metadata.uid.clone())
+                .collect();
+            deleting.retain(|u, _| live.contains(u) || stopping.contains_key(u));
+        }
         let want: HashSet<String> = desired
             .iter()
             .filter_map(|p| p.pod.metadata.uid.clone())
@@ -295,7 +371,20 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 while notify_rx.try_recv().is_ok() {}
             }
-            _ = done_rx.recv() => {}
+            Some(uid) = done_rx.recv() => {
+                if let (Some(pod), Some((client, _))) = (deleting.get(&uid), &cluster) {
+                    let (client, pod) = (client.clone(), pod.clone());
+                    tokio::spawn(async move { cluster::finish_delete(&client, &pod).await });
+                }
+            }
+            _ = async {
+                match api_changed.as_mut() {
+                    Some(rx) => { let _ = rx.changed().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             _ = tokio::time::sleep(cfg.rescan) => {}
         }
     }

@@ -150,6 +150,11 @@ impl Lab {
 
     /// Starts (or restarts) the agent inside the node namespace.
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&["--standalone"]);
+    }
+
+    /// Starts the agent with `mode` (`--standalone`, or the flags that join a cluster).
+    pub fn start_agent_with(&mut self, mode: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -159,14 +164,9 @@ impl Lab {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(keelson_bin())
-            .args([
-                "agent",
-                "--standalone",
-                "--node-name",
-                "node1",
-                "--pod-cidr",
-                &self.pod_cidr,
-            ])
+            .arg("agent")
+            .args(mode)
+            .args(["--node-name", "node1", "--pod-cidr", &self.pod_cidr])
             .arg("--manifests")
             .arg(self.manifests())
             .arg("--containerd")

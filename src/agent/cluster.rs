@@ -1,0 +1,346 @@
+//! The agent as a member of a cluster: its identity towards the API server, the Node it
+//! registers (labels, addresses, capacity, nodeInfo, conditions), the Lease it renews every 10 s,
+//! the pods bound to it (a watch with `spec.nodeName=<node>`), and the pod statuses it
+//! publishes (only when they changed).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, Pod},
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+    runtime::watcher,
+};
+use serde_json::json;
+
+use super::{AgentCtx, config::AgentConfig};
+use crate::control::Cache;
+
+/// How the agent reaches the API server.
+#[derive(Debug, Clone)]
+pub enum Join {
+    /// A kubeconfig file (admin or node credentials).
+    Kubeconfig(PathBuf),
+    /// The server URL, the cluster's node token (the agent derives its node credential from
+    /// it) and the server's CA certificate.
+    Token {
+        server: String,
+        token_file: PathBuf,
+        ca_file: PathBuf,
+    },
+}
+
+/// A client for the API server, as this node.
+pub async fn client(join: &Join, node: &str) -> anyhow::Result<Client> {
+    match join {
+        Join::Kubeconfig(p) => crate::control::client_from(p).await,
+        Join::Token {
+            server,
+            token_file,
+            ca_file,
+        } => {
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("reading --token-file {}", token_file.display()))?;
+            let ca = std::fs::read(ca_file)
+                .with_context(|| format!("reading --ca-file {}", ca_file.display()))?;
+            let cred = crate::api::authz::node_credential(token.trim(), node);
+            let kc = json!({
+                "apiVersion": "v1", "kind": "Config", "current-context": "node",
+                "clusters": [{"name": "c", "cluster": {"server": server,
+                    "certificate-authority-data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &ca)}}],
+                "users": [{"name": "node", "user": {"token": cred}}],
+                "contexts": [{"name": "node", "context": {"cluster": "c", "user": "node"}}],
+            });
+            let kc: kube::config::Kubeconfig =
+                serde_json::from_value(kc).context("building the node kubeconfig")?;
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .context("node kubeconfig")?;
+            Ok(Client::try_from(cfg)?)
+        }
+    }
+}
+
+fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn mem_total_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn os_image() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| "Linux".into())
+}
+
+fn disk_bytes(path: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| s.blocks() * s.fragment_size())
+        .unwrap_or(0)
+}
+
+fn now() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// The node's status as the agent reports it.
+pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Value {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut capacity: BTreeMap<&str, String> = BTreeMap::new();
+    capacity.insert("cpu", cpus.to_string());
+    capacity.insert("memory", format!("{}Ki", mem_total_kib()));
+    capacity.insert("pods", "110".into());
+    capacity.insert("ephemeral-storage", disk_bytes(&cfg.data_dir).to_string());
+    let uts = nix::sys::utsname::uname().ok();
+    let kernel = uts
+        .as_ref()
+        .map(|u| u.release().to_string_lossy().to_string())
+        .unwrap_or_default();
+    let t = now();
+    let cond = |ty: &str, status: &str, reason: &str, msg: &str| {
+        json!({"type": ty, "status": status, "reason": reason, "message": msg,
+               "lastHeartbeatTime": t, "lastTransitionTime": t})
+    };
+    json!({
+        "capacity": capacity,
+        "allocatable": capacity,
+        "addresses": [{"type": "InternalIP", "address": cfg.node_ip.to_string()},
+                      {"type": "Hostname", "address": cfg.node_name}],
+        "conditions": [
+            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            cond("NetworkUnavailable", "False", "RouteCreated", "keelson set up the node network"),
+            cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        ],
+        "nodeInfo": {
+            "machineID": std::fs::read_to_string("/etc/machine-id").unwrap_or_default().trim(),
+            "systemUUID": "", "bootID": std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim(),
+            "kernelVersion": kernel, "osImage": os_image(),
+            "containerRuntimeVersion": format!("containerd://{runtime_version}"),
+            "kubeletVersion": format!("v1.{}.0-keelson.{}", crate::api::KUBE_MINOR, env!("CARGO_PKG_VERSION")),
+            "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": arch(),
+        },
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+    })
+}
+
+/// Creates or updates this node's Node; returns its pod CIDR once the cluster assigned one
+/// (waiting up to `wait`), or `None`.
+pub async fn register(
+    client: &Client,
+    cfg: &AgentConfig,
+    runtime_version: &str,
+    wait: Duration,
+) -> anyhow::Result<Option<Ipv4Net>> {
+    let api: Api<Node> = Api::all(client.clone());
+    let name = &cfg.node_name;
+    let status = node_status(cfg, runtime_version);
+    let labels = json!({"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": arch()});
+    match api
+        .get_opt(name)
+        .await
+        .context("reading this node's Node")?
+    {
+        None => {
+            let node: Node = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "status": status,
+            }))?;
+            api.create(&PostParams::default(), &node)
+                .await
+                .context("registering the Node")?;
+            tracing::info!(node = %name, "node registered");
+        }
+        Some(_) => {
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": labels}})),
+            )
+            .await
+            .context("updating the Node's labels")?;
+            api.patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "status": status })),
+            )
+            .await
+            .context("updating the Node's status")?;
+            tracing::info!(node = %name, "node status updated");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let n = api.get(name).await?;
+        if let Some(c) = n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()) {
+            let net: Ipv4Net = c
+                .parse()
+                .with_context(|| format!("the Node's spec.podCIDR {c:?}"))?;
+            return Ok(Some(net));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Renews `kube-node-lease/<node>` every 10 s (40 s duration, as kubelet), and re-posts the
+/// node's status every minute (its heartbeat, and a Ready that the node controller may have
+/// turned Unknown while the agent was away).
+pub fn heartbeat(client: Client, cfg: AgentConfig, runtime_version: String) {
+    tokio::spawn(async move {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+        let nodes: Api<Node> = Api::all(client.clone());
+        let name = cfg.node_name.clone();
+        let mut tick = 0u32;
+        loop {
+            let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
+                         "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string()}});
+            let r = match leases.get_opt(&name).await {
+                Ok(Some(_)) => leases
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&lease))
+                    .await
+                    .map(|_| ()),
+                Ok(None) => match serde_json::from_value::<Lease>(lease) {
+                    Ok(l) => leases.create(&PostParams::default(), &l).await.map(|_| ()),
+                    Err(e) => Err(kube::Error::SerdeError(e)),
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "renewing the node lease");
+            }
+            let ready = nodes.get_opt(&name).await.ok().flatten().is_some_and(|n| {
+                n.status
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            if tick.is_multiple_of(6) || !ready {
+                let status = node_status(&cfg, &runtime_version);
+                if let Err(e) = nodes
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({ "status": status })),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "posting node status");
+                }
+            }
+            tick = tick.wrapping_add(1);
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+}
+
+/// The pods bound to this node, watched.
+pub fn pods(client: &Client, node: &str) -> Cache<Pod> {
+    Cache::start(
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+    )
+}
+
+/// Publishes the statuses the workers computed for API pods, when they changed.
+pub fn publish_statuses(client: Client, ctx: Arc<AgentCtx>, pods: Cache<Pod>) {
+    tokio::spawn(async move {
+        let mut published: HashMap<String, serde_json::Value> = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let live = pods.all();
+            let current: Vec<(String, String, String, serde_json::Value)> = {
+                let Ok(store) = ctx.store.read() else {
+                    continue;
+                };
+                live.iter()
+                    .filter_map(|p| {
+                        let uid = p.metadata.uid.clone()?;
+                        let st = store.get(&uid)?.status.clone()?;
+                        Some((
+                            uid,
+                            p.metadata.namespace.clone().unwrap_or_default(),
+                            p.metadata.name.clone().unwrap_or_default(),
+                            serde_json::to_value(st).ok()?,
+                        ))
+                    })
+                    .collect()
+            };
+            let uids: std::collections::HashSet<&String> = current.iter().map(|c| &c.0).collect();
+            published.retain(|u, _| uids.contains(u));
+            for (uid, ns, name, status) in current {
+                if published.get(&uid) == Some(&status) {
+                    continue;
+                }
+                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                // Merge patch: lists (conditions, containerStatuses) are replaced whole.
+                let patch = json!({ "status": status });
+                match api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {
+                        published.insert(uid, status);
+                    }
+                    Err(e) => tracing::debug!(pod = %name, error = %e, "publishing pod status"),
+                }
+            }
+        }
+    });
+}
+
+/// Finishes the deletion of a pod the agent stopped: the API object goes (grace 0, this uid).
+pub async fn finish_delete(client: &Client, pod: &Pod) {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let dp = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(kube::api::Preconditions {
+            uid: pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&name, &dp).await {
+        Ok(_) => tracing::info!(pod = %name, "pod deleted"),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => tracing::warn!(pod = %name, error = %e, "finishing pod deletion"),
+    }
+}

@@ -1,0 +1,196 @@
+//! The agent joining a cluster: `keelson server` and `keelson agent --server … --token-file …`
+//! in one node namespace (no route out), a private containerd, and the real kubectl run inside
+//! that namespace. The node registers and turns Ready, a Deployment's pods run on it and report
+//! their status, a deleted pod is stopped and removed and replaced.
+mod common;
+
+use std::{
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kubectl(lab: &Lab, args: &[&str]) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.netns))
+        .arg("kubectl")
+        .args(args)
+        .env("KUBECONFIG", lab.dir.path().join("server/kubeconfig.yaml"))
+        .env("HOME", lab.dir.path())
+        .output()
+        .unwrap()
+}
+
+fn ok(lab: &Lab, args: &[&str]) -> String {
+    let o = kubectl(lab, args);
+    assert!(
+        o.status.success(),
+        "kubectl {args:?}: {}{}\nagent log tail:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        tail(&lab.agent_log())
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+fn until(lab: &Lab, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}\nagent log tail:\n{}",
+            tail(&lab.agent_log())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn jsonpath(lab: &Lab, args: &[&str], path: &str) -> String {
+    let mut a = args.to_vec();
+    let p = format!("jsonpath={path}");
+    a.extend(["-o", p.as_str()]);
+    ok(lab, &a)
+}
+
+#[test]
+fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
+    let mut lab = Lab::start("join");
+    let sdir = lab.dir.path().join("server");
+    std::fs::create_dir_all(&sdir).unwrap();
+    let log = std::fs::File::create(sdir.join("server.log")).unwrap();
+    let server = Server(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.netns))
+            .arg(env!("CARGO_BIN_EXE_keelson"))
+            .args(["server", "--listen", "127.0.0.1:6443", "--data-dir"])
+            .arg(&sdir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !sdir.join("kubeconfig.yaml").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let token = sdir.join("node-token");
+    let ca = sdir.join("pki/ca.crt");
+    lab.start_agent_with(&[
+        "--server",
+        "https://127.0.0.1:6443",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--ca-file",
+        ca.to_str().unwrap(),
+    ]);
+
+    // The node registers with its facts, gets a pod CIDR and renews its lease.
+    until(&lab, 30, "node1 Ready", || {
+        kubectl(&lab, &["get", "node", "node1"])
+            .stdout
+            .windows(5)
+            .any(|w| w == b"Ready")
+    });
+    let info = jsonpath(
+        &lab,
+        &["get", "node", "node1"],
+        "{.status.nodeInfo.containerRuntimeVersion} {.status.nodeInfo.operatingSystem} {.metadata.labels.kubernetes\\.io/os} {.spec.podCIDR}",
+    );
+    assert!(info.starts_with("containerd://1.6"), "{info}");
+    assert!(info.ends_with("linux linux 10.244.0.0/24"), "{info}");
+    assert!(!jsonpath(&lab, &["get", "node", "node1"], "{.status.capacity.cpu}").is_empty());
+    assert_eq!(
+        jsonpath(
+            &lab,
+            &["get", "lease", "-n", "kube-node-lease", "node1"],
+            "{.spec.holderIdentity}"
+        ),
+        "node1"
+    );
+
+    // A Deployment's pods run here and report Running/Ready with addresses from the node's CIDR.
+    ok(
+        &lab,
+        &[
+            "create",
+            "deployment",
+            "web",
+            &format!("--image={BUSYBOX}"),
+            "--replicas=2",
+            "--",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/etc",
+        ],
+    );
+    ok(
+        &lab,
+        &["rollout", "status", "deployment/web", "--timeout=90s"],
+    );
+    let ips = jsonpath(
+        &lab,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[*].status.podIP}",
+    );
+    let ips: Vec<&str> = ips.split_whitespace().collect();
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    assert!(ips.iter().all(|ip| ip.starts_with("10.244.0.")), "{ips:?}");
+    let body = lab.node_http(&format!("http://{}:8080/passwd", ips[0]));
+    assert!(
+        body.is_some_and(|b| b.contains("root:x:0:0")),
+        "the pod serves on its IP"
+    );
+    let ready = jsonpath(
+        &lab,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+    );
+    assert_eq!(ready, "True True");
+
+    // A deleted pod is stopped by the agent, which then removes the object; the ReplicaSet
+    // replaces it.
+    let victim = jsonpath(
+        &lab,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[0].metadata.name}",
+    );
+    ok(&lab, &["delete", "pod", &victim, "--wait=false"]);
+    until(&lab, 60, "the deleted pod to disappear", || {
+        !String::from_utf8_lossy(&kubectl(&lab, &["get", "pods", "-o", "name"]).stdout)
+            .contains(&victim)
+    });
+    ok(
+        &lab,
+        &["rollout", "status", "deployment/web", "--timeout=90s"],
+    );
+    until(&lab, 60, "two Ready pods again", || {
+        jsonpath(
+            &lab,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+        ) == "True True"
+    });
+    drop(server);
+}
