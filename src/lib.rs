@@ -8,3 +8,4 @@ pub mod net;
 pub mod runtime;
 pub mod scheduler;
 pub mod store;
+pub mod tls;

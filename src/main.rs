@@ -178,6 +178,9 @@ struct AgentArgs {
     /// The API server's CA certificate (the server's DATA_DIR/pki/ca.crt).
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Port of the kubelet API (HTTPS; 0 turns it off).
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: u16,
     /// Directory of static pod manifests.
     #[arg(long)]
     manifests: Option<PathBuf>,
@@ -350,6 +353,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_files: a.container_log_max_files,
                 },
                 join,
+                kubelet_token: a.token_file.clone(),
+                kubelet_port: a.kubelet_port,
             };
             agent::run(cfg, shutdown_signal()).await
         }

@@ -192,5 +192,73 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
             "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
         ) == "True True"
     });
+
+    // kubectl logs goes through the API server to the node's kubelet API.
+    ok(
+        &lab,
+        &[
+            "run",
+            "talker",
+            &format!("--image={BUSYBOX}"),
+            "--restart=Never",
+            "--command",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo line $i; done; sleep 3600",
+        ],
+    );
+    until(&lab, 60, "talker's three lines", || {
+        String::from_utf8_lossy(&kubectl(&lab, &["logs", "talker"]).stdout)
+            == "line 1\nline 2\nline 3\n"
+    });
+    assert_eq!(ok(&lab, &["logs", "talker", "--tail=1"]), "line 3\n");
+    assert_eq!(
+        ok(&lab, &["logs", "talker", "-c", "talker", "--tail=2"]),
+        "line 2\nline 3\n"
+    );
+    let stamped = ok(&lab, &["logs", "talker", "--timestamps", "--tail=1"]);
+    assert!(
+        stamped.starts_with("20") && stamped.trim_end().ends_with("Z line 3")
+            || stamped.contains("Z line 3"),
+        "{stamped}"
+    );
+    let follow = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.netns))
+        .args(["timeout", "3", "kubectl", "logs", "-f", "talker"])
+        .env("KUBECONFIG", lab.dir.path().join("server/kubeconfig.yaml"))
+        .env("HOME", lab.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        follow.status.code(),
+        Some(124),
+        "-f keeps following until stopped"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&follow.stdout),
+        "line 1\nline 2\nline 3\n"
+    );
+    let err = String::from_utf8_lossy(&kubectl(&lab, &["logs", "talker", "-c", "nope"]).stderr)
+        .to_string();
+    assert!(
+        err.contains("container nope is not valid for pod talker"),
+        "{err}"
+    );
+    // The kubelet API wants the API server's credential.
+    let anon = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.netns))
+        .args([
+            "curl",
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "https://10.244.0.1:10250/pods",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&anon.stdout), "401");
     drop(server);
 }

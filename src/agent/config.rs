@@ -23,6 +23,10 @@ pub struct AgentConfig {
     pub rotation: Rotation,
     /// The cluster to join (none: standalone).
     pub join: Option<super::cluster::Join>,
+    /// The node token, for checking callers of the kubelet API.
+    pub kubelet_token: Option<PathBuf>,
+    /// Port of the kubelet API (0: off).
+    pub kubelet_port: u16,
 }
 
 impl AgentConfig {

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod cluster;
 pub mod config;
+pub mod kubelet_api;
 pub mod logs;
 pub mod manifest;
 pub mod print;
@@ -214,6 +215,17 @@ pub async fn run(
         .with_context(|| format!("agent socket {}", cfg.socket().display()))?;
     if let Some((client, pods)) = &cluster {
         cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
+        match (&cfg.kubelet_token, cfg.kubelet_port) {
+            (Some(f), port) if port > 0 => {
+                let token = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the node token {}", f.display()))?;
+                let cred = crate::api::authz::kubelet_client_credential(&token);
+                kubelet_api::start(ctx.clone(), port, cred).await?;
+            }
+            _ => tracing::warn!(
+                "no node token (--token-file): the kubelet API is off, so `kubectl logs` cannot reach this node"
+            ),
+        }
     }
     let mut api_changed = cluster.as_ref().map(|(_, p)| p.changed.clone());
     // API pods being deleted whose worker was told to stop: UID → the pod, to finish the delete.

@@ -64,6 +64,15 @@ pub fn node_credential(node_token: &str, name: &str) -> String {
     )
 }
 
+/// The bearer credential the API server presents to kubelets (derived from the node token, so
+/// every joined agent can check it without further setup).
+pub fn kubelet_client_credential(node_token: &str) -> String {
+    format!(
+        "keelson-kubelet:{}",
+        hex::encode(hmac_sha256(node_token.trim().as_bytes(), b"kubelet-client"))
+    )
+}
+
 /// The identity a bearer token proves, if any.
 pub fn authenticate(token: &str, admin_token: &str, node_token: &str) -> Option<Identity> {
     if super::constant_time_eq(token.as_bytes(), admin_token.as_bytes()) {

@@ -307,6 +307,7 @@ pub async fn resource(
             &method,
             &headers,
             &body,
+            uri.query(),
         )
         .await;
     }

@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod authz;
 pub mod handlers;
+mod logs;
 pub mod patch;
 pub mod pki;
 mod protobuf;
@@ -332,57 +333,11 @@ pub async fn run(
         r.notify_one();
     }
     tracing::info!(%addr, kubeconfig = %cfg.data_dir.join("kubeconfig.yaml").display(), "API server serving");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
-            },
-        };
-        // Watch events are small writes that must go out at once (no Nagle delay).
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            let io = hyper_util::rt::TokioIo::new(tls);
-            if let Err(e) =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(io, svc)
-                    .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended");
-            }
-        });
-    }
+    crate::tls::serve(listener, tls, app, shutdown).await;
     compaction.abort();
     Ok(())
 }
 
 fn tls_config(p: &pki::Pki) -> anyhow::Result<rustls::ServerConfig> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut p.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .context("serving certificate")?;
-    let key = rustls_pemfile::private_key(&mut p.key_pem.as_bytes())
-        .context("serving key")?
-        .context("no private key in server.key")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("TLS certificate")?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
+    crate::tls::server_config(&p.cert_pem, &p.key_pem)
 }

@@ -180,6 +180,7 @@ const SUBRESOURCES: &[Sub] = &[
     sub("nodes", "status", ("", "v1", "Node"), STATUS_VERBS),
     sub("pods", "status", ("", "v1", "Pod"), STATUS_VERBS),
     sub("pods", "binding", ("", "v1", "Binding"), &["create"]),
+    sub("pods", "log", ("", "v1", "Pod"), &["get"]),
     sub(
         "pods",
         "eviction",

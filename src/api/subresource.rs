@@ -78,6 +78,7 @@ pub async fn handle(
     method: &Method,
     headers: &HeaderMap,
     body: &Bytes,
+    query: Option<&str>,
 ) -> Result<Response, ApiError> {
     let key = r.key(ns, name);
     let kv = get_existing(st, r, &key, name).await?;
@@ -163,6 +164,7 @@ pub async fn handle(
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
             ))
         }
+        ("log", &Method::GET) if r.kind == "Pod" => super::logs::proxy(st, &cur, query).await,
         // No PodDisruptionBudgets are served, so every eviction is allowed: it deletes the
         // pod with the Eviction's DeleteOptions.
         ("eviction", &Method::POST) if r.kind == "Pod" => {

@@ -1,0 +1,99 @@
+//! The kubelet API: HTTPS on port 10250 (`--kubelet-port`) with kubelet's paths — `/healthz`,
+//! `/pods`, `/containerLogs/NS/POD/CONTAINER`, `/metrics` — for callers that present the API
+//! server's kubelet-client credential (derived from the node token). The serving certificate is
+//! self-signed for the node's name and address, made at start.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use axum::{
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+
+use super::AgentCtx;
+
+async fn auth(State(cred): State<Arc<String>>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            let t = t.trim().as_bytes();
+            t.len() == cred.len()
+                && t.iter()
+                    .zip(cred.as_bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0
+        });
+    if ok {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "Unauthorized").into_response()
+    }
+}
+
+/// Prometheus text: pods and containers running, restarts, ready pods.
+fn metrics(ctx: &AgentCtx) -> String {
+    let pods: Vec<k8s_openapi::api::core::v1::Pod> = ctx
+        .store
+        .read()
+        .map(|s| s.values().cloned().collect())
+        .unwrap_or_default();
+    let statuses = || {
+        pods.iter().flat_map(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.clone())
+                .unwrap_or_default()
+        })
+    };
+    let running_pods = pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .count();
+    let running_containers = statuses()
+        .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .count();
+    let restarts: i64 = statuses().map(|c| i64::from(c.restart_count)).sum();
+    let ready = pods.iter().filter(|p| crate::control::pod_ready(p)).count();
+    format!(
+        "# HELP kubelet_running_pods Number of pods that have a running pod sandbox.\n# TYPE kubelet_running_pods gauge\nkubelet_running_pods {running_pods}\n\
+         # HELP kubelet_running_containers Number of containers currently running.\n# TYPE kubelet_running_containers gauge\nkubelet_running_containers{{container_state=\"running\"}} {running_containers}\n\
+         # HELP keelson_ready_pods Pods whose Ready condition is True.\n# TYPE keelson_ready_pods gauge\nkeelson_ready_pods {ready}\n\
+         # HELP keelson_container_restarts_total Container restarts of the pods on this node.\n# TYPE keelson_container_restarts_total counter\nkeelson_container_restarts_total {restarts}\n"
+    )
+}
+
+/// Serves the kubelet API on `port` (all addresses of the agent's network namespace).
+pub async fn start(ctx: Arc<AgentCtx>, port: u16, credential: String) -> anyhow::Result<()> {
+    let mut names = vec![ctx.cfg.node_name.clone()];
+    names.push(ctx.cfg.node_ip.to_string());
+    let cert = rcgen::generate_simple_self_signed(names).context("kubelet serving certificate")?;
+    let tls = crate::tls::server_config(&cert.cert.pem(), &cert.signing_key.serialize_pem())?;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
+        .await
+        .with_context(|| format!("kubelet API on port {port}"))?;
+    let m = ctx.clone();
+    let app = super::server::router(ctx)
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], metrics(&m)) }
+            }),
+        )
+        .layer(middleware::from_fn_with_state(Arc::new(credential), auth));
+    tracing::info!(port, "kubelet API serving");
+    tokio::spawn(crate::tls::serve(
+        listener,
+        tls,
+        app,
+        std::future::pending(),
+    ));
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! `pods/log`: the API server asks the pod's kubelet (`/containerLogs/...` on the node's
+//! InternalIP and kubelet port) with its kubelet-client credential and streams the answer back,
+//! so `kubectl logs` works with `-f`, `--tail`, `--previous`, `--timestamps` and `-c`.
+
+use axum::{
+    body::Body,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde_json::Value;
+
+use super::{
+    ApiState,
+    handlers::{ApiError, decode},
+    registry,
+};
+
+/// Query parameters passed on to the kubelet.
+const PASSED: &[&str] = &[
+    "follow",
+    "tailLines",
+    "timestamps",
+    "previous",
+    "sinceSeconds",
+    "limitBytes",
+];
+
+pub(super) async fn proxy(
+    st: &ApiState,
+    pod: &Value,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    let name = pod
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let ns = pod
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let params: Vec<(String, String)> = query
+        .map(|q| {
+            q.split('&')
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k.to_string(), v.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let names = |list: &str| -> Vec<String> {
+        pod.pointer(&format!("/spec/{list}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let app = names("containers");
+    let all: Vec<String> = app.iter().cloned().chain(names("initContainers")).collect();
+    let container = match params
+        .iter()
+        .find(|(k, _)| k == "container")
+        .map(|(_, v)| v.clone())
+    {
+        Some(c) => c,
+        None if app.len() == 1 => app[0].clone(),
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                app.join(" ")
+            )));
+        }
+    };
+    if !all.contains(&container) {
+        return Err(ApiError::bad_request(format!(
+            "container {container} is not valid for pod {name}"
+        )));
+    }
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("pod {name} does not have a host assigned"))
+        })?;
+    let nodes =
+        registry::find("", "v1", "nodes").ok_or_else(|| ApiError::internal("no nodes resource"))?;
+    let kv = st
+        .store
+        .get(&nodes.key(None, node))
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("node {node} of pod {name} is not registered"))
+        })?;
+    let n = decode(&kv)?;
+    let ip = n
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
+        .and_then(|x| x["address"].as_str())
+        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+        .ok_or_else(|| ApiError::bad_request(format!("node {node} has no InternalIP address")))?;
+    let port = n
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(10250);
+    let passed: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| PASSED.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let path = format!(
+        "/containerLogs/{ns}/{name}/{container}?{}",
+        passed.join("&")
+    );
+    let cred = super::authz::kubelet_client_credential(&st.node_token);
+    let resp = crate::tls::get(std::net::SocketAddr::new(ip, port), &path, &cred)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                format!("Get \"https://{ip}:{port}{path}\": {e:#}"),
+            )
+        })?;
+    let code = resp.status();
+    if !code.is_success() {
+        let body = axum::body::to_bytes(Body::new(resp.into_body()), 1 << 20)
+            .await
+            .unwrap_or_default();
+        let msg = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+        let code = StatusCode::from_u16(code.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let reason = if code == StatusCode::NOT_FOUND {
+            "NotFound"
+        } else {
+            "BadRequest"
+        };
+        return Err(ApiError::new(code, reason, msg));
+    }
+    Ok((
+        StatusCode::OK,
+        [("content-type", "text/plain")],
+        Body::new(resp.into_body()),
+    )
+        .into_response())
+}
