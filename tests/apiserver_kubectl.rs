@@ -743,7 +743,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
         .iter()
         .filter_map(|x| x["subresource"].as_str())
         .collect();
-    assert_eq!(subs, ["status", "binding", "eviction"]);
+    assert_eq!(subs, ["status", "binding", "log", "eviction"]);
 
     // kubectl drain cordons the node and evicts its pods through pods/eviction.
     let node = s.write(
