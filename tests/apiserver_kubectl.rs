@@ -329,6 +329,10 @@ fn kubectl_works_against_keelson_server() {
     s.ok(&["create", "-f", &pod]);
     let got = s.jsonpath("pod", "p2", "{.spec.restartPolicy} {.spec.containers[0].imagePullPolicy} {.spec.containers[0].ports[0].protocol} {.status.phase}");
     assert_eq!(got, "Always IfNotPresent TCP Pending");
+    assert_eq!(
+        s.jsonpath("pod", "p2", "{.spec.serviceAccountName}"),
+        "default"
+    );
     // DefaultTolerationSeconds: 300 s for not-ready and unreachable nodes.
     let got = s.jsonpath(
         "pod",

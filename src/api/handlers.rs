@@ -395,8 +395,8 @@ async fn list(
     // Filtering by labels happens after the range read; keep reading until the page is full.
     loop {
         let page = st
-            .store
-            .list(&prefix, last_key.as_deref(), limit)
+            .cache
+            .list(&r.prefix(), &prefix, last_key.as_deref(), limit)
             .await
             .map_err(ApiError::internal)?;
         revision = page.revision;
@@ -447,8 +447,8 @@ async fn watch(
     // No version (or "0"): the current state as ADDED events, then changes.
     let (initial, from) = if rv.is_empty() || rv == "0" {
         let page = st
-            .store
-            .list(&prefix, None, 0)
+            .cache
+            .list(&r.prefix(), &prefix, None, 0)
             .await
             .map_err(ApiError::internal)?;
         let objs: Result<Vec<Value>, ApiError> = page.items.iter().map(decode).collect();
@@ -459,7 +459,7 @@ async fn watch(
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?;
         (vec![], from)
     };
-    let mut rx = match st.store.watch(&prefix, from).await {
+    let mut rx = match st.cache.watch(&r.prefix(), &prefix, from).await {
         Ok(rx) => rx,
         // As kube-apiserver does: the watch starts (200), and its one event is a 410 Status,
         // which tells clients (kubectl, kube-rs' watcher) to list again.

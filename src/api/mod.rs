@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod authz;
+pub mod cache;
 pub mod handlers;
 mod logs;
 pub mod patch;
@@ -88,6 +89,8 @@ pub enum StoreConfig {
 /// Shared state of the API handlers.
 pub struct ApiState {
     pub store: Arc<dyn Store>,
+    /// Lists and watches are served from here.
+    pub cache: cache::WatchCaches,
     pub admin_token: String,
     pub node_token: String,
     pub services: alloc::ServiceNet,
@@ -308,7 +311,9 @@ pub async fn run(
     }
     let pki = pki::ensure(&cfg.data_dir.join("pki"), &names, &ips).context("credentials")?;
     let tls = tls_config(&pki)?;
+    let (cache, store) = cache::WatchCaches::new(store);
     let st = Arc::new(ApiState {
+        cache,
         store,
         admin_token: pki.admin_token.clone(),
         node_token: pki.node_token.clone(),

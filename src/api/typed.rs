@@ -179,6 +179,16 @@ pub fn set_default_tolerations(not_ready: i64, unreachable: i64) {
 pub fn default_pod(obj: &mut Value) {
     if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
         default_pod_spec(spec);
+        // The ServiceAccount admission: a pod runs as `default` unless it names another.
+        let sa = spec
+            .get("serviceAccountName")
+            .or_else(|| spec.get("serviceAccount"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        spec.insert("serviceAccountName".into(), sa.clone().into());
+        spec.insert("serviceAccount".into(), sa.into());
         let (not_ready, unreachable) = *DEFAULT_TOLERATIONS.get_or_init(|| (300, 300));
         let tols = spec
             .entry("tolerations")
