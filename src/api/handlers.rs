@@ -389,6 +389,10 @@ async fn list(
     };
     let limit = q.limit.unwrap_or(0);
     let mut items = vec![];
+    // Without a Table, the list is assembled from the stored bytes (no object is parsed unless
+    // a selector needs it), so listing 10,000 pods costs about their size in memory.
+    let mut raw: Vec<u8> = vec![];
+    let mut count = 0usize;
     let mut last_key = after.clone();
     let mut revision;
     let mut more;
@@ -403,12 +407,27 @@ async fn list(
         more = page.more;
         last_key = page.items.last().map(|kv| kv.key.clone()).or(last_key);
         for kv in &page.items {
-            let obj = decode(kv)?;
-            if filter.accepts(&obj) {
-                items.push(obj);
+            if as_table {
+                let obj = decode(kv)?;
+                if filter.accepts(&obj) {
+                    items.push(obj);
+                    count += 1;
+                }
+                continue;
             }
+            if !filter.is_empty() {
+                let obj: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+                if !filter.accepts(&obj) {
+                    continue;
+                }
+            }
+            if count > 0 {
+                raw.push(b',');
+            }
+            splice_rv(&kv.value, kv.mod_revision, &mut raw)?;
+            count += 1;
         }
-        if !more || limit == 0 || items.len() >= limit {
+        if !more || limit == 0 || count >= limit {
             break;
         }
     }
@@ -427,10 +446,35 @@ async fn list(
         t["metadata"] = metadata;
         return Ok(json_response(StatusCode::OK, &t));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": metadata, "items": items}),
-    ))
+    let head = json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": metadata});
+    let mut body = head.to_string().into_bytes();
+    body.pop(); // the closing brace
+    body.extend_from_slice(b",\"items\":[");
+    body.extend_from_slice(&raw);
+    body.extend_from_slice(b"]}");
+    Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
+}
+
+/// Appends a stored object with `metadata.resourceVersion` set, without parsing it. Objects are
+/// stored without a resourceVersion as compact JSON, and the first `"metadata":{` in them is the
+/// object's own (no field before it holds an object with a `metadata` key; inside strings the
+/// quotes would be escaped).
+fn splice_rv(stored: &[u8], rev: i64, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    const KEY: &[u8] = b"\"metadata\":{";
+    let Some(at) = stored.windows(KEY.len()).position(|w| w == KEY) else {
+        // No metadata object: fall back to parsing.
+        let v: Value = serde_json::from_slice(stored).map_err(ApiError::internal)?;
+        out.extend_from_slice(with_rv(v, rev).to_string().as_bytes());
+        return Ok(());
+    };
+    let at = at + KEY.len();
+    out.extend_from_slice(&stored[..at]);
+    out.extend_from_slice(format!("\"resourceVersion\":\"{rev}\"").as_bytes());
+    if stored.get(at) != Some(&b'}') {
+        out.push(b',');
+    }
+    out.extend_from_slice(&stored[at..]);
+    Ok(())
 }
 
 async fn watch(
@@ -548,6 +592,25 @@ async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_versions_are_spliced_into_the_objects_own_metadata() {
+        for obj in [
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+                   "spec": {"template": {"metadata": {"labels": {"a": "b"}}}}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"metadata": "{\"metadata\":{"}, "metadata": {}}),
+            json!({"kind": "Event", "involvedObject": {"name": "x"}, "metadata": {"name": "e"}}),
+        ] {
+            let stored = serde_json::to_vec(&obj).unwrap();
+            let mut out = vec![];
+            splice_rv(&stored, 42, &mut out).unwrap();
+            let got: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(got, with_rv(obj.clone(), 42));
+        }
+        let mut out = vec![];
+        splice_rv(br#"{"kind":"X"}"#, 7, &mut out).unwrap();
+        assert_eq!(out, br#"{"kind":"X"}"#);
+    }
 
     #[test]
     fn paths_name_resource_namespace_and_name() {

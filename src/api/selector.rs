@@ -171,6 +171,11 @@ impl Filter {
     }
 
     /// Whether `obj` passes both selectors.
+    /// Whether the filter selects everything (no labels, no fields).
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
     pub fn accepts(&self, obj: &Value) -> bool {
         matches(obj, &self.labels)
             && self.fields.iter().all(|(path, eq, want)| {
