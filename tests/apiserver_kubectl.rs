@@ -772,3 +772,71 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
     assert!(s.fails(&["get", "pod", "p1"]).contains("not found"));
     assert_eq!(s.jsonpath("node", "n1", "{.spec.unschedulable}"), "true");
 }
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
+    let s = Server::start(tempfile::tempdir().unwrap());
+    let token = std::fs::read_to_string(s.dir.path().join("pki/admin-token")).unwrap();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let send = |method: &str, path: &str, ctype: &str, body: &[u8]| -> (u16, serde_json::Value) {
+        let f = s.dir.path().join("body");
+        std::fs::write(&f, body).unwrap();
+        let out = Command::new("curl")
+            .args(["-sk", "-X", method, "-H", &auth, "-H", &format!("Content-Type: {ctype}")])
+            .arg("--data-binary")
+            .arg(format!("@{}", f.display()))
+            .args(["-w", "\n%{http_code}", &format!("{}{path}", s.url())])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    };
+    let cms = "/api/v1/namespaces/default/configmaps";
+    let (code, st) = send("POST", cms, "application/json", b"{\"kind\": \"ConfigMap\", ");
+    assert_eq!(code, 400);
+    assert!(st["message"].as_str().unwrap().contains("could not be decoded as JSON"), "{st}");
+    let (code, st) = send(
+        "POST",
+        cms,
+        "application/json",
+        br#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"x"}}"#,
+    );
+    assert_eq!(code, 400);
+    assert!(st["message"].as_str().unwrap().contains("does not match the expected"), "{st}");
+    let (code, st) = send(
+        "POST",
+        cms,
+        "application/json",
+        br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"Bad_Name"}}"#,
+    );
+    assert_eq!(code, 422, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("metadata.name"), "{st}");
+    let (code, st) = send(
+        "PATCH",
+        &format!("{cms}/x?fieldManager=t"),
+        "application/apply-patch+yaml",
+        b"metadata: [unclosed",
+    );
+    assert_eq!(code, 400);
+    assert!(st["message"].as_str().unwrap().contains("YAML"), "{st}");
+    let huge = vec![b' '; 4 << 20];
+    let (code, _) = send("POST", cms, "application/json", &huge);
+    assert_eq!(code, 413);
+    let (code, st) = send("POST", cms, "application/vnd.kubernetes.protobuf", b"k8s\0\x0a\xff");
+    assert_eq!(code, 400);
+    assert!(st["message"].as_str().unwrap().contains("protobuf"), "{st}");
+    // Still serving; describe and wide output work.
+    let pod = s.write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  nodeName: n1\n  containers: [{name: c, image: busybox:1.36}]\n",
+    );
+    s.ok(&["create", "-f", &pod]);
+    let d = s.ok(&["describe", "pod", "p"]);
+    assert!(d.contains("Name:") && d.contains("busybox:1.36") && d.contains("Node:"), "{d}");
+    let wide = s.ok(&["get", "pods", "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().contains("NODE") && wide.contains("n1"), "{wide}");
+}
