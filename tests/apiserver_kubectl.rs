@@ -782,7 +782,15 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         let f = s.dir.path().join("body");
         std::fs::write(&f, body).unwrap();
         let out = Command::new("curl")
-            .args(["-sk", "-X", method, "-H", &auth, "-H", &format!("Content-Type: {ctype}")])
+            .args([
+                "-sk",
+                "-X",
+                method,
+                "-H",
+                &auth,
+                "-H",
+                &format!("Content-Type: {ctype}"),
+            ])
             .arg("--data-binary")
             .arg(format!("@{}", f.display()))
             .args(["-w", "\n%{http_code}", &format!("{}{path}", s.url())])
@@ -796,9 +804,20 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         )
     };
     let cms = "/api/v1/namespaces/default/configmaps";
-    let (code, st) = send("POST", cms, "application/json", b"{\"kind\": \"ConfigMap\", ");
+    let (code, st) = send(
+        "POST",
+        cms,
+        "application/json",
+        b"{\"kind\": \"ConfigMap\", ",
+    );
     assert_eq!(code, 400);
-    assert!(st["message"].as_str().unwrap().contains("could not be decoded as JSON"), "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be decoded as JSON"),
+        "{st}"
+    );
     let (code, st) = send(
         "POST",
         cms,
@@ -806,7 +825,13 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         br#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"x"}}"#,
     );
     assert_eq!(code, 400);
-    assert!(st["message"].as_str().unwrap().contains("does not match the expected"), "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the expected"),
+        "{st}"
+    );
     let (code, st) = send(
         "POST",
         cms,
@@ -814,7 +839,10 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"Bad_Name"}}"#,
     );
     assert_eq!(code, 422, "{st}");
-    assert!(st["message"].as_str().unwrap().contains("metadata.name"), "{st}");
+    assert!(
+        st["message"].as_str().unwrap().contains("metadata.name"),
+        "{st}"
+    );
     let (code, st) = send(
         "PATCH",
         &format!("{cms}/x?fieldManager=t"),
@@ -826,7 +854,12 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let huge = vec![b' '; 4 << 20];
     let (code, _) = send("POST", cms, "application/json", &huge);
     assert_eq!(code, 413);
-    let (code, st) = send("POST", cms, "application/vnd.kubernetes.protobuf", b"k8s\0\x0a\xff");
+    let (code, st) = send(
+        "POST",
+        cms,
+        "application/vnd.kubernetes.protobuf",
+        b"k8s\0\x0a\xff",
+    );
     assert_eq!(code, 400);
     assert!(st["message"].as_str().unwrap().contains("protobuf"), "{st}");
     // Still serving; describe and wide output work.
@@ -836,7 +869,13 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     );
     s.ok(&["create", "-f", &pod]);
     let d = s.ok(&["describe", "pod", "p"]);
-    assert!(d.contains("Name:") && d.contains("busybox:1.36") && d.contains("Node:"), "{d}");
+    assert!(
+        d.contains("Name:") && d.contains("busybox:1.36") && d.contains("Node:"),
+        "{d}"
+    );
     let wide = s.ok(&["get", "pods", "-o", "wide"]);
-    assert!(wide.lines().next().unwrap().contains("NODE") && wide.contains("n1"), "{wide}");
+    assert!(
+        wide.lines().next().unwrap().contains("NODE") && wide.contains("n1"),
+        "{wide}"
+    );
 }

@@ -245,6 +245,64 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         err.contains("container nope is not valid for pod talker"),
         "{err}"
     );
+    // ConfigMaps and Secrets reach the container as files and environment; a missing one is
+    // CreateContainerConfigError until it exists.
+    ok(
+        &lab,
+        &[
+            "create",
+            "configmap",
+            "cfg",
+            "--from-literal=color=blue",
+            "--from-literal=size=L",
+        ],
+    );
+    ok(
+        &lab,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "pw",
+            "--from-literal=pass=s3cr3t",
+        ],
+    );
+    let pod = lab.dir.path().join("refs.yaml");
+    std::fs::write(
+        &pod,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: refs}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo env=$PASS/$CFG_size; cat /cfg/colour; echo; cat /sec/pass; echo; cat /late/x; echo; sleep 3600']\n    envFrom: [{{prefix: CFG_, configMapRef: {{name: cfg}}}}]\n    env: [{{name: PASS, valueFrom: {{secretKeyRef: {{name: pw, key: pass}}}}}}]\n    volumeMounts: [{{name: a, mountPath: /cfg}}, {{name: b, mountPath: /sec}}, {{name: l, mountPath: /late}}]\n  volumes:\n  - {{name: a, configMap: {{name: cfg, items: [{{key: color, path: colour}}]}}}}\n  - {{name: b, secret: {{secretName: pw}}}}\n  - {{name: l, configMap: {{name: late}}}}\n"
+        ),
+    )
+    .unwrap();
+    ok(&lab, &["create", "-f", pod.to_str().unwrap()]);
+    until(
+        &lab,
+        60,
+        "CreateContainerConfigError for the missing ConfigMap",
+        || {
+            jsonpath(
+                &lab,
+                &["get", "pod", "refs"],
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            ) == "CreateContainerConfigError"
+        },
+    );
+    let msg = jsonpath(
+        &lab,
+        &["get", "pod", "refs"],
+        "{.status.containerStatuses[0].state.waiting.message}",
+    );
+    assert!(msg.contains("configmap \"late\" not found"), "{msg}");
+    ok(
+        &lab,
+        &["create", "configmap", "late", "--from-literal=x=here"],
+    );
+    until(&lab, 60, "the pod to start and print what it got", || {
+        String::from_utf8_lossy(&kubectl(&lab, &["logs", "refs"]).stdout)
+            == "env=s3cr3t/L\nblue\ns3cr3t\nhere\n"
+    });
+
     // The kubelet API wants the API server's credential.
     let anon = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lab.netns))

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret};
 
 use super::quantity;
 use crate::runtime::{
@@ -27,6 +27,118 @@ pub struct SandboxInfo {
     /// `DATA_DIR/pods/<uid>`.
     pub pod_dir: std::path::PathBuf,
     pub host_network: bool,
+    /// The ConfigMaps and Secrets the pod references that exist (fetched from the API).
+    pub refs: Refs,
+}
+
+/// ConfigMaps and Secrets of the pod's namespace, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Refs {
+    pub config_maps: HashMap<String, ConfigMap>,
+    pub secrets: HashMap<String, Secret>,
+}
+
+impl Refs {
+    /// The key/value pairs of a ConfigMap (data and binaryData) or a Secret.
+    fn entries(&self, secret: bool, name: &str) -> Option<Vec<(String, Vec<u8>)>> {
+        if secret {
+            let s = self.secrets.get(name)?;
+            let mut out: Vec<(String, Vec<u8>)> = s
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect();
+            for (k, v) in s.string_data.iter().flatten() {
+                out.push((k.clone(), v.clone().into_bytes()));
+            }
+            Some(out)
+        } else {
+            let c = self.config_maps.get(name)?;
+            let mut out: Vec<(String, Vec<u8>)> = c
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+                .collect();
+            for (k, v) in c.binary_data.iter().flatten() {
+                out.push((k.clone(), v.0.clone()));
+            }
+            Some(out)
+        }
+    }
+}
+
+/// The names of the ConfigMaps and Secrets a pod references (volumes, env, envFrom).
+pub fn referenced(pod: &Pod) -> (Vec<String>, Vec<String>) {
+    let (mut cms, mut secrets) = (vec![], vec![]);
+    let Some(spec) = &pod.spec else {
+        return (cms, secrets);
+    };
+    for v in spec.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map {
+            cms.push(c.name.clone());
+        }
+        if let Some(sv) = v.secret.as_ref().and_then(|sv| sv.secret_name.clone()) {
+            secrets.push(sv);
+        }
+    }
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        for e in c.env.iter().flatten() {
+            if let Some(vf) = &e.value_from {
+                if let Some(k) = &vf.config_map_key_ref {
+                    cms.push(k.name.clone());
+                }
+                if let Some(k) = &vf.secret_key_ref {
+                    secrets.push(k.name.clone());
+                }
+            }
+        }
+        for ef in c.env_from.iter().flatten() {
+            if let Some(r) = &ef.config_map_ref {
+                cms.push(r.name.clone());
+            }
+            if let Some(r) = &ef.secret_ref {
+                secrets.push(r.name.clone());
+            }
+        }
+    }
+    cms.sort();
+    cms.dedup();
+    secrets.sort();
+    secrets.dedup();
+    (cms, secrets)
+}
+
+/// One key of a ConfigMap or Secret, with kubelet's errors.
+fn key_of(
+    sb: &SandboxInfo,
+    secret: bool,
+    ns: &str,
+    name: &str,
+    key: &str,
+    optional: bool,
+) -> Result<Option<String>, ConfigError> {
+    let kind = if secret { "secret" } else { "configmap" };
+    let Some(entries) = sb.refs.entries(secret, name) else {
+        return if optional {
+            Ok(None)
+        } else {
+            Err(ConfigError(format!("{kind} \"{name}\" not found")))
+        };
+    };
+    match entries.into_iter().find(|(k, _)| k == key) {
+        Some((_, v)) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+        None if optional => Ok(None),
+        None => Err(ConfigError(format!(
+            "couldn't find key {key} in {} {ns}/{name}",
+            if secret { "Secret" } else { "ConfigMap" }
+        ))),
+    }
 }
 
 /// Expands `$(VAR)` references as Kubernetes does (`$$` escapes; unknown refs stay as they are).
@@ -163,12 +275,30 @@ pub fn environment(
             vars.push((k, v));
         }
     };
-    if c.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
-        return Err(ConfigError(
-            "envFrom needs the API server (ConfigMaps and Secrets)".into(),
-        ));
-    }
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut declared: HashMap<String, String> = HashMap::new();
+    for ef in c.env_from.iter().flatten() {
+        let prefix = ef.prefix.clone().unwrap_or_default();
+        let (secret, name, optional) = match (&ef.config_map_ref, &ef.secret_ref) {
+            (Some(r), _) => (false, r.name.clone(), r.optional.unwrap_or(false)),
+            (None, Some(r)) => (true, r.name.clone(), r.optional.unwrap_or(false)),
+            (None, None) => continue,
+        };
+        match sb.refs.entries(secret, &name) {
+            Some(entries) => {
+                for (k, v) in entries {
+                    let v = String::from_utf8_lossy(&v).into_owned();
+                    declared.insert(format!("{prefix}{k}"), v.clone());
+                    set(&mut vars, format!("{prefix}{k}"), v);
+                }
+            }
+            None if optional => {}
+            None => {
+                let kind = if secret { "secret" } else { "configmap" };
+                return Err(ConfigError(format!("{kind} \"{name}\" not found")));
+            }
+        }
+    }
     for e in c.env.iter().flatten() {
         let v = if let Some(vf) = &e.value_from {
             if let Some(f) = &vf.field_ref {
@@ -176,9 +306,15 @@ pub fn environment(
             } else if let Some(r) = &vf.resource_field_ref {
                 resource_ref(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))?
             } else if let Some(k) = &vf.config_map_key_ref {
-                return Err(ConfigError(format!("configmap {:?} not found", k.name)));
+                match key_of(sb, false, ns, &k.name, &k.key, k.optional.unwrap_or(false))? {
+                    Some(v) => v,
+                    None => continue,
+                }
             } else if let Some(k) = &vf.secret_key_ref {
-                return Err(ConfigError(format!("secret {:?} not found", k.name)));
+                match key_of(sb, true, ns, &k.name, &k.key, k.optional.unwrap_or(false))? {
+                    Some(v) => v,
+                    None => continue,
+                }
             } else {
                 String::new()
             }
@@ -296,9 +432,86 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
         }
         return Ok(dir.to_string_lossy().into());
     }
+    let projected = match (&vol.config_map, &vol.secret) {
+        (Some(c), _) => Some((
+            false,
+            c.name.clone(),
+            c.items.clone(),
+            c.default_mode,
+            c.optional.unwrap_or(false),
+        )),
+        (None, Some(sv)) => Some((
+            true,
+            sv.secret_name.clone().unwrap_or_default(),
+            sv.items.clone(),
+            sv.default_mode,
+            sv.optional.unwrap_or(false),
+        )),
+        _ => None,
+    };
+    if let Some((secret, source, items, mode, optional)) = projected {
+        let dir = sb.pod_dir.join("volumes/projected").join(name);
+        let entries = match sb.refs.entries(secret, &source) {
+            Some(e) => e,
+            None if optional => vec![],
+            None => {
+                let kind = if secret { "secret" } else { "configmap" };
+                return Err(ConfigError(format!(
+                    "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
+                )));
+            }
+        };
+        write_projection(&dir, &entries, items.as_deref(), mode.unwrap_or(0o644))
+            .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+        return Ok(dir.to_string_lossy().into());
+    }
     Err(ConfigError(format!(
-        "volume {name:?}: this volume type needs the API server"
+        "volume {name:?}: this volume type is not supported"
     )))
+}
+
+/// Writes a ConfigMap/Secret projection: every key (or the listed items) as a file, with the
+/// item's mode or `default_mode`. Files of keys that went away are removed.
+fn write_projection(
+    dir: &Path,
+    entries: &[(String, Vec<u8>)],
+    items: Option<&[KeyToPath]>,
+    default_mode: i32,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let files: Vec<(String, &[u8], i32)> = match items {
+        Some(items) => items
+            .iter()
+            .filter_map(|it| {
+                let (_, v) = entries.iter().find(|(k, _)| *k == it.key)?;
+                Some((
+                    it.path.clone(),
+                    v.as_slice(),
+                    it.mode.unwrap_or(default_mode),
+                ))
+            })
+            .collect(),
+        None => entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_slice(), default_mode))
+            .collect(),
+    };
+    for (path, data, mode) in files {
+        if path.starts_with('/') || path.split('/').any(|p| p == "..") {
+            return Err(std::io::Error::other(format!(
+                "item path {path:?} must be relative without '..'"
+            )));
+        }
+        let p = dir.join(&path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, data)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode as u32 & 0o7777))?;
+    }
+    Ok(())
 }
 
 fn parse_user(u: &str) -> (Option<u32>, Option<u32>) {
@@ -486,10 +699,92 @@ mod tests {
             node_name: "n1".into(),
             pod_dir: "/tmp/pod".into(),
             host_network: false,
+            refs: Refs::default(),
         }
     }
     fn pod(yaml: &str) -> Pod {
         serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    fn refs() -> Refs {
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cfg"}, "data": {"color": "blue", "size": "L"}}))
+        .unwrap();
+        let sec: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "pw"}, "data": {"pass": "czNjcjN0"}}))
+        .unwrap();
+        Refs {
+            config_maps: [("cfg".to_string(), cm)].into(),
+            secrets: [("pw".to_string(), sec)].into(),
+        }
+    }
+
+    #[test]
+    fn env_from_configmaps_and_secrets_with_kubelets_errors() {
+        let p = pod(
+            "metadata: {name: p, namespace: ns}\nspec:\n  containers:\n  - name: c\n    envFrom: [{prefix: CFG_, configMapRef: {name: cfg}}]\n    env:\n    - {name: PASS, valueFrom: {secretKeyRef: {name: pw, key: pass}}}\n    - {name: MAYBE, valueFrom: {configMapKeyRef: {name: nope, key: x, optional: true}}}\n",
+        );
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let mut s = sb();
+        s.refs = refs();
+        let env = environment(&p, c, &img(), &s).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("CFG_color").as_deref(), Some("blue"));
+        assert_eq!(get("PASS").as_deref(), Some("s3cr3t"));
+        assert_eq!(get("MAYBE"), None);
+        let bad = pod(
+            "metadata: {name: p, namespace: ns}\nspec:\n  containers:\n  - name: c\n    env:\n    - {name: X, valueFrom: {configMapKeyRef: {name: cfg, key: missing}}}\n",
+        );
+        let e =
+            environment(&bad, &bad.spec.as_ref().unwrap().containers[0], &img(), &s).unwrap_err();
+        assert_eq!(e.0, "couldn't find key missing in ConfigMap ns/cfg");
+        let e = environment(
+            &bad,
+            &bad.spec.as_ref().unwrap().containers[0],
+            &img(),
+            &sb(),
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "configmap \"cfg\" not found");
+    }
+
+    #[test]
+    fn configmap_and_secret_volumes_are_projected_with_items_and_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = pod(
+            "metadata: {name: p}\nspec:\n  containers: [{name: c}]\n  volumes:\n  - {name: a, configMap: {name: cfg, items: [{key: color, path: sub/colour, mode: 384}]}}\n  - {name: b, secret: {secretName: pw, defaultMode: 256}}\n",
+        );
+        let mut s = sb();
+        s.pod_dir = dir.path().to_path_buf();
+        s.refs = refs();
+        let a = volume_dir(&p, &s, "a").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(format!("{a}/sub/colour")).unwrap(),
+            "blue"
+        );
+        assert!(
+            !Path::new(&format!("{a}/size")).exists(),
+            "only the listed items"
+        );
+        let mode = std::fs::metadata(format!("{a}/sub/colour"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = volume_dir(&p, &s, "b").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(format!("{b}/pass")).unwrap(),
+            "s3cr3t"
+        );
+        let mode = std::fs::metadata(format!("{b}/pass"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o400);
+        s.refs = Refs::default();
+        let e = volume_dir(&p, &s, "b").unwrap_err();
+        assert!(e.0.contains("secret \"pw\" not found"), "{}", e.0);
     }
 
     #[test]

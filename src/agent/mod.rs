@@ -54,6 +54,8 @@ pub struct AgentCtx {
     pub pause: ImageInfo,
     /// Pods with live status, by UID.
     pub store: RwLock<BTreeMap<String, Pod>>,
+    /// The API server, when the agent is part of a cluster.
+    pub client: Option<kube::Client>,
     /// Container ID → the worker that owns it (for runtime events).
     pub routes: Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>,
 }
@@ -206,6 +208,7 @@ pub async fn run(
         ipam,
         pause,
         store: RwLock::new(BTreeMap::new()),
+        client: cluster.as_ref().map(|(c, _)| c.clone()),
         routes: Mutex::new(HashMap::new()),
     });
     // Events first, so that no exit between adoption and subscription is lost for long

@@ -5,6 +5,9 @@ use super::*;
 impl PodWorker {
     /// Rebuilds state from containers found in containerd (agent restart).
     pub(super) async fn adopt(&mut self, listed: Vec<Listed>) {
+        if !listed.is_empty() {
+            self.refresh_refs().await;
+        }
         let rt = self.ctx.rt.clone();
         let mut by_name: BTreeMap<(String, String), Vec<(i32, Listed)>> = BTreeMap::new();
         for l in listed {

@@ -133,6 +133,8 @@ pub struct PodWorker {
     conditions: Vec<PodCondition>,
     wake: Option<Instant>,
     terminal: bool,
+    /// The ConfigMaps and Secrets the pod references, as last fetched.
+    refs: build::Refs,
 }
 
 fn spec_of(pod: &Pod) -> &k8s_openapi::api::core::v1::PodSpec {
@@ -159,6 +161,7 @@ impl PodWorker {
                 .unwrap_or_else(|| "default".into()),
             ctx,
             pod,
+            refs: build::Refs::default(),
             sandbox: None,
             sandbox_dead: false,
             sandbox_error: None,

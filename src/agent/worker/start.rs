@@ -46,7 +46,45 @@ impl PodWorker {
             node_name: self.ctx.cfg.node_name.clone(),
             pod_dir: self.pod_dir(),
             host_network,
+            refs: self.refs.clone(),
         }
+    }
+
+    /// Fetches the ConfigMaps and Secrets the pod references (cluster mode; a standalone agent
+    /// has none, and such pods fail with kubelet's "not found" errors).
+    pub(super) async fn refresh_refs(&mut self) {
+        let Some(client) = &self.ctx.client else {
+            return;
+        };
+        let (cms, secrets) = build::referenced(&self.pod);
+        let mut refs = build::Refs::default();
+        let cm_api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(client.clone(), &self.namespace);
+        for n in cms {
+            match cm_api.get_opt(&n).await {
+                Ok(Some(c)) => {
+                    refs.config_maps.insert(n, c);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(pod = %self.name, configmap = %n, error = %e, "reading a ConfigMap")
+                }
+            }
+        }
+        let sec_api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(client.clone(), &self.namespace);
+        for n in secrets {
+            match sec_api.get_opt(&n).await {
+                Ok(Some(sec)) => {
+                    refs.secrets.insert(n, sec);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(pod = %self.name, secret = %n, error = %e, "reading a Secret")
+                }
+            }
+        }
+        self.refs = refs;
     }
 
     pub(super) async fn create_sandbox(&mut self) -> Result<(), String> {
@@ -259,6 +297,7 @@ impl PodWorker {
             );
             return;
         }
+        self.refresh_refs().await;
         let sb = self.sandbox_info();
         let rc = match build::runtime_config(&self.pod, &c, &img, &sb, &id, &tlog) {
             Ok(rc) => rc,
