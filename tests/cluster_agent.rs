@@ -176,11 +176,28 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         &["get", "pods", "-l", "app=web"],
         "{.items[0].metadata.name}",
     );
+    let events = |name: &str| {
+        jsonpath(
+            &lab,
+            &[
+                "get",
+                "events",
+                "--field-selector",
+                &format!("involvedObject.name={name}"),
+            ],
+            "{.items[*].reason}",
+        )
+    };
+    let seen = events(&victim);
+    for r in ["Scheduled", "Pulled", "Created", "Started"] {
+        assert!(seen.split_whitespace().any(|x| x == r), "{r} in {seen}");
+    }
     ok(&lab, &["delete", "pod", &victim, "--wait=false"]);
     until(&lab, 60, "the deleted pod to disappear", || {
         !String::from_utf8_lossy(&kubectl(&lab, &["get", "pods", "-o", "name"]).stdout)
             .contains(&victim)
     });
+    assert!(events(&victim).contains("Killing"), "{}", events(&victim));
     ok(
         &lab,
         &["rollout", "status", "deployment/web", "--timeout=90s"],
@@ -301,6 +318,24 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
     until(&lab, 60, "the pod to start and print what it got", || {
         String::from_utf8_lossy(&kubectl(&lab, &["logs", "refs"]).stdout)
             == "env=s3cr3t/L\nblue\ns3cr3t\nhere\n"
+    });
+
+    // A crash loop is reported as a BackOff event.
+    ok(
+        &lab,
+        &[
+            "run",
+            "crasher",
+            &format!("--image={BUSYBOX}"),
+            "--command",
+            "--",
+            "sh",
+            "-c",
+            "exit 1",
+        ],
+    );
+    until(&lab, 60, "a BackOff event for the crash loop", || {
+        events("crasher").contains("BackOff")
     });
 
     // The kubelet API wants the API server's credential.

@@ -56,6 +56,8 @@ pub struct AgentCtx {
     pub store: RwLock<BTreeMap<String, Pod>>,
     /// The API server, when the agent is part of a cluster.
     pub client: Option<kube::Client>,
+    /// Events about pods (`kubelet` component), in cluster mode.
+    pub recorder: Option<crate::control::recorder::Recorder>,
     /// Container ID → the worker that owns it (for runtime events).
     pub routes: Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>,
 }
@@ -209,6 +211,9 @@ pub async fn run(
         pause,
         store: RwLock::new(BTreeMap::new()),
         client: cluster.as_ref().map(|(c, _)| c.clone()),
+        recorder: cluster
+            .as_ref()
+            .map(|(c, _)| crate::control::recorder::Recorder::new(c.clone(), "kubelet")),
         routes: Mutex::new(HashMap::new()),
     });
     // Events first, so that no exit between adoption and subscription is lost for long

@@ -146,6 +146,18 @@ fn spec_of(pod: &Pod) -> &k8s_openapi::api::core::v1::PodSpec {
 }
 
 impl PodWorker {
+    /// Records a kubelet event about this pod (cluster mode; static pods have no API object).
+    pub(super) fn event(&self, warning: bool, reason: &str, message: String) {
+        if let Some(r) = &self.ctx.recorder
+            && self.pod.metadata.annotations.as_ref().is_none_or(|a| {
+                a.get("kubernetes.io/config.source")
+                    .is_none_or(|s| s == "api")
+            })
+        {
+            r.event(&self.pod, warning, reason, message);
+        }
+    }
+
     pub fn new(ctx: Arc<AgentCtx>, pod: Pod) -> (Self, mpsc::UnboundedSender<Msg>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let s = spec_of(&pod);
@@ -288,6 +300,11 @@ impl PodWorker {
             ProbeEvent::Ready(r) => self.rec(k, i).ready = r,
             ProbeEvent::Unhealthy { kind, output } => {
                 tracing::info!(pod = %self.name, container = %cname, event = "Unhealthy", "{} probe failed: {}", kind.label(), output.trim());
+                self.event(
+                    true,
+                    "Unhealthy",
+                    format!("{} probe failed: {}", kind.label(), output.trim()),
+                );
             }
             ProbeEvent::Failed { kind } => {
                 let c = self.container(k, i);
@@ -523,14 +540,17 @@ impl PodWorker {
                 "back-off {} restarting failed container={name} pod={pod}_{ns}({uid})",
                 humantime(delay)
             );
-            if rec
+            let announce = rec
                 .waiting
                 .as_ref()
-                .is_none_or(|(r, _)| r != "CrashLoopBackOff")
-            {
-                tracing::info!(pod = %pod, container = %name, event = "BackOff", "Back-off restarting failed container {name} in pod {pod}_{ns}({uid})");
-            }
+                .is_none_or(|(r, _)| r != "CrashLoopBackOff");
             rec.waiting = Some(("CrashLoopBackOff".into(), msg));
+            if announce {
+                let text =
+                    format!("Back-off restarting failed container {name} in pod {pod}_{ns}({uid})");
+                tracing::info!(pod = %pod, container = %name, event = "BackOff", "{text}");
+                self.event(true, "BackOff", text);
+            }
             let wake = Instant::now() + until.saturating_duration_since(now);
             self.set_wake(wake);
             return;

@@ -392,6 +392,14 @@ impl PodWorker {
                     }
                 });
                 tracing::info!(pod = %self.name, container = %c.name, restart, event = "Started", "Started container {}", c.name);
+                let image = c.image.clone().unwrap_or_default();
+                self.event(
+                    false,
+                    "Pulled",
+                    format!("Container image \"{image}\" already present on machine"),
+                );
+                self.event(false, "Created", format!("Created container: {}", c.name));
+                self.event(false, "Started", format!("Started container {}", c.name));
                 let inst = self.rec(kind, i).current.clone();
                 if let Some(inst) = inst {
                     self.start_probes(kind, i, &inst, tokio::time::Instant::now());
@@ -406,6 +414,7 @@ impl PodWorker {
 
     pub(super) fn start_error(&mut self, kind: Kind, i: usize, id: &str, message: String) {
         tracing::warn!(pod = %self.name, container = %self.container(kind, i).name, "start failed: {message}");
+        self.event(true, "Failed", format!("Error: {message}"));
         let rec = self.rec(kind, i);
         if let Some(cur) = rec.current.as_mut().filter(|c| c.id == id) {
             cur.state = InstState::Exited {

@@ -23,6 +23,7 @@ impl PodWorker {
         let c = self.container(kind, i).clone();
         let deadline = std::time::Instant::now() + Duration::from_secs(grace as u64);
         tracing::info!(pod = %self.name, container = %c.name, event = "Killing", "Stopping container {}", c.name);
+        self.event(false, "Killing", format!("Stopping container {}", c.name));
         if pre_stop
             && let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone())
             && let Err(e) = self
@@ -127,6 +128,17 @@ impl PodWorker {
 
     pub(super) async fn stop_all(&mut self, which: Vec<(Kind, usize)>, grace: i64) {
         let deadline = std::time::Instant::now() + Duration::from_secs(grace as u64);
+        for (k, i) in &which {
+            if self
+                .rec(*k, *i)
+                .current
+                .as_ref()
+                .is_some_and(|c| c.is_running())
+            {
+                let name = self.container(*k, *i).name.clone();
+                self.event(false, "Killing", format!("Stopping container {name}"));
+            }
+        }
         // preStop hooks run concurrently, bounded by the grace period.
         let mut hooks = vec![];
         for (k, i) in &which {
