@@ -338,6 +338,54 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         events("crasher").contains("BackOff")
     });
 
+    // A static pod beside the API pods shows up as a mirror pod with its status; a deleted
+    // mirror comes back; removing the manifest removes the mirror.
+    lab.write_manifest("static.yaml", &pod_yaml("static", "sleep 3600", "", ""));
+    until(&lab, 60, "the mirror pod, Running", || {
+        kubectl(
+            &lab,
+            &[
+                "get",
+                "pod",
+                "static-node1",
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+        )
+        .stdout
+            == b"Running"
+    });
+    let ann = jsonpath(
+        &lab,
+        &["get", "pod", "static-node1"],
+        "{.metadata.annotations.kubernetes\\.io/config\\.mirror}",
+    );
+    assert!(!ann.is_empty());
+    let uid = jsonpath(&lab, &["get", "pod", "static-node1"], "{.metadata.uid}");
+    ok(&lab, &["delete", "pod", "static-node1", "--wait=false"]);
+    until(&lab, 60, "a new mirror pod", || {
+        let now = String::from_utf8_lossy(
+            &kubectl(
+                &lab,
+                &[
+                    "get",
+                    "pod",
+                    "static-node1",
+                    "-o",
+                    "jsonpath={.metadata.uid}",
+                ],
+            )
+            .stdout,
+        )
+        .to_string();
+        !now.is_empty() && now != uid
+    });
+    lab.remove_manifest("static.yaml");
+    until(&lab, 60, "the mirror pod to go", || {
+        !String::from_utf8_lossy(&kubectl(&lab, &["get", "pods", "-o", "name"]).stdout)
+            .contains("static-node1")
+    });
+
     // The kubelet API wants the API server's credential.
     let anon = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lab.netns))

@@ -292,7 +292,7 @@ pub fn publish_statuses(client: Client, ctx: Arc<AgentCtx>, pods: Cache<Pod>) {
                 live.iter()
                     .filter_map(|p| {
                         let uid = p.metadata.uid.clone()?;
-                        let st = store.get(&uid)?.status.clone()?;
+                        let st = store.get(&status_key(p)?)?.status.clone()?;
                         Some((
                             uid,
                             p.metadata.namespace.clone().unwrap_or_default(),
@@ -342,5 +342,110 @@ pub async fn finish_delete(client: &Client, pod: &Pod) {
         Ok(_) => tracing::info!(pod = %name, "pod deleted"),
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => tracing::warn!(pod = %name, error = %e, "finishing pod deletion"),
+    }
+}
+
+/// The annotation that marks a mirror pod (its value: the static pod's UID, kubelet's hash).
+pub const MIRROR: &str = "kubernetes.io/config.mirror";
+
+/// The key under which the agent keeps the status of an API pod: the static pod's UID for a
+/// mirror pod, the pod's own UID otherwise.
+pub fn status_key(p: &Pod) -> Option<String> {
+    p.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR).cloned())
+        .or_else(|| p.metadata.uid.clone())
+}
+
+/// Keeps one mirror pod in the API per static pod (as kubelet does, so static pods show in
+/// `kubectl get pods`): creates missing ones, replaces those of an older version, removes
+/// those whose static pod is gone. Creates are retried at most every 5 s per pod.
+pub struct Mirrors {
+    tried: HashMap<String, std::time::Instant>,
+}
+
+impl Mirrors {
+    pub fn new() -> Self {
+        Mirrors {
+            tried: HashMap::new(),
+        }
+    }
+
+    pub fn sync(&mut self, client: &Client, statics: &[Pod], api: &[Arc<Pod>], node: &str) {
+        let mirror_of = |p: &Pod| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(MIRROR).cloned())
+        };
+        let wanted: HashMap<String, &Pod> = statics
+            .iter()
+            .filter_map(|p| Some((p.metadata.uid.clone()?, p)))
+            .collect();
+        for m in api {
+            let Some(hash) = mirror_of(m) else { continue };
+            if m.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            if !wanted.contains_key(&hash) {
+                let (client, m) = (client.clone(), (**m).clone());
+                tokio::spawn(async move { finish_delete(&client, &m).await });
+            }
+        }
+        let present: std::collections::HashSet<String> = api
+            .iter()
+            .filter(|m| m.metadata.deletion_timestamp.is_none())
+            .filter_map(|m| mirror_of(m))
+            .collect();
+        let now = std::time::Instant::now();
+        self.tried
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(5));
+        for (uid, sp) in wanted {
+            if present.contains(&uid) || self.tried.contains_key(&uid) {
+                continue;
+            }
+            // Another version of the same pod is still there: it goes first (above).
+            let name = sp.metadata.name.clone().unwrap_or_default();
+            let ns = sp
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            if api.iter().any(|m| {
+                m.metadata.name.as_deref() == Some(name.as_str())
+                    && m.metadata.namespace.as_deref() == Some(ns.as_str())
+            }) {
+                continue;
+            }
+            self.tried.insert(uid.clone(), now);
+            let mut mirror = sp.clone();
+            mirror.metadata.uid = None;
+            mirror.metadata.resource_version = None;
+            mirror.metadata.namespace = Some(ns.clone());
+            mirror
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(MIRROR.into(), uid.clone());
+            if let Some(spec) = mirror.spec.as_mut() {
+                spec.node_name = Some(node.to_string());
+            }
+            mirror.status = None;
+            let client = client.clone();
+            tokio::spawn(async move {
+                let api: Api<Pod> = Api::namespaced(client, &ns);
+                match api.create(&PostParams::default(), &mirror).await {
+                    Ok(_) => tracing::info!(pod = %name, "mirror pod created"),
+                    Err(e) => tracing::debug!(pod = %name, error = %e, "creating the mirror pod"),
+                }
+            });
+        }
+    }
+}
+
+impl Default for Mirrors {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -238,6 +238,7 @@ pub async fn run(
     let mut api_changed = cluster.as_ref().map(|(_, p)| p.changed.clone());
     // API pods being deleted whose worker was told to stop: UID → the pod, to finish the delete.
     let mut deleting: HashMap<String, Pod> = HashMap::new();
+    let mut mirrors = cluster::Mirrors::new();
     let server = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -286,7 +287,21 @@ pub async fn run(
         };
         let mut desired = desired;
         if let Some((client, pods)) = &cluster {
+            let statics: Vec<Pod> = desired.iter().map(|sp| sp.pod.clone()).collect();
+            mirrors.sync(client, &statics, &pods.all(), &cfg.node_name);
             for p in pods.all() {
+                if p.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(cluster::MIRROR))
+                {
+                    // A mirror of a static pod: the manifest is the source, not the API.
+                    if p.metadata.deletion_timestamp.is_some() {
+                        let (client, pod) = (client.clone(), (*p).clone());
+                        tokio::spawn(async move { cluster::finish_delete(&client, &pod).await });
+                    }
+                    continue;
+                }
                 let uid = p.metadata.uid.clone().unwrap_or_default();
                 if p.metadata.deletion_timestamp.is_none() {
                     desired.push(manifest::StaticPod {
