@@ -14,16 +14,15 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, ReplicaSet},
-        core::v1::{Pod, ServiceAccount},
+        core::v1::{Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use kube::{
     Api, Client, Resource,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams},
 };
-use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -118,108 +117,92 @@ fn finalizing(caches: &Caches) -> Vec<(ObjectMeta, &'static str, &'static str)> 
     out
 }
 
-fn api_for<K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>>(
-    client: &Client,
-    ns: &str,
-) -> Api<K> {
-    Api::namespaced(client.clone(), ns)
+/// The API of a kind this collector handles, as dynamic objects.
+fn api(client: &Client, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
+    let ar = match kind {
+        "Deployment" => ApiResource::erase::<Deployment>(&()),
+        "ReplicaSet" => ApiResource::erase::<ReplicaSet>(&()),
+        "DaemonSet" => ApiResource::erase::<DaemonSet>(&()),
+        "Service" => ApiResource::erase::<Service>(&()),
+        "Pod" => ApiResource::erase::<Pod>(&()),
+        "EndpointSlice" => ApiResource::erase::<EndpointSlice>(&()),
+        "Node" => {
+            return Some(Api::all_with(
+                client.clone(),
+                &ApiResource::erase::<Node>(&()),
+            ));
+        }
+        _ => return None,
+    };
+    Some(Api::namespaced_with(client.clone(), ns, &ar))
 }
 
 /// Whether the owner still exists with that uid, asked of the API server.
 async fn owner_exists(client: &Client, ns: &str, r: &OwnerReference) -> kube::Result<bool> {
-    async fn get<K>(api: Api<K>, r: &OwnerReference) -> kube::Result<bool>
-    where
-        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-    {
-        Ok(api
-            .get_opt(&r.name)
-            .await?
-            .is_some_and(|o| o.meta().uid.as_deref() == Some(r.uid.as_str())))
-    }
-    match (r.api_version.as_str(), r.kind.as_str()) {
-        ("apps/v1", "Deployment") => get(api_for::<Deployment>(client, ns), r).await,
-        ("apps/v1", "ReplicaSet") => get(api_for::<ReplicaSet>(client, ns), r).await,
-        ("apps/v1", "DaemonSet") => get(api_for::<DaemonSet>(client, ns), r).await,
-        ("v1", "Service") => {
-            get(
-                api_for::<k8s_openapi::api::core::v1::Service>(client, ns),
-                r,
-            )
-            .await
-        }
-        ("v1", "Pod") => get(api_for::<Pod>(client, ns), r).await,
-        ("v1", "Node") => {
-            get(
-                Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
-                r,
-            )
-            .await
-        }
-        // Owners of kinds this collector does not know are assumed present.
-        _ => Ok(true),
+    let known = matches!(
+        (r.api_version.as_str(), r.kind.as_str()),
+        ("apps/v1", "Deployment" | "ReplicaSet" | "DaemonSet") | ("v1", "Service" | "Pod" | "Node")
+    );
+    // Owners of kinds this collector does not know are assumed present.
+    let Some(api) = api(client, &r.kind, ns).filter(|_| known) else {
+        return Ok(true);
+    };
+    Ok(api
+        .get_opt(&r.name)
+        .await?
+        .is_some_and(|o| o.metadata.uid.as_deref() == Some(r.uid.as_str())))
+}
+
+fn gone_ok(r: kube::Result<()>) -> kube::Result<()> {
+    match r {
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        other => other,
     }
 }
 
 async fn delete_dep(client: &Client, d: &Dependent, foreground: bool) -> kube::Result<()> {
     let ns = d.meta.namespace.clone().unwrap_or_default();
-    let name = d.meta.name.clone().unwrap_or_default();
+    let Some(api) = api(client, d.kind, &ns) else {
+        return Ok(());
+    };
     let dp = if foreground {
         DeleteParams::foreground()
     } else {
         DeleteParams::background()
     };
-    async fn del<K>(api: Api<K>, name: &str, dp: &DeleteParams) -> kube::Result<()>
-    where
-        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-    {
-        match api.delete(name, dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-    match d.kind {
-        "Pod" => del(api_for::<Pod>(client, &ns), &name, &dp).await,
-        "ReplicaSet" => del(api_for::<ReplicaSet>(client, &ns), &name, &dp).await,
-        "EndpointSlice" => del(api_for::<EndpointSlice>(client, &ns), &name, &dp).await,
-        "Deployment" => del(api_for::<Deployment>(client, &ns), &name, &dp).await,
-        "DaemonSet" => del(api_for::<DaemonSet>(client, &ns), &name, &dp).await,
-        _ => Ok(()),
-    }
+    let name = d.meta.name.clone().unwrap_or_default();
+    gone_ok(api.delete(&name, &dp).await.map(|_| ()))
 }
 
-/// Replaces the dependent's ownerReferences (merge patch, guarded by its resourceVersion).
-async fn set_owners(client: &Client, d: &Dependent, refs: Vec<OwnerReference>) -> kube::Result<()> {
-    let ns = d.meta.namespace.clone().unwrap_or_default();
-    let name = d.meta.name.clone().unwrap_or_default();
-    let refs = if refs.is_empty() {
-        json!(null)
-    } else {
-        json!(refs)
+/// Merge-patches an object's metadata (guarded by its resourceVersion); an empty list is
+/// removed rather than stored empty.
+async fn patch_meta(
+    client: &Client,
+    kind: &str,
+    m: &ObjectMeta,
+    field: &str,
+    list: serde_json::Value,
+) -> kube::Result<()> {
+    let ns = m.namespace.clone().unwrap_or_default();
+    let Some(api) = api(client, kind, &ns) else {
+        return Ok(());
     };
-    let patch =
-        json!({"metadata": {"ownerReferences": refs, "resourceVersion": d.meta.resource_version}});
-    async fn p<K>(api: Api<K>, name: &str, patch: &serde_json::Value) -> kube::Result<()>
-    where
-        K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-    {
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+    let list = match list {
+        serde_json::Value::Array(a) if a.is_empty() => serde_json::Value::Null,
+        other => other,
+    };
+    let patch = json!({"metadata": {field: list, "resourceVersion": m.resource_version}});
+    let name = m.name.clone().unwrap_or_default();
+    gone_ok(
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-    match d.kind {
-        "Pod" => p(api_for::<Pod>(client, &ns), &name, &patch).await,
-        "ReplicaSet" => p(api_for::<ReplicaSet>(client, &ns), &name, &patch).await,
-        "EndpointSlice" => p(api_for::<EndpointSlice>(client, &ns), &name, &patch).await,
-        "Deployment" => p(api_for::<Deployment>(client, &ns), &name, &patch).await,
-        "DaemonSet" => p(api_for::<DaemonSet>(client, &ns), &name, &patch).await,
-        _ => Ok(()),
-    }
+            .map(|_| ()),
+    )
+}
+
+/// Replaces the dependent's ownerReferences.
+async fn set_owners(client: &Client, d: &Dependent, refs: Vec<OwnerReference>) -> kube::Result<()> {
+    patch_meta(client, d.kind, &d.meta, "ownerReferences", json!(refs)).await
 }
 
 async fn remove_finalizer(
@@ -228,43 +211,8 @@ async fn remove_finalizer(
     kind: &str,
     f: &str,
 ) -> kube::Result<()> {
-    let ns = m.namespace.clone().unwrap_or_default();
-    let name = m.name.clone().unwrap_or_default();
     let rest: Vec<&String> = m.finalizers.iter().flatten().filter(|x| *x != f).collect();
-    let rest = if rest.is_empty() {
-        json!(null)
-    } else {
-        json!(rest)
-    };
-    let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": m.resource_version}});
-    async fn p<K>(api: Api<K>, name: &str, patch: &serde_json::Value) -> kube::Result<()>
-    where
-        K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-    {
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-    match kind {
-        "Deployment" => p(api_for::<Deployment>(client, &ns), &name, &patch).await,
-        "ReplicaSet" => p(api_for::<ReplicaSet>(client, &ns), &name, &patch).await,
-        "DaemonSet" => p(api_for::<DaemonSet>(client, &ns), &name, &patch).await,
-        "Service" => {
-            p(
-                api_for::<k8s_openapi::api::core::v1::Service>(client, &ns),
-                &name,
-                &patch,
-            )
-            .await
-        }
-        "Pod" => p(api_for::<Pod>(client, &ns), &name, &patch).await,
-        _ => Ok(()),
-    }
+    patch_meta(client, kind, m, "finalizers", json!(rest)).await
 }
 
 async fn pass(client: &Client, caches: &Caches) -> kube::Result<()> {

@@ -258,29 +258,13 @@ async fn sync(
     Ok(())
 }
 
-async fn adopt(api: &Api<Pod>, rs: &ReplicaSet, p: &Pod) -> kube::Result<()> {
-    let mut refs = p.metadata.owner_references.clone().unwrap_or_default();
-    refs.extend(controller_ref(rs));
-    let patch = serde_json::json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.metadata.resource_version}});
-    match api
-        .patch(&pod_name(p), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-async fn release(api: &Api<Pod>, p: &Pod, uid: &str) -> kube::Result<()> {
-    let refs: Vec<_> = p
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .filter(|r| r.uid != uid)
-        .cloned()
-        .collect();
+/// Replaces a pod's ownerReferences (guarded by its resourceVersion; a pod that changed or
+/// went meanwhile is left to the next pass).
+async fn set_owners(
+    api: &Api<Pod>,
+    p: &Pod,
+    refs: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+) -> kube::Result<()> {
     let refs = if refs.is_empty() {
         serde_json::Value::Null
     } else {
@@ -295,4 +279,22 @@ async fn release(api: &Api<Pod>, p: &Pod, uid: &str) -> kube::Result<()> {
         Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+async fn adopt(api: &Api<Pod>, rs: &ReplicaSet, p: &Pod) -> kube::Result<()> {
+    let mut refs = p.metadata.owner_references.clone().unwrap_or_default();
+    refs.extend(controller_ref(rs));
+    set_owners(api, p, refs).await
+}
+
+async fn release(api: &Api<Pod>, p: &Pod, uid: &str) -> kube::Result<()> {
+    let refs = p
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|r| r.uid != uid)
+        .cloned()
+        .collect();
+    set_owners(api, p, refs).await
 }
