@@ -465,6 +465,64 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
             .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
         return Ok(dir.to_string_lossy().into());
     }
+    if let Some(da) = &vol.downward_api {
+        let dir = sb.pod_dir.join("volumes/downward-api").join(name);
+        let mut entries = vec![];
+        let mut items = vec![];
+        for it in da.items.iter().flatten() {
+            let value = match (&it.field_ref, &it.resource_field_ref) {
+                (Some(f), _) => match f.field_path.as_str() {
+                    // Whole maps as kubelet writes them: `key="value"` lines, sorted.
+                    "metadata.labels" | "metadata.annotations" => {
+                        let m = if f.field_path == "metadata.labels" {
+                            &pod.metadata.labels
+                        } else {
+                            &pod.metadata.annotations
+                        };
+                        m.iter()
+                            .flatten()
+                            .map(|(k, v)| format!("{k}={v:?}"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    }
+                    p => field_ref(pod, sb, p)?,
+                },
+                (None, Some(r)) => {
+                    let spec = pod.spec.as_ref();
+                    let c = spec
+                        .and_then(|s| {
+                            s.containers.iter().find(|c| {
+                                r.container_name
+                                    .as_deref()
+                                    .is_none_or(|n| n.is_empty() || c.name == n)
+                            })
+                        })
+                        .ok_or_else(|| {
+                            ConfigError(format!(
+                                "downwardAPI volume {name:?}: no container for {:?}",
+                                r.resource
+                            ))
+                        })?;
+                    resource_ref(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))?
+                }
+                (None, None) => continue,
+            };
+            entries.push((it.path.clone(), value.into_bytes()));
+            items.push(KeyToPath {
+                key: it.path.clone(),
+                path: it.path.clone(),
+                mode: it.mode,
+            });
+        }
+        write_projection(
+            &dir,
+            &entries,
+            Some(&items),
+            da.default_mode.unwrap_or(0o644),
+        )
+        .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+        return Ok(dir.to_string_lossy().into());
+    }
     Err(ConfigError(format!(
         "volume {name:?}: this volume type is not supported"
     )))
@@ -746,6 +804,21 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.0, "configmap \"cfg\" not found");
+    }
+
+    #[test]
+    fn downward_api_volumes_carry_fields_labels_and_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pod(
+            "metadata: {name: p, namespace: ns, labels: {app: web, tier: front}}\nspec:\n  containers: [{name: c, resources: {limits: {memory: 64Mi}}}]\n  volumes:\n  - name: d\n    downwardAPI:\n      items:\n      - {path: name, fieldRef: {fieldPath: metadata.name}}\n      - {path: labels, fieldRef: {fieldPath: metadata.labels}}\n      - {path: mem, resourceFieldRef: {containerName: c, resource: limits.memory, divisor: 1Mi}}\n",
+        );
+        let mut s = sb();
+        s.pod_dir = dir.path().to_path_buf();
+        let d = volume_dir(&p, &s, "d").unwrap();
+        let read = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap();
+        assert_eq!(read("name"), "p");
+        assert_eq!(read("labels"), "app=\"web\"\ntier=\"front\"");
+        assert_eq!(read("mem"), "64");
     }
 
     #[test]
