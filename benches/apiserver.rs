@@ -16,9 +16,8 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use keelson::store::{Precondition, Store};
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{ListParams, PostParams, WatchEvent, WatchParams},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 
 const SEQUENTIAL: usize = 1000;
@@ -108,11 +107,9 @@ fn start_server(dir: &std::path::Path, extra: &[&str]) -> Kill {
 }
 
 async fn client(dir: &std::path::Path) -> Client {
-    let kc = Kubeconfig::read_from(dir.join("kubeconfig.yaml")).unwrap();
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    keelson::control::client_from(&dir.join("kubeconfig.yaml"))
         .await
-        .unwrap();
-    Client::try_from(cfg).unwrap()
+        .unwrap()
 }
 
 fn cm(name: &str) -> ConfigMap {

@@ -13,9 +13,8 @@ use std::{
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{PostParams, WatchEvent, WatchParams},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 
 const NODES: usize = 100;
@@ -56,11 +55,9 @@ fn start(dir: &std::path::Path, extra: &[&str]) -> Kill {
 }
 
 async fn client(dir: &std::path::Path) -> Client {
-    let kc = Kubeconfig::read_from(dir.join("kubeconfig.yaml")).unwrap();
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    keelson::control::client_from(&dir.join("kubeconfig.yaml"))
         .await
-        .unwrap();
-    Client::try_from(cfg).unwrap()
+        .unwrap()
 }
 
 fn pod(i: usize) -> Pod {

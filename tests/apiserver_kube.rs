@@ -9,9 +9,8 @@ use std::{
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{ListParams, PostParams, WatchEvent, WatchParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
 
@@ -55,11 +54,9 @@ fn start() -> Server {
 }
 
 async fn client(s: &Server) -> Client {
-    let kc = Kubeconfig::read_from(s.dir.path().join("kubeconfig.yaml")).unwrap();
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    keelson::control::client_from(&s.dir.path().join("kubeconfig.yaml"))
         .await
-        .unwrap();
-    Client::try_from(cfg).unwrap()
+        .unwrap()
 }
 
 fn cm(name: &str) -> ConfigMap {

@@ -13,9 +13,8 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 
 struct Server {
@@ -85,11 +84,9 @@ impl Server {
     }
 
     async fn client(&self) -> Client {
-        let kc = Kubeconfig::read_from(self.dir.path().join("kubeconfig.yaml")).unwrap();
-        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        keelson::control::client_from(&self.dir.path().join("kubeconfig.yaml"))
             .await
-            .unwrap();
-        Client::try_from(cfg).unwrap()
+            .unwrap()
     }
 
     /// Waits until `f` holds, up to `secs`.

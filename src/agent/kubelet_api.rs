@@ -22,14 +22,7 @@ async fn auth(State(cred): State<Arc<String>>, req: Request, next: Next) -> Resp
         .get("authorization")
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            let t = t.trim().as_bytes();
-            t.len() == cred.len()
-                && t.iter()
-                    .zip(cred.as_bytes())
-                    .fold(0u8, |a, (x, y)| a | (x ^ y))
-                    == 0
-        });
+        .is_some_and(|t| crate::api::constant_time_eq(t.trim().as_bytes(), cred.as_bytes()));
     if ok {
         next.run(req).await
     } else {

@@ -94,23 +94,11 @@ fn last_heard(n: &Node, caches: &Caches) -> Option<jiff::Timestamp> {
     [lease, heartbeat, created].into_iter().flatten().max()
 }
 
+/// The tolerationSeconds of the pod's toleration for the taint: `None` if not tolerated,
+/// `Some(None)` if tolerated forever.
 fn tolerates(p: &Pod, t: &Taint) -> Option<Option<i64>> {
-    let tols = p.spec.as_ref()?.tolerations.as_ref()?;
-    tols.iter()
-        .find(|tol| {
-            let key_ok = match tol.key.as_deref() {
-                None | Some("") => tol.operator.as_deref() == Some("Exists"),
-                Some(k) => k == t.key,
-            };
-            let effect_ok = tol
-                .effect
-                .as_deref()
-                .is_none_or(|e| e.is_empty() || e == t.effect);
-            let value_ok = tol.operator.as_deref() == Some("Exists")
-                || tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or("");
-            key_ok && effect_ok && value_ok
-        })
-        .map(|tol| tol.toleration_seconds)
+    let tols = p.spec.as_ref()?.tolerations.as_deref()?;
+    crate::scheduler::toleration_for(tols, t).map(|tol| tol.toleration_seconds)
 }
 
 async fn pass(

@@ -142,8 +142,14 @@ fn host_ports(p: &Pod) -> Vec<(String, String, i32)> {
         .collect()
 }
 
+/// Whether one of `tols` tolerates the taint.
 pub(crate) fn tolerates(tols: &[Toleration], t: &Taint) -> bool {
-    tols.iter().any(|tol| {
+    toleration_for(tols, t).is_some()
+}
+
+/// The first toleration in `tols` that tolerates the taint.
+pub(crate) fn toleration_for<'a>(tols: &'a [Toleration], t: &Taint) -> Option<&'a Toleration> {
+    tols.iter().find(|tol| {
         let effect_ok = tol
             .effect
             .as_deref()
