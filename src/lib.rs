@@ -4,6 +4,7 @@ pub mod agent;
 pub mod api;
 pub mod control;
 pub mod controllers;
+pub mod lab;
 pub mod net;
 pub mod runtime;
 pub mod scheduler;

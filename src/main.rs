@@ -88,6 +88,10 @@ enum Cmd {
         /// Address to serve HTTPS on.
         #[arg(long, default_value = "127.0.0.1:6443")]
         listen: std::net::SocketAddr,
+        /// Also serve on this inherited, listening TCP socket (repeatable): how `keelson lab`
+        /// makes a server that lives in the lab's namespace reachable on the host's loopback.
+        #[arg(long)]
+        listen_fd: Vec<i32>,
         /// ClusterIP range of Services.
         #[arg(long, default_value = "10.96.0.0/12")]
         service_cidr: String,
@@ -116,6 +120,11 @@ enum Cmd {
         /// Seconds new pods tolerate an unreachable node (DefaultTolerationSeconds).
         #[arg(long, default_value = "300")]
         default_unreachable_toleration_seconds: i64,
+    },
+    /// A multi-node cluster on this host, each node in its own network namespace.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
     },
     /// Run the scheduler alone against an API server (several may stand by for each other).
     Scheduler {
@@ -193,6 +202,12 @@ struct AgentArgs {
     /// The node's own address (default: the bridge address).
     #[arg(long)]
     node_ip: Option<Ipv4Addr>,
+    /// The cluster's pod network: pod traffic leaving it is masqueraded (cluster mode).
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: ipnet::Ipv4Net,
+    /// The Service range, blackholed on the node (cluster mode; "" for none).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: String,
     #[arg(long, default_value = "/var/lib/keelson")]
     data_dir: PathBuf,
     /// Where container logs go (CRI format).
@@ -222,6 +237,63 @@ struct AgentArgs {
     /// Rotated log files kept per container.
     #[arg(long, default_value_t = 5)]
     container_log_max_files: usize,
+}
+
+#[derive(clap::Args)]
+struct LabWhich {
+    /// The lab's name (prefix of its namespaces and nodes).
+    #[arg(long, default_value = "lab")]
+    name: String,
+    /// The lab's directory (default: /var/lib/keelson/lab/NAME).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl LabWhich {
+    fn dir(&self) -> anyhow::Result<PathBuf> {
+        keelson::lab::check_name(&self.name)?;
+        Ok(self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| keelson::lab::default_dir(&self.name)))
+    }
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Create the lab and return when every node is Ready (prints the kubeconfig to use).
+    Up {
+        #[command(flatten)]
+        which: LabWhich,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Directory of image tarballs every node imports.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Port of the API server on the host's loopback (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// An extra flag for the server (repeatable), e.g. --server-arg=--node-monitor-grace-period=20s.
+        #[arg(long, allow_hyphen_values = true)]
+        server_arg: Vec<String>,
+        /// An extra flag for every agent (repeatable).
+        #[arg(long, allow_hyphen_values = true)]
+        agent_arg: Vec<String>,
+        /// How long to wait for the nodes to be Ready.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Remove everything the lab made (processes, containers, namespaces, its directory).
+    Down {
+        #[command(flatten)]
+        which: LabWhich,
+    },
+    /// List the lab's nodes, their namespaces and state.
+    Status {
+        #[command(flatten)]
+        which: LabWhich,
+    },
 }
 
 #[derive(Subcommand)]
@@ -273,6 +345,53 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(run(cli))
+}
+
+async fn lab(cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up {
+            which,
+            nodes,
+            images,
+            port,
+            server_arg,
+            agent_arg,
+            timeout,
+        } => {
+            let st = keelson::lab::up(&keelson::lab::UpOptions {
+                data_dir: which.dir()?,
+                name: which.name,
+                nodes,
+                images,
+                port,
+                server_args: server_arg,
+                agent_args: agent_arg,
+                timeout,
+            })
+            .await?;
+            println!("export KUBECONFIG={}", st.kubeconfig().display());
+            println!("# then: kubectl get nodes -o wide");
+            Ok(())
+        }
+        LabCmd::Down { which } => {
+            let dir = which.dir()?;
+            if keelson::lab::State::load(&dir)?.is_some() {
+                keelson::lab::down(&dir).await
+            } else {
+                let n = keelson::lab::down_by_name(&which.name)?;
+                eprintln!(
+                    "lab: no lab.json in {}; removed {n} namespaces named {}-*",
+                    dir.display(),
+                    which.name
+                );
+                Ok(())
+            }
+        }
+        LabCmd::Status { which } => {
+            print!("{}", keelson::lab::status(&which.dir()?).await?);
+            Ok(())
+        }
+    }
 }
 
 /// A duration like `300s`, `5m`, `1h` or `500ms` (plain numbers are seconds).
@@ -355,13 +474,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 join,
                 kubelet_token: a.token_file.clone(),
                 kubelet_port: a.kubelet_port,
+                cluster_cidr: a.cluster_cidr.trunc(),
+                service_cidr: match a.service_cidr.as_str() {
+                    "" => None,
+                    c => Some(
+                        c.parse::<ipnet::Ipv4Net>()
+                            .with_context(|| format!("--service-cidr {c:?} is not an IPv4 CIDR"))?
+                            .trunc(),
+                    ),
+                },
             };
             agent::run(cfg, shutdown_signal()).await
         }
         Cmd::Image { cmd } => image(cmd).await,
+        Cmd::Lab { cmd } => lab(cmd).await,
         Cmd::Server {
             data_dir,
             listen,
+            listen_fd,
             service_cidr,
             service_node_port_range,
             store,
@@ -394,6 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = keelson::api::ServerConfig {
                 data_dir,
                 listen,
+                listen_fds: listen_fd,
                 services,
                 store: match store.as_str() {
                     "etcd" => keelson::api::StoreConfig::Etcd(etcd_endpoints),

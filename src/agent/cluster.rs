@@ -24,7 +24,10 @@ use kube::{
 use serde_json::json;
 
 use super::{AgentCtx, config::AgentConfig};
-use crate::control::Cache;
+use crate::{
+    control::Cache,
+    net::hostgw::{self, Route},
+};
 
 /// How the agent reaches the API server.
 #[derive(Debug, Clone)]
@@ -448,4 +451,70 @@ impl Default for Mirrors {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The routes this node wants: every other node's pod CIDR via its InternalIP, and the
+/// Service range blackholed.
+pub fn wanted_routes(nodes: &[Arc<Node>], me: &str, service_cidr: Option<Ipv4Net>) -> Vec<Route> {
+    let mut v: Vec<Route> = nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() != Some(me))
+        .filter_map(|n| {
+            let spec = n.spec.as_ref()?;
+            let dst: Ipv4Net = spec.pod_cidr.as_deref()?.parse().ok()?;
+            let gw = n
+                .status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .find(|a| a.type_ == "InternalIP")?
+                .address
+                .parse()
+                .ok()?;
+            Some(Route {
+                dst: dst.trunc(),
+                gw: Some(gw),
+            })
+        })
+        .collect();
+    v.extend(service_cidr.map(|dst| Route { dst, gw: None }));
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// host-gw: keeps the routes to the other nodes' pod CIDRs in step with the Nodes (and
+/// repairs them every 30 s), the Service-range blackhole, and the masquerade chain.
+pub fn network(client: &Client, cfg: &AgentConfig) {
+    let nodes: Cache<Node> = Cache::start(Api::all(client.clone()), watcher::Config::default());
+    let cfg = cfg.clone();
+    tokio::spawn(async move {
+        let mut changed = nodes.changed.clone();
+        let _ = nodes.store.wait_until_ready().await;
+        let mut installed: Option<Vec<Route>> = None;
+        let mut masq_ok = false;
+        loop {
+            if !masq_ok {
+                match hostgw::ensure_masquerade(cfg.pod_cidr, cfg.cluster_cidr) {
+                    Ok(()) => masq_ok = true,
+                    Err(e) => tracing::warn!(error = %e, "masquerade rules"),
+                }
+            }
+            let wanted = wanted_routes(&nodes.store.state(), &cfg.node_name, cfg.service_cidr);
+            match hostgw::sync_routes(&wanted).await {
+                Ok((added, removed)) => {
+                    if added + removed > 0 || installed.as_ref() != Some(&wanted) {
+                        tracing::info!(routes = ?wanted.iter().map(|r| r.dst.to_string()).collect::<Vec<_>>(), added, removed, "node routes");
+                    }
+                    installed = Some(wanted);
+                }
+                Err(e) => tracing::warn!(error = %e, "syncing node routes"),
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(30)) => masq_ok = false,
+            }
+        }
+    });
 }

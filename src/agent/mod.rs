@@ -222,6 +222,7 @@ pub async fn run(
     let listener = server::bind(&cfg.socket())
         .with_context(|| format!("agent socket {}", cfg.socket().display()))?;
     if let Some((client, pods)) = &cluster {
+        cluster::network(client, &cfg);
         cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
         match (&cfg.kubelet_token, cfg.kubelet_port) {
             (Some(f), port) if port > 0 => {

@@ -40,6 +40,8 @@ pub const KUBE_MINOR: &str = "32";
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Inherited listening sockets served as well (file descriptors).
+    pub listen_fds: Vec<i32>,
     pub services: alloc::ServiceNet,
     pub store: StoreConfig,
     /// How often history older than one interval is compacted (kube-apiserver: 5 minutes).
@@ -338,9 +340,44 @@ pub async fn run(
         r.notify_one();
     }
     tracing::info!(%addr, kubeconfig = %cfg.data_dir.join("kubeconfig.yaml").display(), "API server serving");
+    let mut extra = Vec::new();
+    for fd in &cfg.listen_fds {
+        let l = inherited_listener(*fd)?;
+        tracing::info!(addr = ?l.local_addr().ok(), fd, "also serving on an inherited socket");
+        extra.push(tokio::spawn(crate::tls::serve(
+            l,
+            tls.clone(),
+            app.clone(),
+            std::future::pending(),
+        )));
+    }
     crate::tls::serve(listener, tls, app, shutdown).await;
+    extra.iter().for_each(|t| t.abort());
     compaction.abort();
     Ok(())
+}
+
+/// Takes over an inherited file descriptor that must be a listening TCP socket.
+fn inherited_listener(fd: i32) -> anyhow::Result<tokio::net::TcpListener> {
+    use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+    // SAFETY: fcntl(F_GETFD) only asks whether the descriptor is open.
+    let open = fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    anyhow::ensure!(open, "--listen-fd {fd}: not an open file descriptor");
+    // SAFETY: the descriptor is open (checked above) and was handed to this process to own.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let listening = getsockopt(&borrowed, sockopt::AcceptConn).unwrap_or(false);
+    let inet = getsockname::<SockaddrStorage>(borrowed.as_raw_fd())
+        .ok()
+        .is_some_and(|a| a.as_sockaddr_in().is_some() || a.as_sockaddr_in6().is_some());
+    anyhow::ensure!(
+        listening && inet,
+        "--listen-fd {fd}: not a listening TCP socket"
+    );
+    // SAFETY: as above; from here on the listener owns the descriptor.
+    let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    l.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(l)?)
 }
 
 fn tls_config(p: &pki::Pki) -> anyhow::Result<rustls::ServerConfig> {

@@ -193,6 +193,15 @@ pub fn pod_ready(p: &Pod) -> bool {
     ready_since(p).is_some()
 }
 
+/// Whether the node's Ready condition is True.
+pub fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
 /// When the pod's Ready condition last turned True.
 pub fn ready_since(p: &Pod) -> Option<jiff::Timestamp> {
     let c = p

@@ -28,7 +28,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     agent::quantity,
-    control::{Caches, controller_uid, next_pass, recorder::Recorder},
+    control::{Caches, controller_uid, next_pass, node_ready, recorder::Recorder},
 };
 
 /// Scheduler names this scheduler serves.
@@ -164,14 +164,6 @@ pub(crate) fn toleration_for<'a>(tols: &'a [Toleration], t: &Taint) -> Option<&'
         };
         effect_ok && key_ok && value_ok
     })
-}
-
-fn node_ready(n: &Node) -> bool {
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
 }
 
 fn requirement_matches(r: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {

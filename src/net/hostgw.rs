@@ -1,0 +1,201 @@
+//! host-gw networking between nodes: a route to every other node's pod CIDR via that node's
+//! InternalIP, a blackhole route for the Service CIDR (an address no proxy rule translated is
+//! dropped here, never sent on), and masquerade for pod traffic that leaves the pod network.
+//! Acts in the caller's network namespace, which is the node's. Routes keelson made carry their
+//! own protocol number, so a sync removes exactly the stale ones and nothing else.
+
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+};
+use rtnetlink::RouteMessageBuilder;
+
+use super::{NetError, Result, connect, nl};
+
+/// The route protocol number marking keelson's routes (`ip route show proto 75`).
+pub const PROTO: u8 = 75;
+
+/// The nat chain holding the masquerade rules.
+pub const MASQ_CHAIN: &str = "KEELSON-POSTROUTING";
+
+/// A route keelson wants: `dst` via `gw`, or a blackhole when `gw` is None.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub dst: Ipv4Net,
+    pub gw: Option<Ipv4Addr>,
+}
+
+fn describe(m: &RouteMessage) -> Option<Route> {
+    let mut dst = None;
+    let mut gw = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+            _ => {}
+        }
+    }
+    let dst = Ipv4Net::new(dst?, m.header.destination_prefix_length).ok()?;
+    Some(Route { dst, gw })
+}
+
+fn message(r: &Route) -> RouteMessage {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.dst.network(), r.dst.prefix_len())
+        .protocol(RouteProtocol::Other(PROTO));
+    match r.gw {
+        Some(gw) => b.gateway(gw).build(),
+        None => b.kind(RouteType::BlackHole).build(),
+    }
+}
+
+/// Makes keelson's routes in the main table exactly `wanted`: adds (or replaces) what is
+/// missing and deletes keelson routes that are no longer wanted. Returns what changed.
+pub async fn sync_routes(wanted: &[Route]) -> Result<(usize, usize)> {
+    let h = connect()?;
+    let mut have = Vec::new();
+    let mut routes = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(m) = routes.try_next().await.map_err(nl("list routes"))? {
+        if m.header.protocol == RouteProtocol::Other(PROTO)
+            && let Some(r) = describe(&m)
+        {
+            have.push((r, m));
+        }
+    }
+    let mut removed = 0;
+    for (r, m) in &have {
+        if !wanted.contains(r) {
+            match h.route().del(m.clone()).execute().await {
+                Ok(()) => removed += 1,
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+                Err(e) => return Err(nl(format!("delete route {}", r.dst))(e)),
+            }
+        }
+    }
+    let mut added = 0;
+    for r in wanted {
+        if have.iter().any(|(h, _)| h == r) {
+            continue;
+        }
+        h.route()
+            .add(message(r))
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(match r.gw {
+                Some(gw) => format!("route {} via {gw}", r.dst),
+                None => format!("blackhole route {}", r.dst),
+            }))?;
+        added += 1;
+    }
+    Ok((added, removed))
+}
+
+/// The iptables-restore input for the masquerade chain: pod traffic to anything outside the
+/// cluster's pod network leaves with the node's address.
+pub fn masquerade_rules(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net) -> String {
+    format!(
+        "*nat\n:{MASQ_CHAIN} - [0:0]\n\
+         -A {MASQ_CHAIN} -s {pod_cidr} -d {cluster_cidr} -m comment --comment \"keelson: pod to pod\" -j RETURN\n\
+         -A {MASQ_CHAIN} -s {pod_cidr} -m comment --comment \"keelson: pod traffic leaving the pod network\" -j MASQUERADE\n\
+         COMMIT\n"
+    )
+}
+
+fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
+    std::process::Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+}
+
+/// Installs the masquerade chain and the jump to it from nat POSTROUTING (idempotent).
+pub fn ensure_masquerade(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net) -> Result<()> {
+    use std::io::Write;
+    let io_err = |what: &str, e: std::io::Error| NetError::Io {
+        what: what.into(),
+        source: e,
+    };
+    let mut child = std::process::Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| io_err("running iptables-restore (is iptables installed?)", e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(masquerade_rules(pod_cidr, cluster_cidr).as_bytes())
+            .map_err(|e| io_err("writing to iptables-restore", e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| io_err("iptables-restore", e))?;
+    if !out.status.success() {
+        return Err(io_err(
+            "iptables-restore (masquerade chain)",
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    let jump = |op| ["-t", "nat", op, "POSTROUTING", "-j", MASQ_CHAIN];
+    let check = iptables(&jump("-C")).map_err(|e| io_err("iptables", e))?;
+    if !check.status.success() {
+        let add = iptables(&jump("-A")).map_err(|e| io_err("iptables", e))?;
+        if !add.status.success() {
+            return Err(io_err(
+                "iptables -A POSTROUTING",
+                std::io::Error::other(String::from_utf8_lossy(&add.stderr).trim().to_string()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_rules_exempt_the_pod_network() {
+        let r = masquerade_rules(
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        );
+        assert!(r.contains("-s 10.244.1.0/24 -d 10.244.0.0/16"));
+        assert!(r.contains("-j RETURN"));
+        assert!(r.contains("-s 10.244.1.0/24 -m comment"));
+        assert!(r.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn route_messages_round_trip() {
+        for r in [
+            Route {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                gw: Some(Ipv4Addr::new(10, 99, 0, 12)),
+            },
+            Route {
+                dst: "10.96.0.0/12".parse().unwrap(),
+                gw: None,
+            },
+        ] {
+            let m = message(&r);
+            assert_eq!(describe(&m), Some(r));
+            assert_eq!(m.header.protocol, RouteProtocol::Other(PROTO));
+            assert_eq!(
+                m.header.kind,
+                if r.gw.is_some() {
+                    RouteType::Unicast
+                } else {
+                    RouteType::BlackHole
+                }
+            );
+        }
+    }
+}
