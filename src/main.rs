@@ -289,6 +289,20 @@ enum LabCmd {
         #[command(flatten)]
         which: LabWhich,
     },
+    /// Kill a node's agent or the server (SIGKILL, like a crash; pods keep running).
+    Stop {
+        #[command(flatten)]
+        which: LabWhich,
+        /// `server`, or a node's name.
+        member: keelson::lab::Member,
+    },
+    /// Start a stopped agent or server again, with the flags it had.
+    Start {
+        #[command(flatten)]
+        which: LabWhich,
+        /// `server`, or a node's name.
+        member: keelson::lab::Member,
+    },
     /// List the lab's nodes, their namespaces and state.
     Status {
         #[command(flatten)]
@@ -386,6 +400,12 @@ async fn lab(cmd: LabCmd) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+        }
+        LabCmd::Stop { which, member } => keelson::lab::stop_member(&which.dir()?, &member),
+        LabCmd::Start { which, member } => {
+            let pid = keelson::lab::start_member(&which.dir()?, &member)?;
+            eprintln!("lab: {member:?} started (pid {pid})");
+            Ok(())
         }
         LabCmd::Status { which } => {
             print!("{}", keelson::lab::status(&which.dir()?).await?);

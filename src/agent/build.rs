@@ -528,8 +528,11 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
     )))
 }
 
-/// Writes a ConfigMap/Secret projection: every key (or the listed items) as a file, with the
-/// item's mode or `default_mode`. Files of keys that went away are removed.
+/// Writes a ConfigMap/Secret/downwardAPI projection the way kubelet's AtomicWriter does, so
+/// that a running container sees an update all at once: the files live in a fresh
+/// `..<timestamp>` directory, `..data` is a symlink swapped to it by one rename, and every
+/// top-level name is a symlink through `..data`. Nothing is rewritten when the content and
+/// modes are unchanged.
 fn write_projection(
     dir: &Path,
     entries: &[(String, Vec<u8>)],
@@ -537,9 +540,7 @@ fn write_projection(
     default_mode: i32,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    let files: Vec<(String, &[u8], i32)> = match items {
+    let files: Vec<(String, &[u8], u32)> = match items {
         Some(items) => items
             .iter()
             .filter_map(|it| {
@@ -547,29 +548,116 @@ fn write_projection(
                 Some((
                     it.path.clone(),
                     v.as_slice(),
-                    it.mode.unwrap_or(default_mode),
+                    it.mode.unwrap_or(default_mode) as u32 & 0o7777,
                 ))
             })
             .collect(),
         None => entries
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_slice(), default_mode))
+            .map(|(k, v)| (k.clone(), v.as_slice(), default_mode as u32 & 0o7777))
             .collect(),
     };
-    for (path, data, mode) in files {
-        if path.starts_with('/') || path.split('/').any(|p| p == "..") {
+    for (path, _, _) in &files {
+        if path.is_empty()
+            || path.starts_with('/')
+            || path.starts_with("..")
+            || path.split('/').any(|p| p == "..")
+        {
             return Err(std::io::Error::other(format!(
                 "item path {path:?} must be relative without '..'"
             )));
         }
-        let p = dir.join(&path);
+    }
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join("..data");
+    // Unchanged? (Same set of files, bytes and modes.)
+    if let Ok(current) = std::fs::read_link(&data) {
+        let cur = dir.join(current);
+        let same = files.iter().all(|(p, d, m)| {
+            let f = cur.join(p);
+            std::fs::read(&f).is_ok_and(|b| b == *d)
+                && std::fs::metadata(&f).is_ok_and(|md| md.permissions().mode() & 0o7777 == *m)
+        }) && count_files(&cur) == files.len();
+        if same {
+            return Ok(());
+        }
+    }
+    let stamp = format!(
+        "..{}.{}",
+        jiff::Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S"),
+        crate::runtime::random_hex(4)
+    );
+    let fresh = dir.join(&stamp);
+    std::fs::create_dir_all(&fresh)?;
+    for (path, bytes, mode) in &files {
+        let p = fresh.join(path);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(&p, data)?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode as u32 & 0o7777))?;
+        std::fs::write(&p, bytes)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
+    }
+    let old = std::fs::read_link(&data).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&stamp, &tmp)?;
+    std::fs::rename(&tmp, &data)?;
+    // Top-level names: a symlink through ..data for each; stale ones go.
+    let tops: std::collections::BTreeSet<&str> = files
+        .iter()
+        .filter_map(|(p, _, _)| p.split('/').next())
+        .collect();
+    for t in &tops {
+        let link = dir.join(t);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(t), &link)?;
+        }
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if !n.starts_with("..") && !tops.contains(n.as_str()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    if let Some(old) = old.filter(|o| o.as_os_str() != stamp.as_str()) {
+        let _ = std::fs::remove_dir_all(dir.join(old));
     }
     Ok(())
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        count_files(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Rewrites the pod's ConfigMap, Secret and downwardAPI volumes from `sb.refs` (kubelet's
+/// periodic volume sync): a container sees updates without a restart.
+pub fn refresh_projections(pod: &Pod, sb: &SandboxInfo) -> Result<usize, ConfigError> {
+    let mut n = 0;
+    for v in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some() {
+            volume_dir(pod, sb, &v.name)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 fn parse_user(u: &str) -> (Option<u32>, Option<u32>) {
@@ -736,6 +824,56 @@ pub fn runtime_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn projections_update_atomically_through_the_data_symlink() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("vol");
+        let e = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        write_projection(&dir, &e(&[("a", "1"), ("b", "2")]), None, 0o644).unwrap();
+        let ino = std::fs::metadata(&dir).unwrap().ino();
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
+        assert!(std::fs::symlink_metadata(dir.join("a")).unwrap().is_symlink());
+        let first = std::fs::read_link(dir.join("..data")).unwrap();
+        // Same content: nothing is rewritten.
+        write_projection(&dir, &e(&[("a", "1"), ("b", "2")]), None, 0o644).unwrap();
+        assert_eq!(std::fs::read_link(dir.join("..data")).unwrap(), first);
+        // An update: new value, a key gone, a key added; the directory itself stays (a bind
+        // mount of it keeps showing the current content).
+        write_projection(&dir, &e(&[("a", "9"), ("c", "3")]), None, 0o600).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().ino(), ino);
+        assert_ne!(std::fs::read_link(dir.join("..data")).unwrap(), first);
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "9");
+        assert_eq!(std::fs::read_to_string(dir.join("c")).unwrap(), "3");
+        assert!(std::fs::symlink_metadata(dir.join("b")).is_err());
+        assert!(!dir.join(&first).exists(), "the old generation is removed");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(dir.join("a")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Nested item paths and bad ones.
+        let items = [KeyToPath {
+            key: "a".into(),
+            path: "sub/dir/file".into(),
+            mode: None,
+        }];
+        write_projection(&dir, &e(&[("a", "x")]), Some(&items), 0o644).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("sub/dir/file")).unwrap(), "x");
+        let bad = [KeyToPath {
+            key: "a".into(),
+            path: "../escape".into(),
+            mode: None,
+        }];
+        let err = write_projection(&dir, &e(&[("a", "x")]), Some(&bad), 0o644).unwrap_err();
+        assert!(err.to_string().contains("../escape"), "{err}");
+    }
 
     fn img() -> ImageInfo {
         ImageInfo {

@@ -62,13 +62,29 @@ pub struct UpOptions {
     pub timeout: Duration,
 }
 
+/// A process the lab runs: enough to start it again (`lab start`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Proc {
+    pub netns: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    pub pid: Option<u32>,
+}
+
+impl Proc {
+    /// Whether it runs (and is the process the lab started).
+    pub fn running(&self, marker: &Path) -> bool {
+        self.pid.is_some_and(|p| ours(p, marker))
+    }
+}
+
 /// One node of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabNode {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
-    pub agent_pid: Option<u32>,
+    pub agent: Proc,
 }
 
 /// Everything a lab made (`DIR/lab.json`).
@@ -78,7 +94,7 @@ pub struct State {
     pub data_dir: PathBuf,
     pub bridge_netns: String,
     pub containerd_pid: Option<u32>,
-    pub server_pid: Option<u32>,
+    pub server: Proc,
     /// The API server as the host reaches it.
     pub url: String,
     pub nodes: Vec<LabNode>,
@@ -286,7 +302,7 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<State> {
         o.nodes
     );
     if let Some(s) = State::load(&o.data_dir)? {
-        if s.server_pid.is_some_and(|p| ours(p, &s.data_dir)) {
+        if s.server.running(&s.data_dir) {
             bail!(
                 "lab {} is already up (data dir {}); `keelson lab down --data-dir {}` first",
                 s.name,
@@ -323,14 +339,14 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<State> {
         data_dir: data_dir.clone(),
         bridge_netns: format!("{}-bridge", o.name),
         containerd_pid: None,
-        server_pid: None,
+        server: Proc::default(),
         url: String::new(),
         nodes: (1..=o.nodes)
             .map(|i| LabNode {
                 name: format!("{}-node{i}", o.name),
                 netns: format!("{}-node{i}", o.name),
                 ip: node_ip(i),
-                agent_pid: None,
+                agent: Proc::default(),
             })
             .collect(),
     };
@@ -357,7 +373,6 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     let dir = st.data_dir.clone();
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let me = std::env::current_exe().context("locating the keelson binary")?;
 
     // Namespaces and the lab network.
     let br = st.bridge_netns.clone();
@@ -427,27 +442,25 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     let sdir = dir.join("server");
     std::fs::create_dir_all(&sdir)?;
     let _ = std::fs::remove_file(sdir.join("kubeconfig.yaml"));
-    let mut args: Vec<OsString> = vec![
+    let d = |p: &Path| p.to_string_lossy().to_string();
+    let mut args: Vec<String> = vec![
         "server".into(),
         "--data-dir".into(),
-        sdir.clone().into(),
+        d(&sdir),
         "--listen".into(),
-        format!("{SERVER_IP}:{SERVER_PORT}").into(),
+        format!("{SERVER_IP}:{SERVER_PORT}"),
         "--listen-fd".into(),
         "3".into(),
     ];
-    args.extend(o.server_args.iter().map(OsString::from));
-    let pid = spawn_in(
-        &br,
-        &me,
-        &args,
-        &logs.join("server.log"),
-        Some(host.as_raw_fd()),
-    )?;
-    drop(host);
-    st.server_pid = Some(pid);
+    args.extend(o.server_args.iter().cloned());
+    st.server = Proc {
+        netns: br.clone(),
+        args,
+        log: logs.join("server.log"),
+        pid: None,
+    };
     st.url = format!("https://{host_addr}");
-    st.save()?;
+    let pid = start_server(st, host)?;
     let server_kc = sdir.join("kubeconfig.yaml");
     wait_for("the API server", Duration::from_secs(30), || {
         server_kc.exists() || !ours(pid, &dir)
@@ -455,7 +468,7 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     anyhow::ensure!(
         ours(pid, &dir),
         "the API server exited; see {}",
-        logs.join("server.log").display()
+        st.server.log.display()
     );
     let kc = std::fs::read_to_string(&server_kc)?.replace(
         &format!("https://{SERVER_IP}:{SERVER_PORT}"),
@@ -468,36 +481,41 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     for n in &mut st.nodes {
         let ndir = dir.join("nodes").join(&n.name);
         std::fs::create_dir_all(&ndir)?;
-        let mut args: Vec<OsString> = vec![
+        let mut args: Vec<String> = vec![
             "agent".into(),
             "--server".into(),
-            format!("https://{SERVER_IP}:{SERVER_PORT}").into(),
+            format!("https://{SERVER_IP}:{SERVER_PORT}"),
             "--token-file".into(),
-            sdir.join("node-token").into(),
+            d(&sdir.join("node-token")),
             "--ca-file".into(),
-            sdir.join("pki/ca.crt").into(),
+            d(&sdir.join("pki/ca.crt")),
             "--node-name".into(),
-            n.name.clone().into(),
+            n.name.clone(),
             "--node-ip".into(),
-            n.ip.to_string().into(),
+            n.ip.to_string(),
             "--containerd".into(),
-            sock.clone().into(),
+            d(&sock),
             "--containerd-namespace".into(),
-            n.name.clone().into(),
+            n.name.clone(),
             "--data-dir".into(),
-            ndir.clone().into(),
+            d(&ndir),
             "--log-dir".into(),
-            ndir.join("logs").into(),
+            d(&ndir.join("logs")),
         ];
         if let Some(images) = &o.images {
             let images = images
                 .canonicalize()
                 .with_context(|| format!("--images {}", images.display()))?;
-            args.extend(["--images".into(), images.into()]);
+            args.extend(["--images".into(), d(&images)]);
         }
-        args.extend(o.agent_args.iter().map(OsString::from));
-        let log = logs.join(format!("{}.log", n.name));
-        n.agent_pid = Some(spawn_in(&n.netns, &me, &args, &log, None)?);
+        args.extend(o.agent_args.iter().cloned());
+        n.agent = Proc {
+            netns: n.netns.clone(),
+            args,
+            log: logs.join(format!("{}.log", n.name)),
+            pid: None,
+        };
+        n.agent.pid = Some(spawn_proc(&n.agent, None)?);
     }
     st.save()?;
     progress(format!("{} agents started", st.nodes.len()));
@@ -510,10 +528,10 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     loop {
         for n in &st.nodes {
             anyhow::ensure!(
-                n.agent_pid.is_some_and(|p| ours(p, &dir)),
+                n.agent.running(&dir),
                 "the agent of {} exited; see {}",
                 n.name,
-                logs.join(format!("{}.log", n.name)).display()
+                n.agent.log.display()
             );
         }
         let list = nodes.list(&ListParams::default()).await.ok();
@@ -553,6 +571,108 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn spawn_proc(p: &Proc, pass: Option<i32>) -> anyhow::Result<u32> {
+    let me = std::env::current_exe().context("locating the keelson binary")?;
+    let args: Vec<OsString> = p.args.iter().map(OsString::from).collect();
+    spawn_in(&p.netns, &me, &args, &p.log, pass)
+}
+
+/// Starts the API server, serving the host's loopback on `host` as well; records its pid.
+fn start_server(st: &mut State, host: std::net::TcpListener) -> anyhow::Result<u32> {
+    let pid = spawn_proc(&st.server, Some(host.as_raw_fd()))?;
+    drop(host);
+    st.server.pid = Some(pid);
+    st.save()?;
+    Ok(pid)
+}
+
+/// What `lab stop` / `lab start` act on.
+#[derive(Debug, Clone)]
+pub enum Member {
+    Server,
+    Agent(String),
+}
+
+impl std::str::FromStr for Member {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(if s == "server" {
+            Member::Server
+        } else {
+            Member::Agent(s.to_string())
+        })
+    }
+}
+
+/// Kills the server or a node's agent (SIGKILL, like a crash: pods keep running).
+pub fn stop_member(dir: &Path, m: &Member) -> anyhow::Result<()> {
+    let st = State::load(dir)?.with_context(|| format!("{}: no lab here", dir.display()))?;
+    let p = member(&st, m)?;
+    if let Some(pid) = p.pid.filter(|_| p.running(&st.data_dir)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let dir = st.data_dir.clone();
+        wait_for("the process to exit", Duration::from_secs(10), || {
+            !ours(pid, &dir)
+        })?;
+    }
+    Ok(())
+}
+
+/// Starts the server or a node's agent again with the flags it had.
+pub fn start_member(dir: &Path, m: &Member) -> anyhow::Result<u32> {
+    let mut st = State::load(dir)?.with_context(|| format!("{}: no lab here", dir.display()))?;
+    let p = member(&st, m)?;
+    anyhow::ensure!(!p.running(&st.data_dir), "{m:?} is running already");
+    match m {
+        Member::Server => {
+            let port = st
+                .url
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .context("lab.json: no server port")?;
+            let host = std::net::TcpListener::bind(("127.0.0.1", port))
+                .with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+            start_server(&mut st, host)
+        }
+        Member::Agent(name) => {
+            let i = st
+                .nodes
+                .iter()
+                .position(|n| &n.name == name)
+                .context("no such node")?;
+            let pid = spawn_proc(&st.nodes[i].agent, None)?;
+            st.nodes[i].agent.pid = Some(pid);
+            st.save()?;
+            Ok(pid)
+        }
+    }
+}
+
+fn member<'a>(st: &'a State, m: &Member) -> anyhow::Result<&'a Proc> {
+    match m {
+        Member::Server => Ok(&st.server),
+        Member::Agent(n) => st
+            .nodes
+            .iter()
+            .find(|x| &x.name == n)
+            .map(|x| &x.agent)
+            .with_context(|| {
+                format!(
+                    "lab {} has no node {n:?} (nodes: {})",
+                    st.name,
+                    st.nodes
+                        .iter()
+                        .map(|x| x.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }),
+    }
+}
+
 /// Removes everything a lab made: agents and server, every container of every node,
 /// containerd and its shims, the namespaces, mounts, and the lab's directory.
 pub async fn down(dir: &Path) -> anyhow::Result<()> {
@@ -563,10 +683,10 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
         )
     })?;
     let dir = st.data_dir.clone();
-    for pid in st.nodes.iter().filter_map(|n| n.agent_pid) {
+    for pid in st.nodes.iter().filter_map(|n| n.agent.pid) {
         stop(pid, &dir, Duration::from_secs(5));
     }
-    if let Some(pid) = st.server_pid {
+    if let Some(pid) = st.server.pid {
         stop(pid, &dir, Duration::from_secs(5));
     }
     let cd = ContainerdPaths::new(&dir);
@@ -700,7 +820,7 @@ pub fn unmount_under(dir: &Path) {
 pub async fn status(dir: &Path) -> anyhow::Result<String> {
     let st = State::load(dir)?.with_context(|| format!("{}: no lab here", dir.display()))?;
     let mut ready = std::collections::HashMap::new();
-    let server_up = st.server_pid.is_some_and(|p| ours(p, &st.data_dir));
+    let server_up = st.server.running(&st.data_dir);
     if server_up && let Ok(c) = crate::control::client_from(&st.kubeconfig()).await {
         let nodes: Api<Node> = Api::all(c);
         if let Ok(Ok(l)) =
@@ -729,8 +849,8 @@ pub async fn status(dir: &Path) -> anyhow::Result<String> {
         "NODE", "NAMESPACE", "ADDRESS", "AGENT", "STATUS"
     );
     for n in &st.nodes {
-        let agent = match n.agent_pid {
-            Some(p) if ours(p, &st.data_dir) => format!("pid {p}"),
+        let agent = match n.agent.pid {
+            Some(p) if n.agent.running(&st.data_dir) => format!("pid {p}"),
             _ => "stopped".into(),
         };
         out += &format!(

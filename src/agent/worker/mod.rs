@@ -432,6 +432,21 @@ impl PodWorker {
         for (cid, code, at) in exits {
             self.mark_exited(&cid, code, at);
         }
+        self.sync_volumes().await;
+    }
+
+    /// Brings ConfigMap/Secret/downwardAPI volumes of a running pod up to date.
+    async fn sync_volumes(&mut self) {
+        let projected = spec_of(&self.pod).volumes.iter().flatten().any(|v| {
+            v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some()
+        });
+        if !projected || self.terminal || self.sandbox.is_none() || self.ctx.client.is_none() {
+            return;
+        }
+        self.refresh_refs().await;
+        if let Err(e) = build::refresh_projections(&self.pod, &self.sandbox_info()) {
+            tracing::warn!(pod = %self.name, error = %e, "updating volumes");
+        }
     }
 
     fn set_wake(&mut self, at: Instant) {
