@@ -839,7 +839,11 @@ mod tests {
         write_projection(&dir, &e(&[("a", "1"), ("b", "2")]), None, 0o644).unwrap();
         let ino = std::fs::metadata(&dir).unwrap().ino();
         assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
-        assert!(std::fs::symlink_metadata(dir.join("a")).unwrap().is_symlink());
+        assert!(
+            std::fs::symlink_metadata(dir.join("a"))
+                .unwrap()
+                .is_symlink()
+        );
         let first = std::fs::read_link(dir.join("..data")).unwrap();
         // Same content: nothing is rewritten.
         write_projection(&dir, &e(&[("a", "1"), ("b", "2")]), None, 0o644).unwrap();
@@ -855,7 +859,11 @@ mod tests {
         assert!(!dir.join(&first).exists(), "the old generation is removed");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
-            std::fs::metadata(dir.join("a")).unwrap().permissions().mode() & 0o777,
+            std::fs::metadata(dir.join("a"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o600
         );
         // Nested item paths and bad ones.
@@ -865,7 +873,10 @@ mod tests {
             mode: None,
         }];
         write_projection(&dir, &e(&[("a", "x")]), Some(&items), 0o644).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("sub/dir/file")).unwrap(), "x");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("sub/dir/file")).unwrap(),
+            "x"
+        );
         let bad = [KeyToPath {
             key: "a".into(),
             path: "../escape".into(),

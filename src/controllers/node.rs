@@ -11,7 +11,10 @@
 //! IPAM: each Node without `spec.podCIDR` gets the lowest free block of `--cluster-cidr`
 //! (default 10.244.0.0/16, /24 per node); a deleted node's block is free again.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
@@ -54,12 +57,15 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>,
     let mut a = caches.nodes.changed.clone();
     let mut b = caches.node_leases.changed.clone();
     let mut c = caches.pods.changed.clone();
+    let mut probes = Probes::default();
     loop {
         next_pass(&mut [&mut a, &mut b, &mut c], Duration::from_secs(1)).await;
         if !*leading.borrow() {
+            // A new term starts with fresh observations.
+            probes.0.clear();
             continue;
         }
-        if let Err(e) = pass(&client, &caches, &rec, &opts).await {
+        if let Err(e) = pass(&client, &caches, &rec, &opts, &mut probes).await {
             tracing::debug!(error = %e, "node controller pass");
         }
     }
@@ -94,6 +100,24 @@ fn last_heard(n: &Node, caches: &Caches) -> Option<jiff::Timestamp> {
     [lease, heartbeat, created].into_iter().flatten().max()
 }
 
+/// kube-controller-manager's probe timestamps: when this controller (on its own clock) last saw
+/// each node's heartbeat move. A node is judged silent by how long it has not moved *as seen
+/// from here*, so a control plane that was itself away for a while gives every node a full
+/// grace period instead of condemning them all by their stale timestamps.
+#[derive(Default)]
+struct Probes(HashMap<String, (Option<jiff::Timestamp>, Instant)>);
+
+impl Probes {
+    fn silent_for(&mut self, name: &str, heard: Option<jiff::Timestamp>) -> Duration {
+        let now = Instant::now();
+        let e = self.0.entry(name.to_string()).or_insert((heard, now));
+        if e.0 != heard {
+            *e = (heard, now);
+        }
+        now - e.1
+    }
+}
+
 /// The tolerationSeconds of the pod's toleration for the taint: `None` if not tolerated,
 /// `Some(None)` if tolerated forever.
 fn tolerates(p: &Pod, t: &Taint) -> Option<Option<i64>> {
@@ -106,8 +130,28 @@ async fn pass(
     caches: &Caches,
     rec: &Recorder,
     opts: &Options,
+    probes: &mut Probes,
 ) -> kube::Result<()> {
     let nodes = caches.nodes.all();
+    let silent: HashMap<String, bool> = nodes
+        .iter()
+        .map(|n| {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let quiet = probes.silent_for(&name, last_heard(n, caches)) > opts.grace;
+            (name, quiet)
+        })
+        .collect();
+    probes.0.retain(|k, _| silent.contains_key(k));
+    // Full disruption (no node is Ready): the fault is more likely the control plane's or the
+    // network's than every node's, so pods are not evicted (kube's zone FullDisruption state).
+    let full_disruption = !nodes.is_empty()
+        && nodes.iter().all(|n| {
+            !crate::control::node_ready(n)
+                || silent
+                    .get(n.metadata.name.as_deref().unwrap_or(""))
+                    .copied()
+                    .unwrap_or(false)
+        });
     let api: Api<Node> = Api::all(client.clone());
     let now = jiff::Timestamp::now();
     let mut used: HashSet<Ipv4Net> = nodes
@@ -147,9 +191,7 @@ async fn pass(
             .find(|c| c.type_ == "Ready")
             .map(|c| c.status.clone())
             .unwrap_or_else(|| "Unknown".into());
-        let silent = last_heard(n, caches).is_some_and(|t| {
-            now.as_millisecond() - t.as_millisecond() > opts.grace.as_millis() as i64
-        });
+        let silent = silent.get(&name).copied().unwrap_or(false);
         let mut ready_now = ready.clone();
         if silent && ready != "Unknown" {
             let mut list: Vec<serde_json::Value> = conds
@@ -233,7 +275,7 @@ async fn pass(
         }
         // Eviction of pods that do not tolerate the node's NoExecute taints.
         let no_exec: Vec<&Taint> = current.iter().filter(|t| t.effect == "NoExecute").collect();
-        if no_exec.is_empty() {
+        if no_exec.is_empty() || full_disruption {
             continue;
         }
         for p in caches.pods.all() {

@@ -433,7 +433,10 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
         sock.exists()
     })
     .with_context(|| format!("see {}", cd.log().display()))?;
-    progress(format!("containerd running (pid {pid}, socket {})", sock.display()));
+    progress(format!(
+        "containerd running (pid {pid}, socket {})",
+        sock.display()
+    ));
 
     // The API server, in the bridge namespace, also served on the host's loopback.
     let host = std::net::TcpListener::bind(("127.0.0.1", o.port))
@@ -470,10 +473,8 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
         "the API server exited; see {}",
         st.server.log.display()
     );
-    let kc = std::fs::read_to_string(&server_kc)?.replace(
-        &format!("https://{SERVER_IP}:{SERVER_PORT}"),
-        &st.url,
-    );
+    let kc = std::fs::read_to_string(&server_kc)?
+        .replace(&format!("https://{SERVER_IP}:{SERVER_PORT}"), &st.url);
     crate::api::pki::write_private(&st.kubeconfig(), &kc)?;
     progress(format!("API server serving at {} (pid {pid})", st.url));
 
@@ -543,7 +544,10 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
             .collect();
         for r in &ready {
             if shown.insert(r.clone()) {
-                progress(format!("node {r} Ready ({:.1} s)", t0.elapsed().as_secs_f64()));
+                progress(format!(
+                    "node {r} Ready ({:.1} s)",
+                    t0.elapsed().as_secs_f64()
+                ));
             }
         }
         if st.nodes.iter().all(|n| ready.contains(&n.name)) {
@@ -742,7 +746,11 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
 pub fn down_by_name(name: &str) -> anyhow::Result<usize> {
     check_name(name)?;
     let mut n = 0;
-    for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let f = e.file_name().to_string_lossy().to_string();
         let Some(rest) = f.strip_prefix(&format!("{name}-")) else {
             continue;

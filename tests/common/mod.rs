@@ -13,6 +13,8 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 
+pub mod cluster;
+
 pub const BUSYBOX: &str = "keelson.local/busybox:1";
 pub const NS: &str = "k8s.keelson.io";
 

@@ -437,9 +437,11 @@ impl PodWorker {
 
     /// Brings ConfigMap/Secret/downwardAPI volumes of a running pod up to date.
     async fn sync_volumes(&mut self) {
-        let projected = spec_of(&self.pod).volumes.iter().flatten().any(|v| {
-            v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some()
-        });
+        let projected = spec_of(&self.pod)
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some());
         if !projected || self.terminal || self.sandbox.is_none() || self.ctx.client.is_none() {
             return;
         }

@@ -1,0 +1,250 @@
+//! A multi-node lab made with `keelson lab up` (node namespaces behind a bridge namespace, one
+//! private containerd, the server on the host's loopback), driven with the real kubectl.
+//! `lab down` runs on drop, also when a test fails, after printing the logs' tails.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub nodes: Vec<String>,
+}
+
+fn keelson() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keelson"))
+}
+
+impl Cluster {
+    /// `keelson lab up` with `nodes` nodes, the busybox image, and extra server flags.
+    pub fn up(hint: &str, nodes: usize, server_args: &[&str]) -> Cluster {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the lab tests need root (network namespaces, containerd)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("keelson-lab-{hint}-"))
+            .tempdir()
+            .unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let ar = super::busybox_archive(dir.path());
+        std::fs::rename(ar, images.join("busybox.tar")).unwrap();
+        let mut b = [0u8; 2];
+        getrandom::fill(&mut b).unwrap();
+        let name = format!("kt-{}-{}", &hint[..hint.len().min(8)], hex::encode(b));
+        let c = Cluster {
+            nodes: (1..=nodes).map(|i| format!("{name}-node{i}")).collect(),
+            dir,
+            name,
+        };
+        let mut cmd = keelson();
+        cmd.args([
+            "lab",
+            "up",
+            "--name",
+            &c.name,
+            "--nodes",
+            &nodes.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(c.lab_dir())
+        .arg("--images")
+        .arg(&images)
+        .env(
+            "RUST_LOG",
+            std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        for a in server_args {
+            cmd.arg(format!("--server-arg={a}"));
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c
+    }
+
+    pub fn lab_dir(&self) -> PathBuf {
+        self.dir.path().join("lab")
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.lab_dir().join("kubeconfig.yaml")
+    }
+
+    pub fn log(&self, member: &str) -> String {
+        std::fs::read_to_string(self.lab_dir().join("logs").join(format!("{member}.log")))
+            .unwrap_or_default()
+    }
+
+    fn tails(&self) -> String {
+        let mut s = String::new();
+        for m in std::iter::once("server".to_string()).chain(self.nodes.iter().cloned()) {
+            let log = self.log(&m);
+            let lines: Vec<&str> = log.lines().collect();
+            s += &format!("--- {m} (last 25 lines) ---\n");
+            for l in &lines[lines.len().saturating_sub(25)..] {
+                s += &l[..l.len().min(400)];
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    /// kubectl that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.kubectl(args);
+        assert!(
+            o.status.success(),
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    /// kubectl that must succeed, with stdin.
+    pub fn apply(&self, yaml: &str) -> String {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .args(["apply", "-f", "-"])
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "kubectl apply: {}{}\n{yaml}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    pub fn jsonpath(&self, args: &[&str], path: &str) -> String {
+        let mut a = args.to_vec();
+        let p = format!("jsonpath={path}");
+        a.extend(["-o", p.as_str()]);
+        self.ok(&a)
+    }
+
+    /// Waits for `f`, or panics with `what` and the logs' tails.
+    pub fn until(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "timed out after {secs} s waiting for {what}\n{}",
+                self.tails()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `keelson lab stop|start MEMBER` (`server` or a node name).
+    pub fn lab(&self, verb: &str, member: &str) {
+        let out = keelson()
+            .args(["lab", verb, member, "--name", &self.name, "--data-dir"])
+            .arg(self.lab_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab {verb} {member}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs a busybox applet in a node's namespace (the host's busybox-static).
+    pub fn node_exec(&self, node: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", node, "/bin/busybox"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Pods of `selector` as (name, node, ip, ready) from kubectl.
+    pub fn pods(&self, selector: &str) -> Vec<(String, String, String, bool)> {
+        let out = self.ok(&[
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ]);
+        out.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                // Terminating pods (a deletionTimestamp) are left out, as kubectl's READY would.
+                (f.len() >= 5 && f[4].is_empty()).then(|| {
+                    (
+                        f[0].to_string(),
+                        f[1].to_string(),
+                        f[2].to_string(),
+                        f[3] == "True",
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until `n` pods of `selector` are Ready; returns them.
+    pub fn wait_ready(
+        &self,
+        selector: &str,
+        n: usize,
+        secs: u64,
+    ) -> Vec<(String, String, String, bool)> {
+        let mut pods = vec![];
+        self.until(secs, &format!("{n} ready pods with {selector}"), || {
+            pods = self.pods(selector);
+            pods.len() == n && pods.iter().all(|p| p.3)
+        });
+        pods
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.tails());
+        }
+        let out = keelson()
+            .args(["lab", "down", "--name", &self.name, "--data-dir"])
+            .arg(self.lab_dir())
+            .output();
+        if let Ok(o) = &out
+            && !o.status.success()
+        {
+            eprintln!("lab down: {}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+}

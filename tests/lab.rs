@@ -1,0 +1,358 @@
+//! Multi-node clusters made with `keelson lab up`, driven with the real kubectl: workloads
+//! spread over the nodes and reach each other across them (host-gw routes), logs, replacement
+//! of deleted pods, preStop on graceful deletion, ConfigMap/Secret volumes and env with updates
+//! reaching running containers, and the failure cases: an agent restart adopts its pods, the
+//! server away for a while leaves pods untouched, a lost node's pods come back elsewhere.
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{BUSYBOX, cluster::Cluster};
+
+fn web(replicas: usize) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: httpd
+        image: {BUSYBOX}
+        command: ["sh", "-c", "echo hello from $(hostname) > /www/index.html; exec httpd -f -p 8080 -h /www"]
+        readinessProbe:
+          tcpSocket: {{port: 8080}}
+          periodSeconds: 1
+"#
+    )
+}
+
+#[test]
+fn workloads_spread_over_nodes_talk_across_them_and_log() {
+    let c = Cluster::up("work", 3, &[]);
+    let nodes = c.ok(&["get", "nodes", "-o", "name"]);
+    assert_eq!(nodes.lines().count(), 3, "{nodes}");
+    c.apply(&web(6));
+    let pods = c.wait_ready("app=web", 6, 90);
+    let on: BTreeSet<&str> = pods.iter().map(|p| p.1.as_str()).collect();
+    assert_eq!(on.len(), 3, "the pods spread over all nodes: {pods:?}");
+
+    // Node routes: node1 has a route to every other node's pod CIDR, a Service-range
+    // blackhole, and the masquerade chain.
+    let routes = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-n", &c.nodes[0], "route", "show", "proto", "75"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    assert!(routes.contains("blackhole 10.96.0.0/12"), "{routes}");
+    assert_eq!(routes.matches(" via 10.250.0.").count(), 2, "{routes}");
+
+    // A pod on node1 fetches from every web pod (two of three nodes are remote).
+    let ips: Vec<&str> = pods.iter().map(|p| p.2.as_str()).collect();
+    let script = format!(
+        "for ip in {}; do timeout 5 wget -qO- $ip:8080; done; echo done",
+        ips.join(" ")
+    );
+    c.ok(&[
+        "run",
+        "client",
+        &format!("--image={BUSYBOX}"),
+        "--restart=Never",
+        &format!(
+            "--overrides={{\"spec\":{{\"nodeName\":\"{}\"}}}}",
+            c.nodes[0]
+        ),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    c.until(60, "the client pod to finish", || {
+        c.jsonpath(&["get", "pod", "client"], "{.status.phase}") == "Succeeded"
+    });
+    let out = c.ok(&["logs", "client"]);
+    for p in &pods {
+        assert!(
+            out.contains(&format!("hello from {}", p.0)),
+            "no answer from {} on {}: {out}",
+            p.0,
+            p.1
+        );
+    }
+
+    // kubectl logs -f follows a pod on another node as it writes.
+    c.ok(&[
+        "run",
+        "ticker",
+        &format!("--image={BUSYBOX}"),
+        "--restart=Never",
+        &format!(
+            "--overrides={{\"spec\":{{\"nodeName\":\"{}\"}}}}",
+            c.nodes[2]
+        ),
+        "--",
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done",
+    ]);
+    c.until(60, "the ticker to run", || {
+        c.jsonpath(&["get", "pod", "ticker"], "{.status.phase}") == "Running"
+    });
+    let mut f = Command::new("kubectl")
+        .args(["logs", "-f", "ticker"])
+        .env("KUBECONFIG", c.kubeconfig())
+        .env("HOME", c.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(f.stdout.take().unwrap()).lines();
+    let t0 = Instant::now();
+    let mut seen = vec![];
+    while seen.len() < 10 && t0.elapsed() < Duration::from_secs(20) {
+        match lines.next() {
+            Some(Ok(l)) => seen.push(l),
+            _ => break,
+        }
+    }
+    let _ = f.kill();
+    let _ = f.wait();
+    assert_eq!(seen.len(), 10, "kubectl logs -f delivered {seen:?}");
+    let n: Vec<u32> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(
+        n.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines in order: {seen:?}"
+    );
+
+    // A deleted pod is replaced.
+    let victim = pods[0].0.clone();
+    c.ok(&["delete", "pod", &victim, "--wait=false"]);
+    c.until(60, "the deleted pod to be replaced", || {
+        let now = c.pods("app=web");
+        now.len() == 6 && now.iter().all(|p| p.3 && p.0 != victim)
+    });
+    c.until(30, "the deleted pod to disappear", || {
+        !c.ok(&["get", "pods", "-o", "name"]).contains(&victim)
+    });
+}
+
+#[test]
+fn graceful_deletion_runs_prestop_and_config_reaches_containers() {
+    let c = Cluster::up("cfg", 2, &[]);
+    let marker_dir = c.dir.path().join("marker");
+    std::fs::create_dir_all(&marker_dir).unwrap();
+    c.ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=colour=blue",
+    ]);
+    c.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=password=s3cret",
+    ]);
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: app
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 20
+  containers:
+  - name: main
+    image: {BUSYBOX}
+    command: ["sh", "-c", "trap 'exit 0' TERM; echo env $COLOUR $PASSWORD; while true; do echo now $(cat /etc/settings/colour) $(cat /etc/creds/password); sleep 0.5; done"]
+    env:
+    - name: COLOUR
+      valueFrom: {{configMapKeyRef: {{name: settings, key: colour}}}}
+    - name: PASSWORD
+      valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}
+    volumeMounts:
+    - {{name: settings, mountPath: /etc/settings}}
+    - {{name: creds, mountPath: /etc/creds}}
+    - {{name: marker, mountPath: /marker}}
+    lifecycle:
+      preStop:
+        exec:
+          command: ["sh", "-c", "echo prestop ran > /marker/prestop"]
+  volumes:
+  - name: settings
+    configMap: {{name: settings}}
+  - name: creds
+    secret: {{secretName: creds}}
+  - name: marker
+    hostPath: {{path: {marker}, type: Directory}}
+"#,
+        node = c.nodes[1],
+        marker = marker_dir.display()
+    ));
+    let logs = |args: &[&str]| {
+        String::from_utf8_lossy(&c.kubectl(&[&["logs", "app"][..], args].concat()).stdout)
+            .to_string()
+    };
+    c.until(60, "the app to run", || {
+        logs(&[]).contains("now blue s3cret")
+    });
+    assert!(c.ok(&["logs", "app"]).contains("env blue s3cret"));
+
+    // Updates reach the running container's volumes (env stays as it was started).
+    c.apply(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  colour: green\n",
+    );
+    c.until(40, "the ConfigMap update in the volume", || {
+        logs(&["--tail=2"]).contains("now green s3cret")
+    });
+    let restarts = c.jsonpath(
+        &["get", "pod", "app"],
+        "{.status.containerStatuses[0].restartCount}",
+    );
+    assert_eq!(restarts, "0", "an update does not restart the container");
+
+    // Graceful deletion: preStop runs, then SIGTERM (which the script traps to exit), so the
+    // pod goes well within its 20 s grace.
+    let t0 = Instant::now();
+    c.ok(&["delete", "pod", "app", "--wait=false"]);
+    c.until(30, "the pod to disappear", || {
+        !c.ok(&["get", "pods", "-o", "name"]).contains("pod/app")
+    });
+    let took = t0.elapsed();
+    assert_eq!(
+        std::fs::read_to_string(marker_dir.join("prestop"))
+            .unwrap_or_default()
+            .trim(),
+        "prestop ran"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "deleted within its grace period ({took:?})"
+    );
+    let events = c.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=app",
+    ]);
+    assert!(events.contains("Killing"), "{events}");
+}
+
+/// (container ID, restarts) of every container of the pods with `selector`, by pod name.
+fn containers(c: &Cluster, selector: &str) -> BTreeMap<String, String> {
+    c.ok(&[
+        "get",
+        "pods",
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}={.status.containerStatuses[0].containerID}/{.status.containerStatuses[0].restartCount}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .filter_map(|l| l.split_once('=').map(|(a, b)| (a.to_string(), b.to_string())))
+    .collect()
+}
+
+fn node_ready(c: &Cluster, node: &str) -> String {
+    c.jsonpath(
+        &["get", "node", node],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    )
+}
+
+#[test]
+fn restarts_and_lost_nodes() {
+    let c = Cluster::up(
+        "fail",
+        2,
+        &[
+            "--node-monitor-grace-period=6s",
+            "--default-not-ready-toleration-seconds=2",
+            "--default-unreachable-toleration-seconds=2",
+        ],
+    );
+    c.apply(&web(4));
+    let pods = c.wait_ready("app=web", 4, 90);
+    assert!(pods.iter().any(|p| p.1 == c.nodes[0]) && pods.iter().any(|p| p.1 == c.nodes[1]));
+    let before = containers(&c, "app=web");
+
+    // An agent killed and started again adopts its pods: same containers, no restarts.
+    c.lab("stop", &c.nodes[0]);
+    std::thread::sleep(Duration::from_secs(1));
+    c.lab("start", &c.nodes[0]);
+    std::thread::sleep(Duration::from_secs(3));
+    c.wait_ready("app=web", 4, 60);
+    assert_eq!(
+        containers(&c, "app=web"),
+        before,
+        "the restarted agent adopted its pods"
+    );
+    assert!(
+        c.log(&c.nodes[0]).contains("adopt"),
+        "the agent log says it adopted"
+    );
+
+    // The server away for a while: pods keep running untouched; the agents reconnect.
+    c.lab("stop", "server");
+    let answer = |ip: &str| {
+        let o = c.node_exec(
+            &c.nodes[0],
+            &[
+                "timeout",
+                "5",
+                "/bin/busybox",
+                "wget",
+                "-qO-",
+                &format!("{ip}:8080"),
+            ],
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    std::thread::sleep(Duration::from_secs(15));
+    for p in &pods {
+        assert!(
+            answer(&p.2).contains("hello from"),
+            "{} still serves while the server is away",
+            p.0
+        );
+    }
+    c.lab("start", "server");
+    c.until(60, "both nodes Ready again", || {
+        c.nodes.iter().all(|n| node_ready(&c, n) == "True")
+    });
+    c.wait_ready("app=web", 4, 60);
+    assert_eq!(containers(&c, "app=web"), before, "nothing restarted");
+    // The agents converge on changes made after the server came back.
+    c.ok(&["scale", "deployment", "web", "--replicas=6"]);
+    c.wait_ready("app=web", 6, 60);
+
+    // A node whose agent stops turns NotReady; its pods come back on the other node.
+    c.lab("stop", &c.nodes[1]);
+    c.until(40, "node2 to turn NotReady", || {
+        node_ready(&c, &c.nodes[1]) != "True"
+    });
+    c.until(90, "six ready pods, all on node1", || {
+        let now = c.pods("app=web");
+        now.len() == 6 && now.iter().all(|p| p.3 && p.1 == c.nodes[0])
+    });
+}
