@@ -6,6 +6,7 @@ pub mod control;
 pub mod controllers;
 pub mod lab;
 pub mod net;
+pub mod proxy;
 pub mod runtime;
 pub mod scheduler;
 pub mod store;

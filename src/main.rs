@@ -81,6 +81,8 @@ impl ElectionArgs {
 enum Cmd {
     /// Run the node agent (kubelet). With --standalone it runs static pods without an API server.
     Agent(AgentArgs),
+    /// Run the service proxy alone (kube-proxy's job), e.g. as a DaemonSet.
+    Proxy(ProxyArgs),
     /// Run the API server (HTTPS, embedded store). Writes DATA_DIR/kubeconfig.yaml.
     Server {
         #[arg(long, default_value = "/var/lib/keelson")]
@@ -171,6 +173,70 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
+struct ProxyArgs {
+    /// Remove every rule and chain the proxy installed, then exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// The cluster's kubeconfig (default: in-cluster configuration, as a pod).
+    #[arg(long, conflicts_with = "server")]
+    kubeconfig: Option<PathBuf>,
+    /// The API server URL, with --token-file (the node token) and --ca-file.
+    #[arg(long, requires_all = ["token_file", "ca_file"])]
+    server: Option<String>,
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// This node's name (default: the hostname): decides which endpoints are local.
+    #[arg(long)]
+    node_name: Option<String>,
+    #[command(flatten)]
+    proxy: ProxyFlags,
+}
+
+#[derive(clap::Args, Clone)]
+struct ProxyFlags {
+    /// How Services are programmed: iptables (nftables is being built), or none.
+    #[arg(long, default_value = "iptables")]
+    proxy_mode: String,
+    /// The cluster's pod network (traffic to a ClusterIP from outside it is masqueraded).
+    #[arg(long = "proxy-cluster-cidr", default_value = "10.244.0.0/16")]
+    proxy_cluster_cidr: ipnet::Ipv4Net,
+    /// Changes within this window are applied together.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    min_sync_period: std::time::Duration,
+    /// Full resync (repairs removed rules) at least this often.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    sync_period: std::time::Duration,
+}
+
+impl ProxyFlags {
+    fn config(&self, node_name: &str) -> anyhow::Result<Option<keelson::proxy::ProxyConfig>> {
+        if self.proxy_mode == "none" {
+            return Ok(None);
+        }
+        let mode = self
+            .proxy_mode
+            .parse::<keelson::proxy::Mode>()
+            .map_err(anyhow::Error::msg)?;
+        Ok(Some(keelson::proxy::ProxyConfig {
+            node_name: node_name.to_string(),
+            cluster_cidr: self.proxy_cluster_cidr.trunc(),
+            mode,
+            min_sync_period: self.min_sync_period,
+            sync_period: self.sync_period,
+        }))
+    }
+}
+
+fn node_name_or_host(n: Option<String>) -> anyhow::Result<String> {
+    Ok(match n {
+        Some(n) => n,
+        None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
+    })
+}
+
+#[derive(clap::Args)]
 struct AgentArgs {
     /// Run static pods only, with no API server.
     #[arg(long)]
@@ -190,6 +256,9 @@ struct AgentArgs {
     /// Port of the kubelet API (HTTPS; 0 turns it off).
     #[arg(long, default_value_t = 10250)]
     kubelet_port: u16,
+    /// The service proxy in the agent (cluster mode).
+    #[command(flatten)]
+    proxy: ProxyFlags,
     /// Directory of static pod manifests.
     #[arg(long)]
     manifests: Option<PathBuf>,
@@ -205,7 +274,7 @@ struct AgentArgs {
     /// The cluster's pod network: pod traffic leaving it is masqueraded (cluster mode).
     #[arg(long, default_value = "10.244.0.0/16")]
     cluster_cidr: ipnet::Ipv4Net,
-    /// The Service range, blackholed on the node (cluster mode; "" for none).
+    /// The Service range, unreachable on the node (cluster mode; "" for none).
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: String,
     #[arg(long, default_value = "/var/lib/keelson")]
@@ -445,6 +514,32 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Proxy(p) => {
+            if p.cleanup {
+                keelson::proxy::cleanup()?;
+                eprintln!("proxy: rules and chains removed");
+                return Ok(());
+            }
+            let node = node_name_or_host(p.node_name)?;
+            let Some(cfg) = p.proxy.config(&node)? else {
+                bail!("--proxy-mode none: nothing to run");
+            };
+            let client = match (&p.kubeconfig, &p.server) {
+                (Some(k), _) => keelson::control::client_from(k).await?,
+                (None, Some(server)) => {
+                    let join = agent::cluster::Join::Token {
+                        server: server.clone(),
+                        token_file: p.token_file.clone().context("--token-file")?,
+                        ca_file: p.ca_file.clone().context("--ca-file")?,
+                    };
+                    agent::cluster::client(&join, &node).await?
+                }
+                (None, None) => kube::Client::try_default()
+                    .await
+                    .context("no --kubeconfig or --server, and no in-cluster configuration")?,
+            };
+            keelson::proxy::run(client, cfg, shutdown_signal()).await
+        }
         Cmd::Agent(a) => {
             let join = match (&a.kubeconfig, &a.server) {
                 (Some(k), _) => Some(agent::cluster::Join::Kubeconfig(k.clone())),
@@ -469,10 +564,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .parse()
                 .with_context(|| format!("--pod-cidr {:?} is not an IPv4 CIDR", a.pod_cidr))?;
             let pod_cidr = pod_cidr.trunc();
-            let node_name = match a.node_name {
-                Some(n) => n,
-                None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
-            };
+            let node_name = node_name_or_host(a.node_name)?;
+            let proxy = a.proxy.config(&node_name)?;
             let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
             let cfg = AgentConfig {
                 node_name,
@@ -494,6 +587,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 join,
                 kubelet_token: a.token_file.clone(),
                 kubelet_port: a.kubelet_port,
+                proxy,
                 cluster_cidr: a.cluster_cidr.trunc(),
                 service_cidr: match a.service_cidr.as_str() {
                     "" => None,

@@ -50,8 +50,8 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
     let on: BTreeSet<&str> = pods.iter().map(|p| p.1.as_str()).collect();
     assert_eq!(on.len(), 3, "the pods spread over all nodes: {pods:?}");
 
-    // Node routes: node1 has a route to every other node's pod CIDR, a Service-range
-    // blackhole, and the masquerade chain.
+    // Node routes: node1 has a route to every other node's pod CIDR, the Service range on its
+    // bridge, and rejects what is still addressed to that range after translation.
     let routes = String::from_utf8_lossy(
         &Command::new("ip")
             .args(["-n", &c.nodes[0], "route", "show", "proto", "75"])
@@ -60,7 +60,27 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
             .stdout,
     )
     .to_string();
-    assert!(routes.contains("blackhole 10.96.0.0/12"), "{routes}");
+    assert!(routes.contains("10.96.0.0/12 dev keelson0"), "{routes}");
+    let filter = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.nodes[0],
+                "iptables-save",
+                "-t",
+                "filter",
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        filter.contains("-A FORWARD -j KEELSON-SERVICES"),
+        "{filter}"
+    );
+    assert!(filter.contains("-d 10.96.0.0/12"), "{filter}");
     assert_eq!(routes.matches(" via 10.250.0.").count(), 2, "{routes}");
 
     // A pod on node1 fetches from every web pod (two of three nodes are remote).

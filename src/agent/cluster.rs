@@ -26,7 +26,7 @@ use serde_json::json;
 use super::{AgentCtx, config::AgentConfig};
 use crate::{
     control::Cache,
-    net::hostgw::{self, Route},
+    net::hostgw::{self, Route, Via},
 };
 
 /// How the agent reaches the API server.
@@ -454,8 +454,13 @@ impl Default for Mirrors {
 }
 
 /// The routes this node wants: every other node's pod CIDR via its InternalIP, and the
-/// Service range blackholed.
-pub fn wanted_routes(nodes: &[Arc<Node>], me: &str, service_cidr: Option<Ipv4Net>) -> Vec<Route> {
+/// Service range onto the node bridge `bridge` (see `net::hostgw`).
+pub fn wanted_routes(
+    nodes: &[Arc<Node>],
+    me: &str,
+    service_cidr: Option<Ipv4Net>,
+    bridge: Option<u32>,
+) -> Vec<Route> {
     let mut v: Vec<Route> = nodes
         .iter()
         .filter(|n| n.metadata.name.as_deref() != Some(me))
@@ -474,18 +479,23 @@ pub fn wanted_routes(nodes: &[Arc<Node>], me: &str, service_cidr: Option<Ipv4Net
                 .ok()?;
             Some(Route {
                 dst: dst.trunc(),
-                gw: Some(gw),
+                via: Via::Gateway(gw),
             })
         })
         .collect();
-    v.extend(service_cidr.map(|dst| Route { dst, gw: None }));
+    if let (Some(dst), Some(b)) = (service_cidr, bridge) {
+        v.push(Route {
+            dst,
+            via: Via::Dev(b),
+        });
+    }
     v.sort();
     v.dedup();
     v
 }
 
 /// host-gw: keeps the routes to the other nodes' pod CIDRs in step with the Nodes (and
-/// repairs them every 30 s), the Service-range blackhole, and the masquerade chain.
+/// repairs them every 30 s), the Service-range unreachable route, and the masquerade chain.
 pub fn network(client: &Client, cfg: &AgentConfig) {
     let nodes: Cache<Node> = Cache::start(Api::all(client.clone()), watcher::Config::default());
     let cfg = cfg.clone();
@@ -496,12 +506,18 @@ pub fn network(client: &Client, cfg: &AgentConfig) {
         let mut masq_ok = false;
         loop {
             if !masq_ok {
-                match hostgw::ensure_masquerade(cfg.pod_cidr, cfg.cluster_cidr) {
+                match hostgw::ensure_masquerade(cfg.pod_cidr, cfg.cluster_cidr, cfg.service_cidr) {
                     Ok(()) => masq_ok = true,
                     Err(e) => tracing::warn!(error = %e, "masquerade rules"),
                 }
             }
-            let wanted = wanted_routes(&nodes.store.state(), &cfg.node_name, cfg.service_cidr);
+            let bridge = hostgw::link_index(&cfg.bridge).await.ok().flatten();
+            let wanted = wanted_routes(
+                &nodes.store.state(),
+                &cfg.node_name,
+                cfg.service_cidr,
+                bridge,
+            );
             match hostgw::sync_routes(&wanted).await {
                 Ok((added, removed)) => {
                     if added + removed > 0 || installed.as_ref() != Some(&wanted) {

@@ -27,9 +27,11 @@ pub struct AgentConfig {
     pub kubelet_token: Option<PathBuf>,
     /// Port of the kubelet API (0: off).
     pub kubelet_port: u16,
+    /// The service proxy, run in the agent in cluster mode (None: off).
+    pub proxy: Option<crate::proxy::ProxyConfig>,
     /// The cluster's pod network (traffic leaving it is masqueraded), in cluster mode.
     pub cluster_cidr: Ipv4Net,
-    /// The Service range, blackholed on the node so that untranslated VIPs go nowhere.
+    /// The Service range, unreachable on the node so that untranslated VIPs go nowhere.
     pub service_cidr: Option<Ipv4Net>,
 }
 

@@ -168,7 +168,10 @@ pub async fn run(
     let rt = connect_containerd(&cfg.containerd, &cfg.namespace, Duration::from_secs(30))
         .await
         .with_context(|| format!("containerd at {}", cfg.containerd.display()))?;
-    // Joining a cluster: register the Node first, and take the pod CIDR the cluster assigns.
+    // Images first: a node that reports Ready can start pods at once.
+    let pause = ensure_pause(&rt).await.context("pause image")?;
+    import_dir(&rt, &cfg.images_dir).await;
+    // Joining a cluster: register the Node, and take the pod CIDR the cluster assigns.
     let cluster = match &cfg.join {
         Some(join) => {
             let client = cluster::client(join, &cfg.node_name).await?;
@@ -198,8 +201,6 @@ pub async fn run(
         }
         None => None,
     };
-    let pause = ensure_pause(&rt).await.context("pause image")?;
-    import_dir(&rt, &cfg.images_dir).await;
     let ipam = Ipam::new(cfg.pod_cidr, &cfg.ipam_dir())?;
     net::ensure_bridge(&cfg.bridge, ipam.gateway(), cfg.pod_cidr.prefix_len())
         .await
@@ -223,6 +224,14 @@ pub async fn run(
         .with_context(|| format!("agent socket {}", cfg.socket().display()))?;
     if let Some((client, pods)) = &cluster {
         cluster::network(client, &cfg);
+        if let Some(pc) = cfg.proxy.clone() {
+            let client = client.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::proxy::run(client, pc, std::future::pending()).await {
+                    tracing::error!(error = %format!("{e:#}"), "service proxy stopped");
+                }
+            });
+        }
         cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
         match (&cfg.kubelet_token, cfg.kubelet_port) {
             (Some(f), port) if port > 0 => {

@@ -894,7 +894,7 @@ mod tests {
             assert!(net.contains(&node_ip(i)));
             assert_ne!(node_ip(i), SERVER_IP);
         }
-        // Not inside the default Service or cluster ranges (those are blackholed / routed).
+        // Not inside the default Service or cluster ranges (those are unreachable / routed).
         let services: ipnet::Ipv4Net = "10.96.0.0/12".parse().unwrap();
         let pods: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
         assert!(!services.contains(&net) && !pods.contains(&net));

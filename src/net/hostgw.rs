@@ -1,16 +1,21 @@
 //! host-gw networking between nodes: a route to every other node's pod CIDR via that node's
-//! InternalIP, a blackhole route for the Service CIDR (an address no proxy rule translated is
-//! dropped here, never sent on), and masquerade for pod traffic that leaves the pod network.
-//! Acts in the caller's network namespace, which is the node's. Routes keelson made carry their
-//! own protocol number, so a sync removes exactly the stale ones and nothing else.
+//! InternalIP, the Service CIDR kept on the node, and masquerade for pod traffic leaving the pod
+//! network. Acts in the caller's network namespace, which is the node's. Routes keelson made
+//! carry their own protocol number, so a sync removes exactly the stale ones and nothing else.
+//!
+//! The Service CIDR: a route sends it to the node bridge (so that the node's own connections
+//! to a ClusterIP find a route and reach the nat OUTPUT hook, where the proxy translates them —
+//! a `blackhole` or `unreachable` route would fail them in `connect()` before any rule is
+//! seen), and filter rules at the end of FORWARD and OUTPUT reject whatever is still addressed
+//! to the Service range after translation, with ICMP port-unreachable. So an address no proxy
+//! rule translated never leaves the node, and a Service without endpoints refuses a connection
+//! at once instead of letting it hang.
 
 use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
-};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::RouteMessageBuilder;
 
 use super::{NetError, Result, connect, nl};
@@ -21,35 +26,59 @@ pub const PROTO: u8 = 75;
 /// The nat chain holding the masquerade rules.
 pub const MASQ_CHAIN: &str = "KEELSON-POSTROUTING";
 
-/// A route keelson wants: `dst` via `gw`, or a blackhole when `gw` is None.
+/// Where a route leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Via {
+    Gateway(Ipv4Addr),
+    /// Straight onto a link (by index).
+    Dev(u32),
+}
+
+/// A route keelson wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
     pub dst: Ipv4Net,
-    pub gw: Option<Ipv4Addr>,
+    pub via: Via,
 }
 
 fn describe(m: &RouteMessage) -> Option<Route> {
     let mut dst = None;
     let mut gw = None;
+    let mut oif = None;
     for a in &m.attributes {
         match a {
             RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
             RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
     }
     let dst = Ipv4Net::new(dst?, m.header.destination_prefix_length).ok()?;
-    Some(Route { dst, gw })
+    let via = match (gw, oif) {
+        (Some(g), _) => Via::Gateway(g),
+        (None, Some(i)) => Via::Dev(i),
+        (None, None) => return None,
+    };
+    Some(Route { dst, via })
 }
 
 fn message(r: &Route) -> RouteMessage {
     let b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(r.dst.network(), r.dst.prefix_len())
         .protocol(RouteProtocol::Other(PROTO));
-    match r.gw {
-        Some(gw) => b.gateway(gw).build(),
-        None => b.kind(RouteType::BlackHole).build(),
+    match r.via {
+        Via::Gateway(gw) => b.gateway(gw).build(),
+        Via::Dev(i) => b
+            .output_interface(i)
+            .scope(netlink_packet_route::route::RouteScope::Link)
+            .build(),
     }
+}
+
+/// The index of link `name` in this namespace.
+pub async fn link_index(name: &str) -> Result<Option<u32>> {
+    let h = connect()?;
+    super::link_index(&h, name).await
 }
 
 /// Makes keelson's routes in the main table exactly `wanted`: adds (or replaces) what is
@@ -88,24 +117,37 @@ pub async fn sync_routes(wanted: &[Route]) -> Result<(usize, usize)> {
             .replace()
             .execute()
             .await
-            .map_err(nl(match r.gw {
-                Some(gw) => format!("route {} via {gw}", r.dst),
-                None => format!("blackhole route {}", r.dst),
+            .map_err(nl(match r.via {
+                Via::Gateway(gw) => format!("route {} via {gw}", r.dst),
+                Via::Dev(i) => format!("route {} dev #{i}", r.dst),
             }))?;
         added += 1;
     }
     Ok((added, removed))
 }
 
-/// The iptables-restore input for the masquerade chain: pod traffic to anything outside the
-/// cluster's pod network leaves with the node's address.
-pub fn masquerade_rules(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net) -> String {
-    format!(
+/// The filter chain rejecting untranslated Service addresses.
+pub const REJECT_CHAIN: &str = "KEELSON-SERVICES";
+
+/// The iptables-restore input for the masquerade chain (pod traffic to anything outside the
+/// cluster's pod network leaves with the node's address) and the Service-range reject chain.
+pub fn masquerade_rules(
+    pod_cidr: Ipv4Net,
+    cluster_cidr: Ipv4Net,
+    service_cidr: Option<Ipv4Net>,
+) -> String {
+    let mut s = format!(
         "*nat\n:{MASQ_CHAIN} - [0:0]\n\
          -A {MASQ_CHAIN} -s {pod_cidr} -d {cluster_cidr} -m comment --comment \"keelson: pod to pod\" -j RETURN\n\
          -A {MASQ_CHAIN} -s {pod_cidr} -m comment --comment \"keelson: pod traffic leaving the pod network\" -j MASQUERADE\n\
-         COMMIT\n"
-    )
+         COMMIT\n*filter\n:{REJECT_CHAIN} - [0:0]\n"
+    );
+    if let Some(svc) = service_cidr {
+        s += &format!(
+            "-A {REJECT_CHAIN} -d {svc} -m comment --comment \"keelson: untranslated Service address\" -j REJECT --reject-with icmp-port-unreachable\n"
+        );
+    }
+    s + "COMMIT\n"
 }
 
 fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
@@ -115,8 +157,13 @@ fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
         .output()
 }
 
-/// Installs the masquerade chain and the jump to it from nat POSTROUTING (idempotent).
-pub fn ensure_masquerade(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net) -> Result<()> {
+/// Installs the masquerade and reject chains and the jumps to them (idempotent; the rejects
+/// are appended, after any proxy rules).
+pub fn ensure_masquerade(
+    pod_cidr: Ipv4Net,
+    cluster_cidr: Ipv4Net,
+    service_cidr: Option<Ipv4Net>,
+) -> Result<()> {
     use std::io::Write;
     let io_err = |what: &str, e: std::io::Error| NetError::Io {
         what: what.into(),
@@ -131,7 +178,7 @@ pub fn ensure_masquerade(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net) -> Result<()>
         .map_err(|e| io_err("running iptables-restore (is iptables installed?)", e))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
-            .write_all(masquerade_rules(pod_cidr, cluster_cidr).as_bytes())
+            .write_all(masquerade_rules(pod_cidr, cluster_cidr, service_cidr).as_bytes())
             .map_err(|e| io_err("writing to iptables-restore", e))?;
     }
     let out = child
@@ -143,15 +190,21 @@ pub fn ensure_masquerade(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net) -> Result<()>
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
         ));
     }
-    let jump = |op| ["-t", "nat", op, "POSTROUTING", "-j", MASQ_CHAIN];
-    let check = iptables(&jump("-C")).map_err(|e| io_err("iptables", e))?;
-    if !check.status.success() {
-        let add = iptables(&jump("-A")).map_err(|e| io_err("iptables", e))?;
-        if !add.status.success() {
-            return Err(io_err(
-                "iptables -A POSTROUTING",
-                std::io::Error::other(String::from_utf8_lossy(&add.stderr).trim().to_string()),
-            ));
+    for (table, chain, target) in [
+        ("nat", "POSTROUTING", MASQ_CHAIN),
+        ("filter", "FORWARD", REJECT_CHAIN),
+        ("filter", "OUTPUT", REJECT_CHAIN),
+    ] {
+        let jump = |op| ["-t", table, op, chain, "-j", target];
+        let check = iptables(&jump("-C")).map_err(|e| io_err("iptables", e))?;
+        if !check.status.success() {
+            let add = iptables(&jump("-A")).map_err(|e| io_err("iptables", e))?;
+            if !add.status.success() {
+                return Err(io_err(
+                    &format!("iptables -A {chain}"),
+                    std::io::Error::other(String::from_utf8_lossy(&add.stderr).trim().to_string()),
+                ));
+            }
         }
     }
     Ok(())
@@ -160,17 +213,22 @@ pub fn ensure_masquerade(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_route::route::RouteType;
 
     #[test]
     fn masquerade_rules_exempt_the_pod_network() {
         let r = masquerade_rules(
             "10.244.1.0/24".parse().unwrap(),
             "10.244.0.0/16".parse().unwrap(),
+            Some("10.96.0.0/12".parse().unwrap()),
         );
+        assert!(r.contains("-d 10.96.0.0/12 -m comment"));
+        assert!(r.contains("-j REJECT --reject-with icmp-port-unreachable"));
         assert!(r.contains("-s 10.244.1.0/24 -d 10.244.0.0/16"));
         assert!(r.contains("-j RETURN"));
         assert!(r.contains("-s 10.244.1.0/24 -m comment"));
         assert!(r.ends_with("COMMIT\n"));
+        assert_eq!(r.matches("COMMIT").count(), 2);
     }
 
     #[test]
@@ -178,24 +236,17 @@ mod tests {
         for r in [
             Route {
                 dst: "10.244.2.0/24".parse().unwrap(),
-                gw: Some(Ipv4Addr::new(10, 99, 0, 12)),
+                via: Via::Gateway(Ipv4Addr::new(10, 99, 0, 12)),
             },
             Route {
                 dst: "10.96.0.0/12".parse().unwrap(),
-                gw: None,
+                via: Via::Dev(7),
             },
         ] {
             let m = message(&r);
             assert_eq!(describe(&m), Some(r));
             assert_eq!(m.header.protocol, RouteProtocol::Other(PROTO));
-            assert_eq!(
-                m.header.kind,
-                if r.gw.is_some() {
-                    RouteType::Unicast
-                } else {
-                    RouteType::BlackHole
-                }
-            );
+            assert_eq!(m.header.kind, RouteType::Unicast);
         }
     }
 }

@@ -120,6 +120,17 @@ pub struct ProcessConfig {
     pub terminal: bool,
 }
 
+/// The OCI annotation by which containerd's runc v2 shim groups containers into one shim.
+pub const SHIM_GROUP: &str = "io.containerd.runc.v2.group";
+
+/// Puts the container into the shim group `group` (the pod's sandbox ID): a pod's containers
+/// then share one shim process, as with the CRI plugin, instead of one shim each.
+pub fn set_shim_group(spec: &mut Spec, group: &str) {
+    let mut a = spec.annotations().clone().unwrap_or_default();
+    a.insert(SHIM_GROUP.to_string(), group.to_string());
+    spec.set_annotations(Some(a));
+}
+
 /// A container's runtime configuration.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {

@@ -12,6 +12,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub name: String,
     pub nodes: Vec<String>,
+    /// How long `keelson lab up` took (seconds).
+    pub up_secs: f64,
 }
 
 fn keelson() -> Command {
@@ -21,6 +23,11 @@ fn keelson() -> Command {
 impl Cluster {
     /// `keelson lab up` with `nodes` nodes, the busybox image, and extra server flags.
     pub fn up(hint: &str, nodes: usize, server_args: &[&str]) -> Cluster {
+        Self::up_with(hint, nodes, server_args, &[])
+    }
+
+    /// `up` with extra flags for every agent too.
+    pub fn up_with(hint: &str, nodes: usize, server_args: &[&str], agent_args: &[&str]) -> Cluster {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the lab tests need root (network namespaces, containerd)"
@@ -40,6 +47,7 @@ impl Cluster {
             nodes: (1..=nodes).map(|i| format!("{name}-node{i}")).collect(),
             dir,
             name,
+            up_secs: 0.0,
         };
         let mut cmd = keelson();
         cmd.args([
@@ -61,7 +69,13 @@ impl Cluster {
         for a in server_args {
             cmd.arg(format!("--server-arg={a}"));
         }
+        for a in agent_args {
+            cmd.arg(format!("--agent-arg={a}"));
+        }
+        let t0 = Instant::now();
         let out = cmd.output().unwrap();
+        let mut c = c;
+        c.up_secs = t0.elapsed().as_secs_f64();
         assert!(
             out.status.success(),
             "lab up failed:\n{}{}",
@@ -77,6 +91,24 @@ impl Cluster {
 
     pub fn kubeconfig(&self) -> PathBuf {
         self.lab_dir().join("kubeconfig.yaml")
+    }
+
+    /// Pids of the agents (from the lab's state file).
+    pub fn agent_pids(&self) -> Vec<(String, u32)> {
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.lab_dir().join("lab.json")).unwrap())
+                .unwrap();
+        st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().to_string(),
+                    n["agent"]["pid"].as_u64().unwrap() as u32,
+                )
+            })
+            .collect()
     }
 
     pub fn log(&self, member: &str) -> String {

@@ -14,6 +14,7 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 
 pub mod cluster;
+pub mod floor;
 
 pub const BUSYBOX: &str = "keelson.local/busybox:1";
 pub const NS: &str = "k8s.keelson.io";
@@ -88,7 +89,7 @@ pub struct Lab {
 
 impl Lab {
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
+        keelson::lab::ContainerdPaths::new(self.dir.path()).socket()
     }
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
@@ -109,15 +110,13 @@ impl Lab {
             .unwrap();
         let p = dir.path().to_path_buf();
         let p = p.as_path();
-        let config = format!(
-            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{0}/debug.sock\"\n",
-            p.display()
-        );
-        std::fs::write(p.join("containerd.toml"), config).unwrap();
-        let log = std::fs::File::create(p.join("containerd.log")).unwrap();
+        let cd = keelson::lab::ContainerdPaths::new(p);
+        std::fs::create_dir_all(&cd.dir).unwrap();
+        std::fs::write(cd.config(), cd.config_text()).unwrap();
+        let log = std::fs::File::create(cd.log()).unwrap();
         let containerd = Command::new("containerd")
             .arg("--config")
-            .arg(p.join("containerd.toml"))
+            .arg(cd.config())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -141,7 +140,7 @@ impl Lab {
             assert!(
                 Instant::now() < deadline,
                 "containerd did not start; see {}",
-                p.join("containerd.log").display()
+                keelson::lab::ContainerdPaths::new(p).log().display()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -361,7 +360,9 @@ impl Drop for Lab {
         if std::thread::panicking() {
             let log = self.agent_log();
             let tail: Vec<&str> = log.lines().rev().take(80).collect();
-            if let Ok(c) = std::fs::read_to_string(self.dir.path().join("containerd.log")) {
+            if let Ok(c) =
+                std::fs::read_to_string(keelson::lab::ContainerdPaths::new(self.dir.path()).log())
+            {
                 eprintln!("--- containerd log (last 30 lines) ---");
                 let tail: Vec<&str> = c.lines().rev().take(30).collect();
                 for l in tail.into_iter().rev() {
@@ -411,46 +412,14 @@ impl Drop for Lab {
         // Last resort: shims of this lab's containerd that outlived it (their tasks are gone). A
         // shim being started while containerd stopped can appear a moment later: look twice.
         for _ in 0..2 {
-            kill_shims_of(&self.socket());
+            keelson::lab::kill_shims_of(&self.socket());
             std::thread::sleep(Duration::from_millis(300));
         }
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.netns])
             .status();
         // tmpfs emptyDirs and snapshot mounts under the lab dir, if anything was left mounted.
-        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-            let root = self.dir.path().to_string_lossy().to_string();
-            let mut targets: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .filter(|m| m.starts_with(&root))
-                .collect();
-            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-            for t in targets {
-                let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
-/// SIGKILLs every containerd shim started for the containerd at `socket`.
-fn kill_shims_of(socket: &Path) {
-    let sock = socket.to_string_lossy().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("containerd-shim") && cmd.contains(sock.as_str()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        keelson::lab::unmount_under(self.dir.path());
     }
 }
 

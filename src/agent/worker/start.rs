@@ -140,7 +140,8 @@ impl PodWorker {
             cpu_shares: Some(2),
             oom_score_adj: None,
         };
-        let spec = spec::build(&cfg).map_err(|e| e.to_string())?;
+        let mut spec = spec::build(&cfg).map_err(|e| e.to_string())?;
+        spec::set_shim_group(&mut spec, &id);
         let now = Timestamp::now();
         let start = self.start_time.unwrap_or(now);
         let labels = self.labels(
@@ -313,7 +314,12 @@ impl PodWorker {
             }
         };
         let spec = match spec::build(&rc) {
-            Ok(s) => s,
+            Ok(mut s) => {
+                if let Some(sb) = &self.sandbox {
+                    spec::set_shim_group(&mut s, &sb.id);
+                }
+                s
+            }
             Err(e) => {
                 self.fail_start(
                     kind,

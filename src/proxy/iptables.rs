@@ -1,0 +1,570 @@
+//! The iptables backend: the model rendered in kube-proxy's layout and chain names
+//! (KUBE-SERVICES, KUBE-SVC-*, KUBE-SVL-*, KUBE-EXT-*, KUBE-SEP-*, KUBE-NODEPORTS,
+//! KUBE-MARK-MASQ, KUBE-POSTROUTING, and the filter table's KUBE-EXTERNAL-SERVICES /
+//! KUBE-FORWARD), so users' debugging habits carry over, loaded with `iptables-restore
+//! --noflush` in one transaction that declares only the chains whose content changed.
+
+use std::{collections::BTreeMap, fmt::Write as _, io::Write as _};
+
+use ipnet::Ipv4Net;
+use sha2::{Digest, Sha256};
+
+use super::model::{Endpoint, Model, ServicePort};
+
+/// The masquerade mark bit (kube-proxy's default).
+pub const MASQ_MARK: &str = "0x4000";
+
+/// kube-proxy's chain-name hash: base32 of SHA-256, 16 characters.
+fn hash(s: &str) -> String {
+    let d = Sha256::digest(s.as_bytes());
+    let b32 = base32(&d);
+    b32[..16].to_string()
+}
+
+fn base32(data: &[u8]) -> String {
+    const A: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::new();
+    let (mut buf, mut bits) = (0u32, 0u32);
+    for &b in data {
+        buf = (buf << 8) | b as u32;
+        bits += 8;
+        while bits >= 5 {
+            out.push(A[((buf >> (bits - 5)) & 31) as usize] as char);
+            bits -= 5;
+        }
+    }
+    if bits > 0 {
+        out.push(A[((buf << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+fn svc_chain(p: &ServicePort) -> String {
+    format!(
+        "KUBE-SVC-{}",
+        hash(&format!("{}{}", p.name, p.proto.lower()))
+    )
+}
+fn svl_chain(p: &ServicePort) -> String {
+    format!(
+        "KUBE-SVL-{}",
+        hash(&format!("{}{}", p.name, p.proto.lower()))
+    )
+}
+fn ext_chain(p: &ServicePort) -> String {
+    format!(
+        "KUBE-EXT-{}",
+        hash(&format!("{}{}", p.name, p.proto.lower()))
+    )
+}
+fn sep_chain(p: &ServicePort, e: &Endpoint) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        hash(&format!("{}{}{}:{}", p.name, p.proto.lower(), e.ip, e.port))
+    )
+}
+
+/// One table's chains: name → rules (each rule without the `-A CHAIN` prefix).
+pub type Chains = BTreeMap<String, Vec<String>>;
+
+/// The rendered state: nat and filter chains.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub nat: Chains,
+    pub filter: Chains,
+}
+
+/// The jumps from the built-in chains into keelson's (kept once each, never duplicated).
+pub const JUMPS: &[(&str, &str, &str)] = &[
+    (
+        "nat",
+        "PREROUTING",
+        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "OUTPUT",
+        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "POSTROUTING",
+        "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+    ),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+    ),
+];
+
+/// Renders the model. `cluster_cidr`: traffic from outside it to a ClusterIP is masqueraded.
+pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
+    let mut nat = Chains::new();
+    let mut filter = Chains::new();
+    let c = |s: &str| format!("-m comment --comment \"{s}\"");
+    nat.insert(
+        "KUBE-MARK-MASQ".into(),
+        vec![format!("-j MARK --or-mark {MASQ_MARK}")],
+    );
+    nat.insert(
+        "KUBE-POSTROUTING".into(),
+        vec![
+            format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
+            format!("-j MARK --xor-mark {MASQ_MARK}"),
+            format!(
+                "{} -j MASQUERADE --random-fully",
+                c("kubernetes service traffic requiring SNAT")
+            ),
+        ],
+    );
+    filter.insert(
+        "KUBE-FORWARD".into(),
+        vec![
+            "-m conntrack --ctstate INVALID -j DROP".into(),
+            format!(
+                "{} -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT",
+                c("kubernetes forwarding rules")
+            ),
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+        ],
+    );
+    let mut services = vec![];
+    let mut nodeports = vec![];
+    let mut ext_reject = vec![];
+    for p in m.ports.values() {
+        let proto = p.proto.lower();
+        let what = format!("{} {}", p.name, "cluster IP");
+        let svc = svc_chain(p);
+        let ext = ext_chain(p);
+        // Endpoint chains (for every endpoint of either kind).
+        for e in p.all_endpoints() {
+            let sep = sep_chain(p, &e);
+            let mut rules = vec![format!("{} -s {}/32 -j KUBE-MARK-MASQ", c(&p.name), e.ip)];
+            let recent = p
+                .affinity_seconds
+                .map(|_| format!(" -m recent --name {sep} --mask 255.255.255.255 --rsource --set"))
+                .unwrap_or_default();
+            rules.push(format!(
+                "{} -m {proto} -p {proto}{recent} -j DNAT --to-destination {}:{}",
+                c(&p.name),
+                e.ip,
+                e.port
+            ));
+            nat.insert(sep, rules);
+        }
+        let spread = |chain_eps: &[Endpoint]| -> Vec<String> {
+            let mut rules = vec![];
+            if let Some(t) = p.affinity_seconds {
+                for e in chain_eps {
+                    let sep = sep_chain(p, e);
+                    rules.push(format!(
+                        "{} -m recent --name {sep} --rcheck --seconds {t} --reap --mask 255.255.255.255 --rsource -j {sep}",
+                        c(&format!("{} -> {}:{}", p.name, e.ip, e.port))
+                    ));
+                }
+            }
+            let n = chain_eps.len();
+            for (i, e) in chain_eps.iter().enumerate() {
+                let sep = sep_chain(p, e);
+                let left = n - i;
+                if left > 1 {
+                    rules.push(format!(
+                        "{} -m statistic --mode random --probability {:.10} -j {sep}",
+                        c(&format!("{} -> {}:{}", p.name, e.ip, e.port)),
+                        1.0 / left as f64
+                    ));
+                } else {
+                    rules.push(format!(
+                        "{} -j {sep}",
+                        c(&format!("{} -> {}:{}", p.name, e.ip, e.port))
+                    ));
+                }
+            }
+            rules
+        };
+        // ClusterIP.
+        if let Some(vip) = p.cluster_ip {
+            let m_dst = format!("-d {vip}/32 -p {proto} -m {proto} --dport {}", p.port);
+            if p.cluster_endpoints.is_empty() {
+                // The packet is not translated; the node's Service-range route rejects it.
+            } else {
+                services.push(format!("{} {m_dst} -j {svc}", c(&what)));
+                let mut rules = vec![format!(
+                    "{} ! -s {cluster_cidr} {m_dst} -j KUBE-MARK-MASQ",
+                    c(&what)
+                )];
+                rules.extend(spread(&p.cluster_endpoints));
+                nat.insert(svc.clone(), rules);
+            }
+        }
+        // Node port and external IPs → KUBE-EXT-*.
+        let external = p.node_port.is_some() || !p.external_ips.is_empty();
+        if !external {
+            continue;
+        }
+        if p.external_endpoints.is_empty() {
+            for ip in &p.external_ips {
+                ext_reject.push(format!(
+                    "{} -d {ip}/32 -p {proto} -m {proto} --dport {} -j REJECT",
+                    c(&format!("{} has no local endpoints", p.name)),
+                    p.port
+                ));
+            }
+            if let Some(np) = p.node_port {
+                ext_reject.push(format!(
+                    "{} -m addrtype --dst-type LOCAL -p {proto} -m {proto} --dport {np} -j REJECT",
+                    c(&format!("{} has no endpoints", p.name))
+                ));
+            }
+            continue;
+        }
+        let mut rules = vec![];
+        if p.external_local {
+            // Pods' own traffic may use any endpoint; everyone else only local ones, and
+            // keeps their source address.
+            if !p.cluster_endpoints.is_empty() {
+                rules.push(format!(
+                    "{} -s {cluster_cidr} -j {svc}",
+                    c("pod traffic for external destinations")
+                ));
+            }
+            let svl = svl_chain(p);
+            rules.push(format!("-j {svl}"));
+            nat.insert(svl, spread(&p.external_endpoints));
+        } else {
+            rules.push(format!(
+                "{} -j KUBE-MARK-MASQ",
+                c("masquerade traffic for external destinations")
+            ));
+            if p.cluster_endpoints == p.external_endpoints {
+                rules.push(format!("-j {svc}"));
+            } else {
+                rules.extend(spread(&p.external_endpoints));
+            }
+        }
+        nat.insert(ext.clone(), rules);
+        for ip in &p.external_ips {
+            services.push(format!(
+                "{} -d {ip}/32 -p {proto} -m {proto} --dport {} -j {ext}",
+                c(&format!("{} external IP", p.name)),
+                p.port
+            ));
+        }
+        if let Some(np) = p.node_port {
+            nodeports.push(format!(
+                "{} -p {proto} -m {proto} --dport {np} -j {ext}",
+                c(&p.name)
+            ));
+        }
+    }
+    services.push(format!(
+        "{} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        c("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+    ));
+    nat.insert("KUBE-SERVICES".into(), services);
+    nat.insert("KUBE-NODEPORTS".into(), nodeports);
+    filter.insert("KUBE-EXTERNAL-SERVICES".into(), ext_reject);
+    Rendered { nat, filter }
+}
+
+/// The `iptables-restore --noflush` input that turns `old` (what was loaded last, or None
+/// for a full sync) into `new`: changed and new chains are declared (which flushes them) and
+/// filled, vanished chains deleted. Untouched chains are not mentioned.
+pub fn restore_input(old: Option<&Rendered>, new: &Rendered) -> String {
+    let mut out = String::new();
+    for (table, o, n) in [
+        ("nat", old.map(|r| &r.nat), &new.nat),
+        ("filter", old.map(|r| &r.filter), &new.filter),
+    ] {
+        let _ = writeln!(out, "*{table}");
+        let changed: Vec<&String> = n
+            .iter()
+            .filter(|(k, v)| o.and_then(|o| o.get(*k)) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &changed {
+            let _ = writeln!(out, ":{k} - [0:0]");
+        }
+        // Chains to delete must be flushed first (another may still jump to them).
+        let gone: Vec<&String> = o
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .filter(|k| !n.contains_key(*k))
+            .collect();
+        for k in &gone {
+            let _ = writeln!(out, ":{k} - [0:0]");
+        }
+        for k in &changed {
+            for r in &n[*k] {
+                let _ = writeln!(out, "-A {k} {r}");
+            }
+        }
+        for k in &gone {
+            let _ = writeln!(out, "-X {k}");
+        }
+        let _ = writeln!(out, "COMMIT");
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("iptables-restore failed: {0}")]
+    Restore(String),
+}
+
+/// Runs `iptables-restore -w --noflush` with `input`.
+pub fn restore(input: &str) -> Result<(), IptError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| IptError::Io { what, source }
+    };
+    let mut child = std::process::Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io("running iptables-restore (is iptables installed?)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(io("writing to iptables-restore"))?;
+    }
+    let out = child.wait_with_output().map_err(io("iptables-restore"))?;
+    if !out.status.success() {
+        return Err(IptError::Restore(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Adds the jumps from the built-in chains when missing (checked with `-C`).
+pub fn ensure_jumps() -> Result<(), IptError> {
+    for (table, chain, rule) in JUMPS {
+        let args = shell_words(rule);
+        let run = |op: &str| {
+            std::process::Command::new("iptables")
+                .args(["-w", "-t", table, op, chain])
+                .args(&args)
+                .output()
+        };
+        let check = run("-C").map_err(|source| IptError::Io {
+            what: "iptables".into(),
+            source,
+        })?;
+        if !check.status.success() {
+            let add = run("-I").map_err(|source| IptError::Io {
+                what: "iptables".into(),
+                source,
+            })?;
+            if !add.status.success() {
+                return Err(IptError::Restore(format!(
+                    "adding the jump from {table} {chain}: {}",
+                    String::from_utf8_lossy(&add.stderr).trim()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything this backend installed: the jumps, then every KUBE-* chain it owns.
+pub fn cleanup() -> Result<(), IptError> {
+    for (table, chain, rule) in JUMPS {
+        let args = shell_words(rule);
+        while std::process::Command::new("iptables")
+            .args(["-w", "-t", table, "-D", chain])
+            .args(&args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {}
+    }
+    let mut input = String::new();
+    for table in ["nat", "filter"] {
+        let out = std::process::Command::new("iptables-save")
+            .args(["-t", table])
+            .output()
+            .map_err(|source| IptError::Io {
+                what: "iptables-save".into(),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ours: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| c.starts_with("KUBE-"))
+            .collect();
+        let _ = writeln!(input, "*{table}");
+        for c in &ours {
+            let _ = writeln!(input, ":{c} - [0:0]");
+        }
+        for c in &ours {
+            let _ = writeln!(input, "-X {c}");
+        }
+        let _ = writeln!(input, "COMMIT");
+    }
+    restore(&input)
+}
+
+/// Splits a rule written with double-quoted comments into arguments.
+fn shell_words(s: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in s.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::model::{Endpoint, Proto};
+    use std::net::Ipv4Addr;
+
+    fn port(eps: &[(u8, bool)], node_port: Option<u16>, affinity: Option<u32>) -> ServicePort {
+        let eps: Vec<Endpoint> = eps
+            .iter()
+            .map(|(i, local)| Endpoint {
+                ip: Ipv4Addr::new(10, 244, 0, *i),
+                port: 8080,
+                local: *local,
+            })
+            .collect();
+        ServicePort {
+            name: "default/web:http".into(),
+            proto: Proto::Tcp,
+            cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+            port: 80,
+            node_port,
+            external_ips: vec![],
+            cluster_endpoints: eps.clone(),
+            external_endpoints: eps,
+            external_local: false,
+            affinity_seconds: affinity,
+        }
+    }
+
+    fn model(p: ServicePort) -> Model {
+        Model {
+            ports: [("default/web:http/TCP".to_string(), p)].into(),
+        }
+    }
+
+    #[test]
+    fn chain_names_follow_kube_proxy() {
+        // kube-proxy: base32(sha256(servicePortName + protocol))[:16].
+        assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
+        let p = port(&[(2, true)], None, None);
+        let n = svc_chain(&p);
+        assert!(n.starts_with("KUBE-SVC-") && n.len() == 25, "{n}");
+    }
+
+    #[test]
+    fn endpoints_are_spread_with_decreasing_probabilities() {
+        let r = render(
+            &model(port(
+                &[(2, true), (3, false), (4, false)],
+                Some(30080),
+                None,
+            )),
+            "10.244.0.0/16".parse().unwrap(),
+        );
+        let svc = r
+            .nat
+            .iter()
+            .find(|(k, _)| k.starts_with("KUBE-SVC-"))
+            .unwrap()
+            .1;
+        assert!(svc[0].contains("! -s 10.244.0.0/16") && svc[0].contains("KUBE-MARK-MASQ"));
+        assert!(svc[1].contains("--probability 0.3333333333"));
+        assert!(svc[2].contains("--probability 0.5000000000"));
+        assert!(!svc[3].contains("statistic"));
+        assert_eq!(
+            r.nat.keys().filter(|k| k.starts_with("KUBE-SEP-")).count(),
+            3
+        );
+        let sep = r
+            .nat
+            .iter()
+            .find(|(k, _)| k.starts_with("KUBE-SEP-"))
+            .unwrap()
+            .1;
+        assert!(sep[1].contains("-j DNAT --to-destination 10.244.0."));
+        assert!(r.nat["KUBE-NODEPORTS"][0].contains("--dport 30080 -j KUBE-EXT-"));
+        assert!(
+            r.nat["KUBE-SERVICES"]
+                .last()
+                .unwrap()
+                .contains("KUBE-NODEPORTS")
+        );
+    }
+
+    #[test]
+    fn no_endpoints_means_no_translation_and_a_reject_for_node_ports() {
+        let r = render(
+            &model(port(&[], Some(30080), None)),
+            "10.244.0.0/16".parse().unwrap(),
+        );
+        assert_eq!(r.nat["KUBE-SERVICES"].len(), 1, "only the nodeports jump");
+        assert!(r.filter["KUBE-EXTERNAL-SERVICES"][0].contains("--dport 30080 -j REJECT"));
+    }
+
+    #[test]
+    fn affinity_uses_recent_and_only_changed_chains_are_rewritten() {
+        let cidr = "10.244.0.0/16".parse().unwrap();
+        let a = render(&model(port(&[(2, true), (3, true)], None, Some(60))), cidr);
+        let svc = a
+            .nat
+            .iter()
+            .find(|(k, _)| k.starts_with("KUBE-SVC-"))
+            .unwrap()
+            .1;
+        assert!(svc[1].contains("--rcheck --seconds 60 --reap"));
+        let full = restore_input(None, &a);
+        assert!(full.contains(":KUBE-SERVICES - [0:0]"));
+        // One endpoint more: its SEP chain and the SVC chain change; KUBE-SERVICES does not.
+        let b = render(
+            &model(port(&[(2, true), (3, true), (4, true)], None, Some(60))),
+            cidr,
+        );
+        let delta = restore_input(Some(&a), &b);
+        assert!(!delta.contains(":KUBE-SERVICES "), "{delta}");
+        assert!(delta.contains(":KUBE-SVC-"));
+        assert_eq!(delta.matches(":KUBE-SEP-").count(), 1, "{delta}");
+        // And back: the vanished SEP chain is deleted.
+        let back = restore_input(Some(&b), &a);
+        assert_eq!(back.matches("-X KUBE-SEP-").count(), 1, "{back}");
+        assert_eq!(
+            shell_words("-m comment --comment \"a b\" -j X"),
+            ["-m", "comment", "--comment", "a b", "-j", "X"]
+        );
+    }
+}

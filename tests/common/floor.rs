@@ -1,0 +1,101 @@
+//! Benchmark helpers: percentiles, RSS, and the pod-start floor (pause + one app container
+//! created and started directly through containerd, no keelson in between).
+
+use std::time::{Duration, Instant};
+
+use keelson::runtime::{
+    Containerd,
+    container::CreateOpts,
+    random_hex,
+    spec::{self, Ns, ProcessConfig, RuntimeConfig},
+};
+
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The floor: pause (new namespaces) + one app container joining them, through containerd.
+pub async fn floor_once(
+    rt: &Containerd,
+    pause: &keelson::runtime::image::ImageInfo,
+    app: &keelson::runtime::image::ImageInfo,
+) -> Duration {
+    let t0 = Instant::now();
+    let sid = random_hex(16);
+    let sandbox = RuntimeConfig {
+        process: ProcessConfig {
+            args: vec!["/pause".into()],
+            ..Default::default()
+        },
+        hostname: "floor".into(),
+        readonly_rootfs: true,
+        mounts: vec![],
+        net: Ns::New,
+        ipc: Ns::New,
+        uts: Ns::New,
+        pid: Ns::New,
+        cgroups_path: format!("/keelson/{sid}"),
+        memory_limit: None,
+        cpu_quota: None,
+        cpu_period: None,
+        cpu_shares: Some(2),
+        oom_score_adj: None,
+    };
+    let s = spec::build(&sandbox).unwrap();
+    rt.create(CreateOpts {
+        id: &sid,
+        image: pause,
+        spec: &s,
+        labels: Default::default(),
+        stdout: String::new(),
+        stderr: String::new(),
+    })
+    .await
+    .unwrap();
+    let pid = rt.start(&sid).await.unwrap();
+    let aid = random_hex(16);
+    let ns = |k: &str| Ns::Join(format!("/proc/{pid}/ns/{k}"));
+    let appc = RuntimeConfig {
+        process: ProcessConfig {
+            args: vec!["sleep".into(), "3600".into()],
+            env: vec!["PATH=/bin".into()],
+            ..Default::default()
+        },
+        net: ns("net"),
+        ipc: ns("ipc"),
+        uts: ns("uts"),
+        cgroups_path: format!("/keelson/{aid}"),
+        readonly_rootfs: false,
+        ..sandbox.clone()
+    };
+    let a = spec::build(&appc).unwrap();
+    rt.create(CreateOpts {
+        id: &aid,
+        image: app,
+        spec: &a,
+        labels: Default::default(),
+        stdout: String::new(),
+        stderr: String::new(),
+    })
+    .await
+    .unwrap();
+    rt.start(&aid).await.unwrap();
+    let took = t0.elapsed();
+    for id in [aid, sid] {
+        rt.delete(&id).await.unwrap();
+    }
+    took
+}
