@@ -259,6 +259,9 @@ struct AgentArgs {
     /// The service proxy in the agent (cluster mode).
     #[command(flatten)]
     proxy: ProxyFlags,
+    /// Resources held back from pods, e.g. cpu=100m,memory=256Mi (allocatable = capacity − this).
+    #[arg(long, default_value = "", value_parser = keelson::agent::cluster::parse_reserved)]
+    reserved: std::collections::BTreeMap<String, String>,
     /// Directory of static pod manifests.
     #[arg(long)]
     manifests: Option<PathBuf>,
@@ -587,6 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 join,
                 kubelet_token: a.token_file.clone(),
                 kubelet_port: a.kubelet_port,
+                reserved: a.reserved,
                 proxy,
                 cluster_cidr: a.cluster_cidr.trunc(),
                 service_cidr: match a.service_cidr.as_str() {

@@ -173,6 +173,52 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
     c.until(30, "the deleted pod to disappear", || {
         !c.ok(&["get", "pods", "-o", "name"]).contains(&victim)
     });
+
+    // The kubelet API's /metrics: pod start latency and sync histograms, probe counters; only
+    // for the API server's credential.
+    let token = std::fs::read_to_string(c.lab_dir().join("server/node-token")).unwrap();
+    let cred = keelson::api::authz::kubelet_client_credential(&token);
+    let curl = |auth: Option<&str>| {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &c.nodes[0],
+            "curl",
+            "-sk",
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if let Some(a) = auth {
+            cmd.args(["-H", &format!("Authorization: Bearer {a}")]);
+        }
+        let o = cmd
+            .arg("https://10.250.0.11:10250/metrics")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(curl(None).ends_with("401"), "anonymous: {}", curl(None));
+    let m = curl(Some(&cred));
+    assert!(m.ends_with("200"), "{m}");
+    let count = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    assert!(
+        count("kubelet_pod_start_duration_seconds_count") >= 2,
+        "{m}"
+    );
+    assert!(
+        count("kubelet_pod_worker_duration_seconds_count") >= 2,
+        "{m}"
+    );
+    assert!(
+        m.contains("prober_probe_total{probe_type=\"Readiness\",result=\"successful\"}"),
+        "{m}"
+    );
 }
 
 #[test]

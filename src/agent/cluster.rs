@@ -116,6 +116,54 @@ fn now() -> String {
         .to_string()
 }
 
+/// Capacity minus what is reserved for the system (kubelet's --system-reserved and
+/// --kube-reserved together), never below zero.
+pub fn allocatable(
+    capacity: &BTreeMap<&'static str, String>,
+    reserved: &BTreeMap<String, String>,
+) -> BTreeMap<&'static str, String> {
+    use super::quantity;
+    let mut out = capacity.clone();
+    for (k, v) in capacity {
+        let Some(r) = reserved.get(*k) else { continue };
+        let left = match *k {
+            "cpu" => quantity::millicores(v)
+                .zip(quantity::millicores(r))
+                .map(|(c, r)| format!("{}m", (c - r).max(0))),
+            "memory" => quantity::bytes(v)
+                .zip(quantity::bytes(r))
+                .map(|(c, r)| format!("{}Ki", (c - r).max(0) / 1024)),
+            _ => quantity::bytes(v)
+                .zip(quantity::bytes(r))
+                .map(|(c, r)| (c - r).max(0).to_string()),
+        };
+        if let Some(l) = left {
+            out.insert(k, l);
+        }
+    }
+    out
+}
+
+/// Parses `cpu=100m,memory=256Mi,...` (the resources kubelet reports).
+pub fn parse_reserved(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut m = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--reserved {part:?}: expected NAME=QUANTITY"))?;
+        if !["cpu", "memory", "pods", "ephemeral-storage"].contains(&k) {
+            return Err(format!(
+                "--reserved {k:?}: one of cpu, memory, pods, ephemeral-storage"
+            ));
+        }
+        if super::quantity::parse(v).is_none() {
+            return Err(format!("--reserved {k}={v:?}: not a quantity"));
+        }
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
 /// The node's status as the agent reports it.
 pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Value {
     let cpus = std::thread::available_parallelism()
@@ -126,6 +174,7 @@ pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Valu
     capacity.insert("memory", format!("{}Ki", mem_total_kib()));
     capacity.insert("pods", "110".into());
     capacity.insert("ephemeral-storage", disk_bytes(&cfg.data_dir).to_string());
+    let allocatable = allocatable(&capacity, &cfg.reserved);
     let uts = nix::sys::utsname::uname().ok();
     let kernel = uts
         .as_ref()
@@ -138,7 +187,7 @@ pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Valu
     };
     json!({
         "capacity": capacity,
-        "allocatable": capacity,
+        "allocatable": allocatable,
         "addresses": [{"type": "InternalIP", "address": cfg.node_ip.to_string()},
                       {"type": "Hostname", "address": cfg.node_name}],
         "conditions": [
@@ -156,7 +205,7 @@ pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Valu
             "kubeletVersion": format!("v1.{}.0-keelson.{}", crate::api::KUBE_MINOR, env!("CARGO_PKG_VERSION")),
             "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": arch(),
         },
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.kubelet_port}},
     })
 }
 
@@ -450,6 +499,36 @@ impl Mirrors {
 impl Default for Mirrors {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocatable_is_capacity_minus_reserved() {
+        let cap: BTreeMap<&str, String> = [
+            ("cpu", "2".to_string()),
+            ("memory", "4194304Ki".to_string()),
+            ("pods", "110".to_string()),
+            ("ephemeral-storage", "1000000000".to_string()),
+        ]
+        .into();
+        let r = parse_reserved("cpu=250m,memory=1Gi,pods=10").unwrap();
+        let a = allocatable(&cap, &r);
+        assert_eq!(a["cpu"], "1750m");
+        assert_eq!(a["memory"], "3145728Ki");
+        assert_eq!(a["pods"], "100");
+        assert_eq!(a["ephemeral-storage"], "1000000000");
+        assert!(parse_reserved("gpu=1").unwrap_err().contains("gpu"));
+        assert!(parse_reserved("cpu").unwrap_err().contains("NAME=QUANTITY"));
+        assert!(
+            parse_reserved("memory=lots")
+                .unwrap_err()
+                .contains("not a quantity")
+        );
+        assert!(parse_reserved("").unwrap().is_empty());
     }
 }
 

@@ -27,6 +27,8 @@ pub struct AgentConfig {
     pub kubelet_token: Option<PathBuf>,
     /// Port of the kubelet API (0: off).
     pub kubelet_port: u16,
+    /// Resources held back from pods (allocatable = capacity − reserved).
+    pub reserved: std::collections::BTreeMap<String, String>,
     /// The service proxy, run in the agent in cluster mode (None: off).
     pub proxy: Option<crate::proxy::ProxyConfig>,
     /// The cluster's pod network (traffic leaving it is masqueraded), in cluster mode.

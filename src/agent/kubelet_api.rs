@@ -58,7 +58,8 @@ fn metrics(ctx: &AgentCtx) -> String {
         "# HELP kubelet_running_pods Number of pods that have a running pod sandbox.\n# TYPE kubelet_running_pods gauge\nkubelet_running_pods {running_pods}\n\
          # HELP kubelet_running_containers Number of containers currently running.\n# TYPE kubelet_running_containers gauge\nkubelet_running_containers{{container_state=\"running\"}} {running_containers}\n\
          # HELP keelson_ready_pods Pods whose Ready condition is True.\n# TYPE keelson_ready_pods gauge\nkeelson_ready_pods {ready}\n\
-         # HELP keelson_container_restarts_total Container restarts of the pods on this node.\n# TYPE keelson_container_restarts_total counter\nkeelson_container_restarts_total {restarts}\n"
+         # HELP keelson_container_restarts_total Container restarts of the pods on this node.\n# TYPE keelson_container_restarts_total counter\nkeelson_container_restarts_total {restarts}\n{}",
+        super::metrics::get().render()
     )
 }
 

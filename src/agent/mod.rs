@@ -7,6 +7,7 @@ pub mod config;
 pub mod kubelet_api;
 pub mod logs;
 pub mod manifest;
+pub mod metrics;
 pub mod print;
 pub mod probe;
 pub mod quantity;

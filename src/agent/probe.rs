@@ -218,7 +218,9 @@ async fn until_threshold(
     let mut tick = tokio::time::interval(tm.period);
     loop {
         tick.tick().await;
-        match probe_once(p, t, tm.timeout).await {
+        let r = probe_once(p, t, tm.timeout).await;
+        super::metrics::get().probe(kind.label(), r.is_ok());
+        match r {
             Ok(_) => {
                 bad = 0;
                 ok += 1;
@@ -254,6 +256,7 @@ async fn periodic(
     loop {
         tick.tick().await;
         let r = probe_once(&p, &t, tm.timeout).await;
+        super::metrics::get().probe(kind.label(), r.is_ok());
         match r {
             Ok(_) => {
                 bad = 0;

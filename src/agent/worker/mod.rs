@@ -135,6 +135,8 @@ pub struct PodWorker {
     terminal: bool,
     /// The ConfigMaps and Secrets the pod references, as last fetched.
     refs: build::Refs,
+    /// When this worker first saw the pod; None once its start was counted.
+    seen: Option<std::time::Instant>,
 }
 
 fn spec_of(pod: &Pod) -> &k8s_openapi::api::core::v1::PodSpec {
@@ -188,6 +190,7 @@ impl PodWorker {
             conditions: vec![],
             wake: None,
             terminal: false,
+            seen: Some(std::time::Instant::now()),
         };
         (w, tx)
     }
@@ -241,13 +244,20 @@ impl PodWorker {
 
     /// Runs the worker until the pod is terminated.
     pub async fn run(mut self, adopted: Vec<Listed>) {
+        if !adopted.is_empty() {
+            // Started by an earlier run of the agent: not a start to count.
+            self.seen = None;
+        }
         self.adopt(adopted).await;
         // A pod adopted in a terminal phase must not get a new sandbox: publishing first
         // computes the phase from what was found.
         self.publish();
         loop {
+            let t0 = std::time::Instant::now();
             self.sync().await;
+            super::metrics::get().pod_sync.observe(t0.elapsed());
             self.publish();
+            self.count_start();
             let resync = Instant::now() + self.ctx.cfg.resync;
             let wake = self.wake.take().map_or(resync, |w| w.min(resync));
             let msg = tokio::select! {
@@ -267,6 +277,20 @@ impl PodWorker {
                 }
                 self.handle(m).await;
             }
+        }
+    }
+
+    /// Counts the pod's start once all its containers run (kubelet_pod_start_duration_seconds).
+    fn count_start(&mut self) {
+        let Some(seen) = self.seen else { return };
+        let running = !self.app.is_empty()
+            && self
+                .app
+                .iter()
+                .all(|r| r.current.as_ref().is_some_and(|c| c.is_running()));
+        if running {
+            super::metrics::get().pod_start.observe(seen.elapsed());
+            self.seen = None;
         }
     }
 
