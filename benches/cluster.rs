@@ -119,6 +119,15 @@ fn main() {
                 .map(|(n, t)| format!("{n}={t:.0}ms"))
                 .collect::<Vec<_>>()
         );
+        if let Some((slowest, t)) = slow.first()
+            && **t > 5000.0
+        {
+            for n in &c.nodes {
+                for l in c.log(n).lines().filter(|l| l.contains(slowest.as_str())) {
+                    println!("cluster slow-pod-log {n}: {l}");
+                }
+            }
+        }
         done.into_values().collect()
     });
     let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));

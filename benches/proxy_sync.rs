@@ -1,0 +1,201 @@
+//! `cargo bench --bench proxy_sync -- N`: the service proxy's cost at N Services (3 endpoints
+//! each) in a scratch network namespace made for the run (no route out, removed at the end).
+//! Prints one `proxy-sync` line per backend: a full sync, and one endpoint change from the
+//! model to the kernel; the baseline measured in the same run, kube-proxy's iptables layout
+//! for the same Services loaded whole with one iptables-restore; and connection setup latency
+//! to a Service with 10 and with N Services installed. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    os::fd::AsFd,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use keelson::proxy::{
+    iptables,
+    model::{Endpoint, Model, Proto, ServicePort},
+};
+
+const NETNS: &str = "keelson-bench-proxy";
+const PORT: u16 = 18080;
+
+fn sh(args: &[&str]) {
+    let ok = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{args:?} failed");
+}
+
+/// N Services with 3 endpoints each; the endpoints are the scratch namespace's own
+/// addresses 10.201.0.1-3 (a listener answers on all), so every connection completes.
+fn model(n: usize) -> Model {
+    let eps: Vec<Endpoint> = (1..=3u8)
+        .map(|k| Endpoint {
+            ip: Ipv4Addr::new(10, 201, 0, k),
+            port: PORT,
+            local: true,
+        })
+        .collect();
+    let mut ports = BTreeMap::new();
+    for i in 0..n {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + i as u32);
+        let name = format!("bench/svc{i}:http");
+        ports.insert(
+            format!("{name}/TCP"),
+            ServicePort {
+                name,
+                proto: Proto::Tcp,
+                cluster_ip: Some(vip),
+                port: 80,
+                node_port: None,
+                external_ips: vec![],
+                cluster_endpoints: eps.clone(),
+                external_endpoints: eps.clone(),
+                external_local: false,
+                affinity_seconds: None,
+            },
+        );
+    }
+    Model { ports }
+}
+
+/// Runs `f` inside the scratch namespace (this thread only).
+fn in_ns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(format!("/run/netns/{NETNS}")).unwrap();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The VIP whose rule comes last in KUBE-SERVICES (rules follow the model's key order): the
+/// worst case of a linear rule list.
+fn last_vip(services: usize) -> Ipv4Addr {
+    let m = model(services);
+    m.ports
+        .values()
+        .last()
+        .and_then(|p| p.cluster_ip)
+        .expect("a service")
+}
+
+/// Connection setup to `vip`: p50 over `n` connects (µs).
+fn connect_latency(vip: Ipv4Addr, n: usize) -> f64 {
+    in_ns(|| {
+        let mut v = vec![];
+        for _ in 0..n {
+            let t0 = Instant::now();
+            TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(2))
+                .expect("connection to the VIP");
+            v.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        pct(&mut v, 0.5)
+    })
+}
+
+fn main() {
+    assert!(nix::unistd::geteuid().is_root(), "proxy_sync needs root");
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let _ = Command::new("ip").args(["netns", "delete", NETNS]).status();
+    sh(&["ip", "netns", "add", NETNS]);
+    sh(&["ip", "-n", NETNS, "link", "set", "lo", "up"]);
+    sh(&["ip", "-n", NETNS, "link", "add", "bench0", "type", "veth", "peer", "name", "bench1"]);
+    sh(&["ip", "-n", NETNS, "link", "set", "bench1", "up"]);
+    for k in 1..=4 {
+        sh(&[
+            "ip",
+            "-n",
+            NETNS,
+            "addr",
+            "add",
+            &format!("10.201.0.{k}/24"),
+            "dev",
+            "bench0",
+        ]);
+    }
+    sh(&["ip", "-n", NETNS, "link", "set", "bench0", "up"]);
+    // Connections to VIPs need a route to leave the socket layer (the proxy translates them in
+    // nat OUTPUT).
+    sh(&[
+        "ip",
+        "-n",
+        NETNS,
+        "route",
+        "add",
+        "10.96.0.0/12",
+        "dev",
+        "bench0",
+    ]);
+    let listener = in_ns(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT)).unwrap());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let cidr = "10.244.0.0/16".parse().unwrap();
+
+    // Baseline: kube-proxy's layout for N Services loaded whole with one iptables-restore
+    // (the text rendered beforehand, so only the kernel load is timed).
+    let full = iptables::render(&model(n), cidr);
+    let text = iptables::restore_input(None, &full);
+    let baseline = in_ns(|| {
+        let t0 = Instant::now();
+        iptables::restore(&text).unwrap();
+        t0.elapsed()
+    });
+    in_ns(|| iptables::cleanup().unwrap());
+
+    // keelson's iptables backend: render + delta restore, full sync from empty.
+    let (full_ms, one_ms) = in_ns(|| {
+        let t0 = Instant::now();
+        let r = iptables::render(&model(n), cidr);
+        iptables::restore(&iptables::restore_input(None, &r)).unwrap();
+        iptables::ensure_jumps().unwrap();
+        let full_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        // One endpoint changes in one Service: model → rendered → only changed chains loaded.
+        let mut m = model(n);
+        let p = m.ports.values_mut().nth(n / 2).unwrap();
+        p.cluster_endpoints[2].ip = Ipv4Addr::new(10, 201, 0, 4);
+        p.external_endpoints = p.cluster_endpoints.clone();
+        let t0 = Instant::now();
+        let r2 = iptables::render(&m, cidr);
+        iptables::restore(&iptables::restore_input(Some(&r), &r2)).unwrap();
+        (full_ms, t0.elapsed().as_secs_f64() * 1000.0)
+    });
+    let conn_n = connect_latency(last_vip(n), 300);
+    // The same with 10 Services installed.
+    in_ns(|| {
+        iptables::cleanup().unwrap();
+        let r = iptables::render(&model(10), cidr);
+        iptables::restore(&iptables::restore_input(None, &r)).unwrap();
+        iptables::ensure_jumps().unwrap();
+    });
+    let conn_10 = connect_latency(last_vip(10), 300);
+    println!(
+        "proxy-sync services={n} backend=iptables full_sync_ms={full_ms:.0} one_endpoint_ms={one_ms:.1}"
+    );
+    println!(
+        "proxy-sync services={n} baseline=kube-proxy-layout-iptables-restore full_load_ms={:.0}",
+        baseline.as_secs_f64() * 1000.0
+    );
+    println!(
+        "proxy-sync backend=iptables connect_p50_us (to the Service matched last) services=10:{conn_10:.0} services={n}:{conn_n:.0} ratio={:.2}",
+        conn_n / conn_10
+    );
+    let _ = Command::new("ip").args(["netns", "delete", NETNS]).status();
+}
