@@ -114,7 +114,9 @@ fn main() {
     let _ = Command::new("ip").args(["netns", "delete", NETNS]).status();
     sh(&["ip", "netns", "add", NETNS]);
     sh(&["ip", "-n", NETNS, "link", "set", "lo", "up"]);
-    sh(&["ip", "-n", NETNS, "link", "add", "bench0", "type", "veth", "peer", "name", "bench1"]);
+    sh(&[
+        "ip", "-n", NETNS, "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ]);
     sh(&["ip", "-n", NETNS, "link", "set", "bench1", "up"]);
     for k in 1..=4 {
         sh(&[

@@ -502,36 +502,6 @@ impl Default for Mirrors {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allocatable_is_capacity_minus_reserved() {
-        let cap: BTreeMap<&str, String> = [
-            ("cpu", "2".to_string()),
-            ("memory", "4194304Ki".to_string()),
-            ("pods", "110".to_string()),
-            ("ephemeral-storage", "1000000000".to_string()),
-        ]
-        .into();
-        let r = parse_reserved("cpu=250m,memory=1Gi,pods=10").unwrap();
-        let a = allocatable(&cap, &r);
-        assert_eq!(a["cpu"], "1750m");
-        assert_eq!(a["memory"], "3145728Ki");
-        assert_eq!(a["pods"], "100");
-        assert_eq!(a["ephemeral-storage"], "1000000000");
-        assert!(parse_reserved("gpu=1").unwrap_err().contains("gpu"));
-        assert!(parse_reserved("cpu").unwrap_err().contains("NAME=QUANTITY"));
-        assert!(
-            parse_reserved("memory=lots")
-                .unwrap_err()
-                .contains("not a quantity")
-        );
-        assert!(parse_reserved("").unwrap().is_empty());
-    }
-}
-
 /// The routes this node wants: every other node's pod CIDR via its InternalIP, and the
 /// Service range onto the node bridge `bridge` (see `net::hostgw`).
 pub fn wanted_routes(
@@ -612,4 +582,34 @@ pub fn network(client: &Client, cfg: &AgentConfig) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocatable_is_capacity_minus_reserved() {
+        let cap: BTreeMap<&str, String> = [
+            ("cpu", "2".to_string()),
+            ("memory", "4194304Ki".to_string()),
+            ("pods", "110".to_string()),
+            ("ephemeral-storage", "1000000000".to_string()),
+        ]
+        .into();
+        let r = parse_reserved("cpu=250m,memory=1Gi,pods=10").unwrap();
+        let a = allocatable(&cap, &r);
+        assert_eq!(a["cpu"], "1750m");
+        assert_eq!(a["memory"], "3145728Ki");
+        assert_eq!(a["pods"], "100");
+        assert_eq!(a["ephemeral-storage"], "1000000000");
+        assert!(parse_reserved("gpu=1").unwrap_err().contains("gpu"));
+        assert!(parse_reserved("cpu").unwrap_err().contains("NAME=QUANTITY"));
+        assert!(
+            parse_reserved("memory=lots")
+                .unwrap_err()
+                .contains("not a quantity")
+        );
+        assert!(parse_reserved("").unwrap().is_empty());
+    }
 }
