@@ -74,6 +74,21 @@ fn iptables_save(node: &str) -> String {
     .to_string()
 }
 
+/// Sends `n` datagrams to `ip:port` from the namespace `node`, each from a fresh socket.
+fn send_udp(node: &str, ip: std::net::Ipv4Addr, port: u16, n: usize) {
+    use std::os::fd::AsFd;
+    let ns = std::fs::File::open(format!("/run/netns/{node}")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            for _ in 0..n {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let _ = sock.send_to(b"query", (ip, port));
+            }
+        });
+    });
+}
+
 #[test]
 fn services_on_iptables() {
     let c = Cluster::up_with("proxy", 2, &[], &["--sync-period=3s"]);
@@ -198,7 +213,11 @@ fn services_on_iptables() {
         .status()
         .unwrap();
     assert!(flush.success());
-    assert!(get(&c, n1, &url).0.is_none(), "flushed: the VIP is gone");
+    // (Read at once: the resync runs every 3 s.)
+    assert!(
+        !iptables_save(n1).contains(&format!("-A KUBE-SERVICES -d {vip}/32")),
+        "flushed: the VIP's rule is gone"
+    );
     c.until(45, "the flushed rules to be repaired", || {
         get(&c, n1, &url).0.is_some()
     });
@@ -220,9 +239,56 @@ fn services_on_iptables() {
     );
     assert!(get(&c, n1, &url).0.is_some());
 
+    // UDP: when an endpoint goes, the conntrack entries of flows to it are deleted, so a
+    // DNS-like client does not keep sending into a dead pod.
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: udp\nspec:\n  selector: {app: web}\n  ports:\n  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}\n",
+    );
+    let uvip: std::net::Ipv4Addr = c
+        .jsonpath(&["get", "svc", "udp"], "{.spec.clusterIP}")
+        .parse()
+        .unwrap();
+    c.until(30, "the UDP Service's rules", || {
+        iptables_save(n1).contains(&format!("-d {uvip}/32 -p udp"))
+    });
+    let conntrack = || {
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["netns", "exec", n1, "conntrack", "-L", "-p", "udp"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string()
+    };
+    let flows_to = |ip: &str| {
+        conntrack()
+            .lines()
+            .filter(|l| l.contains(&format!("dst={uvip} ")) && l.contains(&format!("src={ip} ")))
+            .count()
+    };
+    // Datagrams from node1, each from a new socket (a new flow, a new DNAT choice).
+    send_udp(n1, uvip, 53, 24);
+    let now = c.pods("app=web");
+    let target = now
+        .iter()
+        .find(|p| flows_to(&p.2) > 0)
+        .unwrap_or_else(|| panic!("no UDP flow to any pod:\n{}", conntrack()))
+        .clone();
+    c.ok(&["delete", "pod", &target.0, "--wait=false"]);
+    c.until(30, "the dead endpoint's UDP flows to be deleted", || {
+        flows_to(&target.2) == 0
+    });
+
     // Scaled to zero: a connection fails at once (no hanging until a timeout).
     c.ok(&["scale", "deployment", "web", "--replicas=0"]);
-    c.until(40, "the Service to have no endpoints", || {
+    // Terminating pods still serve (kube-proxy's fallback) until they are gone.
+    c.until(40, "every web pod to be gone", || {
+        c.ok(&["get", "pods", "-l", "app=web", "-o", "name"])
+            .trim()
+            .is_empty()
+    });
+    c.until(20, "the Service to have no endpoints", || {
         get(&c, n1, &url).0.is_none()
     });
     let (answer, took) = get(&c, n1, &url);
