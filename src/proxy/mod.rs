@@ -7,6 +7,7 @@
 
 pub mod iptables;
 pub mod model;
+pub mod nft;
 
 use std::{
     collections::BTreeSet,

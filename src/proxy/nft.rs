@@ -1,0 +1,397 @@
+//! A small nf_tables netlink layer (the foundation of the nftables backend): batches of
+//! table, chain, set/map and element messages encoded by hand and sent in one transaction over
+//! a NETLINK_NETFILTER socket, every message acknowledged. No libnftnl, no nft CLI: loading
+//! 10,000 Services through the CLI was measured at seconds of parsing alone.
+//! Acts in the network namespace of the calling thread.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLA_F_NESTED: u16 = 0x8000;
+/// nf_tables address family of `table ip`.
+pub const NFPROTO_IPV4: u8 = 2;
+
+const NEWTABLE: u16 = 0;
+const DELTABLE: u16 = 2;
+const NEWCHAIN: u16 = 3;
+const NEWSET: u16 = 9;
+const NEWSETELEM: u16 = 12;
+const DELSETELEM: u16 = 14;
+
+/// Set flags. (A concatenated key in a hash set needs no flag; NFT_SET_CONCAT is for interval
+/// sets and requires a field description, which this layer does not send.)
+pub const SET_MAP: u32 = 0x8;
+/// The data type of a verdict map.
+pub const DATA_VERDICT: u32 = 0xffff_ff00;
+/// nft's data type ids (for `nft list` to print keys), and how they concatenate.
+pub const TYPE_IPADDR: u32 = 7;
+pub const TYPE_INET_PROTOCOL: u32 = 12;
+pub const TYPE_INET_SERVICE: u32 = 13;
+pub fn concat_type(parts: &[u32]) -> u32 {
+    parts.iter().fold(0, |acc, t| (acc << 6) | t)
+}
+
+/// Verdict codes.
+pub const VERDICT_JUMP: i32 = -3;
+pub const VERDICT_GOTO: i32 = -4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("nf_tables rejected {what}: {source}")]
+    Rejected {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nf_tables: {0}")]
+    Protocol(String),
+}
+
+/// The data an element maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    Value(Vec<u8>),
+    Verdict { code: i32, chain: Option<String> },
+}
+
+fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    buf.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    while !buf.len().is_multiple_of(4) {
+        buf.push(0);
+    }
+}
+
+fn attr_str(buf: &mut Vec<u8>, ty: u16, s: &str) {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    attr(buf, ty, &v);
+}
+
+fn attr_be32(buf: &mut Vec<u8>, ty: u16, v: u32) {
+    attr(buf, ty, &v.to_be_bytes());
+}
+
+fn nested(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0, 0]);
+    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+    f(buf);
+    let len = (buf.len() - start) as u16;
+    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn data(buf: &mut Vec<u8>, ty: u16, d: &Data) {
+    nested(buf, ty, |b| match d {
+        Data::Value(v) => attr(b, 1, v),
+        Data::Verdict { code, chain } => nested(b, 2, |b| {
+            attr(b, 1, &code.to_be_bytes());
+            if let Some(c) = chain {
+                attr_str(b, 2, c);
+            }
+        }),
+    });
+}
+
+/// One nf_tables transaction under construction.
+pub struct Batch {
+    buf: Vec<u8>,
+    seq: u32,
+    /// What each acknowledged message was, by sequence number (for errors).
+    what: Vec<(u32, String)>,
+    next_set_id: u32,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        let mut b = Batch {
+            buf: Vec::with_capacity(1 << 16),
+            seq: 1,
+            what: vec![],
+            next_set_id: 1,
+        };
+        b.header(
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            |_| {},
+        );
+        b
+    }
+
+    fn header(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        family: u8,
+        res_id: u16,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]); // length, patched below
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(&flags.to_ne_bytes());
+        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
+        self.buf.extend_from_slice(&0u32.to_ne_bytes());
+        self.buf.push(family);
+        self.buf.push(0); // NFNETLINK_V0
+        self.buf.extend_from_slice(&res_id.to_be_bytes());
+        f(&mut self.buf);
+        let len = (self.buf.len() - start) as u32;
+        self.buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+        self.seq += 1;
+    }
+
+    fn msg(&mut self, kind: u16, what: String, f: impl FnOnce(&mut Vec<u8>)) {
+        self.what.push((self.seq, what));
+        self.header(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            NFPROTO_IPV4,
+            0,
+            f,
+        );
+    }
+
+    /// `add table ip NAME` (no error if it exists).
+    pub fn add_table(&mut self, name: &str) {
+        self.msg(NEWTABLE, format!("table {name}"), |b| attr_str(b, 1, name));
+    }
+
+    /// `delete table ip NAME`, with everything in it.
+    pub fn del_table(&mut self, name: &str) {
+        self.msg(DELTABLE, format!("delete table {name}"), |b| {
+            attr_str(b, 1, name)
+        });
+    }
+
+    /// A chain; `hook` = (hook number, priority, type) for a base chain.
+    pub fn add_chain(&mut self, table: &str, name: &str, hook: Option<(u32, i32, &str)>) {
+        self.msg(NEWCHAIN, format!("chain {table} {name}"), |b| {
+            attr_str(b, 1, table);
+            attr_str(b, 3, name);
+            if let Some((num, prio, ty)) = hook {
+                nested(b, 4, |b| {
+                    attr_be32(b, 1, num);
+                    attr_be32(b, 2, prio as u32);
+                });
+                attr_str(b, 7, ty);
+            }
+        });
+    }
+
+    /// A set (or map, with `data` = (type, len); len is ignored for verdict maps).
+    pub fn add_set(
+        &mut self,
+        table: &str,
+        name: &str,
+        flags: u32,
+        key: (u32, u32),
+        data: Option<(u32, u32)>,
+    ) {
+        let id = self.next_set_id;
+        self.next_set_id += 1;
+        self.msg(NEWSET, format!("set {table} {name}"), |b| {
+            attr_str(b, 1, table);
+            attr_str(b, 2, name);
+            attr_be32(b, 3, flags | if data.is_some() { SET_MAP } else { 0 });
+            attr_be32(b, 4, key.0);
+            attr_be32(b, 5, key.1);
+            if let Some((ty, len)) = data {
+                attr_be32(b, 6, ty);
+                if ty != DATA_VERDICT {
+                    attr_be32(b, 7, len);
+                }
+            }
+            attr_be32(b, 10, id);
+        });
+    }
+
+    fn elems(&mut self, kind: u16, table: &str, set: &str, elems: &[(Vec<u8>, Option<Data>)]) {
+        let verb = if kind == NEWSETELEM { "add" } else { "delete" };
+        // Split very large element lists over several messages of the same transaction.
+        for chunk in elems.chunks(2048) {
+            self.msg(
+                kind,
+                format!("{verb} {} elements of {table} {set}", chunk.len()),
+                |b| {
+                    attr_str(b, 1, table);
+                    attr_str(b, 2, set);
+                    nested(b, 3, |b| {
+                        for (k, d) in chunk {
+                            nested(b, 1, |b| {
+                                nested(b, 1, |b| attr(b, 1, k));
+                                if let Some(d) = d {
+                                    data(b, 2, d);
+                                }
+                            });
+                        }
+                    });
+                },
+            );
+        }
+    }
+
+    pub fn add_elems(&mut self, table: &str, set: &str, elems: &[(Vec<u8>, Option<Data>)]) {
+        self.elems(NEWSETELEM, table, set, elems);
+    }
+
+    pub fn del_elems(&mut self, table: &str, set: &str, keys: &[Vec<u8>]) {
+        let e: Vec<(Vec<u8>, Option<Data>)> = keys.iter().map(|k| (k.clone(), None)).collect();
+        self.elems(DELSETELEM, table, set, &e);
+    }
+
+    /// Sends the transaction and waits for every acknowledgement; the first error is returned
+    /// with the message it belongs to (the kernel then applied nothing).
+    pub fn commit(mut self) -> Result<(), NftError> {
+        if self.what.is_empty() {
+            return Ok(());
+        }
+        self.header(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            |_| {},
+        );
+        // SAFETY: plain socket(2); the result is checked and owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(NftError::Socket(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let big: libc::c_int = (self.buf.len() as i32).max(1 << 20);
+        for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
+            // SAFETY: setsockopt with a pointer to a live c_int of the right size.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&big as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+        }
+        // SAFETY: an all-zero sockaddr_nl addresses the kernel.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: the buffer and address outlive the call; lengths are theirs.
+        let sent = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                self.buf.as_ptr().cast(),
+                self.buf.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(NftError::Socket(std::io::Error::last_os_error()));
+        }
+        let mut pending: std::collections::HashMap<u32, String> = self.what.into_iter().collect();
+        let mut rbuf = vec![0u8; 1 << 16];
+        while !pending.is_empty() {
+            // SAFETY: rbuf is writable for its length.
+            let n =
+                unsafe { libc::recv(sock.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
+            if n < 0 {
+                return Err(NftError::Socket(std::io::Error::last_os_error()));
+            }
+            let mut off = 0usize;
+            let n = n as usize;
+            while off + 16 <= n {
+                let len =
+                    u32::from_ne_bytes(rbuf[off..off + 4].try_into().unwrap_or_default()) as usize;
+                let ty = u16::from_ne_bytes([rbuf[off + 4], rbuf[off + 5]]);
+                let seq =
+                    u32::from_ne_bytes(rbuf[off + 8..off + 12].try_into().unwrap_or_default());
+                if len < 16 || off + len > n {
+                    return Err(NftError::Protocol(format!(
+                        "bad netlink message length {len}"
+                    )));
+                }
+                if ty == NLMSG_ERROR && len >= 20 {
+                    let err =
+                        i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().unwrap_or_default());
+                    let what = pending
+                        .remove(&seq)
+                        .unwrap_or_else(|| format!("message {seq}"));
+                    if err != 0 {
+                        return Err(NftError::Rejected {
+                            what,
+                            source: std::io::Error::from_raw_os_error(-err),
+                        });
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key of a Service port: address . protocol . port, each padded to 4 bytes (the
+/// register layout of a concatenation).
+pub fn vip_key(ip: std::net::Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
+    let mut k = ip.octets().to_vec();
+    k.extend_from_slice(&[proto, 0, 0, 0]);
+    k.extend_from_slice(&port.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_framed_and_padded() {
+        let mut b = Batch::new();
+        b.add_table("kt");
+        let buf = &b.buf;
+        // BEGIN: 16-byte header + 4-byte nfgenmsg, res_id = NFTABLES (big endian).
+        assert_eq!(u32::from_ne_bytes(buf[0..4].try_into().unwrap()), 20);
+        assert_eq!(u16::from_ne_bytes([buf[4], buf[5]]), NFNL_MSG_BATCH_BEGIN);
+        assert_eq!(&buf[18..20], &10u16.to_be_bytes());
+        // NEWTABLE: header + nfgenmsg + NAME "kt\0" padded to 8.
+        let m = &buf[20..];
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 16 + 4 + 8);
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), 0x0a00);
+        assert_eq!(m[16], NFPROTO_IPV4);
+        assert_eq!(&m[20..28], &[7, 0, 1, 0, b'k', b't', 0, 0]);
+        assert_eq!(
+            concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+            (7 << 12) | (12 << 6) | 13
+        );
+        assert_eq!(
+            vip_key("10.96.0.10".parse().unwrap(), 6, 80),
+            [10, 96, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0]
+        );
+    }
+}
