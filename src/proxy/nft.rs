@@ -15,12 +15,14 @@ const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
+const NLM_F_APPEND: u16 = 0x800;
 /// nf_tables address family of `table ip`.
 pub const NFPROTO_IPV4: u8 = 2;
 
 const NEWTABLE: u16 = 0;
 const DELTABLE: u16 = 2;
 const NEWCHAIN: u16 = 3;
+const NEWRULE: u16 = 6;
 const NEWSET: u16 = 9;
 const NEWSETELEM: u16 = 12;
 const DELSETELEM: u16 = 14;
@@ -54,6 +56,132 @@ pub enum NftError {
     },
     #[error("nf_tables: {0}")]
     Protocol(String),
+}
+
+/// Registers: the verdict, the 16-byte ones, and the first 32-bit one (concatenations use
+/// consecutive 32-bit registers, one per 4 bytes of each component).
+pub const REG_VERDICT: u32 = 0;
+pub const REG_1: u32 = 1;
+pub const REG_2: u32 = 2;
+pub const REG32_00: u32 = 8;
+
+/// Payload bases.
+pub const BASE_NETWORK: u32 = 1;
+pub const BASE_TRANSPORT: u32 = 2;
+/// Meta keys.
+pub const META_L4PROTO: u32 = 16;
+/// Netfilter hooks (inet family numbering).
+pub const HOOK_PREROUTING: u32 = 0;
+pub const HOOK_OUTPUT: u32 = 3;
+
+/// A rule's expressions (the subset keelson's layout needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// Load `len` bytes at `offset` of header `base` into `dreg`.
+    Payload {
+        dreg: u32,
+        base: u32,
+        offset: u32,
+        len: u32,
+    },
+    /// Load a meta key into `dreg`.
+    Meta { dreg: u32, key: u32 },
+    /// Look `sreg`'s key up in `set`; with `dreg` (a map) load the value or take the verdict.
+    Lookup {
+        set: String,
+        sreg: u32,
+        dreg: Option<u32>,
+    },
+    /// Load a constant or take a verdict.
+    Immediate { dreg: u32, data: Data },
+    /// A random number in 0..modulus into `dreg`.
+    Numgen { dreg: u32, modulus: u32 },
+    /// Destination NAT to the address in `addr` and the port in `port`.
+    Dnat { addr: u32, port: Option<u32> },
+}
+
+fn expr(b: &mut Vec<u8>, e: &Expr) {
+    nested(b, 1, |b| match e {
+        Expr::Payload {
+            dreg,
+            base,
+            offset,
+            len,
+        } => {
+            attr_str(b, 1, "payload");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, *dreg);
+                attr_be32(b, 2, *base);
+                attr_be32(b, 3, *offset);
+                attr_be32(b, 4, *len);
+            });
+        }
+        Expr::Meta { dreg, key } => {
+            attr_str(b, 1, "meta");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, *dreg);
+                attr_be32(b, 2, *key);
+            });
+        }
+        Expr::Lookup { set, sreg, dreg } => {
+            attr_str(b, 1, "lookup");
+            nested(b, 2, |b| {
+                attr_str(b, 1, set);
+                attr_be32(b, 2, *sreg);
+                if let Some(d) = dreg {
+                    attr_be32(b, 3, *d);
+                }
+            });
+        }
+        Expr::Immediate { dreg, data: d } => {
+            attr_str(b, 1, "immediate");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, *dreg);
+                data(b, 2, d);
+            });
+        }
+        Expr::Numgen { dreg, modulus } => {
+            attr_str(b, 1, "numgen");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, *dreg);
+                attr_be32(b, 2, *modulus);
+                attr_be32(b, 3, 1); // NFT_NG_RANDOM
+            });
+        }
+        Expr::Dnat { addr, port } => {
+            attr_str(b, 1, "nat");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, 1); // NFT_NAT_DNAT
+                attr_be32(b, 2, u32::from(NFPROTO_IPV4));
+                attr_be32(b, 3, *addr);
+                if let Some(p) = port {
+                    attr_be32(b, 5, *p);
+                }
+            });
+        }
+    });
+}
+
+/// The expressions that load `ip daddr . meta l4proto . th dport` into REG32_00..02.
+pub fn load_vip_key() -> Vec<Expr> {
+    vec![
+        Expr::Payload {
+            dreg: REG32_00,
+            base: BASE_NETWORK,
+            offset: 16,
+            len: 4,
+        },
+        Expr::Meta {
+            dreg: REG32_00 + 1,
+            key: META_L4PROTO,
+        },
+        Expr::Payload {
+            dreg: REG32_00 + 2,
+            base: BASE_TRANSPORT,
+            offset: 2,
+            len: 2,
+        },
+    ]
 }
 
 /// The data an element maps to.
@@ -195,6 +323,27 @@ impl Batch {
                 attr_str(b, 7, ty);
             }
         });
+    }
+
+    /// Appends a rule to a chain.
+    pub fn add_rule(&mut self, table: &str, chain: &str, exprs: &[Expr]) {
+        self.what
+            .push((self.seq, format!("rule in {table} {chain}")));
+        self.header(
+            (NFNL_SUBSYS_NFTABLES << 8) | NEWRULE,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
+            NFPROTO_IPV4,
+            0,
+            |b| {
+                attr_str(b, 1, table);
+                attr_str(b, 2, chain);
+                nested(b, 4, |b| {
+                    for e in exprs {
+                        expr(b, e);
+                    }
+                });
+            },
+        );
     }
 
     /// A set (or map, with `data` = (type, len); len is ignored for verdict maps).
