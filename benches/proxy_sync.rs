@@ -5,13 +5,17 @@
 //! for the same Services loaded whole with one iptables-restore; and connection setup latency
 //! to a Service with 10 and with N Services installed. Needs root.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, TcpListener, TcpStream},
-    os::fd::AsFd,
     process::Command,
     time::{Duration, Instant},
 };
+
+use common::floor::pct;
 
 use keelson::proxy::{
     iptables,
@@ -62,22 +66,9 @@ fn model(n: usize) -> Model {
     Model { ports }
 }
 
-/// Runs `f` inside the scratch namespace (this thread only).
+/// Runs `f` inside the scratch namespace (on a thread of its own).
 fn in_ns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let ns = std::fs::File::open(format!("/run/netns/{NETNS}")).unwrap();
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    common::in_netns(NETNS, f)
 }
 
 /// The VIP whose rule comes last in KUBE-SERVICES (rules follow the model's key order): the

@@ -3,7 +3,11 @@
 //! `nft list` exactly as written, elements are deleted, a bad message is reported with what
 //! it was, and nothing of a failed transaction is applied; and a VIP map with a DNAT rule
 //! translates a real connection.
-use std::{os::fd::AsFd, process::Command};
+mod common;
+
+use std::process::Command;
+
+use common::in_netns as in_ns;
 
 use keelson::proxy::nft::{
     Batch, DATA_VERDICT, Data, Expr, HOOK_OUTPUT, REG_1, REG_2, REG32_00, TYPE_INET_PROTOCOL,
@@ -17,18 +21,6 @@ impl Drop for Ns {
             .args(["netns", "delete", &self.0])
             .status();
     }
-}
-
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
 }
 
 fn nft_list(ns: &str) -> (bool, String) {

@@ -76,16 +76,11 @@ fn iptables_save(node: &str) -> String {
 
 /// Sends `n` datagrams to `ip:port` from the namespace `node`, each from a fresh socket.
 fn send_udp(node: &str, ip: std::net::Ipv4Addr, port: u16, n: usize) {
-    use std::os::fd::AsFd;
-    let ns = std::fs::File::open(format!("/run/netns/{node}")).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            for _ in 0..n {
-                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                let _ = sock.send_to(b"query", (ip, port));
-            }
-        });
+    common::in_netns(node, || {
+        for _ in 0..n {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = sock.send_to(b"query", (ip, port));
+        }
     });
 }
 

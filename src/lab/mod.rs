@@ -114,6 +114,10 @@ impl State {
             Err(e) => Err(e).with_context(|| format!("reading {}", f.display())),
         }
     }
+    /// The lab in `dir`, which must exist.
+    pub fn require(dir: &Path) -> anyhow::Result<State> {
+        Self::load(dir)?.with_context(|| format!("{}: no lab here (no lab.json)", dir.display()))
+    }
     fn save(&self) -> anyhow::Result<()> {
         let f = Self::file(&self.data_dir);
         let tmp = f.with_extension("json.tmp");
@@ -610,7 +614,7 @@ impl std::str::FromStr for Member {
 
 /// Kills the server or a node's agent (SIGKILL, like a crash: pods keep running).
 pub fn stop_member(dir: &Path, m: &Member) -> anyhow::Result<()> {
-    let st = State::load(dir)?.with_context(|| format!("{}: no lab here", dir.display()))?;
+    let st = State::require(dir)?;
     let p = member(&st, m)?;
     if let Some(pid) = p.pid.filter(|_| p.running(&st.data_dir)) {
         let _ = nix::sys::signal::kill(
@@ -627,7 +631,7 @@ pub fn stop_member(dir: &Path, m: &Member) -> anyhow::Result<()> {
 
 /// Starts the server or a node's agent again with the flags it had.
 pub fn start_member(dir: &Path, m: &Member) -> anyhow::Result<u32> {
-    let mut st = State::load(dir)?.with_context(|| format!("{}: no lab here", dir.display()))?;
+    let mut st = State::require(dir)?;
     let p = member(&st, m)?;
     anyhow::ensure!(!p.running(&st.data_dir), "{m:?} is running already");
     match m {
@@ -826,7 +830,7 @@ pub fn unmount_under(dir: &Path) {
 
 /// One line per node: name, namespace, address, agent, Ready.
 pub async fn status(dir: &Path) -> anyhow::Result<String> {
-    let st = State::load(dir)?.with_context(|| format!("{}: no lab here", dir.display()))?;
+    let st = State::require(dir)?;
     let mut ready = std::collections::HashMap::new();
     let server_up = st.server.running(&st.data_dir);
     if server_up && let Ok(c) = crate::control::client_from(&st.kubeconfig()).await {

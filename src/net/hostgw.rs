@@ -18,7 +18,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::RouteMessageBuilder;
 
-use super::{NetError, Result, connect, nl};
+use super::{Result, connect, nl, xtables};
 
 /// The route protocol number marking keelson's routes (`ip route show proto 75`).
 pub const PROTO: u8 = 75;
@@ -150,13 +150,6 @@ pub fn masquerade_rules(
     s + "COMMIT\n"
 }
 
-fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
-    std::process::Command::new("iptables")
-        .arg("-w")
-        .args(args)
-        .output()
-}
-
 /// Installs the masquerade and reject chains and the jumps to them (idempotent; the rejects
 /// are appended, after any proxy rules).
 pub fn ensure_masquerade(
@@ -164,48 +157,13 @@ pub fn ensure_masquerade(
     cluster_cidr: Ipv4Net,
     service_cidr: Option<Ipv4Net>,
 ) -> Result<()> {
-    use std::io::Write;
-    let io_err = |what: &str, e: std::io::Error| NetError::Io {
-        what: what.into(),
-        source: e,
-    };
-    let mut child = std::process::Command::new("iptables-restore")
-        .args(["-w", "--noflush"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| io_err("running iptables-restore (is iptables installed?)", e))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(masquerade_rules(pod_cidr, cluster_cidr, service_cidr).as_bytes())
-            .map_err(|e| io_err("writing to iptables-restore", e))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| io_err("iptables-restore", e))?;
-    if !out.status.success() {
-        return Err(io_err(
-            "iptables-restore (masquerade chain)",
-            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-        ));
-    }
+    xtables::restore(&masquerade_rules(pod_cidr, cluster_cidr, service_cidr))?;
     for (table, chain, target) in [
         ("nat", "POSTROUTING", MASQ_CHAIN),
         ("filter", "FORWARD", REJECT_CHAIN),
         ("filter", "OUTPUT", REJECT_CHAIN),
     ] {
-        let jump = |op| ["-t", table, op, chain, "-j", target];
-        let check = iptables(&jump("-C")).map_err(|e| io_err("iptables", e))?;
-        if !check.status.success() {
-            let add = iptables(&jump("-A")).map_err(|e| io_err("iptables", e))?;
-            if !add.status.success() {
-                return Err(io_err(
-                    &format!("iptables -A {chain}"),
-                    std::io::Error::other(String::from_utf8_lossy(&add.stderr).trim().to_string()),
-                ));
-            }
-        }
+        xtables::ensure_rule(table, chain, &["-j".into(), target.into()], false)?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod hostgw;
 pub mod ipam;
+pub mod xtables;
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd};
 
@@ -26,6 +27,8 @@ pub enum NetError {
     },
     #[error("link {0} not found")]
     NoLink(String),
+    #[error(transparent)]
+    Xtables(#[from] xtables::XtError),
 }
 
 pub type Result<T, E = NetError> = std::result::Result<T, E>;

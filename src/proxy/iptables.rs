@@ -4,7 +4,7 @@
 //! KUBE-FORWARD), so users' debugging habits carry over, loaded with `iptables-restore
 //! --noflush` in one transaction that declares only the chains whose content changed.
 
-use std::{collections::BTreeMap, fmt::Write as _, io::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
@@ -313,102 +313,32 @@ pub fn restore_input(old: Option<&Rendered>, new: &Rendered) -> String {
     out
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum IptError {
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("iptables-restore failed: {0}")]
-    Restore(String),
-}
+use crate::net::xtables;
+pub use crate::net::xtables::{XtError as IptError, restore};
 
-/// Runs `iptables-restore -w --noflush` with `input`.
-pub fn restore(input: &str) -> Result<(), IptError> {
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |source| IptError::Io { what, source }
-    };
-    let mut child = std::process::Command::new("iptables-restore")
-        .args(["-w", "--noflush"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(io("running iptables-restore (is iptables installed?)"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(io("writing to iptables-restore"))?;
-    }
-    let out = child.wait_with_output().map_err(io("iptables-restore"))?;
-    if !out.status.success() {
-        return Err(IptError::Restore(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(())
-}
-
-/// Adds the jumps from the built-in chains when missing (checked with `-C`).
+/// Adds the jumps from the built-in chains when missing (first in their chains).
 pub fn ensure_jumps() -> Result<(), IptError> {
     for (table, chain, rule) in JUMPS {
-        let args = shell_words(rule);
-        let run = |op: &str| {
-            std::process::Command::new("iptables")
-                .args(["-w", "-t", table, op, chain])
-                .args(&args)
-                .output()
-        };
-        let check = run("-C").map_err(|source| IptError::Io {
-            what: "iptables".into(),
-            source,
-        })?;
-        if !check.status.success() {
-            let add = run("-I").map_err(|source| IptError::Io {
-                what: "iptables".into(),
-                source,
-            })?;
-            if !add.status.success() {
-                return Err(IptError::Restore(format!(
-                    "adding the jump from {table} {chain}: {}",
-                    String::from_utf8_lossy(&add.stderr).trim()
-                )));
-            }
-        }
+        xtables::ensure_rule(table, chain, &shell_words(rule), true)?;
     }
     Ok(())
+}
+
+/// Every KUBE-* chain in the nat and filter tables.
+pub fn kernel_chains() -> Result<Vec<(&'static str, Vec<String>)>, IptError> {
+    ["nat", "filter"]
+        .into_iter()
+        .map(|t| Ok((t, xtables::chains(t, "KUBE-")?)))
+        .collect()
 }
 
 /// Removes everything this backend installed: the jumps, then every KUBE-* chain it owns.
 pub fn cleanup() -> Result<(), IptError> {
     for (table, chain, rule) in JUMPS {
-        let args = shell_words(rule);
-        while std::process::Command::new("iptables")
-            .args(["-w", "-t", table, "-D", chain])
-            .args(&args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {}
+        xtables::delete_rule(table, chain, &shell_words(rule));
     }
     let mut input = String::new();
-    for table in ["nat", "filter"] {
-        let out = std::process::Command::new("iptables-save")
-            .args(["-t", table])
-            .output()
-            .map_err(|source| IptError::Io {
-                what: "iptables-save".into(),
-                source,
-            })?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let ours: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|c| c.starts_with("KUBE-"))
-            .collect();
+    for (table, ours) in kernel_chains()? {
         let _ = writeln!(input, "*{table}");
         for c in &ours {
             let _ = writeln!(input, ":{c} - [0:0]");

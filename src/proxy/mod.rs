@@ -87,22 +87,14 @@ impl Backend {
 /// (so a full sync declares and refills every wanted chain, and deletes the others).
 fn existing_chains() -> Result<iptables::Rendered, iptables::IptError> {
     let mut r = iptables::Rendered::default();
-    for (table, chains) in [("nat", &mut r.nat), ("filter", &mut r.filter)] {
-        let out = std::process::Command::new("iptables-save")
-            .args(["-t", table])
-            .output()
-            .map_err(|source| iptables::IptError::Io {
-                what: "iptables-save".into(),
-                source,
-            })?;
-        for l in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(name) = l
-                .strip_prefix(':')
-                .and_then(|l| l.split_whitespace().next())
-                .filter(|c| c.starts_with("KUBE-"))
-            {
-                chains.insert(name.to_string(), vec!["(in the kernel)".into()]);
-            }
+    for (table, names) in iptables::kernel_chains()? {
+        let chains = if table == "nat" {
+            &mut r.nat
+        } else {
+            &mut r.filter
+        };
+        for n in names {
+            chains.insert(n, vec!["(in the kernel)".into()]);
         }
     }
     Ok(r)

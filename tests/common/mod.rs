@@ -423,6 +423,20 @@ impl Drop for Lab {
     }
 }
 
+/// Runs `f` on a thread that entered the network namespace `/run/netns/NAME`.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsFd;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
 fn rand_bytes() -> [u8; 8] {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).unwrap();
