@@ -196,8 +196,9 @@ struct ProxyArgs {
 
 #[derive(clap::Args, Clone)]
 struct ProxyFlags {
-    /// How Services are programmed: iptables (nftables is being built), or none.
-    #[arg(long, default_value = "iptables")]
+    /// How Services are programmed: nftables, iptables, none, or auto (nftables where the
+    /// kernel takes nf_tables transactions, else iptables).
+    #[arg(long, default_value = "auto")]
     proxy_mode: String,
     /// The cluster's pod network (traffic to a ClusterIP from outside it is masqueraded).
     #[arg(long = "proxy-cluster-cidr", default_value = "10.244.0.0/16")]
@@ -215,10 +216,12 @@ impl ProxyFlags {
         if self.proxy_mode == "none" {
             return Ok(None);
         }
-        let mode = self
-            .proxy_mode
-            .parse::<keelson::proxy::Mode>()
-            .map_err(anyhow::Error::msg)?;
+        let mode = match self.proxy_mode.as_str() {
+            "auto" => keelson::proxy::Mode::detect(),
+            m => m
+                .parse::<keelson::proxy::Mode>()
+                .map_err(anyhow::Error::msg)?,
+        };
         Ok(Some(keelson::proxy::ProxyConfig {
             node_name: node_name.to_string(),
             cluster_cidr: self.proxy_cluster_cidr.trunc(),

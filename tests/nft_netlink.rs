@@ -1,8 +1,9 @@
 //! The nf_tables netlink layer against the kernel, in a scratch network namespace (removed at
 //! the end): a table, a chain and a concatenated verdict map with elements appear in
 //! `nft list` exactly as written, elements are deleted, a bad message is reported with what
-//! it was, and nothing of a failed transaction is applied; and a VIP map with a DNAT rule
-//! translates a real connection.
+//! it was, and nothing of a failed transaction is applied; a VIP map with a DNAT rule
+//! translates a real connection; and the nftables proxy backend's table balances, rejects,
+//! sticks, serves node ports, applies deltas and repairs a flushed chain.
 mod common;
 
 use std::process::Command;
@@ -240,4 +241,193 @@ fn a_vip_map_translates_connections() {
     });
     let peer = t.join().unwrap().unwrap();
     assert_eq!(peer.ip().to_string(), "10.201.0.1");
+}
+
+/// Accepts connections on `addr` (inside `ns`) forever, counting them.
+fn serve(ns: &str, addr: &str) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let l = in_ns(ns, || std::net::TcpListener::bind(addr).unwrap());
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            if s.is_ok() {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    n
+}
+
+fn connect(ns: &str, to: &str) -> std::io::Result<()> {
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    in_ns(ns, || {
+        std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)).map(|_| ())
+    })
+}
+
+#[test]
+fn the_nftables_backend_in_the_kernel() {
+    use keelson::proxy::{
+        model::{Endpoint, Model, Proto, ServicePort},
+        nftables,
+    };
+    use std::sync::atomic::Ordering::SeqCst;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (network namespaces)"
+    );
+    let mut b = [0u8; 3];
+    getrandom::fill(&mut b).unwrap();
+    let ns = Ns(format!("kt-nftb-{}", hex::encode(b)));
+    sh(&["ip", "netns", "add", &ns.0]);
+    sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
+    sh(&[
+        "ip", "-n", &ns.0, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
+    for (dev, a) in [
+        ("v0", "10.201.0.1/24"),
+        ("v1", "10.201.0.2/24"),
+        ("v1", "10.201.0.3/24"),
+    ] {
+        sh(&["ip", "-n", &ns.0, "addr", "add", a, "dev", dev]);
+    }
+    sh(&["ip", "-n", &ns.0, "link", "set", "v0", "up"]);
+    sh(&["ip", "-n", &ns.0, "link", "set", "v1", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.0,
+        "route",
+        "add",
+        "10.96.0.0/12",
+        "dev",
+        "v0",
+    ]);
+    let (a, b) = (
+        serve(&ns.0, "10.201.0.2:18080"),
+        serve(&ns.0, "10.201.0.3:18080"),
+    );
+    let ep = |last: u8| Endpoint {
+        ip: [10, 201, 0, last].into(),
+        port: 18080,
+        local: true,
+    };
+    let port = |name: &str, vip: u8, eps: Vec<Endpoint>| ServicePort {
+        name: format!("default/{name}:"),
+        proto: Proto::Tcp,
+        cluster_ip: Some([10, 96, 0, vip].into()),
+        port: 80,
+        node_port: None,
+        external_ips: vec![],
+        cluster_endpoints: eps.clone(),
+        external_endpoints: eps,
+        external_local: false,
+        affinity_seconds: None,
+    };
+    let mut np = port("np", 13, vec![ep(2), ep(3)]);
+    np.node_port = Some(30080);
+    let mut sticky = port("sticky", 12, vec![ep(2), ep(3)]);
+    sticky.affinity_seconds = Some(60);
+    let model = |web: Vec<Endpoint>| Model {
+        ports: [
+            port("web", 10, web),
+            port("empty", 11, vec![]),
+            sticky.clone(),
+            np.clone(),
+        ]
+        .into_iter()
+        .map(|p| (format!("{}/TCP", p.name), p))
+        .collect(),
+    };
+    let cidr: ipnet::Ipv4Net = "10.201.0.0/24".parse().unwrap();
+    let r1 = nftables::render(&model(vec![ep(2), ep(3)]), cidr);
+    in_ns(&ns.0, || {
+        nftables::cleanup().unwrap();
+        nftables::transaction(None, &r1, false).commit().unwrap();
+    });
+    let list = || {
+        let o = Command::new("ip")
+            .args([
+                "netns", "exec", &ns.0, "nft", "list", "table", "ip", "keelson",
+            ])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (ok, text) = list();
+    assert!(ok, "nft reads the table back: {text}");
+    assert!(text.contains("vmap @vip-dispatch"), "{text}");
+    assert!(text.contains("numgen random mod 2"), "{text}");
+
+    // Balanced over both endpoints.
+    for _ in 0..30 {
+        connect(&ns.0, "10.96.0.10:80").expect("the ClusterIP answers");
+    }
+    let (na, nb) = (a.load(SeqCst), b.load(SeqCst));
+    assert!(na > 0 && nb > 0 && na + nb == 30, "{na} + {nb}");
+
+    // No endpoints: refused at once.
+    let t0 = std::time::Instant::now();
+    let e = connect(&ns.0, "10.96.0.11:80").expect_err("nothing serves it");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+
+    // Affinity: one client, one endpoint.
+    let before = (a.load(SeqCst), b.load(SeqCst));
+    for _ in 0..12 {
+        connect(&ns.0, "10.96.0.12:80").expect("the sticky Service answers");
+    }
+    let d = (a.load(SeqCst) - before.0, b.load(SeqCst) - before.1);
+    assert!(d == (12, 0) || d == (0, 12), "sticky: {d:?}");
+    let (_, text) = list();
+    assert!(text.contains("update @affinity-"), "{text}");
+
+    // A node port on the node's address.
+    connect(&ns.0, "10.201.0.1:30080").expect("the node port answers");
+
+    // Delta: web loses 10.201.0.3; every connection now reaches .2.
+    let r2 = nftables::render(&model(vec![ep(2)]), cidr);
+    let tx = nftables::transaction(Some(&r1), &r2, false);
+    assert!(tx.len() <= 8, "a small delta: {} messages", tx.len());
+    in_ns(&ns.0, || tx.commit().unwrap());
+    let before = (a.load(SeqCst), b.load(SeqCst));
+    for _ in 0..10 {
+        connect(&ns.0, "10.96.0.10:80").unwrap();
+    }
+    assert_eq!(
+        (a.load(SeqCst) - before.0, b.load(SeqCst) - before.1),
+        (10, 0)
+    );
+
+    // Someone flushes the dispatch chain; a full sync repairs it.
+    sh(&[
+        "ip", "netns", "exec", &ns.0, "nft", "flush", "chain", "ip", "keelson", "services",
+    ]);
+    assert!(connect(&ns.0, "10.96.0.10:80").is_err(), "flushed");
+    in_ns(&ns.0, || {
+        nftables::transaction(Some(&r2), &r2, true)
+            .commit()
+            .unwrap()
+    });
+    connect(&ns.0, "10.96.0.10:80").expect("repaired");
+    // The whole table deleted: a full sync re-creates it.
+    sh(&[
+        "ip", "netns", "exec", &ns.0, "nft", "delete", "table", "ip", "keelson",
+    ]);
+    in_ns(&ns.0, || {
+        nftables::transaction(Some(&r2), &r2, true)
+            .commit()
+            .unwrap()
+    });
+    connect(&ns.0, "10.96.0.10:80").expect("re-created");
+
+    in_ns(&ns.0, || nftables::cleanup().unwrap());
+    assert!(!list().0, "cleanup removes the table");
 }

@@ -1,4 +1,5 @@
-//! The service proxy in a 2-node `keelson lab` (iptables backend), driven with kubectl:
+//! The service proxy in a 2-node `keelson lab`, the same suite on both backends (iptables and
+//! nftables), driven with kubectl:
 //! a ClusterIP balances over every ready endpoint, from a node and from a pod; a NodePort
 //! answers on the other node; session affinity sticks; externalTrafficPolicy: Local keeps
 //! traffic on the node it arrived at; readiness loss removes an endpoint; scaling to zero
@@ -63,15 +64,89 @@ fn answers(c: &Cluster, node: &str, url: &str, n: usize) -> Vec<String> {
     (0..n).filter_map(|_| get(c, node, url).0).collect()
 }
 
-fn iptables_save(node: &str) -> String {
-    String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "exec", node, "iptables-save"])
-            .output()
-            .unwrap()
-            .stdout,
+fn in_node(node: &str, cmd: &[&str]) -> (bool, String) {
+    let o = Command::new("ip")
+        .args(["netns", "exec", node])
+        .args(cmd)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
     )
-    .to_string()
+}
+
+fn iptables_save(node: &str) -> String {
+    in_node(node, &["iptables-save"]).1
+}
+
+/// What differs between the backends: where the rules are read, how they look, how someone
+/// breaks them.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Iptables,
+    Nftables,
+}
+
+impl Backend {
+    fn rules(self, node: &str) -> String {
+        match self {
+            Backend::Iptables => iptables_save(node),
+            Backend::Nftables => in_node(node, &["nft", "list", "table", "ip", "keelson"]).1,
+        }
+    }
+    /// The rules send the ClusterIP somewhere.
+    fn programmed(self, rules: &str, vip: &str) -> bool {
+        match self {
+            Backend::Iptables => rules.contains(&format!("-A KUBE-SERVICES -d {vip}/32")),
+            Backend::Nftables => {
+                rules.contains("vmap @vip-dispatch") && rules.contains(&format!("{vip} . tcp . 80"))
+            }
+        }
+    }
+    fn affinity(self, rules: &str) -> bool {
+        match self {
+            Backend::Iptables => rules.contains("--rcheck --seconds 10800"),
+            Backend::Nftables => rules.contains("update @affinity-"),
+        }
+    }
+    fn udp(self, rules: &str, vip: std::net::Ipv4Addr) -> bool {
+        match self {
+            Backend::Iptables => rules.contains(&format!("-d {vip}/32 -p udp")),
+            Backend::Nftables => rules.contains(&format!("{vip} . udp . 53")),
+        }
+    }
+    /// Someone flushes the chain that dispatches Service traffic.
+    fn flush(self, node: &str) {
+        let cmd: &[&str] = match self {
+            Backend::Iptables => &["iptables", "-w", "-t", "nat", "-F", "KUBE-SERVICES"],
+            Backend::Nftables => &["nft", "flush", "chain", "ip", "keelson", "services"],
+        };
+        assert!(in_node(node, cmd).0, "{cmd:?}");
+    }
+    /// The hooks into the kernel's chains appear once each.
+    fn hooks_once(self, node: &str) {
+        let rules = self.rules(node);
+        match self {
+            Backend::Iptables => assert_eq!(
+                rules
+                    .matches("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES")
+                    .count(),
+                1,
+                "{rules}"
+            ),
+            Backend::Nftables => {
+                assert_eq!(rules.matches("jump services").count(), 2, "{rules}");
+                assert_eq!(rules.matches("hook prerouting").count(), 1, "{rules}");
+            }
+        }
+    }
+    fn mode(self) -> &'static str {
+        match self {
+            Backend::Iptables => "--proxy-mode=iptables",
+            Backend::Nftables => "--proxy-mode=nftables",
+        }
+    }
 }
 
 /// Sends `n` datagrams to `ip:port` from the namespace `node`, each from a fresh socket.
@@ -86,7 +161,16 @@ fn send_udp(node: &str, ip: std::net::Ipv4Addr, port: u16, n: usize) {
 
 #[test]
 fn services_on_iptables() {
-    let c = Cluster::up_with("proxy", 2, &[], &["--sync-period=3s"]);
+    suite(Backend::Iptables, "pxipt");
+}
+
+#[test]
+fn services_on_nftables() {
+    suite(Backend::Nftables, "pxnft");
+}
+
+fn suite(be: Backend, hint: &str) {
+    let c = Cluster::up_with(hint, 2, &[], &["--sync-period=3s", be.mode()]);
     c.apply(&WEB.replace("IMAGE", BUSYBOX));
     let pods = c.wait_ready("app=web", 4, 90);
     let names: BTreeSet<String> = pods.iter().map(|p| p.0.clone()).collect();
@@ -104,11 +188,13 @@ fn services_on_iptables() {
         seen.insert(a);
     }
     assert!(seen.len() >= 3, "40 requests reached only {seen:?}");
-    let rules = iptables_save(n1);
-    assert!(
-        rules.contains("-j KUBE-SERVICES") && rules.contains("KUBE-SVC-"),
-        "{rules}"
-    );
+    let rules = be.rules(n1);
+    assert!(be.programmed(&rules, &vip), "{rules}");
+    let other = match be {
+        Backend::Iptables => in_node(n1, &["nft", "list", "table", "ip", "keelson"]).0,
+        Backend::Nftables => iptables_save(n1).contains("KUBE-SVC-"),
+    };
+    assert!(!other, "only one backend programs the node");
 
     // From a pod on node2 (pod → node → DNAT → maybe the other node).
     c.ok(&[
@@ -168,7 +254,7 @@ fn services_on_iptables() {
         "{\"spec\":{\"sessionAffinity\":\"ClientIP\",\"externalTrafficPolicy\":\"Cluster\"}}",
     ]);
     c.until(20, "affinity to be programmed", || {
-        iptables_save(n1).contains("--rcheck --seconds 10800")
+        be.affinity(&be.rules(n1))
     });
     let a: BTreeSet<String> = answers(&c, n1, &url, 15).into_iter().collect();
     assert_eq!(a.len(), 1, "with ClientIP affinity one pod answers: {a:?}");
@@ -193,24 +279,10 @@ fn services_on_iptables() {
     });
 
     // Someone flushes the Service chain: the periodic full sync puts it back.
-    let flush = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            n1,
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-F",
-            "KUBE-SERVICES",
-        ])
-        .status()
-        .unwrap();
-    assert!(flush.success());
+    be.flush(n1);
     // (Read at once: the resync runs every 3 s.)
     assert!(
-        !iptables_save(n1).contains(&format!("-A KUBE-SERVICES -d {vip}/32")),
+        !be.programmed(&be.rules(n1), &vip),
         "flushed: the VIP's rule is gone"
     );
     c.until(45, "the flushed rules to be repaired", || {
@@ -222,16 +294,7 @@ fn services_on_iptables() {
     assert!(get(&c, n1, &url).0.is_some(), "rules outlive the agent");
     c.lab("start", n1);
     std::thread::sleep(Duration::from_secs(3));
-    let rules = iptables_save(n1);
-    assert_eq!(
-        rules
-            .matches(
-                "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
-            )
-            .count(),
-        1,
-        "{rules}"
-    );
+    be.hooks_once(n1);
     assert!(get(&c, n1, &url).0.is_some());
 
     // UDP: when an endpoint goes, the conntrack entries of flows to it are deleted, so a
@@ -244,7 +307,7 @@ fn services_on_iptables() {
         .parse()
         .unwrap();
     c.until(30, "the UDP Service's rules", || {
-        iptables_save(n1).contains(&format!("-d {uvip}/32 -p udp"))
+        be.udp(&be.rules(n1), uvip)
     });
     let conntrack = || {
         String::from_utf8_lossy(
@@ -319,4 +382,9 @@ fn services_on_iptables() {
     );
     let rules = iptables_save(n1);
     assert!(!rules.contains("KUBE-"), "left behind:\n{rules}");
+    let (_, ruleset) = in_node(n1, &["nft", "list", "ruleset"]);
+    assert!(
+        !ruleset.contains("table ip keelson"),
+        "left behind:\n{ruleset}"
+    );
 }

@@ -8,6 +8,7 @@
 pub mod iptables;
 pub mod model;
 pub mod nft;
+pub mod nftables;
 
 use std::{
     collections::BTreeSet,
@@ -26,6 +27,20 @@ use model::{Model, Proto};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Iptables,
+    Nftables,
+}
+
+impl Mode {
+    /// nftables where the kernel takes nf_tables transactions, else iptables (the default of
+    /// `--proxy-mode`). Probes in the calling thread's network namespace.
+    pub fn detect() -> Mode {
+        if nftables::supported() {
+            Mode::Nftables
+        } else {
+            tracing::warn!("nf_tables is not usable here; the proxy uses iptables");
+            Mode::Iptables
+        }
+    }
 }
 
 impl std::str::FromStr for Mode {
@@ -33,10 +48,7 @@ impl std::str::FromStr for Mode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "iptables" => Ok(Mode::Iptables),
-            "nftables" => Err(
-                "--proxy-mode nftables: the nftables backend is not built yet (issue 6); use iptables"
-                    .into(),
-            ),
+            "nftables" => Ok(Mode::Nftables),
             o => Err(format!("--proxy-mode {o:?}: iptables or nftables")),
         }
     }
@@ -55,30 +67,80 @@ pub struct ProxyConfig {
     pub sync_period: Duration,
 }
 
-/// The iptables state last loaded.
-struct Backend {
-    loaded: Option<iptables::Rendered>,
+/// What was loaded last, per backend.
+enum Backend {
+    Iptables(Option<iptables::Rendered>),
+    Nftables(Option<nftables::Rendered>),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Iptables(#[from] iptables::IptError),
+    #[error(transparent)]
+    Nftables(#[from] nft::NftError),
 }
 
 impl Backend {
+    fn new(mode: Mode) -> Self {
+        match mode {
+            Mode::Iptables => Backend::Iptables(None),
+            Mode::Nftables => Backend::Nftables(None),
+        }
+    }
+
+    /// Removes what an earlier run left: the other backend's rules, and (nftables) the table.
+    fn clean_start(&self) -> Result<(), SyncError> {
+        match self {
+            Backend::Iptables(_) => {
+                if let Err(e) = nftables::cleanup() {
+                    tracing::debug!(error = %e, "removing the nftables table");
+                }
+            }
+            Backend::Nftables(_) => {
+                if let Err(e) = iptables::cleanup() {
+                    tracing::debug!(error = %e, "removing iptables rules");
+                }
+                nftables::cleanup()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies `m`: a delta against what was loaded, or a full sync (every chain rewritten,
-    /// chains of an earlier run that are not wanted removed).
-    fn apply(&mut self, m: &Model, cidr: Ipv4Net, full: bool) -> Result<(), iptables::IptError> {
-        let new = iptables::render(m, cidr);
-        let old = if full {
-            Some(existing_chains()?)
-        } else {
-            self.loaded.clone()
-        };
-        if old.as_ref() == Some(&new) {
-            return Ok(());
+    /// leftovers of an earlier run and whatever someone changed repaired).
+    fn apply(&mut self, m: &Model, cidr: Ipv4Net, full: bool) -> Result<(), SyncError> {
+        match self {
+            Backend::Iptables(loaded) => {
+                let new = iptables::render(m, cidr);
+                let old = if full {
+                    Some(existing_chains()?)
+                } else {
+                    loaded.clone()
+                };
+                if old.as_ref() == Some(&new) {
+                    return Ok(());
+                }
+                let input = iptables::restore_input(old.as_ref(), &new);
+                iptables::restore(&input)?;
+                if full {
+                    iptables::ensure_jumps()?;
+                }
+                *loaded = Some(new);
+            }
+            Backend::Nftables(loaded) => {
+                let new = nftables::render(m, cidr);
+                if !full && loaded.as_ref() == Some(&new) {
+                    return Ok(());
+                }
+                let tx = nftables::transaction(loaded.as_ref(), &new, full);
+                if let Err(e) = tx.commit() {
+                    *loaded = None;
+                    return Err(e.into());
+                }
+                *loaded = Some(new);
+            }
         }
-        let input = iptables::restore_input(old.as_ref(), &new);
-        iptables::restore(&input)?;
-        if full {
-            iptables::ensure_jumps()?;
-        }
-        self.loaded = Some(new);
         Ok(())
     }
 }
@@ -141,7 +203,8 @@ pub async fn run(
     let _ = services.store.wait_until_ready().await;
     let _ = slices.store.wait_until_ready().await;
     let (mut a, mut b) = (services.changed.clone(), slices.changed.clone());
-    let mut backend = Backend { loaded: None };
+    let mut backend = Backend::new(cfg.mode);
+    backend.clean_start()?;
     let mut current = Model::default();
     let mut last_full: Option<Instant> = None;
     tokio::pin!(shutdown);
@@ -192,5 +255,6 @@ pub async fn run(
 /// `keelson proxy --cleanup`: removes every rule and chain keelson's proxy installed.
 pub fn cleanup() -> anyhow::Result<()> {
     iptables::cleanup()?;
+    nftables::cleanup()?;
     Ok(())
 }

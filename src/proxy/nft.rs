@@ -22,20 +22,28 @@ pub const NFPROTO_IPV4: u8 = 2;
 const NEWTABLE: u16 = 0;
 const DELTABLE: u16 = 2;
 const NEWCHAIN: u16 = 3;
+const DELCHAIN: u16 = 5;
 const NEWRULE: u16 = 6;
+const DELRULE: u16 = 8;
 const NEWSET: u16 = 9;
+const DELSET: u16 = 11;
 const NEWSETELEM: u16 = 12;
 const DELSETELEM: u16 = 14;
 
 /// Set flags. (A concatenated key in a hash set needs no flag; NFT_SET_CONCAT is for interval
 /// sets and requires a field description, which this layer does not send.)
 pub const SET_MAP: u32 = 0x8;
+/// Elements expire (per-element timeouts).
+pub const SET_TIMEOUT: u32 = 0x10;
+/// Elements are added from the packet path (`update @set`).
+pub const SET_EVAL: u32 = 0x20;
 /// The data type of a verdict map.
 pub const DATA_VERDICT: u32 = 0xffff_ff00;
 /// nft's data type ids (for `nft list` to print keys), and how they concatenate.
 pub const TYPE_IPADDR: u32 = 7;
 pub const TYPE_INET_PROTOCOL: u32 = 12;
 pub const TYPE_INET_SERVICE: u32 = 13;
+pub const TYPE_MARK: u32 = 19;
 pub fn concat_type(parts: &[u32]) -> u32 {
     parts.iter().fold(0, |acc, t| (acc << 6) | t)
 }
@@ -43,6 +51,7 @@ pub fn concat_type(parts: &[u32]) -> u32 {
 /// Verdict codes.
 pub const VERDICT_JUMP: i32 = -3;
 pub const VERDICT_GOTO: i32 = -4;
+pub const VERDICT_RETURN: i32 = -5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -69,7 +78,19 @@ pub const REG32_00: u32 = 8;
 pub const BASE_NETWORK: u32 = 1;
 pub const BASE_TRANSPORT: u32 = 2;
 /// Meta keys.
+pub const META_MARK: u32 = 3;
 pub const META_L4PROTO: u32 = 16;
+/// Comparison operators.
+pub const CMP_EQ: u32 = 0;
+pub const CMP_NEQ: u32 = 1;
+/// Conntrack keys, and the `ct state new` bit.
+pub const CT_STATE: u32 = 0;
+pub const CT_STATE_NEW: u32 = 8;
+/// `fib daddr type`: the address type result, and the kernel's RTN_LOCAL.
+pub const FIB_ADDRTYPE_DADDR: (u32, u32) = (3, 2);
+pub const RTN_LOCAL: u32 = 2;
+/// Masquerade with fully random source ports (NF_NAT_RANGE_PROTO_RANDOM_FULLY).
+pub const NAT_RANDOM_FULLY: u32 = 0x10;
 /// Netfilter hooks (inet family numbering).
 pub const HOOK_PREROUTING: u32 = 0;
 pub const HOOK_OUTPUT: u32 = 3;
@@ -98,6 +119,31 @@ pub enum Expr {
     Numgen { dreg: u32, modulus: u32 },
     /// Destination NAT to the address in `addr` and the port in `port`.
     Dnat { addr: u32, port: Option<u32> },
+    /// Compare `sreg` with `data`; the rule stops here unless it holds.
+    Cmp { sreg: u32, op: u32, data: Vec<u8> },
+    /// `dreg = (sreg & mask) ^ xor` over `mask.len()` bytes.
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    /// Load a conntrack key into `dreg`.
+    Ct { dreg: u32, key: u32 },
+    /// A FIB lookup: (result, flags) such as [`FIB_ADDRTYPE_DADDR`], into `dreg`.
+    Fib { dreg: u32, result: u32, flags: u32 },
+    /// Set a meta key from `sreg`.
+    MetaSet { key: u32, sreg: u32 },
+    /// Source NAT to the outgoing interface's address.
+    Masq { flags: u32 },
+    /// Reject with ICMP port unreachable.
+    Reject,
+    /// Add or refresh `sreg_key` in the dynamic set `set`, with a timeout.
+    Dynset {
+        set: String,
+        sreg_key: u32,
+        timeout_ms: u64,
+    },
 }
 
 fn expr(b: &mut Vec<u8>, e: &Expr) {
@@ -157,6 +203,79 @@ fn expr(b: &mut Vec<u8>, e: &Expr) {
                 if let Some(p) = port {
                     attr_be32(b, 5, *p);
                 }
+            });
+        }
+        Expr::Cmp { sreg, op, data: d } => {
+            attr_str(b, 1, "cmp");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, *sreg);
+                attr_be32(b, 2, *op);
+                data(b, 3, &Data::Value(d.clone()));
+            });
+        }
+        Expr::Bitwise {
+            sreg,
+            dreg,
+            mask,
+            xor,
+        } => {
+            attr_str(b, 1, "bitwise");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, *sreg);
+                attr_be32(b, 2, *dreg);
+                attr_be32(b, 3, mask.len() as u32);
+                data(b, 4, &Data::Value(mask.clone()));
+                data(b, 5, &Data::Value(xor.clone()));
+            });
+        }
+        Expr::Ct { dreg, key } => {
+            attr_str(b, 1, "ct");
+            nested(b, 2, |b| {
+                attr_be32(b, 2, *key);
+                attr_be32(b, 1, *dreg);
+            });
+        }
+        Expr::Fib {
+            dreg,
+            result,
+            flags,
+        } => {
+            attr_str(b, 1, "fib");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, *dreg);
+                attr_be32(b, 2, *result);
+                attr_be32(b, 3, *flags);
+            });
+        }
+        Expr::MetaSet { key, sreg } => {
+            attr_str(b, 1, "meta");
+            nested(b, 2, |b| {
+                attr_be32(b, 2, *key);
+                attr_be32(b, 3, *sreg);
+            });
+        }
+        Expr::Masq { flags } => {
+            attr_str(b, 1, "masq");
+            nested(b, 2, |b| attr_be32(b, 1, *flags));
+        }
+        Expr::Reject => {
+            attr_str(b, 1, "reject");
+            nested(b, 2, |b| {
+                attr_be32(b, 1, 0); // NFT_REJECT_ICMP_UNREACH
+                attr(b, 2, &[3]); // port unreachable
+            });
+        }
+        Expr::Dynset {
+            set,
+            sreg_key,
+            timeout_ms,
+        } => {
+            attr_str(b, 1, "dynset");
+            nested(b, 2, |b| {
+                attr_str(b, 1, set);
+                attr_be32(b, 3, 1); // NFT_DYNSET_OP_UPDATE
+                attr_be32(b, 4, *sreg_key);
+                attr(b, 6, &timeout_ms.to_be_bytes());
             });
         }
     });
@@ -298,6 +417,15 @@ impl Batch {
         );
     }
 
+    /// Messages in the transaction so far.
+    pub fn len(&self) -> usize {
+        self.what.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.what.is_empty()
+    }
+
     /// `add table ip NAME` (no error if it exists).
     pub fn add_table(&mut self, name: &str) {
         self.msg(NEWTABLE, format!("table {name}"), |b| attr_str(b, 1, name));
@@ -322,6 +450,38 @@ impl Batch {
                 });
                 attr_str(b, 7, ty);
             }
+        });
+    }
+
+    /// `delete chain` (it must be empty and unreferenced by the end of the transaction).
+    pub fn del_chain(&mut self, table: &str, name: &str) {
+        self.msg(DELCHAIN, format!("delete chain {table} {name}"), |b| {
+            attr_str(b, 1, table);
+            attr_str(b, 3, name);
+        });
+    }
+
+    /// `flush chain`: removes every rule of the chain.
+    pub fn flush_chain(&mut self, table: &str, name: &str) {
+        self.msg(DELRULE, format!("flush chain {table} {name}"), |b| {
+            attr_str(b, 1, table);
+            attr_str(b, 2, name);
+        });
+    }
+
+    /// `delete set` (unreferenced by the end of the transaction).
+    pub fn del_set(&mut self, table: &str, name: &str) {
+        self.msg(DELSET, format!("delete set {table} {name}"), |b| {
+            attr_str(b, 1, table);
+            attr_str(b, 2, name);
+        });
+    }
+
+    /// `flush set`: removes every element.
+    pub fn flush_set(&mut self, table: &str, name: &str) {
+        self.msg(DELSETELEM, format!("flush set {table} {name}"), |b| {
+            attr_str(b, 1, table);
+            attr_str(b, 2, name);
         });
     }
 

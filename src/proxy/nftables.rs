@@ -1,0 +1,904 @@
+//! The nftables backend: the model rendered into one table, `ip keelson`, whose size in chains
+//! does not grow with the number of Services or endpoints. Every Service is a handful of map
+//! elements:
+//!
+//! - `vip-dispatch` (`ip daddr . meta l4proto . th dport` → `goto <kind>-<N>`) and
+//!   `np-dispatch` (`meta l4proto . th dport`, for node ports) pick a *pick chain* shared by
+//!   every Service of the same kind with N endpoints;
+//! - the pick chain marks for masquerade as the kind requires and DNATs through
+//!   `dnat to ip daddr . meta l4proto . th dport . numgen random mod N map @vip-backends`, whose
+//!   elements map each Service address and index to an endpoint's `ip . port`;
+//! - `pod-vip-*` / `pod-np-*` carry pods' traffic to externalTrafficPolicy: Local Services,
+//!   which kube-proxy sends to every endpoint rather than only local ones;
+//! - `no-endpoint-vips` / `no-endpoint-nps` reject new connections at once (ICMP port
+//!   unreachable) when a Service has nothing to serve them;
+//! - `hairpin` (`endpoint ip . endpoint ip`) masquerades a pod reaching itself through its
+//!   Service, and the mark bit 0x4000 masquerades what kube-proxy masquerades.
+//!
+//! `sessionAffinity: ClientIP` (rare) uses kube-proxy's nftables layout for those Services only:
+//! a chain per Service address that sends a client found in an endpoint's dynamic `ip saddr`
+//! set (with the affinity timeout) to that endpoint's chain, which refreshes the entry.
+//!
+//! The number of chains is bounded by the distinct endpoint counts in use (times 7 kinds) plus
+//! the affinity Services' chains, so the kernel's chain validation stays cheap, and a packet
+//! costs the same few hash lookups at 10 or 10,000 Services. Every rule is self-contained (no
+//! register is carried across rules or chains) and built from expressions `nft list` prints.
+//! A sync is one netlink transaction: a delta against what was loaded, or a full rewrite of
+//! every chain and map (the periodic repair), which keeps the affinity entries.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::Ipv4Net;
+use sha2::{Digest, Sha256};
+
+use super::{
+    model::{Endpoint, Model, ServicePort},
+    nft::{
+        BASE_NETWORK, BASE_TRANSPORT, Batch, CMP_EQ, CMP_NEQ, CT_STATE, CT_STATE_NEW, DATA_VERDICT,
+        Data, Expr, FIB_ADDRTYPE_DADDR, META_L4PROTO, META_MARK, NAT_RANDOM_FULLY, NftError,
+        REG_VERDICT, REG32_00, RTN_LOCAL, SET_EVAL, SET_TIMEOUT, TYPE_INET_PROTOCOL,
+        TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_MARK, VERDICT_GOTO, VERDICT_JUMP, VERDICT_RETURN,
+        concat_type, load_vip_key, vip_key,
+    },
+};
+
+/// The table keelson owns.
+pub const TABLE: &str = "keelson";
+/// The masquerade mark bit (kube-proxy's).
+const MASQ_MARK: u32 = 0x4000;
+
+const HOOK_PREROUTING: u32 = 0;
+const HOOK_INPUT: u32 = 1;
+const HOOK_FORWARD: u32 = 2;
+const HOOK_OUTPUT: u32 = 3;
+const HOOK_POSTROUTING: u32 = 4;
+
+/// 32-bit registers by index.
+const fn r(i: u32) -> u32 {
+    REG32_00 + i
+}
+
+/// How traffic reaches a pick chain: which key finds the Service, which maps hold it, and
+/// whether it is marked for masquerade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Kind {
+    /// ClusterIP: masquerade traffic from outside the cluster CIDR.
+    Cluster,
+    /// External IPs and LoadBalancer IPs: masquerade everything.
+    External,
+    /// External IPs with externalTrafficPolicy: Local: keep the client's address.
+    ExternalLocal,
+    /// Node ports.
+    NodePort,
+    NodePortLocal,
+    /// Pods' traffic to an externalTrafficPolicy: Local Service's external address / node port.
+    PodVip,
+    PodNodePort,
+}
+
+impl Kind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Cluster => "cluster",
+            Kind::External => "external",
+            Kind::ExternalLocal => "external-local",
+            Kind::NodePort => "nodeport",
+            Kind::NodePortLocal => "nodeport-local",
+            Kind::PodVip => "pod-external",
+            Kind::PodNodePort => "pod-nodeport",
+        }
+    }
+    /// Node-port kinds key on `meta l4proto . th dport` only.
+    fn node_port(self) -> bool {
+        matches!(
+            self,
+            Kind::NodePort | Kind::NodePortLocal | Kind::PodNodePort
+        )
+    }
+    fn pod(self) -> bool {
+        matches!(self, Kind::PodVip | Kind::PodNodePort)
+    }
+    fn dispatch(self) -> &'static str {
+        match (self.pod(), self.node_port()) {
+            (true, true) => "pod-np-dispatch",
+            (true, false) => "pod-vip-dispatch",
+            (false, true) => "np-dispatch",
+            (false, false) => "vip-dispatch",
+        }
+    }
+    fn backends(self) -> &'static str {
+        match (self.pod(), self.node_port()) {
+            (true, true) => "pod-np-backends",
+            (true, false) => "pod-vip-backends",
+            (false, true) => "np-backends",
+            (false, false) => "vip-backends",
+        }
+    }
+    /// The rule that marks for masquerade, if this kind has one.
+    fn masquerade(self, cidr: Ipv4Net) -> Option<Vec<Expr>> {
+        match self {
+            Kind::Cluster => {
+                let mut m = saddr_in(cidr, false);
+                m.push(jump("mark-for-masquerade"));
+                Some(m)
+            }
+            Kind::External | Kind::NodePort => Some(vec![jump("mark-for-masquerade")]),
+            _ => None,
+        }
+    }
+    /// The expressions loading this kind's key into r0...
+    fn key(self) -> Vec<Expr> {
+        if self.node_port() {
+            load_np_key()
+        } else {
+            load_vip_key()
+        }
+    }
+}
+
+/// A set or map of the table: name, flags, key (type, length), data (type, length).
+type SetDef = (&'static str, u32, (u32, u32), Option<(u32, u32)>);
+
+fn set_defs() -> Vec<SetDef> {
+    let vip = (
+        concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+        12,
+    );
+    let np = (concat_type(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]), 8);
+    let vip_i = (
+        concat_type(&[
+            TYPE_IPADDR,
+            TYPE_INET_PROTOCOL,
+            TYPE_INET_SERVICE,
+            TYPE_MARK,
+        ]),
+        16,
+    );
+    let np_i = (
+        concat_type(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_MARK]),
+        12,
+    );
+    let verdict = Some((DATA_VERDICT, 0));
+    let ep = Some((concat_type(&[TYPE_IPADDR, TYPE_INET_SERVICE]), 8));
+    vec![
+        ("vip-dispatch", 0, vip, verdict),
+        ("pod-vip-dispatch", 0, vip, verdict),
+        ("np-dispatch", 0, np, verdict),
+        ("pod-np-dispatch", 0, np, verdict),
+        ("vip-backends", 0, vip_i, ep),
+        ("pod-vip-backends", 0, vip_i, ep),
+        ("np-backends", 0, np_i, ep),
+        ("pod-np-backends", 0, np_i, ep),
+        (
+            "hairpin",
+            0,
+            (concat_type(&[TYPE_IPADDR, TYPE_IPADDR]), 8),
+            None,
+        ),
+        ("no-endpoint-vips", 0, vip, None),
+        ("no-endpoint-nps", 0, np, None),
+    ]
+}
+
+/// A chain: its hook (number, priority, type) if it is a base chain, and its rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub hook: Option<(u32, i32, &'static str)>,
+    pub rules: Vec<Vec<Expr>>,
+}
+
+/// Elements of one set or map: key → data.
+pub type Elems = BTreeMap<Vec<u8>, Option<Data>>;
+
+/// The rendered table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rendered {
+    pub chains: BTreeMap<String, Chain>,
+    /// The fixed sets and maps (see [`set_defs`]) and their elements.
+    pub sets: BTreeMap<&'static str, Elems>,
+    /// Per-endpoint client sets of affinity Services (filled from the packet path).
+    pub affinity_sets: BTreeSet<String>,
+}
+
+fn verdict(code: i32, chain: &str) -> Data {
+    Data::Verdict {
+        code,
+        chain: Some(chain.to_string()),
+    }
+}
+
+fn jump(chain: &str) -> Expr {
+    Expr::Immediate {
+        dreg: REG_VERDICT,
+        data: verdict(VERDICT_JUMP, chain),
+    }
+}
+
+fn goto(chain: &str) -> Expr {
+    Expr::Immediate {
+        dreg: REG_VERDICT,
+        data: verdict(VERDICT_GOTO, chain),
+    }
+}
+
+/// `ip saddr` (not) in `cidr`, through a scratch register.
+fn saddr_in(cidr: Ipv4Net, inside: bool) -> Vec<Expr> {
+    vec![
+        Expr::Payload {
+            dreg: r(15),
+            base: BASE_NETWORK,
+            offset: 12,
+            len: 4,
+        },
+        Expr::Bitwise {
+            sreg: r(15),
+            dreg: r(15),
+            mask: cidr.netmask().octets().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: r(15),
+            op: if inside { CMP_EQ } else { CMP_NEQ },
+            data: cidr.network().octets().to_vec(),
+        },
+    ]
+}
+
+/// `meta l4proto . th dport` into r0, r1.
+fn load_np_key() -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            dreg: r(0),
+            key: META_L4PROTO,
+        },
+        Expr::Payload {
+            dreg: r(1),
+            base: BASE_TRANSPORT,
+            offset: 2,
+            len: 2,
+        },
+    ]
+}
+
+fn np_key(proto: u8, port: u16) -> Vec<u8> {
+    let mut k = vec![proto, 0, 0, 0];
+    k.extend_from_slice(&port.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k
+}
+
+fn ep_data(e: &Endpoint) -> Vec<u8> {
+    let mut d = e.ip.octets().to_vec();
+    d.extend_from_slice(&e.port.to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d
+}
+
+fn lookup(set: &str, sreg: u32, dreg: Option<u32>) -> Expr {
+    Expr::Lookup {
+        set: set.into(),
+        sreg,
+        dreg,
+    }
+}
+
+/// `fib daddr type local` (into a scratch register).
+fn daddr_local() -> Vec<Expr> {
+    vec![
+        Expr::Fib {
+            dreg: r(15),
+            result: FIB_ADDRTYPE_DADDR.0,
+            flags: FIB_ADDRTYPE_DADDR.1,
+        },
+        Expr::Cmp {
+            sreg: r(15),
+            op: CMP_EQ,
+            data: RTN_LOCAL.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+fn mark_load_masked(mask: u32, xor: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            dreg: r(15),
+            key: META_MARK,
+        },
+        Expr::Bitwise {
+            sreg: r(15),
+            dreg: r(15),
+            mask: mask.to_ne_bytes().to_vec(),
+            xor: xor.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+/// The fixed chains (hooks, dispatch, masquerading, reject checks).
+fn base_chains(cidr: Ipv4Net) -> BTreeMap<String, Chain> {
+    let mut c = BTreeMap::new();
+    let mut add = |name: &str, hook: Option<(u32, i32, &'static str)>, rules: Vec<Vec<Expr>>| {
+        c.insert(name.to_string(), Chain { hook, rules });
+    };
+    add(
+        "nat-prerouting",
+        Some((HOOK_PREROUTING, -100, "nat")),
+        vec![vec![jump("services")]],
+    );
+    add(
+        "nat-output",
+        Some((HOOK_OUTPUT, -100, "nat")),
+        vec![vec![jump("services")]],
+    );
+    add(
+        "nat-postrouting",
+        Some((HOOK_POSTROUTING, 100, "nat")),
+        vec![vec![jump("masquerading")]],
+    );
+    let new_conn = vec![
+        Expr::Ct {
+            dreg: r(15),
+            key: CT_STATE,
+        },
+        Expr::Bitwise {
+            sreg: r(15),
+            dreg: r(15),
+            mask: CT_STATE_NEW.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: r(15),
+            op: CMP_NEQ,
+            data: vec![0; 4],
+        },
+        jump("endpoints-check"),
+    ];
+    for (name, hook) in [
+        ("filter-input", HOOK_INPUT),
+        ("filter-forward", HOOK_FORWARD),
+        ("filter-output", HOOK_OUTPUT),
+    ] {
+        add(name, Some((hook, -110, "filter")), vec![new_conn.clone()]);
+    }
+    let mut vip_reject = load_vip_key();
+    vip_reject.extend([lookup("no-endpoint-vips", r(0), None), Expr::Reject]);
+    let mut np_reject = daddr_local();
+    np_reject.extend(load_np_key());
+    np_reject.extend([lookup("no-endpoint-nps", r(0), None), Expr::Reject]);
+    add("endpoints-check", None, vec![vip_reject, np_reject]);
+
+    let mut pod_vip = saddr_in(cidr, true);
+    pod_vip.extend(load_vip_key());
+    pod_vip.push(lookup("pod-vip-dispatch", r(0), Some(REG_VERDICT)));
+    let mut vip = load_vip_key();
+    vip.push(lookup("vip-dispatch", r(0), Some(REG_VERDICT)));
+    let mut to_np = daddr_local();
+    to_np.extend([
+        Expr::Payload {
+            dreg: r(14),
+            base: BASE_NETWORK,
+            offset: 16,
+            len: 4,
+        },
+        Expr::Bitwise {
+            sreg: r(14),
+            dreg: r(14),
+            mask: vec![255, 0, 0, 0],
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: r(14),
+            op: CMP_NEQ,
+            data: vec![127, 0, 0, 0],
+        },
+        goto("nodeports"),
+    ]);
+    add("services", None, vec![pod_vip, vip, to_np]);
+    let mut pod_np = saddr_in(cidr, true);
+    pod_np.extend(load_np_key());
+    pod_np.push(lookup("pod-np-dispatch", r(0), Some(REG_VERDICT)));
+    let mut np = load_np_key();
+    np.push(lookup("np-dispatch", r(0), Some(REG_VERDICT)));
+    add("nodeports", None, vec![pod_np, np]);
+
+    let mut set_mark = mark_load_masked(!MASQ_MARK, MASQ_MARK);
+    set_mark.push(Expr::MetaSet {
+        key: META_MARK,
+        sreg: r(15),
+    });
+    add("mark-for-masquerade", None, vec![set_mark]);
+    let hairpin = vec![
+        Expr::Payload {
+            dreg: r(0),
+            base: BASE_NETWORK,
+            offset: 12,
+            len: 4,
+        },
+        Expr::Payload {
+            dreg: r(1),
+            base: BASE_NETWORK,
+            offset: 16,
+            len: 4,
+        },
+        lookup("hairpin", r(0), None),
+        Expr::Masq {
+            flags: NAT_RANDOM_FULLY,
+        },
+    ];
+    let mut unmarked = mark_load_masked(MASQ_MARK, 0);
+    unmarked.extend([
+        Expr::Cmp {
+            sreg: r(15),
+            op: CMP_EQ,
+            data: vec![0; 4],
+        },
+        Expr::Immediate {
+            dreg: REG_VERDICT,
+            data: Data::Verdict {
+                code: VERDICT_RETURN,
+                chain: None,
+            },
+        },
+    ]);
+    let mut clear = mark_load_masked(u32::MAX, MASQ_MARK);
+    clear.push(Expr::MetaSet {
+        key: META_MARK,
+        sreg: r(15),
+    });
+    let masq = vec![Expr::Masq {
+        flags: NAT_RANDOM_FULLY,
+    }];
+    add("masquerading", None, vec![hairpin, unmarked, clear, masq]);
+    c
+}
+
+/// A pick chain shared by every Service of kind `k` with `n` endpoints: mark for masquerade
+/// as the kind requires, then DNAT to `key . numgen random mod n` looked up in the backends.
+fn pick_chain(k: Kind, n: usize, cidr: Ipv4Net) -> Chain {
+    let mut rules: Vec<Vec<Expr>> = k.masquerade(cidr).into_iter().collect();
+    let mut p = k.key();
+    // The index goes right after the key: r3 after a VIP key, r2 after a node-port key.
+    let idx = if k.node_port() { r(2) } else { r(3) };
+    p.extend([
+        Expr::Numgen {
+            dreg: idx,
+            modulus: n as u32,
+        },
+        lookup(k.backends(), r(0), Some(r(4))),
+        Expr::Dnat {
+            addr: r(4),
+            port: Some(r(5)),
+        },
+    ]);
+    rules.push(p);
+    Chain { hook: None, rules }
+}
+
+fn short_hash(s: &str) -> String {
+    hex::encode(&Sha256::digest(s.as_bytes())[..6])
+}
+
+/// DNAT to one endpoint (constants).
+fn dnat_to(e: &Endpoint) -> Vec<Expr> {
+    vec![
+        Expr::Immediate {
+            dreg: r(0),
+            data: Data::Value(e.ip.octets().to_vec()),
+        },
+        Expr::Immediate {
+            dreg: r(1),
+            data: Data::Value(e.port.to_be_bytes().to_vec()),
+        },
+        Expr::Dnat {
+            addr: r(0),
+            port: Some(r(1)),
+        },
+    ]
+}
+
+struct Builder {
+    cidr: Ipv4Net,
+    sets: BTreeMap<&'static str, Elems>,
+    chains: BTreeMap<String, Chain>,
+    affinity_sets: BTreeSet<String>,
+}
+
+impl Builder {
+    fn put(&mut self, set: &'static str, k: Vec<u8>, d: Option<Data>) {
+        if let Some(s) = self.sets.get_mut(set) {
+            s.insert(k, d);
+        }
+    }
+
+    /// A frontend (`key`, of kind `k`) of Service port `p`, served by `eps` (not empty).
+    fn target(&mut self, p: &ServicePort, k: Kind, key: Vec<u8>, eps: &[Endpoint]) {
+        let chain = match p.affinity_seconds {
+            None => {
+                let name = format!("{}-{}", k.prefix(), eps.len());
+                if !self.chains.contains_key(&name) {
+                    let c = pick_chain(k, eps.len(), self.cidr);
+                    self.chains.insert(name.clone(), c);
+                }
+                for (i, e) in eps.iter().enumerate() {
+                    let mut bk = key.clone();
+                    bk.extend_from_slice(&(i as u32).to_ne_bytes());
+                    self.put(k.backends(), bk, Some(Data::Value(ep_data(e))));
+                }
+                name
+            }
+            Some(t) => self.affinity(p, k, &key, eps, t),
+        };
+        self.put(k.dispatch(), key, Some(verdict(VERDICT_GOTO, &chain)));
+    }
+
+    /// kube-proxy's affinity layout for one frontend: a client in an endpoint's set goes to
+    /// that endpoint; others are spread at random and remembered.
+    fn affinity(
+        &mut self,
+        p: &ServicePort,
+        k: Kind,
+        key: &[u8],
+        eps: &[Endpoint],
+        timeout: u32,
+    ) -> String {
+        let h = short_hash(&format!("{}{}{}", p.name, k.prefix(), hex::encode(key)));
+        let chain = format!("affinity-{h}");
+        let mut rules: Vec<Vec<Expr>> = k.masquerade(self.cidr).into_iter().collect();
+        let mut ep_chains = vec![];
+        for e in eps {
+            let name = format!(
+                "affinity-{h}-{}",
+                short_hash(&format!("{}:{}", e.ip, e.port))
+            );
+            rules.push(vec![
+                Expr::Payload {
+                    dreg: r(0),
+                    base: BASE_NETWORK,
+                    offset: 12,
+                    len: 4,
+                },
+                lookup(&name, r(0), None),
+                goto(&name),
+            ]);
+            let mut ep_rules = vec![
+                Expr::Payload {
+                    dreg: r(0),
+                    base: BASE_NETWORK,
+                    offset: 12,
+                    len: 4,
+                },
+                Expr::Dynset {
+                    set: name.clone(),
+                    sreg_key: r(0),
+                    timeout_ms: u64::from(timeout) * 1000,
+                },
+            ];
+            ep_rules.extend(dnat_to(e));
+            self.chains.insert(
+                name.clone(),
+                Chain {
+                    hook: None,
+                    rules: vec![ep_rules],
+                },
+            );
+            self.affinity_sets.insert(name.clone());
+            ep_chains.push(name);
+        }
+        // No memory yet: spread like kube-proxy's statistic rules, one chance per endpoint.
+        let n = ep_chains.len();
+        for (i, name) in ep_chains.iter().enumerate() {
+            let left = (n - i) as u32;
+            if left > 1 {
+                rules.push(vec![
+                    Expr::Numgen {
+                        dreg: r(0),
+                        modulus: left,
+                    },
+                    Expr::Cmp {
+                        sreg: r(0),
+                        op: CMP_EQ,
+                        data: 0u32.to_ne_bytes().to_vec(),
+                    },
+                    goto(name),
+                ]);
+            } else {
+                rules.push(vec![goto(name)]);
+            }
+        }
+        self.chains
+            .insert(chain.clone(), Chain { hook: None, rules });
+        chain
+    }
+}
+
+/// Renders the model. `cluster_cidr`: traffic from outside it to a ClusterIP is masqueraded.
+pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
+    let mut o = Builder {
+        cidr: cluster_cidr,
+        sets: set_defs()
+            .into_iter()
+            .map(|d| (d.0, Elems::new()))
+            .collect(),
+        chains: base_chains(cluster_cidr),
+        affinity_sets: BTreeSet::new(),
+    };
+    for p in m.ports.values() {
+        let proto = p.proto.number();
+        if let Some(vip) = p.cluster_ip {
+            let key = vip_key(vip, proto, p.port);
+            if p.cluster_endpoints.is_empty() {
+                o.put("no-endpoint-vips", key, None);
+            } else {
+                o.target(p, Kind::Cluster, key, &p.cluster_endpoints);
+            }
+        }
+        let ext_keys: Vec<Vec<u8>> = p
+            .external_ips
+            .iter()
+            .map(|ip| vip_key(*ip, proto, p.port))
+            .collect();
+        let np = p.node_port.map(|n| np_key(proto, n));
+        if p.external_endpoints.is_empty() {
+            for k in ext_keys {
+                o.put("no-endpoint-vips", k, None);
+            }
+            if let Some(k) = np {
+                o.put("no-endpoint-nps", k, None);
+            }
+        } else {
+            let (kv, kn) = if p.external_local {
+                (Kind::ExternalLocal, Kind::NodePortLocal)
+            } else {
+                (Kind::External, Kind::NodePort)
+            };
+            let pods_to_cluster = p.external_local && !p.cluster_endpoints.is_empty();
+            for k in ext_keys {
+                if pods_to_cluster {
+                    o.target(p, Kind::PodVip, k.clone(), &p.cluster_endpoints);
+                }
+                o.target(p, kv, k, &p.external_endpoints);
+            }
+            if let Some(k) = np {
+                if pods_to_cluster {
+                    o.target(p, Kind::PodNodePort, k.clone(), &p.cluster_endpoints);
+                }
+                o.target(p, kn, k, &p.external_endpoints);
+            }
+        }
+        for e in p.all_endpoints() {
+            let mut k = e.ip.octets().to_vec();
+            k.extend_from_slice(&e.ip.octets());
+            o.put("hairpin", k, None);
+        }
+    }
+    Rendered {
+        chains: o.chains,
+        sets: o.sets,
+        affinity_sets: o.affinity_sets,
+    }
+}
+
+fn add_affinity_set(b: &mut Batch, name: &str) {
+    b.add_set(TABLE, name, SET_TIMEOUT | SET_EVAL, (TYPE_IPADDR, 4), None);
+}
+
+/// The transaction that turns `old` into `new`. With `full`, every chain and map is rewritten
+/// (whatever someone changed is repaired; the table is re-created if it was deleted); the
+/// affinity sets keep their clients.
+pub fn transaction(old: Option<&Rendered>, new: &Rendered, full: bool) -> Batch {
+    let mut b = Batch::new();
+    let empty = Rendered::default();
+    let old_r = old.unwrap_or(&empty);
+    if full || old.is_none() {
+        b.add_table(TABLE);
+        for (name, flags, key, data) in set_defs() {
+            b.add_set(TABLE, name, flags, key, data);
+        }
+    }
+    for name in &new.affinity_sets {
+        if full || !old_r.affinity_sets.contains(name) {
+            add_affinity_set(&mut b, name);
+        }
+    }
+    for (name, c) in &new.chains {
+        if full || !old_r.chains.contains_key(name) {
+            b.add_chain(TABLE, name, c.hook);
+        }
+    }
+    for (name, c) in &new.chains {
+        let before = old_r.chains.get(name);
+        if before == Some(c) && !full {
+            continue;
+        }
+        if before.is_some() || full {
+            b.flush_chain(TABLE, name);
+        }
+        for rule in &c.rules {
+            b.add_rule(TABLE, name, rule);
+        }
+    }
+    let none = Elems::new();
+    for (set, elems) in &new.sets {
+        if full {
+            b.flush_set(TABLE, set);
+            let all: Vec<(Vec<u8>, Option<Data>)> =
+                elems.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            b.add_elems(TABLE, set, &all);
+            continue;
+        }
+        let before = old_r.sets.get(set).unwrap_or(&none);
+        let gone: Vec<Vec<u8>> = before
+            .iter()
+            .filter(|(k, v)| elems.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let added: Vec<(Vec<u8>, Option<Data>)> = elems
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !gone.is_empty() {
+            b.del_elems(TABLE, set, &gone);
+        }
+        if !added.is_empty() {
+            b.add_elems(TABLE, set, &added);
+        }
+    }
+    // Unreferenced now: chains first (their rules reference the sets), then the sets.
+    for name in old_r.chains.keys() {
+        if !new.chains.contains_key(name) {
+            b.flush_chain(TABLE, name);
+        }
+    }
+    for name in old_r.chains.keys() {
+        if !new.chains.contains_key(name) {
+            b.del_chain(TABLE, name);
+        }
+    }
+    for name in &old_r.affinity_sets {
+        if !new.affinity_sets.contains(name) {
+            b.del_set(TABLE, name);
+        }
+    }
+    b
+}
+
+/// Deletes keelson's table (and so everything the nftables backend installed), if present.
+pub fn cleanup() -> Result<(), NftError> {
+    let mut b = Batch::new();
+    b.del_table(TABLE);
+    match b.commit() {
+        Err(NftError::Rejected { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Whether this kernel takes nf_tables transactions (for choosing the default mode): creates
+/// and deletes a scratch table.
+pub fn supported() -> bool {
+    let mut b = Batch::new();
+    b.add_table("keelson-probe");
+    b.del_table("keelson-probe");
+    b.commit().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::model::{Proto, ServicePort};
+
+    fn port(name: &str, vip: [u8; 4], eps: &[[u8; 4]]) -> ServicePort {
+        let eps: Vec<Endpoint> = eps
+            .iter()
+            .map(|ip| Endpoint {
+                ip: (*ip).into(),
+                port: 8080,
+                local: false,
+            })
+            .collect();
+        ServicePort {
+            name: format!("default/{name}:http"),
+            proto: Proto::Tcp,
+            cluster_ip: Some(vip.into()),
+            port: 80,
+            node_port: None,
+            external_ips: vec![],
+            cluster_endpoints: eps.clone(),
+            external_endpoints: eps,
+            external_local: false,
+            affinity_seconds: None,
+        }
+    }
+
+    fn model(ports: Vec<ServicePort>) -> Model {
+        Model {
+            ports: ports
+                .into_iter()
+                .map(|p| (format!("{}/TCP", p.name), p))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chains_do_not_grow_with_services() {
+        let cidr: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let few = render(
+            &model(vec![port("a", [10, 96, 0, 1], &[[10, 244, 1, 2]])]),
+            cidr,
+        );
+        let many: Vec<ServicePort> = (0..1000u32)
+            .map(|i| {
+                port(
+                    &format!("s{i}"),
+                    [10, 96, (i >> 8) as u8, i as u8],
+                    &[
+                        [10, 244, 1, 2],
+                        [10, 244, 2, 2],
+                        [10, 244, 3, (i % 200) as u8],
+                    ],
+                )
+            })
+            .collect();
+        let big = render(&model(many), cidr);
+        assert_eq!(
+            big.chains.len(),
+            few.chains.len(),
+            "one pick chain each: {:?}",
+            big.chains.keys().collect::<Vec<_>>()
+        );
+        assert!(big.chains.contains_key("cluster-3"));
+        assert_eq!(big.sets["vip-dispatch"].len(), 1000);
+        assert_eq!(big.sets["vip-backends"].len(), 3000);
+        assert!(few.sets["no-endpoint-vips"].is_empty());
+    }
+
+    #[test]
+    fn deltas_touch_only_what_changed() {
+        let cidr: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let a = port("a", [10, 96, 0, 1], &[[10, 244, 1, 2], [10, 244, 2, 2]]);
+        let b = port("b", [10, 96, 0, 2], &[[10, 244, 1, 3]]);
+        let r1 = render(&model(vec![a.clone(), b.clone()]), cidr);
+        // Service a loses an endpoint: its dispatch element now goes to cluster-1, its second
+        // backend goes, cluster-2 is no longer used.
+        let a2 = port("a", [10, 96, 0, 1], &[[10, 244, 1, 2]]);
+        let r2 = render(&model(vec![a2, b.clone()]), cidr);
+        let key_a = vip_key([10, 96, 0, 1].into(), 6, 80);
+        assert_eq!(
+            r2.sets["vip-dispatch"][&key_a],
+            Some(verdict(VERDICT_GOTO, "cluster-1"))
+        );
+        assert!(!r2.chains.contains_key("cluster-2"));
+        assert_eq!(r2.sets["vip-backends"].len(), 2);
+        // Scaled to zero: the VIP moves to the reject set.
+        let a0 = port("a", [10, 96, 0, 1], &[]);
+        let r3 = render(&model(vec![a0, b.clone()]), cidr);
+        assert!(r3.sets["no-endpoint-vips"].contains_key(&key_a));
+        assert!(!r3.sets["vip-dispatch"].contains_key(&key_a));
+        // The delta transaction from r1 to r2 is much smaller than a full one.
+        let delta = transaction(Some(&r1), &r2, false);
+        let full = transaction(Some(&r1), &r2, true);
+        assert!(
+            delta.len() < full.len(),
+            "{} vs {}",
+            delta.len(),
+            full.len()
+        );
+        assert_eq!(
+            transaction(Some(&r2), &r2, false).len(),
+            0,
+            "no change, no message"
+        );
+        // Affinity: per-endpoint chains and client sets for that Service only.
+        let mut s = b;
+        s.affinity_seconds = Some(30);
+        let r4 = render(&model(vec![s]), cidr);
+        assert_eq!(r4.affinity_sets.len(), 1);
+        assert_eq!(
+            r4.chains.len(),
+            r3.chains.len() + 1,
+            "{:?}",
+            r4.chains.keys()
+        );
+    }
+}
