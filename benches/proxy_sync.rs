@@ -20,6 +20,7 @@ use common::floor::pct;
 use keelson::proxy::{
     iptables,
     model::{Endpoint, Model, Proto, ServicePort},
+    nftables,
 };
 
 const NETNS: &str = "keelson-bench-proxy";
@@ -179,6 +180,43 @@ fn main() {
         iptables::ensure_jumps().unwrap();
     });
     let conn_10 = connect_latency(last_vip(10), 300);
+    in_ns(|| iptables::cleanup().unwrap());
+
+    // keelson's nftables backend: the same steps.
+    let (nft_full_ms, nft_one_ms, nft_one_kernel_ms) = in_ns(|| {
+        nftables::cleanup().unwrap();
+        let t0 = Instant::now();
+        let mut st = nftables::State::new(cidr);
+        let _ = st.update(&model(n));
+        nftables::transaction(None, &st.rendered(), false)
+            .commit()
+            .unwrap();
+        let full_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let mut m = model(n);
+        let p = m.ports.values_mut().nth(n / 2).unwrap();
+        p.cluster_endpoints[2].ip = Ipv4Addr::new(10, 201, 0, 4);
+        p.external_endpoints = p.cluster_endpoints.clone();
+        let t0 = Instant::now();
+        let tx = st.update(&m);
+        let t1 = Instant::now();
+        tx.commit().unwrap();
+        (
+            full_ms,
+            t0.elapsed().as_secs_f64() * 1000.0,
+            t1.elapsed().as_secs_f64() * 1000.0,
+        )
+    });
+    let nft_conn_n = connect_latency(last_vip(n), 300);
+    in_ns(|| {
+        nftables::cleanup().unwrap();
+        let r = nftables::render(&model(10), cidr);
+        nftables::transaction(None, &r, false).commit().unwrap();
+    });
+    let nft_conn_10 = connect_latency(last_vip(10), 300);
+    in_ns(|| nftables::cleanup().unwrap());
+    println!(
+        "proxy-sync services={n} backend=nftables full_sync_ms={nft_full_ms:.0} one_endpoint_ms={nft_one_ms:.1} (kernel transaction {nft_one_kernel_ms:.1})"
+    );
     println!(
         "proxy-sync services={n} backend=iptables full_sync_ms={full_ms:.0} one_endpoint_ms={one_ms:.1}"
     );
@@ -189,6 +227,10 @@ fn main() {
     println!(
         "proxy-sync backend=iptables connect_p50_us (to the Service matched last) services=10:{conn_10:.0} services={n}:{conn_n:.0} ratio={:.2}",
         conn_n / conn_10
+    );
+    println!(
+        "proxy-sync backend=nftables connect_p50_us services=10:{nft_conn_10:.0} services={n}:{nft_conn_n:.0} ratio={:.2}",
+        nft_conn_n / nft_conn_10
     );
     let _ = Command::new("ip").args(["netns", "delete", NETNS]).status();
 }

@@ -340,7 +340,9 @@ fn the_nftables_backend_in_the_kernel() {
         .collect(),
     };
     let cidr: ipnet::Ipv4Net = "10.201.0.0/24".parse().unwrap();
-    let r1 = nftables::render(&model(vec![ep(2), ep(3)]), cidr);
+    let mut state = nftables::State::new(cidr);
+    let _ = state.update(&model(vec![ep(2), ep(3)]));
+    let r1 = state.rendered();
     in_ns(&ns.0, || {
         nftables::cleanup().unwrap();
         nftables::transaction(None, &r1, false).commit().unwrap();
@@ -370,7 +372,18 @@ fn the_nftables_backend_in_the_kernel() {
     for _ in 0..30 {
         connect(&ns.0, "10.96.0.10:80").expect("the ClusterIP answers");
     }
-    let (na, nb) = (a.load(SeqCst), b.load(SeqCst));
+    // Accepts trail the handshakes: wait until every connection is counted.
+    let counts = |total: usize| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let c = (a.load(SeqCst), b.load(SeqCst));
+            if c.0 + c.1 >= total || t0.elapsed() > std::time::Duration::from_secs(3) {
+                return c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    let (na, nb) = counts(30);
     assert!(na > 0 && nb > 0 && na + nb == 30, "{na} + {nb}");
 
     // No endpoints: refused at once.
@@ -384,7 +397,8 @@ fn the_nftables_backend_in_the_kernel() {
     for _ in 0..12 {
         connect(&ns.0, "10.96.0.12:80").expect("the sticky Service answers");
     }
-    let d = (a.load(SeqCst) - before.0, b.load(SeqCst) - before.1);
+    let now = counts(before.0 + before.1 + 12);
+    let d = (now.0 - before.0, now.1 - before.1);
     assert!(d == (12, 0) || d == (0, 12), "sticky: {d:?}");
     let (_, text) = list();
     assert!(text.contains("update @affinity-"), "{text}");
@@ -393,8 +407,9 @@ fn the_nftables_backend_in_the_kernel() {
     connect(&ns.0, "10.201.0.1:30080").expect("the node port answers");
 
     // Delta: web loses 10.201.0.3; every connection now reaches .2.
-    let r2 = nftables::render(&model(vec![ep(2)]), cidr);
-    let tx = nftables::transaction(Some(&r1), &r2, false);
+    let tx = state.update(&model(vec![ep(2)]));
+    let r2 = state.rendered();
+    assert_eq!(r2, nftables::render(&model(vec![ep(2)]), cidr));
     assert!(tx.len() <= 8, "a small delta: {} messages", tx.len());
     in_ns(&ns.0, || tx.commit().unwrap());
     let before = (a.load(SeqCst), b.load(SeqCst));
@@ -402,7 +417,10 @@ fn the_nftables_backend_in_the_kernel() {
         connect(&ns.0, "10.96.0.10:80").unwrap();
     }
     assert_eq!(
-        (a.load(SeqCst) - before.0, b.load(SeqCst) - before.1),
+        {
+            let now = counts(before.0 + before.1 + 10);
+            (now.0 - before.0, now.1 - before.1)
+        },
         (10, 0)
     );
 
@@ -430,4 +448,106 @@ fn the_nftables_backend_in_the_kernel() {
 
     in_ns(&ns.0, || nftables::cleanup().unwrap());
     assert!(!list().0, "cleanup removes the table");
+}
+
+/// A random walk of Service changes applied as deltas: the kernel takes every transaction, and
+/// the table ends up exactly as a fresh load of the last state.
+#[test]
+fn random_deltas_end_where_a_fresh_load_does() {
+    use keelson::proxy::{
+        model::{Endpoint, Model, Proto, ServicePort},
+        nftables,
+    };
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (network namespaces)"
+    );
+    let mut b = [0u8; 3];
+    getrandom::fill(&mut b).unwrap();
+    let (ns1, ns2) = (
+        Ns(format!("kt-nftr-{}", hex::encode(b))),
+        Ns(format!("kt-nftf-{}", hex::encode(b))),
+    );
+    sh(&["ip", "netns", "add", &ns1.0]);
+    sh(&["ip", "netns", "add", &ns2.0]);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
+    let mut state = nftables::State::new(cidr);
+    let mut last = Model::default();
+    in_ns(&ns1.0, || {
+        nftables::transaction(None, &state.rendered(), false)
+            .commit()
+            .unwrap()
+    });
+    for round in 0..150 {
+        let mut ports = std::collections::BTreeMap::new();
+        for i in 0..8u8 {
+            if rnd(4) == 0 {
+                continue;
+            }
+            let eps: Vec<Endpoint> = (0..rnd(4) as u8)
+                .map(|k| Endpoint {
+                    ip: [10, 244, 1 + k, 2 + rnd(3) as u8].into(),
+                    port: 8080,
+                    local: rnd(2) == 0,
+                })
+                .collect();
+            let local = rnd(3) == 0;
+            let p = ServicePort {
+                name: format!("default/s{i}:"),
+                proto: if i % 3 == 0 { Proto::Udp } else { Proto::Tcp },
+                cluster_ip: Some([10, 96, 0, 10 + i].into()),
+                port: 80,
+                node_port: (rnd(2) == 0).then_some(30000 + u16::from(i)),
+                external_ips: if rnd(3) == 0 {
+                    vec![[192, 0, 2, i].into()]
+                } else {
+                    vec![]
+                },
+                external_endpoints: if local {
+                    eps.iter().filter(|e| e.local).copied().collect()
+                } else {
+                    eps.clone()
+                },
+                cluster_endpoints: eps,
+                external_local: local,
+                affinity_seconds: (rnd(4) == 0).then_some(30 + rnd(2) as u32),
+            };
+            ports.insert(format!("{}/{:?}", p.name, p.proto), p);
+        }
+        let m = Model { ports };
+        let tx = state.update(&m);
+        in_ns(&ns1.0, || tx.commit())
+            .unwrap_or_else(|e| panic!("round {round}: the kernel refused the delta: {e}"));
+        last = m;
+    }
+    let fresh = nftables::render(&last, cidr);
+    assert_eq!(state.rendered(), fresh);
+    in_ns(&ns2.0, || {
+        nftables::transaction(None, &fresh, false).commit().unwrap()
+    });
+    let listing = |ns: &str| {
+        let o = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "nft", "-s", "list", "table", "ip", "keelson",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // Element and chain order may differ; the content may not.
+        let mut lines: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .split([',', '\n', '{', '}'])
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(listing(&ns1.0), listing(&ns2.0));
 }

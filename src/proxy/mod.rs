@@ -70,7 +70,8 @@ pub struct ProxyConfig {
 /// What was loaded last, per backend.
 enum Backend {
     Iptables(Option<iptables::Rendered>),
-    Nftables(Option<nftables::Rendered>),
+    /// None: the table is rebuilt from scratch at the next sync (start, or after an error).
+    Nftables(Option<nftables::State>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,17 +129,29 @@ impl Backend {
                 }
                 *loaded = Some(new);
             }
-            Backend::Nftables(loaded) => {
-                let new = nftables::render(m, cidr);
-                if !full && loaded.as_ref() == Some(&new) {
-                    return Ok(());
-                }
-                let tx = nftables::transaction(loaded.as_ref(), &new, full);
-                if let Err(e) = tx.commit() {
-                    *loaded = None;
-                    return Err(e.into());
-                }
-                *loaded = Some(new);
+            Backend::Nftables(state) => {
+                let (st, tx) = match state.take() {
+                    // Only the Services that changed.
+                    Some(mut st) if !full => {
+                        let tx = st.update(m);
+                        (st, tx)
+                    }
+                    // Every chain and map rewritten (affinity entries kept).
+                    Some(mut st) => {
+                        let _ = st.update(m);
+                        let tx = nftables::transaction(None, &st.rendered(), true);
+                        (st, tx)
+                    }
+                    None => {
+                        nftables::cleanup()?;
+                        let mut st = nftables::State::new(cidr);
+                        let _ = st.update(m);
+                        let tx = nftables::transaction(None, &st.rendered(), false);
+                        (st, tx)
+                    }
+                };
+                tx.commit()?;
+                *state = Some(st);
             }
         }
         Ok(())

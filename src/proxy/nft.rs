@@ -15,6 +15,8 @@ const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
+/// The most payload one attribute can carry (its length is 16 bits), with room to spare.
+const MAX_NEST: usize = 60_000;
 const NLM_F_APPEND: u16 = 0x800;
 /// nf_tables address family of `table ip`.
 pub const NFPROTO_IPV4: u8 = 2;
@@ -535,8 +537,30 @@ impl Batch {
 
     fn elems(&mut self, kind: u16, table: &str, set: &str, elems: &[(Vec<u8>, Option<Data>)]) {
         let verb = if kind == NEWSETELEM { "add" } else { "delete" };
-        // Split very large element lists over several messages of the same transaction.
-        for chunk in elems.chunks(2048) {
+        // Each element encoded once; then as many per message as fit the element list's
+        // attribute, whose length is 16 bits.
+        let encoded: Vec<Vec<u8>> = elems
+            .iter()
+            .map(|(k, d)| {
+                let mut b = vec![];
+                nested(&mut b, 1, |b| {
+                    nested(b, 1, |b| attr(b, 1, k));
+                    if let Some(d) = d {
+                        data(b, 2, d);
+                    }
+                });
+                b
+            })
+            .collect();
+        let mut rest = &encoded[..];
+        while !rest.is_empty() {
+            let (mut n, mut size) = (0, 0);
+            while n < rest.len() && (n == 0 || size + rest[n].len() <= MAX_NEST) {
+                size += rest[n].len();
+                n += 1;
+            }
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
             self.msg(
                 kind,
                 format!("{verb} {} elements of {table} {set}", chunk.len()),
@@ -544,13 +568,8 @@ impl Batch {
                     attr_str(b, 1, table);
                     attr_str(b, 2, set);
                     nested(b, 3, |b| {
-                        for (k, d) in chunk {
-                            nested(b, 1, |b| {
-                                nested(b, 1, |b| attr(b, 1, k));
-                                if let Some(d) = d {
-                                    data(b, 2, d);
-                                }
-                            });
+                        for e in chunk {
+                            b.extend_from_slice(e);
                         }
                     });
                 },
@@ -606,6 +625,19 @@ impl Batch {
                 )
             };
         }
+        // Error acknowledgements carry only the header of the failed message, not all of it
+        // (an element message can be hundreds of KiB).
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with a pointer to a live c_int of the right size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_CAP_ACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
         // SAFETY: an all-zero sockaddr_nl addresses the kernel.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;

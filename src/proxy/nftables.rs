@@ -26,7 +26,7 @@
 //! A sync is one netlink transaction: a delta against what was loaded, or a full rewrite of
 //! every chain and map (the periodic repair), which keeps the affinity entries.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
@@ -495,29 +495,27 @@ fn dnat_to(e: &Endpoint) -> Vec<Expr> {
     ]
 }
 
-struct Builder {
-    cidr: Ipv4Net,
-    sets: BTreeMap<&'static str, Elems>,
-    chains: BTreeMap<String, Chain>,
-    affinity_sets: BTreeSet<String>,
+/// What one Service port contributes: map and set elements, pick or affinity chains (pick
+/// chains are shared with other ports), affinity client sets.
+#[derive(Debug, Default)]
+struct Frag {
+    elems: Vec<(&'static str, Vec<u8>, Option<Data>)>,
+    chains: Vec<(String, Chain)>,
+    affinity_sets: Vec<String>,
 }
 
-impl Builder {
+impl Frag {
     fn put(&mut self, set: &'static str, k: Vec<u8>, d: Option<Data>) {
-        if let Some(s) = self.sets.get_mut(set) {
-            s.insert(k, d);
-        }
+        self.elems.push((set, k, d));
     }
 
     /// A frontend (`key`, of kind `k`) of Service port `p`, served by `eps` (not empty).
-    fn target(&mut self, p: &ServicePort, k: Kind, key: Vec<u8>, eps: &[Endpoint]) {
+    fn target(&mut self, p: &ServicePort, k: Kind, key: Vec<u8>, eps: &[Endpoint], cidr: Ipv4Net) {
         let chain = match p.affinity_seconds {
             None => {
                 let name = format!("{}-{}", k.prefix(), eps.len());
-                if !self.chains.contains_key(&name) {
-                    let c = pick_chain(k, eps.len(), self.cidr);
-                    self.chains.insert(name.clone(), c);
-                }
+                self.chains
+                    .push((name.clone(), pick_chain(k, eps.len(), cidr)));
                 for (i, e) in eps.iter().enumerate() {
                     let mut bk = key.clone();
                     bk.extend_from_slice(&(i as u32).to_ne_bytes());
@@ -525,7 +523,7 @@ impl Builder {
                 }
                 name
             }
-            Some(t) => self.affinity(p, k, &key, eps, t),
+            Some(t) => self.affinity(p, k, &key, eps, t, cidr),
         };
         self.put(k.dispatch(), key, Some(verdict(VERDICT_GOTO, &chain)));
     }
@@ -539,33 +537,26 @@ impl Builder {
         key: &[u8],
         eps: &[Endpoint],
         timeout: u32,
+        cidr: Ipv4Net,
     ) -> String {
         let h = short_hash(&format!("{}{}{}", p.name, k.prefix(), hex::encode(key)));
         let chain = format!("affinity-{h}");
-        let mut rules: Vec<Vec<Expr>> = k.masquerade(self.cidr).into_iter().collect();
+        let mut rules: Vec<Vec<Expr>> = k.masquerade(cidr).into_iter().collect();
         let mut ep_chains = vec![];
+        let saddr = Expr::Payload {
+            dreg: r(0),
+            base: BASE_NETWORK,
+            offset: 12,
+            len: 4,
+        };
         for e in eps {
             let name = format!(
                 "affinity-{h}-{}",
                 short_hash(&format!("{}:{}", e.ip, e.port))
             );
-            rules.push(vec![
-                Expr::Payload {
-                    dreg: r(0),
-                    base: BASE_NETWORK,
-                    offset: 12,
-                    len: 4,
-                },
-                lookup(&name, r(0), None),
-                goto(&name),
-            ]);
+            rules.push(vec![saddr.clone(), lookup(&name, r(0), None), goto(&name)]);
             let mut ep_rules = vec![
-                Expr::Payload {
-                    dreg: r(0),
-                    base: BASE_NETWORK,
-                    offset: 12,
-                    len: 4,
-                },
+                saddr.clone(),
                 Expr::Dynset {
                     set: name.clone(),
                     sreg_key: r(0),
@@ -573,14 +564,14 @@ impl Builder {
                 },
             ];
             ep_rules.extend(dnat_to(e));
-            self.chains.insert(
+            self.chains.push((
                 name.clone(),
                 Chain {
                     hook: None,
                     rules: vec![ep_rules],
                 },
-            );
-            self.affinity_sets.insert(name.clone());
+            ));
+            self.affinity_sets.push(name.clone());
             ep_chains.push(name);
         }
         // No memory yet: spread like kube-proxy's statistic rules, one chance per endpoint.
@@ -605,30 +596,19 @@ impl Builder {
             }
         }
         self.chains
-            .insert(chain.clone(), Chain { hook: None, rules });
+            .push((chain.clone(), Chain { hook: None, rules }));
         chain
     }
-}
 
-/// Renders the model. `cluster_cidr`: traffic from outside it to a ClusterIP is masqueraded.
-pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
-    let mut o = Builder {
-        cidr: cluster_cidr,
-        sets: set_defs()
-            .into_iter()
-            .map(|d| (d.0, Elems::new()))
-            .collect(),
-        chains: base_chains(cluster_cidr),
-        affinity_sets: BTreeSet::new(),
-    };
-    for p in m.ports.values() {
+    fn of(p: &ServicePort, cidr: Ipv4Net) -> Frag {
+        let mut o = Frag::default();
         let proto = p.proto.number();
         if let Some(vip) = p.cluster_ip {
             let key = vip_key(vip, proto, p.port);
             if p.cluster_endpoints.is_empty() {
                 o.put("no-endpoint-vips", key, None);
             } else {
-                o.target(p, Kind::Cluster, key, &p.cluster_endpoints);
+                o.target(p, Kind::Cluster, key, &p.cluster_endpoints, cidr);
             }
         }
         let ext_keys: Vec<Vec<u8>> = p
@@ -653,15 +633,15 @@ pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
             let pods_to_cluster = p.external_local && !p.cluster_endpoints.is_empty();
             for k in ext_keys {
                 if pods_to_cluster {
-                    o.target(p, Kind::PodVip, k.clone(), &p.cluster_endpoints);
+                    o.target(p, Kind::PodVip, k.clone(), &p.cluster_endpoints, cidr);
                 }
-                o.target(p, kv, k, &p.external_endpoints);
+                o.target(p, kv, k, &p.external_endpoints, cidr);
             }
             if let Some(k) = np {
                 if pods_to_cluster {
-                    o.target(p, Kind::PodNodePort, k.clone(), &p.cluster_endpoints);
+                    o.target(p, Kind::PodNodePort, k.clone(), &p.cluster_endpoints, cidr);
                 }
-                o.target(p, kn, k, &p.external_endpoints);
+                o.target(p, kn, k, &p.external_endpoints, cidr);
             }
         }
         for e in p.all_endpoints() {
@@ -669,12 +649,279 @@ pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
             k.extend_from_slice(&e.ip.octets());
             o.put("hairpin", k, None);
         }
+        o
     }
-    Rendered {
-        chains: o.chains,
-        sets: o.sets,
-        affinity_sets: o.affinity_sets,
+}
+
+/// The table's content kept up to date port by port: a change to one Service re-renders only
+/// that Service's ports, and the delta is read off the reference counts (pick chains and
+/// hairpin elements are shared), so a sync costs O(changed Services), not O(all Services).
+pub struct State {
+    cidr: Ipv4Net,
+    ports: BTreeMap<String, (ServicePort, Frag)>,
+    /// (set, key) → (data, ports using it).
+    elems: HashMap<(&'static str, Vec<u8>), (Option<Data>, usize)>,
+    /// Pick and affinity chains → (chain, ports using it).
+    chains: HashMap<String, (Chain, usize)>,
+    affinity_sets: HashMap<String, usize>,
+    base: BTreeMap<String, Chain>,
+}
+
+/// What one update changed (input to the delta transaction).
+#[derive(Default)]
+struct Changes {
+    elems_gone: BTreeMap<&'static str, Vec<Vec<u8>>>,
+    elems_new: BTreeMap<&'static str, Vec<(Vec<u8>, Option<Data>)>>,
+    chains_new: BTreeMap<String, Chain>,
+    /// Chains kept whose rules change (an affinity Service's endpoints).
+    chains_changed: BTreeMap<String, Chain>,
+    chains_gone: BTreeSet<String>,
+    sets_new: BTreeSet<String>,
+    sets_gone: BTreeSet<String>,
+}
+
+impl State {
+    pub fn new(cidr: Ipv4Net) -> Self {
+        State {
+            cidr,
+            ports: BTreeMap::new(),
+            elems: HashMap::new(),
+            chains: HashMap::new(),
+            affinity_sets: HashMap::new(),
+            base: base_chains(cidr),
+        }
     }
+
+    fn remove(&mut self, f: &Frag, ch: &mut Changes) {
+        for (set, k, _) in &f.elems {
+            let key = (*set, k.clone());
+            if let Some(e) = self.elems.get_mut(&key) {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    self.elems.remove(&key);
+                    ch.elems_gone.entry(set).or_default().push(k.clone());
+                }
+            }
+        }
+        for (name, _) in &f.chains {
+            if let Some(c) = self.chains.get_mut(name) {
+                c.1 -= 1;
+                if c.1 == 0 {
+                    self.chains.remove(name);
+                    ch.chains_gone.insert(name.clone());
+                }
+            }
+        }
+        for name in &f.affinity_sets {
+            if let Some(c) = self.affinity_sets.get_mut(name) {
+                *c -= 1;
+                if *c == 0 {
+                    self.affinity_sets.remove(name);
+                    ch.sets_gone.insert(name.clone());
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, f: &Frag, ch: &mut Changes) {
+        for (set, k, d) in &f.elems {
+            let e = self.elems.entry((*set, k.clone())).or_insert((None, 0));
+            e.1 += 1;
+            if e.1 == 1 || e.0 != *d {
+                if e.1 > 1 {
+                    // Another port already used this key with other data: last one wins.
+                    ch.elems_gone.entry(set).or_default().push(k.clone());
+                }
+                e.0 = d.clone();
+                ch.elems_new
+                    .entry(set)
+                    .or_default()
+                    .push((k.clone(), d.clone()));
+            }
+        }
+        for (name, c) in &f.chains {
+            let e = self
+                .chains
+                .entry(name.clone())
+                .or_insert_with(|| (c.clone(), 0));
+            e.1 += 1;
+            if e.1 == 1 {
+                ch.chains_new.insert(name.clone(), c.clone());
+            } else if e.0 != *c {
+                e.0 = c.clone();
+                ch.chains_changed.insert(name.clone(), c.clone());
+            }
+        }
+        for name in &f.affinity_sets {
+            let e = self.affinity_sets.entry(name.clone()).or_insert(0);
+            *e += 1;
+            if *e == 1 {
+                ch.sets_new.insert(name.clone());
+            }
+        }
+    }
+
+    /// Brings the state to `m` and returns the delta transaction (empty when nothing changed).
+    pub fn update(&mut self, m: &Model) -> Batch {
+        let mut ch = Changes::default();
+        // Both maps are sorted by key: one merge pass finds what left and what changed,
+        // without hashing or searching.
+        let mut gone = vec![];
+        let mut changed = vec![];
+        {
+            let mut old = self.ports.iter().peekable();
+            for (k, p) in &m.ports {
+                while old.peek().is_some_and(|(ok, _)| ok.as_str() < k.as_str()) {
+                    if let Some((ok, _)) = old.next() {
+                        gone.push(ok.clone());
+                    }
+                }
+                match old.peek() {
+                    Some((ok, (op, _))) if *ok == k => {
+                        if op != p {
+                            changed.push(k);
+                        }
+                        old.next();
+                    }
+                    _ => changed.push(k),
+                }
+            }
+            gone.extend(old.map(|(k, _)| k.clone()));
+        }
+        for k in gone {
+            if let Some((_, f)) = self.ports.remove(&k) {
+                self.remove(&f, &mut ch);
+            }
+        }
+        for k in changed {
+            let p = &m.ports[k];
+            // New first, then the old removed: shared items stay, only real changes move.
+            let f = Frag::of(p, self.cidr);
+            self.add(&f, &mut ch);
+            if let Some((_, old)) = self.ports.insert(k.clone(), (p.clone(), f)) {
+                self.remove(&old, &mut ch);
+            }
+        }
+        // An element both gone and new (re-added with other data by the same update, or
+        // removed by the old fragment after the new one counted it) is settled by the counts.
+        for (set, keys) in ch.elems_gone.iter_mut() {
+            keys.retain(|k| {
+                !self.elems.contains_key(&(*set, k.clone())) || {
+                    // Present now: delete only if it is also re-added (data changed).
+                    ch.elems_new
+                        .get(set)
+                        .is_some_and(|n| n.iter().any(|(nk, _)| nk == k))
+                }
+            });
+        }
+        for (set, adds) in ch.elems_new.iter_mut() {
+            // Keep the last data written for each key, and only keys still present.
+            let mut last: BTreeMap<Vec<u8>, Option<Data>> = BTreeMap::new();
+            for (k, d) in adds.drain(..) {
+                last.insert(k, d);
+            }
+            adds.extend(last.into_iter().filter(|(k, d)| {
+                self.elems
+                    .get(&(*set, k.clone()))
+                    .is_some_and(|(cur, _)| cur == d)
+            }));
+        }
+        // A chain or set released by one port and taken by another within the update (gone,
+        // then new) stayed in the kernel: neither delete nor re-create it.
+        let kept: Vec<String> = ch
+            .chains_gone
+            .iter()
+            .filter(|c| self.chains.contains_key(*c))
+            .cloned()
+            .collect();
+        for c in kept {
+            ch.chains_gone.remove(&c);
+            ch.chains_new.remove(&c);
+        }
+        let kept: Vec<String> = ch
+            .sets_gone
+            .iter()
+            .filter(|c| self.affinity_sets.contains_key(*c))
+            .cloned()
+            .collect();
+        for c in kept {
+            ch.sets_gone.remove(&c);
+            ch.sets_new.remove(&c);
+        }
+        let mut b = Batch::new();
+        for name in &ch.sets_new {
+            add_affinity_set(&mut b, name);
+        }
+        for (name, c) in &ch.chains_new {
+            b.add_chain(TABLE, name, c.hook);
+        }
+        for (name, c) in &ch.chains_new {
+            for rule in &c.rules {
+                b.add_rule(TABLE, name, rule);
+            }
+        }
+        for (name, c) in &ch.chains_changed {
+            if ch.chains_new.contains_key(name) {
+                continue;
+            }
+            b.flush_chain(TABLE, name);
+            for rule in &c.rules {
+                b.add_rule(TABLE, name, rule);
+            }
+        }
+        for (set, keys) in &ch.elems_gone {
+            let mut keys = keys.clone();
+            keys.sort();
+            keys.dedup();
+            if !keys.is_empty() {
+                b.del_elems(TABLE, set, &keys);
+            }
+        }
+        for (set, adds) in &ch.elems_new {
+            if !adds.is_empty() {
+                b.add_elems(TABLE, set, adds);
+            }
+        }
+        for name in &ch.chains_gone {
+            b.flush_chain(TABLE, name);
+        }
+        for name in &ch.chains_gone {
+            b.del_chain(TABLE, name);
+        }
+        for name in &ch.sets_gone {
+            b.del_set(TABLE, name);
+        }
+        b
+    }
+
+    /// The whole table as the state wants it.
+    pub fn rendered(&self) -> Rendered {
+        let mut chains = self.base.clone();
+        for (name, (c, _)) in &self.chains {
+            chains.insert(name.clone(), c.clone());
+        }
+        let mut sets: BTreeMap<&'static str, Elems> = set_defs()
+            .into_iter()
+            .map(|d| (d.0, Elems::new()))
+            .collect();
+        for ((set, k), (d, _)) in &self.elems {
+            if let Some(s) = sets.get_mut(set) {
+                s.insert(k.clone(), d.clone());
+            }
+        }
+        Rendered {
+            chains,
+            sets,
+            affinity_sets: self.affinity_sets.keys().cloned().collect(),
+        }
+    }
+}
+
+/// Renders the model. `cluster_cidr`: traffic from outside it to a ClusterIP is masqueraded.
+pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
+    let mut s = State::new(cluster_cidr);
+    let _ = s.update(m);
+    s.rendered()
 }
 
 fn add_affinity_set(b: &mut Batch, name: &str) {
@@ -900,5 +1147,66 @@ mod tests {
             "{:?}",
             r4.chains.keys()
         );
+    }
+
+    /// The incremental state always equals a fresh render, whatever the order of changes, and
+    /// a change to one Service yields a transaction about that Service only.
+    #[test]
+    fn incremental_state_equals_a_fresh_render() {
+        let cidr: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut st = State::new(cidr);
+        for round in 0..300 {
+            let present: Vec<u8> = (0..6u8).filter(|_| rnd(5) > 0).collect();
+            let ports: Vec<ServicePort> = present
+                .into_iter()
+                .map(|i| {
+                    let eps: Vec<[u8; 4]> = (0..rnd(4) as u8)
+                        .map(|k| [10, 244, 1 + k, 2 + (rnd(2) as u8)])
+                        .collect();
+                    let mut p = port(&format!("s{i}"), [10, 96, 0, 1 + i], &eps);
+                    if rnd(3) == 0 {
+                        p.affinity_seconds = Some(60);
+                    }
+                    if rnd(3) == 0 {
+                        p.node_port = Some(30000 + u16::from(i));
+                        p.external_local = rnd(2) == 0;
+                        if p.external_local {
+                            p.external_endpoints.truncate(1);
+                        }
+                    }
+                    p
+                })
+                .collect();
+            let m = model(ports);
+            let _ = st.update(&m);
+            assert_eq!(st.rendered(), render(&m, cidr), "round {round}");
+            assert_eq!(st.update(&m).len(), 0, "round {round}: nothing left to do");
+        }
+        // One endpoint of one Service among many: a handful of messages.
+        let many = |last: u8| {
+            model(
+                (0..200u32)
+                    .map(|i| {
+                        let l = if i == 100 { last } else { 4 };
+                        port(
+                            &format!("m{i}"),
+                            [10, 96, 1, i as u8],
+                            &[[10, 244, 1, 2], [10, 244, 1, l]],
+                        )
+                    })
+                    .collect(),
+            )
+        };
+        let mut st = State::new(cidr);
+        let _ = st.update(&many(4));
+        let tx = st.update(&many(9));
+        assert!(tx.len() <= 4, "{} messages", tx.len());
     }
 }
