@@ -187,6 +187,11 @@ pub struct Chain {
     pub rules: Vec<Vec<Expr>>,
 }
 
+/// A set or map element: key, data.
+pub type Elem = (Vec<u8>, Option<Data>);
+/// An element's identity: set name, key.
+type ElemKey = (&'static str, Vec<u8>);
+
 /// Elements of one set or map: key → data.
 pub type Elems = BTreeMap<Vec<u8>, Option<Data>>;
 
@@ -660,7 +665,7 @@ pub struct State {
     cidr: Ipv4Net,
     ports: BTreeMap<String, (ServicePort, Frag)>,
     /// (set, key) → (data, ports using it).
-    elems: HashMap<(&'static str, Vec<u8>), (Option<Data>, usize)>,
+    elems: HashMap<ElemKey, (Option<Data>, usize)>,
     /// Pick and affinity chains → (chain, ports using it).
     chains: HashMap<String, (Chain, usize)>,
     affinity_sets: HashMap<String, usize>,
@@ -671,7 +676,7 @@ pub struct State {
 #[derive(Default)]
 struct Changes {
     elems_gone: BTreeMap<&'static str, Vec<Vec<u8>>>,
-    elems_new: BTreeMap<&'static str, Vec<(Vec<u8>, Option<Data>)>>,
+    elems_new: BTreeMap<&'static str, Vec<Elem>>,
     chains_new: BTreeMap<String, Chain>,
     /// Chains kept whose rules change (an affinity Service's endpoints).
     chains_changed: BTreeMap<String, Chain>,
