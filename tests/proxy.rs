@@ -80,6 +80,16 @@ fn iptables_save(node: &str) -> String {
     in_node(node, &["iptables-save"]).1
 }
 
+/// The elements of the nftables `vip-dispatch` map (Services with endpoints; those without
+/// are in `no-endpoint-vips`).
+fn dispatch(rules: &str) -> &str {
+    let Some(start) = rules.find("map vip-dispatch {") else {
+        return "";
+    };
+    let rest = &rules[start..];
+    &rest[..rest.find("\n\t}").unwrap_or(rest.len())]
+}
+
 /// What differs between the backends: where the rules are read, how they look, how someone
 /// breaks them.
 #[derive(Clone, Copy, PartialEq)]
@@ -100,7 +110,8 @@ impl Backend {
         match self {
             Backend::Iptables => rules.contains(&format!("-A KUBE-SERVICES -d {vip}/32")),
             Backend::Nftables => {
-                rules.contains("vmap @vip-dispatch") && rules.contains(&format!("{vip} . tcp . 80"))
+                rules.contains("vmap @vip-dispatch")
+                    && dispatch(rules).contains(&format!("{vip} . tcp . 80"))
             }
         }
     }
@@ -113,7 +124,7 @@ impl Backend {
     fn udp(self, rules: &str, vip: std::net::Ipv4Addr) -> bool {
         match self {
             Backend::Iptables => rules.contains(&format!("-d {vip}/32 -p udp")),
-            Backend::Nftables => rules.contains(&format!("{vip} . udp . 53")),
+            Backend::Nftables => dispatch(rules).contains(&format!("{vip} . udp . 53")),
         }
     }
     /// Someone flushes the chain that dispatches Service traffic.
