@@ -1,7 +1,8 @@
 //! `cargo bench --bench proxy_sync -- N`: the service proxy's cost at N Services (3 endpoints
 //! each) in a scratch network namespace made for the run (no route out, removed at the end).
-//! Prints one `proxy-sync` line per backend: a full sync, and one endpoint change from the
-//! model to the kernel; the baseline measured in the same run, kube-proxy's iptables layout
+//! Prints one `proxy-sync` line per backend: a full sync, and one endpoint change (iptables:
+//! from the model to the kernel; nftables: from the EndpointSlice watch event to the kernel,
+//! through the proxy's index and incremental table state); the baseline measured in the same run, kube-proxy's iptables layout
 //! for the same Services loaded whole with one iptables-restore; and connection setup latency
 //! to a Service with 10 and with N Services installed. Needs root.
 
@@ -17,11 +18,13 @@ use std::{
 
 use common::floor::pct;
 
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use keelson::proxy::{
-    iptables,
-    model::{Endpoint, Model, Proto, ServicePort},
+    index, iptables,
+    model::{Endpoint, Model, Proto, SERVICE_NAME, ServicePort},
     nftables,
 };
+use kube::runtime::watcher::Event;
 
 const NETNS: &str = "keelson-bench-proxy";
 const PORT: u16 = 18080;
@@ -65,6 +68,45 @@ fn model(n: usize) -> Model {
         );
     }
     Model { ports }
+}
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + i as u32)
+}
+
+/// Service `i`'s EndpointSlice, its third endpoint being 10.201.0.`third`.
+fn slice(i: usize, third: u8) -> EndpointSlice {
+    let eps: Vec<serde_json::Value> = [1, 2, third]
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "addresses": [format!("10.201.0.{k}")], "conditions": {"ready": true},
+                "nodeName": "bench-node"})
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("svc{i}-abcde"), "namespace": "bench",
+                     "labels": {SERVICE_NAME: format!("svc{i}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+        "endpoints": eps,
+    }))
+    .expect("a valid EndpointSlice")
+}
+
+/// The API objects behind [`model`]: N Services and their EndpointSlices.
+fn objects(n: usize) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let svcs = (0..n)
+        .map(|i| {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("svc{i}"), "namespace": "bench"},
+                "spec": {"clusterIP": vip(i).to_string(),
+                         "ports": [{"name": "http", "port": 80, "targetPort": PORT}]},
+            }))
+            .expect("a valid Service")
+        })
+        .collect();
+    (svcs, (0..n).map(|i| slice(i, 3)).collect())
 }
 
 /// Runs `f` inside the scratch namespace (on a thread of its own).
@@ -183,21 +225,36 @@ fn main() {
     in_ns(|| iptables::cleanup().unwrap());
 
     // keelson's nftables backend: the same steps.
+    // The nftables backend fed the way the proxy is: watch events into the index, the dirty
+    // Services' ports into the incremental table state, one transaction.
     let (nft_full_ms, nft_one_ms, nft_one_kernel_ms) = in_ns(|| {
         nftables::cleanup().unwrap();
+        let mut ix = index::Index::new("bench-node");
+        let (svcs, slices) = objects(n);
+        ix.service_event(Event::Init);
+        for s in svcs {
+            ix.service_event(Event::InitApply(s));
+        }
+        ix.service_event(Event::InitDone);
+        ix.slice_event(Event::Init);
+        for s in slices {
+            ix.slice_event(Event::InitApply(s));
+        }
+        ix.slice_event(Event::InitDone);
         let t0 = Instant::now();
+        let _ = ix.sync();
         let mut st = nftables::State::new(cidr);
-        let _ = st.update(&model(n));
+        let _ = st.update(&ix.model);
         nftables::transaction(None, &st.rendered(), false)
             .commit()
             .unwrap();
         let full_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let mut m = model(n);
-        let p = m.ports.values_mut().nth(n / 2).unwrap();
-        p.cluster_endpoints[2].ip = Ipv4Addr::new(10, 201, 0, 4);
-        p.external_endpoints = p.cluster_endpoints.clone();
+        // One endpoint of one Service changes: the EndpointSlice event, as the watch gives it.
+        let changed = slice(n / 2, 4);
         let t0 = Instant::now();
-        let tx = st.update(&m);
+        ix.slice_event(Event::Apply(changed));
+        let ch = ix.sync();
+        let tx = st.update_keys(&ix.model, &ch.keys);
         let t1 = Instant::now();
         tx.commit().unwrap();
         (
@@ -215,7 +272,7 @@ fn main() {
     let nft_conn_10 = connect_latency(last_vip(10), 300);
     in_ns(|| nftables::cleanup().unwrap());
     println!(
-        "proxy-sync services={n} backend=nftables full_sync_ms={nft_full_ms:.0} one_endpoint_ms={nft_one_ms:.1} (kernel transaction {nft_one_kernel_ms:.1})"
+        "proxy-sync services={n} backend=nftables full_sync_ms={nft_full_ms:.0} one_endpoint_ms={nft_one_ms:.1} (EndpointSlice event to kernel; the transaction {nft_one_kernel_ms:.1})"
     );
     println!(
         "proxy-sync services={n} backend=iptables full_sync_ms={full_ms:.0} one_endpoint_ms={one_ms:.1}"

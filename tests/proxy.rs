@@ -1,8 +1,8 @@
 //! The service proxy in a 2-node `keelson lab`, the same suite on both backends (iptables and
 //! nftables), driven with kubectl:
 //! a ClusterIP balances over every ready endpoint, from a node and from a pod; a NodePort
-//! answers on the other node; session affinity sticks; externalTrafficPolicy: Local keeps
-//! traffic on the node it arrived at; readiness loss removes an endpoint; scaling to zero
+//! answers on the other node; session affinity sticks; external and internal traffic policy
+//! Local keep traffic on the node; readiness loss removes an endpoint; scaling to zero
 //! makes connections fail at once; flushed rules are repaired, an agent restart keeps them, and
 //! `keelson proxy --cleanup` removes them all.
 mod common;
@@ -255,6 +255,30 @@ fn suite(be: Backend, hint: &str) {
         let a: BTreeSet<String> = answers(&c, n1, np, 10).into_iter().collect();
         !a.is_empty() && a.is_subset(&local)
     });
+
+    // internalTrafficPolicy: Local: node2's own ClusterIP traffic reaches only node2's pods.
+    c.ok(&[
+        "patch",
+        "svc",
+        "web",
+        "-p",
+        "{\"spec\":{\"internalTrafficPolicy\":\"Local\"}}",
+    ]);
+    c.until(
+        20,
+        "the ClusterIP from node2 answers only from node2's pods",
+        || {
+            let a: BTreeSet<String> = answers(&c, n2, &url, 10).into_iter().collect();
+            !a.is_empty() && a.is_subset(&local)
+        },
+    );
+    c.ok(&[
+        "patch",
+        "svc",
+        "web",
+        "-p",
+        "{\"spec\":{\"internalTrafficPolicy\":\"Cluster\"}}",
+    ]);
 
     // Session affinity: one client, one pod.
     c.ok(&[

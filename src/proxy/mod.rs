@@ -5,6 +5,7 @@
 //! removes leftovers of an earlier run, and UDP conntrack entries of endpoints that went away
 //! are deleted so that clients stop talking to a dead pod.
 
+pub mod index;
 pub mod iptables;
 pub mod model;
 pub mod nft;
@@ -16,12 +17,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{Api, Client, runtime::watcher};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
 
-use crate::control::Cache;
-use model::{Model, Proto};
+use model::{Model, Proto, ServicePort};
 
 /// Which kernel interface programs the rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +94,14 @@ impl Backend {
         }
     }
 
+    /// Forgets what was loaded: the next sync rebuilds from scratch.
+    fn reset(&mut self) {
+        match self {
+            Backend::Iptables(l) => *l = None,
+            Backend::Nftables(st) => *st = None,
+        }
+    }
+
     /// Removes what an earlier run left: the other backend's rules, and (nftables) the table.
     fn clean_start(&self) -> Result<(), SyncError> {
         match self {
@@ -110,7 +122,14 @@ impl Backend {
 
     /// Applies `m`: a delta against what was loaded, or a full sync (every chain rewritten,
     /// leftovers of an earlier run and whatever someone changed repaired).
-    fn apply(&mut self, m: &Model, cidr: Ipv4Net, full: bool) -> Result<(), SyncError> {
+    /// `keys`: the port keys that may have changed, when known (not after a relist).
+    fn apply(
+        &mut self,
+        m: &Model,
+        keys: Option<&BTreeSet<String>>,
+        cidr: Ipv4Net,
+        full: bool,
+    ) -> Result<(), SyncError> {
         match self {
             Backend::Iptables(loaded) => {
                 let new = iptables::render(m, cidr);
@@ -133,7 +152,10 @@ impl Backend {
                 let (st, tx) = match state.take() {
                     // Only the Services that changed.
                     Some(mut st) if !full => {
-                        let tx = st.update(m);
+                        let tx = match keys {
+                            Some(k) => st.update_keys(m, k),
+                            None => st.update(m),
+                        };
                         (st, tx)
                     }
                     // Every chain and map rewritten (affinity entries kept).
@@ -175,16 +197,35 @@ fn existing_chains() -> Result<iptables::Rendered, iptables::IptError> {
     Ok(r)
 }
 
-/// UDP endpoints (VIP or node port, endpoint) that were in `old` and are not in `new`.
-fn stale_udp(old: &Model, new: &Model) -> BTreeSet<(Ipv4Addr, u16)> {
-    let eps = |m: &Model| -> BTreeSet<(Ipv4Addr, u16)> {
-        m.ports
+/// UDP endpoints of the previous versions of changed ports that the ports' new versions (or,
+/// after a full rebuild, all UDP ports) no longer use.
+fn stale_udp(old: &[ServicePort], new: &Model, ch: &index::Changed) -> BTreeSet<(Ipv4Addr, u16)> {
+    let eps = |p: &ServicePort| {
+        p.all_endpoints()
+            .into_iter()
+            .map(|e| (e.ip, e.port))
+            .collect::<BTreeSet<_>>()
+    };
+    let before: BTreeSet<(Ipv4Addr, u16)> = old
+        .iter()
+        .filter(|p| p.proto == Proto::Udp)
+        .flat_map(eps)
+        .collect();
+    let after: BTreeSet<(Ipv4Addr, u16)> = if ch.all {
+        new.ports
             .values()
             .filter(|p| p.proto == Proto::Udp)
-            .flat_map(|p| p.all_endpoints().into_iter().map(|e| (e.ip, e.port)))
+            .flat_map(eps)
+            .collect()
+    } else {
+        ch.keys
+            .iter()
+            .filter_map(|k| new.ports.get(k))
+            .filter(|p| p.proto == Proto::Udp)
+            .flat_map(eps)
             .collect()
     };
-    eps(old).difference(&eps(new)).copied().collect()
+    before.difference(&after).copied().collect()
 }
 
 /// Deletes the conntrack entries of UDP flows answered by `ep` (conntrack tool).
@@ -210,58 +251,67 @@ pub async fn run(
     cfg: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let services: Cache<Service> =
-        Cache::start(Api::all(client.clone()), watcher::Config::default());
-    let slices: Cache<EndpointSlice> = Cache::start(Api::all(client), watcher::Config::default());
-    let _ = services.store.wait_until_ready().await;
-    let _ = slices.store.wait_until_ready().await;
-    let (mut a, mut b) = (services.changed.clone(), slices.changed.clone());
+    let wc = watcher::Config::default;
+    let mut services =
+        std::pin::pin!(watcher(Api::<Service>::all(client.clone()), wc()).default_backoff());
+    let mut slices =
+        std::pin::pin!(watcher(Api::<EndpointSlice>::all(client), wc()).default_backoff());
+    let mut index = index::Index::new(&cfg.node_name);
     let mut backend = Backend::new(cfg.mode);
     backend.clean_start()?;
-    let mut current = Model::default();
     let mut last_full: Option<Instant> = None;
+    // When the next sync is due: a burst of events within `min_sync_period` is one sync.
+    let mut due: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
-        let full = last_full.is_none_or(|t| t.elapsed() >= cfg.sync_period);
-        let svcs = services.all();
-        let sls = slices.all();
-        let t0 = Instant::now();
-        let m = model::build(
-            &svcs.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
-            &sls.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
-            &cfg.node_name,
-        );
-        if full || m != current {
-            match backend.apply(&m, cfg.cluster_cidr, full) {
-                Ok(()) => {
-                    for ep in stale_udp(&current, &m) {
-                        flush_udp(ep);
-                    }
-                    tracing::debug!(ports = m.ports.len(), full, took = ?t0.elapsed(), "proxy rules synced");
-                    current = m;
-                    if full {
-                        last_full = Some(Instant::now());
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "syncing proxy rules; retrying with a full sync");
-                    last_full = None;
-                }
-            }
-        }
-        let wait = if last_full.is_none() {
-            Duration::from_secs(1)
+        let full_at = last_full.map_or_else(tokio::time::Instant::now, |t| {
+            tokio::time::Instant::from_std(t + cfg.sync_period)
+        });
+        let wake = if index.ready() {
+            due.map_or(full_at, |d| d.min(full_at))
         } else {
-            cfg.sync_period
+            tokio::time::Instant::now() + Duration::from_secs(3600)
         };
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = a.changed() => {},
-            _ = b.changed() => {},
-            _ = tokio::time::sleep(wait) => {},
+            ev = services.next() => match ev {
+                Some(Ok(ev)) => index.service_event(ev),
+                Some(Err(e)) => tracing::debug!(error = %e, "watching Services; retrying"),
+                None => anyhow::bail!("the Service watch ended"),
+            },
+            ev = slices.next() => match ev {
+                Some(Ok(ev)) => index.slice_event(ev),
+                Some(Err(e)) => tracing::debug!(error = %e, "watching EndpointSlices; retrying"),
+                None => anyhow::bail!("the EndpointSlice watch ended"),
+            },
+            _ = tokio::time::sleep_until(wake) => {
+                let t0 = Instant::now();
+                let full = last_full.is_none_or(|t| t.elapsed() >= cfg.sync_period);
+                let ch = index.sync();
+                due = None;
+                let keys = (!ch.all).then_some(&ch.keys);
+                match backend.apply(&index.model, keys, cfg.cluster_cidr, full) {
+                    Ok(()) => {
+                        for ep in stale_udp(&ch.old, &index.model, &ch) {
+                            flush_udp(ep);
+                        }
+                        tracing::debug!(ports = index.model.ports.len(), changed = ch.keys.len(), full, took = ?t0.elapsed(), "proxy rules synced");
+                        if full {
+                            last_full = Some(Instant::now());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "syncing proxy rules; retrying with a full sync in 1 s");
+                        last_full = Some(Instant::now() - cfg.sync_period + Duration::from_secs(1));
+                        backend.reset();
+                    }
+                }
+                continue;
+            }
         }
-        // Batch: whatever else arrives within the window goes into the same sync.
-        tokio::time::sleep(cfg.min_sync_period).await;
+        if index.pending() && due.is_none() {
+            due = Some(tokio::time::Instant::now() + cfg.min_sync_period);
+        }
     }
 }
 

@@ -145,114 +145,128 @@ pub fn build(services: &[&Service], slices: &[&EndpointSlice], node: &str) -> Mo
     }
     let mut ports = BTreeMap::new();
     for svc in services {
-        let Some(spec) = svc.spec.as_ref() else {
-            continue;
-        };
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let typ = spec.type_.as_deref().unwrap_or("ClusterIP");
-        if typ == "ExternalName" {
-            continue;
-        }
-        let cluster_ip = spec
-            .cluster_ip
-            .as_deref()
-            .filter(|c| *c != "None" && !c.is_empty())
-            .and_then(|c| c.parse::<Ipv4Addr>().ok());
-        // Headless Services get no rules.
-        if cluster_ip.is_none() {
-            continue;
-        }
-        let mut external_ips: Vec<Ipv4Addr> = spec
-            .external_ips
-            .iter()
-            .flatten()
-            .filter_map(|i| i.parse().ok())
-            .collect();
-        if typ == "LoadBalancer" {
-            external_ips.extend(
-                svc.status
-                    .as_ref()
-                    .and_then(|s| s.load_balancer.as_ref())
-                    .and_then(|l| l.ingress.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok()),
-            );
-        }
-        external_ips.sort();
-        external_ips.dedup();
-        let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
+        let sl = by_svc.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+        ports.extend(build_service(svc, sl, node));
+    }
+    Model { ports }
+}
+
+/// The ports of one Service, given the EndpointSlices labelled with its name (slices of
+/// another address type are ignored).
+pub fn build_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &str,
+) -> Vec<(String, ServicePort)> {
+    let mut out = vec![];
+    let Some(spec) = svc.spec.as_ref() else {
+        return out;
+    };
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let typ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if typ == "ExternalName" {
+        return out;
+    }
+    let cluster_ip = spec
+        .cluster_ip
+        .as_deref()
+        .filter(|c| *c != "None" && !c.is_empty())
+        .and_then(|c| c.parse::<Ipv4Addr>().ok());
+    // Headless Services get no rules.
+    if cluster_ip.is_none() {
+        return out;
+    }
+    let mut external_ips: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|i| i.parse().ok())
+        .collect();
+    if typ == "LoadBalancer" {
+        external_ips.extend(
+            svc.status
                 .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .filter(|t| *t > 0)
-                .map_or(10800, |t| t as u32)
-        });
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local")
-            && (typ == "NodePort" || typ == "LoadBalancer" || !external_ips.is_empty());
-        let svc_slices = by_svc.get(&(ns.clone(), name.clone()));
-        for p in spec.ports.iter().flatten() {
-            let Some(proto) = Proto::parse(p.protocol.as_deref()) else {
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok()),
+        );
+    }
+    external_ips.sort();
+    external_ips.dedup();
+    let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .filter(|t| *t > 0)
+            .map_or(10800, |t| t as u32)
+    });
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local")
+        && (typ == "NodePort" || typ == "LoadBalancer" || !external_ips.is_empty());
+    for p in spec.ports.iter().flatten() {
+        let Some(proto) = Proto::parse(p.protocol.as_deref()) else {
+            continue;
+        };
+        let pname = p.name.clone().unwrap_or_default();
+        // Endpoints of this port: the slice port with the same name and protocol (a named
+        // targetPort is resolved per pod by the endpoints controller).
+        let mut cands = vec![];
+        for s in slices.iter().filter(|s| s.address_type == "IPv4") {
+            let Some(sp) = s.ports.iter().flatten().find(|sp| {
+                sp.name.clone().unwrap_or_default() == pname
+                    && Proto::parse(sp.protocol.as_deref()) == Some(proto)
+            }) else {
                 continue;
             };
-            let pname = p.name.clone().unwrap_or_default();
-            // Endpoints of this port: the slice port with the same name and protocol (a named
-            // targetPort is resolved per pod by the endpoints controller).
-            let mut cands = vec![];
-            for s in svc_slices.into_iter().flatten() {
-                let Some(sp) = s.ports.iter().flatten().find(|sp| {
-                    sp.name.clone().unwrap_or_default() == pname
-                        && Proto::parse(sp.protocol.as_deref()) == Some(proto)
-                }) else {
-                    continue;
-                };
-                let Some(port) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
-                    continue;
-                };
-                for e in &s.endpoints {
-                    let c = e.conditions.as_ref();
-                    let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                    let local = e.node_name.as_deref() == Some(node);
-                    for a in &e.addresses {
-                        if let Ok(ip) = a.parse::<Ipv4Addr>() {
-                            cands.push(Candidate {
-                                ep: Endpoint { ip, port, local },
-                                ready,
-                                serving,
-                                terminating,
-                            });
-                        }
+            let Some(port) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
+                continue;
+            };
+            for e in &s.endpoints {
+                let c = e.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                let local = e.node_name.as_deref() == Some(node);
+                for a in &e.addresses {
+                    if let Ok(ip) = a.parse::<Ipv4Addr>() {
+                        cands.push(Candidate {
+                            ep: Endpoint { ip, port, local },
+                            ready,
+                            serving,
+                            terminating,
+                        });
                     }
                 }
             }
-            let node_port = match typ {
-                "NodePort" | "LoadBalancer" => p.node_port.and_then(|n| u16::try_from(n).ok()),
-                _ => None,
-            };
-            let Ok(port) = u16::try_from(p.port) else {
-                continue;
-            };
-            let sp = ServicePort {
-                name: format!("{ns}/{name}:{pname}"),
-                proto,
-                cluster_ip,
-                port,
-                node_port,
-                external_ips: external_ips.clone(),
-                cluster_endpoints: usable(&cands, internal_local),
-                external_endpoints: usable(&cands, external_local),
-                external_local,
-                affinity_seconds,
-            };
-            ports.insert(format!("{}/{}", sp.name, proto.upper()), sp);
         }
+        let node_port = match typ {
+            "NodePort" | "LoadBalancer" => p.node_port.and_then(|n| u16::try_from(n).ok()),
+            _ => None,
+        };
+        let Ok(port) = u16::try_from(p.port) else {
+            continue;
+        };
+        let sp = ServicePort {
+            name: format!("{ns}/{name}:{pname}"),
+            proto,
+            cluster_ip,
+            port,
+            node_port,
+            external_ips: external_ips.clone(),
+            cluster_endpoints: usable(&cands, internal_local),
+            external_endpoints: usable(&cands, external_local),
+            external_local,
+            affinity_seconds,
+        };
+        out.push((format!("{}/{}", sp.name, proto.upper()), sp));
     }
-    Model { ports }
+    out
 }
 
 #[cfg(test)]

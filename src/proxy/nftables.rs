@@ -768,7 +768,7 @@ impl State {
 
     /// Brings the state to `m` and returns the delta transaction (empty when nothing changed).
     pub fn update(&mut self, m: &Model) -> Batch {
-        let mut ch = Changes::default();
+        let ch = Changes::default();
         // Both maps are sorted by key: one merge pass finds what left and what changed,
         // without hashing or searching.
         let mut gone = vec![];
@@ -793,6 +793,37 @@ impl State {
             }
             gone.extend(old.map(|(k, _)| k.clone()));
         }
+        self.apply(m, gone, changed, ch)
+    }
+
+    /// Like [`State::update`], when the caller knows which port keys may have changed (the
+    /// Services a watch event touched): O(changed), whatever the number of Services.
+    pub fn update_keys<'a>(
+        &mut self,
+        m: &Model,
+        keys: impl IntoIterator<Item = &'a String>,
+    ) -> Batch {
+        let mut gone = vec![];
+        let mut changed = vec![];
+        for k in keys {
+            match (m.ports.get_key_value(k), self.ports.get(k)) {
+                (Some((mk, p)), Some((old, _))) if old != p => changed.push(mk),
+                (Some(_), Some(_)) => {}
+                (Some((mk, _)), None) => changed.push(mk),
+                (None, Some(_)) => gone.push(k.clone()),
+                (None, None) => {}
+            }
+        }
+        self.apply(m, gone, changed, Changes::default())
+    }
+
+    fn apply(
+        &mut self,
+        m: &Model,
+        gone: Vec<String>,
+        changed: Vec<&String>,
+        mut ch: Changes,
+    ) -> Batch {
         for k in gone {
             if let Some((_, f)) = self.ports.remove(&k) {
                 self.remove(&f, &mut ch);
