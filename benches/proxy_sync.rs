@@ -64,6 +64,7 @@ fn model(n: usize) -> Model {
                 external_endpoints: eps.clone(),
                 external_local: false,
                 affinity_seconds: None,
+                health_check_node_port: None,
             },
         );
     }

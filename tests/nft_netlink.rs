@@ -323,6 +323,7 @@ fn the_nftables_backend_in_the_kernel() {
         external_endpoints: eps,
         external_local: false,
         affinity_seconds: None,
+        health_check_node_port: None,
     };
     let mut np = port("np", 13, vec![ep(2), ep(3)]);
     np.node_port = Some(30080);
@@ -518,6 +519,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
                 cluster_endpoints: eps,
                 external_local: local,
                 affinity_seconds: (rnd(4) == 0).then_some(30 + rnd(2) as u32),
+                health_check_node_port: None,
             };
             ports.insert(format!("{}/{:?}", p.name, p.proto), p);
         }

@@ -160,6 +160,22 @@ impl Backend {
     }
 }
 
+/// A raw HTTP GET to `ip:port` from namespace `from`: the whole response, or "" if refused.
+fn http_raw(from: &str, ip: &str, port: u16) -> String {
+    let to: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    common::in_netns(from, || {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+}
+
 /// Sends `n` datagrams to `ip:port` from the namespace `node`, each from a fresh socket.
 fn send_udp(node: &str, ip: std::net::Ipv4Addr, port: u16, n: usize) {
     common::in_netns(node, || {
@@ -255,6 +271,22 @@ fn suite(be: Backend, hint: &str) {
         let a: BTreeSet<String> = answers(&c, n1, np, 10).into_iter().collect();
         !a.is_empty() && a.is_subset(&local)
     });
+
+    // A LoadBalancer with externalTrafficPolicy: Local gets a health check node port on which
+    // every node tells whether (and how many) local endpoints it has.
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {app: web}\n  ports:\n  - {name: http, port: 81, targetPort: 8080}\n",
+    );
+    let hc: u16 = c
+        .jsonpath(&["get", "svc", "lb"], "{.spec.healthCheckNodePort}")
+        .parse()
+        .expect("a health check node port is allocated");
+    let on_n1 = pods.iter().filter(|p| p.1 == n1).count();
+    c.until(30, "node1's health check to count its pods", || {
+        let r = http_raw(n2, "10.250.0.11", hc);
+        r.starts_with("HTTP/1.1 200") && r.contains(&format!("\"localEndpoints\":{on_n1}"))
+    });
+    assert!(http_raw(n1, "10.250.0.12", hc).contains("\"name\":\"lb\""));
 
     // internalTrafficPolicy: Local: node2's own ClusterIP traffic reaches only node2's pods.
     c.ok(&[
@@ -383,6 +415,9 @@ fn suite(be: Backend, hint: &str) {
     });
     c.until(20, "the Service to have no endpoints", || {
         get(&c, n1, &url).0.is_none()
+    });
+    c.until(20, "the health check to report no local endpoint", || {
+        http_raw(n2, "10.250.0.11", hc).starts_with("HTTP/1.1 503")
     });
     let (answer, took) = get(&c, n1, &url);
     assert!(answer.is_none());

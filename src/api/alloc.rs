@@ -93,6 +93,14 @@ pub async fn release(store: &dyn Store, svc: &Value) {
                 .await;
         }
     }
+    if let Some(n) = svc
+        .pointer("/spec/healthCheckNodePort")
+        .and_then(Value::as_u64)
+    {
+        let _ = store
+            .delete(&format!("{PORTS}{n}"), Precondition::None)
+            .await;
+    }
 }
 
 /// Defaults a Service and allocates its ClusterIP and node ports (kube-apiserver's service
@@ -221,7 +229,6 @@ pub async fn allocate(
             .flatten()
             .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
             .collect();
-        let (lo, hi) = net.node_ports;
         let ports = spec.get_mut("ports").and_then(Value::as_array_mut);
         for (i, p) in ports
             .into_iter()
@@ -233,47 +240,105 @@ pub async fn allocate(
             if want != 0 && old_ports.contains(&want) {
                 continue;
             }
-            let port = if want == 0 {
-                let mut got = None;
-                let span = (hi - lo + 1) as u64;
-                let start = owner
-                    .bytes()
-                    .fold(i as u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
-                    % span;
-                for k in 0..span {
-                    let n = lo as u64 + (start + k) % span;
-                    if claim(store, &format!("{PORTS}{n}"), owner).await? {
-                        got = Some(n);
-                        break;
-                    }
-                }
-                got.ok_or_else(|| {
-                    ferr(
-                        format!("spec.ports[{i}].nodePort"),
-                        "Internal error: range is full",
-                    )
-                })?
-            } else {
-                if want < lo as u64 || want > hi as u64 {
-                    return Err(ferr(
-                        format!("spec.ports[{i}].nodePort"),
-                        format!(
-                            "Invalid value: {want}: provided port is not in the valid range. The range of valid ports is {lo}-{hi}"
-                        ),
-                    ));
-                }
-                if !claim(store, &format!("{PORTS}{want}"), owner).await? {
-                    return Err(ferr(
-                        format!("spec.ports[{i}].nodePort"),
-                        format!("Invalid value: {want}: provided port is already allocated"),
-                    ));
-                }
-                want
-            };
+            let port = node_port(
+                store,
+                net,
+                owner,
+                want,
+                i as u64,
+                &format!("spec.ports[{i}].nodePort"),
+            )
+            .await?;
             p.insert("nodePort".into(), json!(port));
         }
     }
+    // The health check node port of a LoadBalancer with externalTrafficPolicy: Local (load
+    // balancers probe it to find the nodes with local endpoints); dropped otherwise.
+    let wants_hc = typ == "LoadBalancer"
+        && spec.get("externalTrafficPolicy").and_then(Value::as_str) == Some("Local");
+    let old_hc = old
+        .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+        .and_then(Value::as_u64);
+    let asked_hc = spec
+        .get("healthCheckNodePort")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if wants_hc {
+        let port = if asked_hc != 0 && Some(asked_hc) == old_hc {
+            asked_hc
+        } else if asked_hc == 0 && old_hc.is_some() {
+            old_hc.unwrap_or_default()
+        } else {
+            node_port(
+                store,
+                net,
+                owner,
+                asked_hc,
+                1000,
+                "spec.healthCheckNodePort",
+            )
+            .await?
+        };
+        spec.insert("healthCheckNodePort".into(), json!(port));
+    } else {
+        if asked_hc != 0 && Some(asked_hc) != old_hc {
+            return Err(ferr(
+                "spec.healthCheckNodePort",
+                format!(
+                    "Invalid value: {asked_hc}: may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'"
+                ),
+            ));
+        }
+        spec.remove("healthCheckNodePort");
+        if let Some(n) = old_hc {
+            let _ = store
+                .delete(&format!("{PORTS}{n}"), Precondition::None)
+                .await;
+        }
+    }
     Ok(())
+}
+
+/// Claims node port `want` for `owner`, or (want = 0) the first free one from a starting
+/// point derived from the owner and `salt`; `field` names the field in errors.
+async fn node_port(
+    store: &dyn Store,
+    net: &ServiceNet,
+    owner: &str,
+    want: u64,
+    salt: u64,
+    field: &str,
+) -> Result<u64, AllocError> {
+    let (lo, hi) = net.node_ports;
+    if want == 0 {
+        let span = (hi - lo + 1) as u64;
+        let start = owner
+            .bytes()
+            .fold(salt, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+            % span;
+        for k in 0..span {
+            let n = lo as u64 + (start + k) % span;
+            if claim(store, &format!("{PORTS}{n}"), owner).await? {
+                return Ok(n);
+            }
+        }
+        return Err(ferr(field, "Internal error: range is full"));
+    }
+    if want < lo as u64 || want > hi as u64 {
+        return Err(ferr(
+            field,
+            format!(
+                "Invalid value: {want}: provided port is not in the valid range. The range of valid ports is {lo}-{hi}"
+            ),
+        ));
+    }
+    if !claim(store, &format!("{PORTS}{want}"), owner).await? {
+        return Err(ferr(
+            field,
+            format!("Invalid value: {want}: provided port is already allocated"),
+        ));
+    }
+    Ok(want)
 }
 
 #[cfg(test)]
@@ -336,5 +401,45 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn health_check_node_port_follows_the_traffic_policy() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Embedded::open(&d.path().join("db")).unwrap();
+        let net = ServiceNet {
+            cidr: "10.96.0.0/29".parse().unwrap(),
+            node_ports: (30000, 30002),
+        };
+        let lb = || {
+            json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                            "ports": [{"port": 80}]}})
+        };
+        let mut a = lb();
+        allocate(&s, &net, &mut a, None, "a").await.unwrap();
+        let hc = a["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("allocated");
+        assert_ne!(json!(hc), a["spec"]["ports"][0]["nodePort"]);
+        // Kept on update.
+        let mut upd = lb();
+        allocate(&s, &net, &mut upd, Some(&a), "a").await.unwrap();
+        assert_eq!(upd["spec"]["healthCheckNodePort"], json!(hc));
+        // Dropped and released when the policy becomes Cluster.
+        let mut cluster = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
+                                          "healthCheckNodePort": hc, "ports": [{"port": 80}]}});
+        allocate(&s, &net, &mut cluster, Some(&a), "a")
+            .await
+            .unwrap();
+        assert!(cluster["spec"].get("healthCheckNodePort").is_none());
+        let mut b = json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": hc}]}});
+        allocate(&s, &net, &mut b, None, "b")
+            .await
+            .expect("the released port is free again");
+        // Asked for where it does not apply: a clear error naming the field.
+        let mut bad = json!({"spec": {"type": "NodePort", "healthCheckNodePort": 30001,
+                                      "ports": [{"port": 80}]}});
+        let e = allocate(&s, &net, &mut bad, None, "c").await.unwrap_err();
+        assert_eq!(e.field, "spec.healthCheckNodePort");
     }
 }

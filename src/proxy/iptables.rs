@@ -399,6 +399,7 @@ mod tests {
             external_endpoints: eps,
             external_local: false,
             affinity_seconds: affinity,
+            health_check_node_port: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! removes leftovers of an earlier run, and UDP conntrack entries of endpoints that went away
 //! are deleted so that clients stop talking to a dead pod.
 
+pub mod health;
 pub mod index;
 pub mod iptables;
 pub mod model;
@@ -257,6 +258,7 @@ pub async fn run(
     let mut slices =
         std::pin::pin!(watcher(Api::<EndpointSlice>::all(client), wc()).default_backoff());
     let mut index = index::Index::new(&cfg.node_name);
+    let mut health = health::Health::default();
     let mut backend = Backend::new(cfg.mode);
     backend.clean_start()?;
     let mut last_full: Option<Instant> = None;
@@ -290,6 +292,7 @@ pub async fn run(
                 let ch = index.sync();
                 due = None;
                 let keys = (!ch.all).then_some(&ch.keys);
+                health.sync(&index.model, keys);
                 match backend.apply(&index.model, keys, cfg.cluster_cidr, full) {
                     Ok(()) => {
                         for ep in stale_udp(&ch.old, &index.model, &ch) {

@@ -83,6 +83,9 @@ pub struct ServicePort {
     pub external_local: bool,
     /// sessionAffinity: ClientIP, with its timeout in seconds.
     pub affinity_seconds: Option<u32>,
+    /// A LoadBalancer's healthCheckNodePort (externalTrafficPolicy: Local), where the proxy
+    /// answers whether this node has local endpoints.
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -263,6 +266,10 @@ pub fn build_service(
             external_endpoints: usable(&cands, external_local),
             external_local,
             affinity_seconds,
+            health_check_node_port: spec
+                .health_check_node_port
+                .filter(|_| external_local && typ == "LoadBalancer")
+                .and_then(|n| u16::try_from(n).ok()),
         };
         out.push((format!("{}/{}", sp.name, proto.upper()), sp));
     }

@@ -1091,6 +1091,7 @@ mod tests {
             external_endpoints: eps,
             external_local: false,
             affinity_seconds: None,
+            health_check_node_port: None,
         }
     }
 
