@@ -553,3 +553,81 @@ fn random_deltas_end_where_a_fresh_load_does() {
     };
     assert_eq!(listing(&ns1.0), listing(&ns2.0));
 }
+
+/// ctnetlink: a filtered flush deletes the UDP entries answered by one endpoint and leaves the
+/// others.
+#[test]
+fn conntrack_entries_of_one_endpoint_are_deleted() {
+    use keelson::proxy::{conntrack, model::Model, nftables};
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (network namespaces)"
+    );
+    let mut b = [0u8; 3];
+    getrandom::fill(&mut b).unwrap();
+    let ns = Ns(format!("kt-ct-{}", hex::encode(b)));
+    sh(&["ip", "netns", "add", &ns.0]);
+    sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
+    sh(&[
+        "ip", "-n", &ns.0, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        "10.202.0.1/24",
+        "dev",
+        "v0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        "10.202.0.2/24",
+        "dev",
+        "v1",
+    ]);
+    sh(&["ip", "-n", &ns.0, "link", "set", "v0", "up"]);
+    sh(&["ip", "-n", &ns.0, "link", "set", "v1", "up"]);
+    let cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
+    // Our (empty) table turns connection tracking on in the namespace.
+    let listeners = in_ns(&ns.0, || {
+        let r = nftables::render(&Model::default(), cidr);
+        nftables::transaction(None, &r, false).commit().unwrap();
+        let l: Vec<std::net::UdpSocket> = [5353u16, 5454]
+            .iter()
+            .map(|p| std::net::UdpSocket::bind(("10.202.0.2", *p)).unwrap())
+            .collect();
+        for _ in 0..3 {
+            for p in [5353u16, 5454] {
+                let s = std::net::UdpSocket::bind("10.202.0.1:0").unwrap();
+                s.send_to(b"q", ("10.202.0.2", p)).unwrap();
+            }
+        }
+        l
+    });
+    let flows = |port: u16| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "conntrack", "-L", "-p", "udp"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("dport={port} ")))
+            .count()
+    };
+    assert_eq!((flows(5353), flows(5454)), (3, 3), "three flows to each");
+    in_ns(&ns.0, || {
+        conntrack::delete_udp_replies_from("10.202.0.2".parse().unwrap(), 5353).unwrap()
+    });
+    assert_eq!(
+        (flows(5353), flows(5454)),
+        (0, 3),
+        "only 5353's flows are gone"
+    );
+    drop(listeners);
+}

@@ -5,6 +5,7 @@
 //! removes leftovers of an earlier run, and UDP conntrack entries of endpoints that went away
 //! are deleted so that clients stop talking to a dead pod.
 
+pub mod conntrack;
 pub mod health;
 pub mod index;
 pub mod iptables;
@@ -229,17 +230,22 @@ fn stale_udp(old: &[ServicePort], new: &Model, ch: &index::Changed) -> BTreeSet<
     before.difference(&after).copied().collect()
 }
 
-/// Deletes the conntrack entries of UDP flows answered by `ep` (conntrack tool).
+/// Deletes the conntrack entries of UDP flows answered by `ep`: through ctnetlink, or with the
+/// conntrack tool where the kernel does not take filtered flushes.
 fn flush_udp(ep: (Ipv4Addr, u16)) {
+    match conntrack::delete_udp_replies_from(ep.0, ep.1) {
+        Ok(()) => {
+            tracing::debug!(endpoint = %format!("{}:{}", ep.0, ep.1), "UDP conntrack entries deleted");
+            return;
+        }
+        Err(e) => tracing::debug!(error = %e, "ctnetlink flush refused; using the conntrack tool"),
+    }
     let out = std::process::Command::new("conntrack")
         .args(["-D", "-p", "udp", "--reply-src"])
         .arg(ep.0.to_string())
         .args(["--reply-port-src", &ep.1.to_string()])
         .output();
     match out {
-        Ok(o) if o.status.success() => {
-            tracing::debug!(endpoint = %format!("{}:{}", ep.0, ep.1), "UDP conntrack entries deleted")
-        }
         // Exit status 1 with "0 flow entries" means there was nothing to delete.
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "running conntrack (is it installed?)"),

@@ -312,7 +312,7 @@ pub enum Data {
     Verdict { code: i32, chain: Option<String> },
 }
 
-fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+pub(crate) fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     buf.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
     buf.extend_from_slice(payload);
@@ -321,17 +321,17 @@ fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     }
 }
 
-fn attr_str(buf: &mut Vec<u8>, ty: u16, s: &str) {
+pub(crate) fn attr_str(buf: &mut Vec<u8>, ty: u16, s: &str) {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     attr(buf, ty, &v);
 }
 
-fn attr_be32(buf: &mut Vec<u8>, ty: u16, v: u32) {
+pub(crate) fn attr_be32(buf: &mut Vec<u8>, ty: u16, v: u32) {
     attr(buf, ty, &v.to_be_bytes());
 }
 
-fn nested(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
+pub(crate) fn nested(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
     let start = buf.len();
     buf.extend_from_slice(&[0, 0]);
     buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
@@ -599,102 +599,107 @@ impl Batch {
             NFNL_SUBSYS_NFTABLES,
             |_| {},
         );
-        // SAFETY: plain socket(2); the result is checked and owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(NftError::Socket(std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let big: libc::c_int = (self.buf.len() as i32).max(1 << 20);
-        for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
-            // SAFETY: setsockopt with a pointer to a live c_int of the right size.
-            unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&big as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as u32,
-                )
-            };
-        }
-        // Error acknowledgements carry only the header of the failed message, not all of it
-        // (an element message can be hundreds of KiB).
-        let one: libc::c_int = 1;
+        send_and_ack(&self.buf, self.what)
+    }
+}
+
+/// Sends `buf` (one or more netlink messages) on a NETLINK_NETFILTER socket and waits for the
+/// acknowledgement of every sequence number in `what`; the first error is returned with the
+/// description of the message it belongs to.
+pub(crate) fn send_and_ack(buf: &[u8], what: Vec<(u32, String)>) -> Result<(), NftError> {
+    // SAFETY: plain socket(2); the result is checked and owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(NftError::Socket(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let big: libc::c_int = (buf.len() as i32).max(1 << 20);
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
         // SAFETY: setsockopt with a pointer to a live c_int of the right size.
         unsafe {
             libc::setsockopt(
                 sock.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_CAP_ACK,
-                (&one as *const libc::c_int).cast(),
+                libc::SOL_SOCKET,
+                opt,
+                (&big as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as u32,
             )
         };
-        // SAFETY: an all-zero sockaddr_nl addresses the kernel.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: the buffer and address outlive the call; lengths are theirs.
-        let sent = unsafe {
-            libc::sendto(
-                sock.as_raw_fd(),
-                self.buf.as_ptr().cast(),
-                self.buf.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
+    }
+    // Error acknowledgements carry only the header of the failed message, not all of it
+    // (an element message can be hundreds of KiB).
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int of the right size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_CAP_ACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    // SAFETY: an all-zero sockaddr_nl addresses the kernel.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: the buffer and address outlive the call; lengths are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            0,
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(NftError::Socket(std::io::Error::last_os_error()));
+    }
+    let mut pending: std::collections::HashMap<u32, String> = what.into_iter().collect();
+    let mut rbuf = vec![0u8; 1 << 16];
+    while !pending.is_empty() {
+        // SAFETY: rbuf is writable for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
+        if n < 0 {
             return Err(NftError::Socket(std::io::Error::last_os_error()));
         }
-        let mut pending: std::collections::HashMap<u32, String> = self.what.into_iter().collect();
-        let mut rbuf = vec![0u8; 1 << 16];
-        while !pending.is_empty() {
-            // SAFETY: rbuf is writable for its length.
-            let n =
-                unsafe { libc::recv(sock.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
-            if n < 0 {
-                return Err(NftError::Socket(std::io::Error::last_os_error()));
+        let mut off = 0usize;
+        let n = n as usize;
+        while off + 16 <= n {
+            let len =
+                u32::from_ne_bytes(rbuf[off..off + 4].try_into().unwrap_or_default()) as usize;
+            let ty = u16::from_ne_bytes([rbuf[off + 4], rbuf[off + 5]]);
+            let seq = u32::from_ne_bytes(rbuf[off + 8..off + 12].try_into().unwrap_or_default());
+            if len < 16 || off + len > n {
+                return Err(NftError::Protocol(format!(
+                    "bad netlink message length {len}"
+                )));
             }
-            let mut off = 0usize;
-            let n = n as usize;
-            while off + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(rbuf[off..off + 4].try_into().unwrap_or_default()) as usize;
-                let ty = u16::from_ne_bytes([rbuf[off + 4], rbuf[off + 5]]);
-                let seq =
-                    u32::from_ne_bytes(rbuf[off + 8..off + 12].try_into().unwrap_or_default());
-                if len < 16 || off + len > n {
-                    return Err(NftError::Protocol(format!(
-                        "bad netlink message length {len}"
-                    )));
+            if ty == NLMSG_ERROR && len >= 20 {
+                let err =
+                    i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().unwrap_or_default());
+                let what = pending
+                    .remove(&seq)
+                    .unwrap_or_else(|| format!("message {seq}"));
+                if err != 0 {
+                    return Err(NftError::Rejected {
+                        what,
+                        source: std::io::Error::from_raw_os_error(-err),
+                    });
                 }
-                if ty == NLMSG_ERROR && len >= 20 {
-                    let err =
-                        i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().unwrap_or_default());
-                    let what = pending
-                        .remove(&seq)
-                        .unwrap_or_else(|| format!("message {seq}"));
-                    if err != 0 {
-                        return Err(NftError::Rejected {
-                            what,
-                            source: std::io::Error::from_raw_os_error(-err),
-                        });
-                    }
-                }
-                off += (len + 3) & !3;
             }
+            off += (len + 3) & !3;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The key of a Service port: address . protocol . port, each padded to 4 bytes (the
