@@ -500,12 +500,20 @@ fn dnat_to(e: &Endpoint) -> Vec<Expr> {
     ]
 }
 
+/// A chain a port uses: a shared pick chain (built once, when first used; the name says all)
+/// or a chain of its own.
+#[derive(Debug)]
+enum ChainSrc {
+    Pick(Kind, usize),
+    Own(Chain),
+}
+
 /// What one Service port contributes: map and set elements, pick or affinity chains (pick
 /// chains are shared with other ports), affinity client sets.
 #[derive(Debug, Default)]
 struct Frag {
     elems: Vec<(&'static str, Vec<u8>, Option<Data>)>,
-    chains: Vec<(String, Chain)>,
+    chains: Vec<(String, ChainSrc)>,
     affinity_sets: Vec<String>,
 }
 
@@ -520,7 +528,7 @@ impl Frag {
             None => {
                 let name = format!("{}-{}", k.prefix(), eps.len());
                 self.chains
-                    .push((name.clone(), pick_chain(k, eps.len(), cidr)));
+                    .push((name.clone(), ChainSrc::Pick(k, eps.len())));
                 for (i, e) in eps.iter().enumerate() {
                     let mut bk = key.clone();
                     bk.extend_from_slice(&(i as u32).to_ne_bytes());
@@ -571,10 +579,10 @@ impl Frag {
             ep_rules.extend(dnat_to(e));
             self.chains.push((
                 name.clone(),
-                Chain {
+                ChainSrc::Own(Chain {
                     hook: None,
                     rules: vec![ep_rules],
-                },
+                }),
             ));
             self.affinity_sets.push(name.clone());
             ep_chains.push(name);
@@ -601,7 +609,7 @@ impl Frag {
             }
         }
         self.chains
-            .push((chain.clone(), Chain { hook: None, rules }));
+            .push((chain.clone(), ChainSrc::Own(Chain { hook: None, rules })));
         chain
     }
 
@@ -744,15 +752,21 @@ impl State {
                     .push((k.clone(), d.clone()));
             }
         }
-        for (name, c) in &f.chains {
-            let e = self
-                .chains
-                .entry(name.clone())
-                .or_insert_with(|| (c.clone(), 0));
+        let cidr = self.cidr;
+        for (name, src) in &f.chains {
+            let e = self.chains.entry(name.clone()).or_insert_with(|| {
+                let c = match src {
+                    ChainSrc::Pick(k, n) => pick_chain(*k, *n, cidr),
+                    ChainSrc::Own(c) => c.clone(),
+                };
+                (c, 0)
+            });
             e.1 += 1;
             if e.1 == 1 {
-                ch.chains_new.insert(name.clone(), c.clone());
-            } else if e.0 != *c {
+                ch.chains_new.insert(name.clone(), e.0.clone());
+            } else if let ChainSrc::Own(c) = src
+                && e.0 != *c
+            {
                 e.0 = c.clone();
                 ch.chains_changed.insert(name.clone(), c.clone());
             }
