@@ -81,25 +81,26 @@ pub async fn release(store: &dyn Store, svc: &Value) {
                 .await;
         }
     }
-    let node_ports = svc
+    for p in svc
         .pointer("/spec/ports")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|p| p.get("nodePort").and_then(Value::as_u64));
-    let health = svc
-        .pointer("/spec/healthCheckNodePort")
-        .and_then(Value::as_u64);
-    for n in node_ports.chain(health) {
-        free_port(store, n).await;
+    {
+        if let Some(n) = p.get("nodePort").and_then(Value::as_u64) {
+            let _ = store
+                .delete(&format!("{PORTS}{n}"), Precondition::None)
+                .await;
+        }
     }
-}
-
-/// Returns node port `n` to the pool.
-async fn free_port(store: &dyn Store, n: u64) {
-    let _ = store
-        .delete(&format!("{PORTS}{n}"), Precondition::None)
-        .await;
+    if let Some(n) = svc
+        .pointer("/spec/healthCheckNodePort")
+        .and_then(Value::as_u64)
+    {
+        let _ = store
+            .delete(&format!("{PORTS}{n}"), Precondition::None)
+            .await;
+    }
 }
 
 /// Defaults a Service and allocates its ClusterIP and node ports (kube-apiserver's service
@@ -290,7 +291,9 @@ pub async fn allocate(
         }
         spec.remove("healthCheckNodePort");
         if let Some(n) = old_hc {
-            free_port(store, n).await;
+            let _ = store
+                .delete(&format!("{PORTS}{n}"), Precondition::None)
+                .await;
         }
     }
     Ok(())
