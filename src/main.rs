@@ -265,6 +265,10 @@ struct AgentArgs {
     /// Resources held back from pods, e.g. cpu=100m,memory=256Mi (allocatable = capacity − this).
     #[arg(long, default_value = "", value_parser = keelson::agent::cluster::parse_reserved)]
     reserved: std::collections::BTreeMap<String, String>,
+    /// The node Lease's duration (kubelet's nodeLeaseDurationSeconds); it is renewed every
+    /// quarter of it. Keep it above the controller's --node-monitor-grace-period ÷ 1.25.
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    node_lease_duration: std::time::Duration,
     /// Directory of static pod manifests.
     #[arg(long)]
     manifests: Option<PathBuf>,
@@ -594,6 +598,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kubelet_token: a.token_file.clone(),
                 kubelet_port: a.kubelet_port,
                 reserved: a.reserved,
+                node_lease: a.node_lease_duration.max(Duration::from_secs(1)),
                 proxy,
                 cluster_cidr: a.cluster_cidr.trunc(),
                 service_cidr: match a.service_cidr.as_str() {

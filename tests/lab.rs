@@ -348,7 +348,9 @@ fn node_ready(c: &Cluster, node: &str) -> String {
 
 #[test]
 fn restarts_and_lost_nodes() {
-    let c = Cluster::up(
+    // A short grace period needs a lease renewed more often than kubelet's every 10 s (as
+    // in kube: the grace period must exceed the renew interval): 8 s lease, renewed every 2 s.
+    let c = Cluster::up_with(
         "fail",
         2,
         &[
@@ -356,6 +358,7 @@ fn restarts_and_lost_nodes() {
             "--default-not-ready-toleration-seconds=2",
             "--default-unreachable-toleration-seconds=2",
         ],
+        &["--node-lease-duration=8s"],
     );
     c.apply(&web(4));
     let pods = c.wait_ready("app=web", 4, 90);

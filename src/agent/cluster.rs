@@ -270,19 +270,23 @@ pub async fn register(
     }
 }
 
-/// Renews `kube-node-lease/<node>` every 10 s (40 s duration, as kubelet), and re-posts the
-/// node's status every minute (its heartbeat, and a Ready that the node controller may have
-/// turned Unknown while the agent was away).
+/// Renews `kube-node-lease/<node>` every quarter of its duration (kubelet: 40 s, every 10 s),
+/// and re-posts the node's status every minute or so (its heartbeat), and at once when the node
+/// controller has turned Ready Unknown while the agent was away.
 pub fn heartbeat(client: Client, cfg: AgentConfig, runtime_version: String) {
     tokio::spawn(async move {
         let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
         let nodes: Api<Node> = Api::all(client.clone());
         let name = cfg.node_name.clone();
+        let secs = cfg.node_lease.as_secs().max(1);
+        let every = (cfg.node_lease / 4).max(Duration::from_millis(250));
+        // Status about once a minute however often the lease is renewed.
+        let status_every = (60_000 / every.as_millis().max(1)).max(1) as u32;
         let mut tick = 0u32;
         loop {
             let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": name, "namespace": "kube-node-lease"},
-                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
+                "spec": {"holderIdentity": name, "leaseDurationSeconds": secs,
                          "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string()}});
             let r = match leases.get_opt(&name).await {
                 Ok(Some(_)) => leases
@@ -303,7 +307,7 @@ pub fn heartbeat(client: Client, cfg: AgentConfig, runtime_version: String) {
                     .and_then(|s| s.conditions)
                     .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             });
-            if tick.is_multiple_of(6) || !ready {
+            if tick.is_multiple_of(status_every) || !ready {
                 let status = node_status(&cfg, &runtime_version);
                 if let Err(e) = nodes
                     .patch_status(
@@ -317,7 +321,7 @@ pub fn heartbeat(client: Client, cfg: AgentConfig, runtime_version: String) {
                 }
             }
             tick = tick.wrapping_add(1);
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            tokio::time::sleep(every).await;
         }
     });
 }

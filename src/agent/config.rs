@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub kubelet_port: u16,
     /// Resources held back from pods (allocatable = capacity − reserved).
     pub reserved: std::collections::BTreeMap<String, String>,
+    /// The node Lease's duration; renewed every quarter of it (kubelet: 40 s, every 10 s).
+    pub node_lease: Duration,
     /// The service proxy, run in the agent in cluster mode (None: off).
     pub proxy: Option<crate::proxy::ProxyConfig>,
     /// The cluster's pod network (traffic leaving it is masqueraded), in cluster mode.

@@ -263,6 +263,7 @@ async fn pass(
             }
         }
         if !has_all || has_other {
+            tracing::info!(node = %name, ready = %ready_now, silent, taint = ?want_key, "node taints change");
             kept = current.clone();
             let taints = if kept.is_empty() {
                 json!(null)
@@ -295,6 +296,7 @@ async fn pass(
             if evict {
                 let ns = p.metadata.namespace.clone().unwrap_or_default();
                 let pname = p.metadata.name.clone().unwrap_or_default();
+                tracing::info!(node = %name, pod = %format!("{ns}/{pname}"), "evicting a pod that does not tolerate the node's taints");
                 let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
                 match pods.delete(&pname, &DeleteParams::default()).await {
                     Ok(_) => rec.event(

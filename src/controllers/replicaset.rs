@@ -162,6 +162,7 @@ async fn sync(
             spec: template.spec.clone(),
             status: None,
         };
+        tracing::info!(rs = %format!("{ns}/{name}"), active = active.len(), owned = owned.len(), want, "creating missing pods");
         for _ in active.len()..want {
             match api.create(&PostParams::default(), &pod).await {
                 Ok(created) => {
@@ -188,6 +189,7 @@ async fn sync(
     } else if active.len() > want {
         active.sort_by_key(|p| delete_rank(p));
         let extra = active.len() - want;
+        tracing::info!(rs = %format!("{ns}/{name}"), active = active.len(), want, "deleting surplus pods");
         for p in active.drain(..extra) {
             let n = pod_name(p);
             match api.delete(&n, &DeleteParams::default()).await {

@@ -130,6 +130,32 @@ impl Cluster {
         s
     }
 
+    /// A failed test's whole logs and the cluster's events, kept under
+    /// `target/lab-failures/<lab>/` (CI prints the tails; the rest is there to read after).
+    fn keep_logs(&self) {
+        let keep = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target/lab-failures")
+            .join(&self.name);
+        if std::fs::create_dir_all(&keep).is_err() {
+            return;
+        }
+        if let Ok(rd) = std::fs::read_dir(self.lab_dir().join("logs")) {
+            for e in rd.flatten() {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+        let events = self.kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "-o",
+            "wide",
+            "--sort-by=.lastTimestamp",
+        ]);
+        let _ = std::fs::write(keep.join("events.txt"), &events.stdout);
+        eprintln!("whole logs kept in {}", keep.display());
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Output {
         Command::new("kubectl")
             .args(args)
@@ -268,6 +294,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.tails());
+            self.keep_logs();
         }
         let out = keelson()
             .args(["lab", "down", "--name", &self.name, "--data-dir"])
