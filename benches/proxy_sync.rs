@@ -263,9 +263,7 @@ fn main() {
         let _ = ix.sync();
         let mut st = nftables::State::new(cidr);
         let _ = st.update(&ix.model);
-        nftables::transaction(None, &st.rendered(), false)
-            .commit()
-            .unwrap();
+        nftables::load(&st.rendered(), false).commit().unwrap();
         let full_ms = t0.elapsed().as_secs_f64() * 1000.0;
         // One endpoint of one Service changes: the EndpointSlice event, as the watch gives it.
         // 21 such changes (different Services), to report the median and the worst.
@@ -324,7 +322,7 @@ fn main() {
     in_ns(|| {
         nftables::cleanup().unwrap();
         let r = nftables::render(&model(10), cidr);
-        nftables::transaction(None, &r, false).commit().unwrap();
+        nftables::load(&r, false).commit().unwrap();
     });
     let nft_conn_10 = connect_latency(last_vip(10), 300);
     in_ns(|| nftables::cleanup().unwrap());

@@ -15,7 +15,52 @@ use keelson::proxy::nft::{
     TYPE_INET_SERVICE, TYPE_IPADDR, VERDICT_GOTO, concat_type, load_vip_key, vip_key,
 };
 
+/// A scratch network namespace, deleted when dropped.
 struct Ns(String);
+
+impl Ns {
+    /// Creates `kt-PREFIX-<random>` (needs root).
+    fn new(prefix: &str) -> Ns {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "needs root (network namespaces)"
+        );
+        let mut b = [0u8; 3];
+        getrandom::fill(&mut b).unwrap();
+        let ns = Ns(format!("kt-{prefix}-{}", hex::encode(b)));
+        sh(&["ip", "netns", "add", &ns.0]);
+        ns
+    }
+
+    /// Loopback up, and a veth pair v0/v1 inside the namespace, up, with `addrs` (device,
+    /// address/prefix) on its ends.
+    fn veth(&self, addrs: &[(&str, &str)]) {
+        sh(&["ip", "-n", &self.0, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip", "-n", &self.0, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ]);
+        for (dev, a) in addrs {
+            sh(&["ip", "-n", &self.0, "addr", "add", a, "dev", dev]);
+        }
+        sh(&["ip", "-n", &self.0, "link", "set", "v0", "up"]);
+        sh(&["ip", "-n", &self.0, "link", "set", "v1", "up"]);
+    }
+
+    /// The Service range routed out of v0 (so connections to VIPs reach nat OUTPUT).
+    fn service_route(&self) {
+        sh(&[
+            "ip",
+            "-n",
+            &self.0,
+            "route",
+            "add",
+            "10.96.0.0/12",
+            "dev",
+            "v0",
+        ]);
+    }
+}
+
 impl Drop for Ns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -37,20 +82,7 @@ fn nft_list(ns: &str) -> (bool, String) {
 
 #[test]
 fn tables_chains_maps_and_elements_through_netlink() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces)"
-    );
-    let mut b = [0u8; 3];
-    getrandom::fill(&mut b).unwrap();
-    let ns = Ns(format!("kt-nft-{}", hex::encode(b)));
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let ns = Ns::new("nft");
     let key = (
         concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
         12,
@@ -137,40 +169,9 @@ fn sh(args: &[&str]) {
 /// netlink: a TCP connection to the VIP reaches the listener behind it.
 #[test]
 fn a_vip_map_translates_connections() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces)"
-    );
-    let mut b = [0u8; 3];
-    getrandom::fill(&mut b).unwrap();
-    let ns = Ns(format!("kt-nftd-{}", hex::encode(b)));
-    sh(&["ip", "netns", "add", &ns.0]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    sh(&[
-        "ip", "-n", &ns.0, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &ns.0,
-        "addr",
-        "add",
-        "10.201.0.1/24",
-        "dev",
-        "v0",
-    ]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "v0", "up"]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "v1", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        &ns.0,
-        "route",
-        "add",
-        "10.96.0.0/12",
-        "dev",
-        "v0",
-    ]);
+    let ns = Ns::new("nftd");
+    ns.veth(&[("v0", "10.201.0.1/24")]);
+    ns.service_route();
     let key = (
         concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
         12,
@@ -272,37 +273,13 @@ fn the_nftables_backend_in_the_kernel() {
         nftables,
     };
     use std::sync::atomic::Ordering::SeqCst;
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces)"
-    );
-    let mut b = [0u8; 3];
-    getrandom::fill(&mut b).unwrap();
-    let ns = Ns(format!("kt-nftb-{}", hex::encode(b)));
-    sh(&["ip", "netns", "add", &ns.0]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    sh(&[
-        "ip", "-n", &ns.0, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    for (dev, a) in [
+    let ns = Ns::new("nftb");
+    ns.veth(&[
         ("v0", "10.201.0.1/24"),
         ("v1", "10.201.0.2/24"),
         ("v1", "10.201.0.3/24"),
-    ] {
-        sh(&["ip", "-n", &ns.0, "addr", "add", a, "dev", dev]);
-    }
-    sh(&["ip", "-n", &ns.0, "link", "set", "v0", "up"]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "v1", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        &ns.0,
-        "route",
-        "add",
-        "10.96.0.0/12",
-        "dev",
-        "v0",
     ]);
+    ns.service_route();
     let (a, b) = (
         serve(&ns.0, "10.201.0.2:18080"),
         serve(&ns.0, "10.201.0.3:18080"),
@@ -346,7 +323,7 @@ fn the_nftables_backend_in_the_kernel() {
     let r1 = state.rendered();
     in_ns(&ns.0, || {
         nftables::cleanup().unwrap();
-        nftables::transaction(None, &r1, false).commit().unwrap();
+        nftables::load(&r1, false).commit().unwrap();
     });
     let list = || {
         let o = Command::new("ip")
@@ -430,21 +407,13 @@ fn the_nftables_backend_in_the_kernel() {
         "ip", "netns", "exec", &ns.0, "nft", "flush", "chain", "ip", "keelson", "services",
     ]);
     assert!(connect(&ns.0, "10.96.0.10:80").is_err(), "flushed");
-    in_ns(&ns.0, || {
-        nftables::transaction(Some(&r2), &r2, true)
-            .commit()
-            .unwrap()
-    });
+    in_ns(&ns.0, || nftables::load(&r2, true).commit().unwrap());
     connect(&ns.0, "10.96.0.10:80").expect("repaired");
     // The whole table deleted: a full sync re-creates it.
     sh(&[
         "ip", "netns", "exec", &ns.0, "nft", "delete", "table", "ip", "keelson",
     ]);
-    in_ns(&ns.0, || {
-        nftables::transaction(Some(&r2), &r2, true)
-            .commit()
-            .unwrap()
-    });
+    in_ns(&ns.0, || nftables::load(&r2, true).commit().unwrap());
     connect(&ns.0, "10.96.0.10:80").expect("re-created");
 
     in_ns(&ns.0, || nftables::cleanup().unwrap());
@@ -459,18 +428,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
         model::{Endpoint, Model, Proto, ServicePort},
         nftables,
     };
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces)"
-    );
-    let mut b = [0u8; 3];
-    getrandom::fill(&mut b).unwrap();
-    let (ns1, ns2) = (
-        Ns(format!("kt-nftr-{}", hex::encode(b))),
-        Ns(format!("kt-nftf-{}", hex::encode(b))),
-    );
-    sh(&["ip", "netns", "add", &ns1.0]);
-    sh(&["ip", "netns", "add", &ns2.0]);
+    let (ns1, ns2) = (Ns::new("nftr"), Ns::new("nftf"));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut rnd = move |n: u64| {
         seed ^= seed << 13;
@@ -482,9 +440,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
     let mut state = nftables::State::new(cidr);
     let mut last = Model::default();
     in_ns(&ns1.0, || {
-        nftables::transaction(None, &state.rendered(), false)
-            .commit()
-            .unwrap()
+        nftables::load(&state.rendered(), false).commit().unwrap()
     });
     for round in 0..150 {
         let mut ports = std::collections::BTreeMap::new();
@@ -531,9 +487,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
     }
     let fresh = nftables::render(&last, cidr);
     assert_eq!(state.rendered(), fresh);
-    in_ns(&ns2.0, || {
-        nftables::transaction(None, &fresh, false).commit().unwrap()
-    });
+    in_ns(&ns2.0, || nftables::load(&fresh, false).commit().unwrap());
     let listing = |ns: &str| {
         let o = Command::new("ip")
             .args([
@@ -559,45 +513,13 @@ fn random_deltas_end_where_a_fresh_load_does() {
 #[test]
 fn conntrack_entries_of_one_endpoint_are_deleted() {
     use keelson::proxy::{conntrack, model::Model, nftables};
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces)"
-    );
-    let mut b = [0u8; 3];
-    getrandom::fill(&mut b).unwrap();
-    let ns = Ns(format!("kt-ct-{}", hex::encode(b)));
-    sh(&["ip", "netns", "add", &ns.0]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    sh(&[
-        "ip", "-n", &ns.0, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &ns.0,
-        "addr",
-        "add",
-        "10.202.0.1/24",
-        "dev",
-        "v0",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &ns.0,
-        "addr",
-        "add",
-        "10.202.0.2/24",
-        "dev",
-        "v1",
-    ]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "v0", "up"]);
-    sh(&["ip", "-n", &ns.0, "link", "set", "v1", "up"]);
+    let ns = Ns::new("ct");
+    ns.veth(&[("v0", "10.202.0.1/24"), ("v1", "10.202.0.2/24")]);
     let cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
     // Our (empty) table turns connection tracking on in the namespace.
     let listeners = in_ns(&ns.0, || {
         let r = nftables::render(&Model::default(), cidr);
-        nftables::transaction(None, &r, false).commit().unwrap();
+        nftables::load(&r, false).commit().unwrap();
         let l: Vec<std::net::UdpSocket> = [5353u16, 5454]
             .iter()
             .map(|p| std::net::UdpSocket::bind(("10.202.0.2", *p)).unwrap())

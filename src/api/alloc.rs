@@ -81,26 +81,25 @@ pub async fn release(store: &dyn Store, svc: &Value) {
                 .await;
         }
     }
-    for p in svc
+    let node_ports = svc
         .pointer("/spec/ports")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-    {
-        if let Some(n) = p.get("nodePort").and_then(Value::as_u64) {
-            let _ = store
-                .delete(&format!("{PORTS}{n}"), Precondition::None)
-                .await;
-        }
-    }
-    if let Some(n) = svc
+        .filter_map(|p| p.get("nodePort").and_then(Value::as_u64));
+    let health = svc
         .pointer("/spec/healthCheckNodePort")
-        .and_then(Value::as_u64)
-    {
-        let _ = store
-            .delete(&format!("{PORTS}{n}"), Precondition::None)
-            .await;
+        .and_then(Value::as_u64);
+    for n in node_ports.chain(health) {
+        free_port(store, n).await;
     }
+}
+
+/// Returns node port `n` to the pool.
+async fn free_port(store: &dyn Store, n: u64) {
+    let _ = store
+        .delete(&format!("{PORTS}{n}"), Precondition::None)
+        .await;
 }
 
 /// Defaults a Service and allocates its ClusterIP and node ports (kube-apiserver's service
@@ -291,9 +290,7 @@ pub async fn allocate(
         }
         spec.remove("healthCheckNodePort");
         if let Some(n) = old_hc {
-            let _ = store
-                .delete(&format!("{PORTS}{n}"), Precondition::None)
-                .await;
+            free_port(store, n).await;
         }
     }
     Ok(())

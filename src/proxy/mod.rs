@@ -163,14 +163,14 @@ impl Backend {
                     // Every chain and map rewritten (affinity entries kept).
                     Some(mut st) => {
                         let _ = st.update(m);
-                        let tx = nftables::transaction(None, &st.rendered(), true);
+                        let tx = nftables::load(&st.rendered(), true);
                         (st, tx)
                     }
                     None => {
                         nftables::cleanup()?;
                         let mut st = nftables::State::new(cidr);
                         let _ = st.update(m);
-                        let tx = nftables::transaction(None, &st.rendered(), false);
+                        let tx = nftables::load(&st.rendered(), false);
                         (st, tx)
                     }
                 };

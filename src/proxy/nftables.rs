@@ -878,26 +878,20 @@ impl State {
         }
         // A chain or set released by one port and taken by another within the update (gone,
         // then new) stayed in the kernel: neither delete nor re-create it.
-        let kept: Vec<String> = ch
-            .chains_gone
-            .iter()
-            .filter(|c| self.chains.contains_key(*c))
-            .cloned()
-            .collect();
-        for c in kept {
-            ch.chains_gone.remove(&c);
-            ch.chains_new.remove(&c);
-        }
-        let kept: Vec<String> = ch
-            .sets_gone
-            .iter()
-            .filter(|c| self.affinity_sets.contains_key(*c))
-            .cloned()
-            .collect();
-        for c in kept {
-            ch.sets_gone.remove(&c);
-            ch.sets_new.remove(&c);
-        }
+        ch.chains_gone.retain(|c| {
+            let kept = self.chains.contains_key(c);
+            if kept {
+                ch.chains_new.remove(c);
+            }
+            !kept
+        });
+        ch.sets_gone.retain(|c| {
+            let kept = self.affinity_sets.contains_key(c);
+            if kept {
+                ch.sets_new.remove(c);
+            }
+            !kept
+        });
         let mut b = Batch::new();
         for name in &ch.sets_new {
             add_affinity_set(&mut b, name);
@@ -978,83 +972,35 @@ fn add_affinity_set(b: &mut Batch, name: &str) {
     b.add_set(TABLE, name, SET_TIMEOUT | SET_EVAL, (TYPE_IPADDR, 4), None);
 }
 
-/// The transaction that turns `old` into `new`. With `full`, every chain and map is rewritten
-/// (whatever someone changed is repaired; the table is re-created if it was deleted); the
-/// affinity sets keep their clients.
-pub fn transaction(old: Option<&Rendered>, new: &Rendered, full: bool) -> Batch {
+/// The transaction that loads the whole table `r` (changes go through [`State::update`]).
+/// With `repair`, every chain and set is flushed and refilled, so whatever someone changed is
+/// repaired (the table is re-created if it was deleted); the affinity sets keep their clients.
+pub fn load(r: &Rendered, repair: bool) -> Batch {
     let mut b = Batch::new();
-    let empty = Rendered::default();
-    let old_r = old.unwrap_or(&empty);
-    if full || old.is_none() {
-        b.add_table(TABLE);
-        for (name, flags, key, data) in set_defs() {
-            b.add_set(TABLE, name, flags, key, data);
-        }
+    b.add_table(TABLE);
+    for (name, flags, key, data) in set_defs() {
+        b.add_set(TABLE, name, flags, key, data);
     }
-    for name in &new.affinity_sets {
-        if full || !old_r.affinity_sets.contains(name) {
-            add_affinity_set(&mut b, name);
-        }
+    for name in &r.affinity_sets {
+        add_affinity_set(&mut b, name);
     }
-    for (name, c) in &new.chains {
-        if full || !old_r.chains.contains_key(name) {
-            b.add_chain(TABLE, name, c.hook);
-        }
+    for (name, c) in &r.chains {
+        b.add_chain(TABLE, name, c.hook);
     }
-    for (name, c) in &new.chains {
-        let before = old_r.chains.get(name);
-        if before == Some(c) && !full {
-            continue;
-        }
-        if before.is_some() || full {
+    for (name, c) in &r.chains {
+        if repair {
             b.flush_chain(TABLE, name);
         }
         for rule in &c.rules {
             b.add_rule(TABLE, name, rule);
         }
     }
-    let none = Elems::new();
-    for (set, elems) in &new.sets {
-        if full {
+    for (set, elems) in &r.sets {
+        if repair {
             b.flush_set(TABLE, set);
-            let all: Vec<(Vec<u8>, Option<Data>)> =
-                elems.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            b.add_elems(TABLE, set, &all);
-            continue;
         }
-        let before = old_r.sets.get(set).unwrap_or(&none);
-        let gone: Vec<Vec<u8>> = before
-            .iter()
-            .filter(|(k, v)| elems.get(*k) != Some(*v))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let added: Vec<(Vec<u8>, Option<Data>)> = elems
-            .iter()
-            .filter(|(k, v)| before.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if !gone.is_empty() {
-            b.del_elems(TABLE, set, &gone);
-        }
-        if !added.is_empty() {
-            b.add_elems(TABLE, set, &added);
-        }
-    }
-    // Unreferenced now: chains first (their rules reference the sets), then the sets.
-    for name in old_r.chains.keys() {
-        if !new.chains.contains_key(name) {
-            b.flush_chain(TABLE, name);
-        }
-    }
-    for name in old_r.chains.keys() {
-        if !new.chains.contains_key(name) {
-            b.del_chain(TABLE, name);
-        }
-    }
-    for name in &old_r.affinity_sets {
-        if !new.affinity_sets.contains(name) {
-            b.del_set(TABLE, name);
-        }
+        let all: Vec<Elem> = elems.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        b.add_elems(TABLE, set, &all);
     }
     b
 }
@@ -1174,8 +1120,14 @@ mod tests {
         assert!(r3.sets["no-endpoint-vips"].contains_key(&key_a));
         assert!(!r3.sets["vip-dispatch"].contains_key(&key_a));
         // The delta transaction from r1 to r2 is much smaller than a full one.
-        let delta = transaction(Some(&r1), &r2, false);
-        let full = transaction(Some(&r1), &r2, true);
+        let mut st = State::new(cidr);
+        let _ = st.update(&model(vec![a.clone(), b.clone()]));
+        assert_eq!(st.rendered(), r1);
+        let delta = st.update(&model(vec![
+            port("a", [10, 96, 0, 1], &[[10, 244, 1, 2]]),
+            b.clone(),
+        ]));
+        let full = load(&r2, true);
         assert!(
             delta.len() < full.len(),
             "{} vs {}",
@@ -1183,7 +1135,11 @@ mod tests {
             full.len()
         );
         assert_eq!(
-            transaction(Some(&r2), &r2, false).len(),
+            st.update(&model(vec![
+                port("a", [10, 96, 0, 1], &[[10, 244, 1, 2]]),
+                b.clone()
+            ]))
+            .len(),
             0,
             "no change, no message"
         );
