@@ -10,4 +10,5 @@ pub mod proxy;
 pub mod runtime;
 pub mod scheduler;
 pub mod store;
+pub mod stream;
 pub mod tls;

@@ -80,7 +80,7 @@ impl ElectionArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent (kubelet). With --standalone it runs static pods without an API server.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run the service proxy alone (kube-proxy's job), e.g. as a DaemonSet.
     Proxy(ProxyArgs),
     /// Run the API server (HTTPS, embedded store). Writes DATA_DIR/kubeconfig.yaml.
@@ -269,6 +269,9 @@ struct AgentArgs {
     /// quarter of it. Keep it above the controller's --node-monitor-grace-period ÷ 1.25.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     node_lease_duration: std::time::Duration,
+    /// Close exec, attach and port-forward streams idle for this long (kubelet's default).
+    #[arg(long, default_value = "4h", value_parser = parse_duration)]
+    streaming_connection_idle_timeout: std::time::Duration,
     /// Directory of static pod manifests.
     #[arg(long)]
     manifests: Option<PathBuf>,
@@ -599,6 +602,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kubelet_port: a.kubelet_port,
                 reserved: a.reserved,
                 node_lease: a.node_lease_duration.max(Duration::from_secs(1)),
+                stream_idle_timeout: a
+                    .streaming_connection_idle_timeout
+                    .max(Duration::from_secs(1)),
                 proxy,
                 cluster_cidr: a.cluster_cidr.trunc(),
                 service_cidr: match a.service_cidr.as_str() {

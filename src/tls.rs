@@ -120,12 +120,11 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-/// `GET https://addr/path_and_query` with a bearer token; the response streams.
-pub async fn get(
+/// An HTTP/1.1 connection over TLS to `addr` (a kubelet: its self-signed certificate is not
+/// checked), able to carry one upgraded request.
+pub async fn connect(
     addr: std::net::SocketAddr,
-    path_and_query: &str,
-    bearer: &str,
-) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<axum::body::Body>> {
     let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS versions")?
@@ -139,17 +138,28 @@ pub async fn get(
     .await
     .with_context(|| format!("connecting to {addr}: timed out"))?
     .with_context(|| format!("connecting to {addr}"))?;
+    let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
         .with_context(|| format!("TLS to {addr}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .context("HTTP handshake")?;
     tokio::spawn(async move {
-        let _ = conn.await;
+        let _ = conn.with_upgrades().await;
     });
+    Ok(send)
+}
+
+/// `GET https://addr/path_and_query` with a bearer token; the response streams.
+pub async fn get(
+    addr: std::net::SocketAddr,
+    path_and_query: &str,
+    bearer: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    let mut send = connect(addr).await?;
     let req = hyper::Request::get(path_and_query)
         .header("host", addr.to_string())
         .header("authorization", format!("Bearer {bearer}"))

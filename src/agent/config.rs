@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub kubelet_port: u16,
     /// Resources held back from pods (allocatable = capacity − reserved).
     pub reserved: std::collections::BTreeMap<String, String>,
+    /// exec/attach/port-forward streams with no traffic for this long are closed.
+    pub stream_idle_timeout: Duration,
     /// The node Lease's duration; renewed every quarter of it (kubelet: 40 s, every 10 s).
     pub node_lease: Duration,
     /// The service proxy, run in the agent in cluster mode (None: off).

@@ -105,13 +105,18 @@ pub fn open_fifo(path: &Path) -> std::io::Result<tokio::net::unix::pipe::Receive
         .open_receiver(path)
 }
 
-/// Copies one FIFO into the log file. Once `stop` turns true (the container exited), whatever is
-/// still buffered is drained and the pump ends.
+/// A copy of a container's output for attached clients: (channel, bytes) as read.
+pub type Tee = tokio::sync::broadcast::Sender<(u8, bytes::Bytes)>;
+
+/// Copies one FIFO into the log file (and to `tee`'s listeners, if any, on channel `ch`). Once
+/// `stop` turns true (the container exited), whatever is still buffered is drained and the pump
+/// ends.
 pub async fn pump(
     mut rx: tokio::net::unix::pipe::Receiver,
     stream: &'static str,
     log: Arc<Mutex<LogFile>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    tee: Option<(u8, Tee)>,
 ) {
     let mut buf = vec![0u8; 8 * 1024];
     let mut pending: Vec<u8> = Vec::new();
@@ -141,6 +146,11 @@ pub async fn pump(
                 break;
             }
         };
+        if let Some((ch, tx)) = &tee
+            && tx.receiver_count() > 0
+        {
+            let _ = tx.send((*ch, bytes::Bytes::copy_from_slice(&buf[..n])));
+        }
         pending.extend_from_slice(&buf[..n]);
         let mut log = log.lock().await;
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {

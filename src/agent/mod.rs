@@ -13,6 +13,7 @@ pub mod probe;
 pub mod quantity;
 pub mod server;
 pub mod state;
+pub mod streaming;
 pub mod validate;
 pub mod worker;
 
@@ -61,6 +62,8 @@ pub struct AgentCtx {
     pub recorder: Option<crate::control::recorder::Recorder>,
     /// Container ID → the worker that owns it (for runtime events).
     pub routes: Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>,
+    /// Container ID → the stdio of its running process, for `attach` (held by the worker).
+    pub attach: Mutex<HashMap<String, std::sync::Weak<streaming::AttachIo>>>,
 }
 
 /// The pause image archive (an OCI layout tarball with the static pause binary).
@@ -217,6 +220,7 @@ pub async fn run(
             .as_ref()
             .map(|(c, _)| crate::control::recorder::Recorder::new(c.clone(), "kubelet")),
         routes: Mutex::new(HashMap::new()),
+        attach: Mutex::new(HashMap::new()),
     });
     // Events first, so that no exit between adoption and subscription is lost for long
     // (the workers' relist repairs the rest).
@@ -467,8 +471,9 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
     for c in &conts {
         worker::remove_container(rt, &c.id).await;
         let fifo = ctx.cfg.fifo_dir();
-        let _ = std::fs::remove_file(fifo.join(format!("{}.out", c.id)));
-        let _ = std::fs::remove_file(fifo.join(format!("{}.err", c.id)));
+        for suffix in ["in", "out", "err"] {
+            let _ = std::fs::remove_file(fifo.join(format!("{}.{suffix}", c.id)));
+        }
     }
     tracing::info!(uid, containers = conts.len(), "orphaned pod removed");
     let _ = net::teardown_pod(&net::host_veth_name(uid)).await;

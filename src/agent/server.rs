@@ -21,6 +21,7 @@ pub fn router(ctx: Arc<AgentCtx>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/pods", get(pods))
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
+        .merge(super::streaming::routes())
         .with_state(ctx)
 }
 

@@ -11,6 +11,7 @@ pub mod pki;
 mod protobuf;
 pub mod registry;
 pub mod selector;
+pub mod stream;
 pub mod subresource;
 pub mod table;
 pub mod typed;
@@ -151,6 +152,9 @@ pub fn router(st: Arc<ApiState>) -> Router {
                 }
             }),
         )
+        .route("/api/v1/namespaces/{ns}/pods/{name}/exec", any(stream::exec))
+        .route("/api/v1/namespaces/{ns}/pods/{name}/attach", any(stream::attach))
+        .route("/api/v1/namespaces/{ns}/pods/{name}/portforward", any(stream::portforward))
         .route("/api/{*rest}", any(handlers::resource))
         .route("/apis/{*rest}", any(handlers::resource))
         .layer(middleware::from_fn_with_state(st.clone(), auth))

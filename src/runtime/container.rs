@@ -4,9 +4,9 @@
 use std::{collections::HashMap, path::Path, time::Duration};
 
 use containerd_client::services::v1::{
-    Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+    CloseIoRequest, Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest, GetRequest, KillRequest,
-    ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest,
+    ListContainersRequest, ResizePtyRequest, StartRequest, UpdateContainerRequest, WaitRequest,
     container::Runtime,
     snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest},
 };
@@ -16,6 +16,16 @@ use super::{Containerd, Error, RUNC_RUNTIME, Result, SNAPSHOTTER, image::ImageIn
 
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 
+/// The stdio paths of an interactive process (FIFOs the caller made; empty = none). With a
+/// terminal, stdout carries the terminal's output and stderr stays empty.
+#[derive(Debug, Clone, Default)]
+pub struct Stdio {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
 /// What to create.
 pub struct CreateOpts<'a> {
     pub id: &'a str,
@@ -23,8 +33,7 @@ pub struct CreateOpts<'a> {
     pub spec: &'a oci_spec::runtime::Spec,
     pub labels: HashMap<String, String>,
     /// Paths the shim opens for the container's stdio (FIFOs or regular files); empty = none.
-    pub stdout: String,
-    pub stderr: String,
+    pub stdio: Stdio,
 }
 
 /// A task's state as containerd reports it.
@@ -151,8 +160,10 @@ impl Containerd {
             .create(self.req(CreateTaskRequest {
                 container_id: o.id.into(),
                 rootfs: mounts,
-                stdout: o.stdout.clone(),
-                stderr: o.stderr.clone(),
+                stdin: o.stdio.stdin.clone(),
+                stdout: o.stdio.stdout.clone(),
+                stderr: o.stdio.stderr.clone(),
+                terminal: o.stdio.terminal,
                 ..Default::default()
             }))
             .await;
@@ -321,10 +332,43 @@ impl Containerd {
 
     /// Every container in this namespace that carries `label`.
     pub async fn list_with_label(&self, label: &str) -> Result<Vec<Listed>> {
+        self.list_filtered(&format!("labels.\"{label}\"")).await
+    }
+
+    /// Containers whose labels match every `(label, value)`.
+    pub async fn list_labelled(&self, want: &[(&str, &str)]) -> Result<Vec<Listed>> {
+        let filter: Vec<String> = want
+            .iter()
+            .map(|(k, v)| format!("labels.\"{k}\"=={v}"))
+            .collect();
+        self.list_filtered(&filter.join(",")).await
+    }
+
+    /// The process of a container's runtime spec (user, environment, working directory):
+    /// the base of an exec in it.
+    pub async fn container_process(&self, id: &str) -> Result<oci_spec::runtime::Process> {
+        let r = self
+            .containers()
+            .get(self.req(containerd_client::services::v1::GetContainerRequest { id: id.into() }))
+            .await
+            .map_err(Error::rpc("container get"))?;
+        let spec = r
+            .into_inner()
+            .container
+            .and_then(|c| c.spec)
+            .ok_or_else(|| Error::bad("container spec", format!("container {id} has no spec")))?;
+        let spec: oci_spec::runtime::Spec =
+            serde_json::from_slice(&spec.value).map_err(|e| Error::bad("container spec", e))?;
+        spec.process()
+            .clone()
+            .ok_or_else(|| Error::bad("container spec", format!("container {id} has no process")))
+    }
+
+    async fn list_filtered(&self, filter: &str) -> Result<Vec<Listed>> {
         let r = self
             .containers()
             .list(self.req(ListContainersRequest {
-                filters: vec![format!("labels.\"{label}\"")],
+                filters: vec![filter.to_string()],
             }))
             .await
             .map_err(Error::rpc("container list"))?;
@@ -337,6 +381,123 @@ impl Containerd {
                 image: c.image,
             })
             .collect())
+    }
+
+    /// Creates an exec process (not started) with the given stdio.
+    pub async fn exec_create(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &oci_spec::runtime::Process,
+        io: &Stdio,
+    ) -> Result<()> {
+        let spec = serde_json::to_vec(process).map_err(|e| Error::bad("exec spec", e))?;
+        self.tasks()
+            .exec(self.req(ExecProcessRequest {
+                container_id: id.into(),
+                stdin: io.stdin.clone(),
+                stdout: io.stdout.clone(),
+                stderr: io.stderr.clone(),
+                terminal: io.terminal,
+                spec: Some(Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                    value: spec,
+                }),
+                exec_id: exec_id.into(),
+            }))
+            .await
+            .map_err(Error::rpc("exec"))?;
+        Ok(())
+    }
+
+    /// Waits for a process (`exec_id` empty: the container's own) to exit: its exit status.
+    /// Call it before starting the process.
+    pub fn wait_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> impl std::future::Future<Output = Result<u32>> + Send + 'static {
+        let mut tasks = self.tasks();
+        let req = self.req(WaitRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+        });
+        async move {
+            tasks
+                .wait(req)
+                .await
+                .map(|r| r.into_inner().exit_status)
+                .map_err(Error::rpc("wait"))
+        }
+    }
+
+    /// Starts a created exec process; its pid.
+    pub async fn exec_start(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let r = self
+            .tasks()
+            .start(self.req(StartRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await
+            .map_err(Error::rpc("exec start"))?;
+        Ok(r.into_inner().pid)
+    }
+
+    /// Sets the terminal size of a process (`exec_id` empty: the container's own).
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        self.tasks()
+            .resize_pty(self.req(ResizePtyRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                width,
+                height,
+            }))
+            .await
+            .map_err(Error::rpc("resize pty"))?;
+        Ok(())
+    }
+
+    /// Closes a process's stdin (it reads EOF).
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let r = self
+            .tasks()
+            .close_io(self.req(CloseIoRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                stdin: true,
+            }))
+            .await
+            .map(|_| ());
+        ignore_not_found(r, "close stdin")
+    }
+
+    /// Signals an exec process (gone already is fine).
+    pub async fn exec_kill(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
+        let r = self
+            .tasks()
+            .kill(self.req(KillRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                signal,
+                all: false,
+            }))
+            .await
+            .map(|_| ());
+        ignore_not_found(r, "exec kill")
+    }
+
+    /// Forgets an exited exec process (gone already is fine).
+    pub async fn exec_delete(&self, id: &str, exec_id: &str) -> Result<()> {
+        let r = self
+            .tasks()
+            .delete_process(self.req(DeleteProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await
+            .map(|_| ());
+        ignore_not_found(r, "exec delete")
     }
 
     /// Runs a process inside a running container and collects its output (stdout and stderr

@@ -70,8 +70,7 @@ pub async fn floor_once(
         image: pause,
         spec: &s,
         labels: Default::default(),
-        stdout: String::new(),
-        stderr: String::new(),
+        stdio: Default::default(),
     })
     .await
     .unwrap();
@@ -97,8 +96,7 @@ pub async fn floor_once(
         image: app,
         spec: &a,
         labels: Default::default(),
-        stdout: String::new(),
-        stderr: String::new(),
+        stdio: Default::default(),
     })
     .await
     .unwrap();

@@ -34,7 +34,7 @@ use super::{
 use crate::{
     net,
     runtime::{
-        container::{CreateOpts, Listed, TaskState},
+        container::{CreateOpts, Listed, Stdio, TaskState},
         image::ImageInfo,
         random_hex,
         spec::{self, Ns, ProcessConfig, RuntimeConfig},
@@ -111,6 +111,8 @@ struct Running {
     exited: tokio::sync::watch::Sender<bool>,
     /// The container's process (user, env), for exec probes and hooks.
     process: ProcessConfig,
+    /// Its stdio for attached clients (the agent's registry holds a weak reference).
+    _io: Arc<super::streaming::AttachIo>,
 }
 
 pub struct PodWorker {
@@ -401,6 +403,7 @@ impl PodWorker {
         rec.ready = false;
         if let Some(r) = self.tasks.remove(cid) {
             let _ = r.exited.send(true);
+            self.forget_io(cid);
             if let Some(p) = r.probes {
                 p.abort();
             }
@@ -417,6 +420,12 @@ impl PodWorker {
     fn register(&self, cid: &str) {
         if let Ok(mut r) = self.ctx.routes.lock() {
             r.insert(cid.to_string(), self.tx.clone());
+        }
+    }
+
+    fn forget_io(&self, cid: &str) {
+        if let Ok(mut a) = self.ctx.attach.lock() {
+            a.remove(cid);
         }
     }
 

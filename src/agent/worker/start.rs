@@ -158,8 +158,7 @@ impl PodWorker {
                 image: &pause,
                 spec: &spec,
                 labels,
-                stdout: String::new(),
-                stderr: String::new(),
+                stdio: Default::default(),
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -356,8 +355,21 @@ impl PodWorker {
                 image: &img,
                 spec: &spec,
                 labels,
-                stdout: out.to_string_lossy().into(),
-                stderr: err.to_string_lossy().into(),
+                stdio: Stdio {
+                    stdin: if c.stdin == Some(true) {
+                        fifo_dir.join(format!("{id}.in")).to_string_lossy().into()
+                    } else {
+                        String::new()
+                    },
+                    stdout: out.to_string_lossy().into(),
+                    // A terminal has one output: stdout.
+                    stderr: if rc.process.terminal {
+                        String::new()
+                    } else {
+                        err.to_string_lossy().into()
+                    },
+                    terminal: rc.process.terminal,
+                },
             })
             .await;
         self.register(&id);
@@ -433,6 +445,7 @@ impl PodWorker {
         rec.exited_mono = Some(std::time::Instant::now());
         if let Some(r) = self.tasks.remove(id) {
             let _ = r.exited.send(true);
+            self.forget_io(id);
         }
     }
 
@@ -469,20 +482,50 @@ impl PodWorker {
         let log = Arc::new(Mutex::new(log));
         let fifo = self.ctx.cfg.fifo_dir();
         let (exited, stop) = tokio::sync::watch::channel(false);
-        let mut pumps = vec![];
-        for (suffix, stream) in [("out", "stdout"), ("err", "stderr")] {
-            let p = fifo.join(format!("{}.{suffix}", inst.id));
+        let mkfifo = |p: &std::path::Path| -> Result<(), String> {
             if !p.exists() {
-                nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|e| format!("log FIFO {}: {e}", p.display()))?;
+                nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|e| format!("FIFO {}: {e}", p.display()))?;
             }
+            Ok(())
+        };
+        let c = self.container(kind, i);
+        // A container with `stdin` reads a FIFO the agent holds open (so it never sees EOF
+        // before an attached client ends it); `stdinOnce` closes it after the first attach.
+        let stdin = if c.stdin == Some(true) {
+            let p = fifo.join(format!("{}.in", inst.id));
+            mkfifo(&p)?;
+            let tx = tokio::net::unix::pipe::OpenOptions::new()
+                .read_write(true)
+                .open_sender(&p)
+                .map_err(|e| format!("stdin FIFO {}: {e}", p.display()))?;
+            Some(tx)
+        } else {
+            None
+        };
+        let io = Arc::new(super::super::streaming::AttachIo::new(
+            inst.id.clone(),
+            process.terminal,
+            c.stdin_once == Some(true),
+            stdin,
+            stop.clone(),
+        ));
+        let mut pumps = vec![];
+        for (suffix, stream, ch) in [("out", "stdout", 1u8), ("err", "stderr", 2u8)] {
+            let p = fifo.join(format!("{}.{suffix}", inst.id));
+            mkfifo(&p)?;
             let rx = logs::open_fifo(&p).map_err(|e| format!("log FIFO {}: {e}", p.display()))?;
             pumps.push(tokio::spawn(logs::pump(
                 rx,
                 stream,
                 log.clone(),
                 stop.clone(),
+                Some((ch, io.output.clone())),
             )));
+        }
+        if let Ok(mut a) = self.ctx.attach.lock() {
+            a.retain(|_, w| w.strong_count() > 0);
+            a.insert(inst.id.clone(), Arc::downgrade(&io));
         }
         self.tasks.insert(
             inst.id.clone(),
@@ -491,6 +534,7 @@ impl PodWorker {
                 pumps,
                 exited,
                 process,
+                _io: io,
             },
         );
         Ok(())

@@ -116,8 +116,9 @@ impl PodWorker {
         let fifo = self.ctx.cfg.fifo_dir();
         for r in self.init.iter().chain(self.app.iter()) {
             for inst in [&r.current, &r.previous].into_iter().flatten() {
-                let _ = std::fs::remove_file(fifo.join(format!("{}.out", inst.id)));
-                let _ = std::fs::remove_file(fifo.join(format!("{}.err", inst.id)));
+                for suffix in ["in", "out", "err"] {
+                    let _ = std::fs::remove_file(fifo.join(format!("{}.{suffix}", inst.id)));
+                }
             }
         }
         if let Ok(mut s) = self.ctx.store.write() {

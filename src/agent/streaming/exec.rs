@@ -1,0 +1,372 @@
+//! One exec: a containerd exec process (the container's own user, environment and working
+//! directory, kubectl's command) whose stdio are FIFOs, pumped to and from the WebSocket.
+//!
+//! Two tasks so that neither direction can stall the other: the client reader feeds stdin
+//! (and resizes, and stdin's EOF), the writer sends stdout/stderr and, when the process ended
+//! and containerd finished copying its output, the exit Status on the error channel.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::{SinkExt, StreamExt, stream::SplitSink};
+use tokio::{io::AsyncWriteExt, net::unix::pipe};
+use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
+
+use super::{StreamOpts, Ws};
+use crate::{
+    agent::{AgentCtx, logs},
+    runtime::{container::Stdio, random_hex},
+    stream::channel::{self, Incoming},
+};
+
+pub(super) type Tx = SplitSink<Ws, Message>;
+
+/// The end of a session, as the error channel reports it.
+enum End {
+    Exited(u32),
+    Failed(String),
+    ClientGone,
+    Idle,
+}
+
+struct Fifos {
+    stdin: Option<PathBuf>,
+    stdout: Option<PathBuf>,
+    stderr: Option<PathBuf>,
+}
+
+impl Fifos {
+    fn all(&self) -> impl Iterator<Item = &PathBuf> {
+        [&self.stdin, &self.stdout, &self.stderr]
+            .into_iter()
+            .flatten()
+    }
+}
+
+fn path_str(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn mkfifo(p: &Path) -> std::io::Result<()> {
+    nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(std::io::Error::from)
+}
+
+/// Sends the final Status (if any) and a normal close.
+pub(super) async fn finish(tx: &mut Tx, status: Option<serde_json::Value>) {
+    if let Some(s) = status {
+        let _ = tx
+            .send(Message::Binary(
+                channel::frame(channel::ERROR, s.to_string().as_bytes()).into(),
+            ))
+            .await;
+    }
+    let _ = tx
+        .send(Message::Close(Some(CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        })))
+        .await;
+    let _ = tx.close().await;
+}
+
+/// A clock of the last bytes moved either way (for the idle timeout).
+#[derive(Clone)]
+pub(super) struct Activity(Arc<std::sync::Mutex<tokio::time::Instant>>);
+
+impl Activity {
+    pub(super) fn new() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())))
+    }
+    pub(super) fn touch(&self) {
+        if let Ok(mut t) = self.0.lock() {
+            *t = tokio::time::Instant::now();
+        }
+    }
+    pub(super) fn last(&self) -> tokio::time::Instant {
+        self.0
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|_| tokio::time::Instant::now())
+    }
+    /// Resolves once nothing moved for `idle`.
+    pub(super) async fn idle(&self, idle: Duration) {
+        loop {
+            let deadline = self.last() + idle;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+pub(super) async fn run(ctx: Arc<AgentCtx>, ws: Ws, cid: String, o: StreamOpts, _v5: bool) {
+    let exec_id = format!("exec-{}", random_hex(8));
+    let dir = ctx.cfg.fifo_dir();
+    let fifos = Fifos {
+        stdin: o.stdin.then(|| dir.join(format!("{exec_id}.in"))),
+        stdout: o.stdout.then(|| dir.join(format!("{exec_id}.out"))),
+        stderr: o.stderr.then(|| dir.join(format!("{exec_id}.err"))),
+    };
+    let (mut tx, rx) = ws.split();
+    let end = session(&ctx, &mut tx, rx, &cid, &exec_id, &o, &fifos).await;
+    for p in fifos.all() {
+        let _ = std::fs::remove_file(p);
+    }
+    let status = match &end {
+        End::Exited(code) => Some(channel::exit_status(&o.command, *code)),
+        End::Failed(msg) => Some(channel::failure(msg)),
+        End::Idle => Some(channel::failure("the stream was idle for too long")),
+        End::ClientGone => None,
+    };
+    match &end {
+        End::Exited(code) => tracing::info!(container = %cid, exec = %exec_id, code, "exec ended"),
+        End::Failed(msg) => {
+            tracing::info!(container = %cid, exec = %exec_id, error = %msg, "exec failed")
+        }
+        End::ClientGone => {
+            tracing::info!(container = %cid, exec = %exec_id, "exec client went away")
+        }
+        End::Idle => tracing::info!(container = %cid, exec = %exec_id, "exec idle: closed"),
+    }
+    finish(&mut tx, status).await;
+}
+
+/// Reads one FIFO if it is open; pending forever otherwise.
+async fn read_opt(rx: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    match rx {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whatever a FIFO still holds, without waiting.
+fn drain(rx: &mut Option<pipe::Receiver>) -> Vec<u8> {
+    let mut all = vec![];
+    let mut buf = [0u8; 32 * 1024];
+    if let Some(r) = rx {
+        while let Ok(n) = r.try_read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+    }
+    all
+}
+
+/// The client's side: stdin bytes (`on_stdin` answers false once stdin is gone), stdin's
+/// close (also when the client leaves with stdin open), terminal resizes. Returns when the
+/// client closes the WebSocket or goes away.
+pub(super) async fn read_client(
+    mut rx: futures::stream::SplitStream<Ws>,
+    mut on_stdin: impl AsyncFnMut(&[u8]) -> bool,
+    on_close_stdin: impl AsyncFn(),
+    on_resize: impl AsyncFn(u16, u16),
+    activity: Activity,
+) {
+    let mut open = true;
+    while let Some(m) = rx.next().await {
+        let data = match m {
+            Ok(Message::Binary(b)) => b,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        activity.touch();
+        match channel::decode(&data) {
+            Ok(Incoming::Stdin(d)) => {
+                if open && !on_stdin(d).await {
+                    open = false;
+                }
+            }
+            Ok(Incoming::Close(channel::STDIN)) => {
+                if std::mem::take(&mut open) {
+                    on_close_stdin().await;
+                }
+            }
+            Ok(Incoming::Resize { width, height }) => on_resize(width, height).await,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "stream message"),
+        }
+    }
+    if open {
+        on_close_stdin().await;
+    }
+}
+
+async fn session(
+    ctx: &Arc<AgentCtx>,
+    tx: &mut Tx,
+    rx: futures::stream::SplitStream<Ws>,
+    cid: &str,
+    exec_id: &str,
+    o: &StreamOpts,
+    fifos: &Fifos,
+) -> End {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        End::Failed(format!(
+            "error executing command in container: failed to {what} in container: {e}"
+        ))
+    };
+    for p in fifos.all() {
+        if let Err(e) = mkfifo(p) {
+            return fail("make FIFOs", &e);
+        }
+    }
+    let stdin = match &fifos.stdin {
+        Some(p) => match pipe::OpenOptions::new().read_write(true).open_sender(p) {
+            Ok(s) => Some(s),
+            Err(e) => return fail("open stdin", &e),
+        },
+        None => None,
+    };
+    let open = |p: &Option<PathBuf>| p.as_ref().map(|p| logs::open_fifo(p)).transpose();
+    let (mut out, mut err) = match (open(&fifos.stdout), open(&fifos.stderr)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return fail("open output", &e),
+    };
+    let mut process = match ctx.rt.container_process(cid).await {
+        Ok(p) => p,
+        Err(e) => return fail("exec", &e),
+    };
+    process.set_args(Some(o.command.clone()));
+    process.set_terminal(Some(o.tty));
+    if o.tty {
+        let mut env = process.env().clone().unwrap_or_default();
+        if !env.iter().any(|e| e.starts_with("TERM=")) {
+            env.push("TERM=xterm".into());
+        }
+        process.set_env(Some(env));
+    }
+    let io = Stdio {
+        stdin: path_str(&fifos.stdin),
+        stdout: path_str(&fifos.stdout),
+        stderr: path_str(&fifos.stderr),
+        terminal: o.tty,
+    };
+    if let Err(e) = ctx.rt.exec_create(cid, exec_id, &process, &io).await {
+        return fail("exec", &e);
+    }
+    let mut wait = tokio::spawn(ctx.rt.wait_process(cid, exec_id));
+    if let Err(e) = ctx.rt.exec_start(cid, exec_id).await {
+        wait.abort();
+        let _ = ctx.rt.exec_delete(cid, exec_id).await;
+        return fail(&format!("start exec {exec_id:?}"), &e);
+    }
+    let activity = Activity::new();
+    let (rt1, rt2) = (ctx.rt.clone(), ctx.rt.clone());
+    let (c1, c2, e1, e2) = (
+        cid.to_string(),
+        cid.to_string(),
+        exec_id.to_string(),
+        exec_id.to_string(),
+    );
+    let tty = o.tty;
+    // Shared by the writes and the close: stdin reaches EOF once this writer is gone and
+    // containerd closed its own (the shim holds one open until CloseIO).
+    let stdin = Arc::new(tokio::sync::Mutex::new(stdin));
+    let stdin2 = stdin.clone();
+    let mut reader = tokio::spawn(read_client(
+        rx,
+        async move |d: &[u8]| match stdin.lock().await.as_mut() {
+            Some(w) => w.write_all(d).await.is_ok(),
+            None => false,
+        },
+        async move || {
+            if stdin2.lock().await.take().is_some() {
+                let _ = rt1.close_stdin(&c1, &e1).await;
+            }
+        },
+        async move |w, h| {
+            if tty && let Err(e) = rt2.resize_pty(&c2, &e2, w.into(), h.into()).await {
+                tracing::debug!(error = %e, "resize");
+            }
+        },
+        activity.clone(),
+    ));
+    let idle = ctx.cfg.stream_idle_timeout;
+    let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
+    let mut code: Option<u32> = None;
+    let mut waited = false;
+    let mut deleting: Option<tokio::task::JoinHandle<()>> = None;
+    let mut end: Option<End> = None;
+    let mut client_gone = false;
+    while end.is_none() {
+        tokio::select! {
+            r = read_opt(&mut out, &mut obuf) => match r {
+                Ok(n) if n > 0 => {
+                    activity.touch();
+                    if tx.send(Message::Binary(channel::frame(channel::STDOUT, &obuf[..n]).into())).await.is_err() {
+                        client_gone = true;
+                        end = Some(End::ClientGone);
+                    }
+                }
+                _ => out = None,
+            },
+            r = read_opt(&mut err, &mut ebuf) => match r {
+                Ok(n) if n > 0 => {
+                    activity.touch();
+                    if tx.send(Message::Binary(channel::frame(channel::STDERR, &ebuf[..n]).into())).await.is_err() {
+                        client_gone = true;
+                        end = Some(End::ClientGone);
+                    }
+                }
+                _ => err = None,
+            },
+            w = &mut wait, if !waited => {
+                waited = true;
+                match w {
+                    Ok(Ok(c)) => code = Some(c),
+                    Ok(Err(e)) => end = Some(End::Failed(format!("error executing command in container: {e}"))),
+                    Err(e) => end = Some(End::Failed(format!("error executing command in container: {e}"))),
+                }
+                // containerd's delete returns once the shim copied all output into the FIFOs
+                // (which are read meanwhile, so that a full pipe cannot hold it up).
+                let (rt, c, e) = (ctx.rt.clone(), cid.to_string(), exec_id.to_string());
+                deleting = Some(tokio::spawn(async move {
+                    let _ = rt.exec_delete(&c, &e).await;
+                }));
+            }
+            _ = async { deleting.as_mut().expect("guarded").await }, if deleting.is_some() => {
+                deleting = None;
+                let rest_out = drain(&mut out);
+                let rest_err = drain(&mut err);
+                for (ch, rest) in [(channel::STDOUT, rest_out), (channel::STDERR, rest_err)] {
+                    if !rest.is_empty() {
+                        let _ = tx.send(Message::Binary(channel::frame(ch, &rest).into())).await;
+                    }
+                }
+                end = Some(match code {
+                    Some(c) => End::Exited(c),
+                    None => End::Failed("error executing command in container: the process could not be waited for".into()),
+                });
+            }
+            _ = &mut reader, if !client_gone => {
+                client_gone = true;
+                end = Some(End::ClientGone);
+            }
+            _ = activity.idle(idle) => end = Some(End::Idle),
+        }
+    }
+    reader.abort();
+    let end = end.unwrap_or(End::ClientGone);
+    if code.is_none() {
+        // The client went away or idled out: the process goes too (as containerd's CRI does).
+        let _ = ctx.rt.close_stdin(cid, exec_id).await;
+        let _ = ctx.rt.exec_kill(cid, exec_id, 9).await;
+        if !waited {
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut wait).await;
+        }
+        let _ = ctx.rt.exec_delete(cid, exec_id).await;
+    } else if let Some(d) = deleting {
+        let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
+    }
+    end
+}

@@ -1,0 +1,277 @@
+//! Port-forward: a SPDY/3.1 session carried in WebSocket binary messages
+//! (`SPDY/3.1+portforward.k8s.io`). kubectl opens two streams per forwarded connection, an
+//! `error` stream and a `data` stream with the same `requestid` and `port`; once both are
+//! there the agent connects to `localhost:PORT` inside the pod's network namespace and copies
+//! bytes both ways. A failed connection is reported on the error stream in kubelet's words;
+//! both streams are closed (FIN) when the connection ends.
+
+use std::{collections::HashMap, os::fd::AsFd, time::Duration};
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Ws, exec::Activity};
+use crate::stream::spdy::{self, FLAG_FIN, Frame};
+
+pub const PROTOCOLS: &[&str] = &["SPDY/3.1+portforward.k8s.io"];
+
+/// How long the first stream of a pair waits for the other (kubelet's stream creation
+/// timeout).
+const PAIR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to 127.0.0.1:`port` inside the network namespace of process `pid`.
+pub async fn dial_in_netns(pid: u32, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let r = (|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            let s = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(10),
+            )?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(s)
+        })();
+        let _ = tx.send(r);
+    });
+    let s = rx
+        .await
+        .map_err(|_| std::io::Error::other("netns thread ended without an answer"))??;
+    tokio::net::TcpStream::from_std(s)
+}
+
+/// A forwarded connection being set up or running.
+#[derive(Default)]
+struct Pair {
+    port: Option<u16>,
+    error_id: Option<u32>,
+    data_id: Option<u32>,
+    /// Client bytes for the connection (None once the client half-closed it).
+    to_conn: Option<mpsc::Sender<bytes::Bytes>>,
+    since: Option<tokio::time::Instant>,
+}
+
+pub(super) async fn run(ws: Ws, pod: String, uid: String, pid: u32, idle: Duration) {
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    // Every frame out goes through one queue (header compression is per connection).
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let activity = Activity::new();
+    let writer = {
+        let activity = activity.clone();
+        tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                activity.touch();
+                if ws_tx.send(Message::Binary(f.into())).await.is_err() {
+                    break;
+                }
+            }
+            let _ = ws_tx.close().await;
+        })
+    };
+    let mut codec = spdy::Codec::new();
+    let mut buf = BytesMut::new();
+    let mut pairs: HashMap<String, Pair> = HashMap::new();
+    // Stream id → the pair's request id.
+    let mut streams: HashMap<u32, String> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    'session: loop {
+        let msg = tokio::select! {
+            m = ws_rx.next() => m,
+            _ = activity.idle(idle) => {
+                tracing::info!(%pod, "port-forward idle: closed");
+                break;
+            }
+            _ = sweep.tick() => {
+                // Pairs whose second stream never came.
+                let now = tokio::time::Instant::now();
+                let stale: Vec<String> = pairs
+                    .iter()
+                    .filter(|(_, p)| p.to_conn.is_none() && p.since.is_some_and(|s| now - s > PAIR_TIMEOUT) && (p.error_id.is_none() || p.data_id.is_none()))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in stale {
+                    if let Some(p) = pairs.remove(&k) {
+                        for id in [p.error_id, p.data_id].into_iter().flatten() {
+                            streams.remove(&id);
+                            let _ = out_tx.send(spdy::rst_stream(id, spdy::RST_CANCEL)).await;
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        let data = match msg {
+            Some(Ok(Message::Binary(b))) => b,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Ok(_)) => continue,
+        };
+        activity.touch();
+        buf.extend_from_slice(&data);
+        loop {
+            let frame = match codec.parse(&mut buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(%pod, error = %e, "port-forward: bad SPDY from the client");
+                    let _ = out_tx.send(spdy::goaway(0)).await;
+                    break 'session;
+                }
+            };
+            match frame {
+                Frame::SynStream { id, headers, .. } => {
+                    let _ = out_tx.send(codec.syn_reply(id, 0, &[])).await;
+                    let kind = spdy::header(&headers, "streamtype").unwrap_or("");
+                    let port = spdy::header(&headers, "port").and_then(|p| p.parse::<u16>().ok());
+                    let req = spdy::header(&headers, "requestid")
+                        .map(str::to_string)
+                        .unwrap_or_else(|| id.to_string());
+                    let Some(port) = port.filter(|p| *p > 0) else {
+                        tracing::info!(%pod, stream = id, "port-forward: stream without a valid port header");
+                        let _ = out_tx
+                            .send(spdy::rst_stream(id, spdy::RST_PROTOCOL_ERROR))
+                            .await;
+                        continue;
+                    };
+                    let p = pairs.entry(req.clone()).or_default();
+                    p.port = Some(port);
+                    p.since.get_or_insert_with(tokio::time::Instant::now);
+                    match kind {
+                        "error" => p.error_id = Some(id),
+                        "data" => p.data_id = Some(id),
+                        other => {
+                            tracing::info!(%pod, stream = id, kind = other, "port-forward: unknown stream type");
+                            let _ = out_tx
+                                .send(spdy::rst_stream(id, spdy::RST_PROTOCOL_ERROR))
+                                .await;
+                            continue;
+                        }
+                    }
+                    streams.insert(id, req.clone());
+                    if let (Some(eid), Some(did)) = (p.error_id, p.data_id)
+                        && p.to_conn.is_none()
+                    {
+                        let (tx, rx) = mpsc::channel(32);
+                        p.to_conn = Some(tx);
+                        tasks.spawn(forward(
+                            out_tx.clone(),
+                            rx,
+                            pid,
+                            port,
+                            eid,
+                            did,
+                            format!("{pod}, uid {uid}"),
+                        ));
+                    }
+                }
+                Frame::Data { id, flags, data } => {
+                    let Some(p) = streams.get(&id).and_then(|r| pairs.get_mut(r)) else {
+                        continue;
+                    };
+                    if Some(id) != p.data_id {
+                        continue;
+                    }
+                    if !data.is_empty()
+                        && let Some(tx) = &p.to_conn
+                        && tx.send(data).await.is_err()
+                    {
+                        p.to_conn = None;
+                    }
+                    if flags & FLAG_FIN != 0 {
+                        // Dropping the sender half-closes the connection toward the pod.
+                        p.to_conn = None;
+                    }
+                }
+                Frame::RstStream { id, .. } => {
+                    if let Some(req) = streams.remove(&id)
+                        && let Some(p) = pairs.get_mut(&req)
+                    {
+                        p.to_conn = None;
+                        if p.error_id == Some(id) {
+                            p.error_id = None;
+                        }
+                        if p.data_id == Some(id) {
+                            p.data_id = None;
+                        }
+                        if p.error_id.is_none() && p.data_id.is_none() {
+                            pairs.remove(&req);
+                        }
+                    }
+                }
+                Frame::Ping(n) => {
+                    let _ = out_tx.send(spdy::ping(n)).await;
+                }
+                Frame::GoAway { .. } => break 'session,
+                Frame::SynReply { .. }
+                | Frame::Headers { .. }
+                | Frame::Settings
+                | Frame::WindowUpdate { .. }
+                | Frame::Other(_) => {}
+            }
+        }
+        // Forget pairs whose connections ended.
+        while tasks.try_join_next().is_some() {}
+    }
+    tasks.abort_all();
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    tracing::info!(%pod, "port-forward ended");
+}
+
+/// One forwarded connection: dial, then copy until both directions are done.
+async fn forward(
+    out: mpsc::Sender<Vec<u8>>,
+    mut from_client: mpsc::Receiver<bytes::Bytes>,
+    pid: u32,
+    port: u16,
+    error_id: u32,
+    data_id: u32,
+    pod: String,
+) {
+    let conn = match dial_in_netns(pid, port).await {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!(
+                "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: {e}"
+            );
+            tracing::info!("{msg}");
+            let _ = out.send(spdy::data(error_id, 0, msg.as_bytes())).await;
+            let _ = out.send(spdy::data(error_id, FLAG_FIN, &[])).await;
+            let _ = out.send(spdy::data(data_id, FLAG_FIN, &[])).await;
+            return;
+        }
+    };
+    let _ = conn.set_nodelay(true);
+    let (mut r, mut w) = conn.into_split();
+    let up = async {
+        while let Some(b) = from_client.recv().await {
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if out.send(spdy::data(data_id, 0, &buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = out.send(spdy::data(data_id, FLAG_FIN, &[])).await;
+    };
+    tokio::join!(up, down);
+    let _ = out.send(spdy::data(error_id, FLAG_FIN, &[])).await;
+}

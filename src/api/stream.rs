@@ -1,0 +1,209 @@
+//! `pods/exec`, `pods/attach` and `pods/portforward`: checked here (who asks, the pod, its
+//! phase, the container), then the WebSocket upgrade is passed to the pod's kubelet with the
+//! API server's kubelet-client credential, and once the kubelet switched protocols the two
+//! connections are spliced byte for byte. kubelet's query names are used on the way
+//! (`stdin` → `input`, `stdout` → `output`, `stderr` → `error`).
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Path, RawQuery, Request, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use super::{
+    ApiState,
+    authz::Identity,
+    handlers::{ApiError, decode, get_existing},
+    logs, registry,
+};
+
+/// Headers of a WebSocket handshake passed through both ways.
+const HANDSHAKE: &[header::HeaderName] = &[
+    header::UPGRADE,
+    header::CONNECTION,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_PROTOCOL,
+    header::SEC_WEBSOCKET_ACCEPT,
+];
+
+/// The kubelet path and query for a request, with kubelet's parameter names.
+pub fn kubelet_path(sub: &str, ns: &str, pod: &str, container: &str, query: &str) -> String {
+    let params: Vec<String> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let k = match k {
+                "stdin" => "input",
+                "stdout" => "output",
+                "stderr" => "error",
+                "tty" | "command" => k,
+                _ => return None,
+            };
+            Some(format!("{k}={v}"))
+        })
+        .collect();
+    match sub {
+        "portforward" => format!("/portForward/{ns}/{pod}"),
+        _ => format!("/{sub}/{ns}/{pod}/{container}?{}", params.join("&")),
+    }
+}
+
+type Args = (
+    State<Arc<ApiState>>,
+    axum::Extension<Identity>,
+    Path<(String, String)>,
+    RawQuery,
+    Request,
+);
+
+macro_rules! sub_handler {
+    ($f:ident, $sub:literal) => {
+        pub async fn $f(
+            st: State<Arc<ApiState>>,
+            id: axum::Extension<Identity>,
+            p: Path<(String, String)>,
+            q: RawQuery,
+            req: Request,
+        ) -> Result<Response, ApiError> {
+            handle((st, id, p, q, req), $sub).await
+        }
+    };
+}
+sub_handler!(exec, "exec");
+sub_handler!(attach, "attach");
+sub_handler!(portforward, "portforward");
+
+async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
+    let (State(st), axum::Extension(id), Path((ns, name)), RawQuery(q), mut req) = args;
+    if id != Identity::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "pods \"{name}\" is forbidden: User \"{}\" cannot create resource \"pods/{sub}\" in API group \"\" in the namespace \"{ns}\"",
+                id.user()
+            ),
+        ));
+    }
+    let pods = registry::find("", "v1", "pods").ok_or_else(|| ApiError::internal("no pods"))?;
+    let pod = decode(&get_existing(&st, pods, &pods.key(Some(&ns), &name), &name).await?)?;
+    let query = q.unwrap_or_default();
+    let container = if sub == "portforward" {
+        String::new()
+    } else {
+        let phase = pod
+            .pointer("/status/phase")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if matches!(phase, "Succeeded" | "Failed") {
+            let verb = if sub == "exec" {
+                "exec into"
+            } else {
+                "attach to"
+            };
+            return Err(ApiError::bad_request(format!(
+                "cannot {verb} a container in a completed pod; current phase is {phase}"
+            )));
+        }
+        let requested = super::super::agent::streaming::query_pairs(Some(&query))
+            .into_iter()
+            .find(|(k, _)| k == "container")
+            .map(|(_, v)| v);
+        logs::container_of(&pod, requested.as_deref())?
+    };
+    let addr = logs::kubelet_of(&st, &pod, &name).await?;
+    let path = kubelet_path(sub, &ns, &name, &container, &query);
+    let is_ws = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !is_ws {
+        // kubectl tries SPDY only when the WebSocket upgrade was refused; say why.
+        return Err(ApiError::bad_request(format!(
+            "pods/{sub} is served over WebSocket only (v5.channel.k8s.io for exec and attach, SPDY/3.1+portforward.k8s.io for port-forward)"
+        )));
+    }
+    let on_client = req
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| ApiError::bad_request("the connection cannot be upgraded"))?;
+    let mut send = crate::tls::connect(addr)
+        .await
+        .map_err(|e| logs::kubelet_unreachable(addr, &path, &e))?;
+    let cred = super::authz::kubelet_client_credential(&st.node_token);
+    let mut kreq = hyper::Request::get(&path)
+        .header(header::HOST, addr.to_string())
+        .header(header::AUTHORIZATION, format!("Bearer {cred}"));
+    for h in HANDSHAKE {
+        for v in req.headers().get_all(h) {
+            kreq = kreq.header(h, v);
+        }
+    }
+    let kreq = kreq
+        .body(axum::body::Body::empty())
+        .map_err(ApiError::internal)?;
+    let kresp = send
+        .send_request(kreq)
+        .await
+        .map_err(|e| logs::kubelet_unreachable(addr, &path, &anyhow::Error::from(e)))?;
+    if kresp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(logs::kubelet_error(kresp).await);
+    }
+    let mut resp = Response::new(axum::body::Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for h in HANDSHAKE {
+        for v in kresp.headers().get_all(h) {
+            resp.headers_mut().append(h, v.clone());
+        }
+    }
+    if !resp.headers().contains_key(header::UPGRADE) {
+        resp.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    let what = format!("{ns}/{name} {sub}");
+    tokio::spawn(async move {
+        let (client, kubelet) = match tokio::join!(on_client, hyper::upgrade::on(kresp)) {
+            (Ok(c), Ok(k)) => (c, k),
+            (c, k) => {
+                tracing::debug!(stream = %what, client = c.is_ok(), kubelet = k.is_ok(), "stream upgrade failed");
+                return;
+            }
+        };
+        let (mut c, mut k) = (TokioIo::new(client), TokioIo::new(kubelet));
+        match tokio::io::copy_bidirectional(&mut c, &mut k).await {
+            Ok((up, down)) => tracing::debug!(stream = %what, up, down, "stream ended"),
+            Err(e) => tracing::debug!(stream = %what, error = %e, "stream ended"),
+        }
+    });
+    Ok(resp.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubelet_names_on_the_way() {
+        assert_eq!(
+            kubelet_path(
+                "exec",
+                "default",
+                "web",
+                "c",
+                "command=sh&command=-c&command=echo%20hi&container=c&stdin=true&stdout=true&stderr=true&tty=false"
+            ),
+            "/exec/default/web/c?command=sh&command=-c&command=echo%20hi&input=true&output=true&error=true&tty=false"
+        );
+        assert_eq!(
+            kubelet_path("portforward", "ns", "p", "", "ports=80"),
+            "/portForward/ns/p"
+        );
+    }
+}
