@@ -22,13 +22,14 @@ use super::{
 };
 
 /// Headers of a WebSocket handshake passed through both ways.
-const HANDSHAKE: &[header::HeaderName] = &[
-    header::UPGRADE,
-    header::CONNECTION,
-    header::SEC_WEBSOCKET_KEY,
-    header::SEC_WEBSOCKET_VERSION,
-    header::SEC_WEBSOCKET_PROTOCOL,
-    header::SEC_WEBSOCKET_ACCEPT,
+const HANDSHAKE: &[&str] = &[
+    "upgrade",
+    "connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+    "x-stream-protocol-version",
 ];
 
 /// The kubelet path and query for a request, with kubelet's parameter names.
@@ -119,17 +120,8 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
     };
     let addr = logs::kubelet_of(&st, &pod, &name).await?;
     let path = kubelet_path(sub, &ns, &name, &container, &query);
-    let is_ws = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !is_ws {
-        // kubectl tries SPDY only when the WebSocket upgrade was refused; say why.
-        return Err(ApiError::bad_request(format!(
-            "pods/{sub} is served over WebSocket only (v5.channel.k8s.io for exec and attach, SPDY/3.1+portforward.k8s.io for port-forward)"
-        )));
-    }
+    // Any upgrade goes to the kubelet, also kubectl's SPDY retry after a refused WebSocket:
+    // the kubelet's refusal (the container is not running, ...) is what kubectl then prints.
     let on_client = req
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -138,12 +130,14 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
         .await
         .map_err(|e| logs::kubelet_unreachable(addr, &path, &e))?;
     let cred = super::authz::kubelet_client_credential(&st.node_token);
-    let mut kreq = hyper::Request::get(&path)
+    let mut kreq = hyper::Request::builder()
+        .method(req.method().clone())
+        .uri(&path)
         .header(header::HOST, addr.to_string())
         .header(header::AUTHORIZATION, format!("Bearer {cred}"));
     for h in HANDSHAKE {
-        for v in req.headers().get_all(h) {
-            kreq = kreq.header(h, v);
+        for v in req.headers().get_all(*h) {
+            kreq = kreq.header(*h, v);
         }
     }
     let kreq = kreq
@@ -159,8 +153,9 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     for h in HANDSHAKE {
-        for v in kresp.headers().get_all(h) {
-            resp.headers_mut().append(h, v.clone());
+        for v in kresp.headers().get_all(*h) {
+            resp.headers_mut()
+                .append(header::HeaderName::from_static(h), v.clone());
         }
     }
     if !resp.headers().contains_key(header::UPGRADE) {

@@ -213,7 +213,7 @@ async fn running_container(
     if found.is_empty() {
         return Err(status(
             StatusCode::NOT_FOUND,
-            format!("container {container} not found in pod {ns}/{pod}"),
+            format!("container not found ({container:?}) in pod {ns}/{pod}"),
         ));
     }
     found.sort_by_key(|c| {

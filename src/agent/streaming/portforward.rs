@@ -225,6 +225,14 @@ pub(super) async fn run(ws: Ws, pod: String, uid: String, pid: u32, idle: Durati
     tracing::info!(%pod, "port-forward ended");
 }
 
+/// An I/O error as Go prints it ("connection refused"), without Rust's "(os error N)".
+fn plain(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_ascii_lowercase(),
+        None => e.to_string(),
+    }
+}
+
 /// One forwarded connection: dial, then copy until both directions are done.
 async fn forward(
     out: mpsc::Sender<Vec<u8>>,
@@ -239,7 +247,8 @@ async fn forward(
         Ok(c) => c,
         Err(e) => {
             let msg = format!(
-                "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: {e}"
+                "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: dial tcp4 127.0.0.1:{port}: connect: {}",
+                plain(&e)
             );
             tracing::info!("{msg}");
             let _ = out.send(spdy::data(error_id, 0, msg.as_bytes())).await;
