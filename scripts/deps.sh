@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Installs what keelson needs on Debian 12 (idempotent). Used by test.sh, demo.sh and CI.
+# With --test, also what only the tests use (systemd-analyze, ruby -c, shellcheck).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(containerd runc iptables nftables busybox-static etcd-server containernetworking-plugins
       protobuf-compiler libprotobuf-dev conntrack curl jq iproute2 gcc)
+if [ "${1:-}" = --test ]; then
+  pkgs+=(systemd ruby shellcheck)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -12,7 +16,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck source=/dev/null
+  . "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null || { echo "keelson: a Rust toolchain (cargo >= 1.89) is required" >&2; exit 1; }

@@ -3,7 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "keelson tests need root (containerd, network namespaces)" >&2; exit 1; }
-bash scripts/deps.sh
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+bash scripts/deps.sh --test
+if [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck source=/dev/null
+  . "$HOME/.cargo/env"
+fi
 cargo build --all-targets
 cargo test -- --test-threads=2

@@ -11,4 +11,5 @@ pub mod runtime;
 pub mod scheduler;
 pub mod store;
 pub mod stream;
+pub mod systemd;
 pub mod tls;

@@ -14,6 +14,8 @@ use keelson::{
     runtime::pack::{self, ImageSettings},
 };
 
+mod up;
+
 #[derive(Parser)]
 #[command(
     name = "keelson",
@@ -79,6 +81,13 @@ impl ElectionArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// A whole single-node cluster in one process: API server (embedded store), scheduler,
+    /// controllers and the agent with its service proxy; starts a private containerd when none
+    /// answers. Prints the kubeconfig; Ctrl-C stops it, running it again reuses DATA_DIR.
+    Up(up::UpArgs),
+    /// Removes what `keelson up` left running: the pods' containers, their network, the
+    /// service rules; with --purge also the data directory.
+    Down(up::DownArgs),
     /// Run the node agent (kubelet). With --standalone it runs static pods without an API server.
     Agent(Box<AgentArgs>),
     /// Run the service proxy alone (kube-proxy's job), e.g. as a DaemonSet.
@@ -90,6 +99,10 @@ enum Cmd {
         /// Address to serve HTTPS on.
         #[arg(long, default_value = "127.0.0.1:6443")]
         listen: std::net::SocketAddr,
+        /// Another name or address for the serving certificate (repeatable), e.g. the address
+        /// agents use to reach this server.
+        #[arg(long)]
+        tls_san: Vec<String>,
         /// Also serve on this inherited, listening TCP socket (repeatable): how `keelson lab`
         /// makes a server that lives in the lab's namespace reachable on the host's loopback.
         #[arg(long)]
@@ -209,6 +222,9 @@ struct ProxyFlags {
     /// Full resync (repairs removed rules) at least this often.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: std::time::Duration,
+    /// Serve kube-proxy's /healthz on this port (0: off; kube-proxy uses 10256).
+    #[arg(long, default_value_t = 0)]
+    healthz_port: u16,
 }
 
 impl ProxyFlags {
@@ -228,6 +244,7 @@ impl ProxyFlags {
             mode,
             min_sync_period: self.min_sync_period,
             sync_period: self.sync_period,
+            healthz_port: (self.healthz_port != 0).then_some(self.healthz_port),
         }))
     }
 }
@@ -428,14 +445,32 @@ enum ImageCmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    match &cli.cmd {
+        // `up` shows progress on the terminal; the daemons' logs go to a file.
+        Cmd::Up(a) => {
+            let dir = a.data_dir.join("logs");
+            std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("keelson.log"))
+                .with_context(|| dir.join("keelson.log").display().to_string())?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        _ => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -527,6 +562,8 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Up(a) => Box::pin(up::up(a)).await,
+        Cmd::Down(a) => up::down(a).await,
         Cmd::Proxy(p) => {
             if p.cleanup {
                 keelson::proxy::cleanup()?;
@@ -553,6 +590,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             keelson::proxy::run(client, cfg, shutdown_signal()).await
         }
+        cmd @ (Cmd::Agent(_) | Cmd::Server { .. }) => daemon(cmd).await,
+        Cmd::Image { cmd } => image(cmd).await,
+        Cmd::Lab { cmd } => lab(cmd).await,
+        Cmd::Scheduler {
+            kubeconfig,
+            election,
+        } => {
+            let client = keelson::control::client_from(&kubeconfig).await?;
+            tokio::select! {
+                _ = keelson::control::run(client, keelson::control::Actors::Scheduler, election.config(), Default::default()) => {}
+                _ = shutdown_signal() => {}
+            }
+            Ok(())
+        }
+        Cmd::Controllers {
+            kubeconfig,
+            election,
+            nodes,
+        } => {
+            let node_opts = nodes.options()?;
+            let client = keelson::control::client_from(&kubeconfig).await?;
+            tokio::select! {
+                _ = keelson::control::run(client, keelson::control::Actors::Controllers, election.config(), node_opts) => {}
+                _ = shutdown_signal() => {}
+            }
+            Ok(())
+        }
+        Cmd::Pods { data_dir, json } => {
+            let body = local_get(&data_dir, "/pods")?;
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let list: serde_json::Value =
+                serde_json::from_str(&body).context("agent answered non-JSON")?;
+            let pods: Vec<k8s_openapi::api::core::v1::Pod> =
+                serde_json::from_value(list["items"].clone()).context("agent's PodList")?;
+            print!("{}", agent::print::table(&pods));
+            Ok(())
+        }
+        Cmd::Logs {
+            pod,
+            container,
+            data_dir,
+            previous,
+            tail,
+        } => {
+            let (ns, name) = pod.split_once('/').unwrap_or(("default", &pod));
+            let mut path = format!("/containerLogs/{ns}/{name}/{container}?previous={previous}");
+            if let Some(t) = tail {
+                path.push_str(&format!("&tailLines={t}"));
+            }
+            print!("{}", local_get(&data_dir, &path)?);
+            Ok(())
+        }
+    }
+}
+
+/// The two long-running roles `keelson up` also runs (kept apart from `run`, which runs `up`).
+async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Agent(a) => {
             let join = match (&a.kubeconfig, &a.server) {
                 (Some(k), _) => Some(agent::cluster::Join::Kubeconfig(k.clone())),
@@ -618,11 +716,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             agent::run(cfg, shutdown_signal()).await
         }
-        Cmd::Image { cmd } => image(cmd).await,
-        Cmd::Lab { cmd } => lab(cmd).await,
         Cmd::Server {
             data_dir,
             listen,
+            tls_san,
             listen_fd,
             service_cidr,
             service_node_port_range,
@@ -668,6 +765,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     default_not_ready_toleration_seconds,
                     default_unreachable_toleration_seconds,
                 ),
+                tls_sans: tls_san,
             };
             if !no_controllers {
                 let kubeconfig = cfg.data_dir.join("kubeconfig.yaml");
@@ -691,58 +789,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             keelson::api::run(cfg, shutdown_signal()).await
         }
-        Cmd::Scheduler {
-            kubeconfig,
-            election,
-        } => {
-            let client = keelson::control::client_from(&kubeconfig).await?;
-            tokio::select! {
-                _ = keelson::control::run(client, keelson::control::Actors::Scheduler, election.config(), Default::default()) => {}
-                _ = shutdown_signal() => {}
-            }
-            Ok(())
-        }
-        Cmd::Controllers {
-            kubeconfig,
-            election,
-            nodes,
-        } => {
-            let node_opts = nodes.options()?;
-            let client = keelson::control::client_from(&kubeconfig).await?;
-            tokio::select! {
-                _ = keelson::control::run(client, keelson::control::Actors::Controllers, election.config(), node_opts) => {}
-                _ = shutdown_signal() => {}
-            }
-            Ok(())
-        }
-        Cmd::Pods { data_dir, json } => {
-            let body = local_get(&data_dir, "/pods")?;
-            if json {
-                println!("{body}");
-                return Ok(());
-            }
-            let list: serde_json::Value =
-                serde_json::from_str(&body).context("agent answered non-JSON")?;
-            let pods: Vec<k8s_openapi::api::core::v1::Pod> =
-                serde_json::from_value(list["items"].clone()).context("agent's PodList")?;
-            print!("{}", agent::print::table(&pods));
-            Ok(())
-        }
-        Cmd::Logs {
-            pod,
-            container,
-            data_dir,
-            previous,
-            tail,
-        } => {
-            let (ns, name) = pod.split_once('/').unwrap_or(("default", &pod));
-            let mut path = format!("/containerLogs/{ns}/{name}/{container}?previous={previous}");
-            if let Some(t) = tail {
-                path.push_str(&format!("&tailLines={t}"));
-            }
-            print!("{}", local_get(&data_dir, &path)?);
-            Ok(())
-        }
+        _ => bail!("not a daemon command"),
     }
 }
 

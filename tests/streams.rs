@@ -336,7 +336,12 @@ fn attach_run_and_port_forward_with_kubectl() {
         })
         .collect();
     for r in runs {
-        let (sent, got, n) = r.join().unwrap();
+        let Ok((sent, got, n)) = r.join() else {
+            panic!(
+                "a forwarded connection failed; kubectl port-forward said: {}",
+                f.stderr.lock().unwrap()
+            );
+        };
         assert_eq!(n, 10 << 20);
         assert_eq!(sent, got, "the echo came back unchanged");
     }
@@ -597,7 +602,7 @@ impl Drop for Forward {
 /// Sends `data` on a new connection to 127.0.0.1:`port` while reading what comes back until
 /// the far side closes.
 fn echo_through(port: u16, data: Vec<u8>) -> Vec<u8> {
-    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let s = connect(port);
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
@@ -610,8 +615,23 @@ fn echo_through(port: u16, data: Vec<u8>) -> Vec<u8> {
     back
 }
 
+/// Connects to kubectl's local port (retried briefly: a refusal means kubectl is not
+/// listening, which the panic message shows with kubectl's own words).
+fn connect(port: u16) -> std::net::TcpStream {
+    let t0 = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if t0.elapsed() > Duration::from_secs(5) => {
+                panic!("connecting to kubectl's port-forward at 127.0.0.1:{port}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 fn http_get(port: u16, path: &str) -> Vec<u8> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = connect(port);
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
     let mut all = vec![];

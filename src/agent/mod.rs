@@ -288,7 +288,7 @@ pub async fn run(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let mut first = true;
     tokio::pin!(shutdown);
-    sd_ready();
+    crate::systemd::notify("READY=1");
     loop {
         let desired = match &cfg.manifests {
             Some(dir) => {
@@ -566,14 +566,4 @@ fn watch_dir(dir: std::path::PathBuf, tx: mpsc::UnboundedSender<()>) {
             }
         }
     });
-}
-
-/// Tells systemd (Type=notify) that the agent is ready, when started by systemd.
-fn sd_ready() {
-    if let Ok(path) = std::env::var("NOTIFY_SOCKET") {
-        let sock = std::os::unix::net::UnixDatagram::unbound();
-        if let Ok(s) = sock {
-            let _ = s.send_to(b"READY=1", path);
-        }
-    }
 }

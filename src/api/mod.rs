@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub ready: Option<Arc<tokio::sync::Notify>>,
     /// DefaultTolerationSeconds for not-ready and unreachable nodes.
     pub default_tolerations: (i64, i64),
+    /// Extra names and addresses the serving certificate is valid for (`--tls-san`).
+    pub tls_sans: Vec<String>,
 }
 
 /// Compacts the store every `every`, to the revision seen one interval earlier, so watches
@@ -315,6 +317,27 @@ pub async fn run(
     if !cfg.listen.ip().is_unspecified() && !ips.contains(&cfg.listen.ip()) {
         ips.push(cfg.listen.ip());
     }
+    if cfg.listen.ip().is_unspecified() {
+        // Serving on every address: valid for every address the host has now.
+        if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+            for a in addrs {
+                if let Some(v4) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+                    let ip = std::net::IpAddr::V4(v4.ip());
+                    if !ips.contains(&ip) {
+                        ips.push(ip);
+                    }
+                }
+            }
+        }
+    }
+    for san in &cfg.tls_sans {
+        match san.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if !names.contains(san) => names.push(san.clone()),
+            Err(_) => {}
+        }
+    }
     let pki = pki::ensure(&cfg.data_dir.join("pki"), &names, &ips).context("credentials")?;
     let tls = tls_config(&pki)?;
     let (cache, store) = cache::WatchCaches::new(store);
@@ -344,6 +367,7 @@ pub async fn run(
         r.notify_one();
     }
     tracing::info!(%addr, kubeconfig = %cfg.data_dir.join("kubeconfig.yaml").display(), "API server serving");
+    crate::systemd::notify("READY=1");
     let mut extra = Vec::new();
     for fd in &cfg.listen_fds {
         let l = inherited_listener(*fd)?;

@@ -9,6 +9,7 @@ use k8s_openapi::api::{
         ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
     },
     discovery::v1::EndpointSlice,
+    rbac::v1 as rbac,
 };
 use serde_json::Value;
 
@@ -86,6 +87,10 @@ pub fn decode(r: &Resource, obj: &Value) -> Result<Decoded, String> {
         "DaemonSet" => roundtrip::<DaemonSet>(obj, r.kind, &api)?,
         "EndpointSlice" => roundtrip::<EndpointSlice>(obj, r.kind, &api)?,
         "Lease" => roundtrip::<Lease>(obj, r.kind, &api)?,
+        "ClusterRole" => roundtrip::<rbac::ClusterRole>(obj, r.kind, &api)?,
+        "ClusterRoleBinding" => roundtrip::<rbac::ClusterRoleBinding>(obj, r.kind, &api)?,
+        "Role" => roundtrip::<rbac::Role>(obj, r.kind, &api)?,
+        "RoleBinding" => roundtrip::<rbac::RoleBinding>(obj, r.kind, &api)?,
         _ => obj.clone(),
     };
     let mut unknown = vec![];

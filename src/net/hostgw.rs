@@ -168,6 +168,27 @@ pub fn ensure_masquerade(
     Ok(())
 }
 
+/// Removes what `ensure_masquerade` and `sync_routes` installed: the jumps, both chains, and
+/// every route keelson made (protocol 75).
+pub async fn cleanup() -> Result<()> {
+    for (table, chain, target) in [
+        ("nat", "POSTROUTING", MASQ_CHAIN),
+        ("filter", "FORWARD", REJECT_CHAIN),
+        ("filter", "OUTPUT", REJECT_CHAIN),
+    ] {
+        xtables::delete_rule(table, chain, &["-j".into(), target.into()]);
+    }
+    for (table, chain) in [("nat", MASQ_CHAIN), ("filter", REJECT_CHAIN)] {
+        for op in ["-F", "-X"] {
+            let _ = std::process::Command::new("iptables")
+                .args(["-w", "-t", table, op, chain])
+                .output();
+        }
+    }
+    sync_routes(&[]).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

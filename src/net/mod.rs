@@ -209,6 +209,12 @@ pub async fn setup_pod(pid: u32, n: &PodNet) -> Result<()> {
 
 /// Removes the pod's host-side veth (its peer goes with it). Idempotent.
 pub async fn teardown_pod(host_veth: &str) -> Result<()> {
+    delete_link(host_veth).await
+}
+
+/// Deletes a link by name (gone already is fine).
+pub async fn delete_link(name: &str) -> Result<()> {
+    let host_veth = name;
     let h = connect()?;
     if let Some(idx) = link_index(&h, host_veth).await? {
         match h.link().del(idx).execute().await {

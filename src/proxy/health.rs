@@ -117,6 +117,13 @@ impl Drop for Health {
 }
 
 /// The response kube-proxy gives.
+fn http(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 fn response(st: &Status) -> String {
     let body = serde_json::json!({
         "service": {"namespace": st.namespace, "name": st.name},
@@ -129,18 +136,68 @@ fn response(st: &Status) -> String {
     } else {
         "503 Service Unavailable"
     };
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+    http(status, &body)
 }
 
 async fn serve(listener: tokio::net::TcpListener, st: watch::Receiver<Status>) {
+    answer_each(listener, move || response(&st.borrow())).await
+}
+
+/// When the proxy last synced its rules successfully.
+#[derive(Clone, Default)]
+pub struct LastSync(
+    std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, jiff::Timestamp)>>>,
+);
+
+impl LastSync {
+    pub fn mark(&self) {
+        if let Ok(mut l) = self.0.lock() {
+            *l = Some((std::time::Instant::now(), jiff::Timestamp::now()));
+        }
+    }
+
+    /// kube-proxy's /healthz answer: 200 while the last successful sync is younger than
+    /// `within`, 503 before the first one and when syncing stalled.
+    fn response(&self, within: std::time::Duration) -> String {
+        let last = self.0.lock().ok().and_then(|l| *l);
+        let now = jiff::Timestamp::now();
+        let healthy = last.is_some_and(|(t, _)| t.elapsed() <= within);
+        let body = serde_json::json!({
+            "lastUpdated": last.map(|(_, ts)| ts.to_string()).unwrap_or_default(),
+            "currentTime": now.to_string(),
+            "nodeEligible": true,
+        })
+        .to_string();
+        http(
+            if healthy {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            },
+            &body,
+        )
+    }
+}
+
+/// Serves kube-proxy's /healthz (any path gets the same answer).
+pub async fn serve_healthz(
+    listener: tokio::net::TcpListener,
+    last: LastSync,
+    within: std::time::Duration,
+) {
+    answer_each(listener, move || last.response(within)).await
+}
+
+/// Answers every connection with `answer()` once its request head arrived.
+async fn answer_each(
+    listener: tokio::net::TcpListener,
+    answer: impl Fn() -> String + Send + Sync + Clone + 'static,
+) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
         };
-        let st = st.clone();
+        let answer = answer.clone();
         tokio::spawn(async move {
             // Read the request head (bounded in size and time); any request gets the status.
             let mut buf = [0u8; 4096];
@@ -159,7 +216,7 @@ async fn serve(listener: tokio::net::TcpListener, st: watch::Receiver<Status>) {
                 }
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-            let resp = response(&st.borrow());
+            let resp = answer();
             let _ = conn.write_all(resp.as_bytes()).await;
             let _ = conn.shutdown().await;
         });
@@ -186,5 +243,21 @@ mod tests {
         });
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(r.contains(r#""name":"lb""#) && r.contains(r#""namespace":"default""#));
+    }
+
+    #[test]
+    fn healthz_follows_the_last_sync() {
+        let l = LastSync::default();
+        let within = std::time::Duration::from_millis(200);
+        assert!(
+            l.response(within).starts_with("HTTP/1.1 503"),
+            "before any sync"
+        );
+        l.mark();
+        let r = l.response(within);
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("lastUpdated") && r.contains("currentTime"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(l.response(within).starts_with("HTTP/1.1 503"), "stalled");
     }
 }

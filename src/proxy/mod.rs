@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -71,6 +72,8 @@ pub struct ProxyConfig {
     pub min_sync_period: Duration,
     /// A full resync (rewrites every chain, repairs what someone removed) at least this often.
     pub sync_period: Duration,
+    /// kube-proxy's /healthz port (None: not served).
+    pub healthz_port: Option<u16>,
 }
 
 /// What was loaded last, per backend.
@@ -267,6 +270,18 @@ pub async fn run(
     let mut health = health::Health::default();
     let mut backend = Backend::new(cfg.mode);
     backend.clean_start()?;
+    let synced = health::LastSync::default();
+    if let Some(port) = cfg.healthz_port {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("--healthz-port {port}"))?;
+        // Healthy while full syncs keep succeeding (kube-proxy: within twice the period).
+        tokio::spawn(health::serve_healthz(
+            listener,
+            synced.clone(),
+            cfg.sync_period * 2 + Duration::from_secs(5),
+        ));
+    }
     let mut last_full: Option<Instant> = None;
     // When the next sync is due: a burst of events within `min_sync_period` is one sync.
     let mut due: Option<tokio::time::Instant> = None;
@@ -308,6 +323,7 @@ pub async fn run(
                         if full {
                             last_full = Some(Instant::now());
                         }
+                        synced.mark();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "syncing proxy rules; retrying with a full sync in 1 s");
