@@ -442,6 +442,17 @@ enum ImageCmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Pack keelson itself as an image (`/keelson`), for the DaemonSets in deploy/.
+    #[command(name = "self")]
+    Myself {
+        /// The binary to pack (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[arg(long, default_value = "keelson.local/keelson:0.1")]
+        name: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -793,6 +804,35 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
     }
 }
 
+/// The shared libraries `bin` needs, by `ldd`: (absolute path, content).
+fn shared_libraries(bin: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let out = std::process::Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // "not a dynamic executable": nothing to add.
+        return Ok(vec![]);
+    }
+    let mut libs = vec![];
+    for line in text.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        libs.push((path.to_string(), bytes));
+    }
+    Ok(libs)
+}
+
 /// A GET against the agent's unix socket; the body on 2xx, an error with the body otherwise.
 fn local_get(data_dir: &std::path::Path, path: &str) -> anyhow::Result<String> {
     let sock = data_dir.join("agent.sock");
@@ -876,6 +916,43 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
         ImageCmd::Pause { output } => {
             std::fs::write(&output, agent::pause_archive()?)
                 .with_context(|| format!("writing {}", output.display()))?;
+            Ok(())
+        }
+        ImageCmd::Myself {
+            binary,
+            name,
+            output,
+        } => {
+            let bin = match binary {
+                Some(b) => b,
+                None => std::env::current_exe().context("this binary's path")?,
+            };
+            let data = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+            // The shared libraries it links (glibc, its loader), where the loader looks.
+            let libs = shared_libraries(&bin)?;
+            let mut files = vec![keelson::runtime::pack::MemFile {
+                path: "keelson",
+                mode: 0o755,
+                data: &data,
+            }];
+            for (path, bytes) in &libs {
+                files.push(keelson::runtime::pack::MemFile {
+                    path: path.trim_start_matches('/'),
+                    mode: 0o755,
+                    data: bytes,
+                });
+            }
+            let layer = pack::layer_from_files(&files)?;
+            let ar = pack::pack_oci_archive(
+                &ImageSettings {
+                    name: name.clone(),
+                    entrypoint: vec!["/keelson".into()],
+                    ..Default::default()
+                },
+                &layer,
+            )?;
+            std::fs::write(&output, ar).with_context(|| format!("writing {}", output.display()))?;
+            eprintln!("{name}: {} ({} MB)", output.display(), data.len() >> 20);
             Ok(())
         }
     }

@@ -116,12 +116,24 @@ async fn containerd(a: &UpArgs) -> anyhow::Result<(PathBuf, Option<OwnContainerd
         .append(true)
         .open(paths.log())
         .with_context(|| paths.log().display().to_string())?;
-    let child = std::process::Command::new("containerd")
-        .arg("--config")
+    let mut cmd = std::process::Command::new("containerd");
+    cmd.arg("--config")
         .arg(paths.config())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
+        .stderr(log);
+    // A private containerd goes with `up`, also when `up` is killed outright (its pods' shims
+    // stay, and the next `up` reconnects to them).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
         .spawn()
         .context("starting containerd (is it installed? apt-get install containerd)")?;
     let own = OwnContainerd(child);

@@ -713,7 +713,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
         "no per-group discovery once /apis answered aggregated: {log}"
     );
     let res = s.ok(&["api-resources", "--no-headers"]);
-    assert_eq!(res.lines().count(), 14, "{res}");
+    assert_eq!(res.lines().count(), 18, "{res}");
     assert!(
         res.lines()
             .any(|l| l.starts_with("deployments") && l.contains("apps/v1"))

@@ -36,6 +36,42 @@ pub struct SandboxInfo {
 pub struct Refs {
     pub config_maps: HashMap<String, ConfigMap>,
     pub secrets: HashMap<String, Secret>,
+    /// Service account tokens for projected volumes, by audience ("" = the API server's).
+    pub tokens: HashMap<String, Token>,
+    /// The `kubernetes` Service (ClusterIP, port): the environment every container gets.
+    pub kubernetes: Option<(String, i32)>,
+}
+
+/// A service account token the agent requested for the pod.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub token: String,
+    pub fetched: std::time::Instant,
+    /// The lifetime the API server reported.
+    pub ttl: std::time::Duration,
+}
+
+impl Token {
+    /// kubelet renews a token once 80% of its lifetime passed.
+    pub fn stale(&self) -> bool {
+        self.fetched.elapsed() >= self.ttl.mul_f64(0.8)
+    }
+}
+
+/// The projected service account tokens a pod asks for: (audience, expirationSeconds).
+pub fn token_requests(pod: &Pod) -> Vec<(String, i64)> {
+    let mut out: Vec<(String, i64)> = vec![];
+    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(t) = &src.service_account_token {
+                let aud = t.audience.clone().unwrap_or_default();
+                if !out.iter().any(|(a, _)| *a == aud) {
+                    out.push((aud, t.expiration_seconds.unwrap_or(3600)));
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Refs {
@@ -76,6 +112,14 @@ pub fn referenced(pod: &Pod) -> (Vec<String>, Vec<String>) {
         return (cms, secrets);
     };
     for v in spec.volumes.iter().flatten() {
+        for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &src.config_map {
+                cms.push(c.name.clone());
+            }
+            if let Some(sc) = &src.secret {
+                secrets.push(sc.name.clone());
+            }
+        }
         if let Some(c) = &v.config_map {
             cms.push(c.name.clone());
         }
@@ -275,6 +319,27 @@ pub fn environment(
             vars.push((k, v));
         }
     };
+    // kubelet's master service variables, before the container's own (which override them).
+    if let Some((ip, port)) = &sb.refs.kubernetes {
+        for (k, v) in [
+            ("KUBERNETES_SERVICE_HOST", ip.clone()),
+            ("KUBERNETES_SERVICE_PORT", port.to_string()),
+            ("KUBERNETES_SERVICE_PORT_HTTPS", port.to_string()),
+            ("KUBERNETES_PORT", format!("tcp://{ip}:{port}")),
+            (
+                &format!("KUBERNETES_PORT_{port}_TCP"),
+                format!("tcp://{ip}:{port}"),
+            ),
+            (&format!("KUBERNETES_PORT_{port}_TCP_PROTO"), "tcp".into()),
+            (
+                &format!("KUBERNETES_PORT_{port}_TCP_PORT"),
+                port.to_string(),
+            ),
+            (&format!("KUBERNETES_PORT_{port}_TCP_ADDR"), ip.clone()),
+        ] {
+            set(&mut vars, k.to_string(), v);
+        }
+    }
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut declared: HashMap<String, String> = HashMap::new();
     for ef in c.env_from.iter().flatten() {
@@ -467,53 +532,7 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
     }
     if let Some(da) = &vol.downward_api {
         let dir = sb.pod_dir.join("volumes/downward-api").join(name);
-        let mut entries = vec![];
-        let mut items = vec![];
-        for it in da.items.iter().flatten() {
-            let value = match (&it.field_ref, &it.resource_field_ref) {
-                (Some(f), _) => match f.field_path.as_str() {
-                    // Whole maps as kubelet writes them: `key="value"` lines, sorted.
-                    "metadata.labels" | "metadata.annotations" => {
-                        let m = if f.field_path == "metadata.labels" {
-                            &pod.metadata.labels
-                        } else {
-                            &pod.metadata.annotations
-                        };
-                        m.iter()
-                            .flatten()
-                            .map(|(k, v)| format!("{k}={v:?}"))
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    }
-                    p => field_ref(pod, sb, p)?,
-                },
-                (None, Some(r)) => {
-                    let spec = pod.spec.as_ref();
-                    let c = spec
-                        .and_then(|s| {
-                            s.containers.iter().find(|c| {
-                                r.container_name
-                                    .as_deref()
-                                    .is_none_or(|n| n.is_empty() || c.name == n)
-                            })
-                        })
-                        .ok_or_else(|| {
-                            ConfigError(format!(
-                                "downwardAPI volume {name:?}: no container for {:?}",
-                                r.resource
-                            ))
-                        })?;
-                    resource_ref(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))?
-                }
-                (None, None) => continue,
-            };
-            entries.push((it.path.clone(), value.into_bytes()));
-            items.push(KeyToPath {
-                key: it.path.clone(),
-                path: it.path.clone(),
-                mode: it.mode,
-            });
-        }
+        let (entries, items) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
         write_projection(
             &dir,
             &entries,
@@ -523,9 +542,145 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
         .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
         return Ok(dir.to_string_lossy().into());
     }
+    if let Some(pv) = &vol.projected {
+        // Every source lands in one directory; entry keys are made unique per source.
+        let dir = sb.pod_dir.join("volumes/projected").join(name);
+        let mut entries: Vec<(String, Vec<u8>)> = vec![];
+        let mut items: Vec<KeyToPath> = vec![];
+        for (i, src) in pv.sources.iter().flatten().enumerate() {
+            if let Some(t) = &src.service_account_token {
+                let aud = t.audience.clone().unwrap_or_default();
+                let token = sb.refs.tokens.get(&aud).ok_or_else(|| {
+                    ConfigError(format!(
+                        "MountVolume.SetUp failed for volume \"{name}\" : failed to fetch token: no token for the pod's service account yet"
+                    ))
+                })?;
+                let key = format!("{i}/token");
+                entries.push((key.clone(), token.token.clone().into_bytes()));
+                items.push(KeyToPath {
+                    key,
+                    path: t.path.clone(),
+                    mode: None,
+                });
+            }
+            let cm_or_secret = match (&src.config_map, &src.secret) {
+                (Some(c), _) => Some((false, &c.name, &c.items, c.optional)),
+                (None, Some(sc)) => Some((true, &sc.name, &sc.items, sc.optional)),
+                _ => None,
+            };
+            if let Some((secret, source, picked, optional)) = cm_or_secret {
+                let found = match sb.refs.entries(secret, source) {
+                    Some(e) => e,
+                    None if optional.unwrap_or(false) => vec![],
+                    None => {
+                        let kind = if secret { "secret" } else { "configmap" };
+                        return Err(ConfigError(format!(
+                            "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
+                        )));
+                    }
+                };
+                for (k, v) in found {
+                    let key = format!("{i}/{k}");
+                    match picked {
+                        Some(list) => {
+                            for it in list.iter().filter(|it| it.key == k) {
+                                items.push(KeyToPath {
+                                    key: key.clone(),
+                                    path: it.path.clone(),
+                                    mode: it.mode,
+                                });
+                            }
+                        }
+                        None => items.push(KeyToPath {
+                            key: key.clone(),
+                            path: k.clone(),
+                            mode: None,
+                        }),
+                    }
+                    entries.push((key, v));
+                }
+            }
+            if let Some(da) = &src.downward_api {
+                let (e, its) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
+                for ((k, v), it) in e.into_iter().zip(its) {
+                    let key = format!("{i}/{k}");
+                    entries.push((key.clone(), v));
+                    items.push(KeyToPath { key, ..it });
+                }
+            }
+        }
+        write_projection(
+            &dir,
+            &entries,
+            Some(&items),
+            pv.default_mode.unwrap_or(0o644),
+        )
+        .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+        return Ok(dir.to_string_lossy().into());
+    }
     Err(ConfigError(format!(
         "volume {name:?}: this volume type is not supported"
     )))
+}
+
+/// Named contents of a projection: (key, bytes).
+type Entries = Vec<(String, Vec<u8>)>;
+
+/// The files of a downwardAPI volume (or projection source): (key, content) and where each goes.
+fn downward_entries<'a>(
+    pod: &Pod,
+    sb: &SandboxInfo,
+    name: &str,
+    list: impl Iterator<Item = &'a k8s_openapi::api::core::v1::DownwardAPIVolumeFile>,
+) -> Result<(Entries, Vec<KeyToPath>), ConfigError> {
+    let mut entries = vec![];
+    let mut items = vec![];
+    for it in list {
+        let value = match (&it.field_ref, &it.resource_field_ref) {
+            (Some(f), _) => match f.field_path.as_str() {
+                // Whole maps as kubelet writes them: `key="value"` lines, sorted.
+                "metadata.labels" | "metadata.annotations" => {
+                    let m = if f.field_path == "metadata.labels" {
+                        &pod.metadata.labels
+                    } else {
+                        &pod.metadata.annotations
+                    };
+                    m.iter()
+                        .flatten()
+                        .map(|(k, v)| format!("{k}={v:?}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+                p => field_ref(pod, sb, p)?,
+            },
+            (None, Some(r)) => {
+                let spec = pod.spec.as_ref();
+                let c = spec
+                    .and_then(|s| {
+                        s.containers.iter().find(|c| {
+                            r.container_name
+                                .as_deref()
+                                .is_none_or(|n| n.is_empty() || c.name == n)
+                        })
+                    })
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "downwardAPI volume {name:?}: no container for {:?}",
+                            r.resource
+                        ))
+                    })?;
+                resource_ref(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))?
+            }
+            (None, None) => continue,
+        };
+        entries.push((it.path.clone(), value.into_bytes()));
+        items.push(KeyToPath {
+            key: it.path.clone(),
+            path: it.path.clone(),
+            mode: it.mode,
+        });
+    }
+    Ok((entries, items))
 }
 
 /// Writes a ConfigMap/Secret/downwardAPI projection the way kubelet's AtomicWriter does, so
@@ -923,6 +1078,7 @@ mod tests {
         Refs {
             config_maps: [("cfg".to_string(), cm)].into(),
             secrets: [("pw".to_string(), sec)].into(),
+            ..Default::default()
         }
     }
 
@@ -968,6 +1124,49 @@ mod tests {
         assert_eq!(read("name"), "p");
         assert_eq!(read("labels"), "app=\"web\"\ntier=\"front\"");
         assert_eq!(read("mem"), "64");
+    }
+
+    #[test]
+    fn the_service_account_volume_holds_token_ca_and_namespace_and_env_names_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pod(
+            "metadata: {name: p, namespace: team}\nspec:\n  containers: [{name: c}]\n  volumes:\n  - name: kube-api-access-abcde\n    projected:\n      sources:\n      - serviceAccountToken: {expirationSeconds: 3607, path: token}\n      - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}\n      - downwardAPI: {items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]}\n",
+        );
+        let mut s = sb();
+        s.pod_dir = dir.path().to_path_buf();
+        let ca: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": "PEM"}}))
+        .unwrap();
+        s.refs.config_maps.insert("kube-root-ca.crt".into(), ca);
+        // No token yet: kubelet's mount error, nothing written.
+        let e = volume_dir(&p, &s, "kube-api-access-abcde").unwrap_err();
+        assert!(e.0.contains("failed to fetch token"), "{}", e.0);
+        s.refs.tokens.insert(
+            String::new(),
+            Token {
+                token: "keelson-sa.x.y".into(),
+                fetched: std::time::Instant::now(),
+                ttl: std::time::Duration::from_secs(3607),
+            },
+        );
+        let v = volume_dir(&p, &s, "kube-api-access-abcde").unwrap();
+        let read = |f: &str| std::fs::read_to_string(format!("{v}/{f}")).unwrap();
+        assert_eq!(read("token"), "keelson-sa.x.y");
+        assert_eq!(read("ca.crt"), "PEM");
+        assert_eq!(read("namespace"), "team");
+        assert!(!s.refs.tokens[""].stale());
+        assert_eq!(token_requests(&p), vec![(String::new(), 3607)]);
+        // The master service environment, which the container's own variables override.
+        s.refs.kubernetes = Some(("10.96.0.1".into(), 443));
+        let c: Container = serde_saphyr::from_str(
+            "name: c\nenv: [{name: KUBERNETES_SERVICE_HOST, value: 10.0.0.9}]",
+        )
+        .unwrap();
+        let env = environment(&p, &c, &img(), &s).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("KUBERNETES_SERVICE_HOST"), Some("10.0.0.9"));
+        assert_eq!(get("KUBERNETES_SERVICE_PORT"), Some("443"));
+        assert_eq!(get("KUBERNETES_PORT_443_TCP_ADDR"), Some("10.96.0.1"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ use super::{
 pub enum Identity {
     Admin,
     Node(String),
+    /// A service account (namespace, name), by a token the server issued; RBAC decides.
+    ServiceAccount(String, String),
 }
 
 impl Identity {
@@ -31,13 +33,14 @@ impl Identity {
         match self {
             Identity::Admin => "admin".into(),
             Identity::Node(n) => format!("system:node:{n}"),
+            Identity::ServiceAccount(ns, n) => format!("system:serviceaccount:{ns}:{n}"),
         }
     }
 }
 
 const PREFIX: &str = "keelson-node:";
 
-fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut k = [0u8; 64];
     if key.len() > 64 {
         k[..32].copy_from_slice(&Sha256::digest(key));
@@ -148,6 +151,38 @@ pub async fn node_may_write(
     let deny = |why: &str| Err(forbidden(node, method, t, why));
     match (r.group, r.kind) {
         ("", "Event") | ("events.k8s.io", "Event") => Ok(()),
+        // A token for the service account of a pod bound to this node (kubelet's TokenRequest
+        // for the pod's projected volume).
+        ("", "ServiceAccount")
+            if *method == Method::POST && t.subresource.as_deref() == Some("token") =>
+        {
+            let sa = t.name.as_deref().unwrap_or("");
+            let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let pod_name = req
+                .pointer("/spec/boundObjectRef/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let pods = super::registry::find("", "v1", "pods")
+                .ok_or_else(|| ApiError::internal("no pods resource"))?;
+            let kv = st
+                .store
+                .get(&pods.key(t.namespace.as_deref(), pod_name))
+                .await
+                .map_err(ApiError::internal)?;
+            let pod: Value = kv
+                .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+                .unwrap_or(Value::Null);
+            let uses = pod["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                == sa;
+            if pod["spec"]["nodeName"].as_str() != Some(node) || !uses {
+                return deny(&format!(
+                    "node \"{node}\" may only request tokens for service accounts of pods bound to it"
+                ));
+            }
+            Ok(())
+        }
         ("", "Node") => {
             let name = target_name(t, body);
             if name != node {

@@ -294,8 +294,16 @@ pub async fn resource(
         _ => {}
     }
     let t = parse_path(uri.path())?;
-    if let super::authz::Identity::Node(node) = &id {
-        super::authz::node_may_write(&st, node, &method, &t, &body).await?;
+    match &id {
+        super::authz::Identity::Node(node) => {
+            super::authz::node_may_write(&st, node, &method, &t, &body).await?;
+        }
+        super::authz::Identity::ServiceAccount(ns, name) => {
+            let watch = q.watch.as_deref().is_some_and(|w| w == "true" || w == "1");
+            let a = super::rbac::Attributes::of(&method, &t, watch);
+            super::rbac::authorize(&st, ns, name, &a).await?;
+        }
+        super::authz::Identity::Admin => {}
     }
     if let (Some(sub), Some(name)) = (t.subresource.as_deref(), t.name.as_deref()) {
         return super::subresource::handle(

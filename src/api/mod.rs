@@ -9,6 +9,7 @@ mod logs;
 pub mod patch;
 pub mod pki;
 mod protobuf;
+pub mod rbac;
 pub mod registry;
 pub mod selector;
 pub mod stream;
@@ -102,12 +103,17 @@ pub struct ApiState {
 }
 
 async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
-    let id = req
+    let token = req
         .headers()
         .get("authorization")
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
-        .and_then(|t| authz::authenticate(t.trim(), &st.admin_token, &st.node_token));
+        .map(|t| t.trim().to_string());
+    let id = match token {
+        Some(t) if t.starts_with("keelson-sa.") => service_account(&st, &t).await,
+        Some(t) => authz::authenticate(&t, &st.admin_token, &st.node_token),
+        None => None,
+    };
     match id {
         Some(id) => {
             req.extensions_mut().insert(id);
@@ -117,6 +123,21 @@ async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> 
             ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized").into_response()
         }
     }
+}
+
+/// The service account a token names, if it verifies and the account still exists as issued.
+async fn service_account(st: &ApiState, token: &str) -> Option<authz::Identity> {
+    let key = rbac::signing_key(&st.node_token);
+    let c = rbac::verify(&key, token, jiff::Timestamp::now().as_second())?;
+    let r = registry::find("", "v1", "serviceaccounts")?;
+    let kv = st
+        .store
+        .get(&r.key(Some(&c.namespace), &c.name))
+        .await
+        .ok()??;
+    let sa: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+    (sa.pointer("/metadata/uid").and_then(|u| u.as_str()) == Some(c.uid.as_str()))
+        .then_some(authz::Identity::ServiceAccount(c.namespace, c.name))
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -231,6 +252,45 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps the `kube-root-ca.crt` ConfigMap (the cluster CA, for in-cluster clients' projected
+/// volumes) in every namespace, as kube-controller-manager's root CA publisher does.
+async fn publish_root_ca(store: Arc<dyn Store>, ca_pem: String) {
+    let (Some(ns_r), Some(cm_r)) = (
+        registry::find("", "v1", "namespaces"),
+        registry::find("", "v1", "configmaps"),
+    ) else {
+        return;
+    };
+    loop {
+        if let Ok(page) = store.list(&ns_r.prefix(), None, 0).await {
+            for kv in page.items {
+                let Ok(ns) = serde_json::from_slice::<serde_json::Value>(&kv.value) else {
+                    continue;
+                };
+                if ns.pointer("/metadata/deletionTimestamp").is_some() {
+                    continue;
+                }
+                let Some(name) = ns.pointer("/metadata/name").and_then(|n| n.as_str()) else {
+                    continue;
+                };
+                let key = cm_r.key(Some(name), "kube-root-ca.crt");
+                if matches!(store.get(&key).await, Ok(Some(_))) {
+                    continue;
+                }
+                let cm = json!({"kind": "ConfigMap", "apiVersion": "v1",
+                    "metadata": {"name": "kube-root-ca.crt", "namespace": name, "uid": crate::runtime::random_hex(16),
+                                 "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                                 "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}},
+                    "data": {"ca.crt": ca_pem}});
+                if let Ok(bytes) = serde_json::to_vec(&cm) {
+                    let _ = store.put(&key, bytes, Precondition::Absent).await;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
 /// The `kubernetes` Service in `default` (the range's first address, port 443) and its
 /// Endpoints pointing at this server, as kube-apiserver keeps them.
 async fn seed_kubernetes_service(
@@ -339,6 +399,7 @@ pub async fn run(
         }
     }
     let pki = pki::ensure(&cfg.data_dir.join("pki"), &names, &ips).context("credentials")?;
+    let root_ca = tokio::spawn(publish_root_ca(store.clone(), pki.ca_pem.clone()));
     let tls = tls_config(&pki)?;
     let (cache, store) = cache::WatchCaches::new(store);
     let st = Arc::new(ApiState {
@@ -382,6 +443,7 @@ pub async fn run(
     crate::tls::serve(listener, tls, app, shutdown).await;
     extra.iter().for_each(|t| t.abort());
     compaction.abort();
+    root_ca.abort();
     Ok(())
 }
 

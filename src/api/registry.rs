@@ -214,6 +214,12 @@ const SUBRESOURCES: &[Sub] = &[
     sub("pods", "binding", ("", "v1", "Binding"), &["create"]),
     sub("pods", "log", ("", "v1", "Pod"), &["get"]),
     sub(
+        "serviceaccounts",
+        "token",
+        ("authentication.k8s.io", "v1", "TokenRequest"),
+        &["create"],
+    ),
+    sub(
         "pods",
         "eviction",
         ("policy", "v1", "Eviction"),
@@ -414,7 +420,15 @@ mod tests {
             .iter()
             .map(|g| g["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["apps", "discovery.k8s.io", "coordination.k8s.io"]);
+        assert_eq!(
+            names,
+            [
+                "apps",
+                "discovery.k8s.io",
+                "coordination.k8s.io",
+                "rbac.authorization.k8s.io"
+            ]
+        );
         assert!(resource_list("nope", "v1").is_none());
     }
 }

@@ -82,7 +82,21 @@ sub_handler!(portforward, "portforward");
 
 async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
     let (State(st), axum::Extension(id), Path((ns, name)), RawQuery(q), mut req) = args;
-    if id != Identity::Admin {
+    let allowed = match &id {
+        Identity::Admin => true,
+        Identity::ServiceAccount(sns, sname) => {
+            let a = super::rbac::Attributes {
+                verb: "create".into(),
+                group: String::new(),
+                resource: format!("pods/{sub}"),
+                namespace: Some(ns.clone()),
+                name: Some(name.clone()),
+            };
+            super::rbac::allows(&st, sns, sname, &a).await?
+        }
+        Identity::Node(_) => false,
+    };
+    if !allowed {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "Forbidden",

@@ -165,6 +165,11 @@ pub async fn handle(
             ))
         }
         ("log", &Method::GET) if r.kind == "Pod" => super::logs::proxy(st, &cur, query).await,
+        ("token", &Method::POST) if r.kind == "ServiceAccount" => {
+            let key = super::rbac::signing_key(&st.node_token);
+            let out = super::rbac::token_request(&key, &cur, body)?;
+            Ok(json_response(StatusCode::CREATED, &out))
+        }
         // No PodDisruptionBudgets are served, so every eviction is allowed: it deletes the
         // pod with the Eviction's DeleteOptions.
         ("eviction", &Method::POST) if r.kind == "Pod" => {

@@ -180,6 +180,73 @@ pub fn set_default_tolerations(not_ready: i64, unreachable: i64) {
     let _ = DEFAULT_TOLERATIONS.set((not_ready, unreachable));
 }
 
+/// Where in-cluster clients find their credentials.
+pub const SA_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The ServiceAccount admission's token volume, on create: a `kube-api-access-xxxxx` projected
+/// volume (the account's token, the cluster CA from `kube-root-ca.crt`, the namespace) mounted
+/// read-only at `SA_MOUNT` in every container — unless the pod opts out
+/// (`automountServiceAccountToken: false`), already mounts something there, or is a mirror pod.
+pub fn mount_service_account_token(obj: &mut Value) {
+    if obj
+        .pointer("/metadata/annotations/kubernetes.io~1config.mirror")
+        .is_some()
+    {
+        return;
+    }
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if spec.get("automountServiceAccountToken") == Some(&Value::Bool(false)) {
+        return;
+    }
+    let lists = ["containers", "initContainers"];
+    let mounted = lists.iter().any(|l| {
+        spec.get(*l).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["volumeMounts"]
+                    .as_array()
+                    .is_some_and(|ms| ms.iter().any(|m| m["mountPath"] == SA_MOUNT))
+            })
+        })
+    });
+    if mounted {
+        return;
+    }
+    let name = format!("kube-api-access-{}", &crate::runtime::random_hex(3)[..5]);
+    let vol = serde_json::json!({"name": name, "projected": {"defaultMode": 420, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": super::rbac::KUBELET_EXPIRY, "path": "token"}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+    ]}});
+    if let Some(v) = spec
+        .entry("volumes")
+        .or_insert_with(|| serde_json::json!([]))
+        .as_array_mut()
+    {
+        v.push(vol);
+    }
+    for l in lists {
+        for c in spec
+            .get_mut(l)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(ms) = c
+                .as_object_mut()
+                .map(|c| {
+                    c.entry("volumeMounts")
+                        .or_insert_with(|| serde_json::json!([]))
+                })
+                .and_then(Value::as_array_mut)
+            {
+                ms.push(serde_json::json!({"name": name, "mountPath": SA_MOUNT, "readOnly": true}));
+            }
+        }
+    }
+}
+
 /// kube-apiserver's defaults for a Pod (those kubelet and kubectl rely on).
 pub fn default_pod(obj: &mut Value) {
     if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
@@ -287,6 +354,37 @@ pub fn validate(r: &Resource, obj: &Value) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn pods_get_the_service_account_volume_unless_they_opt_out() {
+        let mut p = serde_json::json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "a"}], "initContainers": [{"name": "i"}]}});
+        mount_service_account_token(&mut p);
+        let vol = &p["spec"]["volumes"][0];
+        let name = vol["name"].as_str().unwrap();
+        assert!(
+            name.starts_with("kube-api-access-") && name.len() == 21,
+            "{name}"
+        );
+        let srcs = vol["projected"]["sources"].as_array().unwrap();
+        assert_eq!(srcs[0]["serviceAccountToken"]["path"], "token");
+        assert_eq!(srcs[1]["configMap"]["name"], "kube-root-ca.crt");
+        for c in ["containers", "initContainers"] {
+            assert_eq!(p["spec"][c][0]["volumeMounts"][0]["mountPath"], SA_MOUNT);
+            assert_eq!(p["spec"][c][0]["volumeMounts"][0]["readOnly"], true);
+        }
+        let before = p.clone();
+        mount_service_account_token(&mut p);
+        assert_eq!(p, before, "already mounted: nothing added twice");
+        let mut off = serde_json::json!({"spec": {"automountServiceAccountToken": false, "containers": [{"name": "a"}]}});
+        mount_service_account_token(&mut off);
+        assert!(off["spec"].get("volumes").is_none());
+        let mut mirror = serde_json::json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": "x"}},
+            "spec": {"containers": [{"name": "a"}]}});
+        mount_service_account_token(&mut mirror);
+        assert!(mirror["spec"].get("volumes").is_none());
+    }
+
     use serde_json::json;
 
     use super::*;

@@ -393,7 +393,10 @@ pub(super) async fn create(
         obj["status"] = json!({"phase": "Active"});
     }
     obj["metadata"] = Value::Object(meta);
-    let (obj, warnings) = admit(r, obj, &name, field_validation)?;
+    let (mut obj, warnings) = admit(r, obj, &name, field_validation)?;
+    if r.kind == "Pod" {
+        super::typed::mount_service_account_token(&mut obj);
+    }
     ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
     let key = r.key(ns, &name);
     if dry {

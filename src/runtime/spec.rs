@@ -164,12 +164,30 @@ fn cap(name: &str) -> Result<Capability, SpecError> {
     Capability::from_str(n).map_err(|_| SpecError::Capability(name.to_string()))
 }
 
-/// The effective capability set: defaults + add − drop ("ALL" honoured), or everything when privileged.
+/// This process's capability bounding set (`CapBnd` in /proc/self/status; every bit when it
+/// cannot be read).
+fn bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// The effective capability set: defaults + add − drop ("ALL" honoured), or everything when
+/// privileged. "Everything" is what this process may grant (its bounding set), as containerd's
+/// CRI does: a capability the host withholds would make runc fail the container.
 pub fn capabilities(p: &ProcessConfig) -> Result<Vec<Capability>, SpecError> {
     let all = || {
+        let bnd = bounding_set();
         ALL_CAPS
             .iter()
-            .filter_map(|c| cap(c).ok())
+            .enumerate()
+            .filter(|(bit, _)| bnd & (1u64 << bit) != 0)
+            .filter_map(|(_, c)| cap(c).ok())
             .collect::<Vec<_>>()
     };
     if p.privileged {

@@ -84,7 +84,70 @@ impl PodWorker {
                 }
             }
         }
+        // Projected service account tokens: kept while fresh, requested again at 80% of their
+        // lifetime (kubelet's TokenRequest, bound to the pod).
+        let mut tokens = std::mem::take(&mut self.refs.tokens);
+        for (aud, secs) in build::token_requests(&self.pod) {
+            if tokens.get(&aud).is_some_and(|t| !t.stale()) {
+                continue;
+            }
+            match self.request_token(client, &aud, secs).await {
+                Ok(t) => {
+                    tokens.insert(aud, t);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %self.name, error = %e, "requesting the service account token")
+                }
+            }
+        }
+        refs.tokens = tokens;
+        refs.kubernetes = match self.refs.kubernetes.take() {
+            Some(k) => Some(k),
+            None => kubernetes_service(client).await,
+        };
         self.refs = refs;
+    }
+
+    async fn request_token(
+        &self,
+        client: &kube::Client,
+        audience: &str,
+        secs: i64,
+    ) -> Result<build::Token, String> {
+        let spec = self.pod.spec.as_ref();
+        let sa = spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let mut req = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": secs,
+                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.name, "uid": self.uid}}});
+        if !audience.is_empty() {
+            req["spec"]["audiences"] = serde_json::json!([audience]);
+        }
+        let api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            kube::Api::namespaced(client.clone(), &self.namespace);
+        let out: serde_json::Value = api
+            .create_subresource("token", &sa, &kube::api::PostParams::default(), &req)
+            .await
+            .map_err(|e| format!("serviceaccounts/{sa}/token: {e}"))?;
+        let token = out
+            .pointer("/status/token")
+            .and_then(serde_json::Value::as_str)
+            .ok_or("the TokenRequest answer has no status.token")?
+            .to_string();
+        let ttl = out
+            .pointer("/status/expirationTimestamp")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .map(|t| t.duration_since(Timestamp::now()).unsigned_abs())
+            .unwrap_or(Duration::from_secs(secs.max(600) as u64));
+        Ok(build::Token {
+            token,
+            fetched: std::time::Instant::now(),
+            ttl,
+        })
     }
 
     pub(super) async fn create_sandbox(&mut self) -> Result<(), String> {
@@ -667,4 +730,17 @@ impl PodWorker {
             .await
             .map(|_| ())
     }
+}
+
+/// The `kubernetes` Service's ClusterIP and port, for the master service environment.
+async fn kubernetes_service(client: &kube::Client) -> Option<(String, i32)> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(client.clone(), "default");
+    let svc = api.get_opt("kubernetes").await.ok().flatten()?;
+    let spec = svc.spec?;
+    let ip = spec
+        .cluster_ip
+        .filter(|ip| !ip.is_empty() && ip != "None")?;
+    let port = spec.ports?.first()?.port;
+    Some((ip, port))
 }

@@ -1,0 +1,438 @@
+//! Service accounts: the tokens the API server issues for them (`serviceaccounts/token`, the
+//! TokenRequest the kubelet makes for a pod's projected token) and RBAC, which decides what a
+//! service account may do from the ClusterRoles, Roles and their bindings in the store.
+//!
+//! A token is `keelson-sa.<base64url JSON claims>.<hex HMAC-SHA256>`, signed with a key derived
+//! from the cluster's node token; it names the namespace, the service account and its UID, so
+//! it stops working when the account is deleted (or recreated), and carries its expiry. As
+//! kube-apiserver does for the kubelet's default 3607-second requests, those tokens stay valid
+//! for a year (the reported expiry is the requested one; the kubelet refreshes before it).
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{
+    ApiState,
+    handlers::{ApiError, Target},
+    registry,
+};
+
+const PREFIX: &str = "keelson-sa.";
+/// kube-apiserver's magic expiry of kubelet-requested tokens that get extended.
+pub const KUBELET_EXPIRY: i64 = 3607;
+const EXTENDED: i64 = 365 * 24 * 3600;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claims {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// Unix seconds after which the token is refused.
+    pub exp: i64,
+    /// The pod the token is bound to, if any (name, uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<(String, String)>,
+}
+
+/// The key tokens are signed with, derived from the node token.
+pub fn signing_key(node_token: &str) -> [u8; 32] {
+    super::authz::hmac_sha256(node_token.trim().as_bytes(), b"service-account-signing")
+}
+
+pub fn issue(key: &[u8], c: &Claims) -> String {
+    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(c).unwrap_or_default());
+    let mac = hex::encode(super::authz::hmac_sha256(key, body.as_bytes()));
+    format!("{PREFIX}{body}.{mac}")
+}
+
+/// The claims of a well-signed, unexpired token.
+pub fn verify(key: &[u8], token: &str, now: i64) -> Option<Claims> {
+    let rest = token.strip_prefix(PREFIX)?;
+    let (body, mac) = rest.rsplit_once('.')?;
+    let want = hex::encode(super::authz::hmac_sha256(key, body.as_bytes()));
+    if !super::constant_time_eq(mac.as_bytes(), want.as_bytes()) {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .ok()?;
+    let c: Claims = serde_json::from_slice(&raw).ok()?;
+    (c.exp > now).then_some(c)
+}
+
+/// `POST .../serviceaccounts/NAME/token`: a TokenRequest answered with a token for `sa`.
+pub fn token_request(key: &[u8], sa: &Value, body: &[u8]) -> Result<Value, ApiError> {
+    let req: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid TokenRequest: {e}")))?;
+    if req.get("kind").and_then(Value::as_str) != Some("TokenRequest") {
+        return Err(ApiError::bad_request(
+            "the body of the request must be a TokenRequest (authentication.k8s.io/v1)",
+        ));
+    }
+    let asked = req
+        .pointer("/spec/expirationSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(3600);
+    if asked < 600 {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "TokenRequest.authentication.k8s.io is invalid: spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
+        ));
+    }
+    let valid = if asked == KUBELET_EXPIRY {
+        EXTENDED
+    } else {
+        asked
+    };
+    let now = jiff::Timestamp::now();
+    let pod = req.pointer("/spec/boundObjectRef").and_then(|b| {
+        (b["kind"] == "Pod").then(|| {
+            (
+                b["name"].as_str().unwrap_or("").to_string(),
+                b["uid"].as_str().unwrap_or("").to_string(),
+            )
+        })
+    });
+    let claims = Claims {
+        namespace: sa
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .into(),
+        name: sa
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .into(),
+        uid: sa
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .into(),
+        exp: now.as_second() + valid,
+        pod,
+    };
+    let expires = jiff::Timestamp::from_second(now.as_second() + asked)
+        .unwrap_or(now)
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let mut out = req.clone();
+    out["status"] =
+        serde_json::json!({"token": issue(key, &claims), "expirationTimestamp": expires});
+    if out.get("metadata").is_none() {
+        out["metadata"] = serde_json::json!({});
+    }
+    out["metadata"]["name"] = Value::String(claims.name.clone());
+    out["metadata"]["namespace"] = Value::String(claims.namespace.clone());
+    Ok(out)
+}
+
+/// What a request asks to do, in RBAC's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attributes {
+    pub verb: String,
+    pub group: String,
+    /// The plural, with `/subresource` when there is one.
+    pub resource: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+impl Attributes {
+    pub fn of(method: &axum::http::Method, t: &Target, watch: bool) -> Self {
+        use axum::http::Method;
+        let verb = match *method {
+            Method::GET | Method::HEAD if t.name.is_some() => "get",
+            Method::GET | Method::HEAD if watch => "watch",
+            Method::GET | Method::HEAD => "list",
+            Method::POST => "create",
+            Method::PUT => "update",
+            Method::PATCH => "patch",
+            Method::DELETE if t.name.is_none() => "deletecollection",
+            Method::DELETE => "delete",
+            _ => "get",
+        };
+        let mut resource = t.resource.plural.to_string();
+        if let Some(s) = &t.subresource {
+            resource = format!("{resource}/{s}");
+        }
+        Attributes {
+            verb: verb.into(),
+            group: t.resource.group.into(),
+            resource,
+            namespace: t.namespace.clone(),
+            name: t.name.clone(),
+        }
+    }
+}
+
+fn has(list: &Value, want: &str) -> bool {
+    list.as_array()
+        .is_some_and(|l| l.iter().any(|x| x == "*" || x == want))
+}
+
+/// Whether one PolicyRule allows `a`.
+pub fn rule_allows(rule: &Value, a: &Attributes) -> bool {
+    let names_ok = match rule.get("resourceNames").and_then(Value::as_array) {
+        Some(n) if !n.is_empty() => a.name.as_deref().is_some_and(|x| n.iter().any(|v| v == x)),
+        _ => true,
+    };
+    let resource_ok = has(&rule["resources"], &a.resource)
+        || rule["resources"].as_array().is_some_and(|l| {
+            // "pods/*" covers every subresource of pods.
+            l.iter().any(|r| {
+                r.as_str().is_some_and(|r| {
+                    r.strip_suffix("/*")
+                        .is_some_and(|base| a.resource.starts_with(&format!("{base}/")))
+                })
+            })
+        });
+    has(&rule["verbs"], &a.verb) && has(&rule["apiGroups"], &a.group) && resource_ok && names_ok
+}
+
+/// Whether a binding's subjects include service account `ns/name`.
+fn binds(binding: &Value, ns: &str, name: &str) -> bool {
+    let user = format!("system:serviceaccount:{ns}:{name}");
+    let groups = [
+        "system:serviceaccounts".to_string(),
+        format!("system:serviceaccounts:{ns}"),
+        "system:authenticated".to_string(),
+    ];
+    binding["subjects"].as_array().is_some_and(|subs| {
+        subs.iter().any(|s| match s["kind"].as_str() {
+            Some("ServiceAccount") => {
+                s["name"] == name && s["namespace"].as_str().unwrap_or("") == ns
+            }
+            Some("User") => s["name"] == user.as_str(),
+            Some("Group") => groups.iter().any(|g| s["name"] == g.as_str()),
+            _ => false,
+        })
+    })
+}
+
+async fn list_all(st: &ApiState, plural: &str, ns: Option<&str>) -> Result<Vec<Value>, ApiError> {
+    let r = registry::find("rbac.authorization.k8s.io", "v1", plural)
+        .ok_or_else(|| ApiError::internal(format!("no {plural} resource")))?;
+    let prefix = match ns {
+        Some(ns) => format!("{}{ns}/", r.prefix()),
+        None => r.prefix(),
+    };
+    let mut out = vec![];
+    let mut after: Option<String> = None;
+    loop {
+        let page = st
+            .store
+            .list(&prefix, after.as_deref(), 500)
+            .await
+            .map_err(ApiError::internal)?;
+        for kv in &page.items {
+            if let Ok(v) = serde_json::from_slice::<Value>(&kv.value) {
+                out.push(v);
+            }
+        }
+        if !page.more {
+            break;
+        }
+        after = page.items.last().map(|kv| kv.key.clone());
+    }
+    Ok(out)
+}
+
+async fn role_rules(
+    st: &ApiState,
+    role_ref: &Value,
+    binding_ns: Option<&str>,
+) -> Result<Vec<Value>, ApiError> {
+    let name = role_ref["name"].as_str().unwrap_or("");
+    let (plural, ns) = match role_ref["kind"].as_str() {
+        Some("ClusterRole") => ("clusterroles", None),
+        Some("Role") => ("roles", binding_ns),
+        _ => return Ok(vec![]),
+    };
+    let Some(r) = registry::find("rbac.authorization.k8s.io", "v1", plural) else {
+        return Ok(vec![]);
+    };
+    let kv = st
+        .store
+        .get(&r.key(ns, name))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(kv
+        .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+        .and_then(|v| v["rules"].as_array().cloned())
+        .unwrap_or_default())
+}
+
+/// Whether service account `ns/name` may do `a`, by the bindings in the store.
+pub async fn allows(st: &ApiState, ns: &str, name: &str, a: &Attributes) -> Result<bool, ApiError> {
+    for b in list_all(st, "clusterrolebindings", None).await? {
+        if binds(&b, ns, name)
+            && role_rules(st, &b["roleRef"], None)
+                .await?
+                .iter()
+                .any(|r| rule_allows(r, a))
+        {
+            return Ok(true);
+        }
+    }
+    if let Some(target_ns) = a.namespace.as_deref() {
+        for b in list_all(st, "rolebindings", Some(target_ns)).await? {
+            if binds(&b, ns, name)
+                && role_rules(st, &b["roleRef"], Some(target_ns))
+                    .await?
+                    .iter()
+                    .any(|r| rule_allows(r, a))
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Allows `a` for service account `ns/name`, or answers kube-apiserver's 403.
+pub async fn authorize(
+    st: &ApiState,
+    ns: &str,
+    name: &str,
+    a: &Attributes,
+) -> Result<(), ApiError> {
+    if allows(st, ns, name, a).await? {
+        return Ok(());
+    }
+    let (plural, sub) = a.resource.split_once('/').unwrap_or((&a.resource, ""));
+    let _ = sub;
+    let scope = match &a.namespace {
+        Some(n) => format!("in the namespace \"{n}\""),
+        None => "at the cluster scope".into(),
+    };
+    let what = match &a.name {
+        Some(n) => format!("{plural} \"{n}\" is forbidden"),
+        None => format!("{plural} is forbidden"),
+    };
+    Err(ApiError::new(
+        axum::http::StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!(
+            "{what}: User \"system:serviceaccount:{ns}:{name}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+            a.verb, a.resource, a.group
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tokens_verify_until_they_expire_and_resist_tampering() {
+        let key = signing_key("node-token");
+        let c = Claims {
+            namespace: "kube-system".into(),
+            name: "keelson-proxy".into(),
+            uid: "u1".into(),
+            exp: 2_000,
+            pod: None,
+        };
+        let t = issue(&key, &c);
+        assert_eq!(verify(&key, &t, 1_000), Some(c.clone()));
+        assert_eq!(verify(&key, &t, 2_000), None, "expired");
+        assert_eq!(
+            verify(&signing_key("other"), &t, 1_000),
+            None,
+            "another cluster"
+        );
+        let forged = issue(
+            &key,
+            &Claims {
+                name: "admin".into(),
+                ..c
+            },
+        )
+        .rsplit_once('.')
+        .map(|(b, _)| b.to_string())
+        .unwrap()
+            + "."
+            + t.rsplit_once('.').unwrap().1;
+        assert_eq!(
+            verify(&key, &forged, 1_000),
+            None,
+            "claims swapped under a mac"
+        );
+        assert_eq!(verify(&key, "keelson-sa.x", 0), None);
+    }
+
+    #[test]
+    fn kubelet_tokens_are_extended_and_short_ones_refused() {
+        let key = signing_key("t");
+        let sa = json!({"metadata": {"name": "d", "namespace": "ns", "uid": "u"}});
+        let req = |secs: i64| {
+            json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                   "spec": {"expirationSeconds": secs, "boundObjectRef": {"kind": "Pod", "name": "p", "uid": "pu"}}})
+            .to_string()
+        };
+        let out = token_request(&key, &sa, req(KUBELET_EXPIRY).as_bytes()).unwrap();
+        let token = out["status"]["token"].as_str().unwrap();
+        let now = jiff::Timestamp::now().as_second();
+        let c = verify(&key, token, now + 30 * 24 * 3600).expect("valid for a year");
+        assert_eq!(c.pod, Some(("p".into(), "pu".into())));
+        assert_eq!((c.namespace.as_str(), c.name.as_str()), ("ns", "d"));
+        assert!(token_request(&key, &sa, req(60).as_bytes()).is_err());
+        assert!(token_request(&key, &sa, b"{}").is_err());
+    }
+
+    #[test]
+    fn rules_match_verbs_groups_resources_and_names() {
+        let a = Attributes {
+            verb: "watch".into(),
+            group: "discovery.k8s.io".into(),
+            resource: "endpointslices".into(),
+            namespace: None,
+            name: None,
+        };
+        let rule = json!({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]});
+        assert!(rule_allows(&rule, &a));
+        assert!(!rule_allows(
+            &rule,
+            &Attributes {
+                verb: "delete".into(),
+                ..a.clone()
+            }
+        ));
+        assert!(!rule_allows(
+            &rule,
+            &Attributes {
+                group: "".into(),
+                ..a.clone()
+            }
+        ));
+        let star = json!({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]});
+        assert!(rule_allows(&star, &a));
+        let sub = json!({"apiGroups": [""], "resources": ["pods/*"], "verbs": ["create"]});
+        let exec = Attributes {
+            verb: "create".into(),
+            group: "".into(),
+            resource: "pods/exec".into(),
+            namespace: Some("d".into()),
+            name: Some("p".into()),
+        };
+        assert!(rule_allows(&sub, &exec));
+        let named = json!({"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"], "resourceNames": ["q"]});
+        assert!(!rule_allows(&named, &exec));
+    }
+
+    #[test]
+    fn bindings_name_accounts_users_and_groups() {
+        let b = json!({"subjects": [{"kind": "ServiceAccount", "name": "p", "namespace": "kube-system"}]});
+        assert!(binds(&b, "kube-system", "p"));
+        assert!(!binds(&b, "default", "p"));
+        let g = json!({"subjects": [{"kind": "Group", "name": "system:serviceaccounts:ci"}]});
+        assert!(binds(&g, "ci", "any") && !binds(&g, "other", "any"));
+        let u = json!({"subjects": [{"kind": "User", "name": "system:serviceaccount:a:b"}]});
+        assert!(binds(&u, "a", "b"));
+    }
+}
