@@ -286,6 +286,15 @@ struct AgentArgs {
     /// quarter of it. Keep it above the controller's --node-monitor-grace-period ÷ 1.25.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     node_lease_duration: std::time::Duration,
+    /// Pod networking: the built-in bridge and veths, or standard CNI plugins.
+    #[arg(long, default_value = "builtin", value_parser = ["builtin", "cni"])]
+    network: String,
+    /// CNI network configs (with --network cni): the first *.conflist / *.conf is used.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked up (with --network cni), colon-separated.
+    #[arg(long, default_value = "/usr/lib/cni:/opt/cni/bin")]
+    cni_bin_dir: String,
     /// Close exec, attach and port-forward streams idle for this long (kubelet's default).
     #[arg(long, default_value = "4h", value_parser = parse_duration)]
     streaming_connection_idle_timeout: std::time::Duration,
@@ -689,6 +698,16 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
             let node_name = node_name_or_host(a.node_name)?;
             let proxy = a.proxy.config(&node_name)?;
             let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
+            let cni = (a.network == "cni").then(|| keelson::net::cni::Cni {
+                conf_dir: a.cni_conf_dir.clone(),
+                bin_dirs: a
+                    .cni_bin_dir
+                    .split(':')
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+                    .collect(),
+                cache_dir: a.data_dir.join("cni"),
+            });
             let cfg = AgentConfig {
                 node_name,
                 pod_cidr,
@@ -710,6 +729,7 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                 kubelet_token: a.token_file.clone(),
                 kubelet_port: a.kubelet_port,
                 reserved: a.reserved,
+                cni,
                 node_lease: a.node_lease_duration.max(Duration::from_secs(1)),
                 stream_idle_timeout: a
                     .streaming_connection_idle_timeout

@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub reserved: std::collections::BTreeMap<String, String>,
     /// exec/attach/port-forward streams with no traffic for this long are closed.
     pub stream_idle_timeout: Duration,
+    /// Pod networking through CNI plugins (None: the built-in bridge and veths).
+    pub cni: Option<crate::net::cni::Cni>,
     /// The node Lease's duration; renewed every quarter of it (kubelet: 40 s, every 10 s).
     pub node_lease: Duration,
     /// The service proxy, run in the agent in cluster mode (None: off).

@@ -206,9 +206,16 @@ pub async fn run(
         None => None,
     };
     let ipam = Ipam::new(cfg.pod_cidr, &cfg.ipam_dir())?;
-    net::ensure_bridge(&cfg.bridge, ipam.gateway(), cfg.pod_cidr.prefix_len())
-        .await
-        .context("node bridge")?;
+    match &cfg.cni {
+        // The plugins make the bridge; a broken config is said at start.
+        Some(cni) => {
+            let list = cni.config(cfg.pod_cidr)?;
+            tracing::info!(network = %list["name"], dir = %cni.conf_dir.display(), "pod network through CNI");
+        }
+        None => net::ensure_bridge(&cfg.bridge, ipam.gateway(), cfg.pod_cidr.prefix_len())
+            .await
+            .context("node bridge")?,
+    }
     let ctx = Arc::new(AgentCtx {
         rt: rt.clone(),
         cfg: cfg.clone(),
@@ -468,6 +475,41 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
         }
     }))
     .await;
+    // CNI DEL while the sandbox (and its namespace) still exists.
+    if let Some(cni) = ctx.cfg.cni.clone() {
+        for c in conts
+            .iter()
+            .filter(|c| c.labels.get(labels::KIND).map(String::as_str) == Some("sandbox"))
+        {
+            let pid = match rt.task_state(&c.id).await {
+                Ok(crate::runtime::container::TaskState::Running { pid }) => Some(pid),
+                _ => None,
+            };
+            let (id, cidr) = (c.id.clone(), ctx.cfg.pod_cidr);
+            let ns = c
+                .labels
+                .get(labels::POD_NAMESPACE)
+                .cloned()
+                .unwrap_or_default();
+            let name = c.labels.get(labels::POD_NAME).cloned().unwrap_or_default();
+            let pod_uid = uid.to_string();
+            let cni = cni.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let current = cni.config(cidr).unwrap_or(serde_json::Value::Null);
+                let netns = pid.map(|p| std::path::PathBuf::from(format!("/proc/{p}/ns/net")));
+                let pod = net::cni::PodRef {
+                    namespace: &ns,
+                    name: &name,
+                    uid: &pod_uid,
+                };
+                cni.del(&current, &id, netns.as_deref(), &pod)
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(uid, error = %e, "CNI DEL of an orphaned pod");
+            }
+        }
+    }
     for c in &conts {
         worker::remove_container(rt, &c.id).await;
         let fifo = ctx.cfg.fifo_dir();

@@ -1,6 +1,7 @@
 //! Owns the pod network on this node: the bridge `keelson0`, each pod's veth pair, addresses
 //! and routes, through rtnetlink (no `ip` commands). Never calls containerd or the API server.
 
+pub mod cni;
 pub mod hostgw;
 pub mod ipam;
 pub mod xtables;

@@ -20,7 +20,19 @@ impl PodWorker {
                         .labels
                         .get(labels::POD_STARTED)
                         .and_then(|t| t.parse().ok());
-                    let ip = self.ctx.ipam.owned_by(&self.uid).ok().flatten();
+                    let ip = match &self.ctx.cfg.cni {
+                        // The address from the cached ADD; CHECK that the network is intact.
+                        Some(cni) => {
+                            let pod = self.pod_ref();
+                            let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+                            if let Err(e) = cni.check(&l.id, &netns, &pod) {
+                                tracing::warn!(pod = %self.name, error = %e, "CNI CHECK of an adopted pod");
+                            }
+                            cni.cached(&l.id)
+                                .and_then(|(_, r)| net::cni::first_ipv4(&r))
+                        }
+                        None => self.ctx.ipam.owned_by(&self.uid).ok().flatten(),
+                    };
                     self.sandbox = Some(Sandbox {
                         id: l.id.clone(),
                         pid,

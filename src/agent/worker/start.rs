@@ -26,8 +26,8 @@ impl PodWorker {
         }
         if let Some(sb) = self.sandbox.take() {
             self.unregister(&sb.id);
+            self.net_teardown(&sb.id, Some(sb.pid)).await;
             remove_container(&self.ctx.rt, &sb.id).await;
-            let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
         }
         self.sandbox_dead = false;
     }
@@ -108,6 +108,74 @@ impl PodWorker {
         self.refs = refs;
     }
 
+    pub(super) fn pod_ref(&self) -> net::cni::PodRef<'_> {
+        net::cni::PodRef {
+            namespace: &self.namespace,
+            name: &self.name,
+            uid: &self.uid,
+        }
+    }
+
+    /// CNI ADD for the sandbox `id` whose pause process is `pid`: the pod's address.
+    async fn cni_add(&self, id: &str, pid: u32) -> Result<Option<std::net::Ipv4Addr>, String> {
+        let Some(cni) = self.ctx.cfg.cni.clone() else {
+            return Ok(None);
+        };
+        let cidr = self.ctx.cfg.pod_cidr;
+        let (id, ns, name, uid) = (
+            id.to_string(),
+            self.namespace.clone(),
+            self.name.clone(),
+            self.uid.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let list = cni.config(cidr).map_err(|e| e.to_string())?;
+            let pod = net::cni::PodRef {
+                namespace: &ns,
+                name: &name,
+                uid: &uid,
+            };
+            let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+            cni.add(&list, &id, &netns, &pod)
+                .map(|a| a.ip)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Removes the sandbox's network: CNI DEL, or the built-in veth.
+    pub(super) async fn net_teardown(&self, sandbox_id: &str, pid: Option<u32>) {
+        match self.ctx.cfg.cni.clone() {
+            Some(cni) => {
+                let cidr = self.ctx.cfg.pod_cidr;
+                let (id, ns, name, uid) = (
+                    sandbox_id.to_string(),
+                    self.namespace.clone(),
+                    self.name.clone(),
+                    self.uid.clone(),
+                );
+                let r = tokio::task::spawn_blocking(move || {
+                    let current = cni.config(cidr).unwrap_or(serde_json::Value::Null);
+                    let netns = pid.map(|p| std::path::PathBuf::from(format!("/proc/{p}/ns/net")));
+                    let pod = net::cni::PodRef {
+                        namespace: &ns,
+                        name: &name,
+                        uid: &uid,
+                    };
+                    cni.del(&current, &id, netns.as_deref(), &pod)
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(pod = %self.name, error = %e, "CNI DEL");
+                }
+            }
+            None => {
+                let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
+            }
+        }
+    }
+
     async fn request_token(
         &self,
         client: &kube::Client,
@@ -152,7 +220,9 @@ impl PodWorker {
 
     pub(super) async fn create_sandbox(&mut self) -> Result<(), String> {
         let host_network = spec_of(&self.pod).host_network.unwrap_or(false);
-        let ip = if host_network {
+        // With CNI the plugins' IPAM hands out the address (after the sandbox exists).
+        let cni = self.ctx.cfg.cni.is_some();
+        let ip = if host_network || cni {
             None
         } else {
             Some(
@@ -234,7 +304,27 @@ impl PodWorker {
                 return Err(e.to_string());
             }
         };
-        if let Some(ip) = ip {
+        let mut ip = ip;
+        if cni && !host_network {
+            match self.cni_add(&id, pid).await {
+                Ok(got) => {
+                    ip = got;
+                    // /etc/hosts names the address CNI gave.
+                    if let Some(a) = got {
+                        let hosts = format!(
+                            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{a}\t{}\n",
+                            self.name
+                        );
+                        let _ = std::fs::write(dir.join("etc-hosts"), hosts);
+                    }
+                }
+                Err(e) => {
+                    self.unregister(&id);
+                    remove_container(&self.ctx.rt, &id).await;
+                    return Err(format!("pod network (CNI): {e}"));
+                }
+            }
+        } else if let Some(ip) = ip {
             let pn = net::PodNet {
                 host_veth: net::host_veth_name(&self.uid),
                 ip,

@@ -188,10 +188,13 @@ impl PodWorker {
 
     pub(super) async fn teardown_sandbox(&mut self) {
         if let Some(sb) = self.sandbox.take() {
+            // The network first, while the namespace still exists (CNI DEL wants it).
+            self.net_teardown(&sb.id, Some(sb.pid)).await;
             remove_container(&self.ctx.rt, &sb.id).await;
             self.unregister(&sb.id);
+        } else if self.ctx.cfg.cni.is_none() {
+            let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
         }
-        let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
         if let Err(e) = self.ctx.ipam.release_owner(&self.uid) {
             tracing::warn!(pod = %self.name, error = %e, "releasing pod IP");
         }
