@@ -686,8 +686,12 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                         .context("--ca-file is required with --server")?,
                 }),
                 (None, None) if a.standalone => None,
+                // As a pod (deploy/keelson-agent.yaml): the service account's configuration.
+                (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                    Some(agent::cluster::Join::InCluster)
+                }
                 (None, None) => bail!(
-                    "say how to run: --standalone --manifests DIR, or join a cluster with --kubeconfig FILE or --server URL --token-file FILE --ca-file FILE"
+                    "say how to run: --standalone --manifests DIR, or join a cluster with --kubeconfig FILE or --server URL --token-file FILE --ca-file FILE (as a pod, the in-cluster configuration is used)"
                 ),
             };
             let pod_cidr: ipnet::Ipv4Net = a

@@ -44,7 +44,7 @@ spec:
   - name: main
     image: {BUSYBOX}
     stdin: true
-    command: ["sh", "-c", "echo started; while read l; do echo \"echo:$l\"; done; echo stdin-closed"]
+    command: ["sh", "-c", "echo started; while read l; do [ \"$l\" = quit ] && exit 0; echo \"echo:$l\"; done; echo stdin-closed"]
 ---
 apiVersion: v1
 kind: Pod
@@ -110,12 +110,15 @@ fn with_stdin(c: &Cluster, args: &[&str], input: &[u8]) -> (i32, Vec<u8>, String
 }
 
 fn random(n: usize, seed: u8) -> Vec<u8> {
-    // Deterministic, incompressible enough: a hash chain.
-    let mut out = Vec::with_capacity(n + 32);
-    let mut h = sha2::Sha256::digest([seed]);
+    // Deterministic and incompressible enough (xorshift64*), and fast in a debug build: a
+    // SHA-256 chain took seconds per 10 MiB under load, long enough for a stream to idle out.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(seed).wrapping_mul(0x1000_0000_01B3);
+    let mut out = Vec::with_capacity(n + 8);
     while out.len() < n {
-        out.extend_from_slice(&h);
-        h = sha2::Sha256::digest(h);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
     }
     out.truncate(n);
     out
@@ -125,8 +128,9 @@ fn sha(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
-fn up(hint: &str) -> Cluster {
-    let c = Cluster::up_with(hint, 1, &[], &["--streaming-connection-idle-timeout=6s"]);
+/// A one-node lab with the test pods; `agent_args` for the agent.
+fn up(hint: &str, agent_args: &[&str]) -> Cluster {
+    let c = Cluster::up_with(hint, 1, &[], agent_args);
     c.apply(&pod());
     c.until(90, "box and talker running", || {
         c.jsonpath(
@@ -143,7 +147,8 @@ fn up(hint: &str) -> Cluster {
 
 #[test]
 fn exec_tty_cp_and_errors_with_kubectl() {
-    let c = up("exec");
+    // A short idle timeout to see it close a stream (kubelet's default is 4 h).
+    let c = up("exec", &["--streaming-connection-idle-timeout=6s"]);
 
     // exec: stdout and stderr apart, the exit code becomes kubectl's.
     let o = c.kubectl(&[
@@ -321,15 +326,16 @@ fn exec_tty_cp_and_errors_with_kubectl() {
 
 #[test]
 fn attach_run_and_port_forward_with_kubectl() {
-    let c = up("attach");
+    let c = up("attach", &[]);
 
     // port-forward: four connections at once, 10 MiB each way through an echo server.
+    let payloads: Vec<Vec<u8>> = (0..4u8).map(|i| random(10 << 20, 10 + i)).collect();
     let f = Forward::start(&c, "pod/box", &["9000", "8081"]);
-    let runs: Vec<_> = (0..4u8)
-        .map(|i| {
+    let runs: Vec<_> = payloads
+        .into_iter()
+        .map(|data| {
             let port = f.ports[0];
             std::thread::spawn(move || {
-                let data = random(10 << 20, 10 + i);
                 let back = echo_through(port, data.clone());
                 (sha(&data), sha(&back), back.len())
             })

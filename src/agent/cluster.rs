@@ -41,12 +41,19 @@ pub enum Join {
         token_file: PathBuf,
         ca_file: PathBuf,
     },
+    /// The pod's in-cluster configuration (service account token, CA, KUBERNETES_SERVICE_*),
+    /// when the agent runs as a DaemonSet pod; RBAC decides what it may do.
+    InCluster,
 }
 
 /// A client for the API server, as this node.
 pub async fn client(join: &Join, node: &str) -> anyhow::Result<Client> {
     match join {
         Join::Kubeconfig(p) => crate::control::client_from(p).await,
+        Join::InCluster => {
+            let cfg = kube::Config::incluster().context("in-cluster configuration")?;
+            Ok(Client::try_from(cfg)?)
+        }
         Join::Token {
             server,
             token_file,

@@ -125,6 +125,7 @@ pub(super) async fn run(ws: Ws, pod: String, uid: String, pid: u32, idle: Durati
                     break 'session;
                 }
             };
+            tracing::debug!(%pod, frame = ?frame, "port-forward: SPDY frame from the client");
             match frame {
                 Frame::SynStream { id, headers, .. } => {
                     let _ = out_tx.send(codec.syn_reply(id, 0, &[])).await;
