@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{BUSYBOX, cluster::Cluster};
+use common::cluster::Cluster;
 
 #[test]
 fn pods_are_networked_by_cni_plugins() {
@@ -31,39 +31,7 @@ fn pods_are_networked_by_cni_plugins() {
             &format!("--cni-conf-dir={}", conf_dir.display()),
         ],
     );
-    c.apply(&format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: 4
-  selector:
-    matchLabels: {{app: web}}
-  template:
-    metadata:
-      labels: {{app: web}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: httpd
-        image: {BUSYBOX}
-        command: ["sh", "-c", "echo hello from $(hostname) > /www/index.html; exec httpd -f -p 8080 -h /www"]
-        readinessProbe:
-          tcpSocket: {{port: 8080}}
-          periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  selector: {{app: web}}
-  ports:
-  - port: 80
-    targetPort: 8080
-"#
-    ));
+    c.apply(&common::web(4, Some("ClusterIP")));
     let pods = c.wait_ready("app=web", 4, 120);
     // Addresses from each node's pod CIDR, on the plugins' bridge.
     for (name, node, ip, _) in &pods {

@@ -7,7 +7,7 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use common::{BUSYBOX, cluster::Cluster};
+use common::cluster::Cluster;
 
 /// The debug binary without its debug sections, packed as keelson.local/keelson:0.1.
 fn keelson_image(dir: &Path) -> std::path::PathBuf {
@@ -95,38 +95,7 @@ fn the_proxy_daemonset_runs_with_in_cluster_config() {
     assert!(vols.contains("kube-api-access-"), "{vols}");
 
     // A Service, programmed by the DaemonSet's proxies only.
-    c.apply(&format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: 2
-  selector:
-    matchLabels: {{app: web}}
-  template:
-    metadata:
-      labels: {{app: web}}
-    spec:
-      containers:
-      - name: httpd
-        image: {BUSYBOX}
-        command: ["sh", "-c", "echo hello from $(hostname) > /www/index.html; exec httpd -f -p 8080 -h /www"]
-        readinessProbe:
-          tcpSocket: {{port: 8080}}
-          periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  selector: {{app: web}}
-  ports:
-  - port: 80
-    targetPort: 8080
-"#
-    ));
+    c.apply(&common::web(2, Some("ClusterIP")));
     c.wait_ready("app=web", 2, 90);
     let ip = c.jsonpath(&["get", "service", "web"], "{.spec.clusterIP}");
     c.until(30, "the ClusterIP to answer from node1", || {

@@ -15,29 +15,7 @@ use std::{
 use common::{BUSYBOX, cluster::Cluster};
 
 fn web(replicas: usize) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: web}}
-  template:
-    metadata:
-      labels: {{app: web}}
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-      - name: httpd
-        image: {BUSYBOX}
-        command: ["sh", "-c", "echo hello from $(hostname) > /www/index.html; exec httpd -f -p 8080 -h /www"]
-        readinessProbe:
-          tcpSocket: {{port: 8080}}
-          periodSeconds: 1
-"#
-    )
+    common::web(replicas, None)
 }
 
 #[test]

@@ -143,41 +143,6 @@ impl Drop for Up {
     }
 }
 
-fn web() -> String {
-    r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: 2
-  selector:
-    matchLabels: {app: web}
-  template:
-    metadata:
-      labels: {app: web}
-    spec:
-      containers:
-      - name: httpd
-        image: keelson.local/busybox:1
-        command: ["sh", "-c", "echo hello from $(hostname) > /www/index.html; exec httpd -f -p 8080 -h /www"]
-        readinessProbe:
-          tcpSocket: {port: 8080}
-          periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports:
-  - port: 80
-    targetPort: 8080
-"#
-    .to_string()
-}
-
 #[test]
 fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
     assert!(nix::unistd::geteuid().is_root(), "this test needs root");
@@ -237,7 +202,10 @@ fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("still running"));
 
-    let (ok, _, err) = kubectl(&["apply", "-f", "-"], Some(&web()));
+    let (ok, _, err) = kubectl(
+        &["apply", "-f", "-"],
+        Some(&common::web(2, Some("NodePort"))),
+    );
     assert!(ok, "{err}");
     let (ok, _, err) = kubectl(
         &["rollout", "status", "deployment/web", "--timeout=120s"],

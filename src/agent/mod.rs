@@ -476,7 +476,7 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
     }))
     .await;
     // CNI DEL while the sandbox (and its namespace) still exists.
-    if let Some(cni) = ctx.cfg.cni.clone() {
+    if let Some(cni) = &ctx.cfg.cni {
         for c in conts
             .iter()
             .filter(|c| c.labels.get(labels::KIND).map(String::as_str) == Some("sandbox"))
@@ -485,27 +485,14 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
                 Ok(crate::runtime::container::TaskState::Running { pid }) => Some(pid),
                 _ => None,
             };
-            let (id, cidr) = (c.id.clone(), ctx.cfg.pod_cidr);
-            let ns = c
-                .labels
-                .get(labels::POD_NAMESPACE)
-                .cloned()
-                .unwrap_or_default();
-            let name = c.labels.get(labels::POD_NAME).cloned().unwrap_or_default();
-            let pod_uid = uid.to_string();
-            let cni = cni.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                let current = cni.config(cidr).unwrap_or(serde_json::Value::Null);
-                let netns = pid.map(|p| std::path::PathBuf::from(format!("/proc/{p}/ns/net")));
-                let pod = net::cni::PodRef {
-                    namespace: &ns,
-                    name: &name,
-                    uid: &pod_uid,
-                };
-                cni.del(&current, &id, netns.as_deref(), &pod)
-            })
-            .await;
-            if let Ok(Err(e)) = r {
+            let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
+            let pod = net::cni::PodRef {
+                namespace: label(labels::POD_NAMESPACE),
+                name: label(labels::POD_NAME),
+                uid: uid.to_string(),
+            };
+            let r = cni.detach(ctx.cfg.pod_cidr, &c.id, pid, pod).await;
+            if let Err(e) = r {
                 tracing::warn!(uid, error = %e, "CNI DEL of an orphaned pod");
             }
         }

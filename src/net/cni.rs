@@ -31,6 +31,8 @@ pub enum CniError {
         command: &'static str,
         msg: String,
     },
+    #[error("CNI plugin call: {0}")]
+    Task(String),
     #[error("CNI result cache {path}: {source}")]
     Cache {
         path: PathBuf,
@@ -56,10 +58,15 @@ pub struct Attached {
 
 /// The pod a call is about (CNI_ARGS as kubelet passes them).
 #[derive(Debug, Clone)]
-pub struct PodRef<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
-    pub uid: &'a str,
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// The network namespace of process `pid`.
+fn netns_of(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
 }
 
 impl Cni {
@@ -137,7 +144,7 @@ impl Cni {
         container: &str,
         netns: &str,
         ifname: &str,
-        pod: &PodRef<'_>,
+        pod: &PodRef,
     ) -> Result<Value, CniError> {
         let plugin = conf["type"].as_str().unwrap_or("");
         let bin = self.plugin(plugin)?;
@@ -212,7 +219,7 @@ impl Cni {
         list: &Value,
         container: &str,
         netns: &Path,
-        pod: &PodRef<'_>,
+        pod: &PodRef,
     ) -> Result<Attached, CniError> {
         let ns = netns.to_string_lossy();
         self.exec("ADD", &self.loopback(list), container, &ns, "lo", pod)?;
@@ -245,6 +252,48 @@ impl Cni {
         })
     }
 
+    /// ADD for sandbox `container` whose pause process is `pid`, from async code (the
+    /// plugins are processes): the pod's address.
+    pub async fn attach(
+        &self,
+        pod_cidr: Ipv4Net,
+        container: &str,
+        pid: u32,
+        pod: PodRef,
+    ) -> Result<Option<Ipv4Addr>, CniError> {
+        let (cni, container) = (self.clone(), container.to_string());
+        tokio::task::spawn_blocking(move || {
+            let list = cni.config(pod_cidr)?;
+            cni.add(&list, &container, &netns_of(pid), &pod)
+                .map(|a| a.ip)
+        })
+        .await
+        .map_err(|e| CniError::Task(e.to_string()))?
+    }
+
+    /// DEL for sandbox `container` from async code; `pid` is its pause process if it still
+    /// runs. The current config serves when no ADD result was cached.
+    pub async fn detach(
+        &self,
+        pod_cidr: Ipv4Net,
+        container: &str,
+        pid: Option<u32>,
+        pod: PodRef,
+    ) -> Result<(), CniError> {
+        let (cni, container) = (self.clone(), container.to_string());
+        tokio::task::spawn_blocking(move || {
+            let current = cni.config(pod_cidr).unwrap_or(Value::Null);
+            cni.del(&current, &container, pid.map(netns_of).as_deref(), &pod)
+        })
+        .await
+        .map_err(|e| CniError::Task(e.to_string()))?
+    }
+
+    /// CHECK of sandbox `container` whose pause process is `pid`.
+    pub fn check_pid(&self, container: &str, pid: u32, pod: &PodRef) -> Result<(), CniError> {
+        self.check(container, &netns_of(pid), pod)
+    }
+
     /// The cached ADD (config list, result) of a container, if any.
     pub fn cached(&self, container: &str) -> Option<(Value, Value)> {
         let v: Value =
@@ -257,7 +306,7 @@ impl Cni {
         list: &Value,
         container: &str,
         netns: &str,
-        pod: &PodRef<'_>,
+        pod: &PodRef,
         prev: Option<&Value>,
     ) -> Result<(), CniError> {
         let mut first_err = None;
@@ -280,7 +329,7 @@ impl Cni {
         current: &Value,
         container: &str,
         netns: Option<&Path>,
-        pod: &PodRef<'_>,
+        pod: &PodRef,
     ) -> Result<(), CniError> {
         let (list, prev) = match self.cached(container) {
             Some((l, r)) => (l, Some(r)),
@@ -297,7 +346,7 @@ impl Cni {
 
     /// CHECK every plugin against the cached ADD result (CNI 0.4+): the network is still as
     /// ADD left it.
-    pub fn check(&self, container: &str, netns: &Path, pod: &PodRef<'_>) -> Result<(), CniError> {
+    pub fn check(&self, container: &str, netns: &Path, pod: &PodRef) -> Result<(), CniError> {
         let Some((list, result)) = self.cached(container) else {
             return Err(CniError::Plugin {
                 plugin: "-".into(),

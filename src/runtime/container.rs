@@ -427,7 +427,7 @@ impl Containerd {
                 .wait(req)
                 .await
                 .map(|r| r.into_inner().exit_status)
-                .map_err(Error::rpc("wait"))
+                .map_err(Error::rpc("exec wait"))
         }
     }
 
@@ -515,8 +515,7 @@ impl Containerd {
         let out_path = scratch_dir.join(format!("{exec_id}.out"));
         std::fs::File::create(&out_path).map_err(Error::io("exec output file"))?;
         let out = out_path.to_string_lossy().to_string();
-        let spec = serde_json::to_vec(process).map_err(|e| Error::bad("exec spec", e))?;
-        let res = self.exec_inner(id, &exec_id, spec, &out, timeout).await;
+        let res = self.exec_inner(id, &exec_id, process, &out, timeout).await;
         let mut output = std::fs::read(&out_path).unwrap_or_default();
         output.truncate(max_output);
         let _ = std::fs::remove_file(&out_path);
@@ -532,77 +531,34 @@ impl Containerd {
         &self,
         id: &str,
         exec_id: &str,
-        spec: Vec<u8>,
+        process: &oci_spec::runtime::Process,
         out: &str,
         timeout: Duration,
     ) -> Result<(Option<u32>, bool)> {
-        self.tasks()
-            .exec(self.req(ExecProcessRequest {
-                container_id: id.into(),
-                stdin: String::new(),
-                stdout: out.into(),
-                stderr: out.into(),
-                terminal: false,
-                spec: Some(Any {
-                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
-                    value: spec,
-                }),
-                exec_id: exec_id.into(),
-            }))
-            .await
-            .map_err(Error::rpc("exec"))?;
-        let mut waiter = self.tasks();
-        let wait = waiter.wait(self.req(WaitRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-        }));
-        let started = self
-            .tasks()
-            .start(self.req(StartRequest {
-                container_id: id.into(),
-                exec_id: exec_id.into(),
-            }))
-            .await;
-        let result = match started {
-            Err(source) => Err(Error::Rpc {
-                op: "exec start",
-                source,
-            }),
+        let io = Stdio {
+            stdout: out.into(),
+            stderr: out.into(),
+            ..Default::default()
+        };
+        self.exec_create(id, exec_id, process, &io).await?;
+        let wait = self.wait_process(id, exec_id);
+        let result = match self.exec_start(id, exec_id).await {
+            Err(e) => Err(e),
             Ok(_) => match tokio::time::timeout(timeout, wait).await {
-                Ok(Ok(r)) => Ok((Some(r.into_inner().exit_status), false)),
-                Ok(Err(source)) => Err(Error::Rpc {
-                    op: "exec wait",
-                    source,
-                }),
+                Ok(Ok(code)) => Ok((Some(code), false)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => {
-                    let _ = self
-                        .tasks()
-                        .kill(self.req(KillRequest {
-                            container_id: id.into(),
-                            exec_id: exec_id.into(),
-                            signal: 9,
-                            all: false,
-                        }))
-                        .await;
+                    let _ = self.exec_kill(id, exec_id, 9).await;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
-                        self.tasks().wait(self.req(WaitRequest {
-                            container_id: id.into(),
-                            exec_id: exec_id.into(),
-                        })),
+                        self.wait_process(id, exec_id),
                     )
                     .await;
                     Ok((None, true))
                 }
             },
         };
-        let _ = self
-            .tasks()
-            .delete_process(self.req(DeleteProcessRequest {
-                container_id: id.into(),
-                exec_id: exec_id.into(),
-            }))
-            .await;
+        let _ = self.exec_delete(id, exec_id).await;
         result
     }
 }

@@ -113,6 +113,51 @@ pub fn busybox_archive(dir: &Path) -> PathBuf {
     out
 }
 
+/// A Deployment `web` of busybox httpd pods answering `hello from <pod name>` on 8080, Ready
+/// once they listen; with a Service `web` (port 80, of `service_type`) in front when given.
+pub fn web(replicas: usize, service_type: Option<&str>) -> String {
+    let mut y = format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: httpd
+        image: {BUSYBOX}
+        command: ["sh", "-c", "echo hello from $(hostname) > /www/index.html; exec httpd -f -p 8080 -h /www"]
+        readinessProbe:
+          tcpSocket: {{port: 8080}}
+          periodSeconds: 1
+"#
+    );
+    if let Some(t) = service_type {
+        y += &format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: {t}
+  selector: {{app: web}}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#
+        );
+    }
+    y
+}
+
 /// A private containerd, a node namespace and (optionally) a running agent.
 pub struct Lab {
     pub dir: tempfile::TempDir,

@@ -23,9 +23,7 @@ impl PodWorker {
                     let ip = match &self.ctx.cfg.cni {
                         // The address from the cached ADD; CHECK that the network is intact.
                         Some(cni) => {
-                            let pod = self.pod_ref();
-                            let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-                            if let Err(e) = cni.check(&l.id, &netns, &pod) {
+                            if let Err(e) = cni.check_pid(&l.id, pid, &self.pod_ref()) {
                                 tracing::warn!(pod = %self.name, error = %e, "CNI CHECK of an adopted pod");
                             }
                             cni.cached(&l.id)

@@ -108,65 +108,32 @@ impl PodWorker {
         self.refs = refs;
     }
 
-    pub(super) fn pod_ref(&self) -> net::cni::PodRef<'_> {
+    pub(super) fn pod_ref(&self) -> net::cni::PodRef {
         net::cni::PodRef {
-            namespace: &self.namespace,
-            name: &self.name,
-            uid: &self.uid,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
         }
     }
 
     /// CNI ADD for the sandbox `id` whose pause process is `pid`: the pod's address.
     async fn cni_add(&self, id: &str, pid: u32) -> Result<Option<std::net::Ipv4Addr>, String> {
-        let Some(cni) = self.ctx.cfg.cni.clone() else {
+        let Some(cni) = &self.ctx.cfg.cni else {
             return Ok(None);
         };
-        let cidr = self.ctx.cfg.pod_cidr;
-        let (id, ns, name, uid) = (
-            id.to_string(),
-            self.namespace.clone(),
-            self.name.clone(),
-            self.uid.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            let list = cni.config(cidr).map_err(|e| e.to_string())?;
-            let pod = net::cni::PodRef {
-                namespace: &ns,
-                name: &name,
-                uid: &uid,
-            };
-            let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-            cni.add(&list, &id, &netns, &pod)
-                .map(|a| a.ip)
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        cni.attach(self.ctx.cfg.pod_cidr, id, pid, self.pod_ref())
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Removes the sandbox's network: CNI DEL, or the built-in veth.
     pub(super) async fn net_teardown(&self, sandbox_id: &str, pid: Option<u32>) {
-        match self.ctx.cfg.cni.clone() {
+        match &self.ctx.cfg.cni {
             Some(cni) => {
-                let cidr = self.ctx.cfg.pod_cidr;
-                let (id, ns, name, uid) = (
-                    sandbox_id.to_string(),
-                    self.namespace.clone(),
-                    self.name.clone(),
-                    self.uid.clone(),
-                );
-                let r = tokio::task::spawn_blocking(move || {
-                    let current = cni.config(cidr).unwrap_or(serde_json::Value::Null);
-                    let netns = pid.map(|p| std::path::PathBuf::from(format!("/proc/{p}/ns/net")));
-                    let pod = net::cni::PodRef {
-                        namespace: &ns,
-                        name: &name,
-                        uid: &uid,
-                    };
-                    cni.del(&current, &id, netns.as_deref(), &pod)
-                })
-                .await;
-                if let Ok(Err(e)) = r {
+                let r = cni
+                    .detach(self.ctx.cfg.pod_cidr, sandbox_id, pid, self.pod_ref())
+                    .await;
+                if let Err(e) = r {
                     tracing::warn!(pod = %self.name, error = %e, "CNI DEL");
                 }
             }
