@@ -16,7 +16,7 @@ use std::{
 use common::{
     BUSYBOX,
     cluster::Cluster,
-    floor::{floor_once, pct, pss_kib, rss_kib},
+    floor::{cpu_ticks, floor_once, machine_busy_ticks, pct, pids_named, pss_kib, rss_kib},
 };
 use futures::StreamExt;
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
@@ -31,6 +31,26 @@ fn ready(p: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// CPU ticks so far: the machine, the agents, the server, containerd, and the shims with the
+/// runc processes they waited for (a shim that started since is counted from zero).
+fn cpu_split(c: &Cluster) -> Vec<(&'static str, u64)> {
+    let agents: u64 = c.agent_pids().iter().map(|(_, p)| cpu_ticks(*p)).sum();
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.lab_dir().join("lab.json")).unwrap()).unwrap();
+    let pid = |v: &serde_json::Value| v.as_u64().map_or(0, |p| cpu_ticks(p as u32));
+    let shims: u64 = pids_named("containerd-shim")
+        .into_iter()
+        .map(cpu_ticks)
+        .sum();
+    vec![
+        ("machine", machine_busy_ticks()),
+        ("agents", agents),
+        ("server", pid(&st["server"]["pid"])),
+        ("containerd+shim-start", pid(&st["containerd_pid"])),
+        ("shims+runc", shims),
+    ]
 }
 
 fn main() {
@@ -75,6 +95,7 @@ fn main() {
             }
         }))
         .unwrap();
+        let cpu0 = cpu_split(&c);
         let t0 = Instant::now();
         Api::<Deployment>::namespaced(client, "default")
             .create(&PostParams::default(), &deploy)
@@ -93,9 +114,24 @@ fn main() {
                 done.insert(name, (at - first).as_secs_f64() * 1000.0);
             }
         }
+        let wall = t0.elapsed();
+        let cpu1 = cpu_split(&c);
         println!(
             "cluster apply-to-all-ready pods={pods} nodes={nodes} all_ready_ms={:.0}",
-            t0.elapsed().as_secs_f64() * 1000.0
+            wall.as_secs_f64() * 1000.0
+        );
+        let tick = 100.0; // USER_HZ
+        let d = |i: usize| (cpu1[i].1 - cpu0[i].1) as f64 / tick;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "cluster cpu-during-startup wall_s={:.2} machine_busy_s={:.2} ({:.0}% of {cores} cores) {}",
+            wall.as_secs_f64(),
+            d(0),
+            100.0 * d(0) / (wall.as_secs_f64() * cores),
+            (1..cpu0.len())
+                .map(|i| format!("{}={:.2}s", cpu0[i].0, d(i)))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         w.abort();
         let mut slow: Vec<(&String, &f64)> = done.iter().collect();

@@ -261,10 +261,22 @@ fn main() {
         ix.slice_event(Event::InitDone);
         let t0 = Instant::now();
         let _ = ix.sync();
+        let t_index = t0.elapsed();
         let mut st = nftables::State::new(cidr);
         let _ = st.update(&ix.model);
-        nftables::load(&st.rendered(), false).commit().unwrap();
+        let t_state = t0.elapsed();
+        let batch = nftables::load(&st.rendered(), false);
+        let t_encode = t0.elapsed();
+        batch.commit().unwrap();
         let full_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "proxy-sync services={n} backend=nftables full-sync parts: index_ms={:.0} table_state_ms={:.0} encode_ms={:.0} kernel_ms={:.0}",
+            ms(t_index),
+            ms(t_state - t_index),
+            ms(t_encode - t_state),
+            full_ms - ms(t_encode)
+        );
         // One endpoint of one Service changes: the EndpointSlice event, as the watch gives it.
         // 21 such changes (different Services), to report the median and the worst.
         let mut total = vec![];
@@ -307,10 +319,10 @@ fn main() {
         let mut floor = vec![];
         for k in 0..21u8 {
             let key = vec![99, 0, 0, 0, 0, k, 0, 0];
-            let mut b = keelson::proxy::nft::Batch::new();
+            let mut b = keelson::net::nft::Batch::new();
             b.add_elems(nftables::TABLE, "no-endpoint-nps", &[(key.clone(), None)]);
             b.commit().unwrap();
-            let mut b = keelson::proxy::nft::Batch::new();
+            let mut b = keelson::net::nft::Batch::new();
             b.del_elems(nftables::TABLE, "no-endpoint-nps", &[key]);
             let t0 = Instant::now();
             b.commit().unwrap();

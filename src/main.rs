@@ -276,12 +276,20 @@ struct AgentArgs {
     /// Port of the kubelet API (HTTPS; 0 turns it off).
     #[arg(long, default_value_t = 10250)]
     kubelet_port: u16,
+    /// Authenticate kubelet API callers whose client certificate this CA signed (kubelet's
+    /// flag; the API server presents its kubelet-client certificate). Default as a pod: the
+    /// service account's ca.crt.
+    #[arg(long)]
+    client_ca_file: Option<std::path::PathBuf>,
     /// The service proxy in the agent (cluster mode).
     #[command(flatten)]
     proxy: ProxyFlags,
     /// Resources held back from pods, e.g. cpu=100m,memory=256Mi (allocatable = capacity − this).
     #[arg(long, default_value = "", value_parser = keelson::agent::cluster::parse_reserved)]
     reserved: std::collections::BTreeMap<String, String>,
+    /// Labels for the Node, e.g. node.keelson.dev/extra=true,tier=edge (kubelet's flag).
+    #[arg(long, default_value = "", value_parser = keelson::agent::cluster::parse_node_labels)]
+    node_labels: std::collections::BTreeMap<String, String>,
     /// The node Lease's duration (kubelet's nodeLeaseDurationSeconds); it is renewed every
     /// quarter of it. Keep it above the controller's --node-monitor-grace-period ÷ 1.25.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
@@ -463,6 +471,10 @@ enum ImageCmd {
         output: PathBuf,
     },
 }
+
+/// The service account's CA in a pod (the cluster CA, which signed the API server's
+/// kubelet-client certificate).
+const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -694,6 +706,11 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                     "say how to run: --standalone --manifests DIR, or join a cluster with --kubeconfig FILE or --server URL --token-file FILE --ca-file FILE (as a pod, the in-cluster configuration is used)"
                 ),
             };
+            let client_ca_file = a.client_ca_file.clone().or_else(|| {
+                matches!(join, Some(agent::cluster::Join::InCluster))
+                    .then(|| std::path::PathBuf::from(IN_CLUSTER_CA))
+                    .filter(|p| p.exists())
+            });
             let pod_cidr: ipnet::Ipv4Net = a
                 .pod_cidr
                 .parse()
@@ -732,7 +749,9 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                 join,
                 kubelet_token: a.token_file.clone(),
                 kubelet_port: a.kubelet_port,
+                client_ca_file,
                 reserved: a.reserved,
+                node_labels: a.node_labels,
                 cni,
                 node_lease: a.node_lease_duration.max(Duration::from_secs(1)),
                 stream_idle_timeout: a

@@ -11,18 +11,60 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A server configuration serving `cert_pem` (chain) with `key_pem`.
-pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<rustls::ServerConfig> {
+fn cert_and_key(
+    cert_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<(
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
         .collect::<Result<_, _>>()
-        .context("serving certificate")?;
+        .context("certificate")?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .context("serving key")?
-        .context("no private key in the serving key file")?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .context("private key")?
+        .context("no private key in the key file")?;
+    Ok((certs, key))
+}
+
+/// Set on each request of a connection whose client presented a certificate that chains to
+/// the server's client CA (`server_config`'s `client_ca`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCertVerified;
+
+/// A server configuration serving `cert_pem` (chain) with `key_pem`. With `client_ca` (PEM),
+/// clients may present a certificate, which must chain to it (requests of such connections
+/// carry `ClientCertVerified`); clients without one are still served.
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca: Option<&str>,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let (certs, key) = cert_and_key(cert_pem, key_pem).context("serving certificate")?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_no_client_auth()
+        .context("TLS versions")?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                roots
+                    .add(c.context("client CA certificate")?)
+                    .context("client CA certificate")?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "no certificate in the client CA file");
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .context("client certificate verifier")?;
+            builder.with_client_cert_verifier(v)
+        }
+    };
+    let mut cfg = builder
         .with_single_cert(certs, key)
         .context("TLS certificate")?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -58,7 +100,22 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
+            // rustls verified any certificate the client presented against the client CA.
+            let verified = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
+            let svc = tower::ServiceExt::map_request(
+                app,
+                move |mut r: hyper::Request<hyper::body::Incoming>| {
+                    if verified {
+                        r.extensions_mut().insert(ClientCertVerified);
+                    }
+                    r
+                },
+            );
+            let svc = hyper_util::service::TowerToHyperService::new(svc);
             let io = hyper_util::rt::TokioIo::new(tls);
             if let Err(e) =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -120,17 +177,32 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-/// An HTTP/1.1 connection over TLS to `addr` (a kubelet: its self-signed certificate is not
-/// checked), able to carry one upgraded request.
-pub async fn connect(
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<hyper::client::conn::http1::SendRequest<axum::body::Body>> {
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+/// The client configuration for calls to kubelets: their self-signed certificates are not
+/// checked; `identity` (certificate and key PEM) is presented when given.
+pub fn kubelet_client_config(
+    identity: Option<(&str, &str)>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let b = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS versions")?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(AnyCert));
+    Ok(Arc::new(match identity {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => {
+            let (certs, key) = cert_and_key(cert, key).context("kubelet client certificate")?;
+            b.with_client_auth_cert(certs, key)
+                .context("kubelet client certificate")?
+        }
+    }))
+}
+
+/// An HTTP/1.1 connection over TLS to `addr` (a kubelet) with `cfg`
+/// (`kubelet_client_config`), able to carry one upgraded request.
+pub async fn connect(
+    addr: std::net::SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<axum::body::Body>> {
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         tokio::net::TcpStream::connect(addr),
@@ -140,7 +212,7 @@ pub async fn connect(
     .with_context(|| format!("connecting to {addr}"))?;
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
         .connect(name, tcp)
         .await
         .with_context(|| format!("TLS to {addr}"))?;
@@ -153,13 +225,15 @@ pub async fn connect(
     Ok(send)
 }
 
-/// `GET https://addr/path_and_query` with a bearer token; the response streams.
+/// `GET https://addr/path_and_query` with a bearer token (and `cfg`'s client certificate);
+/// the response streams.
 pub async fn get(
     addr: std::net::SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
     path_and_query: &str,
     bearer: &str,
 ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
-    let mut send = connect(addr).await?;
+    let mut send = connect(addr, cfg).await?;
     let req = hyper::Request::get(path_and_query)
         .header("host", addr.to_string())
         .header("authorization", format!("Bearer {bearer}"))

@@ -447,7 +447,7 @@ pub async fn down(a: DownArgs) -> anyhow::Result<()> {
     if let Err(e) = keelson::proxy::cleanup() {
         step(format!("service proxy rules: {e:#}"));
     }
-    if let Err(e) = keelson::net::hostgw::cleanup().await {
+    if let Err(e) = keelson::net::hostgw::cleanup("keelson0").await {
         step(format!("routes and chains: {e:#}"));
     }
     if let Err(e) = keelson::net::delete_link("keelson0").await {

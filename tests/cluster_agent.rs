@@ -35,12 +35,17 @@ fn ok(lab: &Lab, args: &[&str]) -> String {
     let o = kubectl(lab, args);
     assert!(
         o.status.success(),
-        "kubectl {args:?}: {}{}\nagent log tail:\n{}",
+        "kubectl {args:?}: {}{}\nagent log tail:\n{}\nserver log tail:\n{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
-        tail(&lab.agent_log())
+        tail(&lab.agent_log()),
+        tail(&server_log(lab))
     );
     String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn server_log(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.dir.path().join("server/server.log")).unwrap_or_default()
 }
 
 fn tail(s: &str) -> String {
@@ -53,8 +58,9 @@ fn until(lab: &Lab, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(
             t0.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}\nagent log tail:\n{}",
-            tail(&lab.agent_log())
+            "timed out waiting for {what}\nagent log tail:\n{}\nserver log tail:\n{}",
+            tail(&lab.agent_log()),
+            tail(&server_log(lab))
         );
         std::thread::sleep(Duration::from_millis(200));
     }

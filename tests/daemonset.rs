@@ -3,6 +3,12 @@
 //! configuration (its service account's projected token, the cluster CA, the namespace), RBAC
 //! lets it read exactly Services and EndpointSlices, and it programs the node so that a
 //! Service's ClusterIP answers.
+//!
+//! deploy/keelson-agent.yaml in a lab: the agent pod beside node1's agent registers
+//! `node1-keelson` with the in-cluster configuration and runs a pod bound to it on its own
+//! containerd namespace and bridge; the pod answers across nodes and through a Service, and
+//! `kubectl logs`/`exec` reach it through the extra kubelet API with the API server's client
+//! certificate.
 mod common;
 
 use std::{path::Path, process::Command};
@@ -38,9 +44,8 @@ fn keelson_image(dir: &Path) -> std::path::PathBuf {
     ar
 }
 
-#[test]
-fn the_proxy_daemonset_runs_with_in_cluster_config() {
-    let c = Cluster::up_with("ds", 2, &[], &["--proxy-mode=none"]);
+/// Imports keelson's image into every node's containerd namespace.
+fn import_keelson(c: &Cluster) {
     let ar = keelson_image(c.dir.path());
     let sock = c.lab_dir().join("containerd/containerd.sock");
     for n in &c.nodes {
@@ -57,6 +62,12 @@ fn the_proxy_daemonset_runs_with_in_cluster_config() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+}
+
+#[test]
+fn the_proxy_daemonset_runs_with_in_cluster_config() {
+    let c = Cluster::up_with("ds", 2, &[], &["--proxy-mode=none"]);
+    import_keelson(&c);
 
     let manifest = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keelson-proxy.yaml"),
@@ -164,4 +175,202 @@ fn the_proxy_daemonset_runs_with_in_cluster_config() {
     );
     let o = as_proxy(&["-n", "kube-system", "delete", "service", "kube-dns"]);
     assert!(!o.status.success());
+}
+
+#[test]
+fn the_agent_daemonset_runs_an_extra_node() {
+    let c = Cluster::up("dsa", 2, &[]);
+    import_keelson(&c);
+    // The extra agent's host paths live in the test's directory; its data directory carries
+    // the busybox image, imported at start into its containerd namespace.
+    let sock = c.lab_dir().join("containerd/containerd.sock");
+    let data = c.dir.path().join("extra-data");
+    let logs = c.dir.path().join("extra-logs");
+    std::fs::create_dir_all(data.join("images")).unwrap();
+    std::fs::copy(
+        c.dir.path().join("images/busybox.tar"),
+        data.join("images/busybox.tar"),
+    )
+    .unwrap();
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keelson-agent.yaml"),
+    )
+    .unwrap()
+    .replace("/run/containerd/containerd.sock", sock.to_str().unwrap())
+    .replace("/var/lib/keelson-x", data.to_str().unwrap())
+    .replace("/var/log/pods", logs.to_str().unwrap());
+    c.apply(&manifest);
+    // One extra node, beside node1.
+    let patch = format!(
+        r#"{{"spec":{{"template":{{"spec":{{"nodeSelector":{{"kubernetes.io/hostname":"{}"}}}}}}}}}}"#,
+        c.nodes[0]
+    );
+    c.ok(&[
+        "-n",
+        "kube-system",
+        "patch",
+        "daemonset",
+        "keelson-agent",
+        "--type=merge",
+        "-p",
+        &patch,
+    ]);
+    let extra = format!("{}-keelson", c.nodes[0]);
+    c.until(120, "the extra node to be Ready", || {
+        let o = c.kubectl(&[
+            "get",
+            "node",
+            &extra,
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+        ]);
+        o.status.success() && String::from_utf8_lossy(&o.stdout) == "True"
+    });
+    let node1_ip = c.jsonpath(
+        &["get", "node", &c.nodes[0]],
+        r#"{.status.addresses[?(@.type=="InternalIP")].address}"#,
+    );
+    assert_eq!(
+        c.jsonpath(
+            &["get", "node", &extra],
+            r#"{.status.addresses[?(@.type=="InternalIP")].address}"#,
+        ),
+        node1_ip,
+        "the extra node has its host's address"
+    );
+    assert_eq!(
+        c.jsonpath(
+            &["get", "node", &extra],
+            r#"{.metadata.labels.node\.keelson\.dev/extra}"#
+        ),
+        "true"
+    );
+    let cidr = c.jsonpath(&["get", "node", &extra], "{.spec.podCIDR}");
+    assert!(!cidr.is_empty(), "the extra node got a pod CIDR");
+    // The DaemonSet avoids the extra node (no agent for the agent), and its pod is ready.
+    c.until(60, "the agent DaemonSet ready on node1 only", || {
+        c.jsonpath(
+            &["-n", "kube-system", "get", "daemonset", "keelson-agent"],
+            "{.status.numberReady}/{.status.desiredNumberScheduled}",
+        ) == "1/1"
+    });
+
+    // A pod bound to the extra node, and a Service in front of it.
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: extra
+  labels: {{app: extra}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: {extra}}}
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: httpd
+    image: {busybox}
+    command: ["sh", "-c", "echo hello from $(hostname) > /www/index.html; echo serving; exec httpd -f -p 8080 -h /www"]
+    readinessProbe:
+      tcpSocket: {{port: 8080}}
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: extra
+spec:
+  selector: {{app: extra}}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#,
+        busybox = common::BUSYBOX
+    ));
+    c.wait_ready("app=extra", 1, 90);
+    let pod_ip = c.jsonpath(&["get", "pod", "extra"], "{.status.podIP}");
+    let net: ipnet::Ipv4Net = cidr.parse().unwrap();
+    assert!(
+        net.contains(&pod_ip.parse::<std::net::Ipv4Addr>().unwrap()),
+        "{pod_ip} in {cidr}"
+    );
+    // node2 routes the extra node's CIDR via node1; node1 has it on the extra bridge.
+    let routes = |n: &str| {
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-n", n, "route", "show"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string()
+    };
+    assert!(
+        routes(&c.nodes[1]).contains(&format!("{cidr} via {node1_ip}")),
+        "{}",
+        routes(&c.nodes[1])
+    );
+    let r1 = routes(&c.nodes[0]);
+    assert!(r1.contains(&format!("{cidr} dev keelson-x0")), "{r1}");
+    assert_eq!(
+        r1.matches("10.96.0.0/12").count(),
+        1,
+        "one Service route: {r1}"
+    );
+    let svc = c.jsonpath(&["get", "service", "extra"], "{.spec.clusterIP}");
+    for to in [format!("{pod_ip}:8080"), svc] {
+        c.until(30, &format!("{to} to answer from node2"), || {
+            let o = c.node_exec(
+                &c.nodes[1],
+                &[
+                    "timeout",
+                    "3",
+                    "/bin/busybox",
+                    "wget",
+                    "-qO-",
+                    &format!("http://{to}/"),
+                ],
+            );
+            String::from_utf8_lossy(&o.stdout).starts_with("hello from extra")
+        });
+    }
+    // The extra kubelet API, reached with the API server's client certificate.
+    assert!(c.ok(&["logs", "extra"]).contains("serving"));
+    assert_eq!(
+        c.ok(&["exec", "extra", "--", "cat", "/www/index.html"])
+            .trim(),
+        "hello from extra"
+    );
+    // Without a credential the extra kubelet API answers only /healthz.
+    let o = c.node_exec(
+        &c.nodes[1],
+        &[
+            "timeout",
+            "5",
+            "curl",
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{node1_ip}:10251/pods"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+
+    // Deleted, the pod goes (the extra agent finishes the delete), and so does its container.
+    c.ok(&["delete", "pod", "extra", "--wait=true", "--timeout=60s"]);
+    c.ok(&["-n", "kube-system", "delete", "daemonset", "keelson-agent"]);
+    c.until(60, "the agent pod to go", || {
+        c.ok(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=keelson-agent",
+            "-o",
+            "name",
+        ])
+        .trim()
+        .is_empty()
+    });
 }

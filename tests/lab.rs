@@ -39,26 +39,25 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
     )
     .to_string();
     assert!(routes.contains("10.96.0.0/12 dev keelson0"), "{routes}");
-    let filter = String::from_utf8_lossy(
+    let rules = String::from_utf8_lossy(
         &Command::new("ip")
             .args([
                 "netns",
                 "exec",
                 &c.nodes[0],
-                "iptables-save",
-                "-t",
-                "filter",
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "keelson-node-keelson0",
             ])
             .output()
             .unwrap()
             .stdout,
     )
     .to_string();
-    assert!(
-        filter.contains("-A FORWARD -j KEELSON-SERVICES"),
-        "{filter}"
-    );
-    assert!(filter.contains("-d 10.96.0.0/12"), "{filter}");
+    assert!(rules.contains("ip daddr 10.96.0.0/12 reject"), "{rules}");
+    assert!(rules.contains(" masquerade"), "{rules}");
     assert_eq!(routes.matches(" via 10.250.0.").count(), 2, "{routes}");
 
     // A pod on node1 fetches from every web pod (two of three nodes are remote).

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::in_netns as in_ns;
 
-use keelson::proxy::nft::{
+use keelson::net::nft::{
     Batch, DATA_VERDICT, Data, Expr, HOOK_OUTPUT, REG_1, REG_2, REG32_00, TYPE_INET_PROTOCOL,
     TYPE_INET_SERVICE, TYPE_IPADDR, VERDICT_GOTO, concat_type, load_vip_key, vip_key,
 };
@@ -552,4 +552,73 @@ fn conntrack_entries_of_one_endpoint_are_deleted() {
         "only 5353's flows are gone"
     );
     drop(listeners);
+}
+
+/// The agent's node rules (host-gw masquerade and the Service-range reject) through nf_tables:
+/// installed twice they read the same, an untranslated Service address is refused at once,
+/// and `cleanup` removes the table.
+#[test]
+fn node_masquerade_and_reject_rules() {
+    use keelson::net::hostgw;
+    let ns = Ns::new("nftn");
+    ns.veth(&[("v0", "10.201.0.1/24")]);
+    ns.service_route();
+    let list = || {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "keelson-node-kt0",
+            ])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let install = || {
+        in_ns(&ns.0, || {
+            hostgw::ensure_masquerade(
+                "kt0",
+                "10.244.1.0/24".parse().unwrap(),
+                "10.244.0.0/16".parse().unwrap(),
+                Some("10.96.0.0/12".parse().unwrap()),
+            )
+        })
+        .unwrap()
+    };
+    assert_eq!(install(), hostgw::Filter::Nftables);
+    let (ok, first) = list();
+    assert!(ok, "{first}");
+    for want in [
+        "type nat hook postrouting priority srcnat",
+        "ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return",
+        "ip saddr 10.244.1.0/24 masquerade",
+        "type filter hook forward priority filter",
+        "type filter hook output priority filter",
+        "ip daddr 10.96.0.0/12 reject",
+    ] {
+        assert!(first.contains(want), "{want:?} missing from\n{first}");
+    }
+    assert_eq!(first.matches("reject").count(), 2, "{first}");
+    install();
+    assert_eq!(list().1, first, "a second install changes nothing");
+    // Nothing translates 10.96.0.10: refused at once, not left to time out.
+    let e = connect(&ns.0, "10.96.0.10:80").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    in_ns(&ns.0, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(hostgw::cleanup("kt0"))
+    })
+    .unwrap();
+    assert!(!list().0, "table removed");
 }

@@ -949,7 +949,9 @@ pub fn runtime_config(
         .and_then(|q| quantity::millicores(&q.0))
         .or(cpu_limit);
     let ns = |kind: &str| Ns::Join(format!("/proc/{}/ns/{kind}", sb.pause_pid));
-    let share_pid = spec.share_process_namespace.unwrap_or(false);
+    // hostPID: the sandbox joined the node's PID namespace, so joining the sandbox's joins the
+    // node's (as with shareProcessNamespace, which shares the sandbox's own).
+    let share_pid = spec.share_process_namespace.unwrap_or(false) || spec.host_pid.unwrap_or(false);
     Ok(RuntimeConfig {
         process,
         hostname: if sb.host_network {

@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -171,6 +172,41 @@ pub fn parse_reserved(s: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(m)
 }
 
+/// Parses `--node-labels` (kubelet's flag): `key=value` pairs, comma-separated, each a valid
+/// label (an optional DNS-subdomain prefix and `/`, a name of up to 63 characters; a value of
+/// up to 63 characters, possibly empty).
+pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    fn name_ok(n: &str) -> bool {
+        n.len() <= 63
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && n.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+    }
+    let mut m = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--node-labels {part:?}: expected KEY=VALUE"))?;
+        let (prefix, name) = match k.split_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, k),
+        };
+        if !name_ok(name) || prefix.is_some_and(|p| !super::validate::is_dns1123_subdomain(p)) {
+            return Err(format!(
+                "--node-labels {k:?}: not a valid label key (an optional DNS subdomain and '/', then up to 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric)"
+            ));
+        }
+        if !v.is_empty() && !name_ok(v) {
+            return Err(format!(
+                "--node-labels {k}={v:?}: not a valid label value (up to 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric)"
+            ));
+        }
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
 /// The node's status as the agent reports it.
 pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Value {
     let cpus = std::thread::available_parallelism()
@@ -227,7 +263,10 @@ pub async fn register(
     let api: Api<Node> = Api::all(client.clone());
     let name = &cfg.node_name;
     let status = node_status(cfg, runtime_version);
-    let labels = json!({"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": arch()});
+    let mut labels = json!({"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": arch()});
+    for (k, v) in &cfg.node_labels {
+        labels[k] = json!(v);
+    }
     match api
         .get_opt(name)
         .await
@@ -514,10 +553,13 @@ impl Default for Mirrors {
 }
 
 /// The routes this node wants: every other node's pod CIDR via its InternalIP, and the
-/// Service range onto the node bridge `bridge` (see `net::hostgw`).
+/// Service range onto the node bridge `bridge` (see `net::hostgw`). A Node whose InternalIP is
+/// this node's own address is another agent on the same host (keelson's agent DaemonSet
+/// beside a node's agent): its pod CIDR is on its own bridge here, so no route.
 pub fn wanted_routes(
     nodes: &[Arc<Node>],
     me: &str,
+    my_ip: Ipv4Addr,
     service_cidr: Option<Ipv4Net>,
     bridge: Option<u32>,
 ) -> Vec<Route> {
@@ -537,7 +579,7 @@ pub fn wanted_routes(
                 .address
                 .parse()
                 .ok()?;
-            Some(Route {
+            (gw != my_ip).then_some(Route {
                 dst: dst.trunc(),
                 via: Via::Gateway(gw),
             })
@@ -564,10 +606,26 @@ pub fn network(client: &Client, cfg: &AgentConfig) {
         let _ = nodes.store.wait_until_ready().await;
         let mut installed: Option<Vec<Route>> = None;
         let mut masq_ok = false;
+        let mut filter = None;
         loop {
             if !masq_ok {
-                match hostgw::ensure_masquerade(cfg.pod_cidr, cfg.cluster_cidr, cfg.service_cidr) {
-                    Ok(()) => masq_ok = true,
+                match hostgw::ensure_masquerade(
+                    &cfg.bridge,
+                    cfg.pod_cidr,
+                    cfg.cluster_cidr,
+                    cfg.service_cidr,
+                ) {
+                    Ok(f) => {
+                        if filter != Some(f) {
+                            tracing::info!(filter = ?f, "node masquerade and Service reject rules");
+                            if f == hostgw::Filter::Nftables {
+                                // Left by an earlier version that used iptables.
+                                hostgw::remove_iptables_rules();
+                            }
+                            filter = Some(f);
+                        }
+                        masq_ok = true
+                    }
                     Err(e) => tracing::warn!(error = %e, "masquerade rules"),
                 }
             }
@@ -575,6 +633,7 @@ pub fn network(client: &Client, cfg: &AgentConfig) {
             let wanted = wanted_routes(
                 &nodes.store.state(),
                 &cfg.node_name,
+                cfg.node_ip,
                 cfg.service_cidr,
                 bridge,
             );
@@ -600,6 +659,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn routes_skip_nodes_at_this_address() {
+        let node = |name: &str, cidr: &str, ip: &str| {
+            Arc::new(
+                serde_json::from_value::<Node>(serde_json::json!({
+                    "metadata": {"name": name},
+                    "spec": {"podCIDR": cidr},
+                    "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+                }))
+                .unwrap(),
+            )
+        };
+        let nodes = [
+            node("n1", "10.244.0.0/24", "10.250.0.11"),
+            node("n2", "10.244.1.0/24", "10.250.0.12"),
+            // The agent DaemonSet's extra node beside n1.
+            node("n1-keelson", "10.244.2.0/24", "10.250.0.11"),
+        ];
+        let me: Ipv4Addr = "10.250.0.11".parse().unwrap();
+        let svc = Some("10.96.0.0/12".parse().unwrap());
+        for name in ["n1", "n1-keelson"] {
+            let r = wanted_routes(&nodes, name, me, svc, Some(7));
+            assert_eq!(
+                r,
+                vec![
+                    Route {
+                        dst: "10.96.0.0/12".parse().unwrap(),
+                        via: Via::Dev(7)
+                    },
+                    Route {
+                        dst: "10.244.1.0/24".parse().unwrap(),
+                        via: Via::Gateway("10.250.0.12".parse().unwrap())
+                    },
+                ],
+                "{name}"
+            );
+        }
+        // Both agents' Service routes are one route: neither replaces the other's.
+        let theirs = wanted_routes(&nodes, "n1-keelson", me, svc, Some(9));
+        assert!(r_same(
+            &theirs,
+            &wanted_routes(&nodes, "n1", me, svc, Some(7))
+        ));
+        let n2 = wanted_routes(&nodes, "n2", "10.250.0.12".parse().unwrap(), svc, None);
+        assert_eq!(n2.len(), 2, "{n2:?}");
+    }
+
+    fn r_same(a: &[Route], b: &[Route]) -> bool {
+        a.len() == b.len() && a.iter().all(|x| b.iter().any(|y| x.same(y)))
+    }
+
+    #[test]
     fn allocatable_is_capacity_minus_reserved() {
         let cap: BTreeMap<&str, String> = [
             ("cpu", "2".to_string()),
@@ -622,5 +732,12 @@ mod tests {
                 .contains("not a quantity")
         );
         assert!(parse_reserved("").unwrap().is_empty());
+        let l = parse_node_labels("node.keelson.dev/extra=true, tier=").unwrap();
+        assert_eq!(l["node.keelson.dev/extra"], "true");
+        assert_eq!(l["tier"], "");
+        for bad in ["a", "-a=b", "a=b c", "Bad_Prefix/x=y", "x=-y"] {
+            let e = parse_node_labels(bad).unwrap_err();
+            assert!(e.contains("--node-labels"), "{bad}: {e}");
+        }
     }
 }

@@ -27,8 +27,13 @@ pub struct AgentConfig {
     pub kubelet_token: Option<PathBuf>,
     /// Port of the kubelet API (0: off).
     pub kubelet_port: u16,
+    /// Callers of the kubelet API with a certificate signed by this CA are authenticated
+    /// (kubelet's `--client-ca-file`).
+    pub client_ca_file: Option<PathBuf>,
     /// Resources held back from pods (allocatable = capacity − reserved).
     pub reserved: std::collections::BTreeMap<String, String>,
+    /// Labels added to the Node when it registers (kubelet's --node-labels).
+    pub node_labels: std::collections::BTreeMap<String, String>,
     /// exec/attach/port-forward streams with no traffic for this long are closed.
     pub stream_idle_timeout: Duration,
     /// Pod networking through CNI plugins (None: the built-in bridge and veths).

@@ -1,7 +1,9 @@
 //! The kubelet API: HTTPS on port 10250 (`--kubelet-port`) with kubelet's paths — `/healthz`,
-//! `/pods`, `/containerLogs/NS/POD/CONTAINER`, `/metrics` — for callers that present the API
-//! server's kubelet-client credential (derived from the node token). The serving certificate is
-//! self-signed for the node's name and address, made at start.
+//! `/pods`, `/containerLogs/NS/POD/CONTAINER`, `/metrics`, exec/attach/port-forward — for
+//! callers that present a client certificate signed by `--client-ca-file` (the API server's
+//! kubelet-client certificate, as kubelet's x509 authentication) or the API server's
+//! kubelet-client bearer credential (derived from the node token). `/healthz` needs neither.
+//! The serving certificate is self-signed for the node's name and address, made at start.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -16,17 +18,23 @@ use axum::{
 
 use super::AgentCtx;
 
-async fn auth(State(cred): State<Arc<String>>, req: Request, next: Next) -> Response {
+async fn auth(State(cred): State<Arc<Option<String>>>, req: Request, next: Next) -> Response {
     // Liveness checks of the agent (a DaemonSet's probe) carry no credential.
     if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
-    let ok = req
-        .headers()
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .is_some_and(|t| crate::api::constant_time_eq(t.trim().as_bytes(), cred.as_bytes()));
+    let cert = req
+        .extensions()
+        .get::<crate::tls::ClientCertVerified>()
+        .is_some();
+    let bearer = cred.as_deref().is_some_and(|cred| {
+        req.headers()
+            .get("authorization")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .is_some_and(|t| crate::api::constant_time_eq(t.trim().as_bytes(), cred.as_bytes()))
+    });
+    let ok = cert || bearer;
     if ok {
         next.run(req).await
     } else {
@@ -67,12 +75,23 @@ fn metrics(ctx: &AgentCtx) -> String {
     )
 }
 
-/// Serves the kubelet API on `port` (all addresses of the agent's network namespace).
-pub async fn start(ctx: Arc<AgentCtx>, port: u16, credential: String) -> anyhow::Result<()> {
+/// Serves the kubelet API on `port` (all addresses of the agent's network namespace) to
+/// callers with a certificate from `client_ca` (PEM) or the bearer `credential`.
+pub async fn start(
+    ctx: Arc<AgentCtx>,
+    port: u16,
+    credential: Option<String>,
+    client_ca: Option<String>,
+) -> anyhow::Result<()> {
     let mut names = vec![ctx.cfg.node_name.clone()];
     names.push(ctx.cfg.node_ip.to_string());
     let cert = rcgen::generate_simple_self_signed(names).context("kubelet serving certificate")?;
-    let tls = crate::tls::server_config(&cert.cert.pem(), &cert.signing_key.serialize_pem())?;
+    let tls = crate::tls::server_config(
+        &cert.cert.pem(),
+        &cert.signing_key.serialize_pem(),
+        client_ca.as_deref(),
+    )
+    .context("--client-ca-file")?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
         .await
         .with_context(|| format!("kubelet API on port {port}"))?;

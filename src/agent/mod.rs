@@ -245,16 +245,27 @@ pub async fn run(
             });
         }
         cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
-        match (&cfg.kubelet_token, cfg.kubelet_port) {
-            (Some(f), port) if port > 0 => {
-                let token = std::fs::read_to_string(f)
-                    .with_context(|| format!("reading the node token {}", f.display()))?;
-                let cred = crate::api::authz::kubelet_client_credential(&token);
-                kubelet_api::start(ctx.clone(), port, cred).await?;
+        if cfg.kubelet_port > 0 {
+            let cred = match &cfg.kubelet_token {
+                Some(f) => Some(crate::api::authz::kubelet_client_credential(
+                    &std::fs::read_to_string(f)
+                        .with_context(|| format!("reading the node token {}", f.display()))?,
+                )),
+                None => None,
+            };
+            let ca = match &cfg.client_ca_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading --client-ca-file {}", f.display()))?,
+                ),
+                None => None,
+            };
+            if cred.is_none() && ca.is_none() {
+                tracing::warn!(
+                    "neither a node token (--token-file) nor --client-ca-file: the kubelet API serves only /healthz, so `kubectl logs` and `exec` cannot reach this node"
+                );
             }
-            _ => tracing::warn!(
-                "no node token (--token-file): the kubelet API is off, so `kubectl logs` cannot reach this node"
-            ),
+            kubelet_api::start(ctx.clone(), cfg.kubelet_port, cred, ca).await?;
         }
     }
     let mut api_changed = cluster.as_ref().map(|(_, p)| p.changed.clone());

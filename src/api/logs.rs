@@ -64,7 +64,7 @@ pub(super) async fn proxy(
         passed.join("&")
     );
     let cred = super::authz::kubelet_client_credential(&st.node_token);
-    let resp = crate::tls::get(addr, &path, &cred)
+    let resp = crate::tls::get(addr, &st.kubelet_tls, &path, &cred)
         .await
         .map_err(|e| kubelet_unreachable(addr, &path, &e))?;
     let code = resp.status();

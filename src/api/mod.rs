@@ -100,6 +100,8 @@ pub struct ApiState {
     pub admin_token: String,
     pub node_token: String,
     pub services: alloc::ServiceNet,
+    /// TLS towards kubelets: presents the kubelet-client certificate.
+    pub kubelet_tls: Arc<rustls::ClientConfig>,
 }
 
 async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
@@ -293,6 +295,24 @@ async fn publish_root_ca(store: Arc<dyn Store>, ca_pem: String) {
 
 /// The `kubernetes` Service in `default` (the range's first address, port 443) and its
 /// Endpoints pointing at this server, as kube-apiserver keeps them.
+/// The address the `kubernetes` Service's endpoints carry (kube-apiserver's
+/// `--advertise-address`): the listening address, or when that is every address, the host's
+/// first non-loopback IPv4 address (loopback if it has none).
+fn advertise(listen: SocketAddr) -> SocketAddr {
+    if !listen.ip().is_unspecified() {
+        return listen;
+    }
+    let first = nix::ifaddrs::getifaddrs().ok().and_then(|addrs| {
+        addrs
+            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+            .find(|ip| !ip.is_loopback())
+    });
+    SocketAddr::from((
+        first.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+        listen.port(),
+    ))
+}
+
 async fn seed_kubernetes_service(
     store: &dyn Store,
     net: &alloc::ServiceNet,
@@ -329,6 +349,28 @@ async fn seed_kubernetes_service(
         .put(
             &ep_r.key(Some("default"), "kubernetes"),
             serde_json::to_vec(&ep)?,
+            Precondition::None,
+        )
+        .await?;
+    // And its EndpointSlice, which is what service proxies read (kube-apiserver's endpoint
+    // reconciler writes both; the slice controllers leave selectorless Services alone). Not for
+    // a loopback address, which no other network namespace reaches and which kube's
+    // validation refuses in a slice.
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    let slice_r = registry::find("discovery.k8s.io", "v1", "endpointslices")
+        .context("endpointslices resource")?;
+    let slice = json!({"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": "kubernetes", "namespace": "default", "uid": crate::runtime::random_hex(16), "creationTimestamp": now,
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [addr.ip().to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": addr.port(), "protocol": "TCP"}]});
+    store
+        .put(
+            &slice_r.key(Some("default"), "kubernetes"),
+            serde_json::to_vec(&slice)?,
             Precondition::None,
         )
         .await?;
@@ -408,6 +450,10 @@ pub async fn run(
         admin_token: pki.admin_token.clone(),
         node_token: pki.node_token.clone(),
         services: cfg.services.clone(),
+        kubelet_tls: crate::tls::kubelet_client_config(Some((
+            &pki.kubelet_client_pem,
+            &pki.kubelet_client_key_pem,
+        )))?,
     });
     let app = router(st.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -419,7 +465,7 @@ pub async fn run(
     } else {
         addr
     };
-    seed_kubernetes_service(st.store.as_ref(), &cfg.services, shown).await?;
+    seed_kubernetes_service(st.store.as_ref(), &cfg.services, advertise(addr)).await?;
     let kc = pki::kubeconfig(&format!("https://{shown}"), &pki.ca_pem, &pki.admin_token);
     // Agents join with this token (they derive their node credential from it).
     pki::write_private(&cfg.data_dir.join("node-token"), &pki.node_token)?;
@@ -471,5 +517,5 @@ fn inherited_listener(fd: i32) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 fn tls_config(p: &pki::Pki) -> anyhow::Result<rustls::ServerConfig> {
-    crate::tls::server_config(&p.cert_pem, &p.key_pem)
+    crate::tls::server_config(&p.cert_pem, &p.key_pem, None)
 }

@@ -32,6 +32,10 @@ pub struct Pki {
     pub key_pem: String,
     pub admin_token: String,
     pub node_token: String,
+    /// The client certificate the API server presents to kubelets (kube-apiserver's
+    /// `--kubelet-client-certificate`), signed by the CA, and its key.
+    pub kubelet_client_pem: String,
+    pub kubelet_client_key_pem: String,
 }
 
 fn read(path: &Path) -> Result<Option<String>, PkiError> {
@@ -142,6 +146,30 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
             (cert.pem(), kp.serialize_pem())
         }
     };
+    let (kc_crt, kc_key) = (
+        dir.join("kubelet-client.crt"),
+        dir.join("kubelet-client.key"),
+    );
+    let (kubelet_client_pem, kubelet_client_key_pem) = match (read(&kc_crt)?, read(&kc_key)?) {
+        (Some(c), Some(k)) => (c, k),
+        _ => {
+            let kp = KeyPair::generate()?;
+            let mut p = CertificateParams::default();
+            p.distinguished_name
+                .push(DnType::CommonName, "kube-apiserver-kubelet-client");
+            p.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+            let cert = p.signed_by(&kp, &Issuer::new(ca_params(), &ca_kp))?;
+            write_private(&kc_key, &kp.serialize_pem())?;
+            write_private(&kc_crt, &cert.pem())?;
+            (cert.pem(), kp.serialize_pem())
+        }
+    };
     let token_file = |name: &str| -> Result<String, PkiError> {
         let path = dir.join(name);
         match read(&path)? {
@@ -159,6 +187,8 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
         key_pem,
         admin_token: token_file("admin-token")?,
         node_token: token_file("node-token")?,
+        kubelet_client_pem,
+        kubelet_client_key_pem,
     })
 }
 

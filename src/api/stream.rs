@@ -140,7 +140,7 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| ApiError::bad_request("the connection cannot be upgraded"))?;
-    let mut send = crate::tls::connect(addr)
+    let mut send = crate::tls::connect(addr, &st.kubelet_tls)
         .await
         .map_err(|e| logs::kubelet_unreachable(addr, &path, &e))?;
     let cred = super::authz::kubelet_client_credential(&st.node_token);

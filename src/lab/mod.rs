@@ -716,8 +716,20 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
     }
     if containerd.is_some() {
         let mut removed = 0;
-        for n in &st.nodes {
-            removed += remove_containers(&cd.socket(), &n.name).await;
+        // Every namespace, not only the nodes': agents the lab's pods ran (keelson's agent
+        // DaemonSet) have their own.
+        let mut namespaces: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
+        if let Ok(rt) = crate::runtime::Containerd::connect(&cd.socket(), "default").await
+            && let Ok(all) = rt.namespaces().await
+        {
+            for n in all {
+                if !namespaces.contains(&n) {
+                    namespaces.push(n);
+                }
+            }
+        }
+        for ns in &namespaces {
+            removed += remove_containers(&cd.socket(), ns).await;
         }
         if removed > 0 {
             progress(format!("removed {removed} containers"));

@@ -18,7 +18,11 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::RouteMessageBuilder;
 
-use super::{Result, connect, nl, xtables};
+use super::{
+    Result, connect,
+    nft::{self, Batch, Expr, IP_DADDR, IP_SADDR, addr_in},
+    nl, xtables,
+};
 
 /// The route protocol number marking keelson's routes (`ip route show proto 75`).
 pub const PROTO: u8 = 75;
@@ -39,6 +43,20 @@ pub enum Via {
 pub struct Route {
     pub dst: Ipv4Net,
     pub via: Via,
+}
+
+impl Route {
+    /// Whether `other` serves as this route: the same destination and gateway, or both
+    /// straight onto a link, whichever (two agents sharing a network namespace each want the
+    /// Service range on their own bridge; one such route is enough, and they must not take
+    /// turns replacing it).
+    pub fn same(&self, other: &Route) -> bool {
+        self.dst == other.dst
+            && match (self.via, other.via) {
+                (Via::Dev(_), Via::Dev(_)) => true,
+                (a, b) => a == b,
+            }
+    }
 }
 
 fn describe(m: &RouteMessage) -> Option<Route> {
@@ -99,7 +117,7 @@ pub async fn sync_routes(wanted: &[Route]) -> Result<(usize, usize)> {
     }
     let mut removed = 0;
     for (r, m) in &have {
-        if !wanted.contains(r) {
+        if !wanted.iter().any(|w| w.same(r)) {
             match h.route().del(m.clone()).execute().await {
                 Ok(()) => removed += 1,
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
@@ -109,7 +127,7 @@ pub async fn sync_routes(wanted: &[Route]) -> Result<(usize, usize)> {
     }
     let mut added = 0;
     for r in wanted {
-        if have.iter().any(|(h, _)| h == r) {
+        if have.iter().any(|(h, _)| r.same(h)) {
             continue;
         }
         h.route()
@@ -150,13 +168,80 @@ pub fn masquerade_rules(
     s + "COMMIT\n"
 }
 
-/// Installs the masquerade and reject chains and the jumps to them (idempotent; the rejects
-/// are appended, after any proxy rules).
-pub fn ensure_masquerade(
+/// The nf_tables table holding the node's masquerade and reject rules: one per pod bridge,
+/// so that two agents sharing a network namespace (a node's agent and keelson's agent
+/// DaemonSet beside it) keep theirs apart.
+pub fn nft_table(bridge: &str) -> String {
+    format!("keelson-node-{bridge}")
+}
+
+/// The transaction that installs (or repairs) the nftables form of the rules: a nat
+/// postrouting chain (pod traffic to the pod network is left alone, the rest of the pod
+/// traffic masqueraded) and filter forward/output chains rejecting untranslated Service
+/// addresses after the proxy's DNAT (priority 0, after dstnat at -100). Each chain is flushed
+/// and refilled in the same transaction, so running it again changes nothing.
+pub fn nft_batch(
+    table: &str,
     pod_cidr: Ipv4Net,
     cluster_cidr: Ipv4Net,
     service_cidr: Option<Ipv4Net>,
-) -> Result<()> {
+) -> Batch {
+    let reg = nft::REG32_00;
+    let mut b = Batch::new();
+    b.add_table(table);
+    b.add_chain(
+        table,
+        "postrouting",
+        Some((nft::HOOK_POSTROUTING, 100, "nat")),
+    );
+    b.flush_chain(table, "postrouting");
+    let mut pod_to_pod = addr_in(IP_SADDR, pod_cidr, true, reg);
+    pod_to_pod.extend(addr_in(IP_DADDR, cluster_cidr, true, reg));
+    pod_to_pod.push(Expr::Immediate {
+        dreg: nft::REG_VERDICT,
+        data: nft::Data::Verdict {
+            code: nft::VERDICT_RETURN,
+            chain: None,
+        },
+    });
+    b.add_rule(table, "postrouting", &pod_to_pod);
+    let mut leaving = addr_in(IP_SADDR, pod_cidr, true, reg);
+    leaving.push(Expr::Masq { flags: 0 });
+    b.add_rule(table, "postrouting", &leaving);
+    for (chain, hook) in [("forward", nft::HOOK_FORWARD), ("output", nft::HOOK_OUTPUT)] {
+        b.add_chain(table, chain, Some((hook, 0, "filter")));
+        b.flush_chain(table, chain);
+        if let Some(svc) = service_cidr {
+            let mut reject = addr_in(IP_DADDR, svc, true, reg);
+            reject.push(Expr::Reject);
+            b.add_rule(table, chain, &reject);
+        }
+    }
+    b
+}
+
+/// Which packet filter holds the node rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Nftables,
+    Iptables,
+}
+
+/// Installs (or repairs) the masquerade and reject rules: through nf_tables netlink where the
+/// kernel has it (no iptables binaries needed, so the agent also runs from its bare image),
+/// else as iptables chains with jumps to them (appended, after any proxy rules).
+pub fn ensure_masquerade(
+    bridge: &str,
+    pod_cidr: Ipv4Net,
+    cluster_cidr: Ipv4Net,
+    service_cidr: Option<Ipv4Net>,
+) -> Result<Filter> {
+    let nft_err = match nft_batch(&nft_table(bridge), pod_cidr, cluster_cidr, service_cidr).commit()
+    {
+        Ok(()) => return Ok(Filter::Nftables),
+        Err(e) => e,
+    };
+    tracing::debug!(error = %nft_err, "nf_tables refused the node rules; using iptables");
     xtables::restore(&masquerade_rules(pod_cidr, cluster_cidr, service_cidr))?;
     for (table, chain, target) in [
         ("nat", "POSTROUTING", MASQ_CHAIN),
@@ -165,12 +250,19 @@ pub fn ensure_masquerade(
     ] {
         xtables::ensure_rule(table, chain, &["-j".into(), target.into()], false)?;
     }
-    Ok(())
+    Ok(Filter::Iptables)
 }
 
-/// Removes what `ensure_masquerade` and `sync_routes` installed: the jumps, both chains, and
-/// every route keelson made (protocol 75).
-pub async fn cleanup() -> Result<()> {
+/// Removes the iptables form of the rules (the jumps and both chains), if any; quiet when
+/// there is no iptables at all.
+pub fn remove_iptables_rules() {
+    if std::process::Command::new("iptables")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return;
+    }
     for (table, chain, target) in [
         ("nat", "POSTROUTING", MASQ_CHAIN),
         ("filter", "FORWARD", REJECT_CHAIN),
@@ -185,6 +277,20 @@ pub async fn cleanup() -> Result<()> {
                 .output();
         }
     }
+}
+
+/// Removes what `ensure_masquerade` and `sync_routes` installed for the bridge `bridge`: the
+/// nf_tables table, the iptables chains, and every route keelson made (protocol 75).
+pub async fn cleanup(bridge: &str) -> Result<()> {
+    let mut b = Batch::new();
+    b.del_table(&nft_table(bridge));
+    match b.commit() {
+        Ok(()) => {}
+        Err(nft::NftError::Rejected { source, .. })
+            if source.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => tracing::warn!(error = %e, "removing the node's nf_tables table"),
+    }
+    remove_iptables_rules();
     sync_routes(&[]).await?;
     Ok(())
 }

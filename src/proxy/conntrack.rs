@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::nft::{NftError, attr, nested, send_and_ack};
+use crate::net::nft::{NftError, attr, nested, send_and_ack};
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;

@@ -10,7 +10,6 @@ pub mod health;
 pub mod index;
 pub mod iptables;
 pub mod model;
-pub mod nft;
 pub mod nftables;
 
 use std::{
@@ -88,7 +87,7 @@ enum SyncError {
     #[error(transparent)]
     Iptables(#[from] iptables::IptError),
     #[error(transparent)]
-    Nftables(#[from] nft::NftError),
+    Nftables(#[from] crate::net::nft::NftError),
 }
 
 impl Backend {

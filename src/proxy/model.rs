@@ -237,7 +237,12 @@ pub fn build_service(
                 let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
                 let local = e.node_name.as_deref() == Some(node);
                 for a in &e.addresses {
-                    if let Ok(ip) = a.parse::<Ipv4Addr>() {
+                    // Loopback, unspecified and link-local endpoints are invalid (kube's
+                    // EndpointSlice validation refuses them): a DNAT there would capture the
+                    // node's own traffic.
+                    if let Ok(ip) = a.parse::<Ipv4Addr>()
+                        && !(ip.is_loopback() || ip.is_unspecified() || ip.is_link_local())
+                    {
                         cands.push(Candidate {
                             ep: Endpoint { ip, port, local },
                             ready,
@@ -335,6 +340,19 @@ mod tests {
         assert!(
             p.external_endpoints.is_empty(),
             "n2 has no usable local endpoint"
+        );
+
+        // Loopback, unspecified and link-local addresses are never endpoints.
+        let sl = web_slice(serde_json::json!([
+            {"addresses": ["127.0.0.1"], "conditions": {"ready": true}},
+            {"addresses": ["0.0.0.0"], "conditions": {"ready": true}},
+            {"addresses": ["169.254.0.5"], "conditions": {"ready": true}},
+            {"addresses": ["10.244.2.2"], "conditions": {"ready": true}},
+        ]));
+        let m = build(&[&s], &[&sl], "n1");
+        assert_eq!(
+            ips(&m.ports["default/web:http/TCP"].cluster_endpoints),
+            ["10.244.2.2"]
         );
     }
 

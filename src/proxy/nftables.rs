@@ -31,27 +31,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
-use super::{
-    model::{Endpoint, Model, ServicePort},
-    nft::{
-        BASE_NETWORK, BASE_TRANSPORT, Batch, CMP_EQ, CMP_NEQ, CT_STATE, CT_STATE_NEW, DATA_VERDICT,
-        Data, Expr, FIB_ADDRTYPE_DADDR, META_L4PROTO, META_MARK, NAT_RANDOM_FULLY, NftError,
-        REG_VERDICT, REG32_00, RTN_LOCAL, SET_EVAL, SET_TIMEOUT, TYPE_INET_PROTOCOL,
-        TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_MARK, VERDICT_GOTO, VERDICT_JUMP, VERDICT_RETURN,
-        concat_type, load_vip_key, vip_key,
-    },
+use super::model::{Endpoint, Model, ServicePort};
+use crate::net::nft::{
+    BASE_NETWORK, BASE_TRANSPORT, Batch, CMP_EQ, CMP_NEQ, CT_STATE, CT_STATE_NEW, CT_STATUS,
+    CT_STATUS_DNAT, DATA_VERDICT, Data, Expr, FIB_ADDRTYPE_DADDR, HOOK_FORWARD, HOOK_INPUT,
+    HOOK_OUTPUT, HOOK_POSTROUTING, HOOK_PREROUTING, IP_SADDR, META_L4PROTO, META_MARK,
+    NAT_RANDOM_FULLY, NftError, REG_VERDICT, REG32_00, RTN_LOCAL, SET_EVAL, SET_TIMEOUT,
+    TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_MARK, VERDICT_GOTO, VERDICT_JUMP,
+    VERDICT_RETURN, addr_in, concat_type, load_vip_key, vip_key,
 };
 
 /// The table keelson owns.
 pub const TABLE: &str = "keelson";
 /// The masquerade mark bit (kube-proxy's).
 const MASQ_MARK: u32 = 0x4000;
-
-const HOOK_PREROUTING: u32 = 0;
-const HOOK_INPUT: u32 = 1;
-const HOOK_FORWARD: u32 = 2;
-const HOOK_OUTPUT: u32 = 3;
-const HOOK_POSTROUTING: u32 = 4;
 
 /// 32-bit registers by index.
 const fn r(i: u32) -> u32 {
@@ -228,25 +221,7 @@ fn goto(chain: &str) -> Expr {
 
 /// `ip saddr` (not) in `cidr`, through a scratch register.
 fn saddr_in(cidr: Ipv4Net, inside: bool) -> Vec<Expr> {
-    vec![
-        Expr::Payload {
-            dreg: r(15),
-            base: BASE_NETWORK,
-            offset: 12,
-            len: 4,
-        },
-        Expr::Bitwise {
-            sreg: r(15),
-            dreg: r(15),
-            mask: cidr.netmask().octets().to_vec(),
-            xor: vec![0; 4],
-        },
-        Expr::Cmp {
-            sreg: r(15),
-            op: if inside { CMP_EQ } else { CMP_NEQ },
-            data: cidr.network().octets().to_vec(),
-        },
-    ]
+    addr_in(IP_SADDR, cidr, inside, r(15))
 }
 
 /// `meta l4proto . th dport` into r0, r1.
@@ -411,7 +386,25 @@ fn base_chains(cidr: Ipv4Net) -> BTreeMap<String, Chain> {
         sreg: r(15),
     });
     add("mark-for-masquerade", None, vec![set_mark]);
+    // Only translated traffic (kube-proxy marks hairpin traffic in the endpoint's chain, before
+    // its DNAT): an endpoint's own connections to itself that no Service carried stay as they
+    // are.
     let hairpin = vec![
+        Expr::Ct {
+            dreg: r(15),
+            key: CT_STATUS,
+        },
+        Expr::Bitwise {
+            sreg: r(15),
+            dreg: r(15),
+            mask: CT_STATUS_DNAT.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: r(15),
+            op: CMP_NEQ,
+            data: vec![0; 4],
+        },
         Expr::Payload {
             dreg: r(0),
             base: BASE_NETWORK,

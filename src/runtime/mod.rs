@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
     events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
-    snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient,
-    version_client::VersionClient,
+    namespaces_client::NamespacesClient, snapshots::snapshots_client::SnapshotsClient,
+    tasks_client::TasksClient, version_client::VersionClient,
 };
 use tonic::transport::Channel;
 
@@ -148,6 +148,20 @@ impl Containerd {
     }
     pub(crate) fn events(&self) -> EventsClient<Channel> {
         EventsClient::new(self.channel.clone())
+    }
+
+    /// Every containerd namespace (the lab's containerd is private to the lab, so all of them
+    /// are the lab's nodes' and their extra agents').
+    pub async fn namespaces(&self) -> Result<Vec<String>> {
+        let r = NamespacesClient::new(self.channel.clone())
+            .list(containerd_client::services::v1::ListNamespacesRequest::default())
+            .await
+            .map_err(Error::rpc("list namespaces"))?;
+        Ok(r.into_inner()
+            .namespaces
+            .into_iter()
+            .map(|n| n.name)
+            .collect())
     }
 
     /// containerd's version string (for `containerRuntimeVersion`).

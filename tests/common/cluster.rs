@@ -153,6 +153,27 @@ impl Cluster {
             "--sort-by=.lastTimestamp",
         ]);
         let _ = std::fs::write(keep.join("events.txt"), &events.stdout);
+        // Every pod's container logs, the previous instance's too (a crash loop's reason).
+        let pods = self.kubectl(&[
+            "get",
+            "pods",
+            "-A",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.namespace} {.metadata.name}{\"\\n\"}{end}",
+        ]);
+        for l in String::from_utf8_lossy(&pods.stdout).lines() {
+            let Some((ns, name)) = l.split_once(' ') else {
+                continue;
+            };
+            let mut text = Vec::new();
+            for prev in ["--previous=false", "--previous=true"] {
+                let o = self.kubectl(&["-n", ns, "logs", name, "--all-containers", prev]);
+                text.extend_from_slice(format!("--- {prev}\n").as_bytes());
+                text.extend_from_slice(&o.stdout);
+                text.extend_from_slice(&o.stderr);
+            }
+            let _ = std::fs::write(keep.join(format!("pod-{ns}-{name}.log")), text);
+        }
         eprintln!("whole logs kept in {}", keep.display());
     }
 

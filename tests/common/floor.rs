@@ -107,3 +107,55 @@ pub async fn floor_once(
     }
     took
 }
+
+/// CPU time (user + system, in clock ticks) of process `pid` and of the children it has
+/// waited for; 0 if it is gone.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let Some(rest) = s.rsplit_once(')').map(|r| r.1) else {
+        return 0;
+    };
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum()
+}
+
+/// Busy CPU time of the whole machine, in clock ticks (all CPUs).
+pub fn machine_busy_ticks() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = s.lines().next().unwrap_or_default();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    v.iter()
+        .enumerate()
+        .filter(|(i, _)| *i < 8 && *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum()
+}
+
+/// The PIDs of processes whose command name starts with `prefix`.
+pub fn pids_named(prefix: &str) -> Vec<u32> {
+    let mut v = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim_end().starts_with(prefix))
+        {
+            v.push(pid);
+        }
+    }
+    v
+}

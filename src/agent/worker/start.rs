@@ -186,7 +186,12 @@ impl PodWorker {
     }
 
     pub(super) async fn create_sandbox(&mut self) -> Result<(), String> {
-        let host_network = spec_of(&self.pod).host_network.unwrap_or(false);
+        let pod_spec = spec_of(&self.pod);
+        let host_network = pod_spec.host_network.unwrap_or(false);
+        let (host_ipc, host_pid) = (
+            pod_spec.host_ipc.unwrap_or(false),
+            pod_spec.host_pid.unwrap_or(false),
+        );
         // With CNI the plugins' IPAM hands out the address (after the sandbox exists).
         let cni = self.ctx.cfg.cni.is_some();
         let ip = if host_network || cni {
@@ -230,9 +235,19 @@ impl PodWorker {
             } else {
                 Ns::New
             },
-            ipc: Ns::New,
+            // hostIPC / hostPID: the sandbox (and through it every container) joins the
+            // node's namespace, which is the agent's.
+            ipc: if host_ipc {
+                Ns::Join(format!("/proc/{}/ns/ipc", std::process::id()))
+            } else {
+                Ns::New
+            },
             uts: if host_network { Ns::Host } else { Ns::New },
-            pid: Ns::New,
+            pid: if host_pid {
+                Ns::Join(format!("/proc/{}/ns/pid", std::process::id()))
+            } else {
+                Ns::New
+            },
             cgroups_path: format!("/keelson/{id}"),
             memory_limit: None,
             cpu_quota: None,

@@ -88,14 +88,47 @@ pub const CMP_NEQ: u32 = 1;
 /// Conntrack keys, and the `ct state new` bit.
 pub const CT_STATE: u32 = 0;
 pub const CT_STATE_NEW: u32 = 8;
+/// `ct status` and its destination-NAT bit (IPS_DST_NAT).
+pub const CT_STATUS: u32 = 1;
+pub const CT_STATUS_DNAT: u32 = 0x20;
 /// `fib daddr type`: the address type result, and the kernel's RTN_LOCAL.
 pub const FIB_ADDRTYPE_DADDR: (u32, u32) = (3, 2);
 pub const RTN_LOCAL: u32 = 2;
 /// Masquerade with fully random source ports (NF_NAT_RANGE_PROTO_RANDOM_FULLY).
 pub const NAT_RANDOM_FULLY: u32 = 0x10;
-/// Netfilter hooks (inet family numbering).
+/// Netfilter hooks (IPv4).
 pub const HOOK_PREROUTING: u32 = 0;
+pub const HOOK_INPUT: u32 = 1;
+pub const HOOK_FORWARD: u32 = 2;
 pub const HOOK_OUTPUT: u32 = 3;
+pub const HOOK_POSTROUTING: u32 = 4;
+
+/// Offsets of the source and destination addresses in the IPv4 header.
+pub const IP_SADDR: u32 = 12;
+pub const IP_DADDR: u32 = 16;
+
+/// `ip saddr` or `ip daddr` (by `offset`) (not) in `cidr`, through register `reg`.
+pub fn addr_in(offset: u32, cidr: ipnet::Ipv4Net, inside: bool, reg: u32) -> Vec<Expr> {
+    vec![
+        Expr::Payload {
+            dreg: reg,
+            base: BASE_NETWORK,
+            offset,
+            len: 4,
+        },
+        Expr::Bitwise {
+            sreg: reg,
+            dreg: reg,
+            mask: cidr.netmask().octets().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: reg,
+            op: if inside { CMP_EQ } else { CMP_NEQ },
+            data: cidr.network().octets().to_vec(),
+        },
+    ]
+}
 
 /// A rule's expressions (the subset keelson's layout needs).
 #[derive(Debug, Clone, PartialEq, Eq)]
