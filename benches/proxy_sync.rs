@@ -149,6 +149,9 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(10_000);
+    // `-- N nftables`: the nftables backend alone (no iptables runs and no baseline), for
+    // working on it; the full run is what the README reports.
+    let only_nft = std::env::args().any(|a| a == "nftables");
     let _ = Command::new("ip").args(["netns", "delete", NETNS]).status();
     sh(&["ip", "netns", "add", NETNS]);
     sh(&["ip", "-n", NETNS, "link", "set", "lo", "up"]);
@@ -195,52 +198,55 @@ fn main() {
     });
     let cidr = "10.244.0.0/16".parse().unwrap();
 
-    // Baseline: kube-proxy's layout for N Services loaded whole with one iptables-restore
-    // (the text rendered beforehand, so only the kernel load is timed).
-    let full = iptables::render(&model(n), cidr);
-    let text = iptables::restore_input(None, &full);
-    let baseline = in_ns(|| {
-        let t0 = Instant::now();
-        iptables::restore(&text).unwrap();
-        t0.elapsed()
-    });
-    in_ns(|| iptables::cleanup().unwrap());
+    let ipt = (!only_nft).then(|| {
+        // Baseline: kube-proxy's layout for N Services loaded whole with one iptables-restore
+        // (the text rendered beforehand, so only the kernel load is timed).
+        let full = iptables::render(&model(n), cidr);
+        let text = iptables::restore_input(None, &full);
+        let baseline = in_ns(|| {
+            let t0 = Instant::now();
+            iptables::restore(&text).unwrap();
+            t0.elapsed()
+        });
+        in_ns(|| iptables::cleanup().unwrap());
 
-    // keelson's iptables backend: render + delta restore, full sync from empty.
-    let (full_ms, one_ms) = in_ns(|| {
-        let t0 = Instant::now();
-        let r = iptables::render(&model(n), cidr);
-        iptables::restore(&iptables::restore_input(None, &r)).unwrap();
-        iptables::ensure_jumps().unwrap();
-        let full_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        // One endpoint changes in one Service: model → rendered → only changed chains loaded.
-        let mut m = model(n);
-        let p = m.ports.values_mut().nth(n / 2).unwrap();
-        p.cluster_endpoints[2].ip = Ipv4Addr::new(10, 201, 0, 4);
-        p.external_endpoints = p.cluster_endpoints.clone();
-        let t0 = Instant::now();
-        let r2 = iptables::render(&m, cidr);
-        iptables::restore(&iptables::restore_input(Some(&r), &r2)).unwrap();
-        (full_ms, t0.elapsed().as_secs_f64() * 1000.0)
-    });
-    let conn_n = connect_latency(last_vip(n), 300);
-    // The same with 10 Services installed.
-    in_ns(|| {
-        iptables::cleanup().unwrap();
-        let r = iptables::render(&model(10), cidr);
-        iptables::restore(&iptables::restore_input(None, &r)).unwrap();
-        iptables::ensure_jumps().unwrap();
-    });
-    let conn_10 = connect_latency(last_vip(10), 300);
-    in_ns(|| iptables::cleanup().unwrap());
-    // The baseline again: iptables' cost drifts during a run on this machine, so the backend is
-    // judged against the baseline on both sides of it.
-    let baseline_after = in_ns(|| {
-        let t0 = Instant::now();
-        iptables::restore(&text).unwrap();
-        let t = t0.elapsed();
-        iptables::cleanup().unwrap();
-        t
+        // keelson's iptables backend: render + delta restore, full sync from empty.
+        let (full_ms, one_ms) = in_ns(|| {
+            let t0 = Instant::now();
+            let r = iptables::render(&model(n), cidr);
+            iptables::restore(&iptables::restore_input(None, &r)).unwrap();
+            iptables::ensure_jumps().unwrap();
+            let full_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            // One endpoint changes in one Service: model → rendered → only changed chains loaded.
+            let mut m = model(n);
+            let p = m.ports.values_mut().nth(n / 2).unwrap();
+            p.cluster_endpoints[2].ip = Ipv4Addr::new(10, 201, 0, 4);
+            p.external_endpoints = p.cluster_endpoints.clone();
+            let t0 = Instant::now();
+            let r2 = iptables::render(&m, cidr);
+            iptables::restore(&iptables::restore_input(Some(&r), &r2)).unwrap();
+            (full_ms, t0.elapsed().as_secs_f64() * 1000.0)
+        });
+        let conn_n = connect_latency(last_vip(n), 300);
+        // The same with 10 Services installed.
+        in_ns(|| {
+            iptables::cleanup().unwrap();
+            let r = iptables::render(&model(10), cidr);
+            iptables::restore(&iptables::restore_input(None, &r)).unwrap();
+            iptables::ensure_jumps().unwrap();
+        });
+        let conn_10 = connect_latency(last_vip(10), 300);
+        in_ns(|| iptables::cleanup().unwrap());
+        // The baseline again: iptables' cost drifts during a run on this machine, so the backend is
+        // judged against the baseline on both sides of it.
+        let baseline_after = in_ns(|| {
+            let t0 = Instant::now();
+            iptables::restore(&text).unwrap();
+            let t = t0.elapsed();
+            iptables::cleanup().unwrap();
+            t
+        });
+        (baseline, full_ms, one_ms, conn_n, conn_10, baseline_after)
     });
 
     // The nftables backend fed the way the proxy is: watch events into the index, the dirty
@@ -346,18 +352,20 @@ fn main() {
         pct(&mut nft_kernel, 0.5),
         pct(&mut nft_floor, 0.5)
     );
-    println!(
-        "proxy-sync services={n} backend=iptables full_sync_ms={full_ms:.0} one_endpoint_ms={one_ms:.1}"
-    );
-    println!(
-        "proxy-sync services={n} baseline=kube-proxy-layout-iptables-restore full_load_ms={:.0} (before the backends) {:.0} (after)",
-        baseline.as_secs_f64() * 1000.0,
-        baseline_after.as_secs_f64() * 1000.0
-    );
-    println!(
-        "proxy-sync backend=iptables connect_p50_us (to the Service matched last) services=10:{conn_10:.0} services={n}:{conn_n:.0} ratio={:.2}",
-        conn_n / conn_10
-    );
+    if let Some((baseline, full_ms, one_ms, conn_n, conn_10, baseline_after)) = ipt {
+        println!(
+            "proxy-sync services={n} backend=iptables full_sync_ms={full_ms:.0} one_endpoint_ms={one_ms:.1}"
+        );
+        println!(
+            "proxy-sync services={n} baseline=kube-proxy-layout-iptables-restore full_load_ms={:.0} (before the backends) {:.0} (after)",
+            baseline.as_secs_f64() * 1000.0,
+            baseline_after.as_secs_f64() * 1000.0
+        );
+        println!(
+            "proxy-sync backend=iptables connect_p50_us (to the Service matched last) services=10:{conn_10:.0} services={n}:{conn_n:.0} ratio={:.2}",
+            conn_n / conn_10
+        );
+    }
     println!(
         "proxy-sync backend=nftables connect_p50_us services=10:{nft_conn_10:.0} services={n}:{nft_conn_n:.0} ratio={:.2}",
         nft_conn_n / nft_conn_10

@@ -1,0 +1,401 @@
+//! Pod volumes on the node: emptyDir, hostPath, and the projected kinds (ConfigMap, Secret,
+//! downwardAPI, projected with service account tokens) written like kubelet's AtomicWriter
+//! (a timestamped directory, then the `..data` symlink swapped), so updates reach running
+//! containers whole.
+
+use super::*;
+
+/// A pod volume's host directory, created on first use.
+pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, ConfigError> {
+    let vol = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|v| v.iter().find(|v| v.name == name))
+        .ok_or_else(|| ConfigError(format!("volume {name:?} not found")))?;
+    if let Some(hp) = &vol.host_path {
+        let p = Path::new(&hp.path);
+        match hp.type_.as_deref().unwrap_or("") {
+            "DirectoryOrCreate" => std::fs::create_dir_all(p)
+                .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?,
+            "FileOrCreate" => {
+                if let Some(d) = p.parent() {
+                    let _ = std::fs::create_dir_all(d);
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?;
+            }
+            "Directory" if !p.is_dir() => {
+                return Err(ConfigError(format!(
+                    "hostPath type check failed: {} is not a directory",
+                    hp.path
+                )));
+            }
+            "File" if !p.is_file() => {
+                return Err(ConfigError(format!(
+                    "hostPath type check failed: {} is not a file",
+                    hp.path
+                )));
+            }
+            _ => {}
+        }
+        return Ok(hp.path.clone());
+    }
+    if let Some(ed) = &vol.empty_dir {
+        let dir = sb.pod_dir.join("volumes/empty-dir").join(name);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
+            if ed.medium.as_deref() == Some("Memory") {
+                let size = ed
+                    .size_limit
+                    .as_ref()
+                    .and_then(|q| quantity::bytes(&q.0))
+                    .map(|b| format!("size={b}"));
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &dir,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                    size.as_deref(),
+                )
+                .map_err(|e| ConfigError(format!("emptyDir {name:?}: mount tmpfs: {e}")))?;
+            }
+            // kubelet makes emptyDirs world-writable, group-owned by fsGroup (setgid) if set.
+            let fs_group = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.security_context.as_ref())
+                .and_then(|s| s.fs_group);
+            let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
+            if let Some(g) = fs_group {
+                nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(g as u32)))
+                    .map_err(|e| {
+                        ConfigError(format!("emptyDir {name:?}: chown to fsGroup {g}: {e}"))
+                    })?;
+            }
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
+        }
+        return Ok(dir.to_string_lossy().into());
+    }
+    let projected = match (&vol.config_map, &vol.secret) {
+        (Some(c), _) => Some((
+            false,
+            c.name.clone(),
+            c.items.clone(),
+            c.default_mode,
+            c.optional.unwrap_or(false),
+        )),
+        (None, Some(sv)) => Some((
+            true,
+            sv.secret_name.clone().unwrap_or_default(),
+            sv.items.clone(),
+            sv.default_mode,
+            sv.optional.unwrap_or(false),
+        )),
+        _ => None,
+    };
+    if let Some((secret, source, items, mode, optional)) = projected {
+        let dir = sb.pod_dir.join("volumes/projected").join(name);
+        let entries = match sb.refs.entries(secret, &source) {
+            Some(e) => e,
+            None if optional => vec![],
+            None => {
+                let kind = if secret { "secret" } else { "configmap" };
+                return Err(ConfigError(format!(
+                    "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
+                )));
+            }
+        };
+        write_projection(&dir, &entries, items.as_deref(), mode.unwrap_or(0o644))
+            .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+        return Ok(dir.to_string_lossy().into());
+    }
+    if let Some(da) = &vol.downward_api {
+        let dir = sb.pod_dir.join("volumes/downward-api").join(name);
+        let (entries, items) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
+        write_projection(
+            &dir,
+            &entries,
+            Some(&items),
+            da.default_mode.unwrap_or(0o644),
+        )
+        .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+        return Ok(dir.to_string_lossy().into());
+    }
+    if let Some(pv) = &vol.projected {
+        // Every source lands in one directory; entry keys are made unique per source.
+        let dir = sb.pod_dir.join("volumes/projected").join(name);
+        let mut entries: Vec<(String, Vec<u8>)> = vec![];
+        let mut items: Vec<KeyToPath> = vec![];
+        for (i, src) in pv.sources.iter().flatten().enumerate() {
+            if let Some(t) = &src.service_account_token {
+                let aud = t.audience.clone().unwrap_or_default();
+                let token = sb.refs.tokens.get(&aud).ok_or_else(|| {
+                    ConfigError(format!(
+                        "MountVolume.SetUp failed for volume \"{name}\" : failed to fetch token: no token for the pod's service account yet"
+                    ))
+                })?;
+                let key = format!("{i}/token");
+                entries.push((key.clone(), token.token.clone().into_bytes()));
+                items.push(KeyToPath {
+                    key,
+                    path: t.path.clone(),
+                    mode: None,
+                });
+            }
+            let cm_or_secret = match (&src.config_map, &src.secret) {
+                (Some(c), _) => Some((false, &c.name, &c.items, c.optional)),
+                (None, Some(sc)) => Some((true, &sc.name, &sc.items, sc.optional)),
+                _ => None,
+            };
+            if let Some((secret, source, picked, optional)) = cm_or_secret {
+                let found = match sb.refs.entries(secret, source) {
+                    Some(e) => e,
+                    None if optional.unwrap_or(false) => vec![],
+                    None => {
+                        let kind = if secret { "secret" } else { "configmap" };
+                        return Err(ConfigError(format!(
+                            "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
+                        )));
+                    }
+                };
+                for (k, v) in found {
+                    let key = format!("{i}/{k}");
+                    match picked {
+                        Some(list) => {
+                            for it in list.iter().filter(|it| it.key == k) {
+                                items.push(KeyToPath {
+                                    key: key.clone(),
+                                    path: it.path.clone(),
+                                    mode: it.mode,
+                                });
+                            }
+                        }
+                        None => items.push(KeyToPath {
+                            key: key.clone(),
+                            path: k.clone(),
+                            mode: None,
+                        }),
+                    }
+                    entries.push((key, v));
+                }
+            }
+            if let Some(da) = &src.downward_api {
+                let (e, its) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
+                for ((k, v), it) in e.into_iter().zip(its) {
+                    let key = format!("{i}/{k}");
+                    entries.push((key.clone(), v));
+                    items.push(KeyToPath { key, ..it });
+                }
+            }
+        }
+        write_projection(
+            &dir,
+            &entries,
+            Some(&items),
+            pv.default_mode.unwrap_or(0o644),
+        )
+        .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+        return Ok(dir.to_string_lossy().into());
+    }
+    Err(ConfigError(format!(
+        "volume {name:?}: this volume type is not supported"
+    )))
+}
+
+/// Named contents of a projection: (key, bytes).
+type Entries = Vec<(String, Vec<u8>)>;
+
+/// The files of a downwardAPI volume (or projection source): (key, content) and where each goes.
+fn downward_entries<'a>(
+    pod: &Pod,
+    sb: &SandboxInfo,
+    name: &str,
+    list: impl Iterator<Item = &'a k8s_openapi::api::core::v1::DownwardAPIVolumeFile>,
+) -> Result<(Entries, Vec<KeyToPath>), ConfigError> {
+    let mut entries = vec![];
+    let mut items = vec![];
+    for it in list {
+        let value = match (&it.field_ref, &it.resource_field_ref) {
+            (Some(f), _) => match f.field_path.as_str() {
+                // Whole maps as kubelet writes them: `key="value"` lines, sorted.
+                "metadata.labels" | "metadata.annotations" => {
+                    let m = if f.field_path == "metadata.labels" {
+                        &pod.metadata.labels
+                    } else {
+                        &pod.metadata.annotations
+                    };
+                    m.iter()
+                        .flatten()
+                        .map(|(k, v)| format!("{k}={v:?}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+                p => field_ref(pod, sb, p)?,
+            },
+            (None, Some(r)) => {
+                let spec = pod.spec.as_ref();
+                let c = spec
+                    .and_then(|s| {
+                        s.containers.iter().find(|c| {
+                            r.container_name
+                                .as_deref()
+                                .is_none_or(|n| n.is_empty() || c.name == n)
+                        })
+                    })
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "downwardAPI volume {name:?}: no container for {:?}",
+                            r.resource
+                        ))
+                    })?;
+                resource_ref(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))?
+            }
+            (None, None) => continue,
+        };
+        entries.push((it.path.clone(), value.into_bytes()));
+        items.push(KeyToPath {
+            key: it.path.clone(),
+            path: it.path.clone(),
+            mode: it.mode,
+        });
+    }
+    Ok((entries, items))
+}
+
+/// Writes a ConfigMap/Secret/downwardAPI projection the way kubelet's AtomicWriter does, so
+/// that a running container sees an update all at once: the files live in a fresh
+/// `..<timestamp>` directory, `..data` is a symlink swapped to it by one rename, and every
+/// top-level name is a symlink through `..data`. Nothing is rewritten when the content and
+/// modes are unchanged.
+pub(super) fn write_projection(
+    dir: &Path,
+    entries: &[(String, Vec<u8>)],
+    items: Option<&[KeyToPath]>,
+    default_mode: i32,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let files: Vec<(String, &[u8], u32)> = match items {
+        Some(items) => items
+            .iter()
+            .filter_map(|it| {
+                let (_, v) = entries.iter().find(|(k, _)| *k == it.key)?;
+                Some((
+                    it.path.clone(),
+                    v.as_slice(),
+                    it.mode.unwrap_or(default_mode) as u32 & 0o7777,
+                ))
+            })
+            .collect(),
+        None => entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_slice(), default_mode as u32 & 0o7777))
+            .collect(),
+    };
+    for (path, _, _) in &files {
+        if path.is_empty()
+            || path.starts_with('/')
+            || path.starts_with("..")
+            || path.split('/').any(|p| p == "..")
+        {
+            return Err(std::io::Error::other(format!(
+                "item path {path:?} must be relative without '..'"
+            )));
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join("..data");
+    // Unchanged? (Same set of files, bytes and modes.)
+    if let Ok(current) = std::fs::read_link(&data) {
+        let cur = dir.join(current);
+        let same = files.iter().all(|(p, d, m)| {
+            let f = cur.join(p);
+            std::fs::read(&f).is_ok_and(|b| b == *d)
+                && std::fs::metadata(&f).is_ok_and(|md| md.permissions().mode() & 0o7777 == *m)
+        }) && count_files(&cur) == files.len();
+        if same {
+            return Ok(());
+        }
+    }
+    let stamp = format!(
+        "..{}.{}",
+        jiff::Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S"),
+        crate::runtime::random_hex(4)
+    );
+    let fresh = dir.join(&stamp);
+    std::fs::create_dir_all(&fresh)?;
+    for (path, bytes, mode) in &files {
+        let p = fresh.join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, bytes)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
+    }
+    let old = std::fs::read_link(&data).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&stamp, &tmp)?;
+    std::fs::rename(&tmp, &data)?;
+    // Top-level names: a symlink through ..data for each; stale ones go.
+    let tops: std::collections::BTreeSet<&str> = files
+        .iter()
+        .filter_map(|(p, _, _)| p.split('/').next())
+        .collect();
+    for t in &tops {
+        let link = dir.join(t);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(t), &link)?;
+        }
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if !n.starts_with("..") && !tops.contains(n.as_str()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    if let Some(old) = old.filter(|o| o.as_os_str() != stamp.as_str()) {
+        let _ = std::fs::remove_dir_all(dir.join(old));
+    }
+    Ok(())
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        count_files(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Rewrites the pod's ConfigMap, Secret and downwardAPI volumes from `sb.refs` (kubelet's
+/// periodic volume sync): a container sees updates without a restart.
+pub fn refresh_projections(pod: &Pod, sb: &SandboxInfo) -> Result<usize, ConfigError> {
+    let mut n = 0;
+    for v in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some() {
+            volume_dir(pod, sb, &v.name)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
