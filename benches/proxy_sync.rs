@@ -269,9 +269,9 @@ fn main() {
         let _ = ix.sync();
         let t_index = t0.elapsed();
         let mut st = nftables::State::new(cidr);
-        let _ = st.update(&ix.model);
+        st.reset(&ix.model);
         let t_state = t0.elapsed();
-        let batch = nftables::load(&st.rendered(), false);
+        let batch = st.load(false);
         let t_encode = t0.elapsed();
         batch.commit().unwrap();
         let full_ms = t0.elapsed().as_secs_f64() * 1000.0;

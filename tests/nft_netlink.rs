@@ -428,7 +428,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
         model::{Endpoint, Model, Proto, ServicePort},
         nftables,
     };
-    let (ns1, ns2) = (Ns::new("nftr"), Ns::new("nftf"));
+    let (ns1, ns2, ns3) = (Ns::new("nftr"), Ns::new("nftf"), Ns::new("nfts"));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut rnd = move |n: u64| {
         seed ^= seed << 13;
@@ -506,6 +506,15 @@ fn random_deltas_end_where_a_fresh_load_does() {
         lines
     };
     assert_eq!(listing(&ns1.0), listing(&ns2.0));
+    // A full load encoded straight from a state brought there without deltas (the proxy's
+    // first and periodic full syncs) is the same table, and so is a repair load over it.
+    let mut direct = nftables::State::new(cidr);
+    direct.reset(&last);
+    assert_eq!(direct.rendered(), fresh);
+    in_ns(&ns3.0, || direct.load(false).commit().unwrap());
+    assert_eq!(listing(&ns3.0), listing(&ns2.0));
+    in_ns(&ns3.0, || direct.load(true).commit().unwrap());
+    assert_eq!(listing(&ns3.0), listing(&ns2.0));
 }
 
 /// ctnetlink: a filtered flush deletes the UDP entries answered by one endpoint and leaves the

@@ -568,55 +568,75 @@ impl Batch {
         });
     }
 
-    fn elems(&mut self, kind: u16, table: &str, set: &str, elems: &[(Vec<u8>, Option<Data>)]) {
+    fn elems<'a>(
+        &mut self,
+        kind: u16,
+        table: &str,
+        set: &str,
+        elems: impl IntoIterator<Item = (&'a [u8], Option<&'a Data>)>,
+    ) {
         let verb = if kind == NEWSETELEM { "add" } else { "delete" };
-        // Each element encoded once; then as many per message as fit the element list's
-        // attribute, whose length is 16 bits.
-        let encoded: Vec<Vec<u8>> = elems
-            .iter()
-            .map(|(k, d)| {
-                let mut b = vec![];
-                nested(&mut b, 1, |b| {
-                    nested(b, 1, |b| attr(b, 1, k));
-                    if let Some(d) = d {
-                        data(b, 2, d);
-                    }
-                });
-                b
-            })
-            .collect();
-        let mut rest = &encoded[..];
-        while !rest.is_empty() {
-            let (mut n, mut size) = (0, 0);
-            while n < rest.len() && (n == 0 || size + rest[n].len() <= MAX_NEST) {
-                size += rest[n].len();
+        // Each element encoded once into one buffer; then as many per message as fit the
+        // element list's attribute, whose length is 16 bits.
+        let mut enc = Vec::new();
+        let mut ends = Vec::new();
+        for (k, d) in elems {
+            nested(&mut enc, 1, |b| {
+                nested(b, 1, |b| attr(b, 1, k));
+                if let Some(d) = d {
+                    data(b, 2, d);
+                }
+            });
+            ends.push(enc.len());
+        }
+        let (mut start, mut i) = (0, 0);
+        while i < ends.len() {
+            let mut n = i + 1;
+            while n < ends.len() && ends[n] - start <= MAX_NEST {
                 n += 1;
             }
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
+            let chunk = &enc[start..ends[n - 1]];
+            let count = n - i;
             self.msg(
                 kind,
-                format!("{verb} {} elements of {table} {set}", chunk.len()),
+                format!("{verb} {count} elements of {table} {set}"),
                 |b| {
                     attr_str(b, 1, table);
                     attr_str(b, 2, set);
-                    nested(b, 3, |b| {
-                        for e in chunk {
-                            b.extend_from_slice(e);
-                        }
-                    });
+                    nested(b, 3, |b| b.extend_from_slice(chunk));
                 },
             );
+            start = ends[n - 1];
+            i = n;
         }
     }
 
     pub fn add_elems(&mut self, table: &str, set: &str, elems: &[(Vec<u8>, Option<Data>)]) {
+        self.elems(
+            NEWSETELEM,
+            table,
+            set,
+            elems.iter().map(|(k, d)| (k.as_slice(), d.as_ref())),
+        );
+    }
+
+    /// Like [`Batch::add_elems`], from borrowed keys and data.
+    pub fn add_elems_ref<'a>(
+        &mut self,
+        table: &str,
+        set: &str,
+        elems: impl IntoIterator<Item = (&'a [u8], Option<&'a Data>)>,
+    ) {
         self.elems(NEWSETELEM, table, set, elems);
     }
 
     pub fn del_elems(&mut self, table: &str, set: &str, keys: &[Vec<u8>]) {
-        let e: Vec<(Vec<u8>, Option<Data>)> = keys.iter().map(|k| (k.clone(), None)).collect();
-        self.elems(DELSETELEM, table, set, &e);
+        self.elems(
+            DELSETELEM,
+            table,
+            set,
+            keys.iter().map(|k| (k.as_slice(), None)),
+        );
     }
 
     /// Sends the transaction and waits for every acknowledgement; the first error is returned

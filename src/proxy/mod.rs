@@ -164,15 +164,15 @@ impl Backend {
                     }
                     // Every chain and map rewritten (affinity entries kept).
                     Some(mut st) => {
-                        let _ = st.update(m);
-                        let tx = nftables::load(&st.rendered(), true);
+                        st.reset(m);
+                        let tx = st.load(true);
                         (st, tx)
                     }
                     None => {
                         nftables::cleanup()?;
                         let mut st = nftables::State::new(cidr);
-                        let _ = st.update(m);
-                        let tx = nftables::load(&st.rendered(), false);
+                        st.reset(m);
+                        let tx = st.load(false);
                         (st, tx)
                     }
                 };

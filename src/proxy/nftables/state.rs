@@ -170,6 +170,9 @@ impl Frag {
     }
 }
 
+/// An element by reference: key and data.
+type ElemRef<'a> = (&'a [u8], Option<&'a Data>);
+
 /// The table's content kept up to date port by port: a change to one Service re-renders only
 /// that Service's ports, and the delta is read off the reference counts (pick chains and
 /// hairpin elements are shared), so a sync costs O(changed Services), not O(all Services).
@@ -187,6 +190,8 @@ pub struct State {
 /// What one update changed (input to the delta transaction).
 #[derive(Default)]
 struct Changes {
+    /// Whether to record anything (not when a full load follows).
+    record: bool,
     elems_gone: BTreeMap<&'static str, Vec<Vec<u8>>>,
     elems_new: BTreeMap<&'static str, Vec<Elem>>,
     chains_new: BTreeMap<String, Chain>,
@@ -216,7 +221,9 @@ impl State {
                 e.1 -= 1;
                 if e.1 == 0 {
                     self.elems.remove(&key);
-                    ch.elems_gone.entry(set).or_default().push(k.clone());
+                    if ch.record {
+                        ch.elems_gone.entry(set).or_default().push(k.clone());
+                    }
                 }
             }
         }
@@ -245,15 +252,17 @@ impl State {
             let e = self.elems.entry((*set, k.clone())).or_insert((None, 0));
             e.1 += 1;
             if e.1 == 1 || e.0 != *d {
-                if e.1 > 1 {
+                if e.1 > 1 && ch.record {
                     // Another port already used this key with other data: last one wins.
                     ch.elems_gone.entry(set).or_default().push(k.clone());
                 }
                 e.0 = d.clone();
-                ch.elems_new
-                    .entry(set)
-                    .or_default()
-                    .push((k.clone(), d.clone()));
+                if ch.record {
+                    ch.elems_new
+                        .entry(set)
+                        .or_default()
+                        .push((k.clone(), d.clone()));
+                }
             }
         }
         let cidr = self.cidr;
@@ -286,7 +295,20 @@ impl State {
 
     /// Brings the state to `m` and returns the delta transaction (empty when nothing changed).
     pub fn update(&mut self, m: &Model) -> Batch {
-        let ch = Changes::default();
+        self.merge(m, true)
+    }
+
+    /// Brings the state to `m` without working out a delta: for a full load
+    /// ([`State::load`]) that follows.
+    pub fn reset(&mut self, m: &Model) {
+        self.merge(m, false);
+    }
+
+    fn merge(&mut self, m: &Model, delta: bool) -> Batch {
+        let ch = Changes {
+            record: delta,
+            ..Default::default()
+        };
         // Both maps are sorted by key: one merge pass finds what left and what changed,
         // without hashing or searching.
         let mut gone = vec![];
@@ -332,7 +354,11 @@ impl State {
                 (None, None) => {}
             }
         }
-        self.apply(m, gone, changed, Changes::default())
+        let ch = Changes {
+            record: true,
+            ..Default::default()
+        };
+        self.apply(m, gone, changed, ch)
     }
 
     fn apply(
@@ -355,6 +381,9 @@ impl State {
             if let Some((_, old)) = self.ports.insert(k.clone(), (p.clone(), f)) {
                 self.remove(&old, &mut ch);
             }
+        }
+        if !ch.record {
+            return Batch::new();
         }
         // An element both gone and new (re-added with other data by the same update, or
         // removed by the old fragment after the new one counted it) is settled by the counts.
@@ -438,6 +467,52 @@ impl State {
         }
         for name in &ch.sets_gone {
             b.del_set(TABLE, name);
+        }
+        b
+    }
+
+    /// The transaction that loads the whole table as the state wants it (`repair`: chains
+    /// and sets that exist are flushed and refilled), encoded straight from the state.
+    pub fn load(&self, repair: bool) -> Batch {
+        let mut b = Batch::new();
+        b.add_table(TABLE);
+        let defs = set_defs();
+        for (name, flags, key, data) in &defs {
+            b.add_set(TABLE, name, *flags, *key, *data);
+        }
+        for name in self.affinity_sets.keys() {
+            add_affinity_set(&mut b, name);
+        }
+        let chains = || {
+            self.base
+                .iter()
+                .chain(self.chains.iter().map(|(n, (c, _))| (n, c)))
+        };
+        for (name, c) in chains() {
+            b.add_chain(TABLE, name, c.hook);
+        }
+        for (name, c) in chains() {
+            if repair {
+                b.flush_chain(TABLE, name);
+            }
+            for rule in &c.rules {
+                b.add_rule(TABLE, name, rule);
+            }
+        }
+        let mut by_set: HashMap<&str, Vec<ElemRef>> = HashMap::new();
+        for ((set, k), (d, _)) in &self.elems {
+            by_set
+                .entry(set)
+                .or_default()
+                .push((k.as_slice(), d.as_ref()));
+        }
+        for (set, ..) in &defs {
+            if repair {
+                b.flush_set(TABLE, set);
+            }
+            if let Some(elems) = by_set.remove(set) {
+                b.add_elems_ref(TABLE, set, elems);
+            }
         }
         b
     }
