@@ -4,7 +4,8 @@
 //! startup SLO measures, at better than the API's one-second timestamp resolution), and each
 //! agent's RSS. The floor, measured in the same run on the lab's containerd: the same number of
 //! pause + app pairs started directly through containerd, as many at a time per node.
-//! Prints lines beginning `cluster`. Needs root. `CLUSTER_PODS` changes the pod count.
+//! Prints lines beginning `cluster`. Needs root. `CLUSTER_PODS` changes the pod count,
+//! `CLUSTER_AGENT_ARGS` adds agent flags (e.g. `--shim-group node`).
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -59,7 +60,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let nodes = 3;
-    let c = Cluster::up("bench", nodes, &[]);
+    // CLUSTER_AGENT_ARGS: extra agent flags, e.g. "--shim-group node".
+    let extra = std::env::var("CLUSTER_AGENT_ARGS").unwrap_or_default();
+    let agent_args: Vec<&str> = extra.split_whitespace().collect();
+    let c = Cluster::up_with("bench", nodes, &[], &agent_args);
+    if !agent_args.is_empty() {
+        println!("cluster agent-args {agent_args:?}");
+    }
     println!(
         "cluster lab-up nodes={nodes} up_s={:.2} (namespaces, containerd, server, agents, all Ready)",
         c.up_secs
@@ -168,6 +175,14 @@ fn main() {
         );
     }
 
+    let shims = pids_named("containerd-shim");
+    println!(
+        "cluster shims count={} rss_mib_total={:.1} pss_mib_total={:.1} (containerd's shim processes for the {pods} pods)",
+        shims.len(),
+        shims.iter().map(|p| rss_kib(*p)).sum::<u64>() as f64 / 1024.0,
+        shims.iter().map(|p| pss_kib(*p)).sum::<u64>() as f64 / 1024.0,
+    );
+
     // The floor on the same containerd: pods/nodes pairs per node, the nodes side by side.
     let sock = keelson::lab::ContainerdPaths::new(&c.lab_dir()).socket();
     let archive = c.dir.path().join("images/busybox.tar");
@@ -175,17 +190,22 @@ fn main() {
     let mut floor: Vec<f64> = rt.block_on(async {
         let mut all = vec![];
         let mut tasks = vec![];
+        // Images first, one namespace after the other (the agents imported theirs at start,
+        // before any pod), then the pods of all nodes at once.
+        let mut ready = vec![];
         for n in 0..nodes {
-            let (sock, archive) = (sock.clone(), archive.clone());
+            let rt = keelson::runtime::Containerd::connect(&sock, &format!("floor{n}"))
+                .await
+                .unwrap();
+            rt.import_archive("busybox", &std::fs::read(&archive).unwrap())
+                .await
+                .unwrap();
+            let pause = keelson::agent::ensure_pause(&rt).await.unwrap();
+            let app = rt.image_info(BUSYBOX).await.unwrap();
+            ready.push((rt, pause, app));
+        }
+        for (rt, pause, app) in ready {
             tasks.push(tokio::spawn(async move {
-                let rt = keelson::runtime::Containerd::connect(&sock, &format!("floor{n}"))
-                    .await
-                    .unwrap();
-                rt.import_archive("busybox", &std::fs::read(&archive).unwrap())
-                    .await
-                    .unwrap();
-                let pause = keelson::agent::ensure_pause(&rt).await.unwrap();
-                let app = rt.image_info(BUSYBOX).await.unwrap();
                 let runs = (0..per_node).map(|_| floor_once(&rt, &pause, &app));
                 futures::future::join_all(runs).await
             }));

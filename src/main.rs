@@ -338,6 +338,11 @@ struct AgentArgs {
     /// Name of the node bridge.
     #[arg(long, default_value = "keelson0")]
     bridge: String,
+    /// Which containers share a containerd shim: each pod's (as the CRI plugin groups them)
+    /// or every container on the node (one shim process: less memory and faster pod starts,
+    /// but a shim that dies takes the node's task management with it).
+    #[arg(long, default_value = "pod", value_parser = ["pod", "node"])]
+    shim_group: String,
     /// Directory of image tarballs imported at start (default: DATA_DIR/images).
     #[arg(long)]
     images: Option<PathBuf>,
@@ -740,6 +745,7 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                 containerd: a.containerd,
                 namespace: a.containerd_namespace,
                 bridge: a.bridge,
+                shim_per_node: a.shim_group == "node",
                 rescan: Duration::from_secs(a.rescan_seconds.max(1)),
                 resync: Duration::from_secs(a.resync_seconds.max(1)),
                 rotation: Rotation {

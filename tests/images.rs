@@ -105,3 +105,33 @@ fn docker_archives_import_and_run_and_the_pause_image_is_provided() {
         "{images}"
     );
 }
+
+/// Containers created while others are deleted: a deletion sets off containerd's garbage
+/// collection, which must not take a snapshot prepared for a container not yet recorded
+/// (keelson prepares and records under a lease, as containerd's client does). 3 rounds of 12
+/// pause + app pairs at once, each deleted as soon as it started: every one starts, and no
+/// lease is left behind (it would keep its snapshot from ever being collected).
+#[test]
+fn creation_survives_garbage_collection_set_off_by_deletions() {
+    let lab = Lab::start("gc");
+    let ar = busybox_archive(lab.dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = keelson::runtime::Containerd::connect(&lab.socket(), "gc-race")
+            .await
+            .unwrap();
+        c.import_archive("busybox", &std::fs::read(&ar).unwrap())
+            .await
+            .unwrap();
+        let pause = keelson::agent::ensure_pause(&c).await.unwrap();
+        let app = c.image_info(BUSYBOX).await.unwrap();
+        let mut done = 0;
+        for _ in 0..3 {
+            let runs = (0..12).map(|_| common::floor::floor_once(&c, &pause, &app));
+            done += futures::future::join_all(runs).await.len();
+        }
+        assert_eq!(done, 36);
+        let leases = c.lease_ids().await.unwrap();
+        assert!(leases.is_empty(), "leases left: {leases:?}");
+    });
+}

@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub stream_idle_timeout: Duration,
     /// Pod networking through CNI plugins (None: the built-in bridge and veths).
     pub cni: Option<crate::net::cni::Cni>,
+    /// One containerd shim for every container on the node (`--shim-group node`) instead of
+    /// one per pod.
+    pub shim_per_node: bool,
     /// The node Lease's duration; renewed every quarter of it (kubelet: 40 s, every 10 s).
     pub node_lease: Duration,
     /// The service proxy, run in the agent in cluster mode (None: off).

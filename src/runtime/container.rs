@@ -112,14 +112,37 @@ impl Containerd {
     }
 
     async fn create_once(&self, o: &CreateOpts<'_>) -> Result<u32> {
+        // The new active snapshot is referenced by nothing until the container record exists:
+        // without a lease, a garbage collection that another container's deletion set off in
+        // between removes it, and the task then finds no rootfs (as containerd's client, the
+        // snapshot and the container are made under a lease dropped once the container holds
+        // the snapshot).
+        let lease = self
+            .lease("keelson-create", Duration::from_secs(300))
+            .await?;
+        let res = self.create_container(o, &lease).await;
+        self.drop_lease(lease).await;
+        let mounts = res?;
+        self.create_task(o, mounts).await
+    }
+
+    /// The snapshot and the container record, under `lease`; returns the rootfs mounts.
+    async fn create_container(
+        &self,
+        o: &CreateOpts<'_>,
+        lease: &str,
+    ) -> Result<Vec<containerd_client::types::Mount>> {
         let mounts = self
             .snapshots()
-            .prepare(self.req(PrepareSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: o.id.into(),
-                parent: o.image.chain_id.clone(),
-                labels: HashMap::new(),
-            }))
+            .prepare(self.req_leased(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: o.id.into(),
+                    parent: o.image.chain_id.clone(),
+                    labels: HashMap::new(),
+                },
+                Some(lease),
+            ))
             .await
             .map_err(Error::rpc("snapshot prepare"))?
             .into_inner()
@@ -144,9 +167,12 @@ impl Containerd {
         };
         if let Err(source) = self
             .containers()
-            .create(self.req(CreateContainerRequest {
-                container: Some(container),
-            }))
+            .create(self.req_leased(
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+                Some(lease),
+            ))
             .await
         {
             let _ = self.remove_snapshot(o.id).await;
@@ -155,6 +181,14 @@ impl Containerd {
                 source,
             });
         }
+        Ok(mounts)
+    }
+
+    async fn create_task(
+        &self,
+        o: &CreateOpts<'_>,
+        mounts: Vec<containerd_client::types::Mount>,
+    ) -> Result<u32> {
         let created = self
             .tasks()
             .create(self.req(CreateTaskRequest {

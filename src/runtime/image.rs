@@ -8,7 +8,6 @@ use containerd_client::{
     services::v1::{
         ApplyRequest, CreateImageRequest, GetImageRequest, Image, InfoRequest, ReadContentRequest,
         UpdateImageRequest, WriteAction, WriteContentRequest,
-        leases_client::LeasesClient,
         snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest, StatSnapshotRequest},
     },
     types::Descriptor,
@@ -330,31 +329,11 @@ impl Containerd {
     /// Imports every image of an OCI-layout or docker-archive tarball; returns the image names.
     pub async fn import_archive(&self, what: &str, bytes: &[u8]) -> Result<Vec<String>> {
         let images = parse_archive(what, bytes)?;
-        let lease = format!("keelson-import-{}", random_hex(6));
-        let mut leases: LeasesClient<_> = self.leases();
-        leases
-            .create(
-                self.req(containerd_client::services::v1::CreateRequest {
-                    id: lease.clone(),
-                    labels: [(
-                        "containerd.io/gc.expire".to_string(),
-                        jiff::Timestamp::now()
-                            .checked_add(jiff::SignedDuration::from_secs(3600))
-                            .map(|t| t.to_string())
-                            .unwrap_or_default(),
-                    )]
-                    .into(),
-                }),
-            )
-            .await
-            .map_err(Error::rpc("lease create"))?;
+        let lease = self
+            .lease("keelson-import", std::time::Duration::from_secs(3600))
+            .await?;
         let res = self.import_under_lease(&lease, images).await;
-        let _ = leases
-            .delete(self.req(containerd_client::services::v1::DeleteRequest {
-                id: lease,
-                sync: false,
-            }))
-            .await;
+        self.drop_lease(lease).await;
         res
     }
 

@@ -150,6 +150,43 @@ impl Containerd {
         EventsClient::new(self.channel.clone())
     }
 
+    /// Creates a lease named `prefix-<random>` that expires by itself after `ttl` (should this
+    /// process die holding it): content and snapshots made under it are safe from garbage
+    /// collection until [`Containerd::drop_lease`].
+    pub(crate) async fn lease(&self, prefix: &str, ttl: std::time::Duration) -> Result<String> {
+        let id = format!("{prefix}-{}", random_hex(6));
+        let expire = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::try_from(ttl).unwrap_or_default())
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        self.leases()
+            .create(self.req(containerd_client::services::v1::CreateRequest {
+                id: id.clone(),
+                labels: [("containerd.io/gc.expire".to_string(), expire)].into(),
+            }))
+            .await
+            .map_err(Error::rpc("lease create"))?;
+        Ok(id)
+    }
+
+    /// The IDs of the leases in this namespace.
+    pub async fn lease_ids(&self) -> Result<Vec<String>> {
+        let r = self
+            .leases()
+            .list(self.req(containerd_client::services::v1::ListRequest::default()))
+            .await
+            .map_err(Error::rpc("lease list"))?;
+        Ok(r.into_inner().leases.into_iter().map(|l| l.id).collect())
+    }
+
+    /// Deletes a lease (what it protected is collectable again unless referenced).
+    pub(crate) async fn drop_lease(&self, id: String) {
+        let _ = self
+            .leases()
+            .delete(self.req(containerd_client::services::v1::DeleteRequest { id, sync: false }))
+            .await;
+    }
+
     /// Every containerd namespace (the lab's containerd is private to the lab, so all of them
     /// are the lab's nodes' and their extra agents').
     pub async fn namespaces(&self) -> Result<Vec<String>> {

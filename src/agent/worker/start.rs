@@ -32,6 +32,16 @@ impl PodWorker {
         self.sandbox_dead = false;
     }
 
+    /// The shim group of the pod whose sandbox is `sandbox_id`: the sandbox (one shim per
+    /// pod, as the CRI plugin) or the node (`--shim-group node`).
+    fn shim_group(&self, sandbox_id: &str) -> String {
+        if self.ctx.cfg.shim_per_node {
+            format!("keelson-node-{}", self.ctx.cfg.node_name)
+        } else {
+            sandbox_id.to_string()
+        }
+    }
+
     pub(super) fn sandbox_info(&self) -> SandboxInfo {
         let sb = self.sandbox.as_ref();
         let host_network = spec_of(&self.pod).host_network.unwrap_or(false);
@@ -256,7 +266,7 @@ impl PodWorker {
             oom_score_adj: None,
         };
         let mut spec = spec::build(&cfg).map_err(|e| e.to_string())?;
-        spec::set_shim_group(&mut spec, &id);
+        spec::set_shim_group(&mut spec, &self.shim_group(&id));
         let now = Timestamp::now();
         let start = self.start_time.unwrap_or(now);
         let labels = self.labels(
@@ -450,7 +460,7 @@ impl PodWorker {
         let spec = match spec::build(&rc) {
             Ok(mut s) => {
                 if let Some(sb) = &self.sandbox {
-                    spec::set_shim_group(&mut s, &sb.id);
+                    spec::set_shim_group(&mut s, &self.shim_group(&sb.id));
                 }
                 s
             }
