@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what keelson needs on Debian 12 (idempotent). Used by test.sh, demo.sh and CI.
-# With --test, also what only the tests use (systemd-analyze, ruby -c, shellcheck).
+# With --test, also what only the tests use (systemd-analyze, ruby -c, shellcheck, openssl).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(containerd runc iptables nftables busybox-static etcd-server containernetworking-plugins
       protobuf-compiler libprotobuf-dev conntrack curl jq iproute2 gcc)
 if [ "${1:-}" = --test ]; then
-  pkgs+=(systemd ruby shellcheck)
+  pkgs+=(systemd ruby shellcheck openssl)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -28,9 +28,26 @@ fn cert_and_key(
 }
 
 /// Set on each request of a connection whose client presented a certificate that chains to
-/// the server's client CA (`server_config`'s `client_ca`).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientCertVerified;
+/// the server's client CA (`server_config`'s `client_ca`): its subject's common name and
+/// organizations, for the server to decide what that identity may do.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertVerified {
+    pub common_name: String,
+    pub organizations: Vec<String>,
+}
+
+impl ClientCertVerified {
+    fn of(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let s = cert.subject();
+        let text =
+            |a: &x509_parser::x509::AttributeTypeAndValue| a.as_str().ok().map(str::to_string);
+        Some(Self {
+            common_name: s.iter_common_name().find_map(text).unwrap_or_default(),
+            organizations: s.iter_organization().filter_map(text).collect(),
+        })
+    }
+}
 
 /// A server configuration serving `cert_pem` (chain) with `key_pem`. With `client_ca` (PEM),
 /// clients may present a certificate, which must chain to it (requests of such connections
@@ -105,12 +122,13 @@ pub async fn serve(
                 .get_ref()
                 .1
                 .peer_certificates()
-                .is_some_and(|c| !c.is_empty());
+                .and_then(|c| c.first())
+                .and_then(|c| ClientCertVerified::of(c));
             let svc = tower::ServiceExt::map_request(
                 app,
                 move |mut r: hyper::Request<hyper::body::Incoming>| {
-                    if verified {
-                        r.extensions_mut().insert(ClientCertVerified);
+                    if let Some(v) = &verified {
+                        r.extensions_mut().insert(v.clone());
                     }
                     r
                 },

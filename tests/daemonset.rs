@@ -184,8 +184,9 @@ fn the_agent_daemonset_runs_an_extra_node() {
     // The extra agent's host paths live in the test's directory; its data directory carries
     // the busybox image, imported at start into its containerd namespace.
     let sock = c.lab_dir().join("containerd/containerd.sock");
-    let data = c.dir.path().join("extra-data");
-    let logs = c.dir.path().join("extra-logs");
+    // Under the lab's directory, so that `lab down` also unmounts whatever a failed run leaves.
+    let data = c.lab_dir().join("extra-data");
+    let logs = c.lab_dir().join("extra-logs");
     std::fs::create_dir_all(data.join("images")).unwrap();
     std::fs::copy(
         c.dir.path().join("images/busybox.tar"),
@@ -198,23 +199,17 @@ fn the_agent_daemonset_runs_an_extra_node() {
     .unwrap()
     .replace("/run/containerd/containerd.sock", sock.to_str().unwrap())
     .replace("/var/lib/keelson-x", data.to_str().unwrap())
-    .replace("/var/log/pods", logs.to_str().unwrap());
-    c.apply(&manifest);
-    // One extra node, beside node1.
-    let patch = format!(
-        r#"{{"spec":{{"template":{{"spec":{{"nodeSelector":{{"kubernetes.io/hostname":"{}"}}}}}}}}}}"#,
-        c.nodes[0]
+    .replace("/var/log/pods", logs.to_str().unwrap())
+    // One extra node, beside node1, from the start.
+    .replace(
+        "      hostNetwork: true\n",
+        &format!(
+            "      hostNetwork: true\n      nodeSelector:\n        kubernetes.io/hostname: {}\n",
+            c.nodes[0]
+        ),
     );
-    c.ok(&[
-        "-n",
-        "kube-system",
-        "patch",
-        "daemonset",
-        "keelson-agent",
-        "--type=merge",
-        "-p",
-        &patch,
-    ]);
+    assert!(manifest.contains("nodeSelector"));
+    c.apply(&manifest);
     let extra = format!("{}-keelson", c.nodes[0]);
     c.until(120, "the extra node to be Ready", || {
         let o = c.kubectl(&[
@@ -339,6 +334,58 @@ spec:
             .trim(),
         "hello from extra"
     );
+    // Client certificates from the cluster CA: the API server's kubelet client passes, another
+    // identity the same CA signed (a node's) does not.
+    let pki = c.lab_dir().join("server/pki");
+    let node_cert = c.lab_dir().join("node-client");
+    let sh = |cmd: &str| {
+        let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh(&format!(
+        "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+           -subj '/O=system:nodes/CN=system:node:{n}' -keyout {k}.key -out {k}.csr && \
+         printf 'extendedKeyUsage=clientAuth\n' > {k}.ext && \
+         openssl x509 -req -in {k}.csr -CA {p}/ca.crt -CAkey {p}/ca.key -CAcreateserial \
+           -days 1 -extfile {k}.ext -out {k}.crt",
+        n = c.nodes[1],
+        k = node_cert.display(),
+        p = pki.display()
+    ));
+    let with_cert = |crt: &str, key: &str| {
+        let o = c.node_exec(
+            &c.nodes[1],
+            &[
+                "timeout",
+                "5",
+                "curl",
+                "-sk",
+                "--cert",
+                crt,
+                "--key",
+                key,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("https://{node1_ip}:10251/pods"),
+            ],
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert_eq!(
+        with_cert(
+            pki.join("kubelet-client.crt").to_str().unwrap(),
+            pki.join("kubelet-client.key").to_str().unwrap()
+        ),
+        "200"
+    );
+    let nc = node_cert.display().to_string();
+    assert_eq!(with_cert(&format!("{nc}.crt"), &format!("{nc}.key")), "401");
     // Without a credential the extra kubelet API answers only /healthz.
     let o = c.node_exec(
         &c.nodes[1],

@@ -345,6 +345,13 @@ fn the_nftables_backend_in_the_kernel() {
     assert!(ok, "nft reads the table back: {text}");
     assert!(text.contains("vmap @vip-dispatch"), "{text}");
     assert!(text.contains("numgen random mod 2"), "{text}");
+    // Hairpin masquerade only for translated traffic.
+    assert!(
+        text.lines().any(|l| l.contains("ct status dnat")
+            && l.contains("@hairpin")
+            && l.contains("masquerade")),
+        "{text}"
+    );
 
     // Balanced over both endpoints.
     for _ in 0..30 {

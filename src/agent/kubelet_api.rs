@@ -18,15 +18,25 @@ use axum::{
 
 use super::AgentCtx;
 
+/// Common names of API servers' kubelet-client certificates (keelson's and kubeadm's, so kind's;
+/// k3s's carries `system:masters`).
+const KUBELET_CLIENT_NAMES: &[&str] = &["kube-apiserver-kubelet-client", "system:kube-apiserver"];
+
 async fn auth(State(cred): State<Arc<Option<String>>>, req: Request, next: Next) -> Response {
     // Liveness checks of the agent (a DaemonSet's probe) carry no credential.
     if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
+    // A certificate from the client CA is not enough (that CA signs node and user
+    // certificates too): it must be the API server's kubelet client, by name, or a cluster
+    // admin (kubelet asks a SubjectAccessReview for nodes/proxy; these are who holds it).
     let cert = req
         .extensions()
         .get::<crate::tls::ClientCertVerified>()
-        .is_some();
+        .is_some_and(|c| {
+            KUBELET_CLIENT_NAMES.contains(&c.common_name.as_str())
+                || c.organizations.iter().any(|o| o == "system:masters")
+        });
     let bearer = cred.as_deref().is_some_and(|cred| {
         req.headers()
             .get("authorization")

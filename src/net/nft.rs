@@ -88,8 +88,9 @@ pub const CMP_NEQ: u32 = 1;
 /// Conntrack keys, and the `ct state new` bit.
 pub const CT_STATE: u32 = 0;
 pub const CT_STATE_NEW: u32 = 8;
-/// `ct status` and its destination-NAT bit (IPS_DST_NAT).
-pub const CT_STATUS: u32 = 1;
+/// `ct status` (NFT_CT_STATUS; 1 is the direction) and its destination-NAT bit
+/// (IPS_DST_NAT).
+pub const CT_STATUS: u32 = 2;
 pub const CT_STATUS_DNAT: u32 = 0x20;
 /// `fib daddr type`: the address type result, and the kernel's RTN_LOCAL.
 pub const FIB_ADDRTYPE_DADDR: (u32, u32) = (3, 2);
