@@ -356,27 +356,15 @@ spec:
         k = node_cert.display(),
         p = pki.display()
     ));
-    let with_cert = |crt: &str, key: &str| {
-        let o = c.node_exec(
-            &c.nodes[1],
-            &[
-                "timeout",
-                "5",
-                "curl",
-                "-sk",
-                "--cert",
-                crt,
-                "--key",
-                key,
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("https://{node1_ip}:10251/pods"),
-            ],
-        );
-        String::from_utf8_lossy(&o.stdout).to_string()
+    // The extra kubelet API's answer to /pods from node2, with curl's extra arguments.
+    let status = |extra: &[&str]| {
+        let url = format!("https://{node1_ip}:10251/pods");
+        let mut args = vec!["timeout", "5", "curl", "-sk"];
+        args.extend_from_slice(extra);
+        args.extend(["-o", "/dev/null", "-w", "%{http_code}", url.as_str()]);
+        String::from_utf8_lossy(&c.node_exec(&c.nodes[1], &args).stdout).to_string()
     };
+    let with_cert = |crt: &str, key: &str| status(&["--cert", crt, "--key", key]);
     assert_eq!(
         with_cert(
             pki.join("kubelet-client.crt").to_str().unwrap(),
@@ -387,21 +375,7 @@ spec:
     let nc = node_cert.display().to_string();
     assert_eq!(with_cert(&format!("{nc}.crt"), &format!("{nc}.key")), "401");
     // Without a credential the extra kubelet API answers only /healthz.
-    let o = c.node_exec(
-        &c.nodes[1],
-        &[
-            "timeout",
-            "5",
-            "curl",
-            "-sk",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("https://{node1_ip}:10251/pods"),
-        ],
-    );
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+    assert_eq!(status(&[]), "401");
 
     // Deleted, the pod goes (the extra agent finishes the delete), and so does its container.
     c.ok(&["delete", "pod", "extra", "--wait=true", "--timeout=60s"]);

@@ -83,6 +83,28 @@ fn ca_params() -> CertificateParams {
     p
 }
 
+/// A certificate for `cn` with `sans` and `usage`, signed by the CA; (certificate, key) PEM.
+fn leaf(
+    ca: &KeyPair,
+    cn: &str,
+    sans: Vec<SanType>,
+    usage: rcgen::ExtendedKeyUsagePurpose,
+) -> Result<(String, String), PkiError> {
+    let kp = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.subject_alt_names = sans;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![usage];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    let cert = p.signed_by(&kp, &Issuer::new(ca_params(), ca))?;
+    Ok((cert.pem(), kp.serialize_pem()))
+}
+
 fn token() -> String {
     crate::runtime::random_hex(24)
 }
@@ -122,28 +144,21 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
     let (cert_pem, key_pem) = match (read(&crt)?, read(&key)?, read(&sans_file)?) {
         (Some(c), Some(k), Some(s)) if s == want => (c, k),
         _ => {
-            let kp = KeyPair::generate()?;
-            let mut p = CertificateParams::default();
-            p.distinguished_name
-                .push(DnType::CommonName, "keelson-apiserver");
-            p.subject_alt_names = names
+            let sans = names
                 .iter()
                 .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
                 .chain(ips.iter().map(|i| SanType::IpAddress(*i)))
                 .collect();
-            p.key_usages = vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ];
-            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-            p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2124, 1, 1);
-            let issuer = Issuer::new(ca_params(), &ca_kp);
-            let cert = p.signed_by(&kp, &issuer)?;
-            write_private(&key, &kp.serialize_pem())?;
-            write_private(&crt, &cert.pem())?;
+            let (cert, key_pem) = leaf(
+                &ca_kp,
+                "keelson-apiserver",
+                sans,
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            )?;
+            write_private(&key, &key_pem)?;
+            write_private(&crt, &cert)?;
             write_private(&sans_file, &want)?;
-            (cert.pem(), kp.serialize_pem())
+            (cert, key_pem)
         }
     };
     let (kc_crt, kc_key) = (
@@ -153,21 +168,15 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
     let (kubelet_client_pem, kubelet_client_key_pem) = match (read(&kc_crt)?, read(&kc_key)?) {
         (Some(c), Some(k)) => (c, k),
         _ => {
-            let kp = KeyPair::generate()?;
-            let mut p = CertificateParams::default();
-            p.distinguished_name
-                .push(DnType::CommonName, "kube-apiserver-kubelet-client");
-            p.key_usages = vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ];
-            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-            p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2124, 1, 1);
-            let cert = p.signed_by(&kp, &Issuer::new(ca_params(), &ca_kp))?;
-            write_private(&kc_key, &kp.serialize_pem())?;
-            write_private(&kc_crt, &cert.pem())?;
-            (cert.pem(), kp.serialize_pem())
+            let (cert, key_pem) = leaf(
+                &ca_kp,
+                "kube-apiserver-kubelet-client",
+                vec![],
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            )?;
+            write_private(&kc_key, &key_pem)?;
+            write_private(&kc_crt, &cert)?;
+            (cert, key_pem)
         }
     };
     let token_file = |name: &str| -> Result<String, PkiError> {
