@@ -128,12 +128,16 @@ impl Backend {
         }
     }
     /// Someone flushes the chain that dispatches Service traffic.
-    fn flush(self, node: &str) {
-        let cmd: &[&str] = match self {
-            Backend::Iptables => &["iptables", "-w", "-t", "nat", "-F", "KUBE-SERVICES"],
-            Backend::Nftables => &["nft", "flush", "chain", "ip", "keelson", "services"],
+    /// Flushes the Service dispatch chain and returns the rules read right after it (in the
+    /// same shell, so the proxy's periodic resync rarely gets in between).
+    fn flush(self, node: &str) -> String {
+        let cmd = match self {
+            Backend::Iptables => "iptables -w -t nat -F KUBE-SERVICES && iptables-save",
+            Backend::Nftables => "nft flush chain ip keelson services && nft list table ip keelson",
         };
-        assert!(in_node(node, cmd).0, "{cmd:?}");
+        let (ok, rules) = in_node(node, &["sh", "-c", cmd]);
+        assert!(ok, "{cmd}");
+        rules
     }
     /// The hooks into the kernel's chains appear once each.
     fn hooks_once(self, node: &str) {
@@ -281,11 +285,28 @@ fn suite(be: Backend, hint: &str) {
         .jsonpath(&["get", "svc", "lb"], "{.spec.healthCheckNodePort}")
         .parse()
         .expect("a health check node port is allocated");
-    let on_n1 = pods.iter().filter(|p| p.1 == n1).count();
-    c.until(30, "node1's health check to count its pods", || {
+    // Counted against node1's pods that are ready at the moment (a readiness flap under load
+    // changes the count); the last answer goes into the failure message.
+    let t0 = Instant::now();
+    loop {
+        let on_n1 = c
+            .pods("app=web")
+            .iter()
+            .filter(|p| p.1 == n1 && p.3)
+            .count();
         let r = http_raw(n2, "10.250.0.11", hc);
-        r.starts_with("HTTP/1.1 200") && r.contains(&format!("\"localEndpoints\":{on_n1}"))
-    });
+        if on_n1 > 0
+            && r.starts_with("HTTP/1.1 200")
+            && r.contains(&format!("\"localEndpoints\":{on_n1}"))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "node1's health check port {hc} never counted its {on_n1} ready pods; last answer: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert!(http_raw(n1, "10.250.0.12", hc).contains("\"name\":\"lb\""));
 
     // internalTrafficPolicy: Local: node2's own ClusterIP traffic reaches only node2's pods.
@@ -346,12 +367,9 @@ fn suite(be: Backend, hint: &str) {
     });
 
     // Someone flushes the Service chain: the periodic full sync puts it back.
-    be.flush(n1);
-    // (Read at once: the resync runs every 3 s.)
-    assert!(
-        !be.programmed(&be.rules(n1), &vip),
-        "flushed: the VIP's rule is gone"
-    );
+    // (The resync runs every 3 s: should it land between the flush and the read, flush again.)
+    let flushed = (0..3).any(|_| !be.programmed(&be.flush(n1), &vip));
+    assert!(flushed, "flushed: the VIP's rule is gone");
     c.until(45, "the flushed rules to be repaired", || {
         get(&c, n1, &url).0.is_some()
     });

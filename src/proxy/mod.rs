@@ -312,7 +312,9 @@ pub async fn run(
                 let ch = index.sync();
                 due = None;
                 let keys = (!ch.all).then_some(&ch.keys);
-                health.sync(&index.model, keys);
+                // A full sync also re-reads every health check port (and retries a listener
+                // that could not bind before).
+                health.sync(&index.model, if full { None } else { keys });
                 match backend.apply(&index.model, keys, cfg.cluster_cidr, full) {
                     Ok(()) => {
                         for ep in stale_udp(&ch.old, &index.model, &ch) {
