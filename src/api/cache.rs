@@ -308,15 +308,25 @@ impl WatchCaches {
             }
             c.wait_for(from).await?;
         }
-        // History the engine compacted is gone for watchers too (410), as with etcd.
+        // History the engine compacted is gone for watchers too (410), as with etcd: a watch
+        // from before a change of this resource that compaction covers gets 410. One from a
+        // later revision resumes from the cache, whose history holds every change after it,
+        // even when the engine compacted past it because other resources were written since
+        // (a list answers with the revision of the resource's last change, not the store's).
         let compacted = self.store.compacted().await?;
-        if from < compacted {
-            return Err(Error::Compacted {
-                requested: from,
-                compacted,
-            });
-        }
-        let older = from < c.inner.read().map_err(|_| Error::Closed)?.oldest;
+        let older = {
+            let g = c.inner.read().map_err(|_| Error::Closed)?;
+            let n = g.history.partition_point(|e| e.revision() <= compacted);
+            let gone = n.checked_sub(1).map(|i| g.history[i].revision());
+            if gone.is_some_and(|gone| from < gone) {
+                tracing::debug!(from, compacted, ?gone, "watch from a compacted revision");
+                return Err(Error::Compacted {
+                    requested: from,
+                    compacted,
+                });
+            }
+            from < g.oldest
+        };
         if older {
             // Older than the cache's history: the engine may still have it (or says 410).
             return self.store.watch(prefix, from).await;
@@ -441,5 +451,62 @@ mod tests {
                 .await,
             Err(Error::FutureRevision { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_listed_revision_stays_watchable_after_other_resources_compact_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let (caches, store) = WatchCaches::new(store);
+        let cms = "/registry/configmaps/";
+        caches.list(cms, cms, None, 0).await.unwrap();
+        let mut revs = vec![];
+        for i in 0..2 {
+            let kv = store
+                .put(&format!("{cms}a/c{i}"), vec![i], Precondition::None)
+                .await
+                .unwrap();
+            revs.push(kv.mod_revision);
+        }
+        let listed = caches.list(cms, cms, None, 0).await.unwrap().revision;
+        assert_eq!(listed, revs[1]);
+        // Other resources move the store on, and compaction follows them.
+        for i in 0..3 {
+            store
+                .put(
+                    &format!("/registry/leases/a/l{i}"),
+                    vec![i],
+                    Precondition::None,
+                )
+                .await
+                .unwrap();
+        }
+        let now = store.revision().await.unwrap();
+        assert!(now > listed);
+        store.compact(now).await.unwrap();
+        let w = store
+            .put(&format!("{cms}a/c2"), vec![2], Precondition::None)
+            .await
+            .unwrap();
+        let mut rx = caches
+            .watch(cms, cms, listed)
+            .await
+            .expect("a watch from the listed revision resumes");
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.kv.key.as_str(), e.revision()),
+            ("/registry/configmaps/a/c2", w.mod_revision)
+        );
+        // From before a change that compaction covers (c1): 410.
+        match caches.watch(cms, cms, revs[0]).await {
+            Err(Error::Compacted {
+                requested,
+                compacted,
+            }) => assert_eq!((requested, compacted), (revs[0], now)),
+            other => panic!("a watch from before c1 is Gone: {other:?}"),
+        }
     }
 }
