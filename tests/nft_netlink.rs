@@ -436,6 +436,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
         nftables,
     };
     let (ns1, ns2, ns3) = (Ns::new("nftr"), Ns::new("nftf"), Ns::new("nfts"));
+    let (ns4, ns5) = (Ns::new("nftp"), Ns::new("nftq"));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut rnd = move |n: u64| {
         seed ^= seed << 13;
@@ -446,6 +447,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
     let cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
     let mut state = nftables::State::new(cidr);
     let mut last = Model::default();
+    let mut history = vec![];
     in_ns(&ns1.0, || {
         nftables::load(&state.rendered(), false).commit().unwrap()
     });
@@ -490,6 +492,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
         let tx = state.update(&m);
         in_ns(&ns1.0, || tx.commit())
             .unwrap_or_else(|e| panic!("round {round}: the kernel refused the delta: {e}"));
+        history.push(m.clone());
         last = m;
     }
     let fresh = nftables::render(&last, cidr);
@@ -522,6 +525,24 @@ fn random_deltas_end_where_a_fresh_load_does() {
     assert_eq!(listing(&ns3.0), listing(&ns2.0));
     in_ns(&ns3.0, || direct.load(true).commit().unwrap());
     assert_eq!(listing(&ns3.0), listing(&ns2.0));
+
+    // Periodic full syncs over the same walk (reset + repair load, no deltas): the pick and
+    // affinity chains and affinity sets that a reset released are deleted, so the table always
+    // equals a fresh load of the latest state.
+    let mut full = nftables::State::new(cidr);
+    in_ns(&ns4.0, || full.load(false).commit().unwrap());
+    for (round, m) in history.iter().enumerate().step_by(7) {
+        full.reset(m);
+        in_ns(&ns4.0, || full.load(true).commit())
+            .unwrap_or_else(|e| panic!("round {round}: the kernel refused the full sync: {e}"));
+        in_ns(&ns5.0, || {
+            nftables::cleanup().unwrap();
+            nftables::load(&nftables::render(m, cidr), false)
+                .commit()
+                .unwrap()
+        });
+        assert_eq!(listing(&ns4.0), listing(&ns5.0), "round {round}");
+    }
 }
 
 /// ctnetlink: a filtered flush deletes the UDP entries answered by one endpoint and leaves the

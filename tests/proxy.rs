@@ -32,6 +32,8 @@ spec:
       - name: httpd
         image: IMAGE
         command: ["sh", "-c", "echo $(hostname) > /www/index.html; touch /tmp/ready; exec httpd -f -p 8080 -h /www"]
+        ports:
+        - {name: http-alt, containerPort: 8080}
         readinessProbe:
           exec: {command: ["test", "-f", "/tmp/ready"]}
           periodSeconds: 1
@@ -332,6 +334,44 @@ fn suite(be: Backend, hint: &str) {
         "-p",
         "{\"spec\":{\"internalTrafficPolicy\":\"Cluster\"}}",
     ]);
+
+    // externalIPs and a LoadBalancer's status.loadBalancer.ingress IP are external addresses
+    // (lab-only, unowned addresses on the lab's subnet); a named target port is resolved
+    // through the EndpointSlice's ports; an SCTP port is programmed (this kernel has SCTP
+    // conntrack but no SCTP sockets, so only the rules can be checked).
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: ext\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  externalIPs: [10.250.0.201]\n  ports:\n  - {name: http, port: 82, targetPort: http-alt}\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: sctp\nspec:\n  selector: {app: web}\n  ports:\n  - {name: s, port: 9999, protocol: SCTP}\n",
+    );
+    c.ok(&[
+        "patch",
+        "svc",
+        "ext",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        "{\"status\":{\"loadBalancer\":{\"ingress\":[{\"ip\":\"10.250.0.202\"}]}}}",
+    ]);
+    for ip in ["10.250.0.201", "10.250.0.202"] {
+        let ext = format!("http://{ip}:82/");
+        let mut seen = BTreeSet::new();
+        c.until(30, &format!("{ip}:82 to answer from several pods"), || {
+            seen.extend(answers(&c, n1, &ext, 4));
+            seen.len() >= 2
+        });
+        assert!(seen.is_subset(&names), "{ip}: {seen:?}");
+    }
+    let sctp_vip = c.jsonpath(&["get", "svc", "sctp"], "{.spec.clusterIP}");
+    c.until(20, "the SCTP port to be programmed", || {
+        let rules = be.rules(n1);
+        match be {
+            Backend::Iptables => rules.lines().any(|l| {
+                l.contains(&format!("-d {sctp_vip}/32 -p sctp"))
+                    && l.contains("-m sctp --dport 9999")
+            }),
+            Backend::Nftables => dispatch(&rules).contains(&format!("{sctp_vip} . sctp . 9999")),
+        }
+    });
+    c.ok(&["delete", "svc", "ext", "sctp"]);
 
     // Session affinity: one client, one pod.
     c.ok(&[
