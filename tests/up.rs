@@ -109,6 +109,12 @@ impl Up {
                 stderr.lock().unwrap()
             );
         }
+        // The "Ready" step went to stderr just before; its reader thread may lag the stdout one.
+        let t1 = Instant::now();
+        while !stderr.lock().unwrap().contains(" Ready (") && t1.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Up { child, stderr }
     }
 

@@ -356,11 +356,16 @@ async fn seed_kubernetes_service(
     // reconciler writes both; the slice controllers leave selectorless Services alone). Not for
     // a loopback address, which no other network namespace reaches and which kube's
     // validation refuses in a slice.
-    if addr.ip().is_loopback() {
-        return Ok(());
-    }
     let slice_r = registry::find("discovery.k8s.io", "v1", "endpointslices")
         .context("endpointslices resource")?;
+    let slice_key = slice_r.key(Some("default"), "kubernetes");
+    if addr.ip().is_loopback() {
+        // One an earlier run on a routable address wrote would send clients to it.
+        return match store.delete(&slice_key, Precondition::None).await {
+            Ok(_) | Err(crate::store::Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+    }
     let slice = json!({"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
         "metadata": {"name": "kubernetes", "namespace": "default", "uid": crate::runtime::random_hex(16), "creationTimestamp": now,
                      "labels": {"kubernetes.io/service-name": "kubernetes"}},
@@ -368,11 +373,7 @@ async fn seed_kubernetes_service(
         "endpoints": [{"addresses": [addr.ip().to_string()], "conditions": {"ready": true}}],
         "ports": [{"name": "https", "port": addr.port(), "protocol": "TCP"}]});
     store
-        .put(
-            &slice_r.key(Some("default"), "kubernetes"),
-            serde_json::to_vec(&slice)?,
-            Precondition::None,
-        )
+        .put(&slice_key, serde_json::to_vec(&slice)?, Precondition::None)
         .await?;
     Ok(())
 }
@@ -518,4 +519,49 @@ fn inherited_listener(fd: i32) -> anyhow::Result<tokio::net::TcpListener> {
 
 fn tls_config(p: &pki::Pki) -> anyhow::Result<rustls::ServerConfig> {
     crate::tls::server_config(&p.cert_pem, &p.key_pem, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_kubernetes_slice_follows_the_advertised_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Embedded::open(&dir.path().join("s.redb")).unwrap();
+        let net = alloc::ServiceNet::default();
+        let slice = &registry::find("discovery.k8s.io", "v1", "endpointslices")
+            .unwrap()
+            .key(Some("default"), "kubernetes");
+        seed_kubernetes_service(&store, &net, "10.250.0.1:6443".parse().unwrap())
+            .await
+            .unwrap();
+        let kv = store
+            .get(slice)
+            .await
+            .unwrap()
+            .expect("a routable address gets a slice");
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+        assert_eq!(v["endpoints"][0]["addresses"][0], "10.250.0.1");
+        // Restarted on loopback: no slice (no other namespace reaches it), and the old one goes.
+        seed_kubernetes_service(&store, &net, "127.0.0.1:6443".parse().unwrap())
+            .await
+            .unwrap();
+        assert!(store.get(slice).await.unwrap().is_none());
+        let ep = store
+            .get(
+                &registry::find("", "v1", "endpoints")
+                    .unwrap()
+                    .key(Some("default"), "kubernetes"),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let ep: serde_json::Value = serde_json::from_slice(&ep.value).unwrap();
+        assert_eq!(ep["subsets"][0]["addresses"][0]["ip"], "127.0.0.1");
+        // And again: nothing to delete is fine.
+        seed_kubernetes_service(&store, &net, "127.0.0.1:6443".parse().unwrap())
+            .await
+            .unwrap();
+    }
 }

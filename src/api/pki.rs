@@ -117,20 +117,21 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
         source,
     })?;
     let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let (ca_pem, ca_kp) = match (read(&ca_crt)?, read(&ca_key)?) {
+    // A new CA (none, or half of one, was there) invalidates every certificate signed before.
+    let (ca_pem, ca_kp, new_ca) = match (read(&ca_crt)?, read(&ca_key)?) {
         (Some(c), Some(k)) => {
             let kp = KeyPair::from_pem(&k).map_err(|e| PkiError::Invalid {
                 path: ca_key.clone(),
                 message: e.to_string(),
             })?;
-            (c, kp)
+            (c, kp, false)
         }
         _ => {
             let kp = KeyPair::generate()?;
             let cert = ca_params().self_signed(&kp)?;
             write_private(&ca_key, &kp.serialize_pem())?;
             write_private(&ca_crt, &cert.pem())?;
-            (cert.pem(), kp)
+            (cert.pem(), kp, true)
         }
     };
     let (crt, key, sans_file) = (
@@ -142,7 +143,7 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
     sans.extend(ips.iter().map(|i| i.to_string()));
     let want = sans.join(",");
     let (cert_pem, key_pem) = match (read(&crt)?, read(&key)?, read(&sans_file)?) {
-        (Some(c), Some(k), Some(s)) if s == want => (c, k),
+        (Some(c), Some(k), Some(s)) if s == want && !new_ca => (c, k),
         _ => {
             let sans = names
                 .iter()
@@ -166,7 +167,7 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
         dir.join("kubelet-client.key"),
     );
     let (kubelet_client_pem, kubelet_client_key_pem) = match (read(&kc_crt)?, read(&kc_key)?) {
-        (Some(c), Some(k)) => (c, k),
+        (Some(c), Some(k)) if !new_ca => (c, k),
         _ => {
             let (cert, key_pem) = leaf(
                 &ca_kp,
@@ -235,5 +236,30 @@ mod tests {
         let c = ensure(d.path(), &["localhost".into(), "kubernetes".into()], &ips).unwrap();
         assert_eq!(c.ca_pem, a.ca_pem);
         assert_ne!(c.cert_pem, a.cert_pem);
+    }
+
+    #[test]
+    fn a_new_ca_reissues_the_certificates_it_signs() {
+        let d = tempfile::tempdir().unwrap();
+        let ips = ["127.0.0.1".parse().unwrap()];
+        let a = ensure(d.path(), &["localhost".into()], &ips).unwrap();
+        std::fs::remove_file(d.path().join("ca.key")).unwrap();
+        let b = ensure(d.path(), &["localhost".into()], &ips).unwrap();
+        assert_ne!(b.ca_pem, a.ca_pem);
+        assert_ne!(b.cert_pem, a.cert_pem);
+        assert_ne!(b.kubelet_client_pem, a.kubelet_client_pem);
+        assert_eq!(b.admin_token, a.admin_token);
+        for leaf in ["server.crt", "kubelet-client.crt"] {
+            let out = std::process::Command::new("openssl")
+                .args(["verify", "-CAfile", "ca.crt", leaf])
+                .current_dir(d.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{leaf}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
     }
 }
