@@ -543,6 +543,73 @@ fn random_deltas_end_where_a_fresh_load_does() {
         });
         assert_eq!(listing(&ns4.0), listing(&ns5.0), "round {round}");
     }
+
+    // Chains and sets someone else put in keelson's table (a base chain, a chain jumped to,
+    // a set it looks up, a verdict map naming a chain) are listed and removed after a full sync.
+    let (ours_chains, ours_sets) = in_ns(&ns4.0, || keelson::net::nft::list("keelson")).unwrap();
+    assert!(
+        ours_chains.iter().any(|c| c == "services"),
+        "{ours_chains:?}"
+    );
+    assert!(
+        ours_sets.iter().any(|s| s == "vip-dispatch"),
+        "{ours_sets:?}"
+    );
+    for cmd in [
+        "add chain ip keelson alien-base { type filter hook input priority 5 ; }",
+        "add chain ip keelson alien",
+        "add chain ip keelson alien-leaf",
+        "add rule ip keelson alien-leaf counter",
+        "add set ip keelson alien-set { type ipv4_addr ; }",
+        "add map ip keelson alien-map { type ipv4_addr : verdict ; }",
+        "add element ip keelson alien-map { 10.9.9.9 : jump alien-leaf }",
+        "add rule ip keelson alien-base ip saddr @alien-set jump alien",
+        "add rule ip keelson alien-base ip daddr { 10.9.9.1, 10.9.9.2 } counter",
+        "add rule ip keelson alien ip daddr vmap @alien-map",
+    ] {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns4.0, "nft", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nft {cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let (chains, sets) = in_ns(&ns4.0, || keelson::net::nft::list("keelson")).unwrap();
+    for c in ["alien", "alien-base", "alien-leaf"] {
+        assert!(chains.iter().any(|x| x == c), "{c} in {chains:?}");
+    }
+    for st in ["alien-set", "alien-map"] {
+        assert!(sets.iter().any(|x| x == st), "{st} in {sets:?}");
+    }
+    assert!(
+        !sets.iter().any(|x| x.starts_with("__")),
+        "anonymous: {sets:?}"
+    );
+    let last = history.last().unwrap();
+    in_ns(&ns5.0, || {
+        nftables::cleanup().unwrap();
+        nftables::load(&nftables::render(last, cidr), false)
+            .commit()
+            .unwrap()
+    });
+    full.reset(last);
+    let removed = in_ns(&ns4.0, || {
+        full.load(true).commit()?;
+        nftables::remove_foreign(&full)
+    })
+    .unwrap();
+    assert_eq!(
+        removed, 5,
+        "three chains, a set and a map (not the anonymous set)"
+    );
+    assert_eq!(listing(&ns4.0), listing(&ns5.0));
+    assert_eq!(
+        in_ns(&ns4.0, || nftables::remove_foreign(&full)).unwrap(),
+        0
+    );
 }
 
 /// ctnetlink: a filtered flush deletes the UDP entries answered by one endpoint and leaves the

@@ -661,6 +661,155 @@ impl Batch {
 /// acknowledgement of every sequence number in `what`; the first error is returned with the
 /// description of the message it belongs to.
 pub(crate) fn send_and_ack(buf: &[u8], what: Vec<(u32, String)>) -> Result<(), NftError> {
+    let sock = socket(buf.len())?;
+    send(&sock, buf)?;
+    let mut pending: std::collections::HashMap<u32, String> = what.into_iter().collect();
+    let mut rbuf = vec![0u8; 1 << 16];
+    while !pending.is_empty() {
+        let n = recv(&sock, &mut rbuf)?;
+        for (ty, seq, body) in messages(&rbuf[..n])? {
+            if ty == NLMSG_ERROR && body.len() >= 4 {
+                let err = i32::from_ne_bytes(body[..4].try_into().unwrap_or_default());
+                let what = pending
+                    .remove(&seq)
+                    .unwrap_or_else(|| format!("message {seq}"));
+                if err != 0 {
+                    return Err(NftError::Rejected {
+                        what,
+                        source: std::io::Error::from_raw_os_error(-err),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The names of the chains and of the named sets and maps in `table ip TABLE`, read with two
+/// netlink dumps (nothing when there is no such table).
+pub fn list(table: &str) -> Result<(Vec<String>, Vec<String>), NftError> {
+    const GETCHAIN: u16 = 4;
+    const GETSET: u16 = 10;
+    // NFTA_{CHAIN,SET}_TABLE is 1 for both; the name is NFTA_CHAIN_NAME 3, NFTA_SET_NAME 2.
+    let chains = dump(table, GETCHAIN, 3, None)?;
+    // Anonymous sets (NFT_SET_ANONYMOUS in NFTA_SET_FLAGS, 3) belong to their rules.
+    let sets = dump(table, GETSET, 2, Some((3, 0x1)))?;
+    Ok((chains, sets))
+}
+
+/// One `NLM_F_DUMP` request for the objects of `table`; the value of attribute `name` of each,
+/// skipping those whose u32 attribute `skip.0` has the bits `skip.1`.
+fn dump(
+    table: &str,
+    kind: u16,
+    name: u16,
+    skip: Option<(u16, u32)>,
+) -> Result<Vec<String>, NftError> {
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_DONE: u16 = 3;
+    let sock = socket(0)?;
+    let mut b = Batch::new();
+    b.buf.clear();
+    b.header(
+        (NFNL_SUBSYS_NFTABLES << 8) | kind,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        NFPROTO_IPV4,
+        0,
+        |b| attr_str(b, 1, table),
+    );
+    send(&sock, &b.buf)?;
+    let mut names = vec![];
+    let mut rbuf = vec![0u8; 1 << 17];
+    loop {
+        let n = recv(&sock, &mut rbuf)?;
+        for (ty, _, body) in messages(&rbuf[..n])? {
+            match ty {
+                NLMSG_DONE => return Ok(names),
+                NLMSG_ERROR if body.len() >= 4 => {
+                    let err = i32::from_ne_bytes(body[..4].try_into().unwrap_or_default());
+                    if err == -libc::ENOENT {
+                        return Ok(vec![]);
+                    }
+                    if err != 0 {
+                        return Err(NftError::Rejected {
+                            what: format!("listing table {table}"),
+                            source: std::io::Error::from_raw_os_error(-err),
+                        });
+                    }
+                }
+                _ => {
+                    // After the 4-byte nfgenmsg: the object's attributes.
+                    let (mut t, mut nm, mut skipped) = (None, None, false);
+                    for (aty, val) in attrs(body.get(4..).unwrap_or_default()) {
+                        let text = || {
+                            std::str::from_utf8(val)
+                                .ok()
+                                .map(|s| s.trim_end_matches('\0').to_string())
+                        };
+                        if aty == 1 {
+                            t = text();
+                        } else if aty == name {
+                            nm = text();
+                        } else if let Some((sa, bits)) = skip
+                            && aty == sa
+                            && val.len() >= 4
+                        {
+                            let v = u32::from_be_bytes(val[..4].try_into().unwrap_or_default());
+                            skipped = v & bits != 0;
+                        }
+                    }
+                    if let (Some(t), Some(nm)) = (t, nm)
+                        && t == table
+                        && !skipped
+                    {
+                        names.push(nm);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One received netlink message: type, sequence number and payload after the header.
+type Message<'a> = (u16, u32, &'a [u8]);
+
+/// The netlink messages in `buf`.
+fn messages(buf: &[u8]) -> Result<Vec<Message<'_>>, NftError> {
+    let mut out = vec![];
+    let mut off = 0usize;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or_default());
+        if len < 16 || off + len > buf.len() {
+            return Err(NftError::Protocol(format!(
+                "bad netlink message length {len}"
+            )));
+        }
+        out.push((ty, seq, &buf[off + 16..off + len]));
+        off += (len + 3) & !3;
+    }
+    Ok(out)
+}
+
+/// The (type, value) attributes in `buf` (nesting and byte-order flags masked off).
+fn attrs(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = vec![];
+    let mut off = 0usize;
+    while off + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[off + 4..off + len]));
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+/// A NETLINK_NETFILTER socket whose buffers hold at least `size` bytes (1 MiB at least).
+fn socket(size: usize) -> Result<OwnedFd, NftError> {
     // SAFETY: plain socket(2); the result is checked and owned below.
     let fd = unsafe {
         libc::socket(
@@ -674,7 +823,7 @@ pub(crate) fn send_and_ack(buf: &[u8], what: Vec<(u32, String)>) -> Result<(), N
     }
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let big: libc::c_int = (buf.len() as i32).max(1 << 20);
+    let big: libc::c_int = i32::try_from(size).unwrap_or(i32::MAX).max(1 << 20);
     for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
         // SAFETY: setsockopt with a pointer to a live c_int of the right size.
         unsafe {
@@ -700,6 +849,11 @@ pub(crate) fn send_and_ack(buf: &[u8], what: Vec<(u32, String)>) -> Result<(), N
             std::mem::size_of::<libc::c_int>() as u32,
         )
     };
+    Ok(sock)
+}
+
+/// Sends `buf` to the kernel.
+fn send(sock: &OwnedFd, buf: &[u8]) -> Result<(), NftError> {
     // SAFETY: an all-zero sockaddr_nl addresses the kernel.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
@@ -717,43 +871,17 @@ pub(crate) fn send_and_ack(buf: &[u8], what: Vec<(u32, String)>) -> Result<(), N
     if sent < 0 {
         return Err(NftError::Socket(std::io::Error::last_os_error()));
     }
-    let mut pending: std::collections::HashMap<u32, String> = what.into_iter().collect();
-    let mut rbuf = vec![0u8; 1 << 16];
-    while !pending.is_empty() {
-        // SAFETY: rbuf is writable for its length.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
-        if n < 0 {
-            return Err(NftError::Socket(std::io::Error::last_os_error()));
-        }
-        let mut off = 0usize;
-        let n = n as usize;
-        while off + 16 <= n {
-            let len =
-                u32::from_ne_bytes(rbuf[off..off + 4].try_into().unwrap_or_default()) as usize;
-            let ty = u16::from_ne_bytes([rbuf[off + 4], rbuf[off + 5]]);
-            let seq = u32::from_ne_bytes(rbuf[off + 8..off + 12].try_into().unwrap_or_default());
-            if len < 16 || off + len > n {
-                return Err(NftError::Protocol(format!(
-                    "bad netlink message length {len}"
-                )));
-            }
-            if ty == NLMSG_ERROR && len >= 20 {
-                let err =
-                    i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().unwrap_or_default());
-                let what = pending
-                    .remove(&seq)
-                    .unwrap_or_else(|| format!("message {seq}"));
-                if err != 0 {
-                    return Err(NftError::Rejected {
-                        what,
-                        source: std::io::Error::from_raw_os_error(-err),
-                    });
-                }
-            }
-            off += (len + 3) & !3;
-        }
-    }
     Ok(())
+}
+
+/// Receives one datagram into `buf`; its length.
+fn recv(sock: &OwnedFd, buf: &mut [u8]) -> Result<usize, NftError> {
+    // SAFETY: buf is writable for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(NftError::Socket(std::io::Error::last_os_error()));
+    }
+    Ok(n as usize)
 }
 
 /// The key of a Service port: address . protocol . port, each padded to 4 bytes (the

@@ -166,7 +166,18 @@ impl Backend {
                     Some(mut st) => {
                         st.reset(m);
                         let tx = st.load(true);
-                        (st, tx)
+                        tx.commit()?;
+                        match nftables::remove_foreign(&st) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                n,
+                                "removed chains and sets keelson did not make from its table"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "removing chains and sets keelson did not make")
+                            }
+                        }
+                        (st, crate::net::nft::Batch::new())
                     }
                     None => {
                         nftables::cleanup()?;

@@ -541,6 +541,32 @@ pub fn load(r: &Rendered, repair: bool) -> Batch {
 }
 
 /// Deletes keelson's table (and so everything the nftables backend installed), if present.
+/// Deletes the chains and named sets in keelson's table that `st` does not hold (someone
+/// else's, added while keelson ran; kube-proxy's full syncs do the same), in a transaction of
+/// its own after the full load, which left no rule of keelson's referring to them. How many.
+pub fn remove_foreign(st: &State) -> Result<usize, NftError> {
+    let (chains, sets) = crate::net::nft::list(TABLE)?;
+    let chains: Vec<String> = chains.into_iter().filter(|c| !st.owns_chain(c)).collect();
+    let sets: Vec<String> = sets.into_iter().filter(|s| !st.owns_set(s)).collect();
+    if chains.is_empty() && sets.is_empty() {
+        return Ok(0);
+    }
+    // Their rules first (they may jump to each other or look up the sets), then the sets
+    // (whose verdict elements may name the chains), then the chains.
+    let mut b = Batch::new();
+    for c in &chains {
+        b.flush_chain(TABLE, c);
+    }
+    for s in &sets {
+        b.del_set(TABLE, s);
+    }
+    for c in &chains {
+        b.del_chain(TABLE, c);
+    }
+    b.commit()?;
+    Ok(chains.len() + sets.len())
+}
+
 pub fn cleanup() -> Result<(), NftError> {
     let mut b = Batch::new();
     b.del_table(TABLE);

@@ -481,6 +481,16 @@ impl State {
         b
     }
 
+    /// Whether `name` is one of the table's chains as the state wants it.
+    pub fn owns_chain(&self, name: &str) -> bool {
+        self.base.contains_key(name) || self.chains.contains_key(name)
+    }
+
+    /// Whether `name` is one of the table's sets or maps as the state wants it.
+    pub fn owns_set(&self, name: &str) -> bool {
+        self.affinity_sets.contains_key(name) || set_defs().iter().any(|d| d.0 == name)
+    }
+
     /// The transaction that loads the whole table as the state wants it (`repair`: chains
     /// and sets that exist are flushed and refilled, and the chains and sets that the
     /// [`State::reset`]s since the last load released are deleted), encoded straight from the
