@@ -36,12 +36,17 @@ pub struct WatchCache {
     live: broadcast::Sender<Arc<Event>>,
     /// The revision applied so far.
     rev: watch::Sender<Revision>,
+    /// Bumped by every relist: the watchers that follow the live stream end then (the changes
+    /// between the end of the store watch and the relist reached neither the history nor them)
+    /// and resume from their last revision.
+    epoch: watch::Sender<u64>,
 }
 
 impl WatchCache {
     async fn start(store: Arc<dyn Store>, prefix: String) -> Result<Arc<WatchCache>> {
         let (live, _) = broadcast::channel(4096);
         let (rev, _) = watch::channel(0);
+        let (epoch, _) = watch::channel(0);
         let c = Arc::new(WatchCache {
             inner: RwLock::new(Inner {
                 objects: BTreeMap::new(),
@@ -50,6 +55,7 @@ impl WatchCache {
             }),
             live,
             rev,
+            epoch,
         });
         let rx = c.load(store.as_ref(), &prefix).await?;
         let cc = c.clone();
@@ -69,6 +75,7 @@ impl WatchCache {
             .collect();
         g.history.clear();
         g.oldest = page.revision;
+        self.epoch.send_modify(|e| *e += 1);
         drop(g);
         self.rev.send_replace(page.revision);
         Ok(rx)
@@ -315,7 +322,8 @@ impl WatchCaches {
         // written since: a list answers with the revision of the resource's last change, a
         // bookmark with that of the watcher's last event, not the store's.
         let compacted = self.store.compacted().await?;
-        let older = {
+        // One look at the history decides and copies, so a relist cannot fall in between.
+        let picked = {
             let g = c.inner.read().map_err(|_| Error::Closed)?;
             let n = g.history.partition_point(|e| e.revision() <= compacted);
             let gone = g
@@ -331,22 +339,23 @@ impl WatchCaches {
                     compacted,
                 });
             }
-            from < g.oldest
+            if from < g.oldest {
+                None
+            } else {
+                let replay: Vec<Arc<Event>> = g
+                    .history
+                    .iter()
+                    .filter(|e| e.revision() > from && e.kv.key.starts_with(prefix))
+                    .cloned()
+                    .collect();
+                // Subscribed under the lock: nothing applied after the copy is missed, and a
+                // relist after it ends this watcher.
+                Some((replay, c.live.subscribe(), c.epoch.subscribe()))
+            }
         };
-        if older {
+        let Some((replay, mut live, mut epoch)) = picked else {
             // Older than the cache's history: the engine may still have it (or says 410).
             return self.store.watch(prefix, from).await;
-        }
-        let (replay, mut live) = {
-            let g = c.inner.read().map_err(|_| Error::Closed)?;
-            let replay: Vec<Arc<Event>> = g
-                .history
-                .iter()
-                .filter(|e| e.revision() > from && e.kv.key.starts_with(prefix))
-                .cloned()
-                .collect();
-            // Subscribed under the lock: nothing applied after the copy is missed.
-            (replay, c.live.subscribe())
         };
         let (tx, rx) = mpsc::channel(1024);
         let prefix = prefix.to_string();
@@ -362,6 +371,7 @@ impl WatchCaches {
                 let e = tokio::select! {
                     e = live.recv() => e,
                     () = tx.closed() => return,
+                    _ = epoch.changed() => return,
                 };
                 match e {
                     Ok(e) if e.revision() > last && e.kv.key.starts_with(&prefix) => {
@@ -522,5 +532,86 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    /// A store whose watches the test can cut, as the engine does to a slow watcher.
+    struct Cuttable {
+        inner: Arc<dyn Store>,
+        cut: broadcast::Sender<()>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Cuttable {
+        async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<List> {
+            self.inner.list(prefix, after, limit).await
+        }
+        async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<KeyValue> {
+            self.inner.put(key, value, pre).await
+        }
+        async fn delete(&self, key: &str, pre: Precondition) -> Result<KeyValue> {
+            self.inner.delete(key, pre).await
+        }
+        async fn watch(&self, prefix: &str, from: Revision) -> Result<mpsc::Receiver<Event>> {
+            let mut rx = self.inner.watch(prefix, from).await?;
+            let mut cut = self.cut.subscribe();
+            let (tx, out) = mpsc::channel(16);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        e = rx.recv() => {
+                            let Some(e) = e else { return };
+                            if tx.send(e).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ = cut.recv() => return,
+                    }
+                }
+            });
+            Ok(out)
+        }
+        async fn revision(&self) -> Result<Revision> {
+            self.inner.revision().await
+        }
+        async fn compact(&self, rev: Revision) -> Result<()> {
+            self.inner.compact(rev).await
+        }
+        async fn compacted(&self) -> Result<Revision> {
+            self.inner.compacted().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relist_ends_the_watchers_and_the_cache_follows_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let (cut, _) = broadcast::channel(1);
+        let (caches, store) = WatchCaches::new(Arc::new(Cuttable {
+            inner,
+            cut: cut.clone(),
+        }));
+        let cms = "/registry/configmaps/";
+        let listed = caches.list(cms, cms, None, 0).await.unwrap().revision;
+        let mut rx = caches.watch(cms, cms, listed).await.unwrap();
+        // The store watch ends: the cache lists again, and its watcher's stream ends (changes
+        // may have fallen between) so that its client resumes.
+        cut.send(()).unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the watcher's stream ends after the relist");
+        assert!(end.is_none(), "{end:?}");
+        let w = store
+            .put(&format!("{cms}a/c1"), vec![1], Precondition::None)
+            .await
+            .unwrap();
+        let mut rx = caches.watch(cms, cms, listed).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.revision(), w.mod_revision);
     }
 }

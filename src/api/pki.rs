@@ -126,11 +126,11 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
             })?;
             (c, kp, false)
         }
+        // Written after the certificates it signs: a crash in between leaves no CA, and the
+        // next start makes everything again.
         _ => {
             let kp = KeyPair::generate()?;
             let cert = ca_params().self_signed(&kp)?;
-            write_private(&ca_key, &kp.serialize_pem())?;
-            write_private(&ca_crt, &cert.pem())?;
             (cert.pem(), kp, true)
         }
     };
@@ -180,6 +180,10 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
             (cert, key_pem)
         }
     };
+    if new_ca {
+        write_private(&ca_key, &ca_kp.serialize_pem())?;
+        write_private(&ca_crt, &ca_pem)?;
+    }
     let token_file = |name: &str| -> Result<String, PkiError> {
         let path = dir.join(name);
         match read(&path)? {

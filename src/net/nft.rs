@@ -667,7 +667,7 @@ pub(crate) fn send_and_ack(buf: &[u8], what: Vec<(u32, String)>) -> Result<(), N
     let mut rbuf = vec![0u8; 1 << 16];
     while !pending.is_empty() {
         let n = recv(&sock, &mut rbuf)?;
-        for (ty, seq, body) in messages(&rbuf[..n])? {
+        for (ty, _, seq, body) in messages(&rbuf[..n])? {
             if ty == NLMSG_ERROR && body.len() >= 4 {
                 let err = i32::from_ne_bytes(body[..4].try_into().unwrap_or_default());
                 let what = pending
@@ -691,7 +691,8 @@ pub fn list(table: &str) -> Result<(Vec<String>, Vec<String>), NftError> {
     const GETCHAIN: u16 = 4;
     const GETSET: u16 = 10;
     // NFTA_{CHAIN,SET}_TABLE is 1 for both; the name is NFTA_CHAIN_NAME 3, NFTA_SET_NAME 2.
-    let chains = dump(table, GETCHAIN, 3, None)?;
+    // Chains bound to a rule (NFT_CHAIN_BINDING in NFTA_CHAIN_FLAGS, 10) go with that rule.
+    let chains = dump(table, GETCHAIN, 3, Some((10, 0x4)))?;
     // Anonymous sets (NFT_SET_ANONYMOUS in NFTA_SET_FLAGS, 3) belong to their rules.
     let sets = dump(table, GETSET, 2, Some((3, 0x1)))?;
     Ok((chains, sets))
@@ -705,7 +706,26 @@ fn dump(
     name: u16,
     skip: Option<(u16, u32)>,
 ) -> Result<Vec<String>, NftError> {
+    // A dump that a concurrent change interrupted (NLM_F_DUMP_INTR) is taken again.
+    for _ in 0..5 {
+        if let Some(names) = dump_once(table, kind, name, skip)? {
+            return Ok(names);
+        }
+    }
+    Err(NftError::Protocol(format!(
+        "listing table {table}: the dump kept being interrupted by changes"
+    )))
+}
+
+/// One pass of [`dump`]; `None` when the kernel flagged it inconsistent.
+fn dump_once(
+    table: &str,
+    kind: u16,
+    name: u16,
+    skip: Option<(u16, u32)>,
+) -> Result<Option<Vec<String>>, NftError> {
     const NLM_F_DUMP: u16 = 0x300;
+    const NLM_F_DUMP_INTR: u16 = 0x10;
     const NLMSG_DONE: u16 = 3;
     let sock = socket(0)?;
     let mut b = Batch::new();
@@ -719,59 +739,62 @@ fn dump(
     );
     send(&sock, &b.buf)?;
     let mut names = vec![];
+    let mut intr = false;
     let mut rbuf = vec![0u8; 1 << 17];
     loop {
         let n = recv(&sock, &mut rbuf)?;
-        for (ty, _, body) in messages(&rbuf[..n])? {
-            match ty {
-                NLMSG_DONE => return Ok(names),
-                NLMSG_ERROR if body.len() >= 4 => {
-                    let err = i32::from_ne_bytes(body[..4].try_into().unwrap_or_default());
-                    if err == -libc::ENOENT {
-                        return Ok(vec![]);
-                    }
-                    if err != 0 {
-                        return Err(NftError::Rejected {
-                            what: format!("listing table {table}"),
-                            source: std::io::Error::from_raw_os_error(-err),
-                        });
-                    }
+        for (ty, flags, _, body) in messages(&rbuf[..n])? {
+            intr |= flags & NLM_F_DUMP_INTR != 0;
+            // DONE carries the dump's outcome like an error message does.
+            let err = match ty {
+                NLMSG_DONE | NLMSG_ERROR if body.len() >= 4 => {
+                    i32::from_ne_bytes(body[..4].try_into().unwrap_or_default())
                 }
-                _ => {
-                    // After the 4-byte nfgenmsg: the object's attributes.
-                    let (mut t, mut nm, mut skipped) = (None, None, false);
-                    for (aty, val) in attrs(body.get(4..).unwrap_or_default()) {
-                        let text = || {
-                            std::str::from_utf8(val)
-                                .ok()
-                                .map(|s| s.trim_end_matches('\0').to_string())
-                        };
-                        if aty == 1 {
-                            t = text();
-                        } else if aty == name {
-                            nm = text();
-                        } else if let Some((sa, bits)) = skip
-                            && aty == sa
-                            && val.len() >= 4
-                        {
-                            let v = u32::from_be_bytes(val[..4].try_into().unwrap_or_default());
-                            skipped = v & bits != 0;
-                        }
-                    }
-                    if let (Some(t), Some(nm)) = (t, nm)
-                        && t == table
-                        && !skipped
-                    {
-                        names.push(nm);
-                    }
+                _ => 0,
+            };
+            if ty == NLMSG_DONE || ty == NLMSG_ERROR {
+                return match err {
+                    0 if ty == NLMSG_ERROR => continue,
+                    0 => Ok((!intr).then_some(names)),
+                    e if e == -libc::ENOENT => Ok(Some(vec![])),
+                    e => Err(NftError::Rejected {
+                        what: format!("listing table {table}"),
+                        source: std::io::Error::from_raw_os_error(-e),
+                    }),
+                };
+            }
+            // After the 4-byte nfgenmsg: the object's attributes.
+            let (mut t, mut nm, mut skipped) = (None, None, false);
+            for (aty, val) in attrs(body.get(4..).unwrap_or_default()) {
+                let text = || {
+                    std::str::from_utf8(val)
+                        .ok()
+                        .map(|s| s.trim_end_matches('\0').to_string())
+                };
+                if aty == 1 {
+                    t = text();
+                } else if aty == name {
+                    nm = text();
+                } else if let Some((sa, bits)) = skip
+                    && aty == sa
+                    && val.len() >= 4
+                {
+                    let v = u32::from_be_bytes(val[..4].try_into().unwrap_or_default());
+                    skipped = v & bits != 0;
                 }
+            }
+            if let (Some(t), Some(nm)) = (t, nm)
+                && t == table
+                && !skipped
+            {
+                names.push(nm);
             }
         }
     }
 }
 
-/// One received netlink message: type, sequence number and payload after the header.
-type Message<'a> = (u16, u32, &'a [u8]);
+/// One received netlink message: type, flags, sequence number and payload after the header.
+type Message<'a> = (u16, u16, u32, &'a [u8]);
 
 /// The netlink messages in `buf`.
 fn messages(buf: &[u8]) -> Result<Vec<Message<'_>>, NftError> {
@@ -780,13 +803,14 @@ fn messages(buf: &[u8]) -> Result<Vec<Message<'_>>, NftError> {
     while off + 16 <= buf.len() {
         let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
         let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let flags = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]);
         let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or_default());
         if len < 16 || off + len > buf.len() {
             return Err(NftError::Protocol(format!(
                 "bad netlink message length {len}"
             )));
         }
-        out.push((ty, seq, &buf[off + 16..off + len]));
+        out.push((ty, flags, seq, &buf[off + 16..off + len]));
         off += (len + 3) & !3;
     }
     Ok(out)

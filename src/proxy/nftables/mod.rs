@@ -540,7 +540,6 @@ pub fn load(r: &Rendered, repair: bool) -> Batch {
     b
 }
 
-/// Deletes keelson's table (and so everything the nftables backend installed), if present.
 /// Deletes the chains and named sets in keelson's table that `st` does not hold (someone
 /// else's, added while keelson ran; kube-proxy's full syncs do the same), in a transaction of
 /// its own after the full load, which left no rule of keelson's referring to them. How many.
@@ -567,6 +566,7 @@ pub fn remove_foreign(st: &State) -> Result<usize, NftError> {
     Ok(chains.len() + sets.len())
 }
 
+/// Deletes keelson's table (and so everything the nftables backend installed), if present.
 pub fn cleanup() -> Result<(), NftError> {
     let mut b = Batch::new();
     b.del_table(TABLE);
