@@ -526,21 +526,35 @@ fn random_deltas_end_where_a_fresh_load_does() {
     in_ns(&ns3.0, || direct.load(true).commit().unwrap());
     assert_eq!(listing(&ns3.0), listing(&ns2.0));
 
-    // Periodic full syncs over the same walk (reset + repair load, no deltas): the pick and
-    // affinity chains and affinity sets that a reset released are deleted, so the table always
-    // equals a fresh load of the latest state.
+    // Periodic full syncs over the same walk, as the proxy makes them (reset, repair load,
+    // then whatever the state does not hold removed): the pick and affinity chains and
+    // affinity sets that a reset released are deleted, so the table always equals a fresh
+    // load of the latest state.
     let mut full = nftables::State::new(cidr);
     in_ns(&ns4.0, || full.load(false).commit().unwrap());
-    for (round, m) in history.iter().enumerate().step_by(7) {
+    let mut full_sync = |m: &Model| {
         full.reset(m);
-        in_ns(&ns4.0, || full.load(true).commit())
-            .unwrap_or_else(|e| panic!("round {round}: the kernel refused the full sync: {e}"));
+        let removed = in_ns(&ns4.0, || {
+            full.load(true).commit()?;
+            nftables::remove_foreign(&full)
+        });
         in_ns(&ns5.0, || {
             nftables::cleanup().unwrap();
             nftables::load(&nftables::render(m, cidr), false)
                 .commit()
                 .unwrap()
         });
+        removed
+    };
+    let last = history.last().unwrap();
+    for (round, m) in history
+        .iter()
+        .enumerate()
+        .step_by(7)
+        .chain([(history.len() - 1, last)])
+    {
+        full_sync(m)
+            .unwrap_or_else(|e| panic!("round {round}: the kernel refused the full sync: {e}"));
         assert_eq!(listing(&ns4.0), listing(&ns5.0), "round {round}");
     }
 
@@ -567,15 +581,7 @@ fn random_deltas_end_where_a_fresh_load_does() {
         "add rule ip keelson alien-base ip daddr { 10.9.9.1, 10.9.9.2 } counter",
         "add rule ip keelson alien ip daddr vmap @alien-map",
     ] {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &ns4.0, "nft", cmd])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "nft {cmd}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        sh(&["ip", "netns", "exec", &ns4.0, "nft", cmd]);
     }
     let (chains, sets) = in_ns(&ns4.0, || keelson::net::nft::list("keelson")).unwrap();
     for c in ["alien", "alien-base", "alien-leaf"] {
@@ -588,28 +594,13 @@ fn random_deltas_end_where_a_fresh_load_does() {
         !sets.iter().any(|x| x.starts_with("__")),
         "anonymous: {sets:?}"
     );
-    let last = history.last().unwrap();
-    in_ns(&ns5.0, || {
-        nftables::cleanup().unwrap();
-        nftables::load(&nftables::render(last, cidr), false)
-            .commit()
-            .unwrap()
-    });
-    full.reset(last);
-    let removed = in_ns(&ns4.0, || {
-        full.load(true).commit()?;
-        nftables::remove_foreign(&full)
-    })
-    .unwrap();
+    let removed = full_sync(last).unwrap();
     assert_eq!(
         removed, 5,
         "three chains, a set and a map (not the anonymous set)"
     );
     assert_eq!(listing(&ns4.0), listing(&ns5.0));
-    assert_eq!(
-        in_ns(&ns4.0, || nftables::remove_foreign(&full)).unwrap(),
-        0
-    );
+    assert_eq!(full_sync(last).unwrap(), 0);
 }
 
 /// ctnetlink: a filtered flush deletes the UDP entries answered by one endpoint and leaves the

@@ -745,15 +745,13 @@ fn dump_once(
         let n = recv(&sock, &mut rbuf)?;
         for (ty, flags, _, body) in messages(&rbuf[..n])? {
             intr |= flags & NLM_F_DUMP_INTR != 0;
-            // DONE carries the dump's outcome like an error message does.
-            let err = match ty {
-                NLMSG_DONE | NLMSG_ERROR if body.len() >= 4 => {
-                    i32::from_ne_bytes(body[..4].try_into().unwrap_or_default())
-                }
-                _ => 0,
-            };
             if ty == NLMSG_DONE || ty == NLMSG_ERROR {
+                // DONE carries the dump's outcome as an error message does (0: success).
+                let err = body
+                    .get(..4)
+                    .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or_default()));
                 return match err {
+                    // An acknowledgement, not the end.
                     0 if ty == NLMSG_ERROR => continue,
                     0 => Ok((!intr).then_some(names)),
                     e if e == -libc::ENOENT => Ok(Some(vec![])),

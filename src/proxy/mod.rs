@@ -153,41 +153,44 @@ impl Backend {
                 *loaded = Some(new);
             }
             Backend::Nftables(state) => {
-                let (st, tx) = match state.take() {
+                // A full load over an existing table is followed by removing what the state
+                // does not hold (released by the reset, or someone else's).
+                let (st, tx, prune) = match state.take() {
                     // Only the Services that changed.
                     Some(mut st) if !full => {
                         let tx = match keys {
                             Some(k) => st.update_keys(m, k),
                             None => st.update(m),
                         };
-                        (st, tx)
+                        (st, tx, false)
                     }
                     // Every chain and map rewritten (affinity entries kept).
                     Some(mut st) => {
                         st.reset(m);
                         let tx = st.load(true);
-                        tx.commit()?;
-                        match nftables::remove_foreign(&st) {
-                            Ok(0) => {}
-                            Ok(n) => tracing::info!(
-                                n,
-                                "removed chains and sets keelson did not make from its table"
-                            ),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "removing chains and sets keelson did not make")
-                            }
-                        }
-                        (st, crate::net::nft::Batch::new())
+                        (st, tx, true)
                     }
                     None => {
                         nftables::cleanup()?;
                         let mut st = nftables::State::new(cidr);
                         st.reset(m);
                         let tx = st.load(false);
-                        (st, tx)
+                        (st, tx, false)
                     }
                 };
                 tx.commit()?;
+                if prune {
+                    match nftables::remove_foreign(&st) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::debug!(n, "removed chains and sets the state does not hold")
+                        }
+                        // The table works without it; the next full sync tries again.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "removing chains and sets the state does not hold")
+                        }
+                    }
+                }
                 *state = Some(st);
             }
         }

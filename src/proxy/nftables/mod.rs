@@ -540,9 +540,10 @@ pub fn load(r: &Rendered, repair: bool) -> Batch {
     b
 }
 
-/// Deletes the chains and named sets in keelson's table that `st` does not hold (someone
-/// else's, added while keelson ran; kube-proxy's full syncs do the same), in a transaction of
-/// its own after the full load, which left no rule of keelson's referring to them. How many.
+/// Deletes the chains and named sets in keelson's table that `st` does not hold: the pick and
+/// affinity chains and affinity sets a [`State::reset`] released, and anything someone else
+/// added while keelson ran (kube-proxy's full syncs do the same). Run after a full load, which
+/// left no rule or map element of keelson's referring to them. How many.
 pub fn remove_foreign(st: &State) -> Result<usize, NftError> {
     let (chains, sets) = crate::net::nft::list(TABLE)?;
     let chains: Vec<String> = chains.into_iter().filter(|c| !st.owns_chain(c)).collect();

@@ -185,9 +185,6 @@ pub struct State {
     chains: HashMap<String, (Chain, usize)>,
     affinity_sets: HashMap<String, usize>,
     base: BTreeMap<String, Chain>,
-    /// Pick/affinity chains and affinity sets released by a [`State::reset`]: the full load
-    /// that follows deletes them (nothing references them once the maps are refilled).
-    stale: (BTreeSet<String>, BTreeSet<String>),
 }
 
 /// What one update changed (input to the delta transaction).
@@ -214,7 +211,6 @@ impl State {
             chains: HashMap::new(),
             affinity_sets: HashMap::new(),
             base: base_chains(cidr),
-            stale: Default::default(),
         }
     }
 
@@ -386,29 +382,7 @@ impl State {
                 self.remove(&old, &mut ch);
             }
         }
-        // A chain or set released by one port and taken by another within the update (gone,
-        // then new) stayed in the kernel: neither delete nor re-create it.
-        ch.chains_gone.retain(|c| {
-            let kept = self.chains.contains_key(c);
-            if kept {
-                ch.chains_new.remove(c);
-            }
-            !kept
-        });
-        ch.sets_gone.retain(|c| {
-            let kept = self.affinity_sets.contains_key(c);
-            if kept {
-                ch.sets_new.remove(c);
-            }
-            !kept
-        });
         if !ch.record {
-            // A full load follows: it creates what is new and deletes what is gone.
-            self.stale.0.extend(ch.chains_gone);
-            self.stale.1.extend(ch.sets_gone);
-            let (chains, sets) = &mut self.stale;
-            chains.retain(|c| !self.chains.contains_key(c));
-            sets.retain(|c| !self.affinity_sets.contains_key(c));
             return Batch::new();
         }
         // An element both gone and new (re-added with other data by the same update, or
@@ -435,6 +409,22 @@ impl State {
                     .is_some_and(|(cur, _)| cur == d)
             }));
         }
+        // A chain or set released by one port and taken by another within the update (gone,
+        // then new) stayed in the kernel: neither delete nor re-create it.
+        ch.chains_gone.retain(|c| {
+            let kept = self.chains.contains_key(c);
+            if kept {
+                ch.chains_new.remove(c);
+            }
+            !kept
+        });
+        ch.sets_gone.retain(|c| {
+            let kept = self.affinity_sets.contains_key(c);
+            if kept {
+                ch.sets_new.remove(c);
+            }
+            !kept
+        });
         let mut b = Batch::new();
         for name in &ch.sets_new {
             add_affinity_set(&mut b, name);
@@ -492,10 +482,8 @@ impl State {
     }
 
     /// The transaction that loads the whole table as the state wants it (`repair`: chains
-    /// and sets that exist are flushed and refilled, and the chains and sets that the
-    /// [`State::reset`]s since the last load released are deleted), encoded straight from the
-    /// state.
-    pub fn load(&mut self, repair: bool) -> Batch {
+    /// and sets that exist are flushed and refilled), encoded straight from the state.
+    pub fn load(&self, repair: bool) -> Batch {
         let mut b = Batch::new();
         b.add_table(TABLE);
         let defs = set_defs();
@@ -534,20 +522,6 @@ impl State {
             }
             if let Some(elems) = by_set.remove(set) {
                 b.add_elems_ref(TABLE, set, elems);
-            }
-        }
-        let (chains, sets) = std::mem::take(&mut self.stale);
-        if repair {
-            // Every rule and map element was rewritten above, so nothing refers to these any
-            // more; declared first so that the deletes also hold if someone removed them.
-            for name in &chains {
-                b.add_chain(TABLE, name, None);
-                b.flush_chain(TABLE, name);
-                b.del_chain(TABLE, name);
-            }
-            for name in &sets {
-                add_affinity_set(&mut b, name);
-                b.del_set(TABLE, name);
             }
         }
         b
