@@ -160,13 +160,16 @@ pub async fn run(
     mut cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    for d in [
-        cfg.data_dir.clone(),
-        cfg.pods_dir(),
-        cfg.fifo_dir(),
-        cfg.log_dir.clone(),
-        cfg.images_dir.clone(),
+    // The data and pod directories hold tokens and Secrets: root only (kubelet: 0750 pods).
+    for (d, mode) in [
+        (cfg.data_dir.clone(), 0o700),
+        (cfg.pods_dir(), 0o700),
+        (cfg.fifo_dir(), 0o700),
     ] {
+        crate::runtime::private_dir(&d, mode)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
+    for d in [cfg.log_dir.clone(), cfg.images_dir.clone()] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     let rt = connect_containerd(&cfg.containerd, &cfg.namespace, Duration::from_secs(30))
@@ -518,7 +521,11 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
     tracing::info!(uid, containers = conts.len(), "orphaned pod removed");
     let _ = net::teardown_pod(&net::host_veth_name(uid)).await;
     let _ = ctx.ipam.release_owner(uid);
-    let _ = std::fs::remove_dir_all(ctx.cfg.pods_dir().join(uid));
+    let dir = ctx.cfg.pods_dir().join(uid);
+    if let Err(e) = build::safe_fs::remove_tree(&dir) {
+        tracing::warn!(uid, error = %e, "removing an orphaned pod's directory");
+    }
+    build::forget_projections(&dir);
     if let Some(c) = conts.first()
         && let (Some(ns), Some(name)) = (
             c.labels.get(labels::POD_NAMESPACE),

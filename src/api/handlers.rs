@@ -324,6 +324,10 @@ pub async fn resource(
     let wo = WriteOpts {
         dry,
         field_validation: q.field_validation.as_deref(),
+        caller: match &id {
+            super::authz::Identity::ServiceAccount(ns, name) => Some((ns.as_str(), name.as_str())),
+            _ => None,
+        },
     };
     match (method, t.name.as_deref()) {
         (Method::GET, None) if q.watch.as_deref().is_some_and(|w| w == "true" || w == "1") => {

@@ -383,6 +383,8 @@ pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    crate::runtime::private_dir(&cfg.data_dir, 0o700)
+        .with_context(|| cfg.data_dir.display().to_string())?;
     let store: Arc<dyn Store> = match &cfg.store {
         StoreConfig::Embedded => Arc::new(
             Embedded::open(&cfg.data_dir.join("store/keelson.redb"))

@@ -112,7 +112,7 @@ fn token() -> String {
 /// Loads the credentials in `dir`, making whatever is missing. `names` and `ips` become the
 /// serving certificate's subject alternative names (a new certificate is made when they change).
 pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiError> {
-    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+    crate::runtime::private_dir(dir, 0o700).map_err(|source| PkiError::Io {
         path: dir.into(),
         source,
     })?;

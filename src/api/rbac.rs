@@ -293,6 +293,229 @@ pub async fn allows(st: &ApiState, ns: &str, name: &str, a: &Attributes) -> Resu
     Ok(false)
 }
 
+/// Every rule the bindings in the store give service account `ns/name`: cluster-wide ones,
+/// plus those of RoleBindings in `scope` (a namespace), as kube-apiserver's rule resolver.
+async fn rules_of(
+    st: &ApiState,
+    ns: &str,
+    name: &str,
+    scope: Option<&str>,
+) -> Result<Vec<Value>, ApiError> {
+    let mut out = vec![];
+    for b in list_all(st, "clusterrolebindings", None).await? {
+        if binds(&b, ns, name) {
+            out.extend(role_rules(st, &b["roleRef"], None).await?);
+        }
+    }
+    if let Some(scope) = scope {
+        for b in list_all(st, "rolebindings", Some(scope)).await? {
+            if binds(&b, ns, name) {
+                out.extend(role_rules(st, &b["roleRef"], Some(scope)).await?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The parts of `wanted` that no rule of `owned` covers, one rule per uncovered atom
+/// (group × resource × verb × name, or non-resource URL × verb), as Kubernetes' `Covers`.
+/// A wildcard asked for is covered only by the same wildcard held.
+pub fn uncovered(owned: &[Value], wanted: &[Value]) -> Vec<Value> {
+    let mut missing = vec![];
+    for w in wanted {
+        let verbs = strings(&w["verbs"]);
+        for url in strings(&w["nonResourceURLs"]) {
+            for v in &verbs {
+                let ok = owned.iter().any(|o| {
+                    has(&o["verbs"], v)
+                        && strings(&o["nonResourceURLs"]).iter().any(|u| {
+                            u == "*"
+                                || *u == url
+                                || u.strip_suffix('*').is_some_and(|p| url.starts_with(p))
+                        })
+                });
+                if !ok {
+                    missing.push(serde_json::json!({"nonResourceURLs": [url], "verbs": [v]}));
+                }
+            }
+        }
+        let names = strings(&w["resourceNames"]);
+        let names: Vec<Option<String>> = if names.is_empty() {
+            vec![None]
+        } else {
+            names.into_iter().map(Some).collect()
+        };
+        for g in strings(&w["apiGroups"]) {
+            for r in strings(&w["resources"]) {
+                for v in &verbs {
+                    for n in &names {
+                        let a = Attributes {
+                            verb: v.clone(),
+                            group: g.clone(),
+                            resource: r.clone(),
+                            namespace: None,
+                            name: n.clone(),
+                        };
+                        if !owned.iter().any(|o| rule_allows(o, &a)) {
+                            let mut rule = serde_json::json!({"apiGroups": [g], "resources": [r], "verbs": [v]});
+                            if let Some(n) = n {
+                                rule["resourceNames"] = serde_json::json!([n]);
+                            }
+                            missing.push(rule);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    missing
+}
+
+/// Kubernetes' RBAC escalation prevention for a service account writing RBAC objects: a Role
+/// or ClusterRole only with rules the caller already holds (or the `escalate` verb on it), a
+/// binding only to a role whose rules the caller holds (or the `bind` verb on that role).
+/// Other kinds and other callers pass.
+pub async fn check_escalation(
+    st: &ApiState,
+    caller: Option<(&str, &str)>,
+    kind: &str,
+    ns: Option<&str>,
+    obj: &Value,
+) -> Result<(), ApiError> {
+    let Some((sa_ns, sa)) = caller else {
+        return Ok(());
+    };
+    const GROUP: &str = "rbac.authorization.k8s.io";
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let (plural, wanted, verb, checked_role) = match kind {
+        "Role" | "ClusterRole" => {
+            let plural = if kind == "Role" {
+                "roles"
+            } else {
+                "clusterroles"
+            };
+            let rules = obj["rules"].as_array().cloned().unwrap_or_default();
+            (plural, rules, "escalate", (plural, name.to_string()))
+        }
+        "RoleBinding" | "ClusterRoleBinding" => {
+            let plural = if kind == "RoleBinding" {
+                "rolebindings"
+            } else {
+                "clusterrolebindings"
+            };
+            let role_ref = &obj["roleRef"];
+            let ref_plural = match role_ref["kind"].as_str() {
+                Some("Role") => "roles",
+                _ => "clusterroles",
+            };
+            let ref_name = role_ref["name"].as_str().unwrap_or("").to_string();
+            let exists = {
+                let r = registry::find(GROUP, "v1", ref_plural)
+                    .ok_or_else(|| ApiError::internal(format!("no {ref_plural} resource")))?;
+                let key_ns = if ref_plural == "roles" { ns } else { None };
+                st.store
+                    .get(&r.key(key_ns, &ref_name))
+                    .await
+                    .map_err(ApiError::internal)?
+                    .is_some()
+            };
+            let rules = role_rules(st, role_ref, ns).await?;
+            if !exists {
+                // kube-apiserver resolves the reference first: a binding to a missing role
+                // cannot be checked, so it is refused (unless the caller may `bind` it).
+                let a = Attributes {
+                    verb: "bind".into(),
+                    group: GROUP.into(),
+                    resource: ref_plural.into(),
+                    namespace: ns.map(str::to_string),
+                    name: Some(ref_name.clone()),
+                };
+                if allows(st, sa_ns, sa, &a).await? {
+                    return Ok(());
+                }
+                return Err(ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{ref_plural}.{GROUP} \"{ref_name}\" not found"),
+                ));
+            }
+            (plural, rules, "bind", (ref_plural, ref_name))
+        }
+        _ => return Ok(()),
+    };
+    let a = Attributes {
+        verb: verb.into(),
+        group: GROUP.into(),
+        resource: checked_role.0.into(),
+        namespace: ns.map(str::to_string),
+        name: Some(checked_role.1),
+    };
+    if allows(st, sa_ns, sa, &a).await? {
+        return Ok(());
+    }
+    let owned = rules_of(st, sa_ns, sa, ns).await?;
+    let missing = uncovered(&owned, &wanted);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = missing.iter().take(20).map(describe_rule).collect();
+    Err(ApiError::new(
+        axum::http::StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!(
+            "{plural}.{GROUP} \"{name}\" is forbidden: user \"system:serviceaccount:{sa_ns}:{sa}\" (groups=[\"system:serviceaccounts\" \"system:serviceaccounts:{sa_ns}\" \"system:authenticated\"]) is attempting to grant RBAC permissions not currently held:\n{}",
+            shown.join("\n")
+        ),
+    ))
+}
+
+/// A rule as kube-apiserver prints one in its escalation error.
+fn describe_rule(r: &Value) -> String {
+    let list = |k: &str| {
+        let v = strings(&r[k]);
+        (!v.is_empty()).then(|| {
+            format!(
+                "{}:[{}]",
+                match k {
+                    "apiGroups" => "APIGroups",
+                    "resources" => "Resources",
+                    "resourceNames" => "ResourceNames",
+                    "nonResourceURLs" => "NonResourceURLs",
+                    _ => "Verbs",
+                },
+                v.iter()
+                    .map(|s| format!("{s:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        })
+    };
+    let parts: Vec<String> = [
+        "apiGroups",
+        "resources",
+        "resourceNames",
+        "nonResourceURLs",
+        "verbs",
+    ]
+    .iter()
+    .filter_map(|k| list(k))
+    .collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
 /// Allows `a` for service account `ns/name`, or answers kube-apiserver's 403.
 pub async fn authorize(
     st: &ApiState,
@@ -434,5 +657,34 @@ mod tests {
         assert!(binds(&g, "ci", "any") && !binds(&g, "other", "any"));
         let u = json!({"subjects": [{"kind": "User", "name": "system:serviceaccount:a:b"}]});
         assert!(binds(&u, "a", "b"));
+    }
+
+    #[test]
+    fn covering_needs_every_atom_and_the_same_wildcards() {
+        let owned = vec![
+            json!({"apiGroups": [""], "resources": ["configmaps", "pods/*"], "verbs": ["get", "list"]}),
+            json!({"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["create"]}),
+            json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["one"]}),
+        ];
+        let ok = [
+            json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}),
+            json!({"apiGroups": [""], "resources": ["pods/log"], "verbs": ["list"]}),
+            json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["one"]}),
+        ];
+        assert!(uncovered(&owned, &ok).is_empty());
+        let star = [json!({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]})];
+        assert_eq!(uncovered(&owned, &star).len(), 1);
+        let more = [
+            json!({"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "delete"]}),
+        ];
+        // configmaps/delete, secrets/get (no name: the held rule names one), secrets/delete.
+        assert_eq!(uncovered(&owned, &more).len(), 3);
+        let urls = [json!({"nonResourceURLs": ["/metrics"], "verbs": ["get"]})];
+        assert_eq!(uncovered(&owned, &urls).len(), 1);
+        assert!(uncovered(&[json!({"nonResourceURLs": ["*"], "verbs": ["*"]})], &urls).is_empty());
+        assert_eq!(
+            describe_rule(&star[0]),
+            r#"{APIGroups:["*"], Resources:["*"], Verbs:["*"]}"#
+        );
     }
 }

@@ -238,6 +238,9 @@ pub(super) struct WriteOpts<'a> {
     pub(super) dry: bool,
     /// `fieldValidation`: Strict, Warn (default) or Ignore.
     pub(super) field_validation: Option<&'a str>,
+    /// The service account (namespace, name) making the request, when RBAC governs it: RBAC
+    /// objects it writes go through the escalation check.
+    pub(super) caller: Option<(&'a str, &'a str)>,
 }
 
 /// Decodes, defaults and validates an object about to be stored (kube-apiserver's admission
@@ -394,6 +397,7 @@ pub(super) async fn create(
     }
     obj["metadata"] = Value::Object(meta);
     let (mut obj, warnings) = admit(r, obj, &name, field_validation)?;
+    super::rbac::check_escalation(st, o.caller, r.kind, ns, &obj).await?;
     if r.kind == "Pod" {
         super::typed::mount_service_account_token(&mut obj);
     }
@@ -465,6 +469,12 @@ async fn prepare_update(
         new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
     }
     let (mut new, warnings) = admit(r, new, name, o.field_validation)?;
+    let ns = new
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .filter(|_| r.namespaced)
+        .map(str::to_string);
+    super::rbac::check_escalation(st, o.caller, r.kind, ns.as_deref(), &new).await?;
     if !o.dry {
         allocate_service(st, r, &mut new, Some(old), key, name).await?;
     }
@@ -618,7 +628,27 @@ pub(super) async fn patch(
         let cur = st.store.get(&key).await.map_err(ApiError::internal)?;
         let Some(cur) = cur else {
             if ctype == "application/apply-patch+yaml" {
-                // Server-side apply of a missing object creates it.
+                // Server-side apply of a missing object creates it: the object must carry the
+                // URL's name, and the caller needs `create` as well as `patch`.
+                let body_name = doc
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if body_name != name {
+                    return Err(ApiError::bad_request(format!(
+                        "the name of the object ({body_name}) does not match the name on the URL ({name})"
+                    )));
+                }
+                if let Some((sa_ns, sa)) = o.caller {
+                    let a = super::rbac::Attributes {
+                        verb: "create".into(),
+                        group: r.group.into(),
+                        resource: r.plural.into(),
+                        namespace: ns.map(str::to_string),
+                        name: None,
+                    };
+                    super::rbac::authorize(st, sa_ns, sa, &a).await?;
+                }
                 let bytes = Bytes::from(serde_json::to_vec(&doc).map_err(ApiError::internal)?);
                 return create(st, r, ns, &bytes, o).await;
             }

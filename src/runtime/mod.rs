@@ -218,3 +218,11 @@ pub fn random_hex(bytes: usize) -> String {
     getrandom::fill(&mut buf).expect("kernel random source");
     hex::encode(buf)
 }
+
+/// Creates `dir` (and its parents) and makes it `mode` (0700 for data, store and PKI
+/// directories: they hold secrets no other local user may read).
+pub fn private_dir(dir: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}

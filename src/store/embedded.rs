@@ -147,8 +147,20 @@ impl Embedded {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
+            crate::runtime::private_dir(dir, 0o700)
                 .map_err(|e| Error::Backend(format!("{}: {e}", dir.display())))?;
+        }
+        {
+            // The store holds every Secret: readable by root only, from its creation on.
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?;
         }
         let db = Database::create(path)
             .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?;

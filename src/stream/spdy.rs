@@ -26,6 +26,8 @@ pub const RST_CANCEL: u32 = 5;
 
 /// Longest frame accepted (the length field allows 16 MiB; spdystream writes far less).
 const MAX_FRAME: usize = 1 << 24;
+/// Longest inflated header block accepted (kubelet's streams carry a handful of short headers).
+const MAX_HEADER_BLOCK: usize = 1 << 16;
 
 pub type Headers = Vec<(String, String)>;
 
@@ -91,6 +93,8 @@ fn malformed(what: &'static str, why: impl Into<String>) -> Error {
 /// One side of a SPDY connection: its header compressor and decompressor.
 pub struct Codec {
     inflate: Decompress,
+    /// zlib asks for the dictionary once, at the start of the stream; a second ask is an attack.
+    dictionary_set: bool,
     deflate: Compress,
 }
 
@@ -107,6 +111,7 @@ impl Codec {
         let _ = deflate.set_dictionary(DICTIONARY);
         Self {
             inflate: Decompress::new(true),
+            dictionary_set: false,
             deflate,
         }
     }
@@ -224,34 +229,52 @@ impl Codec {
         Ok(out)
     }
 
+    /// Inflates one header block. Every pass must consume input or produce output, the zlib
+    /// stream must not end (SPDY's runs for the whole connection) and the plain text is capped:
+    /// a malformed or hostile block is an error, never a loop or a decompression bomb.
     fn inflate(&mut self, input: &[u8]) -> Result<Vec<u8>, Error> {
-        let mut out = Vec::with_capacity(input.len() * 4 + 64);
+        let mut out = Vec::with_capacity((input.len() * 4 + 64).min(MAX_HEADER_BLOCK));
         let start = self.inflate.total_in();
         loop {
             let used = (self.inflate.total_in() - start) as usize;
             if out.len() == out.capacity() {
-                out.reserve(out.capacity().max(256));
+                if out.len() >= MAX_HEADER_BLOCK {
+                    return Err(malformed(
+                        "header block",
+                        format!("inflates to more than {MAX_HEADER_BLOCK} bytes"),
+                    ));
+                }
+                out.reserve(out.capacity().max(256).min(MAX_HEADER_BLOCK - out.len()));
             }
-            match self
-                .inflate
-                .decompress_vec(&input[used..], &mut out, FlushDecompress::Sync)
-            {
-                Ok(Status::Ok | Status::BufError | Status::StreamEnd) => {}
-                Err(e) => match e.needs_dictionary() {
-                    Some(_) => self
-                        .inflate
-                        .set_dictionary(DICTIONARY)
-                        .map(|_| ())
-                        .map_err(|e| Error::Zlib(e.to_string()))?,
-                    None => return Err(Error::Zlib(e.to_string())),
-                },
-            }
+            let (in_before, out_before) = (self.inflate.total_in(), out.len());
+            let status =
+                match self
+                    .inflate
+                    .decompress_vec(&input[used..], &mut out, FlushDecompress::Sync)
+                {
+                    Ok(status) => status,
+                    Err(e) => match e.needs_dictionary() {
+                        Some(_) if !self.dictionary_set => {
+                            self.dictionary_set = true;
+                            self.inflate
+                                .set_dictionary(DICTIONARY)
+                                .map_err(|e| Error::Zlib(e.to_string()))?;
+                            continue;
+                        }
+                        Some(_) => return Err(Error::Zlib("unexpected dictionary request".into())),
+                        None => return Err(Error::Zlib(e.to_string())),
+                    },
+                };
             let used = (self.inflate.total_in() - start) as usize;
+            if status == Status::StreamEnd {
+                return Err(malformed("header block", "the zlib stream ended"));
+            }
             if used >= input.len() && out.len() < out.capacity() {
                 return Ok(out);
             }
-            if out.len() > MAX_FRAME {
-                return Err(Error::TooLong(out.len()));
+            if self.inflate.total_in() == in_before && out.len() == out_before {
+                // Room to write, input left, and zlib took nothing: it never will.
+                return Err(malformed("header block", "zlib made no progress"));
             }
         }
     }
@@ -440,5 +463,76 @@ mod tests {
         assert!(matches!(c.parse(&mut b), Err(Error::Malformed { .. })));
         let mut b = BytesMut::from(&[0x80, 3, 0, 2, 0, 0, 0, 6, 0, 0, 0, 1, 0xde, 0xad][..]);
         assert!(matches!(c.parse(&mut b), Err(Error::Zlib(_))));
+    }
+
+    /// A SYN_STREAM whose header block is `block` (already compressed).
+    fn syn_with_block(block: &[u8]) -> BytesMut {
+        let mut f = control(SYN_STREAM, 0, 10 + block.len());
+        f.put_u32(1);
+        f.put_u32(0);
+        f.put_u16(0);
+        f.put_slice(block);
+        f
+    }
+
+    fn compressed(plain: &[u8], finish: bool) -> Vec<u8> {
+        let mut z = Compress::new(Compression::default(), true);
+        z.set_dictionary(DICTIONARY).unwrap();
+        let mut out = Vec::with_capacity(plain.len() + 1024);
+        let flush = if finish {
+            FlushCompress::Finish
+        } else {
+            FlushCompress::Sync
+        };
+        z.compress_vec(plain, &mut out, flush).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_header_block_that_ends_the_zlib_stream_with_bytes_left_is_an_error_not_a_spin() {
+        // The audit's attack: a finished zlib stream followed by more input used to loop forever.
+        let mut plain = BytesMut::new();
+        plain.put_u32(0);
+        let mut block = compressed(&plain, true);
+        block.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+        let started = std::time::Instant::now();
+        let mut c = Codec::new();
+        assert!(matches!(
+            c.parse(&mut syn_with_block(&block)),
+            Err(Error::Malformed { .. })
+        ));
+        // The stream ending exactly at the block's end is refused too (SPDY's never ends).
+        let block = compressed(&plain, true);
+        assert!(Codec::new().parse(&mut syn_with_block(&block)).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused() {
+        // 16 MiB of one header value compresses to a few KiB.
+        let mut plain = BytesMut::new();
+        plain.put_u32(1);
+        plain.put_u32(1);
+        plain.put_slice(b"a");
+        plain.put_u32(16 << 20);
+        plain.put_bytes(b'x', 16 << 20);
+        let block = compressed(&plain, false);
+        assert!(block.len() < 100_000, "{}", block.len());
+        let mut c = Codec::new();
+        match c.parse(&mut syn_with_block(&block)) {
+            Err(Error::Malformed { why, .. }) => assert!(why.contains("more than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_second_dictionary_request_is_an_error() {
+        let mut plain = BytesMut::new();
+        plain.put_u32(0);
+        let block = compressed(&plain, false);
+        let mut c = Codec::new();
+        assert!(c.parse(&mut syn_with_block(&block)).unwrap().is_some());
+        // A fresh zlib header asking for the dictionary again in the middle of the stream.
+        assert!(c.parse(&mut syn_with_block(&block)).is_err());
     }
 }

@@ -8,12 +8,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret};
 
 use super::quantity;
 
+pub mod safe_fs;
 mod volumes;
 use crate::runtime::{
     image::ImageInfo,
     spec::{MountSpec, Ns, ProcessConfig, RuntimeConfig},
 };
-pub use volumes::{refresh_projections, volume_dir};
+pub use volumes::{forget_projections, refresh_projections, volume_dir};
 
 /// Why a container cannot be configured (kubelet's `CreateContainerConfigError`).
 #[derive(Debug, thiserror::Error)]
@@ -428,6 +429,36 @@ fn parse_user(u: &str) -> (Option<u32>, Option<u32>) {
     (a.parse().ok(), b.parse().ok())
 }
 
+/// Prepares a volume mount's `subPath` as kubelet does: `sub` is opened beneath the volume's
+/// directory (symlinks followed only while they stay inside; missing directories made with
+/// `mkdirat`), and that descriptor is bind-mounted onto
+/// `POD_DIR/volume-subpaths/VOLUME/CONTAINER/INDEX`, which the runtime mounts. The
+/// container gets the inode that was checked, whatever the path says afterwards.
+fn subpath_mount(
+    sb: &SandboxInfo,
+    volume: &str,
+    sub: &str,
+    name: &str,
+    container: &str,
+    index: usize,
+) -> Result<String, ConfigError> {
+    let fail = |e: std::io::Error| {
+        ConfigError(format!(
+            "failed to prepare subPath for volumeMount \"{name}\" of container \"{container}\": {e}"
+        ))
+    };
+    let base = safe_fs::open_dir(Path::new(volume)).map_err(fail)?;
+    let fd = safe_fs::open_beneath(&base, sub).map_err(fail)?;
+    let target = sb
+        .pod_dir
+        .join("volume-subpaths")
+        .join(name)
+        .join(container)
+        .join(index.to_string());
+    safe_fs::bind_fd(&fd, &target).map_err(fail)?;
+    Ok(target.to_string_lossy().into_owned())
+}
+
 /// Builds the runtime config of an app or init container joined to the sandbox.
 pub fn runtime_config(
     pod: &Pod,
@@ -526,19 +557,15 @@ pub fn runtime_config(
         tpath,
         false,
     ));
-    for m in c.volume_mounts.iter().flatten() {
+    for (i, m) in c.volume_mounts.iter().flatten().enumerate() {
         let mut src = volume_dir(pod, sb, &m.name)?;
         if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
-                return Err(ConfigError(format!(
-                    "subPath {sub:?} must be a relative path without '..'"
-                )));
-            }
-            let p = Path::new(&src).join(sub);
-            let _ = std::fs::create_dir_all(&p);
-            src = p.to_string_lossy().into();
+            src = subpath_mount(sb, &src, sub, &m.name, &c.name, i)?;
         }
-        let mut ms = MountSpec::bind(src, m.mount_path.clone(), m.read_only.unwrap_or(false));
+        // ConfigMap, Secret, downwardAPI and projected volumes are the agent's to write: a
+        // container always gets them read-only (kubelet does the same since 1.10).
+        let read_only = m.read_only.unwrap_or(false) || volumes::agent_written(pod, &m.name);
+        let mut ms = MountSpec::bind(src, m.mount_path.clone(), read_only);
         if m.mount_propagation.as_deref() == Some("Bidirectional") {
             ms.options[1] = "rshared".into();
         }

@@ -3,6 +3,8 @@
 //! (a timestamped directory, then the `..data` symlink swapped), so updates reach running
 //! containers whole.
 
+use std::path::PathBuf;
+
 use super::*;
 
 /// A pod volume's host directory, created on first use.
@@ -268,18 +270,58 @@ fn downward_entries<'a>(
     Ok((entries, items))
 }
 
+/// The generation (`..<timestamp>` directory) and content digest each projection directory
+/// was last written with, by this process. The agent trusts this, not the `..data` link inside
+/// the directory, which the pod could have changed.
+static GENERATIONS: std::sync::Mutex<Option<HashMap<PathBuf, (String, [u8; 32])>>> =
+    std::sync::Mutex::new(None);
+
+fn generation(dir: &Path) -> Option<(String, [u8; 32])> {
+    GENERATIONS
+        .lock()
+        .ok()?
+        .as_ref()
+        .and_then(|m| m.get(dir).cloned())
+}
+
+fn remember(dir: &Path, stamp: String, digest: [u8; 32]) {
+    if let Ok(mut g) = GENERATIONS.lock() {
+        g.get_or_insert_with(HashMap::new)
+            .insert(dir.to_path_buf(), (stamp, digest));
+    }
+}
+
+/// Forgets the projections below `dir` (a pod's directory being removed).
+pub fn forget_projections(dir: &Path) {
+    if let Ok(mut g) = GENERATIONS.lock()
+        && let Some(m) = g.as_mut()
+    {
+        m.retain(|k, _| !k.starts_with(dir));
+    }
+}
+
+/// A generation name as this writer makes them: `..` and no slash, not one of the fixed names.
+fn is_generation(name: &str) -> bool {
+    name.starts_with("..")
+        && name.len() > 2
+        && !name.contains('/')
+        && name != "..data"
+        && name != "..data_tmp"
+}
+
 /// Writes a ConfigMap/Secret/downwardAPI projection the way kubelet's AtomicWriter does, so
 /// that a running container sees an update all at once: the files live in a fresh
 /// `..<timestamp>` directory, `..data` is a symlink swapped to it by one rename, and every
 /// top-level name is a symlink through `..data`. Nothing is rewritten when the content and
-/// modes are unchanged.
+/// modes are unchanged. Every operation goes through the directory's descriptor and never
+/// follows a symlink (containers mount it read-only, but the agent does not rely on it).
 pub(super) fn write_projection(
     dir: &Path,
     entries: &[(String, Vec<u8>)],
     items: Option<&[KeyToPath]>,
     default_mode: i32,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use sha2::Digest;
     let files: Vec<(String, &[u8], u32)> = match items {
         Some(items) => items
             .iter()
@@ -301,84 +343,76 @@ pub(super) fn write_projection(
         if path.is_empty()
             || path.starts_with('/')
             || path.starts_with("..")
-            || path.split('/').any(|p| p == "..")
+            || path.split('/').any(|p| p == ".." || p.is_empty())
         {
             return Err(std::io::Error::other(format!(
                 "item path {path:?} must be relative without '..'"
             )));
         }
     }
-    std::fs::create_dir_all(dir)?;
-    let data = dir.join("..data");
-    // Unchanged? (Same set of files, bytes and modes.)
-    if let Ok(current) = std::fs::read_link(&data) {
-        let cur = dir.join(current);
-        let same = files.iter().all(|(p, d, m)| {
-            let f = cur.join(p);
-            std::fs::read(&f).is_ok_and(|b| b == *d)
-                && std::fs::metadata(&f).is_ok_and(|md| md.permissions().mode() & 0o7777 == *m)
-        }) && count_files(&cur) == files.len();
-        if same {
-            return Ok(());
-        }
+    let mut h = sha2::Sha256::new();
+    for (p, d, m) in &files {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+        h.update((d.len() as u64).to_le_bytes());
+        h.update(d);
+        h.update(m.to_le_bytes());
     }
+    let digest: [u8; 32] = h.finalize().into();
+    let known = generation(dir);
+    if known.as_ref().is_some_and(|(_, d)| *d == digest) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let d = safe_fs::open_dir(dir)?;
+    // The generation to remove after the swap: ours, or (after an agent restart) the one
+    // `..data` names if it has our form.
+    let old = known.map(|(s, _)| s).or_else(|| {
+        nix::fcntl::readlinkat(&d, "..data")
+            .ok()
+            .map(|s| s.to_string_lossy().into_owned())
+            .filter(|s| is_generation(s))
+    });
     let stamp = format!(
         "..{}.{}",
         jiff::Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S"),
         crate::runtime::random_hex(4)
     );
-    let fresh = dir.join(&stamp);
-    std::fs::create_dir_all(&fresh)?;
+    let fresh = safe_fs::make_dirs_at(&d, &stamp, 0o755)?;
     for (path, bytes, mode) in &files {
-        let p = fresh.join(path);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&p, bytes)?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
+        let (parent, name) = match path.rsplit_once('/') {
+            Some((p, n)) => (safe_fs::make_dirs_at(&fresh, p, 0o755)?, n),
+            None => (
+                nix::unistd::dup(&fresh).map_err(std::io::Error::from)?,
+                path.as_str(),
+            ),
+        };
+        safe_fs::create_file_at(&parent, name, bytes, *mode)?;
     }
-    let old = std::fs::read_link(&data).ok();
-    let tmp = dir.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(&stamp, &tmp)?;
-    std::fs::rename(&tmp, &data)?;
+    let _ = nix::unistd::unlinkat(&d, "..data_tmp", nix::unistd::UnlinkatFlags::NoRemoveDir);
+    nix::unistd::symlinkat(stamp.as_str(), &d, "..data_tmp").map_err(std::io::Error::from)?;
+    nix::fcntl::renameat(&d, "..data_tmp", &d, "..data").map_err(std::io::Error::from)?;
     // Top-level names: a symlink through ..data for each; stale ones go.
     let tops: std::collections::BTreeSet<&str> = files
         .iter()
         .filter_map(|(p, _, _)| p.split('/').next())
         .collect();
     for t in &tops {
-        let link = dir.join(t);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(Path::new("..data").join(t), &link)?;
+        if safe_fs::lstat_at(&d, t).is_none() {
+            nix::unistd::symlinkat(format!("..data/{t}").as_str(), &d, *t)
+                .map_err(std::io::Error::from)?;
         }
     }
-    for e in std::fs::read_dir(dir)?.flatten() {
-        let n = e.file_name().to_string_lossy().to_string();
+    for n in safe_fs::names_in(&d)? {
         if !n.starts_with("..") && !tops.contains(n.as_str()) {
-            let _ = std::fs::remove_file(e.path());
+            let _ = nix::unistd::unlinkat(&d, n.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
         }
     }
-    if let Some(old) = old.filter(|o| o.as_os_str() != stamp.as_str()) {
-        let _ = std::fs::remove_dir_all(dir.join(old));
+    if let Some(old) = old.filter(|o| *o != stamp) {
+        let _ = safe_fs::remove_at(&d, &old);
     }
+    remember(dir, stamp, digest);
     Ok(())
-}
-
-fn count_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        count_files(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// Rewrites the pod's ConfigMap, Secret and downwardAPI volumes from `sb.refs` (kubelet's
@@ -398,4 +432,19 @@ pub fn refresh_projections(pod: &Pod, sb: &SandboxInfo) -> Result<usize, ConfigE
         }
     }
     Ok(n)
+}
+
+/// Whether the pod's volume `name` is one the agent writes (ConfigMap, Secret, downwardAPI,
+/// projected): containers get those read-only.
+pub(super) fn agent_written(pod: &Pod, name: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|v| v.iter().find(|v| v.name == name))
+        .is_some_and(|v| {
+            v.config_map.is_some()
+                || v.secret.is_some()
+                || v.downward_api.is_some()
+                || v.projected.is_some()
+        })
 }

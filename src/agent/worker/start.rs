@@ -215,7 +215,7 @@ impl PodWorker {
             )
         };
         let dir = self.pod_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        crate::runtime::private_dir(&dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
         let shown_ip = ip.unwrap_or(self.ctx.cfg.node_ip);
         let hosts = format!(
             "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{shown_ip}\t{}\n",

@@ -106,12 +106,12 @@ impl PodWorker {
         }
         self.teardown_sandbox().await;
         let dir = self.pod_dir();
-        if let Ok(vols) = std::fs::read_dir(dir.join("volumes/empty-dir")) {
-            for v in vols.flatten() {
-                let _ = nix::mount::umount2(&v.path(), nix::mount::MntFlags::MNT_DETACH);
-            }
+        // Unmounts subPath binds and memory emptyDirs first: the removal never walks into a
+        // volume or a host path.
+        if let Err(e) = crate::agent::build::safe_fs::remove_tree(&dir) {
+            tracing::warn!(pod = %self.name, error = %e, "removing the pod's directory");
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        crate::agent::build::forget_projections(&dir);
         let _ = std::fs::remove_dir_all(self.log_dir());
         let fifo = self.ctx.cfg.fifo_dir();
         for r in self.init.iter().chain(self.app.iter()) {
