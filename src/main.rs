@@ -619,7 +619,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         token_file: p.token_file.clone().context("--token-file")?,
                         ca_file: p.ca_file.clone().context("--ca-file")?,
                     };
-                    agent::cluster::client(&join, &node).await?
+                    agent::cluster::client(&join, &node, None).await?.client
                 }
                 (None, None) => kube::Client::try_default()
                     .await
@@ -753,7 +753,6 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                     max_files: a.container_log_max_files,
                 },
                 join,
-                kubelet_token: a.token_file.clone(),
                 kubelet_port: a.kubelet_port,
                 client_ca_file,
                 reserved: a.reserved,

@@ -1,6 +1,7 @@
 //! HTTPS plumbing shared by the API server and the agent's kubelet API: a rustls server
 //! configuration from PEM, the accept loop (TLS, then HTTP/1.1 with upgrades), and a small
-//! HTTPS client for the API server's calls to kubelets.
+//! HTTPS client for the API server's calls to kubelets (client certificate out, the kubelet's
+//! serving certificate checked against the cluster CA and its node name).
 
 use std::sync::Arc;
 
@@ -63,29 +64,87 @@ pub fn server_config(
         .context("TLS versions")?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(pem) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
-                roots
-                    .add(c.context("client CA certificate")?)
-                    .context("client CA certificate")?;
-            }
-            anyhow::ensure!(!roots.is_empty(), "no certificate in the client CA file");
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider(),
-            )
-            .allow_unauthenticated()
-            .build()
-            .context("client certificate verifier")?;
-            builder.with_client_cert_verifier(v)
-        }
+        Some(pem) => builder.with_client_cert_verifier(client_verifier(pem)?),
     };
     let mut cfg = builder
         .with_single_cert(certs, key)
         .context("TLS certificate")?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// A serving certificate that can be replaced while serving (the kubelet's, once the cluster
+/// issues it): every handshake takes the current one.
+#[derive(Debug)]
+pub struct CertSwitch(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl CertSwitch {
+    fn certified(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
+        let (certs, key) = cert_and_key(cert_pem, key_pem)?;
+        Ok(Arc::new(
+            rustls::sign::CertifiedKey::from_der(certs, key, &provider())
+                .context("certificate and key")?,
+        ))
+    }
+
+    pub fn new(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self(std::sync::RwLock::new(Self::certified(
+            cert_pem, key_pem,
+        )?))))
+    }
+
+    /// Serves `cert_pem`/`key_pem` from the next handshake on.
+    pub fn set(&self, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+        let c = Self::certified(cert_pem, key_pem)?;
+        if let Ok(mut cur) = self.0.write() {
+            *cur = c;
+        }
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSwitch {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.read().ok().map(|c| c.clone())
+    }
+}
+
+/// Like `server_config`, serving whatever `switch` holds at each handshake.
+pub fn switched_server_config(
+    switch: Arc<CertSwitch>,
+    client_ca: Option<&str>,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?;
+    let mut cfg = match client_ca {
+        None => builder.with_no_client_auth().with_cert_resolver(switch),
+        Some(pem) => builder
+            .with_client_cert_verifier(client_verifier(pem)?)
+            .with_cert_resolver(switch),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Verifies client certificates against `pem` (a CA bundle); clients without one pass too.
+fn client_verifier(
+    pem: &str,
+) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        roots
+            .add(c.context("client CA certificate")?)
+            .context("client CA certificate")?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "no certificate in the client CA file");
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .context("client certificate verifier")
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown` resolves.
@@ -146,79 +205,39 @@ pub async fn serve(
     }
 }
 
-/// Accepts any server certificate: kube-apiserver's default towards kubelets (no
-/// `--kubelet-certificate-authority`); the kubelet still authenticates the caller.
-#[derive(Debug)]
-struct AnyCert;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &provider().signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &provider().signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// The client configuration for calls to kubelets: their self-signed certificates are not
-/// checked; `identity` (certificate and key PEM) is presented when given.
+/// The client configuration for calls to kubelets: it presents `identity` (the API server's
+/// kubelet-client certificate and key, PEM; no bearer credential ever goes to a kubelet) and
+/// accepts only serving certificates the cluster CA (`ca_pem`) signed for the address dialled
+/// (kube-apiserver's `--kubelet-certificate-authority`). `connect` also checks that the
+/// certificate names the node meant.
 pub fn kubelet_client_config(
-    identity: Option<(&str, &str)>,
+    identity: (&str, &str),
+    ca_pem: &str,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let b = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert));
-    Ok(Arc::new(match identity {
-        None => b.with_no_client_auth(),
-        Some((cert, key)) => {
-            let (certs, key) = cert_and_key(cert, key).context("kubelet client certificate")?;
-            b.with_client_auth_cert(certs, key)
-                .context("kubelet client certificate")?
-        }
-    }))
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots
+            .add(c.context("cluster CA certificate")?)
+            .context("cluster CA certificate")?;
+    }
+    let (certs, key) =
+        cert_and_key(identity.0, identity.1).context("kubelet client certificate")?;
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .context("kubelet client certificate")?,
+    ))
 }
 
-/// An HTTP/1.1 connection over TLS to `addr` (a kubelet) with `cfg`
-/// (`kubelet_client_config`), able to carry one upgraded request.
+/// An HTTP/1.1 connection over TLS to `addr`, the kubelet of `node`, with `cfg`
+/// (`kubelet_client_config`), able to carry one upgraded request. The kubelet's certificate
+/// must name `system:node:<node>` (a certificate of another node is refused).
 pub async fn connect(
     addr: std::net::SocketAddr,
+    node: &str,
     cfg: &Arc<rustls::ClientConfig>,
 ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<axum::body::Body>> {
     let tcp = tokio::time::timeout(
@@ -234,6 +253,18 @@ pub async fn connect(
         .connect(name, tcp)
         .await
         .with_context(|| format!("TLS to {addr}"))?;
+    let subject = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| ClientCertVerified::of(c))
+        .unwrap_or_default();
+    anyhow::ensure!(
+        subject.common_name == format!("system:node:{node}"),
+        "TLS to {addr}: the kubelet's certificate names {:?}, not node {node:?}",
+        subject.common_name
+    );
     let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .context("HTTP handshake")?;
@@ -243,18 +274,17 @@ pub async fn connect(
     Ok(send)
 }
 
-/// `GET https://addr/path_and_query` with a bearer token (and `cfg`'s client certificate);
-/// the response streams.
+/// `GET https://addr/path_and_query` on node `node`'s kubelet, authenticated by `cfg`'s
+/// client certificate; the response streams.
 pub async fn get(
     addr: std::net::SocketAddr,
+    node: &str,
     cfg: &Arc<rustls::ClientConfig>,
     path_and_query: &str,
-    bearer: &str,
 ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
-    let mut send = connect(addr, cfg).await?;
+    let mut send = connect(addr, node, cfg).await?;
     let req = hyper::Request::get(path_and_query)
         .header("host", addr.to_string())
-        .header("authorization", format!("Bearer {bearer}"))
         .body(axum::body::Body::empty())
         .context("request")?;
     send.send_request(req)

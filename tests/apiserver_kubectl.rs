@@ -87,6 +87,96 @@ impl Server {
         p.to_string_lossy().to_string()
     }
 
+    /// A kubeconfig for node `node` made as kubelet's TLS bootstrap does: a key and a request
+    /// for `system:node:NODE` (openssl), a CertificateSigningRequest created with the join
+    /// token, and the certificate the server issued for it.
+    fn node_kubeconfig(&self, node: &str) -> String {
+        let dir = self.dir.path();
+        let key = dir.join(format!("{node}.key"));
+        let req = dir.join(format!("{node}.csr"));
+        let o = Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&req)
+            .args(["-subj", &format!("/O=system:nodes/CN=system:node:{node}")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let csr = self.write(
+            &format!("{node}-csr.yaml"),
+            &format!(
+                "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {node}-client}}\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, key encipherment, client auth]\n  username: system:admin\n  groups: [system:masters]\n  request: {}\n",
+                b64(&std::fs::read(&req).unwrap())
+            ),
+        );
+        let token = format!("--token={}", self.node_token());
+        self.ok(&[&token, "create", "-f", &csr]);
+        // The requester is whoever created it, never what the body claims.
+        assert_eq!(
+            self.jsonpath(
+                "csr",
+                &format!("{node}-client"),
+                "{.spec.username} {.spec.groups}"
+            ),
+            r#"system:bootstrap:keelson ["system:bootstrappers","system:authenticated"]"#
+        );
+        let cert = self.ok(&[
+            &token,
+            "get",
+            "csr",
+            &format!("{node}-client"),
+            "-o",
+            "jsonpath={.status.certificate}",
+        ]);
+        assert!(
+            !cert.is_empty(),
+            "the node client certificate is issued at once"
+        );
+        let ca = self.ok(&[
+            "config",
+            "view",
+            "--raw",
+            "-o",
+            "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+        ]);
+        self.write(
+            &format!("{node}.kubeconfig"),
+            &format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\", certificate-authority-data: {ca}}}}}]\nusers: [{{name: node, user: {{client-certificate-data: {cert}, client-key-data: {}}}}}]\ncontexts: [{{name: node, context: {{cluster: c, user: node}}}}]\ncurrent-context: node\n",
+                self.url(),
+                b64(&std::fs::read(&key).unwrap())
+            ),
+        )
+    }
+
+    fn node_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn kubectl_as(&self, kubeconfig: &str, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("HOME", self.dir.path())
+            .output()
+            .unwrap()
+    }
+
     fn kill(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -532,14 +622,9 @@ fn objects_survive_a_sigkill_of_the_server() {
 #[test]
 fn node_identities_write_only_their_own_objects() {
     let s = Server::start(tempfile::tempdir().unwrap());
-    let node_token = std::fs::read_to_string(s.dir.path().join("node-token")).unwrap();
-    let n1 = keelson::api::authz::node_credential(&node_token, "n1");
-    let token = format!("--token={n1}");
-    let as_n1 = |args: &[&str]| {
-        let mut a = vec![token.as_str()];
-        a.extend_from_slice(args);
-        s.kubectl(&a)
-    };
+    let kc = s.node_kubeconfig("n1");
+    let as_n1 = |args: &[&str]| s.kubectl_as(&kc, args);
+    assert!(as_n1(&["get", "nodes"]).status.success());
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
     let node = |name: &str| {
         s.write(
@@ -621,11 +706,276 @@ fn node_identities_write_only_their_own_objects() {
         "{}",
         stderr(&o)
     );
-    assert!(as_n1(&["get", "configmaps", "-A"]).status.success());
-    // A forged credential is no identity at all.
-    let forged = format!("--token={}", n1.replacen("n1", "n2", 1));
-    let o = s.kubectl(&[forged.as_str(), "get", "pods"]);
+    // Node authorizer: no listing of ConfigMaps or Secrets, and one by name only while a pod
+    // bound to the node references it; no pod logs or exec on another node's pods.
+    let o = as_n1(&["get", "configmaps", "-A"]);
+    assert!(
+        stderr(&o).contains("may only get individual configmaps"),
+        "{}",
+        stderr(&o)
+    );
+    s.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "for-n1",
+        "--from-literal=k=v",
+    ]);
+    s.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "for-n2",
+        "--from-literal=k=v",
+    ]);
+    let uses = |name: &str, node: &str, secret: &str| {
+        s.write(
+            &format!("{name}.yaml"),
+            &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, image: busybox:1}}]\n  volumes: [{{name: s, secret: {{secretName: {secret}}}}}]\n"),
+        )
+    };
+    s.ok(&["create", "-f", &uses("uses1", "n1", "for-n1")]);
+    s.ok(&["create", "-f", &uses("uses2", "n2", "for-n2")]);
+    assert!(as_n1(&["get", "secret", "for-n1"]).status.success());
+    let o = as_n1(&["get", "secret", "for-n2"]);
+    assert!(
+        stderr(&o).contains("no relationship found between node 'n1' and this object"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!as_n1(&["get", "secrets"]).status.success());
+    assert!(!as_n1(&["get", "deployments"]).status.success());
+    let o = as_n1(&["logs", "uses2"]);
+    assert!(stderr(&o).contains("forbidden"), "{}", stderr(&o));
+    // The join token bootstraps and does nothing else.
+    let token = format!("--token={}", s.node_token());
+    let o = s.kubectl(&[&token, "get", "pods"]);
+    assert!(
+        stderr(&o).contains("only bootstraps a node's certificate"),
+        "{}",
+        stderr(&o)
+    );
+    let o = s.kubectl(&[&token, "delete", "pod", "uses2", "--wait=false"]);
+    assert!(!o.status.success());
+    // A certificate for a name the bootstrapper chose still needs `system:nodes`: a request
+    // for another organization is left unapproved.
+    let o = s.kubectl(&["--token=not-a-credential", "get", "pods"]);
     assert!(stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
+}
+
+/// A token for service account `default/NAME` (a TokenRequest through the API).
+fn sa_token(s: &Server, name: &str) -> String {
+    let req = s.write(
+        "tokenrequest.json",
+        r#"{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}"#,
+    );
+    let out = s.ok(&[
+        "create",
+        "--raw",
+        &format!("/api/v1/namespaces/default/serviceaccounts/{name}/token"),
+        "-f",
+        &req,
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["status"]["token"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_service_account_cannot_grant_itself_more_than_it_holds() {
+    let s = Server::start(tempfile::tempdir().unwrap());
+    s.ok(&[
+        "create",
+        "-f",
+        &s.write(
+            "rbac.yaml",
+            r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {name: granter, namespace: default}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: rbac-writer, namespace: default}
+rules:
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [create, get, list, update, patch]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: granter, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: rbac-writer}
+subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
+"#,
+        ),
+    ]);
+    let t = format!("--token={}", sa_token(&s, "granter"));
+    let as_sa = |args: &[&str]| {
+        let mut a = vec![t.as_str()];
+        a.extend_from_slice(args);
+        s.kubectl(&a)
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
+    // Binding cluster-admin (seeded, as kube-apiserver's bootstrap roles) is refused.
+    assert!(
+        s.ok(&["get", "clusterrole", "cluster-admin", "-o", "name"])
+            .contains("cluster-admin")
+    );
+    let bind_admin = s.write(
+        "bind-admin.yaml",
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: take-over, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}
+subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
+"#,
+    );
+    let o = as_sa(&["create", "-f", &bind_admin]);
+    assert!(
+        stderr(&o).contains("is attempting to grant RBAC permissions not currently held"),
+        "{}",
+        stderr(&o)
+    );
+    // A Role with `*` is refused; one within what it holds is allowed.
+    let star = s.write(
+        "star.yaml",
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: everything, namespace: default}
+rules: [{apiGroups: ["*"], resources: ["*"], verbs: ["*"]}]
+"#,
+    );
+    let o = as_sa(&["create", "-f", &star]);
+    assert!(
+        stderr(&o).contains(r#"{APIGroups:["*"], Resources:["*"], Verbs:["*"]}"#),
+        "{}",
+        stderr(&o)
+    );
+    let secrets = s.write(
+        "secrets.yaml",
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: read-secrets, namespace: default}
+rules: [{apiGroups: [""], resources: [secrets], verbs: [get, list]}]
+"#,
+    );
+    assert!(!as_sa(&["create", "-f", &secrets]).status.success());
+    let held = s.write(
+        "held.yaml",
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: read-cms, namespace: default}
+rules: [{apiGroups: [""], resources: [configmaps], verbs: [get]}]
+"#,
+    );
+    assert!(as_sa(&["create", "-f", &held]).status.success());
+    // Widening it by a patch is the same escalation.
+    let o = as_sa(&[
+        "patch",
+        "role",
+        "read-cms",
+        "--type=json",
+        "-p",
+        r#"[{"op": "add", "path": "/rules/-", "value": {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}}]"#,
+    ]);
+    assert!(stderr(&o).contains("not currently held"), "{}", stderr(&o));
+    // Binding the admin-made secrets Role (rules it does not hold) is refused; with `bind` on
+    // it, allowed (Kubernetes' escape hatch).
+    s.ok(&["create", "-f", &secrets]);
+    let bind_secrets = s.write(
+        "bind-secrets.yaml",
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: secrets, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: read-secrets}
+subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
+"#,
+    );
+    assert!(!as_sa(&["create", "-f", &bind_secrets]).status.success());
+    assert!(
+        !as_sa(&["get", "secrets"]).status.success(),
+        "it still cannot list secrets"
+    );
+    s.ok(&["create", "-f", &s.write("binder.yaml", r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: binder, namespace: default}
+rules: [{apiGroups: [rbac.authorization.k8s.io], resources: [roles], verbs: [bind], resourceNames: [read-secrets]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: binder, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: binder}
+subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
+"#)]);
+    assert!(as_sa(&["create", "-f", &bind_secrets]).status.success());
+    assert!(as_sa(&["get", "secrets"]).status.success());
+    // Server-side apply creating an object needs `create` and the URL's name.
+    let o = as_sa(&["apply", "--server-side", "-f", &s.write("cm.yaml", CM)]);
+    assert!(
+        !o.status.success(),
+        "no create on configmaps: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn node_certificates_come_only_through_approved_requests() {
+    let s = Server::start(tempfile::tempdir().unwrap());
+    let token = format!("--token={}", s.node_token());
+    // A serving certificate asked for by the bootstrapper is not approved (only a node, for
+    // its own addresses); an administrator approves it with kubectl and it is signed.
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+        ])
+        .arg(s.dir.path().join("srv.key"))
+        .arg("-out")
+        .arg(s.dir.path().join("srv.csr"))
+        .args([
+            "-subj",
+            "/O=system:nodes/CN=system:node:n9",
+            "-addext",
+            "subjectAltName=IP:10.9.9.9",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    use base64::Engine;
+    let req = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(s.dir.path().join("srv.csr")).unwrap());
+    let csr = s.write("srv.yaml", &format!("apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: srv}}\nspec:\n  signerName: kubernetes.io/kubelet-serving\n  usages: [digital signature, key encipherment, server auth]\n  request: {req}\n"));
+    s.ok(&[&token, "create", "-f", &csr]);
+    assert_eq!(s.jsonpath("csr", "srv", "{.status.certificate}"), "");
+    assert!(
+        s.ok(&["get", "csr", "srv"]).contains("Pending"),
+        "{}",
+        s.ok(&["get", "csr", "srv"])
+    );
+    let o = s.kubectl(&[&token, "certificate", "approve", "srv"]);
+    assert!(!o.status.success(), "the bootstrapper cannot approve");
+    s.ok(&["certificate", "approve", "srv"]);
+    let cert = s.jsonpath("csr", "srv", "{.status.certificate}");
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(cert)
+        .unwrap();
+    std::fs::write(s.dir.path().join("srv.crt"), pem).unwrap();
+    let o = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(s.dir.path().join("pki/ca.crt"))
+        .arg(s.dir.path().join("srv.crt"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(s.ok(&["get", "csr", "srv"]).contains("Approved,Issued"));
 }
 
 #[test]
@@ -713,7 +1063,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
         "no per-group discovery once /apis answered aggregated: {log}"
     );
     let res = s.ok(&["api-resources", "--no-headers"]);
-    assert_eq!(res.lines().count(), 18, "{res}");
+    assert_eq!(res.lines().count(), 19, "{res}");
     assert!(
         res.lines()
             .any(|l| l.starts_with("deployments") && l.contains("apps/v1"))

@@ -153,8 +153,8 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
 
     // The kubelet API's /metrics: pod start latency and sync histograms, probe counters; only
     // for the API server's credential.
-    let token = std::fs::read_to_string(c.lab_dir().join("server/node-token")).unwrap();
-    let cred = keelson::api::authz::kubelet_client_credential(&token);
+    let pki = c.lab_dir().join("server/pki");
+    let pki = pki.to_string_lossy();
     let curl = |auth: Option<&str>| {
         let mut cmd = Command::new("ip");
         cmd.args([
@@ -162,13 +162,21 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
             "exec",
             &c.nodes[0],
             "curl",
-            "-sk",
+            "-s",
+            "--cacert",
+            &format!("{pki}/ca.crt"),
             "-w",
             "\n%{http_code}",
         ]);
-        if let Some(a) = auth {
-            cmd.args(["-H", &format!("Authorization: Bearer {a}")]);
+        if let Some(who) = auth {
+            cmd.args([
+                "--cert",
+                &format!("{pki}/{who}.crt"),
+                "--key",
+                &format!("{pki}/{who}.key"),
+            ]);
         }
+        // The kubelet's serving certificate is the cluster CA's, for the node's address.
         let o = cmd
             .arg("https://10.250.0.11:10250/metrics")
             .output()
@@ -176,7 +184,7 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
         String::from_utf8_lossy(&o.stdout).to_string()
     };
     assert!(curl(None).ends_with("401"), "anonymous: {}", curl(None));
-    let m = curl(Some(&cred));
+    let m = curl(Some("kubelet-client"));
     assert!(m.ends_with("200"), "{m}");
     let count = |name: &str| -> u64 {
         m.lines()

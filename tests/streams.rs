@@ -285,9 +285,11 @@ fn exec_tty_cp_and_errors_with_kubectl() {
     let e = err(&["exec", "box", "-c", "main", "--", "no-such-command"]);
     assert!(e.contains("executable file not found"), "{e}");
     // A node's own credential may not exec.
-    let token = std::fs::read_to_string(c.lab_dir().join("server/node-token")).unwrap();
-    let node_cred = keelson::api::authz::node_credential(&token, &c.nodes[0]);
-    let e = err(&["--token", &node_cred, "exec", "box", "--", "true"]);
+    let o = c.kubectl_as(
+        &c.node_kubeconfig(&c.nodes[0]),
+        &["exec", "box", "--", "true"],
+    );
+    let e = text(&o.stderr);
     assert!(e.contains("cannot create resource \"pods/exec\""), "{e}");
 
     // An idle stream is closed (6 s here); a client that leaves takes its process along and

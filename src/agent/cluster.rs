@@ -30,31 +30,41 @@ use crate::{
     net::hostgw::{self, Route, Via},
 };
 
-/// How the agent reaches the API server.
+/// How the agent reaches the API server, and with which credential it bootstraps its node's
+/// own certificate (`bootstrap`).
 #[derive(Debug, Clone)]
 pub enum Join {
-    /// A kubeconfig file (admin or node credentials).
+    /// A kubeconfig file (any identity allowed to ask for node client certificates).
     Kubeconfig(PathBuf),
-    /// The server URL, the cluster's node token (the agent derives its node credential from
-    /// it) and the server's CA certificate.
+    /// The server URL, the cluster's join token (it only lets the agent ask for its node's
+    /// certificate) and the server's CA certificate.
     Token {
         server: String,
         token_file: PathBuf,
         ca_file: PathBuf,
     },
     /// The pod's in-cluster configuration (service account token, CA, KUBERNETES_SERVICE_*),
-    /// when the agent runs as a DaemonSet pod; RBAC decides what it may do.
+    /// when the agent runs as a DaemonSet pod; RBAC lets it ask for its node's certificate.
     InCluster,
 }
 
-/// A client for the API server, as this node.
-pub async fn client(join: &Join, node: &str) -> anyhow::Result<Client> {
+/// A client acting as the node, and the cluster CA it trusts (PEM).
+pub struct Joined {
+    pub client: Client,
+    pub ca_pem: Option<String>,
+}
+
+/// The configuration the agent starts with: its join credential, not yet the node's.
+async fn bootstrap_config(join: &Join) -> anyhow::Result<kube::Config> {
     match join {
-        Join::Kubeconfig(p) => crate::control::client_from(p).await,
-        Join::InCluster => {
-            let cfg = kube::Config::incluster().context("in-cluster configuration")?;
-            Ok(Client::try_from(cfg)?)
+        Join::Kubeconfig(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("reading kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", p.display()))
         }
+        Join::InCluster => kube::Config::incluster().context("in-cluster configuration"),
         Join::Token {
             server,
             token_file,
@@ -64,22 +74,55 @@ pub async fn client(join: &Join, node: &str) -> anyhow::Result<Client> {
                 .with_context(|| format!("reading --token-file {}", token_file.display()))?;
             let ca = std::fs::read(ca_file)
                 .with_context(|| format!("reading --ca-file {}", ca_file.display()))?;
-            let cred = crate::api::authz::node_credential(token.trim(), node);
             let kc = json!({
                 "apiVersion": "v1", "kind": "Config", "current-context": "node",
                 "clusters": [{"name": "c", "cluster": {"server": server,
                     "certificate-authority-data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &ca)}}],
-                "users": [{"name": "node", "user": {"token": cred}}],
+                "users": [{"name": "node", "user": {"token": token.trim()}}],
                 "contexts": [{"name": "node", "context": {"cluster": "c", "user": "node"}}],
             });
             let kc: kube::config::Kubeconfig =
-                serde_json::from_value(kc).context("building the node kubeconfig")?;
-            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                serde_json::from_value(kc).context("building the bootstrap kubeconfig")?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
-                .context("node kubeconfig")?;
-            Ok(Client::try_from(cfg)?)
+                .context("bootstrap kubeconfig")
         }
     }
+}
+
+/// A client for the API server as node `node` (`system:node:<node>`, by a client certificate
+/// the cluster issued through a CertificateSigningRequest; kept in `pki_dir` when given).
+pub async fn client(
+    join: &Join,
+    node: &str,
+    pki_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Joined> {
+    let base = bootstrap_config(join).await?;
+    let cred = super::bootstrap::client_certificate(&base, node, pki_dir).await?;
+    let cfg = super::bootstrap::node_config(&base, &cred);
+    let ca_pem = match (&base.root_cert, &base.root_cert_file) {
+        (Some(ders), _) => Some(
+            ders.iter()
+                .map(|d| {
+                    format!(
+                        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, d)
+                            .as_bytes()
+                            .chunks(64)
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    )
+                })
+                .collect::<String>(),
+        ),
+        (None, Some(f)) => std::fs::read_to_string(f).ok(),
+        (None, None) => None,
+    };
+    Ok(Joined {
+        client: Client::try_from(cfg)?,
+        ca_pem,
+    })
 }
 
 fn arch() -> &'static str {

@@ -23,8 +23,6 @@ pub struct AgentConfig {
     pub rotation: Rotation,
     /// The cluster to join (none: standalone).
     pub join: Option<super::cluster::Join>,
-    /// The node token, for checking callers of the kubelet API.
-    pub kubelet_token: Option<PathBuf>,
     /// Port of the kubelet API (0: off).
     pub kubelet_port: u16,
     /// Callers of the kubelet API with a certificate signed by this CA are authenticated
@@ -54,6 +52,10 @@ pub struct AgentConfig {
 impl AgentConfig {
     pub fn pods_dir(&self) -> PathBuf {
         self.data_dir.join("pods")
+    }
+    /// The node's certificates (client and kubelet serving) and keys.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join("pki")
     }
     pub fn fifo_dir(&self) -> PathBuf {
         self.data_dir.join("fifo")

@@ -1,15 +1,15 @@
 //! The kubelet API: HTTPS on port 10250 (`--kubelet-port`) with kubelet's paths — `/healthz`,
 //! `/pods`, `/containerLogs/NS/POD/CONTAINER`, `/metrics`, exec/attach/port-forward — for
 //! callers that present a client certificate signed by `--client-ca-file` (the API server's
-//! kubelet-client certificate, as kubelet's x509 authentication) or the API server's
-//! kubelet-client bearer credential (derived from the node token). `/healthz` needs neither.
-//! The serving certificate is self-signed for the node's name and address, made at start.
+//! kubelet-client certificate, as kubelet's x509 authentication); no bearer credential is
+//! accepted. `/healthz` needs none. The serving certificate is the one the cluster issued for
+//! the node (`bootstrap::serving_certificate`), else self-signed for its name and address.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use axum::{
-    extract::{Request, State},
+    extract::Request,
     http::StatusCode,
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -22,7 +22,7 @@ use super::AgentCtx;
 /// k3s's carries `system:masters`).
 const KUBELET_CLIENT_NAMES: &[&str] = &["kube-apiserver-kubelet-client", "system:kube-apiserver"];
 
-async fn auth(State(cred): State<Arc<Option<String>>>, req: Request, next: Next) -> Response {
+async fn auth(req: Request, next: Next) -> Response {
     // Liveness checks of the agent (a DaemonSet's probe) carry no credential.
     if req.uri().path() == "/healthz" {
         return next.run(req).await;
@@ -30,21 +30,13 @@ async fn auth(State(cred): State<Arc<Option<String>>>, req: Request, next: Next)
     // A certificate from the client CA is not enough (that CA signs node and user
     // certificates too): it must be the API server's kubelet client, by name, or a cluster
     // admin (kubelet asks a SubjectAccessReview for nodes/proxy; these are who holds it).
-    let cert = req
+    let ok = req
         .extensions()
         .get::<crate::tls::ClientCertVerified>()
         .is_some_and(|c| {
             KUBELET_CLIENT_NAMES.contains(&c.common_name.as_str())
                 || c.organizations.iter().any(|o| o == "system:masters")
         });
-    let bearer = cred.as_deref().is_some_and(|cred| {
-        req.headers()
-            .get("authorization")
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .is_some_and(|t| crate::api::constant_time_eq(t.trim().as_bytes(), cred.as_bytes()))
-    });
-    let ok = cert || bearer;
     if ok {
         next.run(req).await
     } else {
@@ -85,23 +77,28 @@ fn metrics(ctx: &AgentCtx) -> String {
     )
 }
 
-/// Serves the kubelet API on `port` (all addresses of the agent's network namespace) to
-/// callers with a certificate from `client_ca` (PEM) or the bearer `credential`.
+/// A self-signed serving certificate for the node's name and address (until the cluster
+/// issues one).
+pub fn self_signed(ctx: &AgentCtx) -> anyhow::Result<super::bootstrap::Credential> {
+    let names = vec![ctx.cfg.node_name.clone(), ctx.cfg.node_ip.to_string()];
+    let c = rcgen::generate_simple_self_signed(names).context("kubelet serving certificate")?;
+    Ok(super::bootstrap::Credential {
+        cert_pem: c.cert.pem(),
+        key_pem: c.signing_key.serialize_pem(),
+    })
+}
+
+/// Serves the kubelet API on `port` (all addresses of the agent's network namespace) with the
+/// certificate `serving` holds (it may be replaced while serving) to callers with a
+/// certificate from `client_ca`.
 pub async fn start(
     ctx: Arc<AgentCtx>,
     port: u16,
-    credential: Option<String>,
+    serving: Arc<crate::tls::CertSwitch>,
     client_ca: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut names = vec![ctx.cfg.node_name.clone()];
-    names.push(ctx.cfg.node_ip.to_string());
-    let cert = rcgen::generate_simple_self_signed(names).context("kubelet serving certificate")?;
-    let tls = crate::tls::server_config(
-        &cert.cert.pem(),
-        &cert.signing_key.serialize_pem(),
-        client_ca.as_deref(),
-    )
-    .context("--client-ca-file")?;
+    let tls = crate::tls::switched_server_config(serving, client_ca.as_deref())
+        .context("--client-ca-file")?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
         .await
         .with_context(|| format!("kubelet API on port {port}"))?;
@@ -114,7 +111,7 @@ pub async fn start(
                 async move { ([("content-type", "text/plain; version=0.0.4")], metrics(&m)) }
             }),
         )
-        .layer(middleware::from_fn_with_state(Arc::new(credential), auth));
+        .layer(middleware::from_fn(auth));
     tracing::info!(port, "kubelet API serving");
     tokio::spawn(crate::tls::serve(
         listener,

@@ -1,6 +1,7 @@
 //! The kubelet half of keelson: pod sources (static manifests), one worker per pod, the
 //! containerd event router, and the local API. Never programs Service rules (that is `proxy`).
 
+pub mod bootstrap;
 pub mod build;
 pub mod cluster;
 pub mod config;
@@ -178,10 +179,16 @@ pub async fn run(
     // Images first: a node that reports Ready can start pods at once.
     let pause = ensure_pause(&rt).await.context("pause image")?;
     import_dir(&rt, &cfg.images_dir).await;
-    // Joining a cluster: register the Node, and take the pod CIDR the cluster assigns.
+    // Joining a cluster: the node's own certificate, then register the Node, and take the pod
+    // CIDR the cluster assigns.
+    let mut join_ca: Option<String> = None;
     let cluster = match &cfg.join {
         Some(join) => {
-            let client = cluster::client(join, &cfg.node_name).await?;
+            let joined = cluster::client(join, &cfg.node_name, Some(&cfg.pki_dir()))
+                .await
+                .context("the node's credentials")?;
+            join_ca = joined.ca_pem;
+            let client = joined.client;
             let version = rt.version().await.unwrap_or_default();
             let cidr = cluster::register(&client, &cfg, &version, Duration::from_secs(60))
                 .await
@@ -249,26 +256,43 @@ pub async fn run(
         }
         cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
         if cfg.kubelet_port > 0 {
-            let cred = match &cfg.kubelet_token {
-                Some(f) => Some(crate::api::authz::kubelet_client_credential(
-                    &std::fs::read_to_string(f)
-                        .with_context(|| format!("reading the node token {}", f.display()))?,
-                )),
-                None => None,
-            };
+            // Callers: certificates of the cluster CA (--client-ca-file, else the CA the
+            // agent joined with), and then only the API server's kubelet client.
             let ca = match &cfg.client_ca_file {
                 Some(f) => Some(
                     std::fs::read_to_string(f)
                         .with_context(|| format!("reading --client-ca-file {}", f.display()))?,
                 ),
-                None => None,
+                None => join_ca.clone(),
             };
-            if cred.is_none() && ca.is_none() {
+            if ca.is_none() {
                 tracing::warn!(
-                    "neither a node token (--token-file) nor --client-ca-file: the kubelet API serves only /healthz, so `kubectl logs` and `exec` cannot reach this node"
+                    "no client CA (--client-ca-file): the kubelet API serves only /healthz, so `kubectl logs` and `exec` cannot reach this node"
                 );
             }
-            kubelet_api::start(ctx.clone(), cfg.kubelet_port, cred, ca).await?;
+            // The kept certificate the cluster issued, else a self-signed one at first; a new
+            // one is asked for in the background and served once issued.
+            let kept = bootstrap::kept_serving(&cfg.pki_dir(), &cfg.node_name);
+            let fresh = kept.is_some();
+            let first = match kept {
+                Some(c) => c,
+                None => kubelet_api::self_signed(&ctx)?,
+            };
+            let serving = crate::tls::CertSwitch::new(&first.cert_pem, &first.key_pem)?;
+            if !fresh {
+                let (client, cfg, switch) = (client.clone(), cfg.clone(), serving.clone());
+                tokio::spawn(async move {
+                    let ip = std::net::IpAddr::V4(cfg.node_ip);
+                    if let Some(c) =
+                        bootstrap::serving_certificate(&client, &cfg.node_name, ip, &cfg.pki_dir())
+                            .await
+                        && let Err(e) = switch.set(&c.cert_pem, &c.key_pem)
+                    {
+                        tracing::warn!(error = %format!("{e:#}"), "the issued kubelet serving certificate");
+                    }
+                });
+            }
+            kubelet_api::start(ctx.clone(), cfg.kubelet_port, serving, ca).await?;
         }
     }
     let mut api_changed = cluster.as_ref().map(|(_, p)| p.changed.clone());

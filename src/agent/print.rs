@@ -88,7 +88,11 @@ pub fn age_since(t: Option<jiff::Timestamp>) -> String {
     let Some(t) = t else {
         return "<unknown>".into();
     };
-    let secs = jiff::Timestamp::now().duration_since(t).as_secs().max(0);
+    age_of_secs(jiff::Timestamp::now().duration_since(t).as_secs().max(0))
+}
+
+/// A duration the way kubectl prints ages: `42s`, `5m`, `3h`, `12d`.
+pub fn age_of_secs(secs: i64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 3600 * 2 => format!("{}m", s / 60),

@@ -1,18 +1,20 @@
 //! Who a request comes from, and what node identities may write (kube-apiserver's Node
 //! authorizer plus the NodeRestriction admission, reduced to what keelson serves).
 //!
-//! A node authenticates as `system:node:<name>` with a credential derived from the cluster's
-//! node token: `keelson-node:<name>:<hex HMAC-SHA256(node token, name)>`. Anyone holding the node
-//! token can join a node (as with a k3s join token), but a joined node's credential names the
-//! node, and the server then lets it write only its own Node and Lease, the status of pods bound
-//! to it, the deletion of those pods, its mirror pods, and events.
+//! A node authenticates as `system:node:<name>` with a client certificate the cluster CA
+//! signed for it through a CertificateSigningRequest (kubelet's TLS bootstrap, `api::csr`);
+//! the cluster's node token only *bootstraps* that: its holder may create such requests and
+//! read them back, nothing else. A node's credential names the node: the server then lets it
+//! write only its own Node and Lease, the status of pods bound to it, the deletion of those
+//! pods, its mirror pods and events (NodeRestriction), and read only what the kubelet and the
+//! proxy read: Nodes, Pods, Services, Endpoints(Slices), and the Secrets, ConfigMaps and
+//! ServiceAccounts of pods bound to it (kube-apiserver's Node authorizer).
 
 use axum::{
     body::Bytes,
     http::{Method, StatusCode},
 };
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::{
     ApiState,
@@ -26,6 +28,8 @@ pub enum Identity {
     Node(String),
     /// A service account (namespace, name), by a token the server issued; RBAC decides.
     ServiceAccount(String, String),
+    /// The holder of the node (join) token: may only ask for a node client certificate.
+    Bootstrap,
 }
 
 impl Identity {
@@ -34,61 +38,155 @@ impl Identity {
             Identity::Admin => "admin".into(),
             Identity::Node(n) => format!("system:node:{n}"),
             Identity::ServiceAccount(ns, n) => format!("system:serviceaccount:{ns}:{n}"),
+            Identity::Bootstrap => "system:bootstrap:keelson".into(),
         }
     }
 }
 
-const PREFIX: &str = "keelson-node:";
-
-pub(crate) fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |b: u8| k.map(|x| x ^ b);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(msg)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
-
-/// The bearer credential of node `name`, derived from the cluster's node token.
-pub fn node_credential(node_token: &str, name: &str) -> String {
-    format!(
-        "{PREFIX}{name}:{}",
-        hex::encode(hmac_sha256(node_token.trim().as_bytes(), name.as_bytes()))
-    )
-}
-
-/// The bearer credential the API server presents to kubelets (derived from the node token, so
-/// every joined agent can check it without further setup).
-pub fn kubelet_client_credential(node_token: &str) -> String {
-    format!(
-        "keelson-kubelet:{}",
-        hex::encode(hmac_sha256(node_token.trim().as_bytes(), b"kubelet-client"))
-    )
-}
-
-/// The identity a bearer token proves, if any.
+/// The identity a bearer token proves, if any (service account tokens aside).
 pub fn authenticate(token: &str, admin_token: &str, node_token: &str) -> Option<Identity> {
     if super::constant_time_eq(token.as_bytes(), admin_token.as_bytes()) {
         return Some(Identity::Admin);
     }
-    let rest = token.strip_prefix(PREFIX)?;
-    let (name, _) = rest.rsplit_once(':')?;
-    if name.is_empty() {
-        return None;
+    super::constant_time_eq(token.as_bytes(), node_token.trim().as_bytes())
+        .then_some(Identity::Bootstrap)
+}
+
+/// The identity a verified client certificate proves: `system:node:NAME` in `system:nodes` is
+/// that node; `system:masters` is an administrator.
+pub fn from_certificate(c: &crate::tls::ClientCertVerified) -> Option<Identity> {
+    if c.organizations.iter().any(|o| o == "system:masters") {
+        return Some(Identity::Admin);
     }
-    let want = node_credential(node_token, name);
-    super::constant_time_eq(token.as_bytes(), want.as_bytes())
-        .then(|| Identity::Node(name.to_string()))
+    let node = c.common_name.strip_prefix("system:node:")?;
+    (!node.is_empty() && c.organizations.iter().any(|o| o == "system:nodes"))
+        .then(|| Identity::Node(node.to_string()))
+}
+
+/// What the bootstrap token may do: create CertificateSigningRequests and read them
+/// (kube's `system:node-bootstrapper` role).
+pub fn bootstrap_may(method: &Method, t: &Target) -> Result<(), ApiError> {
+    let csr = t.resource.group == "certificates.k8s.io"
+        && t.resource.plural == "certificatesigningrequests"
+        && t.subresource.is_none();
+    let ok = csr
+        && match *method {
+            Method::GET | Method::HEAD => true,
+            Method::POST => t.name.is_none(),
+            _ => false,
+        };
+    if ok {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!(
+            "{} is forbidden: User \"system:bootstrap:keelson\" cannot {} resource \"{}\" in API group \"{}\": the node token only bootstraps a node's certificate",
+            t.resource.plural,
+            verb(method, t),
+            t.resource.plural,
+            t.resource.group
+        ),
+    ))
+}
+
+/// The names of the Secrets and ConfigMaps a pod (JSON) references: volumes, projected
+/// sources, env and envFrom of every container, image pull secrets.
+fn pod_references(pod: &Value) -> (Vec<String>, Vec<String>) {
+    let mut secrets = vec![];
+    let mut cms = vec![];
+    let spec = &pod["spec"];
+    let name = |v: &Value, k: &str| v[k].as_str().map(str::to_string);
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        secrets.extend(name(&v["secret"], "secretName"));
+        cms.extend(name(&v["configMap"], "name"));
+        for s in v["projected"]["sources"].as_array().into_iter().flatten() {
+            secrets.extend(name(&s["secret"], "name"));
+            cms.extend(name(&s["configMap"], "name"));
+        }
+    }
+    for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+        secrets.extend(name(s, "name"));
+    }
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            for e in c["envFrom"].as_array().into_iter().flatten() {
+                secrets.extend(name(&e["secretRef"], "name"));
+                cms.extend(name(&e["configMapRef"], "name"));
+            }
+            for e in c["env"].as_array().into_iter().flatten() {
+                secrets.extend(name(&e["valueFrom"]["secretKeyRef"], "name"));
+                cms.extend(name(&e["valueFrom"]["configMapKeyRef"], "name"));
+            }
+        }
+    }
+    (secrets, cms)
+}
+
+/// Checks a read by node `node` (kube-apiserver's Node authorizer): what the kubelet and the
+/// proxy read, and a Secret, ConfigMap or ServiceAccount only by name and only while a pod
+/// bound to the node references it. Pod logs, exec, attach and port-forward are refused.
+pub async fn node_may_read(
+    st: &ApiState,
+    node: &str,
+    method: &Method,
+    t: &Target,
+) -> Result<(), ApiError> {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Ok(());
+    }
+    let r = t.resource;
+    let deny = |why: &str| Err(forbidden(node, method, t, why));
+    match (r.group, r.plural, t.subresource.as_deref()) {
+        ("", "nodes" | "services" | "endpoints" | "events", None | Some("status"))
+        | ("", "pods", None | Some("status"))
+        | ("discovery.k8s.io", "endpointslices", None)
+        | ("coordination.k8s.io", "leases", None)
+        | ("certificates.k8s.io", "certificatesigningrequests", None) => Ok(()),
+        ("", "secrets" | "configmaps" | "serviceaccounts", None) => {
+            let (Some(ns), Some(name)) = (t.namespace.as_deref(), t.name.as_deref()) else {
+                return deny(&format!(
+                    "node \"{node}\" may only get individual {} referenced by pods bound to it",
+                    r.plural
+                ));
+            };
+            let pods = super::registry::find("", "v1", "pods")
+                .ok_or_else(|| ApiError::internal("no pods resource"))?;
+            let page = st
+                .cache
+                .list(&pods.prefix(), &format!("{}{ns}/", pods.prefix()), None, 0)
+                .await
+                .map_err(ApiError::internal)?;
+            let referenced = page.items.iter().any(|kv| {
+                let Ok(pod) = serde_json::from_slice::<Value>(&kv.value) else {
+                    return false;
+                };
+                if pod["spec"]["nodeName"].as_str() != Some(node) {
+                    return false;
+                }
+                let (secrets, cms) = pod_references(&pod);
+                match r.plural {
+                    "secrets" => secrets.iter().any(|s| s == name),
+                    "configmaps" => cms.iter().any(|s| s == name),
+                    _ => {
+                        pod["spec"]["serviceAccountName"]
+                            .as_str()
+                            .unwrap_or("default")
+                            == name
+                    }
+                }
+            });
+            if referenced {
+                Ok(())
+            } else {
+                deny(&format!(
+                    "no relationship found between node '{node}' and this object"
+                ))
+            }
+        }
+        _ => deny(&format!("node \"{node}\" may not read {}", r.plural)),
+    }
 }
 
 fn verb(method: &Method, t: &Target) -> &'static str {
@@ -151,6 +249,12 @@ pub async fn node_may_write(
     let deny = |why: &str| Err(forbidden(node, method, t, why));
     match (r.group, r.kind) {
         ("", "Event") | ("events.k8s.io", "Event") => Ok(()),
+        // Its own certificates (renewals, serving); what gets approved is csr's to decide.
+        ("certificates.k8s.io", "CertificateSigningRequest")
+            if *method == Method::POST && t.name.is_none() =>
+        {
+            Ok(())
+        }
         // A token for the service account of a pod bound to this node (kubelet's TokenRequest
         // for the pod's projected volume).
         ("", "ServiceAccount")
@@ -243,30 +347,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hmac_matches_rfc4231_case_2() {
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(
-            hex::encode(mac),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-    }
-
-    #[test]
-    fn node_credentials_name_their_node() {
-        let c = node_credential("secret", "n1");
-        assert_eq!(
-            authenticate(&c, "admin", "secret"),
-            Some(Identity::Node("n1".into()))
-        );
+    fn the_node_token_only_bootstraps() {
         assert_eq!(
             authenticate("admin", "admin", "secret"),
             Some(Identity::Admin)
         );
-        // Renaming the node in the credential breaks it; so does another node token.
-        let forged = c.replacen("n1", "n2", 1);
-        assert_eq!(authenticate(&forged, "admin", "secret"), None);
-        assert_eq!(authenticate(&c, "admin", "other"), None);
-        assert_eq!(authenticate("secret", "admin", "secret"), None);
-        assert_eq!(authenticate("keelson-node::x", "admin", "secret"), None);
+        assert_eq!(
+            authenticate("secret", "admin", "secret\n"),
+            Some(Identity::Bootstrap)
+        );
+        // The old derived node credentials are nothing now.
+        assert_eq!(authenticate("keelson-node:n1:00", "admin", "secret"), None);
+        assert_eq!(authenticate("secre", "admin", "secret"), None);
+    }
+
+    #[test]
+    fn certificates_name_nodes_only_in_the_nodes_group() {
+        let c = |cn: &str, o: &[&str]| crate::tls::ClientCertVerified {
+            common_name: cn.into(),
+            organizations: o.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            from_certificate(&c("system:node:n1", &["system:nodes"])),
+            Some(Identity::Node("n1".into()))
+        );
+        assert_eq!(from_certificate(&c("system:node:n1", &[])), None);
+        assert_eq!(
+            from_certificate(&c("kube-apiserver-kubelet-client", &[])),
+            None
+        );
+        assert_eq!(
+            from_certificate(&c("x", &["system:masters"])),
+            Some(Identity::Admin)
+        );
+    }
+
+    #[test]
+    fn pod_references_cover_volumes_projections_env_and_pull_secrets() {
+        let pod = serde_json::json!({"spec": {
+            "volumes": [{"name": "a", "secret": {"secretName": "s1"}}, {"name": "b", "configMap": {"name": "c1"}},
+                        {"name": "p", "projected": {"sources": [{"secret": {"name": "s2"}}, {"configMap": {"name": "c2"}}]}}],
+            "imagePullSecrets": [{"name": "s3"}],
+            "containers": [{"name": "x", "envFrom": [{"secretRef": {"name": "s4"}}],
+                            "env": [{"name": "E", "valueFrom": {"configMapKeyRef": {"name": "c3", "key": "k"}}}]}]}});
+        let (mut s, mut c) = pod_references(&pod);
+        s.sort();
+        c.sort();
+        assert_eq!(s, ["s1", "s2", "s3", "s4"]);
+        assert_eq!(c, ["c1", "c2", "c3"]);
     }
 }

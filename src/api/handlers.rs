@@ -296,8 +296,10 @@ pub async fn resource(
     let t = parse_path(uri.path())?;
     match &id {
         super::authz::Identity::Node(node) => {
+            super::authz::node_may_read(&st, node, &method, &t).await?;
             super::authz::node_may_write(&st, node, &method, &t, &body).await?;
         }
+        super::authz::Identity::Bootstrap => super::authz::bootstrap_may(&method, &t)?,
         super::authz::Identity::ServiceAccount(ns, name) => {
             let watch = q.watch.as_deref().is_some_and(|w| w == "true" || w == "1");
             let a = super::rbac::Attributes::of(&method, &t, watch);
@@ -324,6 +326,7 @@ pub async fn resource(
     let wo = WriteOpts {
         dry,
         field_validation: q.field_validation.as_deref(),
+        identity: &id,
         caller: match &id {
             super::authz::Identity::ServiceAccount(ns, name) => Some((ns.as_str(), name.as_str())),
             _ => None,

@@ -53,7 +53,7 @@ pub(super) async fn proxy(
         .find(|(k, _)| k == "container")
         .map(|(_, v)| v.as_str());
     let container = container_of(pod, requested)?;
-    let addr = kubelet_of(st, pod, name).await?;
+    let (addr, node) = kubelet_of(st, pod, name).await?;
     let passed: Vec<String> = params
         .iter()
         .filter(|(k, _)| PASSED.contains(&k.as_str()))
@@ -63,8 +63,7 @@ pub(super) async fn proxy(
         "/containerLogs/{ns}/{name}/{container}?{}",
         passed.join("&")
     );
-    let cred = super::authz::kubelet_client_credential(&st.node_token);
-    let resp = crate::tls::get(addr, &st.kubelet_tls, &path, &cred)
+    let resp = crate::tls::get(addr, &node, &st.kubelet_tls, &path)
         .await
         .map_err(|e| kubelet_unreachable(addr, &path, &e))?;
     let code = resp.status();
@@ -155,7 +154,7 @@ pub(super) async fn kubelet_of(
     st: &ApiState,
     pod: &Value,
     name: &str,
-) -> Result<std::net::SocketAddr, ApiError> {
+) -> Result<(std::net::SocketAddr, String), ApiError> {
     let node = pod
         .pointer("/spec/nodeName")
         .and_then(Value::as_str)
@@ -186,5 +185,5 @@ pub(super) async fn kubelet_of(
         .and_then(Value::as_u64)
         .and_then(|p| u16::try_from(p).ok())
         .unwrap_or(10250);
-    Ok(std::net::SocketAddr::new(ip, port))
+    Ok((std::net::SocketAddr::new(ip, port), node.to_string()))
 }

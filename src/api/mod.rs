@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod authz;
 pub mod cache;
+pub mod csr;
 pub mod handlers;
 mod logs;
 pub mod patch;
@@ -98,7 +99,12 @@ pub struct ApiState {
     /// Lists and watches are served from here.
     pub cache: cache::WatchCaches,
     pub admin_token: String,
+    /// The join token: it only bootstraps a node's certificate.
     pub node_token: String,
+    /// The cluster CA's key: approved CertificateSigningRequests are signed with it.
+    pub ca_key_pem: String,
+    /// Service account tokens are signed with this (its own random key).
+    pub sa_key: Vec<u8>,
     pub services: alloc::ServiceNet,
     /// TLS towards kubelets: presents the kubelet-client certificate.
     pub kubelet_tls: Arc<rustls::ClientConfig>,
@@ -111,10 +117,14 @@ async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> 
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(|t| t.trim().to_string());
+    let cert = req
+        .extensions()
+        .get::<crate::tls::ClientCertVerified>()
+        .and_then(authz::from_certificate);
     let id = match token {
         Some(t) if t.starts_with("keelson-sa.") => service_account(&st, &t).await,
         Some(t) => authz::authenticate(&t, &st.admin_token, &st.node_token),
-        None => None,
+        None => cert,
     };
     match id {
         Some(id) => {
@@ -129,8 +139,7 @@ async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> 
 
 /// The service account a token names, if it verifies and the account still exists as issued.
 async fn service_account(st: &ApiState, token: &str) -> Option<authz::Identity> {
-    let key = rbac::signing_key(&st.node_token);
-    let c = rbac::verify(&key, token, jiff::Timestamp::now().as_second())?;
+    let c = rbac::verify(&st.sa_key, token, jiff::Timestamp::now().as_second())?;
     let r = registry::find("", "v1", "serviceaccounts")?;
     let kv = st
         .store
@@ -242,6 +251,38 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
         match store
             .put(
                 &ns.key(None, name),
+                serde_json::to_vec(&obj)?,
+                Precondition::Absent,
+            )
+            .await
+        {
+            Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // kube-apiserver's bootstrap ClusterRoles that users and manifests refer to by name.
+    let roles = registry::find("rbac.authorization.k8s.io", "v1", "clusterroles")
+        .context("clusterroles resource")?;
+    for (name, rules) in [
+        (
+            "cluster-admin",
+            json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                   {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
+        ),
+        (
+            "system:certificates.k8s.io:certificatesigningrequests:nodeclient",
+            json!([{"apiGroups": ["certificates.k8s.io"],
+                    "resources": ["certificatesigningrequests/nodeclient"], "verbs": ["create"]}]),
+        ),
+    ] {
+        let obj = json!({"kind": "ClusterRole", "apiVersion": "rbac.authorization.k8s.io/v1",
+            "metadata": {"name": name, "uid": crate::runtime::random_hex(16),
+                         "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                         "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+            "rules": rules});
+        match store
+            .put(
+                &roles.key(None, name),
                 serde_json::to_vec(&obj)?,
                 Precondition::Absent,
             )
@@ -452,11 +493,13 @@ pub async fn run(
         store,
         admin_token: pki.admin_token.clone(),
         node_token: pki.node_token.clone(),
+        ca_key_pem: pki.ca_key_pem.clone(),
+        sa_key: pki.sa_key.clone(),
         services: cfg.services.clone(),
-        kubelet_tls: crate::tls::kubelet_client_config(Some((
-            &pki.kubelet_client_pem,
-            &pki.kubelet_client_key_pem,
-        )))?,
+        kubelet_tls: crate::tls::kubelet_client_config(
+            (&pki.kubelet_client_pem, &pki.kubelet_client_key_pem),
+            &pki.ca_pem,
+        )?,
     });
     let app = router(st.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -470,7 +513,7 @@ pub async fn run(
     };
     seed_kubernetes_service(st.store.as_ref(), &cfg.services, advertise(addr)).await?;
     let kc = pki::kubeconfig(&format!("https://{shown}"), &pki.ca_pem, &pki.admin_token);
-    // Agents join with this token (they derive their node credential from it).
+    // Agents join with this token: it lets them ask for their node's certificate.
     pki::write_private(&cfg.data_dir.join("node-token"), &pki.node_token)?;
     pki::write_private(&cfg.data_dir.join("kubeconfig.yaml"), &kc)?;
     if let Some(r) = &cfg.ready {
@@ -519,8 +562,9 @@ fn inherited_listener(fd: i32) -> anyhow::Result<tokio::net::TcpListener> {
     Ok(tokio::net::TcpListener::from_std(l)?)
 }
 
+/// Serving TLS; clients may present a certificate from the cluster CA (nodes do).
 fn tls_config(p: &pki::Pki) -> anyhow::Result<rustls::ServerConfig> {
-    crate::tls::server_config(&p.cert_pem, &p.key_pem, None)
+    crate::tls::server_config(&p.cert_pem, &p.key_pem, Some(&p.ca_pem))
 }
 
 #[cfg(test)]

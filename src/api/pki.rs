@@ -31,7 +31,12 @@ pub struct Pki {
     pub cert_pem: String,
     pub key_pem: String,
     pub admin_token: String,
+    /// The join (bootstrap) token: it only lets an agent ask for its node's certificate.
     pub node_token: String,
+    /// The CA's private key (PEM): the server signs approved CertificateSigningRequests.
+    pub ca_key_pem: String,
+    /// The key service account tokens are signed with: random, apart from every other secret.
+    pub sa_key: Vec<u8>,
     /// The client certificate the API server presents to kubelets (kube-apiserver's
     /// `--kubelet-client-certificate`), signed by the CA, and its key.
     pub kubelet_client_pem: String,
@@ -103,6 +108,16 @@ fn leaf(
     p.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let cert = p.signed_by(&kp, &Issuer::new(ca_params(), ca))?;
     Ok((cert.pem(), kp.serialize_pem()))
+}
+
+/// Signs a certificate for `params` (subject, SANs, usages already decided by the caller)
+/// and `public_key` with the CA whose key is `ca_key_pem`; PEM.
+pub fn sign(
+    ca_key_pem: &str,
+    csr: &rcgen::CertificateSigningRequestParams,
+) -> Result<String, PkiError> {
+    let ca = KeyPair::from_pem(ca_key_pem)?;
+    Ok(csr.signed_by(&Issuer::new(ca_params(), &ca))?.pem())
 }
 
 fn token() -> String {
@@ -201,6 +216,11 @@ pub fn ensure(dir: &Path, names: &[String], ips: &[IpAddr]) -> Result<Pki, PkiEr
         key_pem,
         admin_token: token_file("admin-token")?,
         node_token: token_file("node-token")?,
+        ca_key_pem: ca_kp.serialize_pem(),
+        sa_key: hex::decode(token_file("sa.key")?).map_err(|e| PkiError::Invalid {
+            path: dir.join("sa.key"),
+            message: e.to_string(),
+        })?,
         kubelet_client_pem,
         kubelet_client_key_pem,
     })

@@ -42,6 +42,8 @@ enum Ty {
     IntOrStr,
     /// `resource.Quantity`.
     Qty,
+    /// `bytes`: base64 in JSON, left out when empty.
+    Bytes,
 }
 
 struct Field {
@@ -436,6 +438,48 @@ static SERVICE_PORT: Desc = Desc {
     ],
 };
 
+static CSR: Desc = Desc {
+    name: "CertificateSigningRequest",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        f(2, "spec", Msg(&CSR_SPEC)),
+        f(3, "status", Msg(&CSR_STATUS)),
+    ],
+};
+
+static CSR_SPEC: Desc = Desc {
+    name: "CertificateSigningRequestSpec",
+    fields: &[
+        f(1, "request", Bytes),
+        f(2, "username", Str),
+        f(3, "uid", Str),
+        r(4, "groups", Str),
+        r(5, "usages", Str),
+        f(7, "signerName", Str),
+        f(8, "expirationSeconds", OptInt),
+    ],
+};
+
+static CSR_STATUS: Desc = Desc {
+    name: "CertificateSigningRequestStatus",
+    fields: &[
+        r(1, "conditions", Msg(&CSR_CONDITION)),
+        f(2, "certificate", Bytes),
+    ],
+};
+
+static CSR_CONDITION: Desc = Desc {
+    name: "CertificateSigningRequestCondition",
+    fields: &[
+        f(1, "type", Str),
+        f(2, "reason", Str),
+        f(3, "message", Str),
+        f(4, "lastUpdateTime", Time),
+        f(5, "lastTransitionTime", Time),
+        f(6, "status", Str),
+    ],
+};
+
 /// The top-level kinds whose protobuf form this server decodes.
 fn root(kind: &str) -> Option<&'static Desc> {
     Some(match kind {
@@ -444,6 +488,7 @@ fn root(kind: &str) -> Option<&'static Desc> {
         "ConfigMap" => &CONFIGMAP,
         "Secret" => &SECRET,
         "Service" => &SERVICE,
+        "CertificateSigningRequest" => &CSR,
         _ => return None,
     })
 }
@@ -607,6 +652,9 @@ fn message(buf: &[u8], desc: &Desc) -> Result<Map<String, Value>, Error> {
             (Time, Wire::Bytes(b)) => time(b)?,
             (IntOrStr, Wire::Bytes(b)) => int_or_string(b)?,
             (Qty, Wire::Bytes(b)) => quantity(b)?,
+            (Bytes, Wire::Bytes(b)) => {
+                Value::String(base64::engine::general_purpose::STANDARD.encode(b))
+            }
             (MapStr | MapBytes | MapQty, Wire::Bytes(b)) => {
                 let (k, v) = map_entry(b, field.ty, &path())?;
                 let m = out
@@ -629,7 +677,7 @@ fn message(buf: &[u8], desc: &Desc) -> Result<Map<String, Value>, Error> {
             continue;
         }
         let omit = match (field.ty, &value) {
-            (Str, Value::String(s)) => s.is_empty(),
+            (Str | Bytes, Value::String(s)) => s.is_empty(),
             (Int, Value::Number(n)) => n.as_i64() == Some(0),
             (Bool, Value::Bool(b)) => !b,
             (Time, Value::Null) => true,

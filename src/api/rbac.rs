@@ -2,8 +2,8 @@
 //! TokenRequest the kubelet makes for a pod's projected token) and RBAC, which decides what a
 //! service account may do from the ClusterRoles, Roles and their bindings in the store.
 //!
-//! A token is `keelson-sa.<base64url JSON claims>.<hex HMAC-SHA256>`, signed with a key derived
-//! from the cluster's node token; it names the namespace, the service account and its UID, so
+//! A token is `keelson-sa.<base64url JSON claims>.<hex HMAC-SHA256>`, signed with the server's own
+//! random key (`pki/sa.key`); it names the namespace, the service account and its UID, so
 //! it stops working when the account is deleted (or recreated), and carries its expiry. As
 //! kube-apiserver does for the kubelet's default 3607-second requests, those tokens stay valid
 //! for a year (the reported expiry is the requested one; the kubelet refreshes before it).
@@ -35,15 +35,30 @@ pub struct Claims {
     pub pod: Option<(String, String)>,
 }
 
-/// The key tokens are signed with, derived from the node token.
-pub fn signing_key(node_token: &str) -> [u8; 32] {
-    super::authz::hmac_sha256(node_token.trim().as_bytes(), b"service-account-signing")
+pub(crate) fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| k.map(|x| x ^ b);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
 }
 
 pub fn issue(key: &[u8], c: &Claims) -> String {
     let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(serde_json::to_vec(c).unwrap_or_default());
-    let mac = hex::encode(super::authz::hmac_sha256(key, body.as_bytes()));
+    let mac = hex::encode(hmac_sha256(key, body.as_bytes()));
     format!("{PREFIX}{body}.{mac}")
 }
 
@@ -51,7 +66,7 @@ pub fn issue(key: &[u8], c: &Claims) -> String {
 pub fn verify(key: &[u8], token: &str, now: i64) -> Option<Claims> {
     let rest = token.strip_prefix(PREFIX)?;
     let (body, mac) = rest.rsplit_once('.')?;
-    let want = hex::encode(super::authz::hmac_sha256(key, body.as_bytes()));
+    let want = hex::encode(hmac_sha256(key, body.as_bytes()));
     if !super::constant_time_eq(mac.as_bytes(), want.as_bytes()) {
         return None;
     }
@@ -553,7 +568,7 @@ mod tests {
 
     #[test]
     fn tokens_verify_until_they_expire_and_resist_tampering() {
-        let key = signing_key("node-token");
+        let key = b"node-token".to_vec();
         let c = Claims {
             namespace: "kube-system".into(),
             name: "keelson-proxy".into(),
@@ -564,11 +579,7 @@ mod tests {
         let t = issue(&key, &c);
         assert_eq!(verify(&key, &t, 1_000), Some(c.clone()));
         assert_eq!(verify(&key, &t, 2_000), None, "expired");
-        assert_eq!(
-            verify(&signing_key("other"), &t, 1_000),
-            None,
-            "another cluster"
-        );
+        assert_eq!(verify(b"other", &t, 1_000), None, "another cluster");
         let forged = issue(
             &key,
             &Claims {
@@ -591,7 +602,7 @@ mod tests {
 
     #[test]
     fn kubelet_tokens_are_extended_and_short_ones_refused() {
-        let key = signing_key("t");
+        let key = b"t".to_vec();
         let sa = json!({"metadata": {"name": "d", "namespace": "ns", "uid": "u"}});
         let req = |secs: i64| {
             json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
@@ -685,6 +696,15 @@ mod tests {
         assert_eq!(
             describe_rule(&star[0]),
             r#"{APIGroups:["*"], Resources:["*"], Verbs:["*"]}"#
+        );
+    }
+
+    #[test]
+    fn hmac_matches_rfc4231_case_2() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
 }

@@ -89,6 +89,14 @@ pub const RESOURCES: &[Resource] = &[
     ),
     r("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
     r(
+        "certificates.k8s.io",
+        "v1",
+        "CertificateSigningRequest",
+        "certificatesigningrequests",
+        false,
+        &["csr"],
+    ),
+    r(
         "rbac.authorization.k8s.io",
         "v1",
         "ClusterRole",
@@ -226,6 +234,18 @@ const SUBRESOURCES: &[Sub] = &[
         &["create"],
     ),
     sub("services", "status", ("", "v1", "Service"), STATUS_VERBS),
+    sub(
+        "certificatesigningrequests",
+        "status",
+        ("certificates.k8s.io", "v1", "CertificateSigningRequest"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "certificatesigningrequests",
+        "approval",
+        ("certificates.k8s.io", "v1", "CertificateSigningRequest"),
+        &["get", "patch", "update"],
+    ),
     sub(
         "deployments",
         "status",
@@ -426,6 +446,7 @@ mod tests {
                 "apps",
                 "discovery.k8s.io",
                 "coordination.k8s.io",
+                "certificates.k8s.io",
                 "rbac.authorization.k8s.io"
             ]
         );

@@ -94,7 +94,7 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
             };
             super::rbac::allows(&st, sns, sname, &a).await?
         }
-        Identity::Node(_) => false,
+        Identity::Node(_) | Identity::Bootstrap => false,
     };
     if !allowed {
         return Err(ApiError::new(
@@ -132,7 +132,7 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
             .map(|(_, v)| v);
         logs::container_of(&pod, requested.as_deref())?
     };
-    let addr = logs::kubelet_of(&st, &pod, &name).await?;
+    let (addr, node) = logs::kubelet_of(&st, &pod, &name).await?;
     let path = kubelet_path(sub, &ns, &name, &container, &query);
     // Any upgrade goes to the kubelet, also kubectl's SPDY retry after a refused WebSocket:
     // the kubelet's refusal (the container is not running, ...) is what kubectl then prints.
@@ -140,15 +140,13 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| ApiError::bad_request("the connection cannot be upgraded"))?;
-    let mut send = crate::tls::connect(addr, &st.kubelet_tls)
+    let mut send = crate::tls::connect(addr, &node, &st.kubelet_tls)
         .await
         .map_err(|e| logs::kubelet_unreachable(addr, &path, &e))?;
-    let cred = super::authz::kubelet_client_credential(&st.node_token);
     let mut kreq = hyper::Request::builder()
         .method(req.method().clone())
         .uri(&path)
-        .header(header::HOST, addr.to_string())
-        .header(header::AUTHORIZATION, format!("Bearer {cred}"));
+        .header(header::HOST, addr.to_string());
     for h in HANDSHAKE {
         for v in req.headers().get_all(*h) {
             kreq = kreq.header(*h, v);

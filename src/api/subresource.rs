@@ -22,7 +22,14 @@ use crate::store::{self, Precondition};
 pub fn has_status(r: &Resource) -> bool {
     matches!(
         r.kind,
-        "Pod" | "Node" | "Namespace" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet"
+        "Pod"
+            | "Node"
+            | "Namespace"
+            | "Service"
+            | "Deployment"
+            | "ReplicaSet"
+            | "DaemonSet"
+            | "CertificateSigningRequest"
     )
 }
 
@@ -164,10 +171,14 @@ pub async fn handle(
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
             ))
         }
+        ("approval", &Method::PUT) if r.kind == "CertificateSigningRequest" => {
+            let b = parse_body(body, r)?;
+            let new = super::csr::approve(st, &cur, &b)?;
+            Ok(json_response(StatusCode::OK, &write(new).await?))
+        }
         ("log", &Method::GET) if r.kind == "Pod" => super::logs::proxy(st, &cur, query).await,
         ("token", &Method::POST) if r.kind == "ServiceAccount" => {
-            let key = super::rbac::signing_key(&st.node_token);
-            let out = super::rbac::token_request(&key, &cur, body)?;
+            let out = super::rbac::token_request(&st.sa_key, &cur, body)?;
             Ok(json_response(StatusCode::CREATED, &out))
         }
         // No PodDisruptionBudgets are served, so every eviction is allowed: it deletes the

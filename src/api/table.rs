@@ -115,6 +115,14 @@ fn columns(r: &Resource) -> Vec<Value> {
             col("Secrets", "integer", 0),
             col("Age", "string", 0),
         ],
+        "CertificateSigningRequest" => vec![
+            col("Name", "string", 0),
+            col("Age", "string", 0),
+            col("SignerName", "string", 0),
+            col("Requestor", "string", 0),
+            col("RequestedDuration", "string", 0),
+            col("Condition", "string", 0),
+        ],
         _ => vec![col("Name", "string", 0), col("Age", "string", 0)],
     }
 }
@@ -439,8 +447,45 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
             ),
             json!(age(obj)),
         ],
+        "CertificateSigningRequest" => vec![
+            name,
+            json!(age(obj)),
+            text(obj, "/spec/signerName", "<none>"),
+            text(obj, "/spec/username", "<none>"),
+            json!(
+                obj.pointer("/spec/expirationSeconds")
+                    .and_then(Value::as_i64)
+                    .map_or("<none>".to_string(), |s| crate::agent::print::age_of_secs(
+                        s
+                    ))
+            ),
+            json!(csr_condition(obj)),
+        ],
         _ => vec![name, json!(age(obj))],
     }
+}
+
+/// kubectl's CONDITION column of a CertificateSigningRequest: Pending, or the conditions
+/// (Approved, Denied, Failed) joined, with Issued once a certificate is there.
+fn csr_condition(obj: &Value) -> String {
+    let mut out: Vec<String> = obj
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["type"].as_str().map(str::to_string))
+        .collect();
+    if out.is_empty() {
+        out.push("Pending".into());
+    }
+    if obj
+        .pointer("/status/certificate")
+        .and_then(Value::as_str)
+        .is_some_and(|c| !c.is_empty())
+    {
+        out.push("Issued".into());
+    }
+    out.join(",")
 }
 
 /// A Table of `objs`. `event` marks a one-row table sent in a watch.

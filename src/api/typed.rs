@@ -87,6 +87,9 @@ pub fn decode(r: &Resource, obj: &Value) -> Result<Decoded, String> {
         "DaemonSet" => roundtrip::<DaemonSet>(obj, r.kind, &api)?,
         "EndpointSlice" => roundtrip::<EndpointSlice>(obj, r.kind, &api)?,
         "Lease" => roundtrip::<Lease>(obj, r.kind, &api)?,
+        "CertificateSigningRequest" => roundtrip::<
+            k8s_openapi::api::certificates::v1::CertificateSigningRequest,
+        >(obj, r.kind, &api)?,
         "ClusterRole" => roundtrip::<rbac::ClusterRole>(obj, r.kind, &api)?,
         "ClusterRoleBinding" => roundtrip::<rbac::ClusterRoleBinding>(obj, r.kind, &api)?,
         "Role" => roundtrip::<rbac::Role>(obj, r.kind, &api)?,

@@ -241,6 +241,8 @@ pub(super) struct WriteOpts<'a> {
     /// The service account (namespace, name) making the request, when RBAC governs it: RBAC
     /// objects it writes go through the escalation check.
     pub(super) caller: Option<(&'a str, &'a str)>,
+    /// Who makes the request (CertificateSigningRequests record it).
+    pub(super) identity: &'a super::authz::Identity,
 }
 
 /// Decodes, defaults and validates an object about to be stored (kube-apiserver's admission
@@ -398,6 +400,9 @@ pub(super) async fn create(
     obj["metadata"] = Value::Object(meta);
     let (mut obj, warnings) = admit(r, obj, &name, field_validation)?;
     super::rbac::check_escalation(st, o.caller, r.kind, ns, &obj).await?;
+    if r.kind == "CertificateSigningRequest" {
+        super::csr::on_create(st, o.identity, &mut obj).await?;
+    }
     if r.kind == "Pod" {
         super::typed::mount_service_account_token(&mut obj);
     }

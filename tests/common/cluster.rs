@@ -93,6 +93,49 @@ impl Cluster {
         self.lab_dir().join("kubeconfig.yaml")
     }
 
+    /// A kubeconfig acting as node `node`: the client certificate its agent got through the
+    /// TLS bootstrap (kept in the node's data directory).
+    pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
+        use base64::Engine;
+        let b64 = |p: PathBuf| {
+            base64::engine::general_purpose::STANDARD
+                .encode(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        };
+        let pki = self.lab_dir().join("nodes").join(node).join("pki");
+        let admin = std::fs::read_to_string(self.kubeconfig()).unwrap();
+        let field = |k: &str| {
+            admin
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(k))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let out = self.dir.path().join(format!("{node}.kubeconfig"));
+        std::fs::write(
+            &out,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\", certificate-authority-data: {}}}}}]\nusers: [{{name: node, user: {{client-certificate-data: {}, client-key-data: {}}}}}]\ncontexts: [{{name: node, context: {{cluster: c, user: node}}}}]\ncurrent-context: node\n",
+                field("server:"),
+                field("certificate-authority-data:"),
+                b64(pki.join("node-client.crt")),
+                b64(pki.join("node-client.key")),
+            ),
+        )
+        .unwrap();
+        out
+    }
+
+    /// kubectl with another kubeconfig.
+    pub fn kubectl_as(&self, kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("HOME", self.dir.path())
+            .output()
+            .unwrap()
+    }
+
     /// Pids of the agents (from the lab's state file).
     pub fn agent_pids(&self) -> Vec<(String, u32)> {
         let st: serde_json::Value =
