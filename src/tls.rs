@@ -147,7 +147,51 @@ fn client_verifier(
         .context("client certificate verifier")
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` resolves.
+/// A client that has not finished its TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A request whose headers have not all arrived by then ends its connection (also an idle
+/// keep-alive connection: clients open a new one). hyper's default, and kube-apiserver's 32 s
+/// order: shorter would cut clients that pause between requests more often than it helps.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connections one remote address (other than loopback) may hold at once.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 512;
+
+/// Open connections by remote address, released when a connection ends.
+#[derive(Default)]
+struct Peers(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct PeerSlot(Arc<Peers>, std::net::IpAddr);
+
+impl Peers {
+    /// A slot for `ip`, or None if it holds its share already (loopback is not limited: the
+    /// local clients of `keelson up` and the node's own agents share it).
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut m = self.0.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_PEER && !ip.is_loopback() {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0.0.lock()
+            && let Some(n) = m.get_mut(&self.1)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves. Slow or idle clients cannot
+/// hold connections forever (handshake and header-read timeouts), one remote address cannot
+/// take them all, and a failing accept (out of file descriptors) backs off instead of spinning.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cfg: rustls::ServerConfig,
@@ -155,24 +199,41 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let peers = Arc::new(Peers::default());
     tokio::pin!(shutdown);
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
-                Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                    continue;
+                }
             },
+        };
+        backoff = std::time::Duration::from_millis(10);
+        let Some(slot) = peers.take(peer.ip()) else {
+            tracing::debug!(%peer, "too many connections from this address");
+            continue;
         };
         // Watch events and log lines are small writes that must go out at once (no Nagle).
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
@@ -194,11 +255,12 @@ pub async fn serve(
             );
             let svc = hyper_util::service::TowerToHyperService::new(svc);
             let io = hyper_util::rt::TokioIo::new(tls);
-            if let Err(e) =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(io, svc)
-                    .await
-            {
+            let mut b =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            b.http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            if let Err(e) = b.serve_connection_with_upgrades(io, svc).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });

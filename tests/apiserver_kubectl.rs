@@ -921,6 +921,38 @@ subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
 }
 
 #[test]
+fn idle_connections_do_not_starve_the_server() {
+    use std::io::Read;
+    let s = Server::start(tempfile::tempdir().unwrap());
+    let addr = s.url().trim_start_matches("https://").to_string();
+    // 1,100 connections that never start TLS.
+    let idle: Vec<std::net::TcpStream> = (0..1100)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let t0 = Instant::now();
+    s.ok(&["get", "ns"]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "kubectl took {:?}",
+        t0.elapsed()
+    );
+    // The server drops them after its handshake timeout.
+    std::thread::sleep(Duration::from_secs(11));
+    let mut closed = 0;
+    for mut c in idle {
+        c.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Ok(0) | Err(_) => closed += 1,
+            Ok(_) => {}
+        }
+    }
+    assert_eq!(closed, 1100, "idle connections closed by the server");
+    s.ok(&["get", "ns"]);
+}
+
+#[test]
 fn node_certificates_come_only_through_approved_requests() {
     let s = Server::start(tempfile::tempdir().unwrap());
     let token = format!("--token={}", s.node_token());

@@ -137,18 +137,48 @@ async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> 
     }
 }
 
-/// The service account a token names, if it verifies and the account still exists as issued.
+/// The service account a token names, if it verifies, is for the API server's audience, the
+/// account still exists as issued, and the pod it is bound to (if any) still exists with the
+/// same UID and has not passed its deletion time.
 async fn service_account(st: &ApiState, token: &str) -> Option<authz::Identity> {
     let c = rbac::verify(&st.sa_key, token, jiff::Timestamp::now().as_second())?;
+    if !c.aud.iter().any(|a| a == rbac::API_AUDIENCE) {
+        return None;
+    }
+    let uid_of =
+        |kv: crate::store::KeyValue| serde_json::from_slice::<serde_json::Value>(&kv.value).ok();
     let r = registry::find("", "v1", "serviceaccounts")?;
-    let kv = st
-        .store
-        .get(&r.key(Some(&c.namespace), &c.name))
-        .await
-        .ok()??;
-    let sa: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
-    (sa.pointer("/metadata/uid").and_then(|u| u.as_str()) == Some(c.uid.as_str()))
-        .then_some(authz::Identity::ServiceAccount(c.namespace, c.name))
+    let sa = uid_of(
+        st.store
+            .get(&r.key(Some(&c.namespace), &c.name))
+            .await
+            .ok()??,
+    )?;
+    if sa.pointer("/metadata/uid").and_then(|u| u.as_str()) != Some(c.uid.as_str()) {
+        return None;
+    }
+    if let Some((pod_name, pod_uid)) = &c.pod {
+        let pods = registry::find("", "v1", "pods")?;
+        let pod = uid_of(
+            st.store
+                .get(&pods.key(Some(&c.namespace), pod_name))
+                .await
+                .ok()??,
+        )?;
+        // As kube's validator: gone, recreated, or past its deletion time (a pod in graceful
+        // termination keeps its token until then).
+        let deleted = pod
+            .pointer("/metadata/deletionTimestamp")
+            .and_then(|t| t.as_str())
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .is_some_and(|t| t < jiff::Timestamp::now());
+        if pod.pointer("/metadata/uid").and_then(|u| u.as_str()) != Some(pod_uid.as_str())
+            || deleted
+        {
+            return None;
+        }
+    }
+    Some(authz::Identity::ServiceAccount(c.namespace, c.name))
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -4,9 +4,13 @@
 //!
 //! A token is `keelson-sa.<base64url JSON claims>.<hex HMAC-SHA256>`, signed with the server's own
 //! random key (`pki/sa.key`); it names the namespace, the service account and its UID, so
-//! it stops working when the account is deleted (or recreated), and carries its expiry. As
-//! kube-apiserver does for the kubelet's default 3607-second requests, those tokens stay valid
-//! for a year (the reported expiry is the requested one; the kubelet refreshes before it).
+//! it stops working when the account is deleted (or recreated), its audiences (the API server
+//! accepts only tokens for its own audience), the pod it is bound to (refused once that pod is
+//! gone), and its expiry. As kube-apiserver does for the kubelet's projected tokens (pod-bound,
+//! for the API's audience, 3607 seconds asked), those stay valid for a year with a warn-after
+//! time at the requested expiry (the reported expiry is the requested one; the kubelet
+//! refreshes before it). Lifetimes run from 10 minutes to 2^32 seconds, as kube-apiserver's
+//! validation allows.
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -22,6 +26,10 @@ const PREFIX: &str = "keelson-sa.";
 /// kube-apiserver's magic expiry of kubelet-requested tokens that get extended.
 pub const KUBELET_EXPIRY: i64 = 3607;
 const EXTENDED: i64 = 365 * 24 * 3600;
+/// The API server's own audience (kube-apiserver's default `--api-audiences`).
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+/// kube-apiserver's upper bound on `expirationSeconds`.
+const MAX_EXPIRATION: i64 = 1 << 32;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claims {
@@ -33,6 +41,13 @@ pub struct Claims {
     /// The pod the token is bound to, if any (name, uid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<(String, String)>,
+    /// Who the token is for; the API server accepts only tokens naming `API_AUDIENCE`.
+    #[serde(default)]
+    pub aud: Vec<String>,
+    /// For an extended token: when its requested lifetime ended (kube's
+    /// `kubernetes.io/warnafter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warnafter: Option<i64>,
 }
 
 pub(crate) fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
@@ -78,7 +93,13 @@ pub fn verify(key: &[u8], token: &str, now: i64) -> Option<Claims> {
 }
 
 /// `POST .../serviceaccounts/NAME/token`: a TokenRequest answered with a token for `sa`.
-pub fn token_request(key: &[u8], sa: &Value, body: &[u8]) -> Result<Value, ApiError> {
+/// `pod` is the bound pod as stored (looked up by the caller), if the request names one.
+pub fn token_request(
+    key: &[u8],
+    sa: &Value,
+    body: &[u8],
+    pod: Option<&Value>,
+) -> Result<Value, ApiError> {
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid TokenRequest: {e}")))?;
     if req.get("kind").and_then(Value::as_str) != Some("TokenRequest") {
@@ -86,55 +107,119 @@ pub fn token_request(key: &[u8], sa: &Value, body: &[u8]) -> Result<Value, ApiEr
             "the body of the request must be a TokenRequest (authentication.k8s.io/v1)",
         ));
     }
-    let asked = req
-        .pointer("/spec/expirationSeconds")
-        .and_then(Value::as_i64)
-        .unwrap_or(3600);
-    if asked < 600 {
-        return Err(ApiError::new(
+    let invalid = |msg: &str| {
+        ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             "Invalid",
-            "TokenRequest.authentication.k8s.io is invalid: spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
+            format!("TokenRequest.authentication.k8s.io is invalid: {msg}"),
+        )
+    };
+    let asked = match req.pointer("/spec/expirationSeconds") {
+        None | Some(Value::Null) => 3600,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| invalid("spec.expirationSeconds: Invalid value: must be an integer"))?,
+    };
+    if asked < 600 {
+        return Err(invalid(
+            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
         ));
     }
-    let valid = if asked == KUBELET_EXPIRY {
-        EXTENDED
-    } else {
-        asked
-    };
-    let now = jiff::Timestamp::now();
-    let pod = req.pointer("/spec/boundObjectRef").and_then(|b| {
-        (b["kind"] == "Pod").then(|| {
-            (
-                b["name"].as_str().unwrap_or("").to_string(),
-                b["uid"].as_str().unwrap_or("").to_string(),
-            )
+    if asked > MAX_EXPIRATION {
+        return Err(invalid(
+            "spec.expirationSeconds: Invalid value: may not specify a duration larger than 2^32 seconds",
+        ));
+    }
+    let mut aud: Vec<String> = req
+        .pointer("/spec/audiences")
+        .and_then(Value::as_array)
+        .map(|l| {
+            l.iter()
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect()
         })
-    });
+        .unwrap_or_default();
+    if aud.is_empty() {
+        aud.push(API_AUDIENCE.to_string());
+    }
+    let sa_ns = sa
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let sa_name = sa
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let bound = req.pointer("/spec/boundObjectRef").filter(|b| !b.is_null());
+    let pod_claim = match bound {
+        None => None,
+        Some(b) if b["kind"] == "Pod" => {
+            let name = b["name"].as_str().unwrap_or("");
+            let p = pod.ok_or_else(|| {
+                ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("pods \"{name}\" not found"),
+                )
+            })?;
+            let uid = p
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if let Some(want) = b["uid"].as_str().filter(|u| !u.is_empty())
+                && want != uid
+            {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "Conflict",
+                    format!(
+                        "the UID in the bound object reference ({want}) does not match the UID in record. The object might have been deleted and then recreated"
+                    ),
+                ));
+            }
+            let uses = p
+                .pointer("/spec/serviceAccountName")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .unwrap_or("default");
+            if uses != sa_name {
+                return Err(ApiError::bad_request(format!(
+                    "cannot bind token for serviceaccount \"{sa_name}\" to pod running with different serviceaccount name."
+                )));
+            }
+            Some((name.to_string(), uid.to_string()))
+        }
+        Some(b) => {
+            return Err(ApiError::bad_request(format!(
+                "cannot bind token to object of kind {:?}: only pods are supported",
+                b["kind"].as_str().unwrap_or("")
+            )));
+        }
+    };
+    // kube-apiserver's extension: pod-bound, for the API itself, the kubelet's 3607 seconds.
+    let extend =
+        pod_claim.is_some() && asked == KUBELET_EXPIRY && aud.iter().any(|a| a == API_AUDIENCE);
+    let now = jiff::Timestamp::now().as_second();
     let claims = Claims {
-        namespace: sa
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .into(),
-        name: sa
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .into(),
+        namespace: sa_ns.into(),
+        name: sa_name.into(),
         uid: sa
             .pointer("/metadata/uid")
             .and_then(Value::as_str)
             .unwrap_or("")
             .into(),
-        exp: now.as_second() + valid,
-        pod,
+        exp: now + if extend { EXTENDED } else { asked },
+        pod: pod_claim,
+        aud: aud.clone(),
+        warnafter: extend.then_some(now + asked),
     };
-    let expires = jiff::Timestamp::from_second(now.as_second() + asked)
-        .unwrap_or(now)
+    let expires = jiff::Timestamp::from_second(now + asked)
+        .unwrap_or(jiff::Timestamp::now())
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
     let mut out = req.clone();
+    out["spec"]["audiences"] = serde_json::json!(aud);
+    out["spec"]["expirationSeconds"] = serde_json::json!(asked);
     out["status"] =
         serde_json::json!({"token": issue(key, &claims), "expirationTimestamp": expires});
     if out.get("metadata").is_none() {
@@ -575,6 +660,8 @@ mod tests {
             uid: "u1".into(),
             exp: 2_000,
             pod: None,
+            aud: vec![API_AUDIENCE.into()],
+            warnafter: None,
         };
         let t = issue(&key, &c);
         assert_eq!(verify(&key, &t, 1_000), Some(c.clone()));
@@ -601,22 +688,64 @@ mod tests {
     }
 
     #[test]
-    fn kubelet_tokens_are_extended_and_short_ones_refused() {
+    fn only_pod_bound_kubelet_tokens_for_the_api_are_extended() {
         let key = b"t".to_vec();
         let sa = json!({"metadata": {"name": "d", "namespace": "ns", "uid": "u"}});
-        let req = |secs: i64| {
-            json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
-                   "spec": {"expirationSeconds": secs, "boundObjectRef": {"kind": "Pod", "name": "p", "uid": "pu"}}})
-            .to_string()
+        let pod =
+            json!({"metadata": {"name": "p", "uid": "pu"}, "spec": {"serviceAccountName": "d"}});
+        let req = |secs: i64, bound: bool, aud: &[&str]| {
+            let mut r = json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                   "spec": {"expirationSeconds": secs, "audiences": aud}});
+            if bound {
+                r["spec"]["boundObjectRef"] = json!({"kind": "Pod", "name": "p", "uid": "pu"});
+            }
+            r.to_string()
         };
-        let out = token_request(&key, &sa, req(KUBELET_EXPIRY).as_bytes()).unwrap();
-        let token = out["status"]["token"].as_str().unwrap();
         let now = jiff::Timestamp::now().as_second();
-        let c = verify(&key, token, now + 30 * 24 * 3600).expect("valid for a year");
+        let claims = |out: Value| {
+            let t = out["status"]["token"].as_str().unwrap().to_string();
+            verify(&key, &t, now).unwrap()
+        };
+        let c = claims(
+            token_request(
+                &key,
+                &sa,
+                req(KUBELET_EXPIRY, true, &[]).as_bytes(),
+                Some(&pod),
+            )
+            .unwrap(),
+        );
+        assert!(c.exp > now + 300 * 24 * 3600, "extended to a year");
+        assert_eq!(c.warnafter, Some(c.exp - EXTENDED + KUBELET_EXPIRY));
         assert_eq!(c.pod, Some(("p".into(), "pu".into())));
-        assert_eq!((c.namespace.as_str(), c.name.as_str()), ("ns", "d"));
-        assert!(token_request(&key, &sa, req(60).as_bytes()).is_err());
-        assert!(token_request(&key, &sa, b"{}").is_err());
+        assert_eq!(c.aud, [API_AUDIENCE]);
+        // Not bound, or for another audience: the lifetime asked for.
+        let c = claims(
+            token_request(&key, &sa, req(KUBELET_EXPIRY, false, &[]).as_bytes(), None).unwrap(),
+        );
+        assert!(c.exp <= now + KUBELET_EXPIRY + 5);
+        let c = claims(
+            token_request(
+                &key,
+                &sa,
+                req(KUBELET_EXPIRY, true, &["vault"]).as_bytes(),
+                Some(&pod),
+            )
+            .unwrap(),
+        );
+        assert!(c.exp <= now + KUBELET_EXPIRY + 5);
+        assert_eq!(c.aud, ["vault"]);
+        // Out of range, a missing pod, another pod's UID, another account's pod: refused.
+        assert!(token_request(&key, &sa, req(60, false, &[]).as_bytes(), None).is_err());
+        assert!(token_request(&key, &sa, req(i64::MAX, false, &[]).as_bytes(), None).is_err());
+        assert!(token_request(&key, &sa, req(3600, true, &[]).as_bytes(), None).is_err());
+        let other =
+            json!({"metadata": {"name": "p", "uid": "zz"}, "spec": {"serviceAccountName": "d"}});
+        assert!(token_request(&key, &sa, req(3600, true, &[]).as_bytes(), Some(&other)).is_err());
+        let foreign =
+            json!({"metadata": {"name": "p", "uid": "pu"}, "spec": {"serviceAccountName": "x"}});
+        assert!(token_request(&key, &sa, req(3600, true, &[]).as_bytes(), Some(&foreign)).is_err());
+        assert!(token_request(&key, &sa, b"{}", None).is_err());
     }
 
     #[test]

@@ -178,7 +178,24 @@ pub async fn handle(
         }
         ("log", &Method::GET) if r.kind == "Pod" => super::logs::proxy(st, &cur, query).await,
         ("token", &Method::POST) if r.kind == "ServiceAccount" => {
-            let out = super::rbac::token_request(&st.sa_key, &cur, body)?;
+            // The bound pod as stored, when the request names one.
+            let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let pod = match req
+                .pointer("/spec/boundObjectRef/name")
+                .and_then(Value::as_str)
+            {
+                Some(p) if req.pointer("/spec/boundObjectRef/kind") == Some(&json!("Pod")) => {
+                    let pods = super::registry::find("", "v1", "pods")
+                        .ok_or_else(|| ApiError::internal("no pods resource"))?;
+                    st.store
+                        .get(&pods.key(ns, p))
+                        .await
+                        .map_err(ApiError::internal)?
+                        .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+                }
+                _ => None,
+            };
+            let out = super::rbac::token_request(&st.sa_key, &cur, body, pod.as_ref())?;
             Ok(json_response(StatusCode::CREATED, &out))
         }
         // No PodDisruptionBudgets are served, so every eviction is allowed: it deletes the

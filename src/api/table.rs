@@ -455,9 +455,7 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
             json!(
                 obj.pointer("/spec/expirationSeconds")
                     .and_then(Value::as_i64)
-                    .map_or("<none>".to_string(), |s| crate::agent::print::age_of_secs(
-                        s
-                    ))
+                    .map_or("<none>".to_string(), crate::agent::print::age_of_secs)
             ),
             json!(csr_condition(obj)),
         ],

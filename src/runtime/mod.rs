@@ -5,6 +5,7 @@ pub mod container;
 pub mod events;
 pub mod image;
 pub mod pack;
+pub mod seccomp;
 pub mod spec;
 
 use std::path::{Path, PathBuf};

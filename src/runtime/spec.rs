@@ -148,6 +148,8 @@ pub struct RuntimeConfig {
     pub cpu_period: Option<u64>,
     pub cpu_shares: Option<u64>,
     pub oom_score_adj: Option<i32>,
+    /// The seccomp filter (none for privileged containers, whatever this says).
+    pub seccomp: super::seccomp::Profile,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +338,28 @@ pub fn build(c: &RuntimeConfig) -> Result<Spec, SpecError> {
     if c.process.privileged {
         linux.set_masked_paths(None);
         linux.set_readonly_paths(None);
+    } else {
+        // containerd masks the RAPL energy counters too (a side channel on the host's CPUs).
+        let mut masked = linux.masked_paths().clone().unwrap_or_default();
+        masked.push("/sys/devices/virtual/powercap".into());
+        linux.set_masked_paths(Some(masked));
+        let bounding: Vec<String> = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.capabilities().as_ref())
+            .and_then(|c| c.bounding().as_ref())
+            .map(|b| b.iter().map(|c| format!("CAP_{c}")).collect())
+            .unwrap_or_default();
+        let seccomp = match &c.seccomp {
+            super::seccomp::Profile::Unconfined => None,
+            super::seccomp::Profile::RuntimeDefault => {
+                Some(super::seccomp::runtime_default(&bounding))
+            }
+            super::seccomp::Profile::Custom(p) => Some((**p).clone()),
+        };
+        if let Some(linux) = spec.linux_mut().as_mut() {
+            linux.set_seccomp(seccomp);
+        }
     }
     Ok(spec)
 }
@@ -368,6 +392,7 @@ mod tests {
             cpu_period: None,
             cpu_shares: None,
             oom_score_adj: None,
+            seccomp: Default::default(),
         };
         let v = serde_json::to_value(build(&c).unwrap()).unwrap();
         assert_eq!(v["hostname"], "web");
@@ -419,6 +444,7 @@ mod tests {
             cpu_period: None,
             cpu_shares: Some(512),
             oom_score_adj: None,
+            seccomp: Default::default(),
         };
         let v = serde_json::to_value(build(&c).unwrap()).unwrap();
         assert_eq!(v["root"]["readonly"], true);

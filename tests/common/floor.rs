@@ -63,6 +63,7 @@ pub async fn floor_once(
         cpu_period: None,
         cpu_shares: Some(2),
         oom_score_adj: None,
+        seccomp: Default::default(),
     };
     let s = spec::build(&sandbox).unwrap();
     rt.create(CreateOpts {

@@ -610,7 +610,51 @@ pub fn runtime_config(
         // kubelet: shares = request(millicores) * 1024 / 1000, minimum 2.
         cpu_shares: cpu_request.map(|m| ((m * 1024) / 1000).max(2) as u64),
         oom_score_adj: None,
+        seccomp: seccomp_profile(pod, c, sb)?,
     })
+}
+
+/// The container's seccomp profile from its `securityContext.seccompProfile`, else the pod's
+/// (Kubernetes' default: Unconfined). `Localhost` profiles are read from the node's seccomp
+/// directory, `DATA_DIR/seccomp` (kubelet's `/var/lib/kubelet/seccomp`).
+fn seccomp_profile(
+    pod: &Pod,
+    c: &Container,
+    sb: &SandboxInfo,
+) -> Result<crate::runtime::seccomp::Profile, ConfigError> {
+    use crate::runtime::seccomp;
+    let chosen = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .or(pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|s| s.seccomp_profile.as_ref()));
+    let Some(p) = chosen else {
+        return Ok(seccomp::Profile::Unconfined);
+    };
+    match p.type_.as_str() {
+        "Unconfined" => Ok(seccomp::Profile::Unconfined),
+        "RuntimeDefault" => Ok(seccomp::Profile::RuntimeDefault),
+        "Localhost" => {
+            let rel = p.localhost_profile.as_deref().unwrap_or("");
+            let dir = sb
+                .pod_dir
+                .parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("seccomp"))
+                .unwrap_or_default();
+            let path =
+                seccomp::localhost_path(&dir, rel).map_err(|e| ConfigError(e.to_string()))?;
+            let profile = seccomp::localhost(&path).map_err(|e| ConfigError(e.to_string()))?;
+            Ok(seccomp::Profile::Custom(Box::new(profile)))
+        }
+        other => Err(ConfigError(format!(
+            "seccompProfile.type {other:?} is not one of Unconfined, RuntimeDefault, Localhost"
+        ))),
+    }
 }
 
 #[cfg(test)]

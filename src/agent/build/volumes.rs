@@ -273,10 +273,13 @@ fn downward_entries<'a>(
 /// The generation (`..<timestamp>` directory) and content digest each projection directory
 /// was last written with, by this process. The agent trusts this, not the `..data` link inside
 /// the directory, which the pod could have changed.
-static GENERATIONS: std::sync::Mutex<Option<HashMap<PathBuf, (String, [u8; 32])>>> =
+static GENERATIONS: std::sync::Mutex<Option<HashMap<PathBuf, Generation>>> =
     std::sync::Mutex::new(None);
 
-fn generation(dir: &Path) -> Option<(String, [u8; 32])> {
+/// A projection's current `..<timestamp>` directory and the digest of what it holds.
+type Generation = (String, [u8; 32]);
+
+fn generation(dir: &Path) -> Option<Generation> {
     GENERATIONS
         .lock()
         .ok()?

@@ -88,9 +88,9 @@ impl PodWorker {
                     }) => InstState::Exited {
                         code: exit_code as i32,
                         reason: exit_reason(exit_code as i32, false).into(),
-                        message: std::fs::read_to_string(self.termination_log(&name, &l.id))
-                            .ok()
-                            .filter(|m| !m.is_empty()),
+                        message: super::read_termination_message(
+                            &self.termination_log(&name, &l.id),
+                        ),
                         finished_at: exited_at.unwrap_or_else(Timestamp::now),
                     },
                     _ => InstState::Exited {

@@ -369,10 +369,7 @@ impl PodWorker {
             return;
         }
         let oom = std::mem::take(&mut rec.oom);
-        let mut message = std::fs::read(&tlog)
-            .ok()
-            .filter(|m| !m.is_empty())
-            .map(|m| String::from_utf8_lossy(&m[..m.len().min(4096)]).to_string());
+        let mut message = read_termination_message(&tlog);
         if message.is_none()
             && code != 0
             && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError")
@@ -625,4 +622,17 @@ fn humantime(d: Duration) -> String {
     } else {
         format!("{s}s")
     }
+}
+
+/// A container's termination message: at most its first 4096 bytes (kubelet's cap), read
+/// without loading the rest of a file the container may have made huge.
+pub(super) fn read_termination_message(path: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(4096);
+    std::fs::File::open(path)
+        .ok()?
+        .take(4096)
+        .read_to_end(&mut buf)
+        .ok()?;
+    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
 }

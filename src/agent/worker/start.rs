@@ -264,6 +264,7 @@ impl PodWorker {
             cpu_period: None,
             cpu_shares: Some(2),
             oom_score_adj: None,
+            seccomp: Default::default(),
         };
         let mut spec = spec::build(&cfg).map_err(|e| e.to_string())?;
         spec::set_shim_group(&mut spec, &self.shim_group(&id));
