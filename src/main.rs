@@ -125,6 +125,10 @@ enum Cmd {
         /// Serve the API only: do not run the scheduler and controllers in this process.
         #[arg(long)]
         no_controllers: bool,
+        /// Longest lifetime of a certificate the server signs for a CertificateSigningRequest
+        /// (kube-controller-manager's flag of the same name); agents renew at 80 %.
+        #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+        cluster_signing_duration: std::time::Duration,
         #[command(flatten)]
         election: ElectionArgs,
         #[command(flatten)]
@@ -798,6 +802,7 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
             etcd_endpoints,
             compaction_interval,
             no_controllers,
+            cluster_signing_duration,
             election,
             nodes,
             default_not_ready_toleration_seconds,
@@ -837,6 +842,7 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                     default_unreachable_toleration_seconds,
                 ),
                 tls_sans: tls_san,
+                signing_duration: cluster_signing_duration,
             };
             if !no_controllers {
                 let kubeconfig = cfg.data_dir.join("kubeconfig.yaml");

@@ -112,6 +112,30 @@ impl rustls::server::ResolvesServerCert for CertSwitch {
     }
 }
 
+impl rustls::client::ResolvesClientCert for CertSwitch {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.read().ok().map(|c| c.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The certificate `switch` holds now (PEM of the leaf is not kept; its DER is).
+impl CertSwitch {
+    pub fn current_der(&self) -> Option<Vec<u8>> {
+        self.0
+            .read()
+            .ok()
+            .and_then(|c| c.cert.first().map(|d| d.to_vec()))
+    }
+}
+
 /// Like `server_config`, serving whatever `switch` holds at each handshake.
 pub fn switched_server_config(
     switch: Arc<CertSwitch>,

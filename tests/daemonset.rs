@@ -242,6 +242,35 @@ fn the_agent_daemonset_runs_an_extra_node() {
     );
     let cidr = c.jsonpath(&["get", "node", &extra], "{.spec.podCIDR}");
     assert!(!cidr.is_empty(), "the extra node got a pod CIDR");
+    // The agent acts as its node (a certificate from its TLS bootstrap); its service account
+    // may only ask for that certificate, so a stolen token cannot touch any node.
+    assert!(
+        c.ok(&["get", "csr"])
+            .contains("system:serviceaccount:kube-system:keelson-agent"),
+        "{}",
+        c.ok(&["get", "csr"])
+    );
+    let req = c.dir.path().join("agent-token.json");
+    std::fs::write(
+        &req,
+        r#"{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 600}}"#,
+    )
+    .unwrap();
+    let out = c.ok(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/kube-system/serviceaccounts/keelson-agent/token",
+        "-f",
+        req.to_str().unwrap(),
+    ]);
+    let token: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = format!("--token={}", token["status"]["token"].as_str().unwrap());
+    let o = c.kubectl(&[&token, "label", "node", &c.nodes[1], "owned=yes"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The DaemonSet avoids the extra node (no agent for the agent), and its pod is ready.
     c.until(60, "the agent DaemonSet ready on node1 only", || {
         c.jsonpath(

@@ -193,8 +193,20 @@ async fn spdy_attack(
 
 #[test]
 fn the_audits_attacks_fail() {
-    let c = Cluster::up("sec", 2, &[]);
+    // Certificates of a minute: the agents renew theirs while the test runs.
+    let c = Cluster::up("sec", 2, &["--cluster-signing-duration=60s"]);
     let node = c.nodes[0].clone();
+    let client_cert = c
+        .lab_dir()
+        .join("nodes")
+        .join(&node)
+        .join("pki/node-client.crt");
+    let first_cert = std::fs::read_to_string(&client_cert).unwrap();
+    let first_expiry = keelson::agent::bootstrap::validity(&first_cert).unwrap().1;
+    assert!(
+        first_expiry - jiff::Timestamp::now().as_second() > 30,
+        "a minute's certificate"
+    );
     // A canary directory on the node (the host's filesystem: lab nodes share it).
     let canary = c.dir.path().join("canary");
     std::fs::create_dir_all(&canary).unwrap();
@@ -479,6 +491,28 @@ fn the_audits_attacks_fail() {
     assert!(code(&bound).contains("orbidden"), "{}", code(&bound));
     c.ok(&["delete", "pod", "confined", "--wait=true", "--timeout=60s"]);
     assert!(code(&bound).contains("Unauthorized"), "{}", code(&bound));
+
+    // 8. Rotation: past the first certificates' expiry the node still works, with a renewed
+    // client certificate on disk (and a renewed serving certificate: exec reaches it).
+    c.until(90, "the node client certificate renewed", || {
+        std::fs::read_to_string(&client_cert).unwrap() != first_cert
+    });
+    while jiff::Timestamp::now().as_second() <= first_expiry + 1 {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let before = renewed();
+    c.until(30, "a Lease renewal with the renewed certificate", || {
+        renewed() != before
+    });
+    let (ok, out) = exec(&c, "redirect", "main", "echo rotated");
+    assert!(ok && out.trim() == "rotated", "{out}");
+    assert_eq!(
+        c.jsonpath(
+            &["get", "node", &node],
+            r#"{.status.conditions[?(@.type=="Ready")].status}"#
+        ),
+        "True"
+    );
 }
 
 /// Waits until pod `name` is Ready.

@@ -179,16 +179,118 @@ pub async fn client_certificate(
     Ok(c)
 }
 
-/// `bootstrap`'s cluster and CA with the node's client certificate as the only credential.
-pub fn node_config(bootstrap: &kube::Config, c: &Credential) -> kube::Config {
-    let mut cfg = bootstrap.clone();
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    cfg.auth_info = kube::config::AuthInfo {
-        client_certificate_data: Some(b64(&c.cert_pem)),
-        client_key_data: Some(b64(&c.key_pem).into()),
-        ..Default::default()
+/// A certificate's validity (not before, not after), in Unix seconds.
+pub fn validity(cert_pem: &str) -> Option<(i64, i64)> {
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    ))
+}
+
+/// When a certificate is due for renewal (80 % of its lifetime), in Unix seconds.
+pub fn renew_at(cert_pem: &str) -> Option<i64> {
+    let (from, to) = validity(cert_pem)?;
+    Some(from + (to - from) * 4 / 5)
+}
+
+/// Sleeps until `cert` is due, then renews it with `request` (retrying every 30 s on
+/// failure) and hands the new one to `install`; for ever.
+async fn keep_renewed<F, Fut>(
+    what: &str,
+    mut cert: Credential,
+    mut request: F,
+    install: impl Fn(&Credential),
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Credential>>,
+{
+    loop {
+        let due = renew_at(&cert.cert_pem).unwrap_or(0);
+        // At least a few seconds apart, whatever the certificate says (no hot loop).
+        let wait = (due - jiff::Timestamp::now().as_second()).max(5) as u64;
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        match request().await {
+            Ok(c) => {
+                install(&c);
+                tracing::info!(certificate = what, "certificate renewed");
+                cert = c;
+            }
+            Err(e) => {
+                tracing::warn!(certificate = what, error = %format!("{e:#}"), "renewing the certificate; trying again in 30 s");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
+/// Renews the node's client certificate (as the node itself: `selfnodeclient`) while the
+/// agent runs; the switch presents the new one on new connections.
+pub async fn rotate_client(
+    client: Client,
+    node: String,
+    dir: Option<PathBuf>,
+    switch: std::sync::Arc<crate::tls::CertSwitch>,
+    cert: Credential,
+) {
+    let request = || {
+        request(
+            &client,
+            &node,
+            CLIENT_SIGNER,
+            vec![],
+            &["digital signature", "key encipherment", "client auth"],
+        )
     };
-    cfg
+    keep_renewed("node client", cert, request, |c| {
+        if let Some(d) = &dir
+            && let Err(e) = save(d, "node-client", c)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "keeping the node client certificate");
+        }
+        if let Err(e) = switch.set(&c.cert_pem, &c.key_pem) {
+            tracing::warn!(error = %format!("{e:#}"), "the renewed node client certificate");
+        }
+    })
+    .await
+}
+
+/// Keeps the kubelet API's serving certificate issued and renewed: a kept fresh one is
+/// served already; otherwise (and at 80 % of each one's life) a new one is asked for.
+pub async fn rotate_serving(
+    client: Client,
+    node: String,
+    ip: std::net::IpAddr,
+    dir: PathBuf,
+    switch: std::sync::Arc<crate::tls::CertSwitch>,
+    kept: Option<Credential>,
+) {
+    let cert = match kept {
+        Some(c) => c,
+        None => match serving_certificate(&client, &node, ip, &dir).await {
+            Some(c) => {
+                if let Err(e) = switch.set(&c.cert_pem, &c.key_pem) {
+                    tracing::warn!(error = %format!("{e:#}"), "the issued kubelet serving certificate");
+                }
+                c
+            }
+            None => return,
+        },
+    };
+    let request = || async {
+        serving_certificate(&client, &node, ip, &dir)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no kubelet serving certificate issued"))
+    };
+    keep_renewed("kubelet serving", cert, request, |c| {
+        if let Err(e) = switch.set(&c.cert_pem, &c.key_pem) {
+            tracing::warn!(error = %format!("{e:#}"), "the renewed kubelet serving certificate");
+        }
+    })
+    .await
 }
 
 /// The kept kubelet serving certificate, while fresh.

@@ -91,15 +91,52 @@ async fn bootstrap_config(join: &Join) -> anyhow::Result<kube::Config> {
 }
 
 /// A client for the API server as node `node` (`system:node:<node>`, by a client certificate
-/// the cluster issued through a CertificateSigningRequest; kept in `pki_dir` when given).
+/// the cluster issued through a CertificateSigningRequest; kept in `pki_dir` when given). The
+/// certificate is renewed at 80 % of its lifetime while the client runs (kubelet's
+/// `--rotate-certificates`): new connections present the new one.
 pub async fn client(
     join: &Join,
     node: &str,
     pki_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Joined> {
+    use kube::client::ConfigExt;
     let base = bootstrap_config(join).await?;
     let cred = super::bootstrap::client_certificate(&base, node, pki_dir).await?;
-    let cfg = super::bootstrap::node_config(&base, &cred);
+    // The cluster and CA of the bootstrap configuration, no credential of its own: the TLS
+    // layer presents whatever the switch holds.
+    let mut cfg = base.clone();
+    cfg.auth_info = Default::default();
+    let switch = crate::tls::CertSwitch::new(&cred.cert_pem, &cred.key_pem)
+        .context("the node client certificate")?;
+    let mut tls = cfg
+        .rustls_client_config()
+        .context("TLS towards the API server")?;
+    tls.client_auth_cert_resolver = switch.clone();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let mut timeouts = hyper_timeout::TimeoutConnector::new(https);
+    timeouts.set_connect_timeout(cfg.connect_timeout);
+    timeouts.set_read_timeout(cfg.read_timeout);
+    timeouts.set_write_timeout(cfg.write_timeout);
+    let http_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(timeouts);
+    let service = tower::ServiceBuilder::new()
+        .layer(cfg.base_uri_layer())
+        .service(http_client);
+    let client = Client::new(service, cfg.default_namespace.clone());
+    tokio::spawn(super::bootstrap::rotate_client(
+        client.clone(),
+        node.to_string(),
+        pki_dir.map(|d| d.to_path_buf()),
+        switch,
+        cred,
+    ));
     let ca_pem = match (&base.root_cert, &base.root_cert_file) {
         (Some(ders), _) => Some(
             ders.iter()
@@ -119,10 +156,7 @@ pub async fn client(
         (None, Some(f)) => std::fs::read_to_string(f).ok(),
         (None, None) => None,
     };
-    Ok(Joined {
-        client: Client::try_from(cfg)?,
-        ca_pem,
-    })
+    Ok(Joined { client, ca_pem })
 }
 
 fn arch() -> &'static str {

@@ -271,27 +271,22 @@ pub async fn run(
                 );
             }
             // The kept certificate the cluster issued, else a self-signed one at first; a new
-            // one is asked for in the background and served once issued.
+            // one is asked for in the background (and again at 80 % of each one's life) and
+            // served once issued.
             let kept = bootstrap::kept_serving(&cfg.pki_dir(), &cfg.node_name);
-            let fresh = kept.is_some();
-            let first = match kept {
-                Some(c) => c,
+            let first = match &kept {
+                Some(c) => c.clone(),
                 None => kubelet_api::self_signed(&ctx)?,
             };
             let serving = crate::tls::CertSwitch::new(&first.cert_pem, &first.key_pem)?;
-            if !fresh {
-                let (client, cfg, switch) = (client.clone(), cfg.clone(), serving.clone());
-                tokio::spawn(async move {
-                    let ip = std::net::IpAddr::V4(cfg.node_ip);
-                    if let Some(c) =
-                        bootstrap::serving_certificate(&client, &cfg.node_name, ip, &cfg.pki_dir())
-                            .await
-                        && let Err(e) = switch.set(&c.cert_pem, &c.key_pem)
-                    {
-                        tracing::warn!(error = %format!("{e:#}"), "the issued kubelet serving certificate");
-                    }
-                });
-            }
+            tokio::spawn(bootstrap::rotate_serving(
+                client.clone(),
+                cfg.node_name.clone(),
+                std::net::IpAddr::V4(cfg.node_ip),
+                cfg.pki_dir(),
+                serving.clone(),
+                kept,
+            ));
             kubelet_api::start(ctx.clone(), cfg.kubelet_port, serving, ca).await?;
         }
     }

@@ -16,9 +16,6 @@ pub const CLIENT_KUBELET: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 pub const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
 pub const CLIENT: &str = "kubernetes.io/kube-apiserver-client";
 
-/// kube-controller-manager's `--cluster-signing-duration` default: a year.
-const MAX_DURATION: i64 = 365 * 24 * 3600;
-
 /// The user name and groups the API server records for a caller (what its authenticator
 /// would report).
 pub fn user_info(id: &Identity) -> (String, Vec<String>) {
@@ -295,7 +292,8 @@ async fn auto_approval(
 
 /// Signs an approved request of a served signer that has no certificate yet: the subject and
 /// SANs of the request, the usages of the spec, the lifetime of `spec.expirationSeconds`
-/// (10 minutes at least, a year at most). A request the signer refuses gets `Failed`.
+/// (10 minutes at least), never past `--cluster-signing-duration` (a year by default). A
+/// request the signer refuses gets `Failed`.
 pub fn sign_if_approved(st: &ApiState, obj: &mut Value) {
     if !condition(obj, "Approved")
         || condition(obj, "Denied")
@@ -319,16 +317,23 @@ pub fn sign_if_approved(st: &ApiState, obj: &mut Value) {
     let us = usages(obj);
     let signed = parse(obj).and_then(|mut p| {
         check_shape(&signer, &p, &us)?;
-        let secs = obj
+        // The request's expirationSeconds (at least 10 minutes, as the API validates), never
+        // past the signer's duration.
+        let max = st.signing_duration.as_secs().max(1) as i64;
+        let secs = match obj
             .pointer("/spec/expirationSeconds")
             .and_then(Value::as_i64)
-            .unwrap_or(MAX_DURATION)
-            .clamp(600, MAX_DURATION);
+        {
+            Some(e) => e.max(600).min(max),
+            None => max,
+        };
         let now = jiff::Timestamp::now().as_second();
         let t = |s: i64| {
             time::OffsetDateTime::from_unix_timestamp(s).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
         };
-        p.params.not_before = t(now - 300);
+        // Backdated for clocks a little behind (kube's signer: 5 minutes), by at most a
+        // tenth of the lifetime, so 80 % of it still lies ahead.
+        p.params.not_before = t(now - (secs / 10).min(300));
         p.params.not_after = t(now + secs);
         p.params.is_ca = rcgen::IsCa::NoCa;
         p.params.key_usages = us
@@ -398,4 +403,79 @@ pub fn approve(st: &ApiState, cur: &Value, body: &Value) -> Result<Value, ApiErr
     }
     sign_if_approved(st, &mut new);
     Ok(new)
+}
+
+/// How long finished and pending requests are kept (kube-controller-manager's csrcleaner).
+const KEEP_FINISHED: i64 = 3600;
+const KEEP_PENDING: i64 = 24 * 3600;
+
+/// Whether a request is old enough to go at `now`: issued, denied or failed ones after an
+/// hour, pending ones after a day.
+fn expired(obj: &Value, now: i64) -> bool {
+    let created = obj
+        .pointer("/metadata/creationTimestamp")
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map_or(now, |t| t.as_second());
+    let finished = condition(obj, "Denied")
+        || condition(obj, "Failed")
+        || obj
+            .pointer("/status/certificate")
+            .and_then(Value::as_str)
+            .is_some_and(|c| !c.is_empty());
+    now - created
+        > if finished {
+            KEEP_FINISHED
+        } else {
+            KEEP_PENDING
+        }
+}
+
+/// Deletes old CertificateSigningRequests every ten minutes (agents renew theirs, so they
+/// would pile up otherwise).
+pub async fn cleaner(store: std::sync::Arc<dyn crate::store::Store>) {
+    let Some(r) = super::registry::find("certificates.k8s.io", "v1", "certificatesigningrequests")
+    else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        let Ok(page) = store.list(&r.prefix(), None, 0).await else {
+            continue;
+        };
+        let now = jiff::Timestamp::now().as_second();
+        for kv in page.items {
+            if serde_json::from_slice::<Value>(&kv.value).is_ok_and(|o| expired(&o, now)) {
+                let _ = store
+                    .delete(
+                        &kv.key,
+                        crate::store::Precondition::ModRevision(kv.mod_revision),
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_requests_go_after_an_hour_pending_ones_after_a_day() {
+        let at = |secs_ago: i64, status: Value| {
+            let created = jiff::Timestamp::from_second(1_000_000 - secs_ago)
+                .unwrap()
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+                .to_string();
+            json!({"metadata": {"creationTimestamp": created}, "status": status})
+        };
+        let issued = json!({"certificate": "eA=="});
+        assert!(!expired(&at(3000, issued.clone()), 1_000_000));
+        assert!(expired(&at(4000, issued), 1_000_000));
+        let denied = json!({"conditions": [{"type": "Denied", "status": "True"}]});
+        assert!(expired(&at(4000, denied), 1_000_000));
+        assert!(!expired(&at(4000, json!({})), 1_000_000));
+        assert!(expired(&at(90_000, json!({})), 1_000_000));
+    }
 }

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub default_tolerations: (i64, i64),
     /// Extra names and addresses the serving certificate is valid for (`--tls-san`).
     pub tls_sans: Vec<String>,
+    /// Longest lifetime of a certificate signed for a CertificateSigningRequest.
+    pub signing_duration: std::time::Duration,
 }
 
 /// Compacts the store every `every`, to the revision seen one interval earlier, so watches
@@ -105,6 +107,8 @@ pub struct ApiState {
     pub ca_key_pem: String,
     /// Service account tokens are signed with this (its own random key).
     pub sa_key: Vec<u8>,
+    /// Longest lifetime of a certificate signed for a CertificateSigningRequest.
+    pub signing_duration: std::time::Duration,
     pub services: alloc::ServiceNet,
     /// TLS towards kubelets: presents the kubelet-client certificate.
     pub kubelet_tls: Arc<rustls::ClientConfig>,
@@ -470,6 +474,7 @@ pub async fn run(
     typed::set_default_tolerations(cfg.default_tolerations.0, cfg.default_tolerations.1);
     seed(store.as_ref()).await?;
     let compaction = tokio::spawn(compactor(store.clone(), cfg.compaction_interval));
+    let csr_cleaner = tokio::spawn(csr::cleaner(store.clone()));
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().to_string())
         .unwrap_or_default();
@@ -525,6 +530,7 @@ pub async fn run(
         node_token: pki.node_token.clone(),
         ca_key_pem: pki.ca_key_pem.clone(),
         sa_key: pki.sa_key.clone(),
+        signing_duration: cfg.signing_duration,
         services: cfg.services.clone(),
         kubelet_tls: crate::tls::kubelet_client_config(
             (&pki.kubelet_client_pem, &pki.kubelet_client_key_pem),
@@ -565,6 +571,7 @@ pub async fn run(
     crate::tls::serve(listener, tls, app, shutdown).await;
     extra.iter().for_each(|t| t.abort());
     compaction.abort();
+    csr_cleaner.abort();
     root_ca.abort();
     Ok(())
 }
