@@ -1,6 +1,8 @@
 //! The real kubectl (v1.32) against `keelson server`: HTTPS with the generated CA and admin
 //! token, version and discovery, the seeded namespaces, create/get/replace/delete/watch of a
 //! ConfigMap with kube-apiserver's errors, and data that survives a SIGKILL of the server.
+mod common;
+
 use std::{
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -92,26 +94,12 @@ impl Server {
     /// token, and the certificate the server issued for it.
     fn node_kubeconfig(&self, node: &str) -> String {
         let dir = self.dir.path();
-        let key = dir.join(format!("{node}.key"));
-        let req = dir.join(format!("{node}.csr"));
-        let o = Command::new("openssl")
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&req)
-            .args(["-subj", &format!("/O=system:nodes/CN=system:node:{node}")])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (key, req) = (
+            dir.join(format!("{node}.key")),
+            dir.join(format!("{node}.csr")),
+        );
+        let subject = format!("/O=system:nodes/CN=system:node:{node}");
+        common::openssl_request(&key, &req, &subject, &[]);
         use base64::Engine;
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         let csr = self.write(
@@ -144,21 +132,15 @@ impl Server {
             !cert.is_empty(),
             "the node client certificate is issued at once"
         );
-        let ca = self.ok(&[
-            "config",
-            "view",
-            "--raw",
-            "-o",
-            "jsonpath={.clusters[0].cluster.certificate-authority-data}",
-        ]);
-        self.write(
-            &format!("{node}.kubeconfig"),
-            &format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\", certificate-authority-data: {ca}}}}}]\nusers: [{{name: node, user: {{client-certificate-data: {cert}, client-key-data: {}}}}}]\ncontexts: [{{name: node, context: {{cluster: c, user: node}}}}]\ncurrent-context: node\n",
-                self.url(),
-                b64(&std::fs::read(&key).unwrap())
-            ),
-        )
+        let cert = base64::engine::general_purpose::STANDARD
+            .decode(cert)
+            .unwrap();
+        let text = common::client_cert_kubeconfig(
+            &dir.join("kubeconfig.yaml"),
+            &cert,
+            &std::fs::read(&key).unwrap(),
+        );
+        self.write(&format!("{node}.kubeconfig"), &text)
     }
 
     fn node_token(&self) -> String {
@@ -958,29 +940,12 @@ fn node_certificates_come_only_through_approved_requests() {
     let token = format!("--token={}", s.node_token());
     // A serving certificate asked for by the bootstrapper is not approved (only a node, for
     // its own addresses); an administrator approves it with kubectl and it is signed.
-    let o = Command::new("openssl")
-        .args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-        ])
-        .arg(s.dir.path().join("srv.key"))
-        .arg("-out")
-        .arg(s.dir.path().join("srv.csr"))
-        .args([
-            "-subj",
-            "/O=system:nodes/CN=system:node:n9",
-            "-addext",
-            "subjectAltName=IP:10.9.9.9",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::openssl_request(
+        &s.dir.path().join("srv.key"),
+        &s.dir.path().join("srv.csr"),
+        "/O=system:nodes/CN=system:node:n9",
+        &["-addext", "subjectAltName=IP:10.9.9.9"],
+    );
     use base64::Engine;
     let req = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(s.dir.path().join("srv.csr")).unwrap());

@@ -66,21 +66,11 @@ pub fn fresh_for(cert_pem: &str, cn: &str, now: i64) -> Option<bool> {
 }
 
 fn save(dir: &Path, what: &str, c: &Credential) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     crate::runtime::private_dir(dir, 0o700).with_context(|| dir.display().to_string())?;
     let (crt, key) = paths(dir, what);
     for (path, text) in [(&key, &c.key_pem), (&crt, &c.cert_pem)] {
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| tmp.display().to_string())?;
-        std::io::Write::write_all(&mut f, text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+        crate::runtime::write_private(path, text.as_bytes())
+            .with_context(|| path.display().to_string())?;
     }
     Ok(())
 }

@@ -274,6 +274,17 @@ pub fn discovery(group: &str, version: &str) -> Response {
 }
 
 /// Creates the namespaces kube-apiserver makes at start, if missing.
+/// Stores `obj` at `key` unless something is there already (seeding is idempotent).
+async fn put_absent(store: &dyn Store, key: &str, obj: &serde_json::Value) -> anyhow::Result<()> {
+    match store
+        .put(key, serde_json::to_vec(obj)?, Precondition::Absent)
+        .await
+    {
+        Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
     let ns = registry::find("", "v1", "namespaces").context("namespaces resource")?;
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -282,17 +293,7 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
                          "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
                          "labels": {"kubernetes.io/metadata.name": name}},
             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
-        match store
-            .put(
-                &ns.key(None, name),
-                serde_json::to_vec(&obj)?,
-                Precondition::Absent,
-            )
-            .await
-        {
-            Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        put_absent(store, &ns.key(None, name), &obj).await?;
     }
     // kube-apiserver's bootstrap ClusterRoles that users and manifests refer to by name.
     let roles = registry::find("rbac.authorization.k8s.io", "v1", "clusterroles")
@@ -314,17 +315,7 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
                          "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
                          "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
             "rules": rules});
-        match store
-            .put(
-                &roles.key(None, name),
-                serde_json::to_vec(&obj)?,
-                Precondition::Absent,
-            )
-            .await
-        {
-            Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        put_absent(store, &roles.key(None, name), &obj).await?;
     }
     Ok(())
 }

@@ -56,22 +56,10 @@ fn read(path: &Path) -> Result<Option<String>, PkiError> {
 
 /// Writes a secret file readable by root only.
 pub fn write_private(path: &Path, content: &str) -> Result<(), PkiError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| PkiError::Io {
+    crate::runtime::write_private(path, content.as_bytes()).map_err(|source| PkiError::Io {
         path: path.into(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    std::io::Write::write_all(&mut f, content.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 fn ca_params() -> CertificateParams {

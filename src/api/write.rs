@@ -486,6 +486,20 @@ async fn prepare_update(
     Ok((new, warnings))
 }
 
+/// The body of a write to `.../NAME` must name the same object (kube-apiserver's 400).
+fn same_name(obj: &Value, name: &str) -> Result<(), ApiError> {
+    let body_name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if body_name != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    Ok(())
+}
+
 /// A 422 Invalid with one field cause (`field: message`), as kube-apiserver words it.
 pub(super) fn invalid(r: &Resource, name: &str, cause: &str) -> ApiError {
     let (field, msg) = cause.split_once(": ").unwrap_or(("", cause));
@@ -517,15 +531,7 @@ pub(super) async fn update(
     let key = r.key(ns, name);
     let cur = get_existing(st, r, &key, name).await?;
     let old: Value = serde_json::from_slice(&cur.value).map_err(ApiError::internal)?;
-    let body_name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    if body_name != name {
-        return Err(ApiError::bad_request(format!(
-            "the name of the object ({body_name}) does not match the name on the URL ({name})"
-        )));
-    }
+    same_name(&obj, name)?;
     let pre = match obj
         .pointer("/metadata/resourceVersion")
         .and_then(Value::as_str)
@@ -635,15 +641,7 @@ pub(super) async fn patch(
             if ctype == "application/apply-patch+yaml" {
                 // Server-side apply of a missing object creates it: the object must carry the
                 // URL's name, and the caller needs `create` as well as `patch`.
-                let body_name = doc
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                if body_name != name {
-                    return Err(ApiError::bad_request(format!(
-                        "the name of the object ({body_name}) does not match the name on the URL ({name})"
-                    )));
-                }
+                same_name(&doc, name)?;
                 if let Some((sa_ns, sa)) = o.caller {
                     let a = super::rbac::Attributes {
                         verb: "create".into(),

@@ -227,3 +227,19 @@ pub fn private_dir(dir: &std::path::Path, mode: u32) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
+
+/// Writes a secret file readable by root only: created 0600 (never wider, not even for a
+/// moment), synced, then renamed over `path`.
+pub fn write_private(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, content)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -96,33 +96,18 @@ impl Cluster {
     /// A kubeconfig acting as node `node`: the client certificate its agent got through the
     /// TLS bootstrap (kept in the node's data directory).
     pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
-        use base64::Engine;
-        let b64 = |p: PathBuf| {
-            base64::engine::general_purpose::STANDARD
-                .encode(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        };
         let pki = self.lab_dir().join("nodes").join(node).join("pki");
-        let admin = std::fs::read_to_string(self.kubeconfig()).unwrap();
-        let field = |k: &str| {
-            admin
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(k))
-                .unwrap()
-                .trim()
-                .to_string()
+        let read = |f: &str| {
+            let p = pki.join(f);
+            std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
         };
         let out = self.dir.path().join(format!("{node}.kubeconfig"));
-        std::fs::write(
-            &out,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\", certificate-authority-data: {}}}}}]\nusers: [{{name: node, user: {{client-certificate-data: {}, client-key-data: {}}}}}]\ncontexts: [{{name: node, context: {{cluster: c, user: node}}}}]\ncurrent-context: node\n",
-                field("server:"),
-                field("certificate-authority-data:"),
-                b64(pki.join("node-client.crt")),
-                b64(pki.join("node-client.key")),
-            ),
-        )
-        .unwrap();
+        let text = super::client_cert_kubeconfig(
+            &self.kubeconfig(),
+            &read("node-client.crt"),
+            &read("node-client.key"),
+        );
+        std::fs::write(&out, text).unwrap();
         out
     }
 

@@ -580,3 +580,49 @@ pub fn pod_yaml(name: &str, script: &str, extra_container: &str, extra_spec: &st
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{extra_spec}  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [\"sh\", \"-c\", {script:?}]\n{extra_container}"
     )
 }
+
+/// A private key and a certificate request for `subject` (`/O=.../CN=...`), made with
+/// openssl as an outside client would (`extra`: more `openssl req` arguments, e.g. SANs).
+pub fn openssl_request(key: &Path, csr: &Path, subject: &str, extra: &[&str]) {
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-keyout"])
+        .arg(key)
+        .arg("-out")
+        .arg(csr)
+        .args(["-subj", subject])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A kubeconfig for the cluster of `admin` (a kubeconfig file: its server and CA) whose user is
+/// the client certificate `cert_pem` with `key_pem`.
+pub fn client_cert_kubeconfig(admin: &Path, cert_pem: &[u8], key_pem: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let admin = std::fs::read_to_string(admin).unwrap();
+    let field = |k: &str| {
+        admin
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(k))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\", certificate-authority-data: {}}}}}]\nusers: [{{name: node, user: {{client-certificate-data: {}, client-key-data: {}}}}}]\ncontexts: [{{name: node, context: {{cluster: c, user: node}}}}]\ncurrent-context: node\n",
+        field("server:"),
+        field("certificate-authority-data:"),
+        b64(cert_pem),
+        b64(key_pem),
+    )
+}
