@@ -243,10 +243,23 @@ pub(super) fn parse_body(body: &Bytes, r: &Resource) -> Result<Value, ApiError> 
             ))
         })?
     };
-    if !v.is_object() {
+    let mut v = v;
+    let Some(o) = v.as_object_mut() else {
         return Err(ApiError::bad_request(
             "the body of the request must be a JSON object",
         ));
+    };
+    // kube-apiserver fills an empty kind and apiVersion from the URL (clients such as the
+    // Python one send none) and refuses only values that disagree.
+    for (field, want) in [
+        ("kind", r.kind.to_string()),
+        ("apiVersion", r.api_version()),
+    ] {
+        if o.get(field)
+            .is_none_or(|x| x.is_null() || x.as_str() == Some(""))
+        {
+            o.insert(field.into(), Value::String(want));
+        }
     }
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
     let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
@@ -353,6 +366,9 @@ pub async fn resource(
         (Method::PATCH, Some(name)) => {
             patch(&st, r, t.namespace.as_deref(), name, &headers, &body, wo).await
         }
+        (Method::DELETE, None) => {
+            delete_collection(&st, r, t.namespace.as_deref(), &q, &body).await
+        }
         (Method::DELETE, Some(name)) => {
             delete(
                 &st,
@@ -371,6 +387,64 @@ pub async fn resource(
             "the server does not allow this method on the requested resource",
         )),
     }
+}
+
+/// `DELETE` on a collection (`deletecollection`): every object of the namespace (or of the
+/// cluster, for cluster-scoped kinds) that the label and field selectors select, deleted with
+/// the request's DeleteOptions as one `DELETE` each; the answer lists what was deleted, as
+/// kube-apiserver's does.
+async fn delete_collection(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    q: &Params,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    if r.namespaced && ns.is_none() {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    if r.kind == "Namespace" {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    let filter = Filter::parse(r, q.label_selector.as_deref(), q.field_selector.as_deref())?;
+    let page = st
+        .cache
+        .list(&r.prefix(), &scope_prefix(r, ns), None, 0)
+        .await
+        .map_err(ApiError::internal)?;
+    let dry = q.dry_run.as_deref() == Some("All");
+    let mut deleted = vec![];
+    for kv in &page.items {
+        let obj = decode(kv)?;
+        if !filter.accepts(&obj) {
+            continue;
+        }
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let obj_ns = obj.pointer("/metadata/namespace").and_then(Value::as_str);
+        match delete(st, r, obj_ns, &name, body, q.grace_period_seconds, dry).await {
+            Ok(_) => deleted.push(obj),
+            // Gone meanwhile: nothing to do.
+            Err(e) if e.code == StatusCode::NOT_FOUND => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                            "metadata": {"resourceVersion": page.revision.to_string()}, "items": deleted}),
+    ))
 }
 
 fn scope_prefix(r: &Resource, ns: Option<&str>) -> String {

@@ -138,8 +138,30 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
 }
 
 const VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+/// Namespaces are deleted one by one (kube-apiserver serves no deletecollection for them).
+const NAMESPACE_VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
+
+impl Resource {
+    /// The verbs discovery lists for this resource.
+    pub fn verbs(&self) -> &'static [&'static str] {
+        if self.kind == "Namespace" {
+            NAMESPACE_VERBS
+        } else {
+            VERBS
+        }
+    }
+}
 
 /// `APIResourceList` for one group/version, or None if not served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
@@ -149,7 +171,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         .map(|r| {
             json!({
                 "name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced,
-                "kind": r.kind, "verbs": VERBS, "shortNames": r.short,
+                "kind": r.kind, "verbs": r.verbs(), "shortNames": r.short,
             })
         })
         .chain(
@@ -311,7 +333,7 @@ pub fn aggregated(core: bool) -> Value {
                         "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
                         "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
                         "singularResource": r.kind.to_lowercase(),
-                        "verbs": VERBS,
+                        "verbs": r.verbs(),
                         "shortNames": r.short,
                         "subresources": subs,
                     })

@@ -43,14 +43,16 @@ pub fn kubelet_path(sub: &str, ns: &str, pod: &str, container: &str, query: &str
                 "stdin" => "input",
                 "stdout" => "output",
                 "stderr" => "error",
-                "tty" | "command" => k,
+                "tty" | "command" | "ports" => k,
                 _ => return None,
             };
             Some(format!("{k}={v}"))
         })
         .collect();
     match sub {
-        "portforward" => format!("/portForward/{ns}/{pod}"),
+        // The ports matter to the WebSocket channel protocol (SPDY names them per stream).
+        "portforward" if params.is_empty() => format!("/portForward/{ns}/{pod}"),
+        "portforward" => format!("/portForward/{ns}/{pod}?{}", params.join("&")),
         _ => format!("/{sub}/{ns}/{pod}/{container}?{}", params.join("&")),
     }
 }
@@ -210,7 +212,7 @@ mod tests {
         );
         assert_eq!(
             kubelet_path("portforward", "ns", "p", "", "ports=80"),
-            "/portForward/ns/p"
+            "/portForward/ns/p?ports=80"
         );
     }
 }

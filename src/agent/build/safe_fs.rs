@@ -33,11 +33,13 @@ impl Wrap for io::Error {
     }
 }
 
-/// Opens a directory the agent itself chose (a volume's base), not following a final symlink.
+/// Opens a directory the agent or the pod's spec chose (a volume's base: the agent's own
+/// directory, or a hostPath, which may itself be a symlink as in Kubernetes). What lies below
+/// it is resolved with `open_beneath` and the `*at` calls.
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     nix::fcntl::open(
         path,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
     .map_err(|e| io_err(path.display(), e))

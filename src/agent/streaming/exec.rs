@@ -109,10 +109,13 @@ impl Activity {
 pub(super) async fn run(ctx: Arc<AgentCtx>, ws: Ws, cid: String, o: StreamOpts, _v5: bool) {
     let exec_id = format!("exec-{}", random_hex(8));
     let dir = ctx.cfg.fifo_dir();
+    // Output FIFOs exist whether or not the client asked for the stream (containerd's CRI does
+    // the same): a process writing to a stream nobody reads must not fail; what the client did
+    // not ask for is read and dropped. A terminal has one output.
     let fifos = Fifos {
         stdin: o.stdin.then(|| dir.join(format!("{exec_id}.in"))),
-        stdout: o.stdout.then(|| dir.join(format!("{exec_id}.out"))),
-        stderr: o.stderr.then(|| dir.join(format!("{exec_id}.err"))),
+        stdout: Some(dir.join(format!("{exec_id}.out"))),
+        stderr: (!o.tty).then(|| dir.join(format!("{exec_id}.err"))),
     };
     let (mut tx, rx) = ws.split();
     let end = session(&ctx, &mut tx, rx, &cid, &exec_id, &o, &fifos).await;
@@ -174,8 +177,11 @@ pub(super) async fn read_client(
 ) {
     let mut open = true;
     while let Some(m) = rx.next().await {
+        // The channel protocol comes in binary or text frames alike (the Python client writes
+        // stdin as text): the first byte is the channel either way.
         let data = match m {
             Ok(Message::Binary(b)) => b,
+            Ok(Message::Text(t)) => bytes::Bytes::copy_from_slice(t.as_bytes()),
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
@@ -303,7 +309,7 @@ async fn session(
             r = read_opt(&mut out, &mut obuf) => match r {
                 Ok(n) if n > 0 => {
                     activity.touch();
-                    if tx.send(Message::Binary(channel::frame(channel::STDOUT, &obuf[..n]).into())).await.is_err() {
+                    if o.stdout && tx.send(Message::Binary(channel::frame(channel::STDOUT, &obuf[..n]).into())).await.is_err() {
                         client_gone = true;
                         end = Some(End::ClientGone);
                     }
@@ -313,7 +319,7 @@ async fn session(
             r = read_opt(&mut err, &mut ebuf) => match r {
                 Ok(n) if n > 0 => {
                     activity.touch();
-                    if tx.send(Message::Binary(channel::frame(channel::STDERR, &ebuf[..n]).into())).await.is_err() {
+                    if o.stderr && tx.send(Message::Binary(channel::frame(channel::STDERR, &ebuf[..n]).into())).await.is_err() {
                         client_gone = true;
                         end = Some(End::ClientGone);
                     }
@@ -338,8 +344,8 @@ async fn session(
                 deleting = None;
                 let rest_out = drain(&mut out);
                 let rest_err = drain(&mut err);
-                for (ch, rest) in [(channel::STDOUT, rest_out), (channel::STDERR, rest_err)] {
-                    if !rest.is_empty() {
+                for (ch, rest, wanted) in [(channel::STDOUT, rest_out, o.stdout), (channel::STDERR, rest_err, o.stderr)] {
+                    if wanted && !rest.is_empty() {
                         let _ = tx.send(Message::Binary(channel::frame(ch, &rest).into())).await;
                     }
                 }

@@ -422,15 +422,40 @@ async fn port_forward_handler(
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
-    let (resp, _proto, ws) = match upgrade(&mut req, portforward::PROTOCOLS) {
+    // The channel protocol forwards the ports of the query (kubelet: `ports`, required).
+    let ports: Vec<u16> = query_pairs(req.uri().query())
+        .into_iter()
+        .filter(|(k, _)| k == "ports" || k == "port")
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(|p| p.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|p| p.parse::<u16>().ok().filter(|p| *p > 0))
+        .collect();
+    let (resp, proto, ws) = match upgrade(&mut req, portforward::PROTOCOLS) {
         Ok(u) => u,
         Err(r) => return r.into_response(),
     };
-    tracing::info!(pod = %format!("{ns}/{pod}"), "port-forward");
+    let channels = proto != portforward::PROTOCOLS[0];
+    if channels && ports.is_empty() {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "query parameter \"ports\" is required",
+        )
+        .into_response();
+    }
+    tracing::info!(pod = %format!("{ns}/{pod}"), protocol = proto, "port-forward");
     let idle = ctx.cfg.stream_idle_timeout;
+    let base64 = proto == portforward::CHANNEL_BASE64_PROTOCOL;
     tokio::spawn(async move {
         if let Some(ws) = ws.await {
-            portforward::run(ws, format!("{ns}/{pod}"), uid, pid, idle).await;
+            let name = format!("{ns}/{pod}");
+            if channels {
+                portforward::run_channels(ws, name, uid, pid, ports, base64, idle).await;
+            } else {
+                portforward::run(ws, name, uid, pid, idle).await;
+            }
         }
     });
     resp

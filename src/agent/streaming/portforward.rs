@@ -4,6 +4,12 @@
 //! there the agent connects to `localhost:PORT` inside the pod's network namespace and copies
 //! bytes both ways. A failed connection is reported on the error stream in kubelet's words;
 //! both streams are closed (FIN) when the connection ends.
+//!
+//! The WebSocket channel protocol (`v4.channel.k8s.io`, or its base64 text form) forwards the
+//! ports the request names (`?ports=80,8080`), one connection each: port i has the data
+//! channel 2i and the error channel 2i+1, each of which starts with the port as two
+//! little-endian bytes from the agent; the client's bytes on a data channel go to its
+//! connection. The session ends once every connection is done, as kubelet's does.
 
 use std::{collections::HashMap, os::fd::AsFd, time::Duration};
 
@@ -18,7 +24,15 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{Ws, exec::Activity};
 use crate::stream::spdy::{self, FLAG_FIN, Frame};
 
-pub const PROTOCOLS: &[&str] = &["SPDY/3.1+portforward.k8s.io"];
+/// SPDY inside the WebSocket (what kubectl's tunnel speaks), then the channel protocol
+/// (what the Python and JavaScript clients speak: per port a data and an error channel).
+pub const PROTOCOLS: &[&str] = &[
+    "SPDY/3.1+portforward.k8s.io",
+    CHANNEL_PROTOCOL,
+    CHANNEL_BASE64_PROTOCOL,
+];
+pub const CHANNEL_PROTOCOL: &str = "v4.channel.k8s.io";
+pub const CHANNEL_BASE64_PROTOCOL: &str = "v4.base64.channel.k8s.io";
 
 /// How long the first stream of a pair waits for the other (kubelet's stream creation
 /// timeout).
@@ -284,4 +298,155 @@ async fn forward(
     };
     tokio::join!(up, down);
     let _ = out.send(spdy::data(error_id, FLAG_FIN, &[])).await;
+}
+
+/// One port-forward session in the channel protocol: `ports` in order, one connection each.
+pub(super) async fn run_channels(
+    ws: Ws,
+    pod: String,
+    uid: String,
+    pid: u32,
+    ports: Vec<u16>,
+    base64: bool,
+    idle: Duration,
+) {
+    use base64::Engine;
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<(u8, Vec<u8>)>(64);
+    let activity = Activity::new();
+    let writer = {
+        let activity = activity.clone();
+        tokio::spawn(async move {
+            while let Some((ch, data)) = out_rx.recv().await {
+                activity.touch();
+                let msg = if base64 {
+                    let text = format!(
+                        "{}{}",
+                        (b'0' + ch) as char,
+                        base64::engine::general_purpose::STANDARD.encode(&data)
+                    );
+                    Message::Text(text.into())
+                } else {
+                    Message::Binary(crate::stream::channel::frame(ch, &data).into())
+                };
+                if ws_tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            let _ = ws_tx.close().await;
+        })
+    };
+    let mut to_conns = Vec::with_capacity(ports.len());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, port) in ports.iter().copied().enumerate() {
+        let (data_ch, err_ch) = ((2 * i) as u8, (2 * i + 1) as u8);
+        for ch in [data_ch, err_ch] {
+            let _ = out_tx.send((ch, port.to_le_bytes().to_vec())).await;
+        }
+        let (tx, rx) = mpsc::channel::<bytes::Bytes>(32);
+        to_conns.push(Some(tx));
+        tasks.spawn(forward_channels(
+            out_tx.clone(),
+            rx,
+            pid,
+            port,
+            (data_ch, err_ch),
+            format!("{pod}, uid {uid}"),
+        ));
+    }
+    drop(out_tx);
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => {
+                if done.is_none() {
+                    break;
+                }
+            }
+            m = ws_rx.next() => {
+                let data = match m {
+                    Some(Ok(Message::Binary(b))) => b.to_vec(),
+                    Some(Ok(Message::Text(t))) if base64 => {
+                        let t = t.as_bytes();
+                        let Some((&c, body)) = t.split_first() else { continue };
+                        let Ok(mut d) = base64::engine::general_purpose::STANDARD.decode(body) else { continue };
+                        d.insert(0, c.wrapping_sub(b'0'));
+                        d
+                    }
+                    Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => continue,
+                };
+                activity.touch();
+                let Some((&ch, body)) = data.split_first() else { continue };
+                // Even channels carry data; a client's error channel has nothing to say.
+                let i = (ch / 2) as usize;
+                if ch % 2 == 0
+                    && let Some(slot) = to_conns.get_mut(i)
+                    && let Some(tx) = slot
+                    && tx.send(bytes::Bytes::copy_from_slice(body)).await.is_err()
+                {
+                    *slot = None;
+                }
+            }
+            _ = activity.idle(idle) => {
+                tracing::info!(%pod, "port-forward idle: closed");
+                break;
+            }
+        }
+    }
+    tasks.abort_all();
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    tracing::info!(%pod, "port-forward ended");
+}
+
+/// One connection of a channel-protocol session: dial, copy both ways, report a failure on
+/// the error channel.
+async fn forward_channels(
+    out: mpsc::Sender<(u8, Vec<u8>)>,
+    mut from_client: mpsc::Receiver<bytes::Bytes>,
+    pid: u32,
+    port: u16,
+    (data_ch, err_ch): (u8, u8),
+    pod: String,
+) {
+    let conn = match dial_in_netns(pid, port).await {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!(
+                "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: dial tcp4 127.0.0.1:{port}: connect: {}",
+                plain(&e)
+            );
+            tracing::info!("{msg}");
+            let _ = out.send((err_ch, msg.into_bytes())).await;
+            return;
+        }
+    };
+    let _ = conn.set_nodelay(true);
+    let (mut r, mut w) = conn.into_split();
+    let up = async {
+        while let Some(b) = from_client.recv().await {
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    // The connection is done when the pod's side ends (kubelet's forwarder returns then).
+    let down = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if out.send((data_ch, buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = down => {}
+        _ = async { up.await; std::future::pending::<()>().await } => {}
+    }
 }
