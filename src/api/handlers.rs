@@ -307,6 +307,18 @@ pub async fn resource(
         _ => {}
     }
     let t = parse_path(uri.path())?;
+    // A protobuf body (client-go's default for typed clients: objects, DeleteOptions,
+    // Eviction, Scale, TokenRequest, ...) becomes the JSON every handler below reads.
+    let body = if body.starts_with(b"k8s\0") {
+        let v = super::protobuf::decode_body(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body of the request could not be decoded as protobuf: {e}"
+            ))
+        })?;
+        Bytes::from(serde_json::to_vec(&v).map_err(ApiError::internal)?)
+    } else {
+        body
+    };
     match &id {
         super::authz::Identity::Node(node) => {
             super::authz::node_may_read(&st, node, &method, &t).await?;
@@ -485,8 +497,9 @@ async fn list(
     let mut last_key = after.clone();
     let mut revision;
     let mut more;
-    // Filtering by labels happens after the range read; keep reading until the page is full.
-    loop {
+    // Filtering by labels happens after the range read; keep reading until the page is full,
+    // and never past it: the continue token names the last object examined.
+    'read: loop {
         let page = st
             .cache
             .list(&r.prefix(), &prefix, last_key.as_deref(), limit)
@@ -494,29 +507,39 @@ async fn list(
             .map_err(ApiError::internal)?;
         revision = page.revision;
         more = page.more;
-        last_key = page.items.last().map(|kv| kv.key.clone()).or(last_key);
-        for kv in &page.items {
-            if as_table {
+        let n = page.items.len();
+        for (i, kv) in page.items.iter().enumerate() {
+            last_key = Some(kv.key.clone());
+            let accepted = if as_table {
                 let obj = decode(kv)?;
-                if filter.accepts(&obj) {
+                let ok = filter.accepts(&obj);
+                if ok {
                     items.push(obj);
-                    count += 1;
                 }
-                continue;
-            }
-            if !filter.is_empty() {
-                let obj: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
-                if !filter.accepts(&obj) {
-                    continue;
+                ok
+            } else {
+                let ok = filter.is_empty() || {
+                    let obj: Value =
+                        serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+                    filter.accepts(&obj)
+                };
+                if ok {
+                    if count > 0 {
+                        raw.push(b',');
+                    }
+                    splice_rv(&kv.value, kv.mod_revision, &mut raw)?;
+                }
+                ok
+            };
+            if accepted {
+                count += 1;
+                if limit > 0 && count >= limit {
+                    more = more || i + 1 < n;
+                    break 'read;
                 }
             }
-            if count > 0 {
-                raw.push(b',');
-            }
-            splice_rv(&kv.value, kv.mod_revision, &mut raw)?;
-            count += 1;
         }
-        if !more || limit == 0 || count >= limit {
+        if !more || limit == 0 {
             break;
         }
     }

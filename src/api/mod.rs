@@ -103,6 +103,8 @@ pub struct ApiState {
     pub admin_token: String,
     /// The join token: it only bootstraps a node's certificate.
     pub node_token: String,
+    /// The cluster CA (PEM), published in every namespace's `kube-root-ca.crt`.
+    pub ca_pem: String,
     /// The cluster CA's key: approved CertificateSigningRequests are signed with it.
     pub ca_key_pem: String,
     /// Service account tokens are signed with this (its own random key).
@@ -322,6 +324,21 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
 
 /// Keeps the `kube-root-ca.crt` ConfigMap (the cluster CA, for in-cluster clients' projected
 /// volumes) in every namespace, as kube-controller-manager's root CA publisher does.
+const ROOT_CA_CONFIGMAP: &str = "kube-root-ca.crt";
+
+/// Writes namespace `ns`'s `kube-root-ca.crt` ConfigMap unless it exists.
+pub(crate) async fn put_root_ca(store: &dyn Store, ns: &str, ca_pem: &str) -> anyhow::Result<()> {
+    let cm_r = registry::find("", "v1", "configmaps").context("configmaps resource")?;
+    let cm = json!({"kind": "ConfigMap", "apiVersion": "v1",
+        "metadata": {"name": ROOT_CA_CONFIGMAP, "namespace": ns, "uid": crate::runtime::random_hex(16),
+                     "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                     "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}},
+        "data": {"ca.crt": ca_pem}});
+    put_absent(store, &cm_r.key(Some(ns), ROOT_CA_CONFIGMAP), &cm).await
+}
+
+/// Keeps the ConfigMap in every namespace (a new namespace gets it at its creation already;
+/// this repairs deletions).
 async fn publish_root_ca(store: Arc<dyn Store>, ca_pem: String) {
     let (Some(ns_r), Some(cm_r)) = (
         registry::find("", "v1", "namespaces"),
@@ -341,18 +358,11 @@ async fn publish_root_ca(store: Arc<dyn Store>, ca_pem: String) {
                 let Some(name) = ns.pointer("/metadata/name").and_then(|n| n.as_str()) else {
                     continue;
                 };
-                let key = cm_r.key(Some(name), "kube-root-ca.crt");
+                let key = cm_r.key(Some(name), ROOT_CA_CONFIGMAP);
                 if matches!(store.get(&key).await, Ok(Some(_))) {
                     continue;
                 }
-                let cm = json!({"kind": "ConfigMap", "apiVersion": "v1",
-                    "metadata": {"name": "kube-root-ca.crt", "namespace": name, "uid": crate::runtime::random_hex(16),
-                                 "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                                 "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}},
-                    "data": {"ca.crt": ca_pem}});
-                if let Ok(bytes) = serde_json::to_vec(&cm) {
-                    let _ = store.put(&key, bytes, Precondition::Absent).await;
-                }
+                let _ = put_root_ca(store.as_ref(), name, &ca_pem).await;
             }
         }
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -519,6 +529,7 @@ pub async fn run(
         store,
         admin_token: pki.admin_token.clone(),
         node_token: pki.node_token.clone(),
+        ca_pem: pki.ca_pem.clone(),
         ca_key_pem: pki.ca_key_pem.clone(),
         sa_key: pki.sa_key.clone(),
         signing_duration: cfg.signing_duration,

@@ -480,6 +480,175 @@ static CSR_CONDITION: Desc = Desc {
     ],
 };
 
+static DELETE_OPTIONS: Desc = Desc {
+    name: "DeleteOptions",
+    fields: &[
+        f(1, "gracePeriodSeconds", OptInt),
+        f(2, "preconditions", Msg(&PRECONDITIONS)),
+        f(3, "orphanDependents", OptBool),
+        f(4, "propagationPolicy", Str),
+        r(5, "dryRun", Str),
+        f(
+            6,
+            "ignoreStoreReadErrorWithClusterBreakingPotential",
+            OptBool,
+        ),
+    ],
+};
+
+static PRECONDITIONS: Desc = Desc {
+    name: "Preconditions",
+    fields: &[f(1, "uid", Str), f(2, "resourceVersion", Str)],
+};
+
+static POLICY_RULE: Desc = Desc {
+    name: "PolicyRule",
+    fields: &[
+        r(1, "verbs", Str),
+        r(2, "apiGroups", Str),
+        r(3, "resources", Str),
+        r(4, "resourceNames", Str),
+        r(5, "nonResourceURLs", Str),
+    ],
+};
+
+static ROLE: Desc = Desc {
+    name: "Role",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        r(2, "rules", Msg(&POLICY_RULE)),
+    ],
+};
+
+static CLUSTER_ROLE: Desc = Desc {
+    name: "ClusterRole",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        r(2, "rules", Msg(&POLICY_RULE)),
+        f(3, "aggregationRule", Msg(&AGGREGATION_RULE)),
+    ],
+};
+
+static AGGREGATION_RULE: Desc = Desc {
+    name: "AggregationRule",
+    fields: &[r(1, "clusterRoleSelectors", Msg(&LABEL_SELECTOR))],
+};
+
+static ROLE_BINDING: Desc = Desc {
+    name: "RoleBinding",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        r(2, "subjects", Msg(&SUBJECT)),
+        f(3, "roleRef", Msg(&ROLE_REF)),
+    ],
+};
+
+static SUBJECT: Desc = Desc {
+    name: "Subject",
+    fields: &[
+        f(1, "kind", Str),
+        f(2, "apiGroup", Str),
+        f(3, "name", Str),
+        f(4, "namespace", Str),
+    ],
+};
+
+static ROLE_REF: Desc = Desc {
+    name: "RoleRef",
+    fields: &[f(1, "apiGroup", Str), f(2, "kind", Str), f(3, "name", Str)],
+};
+
+static SERVICE_ACCOUNT: Desc = Desc {
+    name: "ServiceAccount",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        r(2, "secrets", Msg(&OBJECT_REFERENCE)),
+        r(3, "imagePullSecrets", Msg(&LOCAL_REF)),
+        f(4, "automountServiceAccountToken", OptBool),
+    ],
+};
+
+static OBJECT_REFERENCE: Desc = Desc {
+    name: "ObjectReference",
+    fields: &[
+        f(1, "kind", Str),
+        f(2, "namespace", Str),
+        f(3, "name", Str),
+        f(4, "uid", Str),
+        f(5, "apiVersion", Str),
+        f(6, "resourceVersion", Str),
+        f(7, "fieldPath", Str),
+    ],
+};
+
+static TOKEN_REQUEST: Desc = Desc {
+    name: "TokenRequest",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        f(2, "spec", Msg(&TOKEN_REQUEST_SPEC)),
+        f(3, "status", Msg(&TOKEN_REQUEST_STATUS)),
+    ],
+};
+
+static TOKEN_REQUEST_SPEC: Desc = Desc {
+    name: "TokenRequestSpec",
+    fields: &[
+        r(1, "audiences", Str),
+        f(3, "boundObjectRef", Msg(&BOUND_OBJECT_REF)),
+        f(4, "expirationSeconds", OptInt),
+    ],
+};
+
+static BOUND_OBJECT_REF: Desc = Desc {
+    name: "BoundObjectReference",
+    fields: &[
+        f(1, "kind", Str),
+        f(2, "apiVersion", Str),
+        f(3, "name", Str),
+        f(4, "uid", Str),
+    ],
+};
+
+static TOKEN_REQUEST_STATUS: Desc = Desc {
+    name: "TokenRequestStatus",
+    fields: &[f(1, "token", Str), f(2, "expirationTimestamp", Time)],
+};
+
+static EVICTION: Desc = Desc {
+    name: "Eviction",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        f(2, "deleteOptions", Msg(&DELETE_OPTIONS)),
+    ],
+};
+
+static BINDING: Desc = Desc {
+    name: "Binding",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        f(2, "target", Msg(&OBJECT_REFERENCE)),
+    ],
+};
+
+static SCALE: Desc = Desc {
+    name: "Scale",
+    fields: &[
+        f(1, "metadata", Msg(&OBJECT_META)),
+        f(2, "spec", Msg(&SCALE_SPEC)),
+        f(3, "status", Msg(&SCALE_STATUS)),
+    ],
+};
+
+static SCALE_SPEC: Desc = Desc {
+    name: "ScaleSpec",
+    fields: &[f(1, "replicas", OptInt)],
+};
+
+static SCALE_STATUS: Desc = Desc {
+    name: "ScaleStatus",
+    fields: &[f(1, "replicas", Int), f(2, "selector", Str)],
+};
+
 /// The top-level kinds whose protobuf form this server decodes.
 fn root(kind: &str) -> Option<&'static Desc> {
     Some(match kind {
@@ -489,6 +658,15 @@ fn root(kind: &str) -> Option<&'static Desc> {
         "Secret" => &SECRET,
         "Service" => &SERVICE,
         "CertificateSigningRequest" => &CSR,
+        "ServiceAccount" => &SERVICE_ACCOUNT,
+        "Role" => &ROLE,
+        "ClusterRole" => &CLUSTER_ROLE,
+        "RoleBinding" | "ClusterRoleBinding" => &ROLE_BINDING,
+        "DeleteOptions" => &DELETE_OPTIONS,
+        "TokenRequest" => &TOKEN_REQUEST,
+        "Eviction" => &EVICTION,
+        "Binding" => &BINDING,
+        "Scale" => &SCALE,
         _ => return None,
     })
 }

@@ -153,6 +153,14 @@ const NAMESPACE_VERBS: &[&str] = &[
 ];
 
 impl Resource {
+    /// Discovery categories (`kubectl get all` lists the kinds in `all`).
+    pub fn categories(&self) -> &'static [&'static str] {
+        match self.kind {
+            "Pod" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet" => &["all"],
+            _ => &[],
+        }
+    }
+
     /// The verbs discovery lists for this resource.
     pub fn verbs(&self) -> &'static [&'static str] {
         if self.kind == "Namespace" {
@@ -172,6 +180,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             json!({
                 "name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced,
                 "kind": r.kind, "verbs": r.verbs(), "shortNames": r.short,
+                "categories": r.categories(),
             })
         })
         .chain(
@@ -335,6 +344,7 @@ pub fn aggregated(core: bool) -> Value {
                         "singularResource": r.kind.to_lowercase(),
                         "verbs": r.verbs(),
                         "shortNames": r.short,
+                        "categories": r.categories(),
                         "subresources": subs,
                     })
                 })

@@ -437,6 +437,11 @@ pub(super) async fn create(
             return Err(ApiError::from_store(e, r, &name));
         }
     };
+    if r.kind == "Namespace" {
+        // kube-controller-manager's root CA publisher answers a new namespace at once; pods
+        // created right after it mount the ConfigMap.
+        let _ = super::put_root_ca(st.store.as_ref(), &name, &st.ca_pem).await;
+    }
     let resp = json_response(StatusCode::CREATED, &with_rv(obj, kv.mod_revision));
     Ok(warn(resp, &warnings))
 }

@@ -158,7 +158,8 @@ pub fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
 impl StreamOpts {
     pub fn parse(q: Option<&str>) -> Self {
         let mut o = StreamOpts::default();
-        let on = |v: &str| matches!(v, "1" | "true" | "True");
+        // Go's strconv.ParseBool, as kubelet parses them.
+        let on = |v: &str| matches!(v, "1" | "t" | "T" | "true" | "True" | "TRUE");
         for (k, v) in query_pairs(q) {
             match k.as_str() {
                 "input" | "stdin" => o.stdin = on(&v),
