@@ -261,6 +261,25 @@ fn exec_tty_cp_and_errors_with_kubectl() {
         std::fs::read(&back).unwrap() == payload,
         "the copy came back identical"
     );
+    // The end of an exec is ordered: all output, then the status, then the close frame,
+    // whatever the timing (a copy out of the pod once failed with kubectl's "error reading
+    // from error stream"); many short copies in a row must all succeed.
+    for i in 0..20 {
+        let small = c.dir.path().join(format!("small-{i}"));
+        let o = c.kubectl(&[
+            "cp",
+            "box:/etc/passwd",
+            small.to_str().unwrap(),
+            "-c",
+            "main",
+        ]);
+        assert!(o.status.success(), "copy {i}: {}", text(&o.stderr));
+        assert!(
+            std::fs::read_to_string(&small)
+                .unwrap()
+                .starts_with("root:")
+        );
+    }
 
     // kubectl's usual errors.
     let err = |args: &[&str]| {

@@ -185,13 +185,63 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
                 return;
             }
         };
-        let (mut c, mut k) = (TokioIo::new(client), TokioIo::new(kubelet));
-        match tokio::io::copy_bidirectional(&mut c, &mut k).await {
-            Ok((up, down)) => tracing::debug!(stream = %what, up, down, "stream ended"),
-            Err(e) => tracing::debug!(stream = %what, error = %e, "stream ended"),
-        }
+        let (up, down) = splice(TokioIo::new(client), TokioIo::new(kubelet)).await;
+        tracing::debug!(stream = %what, up, down, "stream ended");
     });
     Ok(resp.into_response())
+}
+
+/// Copies `from` into `to` until `from` ends — by EOF or by an error, such as a TLS peer that
+/// closed without close_notify — flushing every write, then shuts `to` down cleanly: whatever
+/// was read reaches the other side before it sees the end (an exec's last output, its status
+/// and its close frame, in that order).
+async fn pump<R, W>(mut from: R, mut to: W) -> u64
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
+                    break;
+                }
+                total += n as u64;
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+    total
+}
+
+/// Splices a client's upgraded connection and the kubelet's: (bytes up, bytes down). When the
+/// kubelet's side ends, the client gets everything it sent and then the end; the client then
+/// has a few seconds to close its side.
+async fn splice<C, K>(client: C, kubelet: K) -> (u64, u64)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    K: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (cr, cw) = tokio::io::split(client);
+    let (kr, kw) = tokio::io::split(kubelet);
+    let up = pump(cr, kw);
+    let down = pump(kr, cw);
+    tokio::pin!(up, down);
+    tokio::select! {
+        u = &mut up => {
+            // The client is done sending; the kubelet still answers (an exec's last output).
+            let d = tokio::time::timeout(std::time::Duration::from_secs(30), &mut down).await.unwrap_or(0);
+            (u, d)
+        }
+        d = &mut down => {
+            let u = tokio::time::timeout(std::time::Duration::from_secs(5), &mut up).await.unwrap_or(0);
+            (u, d)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -214,5 +264,40 @@ mod tests {
             kubelet_path("portforward", "ns", "p", "", "ports=80"),
             "/portForward/ns/p?ports=80"
         );
+    }
+
+    /// A reader that yields its bytes and then fails, as a kubelet's TLS connection does when
+    /// it closes without close_notify.
+    struct ThenFail(Option<Vec<u8>>);
+
+    impl tokio::io::AsyncRead for ThenFail {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(match self.0.take() {
+                Some(b) => {
+                    buf.put_slice(&b);
+                    Ok(())
+                }
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "peer closed connection without sending TLS close_notify",
+                )),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn what_was_read_reaches_the_client_before_the_end_even_when_the_kubelet_side_fails() {
+        use tokio::io::AsyncReadExt;
+        let (to, mut client) = tokio::io::duplex(8);
+        let last = b"stdout...status...close-frame".to_vec();
+        let pumped = tokio::spawn(pump(ThenFail(Some(last.clone())), to));
+        let mut got = vec![];
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(pumped.await.unwrap(), last.len() as u64);
+        assert_eq!(got, last, "every byte, then a clean end");
     }
 }
