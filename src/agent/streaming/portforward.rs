@@ -248,52 +248,82 @@ fn plain(e: &std::io::Error) -> String {
     }
 }
 
-/// One forwarded connection: dial, then copy until both directions are done.
-async fn forward(
-    out: mpsc::Sender<Vec<u8>>,
-    mut from_client: mpsc::Receiver<bytes::Bytes>,
-    pid: u32,
-    port: u16,
-    error_id: u32,
-    data_id: u32,
-    pod: String,
-) {
-    let conn = match dial_in_netns(pid, port).await {
-        Ok(c) => c,
+/// Dials `port` in the pod's network namespace; the error in kubelet's words.
+async fn dial(pid: u32, port: u16, pod: &str) -> Result<tokio::net::TcpStream, String> {
+    match dial_in_netns(pid, port).await {
+        Ok(c) => {
+            let _ = c.set_nodelay(true);
+            Ok(c)
+        }
         Err(e) => {
             let msg = format!(
                 "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: dial tcp4 127.0.0.1:{port}: connect: {}",
                 plain(&e)
             );
             tracing::info!("{msg}");
+            Err(msg)
+        }
+    }
+}
+
+/// The client's bytes into the connection until the client is done, then a half-close.
+async fn client_to_pod(
+    mut from_client: mpsc::Receiver<bytes::Bytes>,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+) {
+    while let Some(b) = from_client.recv().await {
+        if w.write_all(&b).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// The pod's bytes out through `send` until the pod's side ends (or `send` fails).
+async fn pod_to_client<F: std::future::Future<Output = bool>>(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    send: impl Fn(Vec<u8>) -> F,
+) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if !send(buf[..n].to_vec()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One forwarded connection: dial, then copy until both directions are done.
+async fn forward(
+    out: mpsc::Sender<Vec<u8>>,
+    from_client: mpsc::Receiver<bytes::Bytes>,
+    pid: u32,
+    port: u16,
+    error_id: u32,
+    data_id: u32,
+    pod: String,
+) {
+    let conn = match dial(pid, port, &pod).await {
+        Ok(c) => c,
+        Err(msg) => {
             let _ = out.send(spdy::data(error_id, 0, msg.as_bytes())).await;
             let _ = out.send(spdy::data(error_id, FLAG_FIN, &[])).await;
             let _ = out.send(spdy::data(data_id, FLAG_FIN, &[])).await;
             return;
         }
     };
-    let _ = conn.set_nodelay(true);
-    let (mut r, mut w) = conn.into_split();
-    let up = async {
-        while let Some(b) = from_client.recv().await {
-            if w.write_all(&b).await.is_err() {
-                break;
-            }
-        }
-        let _ = w.shutdown().await;
-    };
+    let (r, w) = conn.into_split();
+    let up = client_to_pod(from_client, w);
     let down = async {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if out.send(spdy::data(data_id, 0, &buf[..n])).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+        pod_to_client(r, |b| {
+            let out = &out;
+            async move { out.send(spdy::data(data_id, 0, &b)).await.is_ok() }
+        })
+        .await;
         let _ = out.send(spdy::data(data_id, FLAG_FIN, &[])).await;
     };
     tokio::join!(up, down);
@@ -403,48 +433,26 @@ pub(super) async fn run_channels(
 /// the error channel.
 async fn forward_channels(
     out: mpsc::Sender<(u8, Vec<u8>)>,
-    mut from_client: mpsc::Receiver<bytes::Bytes>,
+    from_client: mpsc::Receiver<bytes::Bytes>,
     pid: u32,
     port: u16,
     (data_ch, err_ch): (u8, u8),
     pod: String,
 ) {
-    let conn = match dial_in_netns(pid, port).await {
+    let conn = match dial(pid, port, &pod).await {
         Ok(c) => c,
-        Err(e) => {
-            let msg = format!(
-                "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: dial tcp4 127.0.0.1:{port}: connect: {}",
-                plain(&e)
-            );
-            tracing::info!("{msg}");
+        Err(msg) => {
             let _ = out.send((err_ch, msg.into_bytes())).await;
             return;
         }
     };
-    let _ = conn.set_nodelay(true);
-    let (mut r, mut w) = conn.into_split();
-    let up = async {
-        while let Some(b) = from_client.recv().await {
-            if w.write_all(&b).await.is_err() {
-                break;
-            }
-        }
-        let _ = w.shutdown().await;
-    };
+    let (r, w) = conn.into_split();
+    let up = client_to_pod(from_client, w);
     // The connection is done when the pod's side ends (kubelet's forwarder returns then).
-    let down = async {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if out.send((data_ch, buf[..n].to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
+    let down = pod_to_client(r, |b| {
+        let out = &out;
+        async move { out.send((data_ch, b)).await.is_ok() }
+    });
     tokio::select! {
         _ = down => {}
         _ = async { up.await; std::future::pending::<()>().await } => {}
