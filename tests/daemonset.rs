@@ -123,23 +123,25 @@ fn the_proxy_daemonset_runs_with_in_cluster_config() {
         );
         String::from_utf8_lossy(&o.stdout).starts_with("hello from web-")
     });
-    let o = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.nodes[1],
-            "nft",
-            "list",
-            "table",
-            "ip",
-            "keelson",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains(&ip),
-        "node2's table holds the Service"
-    );
+    // node2's proxy programs it too — in its own time: `set env` rolled the DaemonSet, and a
+    // hostNetwork replacement can start while the old pod still holds the health check port
+    // (kube's DaemonSet controller does not wait either), so it may be in back-off for a while.
+    c.until(90, "node2's table to hold the Service", || {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.nodes[1],
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "keelson",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).contains(&ip)
+    });
 
     // RBAC: the proxy's account reads Services but not Pods or Secrets.
     let req = c.dir.path().join("token-request.json");
