@@ -18,7 +18,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -285,15 +284,29 @@ pub async fn run(
     backend.clean_start()?;
     let synced = health::LastSync::default();
     if let Some(port) = cfg.healthz_port {
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-            .await
-            .with_context(|| format!("--healthz-port {port}"))?;
-        // Healthy while full syncs keep succeeding (kube-proxy: within twice the period).
-        tokio::spawn(health::serve_healthz(
-            listener,
-            synced.clone(),
-            cfg.sync_period * 2 + Duration::from_secs(5),
-        ));
+        // Healthy while full syncs keep succeeding (kube-proxy: within twice the period). The
+        // port may still be held by the proxy this one replaces (a DaemonSet's rolling update
+        // of hostNetwork pods): kube-proxy keeps trying to listen, and so does this.
+        let (synced, within) = (synced.clone(), cfg.sync_period * 2 + Duration::from_secs(5));
+        tokio::spawn(async move {
+            let mut said = false;
+            loop {
+                match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+                    Ok(l) => {
+                        if said {
+                            tracing::info!(port, "healthz serving");
+                        }
+                        return health::serve_healthz(l, synced, within).await;
+                    }
+                    Err(e) if !said => {
+                        tracing::warn!(port, error = %e, "--healthz-port: cannot listen yet; trying again every second");
+                        said = true;
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
     let mut last_full: Option<Instant> = None;
     // When the next sync is due: a burst of events within `min_sync_period` is one sync.
