@@ -222,6 +222,50 @@ fn wants_table(headers: &HeaderMap) -> bool {
 }
 
 /// Parses a request body as a JSON object, naming what is wrong.
+/// Largest request body accepted (kube-apiserver's 3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+/// How much of a larger body is still read (and dropped) before the 413 goes out, so that the
+/// client is not reset while it is still sending and sees the answer (Go's lingering close).
+const DRAIN_BODY: usize = 64 * 1024 * 1024;
+
+/// The request body, at most `MAX_BODY`; a larger one is read on (up to `DRAIN_BODY`, for
+/// 10 s at most) and answered 413.
+async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(format!(
+                    "reading the request body: {e}"
+                )));
+            }
+            Err(_) => break,
+        };
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= MAX_BODY {
+                buf.extend_from_slice(&data);
+            } else if seen > DRAIN_BODY {
+                break;
+            }
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            "the request body is larger than 3 MiB",
+        ));
+    }
+    Ok(buf.freeze())
+}
+
 pub(super) fn parse_body(body: &Bytes, r: &Resource) -> Result<Value, ApiError> {
     if body.len() > 3 * 1024 * 1024 {
         return Err(ApiError::new(
@@ -298,8 +342,9 @@ pub async fn resource(
     headers: HeaderMap,
     axum::Extension(id): axum::Extension<super::authz::Identity>,
     Query(q): Query<Params>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = read_body(body).await?;
     let segs: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
     match segs.as_slice() {
         ["api", v] if method == Method::GET => return Ok(super::discovery("", v)),
