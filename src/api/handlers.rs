@@ -266,27 +266,14 @@ async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
     Ok(buf.freeze())
 }
 
+/// The object a write carries. `resource` bounded the body and turned protobuf into JSON
+/// before any handler sees it.
 pub(super) fn parse_body(body: &Bytes, r: &Resource) -> Result<Value, ApiError> {
-    if body.len() > 3 * 1024 * 1024 {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "RequestEntityTooLarge",
-            "the request body is larger than 3 MiB",
-        ));
-    }
-    let v: Value = if body.starts_with(b"k8s\0") {
-        super::protobuf::decode_body(body).map_err(|e| {
-            ApiError::bad_request(format!(
-                "the body of the request could not be decoded as protobuf: {e}"
-            ))
-        })?
-    } else {
-        serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!(
-                "the body of the request could not be decoded as JSON: {e}"
-            ))
-        })?
-    };
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body of the request could not be decoded as JSON: {e}"
+        ))
+    })?;
     let mut v = v;
     let Some(o) = v.as_object_mut() else {
         return Err(ApiError::bad_request(
