@@ -10,3 +10,5 @@ if [ -f "$HOME/.cargo/env" ]; then
 fi
 cargo build --all-targets
 cargo test -- --test-threads=2
+# The protobuf schema is generated from the k8s-pb and k8s-openapi crates the build fetched.
+python3 scripts/gen-protobuf-schema.py --check

@@ -1239,3 +1239,132 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         "{wide}"
     );
 }
+
+/// client-go's typed clients send protobuf and ask for it first in `Accept`: kubectl's generators
+/// for every kind they make get (and decode) protobuf answers, a list, a Status and a watch decode
+/// with an independent protobuf implementation (k8s-pb's prost types), and an answer with no
+/// protobuf form is JSON when JSON is acceptable too, 406 when it is not.
+#[test]
+fn protobuf_clients_get_protobuf_answers() {
+    use k8s_pb::api::apps::v1 as apps;
+    use k8s_pb::api::core::v1 as core;
+    use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
+    use k8s_pb::apimachinery::pkg::runtime::Unknown;
+    use prost::Message;
+
+    let s = Server::start(tempfile::tempdir().unwrap());
+    s.ok(&["create", "serviceaccount", "robot"]);
+    s.ok(&["create", "role", "reader", "--verb=get", "--resource=pods"]);
+    s.ok(&[
+        "create",
+        "rolebinding",
+        "rb",
+        "--role=reader",
+        "--serviceaccount=default:robot",
+    ]);
+    s.ok(&[
+        "create",
+        "clusterrole",
+        "nodes",
+        "--verb=list",
+        "--resource=nodes",
+    ]);
+    s.ok(&[
+        "create",
+        "clusterrolebinding",
+        "crb",
+        "--clusterrole=nodes",
+        "--user=u",
+    ]);
+    let token = s.ok(&["create", "token", "robot", "--duration=10m"]);
+    assert_eq!(token.trim().split('.').count(), 3, "a JWT: {token}");
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox:1.36",
+        "--replicas=0",
+    ]);
+    assert_eq!(
+        s.jsonpath("rolebinding", "rb", "{.subjects[0].name}"),
+        "robot"
+    );
+
+    let admin = std::fs::read_to_string(s.dir.path().join("pki/admin-token")).unwrap();
+    let get = |path: &str, accept: &str| -> (u16, String, Vec<u8>) {
+        let hdr = s.dir.path().join("headers");
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "10", "-D"])
+            .arg(&hdr)
+            .args(["-H", &format!("Authorization: Bearer {}", admin.trim())])
+            .args(["-H", &format!("Accept: {accept}")])
+            .arg(format!("{}{path}", s.url()))
+            .output()
+            .unwrap();
+        let headers = std::fs::read_to_string(&hdr).unwrap();
+        let code = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let ctype = headers
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type:")
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        (code, ctype, out.stdout)
+    };
+    let unknown =
+        |b: &[u8]| Unknown::decode(b.strip_prefix(b"k8s\0").expect("the k8s magic")).unwrap();
+    let pb = "application/vnd.kubernetes.protobuf";
+    let both = format!("{pb}, application/json");
+
+    let (code, ctype, body) = get("/apis/apps/v1/namespaces/default/deployments", &both);
+    assert_eq!((code, ctype.as_str()), (200, pb));
+    let u = unknown(&body);
+    assert_eq!(u.type_meta.unwrap().kind.as_deref(), Some("DeploymentList"));
+    let list = apps::DeploymentList::decode(u.raw.unwrap().as_slice()).unwrap();
+    let d = &list.items[0];
+    assert_eq!(d.metadata.as_ref().unwrap().name.as_deref(), Some("web"));
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(0));
+
+    let (code, ctype, body) = get("/api/v1/namespaces/default/configmaps/missing", &both);
+    assert_eq!((code, ctype.as_str()), (404, pb));
+    let st = meta::Status::decode(unknown(&body).raw.unwrap().as_slice()).unwrap();
+    assert_eq!(
+        (st.code, st.reason.as_deref()),
+        (Some(404), Some("NotFound"))
+    );
+
+    s.ok(&["create", "configmap", "watched", "--from-literal=k=v"]);
+    let (code, ctype, body) = get(
+        "/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=1&fieldSelector=metadata.name%3Dwatched",
+        &both,
+    );
+    assert_eq!(
+        (code, ctype.as_str()),
+        (200, "application/vnd.kubernetes.protobuf;stream=watch")
+    );
+    let len = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
+    let ev = meta::WatchEvent::decode(&body[4..4 + len]).unwrap();
+    assert_eq!(ev.r#type.as_deref(), Some("ADDED"));
+    let cm = core::ConfigMap::decode(
+        unknown(&ev.object.unwrap().raw.unwrap())
+            .raw
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(cm.data.get("k").map(String::as_str), Some("v"));
+
+    let (code, ctype, body) = get("/openapi/v3", &both);
+    assert_eq!((code, ctype.as_str()), (200, "application/json"));
+    assert!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["paths"].is_object());
+    let (code, _, _) = get("/openapi/v3", pb);
+    assert_eq!(code, 406);
+    // JSON clients are untouched.
+    let (code, ctype, _) = get(
+        "/apis/apps/v1/namespaces/default/deployments",
+        "application/json",
+    );
+    assert_eq!((code, ctype.as_str()), (200, "application/json"));
+}

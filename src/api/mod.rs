@@ -7,6 +7,7 @@ pub mod cache;
 pub mod csr;
 pub mod handlers;
 mod logs;
+mod negotiate;
 pub mod patch;
 pub mod pki;
 mod protobuf;
@@ -228,6 +229,7 @@ pub fn router(st: Arc<ApiState>) -> Router {
         .route("/api/{*rest}", any(handlers::resource))
         .route("/apis/{*rest}", any(handlers::resource))
         .layer(middleware::from_fn_with_state(st.clone(), auth))
+        .layer(middleware::from_fn(negotiate::negotiate))
         .with_state(st);
     Router::new()
         .route(
