@@ -8,7 +8,11 @@ if [ -f "$HOME/.cargo/env" ]; then
   # shellcheck source=/dev/null
   . "$HOME/.cargo/env"
 fi
+bash scripts/check-layers.sh
 cargo build --all-targets
 cargo test -- --test-threads=2
 # The protobuf schema is generated from the k8s-pb and k8s-openapi crates the build fetched.
 python3 scripts/gen-protobuf-schema.py --check
+# The lean node build (agent and proxy only) must keep building; last, as it replaces
+# target/debug/keelson, which the tests run.
+cargo build --no-default-features --features agent --bin keelson

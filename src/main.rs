@@ -14,6 +14,7 @@ use keelson::{
     runtime::pack::{self, ImageSettings},
 };
 
+#[cfg(feature = "server")]
 mod up;
 
 #[derive(Parser)]
@@ -27,6 +28,7 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[cfg(feature = "server")]
 /// Leader election timings (client-go's defaults).
 #[derive(clap::Args, Clone, Copy)]
 struct ElectionArgs {
@@ -38,6 +40,7 @@ struct ElectionArgs {
     leader_elect_retry_period: std::time::Duration,
 }
 
+#[cfg(feature = "server")]
 /// Settings of the node controllers.
 #[derive(clap::Args, Clone, Copy)]
 struct NodeControllerArgs {
@@ -52,6 +55,7 @@ struct NodeControllerArgs {
     node_cidr_mask_size: u8,
 }
 
+#[cfg(feature = "server")]
 impl NodeControllerArgs {
     fn options(self) -> anyhow::Result<keelson::controllers::node::Options> {
         anyhow::ensure!(
@@ -69,6 +73,7 @@ impl NodeControllerArgs {
     }
 }
 
+#[cfg(feature = "server")]
 impl ElectionArgs {
     fn config(self) -> keelson::control::leader::Config {
         keelson::control::leader::Config {
@@ -81,10 +86,12 @@ impl ElectionArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    #[cfg(feature = "server")]
     /// A whole single-node cluster in one process: API server (embedded store), scheduler,
     /// controllers and the agent with its service proxy; starts a private containerd when none
     /// answers. Prints the kubeconfig; Ctrl-C stops it, running it again reuses DATA_DIR.
     Up(up::UpArgs),
+    #[cfg(feature = "server")]
     /// Removes what `keelson up` left running: the pods' containers, their network, the
     /// service rules; with --purge also the data directory.
     Down(up::DownArgs),
@@ -92,6 +99,7 @@ enum Cmd {
     Agent(Box<AgentArgs>),
     /// Run the service proxy alone (kube-proxy's job), e.g. as a DaemonSet.
     Proxy(ProxyArgs),
+    #[cfg(feature = "server")]
     /// Run the API server (HTTPS, embedded store). Writes DATA_DIR/kubeconfig.yaml.
     Server {
         #[arg(long, default_value = "/var/lib/keelson")]
@@ -140,11 +148,13 @@ enum Cmd {
         #[arg(long, default_value = "300")]
         default_unreachable_toleration_seconds: i64,
     },
+    #[cfg(feature = "server")]
     /// A multi-node cluster on this host, each node in its own network namespace.
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
     },
+    #[cfg(feature = "server")]
     /// Run the scheduler alone against an API server (several may stand by for each other).
     Scheduler {
         #[arg(long)]
@@ -152,6 +162,7 @@ enum Cmd {
         #[command(flatten)]
         election: ElectionArgs,
     },
+    #[cfg(feature = "server")]
     /// Run the controllers alone against an API server (several may stand by for each other).
     Controllers {
         #[arg(long)]
@@ -364,6 +375,7 @@ struct AgentArgs {
     container_log_max_files: usize,
 }
 
+#[cfg(feature = "server")]
 #[derive(clap::Args)]
 struct LabWhich {
     /// The lab's name (prefix of its namespaces and nodes).
@@ -374,6 +386,7 @@ struct LabWhich {
     data_dir: Option<PathBuf>,
 }
 
+#[cfg(feature = "server")]
 impl LabWhich {
     fn dir(&self) -> anyhow::Result<PathBuf> {
         keelson::lab::check_name(&self.name)?;
@@ -384,6 +397,7 @@ impl LabWhich {
     }
 }
 
+#[cfg(feature = "server")]
 #[derive(Subcommand)]
 enum LabCmd {
     /// Create the lab and return when every node is Ready (prints the kubeconfig to use).
@@ -505,6 +519,7 @@ fn main() -> anyhow::Result<()> {
     };
     match &cli.cmd {
         // `up` shows progress on the terminal; the daemons' logs go to a file.
+        #[cfg(feature = "server")]
         Cmd::Up(a) => {
             let dir = a.data_dir.join("logs");
             std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
@@ -531,6 +546,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(cli))
 }
 
+#[cfg(feature = "server")]
 async fn lab(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
         LabCmd::Up {
@@ -615,7 +631,9 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        #[cfg(feature = "server")]
         Cmd::Up(a) => Box::pin(up::up(a)).await,
+        #[cfg(feature = "server")]
         Cmd::Down(a) => up::down(a).await,
         Cmd::Proxy(p) => {
             if p.cleanup {
@@ -643,20 +661,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             keelson::proxy::run(client, cfg, shutdown_signal()).await
         }
-        cmd @ (Cmd::Agent(_) | Cmd::Server { .. }) => daemon(cmd).await,
+        cmd @ Cmd::Agent(_) => daemon(cmd).await,
+        #[cfg(feature = "server")]
+        cmd @ Cmd::Server { .. } => daemon(cmd).await,
         Cmd::Image { cmd } => image(cmd).await,
+        #[cfg(feature = "server")]
         Cmd::Lab { cmd } => lab(cmd).await,
+        #[cfg(feature = "server")]
         Cmd::Scheduler {
             kubeconfig,
             election,
         } => {
             let client = keelson::control::client_from(&kubeconfig).await?;
             tokio::select! {
-                _ = keelson::control::run(client, keelson::control::Actors::Scheduler, election.config(), Default::default()) => {}
+                _ = keelson::roles::run(client, keelson::roles::Actors::Scheduler, election.config(), Default::default()) => {}
                 _ = shutdown_signal() => {}
             }
             Ok(())
         }
+        #[cfg(feature = "server")]
         Cmd::Controllers {
             kubeconfig,
             election,
@@ -665,7 +688,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let node_opts = nodes.options()?;
             let client = keelson::control::client_from(&kubeconfig).await?;
             tokio::select! {
-                _ = keelson::control::run(client, keelson::control::Actors::Controllers, election.config(), node_opts) => {}
+                _ = keelson::roles::run(client, keelson::roles::Actors::Controllers, election.config(), node_opts) => {}
                 _ = shutdown_signal() => {}
             }
             Ok(())
@@ -680,7 +703,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::from_str(&body).context("agent answered non-JSON")?;
             let pods: Vec<k8s_openapi::api::core::v1::Pod> =
                 serde_json::from_value(list["items"].clone()).context("agent's PodList")?;
-            print!("{}", agent::print::table(&pods));
+            print!("{}", keelson::kinds::print::table(&pods));
             Ok(())
         }
         Cmd::Logs {
@@ -791,6 +814,7 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
             };
             agent::run(cfg, shutdown_signal()).await
         }
+        #[cfg(feature = "server")]
         Cmd::Server {
             data_dir,
             listen,
@@ -850,9 +874,9 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                     ready.notified().await;
                     match keelson::control::client_from(&kubeconfig).await {
                         Ok(client) => {
-                            keelson::control::run(
+                            keelson::roles::run(
                                 client,
-                                keelson::control::Actors::Both,
+                                keelson::roles::Actors::Both,
                                 election.config(),
                                 node_opts,
                             )

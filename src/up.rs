@@ -305,7 +305,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
             .await
             .ok()
             .flatten()
-            .is_some_and(|n| keelson::control::node_ready(&n));
+            .is_some_and(|n| keelson::kinds::node::node_ready(&n));
         if ready {
             step(format!(
                 "node {node} Ready ({:.1} s)",

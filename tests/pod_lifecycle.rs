@@ -29,7 +29,7 @@ fn init_containers_run_in_order_before_the_app() {
         Some("PodInitializing")
     );
     assert_eq!(phase(&p), "Pending");
-    assert_eq!(keelson::agent::print::pod_status(&p), "Init:1/2");
+    assert_eq!(keelson::kinds::print::pod_status(&p), "Init:1/2");
     let p = lab.wait_ready("init");
     for c in ["first", "second"] {
         let t = terminated(&p, c).unwrap();
@@ -82,7 +82,7 @@ fn a_failing_init_container_blocks_the_app() {
         "init restarted and failing",
         Duration::from_secs(30),
         |p| {
-            let st = keelson::agent::print::pod_status(p);
+            let st = keelson::kinds::print::pod_status(p);
             restarts(p, "setup") >= 1 && (st == "Init:Error" || st == "Init:CrashLoopBackOff")
         },
     );
@@ -91,7 +91,7 @@ fn a_failing_init_container_blocks_the_app() {
         cstatus(&always, "main").container_id.is_none(),
         "the app never started"
     );
-    let st = keelson::agent::print::pod_status(&always);
+    let st = keelson::kinds::print::pod_status(&always);
     assert!(st == "Init:Error" || st == "Init:CrashLoopBackOff", "{st}");
 }
 

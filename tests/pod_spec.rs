@@ -77,7 +77,7 @@ fn a_changed_manifest_replaces_the_pod() {
         p.metadata.deletion_timestamp.is_some()
     });
     assert_eq!(old.metadata.uid, v1.metadata.uid);
-    assert_eq!(keelson::agent::print::pod_status(&old), "Terminating");
+    assert_eq!(keelson::kinds::print::pod_status(&old), "Terminating");
     let t0 = std::time::Instant::now();
     let mut most_listed = 0;
     let v2 = loop {

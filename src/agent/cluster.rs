@@ -207,7 +207,7 @@ pub fn allocatable(
     capacity: &BTreeMap<&'static str, String>,
     reserved: &BTreeMap<String, String>,
 ) -> BTreeMap<&'static str, String> {
-    use super::quantity;
+    use crate::kinds::quantity;
     let mut out = capacity.clone();
     for (k, v) in capacity {
         let Some(r) = reserved.get(*k) else { continue };
@@ -241,7 +241,7 @@ pub fn parse_reserved(s: &str) -> Result<BTreeMap<String, String>, String> {
                 "--reserved {k:?}: one of cpu, memory, pods, ephemeral-storage"
             ));
         }
-        if super::quantity::parse(v).is_none() {
+        if crate::kinds::quantity::parse(v).is_none() {
             return Err(format!("--reserved {k}={v:?}: not a quantity"));
         }
         m.insert(k.to_string(), v.to_string());
@@ -269,7 +269,9 @@ pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
             Some((p, n)) => (Some(p), n),
             None => (None, k),
         };
-        if !name_ok(name) || prefix.is_some_and(|p| !super::validate::is_dns1123_subdomain(p)) {
+        if !name_ok(name)
+            || prefix.is_some_and(|p| !crate::kinds::validate::is_dns1123_subdomain(p))
+        {
             return Err(format!(
                 "--node-labels {k:?}: not a valid label key (an optional DNS subdomain and '/', then up to 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric)"
             ));
@@ -322,7 +324,7 @@ pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Valu
             "systemUUID": "", "bootID": std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim(),
             "kernelVersion": kernel, "osImage": os_image(),
             "containerRuntimeVersion": format!("containerd://{runtime_version}"),
-            "kubeletVersion": format!("v1.{}.0-keelson.{}", crate::api::KUBE_MINOR, env!("CARGO_PKG_VERSION")),
+            "kubeletVersion": format!("v1.{}.0-keelson.{}", crate::kinds::KUBE_MINOR, env!("CARGO_PKG_VERSION")),
             "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": arch(),
         },
         "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.kubelet_port}},

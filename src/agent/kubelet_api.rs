@@ -67,7 +67,10 @@ fn metrics(ctx: &AgentCtx) -> String {
         .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
         .count();
     let restarts: i64 = statuses().map(|c| i64::from(c.restart_count)).sum();
-    let ready = pods.iter().filter(|p| crate::control::pod_ready(p)).count();
+    let ready = pods
+        .iter()
+        .filter(|p| crate::kinds::pod::pod_ready(p))
+        .count();
     format!(
         "# HELP kubelet_running_pods Number of pods that have a running pod sandbox.\n# TYPE kubelet_running_pods gauge\nkubelet_running_pods {running_pods}\n\
          # HELP kubelet_running_containers Number of containers currently running.\n# TYPE kubelet_running_containers gauge\nkubelet_running_containers{{container_state=\"running\"}} {running_containers}\n\

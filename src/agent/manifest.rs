@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Pod, Toleration};
 use sha2::{Digest, Sha256};
 
-use super::validate::validate_pod;
+use crate::kinds::validate::validate_pod;
 
 /// Largest manifest file read (kubelet's limit).
 pub const MAX_FILE: u64 = 10 << 20;

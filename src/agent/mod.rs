@@ -9,13 +9,10 @@ pub mod kubelet_api;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;
-pub mod print;
 pub mod probe;
-pub mod quantity;
 pub mod server;
 pub mod state;
 pub mod streaming;
-pub mod validate;
 pub mod worker;
 
 use std::{

@@ -36,8 +36,7 @@ use serde_json::json;
 use crate::store::{Precondition, Store, embedded::Embedded};
 use handlers::{ApiError, json_response};
 
-/// The Kubernetes version keelson's API presents (kubectl picks its client by the minor).
-pub const KUBE_MINOR: &str = "32";
+pub use crate::kinds::KUBE_MINOR;
 
 /// Server settings.
 #[derive(Debug, Clone)]

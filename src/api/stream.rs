@@ -128,7 +128,7 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
                 "cannot {verb} a container in a completed pod; current phase is {phase}"
             )));
         }
-        let requested = super::super::agent::streaming::query_pairs(Some(&query))
+        let requested = crate::stream::query::query_pairs(Some(&query))
             .into_iter()
             .find(|(k, _)| k == "container")
             .map(|(_, v)| v);

@@ -10,7 +10,7 @@ fn age(obj: &Value) -> String {
         .pointer("/metadata/creationTimestamp")
         .and_then(Value::as_str)
         .and_then(|t| t.parse().ok());
-    crate::agent::print::age_since(created)
+    crate::kinds::print::age_since(created)
 }
 
 fn col(name: &str, typ: &str, priority: i32) -> Value {
@@ -198,10 +198,10 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
                 serde_json::from_value(obj.clone()).ok();
             let (ready, status, restarts) = match &pod {
                 Some(p) => {
-                    let (ready, restarts) = crate::agent::print::ready_and_restarts(p);
+                    let (ready, restarts) = crate::kinds::print::ready_and_restarts(p);
                     (
                         ready,
-                        crate::agent::print::pod_status(p),
+                        crate::kinds::print::pod_status(p),
                         restarts.to_string(),
                     )
                 }
@@ -374,7 +374,7 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
                 .and_then(Value::as_str)
                 .unwrap_or("");
             vec![
-                json!(crate::agent::print::age_since(last)),
+                json!(crate::kinds::print::age_since(last)),
                 text(obj, "/type", ""),
                 text(obj, "/reason", ""),
                 json!(format!("{}/{oname}", kind.to_lowercase())),
@@ -455,7 +455,7 @@ fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
             json!(
                 obj.pointer("/spec/expirationSeconds")
                     .and_then(Value::as_i64)
-                    .map_or("<none>".to_string(), crate::agent::print::age_of_secs)
+                    .map_or("<none>".to_string(), crate::kinds::print::age_of_secs)
             ),
             json!(csr_condition(obj)),
         ],

@@ -345,7 +345,7 @@ fn default_pod_spec(spec: &mut serde_json::Map<String, Value>) {
 pub fn validate(r: &Resource, obj: &Value) -> Vec<String> {
     match r.kind {
         "Pod" => match serde_json::from_value::<Pod>(obj.clone()) {
-            Ok(p) => crate::agent::validate::validate_pod(&p)
+            Ok(p) => crate::kinds::validate::validate_pod(&p)
                 .iter()
                 .map(|e| e.to_string())
                 .collect(),

@@ -16,7 +16,7 @@ use super::{
 use crate::store::{self, Precondition};
 
 pub(super) fn is_dns_subdomain(s: &str) -> bool {
-    crate::agent::validate::is_dns1123_subdomain(s)
+    crate::kinds::validate::is_dns1123_subdomain(s)
 }
 
 /// The parts of DeleteOptions keelson honours.
@@ -501,7 +501,7 @@ fn initial_status(kind: &str, obj: &mut Value) {
             let qos = serde_json::from_value::<k8s_openapi::api::core::v1::PodSpec>(
                 obj.get("spec").cloned().unwrap_or(Value::Null),
             )
-            .map(|spec| crate::agent::worker::qos_class(&spec))
+            .map(|spec| crate::kinds::pod::qos_class(&spec))
             .unwrap_or_else(|_| "BestEffort".into());
             obj["status"] = json!({"phase": "Pending", "qosClass": qos});
         }

@@ -8,17 +8,14 @@
 pub mod leader;
 pub mod recorder;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::{
-    api::{
-        apps::v1::{DaemonSet, Deployment, ReplicaSet},
-        coordination::v1::Lease,
-        core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    coordination::v1::Lease,
+    core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client, Resource,
@@ -133,33 +130,6 @@ pub async fn next_pass(signals: &mut [&mut watch::Receiver<u64>], period: Durati
     }
 }
 
-/// Whether `labels` satisfy a LabelSelector (matchLabels and matchExpressions). An empty
-/// selector matches everything, as Kubernetes' workload selectors do.
-pub fn selector_matches(sel: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
-    let empty = BTreeMap::new();
-    let labels = labels.unwrap_or(&empty);
-    if let Some(ml) = &sel.match_labels
-        && ml.iter().any(|(k, v)| labels.get(k) != Some(v))
-    {
-        return false;
-    }
-    for e in sel.match_expressions.iter().flatten() {
-        let have = labels.get(&e.key);
-        let vals = e.values.as_deref().unwrap_or(&[]);
-        let ok = match e.operator.as_str() {
-            "In" => have.is_some_and(|v| vals.contains(v)),
-            "NotIn" => !have.is_some_and(|v| vals.contains(v)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            _ => false,
-        };
-        if !ok {
-            return false;
-        }
-    }
-    true
-}
-
 /// The owner reference that marks `owner` as the controller of an object.
 pub fn controller_ref<K: Resource<DynamicType = ()>>(
     owner: &K,
@@ -179,97 +149,6 @@ pub fn controller_uid<K: Resource>(obj: &K) -> Option<&str> {
         .map(|r| r.uid.as_str())
 }
 
-/// Whether a pod counts as alive for its controller: not terminating, not finished.
-pub fn pod_active(p: &Pod) -> bool {
-    p.metadata.deletion_timestamp.is_none()
-        && !matches!(
-            p.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        )
-}
-
-/// Whether the pod's Ready condition is True.
-pub fn pod_ready(p: &Pod) -> bool {
-    ready_since(p).is_some()
-}
-
-/// Whether the node's Ready condition is True.
-pub fn node_ready(n: &Node) -> bool {
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
-}
-
-/// When the pod's Ready condition last turned True.
-pub fn ready_since(p: &Pod) -> Option<jiff::Timestamp> {
-    let c = p
-        .status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == "True")?;
-    Some(
-        c.last_transition_time
-            .as_ref()
-            .map(|t| t.0)
-            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-    )
-}
-
-/// Whether the pod has been ready for at least `min_ready` seconds (kube's "available").
-pub fn pod_available(p: &Pod, min_ready: i32, now: jiff::Timestamp) -> bool {
-    match ready_since(p) {
-        Some(t) => min_ready <= 0 || now.as_second() - t.as_second() >= i64::from(min_ready),
-        None => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
-
-    use super::*;
-
-    #[test]
-    fn label_selectors_match_labels_and_expressions() {
-        let labels: BTreeMap<String, String> = [
-            ("app".to_string(), "web".to_string()),
-            ("tier".into(), "front".into()),
-        ]
-        .into();
-        let mut sel = LabelSelector {
-            match_labels: Some([("app".to_string(), "web".to_string())].into()),
-            ..Default::default()
-        };
-        assert!(selector_matches(&sel, Some(&labels)));
-        sel.match_expressions = Some(vec![LabelSelectorRequirement {
-            key: "tier".into(),
-            operator: "In".into(),
-            values: Some(vec!["back".into()]),
-        }]);
-        assert!(!selector_matches(&sel, Some(&labels)));
-        sel.match_expressions = Some(vec![LabelSelectorRequirement {
-            key: "canary".into(),
-            operator: "DoesNotExist".into(),
-            values: None,
-        }]);
-        assert!(selector_matches(&sel, Some(&labels)));
-        assert!(!selector_matches(&sel, None));
-        assert!(selector_matches(&LabelSelector::default(), None));
-    }
-}
-
-/// Which actors a process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Actors {
-    Scheduler,
-    Controllers,
-    Both,
-}
-
 /// A client from a kubeconfig file.
 pub async fn client_from(kubeconfig: &std::path::Path) -> anyhow::Result<Client> {
     use anyhow::Context;
@@ -279,43 +158,4 @@ pub async fn client_from(kubeconfig: &std::path::Path) -> anyhow::Result<Client>
         .await
         .with_context(|| format!("using {}", kubeconfig.display()))?;
     Ok(Client::try_from(cfg)?)
-}
-
-/// Runs the chosen actors, each under its own leader-election lease.
-pub async fn run(
-    client: Client,
-    actors: Actors,
-    election: leader::Config,
-    node_opts: crate::controllers::node::Options,
-) {
-    let host = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let mut id = [0u8; 4];
-    let _ = getrandom::fill(&mut id);
-    let identity = format!("{host}_{}_{}", std::process::id(), hex::encode(id));
-    let caches = Caches::start(&client);
-    let sched = async {
-        if actors != Actors::Controllers {
-            let leading = leader::elect(
-                client.clone(),
-                "kube-scheduler".into(),
-                identity.clone(),
-                election,
-            );
-            crate::scheduler::run(client.clone(), caches.clone(), leading).await;
-        }
-    };
-    let ctrl = async {
-        if actors != Actors::Scheduler {
-            let leading = leader::elect(
-                client.clone(),
-                "kube-controller-manager".into(),
-                identity.clone(),
-                election,
-            );
-            crate::controllers::run(client.clone(), caches.clone(), leading, node_opts).await;
-        }
-    };
-    tokio::join!(sched, ctrl);
 }

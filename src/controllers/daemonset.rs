@@ -25,12 +25,10 @@ use kube::{
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    control::{
-        Caches, controller_ref, controller_uid, next_pass, pod_active, pod_available, pod_ready,
-        recorder::Recorder,
-    },
+    control::{Caches, controller_ref, controller_uid, next_pass, recorder::Recorder},
     controllers::deployment::{resolve, template_hash},
-    scheduler::{affinity_matches, tolerates},
+    kinds::pod::{pod_active, pod_available, pod_ready},
+    kinds::scheduling::{affinity_matches, tolerates},
 };
 
 const HASH_LABEL: &str = "controller-revision-hash";

@@ -26,9 +26,8 @@ use kube::{
 use sha2::Digest;
 use tokio::sync::watch;
 
-use crate::control::{
-    Caches, controller_ref, controller_uid, next_pass, pod_active, recorder::Recorder,
-};
+use crate::control::{Caches, controller_ref, controller_uid, next_pass, recorder::Recorder};
+use crate::kinds::pod::pod_active;
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
 const HASH_LABEL: &str = "pod-template-hash";
@@ -157,7 +156,7 @@ fn available_pods(pods: &[Arc<Pod>], min_ready: i32) -> std::collections::HashMa
     for p in pods {
         if let Some(o) = controller_uid(p.as_ref())
             && pod_active(p)
-            && crate::control::pod_available(p, min_ready, now)
+            && crate::kinds::pod::pod_available(p, min_ready, now)
         {
             *m.entry(o.to_string()).or_insert(0) += 1;
         }

@@ -27,7 +27,8 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::control::{Cache, Caches, controller_ref, next_pass, pod_ready};
+use crate::control::{Cache, Caches, controller_ref, next_pass};
+use crate::kinds::pod::pod_ready;
 
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const CONTROLLER: &str = "endpointslice-controller.k8s.io";

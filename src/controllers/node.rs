@@ -122,7 +122,7 @@ impl Probes {
 /// `Some(None)` if tolerated forever.
 fn tolerates(p: &Pod, t: &Taint) -> Option<Option<i64>> {
     let tols = p.spec.as_ref()?.tolerations.as_deref()?;
-    crate::scheduler::toleration_for(tols, t).map(|tol| tol.toleration_seconds)
+    crate::kinds::scheduling::toleration_for(tols, t).map(|tol| tol.toleration_seconds)
 }
 
 async fn pass(
@@ -146,7 +146,7 @@ async fn pass(
     // network's than every node's, so pods are not evicted (kube's zone FullDisruption state).
     let full_disruption = !nodes.is_empty()
         && nodes.iter().all(|n| {
-            !crate::control::node_ready(n)
+            !crate::kinds::node::node_ready(n)
                 || silent
                     .get(n.metadata.name.as_deref().unwrap_or(""))
                     .copied()

@@ -20,9 +20,10 @@ use kube::{
 };
 use tokio::{sync::watch, time::Instant};
 
-use crate::control::{
-    Caches, controller_ref, controller_uid, next_pass, pod_active, pod_available, pod_ready,
-    recorder::Recorder, selector_matches,
+use crate::control::{Caches, controller_ref, controller_uid, next_pass, recorder::Recorder};
+use crate::kinds::{
+    pod::{pod_active, pod_available, pod_ready},
+    selector::selector_matches,
 };
 
 /// Writes not yet seen in the cache.

@@ -543,7 +543,7 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
         let ready: Vec<String> = list
             .iter()
             .flat_map(|l| &l.items)
-            .filter(|n| crate::control::node_ready(n))
+            .filter(|n| crate::kinds::node::node_ready(n))
             .filter_map(|n| n.metadata.name.clone())
             .collect();
         for r in &ready {
@@ -851,7 +851,7 @@ pub async fn status(dir: &Path) -> anyhow::Result<String> {
             tokio::time::timeout(Duration::from_secs(5), nodes.list(&ListParams::default())).await
         {
             for n in l.items {
-                let r = if crate::control::node_ready(&n) {
+                let r = if crate::kinds::node::node_ready(&n) {
                     "Ready"
                 } else {
                     "NotReady"

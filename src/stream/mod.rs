@@ -2,5 +2,6 @@
 //! exec and attach, and SPDY/3.1 for port-forward.
 
 pub mod channel;
+pub mod query;
 pub mod spdy;
 mod spdy_dict;

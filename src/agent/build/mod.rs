@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret};
 
-use super::quantity;
+use crate::kinds::quantity;
 
 pub mod safe_fs;
 mod volumes;

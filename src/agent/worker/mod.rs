@@ -46,8 +46,6 @@ mod start;
 mod status;
 mod stop;
 
-pub use status::qos_class;
-
 /// Container labels that let a restarted agent adopt what runs.
 pub mod labels {
     pub const POD_UID: &str = "io.keelson.pod.uid";

@@ -154,7 +154,7 @@ impl PodWorker {
             start_time: self.start_time.map(Time),
             init_container_statuses: has_init.then_some(init_st),
             container_statuses: Some(app_st),
-            qos_class: Some(qos_class(&spec)),
+            qos_class: Some(crate::kinds::pod::qos_class(&spec)),
             ..Default::default()
         };
         let mut pod = self.pod.clone();
@@ -177,37 +177,5 @@ fn waiting_state(reason: &str, message: &str) -> k8s_openapi::api::core::v1::Con
             message: Some(message.into()),
         }),
         ..Default::default()
-    }
-}
-
-pub fn qos_class(spec: &k8s_openapi::api::core::v1::PodSpec) -> String {
-    let all: Vec<&Container> = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .collect();
-    let mut any = false;
-    let mut guaranteed = true;
-    for c in all {
-        let r = c.resources.as_ref();
-        let lim = r.and_then(|r| r.limits.as_ref());
-        let req = r.and_then(|r| r.requests.as_ref());
-        for res in ["cpu", "memory"] {
-            let l = lim.and_then(|m| m.get(res));
-            let q = req.and_then(|m| m.get(res)).or(l);
-            if l.is_some() || q.is_some() {
-                any = true;
-            }
-            if l.is_none() || q.map(|q| &q.0) != l.map(|l| &l.0) {
-                guaranteed = false;
-            }
-        }
-    }
-    if !any {
-        "BestEffort".into()
-    } else if guaranteed {
-        "Guaranteed".into()
-    } else {
-        "Burstable".into()
     }
 }

@@ -1,0 +1,16 @@
+//! What a Kubernetes object means, independent of who asks: validation and defaulting rules,
+//! printing (Table columns, ages, pod status), quantities, QoS class, and the scheduling
+//! predicates (taints, tolerations, node affinity). Every role uses it; it imports nothing else
+//! of keelson, so the API server, scheduler and controllers never import the agent.
+
+pub mod node;
+pub mod pod;
+pub mod print;
+pub mod quantity;
+pub mod scheduling;
+pub mod selector;
+pub mod validate;
+
+/// The Kubernetes minor version keelson presents, as API server and as kubelet (kubectl picks
+/// its client by it).
+pub const KUBE_MINOR: &str = "32";
