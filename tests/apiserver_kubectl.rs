@@ -41,12 +41,8 @@ impl Server {
     }
 
     fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", self.dir.path().join("kubeconfig.yaml"))
-            .env("HOME", self.dir.path())
-            .output()
-            .unwrap()
+        let kubeconfig = self.dir.path().join("kubeconfig.yaml");
+        self.kubectl_as(&kubeconfig.to_string_lossy(), args)
     }
 
     fn ok(&self, args: &[&str]) -> String {

@@ -321,6 +321,15 @@ pub struct Params {
     grace_period_seconds: Option<i64>,
 }
 
+impl Params {
+    /// Whether the request asks for a watch (`watch=true` or `watch=1`).
+    fn is_watch(&self) -> bool {
+        self.watch
+            .as_deref()
+            .is_some_and(|w| w == "true" || w == "1")
+    }
+}
+
 /// The generic handler for every resource path.
 pub async fn resource(
     State(st): State<Arc<ApiState>>,
@@ -358,8 +367,7 @@ pub async fn resource(
         }
         super::authz::Identity::Bootstrap => super::authz::bootstrap_may(&method, &t)?,
         super::authz::Identity::ServiceAccount(ns, name) => {
-            let watch = q.watch.as_deref().is_some_and(|w| w == "true" || w == "1");
-            let a = super::rbac::Attributes::of(&method, &t, watch);
+            let a = super::rbac::Attributes::of(&method, &t, q.is_watch());
             super::rbac::authorize(&st, ns, name, &a).await?;
         }
         super::authz::Identity::Admin => {}
@@ -390,7 +398,7 @@ pub async fn resource(
         },
     };
     match (method, t.name.as_deref()) {
-        (Method::GET, None) if q.watch.as_deref().is_some_and(|w| w == "true" || w == "1") => {
+        (Method::GET, None) if q.is_watch() => {
             watch(st, r, t.namespace, q, wants_table(&headers)).await
         }
         (Method::GET, None) => {
@@ -654,9 +662,13 @@ async fn watch(
         Err(e @ store::Error::Compacted { .. }) => {
             let status = ApiError::from_store(e, r, "").status();
             let line = format!("{}\n", json!({"type": "ERROR", "object": status}));
-            return Ok(
-                (StatusCode::OK, [("content-type", "application/json")], line).into_response(),
-            );
+            return Ok((
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                axum::Extension(super::negotiate::WatchStream),
+                line,
+            )
+                .into_response());
         }
         Err(e) => return Err(ApiError::from_store(e, r, "")),
     };
@@ -728,6 +740,7 @@ async fn watch(
     Ok((
         StatusCode::OK,
         [("content-type", "application/json")],
+        axum::Extension(super::negotiate::WatchStream),
         Body::from_stream(stream),
     )
         .into_response())

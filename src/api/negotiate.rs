@@ -48,13 +48,10 @@ fn wants(accept: &str) -> Wants {
     Wants { protobuf, json }
 }
 
-fn is_watch(req: &Request) -> bool {
-    req.uri().path().contains("/watch/")
-        || req.uri().query().is_some_and(|q| {
-            q.split('&')
-                .any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch=True"))
-        })
-}
+/// Marks a response as a watch stream (newline-delimited JSON events): the watch handler
+/// decides what is a watch, this layer only frames what it is told is one.
+#[derive(Clone, Copy)]
+pub struct WatchStream;
 
 /// The layer: re-encodes JSON answers in protobuf for clients that ask for it.
 pub async fn negotiate(req: Request, next: Next) -> Response {
@@ -66,7 +63,6 @@ pub async fn negotiate(req: Request, next: Next) -> Response {
     let Some(w @ Wants { protobuf: true, .. }) = w else {
         return next.run(req).await;
     };
-    let watch = is_watch(&req);
     let resp = next.run(req).await;
     let json = resp
         .headers()
@@ -77,7 +73,7 @@ pub async fn negotiate(req: Request, next: Next) -> Response {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
-    if watch {
+    if parts.extensions.get::<WatchStream>().is_some() {
         parts.headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static(protobuf::WATCH_MEDIA),

@@ -78,6 +78,9 @@ struct M {
     fields: &'static [F],
 }
 
+/// The message the JSONSchemaPropsOr* forms hold.
+const SCHEMA_PROPS: Ty = Ty::Msg(schema::JSON_SCHEMA_PROPS);
+
 fn msg(i: u16) -> &'static M {
     &schema::MESSAGES[usize::from(i)]
 }
@@ -361,14 +364,23 @@ fn message(b: &[u8], m: &M, path: &str) -> Result<Option<Value>, Error> {
             _ => return Err(err(format!("{path}: malformed {}", short(m)))),
         })
     };
-    let schema_props = || {
-        schema::MESSAGES
-            .iter()
-            .position(|x| x.name == "apiextensions.v1.JsonSchemaProps")
+    // The values of field `tag`, as a JSON array.
+    let array = |tag: u32, ty: Ty| -> Result<Value, Error> {
+        let mut items = Vec::new();
+        for w in sub(tag)? {
+            items.extend(value(ty, w, path)?);
+        }
+        Ok(Value::Array(items))
     };
-    let props = |w: Wire| -> Result<Option<Value>, Error> {
-        let i = schema_props().ok_or_else(|| err("JSONSchemaProps missing from the schema"))?;
-        value(Ty::Msg(i as u16), w, path)
+    // JSONSchemaPropsOr{Array,StringArray}: a list of `ty` in field 2, else a schema in field 1.
+    let schema_or_list = |ty: Ty| -> Result<Option<Value>, Error> {
+        if !sub(2)?.is_empty() {
+            return array(2, ty).map(Some);
+        }
+        match last(1)? {
+            Some(w) => value(SCHEMA_PROPS, w, path),
+            None => Ok(None),
+        }
     };
     Ok(Some(match m.special {
         Special::No => {
@@ -409,46 +421,13 @@ fn message(b: &[u8], m: &M, path: &str) -> Result<Option<Value>, Error> {
             }
         }
         Special::Quantity => Value::String(text(1)?),
-        Special::List => {
-            let F(_, _, ty, _, _) = m.fields[0];
-            let mut items = Vec::new();
-            for w in sub(1)? {
-                items.extend(value(ty, w, path)?);
-            }
-            Value::Array(items)
-        }
-        Special::SchemaOrArray => {
-            let many = sub(2)?;
-            if many.is_empty() {
-                match last(1)? {
-                    Some(w) => return props(w),
-                    None => return Ok(None),
-                }
-            }
-            let mut items = Vec::new();
-            for w in many {
-                items.extend(props(w)?);
-            }
-            Value::Array(items)
-        }
+        Special::List => array(1, m.fields[0].2)?,
+        Special::SchemaOrArray => return schema_or_list(SCHEMA_PROPS),
+        Special::SchemaOrStringArray => return schema_or_list(Ty::Str),
         Special::SchemaOrBool => match last(2)? {
-            Some(w) => return props(w),
+            Some(w) => return value(SCHEMA_PROPS, w, path),
             None => Value::Bool(int(1)? != 0),
         },
-        Special::SchemaOrStringArray => {
-            let many = sub(2)?;
-            if many.is_empty() {
-                match last(1)? {
-                    Some(w) => return props(w),
-                    None => return Ok(None),
-                }
-            }
-            let mut items = Vec::new();
-            for w in many {
-                items.extend(value(Ty::Str, w, path)?);
-            }
-            Value::Array(items)
-        }
     }))
 }
 
@@ -597,15 +576,20 @@ pub fn encode_object(v: &Value) -> Result<Vec<u8>, Error> {
     })?;
     let mut raw = Vec::new();
     encode_fields(v, m, &mut raw, kind)?;
+    Ok(envelope(api_version, kind, &raw))
+}
+
+/// The `k8s\0` magic and a `runtime.Unknown` holding `raw`, as client-go's serializer writes it.
+fn envelope(api_version: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
     let mut tm = Vec::new();
     put_bytes(1, api_version.as_bytes(), &mut tm);
     put_bytes(2, kind.as_bytes(), &mut tm);
     let mut out = b"k8s\0".to_vec();
     put_bytes(1, &tm, &mut out);
-    put_bytes(2, &raw, &mut out);
+    put_bytes(2, raw, &mut out);
     put_bytes(3, b"", &mut out);
     put_bytes(4, b"", &mut out);
-    Ok(out)
+    out
 }
 
 /// Encodes one watch event (`{"type", "object"}`) as client-go's protobuf watch stream frames
@@ -717,13 +701,6 @@ fn encode_value(tag: u32, ty: Ty, v: &Value, out: &mut Vec<u8>, path: &str) -> R
 }
 
 fn encode_message(v: &Value, m: &M, out: &mut Vec<u8>, path: &str) -> Result<(), Error> {
-    let props = || {
-        schema::MESSAGES
-            .iter()
-            .position(|x| x.name == "apiextensions.v1.JsonSchemaProps")
-            .map(|i| Ty::Msg(i as u16))
-            .ok_or_else(|| err("JSONSchemaProps missing from the schema"))
-    };
     match m.special {
         Special::No => encode_fields(v, m, out, path)?,
         Special::Time | Special::MicroTime => {
@@ -772,28 +749,25 @@ fn encode_message(v: &Value, m: &M, out: &mut Vec<u8>, path: &str) -> Result<(),
                 encode_value(tag, ty, it, out, path)?;
             }
         }
-        Special::SchemaOrArray => match v {
+        Special::SchemaOrArray | Special::SchemaOrStringArray => match v {
             Value::Array(items) => {
+                let item = if m.special == Special::SchemaOrArray {
+                    SCHEMA_PROPS
+                } else {
+                    Ty::Str
+                };
                 for it in items {
-                    encode_value(2, props()?, it, out, path)?;
+                    encode_value(2, item, it, out, path)?;
                 }
             }
-            _ => encode_value(1, props()?, v, out, path)?,
+            _ => encode_value(1, SCHEMA_PROPS, v, out, path)?,
         },
         Special::SchemaOrBool => match v {
             Value::Bool(b) => put_int(1, i64::from(*b), out),
             _ => {
                 put_int(1, 1, out);
-                encode_value(2, props()?, v, out, path)?;
+                encode_value(2, SCHEMA_PROPS, v, out, path)?;
             }
-        },
-        Special::SchemaOrStringArray => match v {
-            Value::Array(items) => {
-                for it in items {
-                    encode_value(2, Ty::Str, it, out, path)?;
-                }
-            }
-            _ => encode_value(1, props()?, v, out, path)?,
         },
     }
     Ok(())

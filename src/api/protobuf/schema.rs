@@ -1264,6 +1264,9 @@ pub(super) static MESSAGES: &[M] = &[
     M { name: "testapigroup.v1.CarpStatus", special: No, fields: &[F(1, "phase", Str, One, false), F(2, "conditions", Msg(1252), Rep, true), F(3, "message", Str, One, false), F(4, "reason", Str, One, false), F(5, "hostIp", Str, One, false), F(6, "carpIp", Str, One, false), F(7, "startTime", Msg(903), One, true), F(8, "infos", Msg(1253), Rep, true)] },
 ];
 
+/// `apiextensions.k8s.io/v1` JSONSchemaProps, which the JSONSchemaPropsOr* forms hold.
+pub(super) const JSON_SCHEMA_PROPS: u16 = 121;
+
 /// `(group/version, lower-case kind without punctuation, message)`, sorted.
 #[rustfmt::skip]
 pub(super) static ROOTS: &[(&str, &str, u16)] = &[

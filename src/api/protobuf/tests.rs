@@ -1,83 +1,48 @@
 use super::*;
 
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
-fn bytes(tag: u32, b: &[u8], out: &mut Vec<u8>) {
-    varint(u64::from(tag) << 3 | 2, out);
-    varint(b.len() as u64, out);
-    out.extend_from_slice(b);
-}
-
-fn int(tag: u32, v: i64, out: &mut Vec<u8>) {
-    varint(u64::from(tag) << 3, out);
-    varint(v as u64, out);
-}
-
-fn envelope(api: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
-    let mut tm = Vec::new();
-    bytes(1, api.as_bytes(), &mut tm);
-    bytes(2, kind.as_bytes(), &mut tm);
-    let mut out = b"k8s\0".to_vec();
-    bytes(1, &tm, &mut out);
-    bytes(2, raw, &mut out);
-    bytes(3, b"", &mut out);
-    bytes(4, b"", &mut out);
-    out
-}
-
 fn meta(name: &str) -> Vec<u8> {
     let mut m = Vec::new();
-    bytes(1, name.as_bytes(), &mut m);
-    bytes(2, b"", &mut m);
+    put_bytes(1, name.as_bytes(), &mut m);
+    put_bytes(2, b"", &mut m);
     let mut t = Vec::new();
-    int(1, GO_ZERO_TIME, &mut t);
-    int(2, 0, &mut t);
-    bytes(8, &t, &mut m);
+    put_int(1, GO_ZERO_TIME, &mut t);
+    put_int(2, 0, &mut t);
+    put_bytes(8, &t, &mut m);
     let mut label = Vec::new();
-    bytes(1, b"app", &mut label);
-    bytes(2, name.as_bytes(), &mut label);
-    bytes(11, &label, &mut m);
+    put_bytes(1, b"app", &mut label);
+    put_bytes(2, name.as_bytes(), &mut label);
+    put_bytes(11, &label, &mut m);
     m
 }
 
 #[test]
 fn deployment_like_kubectl_create() {
     let mut container = Vec::new();
-    bytes(1, b"busybox", &mut container);
-    bytes(2, b"busybox:1", &mut container);
-    bytes(3, b"sleep", &mut container);
-    bytes(3, b"3600", &mut container);
-    bytes(8, b"", &mut container);
+    put_bytes(1, b"busybox", &mut container);
+    put_bytes(2, b"busybox:1", &mut container);
+    put_bytes(3, b"sleep", &mut container);
+    put_bytes(3, b"3600", &mut container);
+    put_bytes(8, b"", &mut container);
     let mut pspec = Vec::new();
-    bytes(2, &container, &mut pspec);
+    put_bytes(2, &container, &mut pspec);
     let mut tmpl = Vec::new();
-    bytes(1, &meta("web"), &mut tmpl);
-    bytes(2, &pspec, &mut tmpl);
+    put_bytes(1, &meta("web"), &mut tmpl);
+    put_bytes(2, &pspec, &mut tmpl);
     let mut sel = Vec::new();
     let mut e = Vec::new();
-    bytes(1, b"app", &mut e);
-    bytes(2, b"web", &mut e);
-    bytes(1, &e, &mut sel);
+    put_bytes(1, b"app", &mut e);
+    put_bytes(2, b"web", &mut e);
+    put_bytes(1, &e, &mut sel);
     let mut spec = Vec::new();
-    int(1, 0, &mut spec);
-    bytes(2, &sel, &mut spec);
-    bytes(3, &tmpl, &mut spec);
-    bytes(4, b"", &mut spec);
-    int(5, 0, &mut spec);
+    put_int(1, 0, &mut spec);
+    put_bytes(2, &sel, &mut spec);
+    put_bytes(3, &tmpl, &mut spec);
+    put_bytes(4, b"", &mut spec);
+    put_int(5, 0, &mut spec);
     let mut d = Vec::new();
-    bytes(1, &meta("web"), &mut d);
-    bytes(2, &spec, &mut d);
-    bytes(3, b"", &mut d);
+    put_bytes(1, &meta("web"), &mut d);
+    put_bytes(2, &spec, &mut d);
+    put_bytes(3, b"", &mut d);
     let v = decode_body(&envelope("apps/v1", "Deployment", &d)).unwrap();
     assert_eq!(v["kind"], "Deployment");
     assert_eq!(v["apiVersion"], "apps/v1");
@@ -96,30 +61,30 @@ fn deployment_like_kubectl_create() {
 #[test]
 fn service_target_port_and_secret_bytes() {
     let mut tp = Vec::new();
-    int(1, 0, &mut tp);
-    int(2, 8080, &mut tp);
+    put_int(1, 0, &mut tp);
+    put_int(2, 8080, &mut tp);
     let mut port = Vec::new();
-    bytes(1, b"80-8080", &mut port);
-    bytes(2, b"TCP", &mut port);
-    int(3, 80, &mut port);
-    bytes(4, &tp, &mut port);
+    put_bytes(1, b"80-8080", &mut port);
+    put_bytes(2, b"TCP", &mut port);
+    put_int(3, 80, &mut port);
+    put_bytes(4, &tp, &mut port);
     let mut spec = Vec::new();
-    bytes(1, &port, &mut spec);
-    bytes(4, b"ClusterIP", &mut spec);
+    put_bytes(1, &port, &mut spec);
+    put_bytes(4, b"ClusterIP", &mut spec);
     let mut s = Vec::new();
-    bytes(1, &meta("web"), &mut s);
-    bytes(2, &spec, &mut s);
+    put_bytes(1, &meta("web"), &mut s);
+    put_bytes(2, &spec, &mut s);
     let v = decode_body(&envelope("v1", "Service", &s)).unwrap();
     assert_eq!(v["spec"]["ports"][0]["targetPort"], 8080);
     assert_eq!(v["spec"]["type"], "ClusterIP");
 
     let mut entry = Vec::new();
-    bytes(1, b"k", &mut entry);
-    bytes(2, &[0, 1, 2], &mut entry);
+    put_bytes(1, b"k", &mut entry);
+    put_bytes(2, &[0, 1, 2], &mut entry);
     let mut sec = Vec::new();
-    bytes(1, &meta("s"), &mut sec);
-    bytes(2, &entry, &mut sec);
-    bytes(3, b"Opaque", &mut sec);
+    put_bytes(1, &meta("s"), &mut sec);
+    put_bytes(2, &entry, &mut sec);
+    put_bytes(3, b"Opaque", &mut sec);
     let v = decode_body(&envelope("v1", "Secret", &sec)).unwrap();
     assert_eq!(v["data"]["k"], "AAEC");
 }
@@ -127,8 +92,8 @@ fn service_target_port_and_secret_bytes() {
 #[test]
 fn unknown_fields_and_garbage_are_errors() {
     let mut d = Vec::new();
-    bytes(1, &meta("x"), &mut d);
-    bytes(99, b"data", &mut d);
+    put_bytes(1, &meta("x"), &mut d);
+    put_bytes(99, b"data", &mut d);
     let e = decode_body(&envelope("v1", "ConfigMap", &d)).unwrap_err();
     assert!(e.to_string().contains("field 99 of ConfigMap"), "{e}");
     let e = decode_body(&envelope("example.com/v1", "Frobnicator", &d)).unwrap_err();
