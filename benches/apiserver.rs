@@ -6,17 +6,25 @@
 //! write, time for one event to reach 100 watchers, list latency at 10,000 pods, and the server's
 //! RSS at 10,000 pods.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
+};
+
+use common::{
+    KillOnDrop, Server,
+    floor::{pct, rss_kib},
 };
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use keelson::store::{Precondition, Store};
 use kube::{
-    Api, Client,
+    Api,
     api::{ListParams, PostParams, WatchEvent, WatchParams},
 };
 
@@ -24,23 +32,6 @@ const SEQUENTIAL: usize = 1000;
 const CONCURRENT: usize = 4000;
 const WATCHERS: usize = 100;
 const PODS: usize = 10_000;
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -50,16 +41,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_etcd(dir: &std::path::Path) -> (Kill, String) {
+fn start_etcd(dir: &std::path::Path) -> (KillOnDrop, String) {
     let (c, p) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{c}");
     let purl = format!("http://127.0.0.1:{p}");
@@ -83,33 +65,12 @@ fn start_etcd(dir: &std::path::Path) -> (Kill, String) {
         .stderr(Stdio::null())
         .spawn()
         .expect("etcd is installed");
-    (Kill(child), url)
+    (KillOnDrop(child), url)
 }
 
-fn start_server(dir: &std::path::Path, extra: &[&str]) -> Kill {
-    let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !dir.join("kubeconfig.yaml").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Kill(child)
-}
-
-async fn client(dir: &std::path::Path) -> Client {
-    keelson::control::client_from(&dir.join("kubeconfig.yaml"))
-        .await
-        .unwrap()
+/// A server logging warnings only (its log is not what is measured).
+fn quiet_server(args: &[&str]) -> Server {
+    Server::builder().args(args).env("RUST_LOG", "warn").start()
 }
 
 fn cm(name: &str) -> ConfigMap {
@@ -184,8 +145,8 @@ async fn floor(store: Arc<dyn Store>) -> (f64, f64, f64) {
     (pct(&mut lat, 0.5), pct(&mut lat, 0.99), rate)
 }
 
-async fn run(engine: &str, dir: &std::path::Path, server: &Kill, floor: (f64, f64, f64)) {
-    let client = client(dir).await;
+async fn run(engine: &str, server: &Server, floor: (f64, f64, f64)) {
+    let client = server.client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     // Warm up the connection pool.
     cms.list(&ListParams::default().limit(1)).await.unwrap();
@@ -267,7 +228,7 @@ async fn run(engine: &str, dir: &std::path::Path, server: &Kill, floor: (f64, f6
         }
     })
     .await;
-    let rss_created = rss_mib(server.0.id());
+    let rss_created = rss_kib(server.pid()) as f64 / 1024.0;
     let mut lists = vec![];
     for _ in 0..5 {
         let t = Instant::now();
@@ -289,7 +250,7 @@ async fn run(engine: &str, dir: &std::path::Path, server: &Kill, floor: (f64, f6
         "apiserver {engine} {PODS} pods: created at {pod_rate:.0}/s | list all p50 {:.0} ms | list one node's pods p50 {:.0} ms | server RSS {rss_created:.0} MiB after the creates, {:.0} MiB after the lists",
         pct(&mut lists, 0.5),
         pct(&mut node, 0.5),
-        rss_mib(server.0.id())
+        rss_kib(server.pid()) as f64 / 1024.0
     );
 }
 
@@ -301,10 +262,9 @@ async fn main() {
         keelson::store::embedded::Embedded::open(&floor_dir.path().join("f.redb")).unwrap(),
     );
     let f = floor(store).await;
-    let dir = tempfile::tempdir().unwrap();
     // The API server alone (the scheduler and controllers would also cache every pod).
-    let server = start_server(dir.path(), &["--no-controllers"]);
-    run("embedded", dir.path(), &server, f).await;
+    let server = quiet_server(&["--no-controllers"]);
+    run("embedded", &server, f).await;
     drop(server);
 
     // etcd engine (one member on loopback, data in a temp dir).
@@ -324,16 +284,12 @@ async fn main() {
         }
     };
     let f = floor(store).await;
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        dir.path(),
-        &[
-            "--no-controllers",
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &url,
-        ],
-    );
-    run("etcd", dir.path(), &server, f).await;
+    let server = quiet_server(&[
+        "--no-controllers",
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &url,
+    ]);
+    run("etcd", &server, f).await;
 }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::{
-    BUSYBOX,
+    BUSYBOX, Kubectl,
     cluster::Cluster,
     floor::{cpu_ticks, floor_once, machine_busy_ticks, pct, pids_named, pss_kib, rss_kib},
 };

@@ -2,13 +2,22 @@
 //! pods, against the floor measured in the same run (the same pause + app containers created
 //! and started directly through containerd, no keelson in between). Needs root.
 //! Prints lines beginning `pod-start`.
+//!
+//! Last, the agent's memory at `POD_START_BURST` pods for both builds: the all-in-one binary
+//! and the lean node build (`--no-default-features --features agent`, built here into
+//! `target/lean` unless `KEELSON_LEAN_BIN` names one), each joined to a `keelson server` in a
+//! fresh lab namespace with its service proxy on, running a Deployment behind a Service.
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use common::{
-    floor::{floor_once, pct, rss_kib},
+    floor::{floor_once, pct, rss_kib, rss_parts_kib},
     *,
 };
 use keelson::runtime::Containerd;
@@ -122,4 +131,93 @@ fn main() {
     while !lab.pods().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    drop(lab);
+
+    let lean = lean_binary();
+    for (build, bin) in [
+        ("all-in-one", PathBuf::from(env!("CARGO_BIN_EXE_keelson"))),
+        ("lean", lean),
+    ] {
+        let (anon, file) = joined_agent_rss(&bin, burst);
+        println!(
+            "pod-start agent-with-proxy build={build} pods={burst} rss_mib={:.1} rss_anon_mib={:.1} rss_file_mib={:.1} binary_mib={:.1}",
+            (anon + file) as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0,
+            std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
+
+/// The lean node build: `KEELSON_LEAN_BIN`, or built now (release) into `target/lean`.
+fn lean_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("KEELSON_LEAN_BIN") {
+        return p.into();
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = repo.join("target/lean");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(repo)
+        .args([
+            "build",
+            "--release",
+            "--no-default-features",
+            "--features",
+            "agent",
+        ])
+        .args(["--bin", "keelson", "--target-dir"])
+        .arg(&target)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the lean agent failed");
+    target.join("release/keelson")
+}
+
+/// Starts a server and the agent from `bin` (joined, proxy on) in a fresh lab, runs `pods`
+/// pods of a Deployment behind a Service, and reads the agent's (RssAnon, RssFile) in KiB.
+fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64) {
+    let mut lab = Lab::start("rss");
+    let server = Server::builder()
+        .netns(&lab.netns)
+        .dir(lab.dir.path().join("server"))
+        .listen("127.0.0.1:6443")
+        .env("RUST_LOG", "warn")
+        .start();
+    lab.set_agent_bin(bin);
+    lab.join(&server, &[]);
+    server.apply(&web(pods, Some("ClusterIP")));
+    server.until(300, &format!("{pods} Ready pods"), || {
+        let ready = server.jsonpath(
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+        );
+        ready.split_whitespace().filter(|s| *s == "True").count() == pods
+    });
+    // The proxy has the Service's endpoints once the slice lists every pod.
+    server.until(60, "the EndpointSlice to list every pod", || {
+        server
+            .jsonpath(
+                &[
+                    "get",
+                    "endpointslices",
+                    "-l",
+                    "kubernetes.io/service-name=web",
+                ],
+                "{.items[*].endpoints[*].addresses[0]}",
+            )
+            .split_whitespace()
+            .count()
+            == pods
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let parts = rss_parts_kib(lab.agent_pid().expect("agent pid"));
+    server.ok(&["delete", "deployment", "web"]);
+    server.until(120, "the pods to go", || {
+        server
+            .jsonpath(&["get", "pods"], "{.items[*].metadata.name}")
+            .trim()
+            .is_empty()
+    });
+    parts
 }

@@ -3,62 +3,25 @@
 //! measured in the same run: how fast the same 5,000 pods can merely be created (the scheduler
 //! cannot bind faster than pods arrive). Prints lines beginning `scheduler`.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::{
     collections::HashMap,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use common::{Server, floor::pct};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
-    Api, Client,
+    Api,
     api::{PostParams, WatchEvent, WatchParams},
 };
 
 const NODES: usize = 100;
 const PODS: usize = 5000;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn start(dir: &std::path::Path, extra: &[&str]) -> Kill {
-    let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !dir.join("kubeconfig.yaml").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Kill(child)
-}
-
-async fn client(dir: &std::path::Path) -> Client {
-    keelson::control::client_from(&dir.join("kubeconfig.yaml"))
-        .await
-        .unwrap()
-}
 
 fn pod(i: usize) -> Pod {
     serde_json::from_value(serde_json::json!({
@@ -98,17 +61,18 @@ async fn create_all(pods: Api<Pod>) -> HashMap<String, Instant> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // Floor: the same pods created on a server without a scheduler.
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--no-controllers"]);
-    let c = client(dir.path()).await;
+    let server = Server::builder()
+        .args(&["--no-controllers"])
+        .env("RUST_LOG", "warn")
+        .start();
+    let c = server.client().await;
     let t0 = Instant::now();
     create_all(Api::namespaced(c, "default")).await;
     let floor = PODS as f64 / t0.elapsed().as_secs_f64();
     drop(server);
 
-    let dir = tempfile::tempdir().unwrap();
-    let _server = start(dir.path(), &[]);
-    let c = client(dir.path()).await;
+    let server = Server::builder().env("RUST_LOG", "warn").start();
+    let c = server.client().await;
     let nodes: Api<Node> = Api::all(c.clone());
     for i in 0..NODES {
         let n: Node = serde_json::from_value(serde_json::json!({

@@ -1,63 +1,19 @@
 //! kube-rs (the Rust client the agent uses) against a real `keelson server` process: paginated
 //! lists, watches with bookmarks, a watch from a compacted resourceVersion (410, then kube's
 //! watcher recovers by listing again), optimistic-concurrency conflicts.
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Server;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
-    Api, Client,
+    Api,
     api::{ListParams, PostParams, WatchEvent, WatchParams},
     runtime::{WatchStreamExt, watcher},
 };
-
-struct Server {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--compaction-interval",
-            "1s",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !dir.path().join("kubeconfig.yaml").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server { dir, child }
-}
-
-async fn client(s: &Server) -> Client {
-    keelson::control::client_from(&s.dir.path().join("kubeconfig.yaml"))
-        .await
-        .unwrap()
-}
 
 fn cm(name: &str) -> ConfigMap {
     serde_json::from_value(serde_json::json!({
@@ -69,8 +25,8 @@ fn cm(name: &str) -> ConfigMap {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_lists_watches_recovers_and_conflicts() {
-    let s = start();
-    let client = client(&s).await;
+    let s = Server::start(&["--compaction-interval", "1s"]);
+    let client = s.client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     for i in 0..5 {
         cms.create(&PostParams::default(), &cm(&format!("c{i}")))

@@ -4,177 +4,72 @@
 mod common;
 
 use std::{
-    process::{Child, Command, Output, Stdio},
+    path::PathBuf,
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-struct Server {
-    dir: tempfile::TempDir,
-    child: Child,
-}
+use common::{Kubectl, Server};
 
-impl Server {
-    fn start(dir: tempfile::TempDir) -> Server {
-        Self::start_with(dir, &[])
-    }
-
-    fn start_with(dir: tempfile::TempDir, extra: &[&str]) -> Server {
-        let _ = std::fs::remove_file(dir.path().join("kubeconfig.yaml"));
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !dir.path().join("kubeconfig.yaml").exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server { dir, child }
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        let kubeconfig = self.dir.path().join("kubeconfig.yaml");
-        self.kubectl_as(&kubeconfig.to_string_lossy(), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).to_string()
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            !o.status.success(),
-            "kubectl {args:?} should fail: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stderr).to_string()
-    }
-
-    /// `kubectl get KIND NAME -o jsonpath=PATH`.
-    fn jsonpath(&self, kind: &str, name: &str, path: &str) -> String {
-        self.ok(&["get", kind, name, "-o", &format!("jsonpath={path}")])
-    }
-
-    fn url(&self) -> String {
-        let kc = std::fs::read_to_string(self.dir.path().join("kubeconfig.yaml")).unwrap();
-        kc.lines()
-            .find_map(|l| l.trim().strip_prefix("server: "))
-            .unwrap()
-            .to_string()
-    }
-
-    fn write(&self, name: &str, content: &str) -> String {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, content).unwrap();
-        p.to_string_lossy().to_string()
-    }
-
-    /// A kubeconfig for node `node` made as kubelet's TLS bootstrap does: a key and a request
-    /// for `system:node:NODE` (openssl), a CertificateSigningRequest created with the join
-    /// token, and the certificate the server issued for it.
-    fn node_kubeconfig(&self, node: &str) -> String {
-        let dir = self.dir.path();
-        let (key, req) = (
-            dir.join(format!("{node}.key")),
-            dir.join(format!("{node}.csr")),
-        );
-        let subject = format!("/O=system:nodes/CN=system:node:{node}");
-        common::openssl_request(&key, &req, &subject, &[]);
-        use base64::Engine;
-        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-        let csr = self.write(
-            &format!("{node}-csr.yaml"),
-            &format!(
-                "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {node}-client}}\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, key encipherment, client auth]\n  username: system:admin\n  groups: [system:masters]\n  request: {}\n",
-                b64(&std::fs::read(&req).unwrap())
-            ),
-        );
-        let token = format!("--token={}", self.node_token());
-        self.ok(&[&token, "create", "-f", &csr]);
-        // The requester is whoever created it, never what the body claims.
-        assert_eq!(
-            self.jsonpath(
-                "csr",
-                &format!("{node}-client"),
-                "{.spec.username} {.spec.groups}"
-            ),
-            r#"system:bootstrap:keelson ["system:bootstrappers","system:authenticated"]"#
-        );
-        let cert = self.ok(&[
-            &token,
-            "get",
+/// A kubeconfig for node `node` made as kubelet's TLS bootstrap does: a key and a request
+/// for `system:node:NODE` (openssl), a CertificateSigningRequest created with the join
+/// token, and the certificate the server issued for it.
+fn node_kubeconfig(s: &Server, node: &str) -> PathBuf {
+    let dir = s.dir();
+    let (key, req) = (
+        dir.join(format!("{node}.key")),
+        dir.join(format!("{node}.csr")),
+    );
+    let subject = format!("/O=system:nodes/CN=system:node:{node}");
+    common::openssl_request(&key, &req, &subject, &[]);
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let csr = s.write(
+        &format!("{node}-csr.yaml"),
+        &format!(
+            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {node}-client}}\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, key encipherment, client auth]\n  username: system:admin\n  groups: [system:masters]\n  request: {}\n",
+            b64(&std::fs::read(&req).unwrap())
+        ),
+    );
+    let token = format!("--token={}", s.node_token());
+    s.ok(&[&token, "create", "-f", &csr]);
+    // The requester is whoever created it, never what the body claims.
+    assert_eq!(
+        s.field(
             "csr",
             &format!("{node}-client"),
-            "-o",
-            "jsonpath={.status.certificate}",
-        ]);
-        assert!(
-            !cert.is_empty(),
-            "the node client certificate is issued at once"
-        );
-        let cert = base64::engine::general_purpose::STANDARD
-            .decode(cert)
-            .unwrap();
-        let text = common::client_cert_kubeconfig(
-            &dir.join("kubeconfig.yaml"),
-            &cert,
-            &std::fs::read(&key).unwrap(),
-        );
-        self.write(&format!("{node}.kubeconfig"), &text)
-    }
-
-    fn node_token(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("node-token"))
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-
-    fn kubectl_as(&self, kubeconfig: &str, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("HOME", self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    fn kill(mut self) -> tempfile::TempDir {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Hand the data directory over; the placeholder left behind is removed with `self`.
-        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            "{.spec.username} {.spec.groups}"
+        ),
+        r#"system:bootstrap:keelson ["system:bootstrappers","system:authenticated"]"#
+    );
+    let cert = s.ok(&[
+        &token,
+        "get",
+        "csr",
+        &format!("{node}-client"),
+        "-o",
+        "jsonpath={.status.certificate}",
+    ]);
+    assert!(
+        !cert.is_empty(),
+        "the node client certificate is issued at once"
+    );
+    let cert = base64::engine::general_purpose::STANDARD
+        .decode(cert)
+        .unwrap();
+    let text = common::client_cert_kubeconfig(
+        &dir.join("kubeconfig.yaml"),
+        &cert,
+        &std::fs::read(&key).unwrap(),
+    );
+    s.write(&format!("{node}.kubeconfig"), &text).into()
 }
 
 const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  labels: {app: web}\ndata:\n  color: blue\n";
 
 #[test]
 fn kubectl_works_against_keelson_server() {
-    let s = Server::start(tempfile::tempdir().unwrap());
+    let s = Server::start(&[]);
     let v: serde_json::Value = serde_json::from_str(&s.ok(&["version", "-o", "json"])).unwrap();
     assert_eq!(v["serverVersion"]["minor"], keelson::api::KUBE_MINOR);
     let ns = s.ok(&["get", "namespaces"]);
@@ -237,7 +132,7 @@ fn kubectl_works_against_keelson_server() {
     let current = s.ok(&["get", "cm", "settings", "-o", "json"]);
     let stale = s.write("stale.json", &current.replace("\"blue\"", "\"green\""));
     s.ok(&["replace", "-f", &stale]);
-    assert_eq!(s.jsonpath("cm", "settings", "{.data.color}"), "green");
+    assert_eq!(s.field("cm", "settings", "{.data.color}"), "green");
     let err = s.fails(&["replace", "-f", &stale]);
     assert!(
         err.contains(
@@ -286,13 +181,13 @@ fn kubectl_works_against_keelson_server() {
         r#"{"data":{"extra":"1"}}"#,
     ]);
     let data: serde_json::Value =
-        serde_json::from_str(&s.jsonpath("cm", "settings", "{.data}")).unwrap();
+        serde_json::from_str(&s.field("cm", "settings", "{.data}")).unwrap();
     assert_eq!(
         data,
         serde_json::json!({"color": "red", "size": "small", "extra": "1"})
     );
     assert_eq!(
-        s.jsonpath("cm", "settings", "{.metadata.labels.tier}"),
+        s.field("cm", "settings", "{.metadata.labels.tier}"),
         "front"
     );
     let ssa = s.write("ssa.yaml", &CM.replace("name: settings", "name: ssa"));
@@ -306,7 +201,7 @@ fn kubectl_works_against_keelson_server() {
             .replace("blue", "teal"),
     );
     s.ok(&["apply", "--server-side", "-f", &ssa2]);
-    assert_eq!(s.jsonpath("cm", "ssa", "{.data.color}"), "teal");
+    assert_eq!(s.field("cm", "ssa", "{.data.color}"), "teal");
     let dry = s.write("dry.yaml", &CM.replace("name: settings", "name: dry"));
     assert!(
         s.ok(&["create", "-f", &dry, "--dry-run=server"])
@@ -318,22 +213,22 @@ fn kubectl_works_against_keelson_server() {
     );
     // kubectl's generators send protobuf bodies.
     s.ok(&["create", "configmap", "proto", "--from-literal=a=b"]);
-    assert_eq!(s.jsonpath("cm", "proto", "{.data.a}"), "b");
+    assert_eq!(s.field("cm", "proto", "{.data.a}"), "b");
     s.ok(&["create", "secret", "generic", "psec", "--from-literal=x=yz"]);
     assert_eq!(
-        s.jsonpath("secret", "psec", "{.data.x} {.type}"),
+        s.field("secret", "psec", "{.data.x} {.type}"),
         "eXo= Opaque"
     );
     s.ok(&["create", "namespace", "pns"]);
-    assert_eq!(s.jsonpath("ns", "pns", "{.status.phase}"), "Active");
+    assert_eq!(s.field("ns", "pns", "{.status.phase}"), "Active");
     s.ok(&["create", "service", "nodeport", "psvc", "--tcp=80:8080"]);
-    let got = s.jsonpath(
+    let got = s.field(
         "svc",
         "psvc",
         "{.spec.type} {.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.selector.app}",
     );
     assert_eq!(got, "NodePort 80 8080 psvc");
-    assert!(!s.jsonpath("svc", "psvc", "{.spec.clusterIP}").is_empty());
+    assert!(!s.field("svc", "psvc", "{.spec.clusterIP}").is_empty());
     s.ok(&[
         "create",
         "deployment",
@@ -345,13 +240,13 @@ fn kubectl_works_against_keelson_server() {
         "sleep",
         "3600",
     ]);
-    let got = s.jsonpath(
+    let got = s.field(
         "deploy",
         "pdep",
         "{.spec.replicas} {.spec.selector.matchLabels.app} {.spec.strategy.type} {.spec.strategy.rollingUpdate.maxSurge} {.spec.revisionHistoryLimit} {.spec.progressDeadlineSeconds}",
     );
     assert_eq!(got, "0 pdep RollingUpdate 25% 10 600");
-    let got = s.jsonpath(
+    let got = s.field(
         "deploy",
         "pdep",
         "{.spec.template.spec.containers[0].command} {.spec.template.spec.containers[0].ports[0].containerPort} {.spec.template.spec.restartPolicy} {.spec.template.metadata.creationTimestamp}",
@@ -395,14 +290,14 @@ fn kubectl_works_against_keelson_server() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p2}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.36\n    ports: [{containerPort: 80}]\n",
     );
     s.ok(&["create", "-f", &pod]);
-    let got = s.jsonpath("pod", "p2", "{.spec.restartPolicy} {.spec.containers[0].imagePullPolicy} {.spec.containers[0].ports[0].protocol} {.status.phase}");
+    let got = s.field("pod", "p2", "{.spec.restartPolicy} {.spec.containers[0].imagePullPolicy} {.spec.containers[0].ports[0].protocol} {.status.phase}");
     assert_eq!(got, "Always IfNotPresent TCP Pending");
     assert_eq!(
-        s.jsonpath("pod", "p2", "{.spec.serviceAccountName}"),
+        s.field("pod", "p2", "{.spec.serviceAccountName}"),
         "default"
     );
     // DefaultTolerationSeconds: 300 s for not-ready and unreachable nodes.
-    let got = s.jsonpath(
+    let got = s.field(
         "pod",
         "p2",
         "{.spec.tolerations[*].key} {.spec.tolerations[*].tolerationSeconds}",
@@ -428,7 +323,7 @@ fn kubectl_works_against_keelson_server() {
     s.ok(&["create", "-f", &fin]);
     s.ok(&["delete", "cm", "fin", "--wait=false"]);
     assert!(
-        !s.jsonpath("cm", "fin", "{.metadata.deletionTimestamp}")
+        !s.field("cm", "fin", "{.metadata.deletionTimestamp}")
             .is_empty()
     );
     s.ok(&[
@@ -454,7 +349,7 @@ fn kubectl_works_against_keelson_server() {
     s.ok(&["delete", "pod", "bound", "--wait=false"]);
     assert!(s.ok(&["get", "pod", "bound"]).contains("Terminating"));
     assert_eq!(
-        s.jsonpath("pod", "bound", "{.metadata.deletionGracePeriodSeconds}"),
+        s.field("pod", "bound", "{.metadata.deletionGracePeriodSeconds}"),
         "30"
     );
     s.ok(&["delete", "pod", "bound", "--grace-period=0", "--force"]);
@@ -480,7 +375,7 @@ fn kubectl_works_against_keelson_server() {
         "deployment.apps/web scaled"
     );
     assert_eq!(
-        s.jsonpath("deploy", "web", "{.spec.replicas} {.metadata.generation}"),
+        s.field("deploy", "web", "{.spec.replicas} {.metadata.generation}"),
         "5 2"
     );
     let unbound = s.write("unbound.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: unbound}\nspec:\n  containers: [{name: c, image: busybox:1}]\n");
@@ -493,7 +388,7 @@ fn kubectl_works_against_keelson_server() {
         "-f",
         &binding,
     ]);
-    assert_eq!(s.jsonpath("pod", "unbound", "{.spec.nodeName}"), "n1");
+    assert_eq!(s.field("pod", "unbound", "{.spec.nodeName}"), "n1");
     let err = s.fails(&[
         "create",
         "--raw",
@@ -522,7 +417,7 @@ fn kubectl_works_against_keelson_server() {
         r#"{"status":{"phase":"Failed"}}"#,
     ]);
     assert_eq!(
-        s.jsonpath("pod", "unbound", "{.status.phase} {.status.podIP}"),
+        s.field("pod", "unbound", "{.status.phase} {.status.podIP}"),
         "Running 10.0.0.9"
     );
 
@@ -532,7 +427,7 @@ fn kubectl_works_against_keelson_server() {
     assert!(k.contains("10.96.0.1") && k.contains("443/TCP"), "{k}");
     let svc = s.write("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 80, nodePort: 31000}]\n");
     s.ok(&["apply", "-f", &svc]);
-    let ip = s.jsonpath("svc", "web", "{.spec.clusterIP}");
+    let ip = s.field("svc", "web", "{.spec.clusterIP}");
     assert!(ip.starts_with("10.9") && ip != "10.96.0.1", "{ip}");
     let row = s.ok(&["get", "svc", "web"]);
     assert!(
@@ -564,8 +459,8 @@ fn kubectl_works_against_keelson_server() {
             "--output-watch-events",
             "--request-timeout=5s",
         ])
-        .env("KUBECONFIG", s.dir.path().join("kubeconfig.yaml"))
-        .env("HOME", s.dir.path())
+        .env("KUBECONFIG", s.dir().join("kubeconfig.yaml"))
+        .env("HOME", s.dir())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -584,23 +479,19 @@ fn kubectl_works_against_keelson_server() {
 
 #[test]
 fn objects_survive_a_sigkill_of_the_server() {
-    let s = Server::start(tempfile::tempdir().unwrap());
+    let mut s = Server::start(&[]);
     let f = s.write("cm.yaml", CM);
     s.ok(&["create", "-f", &f]);
-    let rv = s.jsonpath("cm", "settings", "{.metadata.resourceVersion}");
-    let dir = s.kill();
-    let s = Server::start(dir);
-    assert_eq!(
-        s.jsonpath("cm", "settings", "{.metadata.resourceVersion}"),
-        rv
-    );
-    assert_eq!(s.jsonpath("cm", "settings", "{.data.color}"), "blue");
+    let rv = s.field("cm", "settings", "{.metadata.resourceVersion}");
+    s.restart();
+    assert_eq!(s.field("cm", "settings", "{.metadata.resourceVersion}"), rv);
+    assert_eq!(s.field("cm", "settings", "{.data.color}"), "blue");
 }
 
 #[test]
 fn node_identities_write_only_their_own_objects() {
-    let s = Server::start(tempfile::tempdir().unwrap());
-    let kc = s.node_kubeconfig("n1");
+    let s = Server::start(&[]);
+    let kc = node_kubeconfig(&s, "n1");
     let as_n1 = |args: &[&str]| s.kubectl_as(&kc, args);
     assert!(as_n1(&["get", "nodes"]).status.success());
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
@@ -646,7 +537,7 @@ fn node_identities_write_only_their_own_objects() {
         ])
     };
     assert!(patch("mine").status.success());
-    assert_eq!(s.jsonpath("pod", "mine", "{.status.phase}"), "Running");
+    assert_eq!(s.field("pod", "mine", "{.status.phase}"), "Running");
     let o = patch("theirs");
     assert!(
         stderr(&o).contains("can only modify pods bound to itself"),
@@ -760,7 +651,7 @@ fn sa_token(s: &Server, name: &str) -> String {
 
 #[test]
 fn a_service_account_cannot_grant_itself_more_than_it_holds() {
-    let s = Server::start(tempfile::tempdir().unwrap());
+    let s = Server::start(&[]);
     s.ok(&[
         "create",
         "-f",
@@ -901,7 +792,7 @@ subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
 #[test]
 fn idle_connections_do_not_starve_the_server() {
     use std::io::Read;
-    let s = Server::start(tempfile::tempdir().unwrap());
+    let s = Server::start(&[]);
     let addr = s.url().trim_start_matches("https://").to_string();
     // 1,100 connections that never start TLS.
     let idle: Vec<std::net::TcpStream> = (0..1100)
@@ -945,22 +836,22 @@ fn idle_connections_do_not_starve_the_server() {
 
 #[test]
 fn node_certificates_come_only_through_approved_requests() {
-    let s = Server::start(tempfile::tempdir().unwrap());
+    let s = Server::start(&[]);
     let token = format!("--token={}", s.node_token());
     // A serving certificate asked for by the bootstrapper is not approved (only a node, for
     // its own addresses); an administrator approves it with kubectl and it is signed.
     common::openssl_request(
-        &s.dir.path().join("srv.key"),
-        &s.dir.path().join("srv.csr"),
+        &s.dir().join("srv.key"),
+        &s.dir().join("srv.csr"),
         "/O=system:nodes/CN=system:node:n9",
         &["-addext", "subjectAltName=IP:10.9.9.9"],
     );
     use base64::Engine;
     let req = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(s.dir.path().join("srv.csr")).unwrap());
+        .encode(std::fs::read(s.dir().join("srv.csr")).unwrap());
     let csr = s.write("srv.yaml", &format!("apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: srv}}\nspec:\n  signerName: kubernetes.io/kubelet-serving\n  usages: [digital signature, key encipherment, server auth]\n  request: {req}\n"));
     s.ok(&[&token, "create", "-f", &csr]);
-    assert_eq!(s.jsonpath("csr", "srv", "{.status.certificate}"), "");
+    assert_eq!(s.field("csr", "srv", "{.status.certificate}"), "");
     assert!(
         s.ok(&["get", "csr", "srv"]).contains("Pending"),
         "{}",
@@ -969,15 +860,15 @@ fn node_certificates_come_only_through_approved_requests() {
     let o = s.kubectl(&[&token, "certificate", "approve", "srv"]);
     assert!(!o.status.success(), "the bootstrapper cannot approve");
     s.ok(&["certificate", "approve", "srv"]);
-    let cert = s.jsonpath("csr", "srv", "{.status.certificate}");
+    let cert = s.field("csr", "srv", "{.status.certificate}");
     let pem = base64::engine::general_purpose::STANDARD
         .decode(cert)
         .unwrap();
-    std::fs::write(s.dir.path().join("srv.crt"), pem).unwrap();
+    std::fs::write(s.dir().join("srv.crt"), pem).unwrap();
     let o = Command::new("openssl")
         .args(["verify", "-CAfile"])
-        .arg(s.dir.path().join("pki/ca.crt"))
-        .arg(s.dir.path().join("srv.crt"))
+        .arg(s.dir().join("pki/ca.crt"))
+        .arg(s.dir().join("srv.crt"))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
@@ -1020,7 +911,7 @@ fn kubectl_works_on_the_etcd_store() {
         .spawn()
         .expect("etcd is installed");
     let args = ["--store", "etcd", "--etcd-endpoints", url.as_str()];
-    let s = Server::start_with(tempfile::tempdir().unwrap(), &args);
+    let mut s = Server::start(&args);
     s.ok(&["create", "deployment", "web", "--image=busybox:1.36"]);
     let f = s.write("cm.yaml", CM);
     s.ok(&["apply", "-f", &f]);
@@ -1033,15 +924,14 @@ fn kubectl_works_on_the_etcd_store() {
         s.fails(&["replace", "-f", &conflict])
             .contains("the object has been modified")
     );
-    let dir = s.kill();
     // A new server process on the same etcd sees everything, with the same resourceVersions.
-    let s = Server::start_with(dir, &args);
+    s.restart();
     assert_eq!(
-        s.jsonpath("cm", "settings", "{.metadata.labels.tier}"),
+        s.field("cm", "settings", "{.metadata.labels.tier}"),
         "front"
     );
     assert_eq!(
-        s.jsonpath("deploy", "web", "{.spec.template.spec.containers[0].image}"),
+        s.field("deploy", "web", "{.spec.template.spec.containers[0].image}"),
         "busybox:1.36"
     );
     assert!(s.ok(&["get", "ns"]).contains("kube-node-lease"));
@@ -1054,12 +944,12 @@ fn kubectl_works_on_the_etcd_store() {
 
 #[test]
 fn aggregated_discovery_and_eviction_through_kubectl_drain() {
-    let s = Server::start(tempfile::tempdir().unwrap());
+    let s = Server::start(&[]);
     // kubectl asks for aggregated discovery first and needs nothing else.
     let o = Command::new("kubectl")
         .args(["get", "ns", "-v=6"])
-        .env("KUBECONFIG", s.dir.path().join("kubeconfig.yaml"))
-        .env("HOME", s.dir.path())
+        .env("KUBECONFIG", s.dir().join("kubeconfig.yaml"))
+        .env("HOME", s.dir())
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&o.stderr);
@@ -1075,7 +965,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
             .any(|l| l.starts_with("deployments") && l.contains("apps/v1"))
     );
     let url = format!("{}/api", s.url());
-    let token = std::fs::read_to_string(s.dir.path().join("pki/admin-token")).unwrap();
+    let token = std::fs::read_to_string(s.dir().join("pki/admin-token")).unwrap();
     let out = Command::new("curl")
         .args([
             "-sk",
@@ -1126,16 +1016,16 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
     ]);
     assert!(out.contains("pod/p1 evicted"), "{out}");
     assert!(s.fails(&["get", "pod", "p1"]).contains("not found"));
-    assert_eq!(s.jsonpath("node", "n1", "{.spec.unschedulable}"), "true");
+    assert_eq!(s.field("node", "n1", "{.spec.unschedulable}"), "true");
 }
 
 #[test]
 fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
-    let s = Server::start(tempfile::tempdir().unwrap());
-    let token = std::fs::read_to_string(s.dir.path().join("pki/admin-token")).unwrap();
+    let s = Server::start(&[]);
+    let token = std::fs::read_to_string(s.dir().join("pki/admin-token")).unwrap();
     let auth = format!("Authorization: Bearer {}", token.trim());
     let send = |method: &str, path: &str, ctype: &str, body: &[u8]| -> (u16, serde_json::Value) {
-        let f = s.dir.path().join("body");
+        let f = s.dir().join("body");
         std::fs::write(&f, body).unwrap();
         let out = Command::new("curl")
             .args([
@@ -1248,7 +1138,7 @@ fn protobuf_clients_get_protobuf_answers() {
     use k8s_pb::apimachinery::pkg::runtime::Unknown;
     use prost::Message;
 
-    let s = Server::start(tempfile::tempdir().unwrap());
+    let s = Server::start(&[]);
     s.ok(&["create", "serviceaccount", "robot"]);
     s.ok(&["create", "role", "reader", "--verb=get", "--resource=pods"]);
     s.ok(&[
@@ -1281,14 +1171,11 @@ fn protobuf_clients_get_protobuf_answers() {
         "--image=busybox:1.36",
         "--replicas=0",
     ]);
-    assert_eq!(
-        s.jsonpath("rolebinding", "rb", "{.subjects[0].name}"),
-        "robot"
-    );
+    assert_eq!(s.field("rolebinding", "rb", "{.subjects[0].name}"), "robot");
 
-    let admin = std::fs::read_to_string(s.dir.path().join("pki/admin-token")).unwrap();
+    let admin = std::fs::read_to_string(s.dir().join("pki/admin-token")).unwrap();
     let get = |path: &str, accept: &str| -> (u16, String, Vec<u8>) {
-        let hdr = s.dir.path().join("headers");
+        let hdr = s.dir().join("headers");
         let out = Command::new("curl")
             .args(["-sk", "--max-time", "10", "-D"])
             .arg(&hdr)

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{BUSYBOX, cluster::Cluster};
+use common::{BUSYBOX, Kubectl, cluster::Cluster};
 
 fn deployment(colour: &str) -> String {
     format!(

@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use common::{BUSYBOX, cluster::Cluster};
+use common::{BUSYBOX, Kubectl, cluster::Cluster};
 
 fn clients() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-clients");

@@ -4,129 +4,66 @@
 //! their status, a deleted pod is stopped and removed and replaced.
 mod common;
 
-use std::{
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Command};
 
 use common::*;
 
-struct Server(Child);
+/// The lab's node with the server it joined: kubectl runs in the node's namespace, and a
+/// failure shows both logs.
+struct Joined {
+    lab: Lab,
+    server: Server,
+}
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Kubectl for Joined {
+    fn kubeconfig(&self) -> PathBuf {
+        self.server.kubeconfig()
     }
-}
-
-fn kubectl(lab: &Lab, args: &[&str]) -> Output {
-    Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.netns))
-        .arg("kubectl")
-        .args(args)
-        .env("KUBECONFIG", lab.dir.path().join("server/kubeconfig.yaml"))
-        .env("HOME", lab.dir.path())
-        .output()
-        .unwrap()
-}
-
-fn ok(lab: &Lab, args: &[&str]) -> String {
-    let o = kubectl(lab, args);
-    assert!(
-        o.status.success(),
-        "kubectl {args:?}: {}{}\nagent log tail:\n{}\nserver log tail:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        tail(&lab.agent_log()),
-        tail(&server_log(lab))
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn server_log(lab: &Lab) -> String {
-    std::fs::read_to_string(lab.dir.path().join("server/server.log")).unwrap_or_default()
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}
-
-fn until(lab: &Lab, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}\nagent log tail:\n{}\nserver log tail:\n{}",
-            tail(&lab.agent_log()),
-            tail(&server_log(lab))
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    fn home(&self) -> PathBuf {
+        self.server.home()
     }
-}
-
-fn jsonpath(lab: &Lab, args: &[&str], path: &str) -> String {
-    let mut a = args.to_vec();
-    let p = format!("jsonpath={path}");
-    a.extend(["-o", p.as_str()]);
-    ok(lab, &a)
+    fn netns(&self) -> Option<String> {
+        self.server.netns()
+    }
+    fn diagnostics(&self) -> String {
+        format!(
+            "agent log tail:\n{}\n{}",
+            kubectl::tail(&self.lab.agent_log(), 25),
+            self.server.diagnostics()
+        )
+    }
 }
 
 #[test]
 fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
     let mut lab = Lab::start("join");
-    let sdir = lab.dir.path().join("server");
-    std::fs::create_dir_all(&sdir).unwrap();
-    let log = std::fs::File::create(sdir.join("server.log")).unwrap();
-    let server = Server(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.netns))
-            .arg(env!("CARGO_BIN_EXE_keelson"))
-            .args(["server", "--listen", "127.0.0.1:6443", "--data-dir"])
-            .arg(&sdir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let t0 = Instant::now();
-    while !sdir.join("kubeconfig.yaml").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let token = sdir.join("node-token");
-    let ca = sdir.join("pki/ca.crt");
-    lab.start_agent_with(&[
-        "--server",
-        "https://127.0.0.1:6443",
-        "--token-file",
-        token.to_str().unwrap(),
-        "--ca-file",
-        ca.to_str().unwrap(),
-    ]);
+    let server = Server::builder()
+        .netns(&lab.netns)
+        .dir(lab.dir.path().join("server"))
+        .listen("127.0.0.1:6443")
+        .start();
+    lab.join(&server, &[]);
+    let s = Joined { lab, server };
+    let lab = &s.lab;
 
     // The node registers with its facts, gets a pod CIDR and renews its lease.
-    until(&lab, 30, "node1 Ready", || {
-        kubectl(&lab, &["get", "node", "node1"])
+    s.until(30, "node1 Ready", || {
+        s.kubectl(&["get", "node", "node1"])
             .stdout
             .windows(5)
             .any(|w| w == b"Ready")
     });
-    let info = jsonpath(
-        &lab,
-        &["get", "node", "node1"],
+    let info = s.jsonpath(&["get", "node", "node1"],
         "{.status.nodeInfo.containerRuntimeVersion} {.status.nodeInfo.operatingSystem} {.metadata.labels.kubernetes\\.io/os} {.spec.podCIDR}",
     );
     assert!(info.starts_with("containerd://1.6"), "{info}");
     assert!(info.ends_with("linux linux 10.244.0.0/24"), "{info}");
-    assert!(!jsonpath(&lab, &["get", "node", "node1"], "{.status.capacity.cpu}").is_empty());
+    assert!(
+        !s.jsonpath(&["get", "node", "node1"], "{.status.capacity.cpu}")
+            .is_empty()
+    );
     assert_eq!(
-        jsonpath(
-            &lab,
+        s.jsonpath(
             &["get", "lease", "-n", "kube-node-lease", "node1"],
             "{.spec.holderIdentity}"
         ),
@@ -134,29 +71,22 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
     );
 
     // A Deployment's pods run here and report Running/Ready with addresses from the node's CIDR.
-    ok(
-        &lab,
-        &[
-            "create",
-            "deployment",
-            "web",
-            &format!("--image={BUSYBOX}"),
-            "--replicas=2",
-            "--",
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            "/etc",
-        ],
-    );
-    ok(
-        &lab,
-        &["rollout", "status", "deployment/web", "--timeout=90s"],
-    );
-    let ips = jsonpath(
-        &lab,
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        &format!("--image={BUSYBOX}"),
+        "--replicas=2",
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/etc",
+    ]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    let ips = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].status.podIP}",
     );
@@ -168,8 +98,7 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         body.is_some_and(|b| b.contains("root:x:0:0")),
         "the pod serves on its IP"
     );
-    let ready = jsonpath(
-        &lab,
+    let ready = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
     );
@@ -177,14 +106,12 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
 
     // A deleted pod is stopped by the agent, which then removes the object; the ReplicaSet
     // replaces it.
-    let victim = jsonpath(
-        &lab,
+    let victim = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[0].metadata.name}",
     );
     let events = |name: &str| {
-        jsonpath(
-            &lab,
+        s.jsonpath(
             &[
                 "get",
                 "events",
@@ -198,49 +125,42 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
     for r in ["Scheduled", "Pulled", "Created", "Started"] {
         assert!(seen.split_whitespace().any(|x| x == r), "{r} in {seen}");
     }
-    ok(&lab, &["delete", "pod", &victim, "--wait=false"]);
-    until(&lab, 60, "the deleted pod to disappear", || {
-        !String::from_utf8_lossy(&kubectl(&lab, &["get", "pods", "-o", "name"]).stdout)
+    s.ok(&["delete", "pod", &victim, "--wait=false"]);
+    s.until(60, "the deleted pod to disappear", || {
+        !String::from_utf8_lossy(&s.kubectl(&["get", "pods", "-o", "name"]).stdout)
             .contains(&victim)
     });
     assert!(events(&victim).contains("Killing"), "{}", events(&victim));
-    ok(
-        &lab,
-        &["rollout", "status", "deployment/web", "--timeout=90s"],
-    );
-    until(&lab, 60, "two Ready pods again", || {
-        jsonpath(
-            &lab,
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    s.until(60, "two Ready pods again", || {
+        s.jsonpath(
             &["get", "pods", "-l", "app=web"],
             "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
         ) == "True True"
     });
 
     // kubectl logs goes through the API server to the node's kubelet API.
-    ok(
-        &lab,
-        &[
-            "run",
-            "talker",
-            &format!("--image={BUSYBOX}"),
-            "--restart=Never",
-            "--command",
-            "--",
-            "sh",
-            "-c",
-            "for i in 1 2 3; do echo line $i; done; sleep 3600",
-        ],
-    );
-    until(&lab, 60, "talker's three lines", || {
-        String::from_utf8_lossy(&kubectl(&lab, &["logs", "talker"]).stdout)
+    s.ok(&[
+        "run",
+        "talker",
+        &format!("--image={BUSYBOX}"),
+        "--restart=Never",
+        "--command",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo line $i; done; sleep 3600",
+    ]);
+    s.until(60, "talker's three lines", || {
+        String::from_utf8_lossy(&s.kubectl(&["logs", "talker"]).stdout)
             == "line 1\nline 2\nline 3\n"
     });
-    assert_eq!(ok(&lab, &["logs", "talker", "--tail=1"]), "line 3\n");
+    assert_eq!(s.ok(&["logs", "talker", "--tail=1"]), "line 3\n");
     assert_eq!(
-        ok(&lab, &["logs", "talker", "-c", "talker", "--tail=2"]),
+        s.ok(&["logs", "talker", "-c", "talker", "--tail=2"]),
         "line 2\nline 3\n"
     );
-    let stamped = ok(&lab, &["logs", "talker", "--timestamps", "--tail=1"]);
+    let stamped = s.ok(&["logs", "talker", "--timestamps", "--tail=1"]);
     assert!(
         stamped.starts_with("20") && stamped.trim_end().ends_with("Z line 3")
             || stamped.contains("Z line 3"),
@@ -249,7 +169,7 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
     let follow = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lab.netns))
         .args(["timeout", "3", "kubectl", "logs", "-f", "talker"])
-        .env("KUBECONFIG", lab.dir.path().join("server/kubeconfig.yaml"))
+        .env("KUBECONFIG", s.kubeconfig())
         .env("HOME", lab.dir.path())
         .output()
         .unwrap();
@@ -262,34 +182,28 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         String::from_utf8_lossy(&follow.stdout),
         "line 1\nline 2\nline 3\n"
     );
-    let err = String::from_utf8_lossy(&kubectl(&lab, &["logs", "talker", "-c", "nope"]).stderr)
-        .to_string();
+    let err =
+        String::from_utf8_lossy(&s.kubectl(&["logs", "talker", "-c", "nope"]).stderr).to_string();
     assert!(
         err.contains("container nope is not valid for pod talker"),
         "{err}"
     );
     // ConfigMaps and Secrets reach the container as files and environment; a missing one is
     // CreateContainerConfigError until it exists.
-    ok(
-        &lab,
-        &[
-            "create",
-            "configmap",
-            "cfg",
-            "--from-literal=color=blue",
-            "--from-literal=size=L",
-        ],
-    );
-    ok(
-        &lab,
-        &[
-            "create",
-            "secret",
-            "generic",
-            "pw",
-            "--from-literal=pass=s3cr3t",
-        ],
-    );
+    s.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=color=blue",
+        "--from-literal=size=L",
+    ]);
+    s.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "pw",
+        "--from-literal=pass=s3cr3t",
+    ]);
     let pod = lab.dir.path().join("refs.yaml");
     std::fs::write(
         &pod,
@@ -298,97 +212,81 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         ),
     )
     .unwrap();
-    ok(&lab, &["create", "-f", pod.to_str().unwrap()]);
-    until(
-        &lab,
+    s.ok(&["create", "-f", pod.to_str().unwrap()]);
+    s.until(
         60,
         "CreateContainerConfigError for the missing ConfigMap",
         || {
-            jsonpath(
-                &lab,
+            s.jsonpath(
                 &["get", "pod", "refs"],
                 "{.status.containerStatuses[0].state.waiting.reason}",
             ) == "CreateContainerConfigError"
         },
     );
-    let msg = jsonpath(
-        &lab,
+    let msg = s.jsonpath(
         &["get", "pod", "refs"],
         "{.status.containerStatuses[0].state.waiting.message}",
     );
     assert!(msg.contains("configmap \"late\" not found"), "{msg}");
-    ok(
-        &lab,
-        &["create", "configmap", "late", "--from-literal=x=here"],
-    );
-    until(&lab, 60, "the pod to start and print what it got", || {
-        String::from_utf8_lossy(&kubectl(&lab, &["logs", "refs"]).stdout)
+    s.ok(&["create", "configmap", "late", "--from-literal=x=here"]);
+    s.until(60, "the pod to start and print what it got", || {
+        String::from_utf8_lossy(&s.kubectl(&["logs", "refs"]).stdout)
             == "env=s3cr3t/L\nblue\ns3cr3t\nhere\n"
     });
 
     // A crash loop is reported as a BackOff event.
-    ok(
-        &lab,
-        &[
-            "run",
-            "crasher",
-            &format!("--image={BUSYBOX}"),
-            "--command",
-            "--",
-            "sh",
-            "-c",
-            "exit 1",
-        ],
-    );
-    until(&lab, 60, "a BackOff event for the crash loop", || {
+    s.ok(&[
+        "run",
+        "crasher",
+        &format!("--image={BUSYBOX}"),
+        "--command",
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    s.until(60, "a BackOff event for the crash loop", || {
         events("crasher").contains("BackOff")
     });
 
     // A static pod beside the API pods shows up as a mirror pod with its status; a deleted
     // mirror comes back; removing the manifest removes the mirror.
     lab.write_manifest("static.yaml", &pod_yaml("static", "sleep 3600", "", ""));
-    until(&lab, 60, "the mirror pod, Running", || {
-        kubectl(
-            &lab,
-            &[
-                "get",
-                "pod",
-                "static-node1",
-                "-o",
-                "jsonpath={.status.phase}",
-            ],
-        )
+    s.until(60, "the mirror pod, Running", || {
+        s.kubectl(&[
+            "get",
+            "pod",
+            "static-node1",
+            "-o",
+            "jsonpath={.status.phase}",
+        ])
         .stdout
             == b"Running"
     });
-    let ann = jsonpath(
-        &lab,
+    let ann = s.jsonpath(
         &["get", "pod", "static-node1"],
         "{.metadata.annotations.kubernetes\\.io/config\\.mirror}",
     );
     assert!(!ann.is_empty());
-    let uid = jsonpath(&lab, &["get", "pod", "static-node1"], "{.metadata.uid}");
-    ok(&lab, &["delete", "pod", "static-node1", "--wait=false"]);
-    until(&lab, 60, "a new mirror pod", || {
+    let uid = s.jsonpath(&["get", "pod", "static-node1"], "{.metadata.uid}");
+    s.ok(&["delete", "pod", "static-node1", "--wait=false"]);
+    s.until(60, "a new mirror pod", || {
         let now = String::from_utf8_lossy(
-            &kubectl(
-                &lab,
-                &[
-                    "get",
-                    "pod",
-                    "static-node1",
-                    "-o",
-                    "jsonpath={.metadata.uid}",
-                ],
-            )
+            &s.kubectl(&[
+                "get",
+                "pod",
+                "static-node1",
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])
             .stdout,
         )
         .to_string();
         !now.is_empty() && now != uid
     });
     lab.remove_manifest("static.yaml");
-    until(&lab, 60, "the mirror pod to go", || {
-        !String::from_utf8_lossy(&kubectl(&lab, &["get", "pods", "-o", "name"]).stdout)
+    s.until(60, "the mirror pod to go", || {
+        !String::from_utf8_lossy(&s.kubectl(&["get", "pods", "-o", "name"]).stdout)
             .contains("static-node1")
     });
 
@@ -407,5 +305,4 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&anon.stdout), "401");
-    drop(server);
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::cluster::Cluster;
+use common::{Kubectl, cluster::Cluster};
 
 #[test]
 fn pods_are_networked_by_cni_plugins() {
@@ -79,16 +79,10 @@ fn pods_are_networked_by_cni_plugins() {
 
     // An agent restart adopts its pods (CNI CHECK of each) with the same addresses.
     let ids = || {
-        let mut v: Vec<String> = c
-            .jsonpath(
-                &["get", "pods", "-l", "app=web"],
-                "{.items[*].status.containerStatuses[0].containerID}",
-            )
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
-        v.sort();
-        v
+        c.sorted_words(
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].status.containerStatuses[0].containerID}",
+        )
     };
     let ids_before = ids();
     let before = c.pods("app=web");

@@ -1,9 +1,11 @@
 //! The scheduler and controllers inside `keelson server`, driven by the real kubectl, with Node
 //! objects made by the test and a stand-in kubelet (a task of the test that reports bound pods
 //! Running and Ready after a short delay, and confirms deletions). No agents, no containers.
+mod common;
+
 use std::{
     collections::{HashMap, HashSet},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -11,103 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{KillOnDrop, Kubectl, Server};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
-
-struct Server {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start() -> Server {
-        Self::start_with(&[])
-    }
-
-    fn start_with(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .args(extra)
-            .env("RUST_LOG", "keelson=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !dir.path().join("kubeconfig.yaml").exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server { dir, child }
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", self.dir.path().join("kubeconfig.yaml"))
-            .env("HOME", self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).to_string()
-    }
-
-    fn apply(&self, name: &str, yaml: &str) {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, yaml).unwrap();
-        self.ok(&["apply", "-f", p.to_str().unwrap()]);
-    }
-
-    async fn client(&self) -> Client {
-        keelson::control::client_from(&self.dir.path().join("kubeconfig.yaml"))
-            .await
-            .unwrap()
-    }
-
-    /// Waits until `f` holds, up to `secs`.
-    fn until(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-        let t0 = Instant::now();
-        while !f() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(secs),
-                "timed out waiting for {what}; server log tail:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
 
 fn node_yaml(name: &str, cpu: &str) -> String {
     format!(
@@ -204,18 +115,11 @@ impl Drop for FakeKubelet {
     }
 }
 
-fn jsonpath(s: &Server, args: &[&str], path: &str) -> String {
-    let mut a = args.to_vec();
-    let p = format!("jsonpath={path}");
-    a.extend(["-o", p.as_str()]);
-    s.ok(&a)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_roll_replicasets_heal_services_get_endpoints() {
-    let s = Server::start();
+    let s = Server::start(&[]);
     for n in ["n1", "n2", "n3"] {
-        s.apply(&format!("{n}.yaml"), &node_yaml(n, "2"));
+        s.apply(&node_yaml(n, "2"));
     }
     let kubelet = FakeKubelet::start(s.client().await, Duration::from_millis(300));
 
@@ -229,8 +133,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         "--port=8080",
     ]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
-    let nodes = jsonpath(
-        &s,
+    let nodes = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].spec.nodeName}",
     );
@@ -292,8 +195,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         min_ready >= 3,
         "at least replicas - maxUnavailable ready: {min_ready}"
     );
-    let images = jsonpath(
-        &s,
+    let images = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].spec.containers[0].image}",
     );
@@ -316,8 +218,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.ok(&["rollout", "undo", "deployment/web"]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
     s.until(30, "pods back on busybox:1.36", || {
-        let images = jsonpath(
-            &s,
+        let images = s.jsonpath(
             &["get", "pods", "-l", "app=web"],
             "{.items[*].spec.containers[0].image}",
         );
@@ -332,16 +233,14 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     assert!(history.contains('2') && history.contains('3'), "{history}");
 
     // restart rolls every pod; pause stops a rollout, resume finishes it.
-    let before = jsonpath(
-        &s,
+    let before = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].metadata.name}",
     );
     s.ok(&["rollout", "restart", "deployment/web"]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
     s.until(30, "all pods replaced by the restart", || {
-        let now = jsonpath(
-            &s,
+        let now = s.jsonpath(
             &["get", "pods", "-l", "app=web"],
             "{.items[*].metadata.name}",
         );
@@ -350,8 +249,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.ok(&["rollout", "pause", "deployment/web"]);
     s.ok(&["set", "image", "deployment/web", "busybox=busybox:1.38"]);
     std::thread::sleep(Duration::from_secs(2));
-    let images = jsonpath(
-        &s,
+    let images = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].spec.containers[0].image}",
     );
@@ -362,8 +260,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.ok(&["rollout", "resume", "deployment/web"]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
     s.until(30, "the resumed rollout", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "pods", "-l", "app=web"],
             "{.items[*].spec.containers[0].image}",
         )
@@ -375,9 +272,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
 
     // A rollout whose pods never get ready runs into its progress deadline.
     kubelet.hold.lock().unwrap().insert("stuck-".into());
-    s.apply(
-        "stuck.yaml",
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: stuck}\nspec:\n  replicas: 1\n  progressDeadlineSeconds: 2\n  selector: {matchLabels: {app: stuck}}\n  template:\n    metadata: {labels: {app: stuck}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
+    s.apply("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: stuck}\nspec:\n  replicas: 1\n  progressDeadlineSeconds: 2\n  selector: {matchLabels: {app: stuck}}\n  template:\n    metadata: {labels: {app: stuck}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
     );
     let o = s.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=30s"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -386,8 +281,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         "{err}"
     );
     assert_eq!(
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "deploy", "stuck"],
             "{.status.conditions[?(@.type==\"Progressing\")].reason}"
         ),
@@ -396,15 +290,13 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.ok(&["delete", "deploy", "stuck"]);
 
     // A deleted pod is replaced.
-    let victim = jsonpath(
-        &s,
+    let victim = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[0].metadata.name}",
     );
     s.ok(&["delete", "pod", &victim]);
     s.until(30, "the ReplicaSet to replace the pod", || {
-        let names = jsonpath(
-            &s,
+        let names = s.jsonpath(
             &["get", "pods", "-l", "app=web"],
             "{.items[*].metadata.name}",
         );
@@ -420,8 +312,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         "--target-port=8080",
     ]);
     s.until(20, "4 endpoints", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "endpoints", "web"],
             "{.subsets[*].addresses[*].ip}",
         )
@@ -430,15 +321,10 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
             == 4
     });
     assert_eq!(
-        jsonpath(
-            &s,
-            &["get", "endpoints", "web"],
-            "{.subsets[0].ports[0].port}"
-        ),
+        s.jsonpath(&["get", "endpoints", "web"], "{.subsets[0].ports[0].port}"),
         "8080"
     );
-    let slice = jsonpath(
-        &s,
+    let slice = s.jsonpath(
         &[
             "get",
             "endpointslices",
@@ -452,21 +338,18 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         4,
         "{slice}"
     );
-    let one = jsonpath(
-        &s,
+    let one = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[0].metadata.name}",
     );
     kubelet.hold.lock().unwrap().insert(one.clone());
     s.until(20, "a not-ready pod to move to notReadyAddresses", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "endpoints", "web"],
             "{.subsets[*].notReadyAddresses[*].targetRef.name}",
         ) == one
     });
-    let ready = jsonpath(
-        &s,
+    let ready = s.jsonpath(
         &[
             "get",
             "endpointslices",
@@ -482,24 +365,18 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     );
 
     // A pod that fits nowhere says why, like kube-scheduler.
-    s.apply(
-        "picky.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: picky}\nspec:\n  nodeSelector: {disk: none}\n  containers: [{name: c, image: busybox:1.36}]\n",
+    s.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: picky}\nspec:\n  nodeSelector: {disk: none}\n  containers: [{name: c, image: busybox:1.36}]\n",
     );
-    s.apply(
-        "big.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"3\"}}}]\n",
+    s.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"3\"}}}]\n",
     );
     s.until(20, "PodScheduled=False on picky", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "pod", "picky"],
             "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
         ) == "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
     });
     s.until(20, "PodScheduled=False on big", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "pod", "big"],
             "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
         ) == "0/3 nodes are available: 3 Insufficient cpu."
@@ -512,9 +389,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     ]);
     assert!(ev.contains("pod/picky") && ev.contains("Warning"), "{ev}");
     // Recreate: every old pod is gone before a new one is made.
-    s.apply(
-        "re.yaml",
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: re}\nspec:\n  replicas: 2\n  strategy: {type: Recreate}\n  selector: {matchLabels: {app: re}}\n  template:\n    metadata: {labels: {app: re}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
+    s.apply("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: re}\nspec:\n  replicas: 2\n  strategy: {type: Recreate}\n  selector: {matchLabels: {app: re}}\n  template:\n    metadata: {labels: {app: re}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
     );
     s.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
     let pods_api: Api<Pod> = Api::namespaced(s.client().await, "default");
@@ -551,25 +426,22 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.ok(&["delete", "deploy", "re"]);
 
     // A node that fits arrives: the pod is scheduled there.
-    s.apply("n4.yaml", &node_yaml("n4", "8"));
+    s.apply(&node_yaml("n4", "8"));
     s.until(20, "big to land on n4", || {
-        jsonpath(&s, &["get", "pod", "big"], "{.spec.nodeName}") == "n4"
+        s.jsonpath(&["get", "pod", "big"], "{.spec.nodeName}") == "n4"
     });
     // Capacity freed by a deleted pod lets a waiting pod in.
-    s.apply(
-        "big2.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: big2}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"7\"}}}]\n",
+    s.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: big2}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"7\"}}}]\n",
     );
     s.until(20, "big2 to wait", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "pod", "big2"],
             "{.status.conditions[?(@.type==\"PodScheduled\")].reason}",
         ) == "Unschedulable"
     });
     s.ok(&["delete", "pod", "big"]);
     s.until(20, "big2 to land on n4", || {
-        jsonpath(&s, &["get", "pod", "big2"], "{.spec.nodeName}") == "n4"
+        s.jsonpath(&["get", "pod", "big2"], "{.spec.nodeName}") == "n4"
     });
     drop(kubelet);
 }
@@ -603,7 +475,7 @@ fn renew_leases(client: Client, alive: Arc<Mutex<HashSet<String>>>, stop: Arc<At
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_nodes_garbage_collection_and_node_ipam() {
-    let s = Server::start_with(&[
+    let s = Server::start(&[
         "--node-monitor-grace-period",
         "3s",
         "--default-unreachable-toleration-seconds",
@@ -617,39 +489,36 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
     let stop = Arc::new(AtomicBool::new(false));
     renew_leases(client.clone(), alive.clone(), stop.clone());
     for n in ["n1", "n2"] {
-        s.apply(&format!("{n}.yaml"), &node_yaml(n, "4"));
+        s.apply(&node_yaml(n, "4"));
     }
     let kubelet = FakeKubelet::start(client.clone(), Duration::from_millis(100));
 
     // Node IPAM: a block each, lowest first; a deleted node's block is handed out again.
     s.until(10, "pod CIDRs", || {
-        jsonpath(&s, &["get", "nodes"], "{.items[*].spec.podCIDR}")
+        s.jsonpath(&["get", "nodes"], "{.items[*].spec.podCIDR}")
             .split_whitespace()
             .count()
             == 2
     });
-    let cidrs = jsonpath(&s, &["get", "nodes"], "{.items[*].spec.podCIDR}");
+    let cidrs = s.jsonpath(&["get", "nodes"], "{.items[*].spec.podCIDR}");
     assert_eq!(cidrs, "10.244.0.0/24 10.244.1.0/24");
-    s.apply("n9.yaml", &node_yaml("n9", "4"));
+    s.apply(&node_yaml("n9", "4"));
     s.until(10, "n9's CIDR", || {
-        jsonpath(&s, &["get", "node", "n9"], "{.spec.podCIDR}") == "10.244.2.0/24"
+        s.jsonpath(&["get", "node", "n9"], "{.spec.podCIDR}") == "10.244.2.0/24"
     });
     s.ok(&["delete", "node", "n9"]);
-    s.apply("n8.yaml", &node_yaml("n8", "4"));
+    s.apply(&node_yaml("n8", "4"));
     s.until(10, "n8 reuses n9's block", || {
-        jsonpath(&s, &["get", "node", "n8"], "{.spec.podCIDR}") == "10.244.2.0/24"
+        s.jsonpath(&["get", "node", "n8"], "{.spec.podCIDR}") == "10.244.2.0/24"
     });
     s.ok(&["delete", "node", "n8"]);
 
     // Pods tolerate an unreachable node for 2 s (the server's DefaultTolerationSeconds).
-    s.apply(
-        "web.yaml",
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 4\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: busybox:1.36}]\n",
+    s.apply("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 4\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: busybox:1.36}]\n",
     );
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
     let on = |node: &str| {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &[
                 "get",
                 "pods",
@@ -672,14 +541,13 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
         s.ok(&["get", "node", "n2"]).contains("NotReady")
     });
     assert_eq!(
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "node", "n2"],
             "{.status.conditions[?(@.type==\"Ready\")].reason}"
         ),
         "NodeStatusUnknown"
     );
-    let taints = jsonpath(&s, &["get", "node", "n2"], "{.spec.taints[*].key}");
+    let taints = s.jsonpath(&["get", "node", "n2"], "{.spec.taints[*].key}");
     assert_eq!(
         taints,
         "node.kubernetes.io/unreachable node.kubernetes.io/unreachable"
@@ -693,32 +561,29 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
             "patch", "node", "n2", "--subresource=status", "--type=merge", "-p",
             r#"{"status":{"conditions":[{"type":"Ready","status":"True","reason":"KubeletReady"}]}}"#,
         ]);
-        jsonpath(&s, &["get", "node", "n2"], "{.spec.taints}").is_empty()
+        s.jsonpath(&["get", "node", "n2"], "{.spec.taints}").is_empty()
     });
 
     // A DaemonSet runs one pod per eligible node (not on a node labelled away), and rolls.
     s.ok(&["label", "node", "n1", "daemons=yes"]);
     s.ok(&["label", "node", "n2", "daemons=yes"]);
-    s.apply(
-        "ds.yaml",
-        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      nodeSelector: {daemons: \"yes\"}\n      containers: [{name: a, image: busybox:1.36}]\n",
+    s.apply("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      nodeSelector: {daemons: \"yes\"}\n      containers: [{name: a, image: busybox:1.36}]\n",
     );
     let ds_nodes = || {
-        let mut v: Vec<String> = jsonpath(
-            &s,
-            &["get", "pods", "-l", "app=agent"],
-            "{.items[*].spec.nodeName}",
-        )
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+        let mut v: Vec<String> = s
+            .jsonpath(
+                &["get", "pods", "-l", "app=agent"],
+                "{.items[*].spec.nodeName}",
+            )
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
         v.sort();
         v.join(" ")
     };
     s.until(20, "a daemon pod on n1 and n2", || ds_nodes() == "n1 n2");
     s.until(20, "the DaemonSet to report 2 ready", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "ds", "agent"],
             "{.status.desiredNumberScheduled} {.status.numberReady}",
         ) == "2 2"
@@ -727,8 +592,7 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
     s.until(20, "the pod to leave n2", || ds_nodes() == "n1");
     s.ok(&["set", "image", "ds/agent", "a=busybox:1.37"]);
     s.until(30, "the daemon pod to be replaced", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "pods", "-l", "app=agent"],
             "{.items[*].spec.containers[0].image}",
         ) == "busybox:1.37"
@@ -736,23 +600,19 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
     s.ok(&["delete", "ds", "agent"]);
 
     // Garbage collection: orphaning keeps the pods, without their owner.
-    let rs = jsonpath(
-        &s,
-        &["get", "rs", "-l", "app=web"],
-        "{.items[0].metadata.name}",
-    );
+    let rs = s.jsonpath(&["get", "rs", "-l", "app=web"], "{.items[0].metadata.name}");
     s.ok(&["delete", "deployment", "web", "--cascade=orphan"]);
     s.until(20, "the deployment to go", || {
         !s.ok(&["get", "deploy"]).contains("web")
     });
     s.until(20, "the ReplicaSet to lose its owner", || {
-        jsonpath(&s, &["get", "rs", &rs], "{.metadata.ownerReferences}").is_empty()
+        s.jsonpath(&["get", "rs", &rs], "{.metadata.ownerReferences}")
+            .is_empty()
     });
     // Foreground: the ReplicaSet stays until its pods are gone.
     s.ok(&["delete", "rs", &rs, "--cascade=foreground", "--wait=false"]);
     s.until(30, "pods and ReplicaSet gone", || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "pods", "-l", "app=web"],
             "{.items[*].metadata.name}",
         )
@@ -785,8 +645,8 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_controller_manager_takes_over_without_doubling_pods() {
-    let s = Server::start_with(&["--no-controllers"]);
-    let kc = s.dir.path().join("kubeconfig.yaml");
+    let s = Server::start(&["--no-controllers"]);
+    let kc = s.kubeconfig();
     let election = [
         "--leader-elect-lease-duration",
         "3s",
@@ -796,21 +656,23 @@ async fn a_standby_controller_manager_takes_over_without_doubling_pods() {
         "500ms",
     ];
     let spawn = |what: &str| {
-        Command::new(env!("CARGO_BIN_EXE_keelson"))
-            .arg(what)
-            .arg("--kubeconfig")
-            .arg(&kc)
-            .args(election)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_keelson"))
+                .arg(what)
+                .arg("--kubeconfig")
+                .arg(&kc)
+                .args(election)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
-    let mut scheduler = spawn("scheduler");
-    let mut a = spawn("controllers");
-    let mut b = spawn("controllers");
+    let _scheduler = spawn("scheduler");
+    let a = spawn("controllers");
+    let b = spawn("controllers");
     for n in ["n1", "n2"] {
-        s.apply(&format!("{n}.yaml"), &node_yaml(n, "4"));
+        s.apply(&node_yaml(n, "4"));
     }
     let kubelet = FakeKubelet::start(s.client().await, Duration::from_millis(100));
     s.ok(&[
@@ -822,8 +684,7 @@ async fn a_standby_controller_manager_takes_over_without_doubling_pods() {
     ]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
     let count = || {
-        jsonpath(
-            &s,
+        s.jsonpath(
             &["get", "pods", "-l", "app=web"],
             "{.items[*].metadata.name}",
         )
@@ -831,8 +692,7 @@ async fn a_standby_controller_manager_takes_over_without_doubling_pods() {
         .count()
     };
     assert_eq!(count(), 3);
-    let holder = jsonpath(
-        &s,
+    let holder = s.jsonpath(
         &[
             "get",
             "lease",
@@ -849,18 +709,16 @@ async fn a_standby_controller_manager_takes_over_without_doubling_pods() {
             .unwrap()
     };
     let leader_pid = pid_of(&holder);
-    assert!(leader_pid == a.id() || leader_pid == b.id(), "{holder}");
-    let (leader, standby) = if leader_pid == a.id() {
-        (&mut a, &mut b)
+    assert!(leader_pid == a.0.id() || leader_pid == b.0.id(), "{holder}");
+    let (leader, standby) = if leader_pid == a.0.id() {
+        (a, b)
     } else {
-        (&mut b, &mut a)
+        (b, a)
     };
-    leader.kill().unwrap();
-    leader.wait().unwrap();
+    drop(leader);
     s.ok(&["scale", "deployment", "web", "--replicas=5"]);
     s.until(30, "the standby to take over and scale", || count() == 5);
-    let holder = jsonpath(
-        &s,
+    let holder = s.jsonpath(
         &[
             "get",
             "lease",
@@ -870,15 +728,11 @@ async fn a_standby_controller_manager_takes_over_without_doubling_pods() {
         ],
         "{.spec.holderIdentity}",
     );
-    assert_eq!(pid_of(&holder), standby.id());
+    assert_eq!(pid_of(&holder), standby.0.id());
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(count(), 5, "no pod doubled");
     let rs = s.ok(&["get", "rs", "-o", "name"]);
     assert_eq!(rs.lines().count(), 1, "{rs}");
-    for c in [&mut scheduler, standby] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
     drop(kubelet);
 }

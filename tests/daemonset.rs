@@ -13,7 +13,7 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use common::cluster::Cluster;
+use common::{Kubectl, cluster::Cluster};
 
 /// The debug binary without its debug sections, packed as keelson.local/keelson:0.1.
 fn keelson_image(dir: &Path) -> std::path::PathBuf {

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BUSYBOX, cluster::Cluster};
+use common::{BUSYBOX, Kubectl, cluster::Cluster};
 
 const WEB: &str = r#"apiVersion: apps/v1
 kind: Deployment

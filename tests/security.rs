@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BUSYBOX, cluster::Cluster};
+use common::{BUSYBOX, Kubectl, cluster::Cluster};
 
 fn pods(node: &str, canary: &str) -> String {
     format!(

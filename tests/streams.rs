@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BUSYBOX, cluster::Cluster};
+use common::{BUSYBOX, Kubectl, cluster::Cluster};
 use sha2::Digest;
 
 fn pod() -> String {

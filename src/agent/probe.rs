@@ -50,6 +50,26 @@ pub struct ProbeTarget {
     pub named_ports: HashMap<String, i32>,
 }
 
+/// Runs a probe once: Ok(output) on success, Err(output) on failure. `ProbeTarget` probes a
+/// container for real; the supervisor's tests script the answers.
+pub trait Prober: Send + Sync + 'static {
+    fn run(
+        &self,
+        p: &Probe,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<String, String>> + Send;
+}
+
+impl Prober for ProbeTarget {
+    fn run(
+        &self,
+        p: &Probe,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<String, String>> + Send {
+        probe_once(p, self, timeout)
+    }
+}
+
 /// kubelet's probe defaults applied to a probe.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timing {
@@ -205,10 +225,10 @@ async fn http_get(
 }
 
 /// Runs a probe until it reaches success or failure threshold; for the startup probe.
-async fn until_threshold(
+async fn until_threshold<P: Prober>(
     kind: ProbeKind,
     p: &Probe,
-    t: &ProbeTarget,
+    t: &P,
     started: tokio::time::Instant,
     tx: &mpsc::UnboundedSender<ProbeEvent>,
 ) -> bool {
@@ -218,7 +238,7 @@ async fn until_threshold(
     let mut tick = tokio::time::interval(tm.period);
     loop {
         tick.tick().await;
-        let r = probe_once(p, t, tm.timeout).await;
+        let r = t.run(p, tm.timeout).await;
         super::metrics::get().probe(kind.label(), r.is_ok());
         match r {
             Ok(_) => {
@@ -241,10 +261,10 @@ async fn until_threshold(
 }
 
 /// Liveness / readiness loop: reports readiness changes and liveness failure.
-async fn periodic(
+async fn periodic<P: Prober>(
     kind: ProbeKind,
     p: Probe,
-    t: Arc<ProbeTarget>,
+    t: Arc<P>,
     started: tokio::time::Instant,
     tx: mpsc::UnboundedSender<ProbeEvent>,
 ) {
@@ -255,7 +275,7 @@ async fn periodic(
     let mut tick = tokio::time::interval(tm.period);
     loop {
         tick.tick().await;
-        let r = probe_once(&p, &t, tm.timeout).await;
+        let r = t.run(&p, tm.timeout).await;
         super::metrics::get().probe(kind.label(), r.is_ok());
         match r {
             Ok(_) => {
@@ -289,16 +309,16 @@ async fn periodic(
 }
 
 /// Supervises all probes of one container instance started at `started`.
-pub async fn supervise(
+pub async fn supervise<P: Prober>(
     startup: Option<Probe>,
     liveness: Option<Probe>,
     readiness: Option<Probe>,
-    t: Arc<ProbeTarget>,
+    t: Arc<P>,
     started: tokio::time::Instant,
     tx: mpsc::UnboundedSender<ProbeEvent>,
 ) {
     if let Some(sp) = &startup
-        && !until_threshold(ProbeKind::Startup, sp, &t, started, &tx).await
+        && !until_threshold(ProbeKind::Startup, sp, &*t, started, &tx).await
     {
         let _ = tx.send(ProbeEvent::Failed {
             kind: ProbeKind::Startup,
@@ -344,6 +364,217 @@ mod tests {
         );
         assert_eq!(resolve_port(&IntOrString::Int(81), &named), Ok(81));
         assert!(resolve_port(&IntOrString::String("nope".into()), &named).is_err());
+    }
+
+    /// A prober answering from a script per probe (named by its exec command), the last
+    /// answer repeating; it records when each probe ran.
+    #[derive(Default)]
+    struct Script {
+        answers: std::sync::Mutex<HashMap<String, std::collections::VecDeque<bool>>>,
+        calls: std::sync::Mutex<Vec<(String, tokio::time::Instant)>>,
+    }
+
+    impl Script {
+        fn new(answers: &[(&str, &[bool])]) -> Arc<Self> {
+            let s = Script::default();
+            for (name, a) in answers {
+                s.answers
+                    .lock()
+                    .unwrap()
+                    .insert(name.to_string(), a.iter().copied().collect());
+            }
+            Arc::new(s)
+        }
+
+        fn calls(&self, name: &str) -> Vec<tokio::time::Instant> {
+            let calls = self.calls.lock().unwrap();
+            calls.iter().filter(|c| c.0 == name).map(|c| c.1).collect()
+        }
+    }
+
+    impl Prober for Script {
+        async fn run(&self, p: &Probe, _timeout: Duration) -> Result<String, String> {
+            let name = p
+                .exec
+                .as_ref()
+                .and_then(|e| e.command.as_ref())
+                .and_then(|c| c.first())
+                .cloned()
+                .unwrap_or_default();
+            self.calls
+                .lock()
+                .unwrap()
+                .push((name.clone(), tokio::time::Instant::now()));
+            let mut answers = self.answers.lock().unwrap();
+            let q = answers.entry(name.clone()).or_default();
+            let ok = if q.len() > 1 {
+                q.pop_front()
+            } else {
+                q.front().copied()
+            };
+            if ok.unwrap_or(true) {
+                Ok(String::new())
+            } else {
+                Err(format!("{name} failed"))
+            }
+        }
+    }
+
+    /// A probe named `name`: every `period` s, `success`/`failure` thresholds, `delay` s first.
+    fn scripted(name: &str, period: i32, success: i32, failure: i32, delay: i32) -> Probe {
+        Probe {
+            exec: Some(k8s_openapi::api::core::v1::ExecAction {
+                command: Some(vec![name.into()]),
+            }),
+            period_seconds: Some(period),
+            success_threshold: Some(success),
+            failure_threshold: Some(failure),
+            initial_delay_seconds: Some(delay),
+            ..Default::default()
+        }
+    }
+
+    /// Runs the supervisor on `script` and collects its first `n` events with their times.
+    async fn events(
+        probes: [Option<Probe>; 3],
+        script: &Arc<Script>,
+        n: usize,
+    ) -> (tokio::time::Instant, Vec<(Duration, ProbeEvent)>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let t0 = tokio::time::Instant::now();
+        let [s, l, r] = probes;
+        let task = tokio::spawn(supervise(s, l, r, script.clone(), t0, tx));
+        let mut got = vec![];
+        while got.len() < n {
+            let ev = tokio::time::timeout(Duration::from_secs(3600), rx.recv())
+                .await
+                .expect("the supervisor reports within an hour")
+                .expect("the supervisor is still running");
+            got.push((t0.elapsed(), ev));
+        }
+        task.abort();
+        (t0, got)
+    }
+
+    fn unhealthy(kind: ProbeKind) -> ProbeEvent {
+        ProbeEvent::Unhealthy {
+            kind,
+            output: format!(
+                "{} failed",
+                match kind {
+                    ProbeKind::Startup => "startup",
+                    ProbeKind::Liveness => "live",
+                    ProbeKind::Readiness => "ready",
+                }
+            ),
+        }
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_startup_probe_gates_liveness_and_readiness() {
+        let script = Script::new(&[("startup", &[false, false, true])]);
+        let probes = [
+            Some(scripted("startup", 1, 1, 5, 0)),
+            Some(scripted("live", 10, 1, 3, 0)),
+            Some(scripted("ready", 10, 1, 3, 0)),
+        ];
+        let (t0, got) = events(probes, &script, 4).await;
+        assert_eq!(
+            got,
+            vec![
+                (S(0), unhealthy(ProbeKind::Startup)),
+                (S(1), unhealthy(ProbeKind::Startup)),
+                (S(2), ProbeEvent::Started),
+                (S(2), ProbeEvent::Ready(true)),
+            ]
+        );
+        // Neither liveness nor readiness ran before the startup probe succeeded.
+        let started = t0 + S(2);
+        for p in ["live", "ready"] {
+            let calls = script.calls(p);
+            assert!(!calls.is_empty(), "{p} runs once started");
+            assert!(calls.iter().all(|t| *t >= started), "{p} ran before start");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_startup_probe_failing_its_threshold_fails_the_container_alone() {
+        let script = Script::new(&[("startup", &[false])]);
+        let probes = [
+            Some(scripted("startup", 2, 1, 3, 0)),
+            Some(scripted("live", 1, 1, 1, 0)),
+            Some(scripted("ready", 1, 1, 1, 0)),
+        ];
+        let (_, got) = events(probes, &script, 4).await;
+        let failed = ProbeEvent::Failed {
+            kind: ProbeKind::Startup,
+        };
+        assert_eq!(
+            got,
+            vec![
+                (S(0), unhealthy(ProbeKind::Startup)),
+                (S(2), unhealthy(ProbeKind::Startup)),
+                (S(4), unhealthy(ProbeKind::Startup)),
+                (S(4), failed),
+            ]
+        );
+        assert!(script.calls("live").is_empty() && script.calls("ready").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_probes_a_container_is_started_and_ready_at_once() {
+        let script = Script::new(&[]);
+        let (_, got) = events([None, None, None], &script, 2).await;
+        assert_eq!(
+            got,
+            vec![(S(0), ProbeEvent::Started), (S(0), ProbeEvent::Ready(true))]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn liveness_fails_only_after_failure_threshold_failures_in_a_row() {
+        // A success between failures starts the count over.
+        let script = Script::new(&[("live", &[false, false, true, false, false, false])]);
+        let probes = [None, Some(scripted("live", 3, 1, 3, 0)), None];
+        let (_, got) = events(probes, &script, 8).await;
+        let u = || unhealthy(ProbeKind::Liveness);
+        let failed = ProbeEvent::Failed {
+            kind: ProbeKind::Liveness,
+        };
+        assert_eq!(
+            got,
+            vec![
+                (S(0), ProbeEvent::Started),
+                (S(0), ProbeEvent::Ready(true)),
+                (S(0), u()),
+                (S(3), u()),
+                (S(9), u()),
+                (S(12), u()),
+                (S(15), u()),
+                (S(15), failed),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_waits_its_initial_delay_and_success_threshold_and_drops_on_failures() {
+        let script = Script::new(&[("ready", &[true, true, false, false, true, true])]);
+        let probes = [None, None, Some(scripted("ready", 2, 2, 2, 5))];
+        let (t0, got) = events(probes, &script, 5).await;
+        let u = || unhealthy(ProbeKind::Readiness);
+        assert_eq!(
+            got,
+            vec![
+                (S(0), ProbeEvent::Started),
+                (S(7), ProbeEvent::Ready(true)),
+                (S(9), u()),
+                (S(11), u()),
+                (S(11), ProbeEvent::Ready(false)),
+            ]
+        );
+        assert_eq!(script.calls("ready")[0], t0 + S(5), "the initial delay");
     }
 
     #[tokio::test]

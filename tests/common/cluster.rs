@@ -5,8 +5,10 @@
 use std::{
     path::PathBuf,
     process::{Command, Output},
-    time::{Duration, Instant},
+    time::Instant,
 };
+
+use super::kubectl::{Kubectl, tail};
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -89,10 +91,6 @@ impl Cluster {
         self.dir.path().join("lab")
     }
 
-    pub fn kubeconfig(&self) -> PathBuf {
-        self.lab_dir().join("kubeconfig.yaml")
-    }
-
     /// A kubeconfig acting as node `node`: the client certificate its agent got through the
     /// TLS bootstrap (kept in the node's data directory).
     pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
@@ -109,16 +107,6 @@ impl Cluster {
         );
         std::fs::write(&out, text).unwrap();
         out
-    }
-
-    /// kubectl with another kubeconfig.
-    pub fn kubectl_as(&self, kubeconfig: &std::path::Path, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("HOME", self.dir.path())
-            .output()
-            .unwrap()
     }
 
     /// Pids of the agents (from the lab's state file).
@@ -147,13 +135,7 @@ impl Cluster {
     fn tails(&self) -> String {
         let mut s = String::new();
         for m in std::iter::once("server".to_string()).chain(self.nodes.iter().cloned()) {
-            let log = self.log(&m);
-            let lines: Vec<&str> = log.lines().collect();
-            s += &format!("--- {m} (last 25 lines) ---\n");
-            for l in &lines[lines.len().saturating_sub(25)..] {
-                s += &l[..l.len().min(400)];
-                s.push('\n');
-            }
+            s += &format!("--- {m} (last 25 lines) ---\n{}", tail(&self.log(&m), 25));
         }
         s
     }
@@ -203,75 +185,6 @@ impl Cluster {
             let _ = std::fs::write(keep.join(format!("pod-{ns}-{name}.log")), text);
         }
         eprintln!("whole logs kept in {}", keep.display());
-    }
-
-    pub fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", self.kubeconfig())
-            .env("HOME", self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    /// kubectl that must succeed; its stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).to_string()
-    }
-
-    /// kubectl that must succeed, with stdin.
-    pub fn apply(&self, yaml: &str) -> String {
-        use std::io::Write;
-        let mut child = Command::new("kubectl")
-            .args(["apply", "-f", "-"])
-            .env("KUBECONFIG", self.kubeconfig())
-            .env("HOME", self.dir.path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "kubectl apply: {}{}\n{yaml}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).to_string()
-    }
-
-    pub fn jsonpath(&self, args: &[&str], path: &str) -> String {
-        let mut a = args.to_vec();
-        let p = format!("jsonpath={path}");
-        a.extend(["-o", p.as_str()]);
-        self.ok(&a)
-    }
-
-    /// Waits for `f`, or panics with `what` and the logs' tails.
-    pub fn until(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-        let t0 = Instant::now();
-        while !f() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(secs),
-                "timed out after {secs} s waiting for {what}\n{}",
-                self.tails()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
     }
 
     /// `keelson lab stop|start MEMBER` (`server` or a node name).
@@ -336,6 +249,18 @@ impl Cluster {
             pods.len() == n && pods.iter().all(|p| p.3)
         });
         pods
+    }
+}
+
+impl Kubectl for Cluster {
+    fn kubeconfig(&self) -> PathBuf {
+        self.lab_dir().join("kubeconfig.yaml")
+    }
+    fn home(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+    fn diagnostics(&self) -> String {
+        self.tails()
     }
 }
 

@@ -32,6 +32,15 @@ pub fn rss_kib(pid: u32) -> u64 {
     proc_kib(pid, "status", "VmRSS:")
 }
 
+/// Resident memory split as the kernel counts it: (RssAnon, RssFile + RssShmem) in KiB. The
+/// file part is mostly the binary's code pages; the anonymous part the heap and stacks.
+pub fn rss_parts_kib(pid: u32) -> (u64, u64) {
+    (
+        proc_kib(pid, "status", "RssAnon:"),
+        proc_kib(pid, "status", "RssFile:") + proc_kib(pid, "status", "RssShmem:"),
+    )
+}
+
 /// Proportional set size: shared pages divided among the processes that map them.
 pub fn pss_kib(pid: u32) -> u64 {
     proc_kib(pid, "smaps_rollup", "Pss:")

@@ -15,9 +15,24 @@ use k8s_openapi::api::core::v1::Pod;
 
 pub mod cluster;
 pub mod floor;
+pub mod kubectl;
+pub mod server;
+
+pub use kubectl::Kubectl;
+pub use server::Server;
 
 pub const BUSYBOX: &str = "keelson.local/busybox:1";
 pub const NS: &str = "k8s.keelson.io";
+
+/// A child process killed (SIGKILL) and reaped when dropped, also when a test fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 fn keelson_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keelson")
@@ -165,6 +180,8 @@ pub struct Lab {
     pub pod_cidr: String,
     containerd: Option<Child>,
     agent: Option<Child>,
+    /// The keelson binary the agent runs (default: the one cargo built for this test).
+    agent_bin: PathBuf,
 }
 
 impl Lab {
@@ -214,6 +231,7 @@ impl Lab {
             pod_cidr: "10.77.0.0/24".into(),
             containerd: Some(containerd),
             agent: None,
+            agent_bin: keelson_bin().into(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !lab.socket().exists() {
@@ -244,7 +262,7 @@ impl Lab {
             .unwrap();
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
-            .arg(keelson_bin())
+            .arg(&self.agent_bin)
             .arg("agent")
             .args(mode)
             .args(["--node-name", "node1", "--pod-cidr", &self.pod_cidr])
@@ -275,6 +293,27 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs the agent from `bin` (another build of keelson) from its next start on.
+    pub fn set_agent_bin(&mut self, bin: &Path) {
+        self.agent_bin = bin.into();
+    }
+
+    /// Starts the agent joined to `server` (which listens in this lab's namespace) with its
+    /// join token and CA, plus `extra` flags.
+    pub fn join(&mut self, server: &Server, extra: &[&str]) {
+        let (url, token, ca) = (server.url(), server.node_token_file(), server.ca_file());
+        let mut args = vec![
+            "--server",
+            url.as_str(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        self.start_agent_with(&args);
     }
 
     /// Kills the agent with SIGKILL (pods keep running).

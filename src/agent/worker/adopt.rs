@@ -13,7 +13,7 @@ impl PodWorker {
         for l in listed {
             let kind = l.labels.get(labels::KIND).cloned().unwrap_or_default();
             if kind == "sandbox" {
-                if self.sandbox.is_none()
+                if self.state.sandbox().is_none()
                     && let Ok(TaskState::Running { pid }) = rt.task_state(&l.id).await
                 {
                     self.start_time = l
@@ -31,7 +31,7 @@ impl PodWorker {
                         }
                         None => self.ctx.ipam.owned_by(&self.uid).ok().flatten(),
                     };
-                    self.sandbox = Some(Sandbox {
+                    self.state.created(Sandbox {
                         id: l.id.clone(),
                         pid,
                         ip,
@@ -132,7 +132,7 @@ impl PodWorker {
                 }
             }
         }
-        if self.sandbox.is_some() {
+        if self.state.sandbox().is_some() {
             tracing::info!(pod = %self.name, "adopted running pod");
         }
     }

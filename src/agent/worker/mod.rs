@@ -42,6 +42,7 @@ use crate::{
 };
 
 mod adopt;
+mod lifecycle;
 mod start;
 mod status;
 mod stop;
@@ -119,11 +120,8 @@ pub struct PodWorker {
     uid: String,
     name: String,
     namespace: String,
-    sandbox: Option<Sandbox>,
-    sandbox_dead: bool,
-    sandbox_error: Option<String>,
-    sandbox_failures: u32,
-    sandbox_retry_at: Option<Instant>,
+    /// The sandbox and where the pod stands (see `lifecycle`).
+    state: lifecycle::PodState,
     init: Vec<ContainerRecord>,
     app: Vec<ContainerRecord>,
     tasks: HashMap<String, Running>,
@@ -132,7 +130,6 @@ pub struct PodWorker {
     start_time: Option<Timestamp>,
     conditions: Vec<PodCondition>,
     wake: Option<Instant>,
-    terminal: bool,
     /// The ConfigMaps and Secrets the pod references, as last fetched.
     refs: build::Refs,
     /// When this worker first saw the pod; None once its start was counted.
@@ -176,11 +173,7 @@ impl PodWorker {
             ctx,
             pod,
             refs: build::Refs::default(),
-            sandbox: None,
-            sandbox_dead: false,
-            sandbox_error: None,
-            sandbox_failures: 0,
-            sandbox_retry_at: None,
+            state: lifecycle::PodState::default(),
             init: vec![ContainerRecord::default(); n_init],
             app: vec![ContainerRecord::default(); n_app],
             tasks: HashMap::new(),
@@ -189,7 +182,6 @@ impl PodWorker {
             start_time: None,
             conditions: vec![],
             wake: None,
-            terminal: false,
             seen: Some(std::time::Instant::now()),
         };
         (w, tx)
@@ -235,11 +227,8 @@ impl PodWorker {
         None
     }
 
-    fn restart_policy(&self) -> String {
-        spec_of(&self.pod)
-            .restart_policy
-            .clone()
-            .unwrap_or_else(|| "Always".into())
+    fn restart_policy(&self) -> lifecycle::RestartPolicy {
+        lifecycle::RestartPolicy::of(spec_of(&self.pod))
     }
 
     /// Runs the worker until the pod is terminated.
@@ -249,14 +238,14 @@ impl PodWorker {
             self.seen = None;
         }
         self.adopt(adopted).await;
-        // A pod adopted in a terminal phase must not get a new sandbox: publishing first
+        // A pod adopted in a terminal phase must not get a new sandbox: reporting first
         // computes the phase from what was found.
-        self.publish();
+        self.report();
         loop {
             let t0 = std::time::Instant::now();
             self.sync().await;
             super::metrics::get().pod_sync.observe(t0.elapsed());
-            self.publish();
+            self.report();
             self.count_start();
             let resync = Instant::now() + self.ctx.cfg.resync;
             let wake = self.wake.take().map_or(resync, |w| w.min(resync));
@@ -280,6 +269,15 @@ impl PodWorker {
         }
     }
 
+    /// Publishes the pod's status; once it is Succeeded or Failed the pod is finished (nothing
+    /// runs again, and the next sync removes the sandbox, as kubelet does).
+    fn report(&mut self) {
+        if self.publish() && !self.state.is_finished() {
+            self.state.finish();
+            self.set_wake(Instant::now());
+        }
+    }
+
     /// Counts the pod's start once all its containers run (kubelet_pod_start_duration_seconds).
     fn count_start(&mut self) {
         let Some(seen) = self.seen else { return };
@@ -297,9 +295,8 @@ impl PodWorker {
     async fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Exit { cid, code, at } => {
-                if self.sandbox.as_ref().is_some_and(|s| s.id == cid) {
+                if self.state.task_exited(&cid) {
                     tracing::warn!(pod = %self.name, "sandbox exited");
-                    self.sandbox_dead = true;
                     return;
                 }
                 self.mark_exited(&cid, code as i32, at.unwrap_or_else(Timestamp::now));
@@ -432,13 +429,13 @@ impl PodWorker {
 
     /// Checks every running instance against containerd (repairs missed events).
     async fn relist(&mut self) {
-        if let Some(sb) = &self.sandbox
+        if let Some(id) = self.state.sandbox().map(|s| s.id.clone())
             && !matches!(
-                self.ctx.rt.task_state(&sb.id).await,
+                self.ctx.rt.task_state(&id).await,
                 Ok(TaskState::Running { .. })
             )
         {
-            self.sandbox_dead = true;
+            self.state.task_exited(&id);
         }
         let mut exits = vec![];
         for r in self.init.iter().chain(self.app.iter()) {
@@ -470,7 +467,7 @@ impl PodWorker {
             .iter()
             .flatten()
             .any(|v| v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some());
-        if !projected || self.terminal || self.sandbox.is_none() || self.ctx.client.is_none() {
+        if !projected || !self.state.is_running() || self.ctx.client.is_none() {
             return;
         }
         self.refresh_refs().await;
@@ -483,125 +480,74 @@ impl PodWorker {
         self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
     }
 
-    /// One reconciliation pass.
+    /// One reconciliation pass: carries out what `lifecycle::plan` says until it says wait.
     async fn sync(&mut self) {
-        if self.terminal {
-            let running = self
-                .init
-                .iter()
-                .chain(self.app.iter())
-                .any(|r| r.current.as_ref().is_some_and(|c| c.is_running()));
-            if !running && self.sandbox.is_some() {
-                self.teardown_sandbox().await;
-            }
-            return;
-        }
-        if self.sandbox_dead {
-            self.replace_sandbox().await;
-        }
-        if self.sandbox.is_none() {
-            if let Some(at) = self.sandbox_retry_at
-                && at > Instant::now()
-            {
-                self.set_wake(at);
-                return;
-            }
-            if let Err(e) = self.create_sandbox().await {
-                // Retry with back-off: 1, 2, 4 … 60 s.
-                self.sandbox_failures = self.sandbox_failures.saturating_add(1);
-                let delay = Duration::from_secs(1 << self.sandbox_failures.min(6))
-                    .min(Duration::from_secs(60));
-                tracing::warn!(pod = %self.name, error = %e, retry_in = ?delay, "creating pod sandbox failed");
-                self.sandbox_error = Some(e);
-                self.sandbox_retry_at = Some(Instant::now() + delay);
-                self.set_wake(Instant::now() + delay);
-                return;
-            }
-            self.sandbox_error = None;
-            self.sandbox_failures = 0;
-            self.sandbox_retry_at = None;
-        }
+        use lifecycle::{ContainerStep, Step};
         let policy = self.restart_policy();
-        // Init containers, one at a time, in order.
-        for i in 0..self.init.len() {
-            let rec = &self.init[i];
-            match rec
-                .current
-                .as_ref()
-                .map(|c| (c.is_running(), c.exit_code()))
-            {
-                None => {
-                    if rec.may_start() {
-                        self.start(Kind::Init, i).await;
+        loop {
+            let now = std::time::Instant::now();
+            match lifecycle::plan(&self.state, policy, &self.init, &self.app, now) {
+                Step::Wait(at) => {
+                    if let Some(at) = at {
+                        self.set_wake(Instant::from_std(at));
                     }
                     return;
                 }
-                Some((true, _)) => return,
-                Some((false, Some(0))) => continue,
-                Some((false, _)) => {
-                    if policy != "Never" {
-                        self.restart_with_backoff(Kind::Init, i).await;
-                    }
+                Step::TearDown => {
+                    self.teardown_sandbox().await;
                     return;
                 }
-            }
-        }
-        for i in 0..self.app.len() {
-            let rec = &self.app[i];
-            match rec
-                .current
-                .as_ref()
-                .map(|c| (c.is_running(), c.exit_code()))
-            {
-                None => {
-                    if rec.may_start() {
-                        self.start(Kind::App, i).await;
+                Step::ReplaceSandbox => self.replace_sandbox().await,
+                Step::CreateSandbox => match self.create_sandbox().await {
+                    Ok(sb) => self.state.created(sb),
+                    Err(e) => {
+                        let delay = self.state.create_failed(e.clone(), now);
+                        tracing::warn!(pod = %self.name, error = %e, retry_in = ?delay, "creating pod sandbox failed");
+                        self.set_wake(Instant::now() + delay);
+                        return;
                     }
-                }
-                Some((true, _)) => {}
-                Some((false, code)) => {
-                    let restart = match policy.as_str() {
-                        "Always" => true,
-                        "OnFailure" => code != Some(0),
-                        _ => false,
-                    };
-                    if restart {
-                        self.restart_with_backoff(Kind::App, i).await;
+                },
+                Step::Containers(steps, at) => {
+                    for step in steps {
+                        match step {
+                            ContainerStep::Start(k, i) => self.start(k, i).await,
+                            ContainerStep::Restart(k, i) => {
+                                self.rec(k, i).backoff.next(std::time::Instant::now());
+                                self.start(k, i).await;
+                            }
+                            ContainerStep::BackOff(k, i, until) => self.back_off(k, i, until),
+                        }
                     }
+                    if let Some(at) = at {
+                        self.set_wake(Instant::from_std(at));
+                    }
+                    return;
                 }
             }
         }
     }
 
-    async fn restart_with_backoff(&mut self, kind: Kind, i: usize) {
-        let now = std::time::Instant::now();
+    /// Holds an exited container in CrashLoopBackOff until `until` (announced once).
+    fn back_off(&mut self, kind: Kind, i: usize, until: std::time::Instant) {
         let name = self.container(kind, i).name.clone();
         let (pod, ns, uid) = (self.name.clone(), self.namespace.clone(), self.uid.clone());
         let rec = self.rec(kind, i);
-        let finished = rec.exited_mono.unwrap_or(now);
-        if let Some(until) = rec.backoff.wait_until(finished, now) {
-            let delay = rec.backoff.current();
-            let msg = format!(
-                "back-off {} restarting failed container={name} pod={pod}_{ns}({uid})",
-                humantime(delay)
-            );
-            let announce = rec
-                .waiting
-                .as_ref()
-                .is_none_or(|(r, _)| r != "CrashLoopBackOff");
-            rec.waiting = Some(("CrashLoopBackOff".into(), msg));
-            if announce {
-                let text =
-                    format!("Back-off restarting failed container {name} in pod {pod}_{ns}({uid})");
-                tracing::info!(pod = %pod, container = %name, event = "BackOff", "{text}");
-                self.event(true, "BackOff", text);
-            }
-            let wake = Instant::now() + until.saturating_duration_since(now);
-            self.set_wake(wake);
-            return;
+        let msg = format!(
+            "back-off {} restarting failed container={name} pod={pod}_{ns}({uid})",
+            humantime(rec.backoff.current())
+        );
+        let announce = rec
+            .waiting
+            .as_ref()
+            .is_none_or(|(r, _)| r != "CrashLoopBackOff");
+        rec.waiting = Some(("CrashLoopBackOff".into(), msg));
+        if announce {
+            let text =
+                format!("Back-off restarting failed container {name} in pod {pod}_{ns}({uid})");
+            tracing::info!(pod = %pod, container = %name, event = "BackOff", "{text}");
+            self.event(true, "BackOff", text);
         }
-        rec.backoff.next(now);
-        self.start(kind, i).await;
+        self.set_wake(Instant::from_std(until));
     }
 }
 

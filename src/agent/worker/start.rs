@@ -24,12 +24,11 @@ impl PodWorker {
                 }
             }
         }
-        if let Some(sb) = self.sandbox.take() {
+        if let Some(sb) = self.state.take_sandbox() {
             self.unregister(&sb.id);
             self.net_teardown(&sb.id, Some(sb.pid)).await;
             remove_container(&self.ctx.rt, &sb.id).await;
         }
-        self.sandbox_dead = false;
     }
 
     /// The shim group of the pod whose sandbox is `sandbox_id`: the sandbox (one shim per
@@ -43,7 +42,7 @@ impl PodWorker {
     }
 
     pub(super) fn sandbox_info(&self) -> SandboxInfo {
-        let sb = self.sandbox.as_ref();
+        let sb = self.state.sandbox();
         let host_network = spec_of(&self.pod).host_network.unwrap_or(false);
         SandboxInfo {
             pause_pid: sb.map_or(0, |s| s.pid),
@@ -195,7 +194,7 @@ impl PodWorker {
         })
     }
 
-    pub(super) async fn create_sandbox(&mut self) -> Result<(), String> {
+    pub(super) async fn create_sandbox(&mut self) -> Result<Sandbox, String> {
         let pod_spec = spec_of(&self.pod);
         let host_network = pod_spec.host_network.unwrap_or(false);
         let (host_ipc, host_pid) = (
@@ -333,8 +332,7 @@ impl PodWorker {
             }
         }
         self.start_time = Some(start);
-        self.sandbox = Some(Sandbox { id, pid, ip });
-        Ok(())
+        Ok(Sandbox { id, pid, ip })
     }
 
     pub(super) fn labels<const N: usize>(
@@ -460,7 +458,7 @@ impl PodWorker {
         };
         let spec = match spec::build(&rc) {
             Ok(mut s) => {
-                if let Some(sb) = &self.sandbox {
+                if let Some(sb) = self.state.sandbox() {
                     spec::set_shim_group(&mut s, &self.shim_group(&sb.id));
                 }
                 s

@@ -28,8 +28,9 @@ impl PodWorker {
         }
     }
 
-    /// Computes the pod status and publishes it to the agent's store.
-    pub(super) fn publish(&mut self) {
+    /// Computes the pod status and publishes it to the agent's store; whether the pod is
+    /// Succeeded or Failed.
+    pub(super) fn publish(&mut self) -> bool {
         let spec = spec_of(&self.pod).clone();
         let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
         let mut init_st: Vec<ContainerStatus> = vec![];
@@ -37,8 +38,8 @@ impl PodWorker {
             let mut s =
                 self.init[i].status(&c.name, c.image.as_deref().unwrap_or(""), "PodInitializing");
             if let Some(e) = self
-                .sandbox_error
-                .as_ref()
+                .state
+                .error()
                 .filter(|_| self.init[i].current.is_none())
             {
                 s.state = Some(waiting_state("ContainerCreating", e));
@@ -57,17 +58,13 @@ impl PodWorker {
         let mut app_st: Vec<ContainerStatus> = vec![];
         for (i, c) in spec.containers.iter().enumerate() {
             let mut s = self.app[i].status(&c.name, c.image.as_deref().unwrap_or(""), default_wait);
-            if let Some(e) = self
-                .sandbox_error
-                .as_ref()
-                .filter(|_| self.app[i].current.is_none())
-            {
+            if let Some(e) = self.state.error().filter(|_| self.app[i].current.is_none()) {
                 s.state = Some(waiting_state("ContainerCreating", e));
             }
             app_st.push(s);
         }
         let policy = self.restart_policy();
-        let ph = phase(&init_st, &app_st, &policy, init_done);
+        let ph = phase(&init_st, &app_st, policy.as_str(), init_done);
         let terminal = ph == "Succeeded" || ph == "Failed";
         let unready: Vec<String> = app_st
             .iter()
@@ -88,7 +85,7 @@ impl PodWorker {
         let mut conds = vec![
             self.condition(
                 "PodReadyToStartContainers",
-                self.sandbox.is_some(),
+                self.state.sandbox().is_some(),
                 None,
                 None,
             ),
@@ -162,11 +159,7 @@ impl PodWorker {
         if let Ok(mut s) = self.ctx.store.write() {
             s.insert(self.uid.clone(), pod);
         }
-        if terminal && !self.terminal {
-            // Nothing will run again: the next sync tears the sandbox down, as kubelet does.
-            self.terminal = true;
-            self.set_wake(Instant::now());
-        }
+        terminal
     }
 }
 

@@ -187,7 +187,7 @@ impl PodWorker {
     }
 
     pub(super) async fn teardown_sandbox(&mut self) {
-        if let Some(sb) = self.sandbox.take() {
+        if let Some(sb) = self.state.take_sandbox() {
             // The network first, while the namespace still exists (CNI DEL wants it).
             self.net_teardown(&sb.id, Some(sb.pid)).await;
             remove_container(&self.ctx.rt, &sb.id).await;
