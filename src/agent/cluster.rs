@@ -459,51 +459,79 @@ pub fn pods(client: &Client, node: &str) -> Cache<Pod> {
     )
 }
 
-/// Publishes the statuses the workers computed for API pods, when they changed.
+/// Publishes the statuses the workers computed for API pods, when they changed: woken by
+/// the status manager on every change and by the pod cache (a mirror pod appearing takes its
+/// static pod's status), and once a second while a patch is failing.
 pub fn publish_statuses(client: Client, ctx: Arc<AgentCtx>, pods: Cache<Pod>) {
     tokio::spawn(async move {
+        let mut statuses = ctx.store.subscribe();
+        let mut api = pods.changed.clone();
         let mut published: HashMap<String, serde_json::Value> = HashMap::new();
+        let mut failing = false;
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            let live = pods.all();
-            let current: Vec<(String, String, String, serde_json::Value)> = {
-                let Ok(store) = ctx.store.read() else {
-                    continue;
-                };
-                live.iter()
-                    .filter_map(|p| {
-                        let uid = p.metadata.uid.clone()?;
-                        let st = store.get(&status_key(p)?)?.status.clone()?;
-                        Some((
-                            uid,
-                            p.metadata.namespace.clone().unwrap_or_default(),
-                            p.metadata.name.clone().unwrap_or_default(),
-                            serde_json::to_value(st).ok()?,
-                        ))
-                    })
-                    .collect()
-            };
-            let uids: std::collections::HashSet<&String> = current.iter().map(|c| &c.0).collect();
-            published.retain(|u, _| uids.contains(u));
-            for (uid, ns, name, status) in current {
-                if published.get(&uid) == Some(&status) {
-                    continue;
-                }
-                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                // Merge patch: lists (conditions, containerStatuses) are replaced whole.
-                let patch = json!({ "status": status });
-                match api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => {
-                        published.insert(uid, status);
-                    }
-                    Err(e) => tracing::debug!(pod = %name, error = %e, "publishing pod status"),
-                }
+            let retry = if failing { 1 } else { 3600 };
+            tokio::select! {
+                r = statuses.changed() => if r.is_err() { return },
+                r = api.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(retry)) => {}
             }
+            statuses.borrow_and_update();
+            api.borrow_and_update();
+            failing = !publish_changed(&client, &ctx, &pods, &mut published).await;
         }
     });
+}
+
+/// Patches the status of every API pod whose computed status differs from what was last
+/// published; whether every patch went through.
+async fn publish_changed(
+    client: &Client,
+    ctx: &AgentCtx,
+    pods: &Cache<Pod>,
+    published: &mut HashMap<String, serde_json::Value>,
+) -> bool {
+    let live = pods.all();
+    let current: Vec<(String, String, String, serde_json::Value)> = {
+        let Ok(store) = ctx.store.read() else {
+            return false;
+        };
+        live.iter()
+            .filter_map(|p| {
+                let uid = p.metadata.uid.clone()?;
+                let st = store.get(&status_key(p)?)?.status.clone()?;
+                Some((
+                    uid,
+                    p.metadata.namespace.clone().unwrap_or_default(),
+                    p.metadata.name.clone().unwrap_or_default(),
+                    serde_json::to_value(st).ok()?,
+                ))
+            })
+            .collect()
+    };
+    let uids: std::collections::HashSet<&String> = current.iter().map(|c| &c.0).collect();
+    published.retain(|u, _| uids.contains(u));
+    let mut ok = true;
+    for (uid, ns, name, status) in current {
+        if published.get(&uid) == Some(&status) {
+            continue;
+        }
+        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        // Merge patch: lists (conditions, containerStatuses) are replaced whole.
+        let patch = json!({ "status": status });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                published.insert(uid, status);
+            }
+            Err(e) => {
+                ok = false;
+                tracing::debug!(pod = %name, error = %e, "publishing pod status");
+            }
+        }
+    }
+    ok
 }
 
 /// Finishes the deletion of a pod the agent stopped: the API object goes (grace 0, this uid).

@@ -31,7 +31,7 @@ fn merr(file: &Path, message: impl Into<String>) -> ManifestError {
 }
 
 /// A static pod and the file it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StaticPod {
     pub pod: Pod,
     pub file: PathBuf,

@@ -7,18 +7,20 @@ pub mod cluster;
 pub mod config;
 pub mod kubelet_api;
 pub mod logs;
+pub mod manager;
 pub mod manifest;
 pub mod metrics;
 pub mod probe;
 pub mod server;
 pub mod state;
+pub mod statuses;
 pub mod streaming;
 pub mod worker;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     path::Path,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -39,7 +41,7 @@ use crate::{
     },
 };
 pub use config::AgentConfig;
-use worker::{Msg, PodWorker, labels};
+use worker::{Msg, labels};
 
 /// The pause image keelson builds from its embedded binary.
 pub const PAUSE_IMAGE: &str = "keelson.local/pause:1";
@@ -52,8 +54,8 @@ pub struct AgentCtx {
     pub cfg: AgentConfig,
     pub ipam: Ipam,
     pub pause: ImageInfo,
-    /// Pods with live status, by UID.
-    pub store: RwLock<BTreeMap<String, Pod>>,
+    /// Pods with live status, by UID (the status manager).
+    pub store: statuses::PodStatuses,
     /// The API server, when the agent is part of a cluster.
     pub client: Option<kube::Client>,
     /// Events about pods (`kubelet` component), in cluster mode.
@@ -138,21 +140,6 @@ pub async fn connect_containerd(
     }
 }
 
-struct WorkerHandle {
-    tx: mpsc::UnboundedSender<Msg>,
-    join: tokio::task::JoinHandle<()>,
-    /// `namespace/name`.
-    full_name: String,
-}
-
-fn full_name(p: &Pod) -> String {
-    format!(
-        "{}/{}",
-        p.metadata.namespace.as_deref().unwrap_or("default"),
-        p.metadata.name.as_deref().unwrap_or("")
-    )
-}
-
 /// Runs the standalone agent until `shutdown` resolves. Pods keep running after it returns.
 pub async fn run(
     mut cfg: AgentConfig,
@@ -228,7 +215,7 @@ pub async fn run(
         cfg: cfg.clone(),
         ipam,
         pause,
-        store: RwLock::new(BTreeMap::new()),
+        store: statuses::PodStatuses::default(),
         client: cluster.as_ref().map(|(c, _)| c.clone()),
         recorder: cluster
             .as_ref()
@@ -288,8 +275,6 @@ pub async fn run(
         }
     }
     let mut api_changed = cluster.as_ref().map(|(_, p)| p.changed.clone());
-    // API pods being deleted whose worker was told to stop: UID → the pod, to finish the delete.
-    let mut deleting: HashMap<String, Pod> = HashMap::new();
     let mut mirrors = cluster::Mirrors::new();
     let server = {
         let ctx = ctx.clone();
@@ -318,16 +303,12 @@ pub async fn run(
         watch_dir(dir.clone(), notify_tx.clone());
     }
     let mut source = manifest::ManifestSource::default();
-    let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
-    // Workers terminating, by UID: (namespace/name, task). A new version of a static pod starts
-    // only once the previous one has terminated, as kubelet does for static pods.
-    let mut stopping: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let (mut pods, mut done_rx) = manager::PodManager::new(ctx.clone(), adopted);
     let mut first = true;
     tokio::pin!(shutdown);
     crate::systemd::notify("READY=1");
     loop {
-        let desired = match &cfg.manifests {
+        let statics = match &cfg.manifests {
             Some(dir) => {
                 let (pods, errors) = source.scan(dir, &cfg.node_name);
                 for e in errors {
@@ -337,119 +318,15 @@ pub async fn run(
             }
             None => vec![],
         };
-        let mut desired = desired;
-        if let Some((client, pods)) = &cluster {
-            let statics: Vec<Pod> = desired.iter().map(|sp| sp.pod.clone()).collect();
-            mirrors.sync(client, &statics, &pods.all(), &cfg.node_name);
-            for p in pods.all() {
-                if p.metadata
-                    .annotations
-                    .as_ref()
-                    .is_some_and(|a| a.contains_key(cluster::MIRROR))
-                {
-                    // A mirror of a static pod: the manifest is the source, not the API.
-                    if p.metadata.deletion_timestamp.is_some() {
-                        let (client, pod) = (client.clone(), (*p).clone());
-                        tokio::spawn(async move { cluster::finish_delete(&client, &pod).await });
-                    }
-                    continue;
-                }
-                let uid = p.metadata.uid.clone().unwrap_or_default();
-                if p.metadata.deletion_timestamp.is_none() {
-                    desired.push(manifest::StaticPod {
-                        pod: (*p).clone(),
-                        file: std::path::PathBuf::from("api"),
-                    });
-                    continue;
-                }
-                if deleting.contains_key(&uid) {
-                    continue;
-                }
-                deleting.insert(uid.clone(), (*p).clone());
-                match workers.remove(&uid) {
-                    Some(h) => {
-                        let grace = p.metadata.deletion_grace_period_seconds;
-                        tracing::info!(pod = %h.full_name, ?grace, "pod deleted in the API: stopping it");
-                        let _ = h.tx.send(Msg::Terminate { grace });
-                        stopping.insert(uid, (h.full_name, h.join));
-                    }
-                    None if !stopping.contains_key(&uid) => {
-                        let (client, pod) = (client.clone(), (*p).clone());
-                        tokio::spawn(async move { cluster::finish_delete(&client, &pod).await });
-                    }
-                    None => {}
-                }
-            }
+        let api = cluster.as_ref().map(|(_, p)| p.all());
+        if let (Some((client, _)), Some(api)) = (&cluster, &api) {
+            let pods: Vec<Pod> = statics.iter().map(|sp| sp.pod.clone()).collect();
+            mirrors.sync(client, &pods, api, &cfg.node_name);
         }
-        if let Some((_, pods)) = &cluster {
-            let live: HashSet<String> = pods
-                .all()
-                .iter()
-                .filter_map(|p| p.metadata.uid.clone())
-                .collect();
-            deleting.retain(|u, _| live.contains(u) || stopping.contains_key(u));
-        }
-        let want: HashSet<String> = desired
-            .iter()
-            .filter_map(|p| p.pod.metadata.uid.clone())
-            .collect();
-        let gone: Vec<String> = workers
-            .keys()
-            .filter(|u| !want.contains(*u))
-            .cloned()
-            .collect();
-        for uid in gone {
-            if let Some(h) = workers.remove(&uid) {
-                let _ = h.tx.send(Msg::Terminate { grace: None });
-                stopping.insert(uid, (h.full_name, h.join));
-            }
-        }
-        stopping.retain(|_, (_, j)| !j.is_finished());
-        for sp in desired {
-            let uid = sp.pod.metadata.uid.clone().unwrap_or_default();
-            if workers.contains_key(&uid) {
-                continue;
-            }
-            let full_name = full_name(&sp.pod);
-            if stopping.values().any(|(n, _)| *n == full_name) {
-                tracing::debug!(pod = %full_name, "waiting for the previous instance to terminate");
-                continue;
-            }
-            tracing::info!(pod = %full_name, file = %sp.file.display(), "starting pod");
-            let (w, tx) = PodWorker::new(ctx.clone(), sp.pod);
-            let found = adopted.remove(&uid).unwrap_or_default();
-            let done = done_tx.clone();
-            let key = uid.clone();
-            let join = tokio::spawn(async move {
-                w.run(found).await;
-                let _ = done.send(uid);
-            });
-            workers.insert(
-                key,
-                WorkerHandle {
-                    tx,
-                    join,
-                    full_name,
-                },
-            );
-        }
+        pods.sync(statics, api.as_deref());
         if first {
             first = false;
-            // Pods that no manifest wants any more: stop them and free their addresses.
-            for (uid, conts) in adopted.drain() {
-                tracing::info!(uid = %uid, "removing orphaned pod");
-                let ctx = ctx.clone();
-                tokio::spawn(async move { remove_orphan(&ctx, &uid, conts).await });
-            }
-            let live: HashSet<String> = workers.keys().cloned().collect();
-            if let Ok(allocs) = ctx.ipam.allocations() {
-                for (ip, owner) in allocs {
-                    if !live.contains(&owner) {
-                        tracing::info!(%ip, owner = %owner, "releasing leaked pod IP");
-                        let _ = ctx.ipam.release_owner(&owner);
-                    }
-                }
-            }
+            clean_up_orphans(&ctx, pods.take_orphans(), &pods.live());
         }
         tokio::select! {
             _ = &mut shutdown => break,
@@ -458,12 +335,7 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 while notify_rx.try_recv().is_ok() {}
             }
-            Some(uid) = done_rx.recv() => {
-                if let (Some(pod), Some((client, _))) = (deleting.get(&uid), &cluster) {
-                    let (client, pod) = (client.clone(), pod.clone());
-                    tokio::spawn(async move { cluster::finish_delete(&client, &pod).await });
-                }
-            }
+            Some(uid) = done_rx.recv() => pods.finished(&uid),
             _ = async {
                 match api_changed.as_mut() {
                     Some(rx) => { let _ = rx.changed().await; }
@@ -478,11 +350,31 @@ pub async fn run(
     tracing::info!("agent stopping; pods keep running");
     events.abort();
     server.abort();
-    for (_, h) in workers {
-        h.join.abort();
-    }
+    pods.abort();
     let _ = std::fs::remove_file(cfg.socket());
     Ok(())
+}
+
+/// Pods found at start that no manifest or API pod wants: stopped, and their addresses freed
+/// along with any address whose owner runs no worker.
+fn clean_up_orphans(
+    ctx: &Arc<AgentCtx>,
+    orphans: HashMap<String, Vec<Listed>>,
+    live: &HashSet<String>,
+) {
+    for (uid, conts) in orphans {
+        tracing::info!(uid = %uid, "removing orphaned pod");
+        let ctx = ctx.clone();
+        tokio::spawn(async move { remove_orphan(&ctx, &uid, conts).await });
+    }
+    if let Ok(allocs) = ctx.ipam.allocations() {
+        for (ip, owner) in allocs {
+            if !live.contains(&owner) {
+                tracing::info!(%ip, owner = %owner, "releasing leaked pod IP");
+                let _ = ctx.ipam.release_owner(&owner);
+            }
+        }
+    }
 }
 
 /// Stops and removes the containers of a pod nobody wants, and frees its network. Its spec is

@@ -9,73 +9,29 @@ impl PodWorker {
             self.refresh_refs().await;
         }
         let rt = self.ctx.rt.clone();
-        let mut by_name: BTreeMap<(String, String), Vec<(i32, Listed)>> = BTreeMap::new();
-        for l in listed {
-            let kind = l.labels.get(labels::KIND).cloned().unwrap_or_default();
-            if kind == "sandbox" {
-                if self.state.sandbox().is_none()
-                    && let Ok(TaskState::Running { pid }) = rt.task_state(&l.id).await
-                {
-                    self.start_time = l
-                        .labels
-                        .get(labels::POD_STARTED)
-                        .and_then(|t| t.parse().ok());
-                    let ip = match &self.ctx.cfg.cni {
-                        // The address from the cached ADD; CHECK that the network is intact.
-                        Some(cni) => {
-                            if let Err(e) = cni.check_pid(&l.id, pid, &self.pod_ref()) {
-                                tracing::warn!(pod = %self.name, error = %e, "CNI CHECK of an adopted pod");
-                            }
-                            cni.cached(&l.id)
-                                .and_then(|(_, r)| net::cni::first_ipv4(&r))
-                        }
-                        None => self.ctx.ipam.owned_by(&self.uid).ok().flatten(),
-                    };
-                    self.state.created(Sandbox {
-                        id: l.id.clone(),
-                        pid,
-                        ip,
-                    });
-                    self.register(&l.id);
-                    continue;
-                }
-                remove_container(&rt, &l.id).await;
+        let spec = spec_of(&self.pod);
+        let names = |v: &[Container]| v.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        let found = sort_found(
+            listed,
+            &names(spec.init_containers.as_deref().unwrap_or_default()),
+            &names(&spec.containers),
+        );
+        for id in &found.stale {
+            remove_container(&rt, id).await;
+        }
+        for l in found.sandboxes {
+            if self.state.sandbox().is_none()
+                && let Ok(TaskState::Running { pid }) = rt.task_state(&l.id).await
+            {
+                self.adopt_sandbox(&l, pid);
                 continue;
             }
-            let name = l.labels.get(labels::NAME).cloned().unwrap_or_default();
-            let rc = l
-                .labels
-                .get(labels::RESTART)
-                .and_then(|r| r.parse().ok())
-                .unwrap_or(0);
-            by_name.entry((kind, name)).or_default().push((rc, l));
+            remove_container(&rt, &l.id).await;
         }
-        for ((kind, name), mut insts) in by_name {
-            insts.sort_by_key(|(rc, _)| -*rc);
-            let k = if kind == "init" {
-                Kind::Init
-            } else {
-                Kind::App
-            };
-            let list = match k {
-                Kind::Init => spec_of(&self.pod)
-                    .init_containers
-                    .clone()
-                    .unwrap_or_default(),
-                Kind::App => spec_of(&self.pod).containers.clone(),
-            };
-            let Some(i) = list.iter().position(|c| c.name == name) else {
-                for (_, l) in insts {
-                    remove_container(&rt, &l.id).await;
-                }
-                continue;
-            };
-            let mut found = vec![];
-            for (n, (rc, l)) in insts.into_iter().enumerate() {
-                if n >= 2 {
-                    remove_container(&rt, &l.id).await;
-                    continue;
-                }
+        for (k, i, insts) in found.instances {
+            let name = self.container(k, i).name.clone();
+            let mut adopted = vec![];
+            for (rc, l) in insts {
                 let started_at = l
                     .labels
                     .get(labels::STARTED_AT)
@@ -105,7 +61,7 @@ impl PodWorker {
                     .await
                     .map(|i| i.image_id)
                     .unwrap_or_default();
-                found.push(Instance {
+                adopted.push(Instance {
                     id: l.id.clone(),
                     restart_count: rc,
                     started_at,
@@ -113,7 +69,7 @@ impl PodWorker {
                     image_id,
                 });
             }
-            let mut it = found.into_iter();
+            let mut it = adopted.into_iter();
             let current = it.next();
             let previous = it.next();
             let rec = self.rec(k, i);
@@ -137,6 +93,31 @@ impl PodWorker {
         }
     }
 
+    /// Takes over the running sandbox `l` (pid `pid`) with its network.
+    fn adopt_sandbox(&mut self, l: &Listed, pid: u32) {
+        self.start_time = l
+            .labels
+            .get(labels::POD_STARTED)
+            .and_then(|t| t.parse().ok());
+        let ip = match &self.ctx.cfg.cni {
+            // The address from the cached ADD; CHECK that the network is intact.
+            Some(cni) => {
+                if let Err(e) = cni.check_pid(&l.id, pid, &self.pod_ref()) {
+                    tracing::warn!(pod = %self.name, error = %e, "CNI CHECK of an adopted pod");
+                }
+                cni.cached(&l.id)
+                    .and_then(|(_, r)| net::cni::first_ipv4(&r))
+            }
+            None => self.ctx.ipam.owned_by(&self.uid).ok().flatten(),
+        };
+        self.state.created(Sandbox {
+            id: l.id.clone(),
+            pid,
+            ip,
+        });
+        self.register(&l.id);
+    }
+
     /// The process config of an adopted container, rebuilt from its spec and image.
     pub(super) async fn adopted_process(
         &self,
@@ -157,5 +138,156 @@ impl PodWorker {
         build::runtime_config(&self.pod, c, &img, &self.sandbox_info(), &inst.id, &tlog)
             .map(|rc| rc.process)
             .unwrap_or_default()
+    }
+}
+
+/// A container of the spec and its instances found, newest first, with their restart counts.
+pub(super) type Instances = (Kind, usize, Vec<(i32, Listed)>);
+
+/// What a restarted agent found of one pod in containerd, sorted out.
+#[derive(Debug, Default)]
+pub(super) struct Found {
+    /// Pause containers (the first one still running becomes the sandbox).
+    pub sandboxes: Vec<Listed>,
+    /// For each container of the spec that has instances: its newest two (current, then
+    /// previous) with their restart counts.
+    pub instances: Vec<Instances>,
+    /// Older instances and containers the spec no longer has: to remove.
+    pub stale: Vec<String>,
+}
+
+/// Sorts the containers found for a pod whose spec names `init` and `app` containers, by the
+/// labels keelson put on them.
+pub(super) fn sort_found(listed: Vec<Listed>, init: &[String], app: &[String]) -> Found {
+    let mut found = Found::default();
+    let mut by_container: BTreeMap<(Kind, usize), Vec<(i32, Listed)>> = BTreeMap::new();
+    for l in listed {
+        let kind = l.labels.get(labels::KIND).map(String::as_str);
+        let (k, names) = match kind {
+            Some("sandbox") => {
+                found.sandboxes.push(l);
+                continue;
+            }
+            Some("init") => (Kind::Init, init),
+            _ => (Kind::App, app),
+        };
+        let name = l.labels.get(labels::NAME).map(String::as_str);
+        let Some(i) = names.iter().position(|n| Some(n.as_str()) == name) else {
+            found.stale.push(l.id);
+            continue;
+        };
+        let rc = l
+            .labels
+            .get(labels::RESTART)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        by_container.entry((k, i)).or_default().push((rc, l));
+    }
+    for ((k, i), mut insts) in by_container {
+        insts.sort_by_key(|(rc, _)| std::cmp::Reverse(*rc));
+        let older = insts.split_off(insts.len().min(2));
+        found.stale.extend(older.into_iter().map(|(_, l)| l.id));
+        found.instances.push((k, i, insts));
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(id: &str, kind: &str, name: &str, restart: i32) -> Listed {
+        let labels = [
+            (labels::KIND, kind.to_string()),
+            (labels::NAME, name.to_string()),
+            (labels::RESTART, restart.to_string()),
+        ];
+        Listed {
+            id: id.into(),
+            labels: labels.map(|(k, v)| (k.to_string(), v)).into(),
+            image: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_each_containers_newest_two_instances_and_removes_the_rest() {
+        let found = sort_found(
+            vec![
+                listed("web-0", "app", "web", 0),
+                listed("sb", "sandbox", "", 0),
+                listed("web-2", "app", "web", 2),
+                listed("setup-0", "init", "setup", 0),
+                listed("gone-0", "app", "gone", 0),
+                listed("web-1", "app", "web", 1),
+                listed("side-0", "app", "side", 0),
+            ],
+            &["setup".into()],
+            &["side".into(), "web".into()],
+        );
+        assert_eq!(
+            found.sandboxes.iter().map(|l| &l.id).collect::<Vec<_>>(),
+            ["sb"]
+        );
+        let got: Vec<String> = found
+            .instances
+            .iter()
+            .map(|(k, i, v)| {
+                let ids: Vec<String> = v.iter().map(|(rc, l)| format!("{rc}:{}", l.id)).collect();
+                format!("{k:?} {i} {}", ids.join(","))
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "Init 0 0:setup-0",
+                "App 0 0:side-0",
+                "App 1 2:web-2,1:web-1"
+            ]
+        );
+        let mut stale = found.stale.clone();
+        stale.sort();
+        assert_eq!(stale, ["gone-0", "web-0"]);
+    }
+
+    #[test]
+    fn an_adopted_running_pod_starts_nothing_twice() {
+        use super::super::lifecycle::{PodState, RestartPolicy, Step, plan};
+        let inst = |id: &str, state: InstState| Instance {
+            id: id.into(),
+            restart_count: 0,
+            started_at: None,
+            state,
+            image_id: String::new(),
+        };
+        let done = ContainerRecord {
+            current: Some(inst(
+                "setup-0",
+                InstState::Exited {
+                    code: 0,
+                    reason: "Completed".into(),
+                    message: None,
+                    finished_at: Timestamp::UNIX_EPOCH,
+                },
+            )),
+            ..Default::default()
+        };
+        let running = ContainerRecord {
+            current: Some(inst("web-2", InstState::Running)),
+            ..Default::default()
+        };
+        let mut state = PodState::default();
+        state.created(Sandbox {
+            id: "sb".into(),
+            pid: 7,
+            ip: None,
+        });
+        let step = plan(
+            &state,
+            RestartPolicy::Always,
+            &[done],
+            &[running],
+            std::time::Instant::now(),
+        );
+        assert_eq!(step, Step::Containers(vec![], None));
     }
 }

@@ -42,6 +42,7 @@ use crate::{
 };
 
 mod adopt;
+mod kill;
 mod lifecycle;
 mod start;
 mod status;
@@ -88,7 +89,7 @@ struct Sandbox {
 }
 
 /// Which list a container belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Init,
     App,
@@ -210,6 +211,13 @@ impl PodWorker {
         match kind {
             Kind::Init => &mut self.init[i],
             Kind::App => &mut self.app[i],
+        }
+    }
+
+    fn rec_ref(&self, kind: Kind, i: usize) -> &ContainerRecord {
+        match kind {
+            Kind::Init => &self.init[i],
+            Kind::App => &self.app[i],
         }
     }
 

@@ -156,9 +156,7 @@ impl PodWorker {
         };
         let mut pod = self.pod.clone();
         pod.status = Some(status);
-        if let Ok(mut s) = self.ctx.store.write() {
-            s.insert(self.uid.clone(), pod);
-        }
+        self.ctx.store.put(&self.uid, pod);
         terminal
     }
 }

@@ -21,37 +21,21 @@ impl PodWorker {
             return;
         };
         let c = self.container(kind, i).clone();
-        let deadline = std::time::Instant::now() + Duration::from_secs(grace as u64);
         tracing::info!(pod = %self.name, container = %c.name, event = "Killing", "Stopping container {}", c.name);
         self.event(false, "Killing", format!("Stopping container {}", c.name));
-        if pre_stop
-            && let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone())
-            && let Err(e) = self
-                .run_hook(kind, i, &cid, &h, Duration::from_secs(grace as u64))
-                .await
-        {
-            tracing::warn!(pod = %self.name, container = %c.name, event = "FailedPreStopHook", "PreStopHook failed: {e}");
-        }
-        let remaining = deadline
-            .saturating_duration_since(std::time::Instant::now())
-            .max(Duration::from_secs(if grace == 0 { 0 } else { 2 }));
         if let Some(r) = self.tasks.get(&cid)
             && let Some(p) = &r.probes
         {
             p.abort();
         }
-        let _ = self.ctx.rt.kill(&cid, 15).await;
-        let mut exited = self.ctx.rt.wait(&cid, remaining).await.ok().flatten();
-        if exited.is_none() {
-            let _ = self.ctx.rt.kill(&cid, 9).await;
-            exited = self
-                .ctx
-                .rt
-                .wait(&cid, Duration::from_secs(10))
-                .await
-                .ok()
-                .flatten();
-        }
+        let grace = Duration::from_secs(grace.max(0) as u64);
+        let hook = c
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .filter(|_| pre_stop);
+        let run = hook.map(|h| self.pre_stop(kind, i, &cid, h, grace));
+        let exited = super::kill::graceful_stop(&self.ctx.rt, &cid, grace, run).await;
         let (code, at) = match self.ctx.rt.task_state(&cid).await {
             Ok(TaskState::Stopped {
                 exit_code,
@@ -70,25 +54,12 @@ impl PodWorker {
         self.pod.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         self.pod.metadata.deletion_grace_period_seconds = Some(grace);
         self.publish();
-        // App containers stop in parallel as kubelet does; we run them concurrently via join.
-        let mut stops = vec![];
-        for (k, n) in [(Kind::App, self.app.len()), (Kind::Init, self.init.len())] {
-            for i in 0..n {
-                stops.push((k, i));
-            }
-        }
-        let futs: Vec<_> = stops
-            .into_iter()
-            .filter(|(k, i)| {
-                let r = match k {
-                    Kind::Init => &self.init[*i],
-                    Kind::App => &self.app[*i],
-                };
-                r.current.as_ref().is_some_and(|c| c.is_running())
-            })
+        // Every container stops at once, as kubelet's killPod does.
+        let all = (0..self.app.len())
+            .map(|i| (Kind::App, i))
+            .chain((0..self.init.len()).map(|i| (Kind::Init, i)))
             .collect();
-        // Stopping needs &mut self; run preStop hooks concurrently first, then signal all.
-        self.stop_all(futs, grace).await;
+        self.stop_all(all, grace).await;
         let rt = self.ctx.rt.clone();
         for r in self.init.iter().chain(self.app.iter()) {
             for inst in [&r.current, &r.previous].into_iter().flatten() {
@@ -121,69 +92,55 @@ impl PodWorker {
                 }
             }
         }
-        if let Ok(mut s) = self.ctx.store.write() {
-            s.remove(&self.uid);
-        }
+        self.ctx.store.remove(&self.uid);
         tracing::info!(pod = %self.name, "pod stopped");
     }
 
+    /// Stops the containers `which` at once, each with its own preStop hook, within `grace`.
     pub(super) async fn stop_all(&mut self, which: Vec<(Kind, usize)>, grace: i64) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(grace as u64);
-        for (k, i) in &which {
-            if self
-                .rec(*k, *i)
-                .current
-                .as_ref()
-                .is_some_and(|c| c.is_running())
-            {
-                let name = self.container(*k, *i).name.clone();
-                self.event(false, "Killing", format!("Stopping container {name}"));
-            }
-        }
-        // preStop hooks run concurrently, bounded by the grace period.
-        let mut hooks = vec![];
-        for (k, i) in &which {
-            let c = self.container(*k, *i);
-            if let (Some(h), Some(cur)) = (
-                c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone()),
-                self.rec(*k, *i).current.clone(),
-            ) {
-                hooks.push((*k, *i, cur.id, h));
-            }
-        }
-        let this: &Self = self;
-        let runs = hooks.iter().map(|(k, i, id, h)| async move {
-            if let Err(e) = this.run_hook(*k, *i, id, h, Duration::from_secs(grace as u64)).await {
-                tracing::warn!(pod = %this.name, event = "FailedPreStopHook", "PreStopHook failed: {e}");
-            }
-        });
-        let _ = tokio::time::timeout(
-            Duration::from_secs(grace as u64),
-            futures::future::join_all(runs),
-        )
-        .await;
-        let remaining = deadline
-            .saturating_duration_since(std::time::Instant::now())
-            .max(Duration::from_secs(if grace == 0 { 0 } else { 2 }));
-        let rt = self.ctx.rt.clone();
-        let ids: Vec<String> = which
-            .iter()
-            .filter_map(|(k, i)| match k {
-                Kind::Init => self.init[*i].current.as_ref().map(|c| c.id.clone()),
-                Kind::App => self.app[*i].current.as_ref().map(|c| c.id.clone()),
+        let running: Vec<(Kind, usize, String)> = which
+            .into_iter()
+            .filter_map(|(k, i)| {
+                let cur = self.rec_ref(k, i).current.as_ref()?;
+                cur.is_running().then(|| (k, i, cur.id.clone()))
             })
             .collect();
-        let kills = ids.iter().map(|id| {
-            let rt = rt.clone();
-            async move {
-                let _ = rt.kill(id, 15).await;
-                if rt.wait(id, remaining).await.ok().flatten().is_none() {
-                    let _ = rt.kill(id, 9).await;
-                    let _ = rt.wait(id, Duration::from_secs(10)).await;
-                }
-            }
+        for (k, i, _) in &running {
+            let name = self.container(*k, *i).name.clone();
+            self.event(false, "Killing", format!("Stopping container {name}"));
+        }
+        let grace = Duration::from_secs(grace.max(0) as u64);
+        let this: &Self = self;
+        let stops = running.iter().map(|(k, i, id)| async move {
+            let hook = this
+                .container(*k, *i)
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.pre_stop.as_ref());
+            let run = hook.map(|h| this.pre_stop(*k, *i, id, h, grace));
+            super::kill::graceful_stop(&this.ctx.rt, id, grace, run).await
         });
-        futures::future::join_all(kills).await;
+        futures::future::join_all(stops).await;
+    }
+
+    /// The preStop hook of container `cid`, its failure reported.
+    async fn pre_stop(
+        &self,
+        kind: Kind,
+        i: usize,
+        cid: &str,
+        h: &LifecycleHandler,
+        budget: Duration,
+    ) {
+        if let Err(e) = self.run_hook(kind, i, cid, h, budget).await {
+            let name = &self.container(kind, i).name;
+            tracing::warn!(pod = %self.name, container = %name, event = "FailedPreStopHook", "PreStopHook failed: {e}");
+            self.event(
+                true,
+                "FailedPreStopHook",
+                format!("PreStopHook failed: {e}"),
+            );
+        }
     }
 
     pub(super) async fn teardown_sandbox(&mut self) {
