@@ -17,7 +17,7 @@ use std::{
 };
 
 use common::{
-    floor::{floor_once, pct, rss_kib, rss_parts_kib},
+    floor::{floor_once, pct, rss_by_mapping, rss_kib, rss_parts_kib},
     *,
 };
 use keelson::runtime::Containerd;
@@ -138,13 +138,22 @@ fn main() {
         ("all-in-one", PathBuf::from(env!("CARGO_BIN_EXE_keelson"))),
         ("lean", lean),
     ] {
-        let (anon, file) = joined_agent_rss(&bin, burst);
+        let (anon, file, maps) = joined_agent_rss(&bin, burst);
+        let top: Vec<String> = maps
+            .iter()
+            .take(5)
+            .map(|(m, kib)| format!("{m}={:.1}", *kib as f64 / 1024.0))
+            .collect();
         println!(
             "pod-start agent-with-proxy build={build} pods={burst} rss_mib={:.1} rss_anon_mib={:.1} rss_file_mib={:.1} binary_mib={:.1}",
             (anon + file) as f64 / 1024.0,
             anon as f64 / 1024.0,
             file as f64 / 1024.0,
             std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0)
+        );
+        println!(
+            "pod-start agent-with-proxy build={build} largest_mappings_mib {}",
+            top.join(" ")
         );
     }
 }
@@ -175,8 +184,9 @@ fn lean_binary() -> PathBuf {
 }
 
 /// Starts a server and the agent from `bin` (joined, proxy on) in a fresh lab, runs `pods`
-/// pods of a Deployment behind a Service, and reads the agent's (RssAnon, RssFile) in KiB.
-fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64) {
+/// pods of a Deployment behind a Service, and reads the agent's RssAnon and RssFile in KiB
+/// and its resident memory by mapping.
+fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>) {
     let mut lab = Lab::start("rss");
     let server = Server::builder()
         .netns(&lab.netns)
@@ -211,7 +221,9 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64) {
             == pods
     });
     std::thread::sleep(Duration::from_secs(3));
-    let parts = rss_parts_kib(lab.agent_pid().expect("agent pid"));
+    let pid = lab.agent_pid().expect("agent pid");
+    let (anon, file) = rss_parts_kib(pid);
+    let maps = rss_by_mapping(pid);
     server.ok(&["delete", "deployment", "web"]);
     server.until(120, "the pods to go", || {
         server
@@ -219,5 +231,5 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64) {
             .trim()
             .is_empty()
     });
-    parts
+    (anon, file, maps)
 }

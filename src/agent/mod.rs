@@ -165,39 +165,12 @@ pub async fn run(
     import_dir(&rt, &cfg.images_dir).await;
     // Joining a cluster: the node's own certificate, then register the Node, and take the pod
     // CIDR the cluster assigns.
-    let mut join_ca: Option<String> = None;
-    let cluster = match &cfg.join {
+    let (cluster, join_ca) = match cfg.join.clone() {
         Some(join) => {
-            let joined = cluster::client(join, &cfg.node_name, Some(&cfg.pki_dir()))
-                .await
-                .context("the node's credentials")?;
-            join_ca = joined.ca_pem;
-            let client = joined.client;
-            let version = rt.version().await.unwrap_or_default();
-            let cidr = cluster::register(&client, &cfg, &version, Duration::from_secs(60))
-                .await
-                .context("registering the node")?;
-            match cidr {
-                Some(c) if c != cfg.pod_cidr => {
-                    tracing::info!(pod_cidr = %c, "using the pod CIDR the cluster assigned");
-                    // The bridge address follows the CIDR when it stood for the node's address.
-                    let gw = |n: Ipv4Net| std::net::Ipv4Addr::from(u32::from(n.network()) + 1);
-                    if cfg.node_ip == gw(cfg.pod_cidr) {
-                        cfg.node_ip = gw(c);
-                    }
-                    cfg.pod_cidr = c;
-                }
-                Some(_) => {}
-                None => {
-                    tracing::warn!(pod_cidr = %cfg.pod_cidr, "no pod CIDR assigned by the cluster; using --pod-cidr")
-                }
-            }
-            cluster::heartbeat(client.clone(), cfg.clone(), version);
-            let pods = cluster::pods(&client, &cfg.node_name);
-            let _ = pods.store.wait_until_ready().await;
-            Some((client, pods))
+            let j = join_cluster(&join, &mut cfg, &rt).await?;
+            (Some((j.client, j.pods)), j.ca_pem)
         }
-        None => None,
+        None => (None, None),
     };
     let ipam = Ipam::new(cfg.pod_cidr, &cfg.ipam_dir())?;
     match &cfg.cni {
@@ -229,50 +202,7 @@ pub async fn run(
     let listener = server::bind(&cfg.socket())
         .with_context(|| format!("agent socket {}", cfg.socket().display()))?;
     if let Some((client, pods)) = &cluster {
-        cluster::network(client, &cfg);
-        if let Some(pc) = cfg.proxy.clone() {
-            let client = client.clone();
-            tokio::spawn(async move {
-                if let Err(e) = crate::proxy::run(client, pc, std::future::pending()).await {
-                    tracing::error!(error = %format!("{e:#}"), "service proxy stopped");
-                }
-            });
-        }
-        cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
-        if cfg.kubelet_port > 0 {
-            // Callers: certificates of the cluster CA (--client-ca-file, else the CA the
-            // agent joined with), and then only the API server's kubelet client.
-            let ca = match &cfg.client_ca_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("reading --client-ca-file {}", f.display()))?,
-                ),
-                None => join_ca.clone(),
-            };
-            if ca.is_none() {
-                tracing::warn!(
-                    "no client CA (--client-ca-file): the kubelet API serves only /healthz, so `kubectl logs` and `exec` cannot reach this node"
-                );
-            }
-            // The kept certificate the cluster issued, else a self-signed one at first; a new
-            // one is asked for in the background (and again at 80 % of each one's life) and
-            // served once issued.
-            let kept = bootstrap::kept_serving(&cfg.pki_dir(), &cfg.node_name);
-            let first = match &kept {
-                Some(c) => c.clone(),
-                None => kubelet_api::self_signed(&ctx)?,
-            };
-            let serving = crate::tls::CertSwitch::new(&first.cert_pem, &first.key_pem)?;
-            tokio::spawn(bootstrap::rotate_serving(
-                client.clone(),
-                cfg.node_name.clone(),
-                std::net::IpAddr::V4(cfg.node_ip),
-                cfg.pki_dir(),
-                serving.clone(),
-                kept,
-            ));
-            kubelet_api::start(ctx.clone(), cfg.kubelet_port, serving, ca).await?;
-        }
+        start_cluster_roles(client, pods, &ctx, join_ca).await?;
     }
     let mut api_changed = cluster.as_ref().map(|(_, p)| p.changed.clone());
     let mut mirrors = cluster::Mirrors::new();
@@ -352,6 +282,112 @@ pub async fn run(
     server.abort();
     pods.abort();
     let _ = std::fs::remove_file(cfg.socket());
+    Ok(())
+}
+
+/// A node that joined its cluster.
+struct Joined {
+    client: kube::Client,
+    /// The pods bound to this node, followed.
+    pods: crate::control::Cache<Pod>,
+    /// The cluster CA, as the join found it.
+    ca_pem: Option<String>,
+}
+
+/// Joins the cluster: the node's credentials, the Node registered (its pod CIDR taken into
+/// `cfg`), the heartbeat started and the node's pods listed.
+async fn join_cluster(
+    join: &cluster::Join,
+    cfg: &mut AgentConfig,
+    rt: &Containerd,
+) -> anyhow::Result<Joined> {
+    let joined = cluster::client(join, &cfg.node_name, Some(&cfg.pki_dir()))
+        .await
+        .context("the node's credentials")?;
+    let client = joined.client;
+    let version = rt.version().await.unwrap_or_default();
+    let cidr = cluster::register(&client, cfg, &version, Duration::from_secs(60))
+        .await
+        .context("registering the node")?;
+    match cidr {
+        Some(c) if c != cfg.pod_cidr => {
+            tracing::info!(pod_cidr = %c, "using the pod CIDR the cluster assigned");
+            // The bridge address follows the CIDR when it stood for the node's address.
+            let gw = |n: Ipv4Net| std::net::Ipv4Addr::from(u32::from(n.network()) + 1);
+            if cfg.node_ip == gw(cfg.pod_cidr) {
+                cfg.node_ip = gw(c);
+            }
+            cfg.pod_cidr = c;
+        }
+        Some(_) => {}
+        None => {
+            tracing::warn!(pod_cidr = %cfg.pod_cidr, "no pod CIDR assigned by the cluster; using --pod-cidr")
+        }
+    }
+    cluster::heartbeat(client.clone(), cfg.clone(), version);
+    let pods = cluster::pods(&client, &cfg.node_name);
+    let _ = pods.store.wait_until_ready().await;
+    Ok(Joined {
+        client,
+        pods,
+        ca_pem: joined.ca_pem,
+    })
+}
+
+/// The node's cluster roles: host-gw routes, the service proxy, the status publisher and the
+/// kubelet API (with its serving certificate, rotated).
+async fn start_cluster_roles(
+    client: &kube::Client,
+    pods: &crate::control::Cache<Pod>,
+    ctx: &Arc<AgentCtx>,
+    join_ca: Option<String>,
+) -> anyhow::Result<()> {
+    let cfg = &ctx.cfg;
+    cluster::network(client, cfg);
+    if let Some(pc) = cfg.proxy.clone() {
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::proxy::run(client, pc, std::future::pending()).await {
+                tracing::error!(error = %format!("{e:#}"), "service proxy stopped");
+            }
+        });
+    }
+    cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
+    if cfg.kubelet_port == 0 {
+        return Ok(());
+    }
+    // Callers: certificates of the cluster CA (--client-ca-file, else the CA the agent
+    // joined with), and then only the API server's kubelet client.
+    let ca = match &cfg.client_ca_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading --client-ca-file {}", f.display()))?,
+        ),
+        None => join_ca,
+    };
+    if ca.is_none() {
+        tracing::warn!(
+            "no client CA (--client-ca-file): the kubelet API serves only /healthz, so `kubectl logs` and `exec` cannot reach this node"
+        );
+    }
+    // The kept certificate the cluster issued, else a self-signed one at first; a new one is
+    // asked for in the background (and again at 80 % of each one's life) and served once
+    // issued.
+    let kept = bootstrap::kept_serving(&cfg.pki_dir(), &cfg.node_name);
+    let first = match &kept {
+        Some(c) => c.clone(),
+        None => kubelet_api::self_signed(ctx)?,
+    };
+    let serving = crate::tls::CertSwitch::new(&first.cert_pem, &first.key_pem)?;
+    tokio::spawn(bootstrap::rotate_serving(
+        client.clone(),
+        cfg.node_name.clone(),
+        std::net::IpAddr::V4(cfg.node_ip),
+        cfg.pki_dir(),
+        serving.clone(),
+        kept,
+    ));
+    kubelet_api::start(ctx.clone(), cfg.kubelet_port, serving, ca).await?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@ mod protobuf;
 pub mod rbac;
 pub mod registry;
 pub mod selector;
+pub mod strategy;
 pub mod stream;
 pub mod subresource;
 pub mod table;

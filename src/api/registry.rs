@@ -3,8 +3,10 @@
 
 use serde_json::{Value, json};
 
+use super::strategy::{self, Strategy};
+
 /// One served resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Resource {
     pub group: &'static str,
     pub version: &'static str,
@@ -12,7 +14,17 @@ pub struct Resource {
     pub plural: &'static str,
     pub namespaced: bool,
     pub short: &'static [&'static str],
+    /// What the kind does beyond storage (`strategy.rs`).
+    pub strategy: &'static Strategy,
 }
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        (self.group, self.version, self.plural) == (other.group, other.version, other.plural)
+    }
+}
+
+impl Eq for Resource {}
 
 impl Resource {
     /// `v1` or `apps/v1`.
@@ -54,6 +66,7 @@ const fn r(
     plural: &'static str,
     namespaced: bool,
     short: &'static [&'static str],
+    strategy: &'static Strategy,
 ) -> Resource {
     Resource {
         group,
@@ -62,23 +75,88 @@ const fn r(
         plural,
         namespaced,
         short,
+        strategy,
     }
 }
 
 /// Every kind keelson serves.
 pub const RESOURCES: &[Resource] = &[
-    r("", "v1", "Namespace", "namespaces", false, &["ns"]),
-    r("", "v1", "Node", "nodes", false, &["no"]),
-    r("", "v1", "Pod", "pods", true, &["po"]),
-    r("", "v1", "Service", "services", true, &["svc"]),
-    r("", "v1", "Endpoints", "endpoints", true, &["ep"]),
-    r("", "v1", "Event", "events", true, &["ev"]),
-    r("", "v1", "ConfigMap", "configmaps", true, &["cm"]),
-    r("", "v1", "Secret", "secrets", true, &[]),
-    r("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"]),
-    r("apps", "v1", "Deployment", "deployments", true, &["deploy"]),
-    r("apps", "v1", "ReplicaSet", "replicasets", true, &["rs"]),
-    r("apps", "v1", "DaemonSet", "daemonsets", true, &["ds"]),
+    r(
+        "",
+        "v1",
+        "Namespace",
+        "namespaces",
+        false,
+        &["ns"],
+        &strategy::NAMESPACE,
+    ),
+    r("", "v1", "Node", "nodes", false, &["no"], &strategy::NODE),
+    r("", "v1", "Pod", "pods", true, &["po"], &strategy::POD),
+    r(
+        "",
+        "v1",
+        "Service",
+        "services",
+        true,
+        &["svc"],
+        &strategy::SERVICE,
+    ),
+    r(
+        "",
+        "v1",
+        "Endpoints",
+        "endpoints",
+        true,
+        &["ep"],
+        &strategy::ENDPOINTS,
+    ),
+    r("", "v1", "Event", "events", true, &["ev"], &strategy::EVENT),
+    r(
+        "",
+        "v1",
+        "ConfigMap",
+        "configmaps",
+        true,
+        &["cm"],
+        &strategy::CONFIG_MAP,
+    ),
+    r("", "v1", "Secret", "secrets", true, &[], &strategy::SECRET),
+    r(
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        true,
+        &["sa"],
+        &strategy::SERVICE_ACCOUNT,
+    ),
+    r(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        true,
+        &["deploy"],
+        &strategy::DEPLOYMENT,
+    ),
+    r(
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        true,
+        &["rs"],
+        &strategy::REPLICA_SET,
+    ),
+    r(
+        "apps",
+        "v1",
+        "DaemonSet",
+        "daemonsets",
+        true,
+        &["ds"],
+        &strategy::DAEMON_SET,
+    ),
     r(
         "discovery.k8s.io",
         "v1",
@@ -86,8 +164,17 @@ pub const RESOURCES: &[Resource] = &[
         "endpointslices",
         true,
         &[],
+        &strategy::ENDPOINT_SLICE,
     ),
-    r("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
+    r(
+        "coordination.k8s.io",
+        "v1",
+        "Lease",
+        "leases",
+        true,
+        &[],
+        &strategy::LEASE,
+    ),
     r(
         "certificates.k8s.io",
         "v1",
@@ -95,6 +182,7 @@ pub const RESOURCES: &[Resource] = &[
         "certificatesigningrequests",
         false,
         &["csr"],
+        &strategy::CSR,
     ),
     r(
         "rbac.authorization.k8s.io",
@@ -103,6 +191,7 @@ pub const RESOURCES: &[Resource] = &[
         "clusterroles",
         false,
         &[],
+        &strategy::CLUSTER_ROLE,
     ),
     r(
         "rbac.authorization.k8s.io",
@@ -111,6 +200,7 @@ pub const RESOURCES: &[Resource] = &[
         "clusterrolebindings",
         false,
         &[],
+        &strategy::CLUSTER_ROLE_BINDING,
     ),
     r(
         "rbac.authorization.k8s.io",
@@ -119,6 +209,7 @@ pub const RESOURCES: &[Resource] = &[
         "roles",
         true,
         &[],
+        &strategy::ROLE,
     ),
     r(
         "rbac.authorization.k8s.io",
@@ -127,6 +218,7 @@ pub const RESOURCES: &[Resource] = &[
         "rolebindings",
         true,
         &[],
+        &strategy::ROLE_BINDING,
     ),
 ];
 
@@ -147,7 +239,7 @@ const VERBS: &[&str] = &[
     "update",
     "watch",
 ];
-/// Namespaces are deleted one by one (kube-apiserver serves no deletecollection for them).
+/// Kinds deleted one by one (kube-apiserver serves no deletecollection for Namespaces).
 const NAMESPACE_VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
@@ -155,20 +247,22 @@ const NAMESPACE_VERBS: &[&str] = &[
 impl Resource {
     /// Discovery categories (`kubectl get all` lists the kinds in `all`).
     pub fn categories(&self) -> &'static [&'static str] {
-        match self.kind {
-            "Pod" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet" => &["all"],
-            _ => &[],
-        }
+        self.strategy.categories
     }
 
     /// The verbs discovery lists for this resource.
     pub fn verbs(&self) -> &'static [&'static str] {
-        if self.kind == "Namespace" {
-            NAMESPACE_VERBS
-        } else {
+        if self.strategy.delete_collection {
             VERBS
+        } else {
+            NAMESPACE_VERBS
         }
     }
+}
+
+/// The resource of `kind` (the first served version).
+pub fn by_kind(kind: &str) -> Option<&'static Resource> {
+    RESOURCES.iter().find(|r| r.kind == kind)
 }
 
 /// `APIResourceList` for one group/version, or None if not served.

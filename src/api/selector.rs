@@ -88,41 +88,10 @@ pub fn labels_to_string(map: Option<&Value>) -> String {
 }
 
 /// Fields a field selector may name, per kind (kube-apiserver's field label conversions).
-fn field_supported(kind: &str, field: &str) -> bool {
-    if field == "metadata.name" || field == "metadata.namespace" {
-        return true;
-    }
-    let extra: &[&str] = match kind {
-        "Pod" => &[
-            "spec.nodeName",
-            "spec.restartPolicy",
-            "spec.schedulerName",
-            "spec.serviceAccountName",
-            "spec.hostNetwork",
-            "status.phase",
-            "status.podIP",
-            "status.nominatedNodeName",
-        ],
-        "Event" => &[
-            "involvedObject.kind",
-            "involvedObject.namespace",
-            "involvedObject.name",
-            "involvedObject.uid",
-            "involvedObject.apiVersion",
-            "involvedObject.resourceVersion",
-            "involvedObject.fieldPath",
-            "reason",
-            "reportingComponent",
-            "source",
-            "type",
-        ],
-        "Secret" => &["type"],
-        "Node" => &["spec.unschedulable"],
-        "Namespace" => &["status.phase"],
-        "ReplicaSet" => &["status.replicas"],
-        _ => &[],
-    };
-    extra.contains(&field)
+fn field_supported(r: &Resource, field: &str) -> bool {
+    field == "metadata.name"
+        || field == "metadata.namespace"
+        || r.strategy.field_selectors.contains(&field)
 }
 
 /// A label selector and a field selector together.
@@ -159,7 +128,7 @@ impl Filter {
                 )));
             };
             let path = path.trim();
-            if !field_supported(r.kind, path) {
+            if !field_supported(r, path) {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {path}"
                 )));

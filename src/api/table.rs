@@ -13,118 +13,20 @@ fn age(obj: &Value) -> String {
     crate::kinds::print::age_since(created)
 }
 
-fn col(name: &str, typ: &str, priority: i32) -> Value {
-    json!({"name": name, "type": typ, "format": if name == "Name" { "name" } else { "" }, "description": "", "priority": priority})
+fn columns(t: &Columns) -> Vec<Value> {
+    t.columns
+        .iter()
+        .map(|(name, typ, priority)| {
+            json!({"name": name, "type": typ, "format": if *name == "Name" { "name" } else { "" },
+                   "description": "", "priority": priority})
+        })
+        .collect()
 }
 
-/// Columns and cells for one kind.
-fn columns(r: &Resource) -> Vec<Value> {
-    match r.kind {
-        "Namespace" => vec![
-            col("Name", "string", 0),
-            col("Status", "string", 0),
-            col("Age", "string", 0),
-        ],
-        "Pod" => vec![
-            col("Name", "string", 0),
-            col("Ready", "string", 0),
-            col("Status", "string", 0),
-            col("Restarts", "string", 0),
-            col("Age", "string", 0),
-            col("IP", "string", 1),
-            col("Node", "string", 1),
-        ],
-        "ConfigMap" | "Secret" => vec![
-            col("Name", "string", 0),
-            col("Data", "integer", 0),
-            col("Age", "string", 0),
-        ],
-        "Service" => vec![
-            col("Name", "string", 0),
-            col("Type", "string", 0),
-            col("Cluster-IP", "string", 0),
-            col("External-IP", "string", 0),
-            col("Port(s)", "string", 0),
-            col("Age", "string", 0),
-            col("Selector", "string", 1),
-        ],
-        "Deployment" => vec![
-            col("Name", "string", 0),
-            col("Ready", "string", 0),
-            col("Up-to-date", "string", 0),
-            col("Available", "string", 0),
-            col("Age", "string", 0),
-        ],
-        "Node" => vec![
-            col("Name", "string", 0),
-            col("Status", "string", 0),
-            col("Roles", "string", 0),
-            col("Age", "string", 0),
-            col("Version", "string", 0),
-            col("Internal-IP", "string", 1),
-            col("OS-Image", "string", 1),
-            col("Kernel-Version", "string", 1),
-            col("Container-Runtime", "string", 1),
-        ],
-        "ReplicaSet" => vec![
-            col("Name", "string", 0),
-            col("Desired", "integer", 0),
-            col("Current", "integer", 0),
-            col("Ready", "integer", 0),
-            col("Age", "string", 0),
-            col("Containers", "string", 1),
-            col("Images", "string", 1),
-            col("Selector", "string", 1),
-        ],
-        "DaemonSet" => vec![
-            col("Name", "string", 0),
-            col("Desired", "integer", 0),
-            col("Current", "integer", 0),
-            col("Ready", "integer", 0),
-            col("Up-to-date", "integer", 0),
-            col("Available", "integer", 0),
-            col("Node Selector", "string", 0),
-            col("Age", "string", 0),
-        ],
-        "Event" => vec![
-            col("Last Seen", "string", 0),
-            col("Type", "string", 0),
-            col("Reason", "string", 0),
-            col("Object", "string", 0),
-            col("Message", "string", 0),
-        ],
-        "Endpoints" => vec![
-            col("Name", "string", 0),
-            col("Endpoints", "string", 0),
-            col("Age", "string", 0),
-        ],
-        "EndpointSlice" => vec![
-            col("Name", "string", 0),
-            col("AddressType", "string", 0),
-            col("Ports", "string", 0),
-            col("Endpoints", "string", 0),
-            col("Age", "string", 0),
-        ],
-        "Lease" => vec![
-            col("Name", "string", 0),
-            col("Holder", "string", 0),
-            col("Age", "string", 0),
-        ],
-        "ServiceAccount" => vec![
-            col("Name", "string", 0),
-            col("Secrets", "integer", 0),
-            col("Age", "string", 0),
-        ],
-        "CertificateSigningRequest" => vec![
-            col("Name", "string", 0),
-            col("Age", "string", 0),
-            col("SignerName", "string", 0),
-            col("Requestor", "string", 0),
-            col("RequestedDuration", "string", 0),
-            col("Condition", "string", 0),
-        ],
-        _ => vec![col("Name", "string", 0), col("Age", "string", 0)],
-    }
+fn name(obj: &Value) -> Value {
+    obj.pointer("/metadata/name")
+        .cloned()
+        .unwrap_or(Value::Null)
 }
 
 fn int(obj: &Value, p: &str) -> i64 {
@@ -180,287 +82,499 @@ fn node_status(obj: &Value) -> String {
     s
 }
 
-fn cells(r: &Resource, obj: &Value) -> Vec<Value> {
-    let name = obj
-        .pointer("/metadata/name")
-        .cloned()
-        .unwrap_or(Value::Null);
-    match r.kind {
-        "Namespace" => vec![
-            name,
-            obj.pointer("/status/phase")
-                .cloned()
-                .unwrap_or_else(|| json!("Active")),
-            json!(age(obj)),
-        ],
-        "Pod" => {
-            let pod: Option<k8s_openapi::api::core::v1::Pod> =
-                serde_json::from_value(obj.clone()).ok();
-            let (ready, status, restarts) = match &pod {
-                Some(p) => {
-                    let (ready, restarts) = crate::kinds::print::ready_and_restarts(p);
-                    (
-                        ready,
-                        crate::kinds::print::pod_status(p),
-                        restarts.to_string(),
-                    )
-                }
-                None => ("0/0".into(), "Unknown".into(), "0".into()),
-            };
-            vec![
-                name,
-                json!(ready),
-                json!(status),
-                json!(restarts),
-                json!(age(obj)),
-                obj.pointer("/status/podIP")
-                    .cloned()
-                    .unwrap_or_else(|| json!("<none>")),
-                obj.pointer("/spec/nodeName")
-                    .cloned()
-                    .unwrap_or_else(|| json!("<none>")),
-            ]
+/// One kind's Table: kubectl's columns (name, type, priority) and a row's cells.
+#[derive(Debug)]
+pub struct Columns {
+    pub columns: &'static [(&'static str, &'static str, i32)],
+    pub cells: fn(&Value) -> Vec<Value>,
+}
+
+/// Kinds without their own columns: Name and Age.
+pub const PLAIN: Columns = Columns {
+    columns: &[("Name", "string", 0), ("Age", "string", 0)],
+    cells: |obj| vec![name(obj), json!(age(obj))],
+};
+
+/// Namespace.
+pub const NAMESPACE: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Status", "string", 0),
+        ("Age", "string", 0),
+    ],
+    cells: namespace_cells,
+};
+
+fn namespace_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    vec![
+        name,
+        obj.pointer("/status/phase")
+            .cloned()
+            .unwrap_or_else(|| json!("Active")),
+        json!(age(obj)),
+    ]
+}
+
+/// Pod.
+pub const POD: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Ready", "string", 0),
+        ("Status", "string", 0),
+        ("Restarts", "string", 0),
+        ("Age", "string", 0),
+        ("IP", "string", 1),
+        ("Node", "string", 1),
+    ],
+    cells: pod_cells,
+};
+
+fn pod_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let pod: Option<k8s_openapi::api::core::v1::Pod> = serde_json::from_value(obj.clone()).ok();
+    let (ready, status, restarts) = match &pod {
+        Some(p) => {
+            let (ready, restarts) = crate::kinds::print::ready_and_restarts(p);
+            (
+                ready,
+                crate::kinds::print::pod_status(p),
+                restarts.to_string(),
+            )
         }
-        "ConfigMap" | "Secret" => {
-            let n = ["data", "binaryData", "stringData"]
-                .iter()
-                .filter_map(|f| obj.get(*f).and_then(Value::as_object).map(|m| m.len()))
-                .sum::<usize>();
-            vec![name, json!(n), json!(age(obj))]
-        }
-        "Service" => {
-            let ports: Vec<String> = obj
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|p| {
-                    let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
-                    let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
-                    match p.get("nodePort").and_then(Value::as_i64) {
-                        Some(np) => format!("{port}:{np}/{proto}"),
-                        None => format!("{port}/{proto}"),
-                    }
-                })
-                .collect();
-            let selector = Some(super::selector::labels_to_string(
-                obj.pointer("/spec/selector"),
+        None => ("0/0".into(), "Unknown".into(), "0".into()),
+    };
+    vec![
+        name,
+        json!(ready),
+        json!(status),
+        json!(restarts),
+        json!(age(obj)),
+        obj.pointer("/status/podIP")
+            .cloned()
+            .unwrap_or_else(|| json!("<none>")),
+        obj.pointer("/spec/nodeName")
+            .cloned()
+            .unwrap_or_else(|| json!("<none>")),
+    ]
+}
+
+/// ConfigMap, Secret.
+pub const CONFIG: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Data", "integer", 0),
+        ("Age", "string", 0),
+    ],
+    cells: config_cells,
+};
+
+fn config_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let n = ["data", "binaryData", "stringData"]
+        .iter()
+        .filter_map(|f| obj.get(*f).and_then(Value::as_object).map(|m| m.len()))
+        .sum::<usize>();
+    vec![name, json!(n), json!(age(obj))]
+}
+
+/// Service.
+pub const SERVICE: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Type", "string", 0),
+        ("Cluster-IP", "string", 0),
+        ("External-IP", "string", 0),
+        ("Port(s)", "string", 0),
+        ("Age", "string", 0),
+        ("Selector", "string", 1),
+    ],
+    cells: service_cells,
+};
+
+fn service_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let ports: Vec<String> = obj
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+            let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+            match p.get("nodePort").and_then(Value::as_i64) {
+                Some(np) => format!("{port}:{np}/{proto}"),
+                None => format!("{port}/{proto}"),
+            }
+        })
+        .collect();
+    let selector = Some(super::selector::labels_to_string(
+        obj.pointer("/spec/selector"),
+    ))
+    .filter(|s| !s.is_empty())
+    .unwrap_or_else(|| "<none>".into());
+    let external = obj
+        .pointer("/spec/externalIPs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "<none>".into());
+    vec![
+        name,
+        obj.pointer("/spec/type")
+            .cloned()
+            .unwrap_or_else(|| json!("ClusterIP")),
+        obj.pointer("/spec/clusterIP")
+            .cloned()
+            .unwrap_or_else(|| json!("<none>")),
+        json!(external),
+        json!(if ports.is_empty() {
+            "<none>".to_string()
+        } else {
+            ports.join(",")
+        }),
+        json!(age(obj)),
+        json!(selector),
+    ]
+}
+
+/// Deployment.
+pub const DEPLOYMENT: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Ready", "string", 0),
+        ("Up-to-date", "string", 0),
+        ("Available", "string", 0),
+        ("Age", "string", 0),
+    ],
+    cells: deployment_cells,
+};
+
+fn deployment_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let n = |p: &str| obj.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+    vec![
+        name,
+        json!(format!(
+            "{}/{}",
+            n("/status/readyReplicas"),
+            obj.pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(1)
+        )),
+        json!(n("/status/updatedReplicas")),
+        json!(n("/status/availableReplicas")),
+        json!(age(obj)),
+    ]
+}
+
+/// Node.
+pub const NODE: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Status", "string", 0),
+        ("Roles", "string", 0),
+        ("Age", "string", 0),
+        ("Version", "string", 0),
+        ("Internal-IP", "string", 1),
+        ("OS-Image", "string", 1),
+        ("Kernel-Version", "string", 1),
+        ("Container-Runtime", "string", 1),
+    ],
+    cells: node_cells,
+};
+
+fn node_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let roles: Vec<String> = obj
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, _)| {
+            k.strip_prefix("node-role.kubernetes.io/")
+                .map(str::to_string)
+        })
+        .collect();
+    let internal = obj
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
+        .and_then(|x| x["address"].as_str())
+        .unwrap_or("<none>")
+        .to_string();
+    vec![
+        name,
+        json!(node_status(obj)),
+        json!(if roles.is_empty() {
+            "<none>".to_string()
+        } else {
+            roles.join(",")
+        }),
+        json!(age(obj)),
+        text(obj, "/status/nodeInfo/kubeletVersion", ""),
+        json!(internal),
+        text(obj, "/status/nodeInfo/osImage", "<unknown>"),
+        text(obj, "/status/nodeInfo/kernelVersion", "<unknown>"),
+        text(obj, "/status/nodeInfo/containerRuntimeVersion", "<unknown>"),
+    ]
+}
+
+/// ReplicaSet.
+pub const REPLICA_SET: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Desired", "integer", 0),
+        ("Current", "integer", 0),
+        ("Ready", "integer", 0),
+        ("Age", "string", 0),
+        ("Containers", "string", 1),
+        ("Images", "string", 1),
+        ("Selector", "string", 1),
+    ],
+    cells: replica_set_cells,
+};
+
+fn replica_set_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let (cs, images) = containers_and_images(obj, "/spec/template/spec/containers");
+    vec![
+        name,
+        json!(int(obj, "/spec/replicas")),
+        json!(int(obj, "/status/replicas")),
+        json!(int(obj, "/status/readyReplicas")),
+        json!(age(obj)),
+        cs,
+        images,
+        json!(super::selector::labels_to_string(
+            obj.pointer("/spec/selector/matchLabels")
+        )),
+    ]
+}
+
+/// DaemonSet.
+pub const DAEMON_SET: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Desired", "integer", 0),
+        ("Current", "integer", 0),
+        ("Ready", "integer", 0),
+        ("Up-to-date", "integer", 0),
+        ("Available", "integer", 0),
+        ("Node Selector", "string", 0),
+        ("Age", "string", 0),
+    ],
+    cells: daemon_set_cells,
+};
+
+fn daemon_set_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    vec![
+        name,
+        json!(int(obj, "/status/desiredNumberScheduled")),
+        json!(int(obj, "/status/currentNumberScheduled")),
+        json!(int(obj, "/status/numberReady")),
+        json!(int(obj, "/status/updatedNumberScheduled")),
+        json!(int(obj, "/status/numberAvailable")),
+        json!(
+            Some(super::selector::labels_to_string(
+                obj.pointer("/spec/template/spec/nodeSelector")
             ))
             .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "<none>".into());
-            let external = obj
-                .pointer("/spec/externalIPs")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "<none>".into());
-            vec![
-                name,
-                obj.pointer("/spec/type")
-                    .cloned()
-                    .unwrap_or_else(|| json!("ClusterIP")),
-                obj.pointer("/spec/clusterIP")
-                    .cloned()
-                    .unwrap_or_else(|| json!("<none>")),
-                json!(external),
-                json!(if ports.is_empty() {
-                    "<none>".to_string()
-                } else {
-                    ports.join(",")
-                }),
-                json!(age(obj)),
-                json!(selector),
-            ]
-        }
-        "Deployment" => {
-            let n = |p: &str| obj.pointer(p).and_then(Value::as_i64).unwrap_or(0);
-            vec![
-                name,
-                json!(format!(
-                    "{}/{}",
-                    n("/status/readyReplicas"),
-                    obj.pointer("/spec/replicas")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(1)
-                )),
-                json!(n("/status/updatedReplicas")),
-                json!(n("/status/availableReplicas")),
-                json!(age(obj)),
-            ]
-        }
-        "Node" => {
-            let roles: Vec<String> = obj
-                .pointer("/metadata/labels")
-                .and_then(Value::as_object)
-                .into_iter()
-                .flatten()
-                .filter_map(|(k, _)| {
-                    k.strip_prefix("node-role.kubernetes.io/")
-                        .map(str::to_string)
-                })
-                .collect();
-            let internal = obj
-                .pointer("/status/addresses")
-                .and_then(Value::as_array)
-                .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
-                .and_then(|x| x["address"].as_str())
-                .unwrap_or("<none>")
-                .to_string();
-            vec![
-                name,
-                json!(node_status(obj)),
-                json!(if roles.is_empty() {
-                    "<none>".to_string()
-                } else {
-                    roles.join(",")
-                }),
-                json!(age(obj)),
-                text(obj, "/status/nodeInfo/kubeletVersion", ""),
-                json!(internal),
-                text(obj, "/status/nodeInfo/osImage", "<unknown>"),
-                text(obj, "/status/nodeInfo/kernelVersion", "<unknown>"),
-                text(obj, "/status/nodeInfo/containerRuntimeVersion", "<unknown>"),
-            ]
-        }
-        "ReplicaSet" => {
-            let (cs, images) = containers_and_images(obj, "/spec/template/spec/containers");
-            vec![
-                name,
-                json!(int(obj, "/spec/replicas")),
-                json!(int(obj, "/status/replicas")),
-                json!(int(obj, "/status/readyReplicas")),
-                json!(age(obj)),
-                cs,
-                images,
-                json!(super::selector::labels_to_string(
-                    obj.pointer("/spec/selector/matchLabels")
-                )),
-            ]
-        }
-        "DaemonSet" => vec![
-            name,
-            json!(int(obj, "/status/desiredNumberScheduled")),
-            json!(int(obj, "/status/currentNumberScheduled")),
-            json!(int(obj, "/status/numberReady")),
-            json!(int(obj, "/status/updatedNumberScheduled")),
-            json!(int(obj, "/status/numberAvailable")),
-            json!(
-                Some(super::selector::labels_to_string(
-                    obj.pointer("/spec/template/spec/nodeSelector")
-                ))
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "<none>".into())
-            ),
-            json!(age(obj)),
-        ],
-        "Event" => {
-            let last = obj
-                .pointer("/lastTimestamp")
-                .or_else(|| obj.pointer("/eventTime"))
-                .or_else(|| obj.pointer("/metadata/creationTimestamp"))
-                .and_then(Value::as_str)
-                .and_then(|t| t.parse().ok());
-            let kind = obj
-                .pointer("/involvedObject/kind")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let oname = obj
-                .pointer("/involvedObject/name")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            vec![
-                json!(crate::kinds::print::age_since(last)),
-                text(obj, "/type", ""),
-                text(obj, "/reason", ""),
-                json!(format!("{}/{oname}", kind.to_lowercase())),
-                text(obj, "/message", ""),
-            ]
-        }
-        "Endpoints" => {
-            let mut eps = vec![];
-            for ss in obj
-                .pointer("/subsets")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let ports: Vec<i64> = ss["ports"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p["port"].as_i64())
-                    .collect();
-                for a in ss["addresses"].as_array().into_iter().flatten() {
-                    let ip = a["ip"].as_str().unwrap_or("");
-                    if ports.is_empty() {
-                        eps.push(ip.to_string());
-                    }
-                    eps.extend(ports.iter().map(|p| format!("{ip}:{p}")));
-                }
+            .unwrap_or_else(|| "<none>".into())
+        ),
+        json!(age(obj)),
+    ]
+}
+
+/// Event.
+pub const EVENT: Columns = Columns {
+    columns: &[
+        ("Last Seen", "string", 0),
+        ("Type", "string", 0),
+        ("Reason", "string", 0),
+        ("Object", "string", 0),
+        ("Message", "string", 0),
+    ],
+    cells: event_cells,
+};
+
+fn event_cells(obj: &Value) -> Vec<Value> {
+    let last = obj
+        .pointer("/lastTimestamp")
+        .or_else(|| obj.pointer("/eventTime"))
+        .or_else(|| obj.pointer("/metadata/creationTimestamp"))
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse().ok());
+    let kind = obj
+        .pointer("/involvedObject/kind")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let oname = obj
+        .pointer("/involvedObject/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    vec![
+        json!(crate::kinds::print::age_since(last)),
+        text(obj, "/type", ""),
+        text(obj, "/reason", ""),
+        json!(format!("{}/{oname}", kind.to_lowercase())),
+        text(obj, "/message", ""),
+    ]
+}
+
+/// Endpoints.
+pub const ENDPOINTS: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Endpoints", "string", 0),
+        ("Age", "string", 0),
+    ],
+    cells: endpoints_cells,
+};
+
+fn endpoints_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let mut eps = vec![];
+    for ss in obj
+        .pointer("/subsets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let ports: Vec<i64> = ss["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["port"].as_i64())
+            .collect();
+        for a in ss["addresses"].as_array().into_iter().flatten() {
+            let ip = a["ip"].as_str().unwrap_or("");
+            if ports.is_empty() {
+                eps.push(ip.to_string());
             }
-            vec![name, some(eps, "<none>"), json!(age(obj))]
+            eps.extend(ports.iter().map(|p| format!("{ip}:{p}")));
         }
-        "EndpointSlice" => {
-            let ports: Vec<String> = obj
-                .pointer("/ports")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p["port"].as_i64().map(|n| n.to_string()))
-                .collect();
-            let eps: Vec<String> = obj
-                .pointer("/endpoints")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
-                .filter_map(|a| a.as_str().map(str::to_string))
-                .collect();
-            vec![
-                name,
-                text(obj, "/addressType", ""),
-                json!(if ports.is_empty() {
-                    "<unset>".to_string()
-                } else {
-                    ports.join(",")
-                }),
-                some(eps, "<unset>"),
-                json!(age(obj)),
-            ]
-        }
-        "Lease" => vec![
-            name,
-            text(obj, "/spec/holderIdentity", "<none>"),
-            json!(age(obj)),
-        ],
-        "ServiceAccount" => vec![
-            name,
-            json!(
-                obj.pointer("/secrets")
-                    .and_then(Value::as_array)
-                    .map_or(0, Vec::len)
-            ),
-            json!(age(obj)),
-        ],
-        "CertificateSigningRequest" => vec![
-            name,
-            json!(age(obj)),
-            text(obj, "/spec/signerName", "<none>"),
-            text(obj, "/spec/username", "<none>"),
-            json!(
-                obj.pointer("/spec/expirationSeconds")
-                    .and_then(Value::as_i64)
-                    .map_or("<none>".to_string(), crate::kinds::print::age_of_secs)
-            ),
-            json!(csr_condition(obj)),
-        ],
-        _ => vec![name, json!(age(obj))],
     }
+    vec![name, some(eps, "<none>"), json!(age(obj))]
+}
+
+/// EndpointSlice.
+pub const ENDPOINT_SLICE: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("AddressType", "string", 0),
+        ("Ports", "string", 0),
+        ("Endpoints", "string", 0),
+        ("Age", "string", 0),
+    ],
+    cells: endpoint_slice_cells,
+};
+
+fn endpoint_slice_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    let ports: Vec<String> = obj
+        .pointer("/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_i64().map(|n| n.to_string()))
+        .collect();
+    let eps: Vec<String> = obj
+        .pointer("/endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect();
+    vec![
+        name,
+        text(obj, "/addressType", ""),
+        json!(if ports.is_empty() {
+            "<unset>".to_string()
+        } else {
+            ports.join(",")
+        }),
+        some(eps, "<unset>"),
+        json!(age(obj)),
+    ]
+}
+
+/// Lease.
+pub const LEASE: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Holder", "string", 0),
+        ("Age", "string", 0),
+    ],
+    cells: lease_cells,
+};
+
+fn lease_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    vec![
+        name,
+        text(obj, "/spec/holderIdentity", "<none>"),
+        json!(age(obj)),
+    ]
+}
+
+/// ServiceAccount.
+pub const SERVICE_ACCOUNT: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Secrets", "integer", 0),
+        ("Age", "string", 0),
+    ],
+    cells: service_account_cells,
+};
+
+fn service_account_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    vec![
+        name,
+        json!(
+            obj.pointer("/secrets")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
+        ),
+        json!(age(obj)),
+    ]
+}
+
+/// CertificateSigningRequest.
+pub const CSR: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Age", "string", 0),
+        ("SignerName", "string", 0),
+        ("Requestor", "string", 0),
+        ("RequestedDuration", "string", 0),
+        ("Condition", "string", 0),
+    ],
+    cells: csr_cells,
+};
+
+fn csr_cells(obj: &Value) -> Vec<Value> {
+    let name = name(obj);
+    vec![
+        name,
+        json!(age(obj)),
+        text(obj, "/spec/signerName", "<none>"),
+        text(obj, "/spec/username", "<none>"),
+        json!(
+            obj.pointer("/spec/expirationSeconds")
+                .and_then(Value::as_i64)
+                .map_or("<none>".to_string(), crate::kinds::print::age_of_secs)
+        ),
+        json!(csr_condition(obj)),
+    ]
 }
 
 /// kubectl's CONDITION column of a CertificateSigningRequest: Pending, or the conditions
@@ -492,14 +606,14 @@ pub fn table(r: &Resource, objs: &[Value], _event: Option<&str>) -> Value {
         .iter()
         .map(|o| {
             json!({
-                "cells": cells(r, o),
+                "cells": (r.strategy.table.cells)(o),
                 "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
                            "metadata": o.get("metadata").cloned().unwrap_or_else(|| json!({}))},
             })
         })
         .collect();
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {},
-           "columnDefinitions": columns(r), "rows": rows})
+           "columnDefinitions": columns(r.strategy.table), "rows": rows})
 }
 
 #[cfg(test)]

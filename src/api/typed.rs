@@ -2,15 +2,6 @@
 //! unknown fields (for `fieldValidation` Strict/Warn/Ignore), type errors with the field path,
 //! and the defaulting and validation kube-apiserver applies to the kinds keelson serves.
 
-use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment, ReplicaSet},
-    coordination::v1::Lease,
-    core::v1::{
-        ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
-    },
-    discovery::v1::EndpointSlice,
-    rbac::v1 as rbac,
-};
 use serde_json::Value;
 
 use super::registry::Resource;
@@ -23,7 +14,8 @@ pub struct Decoded {
     pub unknown: Vec<String>,
 }
 
-fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
+/// Decodes `v` as `T` and encodes it again: the canonical form, or the field that does not fit.
+pub fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
     v: &Value,
     kind: &str,
     api: &str,
@@ -71,57 +63,16 @@ fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String
 
 /// Decodes `obj` as the resource's type.
 pub fn decode(r: &Resource, obj: &Value) -> Result<Decoded, String> {
-    let api = r.api_version();
-    let canonical = match r.kind {
-        "Namespace" => roundtrip::<Namespace>(obj, r.kind, &api)?,
-        "Node" => roundtrip::<Node>(obj, r.kind, &api)?,
-        "Pod" => roundtrip::<Pod>(obj, r.kind, &api)?,
-        "Service" => roundtrip::<Service>(obj, r.kind, &api)?,
-        "Endpoints" => roundtrip::<Endpoints>(obj, r.kind, &api)?,
-        "Event" => roundtrip::<Event>(obj, r.kind, &api)?,
-        "ConfigMap" => roundtrip::<ConfigMap>(obj, r.kind, &api)?,
-        "Secret" => roundtrip::<Secret>(obj, r.kind, &api)?,
-        "ServiceAccount" => roundtrip::<ServiceAccount>(obj, r.kind, &api)?,
-        "Deployment" => roundtrip::<Deployment>(obj, r.kind, &api)?,
-        "ReplicaSet" => roundtrip::<ReplicaSet>(obj, r.kind, &api)?,
-        "DaemonSet" => roundtrip::<DaemonSet>(obj, r.kind, &api)?,
-        "EndpointSlice" => roundtrip::<EndpointSlice>(obj, r.kind, &api)?,
-        "Lease" => roundtrip::<Lease>(obj, r.kind, &api)?,
-        "CertificateSigningRequest" => roundtrip::<
-            k8s_openapi::api::certificates::v1::CertificateSigningRequest,
-        >(obj, r.kind, &api)?,
-        "ClusterRole" => roundtrip::<rbac::ClusterRole>(obj, r.kind, &api)?,
-        "ClusterRoleBinding" => roundtrip::<rbac::ClusterRoleBinding>(obj, r.kind, &api)?,
-        "Role" => roundtrip::<rbac::Role>(obj, r.kind, &api)?,
-        "RoleBinding" => roundtrip::<rbac::RoleBinding>(obj, r.kind, &api)?,
-        _ => obj.clone(),
-    };
+    let canonical = (r.strategy.roundtrip)(obj, r.kind, &r.api_version())?;
     let mut unknown = vec![];
     unknown_fields(obj, &canonical, "", &mut unknown);
     unknown.sort();
     Ok(Decoded { canonical, unknown })
 }
 
-/// kube-apiserver's defaults for the kinds that have them: Pods and the pod templates of
-/// Deployments, ReplicaSets and DaemonSets, plus the workloads' own spec defaults.
-pub fn apply_defaults(kind: &str, obj: &mut Value) {
-    match kind {
-        "Pod" => default_pod(obj),
-        "Deployment" | "ReplicaSet" | "DaemonSet" => default_workload(kind, obj),
-        "Secret"
-            if obj
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .is_empty() =>
-        {
-            obj["type"] = "Opaque".into();
-        }
-        _ => {}
-    }
-}
-
-fn default_workload(kind: &str, obj: &mut Value) {
+/// kube-apiserver's defaults for a Deployment, ReplicaSet or DaemonSet: the workload's own
+/// spec defaults and its pod template's.
+pub fn default_workload(kind: &str, obj: &mut Value) {
     let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
         return;
     };
@@ -341,20 +292,6 @@ fn default_pod_spec(spec: &mut serde_json::Map<String, Value>) {
     }
 }
 
-/// Validation errors as `field: message` lines (kube-apiserver's wording).
-pub fn validate(r: &Resource, obj: &Value) -> Vec<String> {
-    match r.kind {
-        "Pod" => match serde_json::from_value::<Pod>(obj.clone()) {
-            Ok(p) => crate::kinds::validate::validate_pod(&p)
-                .iter()
-                .map(|e| e.to_string())
-                .collect(),
-            Err(e) => vec![e.to_string()],
-        },
-        _ => vec![],
-    }
-}
-
 #[cfg(test)]
 mod tests {
 
@@ -433,7 +370,7 @@ mod tests {
     #[test]
     fn workloads_get_strategy_and_template_defaults() {
         let mut d = json!({"spec": {"strategy": {}, "template": {"spec": {"containers": [{"name": "a", "image": "x:1"}]}}}});
-        apply_defaults("Deployment", &mut d);
+        default_workload("Deployment", &mut d);
         assert_eq!(d["spec"]["replicas"], 1);
         assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
         assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
@@ -441,10 +378,10 @@ mod tests {
         assert_eq!(d["spec"]["progressDeadlineSeconds"], 600);
         assert_eq!(d["spec"]["template"]["spec"]["restartPolicy"], "Always");
         let mut r = json!({"spec": {"strategy": {"type": "Recreate"}}});
-        apply_defaults("Deployment", &mut r);
+        default_workload("Deployment", &mut r);
         assert!(r["spec"]["strategy"].get("rollingUpdate").is_none());
         let mut ds = json!({"spec": {}});
-        apply_defaults("DaemonSet", &mut ds);
+        default_workload("DaemonSet", &mut ds);
         assert_eq!(
             ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
             1

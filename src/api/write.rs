@@ -276,8 +276,8 @@ pub(super) fn admit(
         }
     }
     let mut obj = d.canonical;
-    super::typed::apply_defaults(r.kind, &mut obj);
-    let errs = super::typed::validate(r, &obj);
+    (r.strategy.defaults)(&mut obj);
+    let errs = (r.strategy.validate)(&obj);
     if !errs.is_empty() {
         let causes: Vec<Value> = errs
             .iter()
@@ -403,7 +403,7 @@ pub(super) async fn create(
     if r.kind == "CertificateSigningRequest" {
         super::csr::on_create(st, o.identity, &mut obj).await?;
     }
-    initial_status(r.kind, &mut obj);
+    (r.strategy.initial_status)(&mut obj);
     if r.kind == "Pod" {
         super::typed::mount_service_account_token(&mut obj);
     }
@@ -490,25 +490,6 @@ async fn prepare_update(
         allocate_service(st, r, &mut new, Some(old), key, name).await?;
     }
     Ok((new, warnings))
-}
-
-/// The status a new object starts with, as kube-apiserver's create strategies set it (the
-/// body's is not kept): a Pod is Pending with its QoS class, a Service has an empty load
-/// balancer status, workloads an empty status.
-fn initial_status(kind: &str, obj: &mut Value) {
-    match kind {
-        "Pod" => {
-            let qos = serde_json::from_value::<k8s_openapi::api::core::v1::PodSpec>(
-                obj.get("spec").cloned().unwrap_or(Value::Null),
-            )
-            .map(|spec| crate::kinds::pod::qos_class(&spec))
-            .unwrap_or_else(|_| "BestEffort".into());
-            obj["status"] = json!({"phase": "Pending", "qosClass": qos});
-        }
-        "Service" => obj["status"] = json!({"loadBalancer": {}}),
-        "Deployment" | "ReplicaSet" | "DaemonSet" => obj["status"] = json!({}),
-        _ => {}
-    }
 }
 
 /// The body of a write to `.../NAME` must name the same object (kube-apiserver's 400).

@@ -41,6 +41,28 @@ pub fn rss_parts_kib(pid: u32) -> (u64, u64) {
     )
 }
 
+/// Resident KiB by mapping, summed by what is mapped: `[heap]`, `[anon]` (unnamed: thread
+/// stacks and malloc's other arenas), `[stack]`, or the file (binary, libraries); largest first.
+pub fn rss_by_mapping(pid: u32) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut sums: std::collections::HashMap<String, u64> = Default::default();
+    let mut current = String::new();
+    for l in text.lines() {
+        let mut f = l.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let name = f.nth(4).unwrap_or("[anon]");
+            current = name.rsplit('/').next().unwrap_or(name).to_string();
+        } else if first == "Rss:" {
+            let kib: u64 = f.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            *sums.entry(current.clone()).or_default() += kib;
+        }
+    }
+    let mut v: Vec<(String, u64)> = sums.into_iter().collect();
+    v.sort_by_key(|b| std::cmp::Reverse(b.1));
+    v
+}
+
 /// Proportional set size: shared pages divided among the processes that map them.
 pub fn pss_kib(pid: u32) -> u64 {
     proc_kib(pid, "smaps_rollup", "Pss:")

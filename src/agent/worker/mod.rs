@@ -509,7 +509,7 @@ impl PodWorker {
                 Step::CreateSandbox => match self.create_sandbox().await {
                     Ok(sb) => self.state.created(sb),
                     Err(e) => {
-                        let delay = self.state.create_failed(e.clone(), now);
+                        let delay = self.state.create_failed(e.to_string(), now);
                         tracing::warn!(pod = %self.name, error = %e, retry_in = ?delay, "creating pod sandbox failed");
                         self.set_wake(Instant::now() + delay);
                         return;

@@ -126,15 +126,6 @@ impl PodWorker {
     }
 
     /// CNI ADD for the sandbox `id` whose pause process is `pid`: the pod's address.
-    async fn cni_add(&self, id: &str, pid: u32) -> Result<Option<std::net::Ipv4Addr>, String> {
-        let Some(cni) = &self.ctx.cfg.cni else {
-            return Ok(None);
-        };
-        cni.attach(self.ctx.cfg.pod_cidr, id, pid, self.pod_ref())
-            .await
-            .map_err(|e| e.to_string())
-    }
-
     /// Removes the sandbox's network: CNI DEL, or the built-in veth.
     pub(super) async fn net_teardown(&self, sandbox_id: &str, pid: Option<u32>) {
         match &self.ctx.cfg.cni {
@@ -194,81 +185,23 @@ impl PodWorker {
         })
     }
 
-    pub(super) async fn create_sandbox(&mut self) -> Result<Sandbox, String> {
+    /// Makes the pod's sandbox: its address (built-in network), its files (/etc/hosts,
+    /// hostname, resolv.conf), the pause container, and the network wired to it.
+    pub(super) async fn create_sandbox(&mut self) -> Result<Sandbox, SandboxError> {
         let pod_spec = spec_of(&self.pod);
         let host_network = pod_spec.host_network.unwrap_or(false);
-        let (host_ipc, host_pid) = (
-            pod_spec.host_ipc.unwrap_or(false),
-            pod_spec.host_pid.unwrap_or(false),
-        );
         // With CNI the plugins' IPAM hands out the address (after the sandbox exists).
         let cni = self.ctx.cfg.cni.is_some();
-        let ip = if host_network || cni {
-            None
-        } else {
-            Some(
-                self.ctx
-                    .ipam
-                    .allocate(&self.uid)
-                    .map_err(|e| e.to_string())?,
-            )
+        let ip = match host_network || cni {
+            true => None,
+            false => Some(self.ctx.ipam.allocate(&self.uid)?),
         };
         let dir = self.pod_dir();
-        crate::runtime::private_dir(&dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let shown_ip = ip.unwrap_or(self.ctx.cfg.node_ip);
-        let hosts = format!(
-            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{shown_ip}\t{}\n",
-            self.name
-        );
-        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        for (f, content) in [
-            ("etc-hosts", hosts),
-            ("hostname", format!("{}\n", self.name)),
-            ("resolv.conf", resolv),
-        ] {
-            std::fs::write(dir.join(f), content).map_err(|e| format!("{f}: {e}"))?;
-        }
+        self.write_sandbox_files(&dir, ip.unwrap_or(self.ctx.cfg.node_ip))?;
         let id = random_hex(16);
-        let agent_net = format!("/proc/{}/ns/net", std::process::id());
-        let cfg = RuntimeConfig {
-            process: ProcessConfig {
-                args: vec!["/pause".into()],
-                cap_drop: vec!["ALL".into()],
-                ..Default::default()
-            },
-            hostname: self.name.clone(),
-            readonly_rootfs: true,
-            mounts: vec![],
-            net: if host_network {
-                Ns::Join(agent_net)
-            } else {
-                Ns::New
-            },
-            // hostIPC / hostPID: the sandbox (and through it every container) joins the
-            // node's namespace, which is the agent's.
-            ipc: if host_ipc {
-                Ns::Join(format!("/proc/{}/ns/ipc", std::process::id()))
-            } else {
-                Ns::New
-            },
-            uts: if host_network { Ns::Host } else { Ns::New },
-            pid: if host_pid {
-                Ns::Join(format!("/proc/{}/ns/pid", std::process::id()))
-            } else {
-                Ns::New
-            },
-            cgroups_path: format!("/keelson/{id}"),
-            memory_limit: None,
-            cpu_quota: None,
-            cpu_period: None,
-            cpu_shares: Some(2),
-            oom_score_adj: None,
-            seccomp: Default::default(),
-        };
-        let mut spec = spec::build(&cfg).map_err(|e| e.to_string())?;
+        let mut spec = spec::build(&self.sandbox_config(&id))?;
         spec::set_shim_group(&mut spec, &self.shim_group(&id));
-        let now = Timestamp::now();
-        let start = self.start_time.unwrap_or(now);
+        let start = self.start_time.unwrap_or_else(Timestamp::now);
         let labels = self.labels(
             "sandbox",
             "POD",
@@ -286,53 +219,108 @@ impl PodWorker {
                 stdio: Default::default(),
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SandboxError::Runtime)?;
         self.register(&id);
-        let pid = match self.ctx.rt.start(&id).await {
-            Ok(p) => p,
+        let wired = match self.ctx.rt.start(&id).await {
+            Ok(pid) if host_network => Ok((pid, None)),
+            Ok(pid) => self
+                .wire_network(&id, pid, ip, &dir)
+                .await
+                .map(|ip| (pid, ip)),
+            Err(e) => Err(SandboxError::Runtime(e)),
+        };
+        let (pid, ip) = match wired {
+            Ok(w) => w,
             Err(e) => {
                 self.unregister(&id);
                 remove_container(&self.ctx.rt, &id).await;
-                return Err(e.to_string());
+                return Err(e);
             }
         };
-        let mut ip = ip;
-        if cni && !host_network {
-            match self.cni_add(&id, pid).await {
-                Ok(got) => {
-                    ip = got;
-                    // /etc/hosts names the address CNI gave.
-                    if let Some(a) = got {
-                        let hosts = format!(
-                            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{a}\t{}\n",
-                            self.name
-                        );
-                        let _ = std::fs::write(dir.join("etc-hosts"), hosts);
-                    }
-                }
-                Err(e) => {
-                    self.unregister(&id);
-                    remove_container(&self.ctx.rt, &id).await;
-                    return Err(format!("pod network (CNI): {e}"));
-                }
-            }
-        } else if let Some(ip) = ip {
-            let pn = net::PodNet {
-                host_veth: net::host_veth_name(&self.uid),
-                ip,
-                prefix: self.ctx.ipam.cidr().prefix_len(),
-                gateway: self.ctx.ipam.gateway(),
-                bridge: self.ctx.cfg.bridge.clone(),
-            };
-            if let Err(e) = net::setup_pod(pid, &pn).await {
-                self.unregister(&id);
-                remove_container(&self.ctx.rt, &id).await;
-                let _ = net::teardown_pod(&pn.host_veth).await;
-                return Err(format!("pod network: {e}"));
-            }
-        }
         self.start_time = Some(start);
         Ok(Sandbox { id, pid, ip })
+    }
+
+    /// The pod's /etc/hosts (naming `ip`), hostname and resolv.conf, in its directory.
+    fn write_sandbox_files(&self, dir: &std::path::Path, ip: Ipv4Addr) -> Result<(), SandboxError> {
+        let io = |path: PathBuf| move |source| SandboxError::Files { path, source };
+        crate::runtime::private_dir(dir, 0o700).map_err(io(dir.to_path_buf()))?;
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        for (f, content) in [
+            ("etc-hosts", hosts_file(ip, &self.name)),
+            ("hostname", format!("{}\n", self.name)),
+            ("resolv.conf", resolv),
+        ] {
+            std::fs::write(dir.join(f), content).map_err(io(dir.join(f)))?;
+        }
+        Ok(())
+    }
+
+    /// The pause container's runtime config: new namespaces, or the node's for hostNetwork,
+    /// hostIPC and hostPID (the agent's, which are the node's).
+    fn sandbox_config(&self, id: &str) -> RuntimeConfig {
+        let pod_spec = spec_of(&self.pod);
+        let node_ns = |ns: &str| Ns::Join(format!("/proc/{}/ns/{ns}", std::process::id()));
+        let pick = |on: Option<bool>, ns: &str| match on.unwrap_or(false) {
+            true => node_ns(ns),
+            false => Ns::New,
+        };
+        let host_network = pod_spec.host_network.unwrap_or(false);
+        RuntimeConfig {
+            process: ProcessConfig {
+                args: vec!["/pause".into()],
+                cap_drop: vec!["ALL".into()],
+                ..Default::default()
+            },
+            hostname: self.name.clone(),
+            readonly_rootfs: true,
+            mounts: vec![],
+            net: pick(pod_spec.host_network, "net"),
+            ipc: pick(pod_spec.host_ipc, "ipc"),
+            uts: if host_network { Ns::Host } else { Ns::New },
+            pid: pick(pod_spec.host_pid, "pid"),
+            cgroups_path: format!("/keelson/{id}"),
+            memory_limit: None,
+            cpu_quota: None,
+            cpu_period: None,
+            cpu_shares: Some(2),
+            oom_score_adj: None,
+            seccomp: Default::default(),
+        }
+    }
+
+    /// Wires the pod network to the sandbox `id` whose pause is `pid`: CNI ADD (then
+    /// /etc/hosts names the address it gave), or the built-in veth with `ip`. The address.
+    async fn wire_network(
+        &self,
+        id: &str,
+        pid: u32,
+        ip: Option<Ipv4Addr>,
+        dir: &std::path::Path,
+    ) -> Result<Option<Ipv4Addr>, SandboxError> {
+        if let Some(cni) = &self.ctx.cfg.cni {
+            let got = cni
+                .attach(self.ctx.cfg.pod_cidr, id, pid, self.pod_ref())
+                .await
+                .map_err(|e| SandboxError::Cni(e.to_string()))?;
+            if let Some(a) = got {
+                let _ = std::fs::write(dir.join("etc-hosts"), hosts_file(a, &self.name));
+            }
+            return Ok(got);
+        }
+        let Some(ip) = ip else { return Ok(None) };
+        let pn = net::PodNet {
+            host_veth: net::host_veth_name(&self.uid),
+            ip,
+            prefix: self.ctx.ipam.cidr().prefix_len(),
+            gateway: self.ctx.ipam.gateway(),
+            bridge: self.ctx.cfg.bridge.clone(),
+        };
+        if let Err(e) = net::setup_pod(pid, &pn).await {
+            let _ = net::teardown_pod(&pn.host_veth).await;
+            return Err(SandboxError::Network(e));
+        }
+        Ok(Some(ip))
     }
 
     pub(super) fn labels<const N: usize>(
@@ -824,4 +812,32 @@ async fn kubernetes_service(client: &kube::Client) -> Option<(String, i32)> {
         .filter(|ip| !ip.is_empty() && ip != "None")?;
     let port = spec.ports?.first()?.port;
     Some((ip, port))
+}
+
+/// Why a pod's sandbox could not be made (shown as the containers' ContainerCreating
+/// message, and retried with back-off).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SandboxError {
+    #[error(transparent)]
+    Address(#[from] crate::net::ipam::IpamError),
+    #[error("{}: {source}", path.display())]
+    Files {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spec(#[from] crate::runtime::spec::SpecError),
+    #[error(transparent)]
+    Runtime(crate::runtime::Error),
+    #[error("pod network (CNI): {0}")]
+    Cni(String),
+    #[error("pod network: {0}")]
+    Network(crate::net::NetError),
+}
+
+/// A pod's /etc/hosts: localhost and the pod's own name at `ip`.
+fn hosts_file(ip: Ipv4Addr, name: &str) -> String {
+    format!(
+        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{name}\n"
+    )
 }

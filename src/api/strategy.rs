@@ -1,0 +1,258 @@
+//! What each served kind does beyond storing JSON, declared in one place per kind (kube-
+//! apiserver's registry strategies): how it decodes, its defaults and validation, the status a
+//! new object starts with, the fields a field selector may name, its Table columns, its
+//! discovery categories and verbs. The generic handlers consult `Resource::strategy`; a kind
+//! with nothing special uses `PLAIN` (served, stored, listed, watched as JSON).
+//!
+//! Adding a kind: a `Strategy` here (or `PLAIN`) and its line in `registry::RESOURCES`.
+
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    certificates::v1::CertificateSigningRequest,
+    coordination::v1::Lease,
+    core::v1::{
+        ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
+    },
+    discovery::v1::EndpointSlice,
+    rbac::v1 as rbac,
+};
+use serde_json::{Value, json};
+
+use super::{
+    table::{self, Columns},
+    typed,
+};
+
+/// A served kind's behaviour.
+#[derive(Debug)]
+pub struct Strategy {
+    /// Decodes into the kind's type and back (the canonical form; unknown fields dropped), or
+    /// says which field does not fit.
+    pub roundtrip: fn(&Value, &str, &str) -> Result<Value, String>,
+    /// kube-apiserver's defaults, applied on create and update.
+    pub defaults: fn(&mut Value),
+    /// Validation errors as `field: message` lines.
+    pub validate: fn(&Value) -> Vec<String>,
+    /// The status a created object starts with (the request's is not kept).
+    pub initial_status: fn(&mut Value),
+    /// Fields a field selector may name besides `metadata.name` and `metadata.namespace`.
+    pub field_selectors: &'static [&'static str],
+    /// `kubectl get` columns.
+    pub table: &'static Columns,
+    /// Discovery categories (`kubectl get all` lists the kinds in `all`).
+    pub categories: &'static [&'static str],
+    /// Whether `deletecollection` is served (kube-apiserver serves none for Namespaces).
+    pub delete_collection: bool,
+}
+
+/// Keeps the object as it came (a kind without a typed form).
+fn as_json(v: &Value, _kind: &str, _api: &str) -> Result<Value, String> {
+    Ok(v.clone())
+}
+
+/// No errors.
+fn valid(_: &Value) -> Vec<String> {
+    vec![]
+}
+
+/// A kind with nothing special.
+pub const PLAIN: Strategy = Strategy {
+    roundtrip: as_json,
+    defaults: |_| {},
+    validate: valid,
+    initial_status: |_| {},
+    field_selectors: &[],
+    table: &table::PLAIN,
+    categories: &[],
+    delete_collection: true,
+};
+
+const ALL: &[&str] = &["all"];
+
+pub const NAMESPACE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Namespace>,
+    field_selectors: &["status.phase"],
+    table: &table::NAMESPACE,
+    delete_collection: false,
+    ..PLAIN
+};
+
+pub const NODE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Node>,
+    field_selectors: &["spec.unschedulable"],
+    table: &table::NODE,
+    ..PLAIN
+};
+
+pub const POD: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Pod>,
+    defaults: typed::default_pod,
+    validate: validate_pod,
+    initial_status: pod_status,
+    field_selectors: &[
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "spec.hostNetwork",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    ],
+    table: &table::POD,
+    categories: ALL,
+    ..PLAIN
+};
+
+fn validate_pod(obj: &Value) -> Vec<String> {
+    match serde_json::from_value::<Pod>(obj.clone()) {
+        Ok(p) => crate::kinds::validate::validate_pod(&p)
+            .iter()
+            .map(|e| e.to_string())
+            .collect(),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+/// A new Pod is Pending, with its QoS class.
+fn pod_status(obj: &mut Value) {
+    let qos = serde_json::from_value::<k8s_openapi::api::core::v1::PodSpec>(
+        obj.get("spec").cloned().unwrap_or(Value::Null),
+    )
+    .map(|spec| crate::kinds::pod::qos_class(&spec))
+    .unwrap_or_else(|_| "BestEffort".into());
+    obj["status"] = json!({"phase": "Pending", "qosClass": qos});
+}
+
+/// A new object of a workload kind starts with an empty status.
+fn empty_status(obj: &mut Value) {
+    obj["status"] = json!({});
+}
+
+pub const SERVICE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Service>,
+    initial_status: |obj| obj["status"] = json!({"loadBalancer": {}}),
+    table: &table::SERVICE,
+    categories: ALL,
+    ..PLAIN
+};
+
+pub const ENDPOINTS: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Endpoints>,
+    table: &table::ENDPOINTS,
+    ..PLAIN
+};
+
+pub const EVENT: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Event>,
+    field_selectors: &[
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    ],
+    table: &table::EVENT,
+    ..PLAIN
+};
+
+pub const CONFIG_MAP: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<ConfigMap>,
+    table: &table::CONFIG,
+    ..PLAIN
+};
+
+pub const SECRET: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Secret>,
+    defaults: |obj| {
+        if obj
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+        {
+            obj["type"] = "Opaque".into();
+        }
+    },
+    field_selectors: &["type"],
+    table: &table::CONFIG,
+    ..PLAIN
+};
+
+pub const SERVICE_ACCOUNT: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<ServiceAccount>,
+    table: &table::SERVICE_ACCOUNT,
+    ..PLAIN
+};
+
+pub const DEPLOYMENT: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Deployment>,
+    defaults: |obj| typed::default_workload("Deployment", obj),
+    initial_status: empty_status,
+    table: &table::DEPLOYMENT,
+    categories: ALL,
+    ..PLAIN
+};
+
+pub const REPLICA_SET: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<ReplicaSet>,
+    defaults: |obj| typed::default_workload("ReplicaSet", obj),
+    initial_status: empty_status,
+    field_selectors: &["status.replicas"],
+    table: &table::REPLICA_SET,
+    categories: ALL,
+    ..PLAIN
+};
+
+pub const DAEMON_SET: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<DaemonSet>,
+    defaults: |obj| typed::default_workload("DaemonSet", obj),
+    initial_status: empty_status,
+    table: &table::DAEMON_SET,
+    categories: ALL,
+    ..PLAIN
+};
+
+pub const ENDPOINT_SLICE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<EndpointSlice>,
+    table: &table::ENDPOINT_SLICE,
+    ..PLAIN
+};
+
+pub const LEASE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Lease>,
+    table: &table::LEASE,
+    ..PLAIN
+};
+
+pub const CSR: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<CertificateSigningRequest>,
+    table: &table::CSR,
+    ..PLAIN
+};
+
+pub const CLUSTER_ROLE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<rbac::ClusterRole>,
+    ..PLAIN
+};
+
+pub const CLUSTER_ROLE_BINDING: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<rbac::ClusterRoleBinding>,
+    ..PLAIN
+};
+
+pub const ROLE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<rbac::Role>,
+    ..PLAIN
+};
+
+pub const ROLE_BINDING: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<rbac::RoleBinding>,
+    ..PLAIN
+};
