@@ -138,7 +138,7 @@ fn main() {
         ("all-in-one", PathBuf::from(env!("CARGO_BIN_EXE_keelson"))),
         ("lean", lean),
     ] {
-        let (anon, file, maps) = joined_agent_rss(&bin, burst);
+        let (anon, file, maps, threads) = joined_agent_rss(&bin, burst);
         let top: Vec<String> = maps
             .iter()
             .take(5)
@@ -152,7 +152,7 @@ fn main() {
             std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0)
         );
         println!(
-            "pod-start agent-with-proxy build={build} largest_mappings_mib {}",
+            "pod-start agent-with-proxy build={build} threads={threads} largest_mappings_mib {}",
             top.join(" ")
         );
     }
@@ -185,8 +185,8 @@ fn lean_binary() -> PathBuf {
 
 /// Starts a server and the agent from `bin` (joined, proxy on) in a fresh lab, runs `pods`
 /// pods of a Deployment behind a Service, and reads the agent's RssAnon and RssFile in KiB
-/// and its resident memory by mapping.
-fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>) {
+/// and its resident memory by mapping, and its thread count.
+fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>, u64) {
     let mut lab = Lab::start("rss");
     let server = Server::builder()
         .netns(&lab.netns)
@@ -224,6 +224,14 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>) {
     let pid = lab.agent_pid().expect("agent pid");
     let (anon, file) = rss_parts_kib(pid);
     let maps = rss_by_mapping(pid);
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0);
     server.ok(&["delete", "deployment", "web"]);
     server.until(120, "the pods to go", || {
         server
@@ -231,5 +239,5 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>) {
             .trim()
             .is_empty()
     });
-    (anon, file, maps)
+    (anon, file, maps, threads)
 }

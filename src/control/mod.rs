@@ -7,6 +7,7 @@
 
 pub mod leader;
 pub mod recorder;
+pub mod runner;
 
 use std::{sync::Arc, time::Duration};
 

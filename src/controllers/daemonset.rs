@@ -25,7 +25,11 @@ use kube::{
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    control::{Caches, controller_ref, controller_uid, next_pass, recorder::Recorder},
+    control::{
+        Caches, controller_ref, controller_uid,
+        recorder::Recorder,
+        runner::{self, Controller, PassError},
+    },
     controllers::deployment::{resolve, template_hash},
     kinds::pod::{pod_active, pod_available, pod_ready},
     kinds::scheduling::{affinity_matches, tolerates},
@@ -34,28 +38,61 @@ use crate::{
 const HASH_LABEL: &str = "controller-revision-hash";
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
-    let rec = Recorder::new(client.clone(), "daemonset-controller");
-    caches.ready().await;
-    let mut a = caches.daemonsets.changed.clone();
-    let mut b = caches.pods.changed.clone();
-    let mut c = caches.nodes.changed.clone();
-    // DaemonSet uid → (pod names created and not yet seen, give up at)
-    let mut expect: HashMap<String, (HashSet<String>, Instant)> = HashMap::new();
-    loop {
-        next_pass(&mut [&mut a, &mut b, &mut c], Duration::from_secs(2)).await;
-        if !*leading.borrow() {
-            continue;
-        }
-        let nodes = caches.nodes.all();
-        let pods = caches.pods.all();
-        for ds in caches.daemonsets.all() {
+    let c = DaemonSets {
+        rec: Recorder::new(client.clone(), "daemonset-controller"),
+        client,
+        caches: caches.clone(),
+        expect: HashMap::new(),
+    };
+    runner::run(c, &caches, leading).await;
+}
+
+struct DaemonSets {
+    client: Client,
+    rec: Recorder,
+    caches: Caches,
+    /// DaemonSet uid → (pod names created and not yet seen, give up at).
+    expect: HashMap<String, (HashSet<String>, Instant)>,
+}
+
+impl Controller for DaemonSets {
+    fn name(&self) -> &'static str {
+        "daemonset-controller"
+    }
+
+    fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
+        vec![
+            caches.daemonsets.changed.clone(),
+            caches.pods.changed.clone(),
+            caches.nodes.changed.clone(),
+        ]
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        let nodes = self.caches.nodes.all();
+        let pods = self.caches.pods.all();
+        for ds in self.caches.daemonsets.all() {
             if ds.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            if let Err(e) = sync(&client, &rec, &ds, &nodes, &pods, &mut expect).await {
+            if let Err(e) = sync(
+                &self.client,
+                &self.rec,
+                &ds,
+                &nodes,
+                &pods,
+                &mut self.expect,
+            )
+            .await
+            {
                 tracing::debug!(ds = ?ds.metadata.name, error = %e, "daemonset sync");
             }
         }
+        Ok(())
     }
 }
 

@@ -26,27 +26,56 @@ use kube::{
 use sha2::Digest;
 use tokio::sync::watch;
 
-use crate::control::{Caches, controller_ref, controller_uid, next_pass, recorder::Recorder};
+use crate::control::{
+    Caches, controller_ref, controller_uid,
+    recorder::Recorder,
+    runner::{self, Controller, PassError},
+};
 use crate::kinds::pod::pod_active;
+use std::collections::HashMap;
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
 const HASH_LABEL: &str = "pod-template-hash";
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
-    let rec = Recorder::new(client.clone(), "deployment-controller");
-    caches.ready().await;
-    let mut a = caches.deployments.changed.clone();
-    let mut b = caches.replicasets.changed.clone();
-    let mut c = caches.pods.changed.clone();
-    let mut waits = std::collections::HashMap::new();
-    loop {
-        next_pass(&mut [&mut a, &mut b, &mut c], Duration::from_secs(2)).await;
-        if !*leading.borrow() {
-            continue;
-        }
-        let sets = caches.replicasets.all();
-        let pods = caches.pods.all();
-        for d in caches.deployments.all() {
+    let c = Deployments {
+        rec: Recorder::new(client.clone(), "deployment-controller"),
+        client,
+        caches: caches.clone(),
+        waits: HashMap::new(),
+    };
+    runner::run(c, &caches, leading).await;
+}
+
+struct Deployments {
+    client: Client,
+    rec: Recorder,
+    caches: Caches,
+    /// Per Deployment uid, the ReplicaSet scalings it waits to see.
+    waits: HashMap<String, Vec<(String, i64)>>,
+}
+
+impl Controller for Deployments {
+    fn name(&self) -> &'static str {
+        "deployment-controller"
+    }
+
+    fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
+        vec![
+            caches.deployments.changed.clone(),
+            caches.replicasets.changed.clone(),
+            caches.pods.changed.clone(),
+        ]
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        let sets = self.caches.replicasets.all();
+        let pods = self.caches.pods.all();
+        for d in self.caches.deployments.all() {
             if d.metadata.deletion_timestamp.is_some() {
                 continue;
             }
@@ -56,10 +85,11 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>)
                 .filter(|r| controller_uid(r.as_ref()) == Some(uid))
                 .cloned()
                 .collect();
-            if let Err(e) = sync(&client, &rec, &d, owned, &pods, &mut waits).await {
+            if let Err(e) = sync(&self.client, &self.rec, &d, owned, &pods, &mut self.waits).await {
                 tracing::debug!(deployment = ?d.metadata.name, error = %e, "deployment sync");
             }
         }
+        Ok(())
     }
 }
 

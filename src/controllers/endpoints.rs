@@ -27,7 +27,10 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::control::{Cache, Caches, controller_ref, next_pass};
+use crate::control::{
+    Cache, Caches, controller_ref,
+    runner::{self, Controller, PassError},
+};
 use crate::kinds::pod::pod_ready;
 
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
@@ -36,28 +39,46 @@ const SERVICE_NAME: &str = "kubernetes.io/service-name";
 const MAX_PER_SLICE: usize = 100;
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
-    caches.ready().await;
     let endpoints: Cache<Endpoints> = Cache::start(
         Api::all(client.clone()),
         kube::runtime::watcher::Config::default(),
     );
     let _ = endpoints.store.wait_until_ready().await;
-    let mut a = caches.services.changed.clone();
-    let mut b = caches.pods.changed.clone();
-    let mut c = caches.slices.changed.clone();
-    let mut d = endpoints.changed.clone();
-    loop {
-        next_pass(
-            &mut [&mut a, &mut b, &mut c, &mut d],
-            Duration::from_secs(10),
-        )
-        .await;
-        if !*leading.borrow() {
-            continue;
-        }
-        if let Err(e) = pass(&client, &caches, &endpoints).await {
-            tracing::debug!(error = %e, "endpoints pass");
-        }
+    let c = EndpointsController {
+        client,
+        caches: caches.clone(),
+        endpoints,
+    };
+    runner::run(c, &caches, leading).await;
+}
+
+struct EndpointsController {
+    client: Client,
+    caches: Caches,
+    /// The Endpoints objects (only this controller follows them).
+    endpoints: Cache<Endpoints>,
+}
+
+impl Controller for EndpointsController {
+    fn name(&self) -> &'static str {
+        "endpoint-controller"
+    }
+
+    fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
+        vec![
+            caches.services.changed.clone(),
+            caches.pods.changed.clone(),
+            caches.slices.changed.clone(),
+            self.endpoints.changed.clone(),
+        ]
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        Ok(pass(&self.client, &self.caches, &self.endpoints).await?)
     }
 }
 

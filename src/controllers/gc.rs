@@ -26,31 +26,49 @@ use kube::{
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::control::{Caches, next_pass};
+use crate::control::{
+    Caches,
+    runner::{self, Controller, PassError},
+};
 
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
-    caches.ready().await;
-    let mut a = caches.pods.changed.clone();
-    let mut b = caches.replicasets.changed.clone();
-    let mut c = caches.deployments.changed.clone();
-    let mut d = caches.daemonsets.changed.clone();
-    let mut e = caches.namespaces.changed.clone();
-    let mut f = caches.services.changed.clone();
-    loop {
-        next_pass(
-            &mut [&mut a, &mut b, &mut c, &mut d, &mut e, &mut f],
-            Duration::from_secs(5),
-        )
-        .await;
-        if !*leading.borrow() {
-            continue;
-        }
-        if let Err(e) = pass(&client, &caches).await {
-            tracing::debug!(error = %e, "garbage collector pass");
-        }
+    let c = GarbageCollector {
+        client,
+        caches: caches.clone(),
+    };
+    runner::run(c, &caches, leading).await;
+}
+
+struct GarbageCollector {
+    client: Client,
+    caches: Caches,
+}
+
+impl Controller for GarbageCollector {
+    fn name(&self) -> &'static str {
+        "garbage-collector-controller"
+    }
+
+    fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
+        vec![
+            caches.pods.changed.clone(),
+            caches.replicasets.changed.clone(),
+            caches.deployments.changed.clone(),
+            caches.daemonsets.changed.clone(),
+            caches.namespaces.changed.clone(),
+            caches.services.changed.clone(),
+        ]
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        Ok(pass(&self.client, &self.caches).await?)
     }
 }
 

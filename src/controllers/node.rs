@@ -25,7 +25,11 @@ use kube::{
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::control::{Caches, next_pass, recorder::Recorder};
+use crate::control::{
+    Caches,
+    recorder::Recorder,
+    runner::{self, Controller, PassError},
+};
 
 const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 const NOT_READY: &str = "node.kubernetes.io/not-ready";
@@ -52,22 +56,55 @@ impl Default for Options {
 }
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>, opts: Options) {
-    let rec = Recorder::new(client.clone(), "node-controller");
-    caches.ready().await;
-    let mut a = caches.nodes.changed.clone();
-    let mut b = caches.node_leases.changed.clone();
-    let mut c = caches.pods.changed.clone();
-    let mut probes = Probes::default();
-    loop {
-        next_pass(&mut [&mut a, &mut b, &mut c], Duration::from_secs(1)).await;
-        if !*leading.borrow() {
-            // A new term starts with fresh observations.
-            probes.0.clear();
-            continue;
-        }
-        if let Err(e) = pass(&client, &caches, &rec, &opts, &mut probes).await {
-            tracing::debug!(error = %e, "node controller pass");
-        }
+    let c = NodeLifecycle {
+        rec: Recorder::new(client.clone(), "node-controller"),
+        client,
+        caches: caches.clone(),
+        opts,
+        probes: Probes::default(),
+    };
+    runner::run(c, &caches, leading).await;
+}
+
+struct NodeLifecycle {
+    client: Client,
+    rec: Recorder,
+    caches: Caches,
+    opts: Options,
+    probes: Probes,
+}
+
+impl Controller for NodeLifecycle {
+    fn name(&self) -> &'static str {
+        "node-controller"
+    }
+
+    fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
+        vec![
+            caches.nodes.changed.clone(),
+            caches.node_leases.changed.clone(),
+            caches.pods.changed.clone(),
+        ]
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        Ok(pass(
+            &self.client,
+            &self.caches,
+            &self.rec,
+            &self.opts,
+            &mut self.probes,
+        )
+        .await?)
+    }
+
+    /// A new term starts with fresh observations.
+    fn demoted(&mut self) {
+        self.probes.0.clear();
     }
 }
 

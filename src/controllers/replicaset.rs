@@ -13,14 +13,21 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{apps::v1::ReplicaSet, core::v1::Pod};
+use k8s_openapi::api::{
+    apps::v1::{ReplicaSet, ReplicaSetStatus},
+    core::v1::Pod,
+};
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use tokio::{sync::watch, time::Instant};
 
-use crate::control::{Caches, controller_ref, controller_uid, next_pass, recorder::Recorder};
+use crate::control::{
+    Caches, controller_ref, controller_uid,
+    recorder::Recorder,
+    runner::{self, Controller, PassError},
+};
 use crate::kinds::{
     pod::{pod_active, pod_available, pod_ready},
     selector::selector_matches,
@@ -38,18 +45,42 @@ struct Expect {
 const EXPECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
-    let rec = Recorder::new(client.clone(), "replicaset-controller");
-    caches.ready().await;
-    let mut a = caches.replicasets.changed.clone();
-    let mut b = caches.pods.changed.clone();
-    let mut expect: HashMap<String, Expect> = HashMap::new();
-    loop {
-        // The periodic pass also notices pods that became available (minReadySeconds).
-        next_pass(&mut [&mut a, &mut b], Duration::from_secs(1)).await;
-        if !*leading.borrow() {
-            continue;
-        }
-        let pods = caches.pods.all();
+    let c = ReplicaSets {
+        rec: Recorder::new(client.clone(), "replicaset-controller"),
+        client,
+        caches: caches.clone(),
+        expect: HashMap::new(),
+    };
+    runner::run(c, &caches, leading).await;
+}
+
+struct ReplicaSets {
+    client: Client,
+    rec: Recorder,
+    caches: Caches,
+    /// Per ReplicaSet uid, writes not yet seen in the cache.
+    expect: HashMap<String, Expect>,
+}
+
+impl Controller for ReplicaSets {
+    fn name(&self) -> &'static str {
+        "replicaset-controller"
+    }
+
+    fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
+        vec![
+            caches.replicasets.changed.clone(),
+            caches.pods.changed.clone(),
+        ]
+    }
+
+    /// The periodic pass also notices pods that became available (minReadySeconds).
+    fn period(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        let pods = self.caches.pods.all();
         let mut by_ns: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
         for p in &pods {
             by_ns
@@ -57,16 +88,21 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>)
                 .or_default()
                 .push(p);
         }
-        let sets = caches.replicasets.all();
+        let sets = self.caches.replicasets.all();
         let live: HashSet<String> = sets.iter().filter_map(|r| r.metadata.uid.clone()).collect();
-        expect.retain(|k, _| live.contains(k));
+        self.expect.retain(|k, _| live.contains(k));
         for rs in sets {
             let ns = rs.metadata.namespace.as_deref().unwrap_or("");
             let in_ns = by_ns.get(ns).map(Vec::as_slice).unwrap_or(&[]);
-            if let Err(e) = sync(&client, &rec, &rs, in_ns, &mut expect).await {
+            if self.waiting(&rs, in_ns) {
+                continue;
+            }
+            let plan = plan(&rs, in_ns, jiff::Timestamp::now());
+            if let Err(e) = self.apply(&rs, in_ns, plan).await {
                 tracing::debug!(rs = ?rs.metadata.name, error = %e, "replicaset sync");
             }
         }
+        Ok(())
     }
 }
 
@@ -95,47 +131,35 @@ fn delete_rank(p: &Pod) -> (u8, u8, u8, std::cmp::Reverse<Option<jiff::Timestamp
     )
 }
 
-async fn sync(
-    client: &Client,
-    rec: &Recorder,
-    rs: &Arc<ReplicaSet>,
-    pods: &[&Arc<Pod>],
-    expect: &mut HashMap<String, Expect>,
-) -> kube::Result<()> {
-    let uid = rs.metadata.uid.clone().unwrap_or_default();
-    let ns = rs.metadata.namespace.clone().unwrap_or_default();
-    let name = rs.metadata.name.clone().unwrap_or_default();
+/// The writes one ReplicaSet wants, worked out from the cache alone.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Matching orphans to take (a controller reference added).
+    pub adopt: Vec<String>,
+    /// Owned pods that no longer match, to let go.
+    pub release: Vec<String>,
+    /// How many pods to create from the template.
+    pub create: usize,
+    /// Surplus pods to delete, in kube's order.
+    pub delete: Vec<String>,
+    /// The status to write, when it differs from the object's.
+    pub status: Option<serde_json::Value>,
+}
+
+/// What `rs` wants done with `pods` (its namespace's) at `now`: kube's ReplicaSet rules.
+pub fn plan(rs: &ReplicaSet, pods: &[&Arc<Pod>], now: jiff::Timestamp) -> Plan {
+    let uid = rs.metadata.uid.as_deref().unwrap_or_default();
     let spec = rs.spec.clone().unwrap_or_default();
-    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let names: HashSet<String> = pods.iter().map(|p| pod_name(p)).collect();
-    let gone_or_going = |n: &String| {
-        !pods
-            .iter()
-            .any(|p| &pod_name(p) == n && p.metadata.deletion_timestamp.is_none())
-    };
-    if let Some(e) = expect.get(&uid) {
-        let satisfied =
-            e.created.iter().all(|n| names.contains(n)) && e.deleted.iter().all(gone_or_going);
-        let expired = e.until.is_some_and(|t| t < Instant::now());
-        if !satisfied && !expired {
-            return Ok(());
-        }
-        expect.remove(&uid);
-    }
     let deleting = rs.metadata.deletion_timestamp.is_some();
+    let mut plan = Plan::default();
     let mut owned: Vec<&Arc<Pod>> = vec![];
     for p in pods {
         let matches = selector_matches(&spec.selector, p.metadata.labels.as_ref());
         match controller_uid(p.as_ref()) {
-            Some(o) if o == uid => {
-                if matches {
-                    owned.push(p);
-                } else {
-                    release(&api, p, &uid).await?;
-                }
-            }
+            Some(o) if o == uid && matches => owned.push(p),
+            Some(o) if o == uid => plan.release.push(pod_name(p)),
             None if matches && !deleting && pod_active(p) => {
-                adopt(&api, rs, p).await?;
+                plan.adopt.push(pod_name(p));
                 owned.push(p);
             }
             _ => {}
@@ -145,76 +169,46 @@ async fn sync(
     let want = if deleting {
         0
     } else {
-        spec.replicas.unwrap_or(1)
-    } as usize;
-    let mut e = Expect {
-        until: Some(Instant::now() + EXPECT_TIMEOUT),
-        ..Default::default()
+        spec.replicas.unwrap_or(1).max(0) as usize
     };
     if active.len() < want {
-        let template = spec.template.clone().unwrap_or_default();
-        let mut meta = template.metadata.clone().unwrap_or_default();
-        meta.name = None;
-        meta.generate_name = Some(format!("{name}-"));
-        meta.namespace = Some(ns.clone());
-        meta.owner_references = controller_ref(rs.as_ref()).map(|r| vec![r]);
-        let pod = Pod {
-            metadata: meta,
-            spec: template.spec.clone(),
-            status: None,
-        };
-        tracing::info!(rs = %format!("{ns}/{name}"), active = active.len(), owned = owned.len(), want, "creating missing pods");
-        for _ in active.len()..want {
-            match api.create(&PostParams::default(), &pod).await {
-                Ok(created) => {
-                    let n = pod_name(&created);
-                    rec.event(
-                        rs.as_ref(),
-                        false,
-                        "SuccessfulCreate",
-                        format!("Created pod: {n}"),
-                    );
-                    e.created.insert(n);
-                }
-                Err(err) => {
-                    rec.event(
-                        rs.as_ref(),
-                        true,
-                        "FailedCreate",
-                        format!("Error creating: {err}"),
-                    );
-                    break;
-                }
-            }
-        }
+        plan.create = want - active.len();
     } else if active.len() > want {
         active.sort_by_key(|p| delete_rank(p));
         let extra = active.len() - want;
-        tracing::info!(rs = %format!("{ns}/{name}"), active = active.len(), want, "deleting surplus pods");
-        for p in active.drain(..extra) {
-            let n = pod_name(p);
-            match api.delete(&n, &DeleteParams::default()).await {
-                Ok(_) => {
-                    rec.event(
-                        rs.as_ref(),
-                        false,
-                        "SuccessfulDelete",
-                        format!("Deleted pod: {n}"),
-                    );
-                    e.deleted.insert(n);
-                }
-                Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-                Err(err) => return Err(err),
-            }
-        }
+        plan.delete = active[..extra].iter().map(|p| pod_name(p)).collect();
     }
-    if !e.created.is_empty() || !e.deleted.is_empty() {
-        expect.insert(uid.clone(), e);
+    // Status, from what the cache shows now (the next pass reports the writes).
+    let status = status(rs, &active_of(&owned), now);
+    let counts = |s: &ReplicaSetStatus| {
+        (
+            s.replicas,
+            s.fully_labeled_replicas.unwrap_or(0),
+            s.ready_replicas.unwrap_or(0),
+            s.available_replicas.unwrap_or(0),
+            s.observed_generation.unwrap_or(0),
+        )
+    };
+    if rs.status.as_ref().map(counts) != Some(counts(&status)) {
+        plan.status = Some(serde_json::json!({
+            "replicas": status.replicas,
+            "fullyLabeledReplicas": status.fully_labeled_replicas.unwrap_or(0),
+            "readyReplicas": status.ready_replicas.unwrap_or(0),
+            "availableReplicas": status.available_replicas.unwrap_or(0),
+            "observedGeneration": status.observed_generation.unwrap_or(0),
+        }));
     }
+    plan
+}
 
-    // Status, from what the cache shows now (the next pass reports the writes above).
-    let live: Vec<&&Arc<Pod>> = owned.iter().filter(|p| pod_active(p)).collect();
-    let now = jiff::Timestamp::now();
+fn active_of<'a>(owned: &[&'a Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
+    owned.iter().copied().filter(|p| pod_active(p)).collect()
+}
+
+/// The ReplicaSet's status over its active pods: replicas, fullyLabeledReplicas,
+/// readyReplicas, availableReplicas (ready for minReadySeconds), observedGeneration.
+fn status(rs: &ReplicaSet, live: &[&Arc<Pod>], now: jiff::Timestamp) -> ReplicaSetStatus {
+    let spec = rs.spec.clone().unwrap_or_default();
     let min_ready = spec.min_ready_seconds.unwrap_or(0);
     let template_labels = spec
         .template
@@ -229,36 +223,157 @@ async fn sync(
             template_labels.iter().all(|(k, v)| l.get(k) == Some(v))
         })
         .count();
-    let status = serde_json::json!({
-        "replicas": live.len(),
-        "fullyLabeledReplicas": fully,
-        "readyReplicas": live.iter().filter(|p| pod_ready(p)).count(),
-        "availableReplicas": live.iter().filter(|p| pod_available(p, min_ready, now)).count(),
-        "observedGeneration": rs.metadata.generation.unwrap_or(0),
-    });
-    let cur = rs.status.as_ref();
-    let same = cur.is_some_and(|c| {
-        i64::from(c.replicas) == status["replicas"].as_i64().unwrap_or(0)
-            && c.fully_labeled_replicas.map(i64::from).unwrap_or(0)
-                == status["fullyLabeledReplicas"].as_i64().unwrap_or(0)
-            && c.ready_replicas.map(i64::from).unwrap_or(0)
-                == status["readyReplicas"].as_i64().unwrap_or(0)
-            && c.available_replicas.map(i64::from).unwrap_or(0)
-                == status["availableReplicas"].as_i64().unwrap_or(0)
-            && c.observed_generation.unwrap_or(0)
-                == status["observedGeneration"].as_i64().unwrap_or(0)
-    });
-    if !same {
-        let rsapi: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-        rsapi
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&serde_json::json!({ "status": status })),
-            )
-            .await?;
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    ReplicaSetStatus {
+        replicas: count(live.len()),
+        fully_labeled_replicas: Some(count(fully)),
+        ready_replicas: Some(count(live.iter().filter(|p| pod_ready(p)).count())),
+        available_replicas: Some(count(
+            live.iter()
+                .filter(|p| pod_available(p, min_ready, now))
+                .count(),
+        )),
+        observed_generation: Some(rs.metadata.generation.unwrap_or(0)),
+        ..Default::default()
     }
-    Ok(())
+}
+
+impl ReplicaSets {
+    /// Whether `rs` still waits for its earlier writes to show in the cache (so a lagging
+    /// cache never doubles a pod); expectations expire after `EXPECT_TIMEOUT`.
+    fn waiting(&mut self, rs: &ReplicaSet, pods: &[&Arc<Pod>]) -> bool {
+        let uid = rs.metadata.uid.clone().unwrap_or_default();
+        let Some(e) = self.expect.get(&uid) else {
+            return false;
+        };
+        let names: HashSet<String> = pods.iter().map(|p| pod_name(p)).collect();
+        let gone_or_going = |n: &String| {
+            !pods
+                .iter()
+                .any(|p| &pod_name(p) == n && p.metadata.deletion_timestamp.is_none())
+        };
+        let satisfied =
+            e.created.iter().all(|n| names.contains(n)) && e.deleted.iter().all(gone_or_going);
+        let expired = e.until.is_some_and(|t| t < Instant::now());
+        if !satisfied && !expired {
+            return true;
+        }
+        self.expect.remove(&uid);
+        false
+    }
+
+    /// Carries `plan` out for `rs`, recording what it wrote as expectations.
+    async fn apply(
+        &mut self,
+        rs: &Arc<ReplicaSet>,
+        pods: &[&Arc<Pod>],
+        plan: Plan,
+    ) -> kube::Result<()> {
+        let uid = rs.metadata.uid.clone().unwrap_or_default();
+        let ns = rs.metadata.namespace.clone().unwrap_or_default();
+        let name = rs.metadata.name.clone().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        let by_name = |n: &str| pods.iter().find(|p| pod_name(p) == n);
+        for n in &plan.release {
+            if let Some(p) = by_name(n) {
+                release(&api, p, &uid).await?;
+            }
+        }
+        for n in &plan.adopt {
+            if let Some(p) = by_name(n) {
+                adopt(&api, rs, p).await?;
+            }
+        }
+        let mut e = Expect {
+            until: Some(Instant::now() + EXPECT_TIMEOUT),
+            ..Default::default()
+        };
+        if plan.create > 0 {
+            tracing::info!(rs = %format!("{ns}/{name}"), create = plan.create, "creating missing pods");
+            let pod = pod_from_template(rs);
+            for _ in 0..plan.create {
+                match api.create(&PostParams::default(), &pod).await {
+                    Ok(created) => {
+                        let n = pod_name(&created);
+                        self.rec.event(
+                            rs.as_ref(),
+                            false,
+                            "SuccessfulCreate",
+                            format!("Created pod: {n}"),
+                        );
+                        e.created.insert(n);
+                    }
+                    Err(err) => {
+                        self.rec.event(
+                            rs.as_ref(),
+                            true,
+                            "FailedCreate",
+                            format!("Error creating: {err}"),
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        if !plan.delete.is_empty() {
+            tracing::info!(rs = %format!("{ns}/{name}"), delete = plan.delete.len(), "deleting surplus pods");
+        }
+        let mut failed = None;
+        for n in plan.delete {
+            match api.delete(&n, &DeleteParams::default()).await {
+                Ok(_) => {
+                    self.rec.event(
+                        rs.as_ref(),
+                        false,
+                        "SuccessfulDelete",
+                        format!("Deleted pod: {n}"),
+                    );
+                    e.deleted.insert(n);
+                }
+                Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        if !e.created.is_empty() || !e.deleted.is_empty() {
+            self.expect.insert(uid, e);
+        }
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        if let Some(status) = plan.status {
+            let rsapi: Api<ReplicaSet> = Api::namespaced(self.client.clone(), &ns);
+            rsapi
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&serde_json::json!({ "status": status })),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A new pod from the ReplicaSet's template: named `<rs>-<random>`, controlled by it.
+fn pod_from_template(rs: &ReplicaSet) -> Pod {
+    let template = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.clone())
+        .unwrap_or_default();
+    let mut meta = template.metadata.clone().unwrap_or_default();
+    meta.name = None;
+    meta.generate_name = Some(format!("{}-", rs.metadata.name.as_deref().unwrap_or("")));
+    meta.namespace = rs.metadata.namespace.clone();
+    meta.owner_references = controller_ref(rs).map(|r| vec![r]);
+    Pod {
+        metadata: meta,
+        spec: template.spec,
+        status: None,
+    }
 }
 
 /// Replaces a pod's ownerReferences (guarded by its resourceVersion; a pod that changed or
@@ -300,4 +415,106 @@ async fn release(api: &Api<Pod>, p: &Pod, uid: &str) -> kube::Result<()> {
         .cloned()
         .collect();
     set_owners(api, p, refs).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rs(replicas: i32) -> ReplicaSet {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": "rs1", "generation": 2},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+        }))
+        .unwrap()
+    }
+
+    /// A pod labelled `app=web`, owned by `rs1` when `owned`, in `phase`, Ready or not,
+    /// created `age` seconds after the epoch.
+    fn pod(name: &str, owned: bool, phase: &str, ready: bool, node: bool, age: i64) -> Arc<Pod> {
+        let mut v = serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"},
+                         "creationTimestamp": jiff::Timestamp::from_second(age).unwrap().to_string()},
+            "spec": {"containers": [{"name": "c"}]},
+            "status": {"phase": phase, "conditions": [
+                {"type": "Ready", "status": if ready { "True" } else { "False" },
+                 "lastTransitionTime": "1970-01-01T00:00:00Z"}]},
+        });
+        if owned {
+            v["metadata"]["ownerReferences"] = serde_json::json!([{"apiVersion": "apps/v1",
+                "kind": "ReplicaSet", "name": "web", "uid": "rs1", "controller": true}]);
+        }
+        if node {
+            v["spec"]["nodeName"] = "n1".into();
+        }
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    fn now() -> jiff::Timestamp {
+        jiff::Timestamp::from_second(1_000_000).unwrap()
+    }
+
+    #[test]
+    fn missing_pods_are_created_and_the_status_counts_what_runs() {
+        let a = pod("a", true, "Running", true, true, 1);
+        let p = plan(&rs(3), &[&a], now());
+        assert_eq!(p.create, 2);
+        assert!(p.delete.is_empty() && p.adopt.is_empty() && p.release.is_empty());
+        let st = p.status.expect("a new status");
+        assert_eq!(st["replicas"], 1);
+        assert_eq!(st["readyReplicas"], 1);
+        assert_eq!(st["availableReplicas"], 1);
+        assert_eq!(st["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn surplus_pods_go_unscheduled_then_pending_then_unready_then_newest_first() {
+        let pods = [
+            pod("old-ready", true, "Running", true, true, 1),
+            pod("new-ready", true, "Running", true, true, 5),
+            pod("unready", true, "Running", false, true, 2),
+            pod("pending", true, "Pending", false, true, 3),
+            pod("unscheduled", true, "Pending", false, false, 4),
+        ];
+        let refs: Vec<&Arc<Pod>> = pods.iter().collect();
+        let p = plan(&rs(1), &refs, now());
+        assert_eq!(p.create, 0);
+        assert_eq!(p.delete, ["unscheduled", "pending", "unready", "new-ready"]);
+    }
+
+    #[test]
+    fn matching_orphans_are_adopted_and_owned_pods_that_stopped_matching_released() {
+        let orphan = pod("orphan", false, "Running", true, true, 1);
+        let mut relabelled = (*pod("moved", true, "Running", true, true, 2)).clone();
+        relabelled.metadata.labels = Some([("app".to_string(), "other".to_string())].into());
+        let relabelled = Arc::new(relabelled);
+        let done = pod("done", false, "Succeeded", false, true, 3);
+        let p = plan(&rs(1), &[&orphan, &relabelled, &done], now());
+        assert_eq!(p.adopt, ["orphan"], "finished orphans are not adopted");
+        assert_eq!(p.release, ["moved"]);
+        assert_eq!((p.create, p.delete.len()), (0, 0), "the adopted pod counts");
+    }
+
+    #[test]
+    fn a_deleted_replica_set_adopts_nothing_and_scales_to_zero() {
+        let mut r = rs(2);
+        r.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+        let owned = pod("a", true, "Running", true, true, 1);
+        let orphan = pod("b", false, "Running", true, true, 1);
+        let p = plan(&r, &[&owned, &orphan], now());
+        assert!(p.adopt.is_empty());
+        assert_eq!(p.delete, ["a"]);
+    }
+
+    #[test]
+    fn an_unchanged_status_is_not_written_again() {
+        let mut r = rs(1);
+        let a = pod("a", true, "Running", true, true, 1);
+        let first = plan(&r, &[&a], now()).status.expect("first status");
+        r.status = Some(serde_json::from_value(first).unwrap());
+        assert_eq!(plan(&r, &[&a], now()).status, None);
+    }
 }
