@@ -459,7 +459,7 @@ async fn delete_collection(
             "the server does not allow this method on the requested resource",
         ));
     }
-    if r.kind == "Namespace" {
+    if !r.strategy.delete_collection {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",

@@ -1,7 +1,8 @@
 //! What each served kind does beyond storing JSON, declared in one place per kind (kube-
 //! apiserver's registry strategies): how it decodes, its defaults and validation, the status a
 //! new object starts with, the fields a field selector may name, its Table columns, its
-//! discovery categories and verbs. The generic handlers consult `Resource::strategy`; a kind
+//! discovery categories and verbs, admission on create, how a delete waits, and the work
+//! around writes that needs the server's state (`Hook`). The generic handlers consult `Resource::strategy`; a kind
 //! with nothing special uses `PLAIN` (served, stored, listed, watched as JSON).
 //!
 //! Adding a kind: a `Strategy` here (or `PLAIN`) and its line in `registry::RESOURCES`.
@@ -43,6 +44,34 @@ pub struct Strategy {
     pub categories: &'static [&'static str],
     /// Whether `deletecollection` is served (kube-apiserver serves none for Namespaces).
     pub delete_collection: bool,
+    /// Admission on create, after validation (the ServiceAccount token volume of a Pod, a
+    /// Namespace's finalizer and phase).
+    pub on_create: fn(&mut Value),
+    /// The grace period a delete of `obj` waits (the request's, if any, is given), or None to
+    /// delete at once. Bound pods wait for their kubelet.
+    pub delete_grace: fn(&Value, Option<i64>) -> Option<i64>,
+    /// Whether an object marked for deletion is removed only when someone confirms it (a bound
+    /// pod: its kubelet), not when its finalizers are gone.
+    pub confirmed_delete: fn(&Value) -> bool,
+    /// Server-side work around the kind's writes that needs the server's state.
+    pub hooks: &'static [Hook],
+}
+
+/// Work the write handlers do for the kinds that name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// ClusterIP and node ports allocated on create and update, released on delete.
+    ServiceAddresses,
+    /// The namespace's root CA ConfigMap published on create; its contents deleted with it.
+    NamespaceContents,
+    /// The requester recorded, and approval and signing, on create.
+    CertificateRequest,
+}
+
+impl Strategy {
+    pub fn has(&self, hook: Hook) -> bool {
+        self.hooks.contains(&hook)
+    }
 }
 
 /// Keeps the object as it came (a kind without a typed form).
@@ -65,6 +94,10 @@ pub const PLAIN: Strategy = Strategy {
     table: &table::PLAIN,
     categories: &[],
     delete_collection: true,
+    on_create: |_| {},
+    delete_grace: |_, _| None,
+    confirmed_delete: |_| false,
+    hooks: &[],
 };
 
 const ALL: &[&str] = &["all"];
@@ -74,6 +107,11 @@ pub const NAMESPACE: Strategy = Strategy {
     field_selectors: &["status.phase"],
     table: &table::NAMESPACE,
     delete_collection: false,
+    on_create: |obj| {
+        obj["spec"] = json!({"finalizers": ["kubernetes"]});
+        obj["status"] = json!({"phase": "Active"});
+    },
+    hooks: &[Hook::NamespaceContents],
     ..PLAIN
 };
 
@@ -101,8 +139,36 @@ pub const POD: Strategy = Strategy {
     ],
     table: &table::POD,
     categories: ALL,
+    on_create: typed::mount_service_account_token,
+    delete_grace: pod_delete_grace,
+    confirmed_delete: bound,
     ..PLAIN
 };
+
+fn bound(pod: &Value) -> bool {
+    pod.pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty())
+}
+
+/// A pod on a node that has not finished stops gracefully (the request's grace, else its
+/// terminationGracePeriodSeconds, else 30 s); its kubelet finishes the delete.
+fn pod_delete_grace(pod: &Value, requested: Option<i64>) -> Option<i64> {
+    let finished = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    if !bound(pod) || finished {
+        return None;
+    }
+    let grace = requested
+        .or_else(|| {
+            pod.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+        .unwrap_or(30);
+    (grace > 0).then_some(grace)
+}
 
 fn validate_pod(obj: &Value) -> Vec<String> {
     match serde_json::from_value::<Pod>(obj.clone()) {
@@ -134,6 +200,7 @@ pub const SERVICE: Strategy = Strategy {
     initial_status: |obj| obj["status"] = json!({"loadBalancer": {}}),
     table: &table::SERVICE,
     categories: ALL,
+    hooks: &[Hook::ServiceAddresses],
     ..PLAIN
 };
 
@@ -234,6 +301,7 @@ pub const LEASE: Strategy = Strategy {
 pub const CSR: Strategy = Strategy {
     roundtrip: typed::roundtrip::<CertificateSigningRequest>,
     table: &table::CSR,
+    hooks: &[Hook::CertificateRequest],
     ..PLAIN
 };
 

@@ -9,6 +9,7 @@ use axum::{
 use serde_json::{Value, json};
 
 use super::handlers::*;
+use super::strategy::Hook;
 use super::{
     ApiState,
     registry::{self, Resource},
@@ -122,24 +123,7 @@ pub(super) async fn delete(
         .is_some_and(|f| !f.is_empty());
     // Pods on a node stop gracefully: the kubelet finishes the delete.
     let grace = opts.grace_period_seconds.or(grace_param);
-    let pod_grace = (r.kind == "Pod"
-        && obj
-            .pointer("/spec/nodeName")
-            .and_then(Value::as_str)
-            .is_some_and(|n| !n.is_empty())
-        && !matches!(
-            obj.pointer("/status/phase").and_then(Value::as_str),
-            Some("Succeeded" | "Failed")
-        ))
-    .then(|| {
-        grace
-            .or_else(|| {
-                obj.pointer("/spec/terminationGracePeriodSeconds")
-                    .and_then(Value::as_i64)
-            })
-            .unwrap_or(30)
-    })
-    .filter(|g| *g > 0);
+    let pod_grace = (r.strategy.delete_grace)(&obj, grace);
     if has_finalizers || pod_grace.is_some() {
         let mut marked = obj.clone();
         let already = obj.pointer("/metadata/deletionTimestamp").is_some();
@@ -180,10 +164,10 @@ pub(super) async fn delete(
         .delete(&key, Precondition::ModRevision(kv.mod_revision))
         .await
         .map_err(|e| ApiError::from_store(e, r, name))?;
-    if r.kind == "Namespace" {
+    if r.strategy.has(Hook::NamespaceContents) {
         delete_namespace_contents(st, name).await;
     }
-    if r.kind == "Service" {
+    if r.strategy.has(Hook::ServiceAddresses) {
         super::alloc::release(st.store.as_ref(), &obj).await;
     }
     Ok(json_response(StatusCode::OK, &decode(&gone)?))
@@ -203,8 +187,7 @@ pub(super) async fn finish_delete(
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
         .is_some_and(|f| !f.is_empty());
-    let graceful_pod = r.kind == "Pod" && obj.pointer("/spec/nodeName").is_some();
-    if !deleting || finalizers || graceful_pod {
+    if !deleting || finalizers || (r.strategy.confirmed_delete)(obj) {
         return Ok(None);
     }
     let gone = st
@@ -393,20 +376,14 @@ pub(super) async fn create(
     if obj.get("spec").is_some() {
         meta.insert("generation".into(), json!(1));
     }
-    if r.kind == "Namespace" {
-        obj["spec"] = json!({"finalizers": ["kubernetes"]});
-        obj["status"] = json!({"phase": "Active"});
-    }
     obj["metadata"] = Value::Object(meta);
     let (mut obj, warnings) = admit(r, obj, &name, field_validation)?;
     super::rbac::check_escalation(st, o.caller, r.kind, ns, &obj).await?;
-    if r.kind == "CertificateSigningRequest" {
+    if r.strategy.has(Hook::CertificateRequest) {
         super::csr::on_create(st, o.identity, &mut obj).await?;
     }
+    (r.strategy.on_create)(&mut obj);
     (r.strategy.initial_status)(&mut obj);
-    if r.kind == "Pod" {
-        super::typed::mount_service_account_token(&mut obj);
-    }
     ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
     let key = r.key(ns, &name);
     if dry {
@@ -431,13 +408,13 @@ pub(super) async fn create(
     let kv = match st.store.put(&key, bytes, Precondition::Absent).await {
         Ok(kv) => kv,
         Err(e) => {
-            if r.kind == "Service" {
+            if r.strategy.has(Hook::ServiceAddresses) {
                 super::alloc::release(st.store.as_ref(), &obj).await;
             }
             return Err(ApiError::from_store(e, r, &name));
         }
     };
-    if r.kind == "Namespace" {
+    if r.strategy.has(Hook::NamespaceContents) {
         // kube-controller-manager's root CA publisher answers a new namespace at once; pods
         // created right after it mount the ConfigMap.
         let _ = super::put_root_ca(st.store.as_ref(), &name, &st.ca_pem).await;
@@ -456,7 +433,7 @@ async fn allocate_service(
     key: &str,
     name: &str,
 ) -> Result<(), ApiError> {
-    if r.kind != "Service" {
+    if !r.strategy.has(Hook::ServiceAddresses) {
         return Ok(());
     }
     super::alloc::allocate(st.store.as_ref(), &st.services, obj, old, key)
