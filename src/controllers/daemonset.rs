@@ -14,9 +14,12 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{Node, Pod, Taint, Toleration},
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Node, Pod, PodSpec, Taint, Toleration},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client,
@@ -146,42 +149,41 @@ fn name_of<K: kube::Resource>(k: &K) -> String {
     k.meta().name.clone().unwrap_or_default()
 }
 
-async fn sync(
-    client: &Client,
-    rec: &Recorder,
-    ds: &Arc<DaemonSet>,
-    nodes: &[Arc<Node>],
-    pods: &[Arc<Pod>],
-    expect: &mut HashMap<String, (HashSet<String>, Instant)>,
-) -> kube::Result<()> {
-    let uid = ds.metadata.uid.clone().unwrap_or_default();
-    let ns = ds.metadata.namespace.clone().unwrap_or_default();
+/// What a DaemonSet wants, worked out from the cache alone.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Nodes that need a daemon pod.
+    pub create_on: Vec<String>,
+    /// Pods to delete: on nodes that are gone or no longer eligible, duplicates, and outdated
+    /// pods the rolling update replaces now.
+    pub delete: Vec<String>,
+    /// The status, when it differs from the object's.
+    pub status: Option<serde_json::Value>,
+}
+
+/// The daemon pod template for `ds`: its tolerations extended as kube's controller does.
+fn daemon_template(ds: &DaemonSet) -> (ObjectMeta, PodSpec) {
     let spec = ds.spec.clone().unwrap_or_default();
-    let owned: Vec<&Arc<Pod>> = pods
-        .iter()
-        .filter(|p| controller_uid(p.as_ref()) == Some(uid.as_str()))
-        .collect();
-    if let Some((names, until)) = expect.get(&uid) {
-        let seen: HashSet<String> = owned.iter().map(|p| name_of(p.as_ref())).collect();
-        if !names.iter().all(|n| seen.contains(n)) && *until > Instant::now() {
-            return Ok(());
-        }
-        expect.remove(&uid);
-    }
+    let meta = spec.template.metadata.clone().unwrap_or_default();
+    let mut pod_spec = spec.template.spec.clone().unwrap_or_default();
+    pod_spec.tolerations = Some(daemon_tolerations(pod_spec.tolerations.unwrap_or_default()));
+    (meta, pod_spec)
+}
+
+/// What `ds` wants on `nodes` given its `pods` (those it controls) at `now`: one pod on each
+/// eligible node (the newest template's oldest kept), none elsewhere, outdated ones replaced
+/// within maxUnavailable (unavailable ones first, as they cost nothing), and its status.
+pub fn plan(ds: &DaemonSet, nodes: &[Arc<Node>], pods: &[&Arc<Pod>], now: jiff::Timestamp) -> Plan {
+    let spec = ds.spec.clone().unwrap_or_default();
     let hash = template_hash(&serde_json::to_value(&spec.template).unwrap_or_default());
-    let mut template_meta = spec.template.metadata.clone().unwrap_or_default();
-    let mut template_spec = spec.template.spec.clone().unwrap_or_default();
-    template_spec.tolerations = Some(daemon_tolerations(
-        template_spec.tolerations.unwrap_or_default(),
-    ));
+    let (meta, pod_spec) = daemon_template(ds);
     let probe = Pod {
-        metadata: template_meta.clone(),
-        spec: Some(template_spec.clone()),
+        metadata: meta,
+        spec: Some(pod_spec),
         status: None,
     };
-    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let mut by_node: HashMap<String, Vec<&Arc<Pod>>> = HashMap::new();
-    for p in owned.iter().filter(|p| pod_active(p)) {
+    for p in pods.iter().filter(|p| pod_active(p)) {
         let node = p
             .spec
             .as_ref()
@@ -189,77 +191,40 @@ async fn sync(
             .unwrap_or_default();
         by_node.entry(node).or_default().push(p);
     }
-    let now = jiff::Timestamp::now();
     let min_ready = spec.min_ready_seconds.unwrap_or(0);
     let (mut desired, mut current, mut ready, mut updated, mut available, mut misscheduled) =
         (0, 0, 0, 0, 0, 0);
-    let mut created = HashSet::new();
-    let mut to_delete: Vec<&Arc<Pod>> = vec![];
+    let mut plan = Plan::default();
     let mut outdated: Vec<&Arc<Pod>> = vec![];
     let mut unavailable = 0;
-    template_meta
-        .labels
-        .get_or_insert_with(Default::default)
-        .insert(HASH_LABEL.into(), hash.clone());
-    template_meta.name = None;
-    template_meta.generate_name = Some(format!("{}-", name_of(ds.as_ref())));
-    template_meta.namespace = Some(ns.clone());
-    template_meta.owner_references = controller_ref(ds.as_ref()).map(|r| vec![r]);
+    let current_template =
+        |p: &Pod| p.metadata.labels.as_ref().and_then(|l| l.get(HASH_LABEL)) == Some(&hash);
     for n in nodes {
         let node = name_of(n.as_ref());
-        let here = by_node.remove(&node).unwrap_or_default();
+        let mut here = by_node.remove(&node).unwrap_or_default();
         if !eligible(&probe, n) {
             misscheduled += here.len();
-            to_delete.extend(here);
+            plan.delete.extend(here.iter().map(|p| name_of(p.as_ref())));
             continue;
         }
         desired += 1;
         if here.is_empty() {
-            let mut s = template_spec.clone();
-            s.node_name = Some(node.clone());
-            let pod = Pod {
-                metadata: template_meta.clone(),
-                spec: Some(s),
-                status: None,
-            };
-            match api.create(&PostParams::default(), &pod).await {
-                Ok(p) => {
-                    rec.event(
-                        ds.as_ref(),
-                        false,
-                        "SuccessfulCreate",
-                        format!("Created pod: {}", name_of(&p)),
-                    );
-                    created.insert(name_of(&p));
-                }
-                Err(e) => rec.event(
-                    ds.as_ref(),
-                    true,
-                    "FailedCreate",
-                    format!("Error creating: {e}"),
-                ),
-            }
+            plan.create_on.push(node);
             unavailable += 1;
             continue;
         }
         current += 1;
         // Keep the newest-template, oldest pod; delete the rest.
-        let mut here = here;
         here.sort_by_key(|p| {
             (
-                p.metadata.labels.as_ref().and_then(|l| l.get(HASH_LABEL)) != Some(&hash),
+                !current_template(p),
                 p.metadata.creation_timestamp.as_ref().map(|t| t.0),
             )
         });
         let keep = here[0];
-        to_delete.extend(here.into_iter().skip(1));
-        let is_new = keep
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(HASH_LABEL))
-            == Some(&hash);
-        if is_new {
+        plan.delete
+            .extend(here[1..].iter().map(|p| name_of(p.as_ref())));
+        if current_template(keep) {
             updated += 1;
         } else {
             outdated.push(keep);
@@ -274,9 +239,11 @@ async fn sync(
         }
     }
     // Pods on nodes that no longer exist.
-    for (_, rest) in by_node {
+    let mut gone: Vec<(String, Vec<&Arc<Pod>>)> = by_node.into_iter().collect();
+    gone.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, rest) in gone {
         misscheduled += rest.len();
-        to_delete.extend(rest);
+        plan.delete.extend(rest.iter().map(|p| name_of(p.as_ref())));
     }
     // Rolling update: replace outdated pods while few enough are unavailable.
     let strategy = spec.update_strategy.clone().unwrap_or_default();
@@ -288,28 +255,12 @@ async fn sync(
         outdated.sort_by_key(|p| pod_available(p, min_ready, now));
         for p in outdated {
             if !pod_available(p, min_ready, now) {
-                to_delete.push(p);
+                plan.delete.push(name_of(p.as_ref()));
             } else if budget > 0 {
                 budget -= 1;
-                to_delete.push(p);
+                plan.delete.push(name_of(p.as_ref()));
             }
         }
-    }
-    for p in to_delete {
-        let n = name_of(p.as_ref());
-        match api.delete(&n, &DeleteParams::default()).await {
-            Ok(_) => rec.event(
-                ds.as_ref(),
-                false,
-                "SuccessfulDelete",
-                format!("Deleted pod: {n}"),
-            ),
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if !created.is_empty() {
-        expect.insert(uid, (created, Instant::now() + Duration::from_secs(30)));
     }
     let status = serde_json::json!({
         "desiredNumberScheduled": desired,
@@ -334,7 +285,86 @@ async fn sync(
         o.remove("conditions");
         o.remove("collisionCount");
     }
-    if old != status {
+    plan.status = (old != status).then_some(status);
+    plan
+}
+
+async fn sync(
+    client: &Client,
+    rec: &Recorder,
+    ds: &Arc<DaemonSet>,
+    nodes: &[Arc<Node>],
+    pods: &[Arc<Pod>],
+    expect: &mut HashMap<String, (HashSet<String>, Instant)>,
+) -> kube::Result<()> {
+    let uid = ds.metadata.uid.clone().unwrap_or_default();
+    let ns = ds.metadata.namespace.clone().unwrap_or_default();
+    let owned: Vec<&Arc<Pod>> = pods
+        .iter()
+        .filter(|p| controller_uid(p.as_ref()) == Some(uid.as_str()))
+        .collect();
+    if let Some((names, until)) = expect.get(&uid) {
+        let seen: HashSet<String> = owned.iter().map(|p| name_of(p.as_ref())).collect();
+        if !names.iter().all(|n| seen.contains(n)) && *until > Instant::now() {
+            return Ok(());
+        }
+        expect.remove(&uid);
+    }
+    let plan = plan(ds, nodes, &owned, jiff::Timestamp::now());
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let spec = ds.spec.clone().unwrap_or_default();
+    let hash = template_hash(&serde_json::to_value(&spec.template).unwrap_or_default());
+    let (mut meta, pod_spec) = daemon_template(ds);
+    meta.labels
+        .get_or_insert_with(Default::default)
+        .insert(HASH_LABEL.into(), hash);
+    meta.name = None;
+    meta.generate_name = Some(format!("{}-", name_of(ds.as_ref())));
+    meta.namespace = Some(ns.clone());
+    meta.owner_references = controller_ref(ds.as_ref()).map(|r| vec![r]);
+    let mut created = HashSet::new();
+    for node in plan.create_on {
+        let mut s = pod_spec.clone();
+        s.node_name = Some(node);
+        let pod = Pod {
+            metadata: meta.clone(),
+            spec: Some(s),
+            status: None,
+        };
+        match api.create(&PostParams::default(), &pod).await {
+            Ok(p) => {
+                rec.event(
+                    ds.as_ref(),
+                    false,
+                    "SuccessfulCreate",
+                    format!("Created pod: {}", name_of(&p)),
+                );
+                created.insert(name_of(&p));
+            }
+            Err(e) => rec.event(
+                ds.as_ref(),
+                true,
+                "FailedCreate",
+                format!("Error creating: {e}"),
+            ),
+        }
+    }
+    if !created.is_empty() {
+        expect.insert(uid, (created, Instant::now() + Duration::from_secs(30)));
+    }
+    for n in plan.delete {
+        match api.delete(&n, &DeleteParams::default()).await {
+            Ok(_) => rec.event(
+                ds.as_ref(),
+                false,
+                "SuccessfulDelete",
+                format!("Deleted pod: {n}"),
+            ),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(status) = plan.status {
         let dsapi: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
         dsapi
             .patch_status(
@@ -345,4 +375,90 @@ async fn sync(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds(update: serde_json::Value) -> DaemonSet {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "agent", "namespace": "kube-system", "uid": "ds1", "generation": 1},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}}, "updateStrategy": update,
+                     "template": {"metadata": {"labels": {"app": "agent"}},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+        }))
+        .unwrap()
+    }
+
+    fn node(name: &str, taint: Option<&str>) -> Arc<Node> {
+        let mut v = serde_json::json!({"metadata": {"name": name}});
+        if let Some(key) = taint {
+            v["spec"] = serde_json::json!({"taints": [{"key": key, "effect": "NoSchedule"}]});
+        }
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    /// A Ready daemon pod of `ds1` on `node`, of template `hash`, created at `age` seconds.
+    fn pod(name: &str, node: &str, hash: &str, age: i64) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "kube-system",
+                    "labels": {"app": "agent", HASH_LABEL: hash},
+                    "creationTimestamp": jiff::Timestamp::from_second(age).unwrap().to_string(),
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                        "name": "agent", "uid": "ds1", "controller": true}]},
+                "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True",
+                    "lastTransitionTime": "1970-01-01T00:00:00Z"}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn now() -> jiff::Timestamp {
+        jiff::Timestamp::from_second(1_000_000).unwrap()
+    }
+
+    fn current_hash(d: &DaemonSet) -> String {
+        template_hash(&serde_json::to_value(&d.spec.as_ref().unwrap().template).unwrap())
+    }
+
+    #[test]
+    fn one_pod_per_eligible_node_and_none_elsewhere() {
+        let d = ds(serde_json::json!({"type": "RollingUpdate"}));
+        let h = current_hash(&d);
+        let nodes = [
+            node("n1", None),
+            node("n2", None),
+            node("tainted", Some("dedicated")),
+        ];
+        let pods = [
+            pod("a", "n1", &h, 1),
+            pod("a-dup", "n1", &h, 2),
+            pod("t", "tainted", &h, 1),
+            pod("ghost", "gone-node", &h, 1),
+        ];
+        let refs: Vec<&Arc<Pod>> = pods.iter().collect();
+        let p = plan(&d, &nodes, &refs, now());
+        assert_eq!(p.create_on, ["n2"]);
+        // The younger duplicate, the pod on a node it may not run on, the one on a lost node.
+        assert_eq!(p.delete, ["a-dup", "t", "ghost"]);
+        let st = p.status.expect("status");
+        assert_eq!(st["desiredNumberScheduled"], 2);
+        assert_eq!(st["currentNumberScheduled"], 1);
+        assert_eq!(st["numberMisscheduled"], 2);
+    }
+
+    #[test]
+    fn a_rolling_update_replaces_one_available_pod_at_a_time_and_on_delete_none() {
+        let d = ds(serde_json::json!({"type": "RollingUpdate"}));
+        let nodes = [node("n1", None), node("n2", None)];
+        let pods = [pod("a", "n1", "old", 1), pod("b", "n2", "old", 2)];
+        let refs: Vec<&Arc<Pod>> = pods.iter().collect();
+        // maxUnavailable 1: one of the two outdated (available) pods goes this pass.
+        assert_eq!(plan(&d, &nodes, &refs, now()).delete.len(), 1);
+        let d = ds(serde_json::json!({"type": "OnDelete"}));
+        assert!(plan(&d, &nodes, &refs, now()).delete.is_empty());
+    }
 }
