@@ -363,48 +363,20 @@ impl PodWorker {
         self.set_wake(Instant::now() + retry);
     }
 
-    /// Starts a new instance of a container.
+    /// Starts a new instance of a container: its image, config and spec, its log FIFOs, the
+    /// container, then the task; a step that fails is the container's waiting reason, retried
+    /// in 10 s.
     pub(super) async fn start(&mut self, kind: Kind, i: usize) {
         let c = self.container(kind, i).clone();
-        let image_ref = c.image.clone().unwrap_or_default();
-        let img: ImageInfo = match self.ctx.rt.image_info(&image_ref).await {
-            Ok(img) => img,
-            Err(crate::runtime::Error::ImageNotFound(_)) => {
-                let never = c.image_pull_policy.as_deref() == Some("Never");
-                let (reason, msg) = if never {
-                    (
-                        "ErrImageNeverPull",
-                        format!(
-                            "Container image \"{image_ref}\" is not present with pull policy of Never"
-                        ),
-                    )
-                } else {
-                    let prev = self.rec(kind, i).waiting.as_ref().map(|w| w.0.clone());
-                    let reason = if prev.as_deref() == Some("ErrImagePull")
-                        || prev.as_deref() == Some("ImagePullBackOff")
-                    {
-                        "ImagePullBackOff"
-                    } else {
-                        "ErrImagePull"
-                    };
-                    (
-                        reason,
-                        format!(
-                            "image \"{image_ref}\" is not present on the node and keelson does not pull images; import it with `keelson image import`"
-                        ),
-                    )
-                };
-                self.fail_start(kind, i, reason, msg, Duration::from_secs(10));
-                return;
-            }
-            Err(e) => {
-                self.fail_start(
-                    kind,
-                    i,
-                    "ErrImagePull",
-                    e.to_string(),
-                    Duration::from_secs(10),
-                );
+        let id = random_hex(16);
+        let prepared = match self.image_for(kind, i, &c).await {
+            Ok(img) => self.prepare(&c, img, &id).await,
+            Err(f) => Err(f),
+        };
+        let (img, rc, spec) = match prepared {
+            Ok(p) => p,
+            Err(f) => {
+                self.fail_start(kind, i, f.reason, f.message, Duration::from_secs(10));
                 return;
             }
         };
@@ -414,59 +386,6 @@ impl PodWorker {
             .as_ref()
             .map(|c| c.restart_count + 1)
             .unwrap_or_else(|| rec.previous.as_ref().map_or(0, |p| p.restart_count + 1));
-        let id = random_hex(16);
-        let tlog = self.termination_log(&c.name, &id);
-        if let Some(d) = tlog.parent() {
-            let _ = std::fs::create_dir_all(d);
-        }
-        if let Err(e) = std::fs::write(&tlog, b"") {
-            self.fail_start(
-                kind,
-                i,
-                "CreateContainerError",
-                format!("termination log: {e}"),
-                Duration::from_secs(10),
-            );
-            return;
-        }
-        self.refresh_refs().await;
-        let sb = self.sandbox_info();
-        let rc = match build::runtime_config(&self.pod, &c, &img, &sb, &id, &tlog) {
-            Ok(rc) => rc,
-            Err(e) => {
-                self.fail_start(
-                    kind,
-                    i,
-                    "CreateContainerConfigError",
-                    e.0,
-                    Duration::from_secs(10),
-                );
-                return;
-            }
-        };
-        let spec = match spec::build(&rc) {
-            Ok(mut s) => {
-                if let Some(sb) = self.state.sandbox() {
-                    spec::set_shim_group(&mut s, &self.shim_group(&sb.id));
-                }
-                s
-            }
-            Err(e) => {
-                self.fail_start(
-                    kind,
-                    i,
-                    "CreateContainerError",
-                    e.to_string(),
-                    Duration::from_secs(10),
-                );
-                return;
-            }
-        };
-        let fifo_dir = self.ctx.cfg.fifo_dir();
-        let (out, err) = (
-            fifo_dir.join(format!("{id}.out")),
-            fifo_dir.join(format!("{id}.err")),
-        );
         let inst = Instance {
             id: id.clone(),
             restart_count: restart,
@@ -480,36 +399,138 @@ impl PodWorker {
         }
         let labels = self.labels(kind.label(), &c.name, restart, []);
         let created = self
-            .ctx
+            .create_container(&c, &img, &spec, &rc, labels, &id)
+            .await;
+        self.register(&id);
+        self.replace_instance(kind, i, inst).await;
+        if let Err(e) = created {
+            // runc refused the container (e.g. executable not found): kubelet's StartError.
+            self.start_error(kind, i, &id, e.to_string());
+            return;
+        }
+        match self.ctx.rt.start(&id).await {
+            Ok(_) => self.started(kind, i, &c, &id, restart).await,
+            Err(e) => self.start_error(kind, i, &id, e.to_string()),
+        }
+    }
+
+    /// The container's image, or why it cannot start (kubelet's image reasons: a missing
+    /// image is ErrImagePull, then ImagePullBackOff; ErrImageNeverPull under `Never`).
+    async fn image_for(
+        &mut self,
+        kind: Kind,
+        i: usize,
+        c: &Container,
+    ) -> Result<ImageInfo, StartFailure> {
+        let image_ref = c.image.clone().unwrap_or_default();
+        match self.ctx.rt.image_info(&image_ref).await {
+            Ok(img) => Ok(img),
+            Err(crate::runtime::Error::ImageNotFound(_))
+                if c.image_pull_policy.as_deref() == Some("Never") =>
+            {
+                Err(StartFailure::new(
+                    "ErrImageNeverPull",
+                    format!(
+                        "Container image \"{image_ref}\" is not present with pull policy of Never"
+                    ),
+                ))
+            }
+            Err(crate::runtime::Error::ImageNotFound(_)) => {
+                let prev = self.rec(kind, i).waiting.as_ref().map(|w| w.0.clone());
+                let reason = match prev.as_deref() {
+                    Some("ErrImagePull" | "ImagePullBackOff") => "ImagePullBackOff",
+                    _ => "ErrImagePull",
+                };
+                Err(StartFailure::new(
+                    reason,
+                    format!(
+                        "image \"{image_ref}\" is not present on the node and keelson does not pull images; import it with `keelson image import`"
+                    ),
+                ))
+            }
+            Err(e) => Err(StartFailure::new("ErrImagePull", e.to_string())),
+        }
+    }
+
+    /// The instance's termination-log file, runtime config (volumes, env, security context)
+    /// and OCI spec.
+    async fn prepare(
+        &mut self,
+        c: &Container,
+        img: ImageInfo,
+        id: &str,
+    ) -> Result<(ImageInfo, RuntimeConfig, oci_spec::runtime::Spec), StartFailure> {
+        let tlog = self.termination_log(&c.name, id);
+        if let Some(d) = tlog.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        std::fs::write(&tlog, b"").map_err(|e| {
+            StartFailure::new("CreateContainerError", format!("termination log: {e}"))
+        })?;
+        self.refresh_refs().await;
+        let sb = self.sandbox_info();
+        let rc = build::runtime_config(&self.pod, c, &img, &sb, id, &tlog)
+            .map_err(|e| StartFailure::new("CreateContainerConfigError", e.0))?;
+        let mut spec = spec::build(&rc)
+            .map_err(|e| StartFailure::new("CreateContainerError", e.to_string()))?;
+        if let Some(sb) = self.state.sandbox() {
+            spec::set_shim_group(&mut spec, &self.shim_group(&sb.id));
+        }
+        Ok((img, rc, spec))
+    }
+
+    /// Creates container `id` in containerd with `labels` and its log FIFOs.
+    async fn create_container(
+        &self,
+        c: &Container,
+        img: &ImageInfo,
+        spec: &oci_spec::runtime::Spec,
+        rc: &RuntimeConfig,
+        labels: HashMap<String, String>,
+        id: &str,
+    ) -> Result<(), crate::runtime::Error> {
+        let fifo = |s: &str| {
+            self.ctx
+                .cfg
+                .fifo_dir()
+                .join(format!("{id}.{s}"))
+                .to_string_lossy()
+                .into_owned()
+        };
+        self.ctx
             .rt
             .create(CreateOpts {
-                id: &id,
-                image: &img,
-                spec: &spec,
+                id,
+                image: img,
+                spec,
                 labels,
                 stdio: Stdio {
                     stdin: if c.stdin == Some(true) {
-                        fifo_dir.join(format!("{id}.in")).to_string_lossy().into()
+                        fifo("in")
                     } else {
                         String::new()
                     },
-                    stdout: out.to_string_lossy().into(),
+                    stdout: fifo("out"),
                     // A terminal has one output: stdout.
                     stderr: if rc.process.terminal {
                         String::new()
                     } else {
-                        err.to_string_lossy().into()
+                        fifo("err")
                     },
                     terminal: rc.process.terminal,
                 },
             })
-            .await;
-        self.register(&id);
-        // The older of the kept instances goes; the current one becomes lastState.
+            .await
+            .map(|_| ())
+    }
+
+    /// `inst` becomes the container's current instance; the current one (if exited) becomes
+    /// lastState and the older one is removed.
+    async fn replace_instance(&mut self, kind: Kind, i: usize, inst: Instance) {
         let rec = self.rec(kind, i);
         let dropped = rec.previous.take();
         rec.previous = rec.current.take().filter(|c| !c.is_running());
-        rec.current = Some(inst.clone());
+        rec.current = Some(inst);
         rec.waiting = None;
         rec.retry_at = None;
         rec.started = false;
@@ -518,47 +539,41 @@ impl PodWorker {
         if let Some(d) = dropped {
             self.unregister(&d.id);
             remove_container(&self.ctx.rt, &d.id).await;
-            let _ = std::fs::remove_file(self.termination_log(&c.name, &d.id));
+            let name = self.container(kind, i).name.clone();
+            let _ = std::fs::remove_file(self.termination_log(&name, &d.id));
         }
-        if let Err(e) = created {
-            // runc refused the container (e.g. executable not found): kubelet's StartError.
-            self.start_error(kind, i, &id, e.to_string());
-            return;
+    }
+
+    /// The task of `id` runs: its start time recorded, the events, probes and postStart.
+    async fn started(&mut self, kind: Kind, i: usize, c: &Container, id: &str, restart: i32) {
+        let now = Timestamp::now();
+        if let Some(cur) = self.rec(kind, i).current.as_mut() {
+            cur.started_at = Some(now);
         }
-        match self.ctx.rt.start(&id).await {
-            Ok(_) => {
-                let now = Timestamp::now();
-                let rec = self.rec(kind, i);
-                if let Some(cur) = rec.current.as_mut() {
-                    cur.started_at = Some(now);
-                }
-                // Recorded for adoption; off the pod-start path.
-                let rt = self.ctx.rt.clone();
-                let started = [(labels::STARTED_AT.to_string(), now.to_string())].into();
-                let cid = id.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = rt.set_labels(&cid, started).await {
-                        tracing::warn!(container = %cid, error = %e, "recording start time");
-                    }
-                });
-                tracing::info!(pod = %self.name, container = %c.name, restart, event = "Started", "Started container {}", c.name);
-                let image = c.image.clone().unwrap_or_default();
-                self.event(
-                    false,
-                    "Pulled",
-                    format!("Container image \"{image}\" already present on machine"),
-                );
-                self.event(false, "Created", format!("Created container: {}", c.name));
-                self.event(false, "Started", format!("Started container {}", c.name));
-                let inst = self.rec(kind, i).current.clone();
-                if let Some(inst) = inst {
-                    self.start_probes(kind, i, &inst, tokio::time::Instant::now());
-                }
-                if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
-                    self.post_start(kind, i, &id, &h).await;
-                }
+        // Recorded for adoption; off the pod-start path.
+        let rt = self.ctx.rt.clone();
+        let started = [(labels::STARTED_AT.to_string(), now.to_string())].into();
+        let cid = id.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = rt.set_labels(&cid, started).await {
+                tracing::warn!(container = %cid, error = %e, "recording start time");
             }
-            Err(e) => self.start_error(kind, i, &id, e.to_string()),
+        });
+        tracing::info!(pod = %self.name, container = %c.name, restart, event = "Started", "Started container {}", c.name);
+        let image = c.image.clone().unwrap_or_default();
+        self.event(
+            false,
+            "Pulled",
+            format!("Container image \"{image}\" already present on machine"),
+        );
+        self.event(false, "Created", format!("Created container: {}", c.name));
+        self.event(false, "Started", format!("Started container {}", c.name));
+        let inst = self.rec(kind, i).current.clone();
+        if let Some(inst) = inst {
+            self.start_probes(kind, i, &inst, tokio::time::Instant::now());
+        }
+        if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
+            self.post_start(kind, i, id, &h).await;
         }
     }
 
@@ -840,4 +855,16 @@ fn hosts_file(ip: Ipv4Addr, name: &str) -> String {
     format!(
         "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{name}\n"
     )
+}
+
+/// Why a container instance could not be made: kubelet's waiting reason and message.
+struct StartFailure {
+    reason: &'static str,
+    message: String,
+}
+
+impl StartFailure {
+    fn new(reason: &'static str, message: String) -> Self {
+        StartFailure { reason, message }
+    }
 }
