@@ -16,73 +16,10 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
         .and_then(|v| v.iter().find(|v| v.name == name))
         .ok_or_else(|| ConfigError(format!("volume {name:?} not found")))?;
     if let Some(hp) = &vol.host_path {
-        let p = Path::new(&hp.path);
-        match hp.type_.as_deref().unwrap_or("") {
-            "DirectoryOrCreate" => std::fs::create_dir_all(p)
-                .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?,
-            "FileOrCreate" => {
-                if let Some(d) = p.parent() {
-                    let _ = std::fs::create_dir_all(d);
-                }
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?;
-            }
-            "Directory" if !p.is_dir() => {
-                return Err(ConfigError(format!(
-                    "hostPath type check failed: {} is not a directory",
-                    hp.path
-                )));
-            }
-            "File" if !p.is_file() => {
-                return Err(ConfigError(format!(
-                    "hostPath type check failed: {} is not a file",
-                    hp.path
-                )));
-            }
-            _ => {}
-        }
-        return Ok(hp.path.clone());
+        return host_path(hp);
     }
     if let Some(ed) = &vol.empty_dir {
-        let dir = sb.pod_dir.join("volumes/empty-dir").join(name);
-        if !dir.exists() {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
-            if ed.medium.as_deref() == Some("Memory") {
-                let size = ed
-                    .size_limit
-                    .as_ref()
-                    .and_then(|q| quantity::bytes(&q.0))
-                    .map(|b| format!("size={b}"));
-                nix::mount::mount(
-                    Some("tmpfs"),
-                    &dir,
-                    Some("tmpfs"),
-                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-                    size.as_deref(),
-                )
-                .map_err(|e| ConfigError(format!("emptyDir {name:?}: mount tmpfs: {e}")))?;
-            }
-            // kubelet makes emptyDirs world-writable, group-owned by fsGroup (setgid) if set.
-            let fs_group = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.security_context.as_ref())
-                .and_then(|s| s.fs_group);
-            let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
-            if let Some(g) = fs_group {
-                nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(g as u32)))
-                    .map_err(|e| {
-                        ConfigError(format!("emptyDir {name:?}: chown to fsGroup {g}: {e}"))
-                    })?;
-            }
-            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
-        }
-        return Ok(dir.to_string_lossy().into());
+        return empty_dir(pod, sb, name, ed);
     }
     let projected = match (&vol.config_map, &vol.secret) {
         (Some(c), _) => Some((
@@ -101,113 +38,225 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
         )),
         _ => None,
     };
-    if let Some((secret, source, items, mode, optional)) = projected {
-        let dir = sb.pod_dir.join("volumes/projected").join(name);
-        let entries = match sb.refs.entries(secret, &source) {
-            Some(e) => e,
-            None if optional => vec![],
-            None => {
-                let kind = if secret { "secret" } else { "configmap" };
-                return Err(ConfigError(format!(
-                    "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
-                )));
-            }
-        };
-        write_projection(&dir, &entries, items.as_deref(), mode.unwrap_or(0o644))
-            .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
-        return Ok(dir.to_string_lossy().into());
+    if let Some(p) = projected {
+        return config_map_or_secret(sb, name, p);
     }
     if let Some(da) = &vol.downward_api {
-        let dir = sb.pod_dir.join("volumes/downward-api").join(name);
-        let (entries, items) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
-        write_projection(
-            &dir,
-            &entries,
-            Some(&items),
-            da.default_mode.unwrap_or(0o644),
-        )
-        .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
-        return Ok(dir.to_string_lossy().into());
+        return downward_api(pod, sb, name, da);
     }
     if let Some(pv) = &vol.projected {
-        // Every source lands in one directory; entry keys are made unique per source.
-        let dir = sb.pod_dir.join("volumes/projected").join(name);
-        let mut entries: Vec<(String, Vec<u8>)> = vec![];
-        let mut items: Vec<KeyToPath> = vec![];
-        for (i, src) in pv.sources.iter().flatten().enumerate() {
-            if let Some(t) = &src.service_account_token {
-                let aud = t.audience.clone().unwrap_or_default();
-                let token = sb.refs.tokens.get(&aud).ok_or_else(|| {
-                    ConfigError(format!(
-                        "MountVolume.SetUp failed for volume \"{name}\" : failed to fetch token: no token for the pod's service account yet"
-                    ))
-                })?;
-                let key = format!("{i}/token");
-                entries.push((key.clone(), token.token.clone().into_bytes()));
-                items.push(KeyToPath {
-                    key,
-                    path: t.path.clone(),
-                    mode: None,
-                });
-            }
-            let cm_or_secret = match (&src.config_map, &src.secret) {
-                (Some(c), _) => Some((false, &c.name, &c.items, c.optional)),
-                (None, Some(sc)) => Some((true, &sc.name, &sc.items, sc.optional)),
-                _ => None,
-            };
-            if let Some((secret, source, picked, optional)) = cm_or_secret {
-                let found = match sb.refs.entries(secret, source) {
-                    Some(e) => e,
-                    None if optional.unwrap_or(false) => vec![],
-                    None => {
-                        let kind = if secret { "secret" } else { "configmap" };
-                        return Err(ConfigError(format!(
-                            "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
-                        )));
-                    }
-                };
-                for (k, v) in found {
-                    let key = format!("{i}/{k}");
-                    match picked {
-                        Some(list) => {
-                            for it in list.iter().filter(|it| it.key == k) {
-                                items.push(KeyToPath {
-                                    key: key.clone(),
-                                    path: it.path.clone(),
-                                    mode: it.mode,
-                                });
-                            }
-                        }
-                        None => items.push(KeyToPath {
-                            key: key.clone(),
-                            path: k.clone(),
-                            mode: None,
-                        }),
-                    }
-                    entries.push((key, v));
-                }
-            }
-            if let Some(da) = &src.downward_api {
-                let (e, its) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
-                for ((k, v), it) in e.into_iter().zip(its) {
-                    let key = format!("{i}/{k}");
-                    entries.push((key.clone(), v));
-                    items.push(KeyToPath { key, ..it });
-                }
-            }
-        }
-        write_projection(
-            &dir,
-            &entries,
-            Some(&items),
-            pv.default_mode.unwrap_or(0o644),
-        )
-        .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
-        return Ok(dir.to_string_lossy().into());
+        return projected_volume(pod, sb, name, pv);
     }
     Err(ConfigError(format!(
         "volume {name:?}: this volume type is not supported"
     )))
+}
+
+/// A hostPath volume: the path itself, after kubelet's type check (or creation).
+fn host_path(hp: &k8s_openapi::api::core::v1::HostPathVolumeSource) -> Result<String, ConfigError> {
+    let p = Path::new(&hp.path);
+    match hp.type_.as_deref().unwrap_or("") {
+        "DirectoryOrCreate" => std::fs::create_dir_all(p)
+            .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?,
+        "FileOrCreate" => {
+            if let Some(d) = p.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| ConfigError(format!("hostPath {:?}: {e}", hp.path)))?;
+        }
+        "Directory" if !p.is_dir() => {
+            return Err(ConfigError(format!(
+                "hostPath type check failed: {} is not a directory",
+                hp.path
+            )));
+        }
+        "File" if !p.is_file() => {
+            return Err(ConfigError(format!(
+                "hostPath type check failed: {} is not a file",
+                hp.path
+            )));
+        }
+        _ => {}
+    }
+    Ok(hp.path.clone())
+}
+
+/// An emptyDir: a directory under the pod's (a tmpfs for `medium: Memory`), world-writable
+/// and setgid to fsGroup, as kubelet makes it.
+fn empty_dir(
+    pod: &Pod,
+    sb: &SandboxInfo,
+    name: &str,
+    ed: &k8s_openapi::api::core::v1::EmptyDirVolumeSource,
+) -> Result<String, ConfigError> {
+    let dir = sb.pod_dir.join("volumes/empty-dir").join(name);
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
+        if ed.medium.as_deref() == Some("Memory") {
+            let size = ed
+                .size_limit
+                .as_ref()
+                .and_then(|q| quantity::bytes(&q.0))
+                .map(|b| format!("size={b}"));
+            nix::mount::mount(
+                Some("tmpfs"),
+                &dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                size.as_deref(),
+            )
+            .map_err(|e| ConfigError(format!("emptyDir {name:?}: mount tmpfs: {e}")))?;
+        }
+        // kubelet makes emptyDirs world-writable, group-owned by fsGroup (setgid) if set.
+        let fs_group = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|s| s.fs_group);
+        let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
+        if let Some(g) = fs_group {
+            nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(g as u32))).map_err(
+                |e| ConfigError(format!("emptyDir {name:?}: chown to fsGroup {g}: {e}")),
+            )?;
+        }
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
+    }
+    Ok(dir.to_string_lossy().into())
+}
+
+/// A ConfigMap or Secret volume: (is a Secret, its name, picked items, default mode, optional).
+type Source = (bool, String, Option<Vec<KeyToPath>>, Option<i32>, bool);
+
+/// A ConfigMap or Secret volume, written as a projection.
+fn config_map_or_secret(
+    sb: &SandboxInfo,
+    name: &str,
+    source: Source,
+) -> Result<String, ConfigError> {
+    let (secret, source, items, mode, optional) = source;
+    let dir = sb.pod_dir.join("volumes/projected").join(name);
+    let entries = match sb.refs.entries(secret, &source) {
+        Some(e) => e,
+        None if optional => vec![],
+        None => {
+            let kind = if secret { "secret" } else { "configmap" };
+            return Err(ConfigError(format!(
+                "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
+            )));
+        }
+    };
+    write_projection(&dir, &entries, items.as_deref(), mode.unwrap_or(0o644))
+        .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+    Ok(dir.to_string_lossy().into())
+}
+
+/// A downwardAPI volume, written as a projection.
+fn downward_api(
+    pod: &Pod,
+    sb: &SandboxInfo,
+    name: &str,
+    da: &k8s_openapi::api::core::v1::DownwardAPIVolumeSource,
+) -> Result<String, ConfigError> {
+    let dir = sb.pod_dir.join("volumes/downward-api").join(name);
+    let (entries, items) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
+    write_projection(
+        &dir,
+        &entries,
+        Some(&items),
+        da.default_mode.unwrap_or(0o644),
+    )
+    .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+    Ok(dir.to_string_lossy().into())
+}
+
+/// A projected volume: service account tokens, ConfigMaps, Secrets and downward API items in
+/// one directory (entry keys made unique per source).
+fn projected_volume(
+    pod: &Pod,
+    sb: &SandboxInfo,
+    name: &str,
+    pv: &k8s_openapi::api::core::v1::ProjectedVolumeSource,
+) -> Result<String, ConfigError> {
+    // Every source lands in one directory; entry keys are made unique per source.
+    let dir = sb.pod_dir.join("volumes/projected").join(name);
+    let mut entries: Vec<(String, Vec<u8>)> = vec![];
+    let mut items: Vec<KeyToPath> = vec![];
+    for (i, src) in pv.sources.iter().flatten().enumerate() {
+        if let Some(t) = &src.service_account_token {
+            let aud = t.audience.clone().unwrap_or_default();
+            let token = sb.refs.tokens.get(&aud).ok_or_else(|| {
+                ConfigError(format!(
+                    "MountVolume.SetUp failed for volume \"{name}\" : failed to fetch token: no token for the pod's service account yet"
+                ))
+            })?;
+            let key = format!("{i}/token");
+            entries.push((key.clone(), token.token.clone().into_bytes()));
+            items.push(KeyToPath {
+                key,
+                path: t.path.clone(),
+                mode: None,
+            });
+        }
+        let cm_or_secret = match (&src.config_map, &src.secret) {
+            (Some(c), _) => Some((false, &c.name, &c.items, c.optional)),
+            (None, Some(sc)) => Some((true, &sc.name, &sc.items, sc.optional)),
+            _ => None,
+        };
+        if let Some((secret, source, picked, optional)) = cm_or_secret {
+            let found = match sb.refs.entries(secret, source) {
+                Some(e) => e,
+                None if optional.unwrap_or(false) => vec![],
+                None => {
+                    let kind = if secret { "secret" } else { "configmap" };
+                    return Err(ConfigError(format!(
+                        "MountVolume.SetUp failed for volume \"{name}\" : {kind} \"{source}\" not found"
+                    )));
+                }
+            };
+            for (k, v) in found {
+                let key = format!("{i}/{k}");
+                match picked {
+                    Some(list) => {
+                        for it in list.iter().filter(|it| it.key == k) {
+                            items.push(KeyToPath {
+                                key: key.clone(),
+                                path: it.path.clone(),
+                                mode: it.mode,
+                            });
+                        }
+                    }
+                    None => items.push(KeyToPath {
+                        key: key.clone(),
+                        path: k.clone(),
+                        mode: None,
+                    }),
+                }
+                entries.push((key, v));
+            }
+        }
+        if let Some(da) = &src.downward_api {
+            let (e, its) = downward_entries(pod, sb, name, da.items.iter().flatten())?;
+            for ((k, v), it) in e.into_iter().zip(its) {
+                let key = format!("{i}/{k}");
+                entries.push((key.clone(), v));
+                items.push(KeyToPath { key, ..it });
+            }
+        }
+    }
+    write_projection(
+        &dir,
+        &entries,
+        Some(&items),
+        pv.default_mode.unwrap_or(0o644),
+    )
+    .map_err(|e| ConfigError(format!("volume {name:?}: {e}")))?;
+    Ok(dir.to_string_lossy().into())
 }
 
 /// Named contents of a projection: (key, bytes).
