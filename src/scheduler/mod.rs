@@ -27,7 +27,11 @@ use kube::{
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    control::{Caches, controller_uid, next_pass, recorder::Recorder},
+    control::{
+        Caches, controller_uid,
+        recorder::Recorder,
+        runner::{self, Controller, PassError},
+    },
     kinds::node::node_ready,
     kinds::quantity,
     kinds::scheduling::{affinity_matches, tolerates},
@@ -276,45 +280,105 @@ fn uid(p: &Pod) -> String {
 
 /// Runs the scheduler while `leading` is true.
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
-    let recorder = Recorder::new(client.clone(), "default-scheduler");
-    caches.ready().await;
-    let mut pods_changed = caches.pods.changed.clone();
-    let mut nodes_changed = caches.nodes.changed.clone();
-    // Pods bound by us that the cache does not show bound yet: uid → (pod, node).
-    let mut assumed: HashMap<String, (Arc<Pod>, String)> = HashMap::new();
-    // Unschedulable pods: uid → (next try, back-off, last reported message).
-    let mut waiting: HashMap<String, (Instant, Duration, String)> = HashMap::new();
-    let mut node_version = *nodes_changed.borrow();
-    // Bound pods seen in the previous pass: when one goes, its capacity is free again.
-    let mut bound_before: HashSet<String> = HashSet::new();
-    let mut rotate = 0usize;
-    loop {
-        next_pass(
-            &mut [&mut pods_changed, &mut nodes_changed],
-            Duration::from_millis(500),
-        )
-        .await;
-        if !*leading.borrow() {
-            continue;
-        }
-        let nv = *nodes_changed.borrow();
-        if nv != node_version {
-            // Nodes changed: every waiting pod may fit now.
-            node_version = nv;
-            for w in waiting.values_mut() {
-                w.0 = Instant::now();
+    let s = Scheduler {
+        recorder: Recorder::new(client.clone(), "default-scheduler"),
+        client,
+        node_version: *caches.nodes.changed.borrow(),
+        caches: caches.clone(),
+        assumed: HashMap::new(),
+        waiting: HashMap::new(),
+        bound_before: HashSet::new(),
+        rotate: 0,
+    };
+    runner::run(s, &caches, leading).await;
+}
+
+/// Where an unschedulable pod stands: its next try, its back-off, the last message reported.
+type Waiting = (Instant, Duration, String);
+
+struct Scheduler {
+    client: Client,
+    recorder: Recorder,
+    caches: Caches,
+    /// Pods bound by us that the cache does not show bound yet: uid → (pod, node).
+    assumed: HashMap<String, (Arc<Pod>, String)>,
+    /// Unschedulable pods by uid.
+    waiting: HashMap<String, Waiting>,
+    node_version: u64,
+    /// Bound pods seen in the previous pass: when one goes, its capacity is free again.
+    bound_before: HashSet<String>,
+    /// Where the next pod's node search starts (spreads equal scores).
+    rotate: usize,
+}
+
+impl Controller for Scheduler {
+    fn name(&self) -> &'static str {
+        "default-scheduler"
+    }
+
+    fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
+        vec![caches.pods.changed.clone(), caches.nodes.changed.clone()]
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        let (mut infos, pending) = self.snapshot();
+        let mut binds = tokio::task::JoinSet::new();
+        for p in pending {
+            match self.pick_node(&p, &infos) {
+                Ok(i) => {
+                    infos[i].add(&p);
+                    let node = infos[i].node.metadata.name.clone().unwrap_or_default();
+                    self.assumed.insert(uid(&p), (p.clone(), node.clone()));
+                    self.waiting.remove(&uid(&p));
+                    if binds.len() >= BIND_CONCURRENCY {
+                        handle_bind(binds.join_next().await, &mut self.assumed);
+                    }
+                    binds.spawn(bind_and_report(
+                        self.client.clone(),
+                        self.recorder.clone(),
+                        p,
+                        node,
+                    ));
+                }
+                Err(reasons) => {
+                    let msg = unschedulable_message(infos.len(), &reasons);
+                    self.unschedulable(&p, msg);
+                }
             }
         }
-        let nodes = caches.nodes.all();
+        while let Some(r) = binds.join_next().await {
+            handle_bind(Some(r), &mut self.assumed);
+        }
+        Ok(())
+    }
+}
+
+impl Scheduler {
+    /// The nodes with what is bound or assumed on them, and the pods to schedule now (highest
+    /// priority, then oldest, first). Waiting pods are let go early when nodes changed or a
+    /// bound pod went.
+    fn snapshot(&mut self) -> (Vec<NodeInfo>, Vec<Arc<Pod>>) {
+        let nv = *self.caches.nodes.changed.borrow();
+        if nv != self.node_version {
+            // Nodes changed: every waiting pod may fit now.
+            self.node_version = nv;
+            self.retry_waiting();
+        }
+        let nodes = self.caches.nodes.all();
         let mut infos: Vec<NodeInfo> = nodes.iter().cloned().map(NodeInfo::new).collect();
         let index: HashMap<String, usize> = infos
             .iter()
             .enumerate()
             .map(|(i, ni)| (ni.node.metadata.name.clone().unwrap_or_default(), i))
             .collect();
-        let all = caches.pods.all();
+        let all = self.caches.pods.all();
         let mut pending = vec![];
         let mut live: HashSet<String> = HashSet::with_capacity(all.len());
+        let mut bound_now: HashSet<String> = HashSet::new();
         for p in &all {
             live.insert(uid(p));
             let node = p
@@ -322,47 +386,38 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>)
                 .as_ref()
                 .and_then(|s| s.node_name.as_deref())
                 .unwrap_or("");
-            if !node.is_empty() {
-                assumed.remove(&uid(p));
-                let finished = matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                );
-                if let (false, Some(&i)) = (finished, index.get(node)) {
-                    infos[i].add(p);
+            if node.is_empty() {
+                if serves(p) && !self.assumed.contains_key(&uid(p)) {
+                    pending.push(p.clone());
                 }
-            } else if serves(p) && !assumed.contains_key(&uid(p)) {
-                pending.push(p.clone());
+                continue;
+            }
+            self.assumed.remove(&uid(p));
+            if p.metadata.deletion_timestamp.is_none() {
+                bound_now.insert(uid(p));
+            }
+            let finished = matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            );
+            if let (false, Some(&i)) = (finished, index.get(node)) {
+                infos[i].add(p);
             }
         }
-        let bound_now: HashSet<String> = all
-            .iter()
-            .filter(|p| {
-                !p.spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.as_deref())
-                    .unwrap_or("")
-                    .is_empty()
-                    && p.metadata.deletion_timestamp.is_none()
-            })
-            .map(|p| uid(p))
-            .collect();
-        if bound_before.iter().any(|u| !bound_now.contains(u)) {
+        if self.bound_before.iter().any(|u| !bound_now.contains(u)) {
             // A bound pod went away (or is going): waiting pods may fit now.
-            for w in waiting.values_mut() {
-                w.0 = Instant::now();
-            }
+            self.retry_waiting();
         }
-        bound_before = bound_now;
-        assumed.retain(|u, _| live.contains(u));
-        waiting.retain(|u, _| live.contains(u));
-        for (p, node) in assumed.values() {
+        self.bound_before = bound_now;
+        self.assumed.retain(|u, _| live.contains(u));
+        self.waiting.retain(|u, _| live.contains(u));
+        for (p, node) in self.assumed.values() {
             if let Some(&i) = index.get(node) {
                 infos[i].add(p);
             }
         }
         let now = Instant::now();
-        pending.retain(|p| waiting.get(&uid(p)).is_none_or(|w| w.0 <= now));
+        pending.retain(|p| self.waiting.get(&uid(p)).is_none_or(|w| w.0 <= now));
         pending.sort_by_key(|p| {
             (
                 -p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
@@ -370,107 +425,108 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>)
                 p.metadata.name.clone(),
             )
         });
-        let mut binds = tokio::task::JoinSet::new();
-        for p in pending {
-            let req = pod_request(&p);
-            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-            let owner = controller_uid(p.as_ref()).map(str::to_string);
-            let max_same = owner
-                .as_ref()
-                .map(|o| {
-                    infos
-                        .iter()
-                        .filter_map(|ni| ni.owners.get(o))
-                        .copied()
-                        .max()
-                        .unwrap_or(0)
-                })
-                .unwrap_or(0);
-            let mut best: Option<(i64, usize)> = None;
-            let n = infos.len();
-            for k in 0..n {
-                let i = (k + rotate) % n;
-                match filter(&p, req, &infos[i]) {
-                    Ok(()) => {
-                        let s = score(&p, req, &infos[i], max_same);
-                        if best.is_none_or(|(b, _)| s > b) {
-                            best = Some((s, i));
-                        }
-                    }
-                    Err(why) => {
-                        for w in why {
-                            *reasons.entry(w).or_default() += 1;
-                        }
-                    }
-                }
-            }
-            rotate = rotate.wrapping_add(1);
-            match best {
-                Some((_, i)) => {
-                    infos[i].add(&p);
-                    let node = infos[i].node.metadata.name.clone().unwrap_or_default();
-                    assumed.insert(uid(&p), (p.clone(), node.clone()));
-                    waiting.remove(&uid(&p));
-                    if binds.len() >= BIND_CONCURRENCY {
-                        handle_bind(binds.join_next().await, &mut assumed);
-                    }
-                    let (client, recorder) = (client.clone(), recorder.clone());
-                    binds.spawn(async move {
-                        let r = bind(&client, &p, &node).await;
-                        if r.is_ok() {
-                            let ns = p.metadata.namespace.as_deref().unwrap_or("default");
-                            let name = p.metadata.name.as_deref().unwrap_or("");
-                            recorder.event(
-                                p.as_ref(),
-                                false,
-                                "Scheduled",
-                                format!("Successfully assigned {ns}/{name} to {node}"),
-                            );
-                        }
-                        (uid(&p), r)
-                    });
-                }
-                None => {
-                    let msg = unschedulable_message(n, &reasons);
-                    let entry =
-                        waiting
-                            .entry(uid(&p))
-                            .or_insert((now, INITIAL_BACKOFF / 2, String::new()));
-                    entry.1 = (entry.1 * 2).clamp(INITIAL_BACKOFF, MAX_BACKOFF);
-                    entry.0 = now + entry.1;
-                    let first = entry.2 != msg;
-                    entry.2 = msg.clone();
-                    recorder.event(p.as_ref(), true, "FailedScheduling", msg.clone());
-                    if first {
-                        let pods: Api<Pod> = Api::namespaced(
-                            client.clone(),
-                            p.metadata.namespace.as_deref().unwrap_or("default"),
-                        );
-                        let name = p.metadata.name.clone().unwrap_or_default();
-                        tokio::spawn(async move {
-                            let patch = serde_json::json!({"status": {"conditions": [{
-                                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                "message": msg, "lastTransitionTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                            }]}});
-                            if let Err(e) = pods
-                                .patch_status(
-                                    &name,
-                                    &PatchParams::default(),
-                                    &Patch::Strategic(&patch),
-                                )
-                                .await
-                            {
-                                tracing::debug!(pod = %name, error = %e, "PodScheduled condition");
-                            }
-                        });
-                    }
-                }
-            }
-        }
-        while let Some(r) = binds.join_next().await {
-            handle_bind(Some(r), &mut assumed);
+        (infos, pending)
+    }
+
+    fn retry_waiting(&mut self) {
+        for w in self.waiting.values_mut() {
+            w.0 = Instant::now();
         }
     }
+
+    /// The best node for `p` (filters, then scores; equal scores spread by a rotating
+    /// start), or why no node fits: each reason with the number of nodes it ruled out.
+    fn pick_node(&mut self, p: &Pod, infos: &[NodeInfo]) -> Result<usize, BTreeMap<String, usize>> {
+        let req = pod_request(p);
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let max_same = controller_uid(p)
+            .map(|o| {
+                infos
+                    .iter()
+                    .filter_map(|ni| ni.owners.get(o))
+                    .copied()
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        let mut best: Option<(i64, usize)> = None;
+        let n = infos.len();
+        for k in 0..n {
+            let i = (k + self.rotate) % n;
+            match filter(p, req, &infos[i]) {
+                Ok(()) => {
+                    let s = score(p, req, &infos[i], max_same);
+                    if best.is_none_or(|(b, _)| s > b) {
+                        best = Some((s, i));
+                    }
+                }
+                Err(why) => {
+                    for w in why {
+                        *reasons.entry(w).or_default() += 1;
+                    }
+                }
+            }
+        }
+        self.rotate = self.rotate.wrapping_add(1);
+        best.map(|(_, i)| i).ok_or(reasons)
+    }
+
+    /// `p` fits nowhere: back off (1 s doubling to 10 s), a FailedScheduling event, and the
+    /// PodScheduled=False condition when the message changed.
+    fn unschedulable(&mut self, p: &Arc<Pod>, msg: String) {
+        let now = Instant::now();
+        let entry = self
+            .waiting
+            .entry(uid(p))
+            .or_insert((now, INITIAL_BACKOFF / 2, String::new()));
+        entry.1 = (entry.1 * 2).clamp(INITIAL_BACKOFF, MAX_BACKOFF);
+        entry.0 = now + entry.1;
+        let first = entry.2 != msg;
+        entry.2 = msg.clone();
+        self.recorder
+            .event(p.as_ref(), true, "FailedScheduling", msg.clone());
+        if !first {
+            return;
+        }
+        let pods: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            p.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        let name = p.metadata.name.clone().unwrap_or_default();
+        tokio::spawn(async move {
+            let patch = serde_json::json!({"status": {"conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": msg, "lastTransitionTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            }]}});
+            if let Err(e) = pods
+                .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+            {
+                tracing::debug!(pod = %name, error = %e, "PodScheduled condition");
+            }
+        });
+    }
+}
+
+/// Binds `p` to `node` and records the Scheduled event; the pod's uid and the outcome.
+async fn bind_and_report(
+    client: Client,
+    recorder: Recorder,
+    p: Arc<Pod>,
+    node: String,
+) -> (String, kube::Result<()>) {
+    let r = bind(&client, &p, &node).await;
+    if r.is_ok() {
+        let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+        let name = p.metadata.name.as_deref().unwrap_or("");
+        recorder.event(
+            p.as_ref(),
+            false,
+            "Scheduled",
+            format!("Successfully assigned {ns}/{name} to {node}"),
+        );
+    }
+    (uid(&p), r)
 }
 
 fn handle_bind(
