@@ -13,6 +13,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -162,6 +163,82 @@ fn tolerates(p: &Pod, t: &Taint) -> Option<Option<i64>> {
     crate::kinds::scheduling::toleration_for(tols, t).map(|tol| tol.toleration_seconds)
 }
 
+/// The taint a node's Ready condition calls for: none when Ready, unreachable when its kubelet
+/// went silent (or Ready is Unknown from the start), not-ready when it says not ready.
+fn wanted_taint(ready_now: &str, ready_before: &str, silent: bool) -> Option<&'static str> {
+    match ready_now {
+        "True" => None,
+        "Unknown" if silent || ready_before == "Unknown" => Some(UNREACHABLE),
+        "Unknown" => None,
+        _ => Some(NOT_READY),
+    }
+}
+
+/// The node's taints with the lifecycle ones as `want` says (NoSchedule and NoExecute, the
+/// latter stamped `now` when added), and whether that is a change.
+fn lifecycle_taints(
+    taints: &[Taint],
+    want: Option<&str>,
+    now: jiff::Timestamp,
+) -> (Vec<Taint>, bool) {
+    let mut current: Vec<Taint> = taints
+        .iter()
+        .filter(|t| t.key != UNREACHABLE && t.key != NOT_READY)
+        .cloned()
+        .collect();
+    let ours: Vec<Taint> = taints
+        .iter()
+        .filter(|t| Some(t.key.as_str()) == want)
+        .cloned()
+        .collect();
+    let has_all = want.is_none_or(|_| ours.len() == 2);
+    let has_other = taints
+        .iter()
+        .any(|t| (t.key == UNREACHABLE || t.key == NOT_READY) && Some(t.key.as_str()) != want);
+    if let Some(k) = want {
+        if has_all {
+            current.extend(ours);
+        } else {
+            for effect in ["NoSchedule", "NoExecute"] {
+                current.push(Taint {
+                    key: k.into(),
+                    effect: effect.into(),
+                    time_added: (effect == "NoExecute")
+                        .then_some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+                    value: None,
+                });
+            }
+        }
+    }
+    (current, !has_all || has_other)
+}
+
+/// Pods on `node` that do not tolerate its NoExecute `taints` (or whose tolerationSeconds ran
+/// out by `now`): to evict.
+fn evictions<'a>(
+    pods: &'a [Arc<Pod>],
+    node: &str,
+    taints: &[&Taint],
+    now: jiff::Timestamp,
+) -> Vec<&'a Arc<Pod>> {
+    pods.iter()
+        .filter(|p| {
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .filter(|p| {
+            taints.iter().any(|t| match tolerates(p, t) {
+                None => true,
+                Some(None) => false,
+                Some(Some(secs)) => {
+                    let added = t.time_added.as_ref().map(|x| x.0).unwrap_or(now);
+                    now.as_second() >= added.as_second() + secs
+                }
+            })
+        })
+        .collect()
+}
+
 async fn pass(
     client: &Client,
     caches: &Caches,
@@ -189,126 +266,37 @@ async fn pass(
                     .copied()
                     .unwrap_or(false)
         });
-    let api: Api<Node> = Api::all(client.clone());
     let now = jiff::Timestamp::now();
     let mut used: HashSet<Ipv4Net> = nodes
         .iter()
         .filter_map(|n| n.spec.as_ref()?.pod_cidr.as_ref()?.parse().ok())
         .collect();
+    let pods = caches.pods.all();
     for n in &nodes {
-        let name = n.metadata.name.clone().unwrap_or_default();
         if n.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        // IPAM.
-        if n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_none() {
-            match next_cidr(opts, &used) {
-                Some(cidr) => {
-                    used.insert(cidr);
-                    let patch = json!({"spec": {"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]}});
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await?;
-                }
-                None => rec.event(
-                    n.as_ref(),
-                    true,
-                    "CIDRNotAvailable",
-                    format!("Node {name} status is now: CIDRNotAvailable"),
-                ),
-            }
-        }
-        // Lifecycle.
-        let conds = n
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let ready = conds
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .map(|c| c.status.clone())
-            .unwrap_or_else(|| "Unknown".into());
+        assign_cidr(client, rec, opts, n, &mut used).await?;
+        let name = n.metadata.name.clone().unwrap_or_default();
         let silent = silent.get(&name).copied().unwrap_or(false);
-        let mut ready_now = ready.clone();
-        if silent && ready != "Unknown" {
-            let mut list: Vec<serde_json::Value> = conds
-                .iter()
-                .filter(|c| ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure"].contains(&c.type_.as_str()))
-                .map(|c| {
-                    json!({"type": c.type_, "status": "Unknown", "reason": "NodeStatusUnknown",
-                           "message": "Kubelet stopped posting node status.", "lastTransitionTime": ts(now),
-                           "lastHeartbeatTime": c.last_heartbeat_time})
-                })
-                .collect();
-            if !conds.iter().any(|c| c.type_ == "Ready") {
-                list.push(json!({"type": "Ready", "status": "Unknown", "reason": "NodeStatusNeverUpdated",
-                                 "message": "Kubelet never posted node status.", "lastTransitionTime": ts(now)}));
-            }
-            api.patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Strategic(&json!({"status": {"conditions": list}})),
-            )
-            .await?;
-            rec.event(
-                n.as_ref(),
-                false,
-                "NodeNotReady",
-                format!("Node {name} status is now: NodeNotReady"),
-            );
-            ready_now = "Unknown".into();
-        }
-        let want_key = match ready_now.as_str() {
-            "True" => None,
-            "Unknown" if silent || ready == "Unknown" => Some(UNREACHABLE),
-            "Unknown" => None,
-            _ => Some(NOT_READY),
-        };
+        let (ready_before, ready_now) = mark_unknown(client, rec, n, silent, now).await?;
+        let want = wanted_taint(&ready_now, &ready_before, silent);
         let taints = n
             .spec
             .as_ref()
             .and_then(|s| s.taints.clone())
             .unwrap_or_default();
-        let mut kept: Vec<Taint> = taints
-            .iter()
-            .filter(|t| t.key != UNREACHABLE && t.key != NOT_READY)
-            .cloned()
-            .collect();
-        let ours: Vec<Taint> = taints
-            .iter()
-            .filter(|t| Some(t.key.as_str()) == want_key)
-            .cloned()
-            .collect();
-        let has_all = want_key.is_none_or(|_| ours.len() == 2);
-        let has_other = taints.iter().any(|t| {
-            (t.key == UNREACHABLE || t.key == NOT_READY) && Some(t.key.as_str()) != want_key
-        });
-        let mut current = kept.clone();
-        if let Some(k) = want_key {
-            if has_all {
-                current.extend(ours);
-            } else {
-                for effect in ["NoSchedule", "NoExecute"] {
-                    current.push(Taint {
-                        key: k.into(),
-                        effect: effect.into(),
-                        time_added: (effect == "NoExecute")
-                            .then_some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
-                        value: None,
-                    });
-                }
-            }
-        }
-        if !has_all || has_other {
-            tracing::info!(node = %name, ready = %ready_now, silent, taint = ?want_key, "node taints change");
-            kept = current.clone();
-            let taints = if kept.is_empty() {
+        let (current, changed) = lifecycle_taints(&taints, want, now);
+        if changed {
+            tracing::info!(node = %name, ready = %ready_now, silent, taint = ?want, "node taints change");
+            let taints = if current.is_empty() {
                 json!(null)
             } else {
-                json!(kept)
+                json!(current)
             };
             let patch = json!({"spec": {"taints": taints}});
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            Api::<Node>::all(client.clone())
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
         }
         // Eviction of pods that do not tolerate the node's NoExecute taints.
@@ -316,39 +304,117 @@ async fn pass(
         if no_exec.is_empty() || full_disruption {
             continue;
         }
-        for p in caches.pods.all() {
-            if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(name.as_str())
-                || p.metadata.deletion_timestamp.is_some()
-            {
-                continue;
-            }
-            let evict = no_exec.iter().any(|t| match tolerates(&p, t) {
-                None => true,
-                Some(None) => false,
-                Some(Some(secs)) => {
-                    let added = t.time_added.as_ref().map(|x| x.0).unwrap_or(now);
-                    now.as_second() >= added.as_second() + secs
-                }
-            });
-            if evict {
-                let ns = p.metadata.namespace.clone().unwrap_or_default();
-                let pname = p.metadata.name.clone().unwrap_or_default();
-                tracing::info!(node = %name, pod = %format!("{ns}/{pname}"), "evicting a pod that does not tolerate the node's taints");
-                let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                match pods.delete(&pname, &DeleteParams::default()).await {
-                    Ok(_) => rec.event(
-                        p.as_ref(),
-                        false,
-                        "TaintManagerEviction",
-                        format!("Marking for deletion Pod {ns}/{pname}"),
-                    ),
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        for p in evictions(&pods, &name, &no_exec, now) {
+            evict(client, rec, &name, p).await?;
         }
     }
     Ok(())
+}
+
+/// Node IPAM: a node without a pod CIDR gets the next free block (or an event saying none).
+async fn assign_cidr(
+    client: &Client,
+    rec: &Recorder,
+    opts: &Options,
+    n: &Node,
+    used: &mut HashSet<Ipv4Net>,
+) -> kube::Result<()> {
+    if n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some() {
+        return Ok(());
+    }
+    let name = n.metadata.name.clone().unwrap_or_default();
+    match next_cidr(opts, used) {
+        Some(cidr) => {
+            used.insert(cidr);
+            let patch =
+                json!({"spec": {"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]}});
+            Api::<Node>::all(client.clone())
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        None => rec.event(
+            n,
+            true,
+            "CIDRNotAvailable",
+            format!("Node {name} status is now: CIDRNotAvailable"),
+        ),
+    }
+    Ok(())
+}
+
+/// A silent node's conditions turn Unknown (kube's NodeStatusUnknown); its Ready status
+/// before and after.
+async fn mark_unknown(
+    client: &Client,
+    rec: &Recorder,
+    n: &Node,
+    silent: bool,
+    now: jiff::Timestamp,
+) -> kube::Result<(String, String)> {
+    let name = n.metadata.name.clone().unwrap_or_default();
+    let conds = n
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let ready = conds
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.clone())
+        .unwrap_or_else(|| "Unknown".into());
+    if !silent || ready == "Unknown" {
+        return Ok((ready.clone(), ready));
+    }
+    let mut list: Vec<serde_json::Value> = conds
+        .iter()
+        .filter(|c| {
+            ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure"].contains(&c.type_.as_str())
+        })
+        .map(|c| {
+            json!({"type": c.type_, "status": "Unknown", "reason": "NodeStatusUnknown",
+                   "message": "Kubelet stopped posting node status.", "lastTransitionTime": ts(now),
+                   "lastHeartbeatTime": c.last_heartbeat_time})
+        })
+        .collect();
+    if !conds.iter().any(|c| c.type_ == "Ready") {
+        list.push(json!({"type": "Ready", "status": "Unknown", "reason": "NodeStatusNeverUpdated",
+                         "message": "Kubelet never posted node status.", "lastTransitionTime": ts(now)}));
+    }
+    Api::<Node>::all(client.clone())
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(&json!({"status": {"conditions": list}})),
+        )
+        .await?;
+    rec.event(
+        n,
+        false,
+        "NodeNotReady",
+        format!("Node {name} status is now: NodeNotReady"),
+    );
+    Ok((ready, "Unknown".into()))
+}
+
+/// Deletes pod `p` from node `node` (kube's TaintManagerEviction).
+async fn evict(client: &Client, rec: &Recorder, node: &str, p: &Pod) -> kube::Result<()> {
+    let ns = p.metadata.namespace.clone().unwrap_or_default();
+    let pname = p.metadata.name.clone().unwrap_or_default();
+    tracing::info!(node = %node, pod = %format!("{ns}/{pname}"), "evicting a pod that does not tolerate the node's taints");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    match pods.delete(&pname, &DeleteParams::default()).await {
+        Ok(_) => {
+            rec.event(
+                p,
+                false,
+                "TaintManagerEviction",
+                format!("Marking for deletion Pod {ns}/{pname}"),
+            );
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -374,5 +440,71 @@ mod tests {
         };
         let full: HashSet<Ipv4Net> = ["10.0.0.0/24".parse().unwrap()].into();
         assert_eq!(next_cidr(&tiny, &full), None);
+    }
+
+    fn taint(key: &str, effect: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            effect: effect.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_conditions_call_for_kubes_lifecycle_taints() {
+        assert_eq!(wanted_taint("True", "True", false), None);
+        assert_eq!(wanted_taint("False", "False", false), Some(NOT_READY));
+        assert_eq!(wanted_taint("Unknown", "True", true), Some(UNREACHABLE));
+        assert_eq!(wanted_taint("Unknown", "Unknown", false), Some(UNREACHABLE));
+        let now = jiff::Timestamp::from_second(1000).unwrap();
+        let other = taint("dedicated", "NoSchedule");
+        // Not ready: both effects added, the NoExecute one stamped; the user's taint kept.
+        let (t, changed) = lifecycle_taints(std::slice::from_ref(&other), Some(NOT_READY), now);
+        assert!(changed);
+        assert_eq!(t.len(), 3);
+        let exec = t.iter().find(|x| x.effect == "NoExecute").unwrap();
+        assert_eq!(exec.time_added.as_ref().map(|x| x.0), Some(now));
+        // Already there: no change. Ready again: ours go, the user's stays.
+        assert!(!lifecycle_taints(&t, Some(NOT_READY), now).1);
+        let (back, changed) = lifecycle_taints(&t, None, now);
+        assert!(changed);
+        assert_eq!(back, [other]);
+    }
+
+    #[test]
+    fn pods_are_evicted_unless_they_tolerate_and_only_after_their_seconds() {
+        let now = jiff::Timestamp::from_second(1000).unwrap();
+        let mut t = taint(UNREACHABLE, "NoExecute");
+        t.time_added = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::from_second(900).unwrap(),
+        ));
+        let pod = |name: &str, tolerations: serde_json::Value| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "default"},
+                    "spec": {"nodeName": "n1", "containers": [], "tolerations": tolerations},
+                }))
+                .unwrap(),
+            )
+        };
+        let tol = |secs: Option<i64>| {
+            let mut v = serde_json::json!({"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute"});
+            if let Some(s) = secs {
+                v["tolerationSeconds"] = s.into();
+            }
+            serde_json::json!([v])
+        };
+        let pods = [
+            pod("intolerant", serde_json::json!([])),
+            pod("forever", tol(None)),
+            pod("expired", tol(Some(60))),
+            pod("still-ok", tol(Some(300))),
+        ];
+        let names: Vec<&str> = evictions(&pods, "n1", &[&t], now)
+            .iter()
+            .map(|p| p.metadata.name.as_deref().unwrap_or(""))
+            .collect();
+        assert_eq!(names, ["intolerant", "expired"]);
+        assert!(evictions(&pods, "n2", &[&t], now).is_empty());
     }
 }
