@@ -114,6 +114,20 @@ pub async fn allocate(
     let Some(spec) = svc.get_mut("spec").and_then(Value::as_object_mut) else {
         return Err(ferr("spec", "Required value"));
     };
+    let typ = service_defaults(spec)?;
+    if typ == "ExternalName" {
+        return Ok(());
+    }
+    cluster_ip(store, net, spec, old, owner).await?;
+    if typ == "NodePort" || typ == "LoadBalancer" {
+        node_ports(store, net, spec, old, owner).await?;
+    }
+    health_check_node_port(store, net, spec, old, owner, &typ).await
+}
+
+/// kube-apiserver's Service defaults (type, session affinity, traffic policies, port
+/// protocol and targetPort); the type, which must be a known one.
+fn service_defaults(spec: &mut serde_json::Map<String, Value>) -> Result<String, AllocError> {
     let typ = spec
         .entry("type")
         .or_insert_with(|| json!("ClusterIP"))
@@ -146,10 +160,17 @@ pub async fn allocate(
             }
         }
     }
-    if typ == "ExternalName" {
-        return Ok(());
-    }
-    // ClusterIP: kept on update (immutable), allocated or reserved on create.
+    Ok(typ)
+}
+
+/// The ClusterIP: kept on update (immutable), allocated or reserved on create.
+async fn cluster_ip(
+    store: &dyn Store,
+    net: &ServiceNet,
+    spec: &mut serde_json::Map<String, Value>,
+    old: Option<&Value>,
+    owner: &str,
+) -> Result<(), AllocError> {
     let old_ip = old
         .and_then(|o| o.pointer("/spec/clusterIP"))
         .and_then(Value::as_str)
@@ -219,40 +240,60 @@ pub async fn allocate(
         spec.entry("ipFamilyPolicy")
             .or_insert_with(|| json!("SingleStack"));
     }
-    // Node ports.
-    if typ == "NodePort" || typ == "LoadBalancer" {
-        let old_ports: Vec<u64> = old
-            .and_then(|o| o.pointer("/spec/ports"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
-            .collect();
-        let ports = spec.get_mut("ports").and_then(Value::as_array_mut);
-        for (i, p) in ports
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_object_mut)
-            .enumerate()
-        {
-            let want = p.get("nodePort").and_then(Value::as_u64).unwrap_or(0);
-            if want != 0 && old_ports.contains(&want) {
-                continue;
-            }
-            let port = node_port(
-                store,
-                net,
-                owner,
-                want,
-                i as u64,
-                &format!("spec.ports[{i}].nodePort"),
-            )
-            .await?;
-            p.insert("nodePort".into(), json!(port));
+    Ok(())
+}
+
+/// Node ports of a NodePort or LoadBalancer Service: those the old version held are kept, the
+/// rest claimed (as asked, or free ones).
+async fn node_ports(
+    store: &dyn Store,
+    net: &ServiceNet,
+    spec: &mut serde_json::Map<String, Value>,
+    old: Option<&Value>,
+    owner: &str,
+) -> Result<(), AllocError> {
+    let old_ports: Vec<u64> = old
+        .and_then(|o| o.pointer("/spec/ports"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+        .collect();
+    let ports = spec.get_mut("ports").and_then(Value::as_array_mut);
+    for (i, p) in ports
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object_mut)
+        .enumerate()
+    {
+        let want = p.get("nodePort").and_then(Value::as_u64).unwrap_or(0);
+        if want != 0 && old_ports.contains(&want) {
+            continue;
         }
+        let port = node_port(
+            store,
+            net,
+            owner,
+            want,
+            i as u64,
+            &format!("spec.ports[{i}].nodePort"),
+        )
+        .await?;
+        p.insert("nodePort".into(), json!(port));
     }
-    // The health check node port of a LoadBalancer with externalTrafficPolicy: Local (load
-    // balancers probe it to find the nodes with local endpoints); dropped otherwise.
+    Ok(())
+}
+
+/// The health check node port of a LoadBalancer with externalTrafficPolicy: Local (load
+/// balancers probe it to find the nodes with local endpoints); dropped otherwise.
+async fn health_check_node_port(
+    store: &dyn Store,
+    net: &ServiceNet,
+    spec: &mut serde_json::Map<String, Value>,
+    old: Option<&Value>,
+    owner: &str,
+    typ: &str,
+) -> Result<(), AllocError> {
     let wants_hc = typ == "LoadBalancer"
         && spec.get("externalTrafficPolicy").and_then(Value::as_str) == Some("Local");
     let old_hc = old
