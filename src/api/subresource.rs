@@ -74,6 +74,36 @@ fn apply_patch(headers: &HeaderMap, target: &mut Value, body: &Bytes) -> Result<
     })
 }
 
+/// The object a subresource request is about, and how to write it back.
+struct Target<'a> {
+    st: &'a ApiState,
+    r: &'static Resource,
+    ns: Option<&'a str>,
+    name: &'a str,
+    key: String,
+    /// The stored object's revision (writes are conditional on it).
+    revision: i64,
+    cur: Value,
+}
+
+impl Target<'_> {
+    /// Stores `new` if the object is still at `revision`; it, with its new resourceVersion.
+    async fn write(&self, new: Value) -> Result<Value, ApiError> {
+        let mut stored = new;
+        if let Some(m) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
+        let kv = self
+            .st
+            .store
+            .put(&self.key, bytes, Precondition::ModRevision(self.revision))
+            .await
+            .map_err(|e| ApiError::from_store(e, self.r, self.name))?;
+        Ok(with_rv(stored, kv.mod_revision))
+    }
+}
+
 /// Serves `/<resource>/<name>/<sub>`.
 #[allow(clippy::too_many_arguments)]
 pub async fn handle(
@@ -89,172 +119,195 @@ pub async fn handle(
 ) -> Result<Response, ApiError> {
     let key = r.key(ns, name);
     let kv = get_existing(st, r, &key, name).await?;
-    let cur = decode(&kv)?;
-    let key_ref = key.as_str();
-    let write = |new: Value| async move {
-        let mut stored = new;
-        if let Some(m) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.remove("resourceVersion");
-        }
-        let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
-        let kv2 = st
-            .store
-            .put(key_ref, bytes, Precondition::ModRevision(kv.mod_revision))
-            .await
-            .map_err(|e| ApiError::from_store(e, r, name))?;
-        Ok::<Value, ApiError>(with_rv(stored, kv2.mod_revision))
+    let t = Target {
+        cur: decode(&kv)?,
+        revision: kv.mod_revision,
+        st,
+        r,
+        ns,
+        name,
+        key,
     };
     match (sub, method) {
-        ("status", &Method::GET) => Ok(json_response(StatusCode::OK, &cur)),
+        ("status", &Method::GET) => Ok(json_response(StatusCode::OK, &t.cur)),
         ("status", &Method::PUT) | ("status", &Method::PATCH) => {
-            let incoming = if method == Method::PUT {
-                let b = parse_body(body, r)?;
-                if let Some(rv) = b
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    && rv != kv.mod_revision.to_string()
-                {
-                    return Err(ApiError::from_store(
-                        store::Error::Conflict {
-                            key: key.clone(),
-                            expected: 0,
-                            actual: kv.mod_revision,
-                        },
-                        r,
-                        name,
-                    ));
-                }
-                b
-            } else {
-                let mut v = cur.clone();
-                apply_patch(headers, &mut v, body)?;
-                v
-            };
-            let mut new = cur.clone();
-            new["status"] = incoming.get("status").cloned().unwrap_or(Value::Null);
-            Ok(json_response(StatusCode::OK, &write(new).await?))
+            status(&t, method, headers, body).await
         }
-        ("binding", &Method::POST) if r.kind == "Pod" => {
-            let b: Value = serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("invalid Binding: {e}")))?;
-            let node = b
-                .pointer("/target/name")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty());
-            let node =
-                node.ok_or_else(|| ApiError::bad_request("Binding: target.name: Required value"))?;
-            if let Some(on) = cur
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-            {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "Conflict",
-                    format!(
-                        "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{on}\""
-                    ),
-                ));
-            }
-            if cur.pointer("/metadata/deletionTimestamp").is_some() {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "Conflict",
-                    format!("pod {name} is being deleted, cannot be assigned to a host"),
-                ));
-            }
-            let mut new = cur.clone();
-            new["spec"]["nodeName"] = json!(node);
-            write(new).await?;
-            Ok(json_response(
-                StatusCode::CREATED,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
-            ))
-        }
+        ("binding", &Method::POST) if r.kind == "Pod" => binding(&t, body).await,
         ("approval", &Method::PUT) if r.kind == "CertificateSigningRequest" => {
             let b = parse_body(body, r)?;
-            let new = super::csr::approve(st, &cur, &b)?;
-            Ok(json_response(StatusCode::OK, &write(new).await?))
+            let new = super::csr::approve(st, &t.cur, &b)?;
+            Ok(json_response(StatusCode::OK, &t.write(new).await?))
         }
-        ("log", &Method::GET) if r.kind == "Pod" => super::logs::proxy(st, &cur, query).await,
-        ("token", &Method::POST) if r.kind == "ServiceAccount" => {
-            // The bound pod as stored, when the request names one.
-            let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            let pod = match req
-                .pointer("/spec/boundObjectRef/name")
-                .and_then(Value::as_str)
-            {
-                Some(p) if req.pointer("/spec/boundObjectRef/kind") == Some(&json!("Pod")) => {
-                    let pods = super::registry::find("", "v1", "pods")
-                        .ok_or_else(|| ApiError::internal("no pods resource"))?;
-                    st.store
-                        .get(&pods.key(ns, p))
-                        .await
-                        .map_err(ApiError::internal)?
-                        .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
-                }
-                _ => None,
-            };
-            let out = super::rbac::token_request(&st.sa_key, &cur, body, pod.as_ref())?;
-            Ok(json_response(StatusCode::CREATED, &out))
-        }
-        // No PodDisruptionBudgets are served, so every eviction is allowed: it deletes the
-        // pod with the Eviction's DeleteOptions.
-        ("eviction", &Method::POST) if r.kind == "Pod" => {
-            let b: Value = serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("invalid Eviction: {e}")))?;
-            if b.get("kind").and_then(Value::as_str) != Some("Eviction") {
-                return Err(ApiError::bad_request(
-                    "the body of the request must be an Eviction (policy/v1)",
-                ));
-            }
-            let opts = b.get("deleteOptions").cloned().unwrap_or(json!({}));
-            let bytes = Bytes::from(opts.to_string());
-            super::write::delete(st, r, ns, name, &bytes, None, false).await?;
-            Ok(json_response(
-                StatusCode::CREATED,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
-            ))
-        }
+        ("log", &Method::GET) if r.kind == "Pod" => super::logs::proxy(st, &t.cur, query).await,
+        ("token", &Method::POST) if r.kind == "ServiceAccount" => token(&t, body).await,
+        ("eviction", &Method::POST) if r.kind == "Pod" => eviction(&t, body).await,
         ("scale", m) if matches!(r.kind, "Deployment" | "ReplicaSet") => {
-            let view = |o: &Value| {
-                let sel =
-                    super::selector::labels_to_string(o.pointer("/spec/selector/matchLabels"));
-                json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
-                    "metadata": {"name": o.pointer("/metadata/name"), "namespace": o.pointer("/metadata/namespace"),
-                                 "uid": o.pointer("/metadata/uid"), "resourceVersion": o.pointer("/metadata/resourceVersion"),
-                                 "creationTimestamp": o.pointer("/metadata/creationTimestamp")},
-                    "spec": {"replicas": o.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
-                    "status": {"replicas": o.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": sel}})
-            };
-            let mut scale = view(&cur);
-            match *m {
-                Method::GET => return Ok(json_response(StatusCode::OK, &scale)),
-                Method::PUT => {
-                    scale = serde_json::from_slice(body)
-                        .map_err(|e| ApiError::bad_request(format!("invalid Scale: {e}")))?
-                }
-                Method::PATCH => apply_patch(headers, &mut scale, body)?,
-                _ => return Err(not_found()),
-            }
-            let replicas = scale
-                .pointer("/spec/replicas")
-                .and_then(Value::as_i64)
-                .unwrap_or(0);
-            if replicas < 0 {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid",
-                    format!(
-                        "Scale.autoscaling \"{name}\" is invalid: spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"
-                    ),
-                ));
-            }
-            let mut new = cur.clone();
-            new["spec"]["replicas"] = json!(replicas);
-            carry_over(&cur, &mut new);
-            Ok(json_response(StatusCode::OK, &view(&write(new).await?)))
+            scale(&t, m, headers, body).await
         }
         _ => Err(not_found()),
     }
+}
+
+/// `PUT`/`PATCH .../status`: only the status changes.
+async fn status(
+    t: &Target<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let incoming = if method == Method::PUT {
+        let b = parse_body(body, t.r)?;
+        if let Some(rv) = b
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            && rv != t.revision.to_string()
+        {
+            return Err(ApiError::from_store(
+                store::Error::Conflict {
+                    key: t.key.clone(),
+                    expected: 0,
+                    actual: t.revision,
+                },
+                t.r,
+                t.name,
+            ));
+        }
+        b
+    } else {
+        let mut v = t.cur.clone();
+        apply_patch(headers, &mut v, body)?;
+        v
+    };
+    let mut new = t.cur.clone();
+    new["status"] = incoming.get("status").cloned().unwrap_or(Value::Null);
+    Ok(json_response(StatusCode::OK, &t.write(new).await?))
+}
+
+/// `POST pods/NAME/binding`, the scheduler's bind: sets `spec.nodeName` once.
+async fn binding(t: &Target<'_>, body: &Bytes) -> Result<Response, ApiError> {
+    let name = t.name;
+    let b: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid Binding: {e}")))?;
+    let node = b
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty());
+    let node = node.ok_or_else(|| ApiError::bad_request("Binding: target.name: Required value"))?;
+    if let Some(on) = t
+        .cur
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{on}\""
+            ),
+        ));
+    }
+    if t.cur.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!("pod {name} is being deleted, cannot be assigned to a host"),
+        ));
+    }
+    let mut new = t.cur.clone();
+    new["spec"]["nodeName"] = json!(node);
+    t.write(new).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
+/// `POST serviceaccounts/NAME/token`: a token for the account, bound to a pod when asked.
+async fn token(t: &Target<'_>, body: &Bytes) -> Result<Response, ApiError> {
+    // The bound pod as stored, when the request names one.
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let pod = match req
+        .pointer("/spec/boundObjectRef/name")
+        .and_then(Value::as_str)
+    {
+        Some(p) if req.pointer("/spec/boundObjectRef/kind") == Some(&json!("Pod")) => {
+            let pods = super::registry::find("", "v1", "pods")
+                .ok_or_else(|| ApiError::internal("no pods resource"))?;
+            t.st.store
+                .get(&pods.key(t.ns, p))
+                .await
+                .map_err(ApiError::internal)?
+                .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+        }
+        _ => None,
+    };
+    let out = super::rbac::token_request(&t.st.sa_key, &t.cur, body, pod.as_ref())?;
+    Ok(json_response(StatusCode::CREATED, &out))
+}
+
+/// `POST pods/NAME/eviction`. No PodDisruptionBudgets are served, so every eviction is
+/// allowed: it deletes the pod with the Eviction's DeleteOptions.
+async fn eviction(t: &Target<'_>, body: &Bytes) -> Result<Response, ApiError> {
+    let b: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid Eviction: {e}")))?;
+    if b.get("kind").and_then(Value::as_str) != Some("Eviction") {
+        return Err(ApiError::bad_request(
+            "the body of the request must be an Eviction (policy/v1)",
+        ));
+    }
+    let opts = b.get("deleteOptions").cloned().unwrap_or(json!({}));
+    let bytes = Bytes::from(opts.to_string());
+    super::write::delete(t.st, t.r, t.ns, t.name, &bytes, None, false).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
+/// `GET`/`PUT`/`PATCH .../scale`: an `autoscaling/v1` Scale view of `spec.replicas`.
+async fn scale(
+    t: &Target<'_>,
+    m: &Method,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let name = t.name;
+    let view = |o: &Value| {
+        let sel = super::selector::labels_to_string(o.pointer("/spec/selector/matchLabels"));
+        json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+                "metadata": {"name": o.pointer("/metadata/name"), "namespace": o.pointer("/metadata/namespace"),
+                             "uid": o.pointer("/metadata/uid"), "resourceVersion": o.pointer("/metadata/resourceVersion"),
+                             "creationTimestamp": o.pointer("/metadata/creationTimestamp")},
+                "spec": {"replicas": o.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+                "status": {"replicas": o.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": sel}})
+    };
+    let mut scale = view(&t.cur);
+    match *m {
+        Method::GET => return Ok(json_response(StatusCode::OK, &scale)),
+        Method::PUT => {
+            scale = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid Scale: {e}")))?
+        }
+        Method::PATCH => apply_patch(headers, &mut scale, body)?,
+        _ => return Err(not_found()),
+    }
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if replicas < 0 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!(
+                "Scale.autoscaling \"{name}\" is invalid: spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"
+            ),
+        ));
+    }
+    let mut new = t.cur.clone();
+    new["spec"]["replicas"] = json!(replicas);
+    carry_over(&t.cur, &mut new);
+    Ok(json_response(StatusCode::OK, &view(&t.write(new).await?)))
 }
