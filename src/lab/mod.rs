@@ -375,10 +375,24 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<State> {
 async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let dir = st.data_dir.clone();
-    let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    build_network(st)?;
+    let sock = start_containerd(st, &dir)?;
+    start_lab_server(o, st, &dir)?;
+    start_agents(o, st, &dir, &sock)?;
+    wait_ready(o, st, &dir, t0).await?;
+    progress(format!(
+        "lab {} up: {} nodes Ready in {:.1} s",
+        st.name,
+        st.nodes.len(),
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
 
-    // Namespaces and the lab network.
+/// The bridge namespace with the lab bridge, and one namespace per node wired to it by a
+/// veth pair (no default route anywhere).
+fn build_network(st: &State) -> anyhow::Result<()> {
     let br = st.bridge_netns.clone();
     ip(&["netns", "add", &br])?;
     ip(&["-n", &br, "link", "set", "lo", "up"])?;
@@ -418,8 +432,13 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
         st.nodes.len()
     ));
 
-    // containerd, in the bridge namespace (it needs no network).
-    let cd = ContainerdPaths::new(&dir);
+    Ok(())
+}
+
+/// containerd, in the bridge namespace (it needs no network); its socket.
+fn start_containerd(st: &mut State, dir: &Path) -> anyhow::Result<PathBuf> {
+    let br = st.bridge_netns.clone();
+    let cd = ContainerdPaths::new(dir);
     std::fs::create_dir_all(&cd.dir)?;
     std::fs::write(cd.config(), cd.config_text())?;
     let pid = spawn_in(
@@ -442,7 +461,14 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
         sock.display()
     ));
 
-    // The API server, in the bridge namespace, also served on the host's loopback.
+    Ok(sock)
+}
+
+/// The API server, in the bridge namespace, also served on the host's loopback; the lab's
+/// kubeconfig names the loopback address.
+fn start_lab_server(o: &UpOptions, st: &mut State, dir: &Path) -> anyhow::Result<()> {
+    let br = st.bridge_netns.clone();
+    let logs = dir.join("logs");
     let host = std::net::TcpListener::bind(("127.0.0.1", o.port))
         .with_context(|| format!("listening on 127.0.0.1:{}", o.port))?;
     let host_addr = host.local_addr()?;
@@ -470,10 +496,10 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     let pid = start_server(st, host)?;
     let server_kc = sdir.join("kubeconfig.yaml");
     wait_for("the API server", Duration::from_secs(30), || {
-        server_kc.exists() || !ours(pid, &dir)
+        server_kc.exists() || !ours(pid, dir)
     })?;
     anyhow::ensure!(
-        ours(pid, &dir),
+        ours(pid, dir),
         "the API server exited; see {}",
         st.server.log.display()
     );
@@ -482,7 +508,14 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     crate::api::pki::write_private(&st.kubeconfig(), &kc)?;
     progress(format!("API server serving at {} (pid {pid})", st.url));
 
-    // One agent per node.
+    Ok(())
+}
+
+/// One agent per node, joined with the node token.
+fn start_agents(o: &UpOptions, st: &mut State, dir: &Path, sock: &Path) -> anyhow::Result<()> {
+    let logs = dir.join("logs");
+    let sdir = dir.join("server");
+    let d = |p: &Path| p.to_string_lossy().to_string();
     for n in &mut st.nodes {
         let ndir = dir.join("nodes").join(&n.name);
         std::fs::create_dir_all(&ndir)?;
@@ -499,7 +532,7 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
             "--node-ip".into(),
             n.ip.to_string(),
             "--containerd".into(),
-            d(&sock),
+            d(sock),
             "--containerd-namespace".into(),
             n.name.clone(),
             "--data-dir".into(),
@@ -525,7 +558,11 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     st.save()?;
     progress(format!("{} agents started", st.nodes.len()));
 
-    // Ready?
+    Ok(())
+}
+
+/// Waits until every node is Ready (an agent that exits is an error at once).
+async fn wait_ready(o: &UpOptions, st: &State, dir: &Path, t0: Instant) -> anyhow::Result<()> {
     let client = crate::control::client_from(&st.kubeconfig()).await?;
     let nodes: Api<Node> = Api::all(client);
     let deadline = Instant::now() + o.timeout;
@@ -533,7 +570,7 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
     loop {
         for n in &st.nodes {
             anyhow::ensure!(
-                n.agent.running(&dir),
+                n.agent.running(dir),
                 "the agent of {} exited; see {}",
                 n.name,
                 n.agent.log.display()
@@ -570,12 +607,6 @@ async fn build(o: &UpOptions, st: &mut State) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    progress(format!(
-        "lab {} up: {} nodes Ready in {:.1} s",
-        st.name,
-        st.nodes.len(),
-        t0.elapsed().as_secs_f64()
-    ));
     Ok(())
 }
 
