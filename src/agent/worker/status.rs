@@ -28,41 +28,49 @@ impl PodWorker {
         }
     }
 
-    /// Computes the pod status and publishes it to the agent's store; whether the pod is
-    /// Succeeded or Failed.
-    pub(super) fn publish(&mut self) -> bool {
-        let spec = spec_of(&self.pod).clone();
+    /// The containers' statuses (init, app), with the sandbox's error as their waiting
+    /// message while it is being retried.
+    fn container_statuses(&self) -> (Vec<ContainerStatus>, Vec<ContainerStatus>) {
+        let spec = spec_of(&self.pod);
         let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
-        let mut init_st: Vec<ContainerStatus> = vec![];
-        for (i, c) in spec.init_containers.iter().flatten().enumerate() {
-            let mut s =
-                self.init[i].status(&c.name, c.image.as_deref().unwrap_or(""), "PodInitializing");
-            if let Some(e) = self
-                .state
-                .error()
-                .filter(|_| self.init[i].current.is_none())
-            {
+        let with_sandbox_error = |rec: &ContainerRecord, mut s: ContainerStatus| {
+            if let Some(e) = self.state.error().filter(|_| rec.current.is_none()) {
                 s.state = Some(waiting_state("ContainerCreating", e));
             }
-            init_st.push(s);
-        }
-        let init_done = self
-            .init
+            s
+        };
+        let image = |c: &Container| c.image.clone().unwrap_or_default();
+        let init_st = spec
+            .init_containers
             .iter()
-            .all(|r| r.current.as_ref().and_then(Instance::exit_code) == Some(0));
+            .flatten()
+            .zip(&self.init)
+            .map(|(c, r)| with_sandbox_error(r, r.status(&c.name, &image(c), "PodInitializing")))
+            .collect();
         let default_wait = if has_init {
             "PodInitializing"
         } else {
             "ContainerCreating"
         };
-        let mut app_st: Vec<ContainerStatus> = vec![];
-        for (i, c) in spec.containers.iter().enumerate() {
-            let mut s = self.app[i].status(&c.name, c.image.as_deref().unwrap_or(""), default_wait);
-            if let Some(e) = self.state.error().filter(|_| self.app[i].current.is_none()) {
-                s.state = Some(waiting_state("ContainerCreating", e));
-            }
-            app_st.push(s);
-        }
+        let app_st = spec
+            .containers
+            .iter()
+            .zip(&self.app)
+            .map(|(c, r)| with_sandbox_error(r, r.status(&c.name, &image(c), default_wait)))
+            .collect();
+        (init_st, app_st)
+    }
+
+    /// Computes the pod status and publishes it to the agent's store; whether the pod is
+    /// Succeeded or Failed.
+    pub(super) fn publish(&mut self) -> bool {
+        let spec = spec_of(&self.pod).clone();
+        let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
+        let (init_st, app_st) = self.container_statuses();
+        let init_done = self
+            .init
+            .iter()
+            .all(|r| r.current.as_ref().and_then(Instance::exit_code) == Some(0));
         let policy = self.restart_policy();
         let ph = phase(&init_st, &app_st, policy.as_str(), init_done);
         let terminal = ph == "Succeeded" || ph == "Failed";
