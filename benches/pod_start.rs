@@ -138,7 +138,14 @@ fn main() {
         ("all-in-one", PathBuf::from(env!("CARGO_BIN_EXE_keelson"))),
         ("lean", lean),
     ] {
-        let (anon, file, maps, threads) = joined_agent_rss(&bin, burst);
+        let AgentMemory {
+            anon,
+            file,
+            maps,
+            threads,
+            before,
+            idle,
+        } = joined_agent_rss(&bin, burst);
         let top: Vec<String> = maps
             .iter()
             .take(5)
@@ -155,6 +162,16 @@ fn main() {
             "pod-start agent-with-proxy build={build} threads={threads} largest_mappings_mib {}",
             top.join(" ")
         );
+        for (when, (a, f)) in [
+            ("joined, before any pod", before),
+            ("after the delete", idle),
+        ] {
+            println!(
+                "pod-start agent-with-proxy build={build} pods=0 ({when}) rss_anon_mib={:.1} rss_file_mib={:.1}",
+                a as f64 / 1024.0,
+                f as f64 / 1024.0
+            );
+        }
     }
 }
 
@@ -185,8 +202,9 @@ fn lean_binary() -> PathBuf {
 
 /// Starts a server and the agent from `bin` (joined, proxy on) in a fresh lab, runs `pods`
 /// pods of a Deployment behind a Service, and reads the agent's RssAnon and RssFile in KiB
-/// and its resident memory by mapping, and its thread count.
-fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>, u64) {
+/// and its resident memory by mapping, and its thread count; then (RssAnon, RssFile) once the
+/// pods are deleted again.
+fn joined_agent_rss(bin: &Path, pods: usize) -> AgentMemory {
     let mut lab = Lab::start("rss");
     let server = Server::builder()
         .netns(&lab.netns)
@@ -196,6 +214,14 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>, u
         .start();
     lab.set_agent_bin(bin);
     lab.join(&server, &[]);
+    server.until(60, "the node Ready", || {
+        server.jsonpath(
+            &["get", "node", "node1"],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        ) == "True"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let before = rss_parts_kib(lab.agent_pid().expect("agent pid"));
     server.apply(&web(pods, Some("ClusterIP")));
     server.until(300, &format!("{pods} Ready pods"), || {
         let ready = server.jsonpath(
@@ -239,5 +265,25 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> (u64, u64, Vec<(String, u64)>, u
             .trim()
             .is_empty()
     });
-    (anon, file, maps, threads)
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = rss_parts_kib(pid);
+    AgentMemory {
+        anon,
+        file,
+        maps,
+        threads,
+        before,
+        idle,
+    }
+}
+
+/// The agent's memory at `pods` pods (KiB): RssAnon, RssFile, resident KiB by mapping, its
+/// thread count, and (RssAnon, RssFile) joined before any pod and after the pods were deleted.
+struct AgentMemory {
+    anon: u64,
+    file: u64,
+    maps: Vec<(String, u64)>,
+    threads: u64,
+    before: (u64, u64),
+    idle: (u64, u64),
 }
