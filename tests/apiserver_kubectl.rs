@@ -965,7 +965,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
             .any(|l| l.starts_with("deployments") && l.contains("apps/v1"))
     );
     let url = format!("{}/api", s.url());
-    let token = std::fs::read_to_string(s.dir().join("pki/admin-token")).unwrap();
+    let token = s.admin_token();
     let out = Command::new("curl")
         .args([
             "-sk",
@@ -1022,7 +1022,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
 #[test]
 fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let s = Server::start(&[]);
-    let token = std::fs::read_to_string(s.dir().join("pki/admin-token")).unwrap();
+    let token = s.admin_token();
     let auth = format!("Authorization: Bearer {}", token.trim());
     let send = |method: &str, path: &str, ctype: &str, body: &[u8]| -> (u16, serde_json::Value) {
         let f = s.dir().join("body");
@@ -1173,7 +1173,7 @@ fn protobuf_clients_get_protobuf_answers() {
     ]);
     assert_eq!(s.field("rolebinding", "rb", "{.subjects[0].name}"), "robot");
 
-    let admin = std::fs::read_to_string(s.dir().join("pki/admin-token")).unwrap();
+    let admin = s.admin_token();
     let get = |path: &str, accept: &str| -> (u16, String, Vec<u8>) {
         let hdr = s.dir().join("headers");
         let out = Command::new("curl")

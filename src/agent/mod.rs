@@ -420,18 +420,10 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
     let apps = conts
         .iter()
         .filter(|c| c.labels.get(labels::KIND).map(String::as_str) != Some("sandbox"));
-    futures::future::join_all(apps.map(|c| async move {
-        let _ = rt.kill(&c.id, 15).await;
-        if rt
-            .wait(&c.id, Duration::from_secs(2))
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            let _ = rt.kill(&c.id, 9).await;
-        }
-    }))
+    let no_hook = None::<std::future::Ready<()>>;
+    futures::future::join_all(
+        apps.map(|c| worker::graceful_stop(rt, &c.id, Duration::from_secs(2), no_hook.clone())),
+    )
     .await;
     // CNI DEL while the sandbox (and its namespace) still exists.
     if let Some(cni) = &ctx.cfg.cni {

@@ -131,6 +131,30 @@ pub async fn next_pass(signals: &mut [&mut watch::Receiver<u64>], period: Durati
     }
 }
 
+/// Merge-patches `status` into the status subresource of the namespaced object `name`, as a
+/// controller writes the status it worked out.
+pub async fn patch_status<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: serde_json::Value,
+) -> kube::Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await
+        .map(|_| ())
+}
+
 /// The owner reference that marks `owner` as the controller of an object.
 pub fn controller_ref<K: Resource<DynamicType = ()>>(
     owner: &K,

@@ -23,13 +23,13 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, PostParams},
 };
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
     control::{
-        Caches, controller_ref, controller_uid,
+        Caches, controller_ref, controller_uid, patch_status,
         recorder::Recorder,
         runner::{self, Controller, PassError},
     },
@@ -365,14 +365,7 @@ async fn sync(
         }
     }
     if let Some(status) = plan.status {
-        let dsapi: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
-        dsapi
-            .patch_status(
-                &name_of(ds.as_ref()),
-                &PatchParams::default(),
-                &Patch::Merge(&serde_json::json!({ "status": status })),
-            )
-            .await?;
+        patch_status::<DaemonSet>(client, &ns, &name_of(ds.as_ref()), status).await?;
     }
     Ok(())
 }

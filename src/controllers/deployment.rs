@@ -27,7 +27,7 @@ use sha2::Digest;
 use tokio::sync::watch;
 
 use crate::control::{
-    Caches, controller_ref, controller_uid,
+    Caches, controller_ref, controller_uid, patch_status,
     recorder::Recorder,
     runner::{self, Controller, PassError},
 };
@@ -178,27 +178,14 @@ fn rv<K: kube::Resource>(k: &K) -> i64 {
         .unwrap_or(0)
 }
 
-/// Available pods of each ReplicaSet (by uid), counted from the pod cache: alive, ready for
-/// minReadySeconds at `now`. Fresher than the ReplicaSets' status, which trails the pods.
-fn available_pods(pods: &[Arc<Pod>], min_ready: i32, now: jiff::Timestamp) -> HashMap<String, i32> {
+/// Alive pods of each ReplicaSet (by uid) that also pass `counted`, from the pod cache
+/// (fresher than the ReplicaSets' status, which trails the pods).
+fn owned_pods(pods: &[Arc<Pod>], counted: impl Fn(&Pod) -> bool) -> HashMap<String, i32> {
     let mut m = HashMap::new();
     for p in pods {
         if let Some(o) = controller_uid(p.as_ref())
             && pod_active(p)
-            && crate::kinds::pod::pod_available(p, min_ready, now)
-        {
-            *m.entry(o.to_string()).or_insert(0) += 1;
-        }
-    }
-    m
-}
-
-/// Alive pods of each ReplicaSet (by uid).
-fn alive_pods(pods: &[Arc<Pod>]) -> HashMap<String, i32> {
-    let mut m = HashMap::new();
-    for p in pods {
-        if let Some(o) = controller_uid(p.as_ref())
-            && pod_active(p)
+            && counted(p)
         {
             *m.entry(o.to_string()).or_insert(0) += 1;
         }
@@ -279,8 +266,12 @@ fn rollout(
     let want = spec.replicas.unwrap_or(1);
     let (surge, unavailable) = surge_and_unavailable(spec, want);
     let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
-    let by_rs = available_pods(pods, spec.min_ready_seconds.unwrap_or(0), now);
-    let alive_by_rs = alive_pods(pods);
+    let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    // Available: ready for minReadySeconds at `now`.
+    let by_rs = owned_pods(pods, |p| {
+        crate::kinds::pod::pod_available(p, min_ready, now)
+    });
+    let alive_by_rs = owned_pods(pods, |_| true);
     let uid = |r: &ReplicaSet| r.metadata.uid.clone().unwrap_or_default();
     // A ReplicaSet's available pods, never more than it is scaled to (extra ones are going).
     let available = |r: &ReplicaSet| by_rs.get(&uid(r)).copied().unwrap_or(0).min(replicas(r));
@@ -596,13 +587,7 @@ async fn sync(
             .await?;
     }
     if status_changed(d, &status) {
-        d_api
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&serde_json::json!({ "status": status })),
-            )
-            .await?;
+        patch_status::<Deployment>(client, &ns, &name, status).await?;
     }
     Ok(())
 }

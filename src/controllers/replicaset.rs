@@ -24,7 +24,7 @@ use kube::{
 use tokio::{sync::watch, time::Instant};
 
 use crate::control::{
-    Caches, controller_ref, controller_uid,
+    Caches, controller_ref, controller_uid, patch_status,
     recorder::Recorder,
     runner::{self, Controller, PassError},
 };
@@ -344,14 +344,7 @@ impl ReplicaSets {
             return Err(err);
         }
         if let Some(status) = plan.status {
-            let rsapi: Api<ReplicaSet> = Api::namespaced(self.client.clone(), &ns);
-            rsapi
-                .patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&serde_json::json!({ "status": status })),
-                )
-                .await?;
+            patch_status::<ReplicaSet>(&self.client, &ns, &name, status).await?;
         }
         Ok(())
     }

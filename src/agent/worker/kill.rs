@@ -14,7 +14,7 @@ use crate::runtime::Containerd;
 pub(super) const MIN_AFTER_HOOK: Duration = Duration::from_secs(2);
 
 /// What stopping a task needs of the container runtime.
-pub(super) trait TaskSignals: Sync {
+pub(crate) trait TaskSignals: Sync {
     /// Sends `signal` to the task's init process (a task already gone is not an error).
     fn signal(&self, id: &str, signal: u32) -> impl Future<Output = ()> + Send;
     /// Waits up to `timeout` for the task to exit; its exit status if it did.
@@ -39,7 +39,7 @@ impl TaskSignals for Containerd {
 
 /// Stops task `id` within `grace`, running `pre_stop` first; the exit status seen, if any
 /// (none when even SIGKILL was not confirmed within 10 s).
-pub(super) async fn graceful_stop<T: TaskSignals>(
+pub(crate) async fn graceful_stop<T: TaskSignals>(
     rt: &T,
     id: &str,
     grace: Duration,

@@ -43,6 +43,8 @@ use crate::{
 
 mod adopt;
 mod kill;
+
+pub(super) use kill::graceful_stop;
 mod lifecycle;
 mod start;
 mod status;
