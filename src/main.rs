@@ -724,96 +724,104 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// How the agent finds its cluster: a kubeconfig, a bootstrap token, in-cluster, or none.
+fn join_mode(a: &AgentArgs) -> anyhow::Result<Option<agent::cluster::Join>> {
+    Ok(match (&a.kubeconfig, &a.server) {
+        (Some(k), _) => Some(agent::cluster::Join::Kubeconfig(k.clone())),
+        (None, Some(server)) => Some(agent::cluster::Join::Token {
+            server: server.clone(),
+            token_file: a
+                .token_file
+                .clone()
+                .context("--token-file is required with --server")?,
+            ca_file: a
+                .ca_file
+                .clone()
+                .context("--ca-file is required with --server")?,
+        }),
+        (None, None) if a.standalone => None,
+        // As a pod (deploy/keelson-agent.yaml): the service account's configuration.
+        (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            Some(agent::cluster::Join::InCluster)
+        }
+        (None, None) => bail!(
+            "say how to run: --standalone --manifests DIR, or join a cluster with --kubeconfig FILE or --server URL --token-file FILE --ca-file FILE (as a pod, the in-cluster configuration is used)"
+        ),
+    })
+}
+
+/// The agent's configuration from its flags.
+fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
+    let join = join_mode(&a)?;
+    let client_ca_file = a.client_ca_file.clone().or_else(|| {
+        matches!(join, Some(agent::cluster::Join::InCluster))
+            .then(|| std::path::PathBuf::from(IN_CLUSTER_CA))
+            .filter(|p| p.exists())
+    });
+    let pod_cidr: ipnet::Ipv4Net = a
+        .pod_cidr
+        .parse()
+        .with_context(|| format!("--pod-cidr {:?} is not an IPv4 CIDR", a.pod_cidr))?;
+    let pod_cidr = pod_cidr.trunc();
+    let node_name = node_name_or_host(a.node_name)?;
+    let proxy = a.proxy.config(&node_name)?;
+    let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
+    let cni = (a.network == "cni").then(|| keelson::net::cni::Cni {
+        conf_dir: a.cni_conf_dir.clone(),
+        bin_dirs: a
+            .cni_bin_dir
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        cache_dir: a.data_dir.join("cni"),
+    });
+    let cfg = AgentConfig {
+        node_name,
+        pod_cidr,
+        node_ip: a.node_ip.unwrap_or(gateway),
+        images_dir: a.images.unwrap_or_else(|| a.data_dir.join("images")),
+        data_dir: a.data_dir,
+        log_dir: a.log_dir,
+        manifests: a.manifests,
+        containerd: a.containerd,
+        namespace: a.containerd_namespace,
+        bridge: a.bridge,
+        shim_per_node: a.shim_group == "node",
+        rescan: Duration::from_secs(a.rescan_seconds.max(1)),
+        resync: Duration::from_secs(a.resync_seconds.max(1)),
+        rotation: Rotation {
+            max_size: a.container_log_max_size,
+            max_files: a.container_log_max_files,
+        },
+        join,
+        kubelet_port: a.kubelet_port,
+        client_ca_file,
+        reserved: a.reserved,
+        node_labels: a.node_labels,
+        cni,
+        node_lease: a.node_lease_duration.max(Duration::from_secs(1)),
+        stream_idle_timeout: a
+            .streaming_connection_idle_timeout
+            .max(Duration::from_secs(1)),
+        proxy,
+        cluster_cidr: a.cluster_cidr.trunc(),
+        service_cidr: match a.service_cidr.as_str() {
+            "" => None,
+            c => Some(
+                c.parse::<ipnet::Ipv4Net>()
+                    .with_context(|| format!("--service-cidr {c:?} is not an IPv4 CIDR"))?
+                    .trunc(),
+            ),
+        },
+    };
+    Ok(cfg)
+}
+
 /// The two long-running roles `keelson up` also runs (kept apart from `run`, which runs `up`).
 async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Agent(a) => {
-            let join = match (&a.kubeconfig, &a.server) {
-                (Some(k), _) => Some(agent::cluster::Join::Kubeconfig(k.clone())),
-                (None, Some(server)) => Some(agent::cluster::Join::Token {
-                    server: server.clone(),
-                    token_file: a
-                        .token_file
-                        .clone()
-                        .context("--token-file is required with --server")?,
-                    ca_file: a
-                        .ca_file
-                        .clone()
-                        .context("--ca-file is required with --server")?,
-                }),
-                (None, None) if a.standalone => None,
-                // As a pod (deploy/keelson-agent.yaml): the service account's configuration.
-                (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
-                    Some(agent::cluster::Join::InCluster)
-                }
-                (None, None) => bail!(
-                    "say how to run: --standalone --manifests DIR, or join a cluster with --kubeconfig FILE or --server URL --token-file FILE --ca-file FILE (as a pod, the in-cluster configuration is used)"
-                ),
-            };
-            let client_ca_file = a.client_ca_file.clone().or_else(|| {
-                matches!(join, Some(agent::cluster::Join::InCluster))
-                    .then(|| std::path::PathBuf::from(IN_CLUSTER_CA))
-                    .filter(|p| p.exists())
-            });
-            let pod_cidr: ipnet::Ipv4Net = a
-                .pod_cidr
-                .parse()
-                .with_context(|| format!("--pod-cidr {:?} is not an IPv4 CIDR", a.pod_cidr))?;
-            let pod_cidr = pod_cidr.trunc();
-            let node_name = node_name_or_host(a.node_name)?;
-            let proxy = a.proxy.config(&node_name)?;
-            let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
-            let cni = (a.network == "cni").then(|| keelson::net::cni::Cni {
-                conf_dir: a.cni_conf_dir.clone(),
-                bin_dirs: a
-                    .cni_bin_dir
-                    .split(':')
-                    .filter(|d| !d.is_empty())
-                    .map(PathBuf::from)
-                    .collect(),
-                cache_dir: a.data_dir.join("cni"),
-            });
-            let cfg = AgentConfig {
-                node_name,
-                pod_cidr,
-                node_ip: a.node_ip.unwrap_or(gateway),
-                images_dir: a.images.unwrap_or_else(|| a.data_dir.join("images")),
-                data_dir: a.data_dir,
-                log_dir: a.log_dir,
-                manifests: a.manifests,
-                containerd: a.containerd,
-                namespace: a.containerd_namespace,
-                bridge: a.bridge,
-                shim_per_node: a.shim_group == "node",
-                rescan: Duration::from_secs(a.rescan_seconds.max(1)),
-                resync: Duration::from_secs(a.resync_seconds.max(1)),
-                rotation: Rotation {
-                    max_size: a.container_log_max_size,
-                    max_files: a.container_log_max_files,
-                },
-                join,
-                kubelet_port: a.kubelet_port,
-                client_ca_file,
-                reserved: a.reserved,
-                node_labels: a.node_labels,
-                cni,
-                node_lease: a.node_lease_duration.max(Duration::from_secs(1)),
-                stream_idle_timeout: a
-                    .streaming_connection_idle_timeout
-                    .max(Duration::from_secs(1)),
-                proxy,
-                cluster_cidr: a.cluster_cidr.trunc(),
-                service_cidr: match a.service_cidr.as_str() {
-                    "" => None,
-                    c => Some(
-                        c.parse::<ipnet::Ipv4Net>()
-                            .with_context(|| format!("--service-cidr {c:?} is not an IPv4 CIDR"))?
-                            .trunc(),
-                    ),
-                },
-            };
-            agent::run(cfg, shutdown_signal()).await
-        }
+        Cmd::Agent(a) => agent::run(agent_config(*a)?, shutdown_signal()).await,
         #[cfg(feature = "server")]
         Cmd::Server {
             data_dir,

@@ -196,6 +196,12 @@ fn parse(args: Vec<String>) -> anyhow::Result<Cli> {
     Cli::try_parse_from(args).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+type Daemon = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+fn path_arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let data = &a.data_dir;
     std::fs::create_dir_all(data).with_context(|| data.display().to_string())?;
@@ -221,19 +227,60 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let (socket, own) = containerd(&a).await?;
     busybox_image(&a, &images)?;
 
-    let d = |p: &Path| p.to_string_lossy().into_owned();
+    let (mut server_task, kubeconfig) = start_server(&a, &server_dir).await?;
+    let node = match &a.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("hostname")?
+            .to_string_lossy()
+            .to_lowercase(),
+    };
+    let mut agent = vec![
+        "keelson".into(),
+        "agent".into(),
+        "--server".into(),
+        format!("https://127.0.0.1:{}", a.listen.port()),
+        "--token-file".into(),
+        path_arg(&server_dir.join("node-token")),
+        "--ca-file".into(),
+        path_arg(&server_dir.join("pki/ca.crt")),
+        "--data-dir".into(),
+        path_arg(&agent_dir),
+        "--images".into(),
+        path_arg(&images),
+        "--containerd".into(),
+        path_arg(&socket),
+        "--node-name".into(),
+        node.clone(),
+    ];
+    if let Some(ip) = a.node_ip {
+        agent.extend(["--node-ip".into(), ip.to_string()]);
+    }
+    agent.extend(a.agent_arg.iter().cloned());
+    let agent = parse(agent)?;
+    let mut agent_task = tokio::spawn(daemon(agent.cmd));
+    wait_node_ready(&kubeconfig, &node, &server_task, &agent_task).await?;
+    let r = stop_both(&mut server_task, &mut agent_task).await;
+    drop(own);
+    let _ = std::fs::remove_file(pid_file(data));
+    step("stopped (the pods' containers are left to the next `up`; `keelson down` removes them)");
+    r
+}
+
+/// Starts the API server role and waits for its kubeconfig and port.
+async fn start_server(a: &UpArgs, server_dir: &Path) -> anyhow::Result<(Daemon, PathBuf)> {
     let mut server = vec![
         "keelson".into(),
         "server".into(),
         "--data-dir".into(),
-        d(&server_dir),
+        path_arg(server_dir),
         "--listen".into(),
         a.listen.to_string(),
     ];
     server.extend(a.server_arg.iter().cloned());
     let server = parse(server)?;
     let port = a.listen.port();
-    let mut server_task = tokio::spawn(daemon(server.cmd));
+    let server_task = tokio::spawn(daemon(server.cmd));
     let kubeconfig = server_dir.join("kubeconfig.yaml");
     let t0 = Instant::now();
     loop {
@@ -259,49 +306,23 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         "API server on https://{} (embedded store)",
         a.listen
     ));
+    Ok((server_task, kubeconfig))
+}
 
-    let node = match &a.node_name {
-        Some(n) => n.clone(),
-        None => nix::unistd::gethostname()
-            .context("hostname")?
-            .to_string_lossy()
-            .to_lowercase(),
-    };
-    let mut agent = vec![
-        "keelson".into(),
-        "agent".into(),
-        "--server".into(),
-        format!("https://127.0.0.1:{port}"),
-        "--token-file".into(),
-        d(&server_dir.join("node-token")),
-        "--ca-file".into(),
-        d(&server_dir.join("pki/ca.crt")),
-        "--data-dir".into(),
-        d(&agent_dir),
-        "--images".into(),
-        d(&images),
-        "--containerd".into(),
-        d(&socket),
-        "--node-name".into(),
-        node.clone(),
-    ];
-    if let Some(ip) = a.node_ip {
-        agent.extend(["--node-ip".into(), ip.to_string()]);
-    }
-    agent.extend(a.agent_arg.iter().cloned());
-    let agent = parse(agent)?;
-    let mut agent_task = tokio::spawn(daemon(agent.cmd));
-
-    let client = keelson::control::client_from(&kubeconfig).await?;
+/// Waits until the node is Ready (or either role ended), then says how to use it.
+async fn wait_node_ready(
+    kubeconfig: &Path,
+    node: &str,
+    server_task: &Daemon,
+    agent_task: &Daemon,
+) -> anyhow::Result<()> {
+    let client = keelson::control::client_from(kubeconfig).await?;
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
     let t0 = Instant::now();
     let mut said = false;
-    loop {
-        if agent_task.is_finished() || server_task.is_finished() {
-            break;
-        }
+    while !agent_task.is_finished() && !server_task.is_finished() {
         let ready = nodes
-            .get_opt(&node)
+            .get_opt(node)
             .await
             .ok()
             .flatten()
@@ -325,18 +346,22 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Both end on SIGINT/SIGTERM (each watches the signals); whichever ends first ends up.
+    Ok(())
+}
+
+/// Both roles end on SIGINT/SIGTERM (each watches the signals); whichever ends first ends
+/// `up`, and the other is given 15 s (told to stop at once after a failure).
+async fn stop_both(server_task: &mut Daemon, agent_task: &mut Daemon) -> anyhow::Result<()> {
     let first = tokio::select! {
-        r = &mut server_task => ("API server", r),
-        r = &mut agent_task => ("agent", r),
+        r = &mut *server_task => ("API server", r),
+        r = &mut *agent_task => ("agent", r),
     };
     step("stopping...");
     let other = if first.0 == "agent" {
-        &mut server_task
+        server_task
     } else {
-        &mut agent_task
+        agent_task
     };
-    // After a signal the other one is stopping too; after a failure it is told to.
     if !matches!(first.1, Ok(Ok(()))) {
         other.abort();
     }
@@ -346,9 +371,6 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     {
         other.abort();
     }
-    drop(own);
-    let _ = std::fs::remove_file(pid_file(data));
-    step("stopped (the pods' containers are left to the next `up`; `keelson down` removes them)");
     match first.1 {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.context(format!("the {} stopped", first.0))),

@@ -145,18 +145,7 @@ pub async fn run(
     mut cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    // The data and pod directories hold tokens and Secrets: root only (kubelet: 0750 pods).
-    for (d, mode) in [
-        (cfg.data_dir.clone(), 0o700),
-        (cfg.pods_dir(), 0o700),
-        (cfg.fifo_dir(), 0o700),
-    ] {
-        crate::runtime::private_dir(&d, mode)
-            .with_context(|| format!("creating {}", d.display()))?;
-    }
-    for d in [cfg.log_dir.clone(), cfg.images_dir.clone()] {
-        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    }
+    prepare_dirs(&cfg)?;
     let rt = connect_containerd(&cfg.containerd, &cfg.namespace, Duration::from_secs(30))
         .await
         .with_context(|| format!("containerd at {}", cfg.containerd.display()))?;
@@ -215,18 +204,7 @@ pub async fn run(
         })
     };
 
-    // Containers that already run, by pod UID (agent restart).
-    let mut adopted: HashMap<String, Vec<Listed>> = HashMap::new();
-    for l in rt.list_with_label(labels::POD_UID).await? {
-        if let Some(uid) = l.labels.get(labels::POD_UID).cloned() {
-            adopted.entry(uid).or_default().push(l);
-        }
-    }
-    tracing::info!(
-        containers = adopted.values().map(Vec::len).sum::<usize>(),
-        "found existing containers"
-    );
-
+    let adopted = existing_containers(&rt).await?;
     let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<()>();
     if let Some(dir) = &cfg.manifests {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -238,16 +216,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     crate::systemd::notify("READY=1");
     loop {
-        let statics = match &cfg.manifests {
-            Some(dir) => {
-                let (pods, errors) = source.scan(dir, &cfg.node_name);
-                for e in errors {
-                    tracing::error!(file = %e.file.display(), "bad manifest: {}", e.message);
-                }
-                pods
-            }
-            None => vec![],
-        };
+        let statics = static_pods(&mut source, &cfg);
         let api = cluster.as_ref().map(|(_, p)| p.all());
         if let (Some((client, _)), Some(api)) = (&cluster, &api) {
             let pods: Vec<Pod> = statics.iter().map(|sp| sp.pod.clone()).collect();
@@ -292,6 +261,52 @@ struct Joined {
     pods: crate::control::Cache<Pod>,
     /// The cluster CA, as the join found it.
     ca_pem: Option<String>,
+}
+
+/// The data and pod directories hold tokens and Secrets: root only (kubelet: 0750 pods).
+fn prepare_dirs(cfg: &AgentConfig) -> anyhow::Result<()> {
+    for (d, mode) in [
+        (cfg.data_dir.clone(), 0o700),
+        (cfg.pods_dir(), 0o700),
+        (cfg.fifo_dir(), 0o700),
+    ] {
+        crate::runtime::private_dir(&d, mode)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
+    for d in [cfg.log_dir.clone(), cfg.images_dir.clone()] {
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// Containers that already run, by pod UID (after an agent restart).
+async fn existing_containers(rt: &Containerd) -> anyhow::Result<HashMap<String, Vec<Listed>>> {
+    let mut adopted: HashMap<String, Vec<Listed>> = HashMap::new();
+    for l in rt.list_with_label(labels::POD_UID).await? {
+        if let Some(uid) = l.labels.get(labels::POD_UID).cloned() {
+            adopted.entry(uid).or_default().push(l);
+        }
+    }
+    tracing::info!(
+        containers = adopted.values().map(Vec::len).sum::<usize>(),
+        "found existing containers"
+    );
+    Ok(adopted)
+}
+
+/// The static pods of the manifest directory (bad files are said, and skipped).
+fn static_pods(
+    source: &mut manifest::ManifestSource,
+    cfg: &AgentConfig,
+) -> Vec<manifest::StaticPod> {
+    let Some(dir) = &cfg.manifests else {
+        return vec![];
+    };
+    let (pods, errors) = source.scan(dir, &cfg.node_name);
+    for e in errors {
+        tracing::error!(file = %e.file.display(), "bad manifest: {}", e.message);
+    }
+    pods
 }
 
 /// Joins the cluster: the node's credentials, the Node registered (its pod CIDR taken into

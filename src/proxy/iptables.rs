@@ -103,46 +103,105 @@ pub const JUMPS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// A rule comment.
+fn c(s: &str) -> String {
+    format!("-m comment --comment \"{s}\"")
+}
+
+/// Rules spreading a Service port's traffic over `eps` (sticky first, under session
+/// affinity; then one random pick each, probability 1/left).
+fn spread(p: &ServicePort, eps: &[Endpoint]) -> Vec<String> {
+    let mut rules = vec![];
+    if let Some(t) = p.affinity_seconds {
+        for e in eps {
+            let sep = sep_chain(p, e);
+            rules.push(format!(
+                "{} -m recent --name {sep} --rcheck --seconds {t} --reap --mask 255.255.255.255 --rsource -j {sep}",
+                c(&format!("{} -> {}:{}", p.name, e.ip, e.port))
+            ));
+        }
+    }
+    let n = eps.len();
+    for (i, e) in eps.iter().enumerate() {
+        let sep = sep_chain(p, e);
+        let left = n - i;
+        let comment = c(&format!("{} -> {}:{}", p.name, e.ip, e.port));
+        if left > 1 {
+            rules.push(format!(
+                "{comment} -m statistic --mode random --probability {:.10} -j {sep}",
+                1.0 / left as f64
+            ));
+        } else {
+            rules.push(format!("{comment} -j {sep}"));
+        }
+    }
+    rules
+}
+
 /// Renders the model. `cluster_cidr`: traffic from outside it to a ClusterIP is masqueraded.
 pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
-    let mut nat = Chains::new();
-    let mut filter = Chains::new();
-    let c = |s: &str| format!("-m comment --comment \"{s}\"");
-    nat.insert(
-        "KUBE-MARK-MASQ".into(),
-        vec![format!("-j MARK --or-mark {MASQ_MARK}")],
-    );
-    nat.insert(
-        "KUBE-POSTROUTING".into(),
-        vec![
-            format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
-            format!("-j MARK --xor-mark {MASQ_MARK}"),
-            format!(
-                "{} -j MASQUERADE --random-fully",
-                c("kubernetes service traffic requiring SNAT")
-            ),
-        ],
-    );
-    filter.insert(
-        "KUBE-FORWARD".into(),
-        vec![
-            "-m conntrack --ctstate INVALID -j DROP".into(),
-            format!(
-                "{} -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT",
-                c("kubernetes forwarding rules")
-            ),
-            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
-        ],
-    );
-    let mut services = vec![];
-    let mut nodeports = vec![];
-    let mut ext_reject = vec![];
+    let mut r = Render::new(cluster_cidr);
     for p in m.ports.values() {
+        r.endpoints(p);
+        r.cluster_ip(p);
+        r.external(p);
+    }
+    r.finish()
+}
+
+/// The render in progress: the chains so far and the rules of the shared chains.
+struct Render {
+    cluster_cidr: Ipv4Net,
+    nat: Chains,
+    filter: Chains,
+    services: Vec<String>,
+    nodeports: Vec<String>,
+    ext_reject: Vec<String>,
+}
+
+impl Render {
+    fn new(cluster_cidr: Ipv4Net) -> Self {
+        let mut nat = Chains::new();
+        let mut filter = Chains::new();
+        nat.insert(
+            "KUBE-MARK-MASQ".into(),
+            vec![format!("-j MARK --or-mark {MASQ_MARK}")],
+        );
+        nat.insert(
+            "KUBE-POSTROUTING".into(),
+            vec![
+                format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
+                format!("-j MARK --xor-mark {MASQ_MARK}"),
+                format!(
+                    "{} -j MASQUERADE --random-fully",
+                    c("kubernetes service traffic requiring SNAT")
+                ),
+            ],
+        );
+        filter.insert(
+            "KUBE-FORWARD".into(),
+            vec![
+                "-m conntrack --ctstate INVALID -j DROP".into(),
+                format!(
+                    "{} -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT",
+                    c("kubernetes forwarding rules")
+                ),
+                "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+            ],
+        );
+        Self {
+            cluster_cidr,
+            nat,
+            filter,
+            services: vec![],
+            nodeports: vec![],
+            ext_reject: vec![],
+        }
+    }
+
+    /// One KUBE-SEP chain per endpoint of either kind.
+    fn endpoints(&mut self, p: &ServicePort) {
         let proto = p.proto.lower();
-        let what = format!("{} {}", p.name, "cluster IP");
-        let svc = svc_chain(p);
-        let ext = ext_chain(p);
-        // Endpoint chains (for every endpoint of either kind).
         for e in p.all_endpoints() {
             let sep = sep_chain(p, &e);
             let mut rules = vec![format!("{} -s {}/32 -j KUBE-MARK-MASQ", c(&p.name), e.ip)];
@@ -156,87 +215,87 @@ pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
                 e.ip,
                 e.port
             ));
-            nat.insert(sep, rules);
+            self.nat.insert(sep, rules);
         }
-        let spread = |chain_eps: &[Endpoint]| -> Vec<String> {
-            let mut rules = vec![];
-            if let Some(t) = p.affinity_seconds {
-                for e in chain_eps {
-                    let sep = sep_chain(p, e);
-                    rules.push(format!(
-                        "{} -m recent --name {sep} --rcheck --seconds {t} --reap --mask 255.255.255.255 --rsource -j {sep}",
-                        c(&format!("{} -> {}:{}", p.name, e.ip, e.port))
-                    ));
-                }
-            }
-            let n = chain_eps.len();
-            for (i, e) in chain_eps.iter().enumerate() {
-                let sep = sep_chain(p, e);
-                let left = n - i;
-                if left > 1 {
-                    rules.push(format!(
-                        "{} -m statistic --mode random --probability {:.10} -j {sep}",
-                        c(&format!("{} -> {}:{}", p.name, e.ip, e.port)),
-                        1.0 / left as f64
-                    ));
-                } else {
-                    rules.push(format!(
-                        "{} -j {sep}",
-                        c(&format!("{} -> {}:{}", p.name, e.ip, e.port))
-                    ));
-                }
-            }
-            rules
+    }
+
+    fn cluster_ip(&mut self, p: &ServicePort) {
+        // Without endpoints the packet is not translated; the node's Service-range route
+        // rejects it.
+        let Some(vip) = p.cluster_ip.filter(|_| !p.cluster_endpoints.is_empty()) else {
+            return;
         };
-        // ClusterIP.
-        if let Some(vip) = p.cluster_ip {
-            let m_dst = format!("-d {vip}/32 -p {proto} -m {proto} --dport {}", p.port);
-            if p.cluster_endpoints.is_empty() {
-                // The packet is not translated; the node's Service-range route rejects it.
-            } else {
-                services.push(format!("{} {m_dst} -j {svc}", c(&what)));
-                let mut rules = vec![format!(
-                    "{} ! -s {cluster_cidr} {m_dst} -j KUBE-MARK-MASQ",
-                    c(&what)
-                )];
-                rules.extend(spread(&p.cluster_endpoints));
-                nat.insert(svc.clone(), rules);
-            }
+        let proto = p.proto.lower();
+        let what = format!("{} cluster IP", p.name);
+        let svc = svc_chain(p);
+        let m_dst = format!("-d {vip}/32 -p {proto} -m {proto} --dport {}", p.port);
+        self.services.push(format!("{} {m_dst} -j {svc}", c(&what)));
+        let mut rules = vec![format!(
+            "{} ! -s {} {m_dst} -j KUBE-MARK-MASQ",
+            c(&what),
+            self.cluster_cidr
+        )];
+        rules.extend(spread(p, &p.cluster_endpoints));
+        self.nat.insert(svc, rules);
+    }
+
+    /// Node port and external IPs → KUBE-EXT-*, or REJECTs when no endpoint serves them.
+    fn external(&mut self, p: &ServicePort) {
+        if p.node_port.is_none() && p.external_ips.is_empty() {
+            return;
         }
-        // Node port and external IPs → KUBE-EXT-*.
-        let external = p.node_port.is_some() || !p.external_ips.is_empty();
-        if !external {
-            continue;
-        }
+        let proto = p.proto.lower();
         if p.external_endpoints.is_empty() {
             for ip in &p.external_ips {
-                ext_reject.push(format!(
+                self.ext_reject.push(format!(
                     "{} -d {ip}/32 -p {proto} -m {proto} --dport {} -j REJECT",
                     c(&format!("{} has no local endpoints", p.name)),
                     p.port
                 ));
             }
             if let Some(np) = p.node_port {
-                ext_reject.push(format!(
+                self.ext_reject.push(format!(
                     "{} -m addrtype --dst-type LOCAL -p {proto} -m {proto} --dport {np} -j REJECT",
                     c(&format!("{} has no endpoints", p.name))
                 ));
             }
-            continue;
+            return;
         }
+        let ext = ext_chain(p);
+        let rules = self.ext_rules(p);
+        self.nat.insert(ext.clone(), rules);
+        for ip in &p.external_ips {
+            self.services.push(format!(
+                "{} -d {ip}/32 -p {proto} -m {proto} --dport {} -j {ext}",
+                c(&format!("{} external IP", p.name)),
+                p.port
+            ));
+        }
+        if let Some(np) = p.node_port {
+            self.nodeports.push(format!(
+                "{} -p {proto} -m {proto} --dport {np} -j {ext}",
+                c(&p.name)
+            ));
+        }
+    }
+
+    /// The KUBE-EXT chain's rules.
+    fn ext_rules(&mut self, p: &ServicePort) -> Vec<String> {
+        let svc = svc_chain(p);
         let mut rules = vec![];
         if p.external_local {
             // Pods' own traffic may use any endpoint; everyone else only local ones, and
             // keeps their source address.
             if !p.cluster_endpoints.is_empty() {
                 rules.push(format!(
-                    "{} -s {cluster_cidr} -j {svc}",
-                    c("pod traffic for external destinations")
+                    "{} -s {} -j {svc}",
+                    c("pod traffic for external destinations"),
+                    self.cluster_cidr
                 ));
             }
             let svl = svl_chain(p);
             rules.push(format!("-j {svl}"));
-            nat.insert(svl, spread(&p.external_endpoints));
+            self.nat.insert(svl, spread(p, &p.external_endpoints));
         } else {
             rules.push(format!(
                 "{} -j KUBE-MARK-MASQ",
@@ -245,32 +304,26 @@ pub fn render(m: &Model, cluster_cidr: Ipv4Net) -> Rendered {
             if p.cluster_endpoints == p.external_endpoints {
                 rules.push(format!("-j {svc}"));
             } else {
-                rules.extend(spread(&p.external_endpoints));
+                rules.extend(spread(p, &p.external_endpoints));
             }
         }
-        nat.insert(ext.clone(), rules);
-        for ip in &p.external_ips {
-            services.push(format!(
-                "{} -d {ip}/32 -p {proto} -m {proto} --dport {} -j {ext}",
-                c(&format!("{} external IP", p.name)),
-                p.port
-            ));
-        }
-        if let Some(np) = p.node_port {
-            nodeports.push(format!(
-                "{} -p {proto} -m {proto} --dport {np} -j {ext}",
-                c(&p.name)
-            ));
+        rules
+    }
+
+    fn finish(mut self) -> Rendered {
+        self.services.push(format!(
+            "{} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+            c("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+        ));
+        self.nat.insert("KUBE-SERVICES".into(), self.services);
+        self.nat.insert("KUBE-NODEPORTS".into(), self.nodeports);
+        self.filter
+            .insert("KUBE-EXTERNAL-SERVICES".into(), self.ext_reject);
+        Rendered {
+            nat: self.nat,
+            filter: self.filter,
         }
     }
-    services.push(format!(
-        "{} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
-        c("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
-    ));
-    nat.insert("KUBE-SERVICES".into(), services);
-    nat.insert("KUBE-NODEPORTS".into(), nodeports);
-    filter.insert("KUBE-EXTERNAL-SERVICES".into(), ext_reject);
-    Rendered { nat, filter }
 }
 
 /// The `iptables-restore --noflush` input that turns `old` (what was loaded last, or None

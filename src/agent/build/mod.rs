@@ -473,6 +473,50 @@ pub fn runtime_config(
         .as_ref()
         .ok_or_else(|| ConfigError("pod has no spec".into()))?;
     let env = environment(pod, c, img, sb)?;
+    let process = process_config(spec, c, img, &env)?;
+    let mounts = container_mounts(pod, c, sb, termination_log)?;
+    let (memory_limit, cpu_limit, cpu_request) = resource_limits(c);
+    let ns = |kind: &str| Ns::Join(format!("/proc/{}/ns/{kind}", sb.pause_pid));
+    // hostPID: the sandbox joined the node's PID namespace, so joining the sandbox's joins the
+    // node's (as with shareProcessNamespace, which shares the sandbox's own).
+    let share_pid = spec.share_process_namespace.unwrap_or(false) || spec.host_pid.unwrap_or(false);
+    Ok(RuntimeConfig {
+        process,
+        hostname: if sb.host_network {
+            String::new()
+        } else {
+            pod.metadata.name.clone().unwrap_or_default()
+        },
+        readonly_rootfs: c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false),
+        mounts,
+        net: ns("net"),
+        ipc: ns("ipc"),
+        uts: ns("uts"),
+        pid: if share_pid { ns("pid") } else { Ns::New },
+        cgroups_path: format!("/keelson/{container_id}"),
+        memory_limit,
+        // kubelet: quota = limit(millicores) * period / 1000, minimum 1000 µs.
+        cpu_quota: cpu_limit.map(|m| (m * 100).max(1000)),
+        cpu_period: cpu_limit.map(|_| 100_000),
+        // kubelet: shares = request(millicores) * 1024 / 1000, minimum 2.
+        cpu_shares: cpu_request.map(|m| ((m * 1024) / 1000).max(2) as u64),
+        oom_score_adj: None,
+        seccomp: seccomp_profile(pod, c, sb)?,
+    })
+}
+
+/// The process: argv, environment, working directory, identity and privileges (the
+/// container's security context over the pod's over the image's).
+fn process_config(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    c: &Container,
+    img: &ImageInfo,
+    env: &[(String, String)],
+) -> Result<ProcessConfig, ConfigError> {
     let env_map: HashMap<String, String> = env.iter().cloned().collect();
     let args = argv(c, img, &env_map);
     if args.is_empty() {
@@ -512,9 +556,8 @@ pub fn runtime_config(
     if let Some(fs) = psc.and_then(|s| s.fs_group) {
         additional_gids.push(fs as u32);
     }
-    let privileged = sc.and_then(|s| s.privileged).unwrap_or(false);
     let caps = sc.and_then(|s| s.capabilities.as_ref());
-    let process = ProcessConfig {
+    Ok(ProcessConfig {
         args,
         env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         cwd: c
@@ -525,28 +568,27 @@ pub fn runtime_config(
         uid,
         gid,
         additional_gids,
-        privileged,
+        privileged: sc.and_then(|s| s.privileged).unwrap_or(false),
         cap_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
         cap_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
         no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
         terminal: c.tty.unwrap_or(false),
-    };
+    })
+}
+
+/// The pod's files (hosts, hostname, resolv.conf), the termination log and the volumes.
+fn container_mounts(
+    pod: &Pod,
+    c: &Container,
+    sb: &SandboxInfo,
+    termination_log: &Path,
+) -> Result<Vec<MountSpec>, ConfigError> {
+    let pod_file =
+        |f: &str, at: &str| MountSpec::bind(sb.pod_dir.join(f).to_string_lossy(), at, false);
     let mut mounts = vec![
-        MountSpec::bind(
-            sb.pod_dir.join("etc-hosts").to_string_lossy(),
-            "/etc/hosts",
-            false,
-        ),
-        MountSpec::bind(
-            sb.pod_dir.join("hostname").to_string_lossy(),
-            "/etc/hostname",
-            false,
-        ),
-        MountSpec::bind(
-            sb.pod_dir.join("resolv.conf").to_string_lossy(),
-            "/etc/resolv.conf",
-            false,
-        ),
+        pod_file("etc-hosts", "/etc/hosts"),
+        pod_file("hostname", "/etc/hostname"),
+        pod_file("resolv.conf", "/etc/resolv.conf"),
     ];
     let tpath = c
         .termination_message_path
@@ -571,6 +613,12 @@ pub fn runtime_config(
         }
         mounts.push(ms);
     }
+    Ok(mounts)
+}
+
+/// (memory limit in bytes, CPU limit and CPU request in millicores; the request defaults
+/// to the limit).
+fn resource_limits(c: &Container) -> (Option<i64>, Option<i64>, Option<i64>) {
     let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref());
     let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
     let memory_limit = limits
@@ -583,35 +631,7 @@ pub fn runtime_config(
         .and_then(|l| l.get("cpu"))
         .and_then(|q| quantity::millicores(&q.0))
         .or(cpu_limit);
-    let ns = |kind: &str| Ns::Join(format!("/proc/{}/ns/{kind}", sb.pause_pid));
-    // hostPID: the sandbox joined the node's PID namespace, so joining the sandbox's joins the
-    // node's (as with shareProcessNamespace, which shares the sandbox's own).
-    let share_pid = spec.share_process_namespace.unwrap_or(false) || spec.host_pid.unwrap_or(false);
-    Ok(RuntimeConfig {
-        process,
-        hostname: if sb.host_network {
-            String::new()
-        } else {
-            pod.metadata.name.clone().unwrap_or_default()
-        },
-        readonly_rootfs: sc
-            .and_then(|s| s.read_only_root_filesystem)
-            .unwrap_or(false),
-        mounts,
-        net: ns("net"),
-        ipc: ns("ipc"),
-        uts: ns("uts"),
-        pid: if share_pid { ns("pid") } else { Ns::New },
-        cgroups_path: format!("/keelson/{container_id}"),
-        memory_limit,
-        // kubelet: quota = limit(millicores) * period / 1000, minimum 1000 µs.
-        cpu_quota: cpu_limit.map(|m| (m * 100).max(1000)),
-        cpu_period: cpu_limit.map(|_| 100_000),
-        // kubelet: shares = request(millicores) * 1024 / 1000, minimum 2.
-        cpu_shares: cpu_request.map(|m| ((m * 1024) / 1000).max(2) as u64),
-        oom_score_adj: None,
-        seccomp: seccomp_profile(pod, c, sb)?,
-    })
+    (memory_limit, cpu_limit, cpu_request)
 }
 
 /// The container's seccomp profile from its `securityContext.seccompProfile`, else the pod's

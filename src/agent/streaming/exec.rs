@@ -207,41 +207,52 @@ pub(super) async fn read_client(
     }
 }
 
-async fn session(
+fn exec_failure(what: &str, e: &dyn std::fmt::Display) -> End {
+    End::Failed(format!(
+        "error executing command in container: failed to {what} in container: {e}"
+    ))
+}
+
+/// The session's end of the FIFOs: stdin's writer and the two output readers.
+struct Pipes {
+    stdin: Option<pipe::Sender>,
+    out: Option<pipe::Receiver>,
+    err: Option<pipe::Receiver>,
+}
+
+fn open_pipes(fifos: &Fifos) -> Result<Pipes, End> {
+    for p in fifos.all() {
+        mkfifo(p).map_err(|e| exec_failure("make FIFOs", &e))?;
+    }
+    let stdin = match &fifos.stdin {
+        Some(p) => Some(
+            pipe::OpenOptions::new()
+                .read_write(true)
+                .open_sender(p)
+                .map_err(|e| exec_failure("open stdin", &e))?,
+        ),
+        None => None,
+    };
+    let open = |p: &Option<PathBuf>| p.as_ref().map(|p| logs::open_fifo(p)).transpose();
+    match (open(&fifos.stdout), open(&fifos.stderr)) {
+        (Ok(out), Ok(err)) => Ok(Pipes { stdin, out, err }),
+        (Err(e), _) | (_, Err(e)) => Err(exec_failure("open output", &e)),
+    }
+}
+
+/// Creates and starts the exec process; returns the task waiting for its exit code.
+async fn start_process(
     ctx: &Arc<AgentCtx>,
-    tx: &mut Tx,
-    rx: futures::stream::SplitStream<Ws>,
     cid: &str,
     exec_id: &str,
     o: &StreamOpts,
     fifos: &Fifos,
-) -> End {
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        End::Failed(format!(
-            "error executing command in container: failed to {what} in container: {e}"
-        ))
-    };
-    for p in fifos.all() {
-        if let Err(e) = mkfifo(p) {
-            return fail("make FIFOs", &e);
-        }
-    }
-    let stdin = match &fifos.stdin {
-        Some(p) => match pipe::OpenOptions::new().read_write(true).open_sender(p) {
-            Ok(s) => Some(s),
-            Err(e) => return fail("open stdin", &e),
-        },
-        None => None,
-    };
-    let open = |p: &Option<PathBuf>| p.as_ref().map(|p| logs::open_fifo(p)).transpose();
-    let (mut out, mut err) = match (open(&fifos.stdout), open(&fifos.stderr)) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => return fail("open output", &e),
-    };
-    let mut process = match ctx.rt.container_process(cid).await {
-        Ok(p) => p,
-        Err(e) => return fail("exec", &e),
-    };
+) -> Result<tokio::task::JoinHandle<crate::runtime::Result<u32>>, End> {
+    let mut process = ctx
+        .rt
+        .container_process(cid)
+        .await
+        .map_err(|e| exec_failure("exec", &e))?;
     process.set_args(Some(o.command.clone()));
     process.set_terminal(Some(o.tty));
     if o.tty {
@@ -257,16 +268,29 @@ async fn session(
         stderr: path_str(&fifos.stderr),
         terminal: o.tty,
     };
-    if let Err(e) = ctx.rt.exec_create(cid, exec_id, &process, &io).await {
-        return fail("exec", &e);
-    }
-    let mut wait = tokio::spawn(ctx.rt.wait_process(cid, exec_id));
+    ctx.rt
+        .exec_create(cid, exec_id, &process, &io)
+        .await
+        .map_err(|e| exec_failure("exec", &e))?;
+    let wait = tokio::spawn(ctx.rt.wait_process(cid, exec_id));
     if let Err(e) = ctx.rt.exec_start(cid, exec_id).await {
         wait.abort();
         let _ = ctx.rt.exec_delete(cid, exec_id).await;
-        return fail(&format!("start exec {exec_id:?}"), &e);
+        return Err(exec_failure(&format!("start exec {exec_id:?}"), &e));
     }
-    let activity = Activity::new();
+    Ok(wait)
+}
+
+/// The task reading the client: stdin into the process, stdin's close, terminal resizes.
+fn spawn_client_reader(
+    ctx: &Arc<AgentCtx>,
+    rx: futures::stream::SplitStream<Ws>,
+    cid: &str,
+    exec_id: &str,
+    tty: bool,
+    stdin: Option<pipe::Sender>,
+    activity: Activity,
+) -> tokio::task::JoinHandle<()> {
     let (rt1, rt2) = (ctx.rt.clone(), ctx.rt.clone());
     let (c1, c2, e1, e2) = (
         cid.to_string(),
@@ -274,12 +298,11 @@ async fn session(
         exec_id.to_string(),
         exec_id.to_string(),
     );
-    let tty = o.tty;
     // Shared by the writes and the close: stdin reaches EOF once this writer is gone and
     // containerd closed its own (the shim holds one open until CloseIO).
     let stdin = Arc::new(tokio::sync::Mutex::new(stdin));
     let stdin2 = stdin.clone();
-    let mut reader = tokio::spawn(read_client(
+    tokio::spawn(read_client(
         rx,
         async move |d: &[u8]| match stdin.lock().await.as_mut() {
             Some(w) => w.write_all(d).await.is_ok(),
@@ -295,84 +318,171 @@ async fn session(
                 tracing::debug!(error = %e, "resize");
             }
         },
-        activity.clone(),
-    ));
-    let idle = ctx.cfg.stream_idle_timeout;
-    let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
-    let mut code: Option<u32> = None;
-    let mut waited = false;
-    let mut deleting: Option<tokio::task::JoinHandle<()>> = None;
-    let mut end: Option<End> = None;
-    let mut client_gone = false;
-    while end.is_none() {
-        tokio::select! {
-            r = read_opt(&mut out, &mut obuf) => match r {
-                Ok(n) if n > 0 => {
-                    activity.touch();
-                    if o.stdout && tx.send(Message::Binary(channel::frame(channel::STDOUT, &obuf[..n]).into())).await.is_err() {
-                        client_gone = true;
-                        end = Some(End::ClientGone);
-                    }
-                }
-                _ => out = None,
-            },
-            r = read_opt(&mut err, &mut ebuf) => match r {
-                Ok(n) if n > 0 => {
-                    activity.touch();
-                    if o.stderr && tx.send(Message::Binary(channel::frame(channel::STDERR, &ebuf[..n]).into())).await.is_err() {
-                        client_gone = true;
-                        end = Some(End::ClientGone);
-                    }
-                }
-                _ => err = None,
-            },
-            w = &mut wait, if !waited => {
-                waited = true;
-                match w {
-                    Ok(Ok(c)) => code = Some(c),
-                    Ok(Err(e)) => end = Some(End::Failed(format!("error executing command in container: {e}"))),
-                    Err(e) => end = Some(End::Failed(format!("error executing command in container: {e}"))),
-                }
-                // containerd's delete returns once the shim copied all output into the FIFOs
-                // (which are read meanwhile, so that a full pipe cannot hold it up).
-                let (rt, c, e) = (ctx.rt.clone(), cid.to_string(), exec_id.to_string());
-                deleting = Some(tokio::spawn(async move {
-                    let _ = rt.exec_delete(&c, &e).await;
-                }));
-            }
-            _ = async { deleting.as_mut().expect("guarded").await }, if deleting.is_some() => {
-                deleting = None;
-                let rest_out = drain(&mut out);
-                let rest_err = drain(&mut err);
-                for (ch, rest, wanted) in [(channel::STDOUT, rest_out, o.stdout), (channel::STDERR, rest_err, o.stderr)] {
-                    if wanted && !rest.is_empty() {
-                        let _ = tx.send(Message::Binary(channel::frame(ch, &rest).into())).await;
-                    }
-                }
-                end = Some(match code {
-                    Some(c) => End::Exited(c),
-                    None => End::Failed("error executing command in container: the process could not be waited for".into()),
-                });
-            }
-            _ = &mut reader, if !client_gone => {
-                client_gone = true;
-                end = Some(End::ClientGone);
-            }
-            _ = activity.idle(idle) => end = Some(End::Idle),
-        }
-    }
+        activity,
+    ))
+}
+
+async fn session(
+    ctx: &Arc<AgentCtx>,
+    tx: &mut Tx,
+    rx: futures::stream::SplitStream<Ws>,
+    cid: &str,
+    exec_id: &str,
+    o: &StreamOpts,
+    fifos: &Fifos,
+) -> End {
+    let Pipes { stdin, out, err } = match open_pipes(fifos) {
+        Ok(p) => p,
+        Err(end) => return end,
+    };
+    let mut wait = match start_process(ctx, cid, exec_id, o, fifos).await {
+        Ok(w) => w,
+        Err(end) => return end,
+    };
+    let activity = Activity::new();
+    let mut reader = spawn_client_reader(ctx, rx, cid, exec_id, o.tty, stdin, activity.clone());
+    let mut pump = Pump {
+        ctx,
+        cid,
+        exec_id,
+        o,
+        out,
+        err,
+        code: None,
+        waited: false,
+        deleting: None,
+    };
+    let end = pump.run(tx, &mut wait, &mut reader, &activity).await;
     reader.abort();
-    let end = end.unwrap_or(End::ClientGone);
-    if code.is_none() {
+    if pump.code.is_none() {
         // The client went away or idled out: the process goes too (as containerd's CRI does).
         let _ = ctx.rt.close_stdin(cid, exec_id).await;
         let _ = ctx.rt.exec_kill(cid, exec_id, 9).await;
-        if !waited {
+        if !pump.waited {
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut wait).await;
         }
         let _ = ctx.rt.exec_delete(cid, exec_id).await;
-    } else if let Some(d) = deleting {
+    } else if let Some(d) = pump.deleting {
         let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
     }
     end
+}
+
+/// The output side of a running exec: FIFOs to the client until the process ended and
+/// containerd copied all its output, or the client left, or the stream idled.
+struct Pump<'a> {
+    ctx: &'a Arc<AgentCtx>,
+    cid: &'a str,
+    exec_id: &'a str,
+    o: &'a StreamOpts,
+    out: Option<pipe::Receiver>,
+    err: Option<pipe::Receiver>,
+    code: Option<u32>,
+    waited: bool,
+    deleting: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Pump<'_> {
+    async fn run(
+        &mut self,
+        tx: &mut Tx,
+        wait: &mut tokio::task::JoinHandle<crate::runtime::Result<u32>>,
+        reader: &mut tokio::task::JoinHandle<()>,
+        activity: &Activity,
+    ) -> End {
+        let idle = self.ctx.cfg.stream_idle_timeout;
+        let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
+        let (want_out, want_err) = (self.o.stdout, self.o.stderr);
+        loop {
+            tokio::select! {
+                r = read_opt(&mut self.out, &mut obuf) => match r {
+                    Ok(n) if n > 0 => {
+                        activity.touch();
+                        if want_out && send(tx, channel::STDOUT, &obuf[..n]).await.is_err() {
+                            return End::ClientGone;
+                        }
+                    }
+                    _ => self.out = None,
+                },
+                r = read_opt(&mut self.err, &mut ebuf) => match r {
+                    Ok(n) if n > 0 => {
+                        activity.touch();
+                        if want_err && send(tx, channel::STDERR, &ebuf[..n]).await.is_err() {
+                            return End::ClientGone;
+                        }
+                    }
+                    _ => self.err = None,
+                },
+                w = &mut *wait, if !self.waited => {
+                    if let Some(end) = self.exited(w) {
+                        return end;
+                    }
+                }
+                _ = async { self.deleting.as_mut().expect("guarded").await }, if self.deleting.is_some() => {
+                    self.deleting = None;
+                    return self.flush(tx).await;
+                }
+                _ = &mut *reader => return End::ClientGone,
+                _ = activity.idle(idle) => return End::Idle,
+            }
+        }
+    }
+
+    /// The process ended: starts containerd's delete, which returns once the shim copied all
+    /// output into the FIFOs (read meanwhile, so that a full pipe cannot hold it up).
+    fn exited(
+        &mut self,
+        w: Result<crate::runtime::Result<u32>, tokio::task::JoinError>,
+    ) -> Option<End> {
+        self.waited = true;
+        let failed = match w {
+            Ok(Ok(c)) => {
+                self.code = Some(c);
+                None
+            }
+            Ok(Err(e)) => Some(End::Failed(format!(
+                "error executing command in container: {e}"
+            ))),
+            Err(e) => Some(End::Failed(format!(
+                "error executing command in container: {e}"
+            ))),
+        };
+        let (rt, c, e) = (
+            self.ctx.rt.clone(),
+            self.cid.to_string(),
+            self.exec_id.to_string(),
+        );
+        self.deleting = Some(tokio::spawn(async move {
+            let _ = rt.exec_delete(&c, &e).await;
+        }));
+        failed
+    }
+
+    /// containerd is done with the output: what the FIFOs still hold, then the exit.
+    async fn flush(&mut self, tx: &mut Tx) -> End {
+        let rest = [
+            (channel::STDOUT, drain(&mut self.out), self.o.stdout),
+            (channel::STDERR, drain(&mut self.err), self.o.stderr),
+        ];
+        for (ch, rest, wanted) in rest {
+            if wanted && !rest.is_empty() {
+                let _ = send(tx, ch, &rest).await;
+            }
+        }
+        match self.code {
+            Some(c) => End::Exited(c),
+            None => End::Failed(
+                "error executing command in container: the process could not be waited for".into(),
+            ),
+        }
+    }
+}
+
+async fn send(
+    tx: &mut Tx,
+    ch: u8,
+    data: &[u8],
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    tx.send(Message::Binary(channel::frame(ch, data).into()))
+        .await
 }

@@ -89,36 +89,27 @@ pub(super) async fn run(ws: Ws, pod: String, uid: String, pid: u32, idle: Durati
             let _ = ws_tx.close().await;
         })
     };
-    let mut codec = spdy::Codec::new();
+    let mut s = Session {
+        out_tx,
+        codec: spdy::Codec::new(),
+        pairs: HashMap::new(),
+        streams: HashMap::new(),
+        tasks: tokio::task::JoinSet::new(),
+        pod,
+        uid,
+        pid,
+    };
     let mut buf = BytesMut::new();
-    let mut pairs: HashMap<String, Pair> = HashMap::new();
-    // Stream id → the pair's request id.
-    let mut streams: HashMap<u32, String> = HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     'session: loop {
         let msg = tokio::select! {
             m = ws_rx.next() => m,
             _ = activity.idle(idle) => {
-                tracing::info!(%pod, "port-forward idle: closed");
+                tracing::info!(pod = %s.pod, "port-forward idle: closed");
                 break;
             }
             _ = sweep.tick() => {
-                // Pairs whose second stream never came.
-                let now = tokio::time::Instant::now();
-                let stale: Vec<String> = pairs
-                    .iter()
-                    .filter(|(_, p)| p.to_conn.is_none() && p.since.is_some_and(|s| now - s > PAIR_TIMEOUT) && (p.error_id.is_none() || p.data_id.is_none()))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in stale {
-                    if let Some(p) = pairs.remove(&k) {
-                        for id in [p.error_id, p.data_id].into_iter().flatten() {
-                            streams.remove(&id);
-                            let _ = out_tx.send(spdy::rst_stream(id, spdy::RST_CANCEL)).await;
-                        }
-                    }
-                }
+                s.sweep().await;
                 continue;
             }
         };
@@ -130,114 +121,173 @@ pub(super) async fn run(ws: Ws, pod: String, uid: String, pid: u32, idle: Durati
         activity.touch();
         buf.extend_from_slice(&data);
         loop {
-            let frame = match codec.parse(&mut buf) {
+            let frame = match s.codec.parse(&mut buf) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::info!(%pod, error = %e, "port-forward: bad SPDY from the client");
-                    let _ = out_tx.send(spdy::goaway(0)).await;
+                    tracing::info!(pod = %s.pod, error = %e, "port-forward: bad SPDY from the client");
+                    let _ = s.out_tx.send(spdy::goaway(0)).await;
                     break 'session;
                 }
             };
-            tracing::debug!(%pod, frame = ?frame, "port-forward: SPDY frame from the client");
-            match frame {
-                Frame::SynStream { id, headers, .. } => {
-                    let _ = out_tx.send(codec.syn_reply(id, 0, &[])).await;
-                    let kind = spdy::header(&headers, "streamtype").unwrap_or("");
-                    let port = spdy::header(&headers, "port").and_then(|p| p.parse::<u16>().ok());
-                    let req = spdy::header(&headers, "requestid")
-                        .map(str::to_string)
-                        .unwrap_or_else(|| id.to_string());
-                    let Some(port) = port.filter(|p| *p > 0) else {
-                        tracing::info!(%pod, stream = id, "port-forward: stream without a valid port header");
-                        let _ = out_tx
-                            .send(spdy::rst_stream(id, spdy::RST_PROTOCOL_ERROR))
-                            .await;
-                        continue;
-                    };
-                    let p = pairs.entry(req.clone()).or_default();
-                    p.port = Some(port);
-                    p.since.get_or_insert_with(tokio::time::Instant::now);
-                    match kind {
-                        "error" => p.error_id = Some(id),
-                        "data" => p.data_id = Some(id),
-                        other => {
-                            tracing::info!(%pod, stream = id, kind = other, "port-forward: unknown stream type");
-                            let _ = out_tx
-                                .send(spdy::rst_stream(id, spdy::RST_PROTOCOL_ERROR))
-                                .await;
-                            continue;
-                        }
-                    }
-                    streams.insert(id, req.clone());
-                    if let (Some(eid), Some(did)) = (p.error_id, p.data_id)
-                        && p.to_conn.is_none()
-                    {
-                        let (tx, rx) = mpsc::channel(32);
-                        p.to_conn = Some(tx);
-                        tasks.spawn(forward(
-                            out_tx.clone(),
-                            rx,
-                            pid,
-                            port,
-                            eid,
-                            did,
-                            format!("{pod}, uid {uid}"),
-                        ));
-                    }
-                }
-                Frame::Data { id, flags, data } => {
-                    let Some(p) = streams.get(&id).and_then(|r| pairs.get_mut(r)) else {
-                        continue;
-                    };
-                    if Some(id) != p.data_id {
-                        continue;
-                    }
-                    if !data.is_empty()
-                        && let Some(tx) = &p.to_conn
-                        && tx.send(data).await.is_err()
-                    {
-                        p.to_conn = None;
-                    }
-                    if flags & FLAG_FIN != 0 {
-                        // Dropping the sender half-closes the connection toward the pod.
-                        p.to_conn = None;
-                    }
-                }
-                Frame::RstStream { id, .. } => {
-                    if let Some(req) = streams.remove(&id)
-                        && let Some(p) = pairs.get_mut(&req)
-                    {
-                        p.to_conn = None;
-                        if p.error_id == Some(id) {
-                            p.error_id = None;
-                        }
-                        if p.data_id == Some(id) {
-                            p.data_id = None;
-                        }
-                        if p.error_id.is_none() && p.data_id.is_none() {
-                            pairs.remove(&req);
-                        }
-                    }
-                }
-                Frame::Ping(n) => {
-                    let _ = out_tx.send(spdy::ping(n)).await;
-                }
-                Frame::GoAway { .. } => break 'session,
-                Frame::SynReply { .. }
-                | Frame::Headers { .. }
-                | Frame::Settings
-                | Frame::WindowUpdate { .. }
-                | Frame::Other(_) => {}
+            if s.on_frame(frame).await.is_break() {
+                break 'session;
             }
         }
         // Forget pairs whose connections ended.
-        while tasks.try_join_next().is_some() {}
+        while s.tasks.try_join_next().is_some() {}
     }
-    tasks.abort_all();
-    drop(out_tx);
+    s.tasks.abort_all();
+    let pod = s.pod.clone();
+    drop(s);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     tracing::info!(%pod, "port-forward ended");
+}
+
+/// One SPDY port-forward session's state: the stream pairs and their connections.
+struct Session {
+    out_tx: mpsc::Sender<Vec<u8>>,
+    codec: spdy::Codec,
+    pairs: HashMap<String, Pair>,
+    /// Stream id → the pair's request id.
+    streams: HashMap<u32, String>,
+    tasks: tokio::task::JoinSet<()>,
+    pod: String,
+    uid: String,
+    pid: u32,
+}
+
+impl Session {
+    /// Resets pairs whose second stream never came.
+    async fn sweep(&mut self) {
+        let now = tokio::time::Instant::now();
+        let stale: Vec<String> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| {
+                p.to_conn.is_none()
+                    && p.since.is_some_and(|s| now - s > PAIR_TIMEOUT)
+                    && (p.error_id.is_none() || p.data_id.is_none())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(p) = self.pairs.remove(&k) {
+                for id in [p.error_id, p.data_id].into_iter().flatten() {
+                    self.streams.remove(&id);
+                    let _ = self
+                        .out_tx
+                        .send(spdy::rst_stream(id, spdy::RST_CANCEL))
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame) -> std::ops::ControlFlow<()> {
+        tracing::debug!(pod = %self.pod, frame = ?frame, "port-forward: SPDY frame from the client");
+        match frame {
+            Frame::SynStream { id, headers, .. } => self.syn_stream(id, &headers).await,
+            Frame::Data { id, flags, data } => self.data(id, flags, data).await,
+            Frame::RstStream { id, .. } => self.reset(id),
+            Frame::Ping(n) => {
+                let _ = self.out_tx.send(spdy::ping(n)).await;
+            }
+            Frame::GoAway { .. } => return std::ops::ControlFlow::Break(()),
+            Frame::SynReply { .. }
+            | Frame::Headers { .. }
+            | Frame::Settings
+            | Frame::WindowUpdate { .. }
+            | Frame::Other(_) => {}
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    async fn reject(&self, id: u32) {
+        let _ = self
+            .out_tx
+            .send(spdy::rst_stream(id, spdy::RST_PROTOCOL_ERROR))
+            .await;
+    }
+
+    /// A new stream: half of a pair; the connection starts once both halves are there.
+    async fn syn_stream(&mut self, id: u32, headers: &spdy::Headers) {
+        let _ = self.out_tx.send(self.codec.syn_reply(id, 0, &[])).await;
+        let kind = spdy::header(headers, "streamtype").unwrap_or("");
+        let port = spdy::header(headers, "port").and_then(|p| p.parse::<u16>().ok());
+        let req = spdy::header(headers, "requestid")
+            .map(str::to_string)
+            .unwrap_or_else(|| id.to_string());
+        let Some(port) = port.filter(|p| *p > 0) else {
+            tracing::info!(pod = %self.pod, stream = id, "port-forward: stream without a valid port header");
+            return self.reject(id).await;
+        };
+        if !matches!(kind, "error" | "data") {
+            tracing::info!(pod = %self.pod, stream = id, kind, "port-forward: unknown stream type");
+            return self.reject(id).await;
+        }
+        let p = self.pairs.entry(req.clone()).or_default();
+        p.port = Some(port);
+        p.since.get_or_insert_with(tokio::time::Instant::now);
+        if kind == "error" {
+            p.error_id = Some(id);
+        } else {
+            p.data_id = Some(id);
+        }
+        self.streams.insert(id, req);
+        if let (Some(eid), Some(did)) = (p.error_id, p.data_id)
+            && p.to_conn.is_none()
+        {
+            let (tx, rx) = mpsc::channel(32);
+            p.to_conn = Some(tx);
+            self.tasks.spawn(forward(
+                self.out_tx.clone(),
+                rx,
+                self.pid,
+                port,
+                eid,
+                did,
+                format!("{}, uid {}", self.pod, self.uid),
+            ));
+        }
+    }
+
+    /// Client bytes for a connection; FIN half-closes it toward the pod.
+    async fn data(&mut self, id: u32, flags: u8, data: bytes::Bytes) {
+        let Some(p) = self.streams.get(&id).and_then(|r| self.pairs.get_mut(r)) else {
+            return;
+        };
+        if Some(id) != p.data_id {
+            return;
+        }
+        if !data.is_empty()
+            && let Some(tx) = &p.to_conn
+            && tx.send(data).await.is_err()
+        {
+            p.to_conn = None;
+        }
+        if flags & FLAG_FIN != 0 {
+            // Dropping the sender half-closes the connection toward the pod.
+            p.to_conn = None;
+        }
+    }
+
+    fn reset(&mut self, id: u32) {
+        if let Some(req) = self.streams.remove(&id)
+            && let Some(p) = self.pairs.get_mut(&req)
+        {
+            p.to_conn = None;
+            if p.error_id == Some(id) {
+                p.error_id = None;
+            }
+            if p.data_id == Some(id) {
+                p.data_id = None;
+            }
+            if p.error_id.is_none() && p.data_id.is_none() {
+                self.pairs.remove(&req);
+            }
+        }
+    }
 }
 
 /// An I/O error as Go prints it ("connection refused"), without Rust's "(os error N)".

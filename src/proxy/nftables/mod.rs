@@ -317,24 +317,8 @@ fn base_chains(cidr: Ipv4Net) -> BTreeMap<String, Chain> {
         Some((HOOK_POSTROUTING, 100, "nat")),
         vec![vec![jump("masquerading")]],
     );
-    let new_conn = vec![
-        Expr::Ct {
-            dreg: r(15),
-            key: CT_STATE,
-        },
-        Expr::Bitwise {
-            sreg: r(15),
-            dreg: r(15),
-            mask: CT_STATE_NEW.to_ne_bytes().to_vec(),
-            xor: vec![0; 4],
-        },
-        Expr::Cmp {
-            sreg: r(15),
-            op: CMP_NEQ,
-            data: vec![0; 4],
-        },
-        jump("endpoints-check"),
-    ];
+    let mut new_conn = ct_bits_set(CT_STATE, CT_STATE_NEW);
+    new_conn.push(jump("endpoints-check"));
     for (name, hook) in [
         ("filter-input", HOOK_INPUT),
         ("filter-forward", HOOK_FORWARD),
@@ -348,7 +332,44 @@ fn base_chains(cidr: Ipv4Net) -> BTreeMap<String, Chain> {
     np_reject.extend(load_np_key());
     np_reject.extend([lookup("no-endpoint-nps", r(0), None), Expr::Reject]);
     add("endpoints-check", None, vec![vip_reject, np_reject]);
+    add("services", None, services_rules(cidr));
+    let mut pod_np = saddr_in(cidr, true);
+    pod_np.extend(load_np_key());
+    pod_np.push(lookup("pod-np-dispatch", r(0), Some(REG_VERDICT)));
+    let mut np = load_np_key();
+    np.push(lookup("np-dispatch", r(0), Some(REG_VERDICT)));
+    add("nodeports", None, vec![pod_np, np]);
+    let mut set_mark = mark_load_masked(!MASQ_MARK, MASQ_MARK);
+    set_mark.push(Expr::MetaSet {
+        key: META_MARK,
+        sreg: r(15),
+    });
+    add("mark-for-masquerade", None, vec![set_mark]);
+    add("masquerading", None, masquerading_rules());
+    c
+}
 
+/// Matches when the conntrack field `key` has any of the `bits`.
+fn ct_bits_set(key: u32, bits: u32) -> Vec<Expr> {
+    vec![
+        Expr::Ct { dreg: r(15), key },
+        Expr::Bitwise {
+            sreg: r(15),
+            dreg: r(15),
+            mask: bits.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: r(15),
+            op: CMP_NEQ,
+            data: vec![0; 4],
+        },
+    ]
+}
+
+/// The dispatch: pods' traffic to a VIP, anyone's to a VIP, then node ports on the node's
+/// own addresses (but not 127/8).
+fn services_rules(cidr: Ipv4Net) -> Vec<Vec<Expr>> {
     let mut pod_vip = saddr_in(cidr, true);
     pod_vip.extend(load_vip_key());
     pod_vip.push(lookup("pod-vip-dispatch", r(0), Some(REG_VERDICT)));
@@ -375,39 +396,16 @@ fn base_chains(cidr: Ipv4Net) -> BTreeMap<String, Chain> {
         },
         goto("nodeports"),
     ]);
-    add("services", None, vec![pod_vip, vip, to_np]);
-    let mut pod_np = saddr_in(cidr, true);
-    pod_np.extend(load_np_key());
-    pod_np.push(lookup("pod-np-dispatch", r(0), Some(REG_VERDICT)));
-    let mut np = load_np_key();
-    np.push(lookup("np-dispatch", r(0), Some(REG_VERDICT)));
-    add("nodeports", None, vec![pod_np, np]);
+    vec![pod_vip, vip, to_np]
+}
 
-    let mut set_mark = mark_load_masked(!MASQ_MARK, MASQ_MARK);
-    set_mark.push(Expr::MetaSet {
-        key: META_MARK,
-        sreg: r(15),
-    });
-    add("mark-for-masquerade", None, vec![set_mark]);
+/// Hairpin traffic, then everything marked for masquerade (the mark is cleared first).
+fn masquerading_rules() -> Vec<Vec<Expr>> {
     // Only translated traffic (kube-proxy marks hairpin traffic in the endpoint's chain, before
     // its DNAT): an endpoint's own connections to itself that no Service carried stay as they
     // are.
-    let hairpin = vec![
-        Expr::Ct {
-            dreg: r(15),
-            key: CT_STATUS,
-        },
-        Expr::Bitwise {
-            sreg: r(15),
-            dreg: r(15),
-            mask: CT_STATUS_DNAT.to_ne_bytes().to_vec(),
-            xor: vec![0; 4],
-        },
-        Expr::Cmp {
-            sreg: r(15),
-            op: CMP_NEQ,
-            data: vec![0; 4],
-        },
+    let mut hairpin = ct_bits_set(CT_STATUS, CT_STATUS_DNAT);
+    hairpin.extend([
         Expr::Payload {
             dreg: r(0),
             base: BASE_NETWORK,
@@ -424,7 +422,7 @@ fn base_chains(cidr: Ipv4Net) -> BTreeMap<String, Chain> {
         Expr::Masq {
             flags: NAT_RANDOM_FULLY,
         },
-    ];
+    ]);
     let mut unmarked = mark_load_masked(MASQ_MARK, 0);
     unmarked.extend([
         Expr::Cmp {
@@ -448,8 +446,7 @@ fn base_chains(cidr: Ipv4Net) -> BTreeMap<String, Chain> {
     let masq = vec![Expr::Masq {
         flags: NAT_RANDOM_FULLY,
     }];
-    add("masquerading", None, vec![hairpin, unmarked, clear, masq]);
-    c
+    vec![hairpin, unmarked, clear, masq]
 }
 
 /// A pick chain shared by every Service of kind `k` with `n` endpoints: mark for masquerade
