@@ -76,61 +76,10 @@ async fn container_logs(
     Path((ns, pod, container)): Path<(String, String, String)>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    let found = ctx.store.read().ok().and_then(|s| {
-        s.values()
-            .find(|p| {
-                p.metadata.name.as_deref() == Some(&pod)
-                    && p.metadata.namespace.as_deref() == Some(&ns)
-            })
-            .cloned()
-    });
-    let Some(p) = found else {
-        return status_err(StatusCode::NOT_FOUND, format!("pods \"{pod}\" not found"));
-    };
-    let uid = p.metadata.uid.clone().unwrap_or_default();
-    let st = p.status.as_ref();
-    let cs = st
-        .and_then(|s| {
-            s.container_statuses
-                .iter()
-                .flatten()
-                .chain(s.init_container_statuses.iter().flatten())
-                .find(|c| c.name == container)
-        })
-        .cloned();
-    let Some(cs) = cs else {
-        return status_err(
-            StatusCode::BAD_REQUEST,
-            format!("container {container} is not valid for pod {pod}"),
-        );
-    };
     let previous = q.previous.unwrap_or(false);
-    let has_last = cs
-        .last_state
-        .as_ref()
-        .and_then(|l| l.terminated.as_ref())
-        .is_some();
-    let n = if previous {
-        if !has_last {
-            return status_err(
-                StatusCode::BAD_REQUEST,
-                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
-            );
-        }
-        cs.restart_count - 1
-    } else {
-        let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
-        let never_ran = cs.container_id.is_none();
-        if let (Some(w), true) = (waiting, never_ran) {
-            return status_err(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "container \"{container}\" in pod \"{pod}\" is waiting to start: {}",
-                    w.reason.clone().unwrap_or_default()
-                ),
-            );
-        }
-        cs.restart_count
+    let (uid, n) = match log_instance(&ctx, &ns, &pod, &container, previous) {
+        Ok(found) => found,
+        Err(resp) => return resp,
     };
     let path = ctx
         .cfg
@@ -149,6 +98,7 @@ async fn container_logs(
     }
     // Follow: stream appended records until the container stops running.
     let mut offset = content.len() as u64;
+    let timestamps = opts.timestamps;
     let stream = async_stream(move |tx| async move {
         if tx.send(Ok(first)).await.is_err() {
             return;
@@ -167,29 +117,14 @@ async fn container_logs(
                     &chunk,
                     &logs::ReadOpts {
                         tail_lines: None,
-                        timestamps: opts.timestamps,
+                        timestamps,
                     },
                 );
                 if !text.is_empty() && tx.send(Ok(text)).await.is_err() {
                     return;
                 }
             }
-            let running = ctx.store.read().ok().is_some_and(|s| {
-                s.get(&uid)
-                    .and_then(|p| p.status.as_ref())
-                    .is_some_and(|st| {
-                        st.container_statuses
-                            .iter()
-                            .flatten()
-                            .chain(st.init_container_statuses.iter().flatten())
-                            .any(|c| {
-                                c.name == container
-                                    && c.restart_count == n
-                                    && c.state.as_ref().is_some_and(|s| s.running.is_some())
-                            })
-                    })
-            });
-            if !running {
+            if !still_running(&ctx, &uid, &container, n) {
                 return;
             }
         }
@@ -200,6 +135,90 @@ async fn container_logs(
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// The pod's UID and the instance (restart count) whose log is asked for, or kubelet's
+/// error: no such pod, no such container, no previous instance, not started yet.
+#[allow(clippy::result_large_err)]
+fn log_instance(
+    ctx: &AgentCtx,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    previous: bool,
+) -> Result<(String, i32), Response> {
+    let found = ctx.store.read().ok().and_then(|s| {
+        s.values()
+            .find(|p| {
+                p.metadata.name.as_deref() == Some(pod)
+                    && p.metadata.namespace.as_deref() == Some(ns)
+            })
+            .cloned()
+    });
+    let Some(p) = found else {
+        return Err(status_err(
+            StatusCode::NOT_FOUND,
+            format!("pods \"{pod}\" not found"),
+        ));
+    };
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let cs = p.status.as_ref().and_then(|s| {
+        s.container_statuses
+            .iter()
+            .flatten()
+            .chain(s.init_container_statuses.iter().flatten())
+            .find(|c| c.name == container)
+    });
+    let Some(cs) = cs else {
+        return Err(status_err(
+            StatusCode::BAD_REQUEST,
+            format!("container {container} is not valid for pod {pod}"),
+        ));
+    };
+    if previous {
+        let has_last = cs
+            .last_state
+            .as_ref()
+            .and_then(|l| l.terminated.as_ref())
+            .is_some();
+        if !has_last {
+            return Err(status_err(
+                StatusCode::BAD_REQUEST,
+                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
+            ));
+        }
+        return Ok((uid, cs.restart_count - 1));
+    }
+    let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
+    if let (Some(w), None) = (waiting, &cs.container_id) {
+        return Err(status_err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "container \"{container}\" in pod \"{pod}\" is waiting to start: {}",
+                w.reason.clone().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok((uid, cs.restart_count))
+}
+
+/// Whether instance `n` of the container still runs (a followed log ends when not).
+fn still_running(ctx: &AgentCtx, uid: &str, container: &str, n: i32) -> bool {
+    ctx.store.read().ok().is_some_and(|s| {
+        s.get(uid)
+            .and_then(|p| p.status.as_ref())
+            .is_some_and(|st| {
+                st.container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(st.init_container_statuses.iter().flatten())
+                    .any(|c| {
+                        c.name == container
+                            && c.restart_count == n
+                            && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                    })
+            })
+    })
 }
 
 /// A stream fed by a task through a channel.

@@ -456,14 +456,9 @@ async fn seed_kubernetes_service(
     Ok(())
 }
 
-/// Runs the API server until `shutdown` resolves. Writes `DATA_DIR/kubeconfig.yaml` once it serves.
-pub async fn run(
-    cfg: ServerConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    crate::runtime::private_dir(&cfg.data_dir, 0o700)
-        .with_context(|| cfg.data_dir.display().to_string())?;
-    let store: Arc<dyn Store> = match &cfg.store {
+/// The store the configuration names: the embedded one in DATA_DIR, or etcd.
+async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &cfg.store {
         StoreConfig::Embedded => Arc::new(
             Embedded::open(&cfg.data_dir.join("store/keelson.redb"))
                 .context("opening the store")?,
@@ -473,11 +468,13 @@ pub async fn run(
                 .await
                 .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
         ),
-    };
-    typed::set_default_tolerations(cfg.default_tolerations.0, cfg.default_tolerations.1);
-    seed(store.as_ref()).await?;
-    let compaction = tokio::spawn(compactor(store.clone(), cfg.compaction_interval));
-    let csr_cleaner = tokio::spawn(csr::cleaner(store.clone()));
+    })
+}
+
+/// The names and addresses the serving certificate is valid for: the in-cluster names, the
+/// host's name, loopback, the kubernetes Service's address, the listen address (every address
+/// the host has when it listens on all) and the --tls-san extras.
+fn serving_names(cfg: &ServerConfig) -> (Vec<String>, Vec<std::net::IpAddr>) {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().to_string())
         .unwrap_or_default();
@@ -522,6 +519,22 @@ pub async fn run(
             Err(_) => {}
         }
     }
+    (names, ips)
+}
+
+/// Runs the API server until `shutdown` resolves. Writes `DATA_DIR/kubeconfig.yaml` once it serves.
+pub async fn run(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    crate::runtime::private_dir(&cfg.data_dir, 0o700)
+        .with_context(|| cfg.data_dir.display().to_string())?;
+    let store = open_store(&cfg).await?;
+    typed::set_default_tolerations(cfg.default_tolerations.0, cfg.default_tolerations.1);
+    seed(store.as_ref()).await?;
+    let compaction = tokio::spawn(compactor(store.clone(), cfg.compaction_interval));
+    let csr_cleaner = tokio::spawn(csr::cleaner(store.clone()));
+    let (names, ips) = serving_names(&cfg);
     let pki = pki::ensure(&cfg.data_dir.join("pki"), &names, &ips).context("credentials")?;
     let root_ca = tokio::spawn(publish_root_ca(store.clone(), pki.ca_pem.clone()));
     let tls = tls_config(&pki)?;

@@ -107,29 +107,7 @@ pub fn token_request(
             "the body of the request must be a TokenRequest (authentication.k8s.io/v1)",
         ));
     }
-    let invalid = |msg: &str| {
-        ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "Invalid",
-            format!("TokenRequest.authentication.k8s.io is invalid: {msg}"),
-        )
-    };
-    let asked = match req.pointer("/spec/expirationSeconds") {
-        None | Some(Value::Null) => 3600,
-        Some(v) => v
-            .as_i64()
-            .ok_or_else(|| invalid("spec.expirationSeconds: Invalid value: must be an integer"))?,
-    };
-    if asked < 600 {
-        return Err(invalid(
-            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
-        ));
-    }
-    if asked > MAX_EXPIRATION {
-        return Err(invalid(
-            "spec.expirationSeconds: Invalid value: may not specify a duration larger than 2^32 seconds",
-        ));
-    }
+    let asked = asked_expiration(&req)?;
     let mut aud: Vec<String> = req
         .pointer("/spec/audiences")
         .and_then(Value::as_array)
@@ -150,52 +128,7 @@ pub fn token_request(
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let bound = req.pointer("/spec/boundObjectRef").filter(|b| !b.is_null());
-    let pod_claim = match bound {
-        None => None,
-        Some(b) if b["kind"] == "Pod" => {
-            let name = b["name"].as_str().unwrap_or("");
-            let p = pod.ok_or_else(|| {
-                ApiError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("pods \"{name}\" not found"),
-                )
-            })?;
-            let uid = p
-                .pointer("/metadata/uid")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if let Some(want) = b["uid"].as_str().filter(|u| !u.is_empty())
-                && want != uid
-            {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::CONFLICT,
-                    "Conflict",
-                    format!(
-                        "the UID in the bound object reference ({want}) does not match the UID in record. The object might have been deleted and then recreated"
-                    ),
-                ));
-            }
-            let uses = p
-                .pointer("/spec/serviceAccountName")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .unwrap_or("default");
-            if uses != sa_name {
-                return Err(ApiError::bad_request(format!(
-                    "cannot bind token for serviceaccount \"{sa_name}\" to pod running with different serviceaccount name."
-                )));
-            }
-            Some((name.to_string(), uid.to_string()))
-        }
-        Some(b) => {
-            return Err(ApiError::bad_request(format!(
-                "cannot bind token to object of kind {:?}: only pods are supported",
-                b["kind"].as_str().unwrap_or("")
-            )));
-        }
-    };
+    let pod_claim = bound_pod(&req, pod, sa_name)?;
     // kube-apiserver's extension: pod-bound, for the API itself, the kubelet's 3607 seconds.
     let extend =
         pod_claim.is_some() && asked == KUBELET_EXPIRY && aud.iter().any(|a| a == API_AUDIENCE);
@@ -228,6 +161,86 @@ pub fn token_request(
     out["metadata"]["name"] = Value::String(claims.name.clone());
     out["metadata"]["namespace"] = Value::String(claims.namespace.clone());
     Ok(out)
+}
+
+/// `spec.expirationSeconds` (default an hour), within kube-apiserver's bounds.
+fn asked_expiration(req: &Value) -> Result<i64, ApiError> {
+    let invalid = |msg: &str| {
+        ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("TokenRequest.authentication.k8s.io is invalid: {msg}"),
+        )
+    };
+    let asked = match req.pointer("/spec/expirationSeconds") {
+        None | Some(Value::Null) => 3600,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| invalid("spec.expirationSeconds: Invalid value: must be an integer"))?,
+    };
+    if asked < 600 {
+        return Err(invalid(
+            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
+        ));
+    }
+    if asked > MAX_EXPIRATION {
+        return Err(invalid(
+            "spec.expirationSeconds: Invalid value: may not specify a duration larger than 2^32 seconds",
+        ));
+    }
+    Ok(asked)
+}
+
+/// The pod a token is bound to, (name, uid), checked against the stored pod: only pods,
+/// the same UID if the request gives one, and running as the token's service account.
+fn bound_pod(
+    req: &Value,
+    pod: Option<&Value>,
+    sa_name: &str,
+) -> Result<Option<(String, String)>, ApiError> {
+    let Some(b) = req.pointer("/spec/boundObjectRef").filter(|b| !b.is_null()) else {
+        return Ok(None);
+    };
+    if b["kind"] != "Pod" {
+        return Err(ApiError::bad_request(format!(
+            "cannot bind token to object of kind {:?}: only pods are supported",
+            b["kind"].as_str().unwrap_or("")
+        )));
+    }
+    let name = b["name"].as_str().unwrap_or("");
+    let p = pod.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("pods \"{name}\" not found"),
+        )
+    })?;
+    let uid = p
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if let Some(want) = b["uid"].as_str().filter(|u| !u.is_empty())
+        && want != uid
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "the UID in the bound object reference ({want}) does not match the UID in record. The object might have been deleted and then recreated"
+            ),
+        ));
+    }
+    let uses = p
+        .pointer("/spec/serviceAccountName")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    if uses != sa_name {
+        return Err(ApiError::bad_request(format!(
+            "cannot bind token for serviceaccount \"{sa_name}\" to pod running with different serviceaccount name."
+        )));
+    }
+    Ok(Some((name.to_string(), uid.to_string())))
 }
 
 /// What a request asks to do, in RBAC's terms.

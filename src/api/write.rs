@@ -63,60 +63,9 @@ pub(super) async fn delete(
             .is_some_and(|d| d.iter().any(|x| x == "All"));
     let key = r.key(ns, name);
     let kv = get_existing(st, r, &key, name).await?;
-    let obj = decode(&kv)?;
-    let conflict = |msg: String| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "Conflict",
-            format!(
-                "Operation cannot be fulfilled on {} \"{name}\": {msg}",
-                r.qualified()
-            ),
-        )
-    };
-    if let Some(p) = &opts.preconditions {
-        let uid = obj
-            .pointer("/metadata/uid")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if let Some(want) = p.uid.as_deref().filter(|w| *w != uid) {
-            return Err(conflict(format!(
-                "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
-            )));
-        }
-        if let Some(want) = p
-            .resource_version
-            .as_deref()
-            .filter(|w| *w != kv.mod_revision.to_string())
-        {
-            return Err(conflict(format!(
-                "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {}",
-                kv.mod_revision
-            )));
-        }
-    }
-    // Foreground and Orphan deletion: the garbage collector finishes them through a finalizer.
-    let policy_finalizer = match (opts.propagation_policy.as_deref(), opts.orphan_dependents) {
-        (Some("Foreground"), _) => Some("foregroundDeletion"),
-        (Some("Orphan"), _) | (None, Some(true)) => Some("orphan"),
-        (Some("Background") | None, _) => None,
-        (Some(other), _) => {
-            return Err(ApiError::bad_request(format!(
-                "DeleteOptions.propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\""
-            )));
-        }
-    };
-    let mut obj = obj;
-    if let Some(f) = policy_finalizer.filter(|_| r.kind != "Namespace") {
-        let list = obj["metadata"]
-            .as_object_mut()
-            .map(|m| m.entry("finalizers").or_insert_with(|| json!([])));
-        if let Some(Value::Array(a)) = list
-            && !a.iter().any(|x| x == f)
-        {
-            a.push(json!(f));
-        }
-    }
+    let mut obj = decode(&kv)?;
+    check_preconditions(r, name, opts.preconditions.as_ref(), &obj, kv.mod_revision)?;
+    add_policy_finalizer(r, &opts, &mut obj)?;
     let has_finalizers = obj
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
@@ -125,36 +74,17 @@ pub(super) async fn delete(
     let grace = opts.grace_period_seconds.or(grace_param);
     let pod_grace = (r.strategy.delete_grace)(&obj, grace);
     if has_finalizers || pod_grace.is_some() {
-        let mut marked = obj.clone();
-        let already = obj.pointer("/metadata/deletionTimestamp").is_some();
-        let g = pod_grace.unwrap_or(0);
-        let shorter = obj
-            .pointer("/metadata/deletionGracePeriodSeconds")
-            .and_then(Value::as_i64)
-            .is_none_or(|old| g < old);
-        if !already || shorter {
-            let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(g);
-            marked["metadata"]["deletionTimestamp"] =
-                json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
-            marked["metadata"]["deletionGracePeriodSeconds"] = json!(g);
-        }
-        if dry {
-            return Ok(json_response(StatusCode::OK, &marked));
-        }
-        let mut stored = marked.clone();
-        if let Some(m) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.remove("resourceVersion");
-        }
-        let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
-        let kv = st
-            .store
-            .put(&key, bytes, Precondition::ModRevision(kv.mod_revision))
-            .await
-            .map_err(|e| ApiError::from_store(e, r, name))?;
-        return Ok(json_response(
-            StatusCode::OK,
-            &with_rv(stored, kv.mod_revision),
-        ));
+        return mark_deleting(
+            st,
+            r,
+            &key,
+            name,
+            obj,
+            kv.mod_revision,
+            pod_grace.unwrap_or(0),
+            dry,
+        )
+        .await;
     }
     if dry {
         return Ok(json_response(StatusCode::OK, &obj));
@@ -171,6 +101,122 @@ pub(super) async fn delete(
         super::alloc::release(st.store.as_ref(), &obj).await;
     }
     Ok(json_response(StatusCode::OK, &decode(&gone)?))
+}
+
+/// DeleteOptions' preconditions: the object's UID and resourceVersion.
+fn check_preconditions(
+    r: &'static Resource,
+    name: &str,
+    p: Option<&DeletePreconditions>,
+    obj: &Value,
+    mod_revision: i64,
+) -> Result<(), ApiError> {
+    let Some(p) = p else {
+        return Ok(());
+    };
+    let conflict = |msg: String| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": {msg}",
+                r.qualified()
+            ),
+        )
+    };
+    let uid = obj
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if let Some(want) = p.uid.as_deref().filter(|w| *w != uid) {
+        return Err(conflict(format!(
+            "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+        )));
+    }
+    if let Some(want) = p
+        .resource_version
+        .as_deref()
+        .filter(|w| *w != mod_revision.to_string())
+    {
+        return Err(conflict(format!(
+            "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {mod_revision}"
+        )));
+    }
+    Ok(())
+}
+
+/// Foreground and Orphan deletion: the garbage collector finishes them through a finalizer
+/// (a namespace's contents go with it whatever the policy).
+fn add_policy_finalizer(
+    r: &'static Resource,
+    opts: &DeleteOptions,
+    obj: &mut Value,
+) -> Result<(), ApiError> {
+    let policy_finalizer = match (opts.propagation_policy.as_deref(), opts.orphan_dependents) {
+        (Some("Foreground"), _) => Some("foregroundDeletion"),
+        (Some("Orphan"), _) | (None, Some(true)) => Some("orphan"),
+        (Some("Background") | None, _) => None,
+        (Some(other), _) => {
+            return Err(ApiError::bad_request(format!(
+                "DeleteOptions.propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\""
+            )));
+        }
+    };
+    if let Some(f) = policy_finalizer.filter(|_| !r.strategy.has(Hook::NamespaceContents)) {
+        let list = obj["metadata"]
+            .as_object_mut()
+            .map(|m| m.entry("finalizers").or_insert_with(|| json!([])));
+        if let Some(Value::Array(a)) = list
+            && !a.iter().any(|x| x == f)
+        {
+            a.push(json!(f));
+        }
+    }
+    Ok(())
+}
+
+/// A graceful delete: sets deletionTimestamp and the grace period (when not set, or
+/// shortened); finalizers or the pod's node finish the deletion.
+#[allow(clippy::too_many_arguments)]
+async fn mark_deleting(
+    st: &ApiState,
+    r: &'static Resource,
+    key: &str,
+    name: &str,
+    obj: Value,
+    mod_revision: i64,
+    g: i64,
+    dry: bool,
+) -> Result<Response, ApiError> {
+    let mut marked = obj.clone();
+    let already = obj.pointer("/metadata/deletionTimestamp").is_some();
+    let shorter = obj
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .is_none_or(|old| g < old);
+    if !already || shorter {
+        let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(g);
+        marked["metadata"]["deletionTimestamp"] =
+            json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+        marked["metadata"]["deletionGracePeriodSeconds"] = json!(g);
+    }
+    if dry {
+        return Ok(json_response(StatusCode::OK, &marked));
+    }
+    let mut stored = marked.clone();
+    if let Some(m) = stored.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
+    let kv = st
+        .store
+        .put(key, bytes, Precondition::ModRevision(mod_revision))
+        .await
+        .map_err(|e| ApiError::from_store(e, r, name))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &with_rv(stored, kv.mod_revision),
+    ))
 }
 
 /// An update of an object being deleted that leaves no finalizers completes the deletion.
@@ -591,74 +637,19 @@ pub(super) async fn patch(
     o: WriteOpts<'_>,
 ) -> Result<Response, ApiError> {
     let dry = o.dry;
-    let ctype = headers
-        .get("content-type")
-        .and_then(|c| c.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    let doc: Value = match ctype.as_str() {
-        "application/apply-patch+yaml" => serde_saphyr::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
-        "application/merge-patch+json"
-        | "application/json-patch+json"
-        | "application/strategic-merge-patch+json" => serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,
-        other => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "UnsupportedMediaType",
-                format!(
-                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other:?})"
-                ),
-            ));
-        }
-    };
+    let (ctype, doc) = patch_document(headers, body)?;
     let key = r.key(ns, name);
     for _ in 0..8 {
         let cur = st.store.get(&key).await.map_err(ApiError::internal)?;
         let Some(cur) = cur else {
-            if ctype == "application/apply-patch+yaml" {
-                // Server-side apply of a missing object creates it: the object must carry the
-                // URL's name, and the caller needs `create` as well as `patch`.
-                same_name(&doc, name)?;
-                if let Some((sa_ns, sa)) = o.caller {
-                    let a = super::rbac::Attributes {
-                        verb: "create".into(),
-                        group: r.group.into(),
-                        resource: r.plural.into(),
-                        namespace: ns.map(str::to_string),
-                        name: None,
-                    };
-                    super::rbac::authorize(st, sa_ns, sa, &a).await?;
-                }
-                let bytes = Bytes::from(serde_json::to_vec(&doc).map_err(ApiError::internal)?);
-                return create(st, r, ns, &bytes, o).await;
+            if ctype == APPLY_PATCH {
+                return apply_creates(st, r, ns, name, &doc, o).await;
             }
             return Err(ApiError::not_found(r, name));
         };
         let old: Value = serde_json::from_slice(&cur.value).map_err(ApiError::internal)?;
         let mut new = with_rv(old.clone(), cur.mod_revision);
-        let applied = match ctype.as_str() {
-            "application/json-patch+json" => super::patch::json_patch(&mut new, &doc),
-            "application/strategic-merge-patch+json" => {
-                super::patch::strategic_merge(&mut new, &doc)
-            }
-            _ => {
-                super::patch::merge_patch(&mut new, &doc);
-                Ok(())
-            }
-        };
-        applied.map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Invalid",
-                format!("the patch could not be applied: {e}"),
-            )
-        })?;
+        apply_patch(&ctype, &mut new, &doc)?;
         // A patch may carry a resourceVersion precondition of its own.
         let pre = match doc
             .pointer("/metadata/resourceVersion")
@@ -709,6 +700,83 @@ pub(super) async fn patch(
         r,
         name,
     ))
+}
+
+const APPLY_PATCH: &str = "application/apply-patch+yaml";
+
+/// The patch's type (from Content-Type) and its document.
+fn patch_document(headers: &HeaderMap, body: &Bytes) -> Result<(String, Value), ApiError> {
+    let ctype = headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let doc: Value = match ctype.as_str() {
+        APPLY_PATCH => serde_saphyr::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
+        "application/merge-patch+json"
+        | "application/json-patch+json"
+        | "application/strategic-merge-patch+json" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other:?})"
+                ),
+            ));
+        }
+    };
+    Ok((ctype, doc))
+}
+
+/// Server-side apply of a missing object creates it: the object must carry the URL's name,
+/// and the caller needs `create` as well as `patch`.
+async fn apply_creates(
+    st: &ApiState,
+    r: &'static Resource,
+    ns: Option<&str>,
+    name: &str,
+    doc: &Value,
+    o: WriteOpts<'_>,
+) -> Result<Response, ApiError> {
+    same_name(doc, name)?;
+    if let Some((sa_ns, sa)) = o.caller {
+        let a = super::rbac::Attributes {
+            verb: "create".into(),
+            group: r.group.into(),
+            resource: r.plural.into(),
+            namespace: ns.map(str::to_string),
+            name: None,
+        };
+        super::rbac::authorize(st, sa_ns, sa, &a).await?;
+    }
+    let bytes = Bytes::from(serde_json::to_vec(doc).map_err(ApiError::internal)?);
+    create(st, r, ns, &bytes, o).await
+}
+
+/// Applies a JSON, strategic-merge or merge patch (apply patches merge) to `new`.
+fn apply_patch(ctype: &str, new: &mut Value, doc: &Value) -> Result<(), ApiError> {
+    let applied = match ctype {
+        "application/json-patch+json" => super::patch::json_patch(new, doc),
+        "application/strategic-merge-patch+json" => super::patch::strategic_merge(new, doc),
+        _ => {
+            super::patch::merge_patch(new, doc);
+            Ok(())
+        }
+    };
+    applied.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("the patch could not be applied: {e}"),
+        )
+    })
 }
 
 pub(super) fn uuid() -> String {

@@ -68,14 +68,21 @@ impl Controller for GarbageCollector {
     }
 
     async fn pass(&mut self) -> Result<(), PassError> {
-        Ok(pass(&self.client, &self.caches).await?)
+        Ok(apply(&self.client, plan(&snapshot(&self.caches))).await?)
     }
 }
 
 /// A dependent, type-erased: its metadata and how to write it.
+#[derive(Debug, Clone, PartialEq)]
 struct Dependent {
     meta: ObjectMeta,
     kind: &'static str,
+}
+
+impl Dependent {
+    fn owners(&self) -> impl Iterator<Item = &OwnerReference> {
+        self.meta.owner_references.iter().flatten()
+    }
 }
 
 fn dependents(caches: &Caches) -> Vec<Dependent> {
@@ -233,128 +240,247 @@ async fn remove_finalizer(
     patch_meta(client, kind, m, "finalizers", json!(rest)).await
 }
 
-async fn pass(client: &Client, caches: &Caches) -> kube::Result<()> {
-    let deps = dependents(caches);
+/// What the collector reads: dependents, owners finalizing, the UIDs the caches hold, the
+/// namespaces without their default ServiceAccount.
+struct Snapshot {
+    deps: Vec<Dependent>,
+    finalizing: Vec<(ObjectMeta, &'static str, &'static str)>,
+    live: HashSet<String>,
+    without_default_sa: Vec<String>,
+}
+
+fn snapshot(caches: &Caches) -> Snapshot {
+    fn uids<K: Resource<DynamicType = ()>>(all: Vec<Arc<K>>) -> impl Iterator<Item = String> {
+        all.into_iter().filter_map(|o| o.meta().uid.clone())
+    }
+    let live = uids(caches.pods.all())
+        .chain(uids(caches.replicasets.all()))
+        .chain(uids(caches.deployments.all()))
+        .chain(uids(caches.daemonsets.all()))
+        .chain(uids(caches.services.all()))
+        .chain(uids(caches.nodes.all()))
+        .collect();
+    let without_default_sa = caches
+        .namespaces
+        .all()
+        .iter()
+        .filter(|ns| ns.metadata.deletion_timestamp.is_none())
+        .filter_map(|ns| ns.metadata.name.clone())
+        .filter(|name| caches.serviceaccounts.get(Some(name), "default").is_none())
+        .collect();
+    Snapshot {
+        deps: dependents(caches),
+        finalizing: finalizing(caches),
+        live,
+        without_default_sa,
+    }
+}
+
+/// A write the collector wants.
+#[derive(Debug, PartialEq)]
+enum Write {
+    /// Orphaning: the dependent keeps its other owners.
+    SetOwners(Dependent, Vec<OwnerReference>),
+    /// A foreground owner's dependent goes, foreground too.
+    DeleteForeground(Dependent),
+    /// Nothing depends on the finalizing owner any more.
+    RemoveFinalizer(ObjectMeta, &'static str, &'static str),
+    /// No owner in the caches: deleted once the API server confirms they are all gone.
+    DeleteIfOwnersGone(Dependent),
+    DefaultServiceAccount(String),
+}
+
+fn plan(s: &Snapshot) -> Vec<Write> {
+    let mut out = vec![];
     // Owners being deleted with a policy.
-    for (m, kind, f) in finalizing(caches) {
+    for (m, kind, f) in &s.finalizing {
         let uid = m.uid.clone().unwrap_or_default();
-        let mine: Vec<&Dependent> = deps
+        let mine: Vec<&Dependent> = s
+            .deps
             .iter()
-            .filter(|d| {
-                d.meta
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|r| r.uid == uid)
-            })
+            .filter(|d| d.owners().any(|r| r.uid == uid))
             .collect();
-        if f == ORPHAN {
-            for d in &mine {
-                let rest: Vec<OwnerReference> = d
-                    .meta
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .filter(|r| r.uid != uid)
-                    .cloned()
-                    .collect();
-                set_owners(client, d, rest).await?;
-            }
-        } else {
-            for d in &mine {
-                if d.meta.deletion_timestamp.is_none() {
-                    delete_dep(client, d, true).await?;
-                }
+        for d in &mine {
+            if *f == ORPHAN {
+                let rest = d.owners().filter(|r| r.uid != uid).cloned().collect();
+                out.push(Write::SetOwners((*d).clone(), rest));
+            } else if d.meta.deletion_timestamp.is_none() {
+                out.push(Write::DeleteForeground((*d).clone()));
             }
         }
         if mine.is_empty() {
-            remove_finalizer(client, &m, kind, f).await?;
+            out.push(Write::RemoveFinalizer(m.clone(), kind, f));
         }
     }
     // Background: dependents whose owners are all gone.
-    let live: HashSet<String> = [
-        caches
-            .pods
-            .all()
-            .iter()
-            .filter_map(|o| o.metadata.uid.clone())
-            .collect::<Vec<_>>(),
-        caches
-            .replicasets
-            .all()
-            .iter()
-            .filter_map(|o| o.metadata.uid.clone())
-            .collect(),
-        caches
-            .deployments
-            .all()
-            .iter()
-            .filter_map(|o| o.metadata.uid.clone())
-            .collect(),
-        caches
-            .daemonsets
-            .all()
-            .iter()
-            .filter_map(|o| o.metadata.uid.clone())
-            .collect(),
-        caches
-            .services
-            .all()
-            .iter()
-            .filter_map(|o| o.metadata.uid.clone())
-            .collect(),
-        caches
-            .nodes
-            .all()
-            .iter()
-            .filter_map(|o| o.metadata.uid.clone())
-            .collect(),
-    ]
-    .concat()
-    .into_iter()
-    .collect();
-    for d in &deps {
-        if d.meta.deletion_timestamp.is_some() {
-            continue;
-        }
-        let refs: Vec<&OwnerReference> = d.meta.owner_references.iter().flatten().collect();
-        if refs.iter().any(|r| live.contains(&r.uid)) {
-            continue;
-        }
-        let ns = d.meta.namespace.clone().unwrap_or_default();
-        let mut any = false;
-        for r in &refs {
-            if owner_exists(client, &ns, r).await? {
-                any = true;
-                break;
-            }
-        }
-        if !any {
-            tracing::debug!(kind = d.kind, name = ?d.meta.name, "owner gone: deleting");
-            delete_dep(client, d, false).await?;
+    for d in &s.deps {
+        if d.meta.deletion_timestamp.is_none() && !d.owners().any(|r| s.live.contains(&r.uid)) {
+            out.push(Write::DeleteIfOwnersGone(d.clone()));
         }
     }
     // Every active namespace has a default ServiceAccount.
-    for ns in caches.namespaces.all() {
-        let name = ns.metadata.name.clone().unwrap_or_default();
-        if ns.metadata.deletion_timestamp.is_some()
-            || caches.serviceaccounts.get(Some(&name), "default").is_some()
-        {
-            continue;
-        }
-        let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        let sa = ServiceAccount {
-            metadata: ObjectMeta {
-                name: Some("default".into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        match api.create(&PostParams::default(), &sa).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 || e.code == 403 => {}
-            Err(e) => return Err(e),
+    for ns in &s.without_default_sa {
+        out.push(Write::DefaultServiceAccount(ns.clone()));
+    }
+    out
+}
+
+async fn apply(client: &Client, writes: Vec<Write>) -> kube::Result<()> {
+    for w in writes {
+        match w {
+            Write::SetOwners(d, refs) => set_owners(client, &d, refs).await?,
+            Write::DeleteForeground(d) => delete_dep(client, &d, true).await?,
+            Write::RemoveFinalizer(m, kind, f) => remove_finalizer(client, &m, kind, f).await?,
+            Write::DeleteIfOwnersGone(d) => {
+                let ns = d.meta.namespace.clone().unwrap_or_default();
+                let mut any = false;
+                for r in d.owners() {
+                    if owner_exists(client, &ns, r).await? {
+                        any = true;
+                        break;
+                    }
+                }
+                if !any {
+                    tracing::debug!(kind = d.kind, name = ?d.meta.name, "owner gone: deleting");
+                    delete_dep(client, &d, false).await?;
+                }
+            }
+            Write::DefaultServiceAccount(ns) => {
+                let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+                let sa = ServiceAccount {
+                    metadata: ObjectMeta {
+                        name: Some("default".into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &sa).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if matches!(e.code, 403 | 404 | 409) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(uid: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: format!("rs-{uid}"),
+            uid: uid.into(),
+            ..Default::default()
+        }
+    }
+
+    fn dep(name: &str, owners: &[&str], deleting: bool) -> Dependent {
+        Dependent {
+            meta: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                owner_references: Some(owners.iter().map(|u| owner(u)).collect()),
+                deletion_timestamp: deleting.then(|| {
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default())
+                }),
+                ..Default::default()
+            },
+            kind: "Pod",
+        }
+    }
+
+    fn owner_meta(uid: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(format!("rs-{uid}")),
+            uid: Some(uid.into()),
+            ..Default::default()
+        }
+    }
+
+    fn snap(deps: Vec<Dependent>, live: &[&str]) -> Snapshot {
+        Snapshot {
+            deps,
+            finalizing: vec![],
+            live: live.iter().map(|s| s.to_string()).collect(),
+            without_default_sa: vec![],
+        }
+    }
+
+    #[test]
+    fn a_dependent_with_a_live_owner_stays_and_one_without_is_checked_for_deletion() {
+        let s = snap(
+            vec![
+                dep("a", &["u1"], false),
+                dep("b", &["gone"], false),
+                dep("c", &["gone", "u1"], false),
+            ],
+            &["u1"],
+        );
+        assert_eq!(
+            plan(&s),
+            vec![Write::DeleteIfOwnersGone(dep("b", &["gone"], false))]
+        );
+    }
+
+    #[test]
+    fn a_dependent_already_being_deleted_is_left_alone() {
+        let s = snap(vec![dep("a", &["gone"], true)], &[]);
+        assert_eq!(plan(&s), vec![]);
+    }
+
+    #[test]
+    fn orphaning_removes_the_owner_from_each_dependent_then_the_finalizer() {
+        let mut s = snap(vec![dep("a", &["o", "u1"], false)], &["o", "u1"]);
+        s.finalizing = vec![(owner_meta("o"), "ReplicaSet", ORPHAN)];
+        assert_eq!(
+            plan(&s),
+            vec![Write::SetOwners(
+                dep("a", &["o", "u1"], false),
+                vec![owner("u1")]
+            )]
+        );
+        s.deps = vec![dep("a", &["u1"], false)];
+        assert_eq!(
+            plan(&s),
+            vec![Write::RemoveFinalizer(
+                owner_meta("o"),
+                "ReplicaSet",
+                ORPHAN
+            )]
+        );
+    }
+
+    #[test]
+    fn foreground_deletes_dependents_not_yet_deleting_and_finishes_when_none_is_left() {
+        let mut s = snap(
+            vec![dep("a", &["o"], false), dep("b", &["o"], true)],
+            &["o"],
+        );
+        s.finalizing = vec![(owner_meta("o"), "ReplicaSet", FOREGROUND)];
+        assert_eq!(
+            plan(&s),
+            vec![Write::DeleteForeground(dep("a", &["o"], false))]
+        );
+        s.deps.clear();
+        assert_eq!(
+            plan(&s),
+            vec![Write::RemoveFinalizer(
+                owner_meta("o"),
+                "ReplicaSet",
+                FOREGROUND
+            )]
+        );
+    }
+
+    #[test]
+    fn namespaces_without_a_default_service_account_get_one() {
+        let mut s = snap(vec![], &[]);
+        s.without_default_sa = vec!["team".into()];
+        assert_eq!(plan(&s), vec![Write::DefaultServiceAccount("team".into())]);
+    }
 }

@@ -194,29 +194,7 @@ fn validate_container(
             ),
         );
     }
-    for (i, p) in c.ports.iter().flatten().enumerate() {
-        if !(1..=65535).contains(&p.container_port) {
-            err(
-                errs,
-                format!("{path}.ports[{i}].containerPort"),
-                format!(
-                    "Invalid value: {}: must be between 1 and 65535, inclusive",
-                    p.container_port
-                ),
-            );
-        }
-        if let Some(proto) = &p.protocol
-            && !["TCP", "UDP", "SCTP"].contains(&proto.as_str())
-        {
-            err(
-                errs,
-                format!("{path}.ports[{i}].protocol"),
-                format!(
-                    "Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""
-                ),
-            );
-        }
-    }
+    container_ports(errs, path, c);
     for (i, e) in c.env.iter().flatten().enumerate() {
         if e.name.is_empty() {
             err(errs, format!("{path}.env[{i}].name"), "Required value");
@@ -241,6 +219,38 @@ fn validate_container(
             );
         }
     }
+    container_resources(errs, path, c);
+    container_probes(errs, path, c, is_init);
+}
+
+fn container_ports(errs: &mut Vec<FieldError>, path: &str, c: &Container) {
+    for (i, p) in c.ports.iter().flatten().enumerate() {
+        if !(1..=65535).contains(&p.container_port) {
+            err(
+                errs,
+                format!("{path}.ports[{i}].containerPort"),
+                format!(
+                    "Invalid value: {}: must be between 1 and 65535, inclusive",
+                    p.container_port
+                ),
+            );
+        }
+        if let Some(proto) = &p.protocol
+            && !["TCP", "UDP", "SCTP"].contains(&proto.as_str())
+        {
+            err(
+                errs,
+                format!("{path}.ports[{i}].protocol"),
+                format!(
+                    "Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""
+                ),
+            );
+        }
+    }
+}
+
+/// Every limit and request is a quantity, and not negative.
+fn container_resources(errs: &mut Vec<FieldError>, path: &str, c: &Container) {
     if let Some(r) = &c.resources {
         for (kind, list) in [("limits", &r.limits), ("requests", &r.requests)] {
             for (k, q) in list.iter().flatten() {
@@ -257,6 +267,10 @@ fn validate_container(
             }
         }
     }
+}
+
+/// Probes are for app (and sidecar) containers; liveness and startup succeed once.
+fn container_probes(errs: &mut Vec<FieldError>, path: &str, c: &Container, is_init: bool) {
     let probes = [
         ("livenessProbe", &c.liveness_probe),
         ("readinessProbe", &c.readiness_probe),

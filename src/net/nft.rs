@@ -182,139 +182,108 @@ pub enum Expr {
     },
 }
 
+/// Big-endian u32 attributes, in order.
+fn be32s(b: &mut Vec<u8>, attrs: &[(u16, u32)]) {
+    for (ty, v) in attrs {
+        attr_be32(b, *ty, *v);
+    }
+}
+
 fn expr(b: &mut Vec<u8>, e: &Expr) {
-    nested(b, 1, |b| match e {
-        Expr::Payload {
-            dreg,
-            base,
-            offset,
-            len,
-        } => {
-            attr_str(b, 1, "payload");
-            nested(b, 2, |b| {
-                attr_be32(b, 1, *dreg);
-                attr_be32(b, 2, *base);
-                attr_be32(b, 3, *offset);
-                attr_be32(b, 4, *len);
-            });
+    nested(b, 1, |b| {
+        attr_str(b, 1, e.name());
+        nested(b, 2, |b| e.encode(b));
+    });
+}
+
+impl Expr {
+    /// The kernel's name of the expression.
+    fn name(&self) -> &'static str {
+        match self {
+            Expr::Payload { .. } => "payload",
+            Expr::Meta { .. } | Expr::MetaSet { .. } => "meta",
+            Expr::Lookup { .. } => "lookup",
+            Expr::Immediate { .. } => "immediate",
+            Expr::Numgen { .. } => "numgen",
+            Expr::Dnat { .. } => "nat",
+            Expr::Cmp { .. } => "cmp",
+            Expr::Bitwise { .. } => "bitwise",
+            Expr::Ct { .. } => "ct",
+            Expr::Fib { .. } => "fib",
+            Expr::Masq { .. } => "masq",
+            Expr::Reject => "reject",
+            Expr::Dynset { .. } => "dynset",
         }
-        Expr::Meta { dreg, key } => {
-            attr_str(b, 1, "meta");
-            nested(b, 2, |b| {
-                attr_be32(b, 1, *dreg);
-                attr_be32(b, 2, *key);
-            });
-        }
-        Expr::Lookup { set, sreg, dreg } => {
-            attr_str(b, 1, "lookup");
-            nested(b, 2, |b| {
+    }
+
+    /// The expression's data attributes.
+    fn encode(&self, b: &mut Vec<u8>) {
+        match self {
+            Expr::Payload {
+                dreg,
+                base,
+                offset,
+                len,
+            } => be32s(b, &[(1, *dreg), (2, *base), (3, *offset), (4, *len)]),
+            Expr::Meta { dreg, key } => be32s(b, &[(1, *dreg), (2, *key)]),
+            Expr::Lookup { set, sreg, dreg } => {
                 attr_str(b, 1, set);
                 attr_be32(b, 2, *sreg);
                 if let Some(d) = dreg {
                     attr_be32(b, 3, *d);
                 }
-            });
-        }
-        Expr::Immediate { dreg, data: d } => {
-            attr_str(b, 1, "immediate");
-            nested(b, 2, |b| {
+            }
+            Expr::Immediate { dreg, data: d } => {
                 attr_be32(b, 1, *dreg);
                 data(b, 2, d);
-            });
-        }
-        Expr::Numgen { dreg, modulus } => {
-            attr_str(b, 1, "numgen");
-            nested(b, 2, |b| {
-                attr_be32(b, 1, *dreg);
-                attr_be32(b, 2, *modulus);
-                attr_be32(b, 3, 1); // NFT_NG_RANDOM
-            });
-        }
-        Expr::Dnat { addr, port } => {
-            attr_str(b, 1, "nat");
-            nested(b, 2, |b| {
-                attr_be32(b, 1, 1); // NFT_NAT_DNAT
-                attr_be32(b, 2, u32::from(NFPROTO_IPV4));
-                attr_be32(b, 3, *addr);
+            }
+            // 1: NFT_NG_RANDOM.
+            Expr::Numgen { dreg, modulus } => be32s(b, &[(1, *dreg), (2, *modulus), (3, 1)]),
+            Expr::Dnat { addr, port } => {
+                // 1: NFT_NAT_DNAT.
+                be32s(b, &[(1, 1), (2, u32::from(NFPROTO_IPV4)), (3, *addr)]);
                 if let Some(p) = port {
                     attr_be32(b, 5, *p);
                 }
-            });
-        }
-        Expr::Cmp { sreg, op, data: d } => {
-            attr_str(b, 1, "cmp");
-            nested(b, 2, |b| {
-                attr_be32(b, 1, *sreg);
-                attr_be32(b, 2, *op);
+            }
+            Expr::Cmp { sreg, op, data: d } => {
+                be32s(b, &[(1, *sreg), (2, *op)]);
                 data(b, 3, &Data::Value(d.clone()));
-            });
-        }
-        Expr::Bitwise {
-            sreg,
-            dreg,
-            mask,
-            xor,
-        } => {
-            attr_str(b, 1, "bitwise");
-            nested(b, 2, |b| {
-                attr_be32(b, 1, *sreg);
-                attr_be32(b, 2, *dreg);
-                attr_be32(b, 3, mask.len() as u32);
+            }
+            Expr::Bitwise {
+                sreg,
+                dreg,
+                mask,
+                xor,
+            } => {
+                be32s(b, &[(1, *sreg), (2, *dreg), (3, mask.len() as u32)]);
                 data(b, 4, &Data::Value(mask.clone()));
                 data(b, 5, &Data::Value(xor.clone()));
-            });
-        }
-        Expr::Ct { dreg, key } => {
-            attr_str(b, 1, "ct");
-            nested(b, 2, |b| {
-                attr_be32(b, 2, *key);
-                attr_be32(b, 1, *dreg);
-            });
-        }
-        Expr::Fib {
-            dreg,
-            result,
-            flags,
-        } => {
-            attr_str(b, 1, "fib");
-            nested(b, 2, |b| {
-                attr_be32(b, 1, *dreg);
-                attr_be32(b, 2, *result);
-                attr_be32(b, 3, *flags);
-            });
-        }
-        Expr::MetaSet { key, sreg } => {
-            attr_str(b, 1, "meta");
-            nested(b, 2, |b| {
-                attr_be32(b, 2, *key);
-                attr_be32(b, 3, *sreg);
-            });
-        }
-        Expr::Masq { flags } => {
-            attr_str(b, 1, "masq");
-            nested(b, 2, |b| attr_be32(b, 1, *flags));
-        }
-        Expr::Reject => {
-            attr_str(b, 1, "reject");
-            nested(b, 2, |b| {
+            }
+            Expr::Ct { dreg, key } => be32s(b, &[(2, *key), (1, *dreg)]),
+            Expr::Fib {
+                dreg,
+                result,
+                flags,
+            } => be32s(b, &[(1, *dreg), (2, *result), (3, *flags)]),
+            Expr::MetaSet { key, sreg } => be32s(b, &[(2, *key), (3, *sreg)]),
+            Expr::Masq { flags } => attr_be32(b, 1, *flags),
+            Expr::Reject => {
                 attr_be32(b, 1, 0); // NFT_REJECT_ICMP_UNREACH
                 attr(b, 2, &[3]); // port unreachable
-            });
-        }
-        Expr::Dynset {
-            set,
-            sreg_key,
-            timeout_ms,
-        } => {
-            attr_str(b, 1, "dynset");
-            nested(b, 2, |b| {
+            }
+            Expr::Dynset {
+                set,
+                sreg_key,
+                timeout_ms,
+            } => {
                 attr_str(b, 1, set);
                 attr_be32(b, 3, 1); // NFT_DYNSET_OP_UPDATE
                 attr_be32(b, 4, *sreg_key);
                 attr(b, 6, &timeout_ms.to_be_bytes());
-            });
+            }
         }
-    });
+    }
 }
 
 /// The expressions that load `ip daddr . meta l4proto . th dport` into REG32_00..02.

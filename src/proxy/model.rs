@@ -9,7 +9,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Service, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
 
 /// The label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -156,6 +159,70 @@ pub fn build(services: &[&Service], slices: &[&EndpointSlice], node: &str) -> Mo
     Model { ports }
 }
 
+/// The endpoints of a Service port: the slice port with the same name and protocol (a named
+/// targetPort is resolved per pod by the endpoints controller).
+fn candidates(slices: &[&EndpointSlice], pname: &str, proto: Proto, node: &str) -> Vec<Candidate> {
+    let mut cands = vec![];
+    for s in slices.iter().filter(|s| s.address_type == "IPv4") {
+        let Some(sp) = s.ports.iter().flatten().find(|sp| {
+            sp.name.clone().unwrap_or_default() == pname
+                && Proto::parse(sp.protocol.as_deref()) == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(port) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for e in &s.endpoints {
+            let c = e.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let local = e.node_name.as_deref() == Some(node);
+            for a in &e.addresses {
+                // Loopback, unspecified and link-local endpoints are invalid (kube's
+                // EndpointSlice validation refuses them): a DNAT there would capture the
+                // node's own traffic.
+                if let Ok(ip) = a.parse::<Ipv4Addr>()
+                    && !(ip.is_loopback() || ip.is_unspecified() || ip.is_link_local())
+                {
+                    cands.push(Candidate {
+                        ep: Endpoint { ip, port, local },
+                        ready,
+                        serving,
+                        terminating,
+                    });
+                }
+            }
+        }
+    }
+    cands
+}
+
+/// The Service's external IPs, with a LoadBalancer's ingress IPs, sorted and once each.
+fn external_ips(svc: &Service, spec: &ServiceSpec, typ: &str) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|i| i.parse().ok())
+        .collect();
+    if typ == "LoadBalancer" {
+        ips.extend(
+            svc.status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok()),
+        );
+    }
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// The ports of one Service, given the EndpointSlices labelled with its name (slices of
 /// another address type are ignored).
 pub fn build_service(
@@ -182,25 +249,7 @@ pub fn build_service(
     if cluster_ip.is_none() {
         return out;
     }
-    let mut external_ips: Vec<Ipv4Addr> = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .filter_map(|i| i.parse().ok())
-        .collect();
-    if typ == "LoadBalancer" {
-        external_ips.extend(
-            svc.status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|l| l.ingress.as_ref())
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok()),
-        );
-    }
-    external_ips.sort();
-    external_ips.dedup();
+    let external_ips = external_ips(svc, spec, typ);
     let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -217,42 +266,7 @@ pub fn build_service(
             continue;
         };
         let pname = p.name.clone().unwrap_or_default();
-        // Endpoints of this port: the slice port with the same name and protocol (a named
-        // targetPort is resolved per pod by the endpoints controller).
-        let mut cands = vec![];
-        for s in slices.iter().filter(|s| s.address_type == "IPv4") {
-            let Some(sp) = s.ports.iter().flatten().find(|sp| {
-                sp.name.clone().unwrap_or_default() == pname
-                    && Proto::parse(sp.protocol.as_deref()) == Some(proto)
-            }) else {
-                continue;
-            };
-            let Some(port) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
-                continue;
-            };
-            for e in &s.endpoints {
-                let c = e.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let local = e.node_name.as_deref() == Some(node);
-                for a in &e.addresses {
-                    // Loopback, unspecified and link-local endpoints are invalid (kube's
-                    // EndpointSlice validation refuses them): a DNAT there would capture the
-                    // node's own traffic.
-                    if let Ok(ip) = a.parse::<Ipv4Addr>()
-                        && !(ip.is_loopback() || ip.is_unspecified() || ip.is_link_local())
-                    {
-                        cands.push(Candidate {
-                            ep: Endpoint { ip, port, local },
-                            ready,
-                            serving,
-                            terminating,
-                        });
-                    }
-                }
-            }
-        }
+        let cands = candidates(slices, &pname, proto, node);
         let node_port = match typ {
             "NodePort" | "LoadBalancer" => p.node_port.and_then(|n| u16::try_from(n).ok()),
             _ => None,

@@ -189,125 +189,20 @@ fn read_archive(what: &str, bytes: &[u8]) -> Result<HashMap<String, Vec<u8>>> {
 }
 
 fn parse_archive(what: &str, bytes: &[u8]) -> Result<Vec<Unpacked>> {
-    let files = read_archive(what, bytes)?;
-    let get = |p: &str| -> Result<&Vec<u8>> {
-        files
-            .get(p)
-            .ok_or_else(|| Error::bad(what, format!("missing entry {p}")))
+    let a = Archive {
+        what,
+        files: read_archive(what, bytes)?,
     };
-    let blob = |digest: &str| -> Result<&Vec<u8>> {
-        let hexd = digest
-            .strip_prefix("sha256:")
-            .ok_or_else(|| Error::bad(what, format!("unsupported digest {digest}")))?;
-        let data = get(&format!("blobs/sha256/{hexd}"))?;
-        if sha256_digest(data) != digest {
-            return Err(Error::bad(
-                what,
-                format!("blob {digest} does not match its digest"),
-            ));
-        }
-        Ok(data)
-    };
-    let json = |p: &str, data: &[u8]| -> Result<serde_json::Value> {
-        serde_json::from_slice(data).map_err(|e| Error::bad(what, format!("{p}: {e}")))
-    };
-    let mut out = Vec::new();
-    if let Some(index) = files.get("index.json") {
-        let index: OciIndex = serde_json::from_value(json("index.json", index)?)
-            .map_err(|e| Error::bad(what, format!("index.json: {e}")))?;
-        for m in index.manifests {
-            let mut name = m
-                .annotations
-                .get("io.containerd.image.name")
-                .cloned()
-                .or_else(|| {
-                    m.annotations
-                        .get("org.opencontainers.image.ref.name")
-                        .cloned()
-                });
-            let mut m = m;
-            // Follow one level of index (multi-platform) to the linux/amd64 manifest.
-            if m.media_type == MT_OCI_INDEX || m.media_type == MT_DOCKER_LIST {
-                let inner: OciIndex = serde_json::from_value(json(&m.digest, blob(&m.digest)?)?)
-                    .map_err(|e| Error::bad(what, format!("{}: {e}", m.digest)))?;
-                let pick = inner.manifests.into_iter().find(|d| {
-                    d.platform
-                        .as_ref()
-                        .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
-                });
-                m = pick.ok_or_else(|| Error::bad(what, "no linux/amd64 manifest"))?;
-            }
-            let mbytes = blob(&m.digest)?.clone();
-            let man: OciManifest = serde_json::from_value(json(&m.digest, &mbytes)?)
-                .map_err(|e| Error::bad(what, format!("manifest {}: {e}", m.digest)))?;
-            let cbytes = blob(&man.config.digest)?.clone();
-            let cfg: ImgConfig = serde_json::from_value(json(&man.config.digest, &cbytes)?)
-                .map_err(|e| Error::bad(what, format!("config: {e}")))?;
-            let mut layers = Vec::new();
-            for l in &man.layers {
-                let data = blob(&l.digest)?.clone();
-                layers.push((
-                    Descriptor {
-                        media_type: l.media_type.clone(),
-                        digest: l.digest.clone(),
-                        size: l.size,
-                        annotations: HashMap::new(),
-                    },
-                    data,
-                ));
-            }
-            let names = name
-                .take()
-                .map(|n| vec![normalize_ref(&n)])
-                .unwrap_or_default();
-            out.push(Unpacked {
-                names,
-                manifest: (m.media_type.clone(), mbytes),
-                config: (man.config.media_type.clone(), cbytes),
-                layers,
-                diff_ids: cfg.rootfs.diff_ids,
-            });
-        }
-    } else if let Some(mj) = files.get("manifest.json") {
-        let list: Vec<DockerManifest> = serde_json::from_value(json("manifest.json", mj)?)
-            .map_err(|e| Error::bad(what, format!("manifest.json: {e}")))?;
-        for dm in list {
-            let cbytes = get(&dm.config)?.clone();
-            let cfg: ImgConfig = serde_json::from_value(json(&dm.config, &cbytes)?)
-                .map_err(|e| Error::bad(what, format!("{}: {e}", dm.config)))?;
-            let mut layers = Vec::new();
-            for l in &dm.layers {
-                let data = get(l)?.clone();
-                layers.push((desc_of(MT_DOCKER_LAYER, &data), data));
-            }
-            let cdesc = desc_of(MT_DOCKER_CONFIG, &cbytes);
-            let manifest = serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": MT_DOCKER_MANIFEST,
-                "config": {"mediaType": MT_DOCKER_CONFIG, "digest": cdesc.digest, "size": cdesc.size},
-                "layers": layers.iter().map(|(d, _)| serde_json::json!({
-                    "mediaType": d.media_type, "digest": d.digest, "size": d.size})).collect::<Vec<_>>(),
-            });
-            let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::bad(what, e))?;
-            out.push(Unpacked {
-                names: dm
-                    .repo_tags
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|n| normalize_ref(n))
-                    .collect(),
-                manifest: (MT_DOCKER_MANIFEST.into(), mbytes),
-                config: (MT_DOCKER_CONFIG.into(), cbytes),
-                layers,
-                diff_ids: cfg.rootfs.diff_ids,
-            });
-        }
+    let out = if let Some(index) = a.files.get("index.json") {
+        a.oci_images(index)?
+    } else if let Some(mj) = a.files.get("manifest.json") {
+        a.docker_images(mj)?
     } else {
         return Err(Error::bad(
             what,
             "neither an OCI layout (index.json) nor a docker archive (manifest.json)",
         ));
-    }
+    };
     for u in &out {
         if u.diff_ids.len() != u.layers.len() {
             return Err(Error::bad(
@@ -323,6 +218,125 @@ fn parse_archive(what: &str, bytes: &[u8]) -> Result<Vec<Unpacked>> {
         }
     }
     Ok(out)
+}
+
+/// An image archive's files by path; `what` names it in errors.
+struct Archive<'a> {
+    what: &'a str,
+    files: HashMap<String, Vec<u8>>,
+}
+
+impl Archive<'_> {
+    fn get(&self, p: &str) -> Result<&Vec<u8>> {
+        self.files
+            .get(p)
+            .ok_or_else(|| Error::bad(self.what, format!("missing entry {p}")))
+    }
+
+    /// A blob of the OCI layout, checked against its digest.
+    fn blob(&self, digest: &str) -> Result<&Vec<u8>> {
+        let hexd = digest
+            .strip_prefix("sha256:")
+            .ok_or_else(|| Error::bad(self.what, format!("unsupported digest {digest}")))?;
+        let data = self.get(&format!("blobs/sha256/{hexd}"))?;
+        if sha256_digest(data) != digest {
+            return Err(Error::bad(
+                self.what,
+                format!("blob {digest} does not match its digest"),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Parses `data` (the file or blob `p`) as `T`.
+    fn json<T: serde::de::DeserializeOwned>(&self, p: &str, data: &[u8]) -> Result<T> {
+        serde_json::from_slice(data).map_err(|e| Error::bad(self.what, format!("{p}: {e}")))
+    }
+
+    /// An OCI layout: each manifest of index.json (an index followed one level, to
+    /// linux/amd64).
+    fn oci_images(&self, index: &[u8]) -> Result<Vec<Unpacked>> {
+        let index: OciIndex = self.json("index.json", index)?;
+        let mut out = Vec::new();
+        for mut m in index.manifests {
+            let name = m
+                .annotations
+                .get("io.containerd.image.name")
+                .or_else(|| m.annotations.get("org.opencontainers.image.ref.name"))
+                .cloned();
+            if m.media_type == MT_OCI_INDEX || m.media_type == MT_DOCKER_LIST {
+                let inner: OciIndex = self.json(&m.digest, self.blob(&m.digest)?)?;
+                let pick = inner.manifests.into_iter().find(|d| {
+                    d.platform
+                        .as_ref()
+                        .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
+                });
+                m = pick.ok_or_else(|| Error::bad(self.what, "no linux/amd64 manifest"))?;
+            }
+            let mbytes = self.blob(&m.digest)?.clone();
+            let man: OciManifest = self.json(&format!("manifest {}", m.digest), &mbytes)?;
+            let cbytes = self.blob(&man.config.digest)?.clone();
+            let cfg: ImgConfig = self.json("config", &cbytes)?;
+            let mut layers = Vec::new();
+            for l in &man.layers {
+                let data = self.blob(&l.digest)?.clone();
+                layers.push((
+                    Descriptor {
+                        media_type: l.media_type.clone(),
+                        digest: l.digest.clone(),
+                        size: l.size,
+                        annotations: HashMap::new(),
+                    },
+                    data,
+                ));
+            }
+            out.push(Unpacked {
+                names: name.map(|n| vec![normalize_ref(&n)]).unwrap_or_default(),
+                manifest: (m.media_type.clone(), mbytes),
+                config: (man.config.media_type.clone(), cbytes),
+                layers,
+                diff_ids: cfg.rootfs.diff_ids,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A `docker save` archive: manifest.json's images, each given a Docker manifest.
+    fn docker_images(&self, mj: &[u8]) -> Result<Vec<Unpacked>> {
+        let list: Vec<DockerManifest> = self.json("manifest.json", mj)?;
+        let mut out = Vec::new();
+        for dm in list {
+            let cbytes = self.get(&dm.config)?.clone();
+            let cfg: ImgConfig = self.json(&dm.config, &cbytes)?;
+            let mut layers = Vec::new();
+            for l in &dm.layers {
+                let data = self.get(l)?.clone();
+                layers.push((desc_of(MT_DOCKER_LAYER, &data), data));
+            }
+            let cdesc = desc_of(MT_DOCKER_CONFIG, &cbytes);
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MT_DOCKER_MANIFEST,
+                "config": {"mediaType": MT_DOCKER_CONFIG, "digest": cdesc.digest, "size": cdesc.size},
+                "layers": layers.iter().map(|(d, _)| serde_json::json!({
+                    "mediaType": d.media_type, "digest": d.digest, "size": d.size})).collect::<Vec<_>>(),
+            });
+            let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::bad(self.what, e))?;
+            out.push(Unpacked {
+                names: dm
+                    .repo_tags
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| normalize_ref(n))
+                    .collect(),
+                manifest: (MT_DOCKER_MANIFEST.into(), mbytes),
+                config: (MT_DOCKER_CONFIG.into(), cbytes),
+                layers,
+                diff_ids: cfg.rootfs.diff_ids,
+            });
+        }
+        Ok(out)
+    }
 }
 
 impl Containerd {
