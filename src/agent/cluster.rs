@@ -229,20 +229,33 @@ pub fn allocatable(
     out
 }
 
+/// A bad value of an agent flag, naming the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FlagError(String);
+
+impl FlagError {
+    fn new(msg: String) -> Self {
+        Self(msg)
+    }
+}
+
 /// Parses `cpu=100m,memory=256Mi,...` (the resources kubelet reports).
-pub fn parse_reserved(s: &str) -> Result<BTreeMap<String, String>, String> {
+pub fn parse_reserved(s: &str) -> Result<BTreeMap<String, String>, FlagError> {
     let mut m = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("--reserved {part:?}: expected NAME=QUANTITY"))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            FlagError::new(format!("--reserved {part:?}: expected NAME=QUANTITY"))
+        })?;
         if !["cpu", "memory", "pods", "ephemeral-storage"].contains(&k) {
-            return Err(format!(
+            return Err(FlagError::new(format!(
                 "--reserved {k:?}: one of cpu, memory, pods, ephemeral-storage"
-            ));
+            )));
         }
         if crate::kinds::quantity::parse(v).is_none() {
-            return Err(format!("--reserved {k}={v:?}: not a quantity"));
+            return Err(FlagError::new(format!(
+                "--reserved {k}={v:?}: not a quantity"
+            )));
         }
         m.insert(k.to_string(), v.to_string());
     }
@@ -252,7 +265,7 @@ pub fn parse_reserved(s: &str) -> Result<BTreeMap<String, String>, String> {
 /// Parses `--node-labels` (kubelet's flag): `key=value` pairs, comma-separated, each a valid
 /// label (an optional DNS-subdomain prefix and `/`, a name of up to 63 characters; a value of
 /// up to 63 characters, possibly empty).
-pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, FlagError> {
     fn name_ok(n: &str) -> bool {
         n.len() <= 63
             && n.chars()
@@ -264,7 +277,7 @@ pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
-            .ok_or_else(|| format!("--node-labels {part:?}: expected KEY=VALUE"))?;
+            .ok_or_else(|| FlagError::new(format!("--node-labels {part:?}: expected KEY=VALUE")))?;
         let (prefix, name) = match k.split_once('/') {
             Some((p, n)) => (Some(p), n),
             None => (None, k),
@@ -272,14 +285,14 @@ pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         if !name_ok(name)
             || prefix.is_some_and(|p| !crate::kinds::validate::is_dns1123_subdomain(p))
         {
-            return Err(format!(
+            return Err(FlagError::new(format!(
                 "--node-labels {k:?}: not a valid label key (an optional DNS subdomain and '/', then up to 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric)"
-            ));
+            )));
         }
         if !v.is_empty() && !name_ok(v) {
-            return Err(format!(
+            return Err(FlagError::new(format!(
                 "--node-labels {k}={v:?}: not a valid label value (up to 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric)"
-            ));
+            )));
         }
         m.insert(k.to_string(), v.to_string());
     }
@@ -831,11 +844,22 @@ mod tests {
         assert_eq!(a["memory"], "3145728Ki");
         assert_eq!(a["pods"], "100");
         assert_eq!(a["ephemeral-storage"], "1000000000");
-        assert!(parse_reserved("gpu=1").unwrap_err().contains("gpu"));
-        assert!(parse_reserved("cpu").unwrap_err().contains("NAME=QUANTITY"));
+        assert!(
+            parse_reserved("gpu=1")
+                .unwrap_err()
+                .to_string()
+                .contains("gpu")
+        );
+        assert!(
+            parse_reserved("cpu")
+                .unwrap_err()
+                .to_string()
+                .contains("NAME=QUANTITY")
+        );
         assert!(
             parse_reserved("memory=lots")
                 .unwrap_err()
+                .to_string()
                 .contains("not a quantity")
         );
         assert!(parse_reserved("").unwrap().is_empty());
@@ -844,7 +868,7 @@ mod tests {
         assert_eq!(l["tier"], "");
         for bad in ["a", "-a=b", "a=b c", "Bad_Prefix/x=y", "x=-y"] {
             let e = parse_node_labels(bad).unwrap_err();
-            assert!(e.contains("--node-labels"), "{bad}: {e}");
+            assert!(e.to_string().contains("--node-labels"), "{bad}: {e}");
         }
     }
 }

@@ -12,6 +12,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::Instrument;
 
 use super::{
     AgentCtx, cluster,
@@ -256,10 +257,15 @@ impl PodManager {
         let found = self.adopted.remove(&uid).unwrap_or_default();
         let done = self.done.clone();
         let key = uid.clone();
-        let join = tokio::spawn(async move {
-            w.run(found).await;
-            let _ = done.send(uid);
-        });
+        // One span per pod: the worker's logs need not name the pod.
+        let span = tracing::info_span!("pod", pod = %full_name);
+        let join = tokio::spawn(
+            async move {
+                w.run(found).await;
+                let _ = done.send(uid);
+            }
+            .instrument(span),
+        );
         self.workers.insert(
             key,
             WorkerHandle {

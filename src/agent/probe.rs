@@ -50,14 +50,35 @@ pub struct ProbeTarget {
     pub named_ports: HashMap<String, i32>,
 }
 
-/// Runs a probe once: Ok(output) on success, Err(output) on failure. `ProbeTarget` probes a
-/// container for real; the supervisor's tests script the answers.
+/// Why a probe (or a hook run as one) did not succeed, in kubelet's words. Both count as a
+/// failure toward the threshold.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProbeFailure {
+    /// The handler answered no: the command's output, the HTTP status, the refused dial.
+    #[error("{0}")]
+    Unhealthy(String),
+    /// The probe could not run: a port that does not resolve, no pod IP, an unsupported
+    /// scheme, a runtime error.
+    #[error("{0}")]
+    Error(String),
+}
+
+fn unhealthy(s: impl Into<String>) -> ProbeFailure {
+    ProbeFailure::Unhealthy(s.into())
+}
+
+fn cannot(s: impl Into<String>) -> ProbeFailure {
+    ProbeFailure::Error(s.into())
+}
+
+/// Runs a probe once: Ok(output) on success. `ProbeTarget` probes a container for real; the
+/// supervisor's tests script the answers.
 pub trait Prober: Send + Sync + 'static {
     fn run(
         &self,
         p: &Probe,
         timeout: Duration,
-    ) -> impl Future<Output = Result<String, String>> + Send;
+    ) -> impl Future<Output = Result<String, ProbeFailure>> + Send;
 }
 
 impl Prober for ProbeTarget {
@@ -65,7 +86,7 @@ impl Prober for ProbeTarget {
         &self,
         p: &Probe,
         timeout: Duration,
-    ) -> impl Future<Output = Result<String, String>> + Send {
+    ) -> impl Future<Output = Result<String, ProbeFailure>> + Send {
         probe_once(p, self, timeout)
     }
 }
@@ -91,47 +112,59 @@ pub fn timing(p: &Probe) -> Timing {
     }
 }
 
-fn resolve_port(port: &IntOrString, named: &HashMap<String, i32>) -> Result<u16, String> {
+fn resolve_port(port: &IntOrString, named: &HashMap<String, i32>) -> Result<u16, ProbeFailure> {
     match port {
-        IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("invalid port {n}")),
+        IntOrString::Int(n) => u16::try_from(*n).map_err(|_| cannot(format!("invalid port {n}"))),
         IntOrString::String(s) => match s.parse::<u16>() {
             Ok(n) => Ok(n),
             Err(_) => named
                 .get(s)
                 .and_then(|n| u16::try_from(*n).ok())
-                .ok_or_else(|| format!("couldn't find port {s:?} in the container's ports")),
+                .ok_or_else(|| {
+                    cannot(format!("couldn't find port {s:?} in the container's ports"))
+                }),
         },
     }
 }
 
-/// Runs one probe once: Ok(output) on success, Err(output) on failure.
-pub async fn probe_once(p: &Probe, t: &ProbeTarget, timeout: Duration) -> Result<String, String> {
+/// Runs one probe once: Ok(output) on success.
+pub async fn probe_once(
+    p: &Probe,
+    t: &ProbeTarget,
+    timeout: Duration,
+) -> Result<String, ProbeFailure> {
     if let Some(e) = &p.exec {
         let mut proc = t.process.clone();
         proc.args = e.command.clone().unwrap_or_default();
         proc.terminal = false;
-        let spec = crate::runtime::spec::process(&proc).map_err(|e| e.to_string())?;
+        let spec = crate::runtime::spec::process(&proc).map_err(|e| cannot(e.to_string()))?;
         let r =
             t.rt.exec(&t.container_id, &spec, &t.scratch, timeout, 10 * 1024)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| cannot(e.to_string()))?;
         let out = String::from_utf8_lossy(&r.output).to_string();
         if r.timed_out {
-            return Err(format!("command {:?} timed out", proc.args.join(" ")));
+            return Err(unhealthy(format!(
+                "command {:?} timed out",
+                proc.args.join(" ")
+            )));
         }
         return match r.exit_code {
             Some(0) => Ok(out),
-            _ => Err(out),
+            _ => Err(unhealthy(out)),
         };
     }
     if let Some(h) = &p.http_get {
         let port = resolve_port(&h.port, &t.named_ports)?;
         let host = match &h.host {
             Some(h) if !h.is_empty() => h.clone(),
-            _ => t.pod_ip.map(|i| i.to_string()).ok_or("pod has no IP")?,
+            _ => t
+                .pod_ip
+                .map(|i| i.to_string())
+                .ok_or_else(|| cannot("pod has no IP"))?,
         };
         if h.scheme.as_deref() == Some("HTTPS") {
-            return Err("HTTPS probes are not supported by keelson yet".into());
+            return Err(cannot("HTTPS probes are not supported by keelson yet"));
         }
         let path = h.path.clone().unwrap_or_else(|| "/".into());
         let path = if path.starts_with('/') {
@@ -148,25 +181,28 @@ pub async fn probe_once(p: &Probe, t: &ProbeTarget, timeout: Duration) -> Result
         return tokio::time::timeout(timeout, http_get(&host, port, &path, &headers))
             .await
             .unwrap_or_else(|_| {
-                Err(format!(
+                Err(unhealthy(format!(
                     "Get \"http://{host}:{port}{path}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
-                ))
+                )))
             });
     }
     if let Some(s) = &p.tcp_socket {
         let port = resolve_port(&s.port, &t.named_ports)?;
         let host = match &s.host {
             Some(h) if !h.is_empty() => h.clone(),
-            _ => t.pod_ip.map(|i| i.to_string()).ok_or("pod has no IP")?,
+            _ => t
+                .pod_ip
+                .map(|i| i.to_string())
+                .ok_or_else(|| cannot("pod has no IP"))?,
         };
         return match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port))).await
         {
             Ok(Ok(_)) => Ok(String::new()),
-            Ok(Err(e)) => Err(format!("dial tcp {host}:{port}: connect: {e}")),
-            Err(_) => Err(format!("dial tcp {host}:{port}: i/o timeout")),
+            Ok(Err(e)) => Err(unhealthy(format!("dial tcp {host}:{port}: connect: {e}"))),
+            Err(_) => Err(unhealthy(format!("dial tcp {host}:{port}: i/o timeout"))),
         };
     }
-    Err("probe has no handler".into())
+    Err(cannot("probe has no handler"))
 }
 
 /// A minimal HTTP/1.1 GET: success for status 200–399. Reads at most 10 KiB of the body.
@@ -175,11 +211,13 @@ async fn http_get(
     port: u16,
     path: &str,
     headers: &[(String, String)],
-) -> Result<String, String> {
+) -> Result<String, ProbeFailure> {
     let url = format!("http://{host}:{port}{path}");
-    let mut s = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("Get \"{url}\": dial tcp {host}:{port}: connect: {e}"))?;
+    let mut s = TcpStream::connect((host, port)).await.map_err(|e| {
+        unhealthy(format!(
+            "Get \"{url}\": dial tcp {host}:{port}: connect: {e}"
+        ))
+    })?;
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n");
     let mut has_ua = false;
     let mut has_accept = false;
@@ -197,14 +235,14 @@ async fn http_get(
     req.push_str("\r\n");
     s.write_all(req.as_bytes())
         .await
-        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+        .map_err(|e| unhealthy(format!("Get \"{url}\": {e}")))?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     while buf.len() < 10 * 1024 + 4096 {
         match s.read(&mut chunk).await {
             Ok(0) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if buf.is_empty() => return Err(format!("Get \"{url}\": {e}")),
+            Err(e) if buf.is_empty() => return Err(unhealthy(format!("Get \"{url}\": {e}"))),
             Err(_) => break,
         }
     }
@@ -214,13 +252,19 @@ async fn http_get(
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response {status_line:?}"))?;
+        .ok_or_else(|| {
+            unhealthy(format!(
+                "Get \"{url}\": malformed HTTP response {status_line:?}"
+            ))
+        })?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let body: String = body.chars().take(10 * 1024).collect();
     if (200..400).contains(&code) {
         Ok(body)
     } else {
-        Err(format!("HTTP probe failed with statuscode: {code}"))
+        Err(unhealthy(format!(
+            "HTTP probe failed with statuscode: {code}"
+        )))
     }
 }
 
@@ -251,7 +295,10 @@ async fn until_threshold<P: Prober>(
             Err(output) => {
                 ok = 0;
                 bad += 1;
-                let _ = tx.send(ProbeEvent::Unhealthy { kind, output });
+                let _ = tx.send(ProbeEvent::Unhealthy {
+                    kind,
+                    output: output.to_string(),
+                });
                 if bad >= tm.failure_threshold {
                     return false;
                 }
@@ -289,7 +336,10 @@ async fn periodic<P: Prober>(
             Err(output) => {
                 ok = 0;
                 bad = bad.saturating_add(1);
-                let _ = tx.send(ProbeEvent::Unhealthy { kind, output });
+                let _ = tx.send(ProbeEvent::Unhealthy {
+                    kind,
+                    output: output.to_string(),
+                });
                 if bad >= tm.failure_threshold {
                     if kind == ProbeKind::Liveness {
                         let _ = tx.send(ProbeEvent::Failed { kind });
@@ -393,7 +443,7 @@ mod tests {
     }
 
     impl Prober for Script {
-        async fn run(&self, p: &Probe, _timeout: Duration) -> Result<String, String> {
+        async fn run(&self, p: &Probe, _timeout: Duration) -> Result<String, ProbeFailure> {
             let name = p
                 .exec
                 .as_ref()
@@ -415,7 +465,7 @@ mod tests {
             if ok.unwrap_or(true) {
                 Ok(String::new())
             } else {
-                Err(format!("{name} failed"))
+                Err(ProbeFailure::Unhealthy(format!("{name} failed")))
             }
         }
     }
@@ -593,7 +643,9 @@ mod tests {
         assert_eq!(http_get("127.0.0.1", port, "/", &[]).await, Ok("ok".into()));
         assert_eq!(
             http_get("127.0.0.1", port, "/", &[]).await,
-            Err("HTTP probe failed with statuscode: 500".into())
+            Err(ProbeFailure::Unhealthy(
+                "HTTP probe failed with statuscode: 500".into()
+            ))
         );
     }
 }

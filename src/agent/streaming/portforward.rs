@@ -298,20 +298,33 @@ fn plain(e: &std::io::Error) -> String {
     }
 }
 
-/// Dials `port` in the pod's network namespace; the error in kubelet's words.
-async fn dial(pid: u32, port: u16, pod: &str) -> Result<tokio::net::TcpStream, String> {
+/// A forwarded port that could not be reached in the pod; displays in kubelet's words.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: dial tcp4 127.0.0.1:{port}: connect: {}",
+    plain(source)
+)]
+struct DialError {
+    port: u16,
+    pod: String,
+    source: std::io::Error,
+}
+
+/// Dials `port` in the pod's network namespace.
+async fn dial(pid: u32, port: u16, pod: &str) -> Result<tokio::net::TcpStream, DialError> {
     match dial_in_netns(pid, port).await {
         Ok(c) => {
             let _ = c.set_nodelay(true);
             Ok(c)
         }
-        Err(e) => {
-            let msg = format!(
-                "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the pod's network namespace: dial tcp4 127.0.0.1:{port}: connect: {}",
-                plain(&e)
-            );
-            tracing::info!("{msg}");
-            Err(msg)
+        Err(source) => {
+            let e = DialError {
+                port,
+                pod: pod.to_string(),
+                source,
+            };
+            tracing::info!("{e}");
+            Err(e)
         }
     }
 }
@@ -359,8 +372,10 @@ async fn forward(
 ) {
     let conn = match dial(pid, port, &pod).await {
         Ok(c) => c,
-        Err(msg) => {
-            let _ = out.send(spdy::data(error_id, 0, msg.as_bytes())).await;
+        Err(e) => {
+            let _ = out
+                .send(spdy::data(error_id, 0, e.to_string().as_bytes()))
+                .await;
             let _ = out.send(spdy::data(error_id, FLAG_FIN, &[])).await;
             let _ = out.send(spdy::data(data_id, FLAG_FIN, &[])).await;
             return;
@@ -491,8 +506,8 @@ async fn forward_channels(
 ) {
     let conn = match dial(pid, port, &pod).await {
         Ok(c) => c,
-        Err(msg) => {
-            let _ = out.send((err_ch, msg.into_bytes())).await;
+        Err(e) => {
+            let _ = out.send((err_ch, e.to_string().into_bytes())).await;
             return;
         }
     };

@@ -80,7 +80,7 @@ impl PodWorker {
                 if cur.is_running() {
                     let process = self.adopted_process(k, i, &cur).await;
                     if let Err(e) = self.attach(k, i, &cur, process) {
-                        tracing::warn!(pod = %self.name, error = %e, "re-attaching logs");
+                        tracing::warn!(error = %e, "re-attaching logs");
                     }
                     self.resume_probes(k, i, &cur);
                 } else {
@@ -89,7 +89,7 @@ impl PodWorker {
             }
         }
         if self.state.sandbox().is_some() {
-            tracing::info!(pod = %self.name, "adopted running pod");
+            tracing::info!("adopted running pod");
         }
     }
 
@@ -103,7 +103,7 @@ impl PodWorker {
             // The address from the cached ADD; CHECK that the network is intact.
             Some(cni) => {
                 if let Err(e) = cni.check_pid(&l.id, pid, &self.pod_ref()) {
-                    tracing::warn!(pod = %self.name, error = %e, "CNI CHECK of an adopted pod");
+                    tracing::warn!(error = %e, "CNI CHECK of an adopted pod");
                 }
                 cni.cached(&l.id)
                     .and_then(|(_, r)| net::cni::first_ipv4(&r))

@@ -306,7 +306,7 @@ impl PodWorker {
         match msg {
             Msg::Exit { cid, code, at } => {
                 if self.state.task_exited(&cid) {
-                    tracing::warn!(pod = %self.name, "sandbox exited");
+                    tracing::warn!("sandbox exited");
                     return;
                 }
                 self.mark_exited(&cid, code as i32, at.unwrap_or_else(Timestamp::now));
@@ -330,7 +330,7 @@ impl PodWorker {
             ProbeEvent::Started => self.rec(k, i).started = true,
             ProbeEvent::Ready(r) => self.rec(k, i).ready = r,
             ProbeEvent::Unhealthy { kind, output } => {
-                tracing::info!(pod = %self.name, container = %cname, event = "Unhealthy", "{} probe failed: {}", kind.label(), output.trim());
+                tracing::info!(container = %cname, event = "Unhealthy", "{} probe failed: {}", kind.label(), output.trim());
                 self.event(
                     true,
                     "Unhealthy",
@@ -346,7 +346,7 @@ impl PodWorker {
                 let grace = probe
                     .and_then(|p| p.termination_grace_period_seconds)
                     .unwrap_or_else(|| self.grace(None));
-                tracing::info!(pod = %self.name, container = %cname, event = "Killing", "Container {cname} failed {} probe, will be restarted", kind.label().to_lowercase());
+                tracing::info!(container = %cname, event = "Killing", "Container {cname} failed {} probe, will be restarted", kind.label().to_lowercase());
                 self.stop_container(k, i, grace, true).await;
             }
         }
@@ -482,7 +482,7 @@ impl PodWorker {
         }
         self.refresh_refs().await;
         if let Err(e) = build::refresh_projections(&self.pod, &self.sandbox_info()) {
-            tracing::warn!(pod = %self.name, error = %e, "updating volumes");
+            tracing::warn!(error = %e, "updating volumes");
         }
     }
 
@@ -512,7 +512,7 @@ impl PodWorker {
                     Ok(sb) => self.state.created(sb),
                     Err(e) => {
                         let delay = self.state.create_failed(e.to_string(), now);
-                        tracing::warn!(pod = %self.name, error = %e, retry_in = ?delay, "creating pod sandbox failed");
+                        tracing::warn!(error = %e, retry_in = ?delay, "creating pod sandbox failed");
                         self.set_wake(Instant::now() + delay);
                         return;
                     }
@@ -554,7 +554,7 @@ impl PodWorker {
         if announce {
             let text =
                 format!("Back-off restarting failed container {name} in pod {pod}_{ns}({uid})");
-            tracing::info!(pod = %pod, container = %name, event = "BackOff", "{text}");
+            tracing::info!(container = %name, event = "BackOff", "{text}");
             self.event(true, "BackOff", text);
         }
         self.set_wake(Instant::from_std(until));

@@ -6,7 +6,10 @@ use super::*;
 impl PodWorker {
     /// Kills every container and the old sandbox; the next sync makes a new one.
     pub(super) async fn replace_sandbox(&mut self) {
-        tracing::info!(pod = %self.name, event = "SandboxChanged", "Pod sandbox changed, it will be killed and re-created.");
+        tracing::info!(
+            event = "SandboxChanged",
+            "Pod sandbox changed, it will be killed and re-created."
+        );
         for k in [Kind::Init, Kind::App] {
             let n = if k == Kind::Init {
                 self.init.len()
@@ -76,7 +79,7 @@ impl PodWorker {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(pod = %self.name, configmap = %n, error = %e, "reading a ConfigMap")
+                    tracing::warn!(configmap = %n, error = %e, "reading a ConfigMap")
                 }
             }
         }
@@ -89,7 +92,7 @@ impl PodWorker {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(pod = %self.name, secret = %n, error = %e, "reading a Secret")
+                    tracing::warn!(secret = %n, error = %e, "reading a Secret")
                 }
             }
         }
@@ -105,7 +108,7 @@ impl PodWorker {
                     tokens.insert(aud, t);
                 }
                 Err(e) => {
-                    tracing::warn!(pod = %self.name, error = %e, "requesting the service account token")
+                    tracing::warn!(error = %e, "requesting the service account token")
                 }
             }
         }
@@ -134,7 +137,7 @@ impl PodWorker {
                     .detach(self.ctx.cfg.pod_cidr, sandbox_id, pid, self.pod_ref())
                     .await;
                 if let Err(e) = r {
-                    tracing::warn!(pod = %self.name, error = %e, "CNI DEL");
+                    tracing::warn!(error = %e, "CNI DEL");
                 }
             }
             None => {
@@ -148,7 +151,7 @@ impl PodWorker {
         client: &kube::Client,
         audience: &str,
         secs: i64,
-    ) -> Result<build::Token, String> {
+    ) -> Result<build::Token, TokenError> {
         let spec = self.pod.spec.as_ref();
         let sa = spec
             .and_then(|s| s.service_account_name.clone())
@@ -166,11 +169,14 @@ impl PodWorker {
         let out: serde_json::Value = api
             .create_subresource("token", &sa, &kube::api::PostParams::default(), &req)
             .await
-            .map_err(|e| format!("serviceaccounts/{sa}/token: {e}"))?;
+            .map_err(|source| TokenError::Request {
+                sa: sa.clone(),
+                source,
+            })?;
         let token = out
             .pointer("/status/token")
             .and_then(serde_json::Value::as_str)
-            .ok_or("the TokenRequest answer has no status.token")?
+            .ok_or(TokenError::NoToken)?
             .to_string();
         let ttl = out
             .pointer("/status/expirationTimestamp")
@@ -356,7 +362,7 @@ impl PodWorker {
         message: String,
         retry: Duration,
     ) {
-        tracing::warn!(pod = %self.name, container = %self.container(kind, i).name, reason, "{message}");
+        tracing::warn!(container = %self.container(kind, i).name, reason, "{message}");
         let rec = self.rec(kind, i);
         rec.waiting = Some((reason.to_string(), message));
         rec.retry_at = Some(std::time::Instant::now() + retry);
@@ -394,7 +400,13 @@ impl PodWorker {
             image_id: img.image_id.clone(),
         };
         if let Err(e) = self.attach(kind, i, &inst, rc.process.clone()) {
-            self.fail_start(kind, i, "CreateContainerError", e, Duration::from_secs(10));
+            self.fail_start(
+                kind,
+                i,
+                "CreateContainerError",
+                e.to_string(),
+                Duration::from_secs(10),
+            );
             return;
         }
         let labels = self.labels(kind.label(), &c.name, restart, []);
@@ -559,7 +571,7 @@ impl PodWorker {
                 tracing::warn!(container = %cid, error = %e, "recording start time");
             }
         });
-        tracing::info!(pod = %self.name, container = %c.name, restart, event = "Started", "Started container {}", c.name);
+        tracing::info!(container = %c.name, restart, event = "Started", "Started container {}", c.name);
         let image = c.image.clone().unwrap_or_default();
         self.event(
             false,
@@ -578,7 +590,7 @@ impl PodWorker {
     }
 
     pub(super) fn start_error(&mut self, kind: Kind, i: usize, id: &str, message: String) {
-        tracing::warn!(pod = %self.name, container = %self.container(kind, i).name, "start failed: {message}");
+        tracing::warn!(container = %self.container(kind, i).name, "start failed: {message}");
         self.event(true, "Failed", format!("Error: {message}"));
         let rec = self.rec(kind, i);
         if let Some(cur) = rec.current.as_mut().filter(|c| c.id == id) {
@@ -605,7 +617,7 @@ impl PodWorker {
     ) {
         if let Err(e) = self.run_hook(kind, i, id, h, Duration::from_secs(30)).await {
             let name = self.container(kind, i).name.clone();
-            tracing::warn!(pod = %self.name, container = %name, event = "FailedPostStartHook", "PostStartHook failed: {e}");
+            tracing::warn!(container = %name, event = "FailedPostStartHook", "PostStartHook failed: {e}");
             self.stop_container(kind, i, self.grace(None), false).await;
         }
     }
@@ -618,21 +630,21 @@ impl PodWorker {
         i: usize,
         inst: &Instance,
         process: ProcessConfig,
-    ) -> Result<(), String> {
+    ) -> Result<(), IoError> {
         let name = self.container(kind, i).name.clone();
         let path = self
             .log_dir()
             .join(&name)
             .join(format!("{}.log", inst.restart_count));
         let log = LogFile::open(&path, self.ctx.cfg.rotation)
-            .map_err(|e| format!("container log {}: {e}", path.display()))?;
+            .map_err(|e| IoError::new("container log", &path, e))?;
         let log = Arc::new(Mutex::new(log));
         let fifo = self.ctx.cfg.fifo_dir();
         let (exited, stop) = tokio::sync::watch::channel(false);
-        let mkfifo = |p: &std::path::Path| -> Result<(), String> {
+        let mkfifo = |p: &std::path::Path| -> Result<(), IoError> {
             if !p.exists() {
                 nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|e| format!("FIFO {}: {e}", p.display()))?;
+                    .map_err(|e| IoError::new("FIFO", p, e.into()))?;
             }
             Ok(())
         };
@@ -645,7 +657,7 @@ impl PodWorker {
             let tx = tokio::net::unix::pipe::OpenOptions::new()
                 .read_write(true)
                 .open_sender(&p)
-                .map_err(|e| format!("stdin FIFO {}: {e}", p.display()))?;
+                .map_err(|e| IoError::new("stdin FIFO", &p, e))?;
             Some(tx)
         } else {
             None
@@ -661,7 +673,7 @@ impl PodWorker {
         for (suffix, stream, ch) in [("out", "stdout", 1u8), ("err", "stderr", 2u8)] {
             let p = fifo.join(format!("{}.{suffix}", inst.id));
             mkfifo(&p)?;
-            let rx = logs::open_fifo(&p).map_err(|e| format!("log FIFO {}: {e}", p.display()))?;
+            let rx = logs::open_fifo(&p).map_err(|e| IoError::new("log FIFO", &p, e))?;
             pumps.push(tokio::spawn(logs::pump(
                 rx,
                 stream,
@@ -780,7 +792,7 @@ impl PodWorker {
         cid: &str,
         h: &LifecycleHandler,
         budget: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), probe::ProbeFailure> {
         if let Some(s) = &h.sleep {
             tokio::time::sleep(Duration::from_secs(s.seconds.max(0) as u64).min(budget)).await;
             return Ok(());
@@ -848,6 +860,34 @@ pub(super) enum SandboxError {
     Cni(String),
     #[error("pod network: {0}")]
     Network(crate::net::NetError),
+}
+
+/// A service account token the pod's projected volumes could not get.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TokenError {
+    #[error("serviceaccounts/{sa}/token: {source}")]
+    Request { sa: String, source: kube::Error },
+    #[error("the TokenRequest answer has no status.token")]
+    NoToken,
+}
+
+/// A container's log file or stdio FIFOs could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {source}", path.display())]
+pub(crate) struct IoError {
+    what: &'static str,
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+impl IoError {
+    fn new(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        Self {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// A pod's /etc/hosts: localhost and the pod's own name at `ip`.

@@ -21,7 +21,7 @@ impl PodWorker {
             return;
         };
         let c = self.container(kind, i).clone();
-        tracing::info!(pod = %self.name, container = %c.name, event = "Killing", "Stopping container {}", c.name);
+        tracing::info!(container = %c.name, event = "Killing", "Stopping container {}", c.name);
         self.event(false, "Killing", format!("Stopping container {}", c.name));
         if let Some(r) = self.tasks.get(&cid)
             && let Some(p) = &r.probes
@@ -49,7 +49,7 @@ impl PodWorker {
     /// Stops everything of the pod and frees its resources.
     pub(super) async fn terminate(&mut self, grace: Option<i64>) {
         let grace = self.grace(grace);
-        tracing::info!(pod = %self.name, grace, "terminating pod");
+        tracing::info!(grace, "terminating pod");
         // Shown as Terminating while it stops.
         self.pod.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         self.pod.metadata.deletion_grace_period_seconds = Some(grace);
@@ -80,7 +80,7 @@ impl PodWorker {
         // Unmounts subPath binds and memory emptyDirs first: the removal never walks into a
         // volume or a host path.
         if let Err(e) = crate::agent::build::safe_fs::remove_tree(&dir) {
-            tracing::warn!(pod = %self.name, error = %e, "removing the pod's directory");
+            tracing::warn!(error = %e, "removing the pod's directory");
         }
         crate::agent::build::forget_projections(&dir);
         let _ = std::fs::remove_dir_all(self.log_dir());
@@ -93,7 +93,7 @@ impl PodWorker {
             }
         }
         self.ctx.store.remove(&self.uid);
-        tracing::info!(pod = %self.name, "pod stopped");
+        tracing::info!("pod stopped");
     }
 
     /// Stops the containers `which` at once, each with its own preStop hook, within `grace`.
@@ -134,7 +134,7 @@ impl PodWorker {
     ) {
         if let Err(e) = self.run_hook(kind, i, cid, h, budget).await {
             let name = &self.container(kind, i).name;
-            tracing::warn!(pod = %self.name, container = %name, event = "FailedPreStopHook", "PreStopHook failed: {e}");
+            tracing::warn!(container = %name, event = "FailedPreStopHook", "PreStopHook failed: {e}");
             self.event(
                 true,
                 "FailedPreStopHook",
@@ -153,7 +153,7 @@ impl PodWorker {
             let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
         }
         if let Err(e) = self.ctx.ipam.release_owner(&self.uid) {
-            tracing::warn!(pod = %self.name, error = %e, "releasing pod IP");
+            tracing::warn!(error = %e, "releasing pod IP");
         }
     }
 }
