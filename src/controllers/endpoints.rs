@@ -78,7 +78,13 @@ impl Controller for EndpointsController {
     }
 
     async fn pass(&mut self) -> Result<(), PassError> {
-        Ok(pass(&self.client, &self.caches, &self.endpoints).await?)
+        let s = Snapshot {
+            services: self.caches.services.all(),
+            pods: self.caches.pods.all(),
+            slices: self.caches.slices.all(),
+            endpoints: self.endpoints.all(),
+        };
+        Ok(apply(&self.client, plan(&s)).await?)
     }
 }
 
@@ -268,14 +274,150 @@ fn same(stored: &Value, want: &Value, fields: &[&str]) -> bool {
         && stored["metadata"]["labels"] == want["metadata"]["labels"]
 }
 
-async fn put<K>(api: &Api<K>, name: &str, stored: Option<&K>, want: &Value) -> kube::Result<()>
+/// A write the controller wants. `rv`: the stored object's resourceVersion (replace), or
+/// None (create).
+#[derive(Debug, PartialEq)]
+enum Write {
+    PutEndpoints {
+        ns: String,
+        name: String,
+        rv: Option<String>,
+        want: Value,
+    },
+    PutSlice {
+        ns: String,
+        name: String,
+        rv: Option<String>,
+        want: Value,
+    },
+    DeleteSlice(String, String),
+    DeleteEndpoints(String, String),
+}
+
+/// What the controller reads.
+struct Snapshot {
+    services: Vec<Arc<Service>>,
+    pods: Vec<Arc<Pod>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    endpoints: Vec<Arc<Endpoints>>,
+}
+
+fn key_of(m: &kube::api::ObjectMeta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The stored object's resourceVersion, if its content differs from `want` in `fields`
+/// (None: it is up to date); Some(None) when nothing is stored.
+fn differs<K: kube::Resource + serde::Serialize>(
+    stored: Option<&Arc<K>>,
+    want: &Value,
+    fields: &[&str],
+) -> Option<Option<String>> {
+    match stored {
+        None => Some(None),
+        Some(s) => {
+            let json = serde_json::to_value(s.as_ref()).unwrap_or_default();
+            (!same(&json, want, fields)).then(|| s.meta().resource_version.clone())
+        }
+    }
+}
+
+fn plan(s: &Snapshot) -> Vec<Write> {
+    let mut by_ns: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
+    for p in &s.pods {
+        by_ns
+            .entry(p.metadata.namespace.as_deref().unwrap_or(""))
+            .or_default()
+            .push(p);
+    }
+    let stored_eps: HashMap<(String, String), &Arc<Endpoints>> = s
+        .endpoints
+        .iter()
+        .map(|e| (key_of(&e.metadata), e))
+        .collect();
+    let stored_slices: HashMap<(String, String), &Arc<EndpointSlice>> =
+        s.slices.iter().map(|e| (key_of(&e.metadata), e)).collect();
+    let mut out = vec![];
+    let mut managed: HashSet<(String, String)> = HashSet::new();
+    let mut wanted_slices: HashSet<(String, String)> = HashSet::new();
+    for svc in &s.services {
+        let spec = svc.spec.as_ref();
+        if spec
+            .and_then(|s| s.selector.as_ref())
+            .is_none_or(|s| s.is_empty())
+            || spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName")
+        {
+            continue;
+        }
+        let (ns, name) = key_of(&svc.metadata);
+        managed.insert((ns.clone(), name.clone()));
+        let in_ns = by_ns.get(ns.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        let eps = endpoints_for(svc, in_ns);
+        let want = json!({"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": name, "namespace": ns, "labels": svc.metadata.labels},
+            "subsets": subsets(svc, &eps)});
+        let stored = stored_eps.get(&(ns.clone(), name.clone())).copied();
+        if let Some(rv) = differs(stored, &want, &["subsets"]) {
+            out.push(Write::PutEndpoints {
+                ns: ns.clone(),
+                name: name.clone(),
+                rv,
+                want,
+            });
+        }
+        for (slice_name, want) in slices(svc, &eps) {
+            let key = (ns.clone(), slice_name.clone());
+            if let Some(rv) = differs(
+                stored_slices.get(&key).copied(),
+                &want,
+                &["endpoints", "ports"],
+            ) {
+                out.push(Write::PutSlice {
+                    ns: ns.clone(),
+                    name: slice_name,
+                    rv,
+                    want,
+                });
+            }
+            wanted_slices.insert(key);
+        }
+    }
+    // Slices this controller made that no Service wants any more.
+    for sl in &s.slices {
+        let ours = sl
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY))
+            .is_some_and(|m| m == CONTROLLER);
+        let key = key_of(&sl.metadata);
+        if ours && !wanted_slices.contains(&key) {
+            out.push(Write::DeleteSlice(key.0, key.1));
+        }
+    }
+    // Endpoints of Services that are gone (not the ones of selector-less Services, nor the
+    // API server's own).
+    let live: HashSet<(String, String)> = s.services.iter().map(|s| key_of(&s.metadata)).collect();
+    for e in &s.endpoints {
+        let key = key_of(&e.metadata);
+        if !live.contains(&key) && !managed.contains(&key) && key.1 != "kubernetes" {
+            out.push(Write::DeleteEndpoints(key.0, key.1));
+        }
+    }
+    out
+}
+
+async fn put<K>(api: &Api<K>, name: &str, rv: Option<String>, want: Value) -> kube::Result<()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
-    let mut obj = want.clone();
-    match stored {
-        Some(s) => {
-            obj["metadata"]["resourceVersion"] = json!(s.meta().resource_version);
+    let mut obj = want;
+    match rv {
+        Some(rv) => {
+            obj["metadata"]["resourceVersion"] = json!(rv);
             let k: K = serde_json::from_value(obj).map_err(kube::Error::SerdeError)?;
             api.replace(name, &PostParams::default(), &k).await?;
         }
@@ -291,96 +433,175 @@ where
     Ok(())
 }
 
-async fn pass(client: &Client, caches: &Caches, endpoints: &Cache<Endpoints>) -> kube::Result<()> {
-    let pods = caches.pods.all();
-    let mut by_ns: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
-    for p in &pods {
-        by_ns
-            .entry(p.metadata.namespace.as_deref().unwrap_or(""))
-            .or_default()
-            .push(p);
-    }
-    let services = caches.services.all();
-    let mut managed: HashSet<(String, String)> = HashSet::new();
-    let mut wanted_slices: HashSet<(String, String)> = HashSet::new();
-    for svc in &services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        if svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.as_ref())
-            .is_none_or(|s| s.is_empty())
-            || svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName")
-        {
-            continue;
-        }
-        managed.insert((ns.clone(), name.clone()));
-        let in_ns = by_ns.get(ns.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-        let eps = endpoints_for(svc, in_ns);
-
-        let want = json!({"apiVersion": "v1", "kind": "Endpoints",
-            "metadata": {"name": name, "namespace": ns, "labels": svc.metadata.labels},
-            "subsets": subsets(svc, &eps)});
-        let stored = endpoints.get(Some(&ns), &name);
-        let stored_json = stored
-            .as_ref()
-            .map(|s| serde_json::to_value(s.as_ref()).unwrap_or_default());
-        if stored_json
-            .as_ref()
-            .is_none_or(|s| !same(s, &want, &["subsets"]))
-        {
-            let api: Api<Endpoints> = Api::namespaced(client.clone(), &ns);
-            put(&api, &name, stored.as_deref(), &want).await?;
-        }
-
-        let slice_api: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
-        for (slice_name, want) in slices(svc, &eps) {
-            wanted_slices.insert((ns.clone(), slice_name.clone()));
-            let stored = caches.slices.get(Some(&ns), &slice_name);
-            let stored_json = stored
-                .as_ref()
-                .map(|s| serde_json::to_value(s.as_ref()).unwrap_or_default());
-            if stored_json
-                .as_ref()
-                .is_none_or(|s| !same(s, &want, &["endpoints", "ports"]))
-            {
-                put(&slice_api, &slice_name, stored.as_deref(), &want).await?;
+async fn apply(client: &Client, writes: Vec<Write>) -> kube::Result<()> {
+    for w in writes {
+        match w {
+            Write::PutEndpoints { ns, name, rv, want } => {
+                let api: Api<Endpoints> = Api::namespaced(client.clone(), &ns);
+                put(&api, &name, rv, want).await?;
+            }
+            Write::PutSlice { ns, name, rv, want } => {
+                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+                put(&api, &name, rv, want).await?;
+            }
+            // Best effort: a delete that fails is planned again on the next pass.
+            Write::DeleteSlice(ns, name) => {
+                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            }
+            Write::DeleteEndpoints(ns, name) => {
+                let api: Api<Endpoints> = Api::namespaced(client.clone(), &ns);
+                let _ = api.delete(&name, &DeleteParams::default()).await;
             }
         }
     }
-    // Slices this controller made that no Service wants any more.
-    for s in caches.slices.all() {
-        let labels = s.metadata.labels.clone().unwrap_or_default();
-        if labels.get(MANAGED_BY).map(String::as_str) != Some(CONTROLLER) {
-            continue;
-        }
-        let ns = s.metadata.namespace.clone().unwrap_or_default();
-        let name = s.metadata.name.clone().unwrap_or_default();
-        if !wanted_slices.contains(&(ns.clone(), name.clone())) {
-            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
-            let _ = api.delete(&name, &DeleteParams::default()).await;
-        }
-    }
-    // Endpoints of Services that are gone (not the ones of selector-less Services).
-    let live: HashSet<(String, String)> = services
-        .iter()
-        .map(|s| {
-            (
-                s.metadata.namespace.clone().unwrap_or_default(),
-                s.metadata.name.clone().unwrap_or_default(),
-            )
-        })
-        .collect();
-    for e in endpoints.all() {
-        let key = (
-            e.metadata.namespace.clone().unwrap_or_default(),
-            e.metadata.name.clone().unwrap_or_default(),
-        );
-        if !live.contains(&key) && !managed.contains(&key) && key.1 != "kubernetes" {
-            let api: Api<Endpoints> = Api::namespaced(client.clone(), &key.0);
-            let _ = api.delete(&key.1, &DeleteParams::default()).await;
-        }
-    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, selector: Option<&str>) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default", "uid": format!("u-{name}")},
+                "spec": {
+                    "selector": selector.map(|s| json!({"app": s})),
+                    "ports": [{"name": "http", "port": 80, "targetPort": "web", "protocol": "TCP"}],
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn pod(name: &str, ip: &str, ready: bool) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default", "uid": format!("u-{name}"),
+                             "labels": {"app": "web"}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i",
+                         "ports": [{"name": "web", "containerPort": 8080}]}]},
+                "status": {"phase": "Running", "podIP": ip,
+                           "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn snap(services: Vec<Arc<Service>>, pods: Vec<Arc<Pod>>) -> Snapshot {
+        Snapshot {
+            services,
+            pods,
+            slices: vec![],
+            endpoints: vec![],
+        }
+    }
+
+    /// The writes as stored objects (what the API server would then hold).
+    fn stored(writes: &[Write]) -> (Vec<Arc<Endpoints>>, Vec<Arc<EndpointSlice>>) {
+        let (mut eps, mut slices) = (vec![], vec![]);
+        for w in writes {
+            match w {
+                Write::PutEndpoints { want, .. } => {
+                    eps.push(Arc::new(serde_json::from_value(want.clone()).unwrap()))
+                }
+                Write::PutSlice { want, .. } => {
+                    slices.push(Arc::new(serde_json::from_value(want.clone()).unwrap()))
+                }
+                _ => {}
+            }
+        }
+        (eps, slices)
+    }
+
+    #[test]
+    fn ready_and_not_ready_pods_land_in_endpoints_and_one_slice_with_named_ports_resolved() {
+        let s = snap(
+            vec![svc("web", Some("web"))],
+            vec![pod("a", "10.0.0.2", true), pod("b", "10.0.0.3", false)],
+        );
+        let w = plan(&s);
+        let Write::PutEndpoints { want, rv: None, .. } = &w[0] else {
+            panic!("{w:?}")
+        };
+        let sub = &want["subsets"][0];
+        assert_eq!(sub["addresses"][0]["ip"], "10.0.0.2");
+        assert_eq!(sub["notReadyAddresses"][0]["ip"], "10.0.0.3");
+        assert_eq!(sub["ports"][0]["port"], 8080);
+        let Write::PutSlice { name, want, .. } = &w[1] else {
+            panic!("{w:?}")
+        };
+        assert_eq!(name, "web-0");
+        assert_eq!(want["endpoints"].as_array().unwrap().len(), 2);
+        assert_eq!(want["endpoints"][1]["conditions"]["ready"], false);
+        assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn nothing_is_written_once_the_stored_objects_match() {
+        let mut s = snap(
+            vec![svc("web", Some("web"))],
+            vec![pod("a", "10.0.0.2", true)],
+        );
+        let (eps, slices) = stored(&plan(&s));
+        s.endpoints = eps;
+        s.slices = slices;
+        assert_eq!(plan(&s), vec![]);
+    }
+
+    #[test]
+    fn more_than_a_hundred_endpoints_spread_over_slices() {
+        let pods = (0..150)
+            .map(|i| {
+                pod(
+                    &format!("p{i}"),
+                    &format!("10.0.{}.{}", i / 200, i % 200 + 2),
+                    true,
+                )
+            })
+            .collect();
+        let w = plan(&snap(vec![svc("web", Some("web"))], pods));
+        let slices: Vec<usize> = w
+            .iter()
+            .filter_map(|w| match w {
+                Write::PutSlice { want, .. } => Some(want["endpoints"].as_array().unwrap().len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(slices, vec![100, 50]);
+    }
+
+    #[test]
+    fn a_service_without_selector_is_left_alone() {
+        assert_eq!(
+            plan(&snap(
+                vec![svc("ext", None)],
+                vec![pod("a", "10.0.0.2", true)]
+            )),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn what_a_deleted_service_had_is_removed_but_not_the_api_servers_endpoints() {
+        let mut s = snap(vec![svc("web", Some("web"))], vec![]);
+        let (mut eps, slices) = stored(&plan(&s));
+        eps.push(Arc::new(
+            serde_json::from_value(
+                json!({"metadata": {"name": "kubernetes", "namespace": "default"}}),
+            )
+            .unwrap(),
+        ));
+        s.endpoints = eps;
+        s.slices = slices;
+        s.services.clear();
+        assert_eq!(
+            plan(&s),
+            vec![
+                Write::DeleteSlice("default".into(), "web-0".into()),
+                Write::DeleteEndpoints("default".into(), "web".into()),
+            ]
+        );
+    }
 }
