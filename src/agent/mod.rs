@@ -31,9 +31,9 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::mpsc;
 
 use crate::{
-    net::{self, ipam::Ipam},
+    net::{self, ipam::Ipam, pod_network::PodNetwork},
     runtime::{
-        Containerd,
+        Containerd, Runtime,
         container::Listed,
         events::RuntimeEvent,
         image::ImageInfo,
@@ -50,9 +50,10 @@ pub const PAUSE_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pause"
 
 /// State shared by the agent's tasks.
 pub struct AgentCtx {
-    pub rt: Containerd,
+    pub rt: Arc<dyn Runtime>,
     pub cfg: AgentConfig,
-    pub ipam: Ipam,
+    /// The pod network: the built-in bridge or CNI.
+    pub network: Arc<dyn PodNetwork>,
     pub pause: ImageInfo,
     /// Pods with live status, by UID (the status manager).
     pub store: statuses::PodStatuses,
@@ -161,21 +162,11 @@ pub async fn run(
         }
         None => (None, None),
     };
-    let ipam = Ipam::new(cfg.pod_cidr, &cfg.ipam_dir())?;
-    match &cfg.cni {
-        // The plugins make the bridge; a broken config is said at start.
-        Some(cni) => {
-            let list = cni.config(cfg.pod_cidr)?;
-            tracing::info!(network = %list["name"], dir = %cni.conf_dir.display(), "pod network through CNI");
-        }
-        None => net::ensure_bridge(&cfg.bridge, ipam.gateway(), cfg.pod_cidr.prefix_len())
-            .await
-            .context("node bridge")?,
-    }
+    let network = pod_network(&cfg).await?;
     let ctx = Arc::new(AgentCtx {
-        rt: rt.clone(),
+        rt: Arc::new(rt),
         cfg: cfg.clone(),
-        ipam,
+        network,
         pause,
         store: statuses::PodStatuses::default(),
         client: cluster.as_ref().map(|(c, _)| c.clone()),
@@ -204,7 +195,7 @@ pub async fn run(
         })
     };
 
-    let adopted = existing_containers(&rt).await?;
+    let adopted = existing_containers(ctx.rt.as_ref()).await?;
     let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<()>();
     if let Some(dir) = &cfg.manifests {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -263,6 +254,27 @@ struct Joined {
     ca_pem: Option<String>,
 }
 
+/// The pod network the configuration names: CNI (a broken config is said at start; the
+/// plugins make the bridge) or the built-in bridge, made now.
+async fn pod_network(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn PodNetwork>> {
+    if let Some(cni) = &cfg.cni {
+        let list = cni.config(cfg.pod_cidr)?;
+        tracing::info!(network = %list["name"], dir = %cni.conf_dir.display(), "pod network through CNI");
+        return Ok(Arc::new(net::pod_network::CniNetwork {
+            cni: cni.clone(),
+            pod_cidr: cfg.pod_cidr,
+        }));
+    }
+    let ipam = Ipam::new(cfg.pod_cidr, &cfg.ipam_dir())?;
+    net::ensure_bridge(&cfg.bridge, ipam.gateway(), cfg.pod_cidr.prefix_len())
+        .await
+        .context("node bridge")?;
+    Ok(Arc::new(net::pod_network::Bridge {
+        ipam,
+        bridge: cfg.bridge.clone(),
+    }))
+}
+
 /// The data and pod directories hold tokens and Secrets: root only (kubelet: 0750 pods).
 fn prepare_dirs(cfg: &AgentConfig) -> anyhow::Result<()> {
     for (d, mode) in [
@@ -280,7 +292,7 @@ fn prepare_dirs(cfg: &AgentConfig) -> anyhow::Result<()> {
 }
 
 /// Containers that already run, by pod UID (after an agent restart).
-async fn existing_containers(rt: &Containerd) -> anyhow::Result<HashMap<String, Vec<Listed>>> {
+async fn existing_containers(rt: &dyn Runtime) -> anyhow::Result<HashMap<String, Vec<Listed>>> {
     let mut adopted: HashMap<String, Vec<Listed>> = HashMap::new();
     for l in rt.list_with_label(labels::POD_UID).await? {
         if let Some(uid) = l.labels.get(labels::POD_UID).cloned() {
@@ -418,12 +430,10 @@ fn clean_up_orphans(
         let ctx = ctx.clone();
         tokio::spawn(async move { remove_orphan(&ctx, &uid, conts).await });
     }
-    if let Ok(allocs) = ctx.ipam.allocations() {
-        for (ip, owner) in allocs {
-            if !live.contains(&owner) {
-                tracing::info!(%ip, owner = %owner, "releasing leaked pod IP");
-                let _ = ctx.ipam.release_owner(&owner);
-            }
+    for owner in ctx.network.holders() {
+        if !live.contains(&owner) {
+            tracing::info!(owner = %owner, "releasing a leaked pod IP");
+            ctx.network.release(&owner);
         }
     }
 }
@@ -436,42 +446,42 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
         .iter()
         .filter(|c| c.labels.get(labels::KIND).map(String::as_str) != Some("sandbox"));
     let no_hook = None::<std::future::Ready<()>>;
-    futures::future::join_all(
-        apps.map(|c| worker::graceful_stop(rt, &c.id, Duration::from_secs(2), no_hook.clone())),
-    )
+    futures::future::join_all(apps.map(|c| {
+        worker::graceful_stop(rt.as_ref(), &c.id, Duration::from_secs(2), no_hook.clone())
+    }))
     .await;
-    // CNI DEL while the sandbox (and its namespace) still exists.
-    if let Some(cni) = &ctx.cfg.cni {
-        for c in conts
-            .iter()
-            .filter(|c| c.labels.get(labels::KIND).map(String::as_str) == Some("sandbox"))
-        {
-            let pid = match rt.task_state(&c.id).await {
-                Ok(crate::runtime::container::TaskState::Running { pid }) => Some(pid),
-                _ => None,
-            };
-            let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
-            let pod = net::cni::PodRef {
-                namespace: label(labels::POD_NAMESPACE),
-                name: label(labels::POD_NAME),
-                uid: uid.to_string(),
-            };
-            let r = cni.detach(ctx.cfg.pod_cidr, &c.id, pid, pod).await;
-            if let Err(e) = r {
-                tracing::warn!(uid, error = %e, "CNI DEL of an orphaned pod");
-            }
-        }
+    // The network first, while the sandbox (and its namespace) still exists (CNI DEL).
+    for c in conts
+        .iter()
+        .filter(|c| c.labels.get(labels::KIND).map(String::as_str) == Some("sandbox"))
+    {
+        let pid = match rt.task_state(&c.id).await {
+            Ok(crate::runtime::container::TaskState::Running { pid }) => Some(pid),
+            _ => None,
+        };
+        let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
+        let pod = net::cni::PodRef {
+            namespace: label(labels::POD_NAMESPACE),
+            name: label(labels::POD_NAME),
+            uid: uid.to_string(),
+        };
+        ctx.network.detach(&pod, Some(&c.id), pid).await;
     }
     for c in &conts {
-        worker::remove_container(rt, &c.id).await;
+        worker::remove_container(rt.as_ref(), &c.id).await;
         let fifo = ctx.cfg.fifo_dir();
         for suffix in ["in", "out", "err"] {
             let _ = std::fs::remove_file(fifo.join(format!("{}.{suffix}", c.id)));
         }
     }
     tracing::info!(uid, containers = conts.len(), "orphaned pod removed");
-    let _ = net::teardown_pod(&net::host_veth_name(uid)).await;
-    let _ = ctx.ipam.release_owner(uid);
+    let pod = net::cni::PodRef {
+        namespace: String::new(),
+        name: String::new(),
+        uid: uid.to_string(),
+    };
+    ctx.network.detach(&pod, None, None).await;
+    ctx.network.release(uid);
     let dir = ctx.cfg.pods_dir().join(uid);
     if let Err(e) = build::safe_fs::remove_tree(&dir) {
         tracing::warn!(uid, error = %e, "removing an orphaned pod's directory");
@@ -490,7 +500,7 @@ async fn remove_orphan(ctx: &AgentCtx, uid: &str, conts: Vec<Listed>) {
 /// Routes containerd task events to the worker owning the container; resubscribes on failure.
 async fn route_events(ctx: Arc<AgentCtx>) {
     loop {
-        match ctx.rt.subscribe().await {
+        match ctx.rt.events().await {
             Ok(stream) => {
                 tokio::pin!(stream);
                 while let Some(ev) = stream.next().await {

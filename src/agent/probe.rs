@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, sync::Arc, time::D
 use k8s_openapi::{api::core::v1::Probe, apimachinery::pkg::util::intstr::IntOrString};
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream, sync::mpsc};
 
-use crate::runtime::{Containerd, spec::ProcessConfig};
+use crate::runtime::spec::ProcessConfig;
 
 /// Which probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub enum ProbeEvent {
 
 /// Everything a probe of one container instance needs.
 pub struct ProbeTarget {
-    pub rt: Containerd,
+    pub rt: std::sync::Arc<dyn crate::runtime::Runtime>,
     pub container_id: String,
     pub pod_ip: Option<Ipv4Addr>,
     pub process: ProcessConfig,

@@ -1,7 +1,9 @@
 //! What the agent knows of each container of a pod (observed state), the restart back-off,
 //! and the Pod status computed from them exactly as kubelet reports it. Pure data and functions.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{

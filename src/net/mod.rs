@@ -5,6 +5,7 @@ pub mod cni;
 pub mod hostgw;
 pub mod ipam;
 pub mod nft;
+pub mod pod_network;
 pub mod xtables;
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd};

@@ -46,7 +46,7 @@ pub fn normalize_ref(r: &str) -> String {
 }
 
 /// What a container needs from its image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ImageInfo {
     /// The normalized reference.
     pub name: String,

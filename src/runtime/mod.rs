@@ -1,10 +1,14 @@
 //! Owns every call to containerd: images (import, lookup), containers, tasks, exec and events.
 //! Never touches the network or the API server; callers hand it fully resolved configs.
 
+mod api;
 pub mod container;
 pub mod events;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod image;
 pub mod pack;
+pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
 
@@ -17,6 +21,8 @@ use containerd_client::services::v1::{
     tasks_client::TasksClient, version_client::VersionClient,
 };
 use tonic::transport::Channel;
+
+pub use api::Runtime;
 
 /// Errors of the runtime layer, named after the operation that failed.
 #[derive(Debug, thiserror::Error)]

@@ -272,7 +272,10 @@ async fn start_process(
         .exec_create(cid, exec_id, &process, &io)
         .await
         .map_err(|e| exec_failure("exec", &e))?;
-    let wait = tokio::spawn(ctx.rt.wait_process(cid, exec_id));
+    let wait = {
+        let (rt, c, e) = (ctx.rt.clone(), cid.to_string(), exec_id.to_string());
+        tokio::spawn(async move { rt.wait_process(&c, &e).await })
+    };
     if let Err(e) = ctx.rt.exec_start(cid, exec_id).await {
         wait.abort();
         let _ = ctx.rt.exec_delete(cid, exec_id).await;

@@ -17,7 +17,7 @@ impl PodWorker {
             &names(&spec.containers),
         );
         for id in &found.stale {
-            remove_container(&rt, id).await;
+            remove_container(rt.as_ref(), id).await;
         }
         for l in found.sandboxes {
             if self.state.sandbox().is_none()
@@ -26,7 +26,7 @@ impl PodWorker {
                 self.adopt_sandbox(&l, pid);
                 continue;
             }
-            remove_container(&rt, &l.id).await;
+            remove_container(rt.as_ref(), &l.id).await;
         }
         for (k, i, insts) in found.instances {
             let name = self.container(k, i).name.clone();
@@ -84,7 +84,7 @@ impl PodWorker {
                     }
                     self.resume_probes(k, i, &cur);
                 } else {
-                    self.rec(k, i).exited_mono = Some(std::time::Instant::now());
+                    self.rec(k, i).exited_mono = Some(Instant::now());
                 }
             }
         }
@@ -99,17 +99,8 @@ impl PodWorker {
             .labels
             .get(labels::POD_STARTED)
             .and_then(|t| t.parse().ok());
-        let ip = match &self.ctx.cfg.cni {
-            // The address from the cached ADD; CHECK that the network is intact.
-            Some(cni) => {
-                if let Err(e) = cni.check_pid(&l.id, pid, &self.pod_ref()) {
-                    tracing::warn!(error = %e, "CNI CHECK of an adopted pod");
-                }
-                cni.cached(&l.id)
-                    .and_then(|(_, r)| net::cni::first_ipv4(&r))
-            }
-            None => self.ctx.ipam.owned_by(&self.uid).ok().flatten(),
-        };
+        // The network's record of the address (CNI: the cached ADD, its wiring CHECKed).
+        let ip = self.ctx.network.adopt(&self.pod_ref(), &l.id, pid);
         self.state.created(Sandbox {
             id: l.id.clone(),
             pid,
@@ -286,7 +277,7 @@ mod tests {
             RestartPolicy::Always,
             &[done],
             &[running],
-            std::time::Instant::now(),
+            tokio::time::Instant::now(),
         );
         assert_eq!(step, Step::Containers(vec![], None));
     }

@@ -7,25 +7,23 @@ use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
 
-use crate::runtime::Containerd;
+use crate::runtime::Runtime;
 
 /// kubelet's minimumGracePeriodInSeconds: SIGTERM always gets this long after a preStop hook
 /// that used up the grace period.
 pub(super) const MIN_AFTER_HOOK: Duration = Duration::from_secs(2);
 
 /// What stopping a task needs of the container runtime.
-pub(crate) trait TaskSignals: Sync {
+#[async_trait::async_trait]
+pub(crate) trait TaskSignals: Send + Sync {
     /// Sends `signal` to the task's init process (a task already gone is not an error).
-    fn signal(&self, id: &str, signal: u32) -> impl Future<Output = ()> + Send;
+    async fn signal(&self, id: &str, signal: u32);
     /// Waits up to `timeout` for the task to exit; its exit status if it did.
-    fn exited_within(
-        &self,
-        id: &str,
-        timeout: Duration,
-    ) -> impl Future<Output = Option<u32>> + Send;
+    async fn exited_within(&self, id: &str, timeout: Duration) -> Option<u32>;
 }
 
-impl TaskSignals for Containerd {
+#[async_trait::async_trait]
+impl<R: Runtime + ?Sized> TaskSignals for R {
     async fn signal(&self, id: &str, signal: u32) {
         if let Err(e) = self.kill(id, signal).await {
             tracing::warn!(container = id, signal, error = %e, "signalling container");
@@ -39,7 +37,7 @@ impl TaskSignals for Containerd {
 
 /// Stops task `id` within `grace`, running `pre_stop` first; the exit status seen, if any
 /// (none when even SIGKILL was not confirmed within 10 s).
-pub(crate) async fn graceful_stop<T: TaskSignals>(
+pub(crate) async fn graceful_stop<T: TaskSignals + ?Sized>(
     rt: &T,
     id: &str,
     grace: Duration,
@@ -107,6 +105,7 @@ mod tests {
         }
     }
 
+    #[async_trait::async_trait]
     impl TaskSignals for FakeTask {
         async fn signal(&self, _id: &str, signal: u32) {
             self.signals

@@ -10,7 +10,9 @@
 //! once the pod is Succeeded or Failed nothing starts again and the sandbox goes when nothing
 //! runs in it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{Kind, Sandbox};
 use crate::agent::state::ContainerRecord;

@@ -37,6 +37,7 @@ use crate::{
         container::{CreateOpts, Listed, Stdio, TaskState},
         image::ImageInfo,
         random_hex,
+        sandbox::{self, SandboxError},
         spec::{self, Ns, ProcessConfig, RuntimeConfig},
     },
 };
@@ -49,6 +50,8 @@ mod lifecycle;
 mod start;
 mod status;
 mod stop;
+#[cfg(test)]
+mod tests;
 
 /// Container labels that let a restarted agent adopt what runs.
 pub mod labels {
@@ -400,7 +403,7 @@ impl PodWorker {
             message,
             finished_at: at,
         };
-        rec.exited_mono = Some(std::time::Instant::now());
+        rec.exited_mono = Some(Instant::now());
         rec.started = false;
         rec.ready = false;
         if let Some(r) = self.tasks.remove(cid) {
@@ -495,11 +498,11 @@ impl PodWorker {
         use lifecycle::{ContainerStep, Step};
         let policy = self.restart_policy();
         loop {
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             match lifecycle::plan(&self.state, policy, &self.init, &self.app, now) {
                 Step::Wait(at) => {
                     if let Some(at) = at {
-                        self.set_wake(Instant::from_std(at));
+                        self.set_wake(at);
                     }
                     return;
                 }
@@ -522,14 +525,14 @@ impl PodWorker {
                         match step {
                             ContainerStep::Start(k, i) => self.start(k, i).await,
                             ContainerStep::Restart(k, i) => {
-                                self.rec(k, i).backoff.next(std::time::Instant::now());
+                                self.rec(k, i).backoff.next(Instant::now());
                                 self.start(k, i).await;
                             }
                             ContainerStep::BackOff(k, i, until) => self.back_off(k, i, until),
                         }
                     }
                     if let Some(at) = at {
-                        self.set_wake(Instant::from_std(at));
+                        self.set_wake(at);
                     }
                     return;
                 }
@@ -538,7 +541,7 @@ impl PodWorker {
     }
 
     /// Holds an exited container in CrashLoopBackOff until `until` (announced once).
-    fn back_off(&mut self, kind: Kind, i: usize, until: std::time::Instant) {
+    fn back_off(&mut self, kind: Kind, i: usize, until: Instant) {
         let name = self.container(kind, i).name.clone();
         let (pod, ns, uid) = (self.name.clone(), self.namespace.clone(), self.uid.clone());
         let rec = self.rec(kind, i);
@@ -557,11 +560,11 @@ impl PodWorker {
             tracing::info!(container = %name, event = "BackOff", "{text}");
             self.event(true, "BackOff", text);
         }
-        self.set_wake(Instant::from_std(until));
+        self.set_wake(until);
     }
 }
 
-pub(crate) async fn remove_container(rt: &crate::runtime::Containerd, id: &str) {
+pub(crate) async fn remove_container(rt: &dyn crate::runtime::Runtime, id: &str) {
     if let Err(e) = rt.delete(id).await {
         tracing::warn!(container = id, error = %e, "removing container");
     }

@@ -30,7 +30,7 @@ impl PodWorker {
         if let Some(sb) = self.state.take_sandbox() {
             self.unregister(&sb.id);
             self.net_teardown(&sb.id, Some(sb.pid)).await;
-            remove_container(&self.ctx.rt, &sb.id).await;
+            remove_container(self.ctx.rt.as_ref(), &sb.id).await;
         }
     }
 
@@ -128,22 +128,12 @@ impl PodWorker {
         }
     }
 
-    /// CNI ADD for the sandbox `id` whose pause process is `pid`: the pod's address.
-    /// Removes the sandbox's network: CNI DEL, or the built-in veth.
+    /// Removes the sandbox's network (`pid`: its pause, if it still runs).
     pub(super) async fn net_teardown(&self, sandbox_id: &str, pid: Option<u32>) {
-        match &self.ctx.cfg.cni {
-            Some(cni) => {
-                let r = cni
-                    .detach(self.ctx.cfg.pod_cidr, sandbox_id, pid, self.pod_ref())
-                    .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "CNI DEL");
-                }
-            }
-            None => {
-                let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
-            }
-        }
+        self.ctx
+            .network
+            .detach(&self.pod_ref(), Some(sandbox_id), pid)
+            .await;
     }
 
     async fn request_token(
@@ -194,16 +184,16 @@ impl PodWorker {
     /// Makes the pod's sandbox: its address (built-in network), its files (/etc/hosts,
     /// hostname, resolv.conf), the pause container, and the network wired to it.
     pub(super) async fn create_sandbox(&mut self) -> Result<Sandbox, SandboxError> {
-        let pod_spec = spec_of(&self.pod);
-        let host_network = pod_spec.host_network.unwrap_or(false);
-        // With CNI the plugins' IPAM hands out the address (after the sandbox exists).
-        let cni = self.ctx.cfg.cni.is_some();
-        let ip = match host_network || cni {
+        let host_network = spec_of(&self.pod).host_network.unwrap_or(false);
+        let pod = self.pod_ref();
+        // The built-in network reserves the address now (the pod's files name it); with CNI
+        // the plugins' IPAM hands it out once the sandbox exists.
+        let reserved = match host_network {
             true => None,
-            false => Some(self.ctx.ipam.allocate(&self.uid)?),
+            false => self.ctx.network.reserve(&pod)?,
         };
         let dir = self.pod_dir();
-        self.write_sandbox_files(&dir, ip.unwrap_or(self.ctx.cfg.node_ip))?;
+        self.write_sandbox_files(&dir, reserved.unwrap_or(self.ctx.cfg.node_ip))?;
         let id = random_hex(16);
         let mut spec = spec::build(&self.sandbox_config(&id))?;
         spec::set_shim_group(&mut spec, &self.shim_group(&id));
@@ -214,35 +204,33 @@ impl PodWorker {
             0,
             [(labels::POD_STARTED, start.to_string())],
         );
-        let pause = self.ctx.pause.clone();
-        self.ctx
-            .rt
-            .create(CreateOpts {
+        // Routed before it starts, so that even an immediate exit reaches this worker.
+        self.register(&id);
+        let made = sandbox::create(
+            self.ctx.rt.as_ref(),
+            self.ctx.network.as_ref(),
+            sandbox::SandboxSpec {
                 id: &id,
-                image: &pause,
+                pod: &pod,
+                pause: &self.ctx.pause,
                 spec: &spec,
                 labels,
-                stdio: Default::default(),
-            })
-            .await
-            .map_err(SandboxError::Runtime)?;
-        self.register(&id);
-        let wired = match self.ctx.rt.start(&id).await {
-            Ok(pid) if host_network => Ok((pid, None)),
-            Ok(pid) => self
-                .wire_network(&id, pid, ip, &dir)
-                .await
-                .map(|ip| (pid, ip)),
-            Err(e) => Err(SandboxError::Runtime(e)),
-        };
-        let (pid, ip) = match wired {
-            Ok(w) => w,
+                host_network,
+                reserved,
+            },
+        )
+        .await;
+        let (pid, ip) = match made {
+            Ok(m) => m,
             Err(e) => {
                 self.unregister(&id);
-                remove_container(&self.ctx.rt, &id).await;
                 return Err(e);
             }
         };
+        // CNI: /etc/hosts names the address the plugins gave.
+        if let Some(a) = ip.filter(|a| Some(*a) != reserved) {
+            let _ = std::fs::write(dir.join("etc-hosts"), hosts_file(a, &self.name));
+        }
         self.start_time = Some(start);
         Ok(Sandbox { id, pid, ip })
     }
@@ -295,40 +283,6 @@ impl PodWorker {
         }
     }
 
-    /// Wires the pod network to the sandbox `id` whose pause is `pid`: CNI ADD (then
-    /// /etc/hosts names the address it gave), or the built-in veth with `ip`. The address.
-    async fn wire_network(
-        &self,
-        id: &str,
-        pid: u32,
-        ip: Option<Ipv4Addr>,
-        dir: &std::path::Path,
-    ) -> Result<Option<Ipv4Addr>, SandboxError> {
-        if let Some(cni) = &self.ctx.cfg.cni {
-            let got = cni
-                .attach(self.ctx.cfg.pod_cidr, id, pid, self.pod_ref())
-                .await
-                .map_err(|e| SandboxError::Cni(e.to_string()))?;
-            if let Some(a) = got {
-                let _ = std::fs::write(dir.join("etc-hosts"), hosts_file(a, &self.name));
-            }
-            return Ok(got);
-        }
-        let Some(ip) = ip else { return Ok(None) };
-        let pn = net::PodNet {
-            host_veth: net::host_veth_name(&self.uid),
-            ip,
-            prefix: self.ctx.ipam.cidr().prefix_len(),
-            gateway: self.ctx.ipam.gateway(),
-            bridge: self.ctx.cfg.bridge.clone(),
-        };
-        if let Err(e) = net::setup_pod(pid, &pn).await {
-            let _ = net::teardown_pod(&pn.host_veth).await;
-            return Err(SandboxError::Network(e));
-        }
-        Ok(Some(ip))
-    }
-
     pub(super) fn labels<const N: usize>(
         &self,
         kind: &str,
@@ -365,7 +319,7 @@ impl PodWorker {
         tracing::warn!(container = %self.container(kind, i).name, reason, "{message}");
         let rec = self.rec(kind, i);
         rec.waiting = Some((reason.to_string(), message));
-        rec.retry_at = Some(std::time::Instant::now() + retry);
+        rec.retry_at = Some(Instant::now() + retry);
         self.set_wake(Instant::now() + retry);
     }
 
@@ -550,7 +504,7 @@ impl PodWorker {
         rec.oom = false;
         if let Some(d) = dropped {
             self.unregister(&d.id);
-            remove_container(&self.ctx.rt, &d.id).await;
+            remove_container(self.ctx.rt.as_ref(), &d.id).await;
             let name = self.container(kind, i).name.clone();
             let _ = std::fs::remove_file(self.termination_log(&name, &d.id));
         }
@@ -601,7 +555,7 @@ impl PodWorker {
                 finished_at: Timestamp::now(),
             };
         }
-        rec.exited_mono = Some(std::time::Instant::now());
+        rec.exited_mono = Some(Instant::now());
         if let Some(r) = self.tasks.remove(id) {
             let _ = r.exited.send(true);
             self.forget_io(id);
@@ -839,27 +793,6 @@ async fn kubernetes_service(client: &kube::Client) -> Option<(String, i32)> {
         .filter(|ip| !ip.is_empty() && ip != "None")?;
     let port = spec.ports?.first()?.port;
     Some((ip, port))
-}
-
-/// Why a pod's sandbox could not be made (shown as the containers' ContainerCreating
-/// message, and retried with back-off).
-#[derive(Debug, thiserror::Error)]
-pub(super) enum SandboxError {
-    #[error(transparent)]
-    Address(#[from] crate::net::ipam::IpamError),
-    #[error("{}: {source}", path.display())]
-    Files {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Spec(#[from] crate::runtime::spec::SpecError),
-    #[error(transparent)]
-    Runtime(crate::runtime::Error),
-    #[error("pod network (CNI): {0}")]
-    Cni(String),
-    #[error("pod network: {0}")]
-    Network(crate::net::NetError),
 }
 
 /// A service account token the pod's projected volumes could not get.

@@ -35,7 +35,7 @@ impl PodWorker {
             .and_then(|l| l.pre_stop.as_ref())
             .filter(|_| pre_stop);
         let run = hook.map(|h| self.pre_stop(kind, i, &cid, h, grace));
-        let exited = super::kill::graceful_stop(&self.ctx.rt, &cid, grace, run).await;
+        let exited = super::kill::graceful_stop(self.ctx.rt.as_ref(), &cid, grace, run).await;
         let (code, at) = match self.ctx.rt.task_state(&cid).await {
             Ok(TaskState::Stopped {
                 exit_code,
@@ -63,7 +63,7 @@ impl PodWorker {
         let rt = self.ctx.rt.clone();
         for r in self.init.iter().chain(self.app.iter()) {
             for inst in [&r.current, &r.previous].into_iter().flatten() {
-                remove_container(&rt, &inst.id).await;
+                remove_container(rt.as_ref(), &inst.id).await;
                 self.unregister(&inst.id);
             }
         }
@@ -118,7 +118,7 @@ impl PodWorker {
                 .as_ref()
                 .and_then(|l| l.pre_stop.as_ref());
             let run = hook.map(|h| this.pre_stop(*k, *i, id, h, grace));
-            super::kill::graceful_stop(&this.ctx.rt, id, grace, run).await
+            super::kill::graceful_stop(this.ctx.rt.as_ref(), id, grace, run).await
         });
         futures::future::join_all(stops).await;
     }
@@ -147,13 +147,11 @@ impl PodWorker {
         if let Some(sb) = self.state.take_sandbox() {
             // The network first, while the namespace still exists (CNI DEL wants it).
             self.net_teardown(&sb.id, Some(sb.pid)).await;
-            remove_container(&self.ctx.rt, &sb.id).await;
+            remove_container(self.ctx.rt.as_ref(), &sb.id).await;
             self.unregister(&sb.id);
-        } else if self.ctx.cfg.cni.is_none() {
-            let _ = net::teardown_pod(&net::host_veth_name(&self.uid)).await;
+        } else {
+            self.ctx.network.detach(&self.pod_ref(), None, None).await;
         }
-        if let Err(e) = self.ctx.ipam.release_owner(&self.uid) {
-            tracing::warn!(error = %e, "releasing pod IP");
-        }
+        self.ctx.network.release(&self.uid);
     }
 }
