@@ -27,6 +27,13 @@ fn sleeper(name: &str) -> String {
 }
 
 fn main() {
+    if std::env::var_os("POD_START_MEMORY_ONLY").is_some() {
+        let pods = std::env::var("POD_START_BURST")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        return memory(pods);
+    }
     let sequential: usize = std::env::var("POD_START_SEQUENTIAL")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -133,11 +140,26 @@ fn main() {
     }
     drop(lab);
 
-    let lean = lean_binary();
-    for (build, bin) in [
-        ("all-in-one", PathBuf::from(env!("CARGO_BIN_EXE_keelson"))),
-        ("lean", lean),
-    ] {
+    memory(burst);
+}
+
+/// The joined agent's memory, per build (`POD_START_BUILDS`, default both), over
+/// `POD_START_ROUNDS` rounds of `pods` pods (default 3).
+fn memory(pods: usize) {
+    let rounds: usize = std::env::var("POD_START_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let wanted = std::env::var("POD_START_BUILDS").unwrap_or_else(|_| "all-in-one,lean".into());
+    let builds: Vec<(&str, PathBuf)> = wanted
+        .split(',')
+        .map(|b| match b {
+            "lean" => ("lean", lean_binary()),
+            _ => ("all-in-one", PathBuf::from(env!("CARGO_BIN_EXE_keelson"))),
+        })
+        .collect();
+    let burst = pods;
+    for (build, bin) in builds {
         let AgentMemory {
             anon,
             file,
@@ -145,7 +167,7 @@ fn main() {
             threads,
             before,
             idle,
-        } = joined_agent_rss(&bin, burst);
+        } = joined_agent_rss(&bin, burst, rounds);
         let top: Vec<String> = maps
             .iter()
             .take(5)
@@ -162,10 +184,14 @@ fn main() {
             "pod-start agent-with-proxy build={build} threads={threads} largest_mappings_mib {}",
             top.join(" ")
         );
-        for (when, (a, f)) in [
-            ("joined, before any pod", before),
-            ("after the delete", idle),
-        ] {
+        let idle = idle
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("after round {} is deleted", i + 1), *m));
+        for (when, (a, f)) in [("joined, before any pod".to_string(), before)]
+            .into_iter()
+            .chain(idle)
+        {
             println!(
                 "pod-start agent-with-proxy build={build} pods=0 ({when}) rss_anon_mib={:.1} rss_file_mib={:.1}",
                 a as f64 / 1024.0,
@@ -175,7 +201,8 @@ fn main() {
     }
 }
 
-/// The lean node build: `KEELSON_LEAN_BIN`, or built now (release) into `target/lean`.
+/// The lean node build: `KEELSON_LEAN_BIN`, or built now (the `node` profile: release with
+/// LTO) into `target/lean`.
 fn lean_binary() -> PathBuf {
     if let Ok(p) = std::env::var("KEELSON_LEAN_BIN") {
         return p.into();
@@ -187,7 +214,8 @@ fn lean_binary() -> PathBuf {
         .current_dir(repo)
         .args([
             "build",
-            "--release",
+            "--profile",
+            "node",
             "--no-default-features",
             "--features",
             "agent",
@@ -197,14 +225,14 @@ fn lean_binary() -> PathBuf {
         .status()
         .expect("run cargo");
     assert!(status.success(), "building the lean agent failed");
-    target.join("release/keelson")
+    target.join("node/keelson")
 }
 
 /// Starts a server and the agent from `bin` (joined, proxy on) in a fresh lab, runs `pods`
 /// pods of a Deployment behind a Service, and reads the agent's RssAnon and RssFile in KiB
 /// and its resident memory by mapping, and its thread count; then (RssAnon, RssFile) once the
 /// pods are deleted again.
-fn joined_agent_rss(bin: &Path, pods: usize) -> AgentMemory {
+fn joined_agent_rss(bin: &Path, pods: usize, rounds: usize) -> AgentMemory {
     let mut lab = Lab::start("rss");
     let server = Server::builder()
         .netns(&lab.netns)
@@ -222,6 +250,52 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> AgentMemory {
     });
     std::thread::sleep(Duration::from_secs(3));
     let before = rss_parts_kib(lab.agent_pid().expect("agent pid"));
+    run_web(&server, pods);
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = lab.agent_pid().expect("agent pid");
+    let (anon, file) = rss_parts_kib(pid);
+    let maps = rss_by_mapping(pid);
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    delete_web(&server);
+    let mut idle = vec![rss_parts_kib(pid)];
+    // More rounds: growth per round is a leak, a plateau is the allocator keeping pages.
+    for _ in 1..rounds {
+        run_web(&server, pods);
+        delete_web(&server);
+        idle.push(rss_parts_kib(pid));
+    }
+    AgentMemory {
+        anon,
+        file,
+        maps,
+        threads,
+        before,
+        idle,
+    }
+}
+
+/// The agent's memory at `pods` pods (KiB): RssAnon, RssFile, resident KiB by mapping, its
+/// thread count, and (RssAnon, RssFile) joined before any pod and after each round's pods
+/// were deleted.
+struct AgentMemory {
+    anon: u64,
+    file: u64,
+    maps: Vec<(String, u64)>,
+    threads: u64,
+    before: (u64, u64),
+    idle: Vec<(u64, u64)>,
+}
+
+/// Runs `pods` pods of the web Deployment behind a Service and waits until they are Ready
+/// and the proxy's EndpointSlice lists them all.
+fn run_web(server: &Server, pods: usize) {
     server.apply(&web(pods, Some("ClusterIP")));
     server.until(300, &format!("{pods} Ready pods"), || {
         let ready = server.jsonpath(
@@ -247,17 +321,10 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> AgentMemory {
             == pods
     });
     std::thread::sleep(Duration::from_secs(3));
-    let pid = lab.agent_pid().expect("agent pid");
-    let (anon, file) = rss_parts_kib(pid);
-    let maps = rss_by_mapping(pid);
-    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0);
+}
+
+/// Deletes the web Deployment and waits until its pods are gone.
+fn delete_web(server: &Server) {
     server.ok(&["delete", "deployment", "web"]);
     server.until(120, "the pods to go", || {
         server
@@ -266,24 +333,4 @@ fn joined_agent_rss(bin: &Path, pods: usize) -> AgentMemory {
             .is_empty()
     });
     std::thread::sleep(Duration::from_secs(3));
-    let idle = rss_parts_kib(pid);
-    AgentMemory {
-        anon,
-        file,
-        maps,
-        threads,
-        before,
-        idle,
-    }
-}
-
-/// The agent's memory at `pods` pods (KiB): RssAnon, RssFile, resident KiB by mapping, its
-/// thread count, and (RssAnon, RssFile) joined before any pod and after the pods were deleted.
-struct AgentMemory {
-    anon: u64,
-    file: u64,
-    maps: Vec<(String, u64)>,
-    threads: u64,
-    before: (u64, u64),
-    idle: (u64, u64),
 }

@@ -513,6 +513,9 @@ fn raise_nofile() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     raise_nofile();
+    if matches!(cli.cmd, Cmd::Agent(_)) {
+        agent::memory::tune();
+    }
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))

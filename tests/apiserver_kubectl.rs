@@ -1,6 +1,8 @@
-//! The real kubectl (v1.32) against `keelson server`: HTTPS with the generated CA and admin
-//! token, version and discovery, the seeded namespaces, create/get/replace/delete/watch of a
-//! ConfigMap with kube-apiserver's errors, and data that survives a SIGKILL of the server.
+//! The real kubectl (v1.32) against `keelson server`, one server per test for a list of
+//! scenarios: HTTPS with the generated CA and admin token, version and discovery, the seeded
+//! namespaces, create/get/replace/patch/delete/watch of ConfigMaps with kube-apiserver's errors,
+//! validation and defaults, subresources and Service allocation; the node and service-account
+//! authorizers; bad requests; protobuf clients; and data that survives a SIGKILL of the server.
 mod common;
 
 use std::{
@@ -70,6 +72,28 @@ const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n
 #[test]
 fn kubectl_works_against_keelson_server() {
     let s = Server::start(&[]);
+    crate::scenarios!(&s;
+        kubectl_reads_the_server_version_and_the_seeded_namespaces_as_a_table,
+        a_request_without_a_token_is_unauthorized,
+        a_config_map_is_created_once_selected_by_label_and_listed_as_a_table,
+        a_replace_with_a_stale_resource_version_is_a_conflict,
+        an_invalid_name_is_rejected_with_the_field_named,
+        apply_label_patches_server_side_apply_and_server_dry_run_work,
+        kubectls_generators_send_protobuf_bodies,
+        strict_field_validation_rejects_unknown_fields_and_warn_stores_without_them,
+        pods_are_validated_and_defaulted_as_kube_apiserver_does,
+        a_finalizer_holds_an_object_until_it_is_removed,
+        a_pod_bound_to_a_node_stays_terminating_until_forced,
+        a_namespace_takes_its_contents_along,
+        scale_status_and_binding_subresources_write_only_their_part,
+        services_get_a_cluster_ip_and_node_ports_a_taken_one_refused_until_freed,
+        a_watch_sees_the_deletion,
+    );
+}
+
+/// kubectl reads the server's version, and the seeded namespaces as a Table with kubectl's
+/// columns.
+fn kubectl_reads_the_server_version_and_the_seeded_namespaces_as_a_table(s: &Server) {
     let v: serde_json::Value = serde_json::from_str(&s.ok(&["version", "-o", "json"])).unwrap();
     assert_eq!(v["serverVersion"]["minor"], keelson::api::KUBE_MINOR);
     let ns = s.ok(&["get", "namespaces"]);
@@ -83,8 +107,10 @@ fn kubectl_works_against_keelson_server() {
         ns.starts_with("NAME"),
         "a Table with kubectl's columns: {ns}"
     );
+}
 
-    // No token, no access.
+/// No token, no access.
+fn a_request_without_a_token_is_unauthorized(s: &Server) {
     let anon = Command::new("curl")
         .args(["-sk", &format!("{}/api/v1/namespaces", s.url())])
         .output()
@@ -94,7 +120,11 @@ fn kubectl_works_against_keelson_server() {
         (anon["code"].as_i64(), anon["reason"].as_str()),
         (Some(401), Some("Unauthorized"))
     );
+}
 
+/// A ConfigMap is created once (again: AlreadyExists; in a missing namespace: NotFound), is
+/// selected by labels, and is listed as a Table with kubectl's columns.
+fn a_config_map_is_created_once_selected_by_label_and_listed_as_a_table(s: &Server) {
     let f = s.write("cm.yaml", CM);
     assert_eq!(
         s.ok(&["create", "-f", &f]).trim(),
@@ -127,8 +157,11 @@ fn kubectl_works_against_keelson_server() {
         s.fails(&["get", "cm", "nope"])
             .contains("configmaps \"nope\" not found")
     );
+}
 
-    // Optimistic concurrency: a replace with a stale resourceVersion is a Conflict.
+/// Optimistic concurrency: a replace with a stale resourceVersion is a Conflict. Builds on the
+/// ConfigMap `settings`.
+fn a_replace_with_a_stale_resource_version_is_a_conflict(s: &Server) {
     let current = s.ok(&["get", "cm", "settings", "-o", "json"]);
     let stale = s.write("stale.json", &current.replace("\"blue\"", "\"green\""));
     s.ok(&["replace", "-f", &stale]);
@@ -140,17 +173,23 @@ fn kubectl_works_against_keelson_server() {
         ),
         "{err}"
     );
+}
 
-    // Invalid names are 422 with the field named.
+/// Invalid names are 422 with the field named.
+fn an_invalid_name_is_rejected_with_the_field_named(s: &Server) {
     let bad = s.write("bad.yaml", &CM.replace("name: settings", "name: Bad_Name"));
     let err = s.fails(&["create", "-f", &bad]);
     assert!(
         err.contains("metadata.name: Invalid value: \"Bad_Name\""),
         "{err}"
     );
+}
 
-    // Patches: apply twice (strategic merge), label (merge patch), JSON patch, server-side
-    // apply (create, then update), server dry-run.
+/// Patches: apply twice (strategic merge), label (merge patch), JSON patch, server-side
+/// apply (create, then update), server dry-run. Builds on the ConfigMap `settings`, which it
+/// deletes and applies again.
+fn apply_label_patches_server_side_apply_and_server_dry_run_work(s: &Server) {
+    let f = s.write("cm.yaml", CM);
     s.ok(&["delete", "cm", "settings"]);
     assert_eq!(
         s.ok(&["apply", "-f", &f]).trim(),
@@ -211,7 +250,10 @@ fn kubectl_works_against_keelson_server() {
         s.fails(&["get", "cm", "dry"]).contains("not found"),
         "a dry run stores nothing"
     );
-    // kubectl's generators send protobuf bodies.
+}
+
+/// kubectl's generators send protobuf bodies.
+fn kubectls_generators_send_protobuf_bodies(s: &Server) {
     s.ok(&["create", "configmap", "proto", "--from-literal=a=b"]);
     assert_eq!(s.field("cm", "proto", "{.data.a}"), "b");
     s.ok(&["create", "secret", "generic", "psec", "--from-literal=x=yz"]);
@@ -252,9 +294,11 @@ fn kubectl_works_against_keelson_server() {
         "{.spec.template.spec.containers[0].command} {.spec.template.spec.containers[0].ports[0].containerPort} {.spec.template.spec.restartPolicy} {.spec.template.metadata.creationTimestamp}",
     );
     assert_eq!(got, "[\"sleep\",\"3600\"] 80 Always ");
+}
 
-    // Strict field validation (kubectl's default) rejects unknown fields, naming them; with
-    // --validate=warn the object is stored without them and kubectl prints a warning.
+/// Strict field validation (kubectl's default) rejects unknown fields, naming them; with
+/// --validate=warn the object is stored without them and kubectl prints a warning.
+fn strict_field_validation_rejects_unknown_fields_and_warn_stores_without_them(s: &Server) {
     let typo = s.write(
         "typo.yaml",
         &CM.replace("name: settings", "name: typo")
@@ -270,7 +314,10 @@ fn kubectl_works_against_keelson_server() {
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("Warning: unknown field \"metadata.lables\"")
     );
-    // Pods are validated and defaulted as kube-apiserver does.
+}
+
+/// Pods are validated and defaulted as kube-apiserver does.
+fn pods_are_validated_and_defaulted_as_kube_apiserver_does(s: &Server) {
     let bad_pod = s.write(
         "badpod.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p1}\nspec:\n  containers:\n  - {name: c, image: busybox}\n  - {name: c}\n",
@@ -315,10 +362,10 @@ fn kubectl_works_against_keelson_server() {
             .eq(["NAME", "READY", "STATUS", "RESTARTS", "AGE"]),
         "{pods}"
     );
+}
 
-    // Deletion: finalizers hold an object until they are removed; a pod bound to a node
-    // stays Terminating for the node to finish; --force deletes at once; a namespace takes its
-    // contents along; field selectors filter.
+/// Deletion: finalizers hold an object until they are removed.
+fn a_finalizer_holds_an_object_until_it_is_removed(s: &Server) {
     let fin = s.write("fin.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fin\n  finalizers: [example.com/hold]\n");
     s.ok(&["create", "-f", &fin]);
     s.ok(&["delete", "cm", "fin", "--wait=false"]);
@@ -336,6 +383,11 @@ fn kubectl_works_against_keelson_server() {
         r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
     ]);
     assert!(s.fails(&["get", "cm", "fin"]).contains("not found"));
+}
+
+/// A pod bound to a node is found by a field selector on its node; deleted, it stays
+/// Terminating for the node to finish; --force deletes it at once.
+fn a_pod_bound_to_a_node_stays_terminating_until_forced(s: &Server) {
     let bound = s.write("bound.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: bound}\nspec:\n  nodeName: n1\n  containers: [{name: c, image: busybox:1}]\n");
     s.ok(&["create", "-f", &bound]);
     assert!(
@@ -354,6 +406,11 @@ fn kubectl_works_against_keelson_server() {
     );
     s.ok(&["delete", "pod", "bound", "--grace-period=0", "--force"]);
     assert!(s.fails(&["get", "pod", "bound"]).contains("not found"));
+}
+
+/// Deleting a namespace takes its contents along.
+fn a_namespace_takes_its_contents_along(s: &Server) {
+    let f = s.write("cm.yaml", CM);
     let ns = s.write(
         "ns.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: scratch}\n",
@@ -366,8 +423,10 @@ fn kubectl_works_against_keelson_server() {
             .lines()
             .all(|l| !l.starts_with("scratch"))
     );
+}
 
-    // Subresources: scale, status (the main resource keeps its status), binding (once).
+/// Subresources: scale, status (the main resource keeps its status), binding (once).
+fn scale_status_and_binding_subresources_write_only_their_part(s: &Server) {
     let dep = s.write("dep.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: nginx:1.27}]\n");
     s.ok(&["apply", "-f", &dep]);
     assert_eq!(
@@ -420,9 +479,11 @@ fn kubectl_works_against_keelson_server() {
         s.field("pod", "unbound", "{.status.phase} {.status.podIP}"),
         "Running 10.0.0.9"
     );
+}
 
-    // Services get a ClusterIP from the service range and node ports from the node-port range;
-    // a taken port is refused and freed again when its Service goes. `kubernetes` is there.
+/// Services get a ClusterIP from the service range and node ports from the node-port range;
+/// a taken port is refused and freed again when its Service goes. `kubernetes` is there.
+fn services_get_a_cluster_ip_and_node_ports_a_taken_one_refused_until_freed(s: &Server) {
     let k = s.ok(&["get", "svc", "kubernetes"]);
     assert!(k.contains("10.96.0.1") && k.contains("443/TCP"), "{k}");
     let svc = s.write("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 80, nodePort: 31000}]\n");
@@ -449,8 +510,10 @@ fn kubectl_works_against_keelson_server() {
     );
     s.ok(&["delete", "svc", "web"]);
     s.ok(&["apply", "-f", &clash]);
+}
 
-    // A watch sees the deletion.
+/// A watch sees the deletion. Builds on the ConfigMap `settings`.
+fn a_watch_sees_the_deletion(s: &Server) {
     let mut w = Command::new("kubectl")
         .args([
             "get",
@@ -488,13 +551,44 @@ fn objects_survive_a_sigkill_of_the_server() {
     assert_eq!(s.field("cm", "settings", "{.data.color}"), "blue");
 }
 
+/// A server, and the kubeconfig of node n1 (a client certificate for `system:node:n1`).
+struct N1 {
+    s: Server,
+    kc: PathBuf,
+}
+
+impl N1 {
+    /// kubectl as node n1.
+    fn as_n1(&self, args: &[&str]) -> Output {
+        self.s.kubectl_as(&self.kc, args)
+    }
+}
+
+/// A command's stderr.
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
 #[test]
 fn node_identities_write_only_their_own_objects() {
     let s = Server::start(&[]);
     let kc = node_kubeconfig(&s, "n1");
-    let as_n1 = |args: &[&str]| s.kubectl_as(&kc, args);
+    let n = N1 { s, kc };
+    crate::scenarios!(&n;
+        a_node_reads_nodes_and_writes_only_its_own_node_object,
+        a_node_reads_all_pods_but_writes_status_and_deletes_only_for_its_own,
+        a_node_writes_only_its_own_lease_and_no_other_kinds,
+        a_node_reads_a_secret_only_while_a_pod_bound_to_it_references_it,
+        the_join_token_bootstraps_and_does_nothing_else,
+        a_token_that_is_no_credential_is_unauthorized,
+    );
+}
+
+/// Node n1 reads nodes; it creates and labels its own Node object and no other.
+fn a_node_reads_nodes_and_writes_only_its_own_node_object(n: &N1) {
+    let s = &n.s;
+    let as_n1 = |args: &[&str]| n.as_n1(args);
     assert!(as_n1(&["get", "nodes"]).status.success());
-    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
     let node = |name: &str| {
         s.write(
             &format!("{name}.yaml"),
@@ -513,8 +607,12 @@ fn node_identities_write_only_their_own_objects() {
     assert!(as_n1(&["label", "node", "n1", "a=b"]).status.success());
     s.ok(&["create", "-f", &node("n2")]);
     assert!(!as_n1(&["label", "node", "n2", "a=b"]).status.success());
+}
 
-    // Pods: reads are open, status writes and deletes only for pods bound to n1.
+/// Pods: reads are open, status writes and deletes only for pods bound to n1.
+fn a_node_reads_all_pods_but_writes_status_and_deletes_only_for_its_own(n: &N1) {
+    let s = &n.s;
+    let as_n1 = |args: &[&str]| n.as_n1(args);
     let pod = |name: &str, node: &str| {
         s.write(
             &format!("{name}.yaml"),
@@ -559,8 +657,12 @@ fn node_identities_write_only_their_own_objects() {
             .status
             .success()
     );
+}
 
-    // Leases: only its own, in kube-node-lease. Other kinds: no writes.
+/// Leases: only its own, in kube-node-lease. Other kinds: no writes.
+fn a_node_writes_only_its_own_lease_and_no_other_kinds(n: &N1) {
+    let s = &n.s;
+    let as_n1 = |args: &[&str]| n.as_n1(args);
     let lease = |name: &str| {
         s.write(
             &format!("lease-{name}.yaml"),
@@ -575,8 +677,13 @@ fn node_identities_write_only_their_own_objects() {
         "{}",
         stderr(&o)
     );
-    // Node authorizer: no listing of ConfigMaps or Secrets, and one by name only while a pod
-    // bound to the node references it; no pod logs or exec on another node's pods.
+}
+
+/// Node authorizer: no listing of ConfigMaps or Secrets, and one by name only while a pod
+/// bound to the node references it; no pod logs or exec on another node's pods.
+fn a_node_reads_a_secret_only_while_a_pod_bound_to_it_references_it(n: &N1) {
+    let s = &n.s;
+    let as_n1 = |args: &[&str]| n.as_n1(args);
     let o = as_n1(&["get", "configmaps", "-A"]);
     assert!(
         stderr(&o).contains("may only get individual configmaps"),
@@ -616,7 +723,11 @@ fn node_identities_write_only_their_own_objects() {
     assert!(!as_n1(&["get", "deployments"]).status.success());
     let o = as_n1(&["logs", "uses2"]);
     assert!(stderr(&o).contains("forbidden"), "{}", stderr(&o));
-    // The join token bootstraps and does nothing else.
+}
+
+/// The join token bootstraps and does nothing else. Builds on the pod `uses2` (bound to n2).
+fn the_join_token_bootstraps_and_does_nothing_else(n: &N1) {
+    let s = &n.s;
     let token = format!("--token={}", s.node_token());
     let o = s.kubectl(&[&token, "get", "pods"]);
     assert!(
@@ -626,8 +737,11 @@ fn node_identities_write_only_their_own_objects() {
     );
     let o = s.kubectl(&[&token, "delete", "pod", "uses2", "--wait=false"]);
     assert!(!o.status.success());
-    // A certificate for a name the bootstrapper chose still needs `system:nodes`: a request
-    // for another organization is left unapproved.
+}
+
+/// A token that is no credential is Unauthorized.
+fn a_token_that_is_no_credential_is_unauthorized(n: &N1) {
+    let s = &n.s;
     let o = s.kubectl(&["--token=not-a-credential", "get", "pods"]);
     assert!(stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
 }
@@ -648,6 +762,30 @@ fn sa_token(s: &Server, name: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["status"]["token"].as_str().unwrap().to_string()
 }
+
+/// A service account `granter` that may write Roles and RoleBindings and read ConfigMaps in
+/// `default`, with a token.
+struct Granter {
+    s: Server,
+    /// `--token=…` for kubectl.
+    t: String,
+}
+
+impl Granter {
+    /// kubectl as the service account.
+    fn as_sa(&self, args: &[&str]) -> Output {
+        let mut a = vec![self.t.as_str()];
+        a.extend_from_slice(args);
+        self.s.kubectl(&a)
+    }
+}
+
+/// A Role reading Secrets (which the service account cannot).
+const READ_SECRETS: &str = r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: read-secrets, namespace: default}
+rules: [{apiGroups: [""], resources: [secrets], verbs: [get, list]}]
+"#;
 
 #[test]
 fn a_service_account_cannot_grant_itself_more_than_it_holds() {
@@ -681,13 +819,20 @@ subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
         ),
     ]);
     let t = format!("--token={}", sa_token(&s, "granter"));
-    let as_sa = |args: &[&str]| {
-        let mut a = vec![t.as_str()];
-        a.extend_from_slice(args);
-        s.kubectl(&a)
-    };
-    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
-    // Binding cluster-admin (seeded, as kube-apiserver's bootstrap roles) is refused.
+    let g = Granter { s, t };
+    crate::scenarios!(&g;
+        binding_cluster_admin_is_refused,
+        a_role_beyond_what_it_holds_is_refused_and_one_within_is_allowed,
+        widening_a_held_role_by_a_patch_is_the_same_escalation,
+        binding_a_role_it_does_not_hold_needs_bind_on_that_role,
+        server_side_apply_creating_an_object_needs_create,
+    );
+}
+
+/// Binding cluster-admin (seeded, as kube-apiserver's bootstrap roles) is refused.
+fn binding_cluster_admin_is_refused(g: &Granter) {
+    let s = &g.s;
+    let as_sa = |args: &[&str]| g.as_sa(args);
     assert!(
         s.ok(&["get", "clusterrole", "cluster-admin", "-o", "name"])
             .contains("cluster-admin")
@@ -707,7 +852,12 @@ subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
         "{}",
         stderr(&o)
     );
-    // A Role with `*` is refused; one within what it holds is allowed.
+}
+
+/// A Role with `*` is refused; one within what it holds is allowed.
+fn a_role_beyond_what_it_holds_is_refused_and_one_within_is_allowed(g: &Granter) {
+    let s = &g.s;
+    let as_sa = |args: &[&str]| g.as_sa(args);
     let star = s.write(
         "star.yaml",
         r#"apiVersion: rbac.authorization.k8s.io/v1
@@ -722,14 +872,7 @@ rules: [{apiGroups: ["*"], resources: ["*"], verbs: ["*"]}]
         "{}",
         stderr(&o)
     );
-    let secrets = s.write(
-        "secrets.yaml",
-        r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {name: read-secrets, namespace: default}
-rules: [{apiGroups: [""], resources: [secrets], verbs: [get, list]}]
-"#,
-    );
+    let secrets = s.write("secrets.yaml", READ_SECRETS);
     assert!(!as_sa(&["create", "-f", &secrets]).status.success());
     let held = s.write(
         "held.yaml",
@@ -740,7 +883,11 @@ rules: [{apiGroups: [""], resources: [configmaps], verbs: [get]}]
 "#,
     );
     assert!(as_sa(&["create", "-f", &held]).status.success());
-    // Widening it by a patch is the same escalation.
+}
+
+/// Widening it by a patch is the same escalation. Builds on the Role `read-cms` made before.
+fn widening_a_held_role_by_a_patch_is_the_same_escalation(g: &Granter) {
+    let as_sa = |args: &[&str]| g.as_sa(args);
     let o = as_sa(&[
         "patch",
         "role",
@@ -750,8 +897,14 @@ rules: [{apiGroups: [""], resources: [configmaps], verbs: [get]}]
         r#"[{"op": "add", "path": "/rules/-", "value": {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}}]"#,
     ]);
     assert!(stderr(&o).contains("not currently held"), "{}", stderr(&o));
-    // Binding the admin-made secrets Role (rules it does not hold) is refused; with `bind` on
-    // it, allowed (Kubernetes' escape hatch).
+}
+
+/// Binding the admin-made secrets Role (rules it does not hold) is refused; with `bind` on
+/// it, allowed (Kubernetes' escape hatch).
+fn binding_a_role_it_does_not_hold_needs_bind_on_that_role(g: &Granter) {
+    let s = &g.s;
+    let as_sa = |args: &[&str]| g.as_sa(args);
+    let secrets = s.write("secrets.yaml", READ_SECRETS);
     s.ok(&["create", "-f", &secrets]);
     let bind_secrets = s.write(
         "bind-secrets.yaml",
@@ -780,7 +933,12 @@ subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
 "#)]);
     assert!(as_sa(&["create", "-f", &bind_secrets]).status.success());
     assert!(as_sa(&["get", "secrets"]).status.success());
-    // Server-side apply creating an object needs `create` and the URL's name.
+}
+
+/// Server-side apply creating an object needs `create` and the URL's name.
+fn server_side_apply_creating_an_object_needs_create(g: &Granter) {
+    let s = &g.s;
+    let as_sa = |args: &[&str]| g.as_sa(args);
     let o = as_sa(&["apply", "--server-side", "-f", &s.write("cm.yaml", CM)]);
     assert!(
         !o.status.success(),
@@ -1019,38 +1177,57 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
     assert_eq!(s.field("node", "n1", "{.spec.unschedulable}"), "true");
 }
 
+/// Sends `body` as `ctype` with `method` to `path` as the admin; the status code and the
+/// answer as JSON (Null when it is not).
+fn send(
+    s: &Server,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    let token = s.admin_token();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let f = s.dir().join("body");
+    std::fs::write(&f, body).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "-X",
+            method,
+            "-H",
+            &auth,
+            "-H",
+            &format!("Content-Type: {ctype}"),
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .args(["-w", "\n%{http_code}", &format!("{}{path}", s.url())])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let s = Server::start(&[]);
-    let token = s.admin_token();
-    let auth = format!("Authorization: Bearer {}", token.trim());
-    let send = |method: &str, path: &str, ctype: &str, body: &[u8]| -> (u16, serde_json::Value) {
-        let f = s.dir().join("body");
-        std::fs::write(&f, body).unwrap();
-        let out = Command::new("curl")
-            .args([
-                "-sk",
-                "-X",
-                method,
-                "-H",
-                &auth,
-                "-H",
-                &format!("Content-Type: {ctype}"),
-            ])
-            .arg("--data-binary")
-            .arg(format!("@{}", f.display()))
-            .args(["-w", "\n%{http_code}", &format!("{}{path}", s.url())])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        (
-            code.parse().unwrap(),
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
-    };
+    crate::scenarios!(&s;
+        malformed_and_oversized_bodies_get_kube_apiservers_errors,
+        the_server_keeps_serving_and_describe_and_wide_output_work,
+    );
+}
+
+/// Bodies that do not decode, name another kind, an invalid name, unclosed YAML, 4 MiB of
+/// spaces and broken protobuf get kube-apiserver's status codes and messages.
+fn malformed_and_oversized_bodies_get_kube_apiservers_errors(s: &Server) {
     let cms = "/api/v1/namespaces/default/configmaps";
     let (code, st) = send(
+        s,
         "POST",
         cms,
         "application/json",
@@ -1065,6 +1242,7 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         "{st}"
     );
     let (code, st) = send(
+        s,
         "POST",
         cms,
         "application/json",
@@ -1079,6 +1257,7 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         "{st}"
     );
     let (code, st) = send(
+        s,
         "POST",
         cms,
         "application/json",
@@ -1090,6 +1269,7 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         "{st}"
     );
     let (code, st) = send(
+        s,
         "PATCH",
         &format!("{cms}/x?fieldManager=t"),
         "application/apply-patch+yaml",
@@ -1098,9 +1278,10 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     assert_eq!(code, 400);
     assert!(st["message"].as_str().unwrap().contains("YAML"), "{st}");
     let huge = vec![b' '; 4 << 20];
-    let (code, _) = send("POST", cms, "application/json", &huge);
+    let (code, _) = send(s, "POST", cms, "application/json", &huge);
     assert_eq!(code, 413);
     let (code, st) = send(
+        s,
         "POST",
         cms,
         "application/vnd.kubernetes.protobuf",
@@ -1108,7 +1289,10 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     );
     assert_eq!(code, 400);
     assert!(st["message"].as_str().unwrap().contains("protobuf"), "{st}");
-    // Still serving; describe and wide output work.
+}
+
+/// Still serving (after the bad requests before); describe and wide output work.
+fn the_server_keeps_serving_and_describe_and_wide_output_work(s: &Server) {
     let pod = s.write(
         "pod.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  nodeName: n1\n  containers: [{name: c, image: busybox:1.36}]\n",
@@ -1126,19 +1310,61 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     );
 }
 
+const PB: &str = "application/vnd.kubernetes.protobuf";
+const PB_OR_JSON: &str = "application/vnd.kubernetes.protobuf, application/json";
+
+/// GET `path` as the admin with `Accept: ACCEPT`: the status code, the content type and the
+/// body.
+fn get(s: &Server, path: &str, accept: &str) -> (u16, String, Vec<u8>) {
+    let admin = s.admin_token();
+    let hdr = s.dir().join("headers");
+    let out = Command::new("curl")
+        .args(["-sk", "--max-time", "10", "-D"])
+        .arg(&hdr)
+        .args(["-H", &format!("Authorization: Bearer {}", admin.trim())])
+        .args(["-H", &format!("Accept: {accept}")])
+        .arg(format!("{}{path}", s.url()))
+        .output()
+        .unwrap();
+    let headers = std::fs::read_to_string(&hdr).unwrap();
+    let code = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let ctype = headers
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (code, ctype, out.stdout)
+}
+
+/// The `Unknown` envelope of a protobuf answer (after the `k8s\0` magic).
+fn unknown(b: &[u8]) -> k8s_pb::apimachinery::pkg::runtime::Unknown {
+    use k8s_pb::apimachinery::pkg::runtime::Unknown;
+    use prost::Message;
+    Unknown::decode(b.strip_prefix(b"k8s\0").expect("the k8s magic")).unwrap()
+}
+
 /// client-go's typed clients send protobuf and ask for it first in `Accept`: kubectl's generators
 /// for every kind they make get (and decode) protobuf answers, a list, a Status and a watch decode
 /// with an independent protobuf implementation (k8s-pb's prost types), and an answer with no
 /// protobuf form is JSON when JSON is acceptable too, 406 when it is not.
 #[test]
 fn protobuf_clients_get_protobuf_answers() {
-    use k8s_pb::api::apps::v1 as apps;
-    use k8s_pb::api::core::v1 as core;
-    use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
-    use k8s_pb::apimachinery::pkg::runtime::Unknown;
-    use prost::Message;
-
     let s = Server::start(&[]);
+    crate::scenarios!(&s;
+        kubectls_generators_get_and_decode_protobuf_answers_for_every_kind,
+        a_list_is_protobuf_when_protobuf_is_asked_for_first,
+        a_missing_object_is_a_protobuf_status,
+        a_watch_streams_length_prefixed_protobuf_events,
+        an_answer_with_no_protobuf_form_is_json_when_acceptable_and_406_when_not,
+        json_clients_are_untouched,
+    );
+}
+
+/// kubectl's generators make every kind they can through protobuf bodies and answers.
+fn kubectls_generators_get_and_decode_protobuf_answers_for_every_kind(s: &Server) {
     s.ok(&["create", "serviceaccount", "robot"]);
     s.ok(&["create", "role", "reader", "--verb=get", "--resource=pods"]);
     s.ok(&[
@@ -1172,56 +1398,57 @@ fn protobuf_clients_get_protobuf_answers() {
         "--replicas=0",
     ]);
     assert_eq!(s.field("rolebinding", "rb", "{.subjects[0].name}"), "robot");
+}
 
-    let admin = s.admin_token();
-    let get = |path: &str, accept: &str| -> (u16, String, Vec<u8>) {
-        let hdr = s.dir().join("headers");
-        let out = Command::new("curl")
-            .args(["-sk", "--max-time", "10", "-D"])
-            .arg(&hdr)
-            .args(["-H", &format!("Authorization: Bearer {}", admin.trim())])
-            .args(["-H", &format!("Accept: {accept}")])
-            .arg(format!("{}{path}", s.url()))
-            .output()
-            .unwrap();
-        let headers = std::fs::read_to_string(&hdr).unwrap();
-        let code = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let ctype = headers
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-type:")
-                    .map(|v| v.trim().to_string())
-            })
-            .unwrap_or_default();
-        (code, ctype, out.stdout)
-    };
-    let unknown =
-        |b: &[u8]| Unknown::decode(b.strip_prefix(b"k8s\0").expect("the k8s magic")).unwrap();
-    let pb = "application/vnd.kubernetes.protobuf";
-    let both = format!("{pb}, application/json");
+/// A list asked for protobuf first is a protobuf `DeploymentList`. Builds on the Deployment
+/// `web`.
+fn a_list_is_protobuf_when_protobuf_is_asked_for_first(s: &Server) {
+    use k8s_pb::api::apps::v1 as apps;
+    use prost::Message;
 
-    let (code, ctype, body) = get("/apis/apps/v1/namespaces/default/deployments", &both);
-    assert_eq!((code, ctype.as_str()), (200, pb));
+    let (code, ctype, body) = get(
+        s,
+        "/apis/apps/v1/namespaces/default/deployments",
+        PB_OR_JSON,
+    );
+    assert_eq!((code, ctype.as_str()), (200, PB));
     let u = unknown(&body);
     assert_eq!(u.type_meta.unwrap().kind.as_deref(), Some("DeploymentList"));
     let list = apps::DeploymentList::decode(u.raw.unwrap().as_slice()).unwrap();
     let d = &list.items[0];
     assert_eq!(d.metadata.as_ref().unwrap().name.as_deref(), Some("web"));
     assert_eq!(d.spec.as_ref().unwrap().replicas, Some(0));
+}
 
-    let (code, ctype, body) = get("/api/v1/namespaces/default/configmaps/missing", &both);
-    assert_eq!((code, ctype.as_str()), (404, pb));
+/// A missing object is a protobuf `Status`, 404 NotFound.
+fn a_missing_object_is_a_protobuf_status(s: &Server) {
+    use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
+    use prost::Message;
+
+    let (code, ctype, body) = get(
+        s,
+        "/api/v1/namespaces/default/configmaps/missing",
+        PB_OR_JSON,
+    );
+    assert_eq!((code, ctype.as_str()), (404, PB));
     let st = meta::Status::decode(unknown(&body).raw.unwrap().as_slice()).unwrap();
     assert_eq!(
         (st.code, st.reason.as_deref()),
         (Some(404), Some("NotFound"))
     );
+}
+
+/// A watch streams length-prefixed protobuf `WatchEvent`s.
+fn a_watch_streams_length_prefixed_protobuf_events(s: &Server) {
+    use k8s_pb::api::core::v1 as core;
+    use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
+    use prost::Message;
 
     s.ok(&["create", "configmap", "watched", "--from-literal=k=v"]);
     let (code, ctype, body) = get(
+        s,
         "/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=1&fieldSelector=metadata.name%3Dwatched",
-        &both,
+        PB_OR_JSON,
     );
     assert_eq!(
         (code, ctype.as_str()),
@@ -1238,14 +1465,22 @@ fn protobuf_clients_get_protobuf_answers() {
     )
     .unwrap();
     assert_eq!(cm.data.get("k").map(String::as_str), Some("v"));
+}
 
-    let (code, ctype, body) = get("/openapi/v3", &both);
+/// An answer with no protobuf form (OpenAPI) is JSON when JSON is acceptable too, 406 when
+/// it is not.
+fn an_answer_with_no_protobuf_form_is_json_when_acceptable_and_406_when_not(s: &Server) {
+    let (code, ctype, body) = get(s, "/openapi/v3", PB_OR_JSON);
     assert_eq!((code, ctype.as_str()), (200, "application/json"));
     assert!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["paths"].is_object());
-    let (code, _, _) = get("/openapi/v3", pb);
+    let (code, _, _) = get(s, "/openapi/v3", PB);
     assert_eq!(code, 406);
-    // JSON clients are untouched.
+}
+
+/// JSON clients are untouched.
+fn json_clients_are_untouched(s: &Server) {
     let (code, ctype, _) = get(
+        s,
         "/apis/apps/v1/namespaces/default/deployments",
         "application/json",
     );

@@ -1,7 +1,9 @@
 //! The agent joining a cluster: `keelson server` and `keelson agent --server … --token-file …`
 //! in one node namespace (no route out), a private containerd, and the real kubectl run inside
-//! that namespace. The node registers and turns Ready, a Deployment's pods run on it and report
-//! their status, a deleted pod is stopped and removed and replaced.
+//! that namespace, one lab for a list of scenarios: the node registers and turns Ready, a
+//! Deployment's pods run on it and report their status, a deleted pod is stopped and removed and
+//! replaced, kubectl logs reaches the node, ConfigMaps and Secrets reach a container, a crash loop
+//! is a BackOff event, a static pod gets a mirror pod, and the kubelet API wants a credential.
 mod common;
 
 use std::{path::PathBuf, process::Command};
@@ -44,9 +46,33 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         .start();
     lab.join(&server, &[]);
     let s = Joined { lab, server };
-    let lab = &s.lab;
+    crate::scenarios!(&s;
+        the_node_registers_with_its_facts_gets_a_pod_cidr_and_renews_its_lease,
+        a_deployments_pods_run_here_and_report_ready_with_addresses_from_the_nodes_cidr,
+        a_deleted_pod_is_stopped_and_removed_by_the_agent_and_replaced,
+        kubectl_logs_goes_through_the_api_server_to_the_nodes_kubelet_api,
+        config_maps_and_secrets_reach_the_container_as_files_and_environment,
+        a_crash_loop_is_reported_as_a_back_off_event,
+        a_static_pod_shows_up_as_a_mirror_pod_that_comes_back_until_its_manifest_goes,
+        the_kubelet_api_wants_the_api_servers_credential,
+    );
+}
 
-    // The node registers with its facts, gets a pod CIDR and renews its lease.
+/// The reasons of the events about the object `name`.
+fn events(s: &Joined, name: &str) -> String {
+    s.jsonpath(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+        ],
+        "{.items[*].reason}",
+    )
+}
+
+/// The node registers with its facts, gets a pod CIDR and renews its lease.
+fn the_node_registers_with_its_facts_gets_a_pod_cidr_and_renews_its_lease(s: &Joined) {
     s.until(30, "node1 Ready", || {
         s.kubectl(&["get", "node", "node1"])
             .stdout
@@ -69,8 +95,10 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         ),
         "node1"
     );
+}
 
-    // A Deployment's pods run here and report Running/Ready with addresses from the node's CIDR.
+/// A Deployment's pods run here and report Running/Ready with addresses from the node's CIDR.
+fn a_deployments_pods_run_here_and_report_ready_with_addresses_from_the_nodes_cidr(s: &Joined) {
     s.ok(&[
         "create",
         "deployment",
@@ -93,7 +121,7 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
     let ips: Vec<&str> = ips.split_whitespace().collect();
     assert_eq!(ips.len(), 2, "{ips:?}");
     assert!(ips.iter().all(|ip| ip.starts_with("10.244.0.")), "{ips:?}");
-    let body = lab.node_http(&format!("http://{}:8080/passwd", ips[0]));
+    let body = s.lab.node_http(&format!("http://{}:8080/passwd", ips[0]));
     assert!(
         body.is_some_and(|b| b.contains("root:x:0:0")),
         "the pod serves on its IP"
@@ -103,25 +131,16 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
     );
     assert_eq!(ready, "True True");
+}
 
-    // A deleted pod is stopped by the agent, which then removes the object; the ReplicaSet
-    // replaces it.
+/// A deleted pod is stopped by the agent, which then removes the object; the ReplicaSet
+/// replaces it. Builds on the Deployment `web` of the scenario before.
+fn a_deleted_pod_is_stopped_and_removed_by_the_agent_and_replaced(s: &Joined) {
     let victim = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[0].metadata.name}",
     );
-    let events = |name: &str| {
-        s.jsonpath(
-            &[
-                "get",
-                "events",
-                "--field-selector",
-                &format!("involvedObject.name={name}"),
-            ],
-            "{.items[*].reason}",
-        )
-    };
-    let seen = events(&victim);
+    let seen = events(s, &victim);
     for r in ["Scheduled", "Pulled", "Created", "Started"] {
         assert!(seen.split_whitespace().any(|x| x == r), "{r} in {seen}");
     }
@@ -130,7 +149,11 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         !String::from_utf8_lossy(&s.kubectl(&["get", "pods", "-o", "name"]).stdout)
             .contains(&victim)
     });
-    assert!(events(&victim).contains("Killing"), "{}", events(&victim));
+    assert!(
+        events(s, &victim).contains("Killing"),
+        "{}",
+        events(s, &victim)
+    );
     s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
     s.until(60, "two Ready pods again", || {
         s.jsonpath(
@@ -138,8 +161,10 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
             "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
         ) == "True True"
     });
+}
 
-    // kubectl logs goes through the API server to the node's kubelet API.
+/// kubectl logs goes through the API server to the node's kubelet API.
+fn kubectl_logs_goes_through_the_api_server_to_the_nodes_kubelet_api(s: &Joined) {
     s.ok(&[
         "run",
         "talker",
@@ -167,10 +192,10 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         "{stamped}"
     );
     let follow = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.netns))
+        .arg(format!("--net=/run/netns/{}", s.lab.netns))
         .args(["timeout", "3", "kubectl", "logs", "-f", "talker"])
         .env("KUBECONFIG", s.kubeconfig())
-        .env("HOME", lab.dir.path())
+        .env("HOME", s.lab.dir.path())
         .output()
         .unwrap();
     assert_eq!(
@@ -188,8 +213,11 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         err.contains("container nope is not valid for pod talker"),
         "{err}"
     );
-    // ConfigMaps and Secrets reach the container as files and environment; a missing one is
-    // CreateContainerConfigError until it exists.
+}
+
+/// ConfigMaps and Secrets reach the container as files and environment; a missing one is
+/// CreateContainerConfigError until it exists.
+fn config_maps_and_secrets_reach_the_container_as_files_and_environment(s: &Joined) {
     s.ok(&[
         "create",
         "configmap",
@@ -204,7 +232,7 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         "pw",
         "--from-literal=pass=s3cr3t",
     ]);
-    let pod = lab.dir.path().join("refs.yaml");
+    let pod = s.lab.dir.path().join("refs.yaml");
     std::fs::write(
         &pod,
         format!(
@@ -233,8 +261,10 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         String::from_utf8_lossy(&s.kubectl(&["logs", "refs"]).stdout)
             == "env=s3cr3t/L\nblue\ns3cr3t\nhere\n"
     });
+}
 
-    // A crash loop is reported as a BackOff event.
+/// A crash loop is reported as a BackOff event.
+fn a_crash_loop_is_reported_as_a_back_off_event(s: &Joined) {
     s.ok(&[
         "run",
         "crasher",
@@ -246,12 +276,15 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         "exit 1",
     ]);
     s.until(60, "a BackOff event for the crash loop", || {
-        events("crasher").contains("BackOff")
+        events(s, "crasher").contains("BackOff")
     });
+}
 
-    // A static pod beside the API pods shows up as a mirror pod with its status; a deleted
-    // mirror comes back; removing the manifest removes the mirror.
-    lab.write_manifest("static.yaml", &pod_yaml("static", "sleep 3600", "", ""));
+/// A static pod beside the API pods shows up as a mirror pod with its status; a deleted
+/// mirror comes back; removing the manifest removes the mirror.
+fn a_static_pod_shows_up_as_a_mirror_pod_that_comes_back_until_its_manifest_goes(s: &Joined) {
+    s.lab
+        .write_manifest("static.yaml", &pod_yaml("static", "sleep 3600", "", ""));
     s.until(60, "the mirror pod, Running", || {
         s.kubectl(&[
             "get",
@@ -284,15 +317,17 @@ fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
         .to_string();
         !now.is_empty() && now != uid
     });
-    lab.remove_manifest("static.yaml");
+    s.lab.remove_manifest("static.yaml");
     s.until(60, "the mirror pod to go", || {
         !String::from_utf8_lossy(&s.kubectl(&["get", "pods", "-o", "name"]).stdout)
             .contains("static-node1")
     });
+}
 
-    // The kubelet API wants the API server's credential.
+/// The kubelet API wants the API server's credential.
+fn the_kubelet_api_wants_the_api_servers_credential(s: &Joined) {
     let anon = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.netns))
+        .arg(format!("--net=/run/netns/{}", s.lab.netns))
         .args([
             "curl",
             "-sk",

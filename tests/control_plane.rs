@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
+    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -115,15 +116,88 @@ impl Drop for FakeKubelet {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deployments_roll_replicasets_heal_services_get_endpoints() {
+/// A server with Node objects and the stand-in kubelet, and the runtime the kubelet (and any
+/// API client or observer of a scenario) runs on; the scenarios themselves block.
+struct Plane {
+    kubelet: FakeKubelet,
+    server: Server,
+    /// The nodes whose Lease is renewed, when [`renew_leases`] was started with it.
+    alive: Arc<Mutex<HashSet<String>>>,
+    /// Stops the Lease renewals.
+    stop: Arc<AtomicBool>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Plane {
+    /// A kube-rs client with the admin kubeconfig.
+    fn client(&self) -> Client {
+        self.rt.block_on(self.server.client())
+    }
+}
+
+/// The runtime of a [`Plane`]: two workers, as the tests had when they were async.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+impl Kubectl for Plane {
+    fn kubeconfig(&self) -> PathBuf {
+        self.server.kubeconfig()
+    }
+    fn home(&self) -> PathBuf {
+        self.server.home()
+    }
+    fn netns(&self) -> Option<String> {
+        self.server.netns()
+    }
+    fn diagnostics(&self) -> String {
+        self.server.diagnostics()
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn deployments_roll_replicasets_heal_services_get_endpoints() {
+    let rt = runtime();
     let s = Server::start(&[]);
     for n in ["n1", "n2", "n3"] {
         s.apply(&node_yaml(n, "2"));
     }
-    let kubelet = FakeKubelet::start(s.client().await, Duration::from_millis(300));
+    let kubelet =
+        rt.block_on(async { FakeKubelet::start(s.client().await, Duration::from_millis(300)) });
+    let p = Plane {
+        kubelet,
+        server: s,
+        alive: Arc::default(),
+        stop: Arc::default(),
+        rt,
+    };
+    crate::scenarios!(&p;
+        a_deployment_spreads_over_the_nodes_and_its_rollout_completes,
+        a_rolling_update_keeps_within_max_surge_and_max_unavailable_at_every_step,
+        a_rollback_returns_the_pods_to_the_first_template,
+        restart_rolls_every_pod_and_a_paused_rollout_waits_for_resume,
+        a_rollout_whose_pods_never_get_ready_exceeds_its_progress_deadline,
+        a_deleted_pod_is_replaced_by_its_replica_set,
+        a_services_endpoints_and_endpoint_slice_follow_readiness,
+        a_pod_that_fits_nowhere_says_why_like_kube_scheduler,
+        a_recreate_rollout_never_runs_old_and_new_pods_together,
+        a_pending_pod_lands_on_a_node_that_fits_when_it_arrives,
+        capacity_freed_by_a_deleted_pod_lets_a_waiting_pod_in,
+    );
+}
 
-    // A Deployment spreads over the nodes and its rollout completes.
+/// A Deployment spreads over the nodes and its rollout completes.
+fn a_deployment_spreads_over_the_nodes_and_its_rollout_completes(s: &Plane) {
     s.ok(&[
         "create",
         "deployment",
@@ -146,15 +220,18 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     );
     assert!(events.contains("ScalingReplicaSet"), "{events}");
     assert!(events.contains("SuccessfulCreate"), "{events}");
+}
 
-    // Scale, then a rolling update that keeps within maxSurge/maxUnavailable at every step.
+/// Scale, then a rolling update that keeps within maxSurge/maxUnavailable at every step.
+/// Builds on the Deployment `web` (3 replicas on busybox:1.36).
+fn a_rolling_update_keeps_within_max_surge_and_max_unavailable_at_every_step(s: &Plane) {
     s.ok(&["scale", "deployment", "web", "--replicas=4"]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
-    let client = s.client().await;
+    let client = s.client();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let watching = Arc::new(AtomicBool::new(true));
     let (w, p2) = (watching.clone(), pods.clone());
-    let observer = tokio::spawn(async move {
+    let observer = s.rt.spawn(async move {
         // (max pods alive, min ready) over the rollout
         let (mut max_alive, mut min_ready) = (0usize, usize::MAX);
         while w.load(Ordering::Relaxed) {
@@ -185,7 +262,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.ok(&["set", "image", "deployment/web", "busybox=busybox:1.37"]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
     watching.store(false, Ordering::Relaxed);
-    let (max_alive, min_ready) = observer.await.unwrap();
+    let (max_alive, min_ready) = s.rt.block_on(observer).unwrap();
     // 4 replicas, 25%: maxSurge 1, maxUnavailable 1.
     assert!(
         max_alive <= 5,
@@ -213,8 +290,10 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         3,
         "header + new + old (kept for history): {rs}"
     );
+}
 
-    // Rollback to the first template.
+/// Rollback to the first template. Builds on the rolling update of `web` to busybox:1.37.
+fn a_rollback_returns_the_pods_to_the_first_template(s: &Plane) {
     s.ok(&["rollout", "undo", "deployment/web"]);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
     s.until(30, "pods back on busybox:1.36", || {
@@ -231,8 +310,11 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     });
     let history = s.ok(&["rollout", "history", "deployment/web"]);
     assert!(history.contains('2') && history.contains('3'), "{history}");
+}
 
-    // restart rolls every pod; pause stops a rollout, resume finishes it.
+/// restart rolls every pod; pause stops a rollout, resume finishes it. Builds on `web`'s 4
+/// pods.
+fn restart_rolls_every_pod_and_a_paused_rollout_waits_for_resume(s: &Plane) {
     let before = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].metadata.name}",
@@ -269,9 +351,11 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         .count()
             == 4
     });
+}
 
-    // A rollout whose pods never get ready runs into its progress deadline.
-    kubelet.hold.lock().unwrap().insert("stuck-".into());
+/// A rollout whose pods never get ready runs into its progress deadline.
+fn a_rollout_whose_pods_never_get_ready_exceeds_its_progress_deadline(s: &Plane) {
+    s.kubelet.hold.lock().unwrap().insert("stuck-".into());
     s.apply("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: stuck}\nspec:\n  replicas: 1\n  progressDeadlineSeconds: 2\n  selector: {matchLabels: {app: stuck}}\n  template:\n    metadata: {labels: {app: stuck}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
     );
     let o = s.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=30s"]);
@@ -288,8 +372,10 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         "ProgressDeadlineExceeded"
     );
     s.ok(&["delete", "deploy", "stuck"]);
+}
 
-    // A deleted pod is replaced.
+/// A deleted pod is replaced. Builds on `web`'s 4 pods.
+fn a_deleted_pod_is_replaced_by_its_replica_set(s: &Plane) {
     let victim = s.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[0].metadata.name}",
@@ -302,8 +388,11 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         );
         !names.contains(&victim) && names.split_whitespace().count() == 4
     });
+}
 
-    // A Service gets Endpoints and an EndpointSlice that follow readiness.
+/// A Service gets Endpoints and an EndpointSlice that follow readiness. Builds on `web`'s 4
+/// pods; one of them stays held not ready afterwards.
+fn a_services_endpoints_and_endpoint_slice_follow_readiness(s: &Plane) {
     s.ok(&[
         "expose",
         "deployment",
@@ -342,7 +431,7 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         &["get", "pods", "-l", "app=web"],
         "{.items[0].metadata.name}",
     );
-    kubelet.hold.lock().unwrap().insert(one.clone());
+    s.kubelet.hold.lock().unwrap().insert(one.clone());
     s.until(20, "a not-ready pod to move to notReadyAddresses", || {
         s.jsonpath(
             &["get", "endpoints", "web"],
@@ -363,8 +452,11 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         1,
         "{ready}"
     );
+}
 
-    // A pod that fits nowhere says why, like kube-scheduler.
+/// A pod that fits nowhere says why, like kube-scheduler. The pod `big` (3 CPUs, more than
+/// any of the 2-CPU nodes has) stays pending for the scenarios after.
+fn a_pod_that_fits_nowhere_says_why_like_kube_scheduler(s: &Plane) {
     s.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: picky}\nspec:\n  nodeSelector: {disk: none}\n  containers: [{name: c, image: busybox:1.36}]\n",
     );
     s.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"3\"}}}]\n",
@@ -388,15 +480,18 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
         "reason=FailedScheduling",
     ]);
     assert!(ev.contains("pod/picky") && ev.contains("Warning"), "{ev}");
-    // Recreate: every old pod is gone before a new one is made.
+}
+
+/// Recreate: every old pod is gone before a new one is made.
+fn a_recreate_rollout_never_runs_old_and_new_pods_together(s: &Plane) {
     s.apply("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: re}\nspec:\n  replicas: 2\n  strategy: {type: Recreate}\n  selector: {matchLabels: {app: re}}\n  template:\n    metadata: {labels: {app: re}}\n    spec:\n      containers: [{name: c, image: busybox:1.36}]\n",
     );
     s.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
-    let pods_api: Api<Pod> = Api::namespaced(s.client().await, "default");
+    let pods_api: Api<Pod> = Api::namespaced(s.client(), "default");
     let mixed = Arc::new(AtomicBool::new(false));
     let watching = Arc::new(AtomicBool::new(true));
     let (m, w) = (mixed.clone(), watching.clone());
-    let observer = tokio::spawn(async move {
+    let observer = s.rt.spawn(async move {
         while w.load(Ordering::Relaxed) {
             if let Ok(l) = pods_api.list(&ListParams::default().labels("app=re")).await {
                 let images: HashSet<String> = l
@@ -418,19 +513,25 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.ok(&["set", "image", "deployment/re", "c=busybox:1.37"]);
     s.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
     watching.store(false, Ordering::Relaxed);
-    observer.await.unwrap();
+    s.rt.block_on(observer).unwrap();
     assert!(
         !mixed.load(Ordering::Relaxed),
         "Recreate never runs old and new pods together"
     );
     s.ok(&["delete", "deploy", "re"]);
+}
 
-    // A node that fits arrives: the pod is scheduled there.
+/// A node that fits arrives: the pod is scheduled there. Builds on the pending pod `big`.
+fn a_pending_pod_lands_on_a_node_that_fits_when_it_arrives(s: &Plane) {
     s.apply(&node_yaml("n4", "8"));
     s.until(20, "big to land on n4", || {
         s.jsonpath(&["get", "pod", "big"], "{.spec.nodeName}") == "n4"
     });
-    // Capacity freed by a deleted pod lets a waiting pod in.
+}
+
+/// Capacity freed by a deleted pod lets a waiting pod in. Builds on `big` running on n4, the
+/// only node with room for either pod.
+fn capacity_freed_by_a_deleted_pod_lets_a_waiting_pod_in(s: &Plane) {
     s.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: big2}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"7\"}}}]\n",
     );
     s.until(20, "big2 to wait", || {
@@ -443,7 +544,6 @@ async fn deployments_roll_replicasets_heal_services_get_endpoints() {
     s.until(20, "big2 to land on n4", || {
         s.jsonpath(&["get", "pod", "big2"], "{.spec.nodeName}") == "n4"
     });
-    drop(kubelet);
 }
 
 /// Renews the Lease of each named node every 500 ms while it is in `alive`.
@@ -473,27 +573,66 @@ fn renew_leases(client: Client, alive: Arc<Mutex<HashSet<String>>>, stop: Arc<At
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_nodes_garbage_collection_and_node_ipam() {
+#[test]
+fn lost_nodes_garbage_collection_and_node_ipam() {
+    let rt = runtime();
     let s = Server::start(&[
         "--node-monitor-grace-period",
         "3s",
         "--default-unreachable-toleration-seconds",
         "2",
     ]);
-    let client = s.client().await;
+    let client = rt.block_on(s.client());
     let alive = Arc::new(Mutex::new(HashSet::from([
         "n1".to_string(),
         "n2".to_string(),
     ])));
     let stop = Arc::new(AtomicBool::new(false));
-    renew_leases(client.clone(), alive.clone(), stop.clone());
+    rt.block_on(async { renew_leases(client.clone(), alive.clone(), stop.clone()) });
     for n in ["n1", "n2"] {
         s.apply(&node_yaml(n, "4"));
     }
-    let kubelet = FakeKubelet::start(client.clone(), Duration::from_millis(100));
+    let kubelet =
+        rt.block_on(async { FakeKubelet::start(client.clone(), Duration::from_millis(100)) });
+    let p = Plane {
+        kubelet,
+        server: s,
+        alive,
+        stop,
+        rt,
+    };
+    crate::scenarios!(&p;
+        node_ipam_gives_each_node_a_block_lowest_first_and_reuses_a_deleted_nodes_block,
+        a_deployment_spreads_its_pods_over_both_nodes,
+        a_silent_node_turns_unknown_is_tainted_and_its_pods_move_to_the_other_node,
+        a_node_that_comes_back_loses_its_taints,
+        a_daemon_set_runs_one_pod_per_eligible_node_and_rolls,
+        orphaning_a_deployment_keeps_its_replica_set_without_an_owner,
+        foreground_deletion_keeps_the_replica_set_until_its_pods_are_gone,
+        background_deletion_removes_the_dependents_after_their_owner,
+        a_new_namespace_gets_its_default_service_account,
+    );
+}
 
-    // Node IPAM: a block each, lowest first; a deleted node's block is handed out again.
+/// How many of the Deployment `web`'s pods are on `node`.
+fn web_pods_on(s: &Plane, node: &str) -> usize {
+    s.jsonpath(
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+        ],
+        "{.items[*].metadata.name}",
+    )
+    .split_whitespace()
+    .count()
+}
+
+/// Node IPAM: a block each, lowest first; a deleted node's block is handed out again.
+fn node_ipam_gives_each_node_a_block_lowest_first_and_reuses_a_deleted_nodes_block(s: &Plane) {
     s.until(10, "pod CIDRs", || {
         s.jsonpath(&["get", "nodes"], "{.items[*].spec.podCIDR}")
             .split_whitespace()
@@ -512,31 +651,24 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
         s.jsonpath(&["get", "node", "n8"], "{.spec.podCIDR}") == "10.244.2.0/24"
     });
     s.ok(&["delete", "node", "n8"]);
+}
 
-    // Pods tolerate an unreachable node for 2 s (the server's DefaultTolerationSeconds).
+/// The Deployment `web` spreads its 4 pods over n1 and n2. Pods tolerate an unreachable node
+/// for 2 s (the server's DefaultTolerationSeconds), which the scenario after relies on.
+fn a_deployment_spreads_its_pods_over_both_nodes(s: &Plane) {
     s.apply("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 4\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: busybox:1.36}]\n",
     );
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
-    let on = |node: &str| {
-        s.jsonpath(
-            &[
-                "get",
-                "pods",
-                "-l",
-                "app=web",
-                "--field-selector",
-                &format!("spec.nodeName={node}"),
-            ],
-            "{.items[*].metadata.name}",
-        )
-        .split_whitespace()
-        .count()
-    };
+    let on = |node: &str| web_pods_on(s, node);
     assert_eq!(on("n1") + on("n2"), 4);
     assert!(on("n2") > 0, "spread over both nodes");
+}
 
-    // n2 goes silent: Unknown, tainted, its pods evicted and replaced on n1.
-    alive.lock().unwrap().remove("n2");
+/// n2 goes silent: Unknown, tainted, its pods evicted and replaced on n1. Builds on `web`'s
+/// pods on both nodes.
+fn a_silent_node_turns_unknown_is_tainted_and_its_pods_move_to_the_other_node(s: &Plane) {
+    let on = |node: &str| web_pods_on(s, node);
+    s.alive.lock().unwrap().remove("n2");
     s.until(20, "n2 to turn NotReady", || {
         s.ok(&["get", "node", "n2"]).contains("NotReady")
     });
@@ -554,8 +686,12 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
     );
     s.until(30, "all 4 pods to run on n1", || on("n1") == 4);
     s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
-    // n2 comes back (its lease renewed, Ready posted as a kubelet does): the taints go.
-    alive.lock().unwrap().insert("n2".into());
+}
+
+/// n2 comes back (its lease renewed, Ready posted as a kubelet does): the taints go. Builds on
+/// n2 gone silent.
+fn a_node_that_comes_back_loses_its_taints(s: &Plane) {
+    s.alive.lock().unwrap().insert("n2".into());
     s.until(20, "n2's taints to go", || {
         s.ok(&[
             "patch", "node", "n2", "--subresource=status", "--type=merge", "-p",
@@ -563,8 +699,10 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
         ]);
         s.jsonpath(&["get", "node", "n2"], "{.spec.taints}").is_empty()
     });
+}
 
-    // A DaemonSet runs one pod per eligible node (not on a node labelled away), and rolls.
+/// A DaemonSet runs one pod per eligible node (not on a node labelled away), and rolls.
+fn a_daemon_set_runs_one_pod_per_eligible_node_and_rolls(s: &Plane) {
     s.ok(&["label", "node", "n1", "daemons=yes"]);
     s.ok(&["label", "node", "n2", "daemons=yes"]);
     s.apply("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      nodeSelector: {daemons: \"yes\"}\n      containers: [{name: a, image: busybox:1.36}]\n",
@@ -598,8 +736,11 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
         ) == "busybox:1.37"
     });
     s.ok(&["delete", "ds", "agent"]);
+}
 
-    // Garbage collection: orphaning keeps the pods, without their owner.
+/// Garbage collection: orphaning keeps the pods, without their owner. Builds on the
+/// Deployment `web`.
+fn orphaning_a_deployment_keeps_its_replica_set_without_an_owner(s: &Plane) {
     let rs = s.jsonpath(&["get", "rs", "-l", "app=web"], "{.items[0].metadata.name}");
     s.ok(&["delete", "deployment", "web", "--cascade=orphan"]);
     s.until(20, "the deployment to go", || {
@@ -609,7 +750,12 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
         s.jsonpath(&["get", "rs", &rs], "{.metadata.ownerReferences}")
             .is_empty()
     });
-    // Foreground: the ReplicaSet stays until its pods are gone.
+}
+
+/// Foreground: the ReplicaSet stays until its pods are gone. Builds on `web`'s ReplicaSet,
+/// orphaned with its pods.
+fn foreground_deletion_keeps_the_replica_set_until_its_pods_are_gone(s: &Plane) {
+    let rs = s.jsonpath(&["get", "rs", "-l", "app=web"], "{.items[0].metadata.name}");
     s.ok(&["delete", "rs", &rs, "--cascade=foreground", "--wait=false"]);
     s.until(30, "pods and ReplicaSet gone", || {
         s.jsonpath(
@@ -619,7 +765,10 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
         .is_empty()
             && !s.ok(&["get", "rs"]).contains(&rs)
     });
-    // Background (kubectl's default): dependents go after the owner.
+}
+
+/// Background (kubectl's default): dependents go after the owner.
+fn background_deletion_removes_the_dependents_after_their_owner(s: &Plane) {
     s.ok(&[
         "create",
         "deployment",
@@ -634,13 +783,14 @@ async fn lost_nodes_garbage_collection_and_node_ipam() {
             .trim()
             .is_empty()
     });
-    // A new namespace gets its default ServiceAccount.
+}
+
+/// A new namespace gets its default ServiceAccount.
+fn a_new_namespace_gets_its_default_service_account(s: &Plane) {
     s.ok(&["create", "namespace", "team"]);
     s.until(10, "the default ServiceAccount", || {
         s.ok(&["get", "sa", "-n", "team"]).contains("default")
     });
-    stop.store(true, Ordering::Relaxed);
-    drop(kubelet);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,16 @@ fn import_keelson(c: &Cluster) {
 fn the_proxy_daemonset_runs_with_in_cluster_config() {
     let c = Cluster::up_with("ds", 2, &[], &["--proxy-mode=none"]);
     import_keelson(&c);
+    crate::scenarios!(&c;
+        the_proxy_daemonset_places_a_ready_pod_with_a_projected_token_on_each_node,
+        a_service_is_programmed_by_the_daemonsets_proxies_only,
+        the_proxys_account_reads_services_but_not_pods_or_secrets,
+    );
+}
 
+/// deploy/keelson-proxy.yaml places a ready proxy pod on each node, with the projected service
+/// account volume the admission added.
+fn the_proxy_daemonset_places_a_ready_pod_with_a_projected_token_on_each_node(c: &Cluster) {
     let manifest = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keelson-proxy.yaml"),
     )
@@ -104,8 +113,11 @@ fn the_proxy_daemonset_runs_with_in_cluster_config() {
         "{.items[0].spec.volumes[*].name}",
     );
     assert!(vols.contains("kube-api-access-"), "{vols}");
+}
 
-    // A Service, programmed by the DaemonSet's proxies only.
+/// A Service, programmed by the DaemonSet's proxies only (the agents run none). Builds on the
+/// proxy DaemonSet.
+fn a_service_is_programmed_by_the_daemonsets_proxies_only(c: &Cluster) {
     c.apply(&common::web(2, Some("ClusterIP")));
     c.wait_ready("app=web", 2, 90);
     let ip = c.jsonpath(&["get", "service", "web"], "{.spec.clusterIP}");
@@ -142,8 +154,11 @@ fn the_proxy_daemonset_runs_with_in_cluster_config() {
             .unwrap();
         String::from_utf8_lossy(&o.stdout).contains(&ip)
     });
+}
 
-    // RBAC: the proxy's account reads Services but not Pods or Secrets.
+/// RBAC: the proxy's account reads Services but not Pods or Secrets. (Builds on the proxy
+/// DaemonSet's service account.)
+fn the_proxys_account_reads_services_but_not_pods_or_secrets(c: &Cluster) {
     let req = c.dir.path().join("token-request.json");
     std::fs::write(
         &req,
@@ -177,6 +192,30 @@ fn the_proxy_daemonset_runs_with_in_cluster_config() {
     );
     let o = as_proxy(&["-n", "kube-system", "delete", "service", "kube-dns"]);
     assert!(!o.status.success());
+}
+
+/// A lab with deploy/keelson-agent.yaml applied: an extra agent pod beside node1's agent,
+/// registering `node1-keelson`.
+struct Extra {
+    c: Cluster,
+    /// The extra node's name.
+    extra: String,
+}
+
+impl Extra {
+    /// node1's InternalIP.
+    fn node1_ip(&self) -> String {
+        self.c.jsonpath(
+            &["get", "node", &self.c.nodes[0]],
+            r#"{.status.addresses[?(@.type=="InternalIP")].address}"#,
+        )
+    }
+
+    /// The extra node's pod CIDR.
+    fn cidr(&self) -> String {
+        self.c
+            .jsonpath(&["get", "node", &self.extra], "{.spec.podCIDR}")
+    }
 }
 
 #[test]
@@ -213,23 +252,38 @@ fn the_agent_daemonset_runs_an_extra_node() {
     assert!(manifest.contains("nodeSelector"));
     c.apply(&manifest);
     let extra = format!("{}-keelson", c.nodes[0]);
+    let x = Extra { c, extra };
+    crate::scenarios!(&x;
+        the_extra_node_becomes_ready_with_its_hosts_address_and_a_pod_cidr,
+        the_extra_agent_acts_as_its_node_and_its_token_cannot_touch_another,
+        the_agent_daemonset_avoids_the_extra_node_and_is_ready,
+        a_pod_bound_to_the_extra_node_gets_an_address_in_its_cidr,
+        the_extra_nodes_cidr_is_routed_via_node1_and_on_its_own_bridge,
+        the_extra_pod_answers_from_node2_at_its_address_and_through_its_service,
+        logs_and_exec_reach_the_extra_pod_through_the_extra_kubelet_api,
+        the_extra_kubelet_api_accepts_only_the_api_servers_client_certificate,
+        the_deleted_pod_goes_and_so_does_the_agent_pod,
+    );
+}
+
+/// The extra node registers and turns Ready, with its host's address, the extra label and a
+/// pod CIDR.
+fn the_extra_node_becomes_ready_with_its_hosts_address_and_a_pod_cidr(x: &Extra) {
+    let (c, extra) = (&x.c, x.extra.as_str());
     c.until(120, "the extra node to be Ready", || {
         let o = c.kubectl(&[
             "get",
             "node",
-            &extra,
+            extra,
             "-o",
             r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
         ]);
         o.status.success() && String::from_utf8_lossy(&o.stdout) == "True"
     });
-    let node1_ip = c.jsonpath(
-        &["get", "node", &c.nodes[0]],
-        r#"{.status.addresses[?(@.type=="InternalIP")].address}"#,
-    );
+    let node1_ip = x.node1_ip();
     assert_eq!(
         c.jsonpath(
-            &["get", "node", &extra],
+            &["get", "node", extra],
             r#"{.status.addresses[?(@.type=="InternalIP")].address}"#,
         ),
         node1_ip,
@@ -237,15 +291,19 @@ fn the_agent_daemonset_runs_an_extra_node() {
     );
     assert_eq!(
         c.jsonpath(
-            &["get", "node", &extra],
+            &["get", "node", extra],
             r#"{.metadata.labels.node\.keelson\.dev/extra}"#
         ),
         "true"
     );
-    let cidr = c.jsonpath(&["get", "node", &extra], "{.spec.podCIDR}");
+    let cidr = x.cidr();
     assert!(!cidr.is_empty(), "the extra node got a pod CIDR");
-    // The agent acts as its node (a certificate from its TLS bootstrap); its service account
-    // may only ask for that certificate, so a stolen token cannot touch any node.
+}
+
+/// The agent acts as its node (a certificate from its TLS bootstrap); its service account may
+/// only ask for that certificate, so a stolen token cannot touch any node.
+fn the_extra_agent_acts_as_its_node_and_its_token_cannot_touch_another(x: &Extra) {
+    let c = &x.c;
     assert!(
         c.ok(&["get", "csr"])
             .contains("system:serviceaccount:kube-system:keelson-agent"),
@@ -273,15 +331,23 @@ fn the_agent_daemonset_runs_an_extra_node() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // The DaemonSet avoids the extra node (no agent for the agent), and its pod is ready.
+}
+
+/// The DaemonSet avoids the extra node (no agent for the agent), and its pod is ready.
+fn the_agent_daemonset_avoids_the_extra_node_and_is_ready(x: &Extra) {
+    let c = &x.c;
     c.until(60, "the agent DaemonSet ready on node1 only", || {
         c.jsonpath(
             &["-n", "kube-system", "get", "daemonset", "keelson-agent"],
             "{.status.numberReady}/{.status.desiredNumberScheduled}",
         ) == "1/1"
     });
+}
 
-    // A pod bound to the extra node, and a Service in front of it.
+/// A pod bound to the extra node, and a Service in front of it: the pod's address is in the
+/// extra node's CIDR. (The later scenarios build on this pod.)
+fn a_pod_bound_to_the_extra_node_gets_an_address_in_its_cidr(x: &Extra) {
+    let (c, extra) = (&x.c, x.extra.as_str());
     c.apply(&format!(
         r#"apiVersion: v1
 kind: Pod
@@ -313,12 +379,19 @@ spec:
     ));
     c.wait_ready("app=extra", 1, 90);
     let pod_ip = c.jsonpath(&["get", "pod", "extra"], "{.status.podIP}");
+    let cidr = x.cidr();
     let net: ipnet::Ipv4Net = cidr.parse().unwrap();
     assert!(
         net.contains(&pod_ip.parse::<std::net::Ipv4Addr>().unwrap()),
         "{pod_ip} in {cidr}"
     );
-    // node2 routes the extra node's CIDR via node1; node1 has it on the extra bridge.
+}
+
+/// node2 routes the extra node's CIDR via node1; node1 has it on the extra bridge (and one
+/// Service route still).
+fn the_extra_nodes_cidr_is_routed_via_node1_and_on_its_own_bridge(x: &Extra) {
+    let c = &x.c;
+    let (cidr, node1_ip) = (x.cidr(), x.node1_ip());
     let routes = |n: &str| {
         String::from_utf8_lossy(
             &Command::new("ip")
@@ -341,6 +414,12 @@ spec:
         1,
         "one Service route: {r1}"
     );
+}
+
+/// The extra pod answers from node2, at its own address and through its Service.
+fn the_extra_pod_answers_from_node2_at_its_address_and_through_its_service(x: &Extra) {
+    let c = &x.c;
+    let pod_ip = c.jsonpath(&["get", "pod", "extra"], "{.status.podIP}");
     let svc = c.jsonpath(&["get", "service", "extra"], "{.spec.clusterIP}");
     for to in [format!("{pod_ip}:8080"), svc] {
         c.until(30, &format!("{to} to answer from node2"), || {
@@ -358,15 +437,25 @@ spec:
             String::from_utf8_lossy(&o.stdout).starts_with("hello from extra")
         });
     }
-    // The extra kubelet API, reached with the API server's client certificate.
+}
+
+/// The extra kubelet API, reached with the API server's client certificate.
+fn logs_and_exec_reach_the_extra_pod_through_the_extra_kubelet_api(x: &Extra) {
+    let c = &x.c;
     assert!(c.ok(&["logs", "extra"]).contains("serving"));
     assert_eq!(
         c.ok(&["exec", "extra", "--", "cat", "/www/index.html"])
             .trim(),
         "hello from extra"
     );
-    // Client certificates from the cluster CA: the API server's kubelet client passes, another
-    // identity the same CA signed (a node's) does not.
+}
+
+/// Client certificates from the cluster CA: the API server's kubelet client passes, another
+/// identity the same CA signed (a node's) does not; without a credential the extra kubelet API
+/// answers only /healthz.
+fn the_extra_kubelet_api_accepts_only_the_api_servers_client_certificate(x: &Extra) {
+    let c = &x.c;
+    let node1_ip = x.node1_ip();
     let pki = c.lab_dir().join("server/pki");
     let node_cert = c.lab_dir().join("node-client");
     let sh = |cmd: &str| {
@@ -407,8 +496,12 @@ spec:
     assert_eq!(with_cert(&format!("{nc}.crt"), &format!("{nc}.key")), "401");
     // Without a credential the extra kubelet API answers only /healthz.
     assert_eq!(status(&[]), "401");
+}
 
-    // Deleted, the pod goes (the extra agent finishes the delete), and so does its container.
+/// Deleted, the pod goes (the extra agent finishes the delete), and so does its container;
+/// the agent DaemonSet deleted, its pod goes.
+fn the_deleted_pod_goes_and_so_does_the_agent_pod(x: &Extra) {
+    let c = &x.c;
     c.ok(&["delete", "pod", "extra", "--wait=true", "--timeout=60s"]);
     c.ok(&["-n", "kube-system", "delete", "daemonset", "keelson-agent"]);
     c.until(60, "the agent pod to go", || {

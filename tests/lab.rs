@@ -18,18 +18,42 @@ fn web(replicas: usize) -> String {
     common::web(replicas, None)
 }
 
+/// A 3-node lab running the `web` Deployment's six ready pods.
+struct Work {
+    c: Cluster,
+    /// The web pods as they were first ready: (name, node, ip, ready).
+    pods: Vec<(String, String, String, bool)>,
+}
+
 #[test]
 fn workloads_spread_over_nodes_talk_across_them_and_log() {
     let c = Cluster::up("work", 3, &[]);
-    let nodes = c.ok(&["get", "nodes", "-o", "name"]);
-    assert_eq!(nodes.lines().count(), 3, "{nodes}");
     c.apply(&web(6));
     let pods = c.wait_ready("app=web", 6, 90);
+    let w = Work { c, pods };
+    crate::scenarios!(&w;
+        three_nodes_register_and_the_pods_spread_over_all_of_them,
+        node1_routes_the_other_nodes_pod_cidrs_and_rejects_untranslated_service_traffic,
+        a_pod_on_node1_reaches_every_web_pod_across_nodes,
+        logs_f_follows_a_pod_on_another_node_as_it_writes,
+        a_deleted_pod_is_replaced,
+        the_kubelet_metrics_count_pod_starts_and_probes_for_the_api_server_only,
+    );
+}
+
+/// Three nodes registered, and the six web pods spread over all of them.
+fn three_nodes_register_and_the_pods_spread_over_all_of_them(w: &Work) {
+    let (c, pods) = (&w.c, &w.pods);
+    let nodes = c.ok(&["get", "nodes", "-o", "name"]);
+    assert_eq!(nodes.lines().count(), 3, "{nodes}");
     let on: BTreeSet<&str> = pods.iter().map(|p| p.1.as_str()).collect();
     assert_eq!(on.len(), 3, "the pods spread over all nodes: {pods:?}");
+}
 
-    // Node routes: node1 has a route to every other node's pod CIDR, the Service range on its
-    // bridge, and rejects what is still addressed to that range after translation.
+/// Node routes: node1 has a route to every other node's pod CIDR, the Service range on its
+/// bridge, and rejects what is still addressed to that range after translation.
+fn node1_routes_the_other_nodes_pod_cidrs_and_rejects_untranslated_service_traffic(w: &Work) {
+    let c = &w.c;
     let routes = String::from_utf8_lossy(
         &Command::new("ip")
             .args(["-n", &c.nodes[0], "route", "show", "proto", "75"])
@@ -59,8 +83,11 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
     assert!(rules.contains("ip daddr 10.96.0.0/12 reject"), "{rules}");
     assert!(rules.contains(" masquerade"), "{rules}");
     assert_eq!(routes.matches(" via 10.250.0.").count(), 2, "{routes}");
+}
 
-    // A pod on node1 fetches from every web pod (two of three nodes are remote).
+/// A pod on node1 fetches from every web pod (two of three nodes are remote).
+fn a_pod_on_node1_reaches_every_web_pod_across_nodes(w: &Work) {
+    let (c, pods) = (&w.c, &w.pods);
     let ips: Vec<&str> = pods.iter().map(|p| p.2.as_str()).collect();
     let script = format!(
         "for ip in {}; do timeout 5 wget -qO- $ip:8080; done; echo done",
@@ -84,7 +111,7 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
         c.jsonpath(&["get", "pod", "client"], "{.status.phase}") == "Succeeded"
     });
     let out = c.ok(&["logs", "client"]);
-    for p in &pods {
+    for p in pods {
         assert!(
             out.contains(&format!("hello from {}", p.0)),
             "no answer from {} on {}: {out}",
@@ -92,8 +119,11 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
             p.1
         );
     }
+}
 
-    // kubectl logs -f follows a pod on another node as it writes.
+/// kubectl logs -f follows a pod on another node as it writes.
+fn logs_f_follows_a_pod_on_another_node_as_it_writes(w: &Work) {
+    let c = &w.c;
     c.ok(&[
         "run",
         "ticker",
@@ -139,9 +169,12 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
         n.windows(2).all(|w| w[1] == w[0] + 1),
         "lines in order: {seen:?}"
     );
+}
 
-    // A deleted pod is replaced.
-    let victim = pods[0].0.clone();
+/// A deleted pod is replaced.
+fn a_deleted_pod_is_replaced(w: &Work) {
+    let c = &w.c;
+    let victim = w.pods[0].0.clone();
     c.ok(&["delete", "pod", &victim, "--wait=false"]);
     c.until(60, "the deleted pod to be replaced", || {
         let now = c.pods("app=web");
@@ -150,9 +183,12 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
     c.until(30, "the deleted pod to disappear", || {
         !c.ok(&["get", "pods", "-o", "name"]).contains(&victim)
     });
+}
 
-    // The kubelet API's /metrics: pod start latency and sync histograms, probe counters; only
-    // for the API server's credential.
+/// The kubelet API's /metrics: pod start latency and sync histograms, probe counters; only for
+/// the API server's credential.
+fn the_kubelet_metrics_count_pod_starts_and_probes_for_the_api_server_only(w: &Work) {
+    let c = &w.c;
     let pki = c.lab_dir().join("server/pki");
     let pki = pki.to_string_lossy();
     let curl = |auth: Option<&str>| {
@@ -204,6 +240,13 @@ fn workloads_spread_over_nodes_talk_across_them_and_log() {
         m.contains("prober_probe_total{probe_type=\"Readiness\",result=\"successful\"}"),
         "{m}"
     );
+}
+
+/// A 2-node lab running the pod `app` on node2: the ConfigMap `settings` and Secret `creds` in
+/// its env and volumes, a preStop hook writing into `marker_dir` (a hostPath).
+struct Config {
+    c: Cluster,
+    marker_dir: std::path::PathBuf,
 }
 
 #[test]
@@ -260,30 +303,48 @@ spec:
         node = c.nodes[1],
         marker = marker_dir.display()
     ));
-    let logs = |args: &[&str]| {
-        String::from_utf8_lossy(&c.kubectl(&[&["logs", "app"][..], args].concat()).stdout)
-            .to_string()
-    };
+    let cfg = Config { c, marker_dir };
+    crate::scenarios!(&cfg;
+        the_app_sees_its_configmap_and_secret_in_env_and_volumes,
+        a_configmap_update_reaches_the_running_containers_volume_without_a_restart,
+        graceful_deletion_runs_prestop_then_sigterm_within_the_grace_period,
+    );
+}
+
+/// `kubectl logs app` with extra `args`: its stdout.
+fn app_logs(c: &Cluster, args: &[&str]) -> String {
+    String::from_utf8_lossy(&c.kubectl(&[&["logs", "app"][..], args].concat()).stdout).to_string()
+}
+
+/// The app runs, with the ConfigMap and Secret values in its env and its volumes.
+fn the_app_sees_its_configmap_and_secret_in_env_and_volumes(x: &Config) {
+    let c = &x.c;
     c.until(60, "the app to run", || {
-        logs(&[]).contains("now blue s3cret")
+        app_logs(c, &[]).contains("now blue s3cret")
     });
     assert!(c.ok(&["logs", "app"]).contains("env blue s3cret"));
+}
 
-    // Updates reach the running container's volumes (env stays as it was started).
+/// Updates reach the running container's volumes (env stays as it was started).
+fn a_configmap_update_reaches_the_running_containers_volume_without_a_restart(x: &Config) {
+    let c = &x.c;
     c.apply(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  colour: green\n",
     );
     c.until(40, "the ConfigMap update in the volume", || {
-        logs(&["--tail=2"]).contains("now green s3cret")
+        app_logs(c, &["--tail=2"]).contains("now green s3cret")
     });
     let restarts = c.jsonpath(
         &["get", "pod", "app"],
         "{.status.containerStatuses[0].restartCount}",
     );
     assert_eq!(restarts, "0", "an update does not restart the container");
+}
 
-    // Graceful deletion: preStop runs, then SIGTERM (which the script traps to exit), so the
-    // pod goes well within its 20 s grace.
+/// Graceful deletion: preStop runs, then SIGTERM (which the script traps to exit), so the pod
+/// goes well within its 20 s grace.
+fn graceful_deletion_runs_prestop_then_sigterm_within_the_grace_period(x: &Config) {
+    let c = &x.c;
     let t0 = Instant::now();
     c.ok(&["delete", "pod", "app", "--wait=false"]);
     c.until(30, "the pod to disappear", || {
@@ -291,7 +352,7 @@ spec:
     });
     let took = t0.elapsed();
     assert_eq!(
-        std::fs::read_to_string(marker_dir.join("prestop"))
+        std::fs::read_to_string(x.marker_dir.join("prestop"))
             .unwrap_or_default()
             .trim(),
         "prestop ran"

@@ -1,10 +1,12 @@
-//! The service proxy in a 2-node `keelson lab`, the same suite on both backends (iptables and
-//! nftables), driven with kubectl:
-//! a ClusterIP balances over every ready endpoint, from a node and from a pod; a NodePort
-//! answers on the other node; session affinity sticks; external and internal traffic policy
-//! Local keep traffic on the node; readiness loss removes an endpoint; scaling to zero
-//! makes connections fail at once; flushed rules are repaired, an agent restart keeps them, and
-//! `keelson proxy --cleanup` removes them all.
+//! The service proxy in a 2-node `keelson lab`, the same suite of scenarios on both backends
+//! (iptables and nftables), driven with kubectl, in this order: a ClusterIP balances over every
+//! ready endpoint, from a node and from a pod; a NodePort answers on the other node; external
+//! traffic policy Local keeps traffic on the node, and a Local LoadBalancer's health check port
+//! counts the node's endpoints; internal traffic policy Local keeps a node's own traffic on its
+//! pods; external IPs, ingress IPs, named target ports and SCTP are programmed; session
+//! affinity sticks; readiness loss removes an endpoint; flushed rules are repaired, an agent
+//! restart keeps them; a removed endpoint's UDP flows leave conntrack; scaling to zero makes
+//! connections fail at once; and `keelson proxy --cleanup` removes them all.
 mod common;
 
 use std::{
@@ -202,6 +204,49 @@ fn services_on_nftables() {
     suite(Backend::Nftables, "pxnft");
 }
 
+/// node2's NodePort, asked from node1.
+const NODE_PORT: &str = "http://10.250.0.12:30080/";
+
+/// The lab the suite runs on: the `web` Deployment's four ready pods behind the NodePort
+/// Service `web`, and the backend the agents program.
+struct Proxy {
+    c: Cluster,
+    be: Backend,
+    /// The web pods as they were first ready: (name, node, ip, ready).
+    pods: Vec<(String, String, String, bool)>,
+    names: BTreeSet<String>,
+    vip: String,
+    /// The ClusterIP's URL.
+    url: String,
+}
+
+impl Proxy {
+    fn n1(&self) -> &str {
+        &self.c.nodes[0]
+    }
+
+    fn n2(&self) -> &str {
+        &self.c.nodes[1]
+    }
+
+    /// The first web pods that run on node2.
+    fn local(&self) -> BTreeSet<String> {
+        self.pods
+            .iter()
+            .filter(|p| p.1 == self.n2())
+            .map(|p| p.0.clone())
+            .collect()
+    }
+
+    /// The `lb` Service's health check node port.
+    fn hc(&self) -> u16 {
+        self.c
+            .jsonpath(&["get", "svc", "lb"], "{.spec.healthCheckNodePort}")
+            .parse()
+            .expect("a health check node port is allocated")
+    }
+}
+
 fn suite(be: Backend, hint: &str) {
     let c = Cluster::up_with(hint, 2, &[], &["--sync-period=3s", be.mode()]);
     c.apply(&WEB.replace("IMAGE", BUSYBOX));
@@ -209,27 +254,57 @@ fn suite(be: Backend, hint: &str) {
     let names: BTreeSet<String> = pods.iter().map(|p| p.0.clone()).collect();
     let vip = c.jsonpath(&["get", "svc", "web"], "{.spec.clusterIP}");
     let url = format!("http://{vip}:80/");
-    let (n1, n2) = (c.nodes[0].as_str(), c.nodes[1].as_str());
+    let p = Proxy {
+        c,
+        be,
+        pods,
+        names,
+        vip,
+        url,
+    };
+    crate::scenarios!(&p;
+        the_cluster_ip_balances_over_the_pods_from_a_node,
+        a_pod_on_node2_reaches_the_cluster_ip,
+        a_node_port_answers_on_the_other_node,
+        external_traffic_policy_local_answers_only_with_the_nodes_pods,
+        a_local_load_balancer_reports_local_endpoints_on_its_health_check_port,
+        internal_traffic_policy_local_keeps_a_nodes_traffic_on_its_pods,
+        external_ips_ingress_ips_named_ports_and_sctp_are_programmed,
+        session_affinity_sends_one_client_to_one_pod,
+        a_pod_that_loses_readiness_leaves_the_service,
+        flushed_rules_are_repaired_by_the_periodic_sync,
+        an_agent_restart_keeps_the_service_and_does_not_duplicate_rules,
+        udp_flows_to_a_removed_endpoint_are_deleted_from_conntrack,
+        scaled_to_zero_connections_fail_at_once,
+        proxy_cleanup_removes_everything_the_proxy_installed,
+    );
+}
 
-    // ClusterIP from a node: every answer is one of the pods, and several pods answer.
+/// ClusterIP from a node: every answer is one of the pods, and several pods answer; only one
+/// backend programs the node.
+fn the_cluster_ip_balances_over_the_pods_from_a_node(p: &Proxy) {
+    let (c, be, n1, url) = (&p.c, p.be, p.n1(), p.url.as_str());
     let mut seen = BTreeSet::new();
     c.until(30, "the ClusterIP to answer", || {
-        get(&c, n1, &url).0.is_some()
+        get(c, n1, url).0.is_some()
     });
-    for a in answers(&c, n1, &url, 40) {
-        assert!(names.contains(&a), "{a} is not a web pod");
+    for a in answers(c, n1, url, 40) {
+        assert!(p.names.contains(&a), "{a} is not a web pod");
         seen.insert(a);
     }
     assert!(seen.len() >= 3, "40 requests reached only {seen:?}");
     let rules = be.rules(n1);
-    assert!(be.programmed(&rules, &vip), "{rules}");
+    assert!(be.programmed(&rules, &p.vip), "{rules}");
     let other = match be {
         Backend::Iptables => in_node(n1, &["nft", "list", "table", "ip", "keelson"]).0,
         Backend::Nftables => iptables_save(n1).contains("KUBE-SVC-"),
     };
     assert!(!other, "only one backend programs the node");
+}
 
-    // From a pod on node2 (pod → node → DNAT → maybe the other node).
+/// From a pod on node2 (pod → node → DNAT → maybe the other node).
+fn a_pod_on_node2_reaches_the_cluster_ip(p: &Proxy) {
+    let (c, n2, url) = (&p.c, p.n2(), p.url.as_str());
     c.ok(&[
         "run",
         "client",
@@ -250,16 +325,21 @@ fn suite(be: Backend, hint: &str) {
         .map(str::to_string)
         .collect();
     assert!(
-        from_pod.len() >= 2 && from_pod.is_subset(&names),
+        from_pod.len() >= 2 && from_pod.is_subset(&p.names),
         "from a pod: {from_pod:?}"
     );
+}
 
-    // NodePort: node1 asks node2's address.
-    let np = "http://10.250.0.12:30080/";
-    let a = answers(&c, n1, np, 10);
+/// NodePort: node1 asks node2's address.
+fn a_node_port_answers_on_the_other_node(p: &Proxy) {
+    let a = answers(&p.c, p.n1(), NODE_PORT, 10);
     assert_eq!(a.len(), 10, "every NodePort request is answered: {a:?}");
+}
 
-    // externalTrafficPolicy: Local: node2's NodePort answers only with node2's pods.
+/// externalTrafficPolicy: Local: node2's NodePort answers only with node2's pods. (The policy
+/// stays Local until the session affinity scenario.)
+fn external_traffic_policy_local_answers_only_with_the_nodes_pods(p: &Proxy) {
+    let (c, n1) = (&p.c, p.n1());
     c.ok(&[
         "patch",
         "svc",
@@ -267,26 +347,24 @@ fn suite(be: Backend, hint: &str) {
         "-p",
         "{\"spec\":{\"externalTrafficPolicy\":\"Local\"}}",
     ]);
-    let local: BTreeSet<String> = pods
-        .iter()
-        .filter(|p| p.1 == n2)
-        .map(|p| p.0.clone())
-        .collect();
+    let local = p.local();
+    let pods = &p.pods;
     assert!(!local.is_empty(), "some pod runs on node2: {pods:?}");
     c.until(20, "NodePort answers only from node2's pods", || {
-        let a: BTreeSet<String> = answers(&c, n1, np, 10).into_iter().collect();
+        let a: BTreeSet<String> = answers(c, n1, NODE_PORT, 10).into_iter().collect();
         !a.is_empty() && a.is_subset(&local)
     });
+}
 
-    // A LoadBalancer with externalTrafficPolicy: Local gets a health check node port on which
-    // every node tells whether (and how many) local endpoints it has.
+/// A LoadBalancer with externalTrafficPolicy: Local gets a health check node port on which
+/// every node tells whether (and how many) local endpoints it has. (The Service `lb` stays for
+/// the scale-to-zero scenario.)
+fn a_local_load_balancer_reports_local_endpoints_on_its_health_check_port(p: &Proxy) {
+    let (c, n1, n2) = (&p.c, p.n1(), p.n2());
     c.apply(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {app: web}\n  ports:\n  - {name: http, port: 81, targetPort: 8080}\n",
     );
-    let hc: u16 = c
-        .jsonpath(&["get", "svc", "lb"], "{.spec.healthCheckNodePort}")
-        .parse()
-        .expect("a health check node port is allocated");
+    let hc = p.hc();
     // Counted against node1's pods that are ready at the moment (a readiness flap under load
     // changes the count); the last answer goes into the failure message.
     let t0 = Instant::now();
@@ -310,8 +388,12 @@ fn suite(be: Backend, hint: &str) {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(http_raw(n1, "10.250.0.12", hc).contains("\"name\":\"lb\""));
+}
 
-    // internalTrafficPolicy: Local: node2's own ClusterIP traffic reaches only node2's pods.
+/// internalTrafficPolicy: Local: node2's own ClusterIP traffic reaches only node2's pods.
+fn internal_traffic_policy_local_keeps_a_nodes_traffic_on_its_pods(p: &Proxy) {
+    let (c, n2, url) = (&p.c, p.n2(), p.url.as_str());
+    let local = p.local();
     c.ok(&[
         "patch",
         "svc",
@@ -323,7 +405,7 @@ fn suite(be: Backend, hint: &str) {
         20,
         "the ClusterIP from node2 answers only from node2's pods",
         || {
-            let a: BTreeSet<String> = answers(&c, n2, &url, 10).into_iter().collect();
+            let a: BTreeSet<String> = answers(c, n2, url, 10).into_iter().collect();
             !a.is_empty() && a.is_subset(&local)
         },
     );
@@ -334,11 +416,14 @@ fn suite(be: Backend, hint: &str) {
         "-p",
         "{\"spec\":{\"internalTrafficPolicy\":\"Cluster\"}}",
     ]);
+}
 
-    // externalIPs and a LoadBalancer's status.loadBalancer.ingress IP are external addresses
-    // (lab-only, unowned addresses on the lab's subnet); a named target port is resolved
-    // through the EndpointSlice's ports; an SCTP port is programmed (this kernel has SCTP
-    // conntrack but no SCTP sockets, so only the rules can be checked).
+/// externalIPs and a LoadBalancer's status.loadBalancer.ingress IP are external addresses
+/// (lab-only, unowned addresses on the lab's subnet); a named target port is resolved through
+/// the EndpointSlice's ports; an SCTP port is programmed (this kernel has SCTP conntrack but no
+/// SCTP sockets, so only the rules can be checked).
+fn external_ips_ingress_ips_named_ports_and_sctp_are_programmed(p: &Proxy) {
+    let (c, be, n1) = (&p.c, p.be, p.n1());
     c.apply(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: ext\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  externalIPs: [10.250.0.201]\n  ports:\n  - {name: http, port: 82, targetPort: http-alt}\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: sctp\nspec:\n  selector: {app: web}\n  ports:\n  - {name: s, port: 9999, protocol: SCTP}\n",
     );
@@ -355,10 +440,10 @@ fn suite(be: Backend, hint: &str) {
         let ext = format!("http://{ip}:82/");
         let mut seen = BTreeSet::new();
         c.until(30, &format!("{ip}:82 to answer from several pods"), || {
-            seen.extend(answers(&c, n1, &ext, 4));
+            seen.extend(answers(c, n1, &ext, 4));
             seen.len() >= 2
         });
-        assert!(seen.is_subset(&names), "{ip}: {seen:?}");
+        assert!(seen.is_subset(&p.names), "{ip}: {seen:?}");
     }
     let sctp_vip = c.jsonpath(&["get", "svc", "sctp"], "{.spec.clusterIP}");
     c.until(20, "the SCTP port to be programmed", || {
@@ -372,8 +457,11 @@ fn suite(be: Backend, hint: &str) {
         }
     });
     c.ok(&["delete", "svc", "ext", "sctp"]);
+}
 
-    // Session affinity: one client, one pod.
+/// Session affinity: one client, one pod. (Also sets externalTrafficPolicy back to Cluster.)
+fn session_affinity_sends_one_client_to_one_pod(p: &Proxy) {
+    let (c, be, n1, url) = (&p.c, p.be, p.n1(), p.url.as_str());
     c.ok(&[
         "patch",
         "svc",
@@ -384,7 +472,7 @@ fn suite(be: Backend, hint: &str) {
     c.until(20, "affinity to be programmed", || {
         be.affinity(&be.rules(n1))
     });
-    let a: BTreeSet<String> = answers(&c, n1, &url, 15).into_iter().collect();
+    let a: BTreeSet<String> = answers(c, n1, url, 15).into_iter().collect();
     assert_eq!(a.len(), 1, "with ClientIP affinity one pod answers: {a:?}");
     c.ok(&[
         "patch",
@@ -393,37 +481,49 @@ fn suite(be: Backend, hint: &str) {
         "-p",
         "{\"spec\":{\"sessionAffinity\":\"None\"}}",
     ]);
+}
 
-    // Readiness loss removes an endpoint.
-    let victim = pods[0].0.clone();
+/// Readiness loss removes an endpoint.
+fn a_pod_that_loses_readiness_leaves_the_service(p: &Proxy) {
+    let (c, n1, url) = (&p.c, p.n1(), p.url.as_str());
+    let victim = p.pods[0].0.clone();
     let rm = c.kubectl(&["exec", &victim, "--", "rm", "/tmp/ready"]);
     if !rm.status.success() {
         // Without exec (issue 7), take the pod out by deleting it instead.
         c.ok(&["delete", "pod", &victim, "--wait=false"]);
     }
     c.until(30, "the victim to leave the Service", || {
-        let a: BTreeSet<String> = answers(&c, n1, &url, 12).into_iter().collect();
+        let a: BTreeSet<String> = answers(c, n1, url, 12).into_iter().collect();
         !a.is_empty() && !a.contains(&victim)
     });
+}
 
-    // Someone flushes the Service chain: the periodic full sync puts it back.
+/// Someone flushes the Service chain: the periodic full sync puts it back.
+fn flushed_rules_are_repaired_by_the_periodic_sync(p: &Proxy) {
+    let (c, be, n1, url) = (&p.c, p.be, p.n1(), p.url.as_str());
     // (The resync runs every 3 s: should it land between the flush and the read, flush again.)
-    let flushed = (0..3).any(|_| !be.programmed(&be.flush(n1), &vip));
+    let flushed = (0..3).any(|_| !be.programmed(&be.flush(n1), &p.vip));
     assert!(flushed, "flushed: the VIP's rule is gone");
     c.until(45, "the flushed rules to be repaired", || {
-        get(&c, n1, &url).0.is_some()
+        get(c, n1, url).0.is_some()
     });
+}
 
-    // An agent restart keeps the Service working and does not duplicate rules.
+/// An agent restart keeps the Service working and does not duplicate rules.
+fn an_agent_restart_keeps_the_service_and_does_not_duplicate_rules(p: &Proxy) {
+    let (c, be, n1, url) = (&p.c, p.be, p.n1(), p.url.as_str());
     c.lab("stop", n1);
-    assert!(get(&c, n1, &url).0.is_some(), "rules outlive the agent");
+    assert!(get(c, n1, url).0.is_some(), "rules outlive the agent");
     c.lab("start", n1);
     std::thread::sleep(Duration::from_secs(3));
     be.hooks_once(n1);
-    assert!(get(&c, n1, &url).0.is_some());
+    assert!(get(c, n1, url).0.is_some());
+}
 
-    // UDP: when an endpoint goes, the conntrack entries of flows to it are deleted, so a
-    // DNS-like client does not keep sending into a dead pod.
+/// UDP: when an endpoint goes, the conntrack entries of flows to it are deleted, so a DNS-like
+/// client does not keep sending into a dead pod.
+fn udp_flows_to_a_removed_endpoint_are_deleted_from_conntrack(p: &Proxy) {
+    let (c, be, n1) = (&p.c, p.be, p.n1());
     c.apply(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: udp\nspec:\n  selector: {app: web}\n  ports:\n  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}\n",
     );
@@ -462,8 +562,13 @@ fn suite(be: Backend, hint: &str) {
     c.until(30, "the dead endpoint's UDP flows to be deleted", || {
         flows_to(&target.2) == 0
     });
+}
 
-    // Scaled to zero: a connection fails at once (no hanging until a timeout).
+/// Scaled to zero: a connection fails at once (no hanging until a timeout), and the health
+/// check port of the `lb` Service (made by an earlier scenario) reports no local endpoint.
+fn scaled_to_zero_connections_fail_at_once(p: &Proxy) {
+    let (c, n1, n2, url) = (&p.c, p.n1(), p.n2(), p.url.as_str());
+    let hc = p.hc();
     c.ok(&["scale", "deployment", "web", "--replicas=0"]);
     // Terminating pods still serve (kube-proxy's fallback) until they are gone.
     c.until(40, "every web pod to be gone", || {
@@ -472,25 +577,28 @@ fn suite(be: Backend, hint: &str) {
             .is_empty()
     });
     c.until(20, "the Service to have no endpoints", || {
-        get(&c, n1, &url).0.is_none()
+        get(c, n1, url).0.is_none()
     });
     c.until(20, "the health check to report no local endpoint", || {
         http_raw(n2, "10.250.0.11", hc).starts_with("HTTP/1.1 503")
     });
-    let (answer, took) = get(&c, n1, &url);
+    let (answer, took) = get(c, n1, url);
     assert!(answer.is_none());
     assert!(
         took < Duration::from_secs(2),
         "rejected at once, took {took:?}"
     );
-    let (answer, took) = get(&c, n1, np);
+    let (answer, took) = get(c, n1, NODE_PORT);
     assert!(answer.is_none());
     assert!(
         took < Duration::from_secs(2),
         "NodePort rejected at once, took {took:?}"
     );
+}
 
-    // --cleanup removes everything the proxy installed.
+/// --cleanup removes everything the proxy installed. (Stops node1's agent: runs last.)
+fn proxy_cleanup_removes_everything_the_proxy_installed(p: &Proxy) {
+    let (c, n1) = (&p.c, p.n1());
     c.lab("stop", n1);
     let out = Command::new("ip")
         .args([

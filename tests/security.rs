@@ -1,9 +1,11 @@
-//! The audit's attacks, performed on a lab, each shown to fail: a subPath symlink out of its
-//! volume, a container redirecting its ConfigMap volume's `..data` link at a node directory,
-//! malformed SPDY header blocks on a kubelet's port-forward, the API server pointed at a fake
-//! kubelet, a node's certificate used against another node's kubelet, tokens of a deleted pod
-//! and of another audience, world-readable secrets, and a RuntimeDefault pod calling
-//! `unshare`. (RBAC escalation and the Node authorizer: tests/apiserver_kubectl.rs.)
+//! The audit's attacks, performed on a lab, each shown to fail (one scenario each, in this
+//! order): a subPath symlink out of its volume, a container redirecting its ConfigMap volume's
+//! `..data` link at a node directory, world-readable secrets and keys, a RuntimeDefault pod
+//! calling `unshare`, malformed SPDY header blocks on a kubelet's port-forward, a node's
+//! certificate used against another node's kubelet, the API server pointed at a fake kubelet,
+//! tokens of another audience and of a deleted pod; and past the first (a minute's)
+//! certificates' expiry the node works on renewed ones. (RBAC escalation and the Node
+//! authorizer: tests/apiserver_kubectl.rs.)
 mod common;
 
 use std::{
@@ -191,6 +193,20 @@ async fn spdy_attack(
     ws
 }
 
+/// The lab the attacks run on: node1's pods (see [`pods`]) applied, node1's first client
+/// certificate (a minute's) and a canary directory of node-only files.
+struct Audit {
+    c: Cluster,
+    /// node1.
+    node: String,
+    /// The canary directory on the node, holding `secret`.
+    canary: std::path::PathBuf,
+    /// node1's client certificate on disk, as first issued.
+    client_cert: std::path::PathBuf,
+    first_cert: String,
+    first_expiry: i64,
+}
+
 #[test]
 fn the_audits_attacks_fail() {
     // Certificates of a minute: the agents renew theirs while the test runs.
@@ -212,9 +228,31 @@ fn the_audits_attacks_fail() {
     std::fs::create_dir_all(&canary).unwrap();
     std::fs::write(canary.join("secret"), "node-only").unwrap();
     c.apply(&pods(&node, &canary.to_string_lossy()));
+    let audit = Audit {
+        c,
+        node,
+        canary,
+        client_cert,
+        first_cert,
+        first_expiry,
+    };
+    crate::scenarios!(&audit;
+        a_subpath_symlink_leaving_its_volume_is_refused,
+        configmap_and_secret_volumes_are_read_only_so_data_cannot_be_redirected,
+        secret_files_keep_their_mode_and_the_node_and_server_directories_are_private,
+        runtime_default_seccomp_refuses_unshare_and_unconfined_has_none,
+        malformed_spdy_header_blocks_leave_the_node_ready_and_answering,
+        a_nodes_certificate_is_refused_by_another_nodes_kubelet,
+        the_api_server_refuses_a_fake_kubelet_before_sending_anything,
+        tokens_of_another_audience_or_of_a_deleted_pod_are_no_identity,
+        past_the_first_certificates_expiry_the_node_works_with_renewed_ones,
+    );
+}
 
-    // 1. subPath: symlinks leaving the volume are refused, the container does not start and
-    // the node's files stay out of reach; a symlink inside the volume works.
+/// subPath: symlinks leaving the volume are refused, the container does not start and the
+/// node's files stay out of reach; a symlink inside the volume works.
+fn a_subpath_symlink_leaving_its_volume_is_refused(a: &Audit) {
+    let c = &a.c;
     let state = |name: &str| {
         c.jsonpath(
             &["get", "pod", "escape"],
@@ -231,30 +269,33 @@ fn the_audits_attacks_fail() {
         };
         refused("out") && refused("root") && !state("ok").ends_with('|')
     });
-    let (ok, out) = exec(&c, "escape", "ok", "cat /x/f");
+    let (ok, out) = exec(c, "escape", "ok", "cat /x/f");
     assert!(ok && out.trim() == "inside", "{out}");
     assert_eq!(
-        std::fs::read_to_string(canary.join("secret")).unwrap(),
+        std::fs::read_to_string(a.canary.join("secret")).unwrap(),
         "node-only"
     );
+}
 
-    // 2. ConfigMap/Secret volumes are read-only: `..data` cannot be redirected, and the next
-    // update (the agent rewrites the volume) leaves the node directory alone.
-    ready(&c, "redirect");
+/// ConfigMap/Secret volumes are read-only: `..data` cannot be redirected, and the next update
+/// (the agent rewrites the volume) leaves the node directory alone.
+fn configmap_and_secret_volumes_are_read_only_so_data_cannot_be_redirected(a: &Audit) {
+    let c = &a.c;
+    ready(c, "redirect");
     let (ok, out) = exec(
-        &c,
+        c,
         "redirect",
         "main",
-        &format!("ln -sfn {} /cfg/..data", canary.display()),
+        &format!("ln -sfn {} /cfg/..data", a.canary.display()),
     );
     assert!(!ok, "{out}");
-    let (_, out) = exec(&c, "redirect", "main", "readlink /cfg/..data");
+    let (_, out) = exec(c, "redirect", "main", "readlink /cfg/..data");
     assert!(
         out.trim().starts_with(".."),
         "..data still names a generation: {out}"
     );
     for dir in ["cfg", "private"] {
-        let (ok, out) = exec(&c, "redirect", "main", &format!("touch /{dir}/x"));
+        let (ok, out) = exec(c, "redirect", "main", &format!("touch /{dir}/x"));
         assert!(!ok && out.contains("Read-only file system"), "{out}");
     }
     c.ok(&[
@@ -266,16 +307,22 @@ fn the_audits_attacks_fail() {
         r#"{"data":{"color":"green"}}"#,
     ]);
     c.until(90, "the ConfigMap update in the running pod", || {
-        exec(&c, "redirect", "main", "cat /cfg/color").1.trim() == "green"
+        exec(c, "redirect", "main", "cat /cfg/color").1.trim() == "green"
     });
     assert!(
-        canary.join("secret").exists(),
+        a.canary.join("secret").exists(),
         "the canary directory survived"
     );
-    // The Secret's files carry their mode from their creation; pod directories are private.
-    let (_, out) = exec(&c, "redirect", "main", "stat -L -c %a /private/key");
+}
+
+/// The Secret's files carry their mode from their creation; pod directories are private, and
+/// so are the node's and the server's keys and store. (Builds on the `redirect` pod being
+/// ready.)
+fn secret_files_keep_their_mode_and_the_node_and_server_directories_are_private(a: &Audit) {
+    let c = &a.c;
+    let (_, out) = exec(c, "redirect", "main", "stat -L -c %a /private/key");
     assert_eq!(out.trim(), "400");
-    let node_dir = c.lab_dir().join("nodes").join(&node);
+    let node_dir = c.lab_dir().join("nodes").join(&a.node);
     let mode = |p: std::path::PathBuf| {
         std::fs::metadata(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -300,23 +347,30 @@ fn the_audits_attacks_fail() {
     ] {
         assert_eq!(mode(server.join("pki").join(f)), 0o600, "{f}");
     }
+}
 
-    // 3. seccomp: RuntimeDefault is applied (mode 2 in /proc/self/status) and unshare is
-    // refused; the Unconfined container beside it has none.
-    ready(&c, "confined");
-    let (_, out) = exec(&c, "confined", "main", "grep Seccomp: /proc/self/status");
+/// seccomp: RuntimeDefault is applied (mode 2 in /proc/self/status) and unshare is refused;
+/// the Unconfined container beside it has none.
+fn runtime_default_seccomp_refuses_unshare_and_unconfined_has_none(a: &Audit) {
+    let c = &a.c;
+    ready(c, "confined");
+    let (_, out) = exec(c, "confined", "main", "grep Seccomp: /proc/self/status");
     assert!(out.contains("Seccomp:\t2"), "{out}");
-    let (ok, out) = exec(&c, "confined", "main", "unshare -n true");
+    let (ok, out) = exec(c, "confined", "main", "unshare -n true");
     assert!(!ok && out.contains("Operation not permitted"), "{out}");
-    let (_, out) = exec(&c, "confined", "open", "grep Seccomp: /proc/self/status");
+    let (_, out) = exec(c, "confined", "open", "grep Seccomp: /proc/self/status");
     assert!(out.contains("Seccomp:\t0"), "{out}");
+}
 
-    // 4. Malformed SPDY header blocks on two port-forward connections to node1's kubelet: the
-    // node stays Ready and answers, kubectl answers within a second.
+/// Malformed SPDY header blocks on two port-forward connections to node1's kubelet: the node
+/// stays Ready and answers, kubectl answers within a second, the agent keeps renewing its
+/// Lease. (Builds on the `redirect` pod being ready.)
+fn malformed_spdy_header_blocks_leave_the_node_ready_and_answering(a: &Audit) {
+    let c = &a.c;
     let bridge = format!("{}-bridge", c.name);
     let pki = c.lab_dir().join("server/pki");
     let kubelet_client = tls_client(
-        &c,
+        c,
         &pki.join("kubelet-client.crt"),
         &pki.join("kubelet-client.key"),
     );
@@ -352,7 +406,7 @@ fn the_audits_attacks_fail() {
         .unwrap();
     assert!(fastest < Duration::from_secs(1), "kubectl took {fastest:?}");
     let t0 = Instant::now();
-    let (ok, out) = exec(&c, "redirect", "main", "echo alive");
+    let (ok, out) = exec(c, "redirect", "main", "echo alive");
     assert!(ok && out.trim() == "alive", "{out}");
     assert!(
         t0.elapsed() < Duration::from_secs(5),
@@ -360,21 +414,19 @@ fn the_audits_attacks_fail() {
         t0.elapsed()
     );
     // The agent keeps renewing its Lease.
-    let renewed = || {
-        c.jsonpath(
-            &["-n", "kube-node-lease", "get", "lease", &node],
-            "{.spec.renewTime}",
-        )
-    };
-    let before = renewed();
+    let before = lease_renew_time(c, &a.node);
     c.until(30, "a Lease renewal after the attack", || {
-        renewed() != before
+        lease_renew_time(c, &a.node) != before
     });
     drop(held);
+}
 
-    // 5. A node's certificate is not the API server's: node2's kubelet refuses node1's.
-    let n1 = c.lab_dir().join("nodes").join(&node).join("pki");
-    let as_node1 = tls_client(&c, &n1.join("node-client.crt"), &n1.join("node-client.key"));
+/// A node's certificate is not the API server's: node2's kubelet refuses node1's.
+fn a_nodes_certificate_is_refused_by_another_nodes_kubelet(a: &Audit) {
+    let c = &a.c;
+    let bridge = format!("{}-bridge", c.name);
+    let n1 = c.lab_dir().join("nodes").join(&a.node).join("pki");
+    let as_node1 = tls_client(c, &n1.join("node-client.crt"), &n1.join("node-client.key"));
     let code = common::in_netns(&bridge, || {
         tokio::runtime::Runtime::new().unwrap().block_on(async {
             let addr: std::net::SocketAddr = "10.250.0.12:10250".parse().unwrap();
@@ -397,10 +449,13 @@ fn the_audits_attacks_fail() {
         })
     });
     assert_eq!(code, 401, "node1's certificate on node2's kubelet");
+}
 
-    // 6. The API server pointed at a fake kubelet: a Node whose status names a listener of
-    // the test's, serving node1's own certificate (the cluster CA's, for another node). The
-    // server refuses it before sending anything.
+/// The API server pointed at a fake kubelet: a Node whose status names a listener of the
+/// test's, serving node1's own certificate (the cluster CA's, for another node). The server
+/// refuses it before sending anything.
+fn the_api_server_refuses_a_fake_kubelet_before_sending_anything(a: &Audit) {
+    let c = &a.c;
     c.apply(
         "apiVersion: v1\nkind: Node\nmetadata: {name: ghost}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: haunted}\nspec:\n  nodeName: ghost\n  containers: [{name: c, image: x}]\n",
     );
@@ -408,13 +463,14 @@ fn the_audits_attacks_fail() {
         "patch", "node", "ghost", "--subresource=status", "--type=merge", "-p",
         r#"{"status":{"addresses":[{"type":"InternalIP","address":"10.250.0.11"}],"daemonEndpoints":{"kubeletEndpoint":{"Port":10299}}}}"#,
     ]);
+    let n1 = c.lab_dir().join("nodes").join(&a.node).join("pki");
     let serving = (
         n1.join("kubelet-serving.crt"),
         n1.join("kubelet-serving.key"),
     );
     let fake_rt = tokio::runtime::Runtime::new().unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let listener = common::in_netns(&node, || {
+    let listener = common::in_netns(&a.node, || {
         std::net::TcpListener::bind("10.250.0.11:10299").unwrap()
     });
     {
@@ -458,8 +514,12 @@ fn the_audits_attacks_fail() {
         "the fake kubelet received a request"
     );
     drop(fake_rt);
+}
 
-    // 7. Tokens: one for another audience, and one of a deleted pod, are no identity.
+/// Tokens: one for another audience, and one of a deleted pod, are no identity. (Deletes the
+/// `confined` pod.)
+fn tokens_of_another_audience_or_of_a_deleted_pod_are_no_identity(a: &Audit) {
+    let c = &a.c;
     let sa_token = |aud: &str, bound: Option<(&str, &str)>| {
         let mut spec = serde_json::json!({"expirationSeconds": 3600, "audiences": [aud]});
         if let Some((name, uid)) = bound {
@@ -494,28 +554,40 @@ fn the_audits_attacks_fail() {
     assert!(code(&bound).contains("orbidden"), "{}", code(&bound));
     c.ok(&["delete", "pod", "confined", "--wait=true", "--timeout=60s"]);
     assert!(code(&bound).contains("Unauthorized"), "{}", code(&bound));
+}
 
-    // 8. Rotation: past the first certificates' expiry the node still works, with a renewed
-    // client certificate on disk (and a renewed serving certificate: exec reaches it).
+/// Rotation: past the first certificates' expiry the node still works, with a renewed client
+/// certificate on disk (and a renewed serving certificate: exec reaches it). (Builds on the
+/// `redirect` pod; runs last, as the first certificates expire a minute after the lab came up.)
+fn past_the_first_certificates_expiry_the_node_works_with_renewed_ones(a: &Audit) {
+    let c = &a.c;
     c.until(90, "the node client certificate renewed", || {
-        std::fs::read_to_string(&client_cert).unwrap() != first_cert
+        std::fs::read_to_string(&a.client_cert).unwrap() != a.first_cert
     });
-    while jiff::Timestamp::now().as_second() <= first_expiry + 1 {
+    while jiff::Timestamp::now().as_second() <= a.first_expiry + 1 {
         std::thread::sleep(Duration::from_millis(500));
     }
-    let before = renewed();
+    let before = lease_renew_time(c, &a.node);
     c.until(30, "a Lease renewal with the renewed certificate", || {
-        renewed() != before
+        lease_renew_time(c, &a.node) != before
     });
-    let (ok, out) = exec(&c, "redirect", "main", "echo rotated");
+    let (ok, out) = exec(c, "redirect", "main", "echo rotated");
     assert!(ok && out.trim() == "rotated", "{out}");
     assert_eq!(
         c.jsonpath(
-            &["get", "node", &node],
+            &["get", "node", &a.node],
             r#"{.status.conditions[?(@.type=="Ready")].status}"#
         ),
         "True"
     );
+}
+
+/// The renewTime of `node`'s Lease.
+fn lease_renew_time(c: &Cluster, node: &str) -> String {
+    c.jsonpath(
+        &["-n", "kube-node-lease", "get", "lease", node],
+        "{.spec.renewTime}",
+    )
 }
 
 /// Waits until pod `name` is Ready.

@@ -149,8 +149,19 @@ fn up(hint: &str, agent_args: &[&str]) -> Cluster {
 fn exec_tty_cp_and_errors_with_kubectl() {
     // A short idle timeout to see it close a stream (kubelet's default is 4 h).
     let c = up("exec", &["--streaming-connection-idle-timeout=6s"]);
+    crate::scenarios!(&c;
+        exec_keeps_stdout_and_stderr_apart_and_returns_the_exit_code,
+        exec_i_delivers_stdin_whole_and_streams_output_while_it_flows,
+        exec_it_on_a_terminal_carries_the_size_a_resize_and_the_exit_code,
+        cp_copies_both_ways_byte_for_byte_and_many_short_copies_succeed,
+        exec_fails_with_kubectls_usual_errors,
+        an_idle_stream_is_closed_and_a_leaving_client_takes_its_process_along,
+    );
+}
 
-    // exec: stdout and stderr apart, the exit code becomes kubectl's.
+/// exec: stdout and stderr apart, the exit code becomes kubectl's; the other container, and
+/// its environment/user as the container has them.
+fn exec_keeps_stdout_and_stderr_apart_and_returns_the_exit_code(c: &Cluster) {
     let o = c.kubectl(&[
         "exec",
         "box",
@@ -182,11 +193,14 @@ fn exec_tty_cp_and_errors_with_kubectl() {
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).ends_with("0\n"), "{}", text(&o.stdout));
+}
 
-    // exec -i: stdin arrives whole and its EOF ends the command.
+/// exec -i: stdin arrives whole and its EOF ends the command; a command that echoes: output
+/// flows while stdin still streams in (no stall both ways).
+fn exec_i_delivers_stdin_whole_and_streams_output_while_it_flows(c: &Cluster) {
     let input = random(300_000, 1);
     let (code, out, err) = with_stdin(
-        &c,
+        c,
         &["exec", "-i", "box", "-c", "main", "--", "sha256sum"],
         &input,
     );
@@ -197,18 +211,16 @@ fn exec_tty_cp_and_errors_with_kubectl() {
     );
     // A command that echoes: output flows while stdin still streams in (no stall both ways).
     let input = random(2_000_000, 2);
-    let (code, out, err) = with_stdin(
-        &c,
-        &["exec", "-i", "box", "-c", "main", "--", "cat"],
-        &input,
-    );
+    let (code, out, err) = with_stdin(c, &["exec", "-i", "box", "-c", "main", "--", "cat"], &input);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.len(), input.len());
     assert!(out == input, "cat echoed the bytes unchanged");
+}
 
-    // exec -it on a terminal: the size comes along, a resize follows, the exit code too.
+/// exec -it on a terminal: the size comes along, a resize follows, the exit code too.
+fn exec_it_on_a_terminal_carries_the_size_a_resize_and_the_exit_code(c: &Cluster) {
     let mut t = Pty::spawn(
-        &c,
+        c,
         &["exec", "-it", "box", "-c", "main", "--", "sh"],
         40,
         100,
@@ -227,8 +239,11 @@ fn exec_tty_cp_and_errors_with_kubectl() {
         5,
         "kubectl exec -it returns the shell's exit code"
     );
+}
 
-    // cp both ways (tar through exec), byte for byte.
+/// cp both ways (tar through exec), byte for byte; and many short copies in a row, each
+/// ending in order.
+fn cp_copies_both_ways_byte_for_byte_and_many_short_copies_succeed(c: &Cluster) {
     let local = c.dir.path().join("payload.bin");
     let payload = random(3 << 20, 3);
     std::fs::write(&local, &payload).unwrap();
@@ -280,13 +295,12 @@ fn exec_tty_cp_and_errors_with_kubectl() {
                 .starts_with("root:")
         );
     }
+}
 
-    // kubectl's usual errors.
-    let err = |args: &[&str]| {
-        let o = c.kubectl(args);
-        assert!(!o.status.success(), "{args:?} should fail");
-        text(&o.stderr)
-    };
+/// kubectl's usual errors: no such pod or container, a container not started, a completed pod,
+/// no such command; and a node's own credential may not exec.
+fn exec_fails_with_kubectls_usual_errors(c: &Cluster) {
+    let err = |args: &[&str]| failure(c, args);
     let e = err(&["exec", "nope", "--", "true"]);
     assert!(e.contains("pods \"nope\" not found"), "{e}");
     let e = err(&["exec", "box", "-c", "nope", "--", "true"]);
@@ -310,17 +324,19 @@ fn exec_tty_cp_and_errors_with_kubectl() {
     );
     let e = text(&o.stderr);
     assert!(e.contains("cannot create resource \"pods/exec\""), "{e}");
+}
 
-    // An idle stream is closed (6 s here); a client that leaves takes its process along and
-    // leaves no FIFO behind.
+/// An idle stream is closed (6 s here); a client that leaves takes its process along and
+/// leaves no FIFO behind.
+fn an_idle_stream_is_closed_and_a_leaving_client_takes_its_process_along(c: &Cluster) {
     let t0 = Instant::now();
-    let e = err(&["exec", "box", "-c", "side", "--", "sleep", "40"]);
+    let e = failure(c, &["exec", "box", "-c", "side", "--", "sleep", "40"]);
     assert!(
         t0.elapsed() < Duration::from_secs(25),
         "closed when idle: {e}"
     );
     assert!(e.contains("idle"), "{e}");
-    let mut k = kubectl(&c)
+    let mut k = kubectl(c)
         .args(["exec", "-i", "box", "-c", "side", "--", "sleep", "1234"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -345,13 +361,31 @@ fn exec_tty_cp_and_errors_with_kubectl() {
     });
 }
 
+/// kubectl with `args`, which must fail; its stderr.
+fn failure(c: &Cluster, args: &[&str]) -> String {
+    let o = c.kubectl(args);
+    assert!(!o.status.success(), "{args:?} should fail");
+    text(&o.stderr)
+}
+
 #[test]
 fn attach_run_and_port_forward_with_kubectl() {
     let c = up("attach", &[]);
+    crate::scenarios!(&c;
+        port_forward_carries_four_10_mib_echoes_at_once_and_reaches_a_loopback_server,
+        port_forward_to_a_service_reaches_a_pod_at_its_target_port,
+        port_forward_to_a_closed_port_reports_the_pods_refusal,
+        attach_shows_earlier_output_in_the_log_and_feeds_stdin,
+        run_i_rm_reads_stdin_once_and_removes_the_pod,
+        run_it_rm_on_a_terminal_ends_with_the_shell,
+    );
+}
 
-    // port-forward: four connections at once, 10 MiB each way through an echo server.
+/// port-forward: four connections at once, 10 MiB each way through an echo server; a server
+/// bound to 127.0.0.1 inside the pod is reachable: the 10 MiB file it serves.
+fn port_forward_carries_four_10_mib_echoes_at_once_and_reaches_a_loopback_server(c: &Cluster) {
     let payloads: Vec<Vec<u8>> = (0..4u8).map(|i| random(10 << 20, 10 + i)).collect();
-    let f = Forward::start(&c, "pod/box", &["9000", "8081"]);
+    let f = Forward::start(c, "pod/box", &["9000", "8081"]);
     let runs: Vec<_> = payloads
         .into_iter()
         .map(|data| {
@@ -377,12 +411,18 @@ fn attach_run_and_port_forward_with_kubectl() {
     let want = c.ok(&["exec", "box", "-c", "main", "--", "sha256sum", "/www/big"]);
     assert_eq!(want.split_whitespace().next(), Some(sha(&body).as_str()));
     drop(f);
-    // svc/NAME: kubectl resolves the Service to a pod and its target port.
-    let f = Forward::start(&c, "svc/box", &["80"]);
+}
+
+/// svc/NAME: kubectl resolves the Service to a pod and its target port.
+fn port_forward_to_a_service_reaches_a_pod_at_its_target_port(c: &Cluster) {
+    let f = Forward::start(c, "svc/box", &["80"]);
     assert_eq!(echo_through(f.ports[0], b"ping\n".to_vec()), b"ping\n");
     drop(f);
-    // A closed port: kubectl reports the pod's refusal and gives up.
-    let mut f = Forward::start(&c, "pod/box", &["9999"]);
+}
+
+/// A closed port: kubectl reports the pod's refusal and gives up.
+fn port_forward_to_a_closed_port_reports_the_pods_refusal(c: &Cluster) {
+    let mut f = Forward::start(c, "pod/box", &["9999"]);
     let _ = std::net::TcpStream::connect(("127.0.0.1", f.ports[0]))
         .and_then(|mut s| std::io::Read::read(&mut s, &mut [0u8; 16]));
     let t0 = Instant::now();
@@ -393,18 +433,22 @@ fn attach_run_and_port_forward_with_kubectl() {
     assert!(e.contains("error forwarding port 9999"), "{e}");
     assert!(e.contains("connection refused"), "{e}");
     drop(f);
+}
 
-    // attach: what the container printed before is in its log; input reaches its stdin.
+/// attach: what the container printed before is in its log; input reaches its stdin.
+fn attach_shows_earlier_output_in_the_log_and_feeds_stdin(c: &Cluster) {
     let logs = c.ok(&["logs", "talker"]);
     assert!(logs.contains("started"), "{logs}");
-    let (code, out, err) = with_stdin(&c, &["attach", "-i", "talker"], b"a\nb\nquit\n");
+    let (code, out, err) = with_stdin(c, &["attach", "-i", "talker"], b"a\nb\nquit\n");
     assert_eq!(code, 0, "{err}");
     let out = text(&out);
     assert!(out.contains("echo:a") && out.contains("echo:b"), "{out}");
+}
 
-    // run -i --rm: stdin once, the pod removed after.
+/// run -i --rm: stdin once, the pod removed after.
+fn run_i_rm_reads_stdin_once_and_removes_the_pod(c: &Cluster) {
     let (code, out, err) = with_stdin(
-        &c,
+        c,
         &[
             "run",
             "once",
@@ -425,10 +469,12 @@ fn attach_run_and_port_forward_with_kubectl() {
     c.until(30, "the run pod deleted", || {
         !c.kubectl(&["get", "pod", "once"]).status.success()
     });
+}
 
-    // run -it --rm on a terminal.
+/// run -it --rm on a terminal.
+fn run_it_rm_on_a_terminal_ends_with_the_shell(c: &Cluster) {
     let mut t = Pty::spawn(
-        &c,
+        c,
         &[
             "run",
             "shell",

@@ -6,7 +6,9 @@
 mod common;
 
 use std::{
+    cell::{OnceCell, RefCell},
     io::{BufRead, BufReader, Read},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -149,21 +151,32 @@ impl Drop for Up {
     }
 }
 
-#[test]
-fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
-    assert!(nix::unistd::geteuid().is_root(), "this test needs root");
-    let ns = Netns::new();
-    let tmp = tempfile::Builder::new()
-        .prefix("keelson-up-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().join("data");
-    let kubeconfig = dir.join("server/kubeconfig.yaml");
-    let kubectl = |args: &[&str], stdin: Option<&str>| {
-        let mut c = ns.cmd("kubectl");
+/// `keelson up` in a network namespace of the test's own, on a data directory in a temporary
+/// directory. (Fields drop in order: `up` stops before the directory and the namespace go.)
+struct UpLab {
+    /// The first `keelson up`, until Ctrl-C takes it.
+    up: RefCell<Option<Up>>,
+    /// What the first `up` served, recorded for the second.
+    first: OnceCell<Served>,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    tmp: tempfile::TempDir,
+    ns: Netns,
+}
+
+/// The web Service's ClusterIP and the web pods' containers under the first `up`.
+struct Served {
+    cip: String,
+    pods_before: String,
+}
+
+impl UpLab {
+    /// kubectl in the namespace, with `stdin` if any: (success, stdout, stderr).
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        let mut c = self.ns.cmd("kubectl");
         c.args(args)
-            .env("KUBECONFIG", &kubeconfig)
-            .env("HOME", tmp.path())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.tmp.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -179,18 +192,79 @@ fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
             String::from_utf8_lossy(&o.stdout).to_string(),
             String::from_utf8_lossy(&o.stderr).to_string(),
         )
-    };
-    let wget = |url: &str| {
-        let o = ns
+    }
+
+    /// kubectl's `-o jsonpath=PATH` for `args`, which must succeed.
+    fn jp(&self, args: &[&str], path: &str) -> String {
+        let mut a = args.to_vec();
+        let p = format!("jsonpath={path}");
+        a.extend(["-o", p.as_str()]);
+        let (ok, out, err) = self.kubectl(&a, None);
+        assert!(ok, "{err}");
+        out
+    }
+
+    /// What `url` answers in the namespace ("" if nothing within 5 s).
+    fn wget(&self, url: &str) -> String {
+        let o = self
+            .ns
             .cmd("timeout")
             .args(["5", "/bin/busybox", "wget", "-qO-", url])
             .output()
             .unwrap();
         String::from_utf8_lossy(&o.stdout).to_string()
-    };
+    }
 
+    /// The web pods' names and container IDs.
+    fn web_containers(&self) -> String {
+        self.jp(
+            &["get", "pods", "-l", "app=web"],
+            "{range .items[*]}{.metadata.name}={.status.containerStatuses[0].containerID}{\"\\n\"}{end}",
+        )
+    }
+
+    /// The first `up`'s progress so far.
+    fn progress(&self) -> String {
+        self.up
+            .borrow()
+            .as_ref()
+            .expect("the first keelson up runs")
+            .progress()
+    }
+}
+
+#[test]
+fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+    let ns = Netns::new();
+    let tmp = tempfile::Builder::new()
+        .prefix("keelson-up-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("data");
+    let kubeconfig = dir.join("server/kubeconfig.yaml");
     let up = Up::start(&ns, &dir);
-    let p = up.progress();
+    let lab = UpLab {
+        up: RefCell::new(Some(up)),
+        first: OnceCell::new(),
+        dir,
+        kubeconfig,
+        tmp,
+        ns,
+    };
+    crate::scenarios!(&lab;
+        up_shows_its_progress_and_down_refuses_while_it_runs,
+        a_deployment_answers_through_the_cluster_ip_and_the_node_port,
+        ctrl_c_stops_up_cleanly,
+        a_second_up_on_the_same_directory_adopts_the_pods_still_serving,
+        down_purge_leaves_no_container_and_no_data_directory,
+    );
+}
+
+/// `up` shows its progress (a private containerd, the API server, Ready); `down` refuses while
+/// `up` runs.
+fn up_shows_its_progress_and_down_refuses_while_it_runs(lab: &UpLab) {
+    let p = lab.progress();
     for want in [
         "containerd: started a private one",
         "API server on",
@@ -199,47 +273,41 @@ fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
         assert!(p.contains(want), "progress shows {want:?}:\n{p}");
     }
     // `down` refuses while `up` runs.
-    let o = ns
+    let o = lab
+        .ns
         .cmd(keelson())
         .args(["down", "--data-dir"])
-        .arg(&dir)
+        .arg(&lab.dir)
         .output()
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("still running"));
+}
 
-    let (ok, _, err) = kubectl(
+/// A Deployment behind a NodePort Service: both replicas answer through the ClusterIP, and the
+/// NodePort answers. Records the ClusterIP and the pods' containers for the second `up`.
+fn a_deployment_answers_through_the_cluster_ip_and_the_node_port(lab: &UpLab) {
+    let (ok, _, err) = lab.kubectl(
         &["apply", "-f", "-"],
         Some(&common::web(2, Some("NodePort"))),
     );
     assert!(ok, "{err}");
-    let (ok, _, err) = kubectl(
+    let (ok, _, err) = lab.kubectl(
         &["rollout", "status", "deployment/web", "--timeout=120s"],
         None,
     );
-    assert!(ok, "{err}\n{}", up.progress());
-    let jp = |args: &[&str], path: &str| {
-        let mut a = args.to_vec();
-        let p = format!("jsonpath={path}");
-        a.extend(["-o", p.as_str()]);
-        let (ok, out, err) = kubectl(&a, None);
-        assert!(ok, "{err}");
-        out
-    };
-    let cip = jp(&["get", "service", "web"], "{.spec.clusterIP}");
-    let port = jp(&["get", "service", "web"], "{.spec.ports[0].nodePort}");
-    let node_ip = jp(
+    assert!(ok, "{err}\n{}", lab.progress());
+    let cip = lab.jp(&["get", "service", "web"], "{.spec.clusterIP}");
+    let port = lab.jp(&["get", "service", "web"], "{.spec.ports[0].nodePort}");
+    let node_ip = lab.jp(
         &["get", "nodes"],
         "{.items[0].status.addresses[?(@.type==\"InternalIP\")].address}",
     );
-    let pods_before = jp(
-        &["get", "pods", "-l", "app=web"],
-        "{range .items[*]}{.metadata.name}={.status.containerStatuses[0].containerID}{\"\\n\"}{end}",
-    );
+    let pods_before = lab.web_containers();
     let mut seen = std::collections::BTreeSet::new();
     let t0 = Instant::now();
     while seen.len() < 2 && t0.elapsed() < Duration::from_secs(30) {
-        let a = wget(&format!("http://{cip}/"));
+        let a = lab.wget(&format!("http://{cip}/"));
         if a.starts_with("hello from web-") {
             seen.insert(a);
         }
@@ -249,16 +317,28 @@ fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
         2,
         "both replicas answered through the ClusterIP {cip}"
     );
-    assert!(wget(&format!("http://{node_ip}:{port}/")).starts_with("hello from web-"));
+    assert!(
+        lab.wget(&format!("http://{node_ip}:{port}/"))
+            .starts_with("hello from web-")
+    );
+    let served = Served { cip, pods_before };
+    assert!(lab.first.set(served).is_ok(), "recorded once");
+}
 
-    // Ctrl-C stops it cleanly.
+/// Ctrl-C stops it cleanly.
+fn ctrl_c_stops_up_cleanly(lab: &UpLab) {
+    let up = lab.up.take().expect("the first keelson up runs");
     let (st, progress) = up.interrupt();
     assert!(st.success(), "exit status {st:?}:\n{progress}");
     assert!(progress.contains("stopped"), "{progress}");
+}
 
-    // Again on the same directory: the same pods, adopted, still serving.
-    let up = Up::start(&ns, &dir);
-    let (ok, _, err) = kubectl(
+/// Again on the same directory: the same pods, adopted, still serving. (Builds on the
+/// Deployment of the first `up`, stopped by Ctrl-C.)
+fn a_second_up_on_the_same_directory_adopts_the_pods_still_serving(lab: &UpLab) {
+    let Served { cip, pods_before } = lab.first.get().expect("the first up's Service recorded");
+    let up = Up::start(&lab.ns, &lab.dir);
+    let (ok, _, err) = lab.kubectl(
         &["rollout", "status", "deployment/web", "--timeout=120s"],
         None,
     );
@@ -266,38 +346,38 @@ fn up_serves_a_service_stops_on_ctrl_c_and_comes_back() {
     let t0 = Instant::now();
     let mut after = String::new();
     while t0.elapsed() < Duration::from_secs(30) {
-        after = jp(
-            &["get", "pods", "-l", "app=web"],
-            "{range .items[*]}{.metadata.name}={.status.containerStatuses[0].containerID}{\"\\n\"}{end}",
-        );
-        if after == pods_before {
+        after = lab.web_containers();
+        if after == *pods_before {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(
-        after, pods_before,
+        after, *pods_before,
         "the second up adopted the same containers"
     );
     let t0 = Instant::now();
     let mut a = String::new();
     while t0.elapsed() < Duration::from_secs(30) && !a.starts_with("hello from web-") {
-        a = wget(&format!("http://{cip}/"));
+        a = lab.wget(&format!("http://{cip}/"));
     }
     assert!(a.starts_with("hello from web-"), "{a}\n{}", up.progress());
     let (st, progress) = up.interrupt();
     assert!(st.success(), "{progress}");
+}
 
-    // down --purge: no container, no data directory left.
-    let o = ns
+/// down --purge: no container, no data directory left.
+fn down_purge_leaves_no_container_and_no_data_directory(lab: &UpLab) {
+    let o = lab
+        .ns
         .cmd(keelson())
         .args(["down", "--purge", "--data-dir"])
-        .arg(&dir)
+        .arg(&lab.dir)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("containers removed"), "{err}");
     assert!(!err.contains(" 0 containers removed"), "{err}");
-    assert!(!dir.exists(), "the data directory is gone");
+    assert!(!lab.dir.exists(), "the data directory is gone");
 }

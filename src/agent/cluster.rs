@@ -123,8 +123,13 @@ pub async fn client(
     timeouts.set_connect_timeout(cfg.connect_timeout);
     timeouts.set_read_timeout(cfg.read_timeout);
     timeouts.set_write_timeout(cfg.write_timeout);
+    // A burst of pods opens many connections at once (each pod's first requests); only a few
+    // stay open afterwards, each holding its TLS and HTTP buffers (measured: 65 idle
+    // connections, ~2 MiB, after 50 pods).
     let http_client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(4)
+            .pool_idle_timeout(Duration::from_secs(30))
             .build(timeouts);
     let service = tower::ServiceBuilder::new()
         .layer(cfg.base_uri_layer())

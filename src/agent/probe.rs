@@ -282,7 +282,9 @@ async fn until_threshold<P: Prober>(
     let mut tick = tokio::time::interval(tm.period);
     loop {
         tick.tick().await;
-        let r = t.run(p, tm.timeout).await;
+        // Boxed: the probe (an HTTP exchange, an exec) lives only while it runs, not in
+        // the supervisor's resting task.
+        let r = Box::pin(t.run(p, tm.timeout)).await;
         super::metrics::get().probe(kind.label(), r.is_ok());
         match r {
             Ok(_) => {
@@ -322,7 +324,7 @@ async fn periodic<P: Prober>(
     let mut tick = tokio::time::interval(tm.period);
     loop {
         tick.tick().await;
-        let r = t.run(&p, tm.timeout).await;
+        let r = Box::pin(t.run(&p, tm.timeout)).await;
         super::metrics::get().probe(kind.label(), r.is_ok());
         match r {
             Ok(_) => {

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 pub mod cluster;
 pub mod floor;
 pub mod kubectl;
+pub mod scenario;
 pub mod server;
 
 pub use kubectl::Kubectl;
@@ -477,21 +478,18 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let log = self.agent_log();
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
             if let Ok(c) =
                 std::fs::read_to_string(keelson::lab::ContainerdPaths::new(self.dir.path()).log())
             {
-                eprintln!("--- containerd log (last 30 lines) ---");
-                let tail: Vec<&str> = c.lines().rev().take(30).collect();
-                for l in tail.into_iter().rev() {
-                    eprintln!("{}", &l[..l.len().min(400)]);
-                }
+                eprintln!(
+                    "--- containerd log (last 30 lines) ---\n{}",
+                    kubectl::tail(&c, 30)
+                );
             }
-            eprintln!("--- agent log (last 80 lines) ---");
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
+            eprintln!(
+                "--- agent log (last 80 lines) ---\n{}",
+                kubectl::tail(&self.agent_log(), 80)
+            );
         }
         self.kill_agent();
         // Stop every task and container this lab's containerd runs, then containerd itself.

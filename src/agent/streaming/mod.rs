@@ -45,6 +45,11 @@ pub struct AttachIo {
     pub exited: tokio::sync::watch::Receiver<bool>,
 }
 
+/// Output chunks an attached client may fall behind by before it misses some (each at most a
+/// log pump's read, 8 KiB). The ring is allocated per container, attached or not: 64 slots
+/// are 4 KiB (256 were 16 KiB).
+const OUTPUT_BACKLOG: usize = 64;
+
 impl AttachIo {
     pub fn new(
         container_id: String,
@@ -57,7 +62,7 @@ impl AttachIo {
             container_id,
             tty,
             stdin_once,
-            output: tokio::sync::broadcast::channel(256).0,
+            output: tokio::sync::broadcast::channel(OUTPUT_BACKLOG).0,
             stdin: tokio::sync::Mutex::new(stdin),
             exited,
         }
