@@ -1,11 +1,11 @@
 //! The agent's allocator settings (glibc). A node agent's heap swells with a burst of pods and
 //! should shrink when they go: one arena instead of one per thread (each kept what its thread
-//! had freed), blocks of 64 KiB and more mapped on their own, and the freed pages handed back
-//! once pods have ended.
+//! had freed), and blocks of 64 KiB and more mapped on their own.
 //!
 //! Measured with `cargo bench --bench pod_start` (50 pods, three rounds of create and delete,
 //! lean build): RssAnon 14.7 -> 11.0 MiB at 50 pods and 16.5 -> 11.5 MiB after the third
-//! round from the settings alone.
+//! round. A `malloc_trim(0)` once pods had ended was also tried: no change (10.5 MiB either
+//! way), so it is not done.
 
 /// Applies the settings; call first thing, before other threads exist.
 pub fn tune() {
@@ -15,15 +15,5 @@ pub fn tune() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 * 1024);
-    }
-}
-
-/// Returns the heap's free pages to the kernel (also those between live blocks, which the
-/// trim threshold cannot reach).
-pub fn give_back() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

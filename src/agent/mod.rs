@@ -205,7 +205,6 @@ pub async fn run(
     let mut source = manifest::ManifestSource::default();
     let (mut pods, mut done_rx) = manager::PodManager::new(ctx.clone(), adopted);
     let mut first = true;
-    let mut give_back_at: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     crate::systemd::notify("READY=1");
     loop {
@@ -227,21 +226,7 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 while notify_rx.try_recv().is_ok() {}
             }
-            Some(uid) = done_rx.recv() => {
-                pods.finished(&uid);
-                // Once a wave of pods has ended (5 s after the first of it), their memory goes
-                // back to the kernel.
-                give_back_at.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(5));
-            }
-            _ = async {
-                match give_back_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending::<()>().await,
-                }
-            } => {
-                give_back_at = None;
-                memory::give_back();
-            }
+            Some(uid) = done_rx.recv() => pods.finished(&uid),
             _ = async {
                 match api_changed.as_mut() {
                     Some(rx) => { let _ = rx.changed().await; }
