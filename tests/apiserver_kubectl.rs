@@ -1219,7 +1219,30 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     crate::scenarios!(&s;
         malformed_and_oversized_bodies_get_kube_apiservers_errors,
         the_server_keeps_serving_and_describe_and_wide_output_work,
+        only_the_subresources_discovery_lists_are_served,
     );
+}
+
+/// A subresource is served for the kinds discovery lists it for (kube-apiserver has no
+/// configmaps/status or pods/scale), and works where it is listed. Builds on the pod `p`.
+fn only_the_subresources_discovery_lists_are_served(s: &Server) {
+    s.ok(&["create", "configmap", "plain", "--from-literal=a=b"]);
+    for path in [
+        "/api/v1/namespaces/default/configmaps/plain/status",
+        "/api/v1/namespaces/default/pods/p/scale",
+        "/api/v1/namespaces/default/configmaps/plain/binding",
+    ] {
+        let err = s.fails(&["get", "--raw", path]);
+        assert!(
+            err.contains("NotFound") || err.contains("not found"),
+            "{path}: {err}"
+        );
+    }
+    let st = s.ok(&["get", "--raw", "/api/v1/namespaces/default/pods/p/status"]);
+    assert!(st.contains("\"kind\":\"Pod\""), "{st}");
+    let discovery = s.ok(&["get", "--raw", "/api/v1"]);
+    assert!(discovery.contains("\"pods/status\""), "{discovery}");
+    assert!(!discovery.contains("\"configmaps/status\""), "{discovery}");
 }
 
 /// Bodies that do not decode, name another kind, an invalid name, unclosed YAML, 4 MiB of

@@ -408,6 +408,11 @@ fn subresources_of(r: &Resource) -> impl Iterator<Item = &'static Sub> {
     SUBRESOURCES.iter().filter(move |s| s.plural == plural)
 }
 
+/// Whether resource `r` serves subresource `name` (what discovery lists is what is served).
+pub fn has_subresource(r: &Resource, name: &str) -> bool {
+    subresources_of(r).any(|s| s.name == name)
+}
+
 /// The content type of aggregated discovery (kubectl asks for it first).
 pub const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
 

@@ -117,6 +117,11 @@ pub async fn handle(
     body: &Bytes,
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
+    // The registry's table says which kinds serve which subresources (and discovery lists the
+    // same table); past this check only the method matters.
+    if !super::registry::has_subresource(r, sub) {
+        return Err(not_found());
+    }
     let key = r.key(ns, name);
     let kv = get_existing(st, r, &key, name).await?;
     let t = Target {
@@ -133,18 +138,16 @@ pub async fn handle(
         ("status", &Method::PUT) | ("status", &Method::PATCH) => {
             status(&t, method, headers, body).await
         }
-        ("binding", &Method::POST) if r.kind == "Pod" => binding(&t, body).await,
-        ("approval", &Method::PUT) if r.kind == "CertificateSigningRequest" => {
+        ("binding", &Method::POST) => binding(&t, body).await,
+        ("approval", &Method::PUT) => {
             let b = parse_body(body, r)?;
             let new = super::csr::approve(st, &t.cur, &b)?;
             Ok(json_response(StatusCode::OK, &t.write(new).await?))
         }
-        ("log", &Method::GET) if r.kind == "Pod" => super::logs::proxy(st, &t.cur, query).await,
-        ("token", &Method::POST) if r.kind == "ServiceAccount" => token(&t, body).await,
-        ("eviction", &Method::POST) if r.kind == "Pod" => eviction(&t, body).await,
-        ("scale", m) if matches!(r.kind, "Deployment" | "ReplicaSet") => {
-            scale(&t, m, headers, body).await
-        }
+        ("log", &Method::GET) => super::logs::proxy(st, &t.cur, query).await,
+        ("token", &Method::POST) => token(&t, body).await,
+        ("eviction", &Method::POST) => eviction(&t, body).await,
+        ("scale", m) => scale(&t, m, headers, body).await,
         _ => Err(not_found()),
     }
 }
