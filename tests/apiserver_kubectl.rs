@@ -580,7 +580,38 @@ fn node_identities_write_only_their_own_objects() {
         a_node_writes_only_its_own_lease_and_no_other_kinds,
         a_node_reads_a_secret_only_while_a_pod_bound_to_it_references_it,
         the_join_token_bootstraps_and_does_nothing_else,
+        a_bootstrap_request_outside_system_nodes_is_left_unapproved,
         a_token_that_is_no_credential_is_unauthorized,
+    );
+}
+
+/// The join token may ask for a node's client certificate, but a request whose subject is not
+/// exactly `O=system:nodes, CN=system:node:NAME` gets no automatic approval and no
+/// certificate (kube-controller-manager's nodeclient recognizer).
+fn a_bootstrap_request_outside_system_nodes_is_left_unapproved(n: &N1) {
+    use base64::Engine;
+    let s = &n.s;
+    let dir = s.dir();
+    let (key, req) = (dir.join("other.key"), dir.join("other.csr"));
+    common::openssl_request(&key, &req, "/O=system:masters/CN=system:node:n9", &[]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&req).unwrap());
+    let csr = s.write(
+        "other-csr.yaml",
+        &format!(
+            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: n9-other}}\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, key encipherment, client auth]\n  request: {b64}\n"
+        ),
+    );
+    let token = format!("--token={}", s.node_token());
+    // Approval and signing happen in the create itself (as for the node's own request).
+    s.ok(&[&token, "create", "-f", &csr]);
+    assert_eq!(
+        s.field(
+            "csr",
+            "n9-other",
+            "{.status.conditions[*].type}|{.status.certificate}"
+        ),
+        "|",
+        "neither approved nor signed"
     );
 }
 
