@@ -158,7 +158,6 @@ fn memory(pods: usize) {
             _ => ("all-in-one", PathBuf::from(env!("CARGO_BIN_EXE_keelson"))),
         })
         .collect();
-    let burst = pods;
     for (build, bin) in builds {
         let AgentMemory {
             anon,
@@ -167,14 +166,14 @@ fn memory(pods: usize) {
             threads,
             before,
             idle,
-        } = joined_agent_rss(&bin, burst, rounds);
+        } = joined_agent_rss(&bin, pods, rounds);
         let top: Vec<String> = maps
             .iter()
             .take(5)
             .map(|(m, kib)| format!("{m}={:.1}", *kib as f64 / 1024.0))
             .collect();
         println!(
-            "pod-start agent-with-proxy build={build} pods={burst} rss_mib={:.1} rss_anon_mib={:.1} rss_file_mib={:.1} binary_mib={:.1}",
+            "pod-start agent-with-proxy build={build} pods={pods} rss_mib={:.1} rss_anon_mib={:.1} rss_file_mib={:.1} binary_mib={:.1}",
             (anon + file) as f64 / 1024.0,
             anon as f64 / 1024.0,
             file as f64 / 1024.0,

@@ -13,28 +13,37 @@ use std::{
 
 use common::{Kubectl, Server};
 
+/// Makes a key and a request for `subject` (openssl) and creates the kubelet-client
+/// CertificateSigningRequest `STEM-client` for it with the join token, its body claiming to
+/// be `system:admin` in `system:masters`; the key's path.
+fn bootstrap_request(s: &Server, stem: &str, subject: &str) -> PathBuf {
+    use base64::Engine;
+    let dir = s.dir();
+    let (key, req) = (
+        dir.join(format!("{stem}.key")),
+        dir.join(format!("{stem}.csr")),
+    );
+    common::openssl_request(&key, &req, subject, &[]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&req).unwrap());
+    let csr = s.write(
+        &format!("{stem}-csr.yaml"),
+        &format!(
+            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {stem}-client}}\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, key encipherment, client auth]\n  username: system:admin\n  groups: [system:masters]\n  request: {b64}\n"
+        ),
+    );
+    // Approval and signing happen in the create itself.
+    s.ok(&[&format!("--token={}", s.node_token()), "create", "-f", &csr]);
+    key
+}
+
 /// A kubeconfig for node `node` made as kubelet's TLS bootstrap does: a key and a request
 /// for `system:node:NODE` (openssl), a CertificateSigningRequest created with the join
 /// token, and the certificate the server issued for it.
 fn node_kubeconfig(s: &Server, node: &str) -> PathBuf {
-    let dir = s.dir();
-    let (key, req) = (
-        dir.join(format!("{node}.key")),
-        dir.join(format!("{node}.csr")),
-    );
-    let subject = format!("/O=system:nodes/CN=system:node:{node}");
-    common::openssl_request(&key, &req, &subject, &[]);
     use base64::Engine;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let csr = s.write(
-        &format!("{node}-csr.yaml"),
-        &format!(
-            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {node}-client}}\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, key encipherment, client auth]\n  username: system:admin\n  groups: [system:masters]\n  request: {}\n",
-            b64(&std::fs::read(&req).unwrap())
-        ),
-    );
+    let dir = s.dir();
+    let key = bootstrap_request(s, node, &format!("/O=system:nodes/CN=system:node:{node}"));
     let token = format!("--token={}", s.node_token());
-    s.ok(&[&token, "create", "-f", &csr]);
     // The requester is whoever created it, never what the body claims.
     assert_eq!(
         s.field(
@@ -589,25 +598,11 @@ fn node_identities_write_only_their_own_objects() {
 /// exactly `O=system:nodes, CN=system:node:NAME` gets no automatic approval and no
 /// certificate (kube-controller-manager's nodeclient recognizer).
 fn a_bootstrap_request_outside_system_nodes_is_left_unapproved(n: &N1) {
-    use base64::Engine;
-    let s = &n.s;
-    let dir = s.dir();
-    let (key, req) = (dir.join("other.key"), dir.join("other.csr"));
-    common::openssl_request(&key, &req, "/O=system:masters/CN=system:node:n9", &[]);
-    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&req).unwrap());
-    let csr = s.write(
-        "other-csr.yaml",
-        &format!(
-            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: n9-other}}\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, key encipherment, client auth]\n  request: {b64}\n"
-        ),
-    );
-    let token = format!("--token={}", s.node_token());
-    // Approval and signing happen in the create itself (as for the node's own request).
-    s.ok(&[&token, "create", "-f", &csr]);
+    bootstrap_request(&n.s, "n9", "/O=system:masters/CN=system:node:n9");
     assert_eq!(
-        s.field(
+        n.s.field(
             "csr",
-            "n9-other",
+            "n9-client",
             "{.status.conditions[*].type}|{.status.certificate}"
         ),
         "|",

@@ -82,14 +82,19 @@ impl Drop for Ns {
     }
 }
 
-fn nft_list(ns: &str) -> (bool, String) {
+/// `nft list table ip TABLE` in `ns`: whether it succeeded, and its stdout and stderr.
+fn nft_list(ns: &str, table: &str) -> (bool, String) {
     let o = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "list", "table", "ip", "kt"])
+        .args(["netns", "exec", ns, "nft", "list", "table", "ip", table])
         .output()
         .unwrap();
     (
         o.status.success(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
     )
 }
 
@@ -126,7 +131,7 @@ fn tables_chains_maps_and_elements_through_netlink() {
         );
         t.commit().unwrap();
     });
-    let (ok, out) = nft_list(&ns.0);
+    let (ok, out) = nft_list(&ns.0, "kt");
     assert!(ok, "{out}");
     assert!(out.contains("chain svc-a"), "{out}");
     assert!(out.contains("map services"), "{out}");
@@ -152,7 +157,7 @@ fn tables_chains_maps_and_elements_through_netlink() {
         let e = bad.commit().unwrap_err().to_string();
         assert!(e.contains("elements of kt nosuch"), "{e}");
     });
-    let (_, out) = nft_list(&ns.0);
+    let (_, out) = nft_list(&ns.0, "kt");
     assert!(!out.contains("10.96.0.10 . tcp . 80"), "{out}");
     assert!(
         out.contains("10.96.0.11 . udp . 53 : goto svc-b"),
@@ -164,7 +169,7 @@ fn tables_chains_maps_and_elements_through_netlink() {
         t.del_table("kt");
         t.commit().unwrap();
     });
-    assert!(!nft_list(&ns.0).0, "the table is gone");
+    assert!(!nft_list(&ns.0, "kt").0, "the table is gone");
 }
 
 fn sh(args: &[&str]) {
@@ -348,22 +353,6 @@ fn backend_model(web: Vec<Endpoint>) -> Model {
     }
 }
 
-/// `nft list table ip keelson` in `ns`: whether it succeeded, and its stdout and stderr.
-fn list_keelson(ns: &str) -> (bool, String) {
-    let o = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "list", "table", "ip", "keelson"])
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
-
 #[test]
 fn the_nftables_backend_in_the_kernel() {
     let ns = Ns::new("nftb");
@@ -409,7 +398,7 @@ fn the_nftables_backend_in_the_kernel() {
 fn the_table_reads_back_with_the_vip_dispatch_map_a_random_pick_and_hairpin_masquerade(
     s: &Backend,
 ) {
-    let (ok, text) = list_keelson(&s.ns.0);
+    let (ok, text) = nft_list(&s.ns.0, "keelson");
     assert!(ok, "nft reads the table back: {text}");
     assert!(text.contains("vmap @vip-dispatch"), "{text}");
     assert!(text.contains("numgen random mod 2"), "{text}");
@@ -448,7 +437,7 @@ fn a_sticky_service_sends_one_client_to_one_endpoint(s: &Backend) {
     let now = s.counts(before.0 + before.1 + 12);
     let d = (now.0 - before.0, now.1 - before.1);
     assert!(d == (12, 0) || d == (0, 12), "sticky: {d:?}");
-    let (_, text) = list_keelson(&s.ns.0);
+    let (_, text) = nft_list(&s.ns.0, "keelson");
     assert!(text.contains("update @affinity-"), "{text}");
 }
 
@@ -498,7 +487,7 @@ fn a_full_sync_repairs_a_flushed_chain_and_recreates_a_deleted_table(s: &Backend
 /// `cleanup` removes the table.
 fn cleanup_removes_the_table(s: &Backend) {
     in_ns(&s.ns.0, || nftables::cleanup().unwrap());
-    assert!(!list_keelson(&s.ns.0).0, "cleanup removes the table");
+    assert!(!nft_list(&s.ns.0, "keelson").0, "cleanup removes the table");
 }
 
 /// A random walk of Service changes and the namespaces it is played in.

@@ -239,28 +239,20 @@ pub fn allocatable(
 #[error("{0}")]
 pub struct FlagError(String);
 
-impl FlagError {
-    fn new(msg: String) -> Self {
-        Self(msg)
-    }
-}
-
 /// Parses `cpu=100m,memory=256Mi,...` (the resources kubelet reports).
 pub fn parse_reserved(s: &str) -> Result<BTreeMap<String, String>, FlagError> {
     let mut m = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| {
-            FlagError::new(format!("--reserved {part:?}: expected NAME=QUANTITY"))
-        })?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| FlagError(format!("--reserved {part:?}: expected NAME=QUANTITY")))?;
         if !["cpu", "memory", "pods", "ephemeral-storage"].contains(&k) {
-            return Err(FlagError::new(format!(
+            return Err(FlagError(format!(
                 "--reserved {k:?}: one of cpu, memory, pods, ephemeral-storage"
             )));
         }
         if crate::kinds::quantity::parse(v).is_none() {
-            return Err(FlagError::new(format!(
-                "--reserved {k}={v:?}: not a quantity"
-            )));
+            return Err(FlagError(format!("--reserved {k}={v:?}: not a quantity")));
         }
         m.insert(k.to_string(), v.to_string());
     }
@@ -282,7 +274,7 @@ pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, FlagError>
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
-            .ok_or_else(|| FlagError::new(format!("--node-labels {part:?}: expected KEY=VALUE")))?;
+            .ok_or_else(|| FlagError(format!("--node-labels {part:?}: expected KEY=VALUE")))?;
         let (prefix, name) = match k.split_once('/') {
             Some((p, n)) => (Some(p), n),
             None => (None, k),
@@ -290,12 +282,12 @@ pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, FlagError>
         if !name_ok(name)
             || prefix.is_some_and(|p| !crate::kinds::validate::is_dns1123_subdomain(p))
         {
-            return Err(FlagError::new(format!(
+            return Err(FlagError(format!(
                 "--node-labels {k:?}: not a valid label key (an optional DNS subdomain and '/', then up to 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric)"
             )));
         }
         if !v.is_empty() && !name_ok(v) {
-            return Err(FlagError::new(format!(
+            return Err(FlagError(format!(
                 "--node-labels {k}={v:?}: not a valid label value (up to 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric)"
             )));
         }
