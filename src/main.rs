@@ -449,6 +449,23 @@ enum LabCmd {
     },
 }
 
+/// Which containerd and containerd namespace an image command works on.
+#[derive(clap::Args)]
+struct ContainerdAt {
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd: PathBuf,
+    #[arg(long, default_value = "k8s.keelson.io")]
+    containerd_namespace: String,
+}
+
+impl ContainerdAt {
+    async fn connect(&self) -> anyhow::Result<keelson::runtime::Containerd> {
+        keelson::runtime::Containerd::connect(&self.containerd, &self.containerd_namespace)
+            .await
+            .with_context(|| format!("containerd at {}", self.containerd.display()))
+    }
+}
+
 #[derive(Subcommand)]
 enum ImageCmd {
     /// Pack a root filesystem directory into an OCI image archive.
@@ -470,12 +487,34 @@ enum ImageCmd {
     },
     /// Import OCI or docker-archive tarballs into containerd.
     Import {
-        #[arg(long, default_value = "/run/containerd/containerd.sock")]
-        containerd: PathBuf,
-        #[arg(long, default_value = "k8s.keelson.io")]
-        containerd_namespace: String,
+        #[command(flatten)]
+        at: ContainerdAt,
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Pull an image from its registry (through the node's mirrors) into containerd.
+    Pull {
+        #[command(flatten)]
+        at: ContainerdAt,
+        /// The node's registry configuration (k3s's registries.yaml format).
+        #[arg(long, default_value = "/etc/keelson/registries.yaml")]
+        registry_config: PathBuf,
+        /// Credentials for the image's registry, `USER:PASSWORD`.
+        #[arg(long)]
+        creds: Option<String>,
+        reference: String,
+    },
+    /// List the images in containerd (name, digest, size).
+    Ls {
+        #[command(flatten)]
+        at: ContainerdAt,
+    },
+    /// Remove images by reference.
+    Rm {
+        #[command(flatten)]
+        at: ContainerdAt,
+        #[arg(required = true)]
+        references: Vec<String>,
     },
     /// Write the pause image archive built from keelson's embedded pause binary.
     Pause {
@@ -963,6 +1002,65 @@ fn local_get(data_dir: &std::path::Path, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
+/// `keelson image pull`: the node's registry configuration, and `--creds` for the image's
+/// registry.
+async fn image_pull(
+    at: &ContainerdAt,
+    registry_config: &std::path::Path,
+    creds: Option<&str>,
+    reference: &str,
+) -> anyhow::Result<()> {
+    use keelson::runtime::registries::{Credential, Registries};
+    let registries = Registries::load(registry_config)?;
+    let credentials = match creds {
+        None => vec![],
+        Some(c) => {
+            let (username, password) = c
+                .split_once(':')
+                .context("--creds: expected USER:PASSWORD")?;
+            vec![Credential::Basic {
+                username: username.into(),
+                password: password.into(),
+            }]
+        }
+    };
+    let rt = at.connect().await?;
+    let t0 = std::time::Instant::now();
+    let pulled = rt
+        .pull(
+            reference,
+            keelson::runtime::pull::PullOptions {
+                registries: &registries,
+                credentials: &credentials,
+                progress_deadline: std::time::Duration::from_secs(60),
+                parallel_layers: 3,
+            },
+        )
+        .await?;
+    println!(
+        "pulled {} ({}, {} in {:.1}s)",
+        pulled.name,
+        pulled.digest,
+        human_size(pulled.size),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Bytes as crictl prints them (`5.2MB`).
+fn human_size(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.1}GB", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1}MB", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1}kB", f / 1e3)
+    } else {
+        format!("{n}B")
+    }
+}
+
 async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
     match cmd {
         ImageCmd::Pack {
@@ -996,14 +1094,37 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ImageCmd::Import {
-            containerd,
-            containerd_namespace,
-            files,
-        } => {
-            let rt = keelson::runtime::Containerd::connect(&containerd, &containerd_namespace)
-                .await
-                .with_context(|| format!("containerd at {}", containerd.display()))?;
+        ImageCmd::Pull {
+            at,
+            registry_config,
+            creds,
+            reference,
+        } => image_pull(&at, &registry_config, creds.as_deref(), &reference).await,
+        ImageCmd::Ls { at } => {
+            let rt = at.connect().await?;
+            println!("{:<60} {:<20} {:>10}", "IMAGE", "DIGEST", "SIZE");
+            for i in rt.list_images().await? {
+                let short = i.digest.trim_start_matches("sha256:");
+                println!(
+                    "{:<60} {:<20} {:>10}",
+                    i.name,
+                    &short[..short.len().min(12)],
+                    human_size(i.size)
+                );
+            }
+            Ok(())
+        }
+        ImageCmd::Rm { at, references } => {
+            let rt = at.connect().await?;
+            for r in references {
+                let name = keelson::runtime::image::normalize_ref(&r);
+                rt.remove_image(&name).await?;
+                println!("deleted {name}");
+            }
+            Ok(())
+        }
+        ImageCmd::Import { at, files } => {
+            let rt = at.connect().await?;
             for f in files {
                 let bytes =
                     std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;

@@ -1,13 +1,14 @@
 //! Images in containerd: importing OCI / docker-archive tarballs (content → snapshots → image),
-//! and resolving an image reference to what a container needs (chain ID, config).
-//! Never pulls from a registry: keelson hosts are air-gapped by design.
+//! and resolving an image reference to what a container needs (chain ID, config). Registry
+//! pulls are `pull`'s; both end in the same content, snapshots and image records.
 
 use std::collections::HashMap;
 
 use containerd_client::{
     services::v1::{
-        ApplyRequest, CreateImageRequest, GetImageRequest, Image, InfoRequest, ReadContentRequest,
-        UpdateImageRequest, WriteAction, WriteContentRequest,
+        ApplyRequest, CreateImageRequest, DeleteImageRequest, GetImageRequest, Image, InfoRequest,
+        ListImagesRequest, ReadContentRequest, UpdateImageRequest, WriteAction,
+        WriteContentRequest,
         snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest, StatSnapshotRequest},
     },
     types::Descriptor,
@@ -45,6 +46,15 @@ pub fn normalize_ref(r: &str) -> String {
     full
 }
 
+/// An image as `keelson image ls` shows it.
+#[derive(Debug, Clone)]
+pub struct ImageSummary {
+    pub name: String,
+    pub digest: String,
+    /// Bytes of its config and layers as stored (compressed).
+    pub size: u64,
+}
+
 /// What a container needs from its image.
 #[derive(Debug, Clone, Default)]
 pub struct ImageInfo {
@@ -62,11 +72,11 @@ pub struct ImageInfo {
 }
 
 #[derive(Deserialize)]
-struct OciDescriptor {
+pub(super) struct OciDescriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: i64,
+    pub(super) media_type: String,
+    pub(super) digest: String,
+    pub(super) size: i64,
     #[serde(default)]
     annotations: HashMap<String, String>,
     #[serde(default)]
@@ -84,9 +94,9 @@ struct OciIndex {
     manifests: Vec<OciDescriptor>,
 }
 #[derive(Deserialize)]
-struct OciManifest {
-    config: OciDescriptor,
-    layers: Vec<OciDescriptor>,
+pub(super) struct OciManifest {
+    pub(super) config: OciDescriptor,
+    pub(super) layers: Vec<OciDescriptor>,
 }
 #[derive(Deserialize, Default)]
 struct ImgConfigInner {
@@ -102,14 +112,14 @@ struct ImgConfigInner {
     user: Option<String>,
 }
 #[derive(Deserialize)]
-struct RootFs {
-    diff_ids: Vec<String>,
+pub(super) struct RootFs {
+    pub(super) diff_ids: Vec<String>,
 }
 #[derive(Deserialize)]
-struct ImgConfig {
+pub(super) struct ImgConfig {
     #[serde(default)]
     config: Option<ImgConfigInner>,
-    rootfs: RootFs,
+    pub(super) rootfs: RootFs,
 }
 #[derive(Deserialize)]
 struct DockerManifest {
@@ -121,12 +131,12 @@ struct DockerManifest {
     layers: Vec<String>,
 }
 
-const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(super) const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(super) const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(super) const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(super) const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const MT_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub(super) const MT_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
 /// Chain IDs (snapshot names) of a list of layer diff IDs, per the OCI image spec.
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -151,6 +161,25 @@ struct Unpacked {
     config: (String, Vec<u8>),
     layers: Vec<(Descriptor, Vec<u8>)>,
     diff_ids: Vec<String>,
+}
+
+/// containerd's descriptor of a manifest entry.
+pub(super) fn descriptor(d: &OciDescriptor) -> Descriptor {
+    Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size,
+        annotations: HashMap::new(),
+    }
+}
+
+/// The repository of a normalized reference (without tag or digest).
+pub(super) fn repository_of(name: &str) -> &str {
+    let repo = name.split('@').next().unwrap_or(name);
+    match repo.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => repo,
+    }
 }
 
 fn desc_of(media: &str, data: &[u8]) -> Descriptor {
@@ -383,7 +412,8 @@ impl Containerd {
             let mdigest = sha256_digest(&img.manifest.1);
             self.write_blob(lease, &mdigest, &img.manifest.1, mlabels)
                 .await?;
-            self.unpack(lease, &img.layers, &chain).await?;
+            let descs: Vec<Descriptor> = img.layers.iter().map(|(d, _)| d.clone()).collect();
+            self.unpack(lease, &descs, &chain).await?;
             let target = Descriptor {
                 media_type: if img.manifest.0.is_empty() {
                     MT_OCI_MANIFEST.into()
@@ -402,7 +432,7 @@ impl Containerd {
         Ok(names)
     }
 
-    async fn put_image(&self, name: &str, target: Descriptor) -> Result<()> {
+    pub(super) async fn put_image(&self, name: &str, target: Descriptor) -> Result<()> {
         let image = Image {
             name: name.to_string(),
             labels: HashMap::new(),
@@ -440,7 +470,7 @@ impl Containerd {
     }
 
     /// Writes one blob to the content store unless it is already there.
-    async fn write_blob(
+    pub(super) async fn write_blob(
         &self,
         lease: &str,
         digest: &str,
@@ -515,13 +545,13 @@ impl Containerd {
     }
 
     /// Applies each layer onto a snapshot named by its chain ID, skipping those that exist.
-    async fn unpack(
+    pub(super) async fn unpack(
         &self,
         lease: &str,
-        layers: &[(Descriptor, Vec<u8>)],
+        layers: &[Descriptor],
         chain: &[String],
     ) -> Result<()> {
-        for (i, (d, _)) in layers.iter().enumerate() {
+        for (i, d) in layers.iter().enumerate() {
             let name = &chain[i];
             let exists = self
                 .snapshots()
@@ -617,6 +647,81 @@ impl Containerd {
         Ok(out)
     }
 
+    /// The manifest an image record's target names: itself, or this node's entry of an index.
+    async fn platform_manifest(&self, name: &str, target: &Descriptor) -> Result<Vec<u8>> {
+        let bytes = self.read_blob(&target.digest).await?;
+        if target.media_type != MT_OCI_INDEX && target.media_type != MT_DOCKER_LIST {
+            return Ok(bytes);
+        }
+        let index: OciIndex = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::bad(format!("index of {name}"), e))?;
+        let arch = super::pull::node_arch();
+        let entry = index
+            .manifests
+            .iter()
+            .find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_none_or(|p| p.os == "linux" && p.architecture == arch)
+            })
+            .ok_or_else(|| Error::bad(name, format!("no linux/{arch} manifest in its index")))?;
+        self.read_blob(&entry.digest).await
+    }
+
+    /// Every image record with its digest and size (config and layers as stored).
+    pub async fn list_images(&self) -> Result<Vec<ImageSummary>> {
+        let images = self
+            .images()
+            .list(self.req(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(Error::rpc("image list"))?
+            .into_inner()
+            .images;
+        let mut out = Vec::new();
+        for img in images {
+            let Some(target) = img.target else { continue };
+            let size = match self.platform_manifest(&img.name, &target).await {
+                Ok(b) => serde_json::from_slice::<OciManifest>(&b)
+                    .map(|m| {
+                        m.config.size.max(0) as u64
+                            + m.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
+                    })
+                    .unwrap_or(0),
+                Err(_) => 0,
+            };
+            out.push(ImageSummary {
+                name: img.name,
+                digest: target.digest,
+                size,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Removes an image record (its content and snapshots go with containerd's next GC once
+    /// nothing else holds them).
+    pub async fn remove_image(&self, name: &str) -> Result<()> {
+        match self
+            .images()
+            .delete(self.req(DeleteImageRequest {
+                name: name.to_string(),
+                sync: false,
+                target: None,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                Err(Error::ImageNotFound(name.to_string()))
+            }
+            Err(s) => Err(Error::Rpc {
+                op: "image delete",
+                source: s,
+            }),
+        }
+    }
+
     /// Looks an image up by reference (normalized as Kubernetes does).
     pub async fn image_info(&self, reference: &str) -> Result<ImageInfo> {
         let name = normalize_ref(reference);
@@ -646,7 +751,7 @@ impl Containerd {
         {
             return Ok(info);
         }
-        let mbytes = self.read_blob(&target.digest).await?;
+        let mbytes = self.platform_manifest(&name, &target).await?;
         let man: OciManifest = serde_json::from_slice(&mbytes)
             .map_err(|e| Error::bad(format!("manifest of {name}"), e))?;
         let cbytes = self.read_blob(&man.config.digest).await?;
@@ -654,11 +759,7 @@ impl Containerd {
             .map_err(|e| Error::bad(format!("config of {name}"), e))?;
         let chain = chain_ids(&cfg.rootfs.diff_ids);
         let inner = cfg.config.unwrap_or_default();
-        let repo = name.split('@').next().unwrap_or(&name);
-        let repo = match repo.rsplit_once(':') {
-            Some((r, tag)) if !tag.contains('/') => r,
-            _ => repo,
-        };
+        let repo = repository_of(&name);
         let info = ImageInfo {
             image_id: format!("{repo}@{}", target.digest),
             name,

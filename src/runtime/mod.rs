@@ -1,5 +1,6 @@
-//! Owns every call to containerd: images (import, lookup), containers, tasks, exec and events.
-//! Never touches the network or the API server; callers hand it fully resolved configs.
+//! Owns every call to containerd: images (import, registry pulls, lookup), containers, tasks,
+//! exec and events. Never touches the API server; callers hand it fully resolved configs (the
+//! only network it reaches is a registry a pull names).
 
 mod api;
 pub mod container;
@@ -8,6 +9,8 @@ pub mod events;
 pub(crate) mod fake;
 pub mod image;
 pub mod pack;
+pub mod pull;
+pub mod registries;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
@@ -44,6 +47,12 @@ pub enum Error {
     /// The image is not in containerd's image store.
     #[error("image {0:?} is not present")]
     ImageNotFound(String),
+    /// The reference is not a valid image name (kubelet's InvalidImageName).
+    #[error("invalid image name {reference:?}: {reason}")]
+    InvalidImageName { reference: String, reason: String },
+    /// A registry pull failed; `reason` is in the registry's words.
+    #[error("failed to pull and unpack image {reference:?}: {reason}")]
+    Pull { reference: String, reason: String },
     /// An image archive or blob could not be understood.
     #[error("{what}: {reason}")]
     BadImage { what: String, reason: String },

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 pub mod cluster;
 pub mod floor;
 pub mod kubectl;
+pub mod registry;
 pub mod scenario;
 pub mod server;
 
@@ -46,7 +47,7 @@ fn require_root() {
     );
 }
 
-fn run(cmd: &mut Command) -> String {
+pub fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));

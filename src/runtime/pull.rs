@@ -1,0 +1,684 @@
+//! Registry pulls into containerd, as containerd's own pull does them: the reference resolved
+//! through the node's mirrors, an index narrowed to this node's platform, the layers streamed
+//! in parallel into the content store (containerd checks each digest and size at commit, and
+//! an interrupted transfer resumes from what the store already holds), unpacked into the
+//! snapshotter, and the image record pointing at content that carries containerd's GC labels.
+//! The registry protocol is `oci-client`'s.
+
+use std::{collections::HashMap, time::Duration};
+
+use containerd_client::{
+    services::v1::{AbortRequest, InfoRequest, WriteAction, WriteContentRequest},
+    types::Descriptor,
+};
+use futures::{SinkExt, StreamExt, TryStreamExt};
+use oci_client::{
+    Client, Reference,
+    client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol},
+    errors::OciDistributionError,
+    manifest::OciDescriptor as ClientDescriptor,
+    secrets::RegistryAuth,
+};
+use serde::Deserialize;
+
+use super::{
+    Containerd, Error, Result, SNAPSHOTTER,
+    image::{self, normalize_ref},
+    pack::sha256_digest,
+    registries::{Credential, Endpoint, Registries},
+};
+
+/// How to pull: the node's registry configuration, the credentials that match the image
+/// (the pod's pull secrets), and how long a transfer may make no progress.
+#[derive(Debug, Clone, Copy)]
+pub struct PullOptions<'a> {
+    pub registries: &'a Registries,
+    pub credentials: &'a [Credential],
+    pub progress_deadline: Duration,
+    /// Layers fetched at once.
+    pub parallel_layers: usize,
+}
+
+/// A pulled image.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// The normalized reference.
+    pub name: String,
+    /// The digest the reference resolved to (an index's when the image has one).
+    pub digest: String,
+    /// Bytes of the platform manifest's config and layers, as the registry stores them.
+    pub size: u64,
+}
+
+/// Media types a pull accepts for the top of an image.
+const ACCEPT: &[&str] = &[
+    image::MT_OCI_INDEX,
+    image::MT_DOCKER_LIST,
+    image::MT_OCI_MANIFEST,
+    image::MT_DOCKER_MANIFEST,
+];
+/// Layer media types containerd's differ applies.
+const LAYER_TYPES: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    image::MT_DOCKER_LAYER,
+];
+
+#[derive(Deserialize)]
+struct Top {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    manifests: Option<Vec<IndexEntry>>,
+}
+#[derive(Deserialize)]
+struct IndexEntry {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+#[derive(Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+/// This node's platform in OCI words.
+pub fn node_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "riscv64" => "riscv64",
+        "s390x" => "s390x",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+/// The manifest of this node's platform in an index (`None` when it lists none).
+fn pick_platform(entries: &[IndexEntry]) -> Option<&IndexEntry> {
+    entries.iter().find(|e| {
+        e.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == node_arch())
+    })
+}
+
+fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another part of the process may have installed one already: either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Why a pull failed, in the registry's words (what kubelet shows in `Failed to pull image`).
+fn describe(e: &OciDistributionError) -> String {
+    match e {
+        OciDistributionError::UnauthorizedError { url } => {
+            format!("unauthorized: authentication required (401 Unauthorized from {url})")
+        }
+        OciDistributionError::AuthenticationFailure(r) => {
+            format!("unauthorized: authentication failed: {}", r.trim())
+        }
+        OciDistributionError::ImageManifestNotFoundError(r) => format!("not found: {r}"),
+        OciDistributionError::RegistryError { envelope, url } => {
+            use oci_client::errors::OciErrorCode as C;
+            let words: Vec<String> = envelope.errors.iter().map(|e| e.message.clone()).collect();
+            let text = words.join("; ");
+            let what = envelope.errors.iter().find_map(|e| match e.code {
+                C::ManifestUnknown | C::NameUnknown | C::BlobUnknown | C::NotFound => {
+                    Some("not found")
+                }
+                C::Unauthorized | C::Denied => Some("unauthorized"),
+                _ => None,
+            });
+            match what {
+                Some(w) => format!("{w}: {text} ({url})"),
+                None => format!("{text} ({url})"),
+            }
+        }
+        OciDistributionError::ServerError { code, url, message } => {
+            let what = match code {
+                404 => "not found: ",
+                401 => "unauthorized: ",
+                _ => "",
+            };
+            format!("{what}{code} from {url}: {}", message.trim())
+        }
+        other => error_chain(other),
+    }
+}
+
+/// An error and its sources joined (`error sending request: … : tcp connect error: …`).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
+}
+
+fn pull_error(reference: &str, reason: impl Into<String>) -> Error {
+    Error::Pull {
+        reference: reference.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// An oci-client for one endpoint, with the node's TLS settings for it.
+fn client_for(ep: &Endpoint, registries: &Registries, registry: &str) -> Result<Client> {
+    install_crypto();
+    let mut cfg = ClientConfig {
+        protocol: if ep.plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        connect_timeout: Some(Duration::from_secs(10)),
+        max_concurrent_download: 4,
+        ..Default::default()
+    };
+    if let Some(tls) = registries
+        .config(&ep.host, registry)
+        .and_then(|c| c.tls.as_ref())
+    {
+        cfg.accept_invalid_certificates = tls.insecure_skip_verify;
+        if let Some(ca) = &tls.ca_file {
+            let data = std::fs::read(ca).map_err(Error::io(format!("{}", ca.display())))?;
+            cfg.extra_root_certificates.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+    }
+    Client::try_from(cfg).map_err(|e| pull_error(&ep.host, error_chain(&e)))
+}
+
+fn registry_auth(c: Option<&Credential>) -> RegistryAuth {
+    match c {
+        None => RegistryAuth::Anonymous,
+        Some(Credential::Basic { username, password }) => {
+            RegistryAuth::Basic(username.clone(), password.clone())
+        }
+        Some(Credential::Bearer(t)) => RegistryAuth::Bearer(t.clone()),
+    }
+}
+
+/// One endpoint and credential a pull runs against.
+struct Source<'a> {
+    client: Client,
+    auth: RegistryAuth,
+    /// The image on this endpoint (tag or digest).
+    reference: Reference,
+    /// The normalized name the image record gets.
+    name: &'a str,
+    deadline: Duration,
+}
+
+impl Containerd {
+    /// Pulls `reference` (normalized as Kubernetes does) into containerd and records it as an
+    /// image; tries the node's mirrors in order, then the registry, each with the matching
+    /// credentials (anonymous when none).
+    pub async fn pull(&self, reference: &str, opts: PullOptions<'_>) -> Result<Pulled> {
+        let name = normalize_ref(reference);
+        let parsed: Reference = name.parse().map_err(|e| Error::InvalidImageName {
+            reference: reference.to_string(),
+            reason: format!("{e}"),
+        })?;
+        let registry = parsed.registry().to_string();
+        let mut last = None;
+        for ep in opts.registries.endpoints(&registry, parsed.repository()) {
+            let mut creds: Vec<Option<Credential>> = Vec::new();
+            if ep.is_default {
+                creds.extend(opts.credentials.iter().cloned().map(Some));
+            }
+            if let Some(c) = opts
+                .registries
+                .config(&ep.host, &registry)
+                .and_then(|c| c.auth.as_ref())
+                .and_then(|a| a.credential())
+            {
+                creds.push(Some(c));
+            }
+            if creds.is_empty() {
+                creds.push(None);
+            }
+            for cred in creds {
+                let client = match client_for(&ep, opts.registries, &registry) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                };
+                let on_ep = match parsed.digest() {
+                    Some(d) => Reference::with_digest(
+                        ep.host.clone(),
+                        ep.repository.clone(),
+                        d.to_string(),
+                    ),
+                    None => Reference::with_tag(
+                        ep.host.clone(),
+                        ep.repository.clone(),
+                        parsed.tag().unwrap_or("latest").to_string(),
+                    ),
+                };
+                let src = Source {
+                    client,
+                    auth: registry_auth(cred.as_ref()),
+                    reference: on_ep,
+                    name: &name,
+                    deadline: opts.progress_deadline,
+                };
+                match self.pull_from(&src, opts.parallel_layers).await {
+                    Ok(p) => return Ok(p),
+                    Err(e) => {
+                        tracing::debug!(endpoint = %ep.host, error = %e, "pull attempt failed");
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| pull_error(&name, "no endpoint to pull from")))
+    }
+
+    /// Fetches the manifest (through an index to this platform), config and layers under a
+    /// lease, unpacks them and records the image.
+    async fn pull_from(&self, src: &Source<'_>, parallel: usize) -> Result<Pulled> {
+        let lease = self
+            .lease("keelson-pull", Duration::from_secs(3600))
+            .await?;
+        let res = self.pull_under_lease(src, parallel, &lease).await;
+        self.drop_lease(lease).await;
+        res
+    }
+
+    async fn pull_under_lease(
+        &self,
+        src: &Source<'_>,
+        parallel: usize,
+        lease: &str,
+    ) -> Result<Pulled> {
+        let fail = |e: OciDistributionError| pull_error(src.name, describe(&e));
+        let (top_bytes, top_digest) = src
+            .client
+            .pull_manifest_raw(&src.reference, &src.auth, ACCEPT)
+            .await
+            .map_err(fail)?;
+        check_digest(src.name, &top_digest, &top_bytes)?;
+        let top: Top = serde_json::from_slice(&top_bytes)
+            .map_err(|e| pull_error(src.name, format!("manifest {top_digest}: {e}")))?;
+        let mut top_media = top.media_type.clone();
+        let (man_bytes, man_digest, man_media) = match &top.manifests {
+            Some(entries) => {
+                if top_media.is_empty() {
+                    top_media = image::MT_OCI_INDEX.into();
+                }
+                let e = pick_platform(entries).ok_or_else(|| {
+                    pull_error(
+                        src.name,
+                        format!("no manifest for linux/{} in the image index", node_arch()),
+                    )
+                })?;
+                let r = src.reference.clone_with_digest(e.digest.clone());
+                let (b, d) = src
+                    .client
+                    .pull_manifest_raw(&r, &src.auth, ACCEPT)
+                    .await
+                    .map_err(fail)?;
+                check_digest(src.name, &e.digest, &b)?;
+                let media = if e.media_type.is_empty() {
+                    image::MT_OCI_MANIFEST.to_string()
+                } else {
+                    e.media_type.clone()
+                };
+                (b.to_vec(), d, media)
+            }
+            None => {
+                let media = if top_media.is_empty() {
+                    image::MT_OCI_MANIFEST.to_string()
+                } else {
+                    top_media.clone()
+                };
+                (top_bytes.to_vec(), top_digest.clone(), media)
+            }
+        };
+        let man: image::OciManifest = serde_json::from_slice(&man_bytes)
+            .map_err(|e| pull_error(src.name, format!("manifest {man_digest}: {e}")))?;
+        for l in &man.layers {
+            if !LAYER_TYPES.contains(&l.media_type.as_str()) {
+                return Err(pull_error(
+                    src.name,
+                    format!(
+                        "layer {}: unsupported media type {:?}",
+                        l.digest, l.media_type
+                    ),
+                ));
+            }
+        }
+        // Config first (small, and it names the snapshots), then the layers in parallel.
+        let cfg_bytes = self
+            .fetch_small(src, &man.config.digest, man.config.size)
+            .await?;
+        let cfg: image::ImgConfig = serde_json::from_slice(&cfg_bytes)
+            .map_err(|e| pull_error(src.name, format!("config {}: {e}", man.config.digest)))?;
+        if cfg.rootfs.diff_ids.len() != man.layers.len() {
+            return Err(pull_error(
+                src.name,
+                "config diff_ids and manifest layers differ in number",
+            ));
+        }
+        let chain = image::chain_ids(&cfg.rootfs.diff_ids);
+        let top_snapshot = chain.last().cloned().unwrap_or_default();
+        futures::stream::iter(man.layers.iter())
+            .map(|l| self.fetch_layer(src, l, lease))
+            .buffer_unordered(parallel.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.write_blob(
+            lease,
+            &man.config.digest,
+            &cfg_bytes,
+            [(
+                format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
+                top_snapshot,
+            )]
+            .into(),
+        )
+        .await?;
+        let mut mlabels: HashMap<String, String> = [(
+            "containerd.io/gc.ref.content.config".to_string(),
+            man.config.digest.clone(),
+        )]
+        .into();
+        for (i, l) in man.layers.iter().enumerate() {
+            mlabels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            );
+        }
+        self.write_blob(lease, &man_digest, &man_bytes, mlabels)
+            .await?;
+        let descs: Vec<Descriptor> = man.layers.iter().map(image::descriptor).collect();
+        self.unpack(lease, &descs, &chain).await?;
+        let target = if top.manifests.is_some() {
+            self.write_blob(
+                lease,
+                &top_digest,
+                &top_bytes,
+                [(
+                    "containerd.io/gc.ref.content.m.0".to_string(),
+                    man_digest.clone(),
+                )]
+                .into(),
+            )
+            .await?;
+            Descriptor {
+                media_type: top_media,
+                digest: top_digest.clone(),
+                size: top_bytes.len() as i64,
+                annotations: HashMap::new(),
+            }
+        } else {
+            Descriptor {
+                media_type: man_media,
+                digest: man_digest.clone(),
+                size: man_bytes.len() as i64,
+                annotations: HashMap::new(),
+            }
+        };
+        self.put_image(src.name, target.clone()).await?;
+        // The image is also known by its digest, as containerd's CRI records it.
+        let repo = image::repository_of(src.name);
+        self.put_image(&format!("{repo}@{}", target.digest), target)
+            .await?;
+        let size = man.config.size.max(0) as u64
+            + man.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>();
+        Ok(Pulled {
+            name: src.name.to_string(),
+            digest: top_digest,
+            size,
+        })
+    }
+
+    /// A small blob (an image config) read whole, its digest checked.
+    async fn fetch_small(&self, src: &Source<'_>, digest: &str, size: i64) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(size.clamp(0, 1 << 20) as usize);
+        let desc = ClientDescriptor {
+            digest: digest.to_string(),
+            size,
+            ..Default::default()
+        };
+        tokio::time::timeout(
+            src.deadline,
+            src.client.pull_blob(&src.reference, &desc, &mut out),
+        )
+        .await
+        .map_err(|_| {
+            pull_error(
+                src.name,
+                format!("blob {digest}: no progress for {:?}", src.deadline),
+            )
+        })?
+        .map_err(|e| pull_error(src.name, format!("blob {digest}: {}", describe(&e))))?;
+        check_digest(src.name, digest, &out)?;
+        Ok(out)
+    }
+
+    /// Streams one layer into the content store unless it is there already. The ingest is
+    /// named after the digest, so an interrupted transfer resumes from the offset containerd
+    /// holds; containerd checks size and digest at commit, and a blob that does not match is
+    /// discarded.
+    async fn fetch_layer(
+        &self,
+        src: &Source<'_>,
+        l: &image::OciDescriptor,
+        lease: &str,
+    ) -> Result<()> {
+        let have = self
+            .content()
+            .info(self.req(InfoRequest {
+                digest: l.digest.clone(),
+            }))
+            .await
+            .is_ok();
+        if have {
+            return Ok(());
+        }
+        let r#ref = format!("keelson-pull-{}", l.digest.replace(':', "-"));
+        let (mut tx, rx) = futures::channel::mpsc::channel::<WriteContentRequest>(4);
+        let msg = |action: WriteAction, offset: i64, data: Vec<u8>| WriteContentRequest {
+            action: action as i32,
+            r#ref: r#ref.clone(),
+            total: l.size,
+            expected: l.digest.clone(),
+            offset,
+            data,
+            labels: HashMap::new(),
+        };
+        let closed = |_| pull_error(src.name, "containerd closed the content write");
+        tx.send(msg(WriteAction::Stat, 0, vec![]))
+            .await
+            .map_err(closed)?;
+        let mut responses = self
+            .content()
+            .write(self.req_leased(rx, Some(lease)))
+            .await
+            .map_err(Error::rpc("content write"))?
+            .into_inner();
+        let held = match responses.next().await {
+            Some(Ok(r)) => r.offset,
+            Some(Err(s)) => return Err(Error::rpc("content write")(s)),
+            None => 0,
+        };
+        // Responses are drained while the writes go out (each write is answered).
+        let drain = async {
+            while let Some(r) = responses.next().await {
+                r.map_err(Error::rpc("content commit"))?;
+            }
+            Ok::<(), Error>(())
+        };
+        let send = async {
+            let (mut stream, mut at) = self.layer_stream(src, l, held).await?;
+            loop {
+                let next = tokio::time::timeout(src.deadline, stream.next())
+                    .await
+                    .map_err(|_| {
+                        pull_error(
+                            src.name,
+                            format!("layer {}: no progress for {:?}", l.digest, src.deadline),
+                        )
+                    })?;
+                let Some(chunk) = next else { break };
+                let chunk = chunk.map_err(|e| {
+                    pull_error(src.name, format!("layer {}: {}", l.digest, error_chain(&e)))
+                })?;
+                let n = chunk.len() as i64;
+                tx.send(msg(WriteAction::Write, at, chunk.to_vec()))
+                    .await
+                    .map_err(closed)?;
+                at += n;
+            }
+            tx.send(msg(WriteAction::Commit, at, vec![]))
+                .await
+                .map_err(closed)?;
+            tx.close_channel();
+            Ok::<(), Error>(())
+        };
+        let (sent, drained) = futures::join!(send, drain);
+        let res = sent.and(drained);
+        if let Err(Error::Rpc { source, .. }) = &res {
+            if source.code() == tonic::Code::AlreadyExists {
+                return Ok(());
+            }
+            if source.code() == tonic::Code::FailedPrecondition
+                || source.code() == tonic::Code::InvalidArgument
+            {
+                // A blob that does not match its digest or size: never keep it.
+                let _ = self
+                    .content()
+                    .abort(self.req(AbortRequest {
+                        r#ref: r#ref.clone(),
+                    }))
+                    .await;
+                return Err(pull_error(
+                    src.name,
+                    format!(
+                        "layer {}: the registry sent content that does not match the digest: {}",
+                        l.digest,
+                        source.message()
+                    ),
+                ));
+            }
+        }
+        res
+    }
+
+    /// The layer's bytes from `held` on (a range request), or whole when the registry ignores
+    /// ranges; the stream and the offset it starts at.
+    async fn layer_stream(
+        &self,
+        src: &Source<'_>,
+        l: &image::OciDescriptor,
+        held: i64,
+    ) -> Result<(
+        futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+        i64,
+    )> {
+        let desc = ClientDescriptor {
+            media_type: l.media_type.clone(),
+            digest: l.digest.clone(),
+            size: l.size,
+            ..Default::default()
+        };
+        let fail = |e: OciDistributionError| {
+            pull_error(src.name, format!("layer {}: {}", l.digest, describe(&e)))
+        };
+        let open = async {
+            if held > 0 && held < l.size {
+                match src
+                    .client
+                    .pull_blob_stream_partial(&src.reference, &desc, held as u64, None)
+                    .await
+                    .map_err(fail)?
+                {
+                    oci_client::client::BlobResponse::Partial(s) => Ok((s.stream, held)),
+                    oci_client::client::BlobResponse::Full(s) => Ok((s.stream, 0)),
+                }
+            } else {
+                let s = src
+                    .client
+                    .pull_blob_stream(&src.reference, &desc)
+                    .await
+                    .map_err(fail)?;
+                Ok((s.stream, 0))
+            }
+        };
+        tokio::time::timeout(src.deadline, open)
+            .await
+            .map_err(|_| {
+                pull_error(
+                    src.name,
+                    format!("layer {}: no answer for {:?}", l.digest, src.deadline),
+                )
+            })?
+    }
+}
+
+/// The content matches the digest the registry or the reference named.
+fn check_digest(name: &str, digest: &str, data: &[u8]) -> Result<()> {
+    if digest.starts_with("sha256:") && sha256_digest(data) != digest {
+        return Err(pull_error(
+            name,
+            format!("content does not match its digest {digest}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_resolves_to_this_nodes_platform() {
+        let entries: Vec<IndexEntry> = serde_json::from_str(&format!(
+            r#"[{{"digest":"sha256:a","size":1,"platform":{{"os":"linux","architecture":"s390x"}}}},
+               {{"digest":"sha256:b","size":1,"platform":{{"os":"linux","architecture":"{}"}}}},
+               {{"digest":"sha256:c","size":1,"platform":{{"os":"windows","architecture":"{}"}}}}]"#,
+            node_arch(),
+            node_arch()
+        ))
+        .unwrap();
+        assert_eq!(pick_platform(&entries).unwrap().digest, "sha256:b");
+        assert!(pick_platform(&entries[..1]).is_none());
+    }
+
+    #[test]
+    fn registry_words_reach_the_user() {
+        let e = OciDistributionError::UnauthorizedError {
+            url: "http://r/v2/x/manifests/1".into(),
+        };
+        assert!(describe(&e).contains("401 Unauthorized"));
+        let e = OciDistributionError::ServerError {
+            code: 404,
+            url: "u".into(),
+            message: "gone".into(),
+        };
+        assert!(describe(&e).starts_with("not found"));
+    }
+}
