@@ -361,6 +361,19 @@ struct AgentArgs {
     /// Directory of image tarballs imported at start (default: DATA_DIR/images).
     #[arg(long)]
     images: Option<PathBuf>,
+    /// The node's registry configuration: mirrors and credentials/TLS per registry, in
+    /// k3s's registries.yaml format (a missing file is no configuration).
+    #[arg(long, default_value = "/etc/keelson/registries.yaml")]
+    registry_config: PathBuf,
+    /// Pull one image at a time (kubelet's flag).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    serialize_image_pulls: bool,
+    /// At most this many pulls at once (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_parallel_image_pulls: usize,
+    /// Cancel a pull whose transfer makes no progress for this long.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    image_pull_progress_deadline: std::time::Duration,
     /// Seconds between manifest rescans (file events are also watched).
     #[arg(long, default_value_t = 20)]
     rescan_seconds: u64,
@@ -818,7 +831,14 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
             .collect(),
         cache_dir: a.data_dir.join("cni"),
     });
+    let registries = keelson::runtime::registries::Registries::load(&a.registry_config)?;
     let cfg = AgentConfig {
+        pulls: agent::images::PullConfig {
+            registries: std::sync::Arc::new(registries),
+            serialize: a.serialize_image_pulls,
+            max_parallel: (a.max_parallel_image_pulls > 0).then_some(a.max_parallel_image_pulls),
+            progress_deadline: a.image_pull_progress_deadline.max(Duration::from_secs(1)),
+        },
         node_name,
         pod_cidr,
         node_ip: a.node_ip.unwrap_or(gateway),

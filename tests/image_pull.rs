@@ -12,14 +12,35 @@ const PLAIN: &str = "127.0.0.1:5000";
 const SECURE: &str = "127.0.0.1:5443";
 const CREDS: &str = "puller:s3cret";
 
-/// The node with its two registries and the node's registries.yaml.
+/// The node (joined to a server in its namespace) with its two registries and the node's
+/// registries.yaml.
 struct Pulls {
     lab: Lab,
+    server: Server,
     plain: Registry,
     secure: Registry,
     /// The busybox archive `keelson image pack` made.
     busybox: PathBuf,
     registries_yaml: PathBuf,
+}
+
+impl Kubectl for Pulls {
+    fn kubeconfig(&self) -> PathBuf {
+        self.server.kubeconfig()
+    }
+    fn home(&self) -> PathBuf {
+        self.server.home()
+    }
+    fn netns(&self) -> Option<String> {
+        self.server.netns()
+    }
+    fn diagnostics(&self) -> String {
+        format!(
+            "agent log tail:\n{}\n{}",
+            kubectl::tail(&self.lab.agent_log(), 25),
+            self.server.diagnostics()
+        )
+    }
 }
 
 impl Pulls {
@@ -66,7 +87,7 @@ fn text(o: &std::process::Output) -> String {
 
 #[test]
 fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
-    let lab = Lab::start("pull");
+    let mut lab = Lab::start("pull");
     let busybox = lab.data_dir().join("images/busybox.tar");
     let plain = Registry::plain(&lab.netns, &lab.dir.path().join("reg-plain"), PLAIN);
     let secure = Registry::https(
@@ -87,8 +108,18 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
     let src = format!("oci-archive:{}", busybox.display());
     plain.push(&src, "lab/busybox:1");
     secure.push(&src, "private/busybox:1");
+    let server = Server::builder()
+        .netns(&lab.netns)
+        .dir(lab.dir.path().join("server"))
+        .listen("127.0.0.1:6443")
+        .start();
+    lab.join(
+        &server,
+        &["--registry-config", registries_yaml.to_str().unwrap()],
+    );
     let s = Pulls {
         lab,
+        server,
         plain,
         secure,
         busybox,
@@ -99,6 +130,11 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         a_mirror_with_a_rewrite_serves_another_registrys_image,
         an_https_registry_with_basic_auth_wants_the_right_password,
         a_missing_tag_is_not_found_in_the_registrys_words,
+        a_pods_image_is_pulled_with_kubelets_events_and_its_digest_as_image_id,
+        pull_secrets_of_the_pod_and_of_its_service_account_open_the_private_registry,
+        a_wrong_secret_is_err_image_pull_naming_401_then_image_pull_back_off,
+        ten_pods_of_one_new_image_make_one_pull,
+        always_picks_up_a_re_pushed_tag,
     );
 }
 
@@ -156,5 +192,204 @@ fn a_missing_tag_is_not_found_in_the_registrys_words(s: &Pulls) {
     let out = s.pull(&format!("{PLAIN}/lab/busybox:nope"), &[]);
     assert!(!out.status.success());
     assert!(text(&out).contains("not found"), "{}", text(&out));
-    let _ = (&s.plain, &s.secure, &s.busybox);
+}
+
+/// The lab's busybox packed again with `VERSION=version` in its environment (a new config,
+/// the same layer).
+fn pack_variant(s: &Pulls, version: &str) -> PathBuf {
+    let out_file = s.lab.dir.path().join(format!("variant-{version}.tar"));
+    let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["image", "pack", "--rootfs"])
+        .arg(s.lab.dir.path().join("busybox-rootfs"))
+        .args([
+            "--name",
+            "lab/variant:1",
+            "--env",
+            &format!("VERSION={version}"),
+            "--cmd",
+            "sh",
+            "-o",
+        ])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    out_file
+}
+
+/// The reasons and messages of the events about pod `name`.
+fn events(s: &Pulls, name: &str) -> String {
+    s.jsonpath(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+        ],
+        "{range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+    )
+}
+
+/// A pod of `image` that sleeps, with `extra` spec lines (already indented by two spaces).
+fn sleeper(name: &str, image: &str, policy: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n{extra}  containers:\n  - name: c\n    image: {image}\n    imagePullPolicy: {policy}\n    command: [sleep, \"3600\"]\n"
+    )
+}
+
+fn running(s: &Pulls, name: &str) {
+    s.until(60, &format!("{name} Running"), || {
+        s.field("pod", name, "{.status.phase}") == "Running"
+    });
+}
+
+fn a_pods_image_is_pulled_with_kubelets_events_and_its_digest_as_image_id(s: &Pulls) {
+    let image = format!("{PLAIN}/lab/busybox:1");
+    s.apply(&sleeper("first", &image, "IfNotPresent", ""));
+    running(s, "first");
+    let ev = events(s, "first");
+    assert!(
+        ev.contains(&format!("Pulling: Pulling image \"{image}\"")),
+        "{ev}"
+    );
+    assert!(
+        ev.contains(&format!(
+            "Pulled: Successfully pulled image \"{image}\" in "
+        )) && ev.contains("including waiting). Image size: "),
+        "{ev}"
+    );
+    let id = s.field("pod", "first", "{.status.containerStatuses[0].imageID}");
+    assert!(
+        id.starts_with(&format!("{PLAIN}/lab/busybox@sha256:")),
+        "{id}"
+    );
+    // Present now: the next pod of it does not pull.
+    s.apply(&sleeper("second", &image, "IfNotPresent", ""));
+    running(s, "second");
+    let ev = events(s, "second");
+    assert!(ev.contains("already present on machine"), "{ev}");
+    assert!(!ev.contains("Pulling"), "{ev}");
+    s.ok(&["delete", "pod", "first", "second", "--wait=false"]);
+}
+
+fn pull_secrets_of_the_pod_and_of_its_service_account_open_the_private_registry(s: &Pulls) {
+    let image = format!("{SECURE}/private/busybox:1");
+    let (user, pass) = CREDS.split_once(':').unwrap();
+    s.ok(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        &format!("--docker-server={SECURE}"),
+        &format!("--docker-username={user}"),
+        &format!("--docker-password={pass}"),
+    ]);
+    s.apply(&sleeper(
+        "withsecret",
+        &image,
+        "Always",
+        "  imagePullSecrets: [{name: regcred}]\n",
+    ));
+    running(s, "withsecret");
+    s.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: puller}\nimagePullSecrets: [{name: regcred}]\n");
+    s.apply(&sleeper(
+        "viasa",
+        &image,
+        "Always",
+        "  serviceAccountName: puller\n",
+    ));
+    assert_eq!(
+        s.field("pod", "viasa", "{.spec.imagePullSecrets[0].name}"),
+        "regcred",
+        "the ServiceAccount admission copies the account's pull secrets"
+    );
+    running(s, "viasa");
+    assert!(events(s, "viasa").contains("Successfully pulled image"));
+    s.ok(&["delete", "pod", "withsecret", "viasa", "--wait=false"]);
+}
+
+fn a_wrong_secret_is_err_image_pull_naming_401_then_image_pull_back_off(s: &Pulls) {
+    let image = format!("{SECURE}/private/busybox:1");
+    s.ok(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "wrongcred",
+        &format!("--docker-server={SECURE}"),
+        "--docker-username=puller",
+        "--docker-password=not-it",
+    ]);
+    s.apply(&sleeper(
+        "denied",
+        &image,
+        "Always",
+        "  imagePullSecrets: [{name: wrongcred}]\n",
+    ));
+    s.until(60, "ImagePullBackOff", || {
+        s.field(
+            "pod",
+            "denied",
+            "{.status.containerStatuses[0].state.waiting.reason}",
+        ) == "ImagePullBackOff"
+    });
+    let ev = events(s, "denied");
+    assert!(
+        ev.lines().any(
+            |l| l.starts_with(&format!("Failed: Failed to pull image \"{image}\""))
+                && (l.contains("401") || l.contains("unauthorized"))
+        ),
+        "{ev}"
+    );
+    assert!(ev.contains("Failed: Error: ErrImagePull"), "{ev}");
+    assert!(
+        ev.contains(&format!("BackOff: Back-off pulling image \"{image}\"")),
+        "{ev}"
+    );
+    assert_eq!(s.field("pod", "denied", "{.status.phase}"), "Pending");
+    s.ok(&["delete", "pod", "denied", "--wait=false"]);
+}
+
+fn ten_pods_of_one_new_image_make_one_pull(s: &Pulls) {
+    // A new image (its own config; the layer is one the node has).
+    let ten = pack_variant(s, "ten");
+    s.plain
+        .push(&format!("oci-archive:{}", ten.display()), "lab/ten:1");
+    let before = (
+        s.plain.gets("lab/ten", "manifests"),
+        s.plain.gets("lab/ten", "blobs"),
+    );
+    s.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: ten}}\nspec:\n  replicas: 10\n  selector: {{matchLabels: {{app: ten}}}}\n  template:\n    metadata: {{labels: {{app: ten}}}}\n    spec:\n      terminationGracePeriodSeconds: 0\n      containers:\n      - name: c\n        image: {PLAIN}/lab/ten:1\n        command: [sleep, \"3600\"]\n"
+    ));
+    s.ok(&["rollout", "status", "deployment/ten", "--timeout=120s"]);
+    // One pull: one manifest request, and the one blob the node lacked (the config) once.
+    let log = s.plain.log();
+    assert_eq!(s.plain.gets("lab/ten", "manifests") - before.0, 1, "{log}");
+    assert_eq!(s.plain.gets("lab/ten", "blobs") - before.1, 1, "{log}");
+    s.ok(&["delete", "deployment", "ten", "--wait=false"]);
+}
+
+fn always_picks_up_a_re_pushed_tag(s: &Pulls) {
+    let image = format!("{PLAIN}/lab/moving:1");
+    s.plain.push(
+        &format!("oci-archive:{}", s.busybox.display()),
+        "lab/moving:1",
+    );
+    s.apply(&sleeper("old", &image, "Always", ""));
+    running(s, "old");
+    let old = s.field("pod", "old", "{.status.containerStatuses[0].imageID}");
+    // Another image under the same tag: busybox with another environment.
+    let other = pack_variant(s, "2");
+    s.plain
+        .push(&format!("oci-archive:{}", other.display()), "lab/moving:1");
+    s.apply(&sleeper("new", &image, "Always", ""));
+    running(s, "new");
+    let new = s.field("pod", "new", "{.status.containerStatuses[0].imageID}");
+    assert_ne!(old, new, "the re-pushed tag is a new image");
+    assert_eq!(
+        s.ok(&["exec", "new", "--", "sh", "-c", "echo $VERSION"])
+            .trim(),
+        "2"
+    );
+    let _ = &s.secure;
 }

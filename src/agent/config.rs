@@ -18,6 +18,8 @@ pub struct AgentConfig {
     pub namespace: String,
     pub bridge: String,
     pub images_dir: PathBuf,
+    /// Registry pulls: the node's registries.yaml, parallelism, progress deadline.
+    pub pulls: super::images::PullConfig,
     pub rescan: Duration,
     pub resync: Duration,
     pub rotation: Rotation,

@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod build;
 pub mod cluster;
 pub mod config;
+pub mod images;
 pub mod kubelet_api;
 pub mod logs;
 pub mod manager;
@@ -52,6 +53,8 @@ pub const PAUSE_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pause"
 /// State shared by the agent's tasks.
 pub struct AgentCtx {
     pub rt: Arc<dyn Runtime>,
+    /// Image pulls, one per image at a time.
+    pub images: Arc<images::Puller>,
     pub cfg: AgentConfig,
     /// The pod network: the built-in bridge or CNI.
     pub network: Arc<dyn PodNetwork>,
@@ -164,8 +167,10 @@ pub async fn run(
         None => (None, None),
     };
     let network = pod_network(&cfg).await?;
+    let rt: Arc<dyn Runtime> = Arc::new(rt);
     let ctx = Arc::new(AgentCtx {
-        rt: Arc::new(rt),
+        images: images::Puller::new(rt.clone(), cfg.pulls.clone()),
+        rt,
         cfg: cfg.clone(),
         network,
         pause,

@@ -115,6 +115,48 @@ impl Backoff {
     }
 }
 
+/// A container's image pull: waited for, just done, or failed and backing off (kubelet's
+/// image back-off: 10 s doubling to 300 s).
+#[derive(Debug, Clone, Default)]
+pub struct PullState {
+    /// Since when this container waits for a pull in flight.
+    pub waiting_since: Option<Instant>,
+    /// The image was pulled for the coming start (an `Always` start does not pull twice).
+    pub fresh: bool,
+    /// After a failed pull: the delay and the instant the next pull may begin.
+    pub backoff: Option<(Duration, Instant)>,
+    /// The last failure, in the registry's words.
+    pub last_error: String,
+}
+
+impl PullState {
+    /// Records a failed pull at `now`; the instant the next may begin.
+    pub fn failed(&mut self, now: Instant, reason: String) -> Instant {
+        let delay = self
+            .backoff
+            .map(|(d, _)| (d * 2).min(Backoff::MAX))
+            .unwrap_or(Backoff::INITIAL);
+        let until = now + delay;
+        self.backoff = Some((delay, until));
+        self.waiting_since = None;
+        self.last_error = reason;
+        until
+    }
+
+    /// A pull that succeeded: the back-off is forgotten.
+    pub fn succeeded(&mut self) {
+        self.waiting_since = None;
+        self.fresh = true;
+        self.backoff = None;
+        self.last_error.clear();
+    }
+
+    /// While backing off, the instant the next pull may begin.
+    pub fn backing_off(&self, now: Instant) -> Option<Instant> {
+        self.backoff.map(|(_, u)| u).filter(|u| *u > now)
+    }
+}
+
 /// Everything known about one named container of a pod.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerRecord {
@@ -127,6 +169,7 @@ pub struct ContainerRecord {
     pub backoff: Backoff,
     /// Earliest time to retry a start that failed before the container ran (image, config).
     pub retry_at: Option<Instant>,
+    pub pull: PullState,
     pub started: bool,
     pub ready: bool,
     pub oom: bool,

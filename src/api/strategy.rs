@@ -66,6 +66,9 @@ pub enum Hook {
     NamespaceContents,
     /// The requester recorded, and approval and signing, on create.
     CertificateRequest,
+    /// The ServiceAccount admission on create: a pod without `imagePullSecrets` gets its
+    /// service account's.
+    ServiceAccountPullSecrets,
 }
 
 impl Strategy {
@@ -140,6 +143,7 @@ pub const POD: Strategy = Strategy {
     table: &table::POD,
     categories: ALL,
     on_create: typed::mount_service_account_token,
+    hooks: &[Hook::ServiceAccountPullSecrets],
     delete_grace: pod_delete_grace,
     confirmed_delete: bound,
     ..PLAIN

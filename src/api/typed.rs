@@ -262,11 +262,8 @@ fn default_pod_spec(spec: &mut serde_json::Map<String, Value>) {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            let last = image.rsplit('/').next().unwrap_or("");
-            let tag_latest =
-                !last.contains(':') && !image.contains('@') || last.ends_with(":latest");
             c.entry("imagePullPolicy")
-                .or_insert_with(|| if tag_latest { "Always" } else { "IfNotPresent" }.into());
+                .or_insert_with(|| crate::kinds::pod::default_pull_policy(&image).into());
             c.entry("terminationMessagePath")
                 .or_insert_with(|| "/dev/termination-log".into());
             c.entry("terminationMessagePolicy")

@@ -428,6 +428,9 @@ pub(super) async fn create(
     if r.strategy.has(Hook::CertificateRequest) {
         super::csr::on_create(st, o.identity, &mut obj).await?;
     }
+    if r.strategy.has(Hook::ServiceAccountPullSecrets) {
+        service_account_pull_secrets(st, ns.unwrap_or("default"), &mut obj).await;
+    }
     (r.strategy.on_create)(&mut obj);
     (r.strategy.initial_status)(&mut obj);
     ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
@@ -789,4 +792,41 @@ pub(super) fn uuid() -> String {
         &h[17..20],
         &h[20..32]
     )
+}
+
+/// kube-apiserver's ServiceAccount admission for image pull secrets: a new pod that names
+/// none gets those of its service account (mirror pods are left alone).
+async fn service_account_pull_secrets(st: &ApiState, ns: &str, pod: &mut Value) {
+    let mirror = pod
+        .pointer("/metadata/annotations/kubernetes.io~1config.mirror")
+        .is_some();
+    let has = pod
+        .pointer("/spec/imagePullSecrets")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    if mirror || has {
+        return;
+    }
+    let sa_name = pod
+        .pointer("/spec/serviceAccountName")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let Some(r) = super::registry::find("", "v1", "serviceaccounts") else {
+        return;
+    };
+    let Ok(Some(kv)) = st.store.get(&r.key(Some(ns), &sa_name)).await else {
+        return;
+    };
+    let Ok(sa) = serde_json::from_slice::<Value>(&kv.value) else {
+        return;
+    };
+    if let Some(secrets) = sa
+        .get("imagePullSecrets")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        && let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.insert("imagePullSecrets".into(), Value::Array(secrets.clone()));
+    }
 }

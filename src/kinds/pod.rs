@@ -5,6 +5,22 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 /// The pod's QoS class, as kubelet and kube-apiserver compute it: Guaranteed when every
 /// container has equal cpu and memory limits and requests, BestEffort when none has any,
 /// Burstable otherwise.
+/// The pull policy kube-apiserver defaults for an image: `Always` for `:latest` or no tag
+/// (and no digest), `IfNotPresent` otherwise.
+pub fn default_pull_policy(image: &str) -> &'static str {
+    let last = image.rsplit('/').next().unwrap_or("");
+    let latest = (!last.contains(':') && !image.contains('@')) || last.ends_with(":latest");
+    if latest { "Always" } else { "IfNotPresent" }
+}
+
+/// A container's pull policy: its own, else the default for its image (a static pod's
+/// manifest is not defaulted by an API server).
+pub fn image_pull_policy(c: &Container) -> &str {
+    c.image_pull_policy
+        .as_deref()
+        .unwrap_or_else(|| default_pull_policy(c.image.as_deref().unwrap_or("")))
+}
+
 pub fn qos_class(spec: &PodSpec) -> String {
     let all: Vec<&Container> = spec
         .containers

@@ -11,6 +11,7 @@ use super::{
     container::{CreateOpts, ExecResult, Listed, Stdio, TaskState},
     events::RuntimeEvent,
     image::ImageInfo,
+    pull::{PullOptions, Pulled},
 };
 
 /// What the agent needs of a container runtime: containers with one task each, their
@@ -19,6 +20,8 @@ use super::{
 pub trait Runtime: Send + Sync + 'static {
     /// The image's config (an image that is not present is `Error::ImageNotFound`).
     async fn image_info(&self, reference: &str) -> Result<ImageInfo>;
+    /// Pulls the image from its registry (through the node's mirrors).
+    async fn pull(&self, reference: &str, opts: PullOptions<'_>) -> Result<Pulled>;
     /// Creates container `o.id` and its task (not started); the task's pid.
     async fn create(&self, o: CreateOpts<'_>) -> Result<u32>;
     /// Starts the task; its pid.
@@ -83,6 +86,9 @@ pub trait Runtime: Send + Sync + 'static {
 impl Runtime for Containerd {
     async fn image_info(&self, reference: &str) -> Result<ImageInfo> {
         Containerd::image_info(self, reference).await
+    }
+    async fn pull(&self, reference: &str, opts: PullOptions<'_>) -> Result<Pulled> {
+        Containerd::pull(self, reference, opts).await
     }
     async fn create(&self, o: CreateOpts<'_>) -> Result<u32> {
         Containerd::create(self, o).await

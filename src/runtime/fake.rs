@@ -35,6 +35,12 @@ struct State {
     exit_on_start: HashMap<String, u32>,
     fail_start: HashMap<String, String>,
     ignore_sigterm: HashSet<String>,
+    /// Images not on the node until pulled.
+    absent: HashSet<String>,
+    /// Pulls of these images fail with the reason.
+    pull_fails: HashMap<String, String>,
+    /// How long a pull takes.
+    pull_takes: Duration,
 }
 
 /// Calls in order, shared with other fakes (the pod network's) to see one sequence.
@@ -74,6 +80,25 @@ impl FakeRuntime {
     /// Container `name` survives SIGTERM (SIGKILL still ends it).
     pub(crate) fn ignore_sigterm(&self, name: &str) {
         self.lock().ignore_sigterm.insert(name.into());
+    }
+
+    /// Image `reference` is not on the node until a pull brings it.
+    pub(crate) fn absent(&self, reference: &str) {
+        self.lock().absent.insert(reference.into());
+    }
+
+    /// Pulls of `reference` fail with `reason` (None: they succeed again).
+    pub(crate) fn pull_fails(&self, reference: &str, reason: Option<&str>) {
+        let mut st = self.lock();
+        match reason {
+            Some(r) => st.pull_fails.insert(reference.into(), r.into()),
+            None => st.pull_fails.remove(reference),
+        };
+    }
+
+    /// Every pull takes `d`.
+    pub(crate) fn pull_takes(&self, d: Duration) {
+        self.lock().pull_takes = d;
     }
 
     /// The calls so far.
@@ -153,7 +178,33 @@ impl FakeRuntime {
 
 #[async_trait::async_trait]
 impl Runtime for FakeRuntime {
+    async fn pull(
+        &self,
+        reference: &str,
+        _opts: super::pull::PullOptions<'_>,
+    ) -> Result<super::pull::Pulled> {
+        self.record(format!("pull {reference}"));
+        let takes = self.lock().pull_takes;
+        tokio::time::sleep(takes).await;
+        let mut st = self.lock();
+        if let Some(reason) = st.pull_fails.get(reference) {
+            return Err(Error::Pull {
+                reference: reference.into(),
+                reason: reason.clone(),
+            });
+        }
+        st.absent.remove(reference);
+        Ok(super::pull::Pulled {
+            name: reference.into(),
+            digest: "sha256:00".into(),
+            size: 1000,
+        })
+    }
+
     async fn image_info(&self, reference: &str) -> Result<ImageInfo> {
+        if self.lock().absent.contains(reference) {
+            return Err(Error::ImageNotFound(reference.into()));
+        }
         Ok(ImageInfo {
             name: reference.into(),
             image_id: format!("{reference}@sha256:00"),

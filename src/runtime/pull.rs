@@ -111,6 +111,22 @@ fn pick_platform(entries: &[IndexEntry]) -> Option<&IndexEntry> {
     })
 }
 
+/// The registry and repository of an image reference (normalized as Kubernetes does), or
+/// why it is not a valid image name.
+pub fn parse_reference(reference: &str) -> Result<(String, String)> {
+    let invalid = |reason: String| Error::InvalidImageName {
+        reference: reference.to_string(),
+        reason,
+    };
+    if reference.is_empty() {
+        return Err(invalid("empty".into()));
+    }
+    let r: Reference = normalize_ref(reference)
+        .parse()
+        .map_err(|e| invalid(format!("{e}")))?;
+    Ok((r.registry().to_string(), r.repository().to_string()))
+}
+
 fn install_crypto() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -234,6 +250,7 @@ impl Containerd {
     /// image; tries the node's mirrors in order, then the registry, each with the matching
     /// credentials (anonymous when none).
     pub async fn pull(&self, reference: &str, opts: PullOptions<'_>) -> Result<Pulled> {
+        parse_reference(reference)?;
         let name = normalize_ref(reference);
         let parsed: Reference = name.parse().map_err(|e| Error::InvalidImageName {
             reference: reference.to_string(),
@@ -384,8 +401,12 @@ impl Containerd {
         }
         let chain = image::chain_ids(&cfg.rootfs.diff_ids);
         let top_snapshot = chain.last().cloned().unwrap_or_default();
-        futures::stream::iter(man.layers.iter())
-            .map(|l| self.fetch_layer(src, l, lease))
+        let fetches: Vec<_> = man
+            .layers
+            .iter()
+            .map(|l| Box::pin(self.fetch_layer(src, l, lease)))
+            .collect();
+        futures::stream::iter(fetches)
             .buffer_unordered(parallel.max(1))
             .try_collect::<Vec<()>>()
             .await?;
@@ -666,6 +687,21 @@ mod tests {
         .unwrap();
         assert_eq!(pick_platform(&entries).unwrap().digest, "sha256:b");
         assert!(pick_platform(&entries[..1]).is_none());
+    }
+
+    #[test]
+    fn malformed_references_are_invalid_image_names() {
+        assert!(parse_reference("busybox").is_ok());
+        assert_eq!(
+            parse_reference("reg.lab:5000/a/b:1").unwrap(),
+            ("reg.lab:5000".to_string(), "a/b".to_string())
+        );
+        for bad in ["", "UPPER/case", "a b", "x:y:z", "busybox@sha256:short"] {
+            assert!(
+                matches!(parse_reference(bad), Err(Error::InvalidImageName { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

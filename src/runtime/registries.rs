@@ -70,7 +70,7 @@ pub struct Tls {
 }
 
 /// A registry credential: user and password, or a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Credential {
     Basic { username: String, password: String },
     Bearer(String),

@@ -240,9 +240,9 @@ impl Registry {
         run(&mut cmd);
     }
 
-    /// GET requests for blobs of `repo` the registry has answered so far.
-    pub fn blob_gets(&self, repo: &str) -> usize {
-        let needle = format!("\"GET /v2/{repo}/blobs/");
+    /// GET requests for `what` (`blobs`, `manifests`) of `repo` answered so far.
+    pub fn gets(&self, repo: &str, what: &str) -> usize {
+        let needle = format!("\"GET /v2/{repo}/{what}/");
         self.log().lines().filter(|l| l.contains(&needle)).count()
     }
 }

@@ -131,6 +131,9 @@ pub fn referenced(pod: &Pod) -> (Vec<String>, Vec<String>) {
             secrets.push(sv);
         }
     }
+    for r in spec.image_pull_secrets.iter().flatten() {
+        secrets.push(r.name.clone());
+    }
     for c in spec
         .containers
         .iter()

@@ -43,6 +43,7 @@ use crate::{
 };
 
 mod adopt;
+mod image;
 mod kill;
 
 pub(super) use kill::graceful_stop;
@@ -79,6 +80,11 @@ pub enum Msg {
     Probe {
         cid: String,
         ev: ProbeEvent,
+    },
+    /// A pull this pod's containers waited for ended.
+    ImagePulled {
+        image: String,
+        result: super::images::PullResult,
     },
     /// Stop the pod (grace override in seconds) and end the worker.
     Terminate {
@@ -327,6 +333,7 @@ impl PodWorker {
                 }
             }
             Msg::Probe { cid, ev } => self.on_probe(&cid, ev).await,
+            Msg::ImagePulled { image, result } => self.on_pulled(&image, &result),
             Msg::Terminate { .. } => {}
         }
     }
@@ -532,8 +539,14 @@ impl PodWorker {
                         match step {
                             ContainerStep::Start(k, i) => self.start(k, i).await,
                             ContainerStep::Restart(k, i) => {
+                                let before = self.rec(k, i).backoff.clone();
                                 self.rec(k, i).backoff.next(Instant::now());
                                 self.start(k, i).await;
+                                if self.rec(k, i).pull.waiting_since.is_some() {
+                                    // Only waiting for a pull: the restart happens when it
+                                    // ends, and is charged then.
+                                    self.rec(k, i).backoff = before;
+                                }
                             }
                             ContainerStep::BackOff(k, i, until) => self.back_off(k, i, until),
                         }

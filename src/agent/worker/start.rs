@@ -335,8 +335,19 @@ impl PodWorker {
         };
         let (img, rc, spec) = match prepared {
             Ok(p) => p,
-            Err(f) => {
-                self.fail_start(kind, i, f.reason, f.message, Duration::from_secs(10));
+            Err(StartFailure {
+                reason,
+                message,
+                retry: Some(retry),
+            }) => {
+                self.fail_start(kind, i, reason, message, retry);
+                return;
+            }
+            Err(StartFailure { retry: None, .. }) => {
+                // Waiting for a pull: its end wakes the worker.
+                let rec = self.rec(kind, i);
+                rec.waiting = None;
+                rec.retry_at = Some(Instant::now() + Duration::from_secs(24 * 3600));
                 return;
             }
         };
@@ -377,44 +388,6 @@ impl PodWorker {
         match self.ctx.rt.start(&id).await {
             Ok(_) => self.started(kind, i, &c, &id, restart).await,
             Err(e) => self.start_error(kind, i, &id, e.to_string()),
-        }
-    }
-
-    /// The container's image, or why it cannot start (kubelet's image reasons: a missing
-    /// image is ErrImagePull, then ImagePullBackOff; ErrImageNeverPull under `Never`).
-    async fn image_for(
-        &mut self,
-        kind: Kind,
-        i: usize,
-        c: &Container,
-    ) -> Result<ImageInfo, StartFailure> {
-        let image_ref = c.image.clone().unwrap_or_default();
-        match self.ctx.rt.image_info(&image_ref).await {
-            Ok(img) => Ok(img),
-            Err(crate::runtime::Error::ImageNotFound(_))
-                if c.image_pull_policy.as_deref() == Some("Never") =>
-            {
-                Err(StartFailure::new(
-                    "ErrImageNeverPull",
-                    format!(
-                        "Container image \"{image_ref}\" is not present with pull policy of Never"
-                    ),
-                ))
-            }
-            Err(crate::runtime::Error::ImageNotFound(_)) => {
-                let prev = self.rec(kind, i).waiting.as_ref().map(|w| w.0.clone());
-                let reason = match prev.as_deref() {
-                    Some("ErrImagePull" | "ImagePullBackOff") => "ImagePullBackOff",
-                    _ => "ErrImagePull",
-                };
-                Err(StartFailure::new(
-                    reason,
-                    format!(
-                        "image \"{image_ref}\" is not present on the node and keelson does not pull images; import it with `keelson image import`"
-                    ),
-                ))
-            }
-            Err(e) => Err(StartFailure::new("ErrImagePull", e.to_string())),
         }
     }
 
@@ -830,14 +803,20 @@ fn hosts_file(ip: Ipv4Addr, name: &str) -> String {
     )
 }
 
-/// Why a container instance could not be made: kubelet's waiting reason and message.
-struct StartFailure {
-    reason: &'static str,
-    message: String,
+/// Why a container instance could not be made: kubelet's waiting reason and message, and
+/// when to try again (None: when a message says so, as a pull in flight).
+pub(super) struct StartFailure {
+    pub(super) reason: &'static str,
+    pub(super) message: String,
+    pub(super) retry: Option<Duration>,
 }
 
 impl StartFailure {
-    fn new(reason: &'static str, message: String) -> Self {
-        StartFailure { reason, message }
+    pub(super) fn new(reason: &'static str, message: String) -> Self {
+        StartFailure {
+            reason,
+            message,
+            retry: Some(Duration::from_secs(10)),
+        }
     }
 }

@@ -41,6 +41,7 @@ fn harness() -> Harness {
         namespace: "test".into(),
         bridge: "test0".into(),
         images_dir: data.join("images"),
+        pulls: Default::default(),
         rescan: Duration::from_secs(5),
         resync: Duration::from_secs(60),
         rotation: Rotation::default(),
@@ -61,6 +62,7 @@ fn harness() -> Harness {
         std::fs::create_dir_all(d).expect("dirs");
     }
     let ctx = Arc::new(AgentCtx {
+        images: crate::agent::images::Puller::new(rt.clone(), Default::default()),
         rt: rt.clone(),
         cfg,
         network: Arc::new(FakeNetwork::new(log)),
@@ -79,8 +81,12 @@ fn harness() -> Harness {
 }
 
 fn pod(spec: serde_json::Value) -> Pod {
+    pod_named("web", "uid-1", spec)
+}
+
+fn pod_named(name: &str, uid: &str, spec: serde_json::Value) -> Pod {
     serde_json::from_value(json!({
-        "metadata": {"name": "web", "namespace": "default", "uid": "uid-1"},
+        "metadata": {"name": name, "namespace": "default", "uid": uid},
         "spec": spec,
     }))
     .expect("pod")
@@ -109,8 +115,23 @@ impl Harness {
 
     /// The pod's status as the worker last reported it.
     fn status(&self) -> serde_json::Value {
+        self.status_of("uid-1")
+    }
+
+    fn status_of(&self, uid: &str) -> serde_json::Value {
         let pods = self.ctx.store.read().expect("statuses");
-        serde_json::to_value(pods.get("uid-1").and_then(|p| p.status.clone())).expect("json")
+        serde_json::to_value(pods.get(uid).and_then(|p| p.status.clone())).expect("json")
+    }
+
+    /// Waits (in paused time) until the first container's waiting reason is `reason`.
+    async fn until_waiting(&self, reason: &str) {
+        for _ in 0..2000 {
+            if self.status()["containerStatuses"][0]["state"]["waiting"]["reason"] == reason {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("never {reason}: {}", self.status());
     }
 }
 
@@ -312,7 +333,7 @@ async fn a_container_that_cannot_start_shows_why_and_is_tried_again() {
     let h = harness();
     h.rt.fail_start("app", "exec: \"/bin/app\": no such file");
     let _w = h.run(
-        pod(json!({"containers": [{"name": "app", "image": "i"}]})),
+        pod(json!({"containers": [{"name": "app", "image": "i:1"}]})),
         vec![],
     );
     h.until("tried twice", |c| count(c, "start app") >= 2).await;
@@ -325,4 +346,114 @@ async fn a_container_that_cannot_start_shows_why_and_is_tried_again() {
     assert!(msg.contains("no such file"), "{msg}");
     assert!(cs["restartCount"].as_i64() >= Some(1), "{s}");
     assert_eq!(cs["ready"], false);
+}
+
+const IMAGE: &str = "reg.lab/app:1";
+
+#[tokio::test(start_paused = true)]
+async fn ten_pods_wanting_one_missing_image_wait_for_one_pull() {
+    let h = harness();
+    h.rt.absent(IMAGE);
+    h.rt.pull_takes(Duration::from_secs(5));
+    let workers: Vec<Worker> = (0..10)
+        .map(|n| {
+            h.run(
+                pod_named(
+                    &format!("p{n}"),
+                    &format!("uid-p{n}"),
+                    json!({"containers": [{"name": format!("app{n}"), "image": IMAGE}]}),
+                ),
+                vec![],
+            )
+        })
+        .collect();
+    h.until("all ten started", |c| {
+        (0..10).all(|n| count(c, &format!("start app{n}")) == 1)
+    })
+    .await;
+    assert_eq!(count(&h.rt.calls(), &format!("pull {IMAGE}")), 1);
+    drop(workers);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_pull_shows_err_image_pull_then_backs_off_ten_then_twenty_seconds() {
+    let h = harness();
+    h.rt.absent(IMAGE);
+    h.rt.pull_fails(IMAGE, Some("unauthorized: authentication required"));
+    let _w = h.run(
+        pod(json!({"containers": [{"name": "app", "image": IMAGE}]})),
+        vec![],
+    );
+    h.until_waiting("ErrImagePull").await;
+    let msg = h.status()["containerStatuses"][0]["state"]["waiting"]["message"].clone();
+    assert!(msg.as_str().unwrap_or("").contains("unauthorized"), "{msg}");
+    h.until_waiting("ImagePullBackOff").await;
+    let t1 = tokio::time::Instant::now();
+    h.until("a second pull", |c| count(c, &format!("pull {IMAGE}")) == 2)
+        .await;
+    let waited = t1.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8) && waited <= Duration::from_secs(10),
+        "the first back-off is 10 s: {waited:?}"
+    );
+    h.until_waiting("ImagePullBackOff").await;
+    let t2 = tokio::time::Instant::now();
+    h.rt.pull_fails(IMAGE, None);
+    h.until("a third pull", |c| count(c, &format!("pull {IMAGE}")) == 3)
+        .await;
+    let waited = t2.elapsed();
+    assert!(
+        waited >= Duration::from_secs(18) && waited <= Duration::from_secs(20),
+        "the second back-off is 20 s: {waited:?}"
+    );
+    h.until("started once pulled", |c| count(c, "start app") == 1)
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pull_policies_decide_whether_to_pull() {
+    let h = harness();
+    h.rt.absent("reg.lab/never:1");
+    let _w = h.run(
+        pod(json!({"containers": [
+            {"name": "present", "image": "reg.lab/here:1", "imagePullPolicy": "IfNotPresent"},
+            {"name": "always", "image": "reg.lab/here:2", "imagePullPolicy": "Always"},
+            {"name": "latest", "image": "reg.lab/here"},
+            {"name": "never", "image": "reg.lab/never:1", "imagePullPolicy": "Never"},
+        ]})),
+        vec![],
+    );
+    h.until("the three that may run", |c| {
+        ["present", "always", "latest"]
+            .iter()
+            .all(|n| count(c, &format!("start {n}")) == 1)
+    })
+    .await;
+    let calls = h.rt.calls();
+    assert_eq!(count(&calls, "pull reg.lab/here:1"), 0, "{calls:#?}");
+    assert_eq!(count(&calls, "pull reg.lab/here:2"), 1, "{calls:#?}");
+    assert_eq!(count(&calls, "pull reg.lab/here:latest"), 1, "{calls:#?}");
+    assert!(at(&calls, "pull reg.lab/here:2") < at(&calls, "start always"));
+    assert_eq!(count(&calls, "pull reg.lab/never:1"), 0);
+    let s = h.status();
+    let never = s["containerStatuses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "never"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        never["state"]["waiting"]["reason"], "ErrImageNeverPull",
+        "{s}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_image_name_is_invalid_image_name_and_never_pulled() {
+    let h = harness();
+    let _w = h.run(
+        pod(json!({"containers": [{"name": "app", "image": "Bad Name"}]})),
+        vec![],
+    );
+    h.until_waiting("InvalidImageName").await;
+    assert!(!h.rt.calls().iter().any(|c| c.starts_with("pull")));
 }
