@@ -6,7 +6,10 @@ mod common;
 
 use std::{path::PathBuf, process::Command};
 
-use common::{registry::Registry, *};
+use common::{
+    registry::{Fault, FaultyProxy, Registry},
+    *,
+};
 
 const PLAIN: &str = "127.0.0.1:5000";
 const SECURE: &str = "127.0.0.1:5443";
@@ -47,7 +50,7 @@ impl Pulls {
     /// `keelson image ARGS…` inside the node namespace, against the lab's containerd.
     fn image(&self, args: &[&str]) -> std::process::Output {
         Command::new("ip")
-            .args(["netns", "exec", &self.lab.netns])
+            .args(["netns", "exec", &self.lab.netns, "timeout", "120"])
             .arg(env!("CARGO_BIN_EXE_keelson"))
             .arg("image")
             .arg(args[0])
@@ -100,8 +103,10 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
     std::fs::write(
         &registries_yaml,
         format!(
-            "mirrors:\n  \"{PLAIN}\":\n    endpoint: [\"http://{PLAIN}\"]\n  \"mirror.lab\":\n    endpoint: [\"http://{PLAIN}\"]\n    rewrite:\n      \"^team/(.*)\": \"lab/$1\"\nconfigs:\n  \"{SECURE}\":\n    tls:\n      ca_file: {}\n",
-            secure.ca.as_ref().unwrap().display()
+            "mirrors:\n  \"{PLAIN}\":\n    endpoint: [\"http://{PLAIN}\"]\n  \"mirror.lab\":\n    endpoint: [\"http://{PLAIN}\"]\n    rewrite:\n      \"^team/(.*)\": \"lab/$1\"\n  \"authed.lab\":\n    endpoint: [\"https://{SECURE}\"]\n  \"flaky.lab\":\n    endpoint: [\"http://127.0.0.1:5001\"]\n  \"corrupt.lab\":\n    endpoint: [\"http://127.0.0.1:5002\"]\nconfigs:\n  \"{SECURE}\":\n    tls:\n      ca_file: {}\n  \"authed.lab\":\n    auth: {{username: {}, password: {}}}\n",
+            secure.ca.as_ref().unwrap().display(),
+            CREDS.split_once(':').unwrap().0,
+            CREDS.split_once(':').unwrap().1
         ),
     )
     .unwrap();
@@ -130,9 +135,13 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         a_mirror_with_a_rewrite_serves_another_registrys_image,
         an_https_registry_with_basic_auth_wants_the_right_password,
         a_missing_tag_is_not_found_in_the_registrys_words,
+        a_registry_that_resets_mid_layer_leaves_no_image_and_the_retry_resumes,
+        a_corrupt_blob_is_refused_and_not_kept,
         a_pods_image_is_pulled_with_kubelets_events_and_its_digest_as_image_id,
         pull_secrets_of_the_pod_and_of_its_service_account_open_the_private_registry,
         a_wrong_secret_is_err_image_pull_naming_401_then_image_pull_back_off,
+        node_level_registry_credentials_need_no_pull_secret,
+        the_node_lists_its_images_in_its_status,
         ten_pods_of_one_new_image_make_one_pull,
         always_picks_up_a_re_pushed_tag,
     );
@@ -217,6 +226,25 @@ fn pack_variant(s: &Pulls, version: &str) -> PathBuf {
     out_file
 }
 
+/// An image whose one layer is `size` random bytes (a layer no other image shares).
+fn pack_random(s: &Pulls, name: &str, size: usize) -> PathBuf {
+    let root = s.lab.dir.path().join(format!("rootfs-{name}"));
+    std::fs::create_dir_all(&root).unwrap();
+    let mut data = vec![0u8; size];
+    getrandom::fill(&mut data).unwrap();
+    std::fs::write(root.join("blob"), data).unwrap();
+    let out_file = s.lab.dir.path().join(format!("{name}.tar"));
+    let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["image", "pack", "--rootfs"])
+        .arg(&root)
+        .args(["--name", name, "--cmd", "/blob", "-o"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    out_file
+}
+
 /// The reasons and messages of the events about pod `name`.
 fn events(s: &Pulls, name: &str) -> String {
     s.jsonpath(
@@ -241,6 +269,58 @@ fn running(s: &Pulls, name: &str) {
     s.until(60, &format!("{name} Running"), || {
         s.field("pod", name, "{.status.phase}") == "Running"
     });
+}
+
+fn a_registry_that_resets_mid_layer_leaves_no_image_and_the_retry_resumes(s: &Pulls) {
+    let big = pack_random(s, "big", 3 << 20);
+    s.plain
+        .push(&format!("oci-archive:{}", big.display()), "lab/big:1");
+    let proxy = FaultyProxy::start(
+        &s.lab.netns,
+        "127.0.0.1:5001",
+        PLAIN,
+        Fault::CutAfter(1 << 20),
+    );
+    let first = s.pull("flaky.lab/lab/big:1", &[]);
+    assert!(!first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("127.0.0.1:5001"),
+        "the mirror's error is named: {}",
+        text(&first)
+    );
+    assert!(!s.images().contains("flaky.lab/"), "no half image");
+    let second = s.pull("flaky.lab/lab/big:1", &[]);
+    assert!(second.status.success(), "{}", text(&second));
+    assert!(s.images().contains("flaky.lab/lab/big:1 "));
+    let reqs = proxy.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains("/blobs/") && r.contains("range=bytes=")),
+        "the second pull resumed the layer: {reqs:#?}"
+    );
+}
+
+fn a_corrupt_blob_is_refused_and_not_kept(s: &Pulls) {
+    let img = pack_random(s, "spoilt", 1 << 20);
+    s.plain
+        .push(&format!("oci-archive:{}", img.display()), "lab/spoilt:1");
+    let _proxy = FaultyProxy::start(
+        &s.lab.netns,
+        "127.0.0.1:5002",
+        PLAIN,
+        Fault::CorruptAt(100_000),
+    );
+    let first = s.pull("corrupt.lab/lab/spoilt:1", &[]);
+    assert!(!first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).to_lowercase().contains("digest"),
+        "{}",
+        text(&first)
+    );
+    assert!(!s.images().contains("corrupt.lab/"), "no half image");
+    // Nothing of the bad blob was kept: the next pull fetches it whole and succeeds.
+    let second = s.pull("corrupt.lab/lab/spoilt:1", &[]);
+    assert!(second.status.success(), "{}", text(&second));
 }
 
 fn a_pods_image_is_pulled_with_kubelets_events_and_its_digest_as_image_id(s: &Pulls) {
@@ -347,6 +427,34 @@ fn a_wrong_secret_is_err_image_pull_naming_401_then_image_pull_back_off(s: &Pull
     );
     assert_eq!(s.field("pod", "denied", "{.status.phase}"), "Pending");
     s.ok(&["delete", "pod", "denied", "--wait=false"]);
+}
+
+fn node_level_registry_credentials_need_no_pull_secret(s: &Pulls) {
+    // authed.lab is served by the HTTPS registry, with the node's credentials for it.
+    s.apply(&sleeper(
+        "nodecreds",
+        "authed.lab/private/busybox:1",
+        "Always",
+        "",
+    ));
+    running(s, "nodecreds");
+    s.ok(&["delete", "pod", "nodecreds", "--wait=false"]);
+}
+
+fn the_node_lists_its_images_in_its_status(s: &Pulls) {
+    s.until(60, "the pulled images in the node's status", || {
+        let names = s.field("node", "node1", "{.status.images[*].names}");
+        names.contains(&format!("{PLAIN}/lab/busybox:1"))
+            && names.contains(&format!("{PLAIN}/lab/busybox@sha256:"))
+            && names.contains("authed.lab/private/busybox:1")
+    });
+    let sizes = s.field("node", "node1", "{.status.images[*].sizeBytes}");
+    assert!(
+        sizes
+            .split_whitespace()
+            .all(|n| n.parse::<u64>().is_ok_and(|n| n > 1000)),
+        "{sizes}"
+    );
 }
 
 fn ten_pods_of_one_new_image_make_one_pull(s: &Pulls) {

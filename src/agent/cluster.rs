@@ -296,8 +296,42 @@ pub fn parse_node_labels(s: &str) -> Result<BTreeMap<String, String>, FlagError>
     Ok(m)
 }
 
+/// The node's images as kubelet lists them in `status.images`: one entry per image (its
+/// references by tag and digest), largest first, at most 50.
+pub async fn node_images(rt: &crate::runtime::Containerd) -> serde_json::Value {
+    let list = match rt.list_images().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing images");
+            return json!([]);
+        }
+    };
+    let mut by_digest: BTreeMap<String, (Vec<String>, u64)> = BTreeMap::new();
+    for i in list {
+        let e = by_digest.entry(i.digest).or_default();
+        e.0.push(i.name);
+        e.1 = e.1.max(i.size);
+    }
+    let mut out: Vec<(Vec<String>, u64)> = by_digest.into_values().collect();
+    out.sort_by_key(|(_, size)| std::cmp::Reverse(*size));
+    out.truncate(50);
+    json!(
+        out.into_iter()
+            .map(|(mut names, size)| {
+                // Digest references first, as kubelet lists them.
+                names.sort_by_key(|n| (!n.contains('@'), n.clone()));
+                json!({"names": names, "sizeBytes": size})
+            })
+            .collect::<Vec<_>>()
+    )
+}
+
 /// The node's status as the agent reports it.
-pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Value {
+pub fn node_status(
+    cfg: &AgentConfig,
+    runtime_version: &str,
+    images: serde_json::Value,
+) -> serde_json::Value {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -338,6 +372,7 @@ pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Valu
             "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": arch(),
         },
         "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.kubelet_port}},
+        "images": images,
     })
 }
 
@@ -346,12 +381,13 @@ pub fn node_status(cfg: &AgentConfig, runtime_version: &str) -> serde_json::Valu
 pub async fn register(
     client: &Client,
     cfg: &AgentConfig,
+    rt: &crate::runtime::Containerd,
     runtime_version: &str,
     wait: Duration,
 ) -> anyhow::Result<Option<Ipv4Net>> {
     let api: Api<Node> = Api::all(client.clone());
     let name = &cfg.node_name;
-    let status = node_status(cfg, runtime_version);
+    let status = node_status(cfg, runtime_version, node_images(rt).await);
     let mut labels = json!({"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": arch()});
     for (k, v) in &cfg.node_labels {
         labels[k] = json!(v);
@@ -408,7 +444,12 @@ pub async fn register(
 /// Renews `kube-node-lease/<node>` every quarter of its duration (kubelet: 40 s, every 10 s),
 /// and re-posts the node's status every minute or so (its heartbeat), and at once when the node
 /// controller has turned Ready Unknown while the agent was away.
-pub fn heartbeat(client: Client, cfg: AgentConfig, runtime_version: String) {
+pub fn heartbeat(
+    client: Client,
+    cfg: AgentConfig,
+    rt: crate::runtime::Containerd,
+    runtime_version: String,
+) {
     tokio::spawn(async move {
         let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
         let nodes: Api<Node> = Api::all(client.clone());
@@ -418,6 +459,7 @@ pub fn heartbeat(client: Client, cfg: AgentConfig, runtime_version: String) {
         // Status about once a minute however often the lease is renewed.
         let status_every = (60_000 / every.as_millis().max(1)).max(1) as u32;
         let mut tick = 0u32;
+        let mut last_images = serde_json::Value::Null;
         loop {
             let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": name, "namespace": "kube-node-lease"},
@@ -442,8 +484,11 @@ pub fn heartbeat(client: Client, cfg: AgentConfig, runtime_version: String) {
                     .and_then(|s| s.conditions)
                     .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             });
-            if tick.is_multiple_of(status_every) || !ready {
-                let status = node_status(&cfg, &runtime_version);
+            // The image list is posted when it changes too (a pull, a removal).
+            let images = node_images(&rt).await;
+            if tick.is_multiple_of(status_every) || !ready || images != last_images {
+                last_images = images.clone();
+                let status = node_status(&cfg, &runtime_version, images);
                 if let Err(e) = nodes
                     .patch_status(
                         &name,

@@ -339,7 +339,7 @@ async fn join_cluster(
         .context("the node's credentials")?;
     let client = joined.client;
     let version = rt.version().await.unwrap_or_default();
-    let cidr = cluster::register(&client, cfg, &version, Duration::from_secs(60))
+    let cidr = cluster::register(&client, cfg, rt, &version, Duration::from_secs(60))
         .await
         .context("registering the node")?;
     match cidr {
@@ -357,7 +357,7 @@ async fn join_cluster(
             tracing::warn!(pod_cidr = %cfg.pod_cidr, "no pod CIDR assigned by the cluster; using --pod-cidr")
         }
     }
-    cluster::heartbeat(client.clone(), cfg.clone(), version);
+    cluster::heartbeat(client.clone(), cfg.clone(), rt.clone(), version);
     let pods = cluster::pods(&client, &cfg.node_name);
     let _ = pods.store.wait_until_ready().await;
     Ok(Joined {

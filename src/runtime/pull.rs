@@ -208,10 +208,7 @@ fn client_for(ep: &Endpoint, registries: &Registries, registry: &str) -> Result<
         max_concurrent_download: 4,
         ..Default::default()
     };
-    if let Some(tls) = registries
-        .config(&ep.host, registry)
-        .and_then(|c| c.tls.as_ref())
-    {
+    if let Some(tls) = registries.tls(&ep.host, registry) {
         cfg.accept_invalid_certificates = tls.insecure_skip_verify;
         if let Some(ca) = &tls.ca_file {
             let data = std::fs::read(ca).map_err(Error::io(format!("{}", ca.display())))?;
@@ -257,18 +254,14 @@ impl Containerd {
             reason: format!("{e}"),
         })?;
         let registry = parsed.registry().to_string();
-        let mut last = None;
+        // Each endpoint's failure, named by its host when there were several.
+        let mut failures: Vec<(String, Error)> = Vec::new();
         for ep in opts.registries.endpoints(&registry, parsed.repository()) {
             let mut creds: Vec<Option<Credential>> = Vec::new();
             if ep.is_default {
                 creds.extend(opts.credentials.iter().cloned().map(Some));
             }
-            if let Some(c) = opts
-                .registries
-                .config(&ep.host, &registry)
-                .and_then(|c| c.auth.as_ref())
-                .and_then(|a| a.credential())
-            {
+            if let Some(c) = opts.registries.credential(&ep.host, &registry) {
                 creds.push(Some(c));
             }
             if creds.is_empty() {
@@ -278,7 +271,7 @@ impl Containerd {
                 let client = match client_for(&ep, opts.registries, &registry) {
                     Ok(c) => c,
                     Err(e) => {
-                        last = Some(e);
+                        failures.push((ep.host.clone(), e));
                         continue;
                     }
                 };
@@ -303,14 +296,16 @@ impl Containerd {
                 };
                 match self.pull_from(&src, opts.parallel_layers).await {
                     Ok(p) => return Ok(p),
+                    // containerd's own failure is no endpoint's: no use trying others.
+                    Err(e @ Error::Rpc { .. }) => return Err(e),
                     Err(e) => {
                         tracing::debug!(endpoint = %ep.host, error = %e, "pull attempt failed");
-                        last = Some(e);
+                        failures.push((ep.host.clone(), e));
                     }
                 }
             }
         }
-        Err(last.unwrap_or_else(|| pull_error(&name, "no endpoint to pull from")))
+        Err(joined_failures(&name, failures))
     }
 
     /// Fetches the manifest (through an index to this platform), config and layers under a
@@ -320,7 +315,11 @@ impl Containerd {
             .lease("keelson-pull", Duration::from_secs(3600))
             .await?;
         let res = self.pull_under_lease(src, parallel, &lease).await;
-        self.drop_lease(lease).await;
+        if res.is_ok() {
+            self.drop_lease(lease).await;
+        }
+        // A failed pull keeps its lease until it expires: what was fetched stays for the next
+        // attempt to resume from, and containerd collects it after.
         res
     }
 
@@ -546,28 +545,51 @@ impl Containerd {
             Some(Err(s)) => return Err(Error::rpc("content write")(s)),
             None => 0,
         };
+        let corrupt = std::sync::atomic::AtomicBool::new(false);
         // Responses are drained while the writes go out (each write is answered).
-        let drain = async {
+        let mut closer = tx.clone();
+        let drain = async move {
             while let Some(r) = responses.next().await {
-                r.map_err(Error::rpc("content commit"))?;
+                if let Err(s) = r {
+                    // The writes stop too (a send waiting for room would wait forever).
+                    closer.close_channel();
+                    return Err(Error::rpc("content commit")(s));
+                }
             }
             Ok::<(), Error>(())
         };
         let send = async {
-            let (mut stream, mut at) = self.layer_stream(src, l, held).await?;
+            let (mut stream, mut at) = match self.layer_stream(src, l, held).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tx.close_channel();
+                    return Err(e);
+                }
+            };
             loop {
-                let next = tokio::time::timeout(src.deadline, stream.next())
-                    .await
-                    .map_err(|_| {
-                        pull_error(
+                let Ok(next) = tokio::time::timeout(src.deadline, stream.next()).await else {
+                    tx.close_channel();
+                    return Err(pull_error(
+                        src.name,
+                        format!("layer {}: no progress for {:?}", l.digest, src.deadline),
+                    ));
+                };
+                let chunk = match next {
+                    None => break,
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => {
+                        if at >= l.size {
+                            // All the bytes came and they do not match: nothing to resume from.
+                            corrupt.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        // Ending the write without a commit leaves the ingest to resume from.
+                        tx.close_channel();
+                        return Err(pull_error(
                             src.name,
-                            format!("layer {}: no progress for {:?}", l.digest, src.deadline),
-                        )
-                    })?;
-                let Some(chunk) = next else { break };
-                let chunk = chunk.map_err(|e| {
-                    pull_error(src.name, format!("layer {}: {}", l.digest, error_chain(&e)))
-                })?;
+                            format!("layer {}: {}", l.digest, error_chain(&e)),
+                        ));
+                    }
+                };
                 let n = chunk.len() as i64;
                 tx.send(msg(WriteAction::Write, at, chunk.to_vec()))
                     .await
@@ -582,6 +604,14 @@ impl Containerd {
         };
         let (sent, drained) = futures::join!(send, drain);
         let res = sent.and(drained);
+        if res.is_err() && corrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = self
+                .content()
+                .abort(self.req(AbortRequest {
+                    r#ref: r#ref.clone(),
+                }))
+                .await;
+        }
         if let Err(Error::Rpc { source, .. }) = &res {
             if source.code() == tonic::Code::AlreadyExists {
                 return Ok(());
@@ -658,6 +688,24 @@ impl Containerd {
                 )
             })?
     }
+}
+
+/// One endpoint's error as it is; several named by endpoint (`host: reason; host: reason`).
+fn joined_failures(name: &str, mut failures: Vec<(String, Error)>) -> Error {
+    if failures.len() <= 1 {
+        return failures
+            .pop()
+            .map(|(_, e)| e)
+            .unwrap_or_else(|| pull_error(name, "no endpoint to pull from"));
+    }
+    let reasons: Vec<String> = failures
+        .iter()
+        .map(|(host, e)| match e {
+            Error::Pull { reason, .. } => format!("{host}: {reason}"),
+            other => format!("{host}: {other}"),
+        })
+        .collect();
+    pull_error(name, reasons.join("; "))
 }
 
 /// The content matches the digest the registry or the reference named.

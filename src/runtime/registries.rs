@@ -226,11 +226,20 @@ impl Registries {
         out
     }
 
-    /// The configuration of an endpoint host (or of the registry it serves).
-    pub fn config(&self, host: &str, registry: &str) -> Option<&HostConfig> {
-        self.configs
-            .get(host)
-            .or_else(|| self.configs.get(registry))
+    /// The node's credential for an endpoint: the endpoint host's, else the registry's.
+    pub fn credential(&self, host: &str, registry: &str) -> Option<Credential> {
+        [host, registry]
+            .iter()
+            .filter_map(|h| self.configs.get(*h))
+            .find_map(|c| c.auth.as_ref().and_then(Auth::credential))
+    }
+
+    /// The TLS settings for an endpoint: the endpoint host's, else the registry's.
+    pub fn tls(&self, host: &str, registry: &str) -> Option<&Tls> {
+        [host, registry]
+            .iter()
+            .filter_map(|h| self.configs.get(*h))
+            .find_map(|c| c.tls.as_ref())
     }
 }
 
@@ -436,18 +445,14 @@ configs:
         assert_eq!(eps[0].host, "all.example");
         assert_eq!(eps[1].host, "quay.io");
         assert_eq!(
-            r.config("mirror.example", "docker.io")
-                .and_then(|c| c.auth.as_ref())
-                .and_then(Auth::credential),
+            r.credential("mirror.example", "docker.io"),
             Some(Credential::Basic {
                 username: "u".into(),
                 password: "p".into()
             })
         );
         assert_eq!(
-            r.config("private.example:5443", "private.example:5443")
-                .and_then(|c| c.auth.as_ref())
-                .and_then(Auth::credential),
+            r.credential("private.example:5443", "private.example:5443"),
             Some(Credential::Basic {
                 username: "user".into(),
                 password: "secret".into()

@@ -246,3 +246,137 @@ impl Registry {
         self.log().lines().filter(|l| l.contains(&needle)).count()
     }
 }
+
+/// What a [`FaultyProxy`] does to the first blob response larger than its threshold.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// The connection is cut after this many bytes of the response.
+    CutAfter(usize),
+    /// One byte of the body, this far into it, is flipped.
+    CorruptAt(usize),
+}
+
+/// An HTTP proxy in front of a registry (in the lab namespace) that spoils one blob response:
+/// a registry that resets mid-layer, or one that sends a corrupt blob. It records each request
+/// line with its `Range` header.
+pub struct FaultyProxy {
+    pub addr: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyProxy {
+    pub fn start(netns: &str, listen: &str, upstream: &str, fault: Fault) -> FaultyProxy {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let armed = Arc::new(AtomicBool::new(true));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ns, listen_at, up) = (netns.to_string(), listen.to_string(), upstream.to_string());
+        let (reqs, stop2) = (requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            // This thread and those it spawns live in the lab namespace.
+            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = std::net::TcpListener::bind(&listen_at).unwrap();
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        let (up, reqs, armed) = (up.clone(), reqs.clone(), armed.clone());
+                        std::thread::spawn(move || proxy_one(c, &up, &reqs, &armed, fault));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        FaultyProxy {
+            addr: listen.into(),
+            requests,
+            stop,
+        }
+    }
+
+    /// The requests so far (`GET /v2/… HTTP/1.1 range=bytes=N-`).
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FaultyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One request through the proxy: `Connection: close` added so that each connection carries
+/// one exchange, the response relayed (and spoiled once when armed).
+fn proxy_one(
+    mut c: std::net::TcpStream,
+    upstream: &str,
+    reqs: &std::sync::Mutex<Vec<String>>,
+    armed: &std::sync::atomic::AtomicBool,
+    fault: Fault,
+) {
+    use std::io::{Read, Write};
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let line = text.lines().next().unwrap_or("").to_string();
+    let range = text.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("range:")
+            .map(|r| r.trim().to_string())
+    });
+    reqs.lock().unwrap().push(match &range {
+        Some(r) => format!("{line} range={r}"),
+        None => line.clone(),
+    });
+    let mut fwd = String::new();
+    for l in text.split("\r\n").filter(|l| !l.is_empty()) {
+        if !l.to_ascii_lowercase().starts_with("connection:") {
+            fwd.push_str(l);
+            fwd.push_str("\r\n");
+        }
+    }
+    fwd.push_str("Connection: close\r\n\r\n");
+    let Ok(mut u) = std::net::TcpStream::connect(upstream) else {
+        return;
+    };
+    if u.write_all(fwd.as_bytes()).is_err() {
+        return;
+    }
+    let blob = line.contains("/blobs/") && line.starts_with("GET");
+    let mut resp = Vec::new();
+    let _ = u.read_to_end(&mut resp);
+    let header_end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |p| p + 4);
+    let spoil = blob && resp.len() > header_end + 64 * 1024;
+    if spoil && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        match fault {
+            Fault::CutAfter(n) => {
+                let _ = c.write_all(&resp[..(header_end + n).min(resp.len())]);
+                let _ = c.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            Fault::CorruptAt(n) => {
+                let at = (header_end + n).min(resp.len() - 1);
+                resp[at] ^= 0xff;
+            }
+        }
+    }
+    let _ = c.write_all(&resp);
+}
