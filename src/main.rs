@@ -495,6 +495,9 @@ enum ImageCmd {
         env: Vec<String>,
         #[arg(long)]
         workdir: Option<String>,
+        /// `OS/ARCH` of a manifest (repeat for a multi-platform index of them).
+        #[arg(long)]
+        platform: Vec<String>,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -1090,6 +1093,7 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
             cmd,
             env,
             workdir,
+            platform,
             output,
         } => {
             if !rootfs.is_dir() {
@@ -1103,6 +1107,7 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
                     cmd,
                     env,
                     working_dir: workdir,
+                    platforms: platform,
                 },
                 &layer,
             )?;

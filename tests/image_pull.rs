@@ -138,6 +138,7 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         a_registry_that_resets_mid_layer_leaves_no_image_and_the_retry_resumes,
         a_corrupt_blob_is_refused_and_not_kept,
         a_pods_image_is_pulled_with_kubelets_events_and_its_digest_as_image_id,
+        a_multi_platform_image_resolves_to_this_nodes_manifest_only,
         pull_secrets_of_the_pod_and_of_its_service_account_open_the_private_registry,
         a_wrong_secret_is_err_image_pull_naming_401_then_image_pull_back_off,
         node_level_registry_credentials_need_no_pull_secret,
@@ -350,6 +351,81 @@ fn a_pods_image_is_pulled_with_kubelets_events_and_its_digest_as_image_id(s: &Pu
     assert!(ev.contains("already present on machine"), "{ev}");
     assert!(!ev.contains("Pulling"), "{ev}");
     s.ok(&["delete", "pod", "first", "second", "--wait=false"]);
+}
+
+/// The manifest digest of each platform in a multi-platform archive `keelson image pack` made.
+fn platform_digests(archive: &std::path::Path) -> Vec<(String, String)> {
+    let mut files = std::collections::HashMap::new();
+    let mut a = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let p = e.path().unwrap().display().to_string();
+        let mut d = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut d).unwrap();
+        files.insert(p, d);
+    }
+    let blob = |d: &str| -> serde_json::Value {
+        serde_json::from_slice(&files[&format!("blobs/sha256/{}", d.trim_start_matches("sha256:"))])
+            .unwrap()
+    };
+    let top: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+    let nested = blob(top["manifests"][0]["digest"].as_str().unwrap());
+    nested["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["platform"]["architecture"].as_str().unwrap().to_string(),
+                m["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn a_multi_platform_image_resolves_to_this_nodes_manifest_only(s: &Pulls) {
+    let archive = s.lab.dir.path().join("multi.tar");
+    let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["image", "pack", "--rootfs"])
+        .arg(s.lab.dir.path().join("busybox-rootfs"))
+        .args(["--name", "lab/multi:1", "--cmd", "sh"])
+        .args([
+            "--platform",
+            "linux/arm64",
+            "--platform",
+            "linux/amd64",
+            "-o",
+        ])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    s.plain
+        .push(&format!("oci-archive:{}", archive.display()), "lab/multi:1");
+    let digests = platform_digests(&archive);
+    let digest_of = |arch: &str| digests.iter().find(|(a, _)| a == arch).unwrap().1.clone();
+    s.apply(&sleeper(
+        "multi",
+        &format!("{PLAIN}/lab/multi:1"),
+        "IfNotPresent",
+        "",
+    ));
+    running(s, "multi");
+    let (this, other) = if cfg!(target_arch = "aarch64") {
+        ("arm64", "amd64")
+    } else {
+        ("amd64", "arm64")
+    };
+    let log = s.plain.log();
+    assert!(
+        log.contains(&format!("GET /v2/lab/multi/manifests/{}", digest_of(this))),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("GET /v2/lab/multi/manifests/{}", digest_of(other))),
+        "{log}"
+    );
+    s.ok(&["delete", "pod", "multi", "--wait=false"]);
 }
 
 fn pull_secrets_of_the_pod_and_of_its_service_account_open_the_private_registry(s: &Pulls) {

@@ -1,5 +1,6 @@
 //! Builds OCI image archives offline (`keelson image pack`): one layer from a root filesystem,
-//! an image config, a manifest and an OCI layout index, all in one tarball.
+//! an image config, a manifest and an OCI layout index, all in one tarball; with several
+//! platforms, one config and manifest per platform under a multi-platform index.
 //! Never talks to containerd; `image::import` loads what this writes.
 
 use std::{collections::BTreeMap, io::Write, path::Path};
@@ -7,7 +8,7 @@ use std::{collections::BTreeMap, io::Write, path::Path};
 use flate2::{Compression, write::GzEncoder};
 use oci_spec::image::{
     ConfigBuilder, DescriptorBuilder, Digest, ImageConfigurationBuilder, ImageIndexBuilder,
-    ImageManifestBuilder, MediaType, RootFsBuilder, Sha256Digest,
+    ImageManifestBuilder, MediaType, PlatformBuilder, RootFsBuilder, Sha256Digest,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -21,6 +22,8 @@ pub struct ImageSettings {
     pub cmd: Vec<String>,
     pub env: Vec<String>,
     pub working_dir: Option<String>,
+    /// `os/arch` of each manifest; empty: one linux/amd64 manifest and no platform index.
+    pub platforms: Vec<String>,
 }
 
 /// A file to place in a layer built in memory.
@@ -95,14 +98,16 @@ fn desc(media: MediaType, data: &[u8]) -> Result<oci_spec::image::Descriptor> {
         .map_err(|e| Error::bad("descriptor", e))
 }
 
-/// Packs one uncompressed layer tarball into a complete OCI image-layout archive.
-pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Vec<u8>> {
+/// The config and manifest of one platform of the image (`layer` gzipped, `diff_id` its
+/// uncompressed digest); (config JSON, manifest JSON).
+fn platform_manifest(
+    settings: &ImageSettings,
+    os: &str,
+    arch: &str,
+    layer: &[u8],
+    diff_id: &str,
+) -> Result<(Vec<u8>, Vec<u8>)> {
     let bad = |e: oci_spec::OciSpecError| Error::bad("image config", e);
-    let diff_id = sha256_digest(layer_tar);
-    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-    gz.write_all(layer_tar).map_err(Error::io("gzip layer"))?;
-    let layer = gz.finish().map_err(Error::io("gzip layer"))?;
-
     let mut cfg = ConfigBuilder::default();
     if !settings.entrypoint.is_empty() {
         cfg = cfg.entrypoint(settings.entrypoint.clone());
@@ -122,13 +127,13 @@ pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Ve
         cfg = cfg.working_dir(wd.clone());
     }
     let config = ImageConfigurationBuilder::default()
-        .architecture(oci_spec::image::Arch::Amd64)
-        .os(oci_spec::image::Os::Linux)
+        .architecture(oci_spec::image::Arch::from(arch))
+        .os(oci_spec::image::Os::from(os))
         .config(cfg.build().map_err(bad)?)
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")
-                .diff_ids(vec![diff_id])
+                .diff_ids(vec![diff_id.to_string()])
                 .build()
                 .map_err(bad)?,
         )
@@ -139,11 +144,66 @@ pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Ve
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
         .config(desc(MediaType::ImageConfig, &config_json)?)
-        .layers(vec![desc(MediaType::ImageLayerGzip, &layer)?])
+        .layers(vec![desc(MediaType::ImageLayerGzip, layer)?])
         .build()
         .map_err(bad)?;
     let manifest_json = serde_json::to_vec(&manifest).map_err(|e| Error::bad("manifest", e))?;
-    let mut mdesc = desc(MediaType::ImageManifest, &manifest_json)?;
+    Ok((config_json, manifest_json))
+}
+
+/// `os/arch` → (os, arch), naming the bad entry.
+fn parse_platform(p: &str) -> Result<(&str, &str)> {
+    match p.split_once('/') {
+        Some((os, arch)) if !os.is_empty() && !arch.is_empty() && !arch.contains('/') => {
+            Ok((os, arch))
+        }
+        _ => Err(Error::bad(
+            format!("platform {p:?}"),
+            "expected OS/ARCH, e.g. linux/arm64",
+        )),
+    }
+}
+
+/// Packs one uncompressed layer tarball into a complete OCI image-layout archive.
+pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Vec<u8>> {
+    let bad = |e: oci_spec::OciSpecError| Error::bad("image index", e);
+    let diff_id = sha256_digest(layer_tar);
+    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+    gz.write_all(layer_tar).map_err(Error::io("gzip layer"))?;
+    let layer = gz.finish().map_err(Error::io("gzip layer"))?;
+    let mut blobs: Vec<Vec<u8>> = vec![layer.clone()];
+    let mut top = if settings.platforms.is_empty() {
+        let (c, m) = platform_manifest(settings, "linux", "amd64", &layer, &diff_id)?;
+        let d = desc(MediaType::ImageManifest, &m)?;
+        blobs.extend([c, m]);
+        d
+    } else {
+        let mut entries = Vec::new();
+        for p in &settings.platforms {
+            let (os, arch) = parse_platform(p)?;
+            let (c, m) = platform_manifest(settings, os, arch, &layer, &diff_id)?;
+            let mut d = desc(MediaType::ImageManifest, &m)?;
+            d.set_platform(Some(
+                PlatformBuilder::default()
+                    .os(oci_spec::image::Os::from(os))
+                    .architecture(oci_spec::image::Arch::from(arch))
+                    .build()
+                    .map_err(bad)?,
+            ));
+            entries.push(d);
+            blobs.extend([c, m]);
+        }
+        let nested = ImageIndexBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageIndex)
+            .manifests(entries)
+            .build()
+            .map_err(bad)?;
+        let nested = serde_json::to_vec(&nested).map_err(|e| Error::bad("index", e))?;
+        let d = desc(MediaType::ImageIndex, &nested)?;
+        blobs.push(nested);
+        d
+    };
     let full = super::image::normalize_ref(&settings.name);
     let tag = full.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
     let annotations: std::collections::HashMap<String, String> = [
@@ -154,28 +214,20 @@ pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Ve
         ),
     ]
     .into();
-    mdesc.set_annotations(Some(annotations));
+    top.set_annotations(Some(annotations));
     let index = ImageIndexBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageIndex)
-        .manifests(vec![mdesc])
+        .manifests(vec![top])
         .build()
         .map_err(bad)?;
     let index_json = serde_json::to_vec(&index).map_err(|e| Error::bad("index", e))?;
 
     let mut files: BTreeMap<String, &[u8]> = BTreeMap::new();
-    let blob = |d: &str| -> Result<String> {
-        let d = digest_of(d)?;
-        Ok(format!("blobs/sha256/{}", d.digest()))
-    };
-    let (c, l, m) = (
-        sha256_digest(&config_json),
-        sha256_digest(&layer),
-        sha256_digest(&manifest_json),
-    );
-    files.insert(blob(&c)?, &config_json);
-    files.insert(blob(&l)?, &layer);
-    files.insert(blob(&m)?, &manifest_json);
+    for b in &blobs {
+        let d = digest_of(&sha256_digest(b))?;
+        files.insert(format!("blobs/sha256/{}", d.digest()), b);
+    }
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
     let mut out = tar::Builder::new(Vec::new());
     let mut add = |path: &str, data: &[u8]| -> Result<()> {
@@ -225,5 +277,43 @@ mod tests {
                 .count(),
             3
         );
+    }
+
+    #[test]
+    fn several_platforms_make_an_index_of_manifests_that_imports_back() {
+        let layer = layer_from_files(&[MemFile {
+            path: "a",
+            mode: 0o644,
+            data: b"x",
+        }])
+        .unwrap();
+        let s = ImageSettings {
+            name: "keelson.local/multi:1".into(),
+            platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
+            ..Default::default()
+        };
+        let ar = pack_oci_archive(&s, &layer).unwrap();
+        let mut files = std::collections::HashMap::new();
+        let mut a = tar::Archive::new(&ar[..]);
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let p = e.path().unwrap().display().to_string();
+            let mut d = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut d).unwrap();
+            files.insert(p, d);
+        }
+        // Layer, two configs, two manifests and the platform index.
+        assert_eq!(files.keys().filter(|n| n.starts_with("blobs/")).count(), 6);
+        let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+        assert_eq!(
+            index["manifests"][0]["mediaType"],
+            "application/vnd.oci.image.index.v1+json"
+        );
+        let bad = ImageSettings {
+            platforms: vec!["arm64".into()],
+            ..s
+        };
+        let e = pack_oci_archive(&bad, &layer).unwrap_err().to_string();
+        assert!(e.contains("\"arm64\""), "{e}");
     }
 }
