@@ -371,6 +371,18 @@ struct AgentArgs {
     /// At most this many pulls at once (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_parallel_image_pulls: usize,
+    /// Image GC starts when the image filesystem is this full (percent).
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: u8,
+    /// Image GC frees space until the image filesystem is under this (percent).
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
+    /// Unused images younger than this are kept.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    minimum_image_ttl_duration: std::time::Duration,
+    /// How often image GC checks the image filesystem (kubelet: 5 min).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    image_gc_period: std::time::Duration,
     /// Cancel a pull whose transfer makes no progress for this long.
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     image_pull_progress_deadline: std::time::Duration,
@@ -835,12 +847,25 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
         cache_dir: a.data_dir.join("cni"),
     });
     let registries = keelson::runtime::registries::Registries::load(&a.registry_config)?;
+    if a.image_gc_low_threshold > a.image_gc_high_threshold {
+        bail!(
+            "--image-gc-low-threshold ({}) must not be above --image-gc-high-threshold ({})",
+            a.image_gc_low_threshold,
+            a.image_gc_high_threshold
+        );
+    }
     let cfg = AgentConfig {
         pulls: agent::images::PullConfig {
             registries: std::sync::Arc::new(registries),
             serialize: a.serialize_image_pulls,
             max_parallel: (a.max_parallel_image_pulls > 0).then_some(a.max_parallel_image_pulls),
             progress_deadline: a.image_pull_progress_deadline.max(Duration::from_secs(1)),
+        },
+        image_gc: agent::image_gc::GcPolicy {
+            high: a.image_gc_high_threshold,
+            low: a.image_gc_low_threshold,
+            min_age: a.minimum_image_ttl_duration,
+            period: a.image_gc_period.max(Duration::from_secs(1)),
         },
         node_name,
         pod_cidr,
@@ -1143,7 +1168,7 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
             let rt = at.connect().await?;
             for r in references {
                 let name = keelson::runtime::image::normalize_ref(&r);
-                rt.remove_image(&name).await?;
+                rt.remove_image_sync(&name, true).await?;
                 println!("deleted {name}");
             }
             Ok(())

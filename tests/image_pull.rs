@@ -206,11 +206,11 @@ fn a_missing_tag_is_not_found_in_the_registrys_words(s: &Pulls) {
 
 /// The lab's busybox packed again with `VERSION=version` in its environment (a new config,
 /// the same layer).
-fn pack_variant(s: &Pulls, version: &str) -> PathBuf {
-    let out_file = s.lab.dir.path().join(format!("variant-{version}.tar"));
+fn pack_variant(lab: &Lab, version: &str) -> PathBuf {
+    let out_file = lab.dir.path().join(format!("variant-{version}.tar"));
     let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
         .args(["image", "pack", "--rootfs"])
-        .arg(s.lab.dir.path().join("busybox-rootfs"))
+        .arg(lab.dir.path().join("busybox-rootfs"))
         .args([
             "--name",
             "lab/variant:1",
@@ -228,13 +228,13 @@ fn pack_variant(s: &Pulls, version: &str) -> PathBuf {
 }
 
 /// An image whose one layer is `size` random bytes (a layer no other image shares).
-fn pack_random(s: &Pulls, name: &str, size: usize) -> PathBuf {
-    let root = s.lab.dir.path().join(format!("rootfs-{name}"));
+fn pack_random(lab: &Lab, name: &str, size: usize) -> PathBuf {
+    let root = lab.dir.path().join(format!("rootfs-{name}"));
     std::fs::create_dir_all(&root).unwrap();
     let mut data = vec![0u8; size];
     getrandom::fill(&mut data).unwrap();
     std::fs::write(root.join("blob"), data).unwrap();
-    let out_file = s.lab.dir.path().join(format!("{name}.tar"));
+    let out_file = lab.dir.path().join(format!("{name}.tar"));
     let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
         .args(["image", "pack", "--rootfs"])
         .arg(&root)
@@ -273,7 +273,7 @@ fn running(s: &Pulls, name: &str) {
 }
 
 fn a_registry_that_resets_mid_layer_leaves_no_image_and_the_retry_resumes(s: &Pulls) {
-    let big = pack_random(s, "big", 3 << 20);
+    let big = pack_random(&s.lab, "big", 3 << 20);
     s.plain
         .push(&format!("oci-archive:{}", big.display()), "lab/big:1");
     let proxy = FaultyProxy::start(
@@ -302,7 +302,7 @@ fn a_registry_that_resets_mid_layer_leaves_no_image_and_the_retry_resumes(s: &Pu
 }
 
 fn a_corrupt_blob_is_refused_and_not_kept(s: &Pulls) {
-    let img = pack_random(s, "spoilt", 1 << 20);
+    let img = pack_random(&s.lab, "spoilt", 1 << 20);
     s.plain
         .push(&format!("oci-archive:{}", img.display()), "lab/spoilt:1");
     let _proxy = FaultyProxy::start(
@@ -535,7 +535,7 @@ fn the_node_lists_its_images_in_its_status(s: &Pulls) {
 
 fn ten_pods_of_one_new_image_make_one_pull(s: &Pulls) {
     // A new image (its own config; the layer is one the node has).
-    let ten = pack_variant(s, "ten");
+    let ten = pack_variant(&s.lab, "ten");
     s.plain
         .push(&format!("oci-archive:{}", ten.display()), "lab/ten:1");
     let before = (
@@ -563,7 +563,7 @@ fn always_picks_up_a_re_pushed_tag(s: &Pulls) {
     running(s, "old");
     let old = s.field("pod", "old", "{.status.containerStatuses[0].imageID}");
     // Another image under the same tag: busybox with another environment.
-    let other = pack_variant(s, "2");
+    let other = pack_variant(&s.lab, "2");
     s.plain
         .push(&format!("oci-archive:{}", other.display()), "lab/moving:1");
     s.apply(&sleeper("new", &image, "Always", ""));
@@ -576,4 +576,116 @@ fn always_picks_up_a_re_pushed_tag(s: &Pulls) {
         "2"
     );
     let _ = &s.secure;
+}
+
+/// `keelson image pull` inside the lab's namespace with the node's registries.yaml.
+fn cli_pull(lab: &Lab, registries_yaml: &std::path::Path, reference: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.netns, "timeout", "120"])
+        .arg(env!("CARGO_BIN_EXE_keelson"))
+        .args(["image", "pull", "--containerd"])
+        .arg(lab.socket())
+        .arg("--registry-config")
+        .arg(registries_yaml)
+        .arg(reference)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The lab containerd's image names.
+fn image_names(lab: &Lab) -> String {
+    let out = Command::new("ctr")
+        .arg("-a")
+        .arg(lab.socket())
+        .args(["-n", NS, "images", "ls", "-q"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Used percent of the filesystem at `path`.
+fn used_percent(path: &std::path::Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    let total = s.blocks() as u64;
+    (total - s.blocks_available() as u64) * 100 / total.max(1)
+}
+
+#[test]
+fn image_gc_removes_unused_images_least_recently_used_first_on_a_full_image_filesystem() {
+    let mut lab = Lab::start_with_image_fs("imggc", 48);
+    let plain = Registry::plain(&lab.netns, &lab.dir.path().join("reg"), PLAIN);
+    let yaml = lab.dir.path().join("registries.yaml");
+    std::fs::write(
+        &yaml,
+        format!("mirrors:\n  \"{PLAIN}\":\n    endpoint: [\"http://{PLAIN}\"]\n"),
+    )
+    .unwrap();
+    let keep = pack_variant(&lab, "keep");
+    plain.push(&format!("oci-archive:{}", keep.display()), "lab/keep:1");
+    lab.start_agent_with(&[
+        "--standalone",
+        "--registry-config",
+        yaml.to_str().unwrap(),
+        "--image-gc-period",
+        "1s",
+        "--minimum-image-ttl-duration",
+        "0s",
+    ]);
+    lab.write_manifest(
+        "keep.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: keep}}\nspec:\n  containers:\n  - name: c\n    image: {PLAIN}/lab/keep:1\n    command: [sleep, \"3600\"]\n"),
+    );
+    lab.wait_pod("keep", "Running", std::time::Duration::from_secs(60), |p| {
+        phase(p) == "Running"
+    });
+    // Unused images of 5 MiB layers each (content plus snapshot: about 10 MiB of the 48)
+    // until the image filesystem passes the high threshold (85 %).
+    let root = lab.dir.path().join("containerd/root");
+    let mut pulled = Vec::new();
+    for n in 0..4 {
+        let name = format!("gc{n}");
+        let ar = pack_random(&lab, &name, 5 << 20);
+        plain.push(
+            &format!("oci-archive:{}", ar.display()),
+            &format!("lab/{name}:1"),
+        );
+        cli_pull(&lab, &yaml, &format!("{PLAIN}/lab/{name}:1"));
+        pulled.push(format!("{PLAIN}/lab/{name}:1"));
+        // Each pull is seen by GC before the next (least recently used = first pulled).
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        if used_percent(&root) >= 85 {
+            break;
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while image_names(&lab).contains(&pulled[0]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the oldest unused image stays at {} % used:\n{}\n{}",
+            used_percent(&root),
+            image_names(&lab),
+            lab.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(used_percent(&root) < 85, "{} %", used_percent(&root));
+    let names = image_names(&lab);
+    assert!(
+        names.contains(&format!("{PLAIN}/lab/keep:1")),
+        "the used image stays:\n{names}"
+    );
+    assert!(names.contains("keelson.local/pause"), "pinned:\n{names}");
+    assert!(
+        names.contains(BUSYBOX),
+        "the node's own archives are pinned:\n{names}"
+    );
+    assert!(
+        names.contains(pulled.last().unwrap()),
+        "the newest stays:\n{names}"
+    );
+    assert_eq!(
+        lab.pod("keep").map(|p| phase(&p)).as_deref(),
+        Some("Running")
+    );
 }

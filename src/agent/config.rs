@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub images_dir: PathBuf,
     /// Registry pulls: the node's registries.yaml, parallelism, progress deadline.
     pub pulls: super::images::PullConfig,
+    /// When unused images are deleted.
+    pub image_gc: super::image_gc::GcPolicy,
     pub rescan: Duration,
     pub resync: Duration,
     pub rotation: Rotation,

@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod build;
 pub mod cluster;
 pub mod config;
+pub mod image_gc;
 pub mod images;
 pub mod kubelet_api;
 pub mod logs;
@@ -101,9 +102,10 @@ pub async fn ensure_pause(rt: &Containerd) -> anyhow::Result<ImageInfo> {
 }
 
 /// Imports every tarball in `dir` (airgap images); errors are logged per file.
-pub async fn import_dir(rt: &Containerd, dir: &Path) {
+pub async fn import_dir(rt: &Containerd, dir: &Path) -> Vec<String> {
+    let mut imported = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return imported;
     };
     let mut files: Vec<_> = entries
         .flatten()
@@ -115,12 +117,16 @@ pub async fn import_dir(rt: &Containerd, dir: &Path) {
         let what = f.display().to_string();
         match std::fs::read(&f) {
             Ok(bytes) => match rt.import_archive(&what, &bytes).await {
-                Ok(names) => tracing::info!(file = %what, images = ?names, "imported images"),
+                Ok(names) => {
+                    tracing::info!(file = %what, images = ?names, "imported images");
+                    imported.extend(names);
+                }
                 Err(e) => tracing::warn!(file = %what, error = %e, "image import failed"),
             },
             Err(e) => tracing::warn!(file = %what, error = %e, "cannot read image archive"),
         }
     }
+    imported
 }
 
 /// Connects to containerd, retrying for up to `patience`.
@@ -156,7 +162,14 @@ pub async fn run(
         .with_context(|| format!("containerd at {}", cfg.containerd.display()))?;
     // Images first: a node that reports Ready can start pods at once.
     let pause = ensure_pause(&rt).await.context("pause image")?;
-    import_dir(&rt, &cfg.images_dir).await;
+    // The pause image and the node's own archives are never collected.
+    let mut pinned = import_dir(&rt, &cfg.images_dir).await;
+    pinned.push(crate::runtime::image::normalize_ref(PAUSE_IMAGE));
+    image_gc::start(
+        rt.clone(),
+        cfg.image_gc.clone(),
+        Arc::new(pinned.into_iter().collect()),
+    );
     // Joining a cluster: the node's own certificate, then register the Node, and take the pod
     // CIDR the cluster assigns.
     let (cluster, join_ca) = match cfg.join.clone() {

@@ -699,14 +699,14 @@ impl Containerd {
         Ok(out)
     }
 
-    /// Removes an image record (its content and snapshots go with containerd's next GC once
-    /// nothing else holds them).
-    pub async fn remove_image(&self, name: &str) -> Result<()> {
+    /// Removes an image record; its content and snapshots go with containerd's GC once
+    /// nothing else holds them (`sync`: the call waits for that collection).
+    pub async fn remove_image_sync(&self, name: &str, sync: bool) -> Result<()> {
         match self
             .images()
             .delete(self.req(DeleteImageRequest {
                 name: name.to_string(),
-                sync: false,
+                sync,
                 target: None,
             }))
             .await
@@ -720,6 +720,50 @@ impl Containerd {
                 source: s,
             }),
         }
+    }
+
+    /// The images containers are made from (their records' image names).
+    pub async fn container_images(&self) -> Result<std::collections::HashSet<String>> {
+        let r = self
+            .containers()
+            .list(
+                self.req(containerd_client::services::v1::ListContainersRequest {
+                    filters: vec![],
+                }),
+            )
+            .await
+            .map_err(Error::rpc("container list"))?;
+        Ok(r.into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.image)
+            .collect())
+    }
+
+    /// Where the snapshotter keeps its snapshots (the image filesystem), as containerd's
+    /// introspection reports it.
+    pub async fn snapshotter_root(&self) -> Result<std::path::PathBuf> {
+        let plugins = self
+            .introspection()
+            .plugins(self.req(containerd_client::services::v1::PluginsRequest {
+                filters: vec![format!(
+                    "type==io.containerd.snapshotter.v1,id=={SNAPSHOTTER}"
+                )],
+            }))
+            .await
+            .map_err(Error::rpc("introspection"))?
+            .into_inner()
+            .plugins;
+        plugins
+            .into_iter()
+            .find_map(|p| p.exports.get("root").cloned())
+            .map(std::path::PathBuf::from)
+            .ok_or_else(|| {
+                Error::bad(
+                    "containerd",
+                    format!("no root for the {SNAPSHOTTER} snapshotter"),
+                )
+            })
     }
 
     /// Looks an image up by reference (normalized as Kubernetes does).

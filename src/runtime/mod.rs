@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
-    events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
+    events_client::EventsClient, images_client::ImagesClient,
+    introspection_client::IntrospectionClient, leases_client::LeasesClient,
     namespaces_client::NamespacesClient, snapshots::snapshots_client::SnapshotsClient,
     tasks_client::TasksClient, version_client::VersionClient,
 };
@@ -141,6 +142,9 @@ impl Containerd {
         req
     }
 
+    pub(crate) fn introspection(&self) -> IntrospectionClient<Channel> {
+        IntrospectionClient::new(self.channel.clone())
+    }
     pub(crate) fn containers(&self) -> ContainersClient<Channel> {
         ContainersClient::new(self.channel.clone())
     }

@@ -202,6 +202,16 @@ impl Lab {
 
     /// Starts containerd and the node namespace; packs busybox into the agent's images dir.
     pub fn start(name: &str) -> Lab {
+        Self::start_with(name, None)
+    }
+
+    /// A lab whose containerd keeps its content and snapshots on a tmpfs of `mib` MiB (a small
+    /// image filesystem, for image GC).
+    pub fn start_with_image_fs(name: &str, mib: u32) -> Lab {
+        Self::start_with(name, Some(mib))
+    }
+
+    fn start_with(name: &str, image_fs_mib: Option<u32>) -> Lab {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix(&format!("keelson-{name}-"))
@@ -212,6 +222,19 @@ impl Lab {
         let cd = keelson::lab::ContainerdPaths::new(p);
         std::fs::create_dir_all(&cd.dir).unwrap();
         std::fs::write(cd.config(), cd.config_text()).unwrap();
+        if let Some(mib) = image_fs_mib {
+            let root = cd.dir.join("root");
+            std::fs::create_dir_all(&root).unwrap();
+            run(Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={mib}m"),
+                    "keelson-imagefs",
+                ])
+                .arg(&root));
+        }
         let log = std::fs::File::create(cd.log()).unwrap();
         let containerd = Command::new("containerd")
             .arg("--config")

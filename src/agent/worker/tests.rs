@@ -42,6 +42,7 @@ fn harness() -> Harness {
         bridge: "test0".into(),
         images_dir: data.join("images"),
         pulls: Default::default(),
+        image_gc: Default::default(),
         rescan: Duration::from_secs(5),
         resync: Duration::from_secs(60),
         rotation: Rotation::default(),
