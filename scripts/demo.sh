@@ -2,8 +2,10 @@
 # keelson's main job on a fresh Debian 12 machine (as root): installs what is needed, builds
 # keelson, runs `keelson up` (API server, scheduler, controllers and the agent with its service
 # proxy, on the embedded store and a private containerd) inside a network namespace of its own
-# (no route out: the host's network is never touched), deploys a demo web app behind a Service
-# and shows it answering through the Service. Ctrl-C stops it and removes everything.
+# (no route out: the host's network is never touched) beside a local OCI registry (Debian's
+# docker-registry), pushes the demo's image to that registry, deploys a web app of it behind a
+# Service (the node pulls the image) and shows it answering through the Service. Ctrl-C stops
+# it and removes everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "the demo needs root (containerd, network namespaces)" >&2; exit 1; }
@@ -30,6 +32,10 @@ cleanup() {
     kill -INT "$UP" 2>/dev/null
     wait "$UP" 2>/dev/null
   fi
+  if [ -n "${REG:-}" ]; then
+    kill "$REG" 2>/dev/null
+    wait "$REG" 2>/dev/null
+  fi
   in_ns "$BIN" down --data-dir "$DEMO" --purge
   ip netns delete "$NETNS" 2>/dev/null
   echo "demo stopped and cleaned up"
@@ -40,15 +46,37 @@ trap 'exit 130' INT TERM
 ip netns delete "$NETNS" 2>/dev/null || true
 ip netns add "$NETNS"
 ip -n "$NETNS" link set lo up
-mkdir -p "$DEMO"
+mkdir -p "$DEMO/registry"
 
-in_ns "$BIN" up --data-dir "$DEMO" --private-containerd &
+# The local registry (plain HTTP on the namespace's loopback) and the node's registries.yaml.
+cat > "$DEMO/registry/config.yml" <<EOF
+version: 0.1
+log: {level: warn, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $DEMO/registry/storage}}
+http: {addr: 127.0.0.1:5000}
+EOF
+# nsenter (not the in_ns function) so that $! is the daemon itself, which the cleanup signals.
+nsenter --net="/run/netns/$NETNS" docker-registry serve "$DEMO/registry/config.yml" \
+  >"$DEMO/registry/registry.log" 2>&1 &
+REG=$!
+cat > "$DEMO/registries.yaml" <<'EOF'
+mirrors:
+  "127.0.0.1:5000":
+    endpoint: ["http://127.0.0.1:5000"]
+EOF
+
+nsenter --net="/run/netns/$NETNS" "$BIN" up --data-dir "$DEMO" --private-containerd \
+  --registry-config "$DEMO/registries.yaml" &
 UP=$!
 for _ in $(seq 1 240); do
   kc wait --for=condition=Ready node --all --timeout=1s >/dev/null 2>&1 && break
   kill -0 "$UP" 2>/dev/null || { echo "keelson up stopped; see $DEMO/logs/keelson.log" >&2; exit 1; }
   sleep 0.5
 done
+
+echo
+echo "== pushing the demo image (busybox, packed by keelson up) to the local registry as 127.0.0.1:5000/demo/web:1"
+in_ns skopeo copy --quiet --dest-tls-verify=false "oci-archive:$DEMO/images/busybox.tar" docker://127.0.0.1:5000/demo/web:1
 
 echo
 echo "== deploying the demo: Deployment web (2 replicas) and Service web (NodePort)"
@@ -67,8 +95,8 @@ spec:
     spec:
       containers:
       - name: httpd
-        image: keelson.local/busybox:1
-        command: ["sh", "-c", "echo \"hello from $(hostname), served by keelson\" > /www/index.html; exec httpd -f -p 8080 -h /www"]
+        image: 127.0.0.1:5000/demo/web:1
+        command: ["sh", "-c", "echo \"hello from $(hostname), served by keelson from an image it pulled\" > /www/index.html; exec httpd -f -p 8080 -h /www"]
         ports: [{name: http, containerPort: 8080}]
         readinessProbe:
           httpGet: {path: /, port: http}
@@ -90,6 +118,8 @@ YAML
 kc rollout status deployment/web --timeout=120s
 kc get nodes -o wide
 kc get pods,services -o wide
+echo "== the node pulled the image:"
+kc get events --field-selector reason=Pulled -o custom-columns=MESSAGE:.message --no-headers | sort -u
 
 CIP=$(kc get service web -o jsonpath='{.spec.clusterIP}')
 PORT=$(kc get service web -o jsonpath='{.spec.ports[0].nodePort}')

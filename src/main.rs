@@ -444,6 +444,9 @@ enum LabCmd {
         /// An extra flag for every agent (repeatable).
         #[arg(long, allow_hyphen_values = true)]
         agent_arg: Vec<String>,
+        /// Every node's registry configuration (k3s's registries.yaml format).
+        #[arg(long)]
+        registry_config: Option<PathBuf>,
         /// How long to wait for the nodes to be Ready.
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: std::time::Duration,
@@ -495,8 +498,9 @@ impl ContainerdAt {
 enum ImageCmd {
     /// Pack a root filesystem directory into an OCI image archive.
     Pack {
-        #[arg(long)]
-        rootfs: PathBuf,
+        /// A root filesystem directory: one layer (repeat for several, bottom first).
+        #[arg(long, required = true)]
+        rootfs: Vec<PathBuf>,
         #[arg(long)]
         name: String,
         #[arg(long, allow_hyphen_values = true, help = "repeat for each argument")]
@@ -625,9 +629,15 @@ async fn lab(cmd: LabCmd) -> anyhow::Result<()> {
             images,
             port,
             server_arg,
-            agent_arg,
+            mut agent_arg,
+            registry_config,
             timeout,
         } => {
+            if let Some(r) = registry_config {
+                let r = std::fs::canonicalize(&r)
+                    .with_context(|| format!("--registry-config {}", r.display()))?;
+                agent_arg.extend(["--registry-config".into(), r.display().to_string()]);
+            }
             let st = keelson::lab::up(&keelson::lab::UpOptions {
                 data_dir: which.dir()?,
                 name: which.name,
@@ -1121,11 +1131,15 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
             platform,
             output,
         } => {
-            if !rootfs.is_dir() {
-                bail!("--rootfs {}: not a directory", rootfs.display());
+            let mut layers = Vec::new();
+            for r in &rootfs {
+                if !r.is_dir() {
+                    bail!("--rootfs {}: not a directory", r.display());
+                }
+                layers.push(pack::layer_from_dir(r)?);
             }
-            let layer = pack::layer_from_dir(&rootfs)?;
-            let ar = pack::pack_oci_archive(
+            let layer_refs: Vec<&[u8]> = layers.iter().map(Vec::as_slice).collect();
+            let ar = pack::pack_oci_archive_layers(
                 &ImageSettings {
                     name: name.clone(),
                     entrypoint,
@@ -1134,7 +1148,7 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
                     working_dir: workdir,
                     platforms: platform,
                 },
-                &layer,
+                &layer_refs,
             )?;
             std::fs::write(&output, ar).with_context(|| format!("writing {}", output.display()))?;
             eprintln!(

@@ -42,6 +42,10 @@ pub struct UpArgs {
     /// exists and the image is not in DATA_DIR/images yet; "" to skip).
     #[arg(long, default_value = "/bin/busybox")]
     pub busybox: PathBuf,
+    /// The node's registry configuration (k3s's registries.yaml format: mirrors, credentials,
+    /// TLS); default: the agent's, /etc/keelson/registries.yaml.
+    #[arg(long)]
+    pub registry_config: Option<PathBuf>,
     /// Extra flag for the server (repeatable), e.g. --server-arg=--service-cidr=10.43.0.0/16.
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
@@ -255,6 +259,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     ];
     if let Some(ip) = a.node_ip {
         agent.extend(["--node-ip".into(), ip.to_string()]);
+    }
+    if let Some(r) = &a.registry_config {
+        agent.extend(["--registry-config".into(), path_arg(r)]);
     }
     agent.extend(a.agent_arg.iter().cloned());
     let agent = parse(agent)?;

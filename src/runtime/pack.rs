@@ -98,14 +98,14 @@ fn desc(media: MediaType, data: &[u8]) -> Result<oci_spec::image::Descriptor> {
         .map_err(|e| Error::bad("descriptor", e))
 }
 
-/// The config and manifest of one platform of the image (`layer` gzipped, `diff_id` its
-/// uncompressed digest); (config JSON, manifest JSON).
+/// The config and manifest of one platform of the image (`layers` gzipped, `diff_ids` their
+/// uncompressed digests); (config JSON, manifest JSON).
 fn platform_manifest(
     settings: &ImageSettings,
     os: &str,
     arch: &str,
-    layer: &[u8],
-    diff_id: &str,
+    layers: &[Vec<u8>],
+    diff_ids: &[String],
 ) -> Result<(Vec<u8>, Vec<u8>)> {
     let bad = |e: oci_spec::OciSpecError| Error::bad("image config", e);
     let mut cfg = ConfigBuilder::default();
@@ -133,7 +133,7 @@ fn platform_manifest(
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")
-                .diff_ids(vec![diff_id.to_string()])
+                .diff_ids(diff_ids.to_vec())
                 .build()
                 .map_err(bad)?,
         )
@@ -144,7 +144,12 @@ fn platform_manifest(
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
         .config(desc(MediaType::ImageConfig, &config_json)?)
-        .layers(vec![desc(MediaType::ImageLayerGzip, layer)?])
+        .layers(
+            layers
+                .iter()
+                .map(|l| desc(MediaType::ImageLayerGzip, l))
+                .collect::<Result<Vec<_>>>()?,
+        )
         .build()
         .map_err(bad)?;
     let manifest_json = serde_json::to_vec(&manifest).map_err(|e| Error::bad("manifest", e))?;
@@ -166,14 +171,24 @@ fn parse_platform(p: &str) -> Result<(&str, &str)> {
 
 /// Packs one uncompressed layer tarball into a complete OCI image-layout archive.
 pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Vec<u8>> {
+    pack_oci_archive_layers(settings, &[layer_tar])
+}
+
+/// Packs uncompressed layer tarballs (bottom first) into a complete OCI image-layout archive.
+pub fn pack_oci_archive_layers(settings: &ImageSettings, layer_tars: &[&[u8]]) -> Result<Vec<u8>> {
     let bad = |e: oci_spec::OciSpecError| Error::bad("image index", e);
-    let diff_id = sha256_digest(layer_tar);
-    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-    gz.write_all(layer_tar).map_err(Error::io("gzip layer"))?;
-    let layer = gz.finish().map_err(Error::io("gzip layer"))?;
-    let mut blobs: Vec<Vec<u8>> = vec![layer.clone()];
+    let mut diff_ids = Vec::new();
+    let mut layers = Vec::new();
+    for t in layer_tars {
+        diff_ids.push(sha256_digest(t));
+        let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+        gz.write_all(t).map_err(Error::io("gzip layer"))?;
+        layers.push(gz.finish().map_err(Error::io("gzip layer"))?);
+    }
+    let (layer, diff_id) = (&layers, &diff_ids);
+    let mut blobs: Vec<Vec<u8>> = layers.clone();
     let mut top = if settings.platforms.is_empty() {
-        let (c, m) = platform_manifest(settings, "linux", "amd64", &layer, &diff_id)?;
+        let (c, m) = platform_manifest(settings, "linux", "amd64", layer, diff_id)?;
         let d = desc(MediaType::ImageManifest, &m)?;
         blobs.extend([c, m]);
         d
@@ -181,7 +196,7 @@ pub fn pack_oci_archive(settings: &ImageSettings, layer_tar: &[u8]) -> Result<Ve
         let mut entries = Vec::new();
         for p in &settings.platforms {
             let (os, arch) = parse_platform(p)?;
-            let (c, m) = platform_manifest(settings, os, arch, &layer, &diff_id)?;
+            let (c, m) = platform_manifest(settings, os, arch, layer, diff_id)?;
             let mut d = desc(MediaType::ImageManifest, &m)?;
             d.set_platform(Some(
                 PlatformBuilder::default()
