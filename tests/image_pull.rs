@@ -653,7 +653,7 @@ fn image_gc_removes_unused_images_least_recently_used_first_on_a_full_image_file
         cli_pull(&lab, &yaml, &format!("{PLAIN}/lab/{name}:1"));
         pulled.push(format!("{PLAIN}/lab/{name}:1"));
         // Each pull is seen by GC before the next (least recently used = first pulled).
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        std::thread::sleep(std::time::Duration::from_millis(2500));
         if used_percent(&root) >= 85 {
             break;
         }
