@@ -248,4 +248,47 @@ fn bad_archives_and_flags_are_clear_errors() {
     let out = keelson(&["pods", "--data-dir", dir.path().to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is it running?"));
+    // A registry configuration with a typo and one with a bad endpoint: the file and the
+    // field are named, and the agent does not start.
+    for (yaml, field) in [
+        ("mirror:\n  docker.io: {}\n", "unknown field"),
+        (
+            "mirrors:\n  docker.io:\n    endpoint: [\"ftp://m\"]\n",
+            "mirrors.\"docker.io\".endpoint[0]",
+        ),
+    ] {
+        let bad = dir.path().join("registries.yaml");
+        std::fs::write(&bad, yaml).unwrap();
+        let out = keelson(&[
+            "agent",
+            "--standalone",
+            "--manifests",
+            "/tmp",
+            "--registry-config",
+            bad.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("registries.yaml") && err.contains(field),
+            "{err}"
+        );
+    }
+    let out = keelson(&[
+        "agent",
+        "--standalone",
+        "--manifests",
+        "/tmp",
+        "--image-gc-high-threshold",
+        "70",
+        "--image-gc-low-threshold",
+        "90",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--image-gc-low-threshold (90) must not be above"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

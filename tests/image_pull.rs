@@ -7,13 +7,16 @@ mod common;
 use std::{path::PathBuf, process::Command};
 
 use common::{
-    registry::{Fault, FaultyProxy, Registry},
+    registry::{Fault, FaultyProxy, Registry, TokenServer},
     *,
 };
 
 const PLAIN: &str = "127.0.0.1:5000";
 const SECURE: &str = "127.0.0.1:5443";
 const CREDS: &str = "puller:s3cret";
+/// The registry that wants bearer tokens, and its token service.
+const TOKENED: &str = "127.0.0.1:5003";
+const TOKENS: &str = "127.0.0.1:5100";
 
 /// The node (joined to a server in its namespace) with its two registries and the node's
 /// registries.yaml.
@@ -22,6 +25,8 @@ struct Pulls {
     server: Server,
     plain: Registry,
     secure: Registry,
+    tokened: Registry,
+    _tokens: TokenServer,
     /// The busybox archive `keelson image pack` made.
     busybox: PathBuf,
     registries_yaml: PathBuf,
@@ -62,7 +67,17 @@ impl Pulls {
     }
 
     fn pull(&self, reference: &str, extra: &[&str]) -> std::process::Output {
-        let cfg = self.registries_yaml.display().to_string();
+        self.pull_with(&self.registries_yaml, reference, extra)
+    }
+
+    /// A pull with another registry configuration.
+    fn pull_with(
+        &self,
+        config: &std::path::Path,
+        reference: &str,
+        extra: &[&str],
+    ) -> std::process::Output {
+        let cfg = config.display().to_string();
         let mut args = vec!["pull", "--registry-config", cfg.as_str()];
         args.extend(extra);
         args.push(reference);
@@ -99,11 +114,19 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         SECURE,
         CREDS,
     );
+    let tokens = TokenServer::start(&lab.netns, &lab.dir.path().join("tokens"), TOKENS, CREDS);
+    let tokened = Registry::with_tokens(
+        &lab.netns,
+        &lab.dir.path().join("reg-tokened"),
+        TOKENED,
+        &tokens,
+        CREDS,
+    );
     let registries_yaml = lab.dir.path().join("registries.yaml");
     std::fs::write(
         &registries_yaml,
         format!(
-            "mirrors:\n  \"{PLAIN}\":\n    endpoint: [\"http://{PLAIN}\"]\n  \"mirror.lab\":\n    endpoint: [\"http://{PLAIN}\"]\n    rewrite:\n      \"^team/(.*)\": \"lab/$1\"\n  \"authed.lab\":\n    endpoint: [\"https://{SECURE}\"]\n  \"flaky.lab\":\n    endpoint: [\"http://127.0.0.1:5001\"]\n  \"corrupt.lab\":\n    endpoint: [\"http://127.0.0.1:5002\"]\nconfigs:\n  \"{SECURE}\":\n    tls:\n      ca_file: {}\n  \"authed.lab\":\n    auth: {{username: {}, password: {}}}\n",
+            "mirrors:\n  \"{PLAIN}\":\n    endpoint: [\"http://{PLAIN}\"]\n  \"mirror.lab\":\n    endpoint: [\"http://{PLAIN}\"]\n    rewrite:\n      \"^team/(.*)\": \"lab/$1\"\n  \"authed.lab\":\n    endpoint: [\"https://{SECURE}\"]\n  \"{TOKENED}\":\n    endpoint: [\"http://{TOKENED}\"]\n  \"flaky.lab\":\n    endpoint: [\"http://127.0.0.1:5001\"]\n  \"corrupt.lab\":\n    endpoint: [\"http://127.0.0.1:5002\"]\nconfigs:\n  \"{SECURE}\":\n    tls:\n      ca_file: {}\n  \"authed.lab\":\n    auth: {{username: {}, password: {}}}\n",
             secure.ca.as_ref().unwrap().display(),
             CREDS.split_once(':').unwrap().0,
             CREDS.split_once(':').unwrap().1
@@ -113,6 +136,7 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
     let src = format!("oci-archive:{}", busybox.display());
     plain.push(&src, "lab/busybox:1");
     secure.push(&src, "private/busybox:1");
+    tokened.push(&src, "private/busybox:1");
     let server = Server::builder()
         .netns(&lab.netns)
         .dir(lab.dir.path().join("server"))
@@ -127,6 +151,8 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         server,
         plain,
         secure,
+        tokened,
+        _tokens: tokens,
         busybox,
         registries_yaml,
     };
@@ -135,6 +161,8 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         a_mirror_with_a_rewrite_serves_another_registrys_image,
         an_https_registry_with_basic_auth_wants_the_right_password,
         a_missing_tag_is_not_found_in_the_registrys_words,
+        a_token_registry_gives_bearer_tokens_to_the_right_credentials_only,
+        an_untrusted_certificate_and_a_closed_port_are_named_as_such,
         a_registry_that_resets_mid_layer_leaves_no_image_and_the_retry_resumes,
         a_corrupt_blob_is_refused_and_not_kept,
         a_pods_image_is_pulled_with_kubelets_events_and_its_digest_as_image_id,
@@ -270,6 +298,64 @@ fn running(s: &Pulls, name: &str) {
     s.until(60, &format!("{name} Running"), || {
         s.field("pod", name, "{.status.phase}") == "Running"
     });
+}
+
+fn a_token_registry_gives_bearer_tokens_to_the_right_credentials_only(s: &Pulls) {
+    let name = format!("{TOKENED}/private/busybox:1");
+    let anonymous = s.pull(&name, &[]);
+    assert!(!anonymous.status.success());
+    assert!(
+        text(&anonymous).contains("unauthorized"),
+        "{}",
+        text(&anonymous)
+    );
+    let wrong = s.pull(&name, &["--creds", "puller:wrong"]);
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("unauthorized"), "{}", text(&wrong));
+    let right = s.pull(&name, &["--creds", CREDS]);
+    assert!(right.status.success(), "{}", text(&right));
+    // This registry takes nothing but bearer tokens from its token service (basic credentials
+    // sent to it are refused): the pull went through the token challenge.
+}
+
+fn an_untrusted_certificate_and_a_closed_port_are_named_as_such(s: &Pulls) {
+    let bare = s.lab.dir.path().join("registries-bare.yaml");
+    std::fs::write(
+        &bare,
+        "mirrors:\n  \"closed.lab\":\n    endpoint: [\"http://127.0.0.1:5999\"]\n",
+    )
+    .unwrap();
+    let untrusted = s.pull_with(
+        &bare,
+        &format!("{SECURE}/private/busybox:1"),
+        &["--creds", CREDS],
+    );
+    assert!(!untrusted.status.success());
+    assert!(
+        text(&untrusted).to_lowercase().contains("certificate"),
+        "{}",
+        text(&untrusted)
+    );
+    // The same registry with verification turned off for it (insecure_skip_verify).
+    let skip = s.lab.dir.path().join("registries-skip.yaml");
+    std::fs::write(
+        &skip,
+        format!("configs:\n  \"{SECURE}\":\n    tls: {{insecure_skip_verify: true}}\n"),
+    )
+    .unwrap();
+    let skipped = s.pull_with(
+        &skip,
+        &format!("{SECURE}/private/busybox:1"),
+        &["--creds", CREDS],
+    );
+    assert!(skipped.status.success(), "{}", text(&skipped));
+    let closed = s.pull_with(&bare, "closed.lab/x:1", &[]);
+    assert!(!closed.status.success());
+    assert!(
+        text(&closed).contains("127.0.0.1:5999: ") && text(&closed).contains("onnection refused"),
+        "{}",
+        text(&closed)
+    );
 }
 
 fn a_registry_that_resets_mid_layer_leaves_no_image_and_the_retry_resumes(s: &Pulls) {

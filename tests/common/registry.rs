@@ -152,6 +152,36 @@ impl Registry {
         r
     }
 
+    /// A plain-HTTP registry on `addr` whose clients need a bearer token from `tokens`.
+    pub fn with_tokens(
+        netns: &str,
+        dir: &Path,
+        addr: &str,
+        tokens: &TokenServer,
+        creds: &str,
+    ) -> Registry {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("config.yml");
+        let mut y = config_text(dir, addr, None, None);
+        y += &format!(
+            "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+            tokens.realm,
+            tokens.cert_pem.display()
+        );
+        std::fs::write(&config, y).unwrap();
+        let mut r = Registry {
+            dir: dir.into(),
+            netns: netns.into(),
+            addr: addr.into(),
+            ca: None,
+            creds: Some(creds.into()),
+            config,
+            child: None,
+        };
+        r.start();
+        r
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.join("registry.log")
     }
@@ -379,4 +409,205 @@ fn proxy_one(
         }
     }
     let _ = c.write_all(&resp);
+}
+
+/// A registry token service (the `auth.token` scheme of the distribution registry): it answers
+/// `GET /token?service=…&scope=repository:NAME:ACTIONS` with a JWT signed by its own key
+/// (ES256, its certificate in the `x5c` header) granting the scope's actions to `user:password`
+/// (basic auth), and nothing to anyone else.
+pub struct TokenServer {
+    pub realm: String,
+    /// The certificate the registry trusts (its `rootcertbundle`).
+    pub cert_pem: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub const TOKEN_ISSUER: &str = "keelson-lab-tokens";
+pub const TOKEN_SERVICE: &str = "lab-registry";
+
+impl TokenServer {
+    pub fn start(netns: &str, dir: &Path, listen: &str, creds: &str) -> TokenServer {
+        use std::sync::{Arc, atomic::AtomicBool};
+        std::fs::create_dir_all(dir).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["lab-token-service".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_pem = dir.join("token-cert.pem");
+        std::fs::write(&cert_pem, cert.pem()).unwrap();
+        let x5c = base64_std(cert.der());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ns, at, creds, stop2) = (
+            netns.to_string(),
+            listen.to_string(),
+            creds.to_string(),
+            stop.clone(),
+        );
+        let key = Arc::new(key);
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = std::net::TcpListener::bind(&at).unwrap();
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        let (key, x5c, creds) = (key.clone(), x5c.clone(), creds.clone());
+                        std::thread::spawn(move || answer_token(c, &key, &x5c, &creds));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        TokenServer {
+            realm: format!("http://{listen}/token"),
+            cert_pem,
+            stop,
+        }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn base64_std(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn base64_url(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// `%XX` and `+` decoded.
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (c, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// An ECDSA signature in DER (SEQUENCE of two INTEGERs) as JWS wants it: r ‖ s, 32 bytes each.
+fn der_to_raw(der: &[u8]) -> Vec<u8> {
+    let mut i = 2; // SEQUENCE tag and (short) length
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        assert_eq!(der[i], 0x02, "INTEGER");
+        let len = der[i + 1] as usize;
+        let mut v = &der[i + 2..i + 2 + len];
+        while v.len() > 32 && v[0] == 0 {
+            v = &v[1..];
+        }
+        out.extend(std::iter::repeat_n(0u8, 32 - v.len()));
+        out.extend_from_slice(v);
+        i += 2 + len;
+    }
+    out
+}
+
+fn answer_token(mut c: std::net::TcpStream, key: &rcgen::KeyPair, x5c: &str, creds: &str) {
+    use rcgen::SigningKey as _;
+    use std::io::{Read, Write};
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let target = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("");
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let auth = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.eq_ignore_ascii_case("authorization")).then(|| v.trim().to_string())
+    });
+    let user = auth
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Basic "))
+        .and_then(|b| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(b).ok()
+        })
+        .map(|d| String::from_utf8_lossy(&d).to_string());
+    let respond = |c: &mut std::net::TcpStream, status: &str, body: &str| {
+        let _ = write!(
+            c,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    };
+    if user.as_deref().is_some_and(|u| u != creds) {
+        return respond(
+            &mut c,
+            "401 Unauthorized",
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"wrong credentials"}]}"#,
+        );
+    }
+    // The scope's actions for the right user; nothing for anonymous callers.
+    let mut access = Vec::new();
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        if k != "scope" || user.is_none() {
+            continue;
+        }
+        let scope = url_decode(v);
+        let mut parts = scope.splitn(3, ':');
+        let (ty, name, actions) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        access.push(serde_json::json!({"type": ty, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": user.as_deref().unwrap_or("").split(':').next().unwrap_or(""),
+        "aud": TOKEN_SERVICE, "exp": now + 300, "nbf": now - 10, "iat": now,
+        "jti": format!("{now}-{}", std::process::id()), "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        base64_url(header.to_string().as_bytes()),
+        base64_url(claims.to_string().as_bytes())
+    );
+    let sig = der_to_raw(&key.sign(signing_input.as_bytes()).unwrap());
+    let jwt = format!("{signing_input}.{}", base64_url(&sig));
+    let body =
+        serde_json::json!({"token": jwt, "access_token": jwt, "expires_in": 300}).to_string();
+    respond(&mut c, "200 OK", &body);
 }
