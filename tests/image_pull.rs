@@ -25,7 +25,7 @@ struct Pulls {
     server: Server,
     plain: Registry,
     secure: Registry,
-    tokened: Registry,
+    _tokened: Registry,
     _tokens: TokenServer,
     /// The busybox archive `keelson image pack` made.
     busybox: PathBuf,
@@ -151,7 +151,7 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         server,
         plain,
         secure,
-        tokened,
+        _tokened: tokened,
         _tokens: tokens,
         busybox,
         registries_yaml,
