@@ -51,6 +51,17 @@ pub struct Candidate {
     pub last_used: Instant,
 }
 
+/// What one GC pass will do.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Images (digests) to delete, in order.
+    pub delete: Vec<String>,
+    /// Bytes to free to get under the low threshold.
+    pub to_free: u64,
+    /// Bytes the deletable images hold (less than `to_free`: GC cannot get there).
+    pub eligible: u64,
+}
+
 /// The images to delete, in order, to bring `used` of `capacity` bytes under the low
 /// threshold once it passed the high one (nothing when under it).
 pub fn plan(
@@ -59,26 +70,54 @@ pub fn plan(
     capacity: u64,
     policy: &GcPolicy,
     now: Instant,
-) -> Vec<String> {
+) -> Plan {
     if capacity == 0 || used * 100 < u64::from(policy.high) * capacity {
-        return vec![];
+        return Plan::default();
     }
     let target = capacity * u64::from(policy.low) / 100;
-    let mut to_free = used.saturating_sub(target);
+    let needed = used.saturating_sub(target);
+    let mut to_free = needed;
     let mut order: Vec<&Candidate> = images
         .iter()
         .filter(|c| !c.in_use && !c.pinned && now.duration_since(c.first_seen) >= policy.min_age)
         .collect();
     order.sort_by_key(|c| (c.last_used, c.first_seen));
-    let mut out = Vec::new();
+    let eligible = order.iter().map(|c| c.size).sum();
+    let mut delete = Vec::new();
     for c in order {
         if to_free == 0 {
             break;
         }
-        out.push(c.digest.clone());
+        delete.push(c.digest.clone());
         to_free = to_free.saturating_sub(c.size.max(1));
     }
-    out
+    Plan {
+        delete,
+        to_free: needed,
+        eligible,
+    }
+}
+
+/// Where GC failures are reported: kubelet's Node events.
+#[derive(Clone)]
+pub struct NodeEvents {
+    pub recorder: crate::control::recorder::Recorder,
+    pub node: String,
+}
+
+impl NodeEvents {
+    fn warn(&self, reason: &str, message: String) {
+        // kubelet refers to its Node by name, the name standing in for the UID.
+        let node = k8s_openapi::api::core::v1::Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some(self.node.clone()),
+                uid: Some(self.node.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.recorder.event(&node, true, reason, message);
+    }
 }
 
 /// When each image was first seen and last used, kept across passes.
@@ -87,8 +126,14 @@ struct Seen {
     by_digest: HashMap<String, (Instant, Instant)>,
 }
 
-/// Runs image GC every `policy.period`; `pinned` names are never deleted.
-pub fn start(rt: Containerd, policy: GcPolicy, pinned: Arc<HashSet<String>>) {
+/// Runs image GC every `policy.period`; `pinned` names are never deleted; failures become
+/// Node events when `events` is given (cluster mode).
+pub fn start(
+    rt: Containerd,
+    policy: GcPolicy,
+    pinned: Arc<HashSet<String>>,
+    events: Option<NodeEvents>,
+) {
     tokio::spawn(async move {
         let root = match rt.snapshotter_root().await {
             Ok(r) => r,
@@ -100,8 +145,11 @@ pub fn start(rt: Containerd, policy: GcPolicy, pinned: Arc<HashSet<String>>) {
         let mut seen = Seen::default();
         loop {
             tokio::time::sleep(policy.period).await;
-            if let Err(e) = pass(&rt, &root, &policy, &pinned, &mut seen).await {
+            if let Err(e) = pass(&rt, &root, &policy, &pinned, &mut seen, events.as_ref()).await {
                 tracing::warn!(error = %e, "image GC");
+                if let Some(ev) = &events {
+                    ev.warn("ImageGCFailed", format!("{e:#}"));
+                }
             }
         }
     });
@@ -122,6 +170,7 @@ async fn pass(
     policy: &GcPolicy,
     pinned: &HashSet<String>,
     seen: &mut Seen,
+    events: Option<&NodeEvents>,
 ) -> anyhow::Result<()> {
     let now = Instant::now();
     let in_use = rt.container_images().await?;
@@ -150,7 +199,18 @@ async fn pass(
     seen.by_digest.retain(|d, _| images.contains_key(d));
     let (used, capacity) = usage(root)?;
     let list: Vec<Candidate> = images.values().cloned().collect();
-    let chosen = plan(&list, used, capacity, policy, now);
+    let p = plan(&list, used, capacity, policy, now);
+    if p.eligible < p.to_free {
+        let msg = format!(
+            "Failed to garbage collect required amount of images. Attempted to free {} bytes, but only found {} bytes eligible to free.",
+            p.to_free, p.eligible
+        );
+        tracing::warn!("{msg}");
+        if let Some(ev) = events {
+            ev.warn("FreeDiskSpaceFailed", msg);
+        }
+    }
+    let chosen = p.delete;
     if chosen.is_empty() {
         return Ok(());
     }
@@ -165,14 +225,7 @@ async fn pass(
         tracing::info!(image = ?c.names, bytes = c.size, "image GC removed an unused image");
     }
     let (after, _) = usage(root)?;
-    if after * 100 >= u64::from(policy.low) * capacity {
-        tracing::warn!(
-            used = after,
-            capacity,
-            freed,
-            "image GC could not bring the image filesystem under the low threshold"
-        );
-    }
+    tracing::info!(used = after, capacity, freed, "image GC pass done");
     seen.by_digest.retain(|d, _| !chosen.contains(d));
     Ok(())
 }
@@ -209,17 +262,22 @@ mod tests {
         images[4].in_use = true;
         images[5].pinned = true;
         // Under the high threshold: nothing.
-        assert!(plan(&images, 84, 100, &p, now).is_empty());
+        assert_eq!(plan(&images, 84, 100, &p, now), Plan::default());
         // At 90 %: 10 bytes to free to reach 80 %, the least recently used first.
-        assert_eq!(plan(&images, 90, 100, &p, now), vec!["older"]);
+        assert_eq!(plan(&images, 90, 100, &p, now).delete, vec!["older"]);
         // At 100 %: 20 bytes; never the used, pinned or young ones even when short.
-        assert_eq!(plan(&images, 100, 100, &p, now), vec!["older", "old"]);
         assert_eq!(
-            plan(&images, 100, 1000, &p, now),
-            Vec::<String>::new(),
+            plan(&images, 100, 100, &p, now).delete,
+            vec!["older", "old"]
+        );
+        assert!(
+            plan(&images, 100, 1000, &p, now).delete.is_empty(),
             "10 % used is below the threshold"
         );
+        // Everything used: 200 bytes wanted, only the three old unused ones (30) eligible —
+        // what kubelet reports as FreeDiskSpaceFailed.
         let all = plan(&images, 1000, 1000, &p, now);
-        assert_eq!(all, vec!["older", "old", "recent"]);
+        assert_eq!(all.delete, vec!["older", "old", "recent"]);
+        assert_eq!((all.to_free, all.eligible), (200, 30));
     }
 }

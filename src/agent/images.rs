@@ -166,7 +166,7 @@ pub fn credentials_for(
         }
     }
     match crate::runtime::pull::parse_reference(reference) {
-        Ok((registry, repository)) => ring.lookup(&registry, &repository),
+        Ok(r) => ring.lookup(&r.registry, &r.repository),
         Err(_) => vec![],
     }
 }

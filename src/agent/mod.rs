@@ -165,11 +165,6 @@ pub async fn run(
     // The pause image and the node's own archives are never collected.
     let mut pinned = import_dir(&rt, &cfg.images_dir).await;
     pinned.push(crate::runtime::image::normalize_ref(PAUSE_IMAGE));
-    image_gc::start(
-        rt.clone(),
-        cfg.image_gc.clone(),
-        Arc::new(pinned.into_iter().collect()),
-    );
     // Joining a cluster: the node's own certificate, then register the Node, and take the pod
     // CIDR the cluster assigns.
     let (cluster, join_ca) = match cfg.join.clone() {
@@ -180,6 +175,18 @@ pub async fn run(
         None => (None, None),
     };
     let network = pod_network(&cfg).await?;
+    let recorder = cluster
+        .as_ref()
+        .map(|(c, _)| crate::control::recorder::Recorder::new(c.clone(), "kubelet"));
+    image_gc::start(
+        rt.clone(),
+        cfg.image_gc.clone(),
+        Arc::new(pinned.into_iter().collect()),
+        recorder.clone().map(|recorder| image_gc::NodeEvents {
+            recorder,
+            node: cfg.node_name.clone(),
+        }),
+    );
     let rt: Arc<dyn Runtime> = Arc::new(rt);
     let ctx = Arc::new(AgentCtx {
         images: images::Puller::new(rt.clone(), cfg.pulls.clone()),
@@ -189,9 +196,7 @@ pub async fn run(
         pause,
         store: statuses::PodStatuses::default(),
         client: cluster.as_ref().map(|(c, _)| c.clone()),
-        recorder: cluster
-            .as_ref()
-            .map(|(c, _)| crate::control::recorder::Recorder::new(c.clone(), "kubelet")),
+        recorder,
         routes: Mutex::new(HashMap::new()),
         attach: Mutex::new(HashMap::new()),
     });

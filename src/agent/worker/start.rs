@@ -499,12 +499,6 @@ impl PodWorker {
             }
         });
         tracing::info!(container = %c.name, restart, event = "Started", "Started container {}", c.name);
-        let image = c.image.clone().unwrap_or_default();
-        self.event(
-            false,
-            "Pulled",
-            format!("Container image \"{image}\" already present on machine"),
-        );
         self.event(false, "Created", format!("Created container: {}", c.name));
         self.event(false, "Started", format!("Started container {}", c.name));
         let inst = self.rec(kind, i).current.clone();
