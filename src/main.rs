@@ -1105,6 +1105,22 @@ async fn image_pull(
     Ok(())
 }
 
+/// `keelson image ls`: crictl's columns.
+async fn image_ls(at: &ContainerdAt) -> anyhow::Result<()> {
+    let rt = at.connect().await?;
+    println!("{:<60} {:<20} {:>10}", "IMAGE", "DIGEST", "SIZE");
+    for i in rt.list_images().await? {
+        let short = i.digest.trim_start_matches("sha256:");
+        println!(
+            "{:<60} {:<20} {:>10}",
+            i.name,
+            &short[..short.len().min(12)],
+            human_size(i.size)
+        );
+    }
+    Ok(())
+}
+
 /// Bytes as crictl prints them (`5.2MB`).
 fn human_size(n: u64) -> String {
     let f = n as f64;
@@ -1164,20 +1180,7 @@ async fn image(cmd: ImageCmd) -> anyhow::Result<()> {
             creds,
             reference,
         } => image_pull(&at, &registry_config, creds.as_deref(), &reference).await,
-        ImageCmd::Ls { at } => {
-            let rt = at.connect().await?;
-            println!("{:<60} {:<20} {:>10}", "IMAGE", "DIGEST", "SIZE");
-            for i in rt.list_images().await? {
-                let short = i.digest.trim_start_matches("sha256:");
-                println!(
-                    "{:<60} {:<20} {:>10}",
-                    i.name,
-                    &short[..short.len().min(12)],
-                    human_size(i.size)
-                );
-            }
-            Ok(())
-        }
+        ImageCmd::Ls { at } => image_ls(&at).await,
         ImageCmd::Rm { at, references } => {
             let rt = at.connect().await?;
             for r in references {

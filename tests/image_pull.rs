@@ -235,19 +235,23 @@ fn a_missing_tag_is_not_found_in_the_registrys_words(s: &Pulls) {
 /// The lab's busybox packed again with `VERSION=version` in its environment (a new config,
 /// the same layer).
 fn pack_variant(lab: &Lab, version: &str) -> PathBuf {
-    let out_file = lab.dir.path().join(format!("variant-{version}.tar"));
+    let env = format!("VERSION={version}");
+    pack(
+        lab,
+        &lab.dir.path().join("busybox-rootfs"),
+        &format!("variant-{version}"),
+        &["--name", "lab/variant:1", "--env", &env, "--cmd", "sh"],
+    )
+}
+
+/// `keelson image pack --rootfs ROOTFS ARGS… -o LAB/FILE.tar`, checked; the archive.
+fn pack(lab: &Lab, rootfs: &std::path::Path, file: &str, args: &[&str]) -> PathBuf {
+    let out_file = lab.dir.path().join(format!("{file}.tar"));
     let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
         .args(["image", "pack", "--rootfs"])
-        .arg(lab.dir.path().join("busybox-rootfs"))
-        .args([
-            "--name",
-            "lab/variant:1",
-            "--env",
-            &format!("VERSION={version}"),
-            "--cmd",
-            "sh",
-            "-o",
-        ])
+        .arg(rootfs)
+        .args(args)
+        .arg("-o")
         .arg(&out_file)
         .output()
         .unwrap();
@@ -262,16 +266,7 @@ fn pack_random(lab: &Lab, name: &str, size: usize) -> PathBuf {
     let mut data = vec![0u8; size];
     getrandom::fill(&mut data).unwrap();
     std::fs::write(root.join("blob"), data).unwrap();
-    let out_file = lab.dir.path().join(format!("{name}.tar"));
-    let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
-        .args(["image", "pack", "--rootfs"])
-        .arg(&root)
-        .args(["--name", name, "--cmd", "/blob", "-o"])
-        .arg(&out_file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    out_file
+    pack(lab, &root, name, &["--name", name, "--cmd", "/blob"])
 }
 
 /// The reasons and messages of the events about pod `name`.
@@ -470,22 +465,21 @@ fn platform_digests(archive: &std::path::Path) -> Vec<(String, String)> {
 }
 
 fn a_multi_platform_image_resolves_to_this_nodes_manifest_only(s: &Pulls) {
-    let archive = s.lab.dir.path().join("multi.tar");
-    let out = Command::new(env!("CARGO_BIN_EXE_keelson"))
-        .args(["image", "pack", "--rootfs"])
-        .arg(s.lab.dir.path().join("busybox-rootfs"))
-        .args(["--name", "lab/multi:1", "--cmd", "sh"])
-        .args([
+    let archive = pack(
+        &s.lab,
+        &s.lab.dir.path().join("busybox-rootfs"),
+        "multi",
+        &[
+            "--name",
+            "lab/multi:1",
+            "--cmd",
+            "sh",
             "--platform",
             "linux/arm64",
             "--platform",
             "linux/amd64",
-            "-o",
-        ])
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+        ],
+    );
     s.plain
         .push(&format!("oci-archive:{}", archive.display()), "lab/multi:1");
     let digests = platform_digests(&archive);

@@ -71,7 +71,7 @@ pub struct ImageInfo {
     pub user: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 pub(super) struct OciDescriptor {
     #[serde(rename = "mediaType", default)]
     pub(super) media_type: String,
@@ -82,7 +82,7 @@ pub(super) struct OciDescriptor {
     #[serde(default)]
     platform: Option<Platform>,
 }
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct Platform {
     #[serde(default)]
     architecture: String,
@@ -92,6 +92,17 @@ struct Platform {
 #[derive(Deserialize)]
 struct OciIndex {
     manifests: Vec<OciDescriptor>,
+}
+
+/// This node's entry of an index: its linux manifest for this architecture, or one that names
+/// no platform (as containerd's platform filter keeps those).
+pub(super) fn pick_platform(entries: &[OciDescriptor]) -> Option<&OciDescriptor> {
+    let arch = super::pull::node_arch();
+    entries.iter().find(|d| {
+        d.platform
+            .as_ref()
+            .is_none_or(|p| p.os == "linux" && p.architecture == arch)
+    })
 }
 #[derive(Deserialize)]
 pub(super) struct OciManifest {
@@ -295,12 +306,10 @@ impl Archive<'_> {
                 .cloned();
             if m.media_type == MT_OCI_INDEX || m.media_type == MT_DOCKER_LIST {
                 let inner: OciIndex = self.json(&m.digest, self.blob(&m.digest)?)?;
-                let pick = inner.manifests.into_iter().find(|d| {
-                    d.platform
-                        .as_ref()
-                        .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
-                });
-                m = pick.ok_or_else(|| Error::bad(self.what, "no linux/amd64 manifest"))?;
+                m = pick_platform(&inner.manifests).cloned().ok_or_else(|| {
+                    let arch = super::pull::node_arch();
+                    Error::bad(self.what, format!("no linux/{arch} manifest"))
+                })?;
             }
             let mbytes = self.blob(&m.digest)?.clone();
             let man: OciManifest = self.json(&format!("manifest {}", m.digest), &mbytes)?;
@@ -384,36 +393,20 @@ impl Containerd {
         let mut names = Vec::new();
         for img in images {
             let chain = chain_ids(&img.diff_ids);
-            let top = chain.last().cloned().unwrap_or_default();
             for (d, data) in &img.layers {
                 self.write_blob(lease, &d.digest, data, HashMap::new())
                     .await?;
             }
-            let cdigest = sha256_digest(&img.config.1);
-            self.write_blob(
+            let mdigest = sha256_digest(&img.manifest.1);
+            let descs: Vec<Descriptor> = img.layers.iter().map(|(d, _)| d.clone()).collect();
+            self.commit_manifest(
                 lease,
-                &cdigest,
-                &img.config.1,
-                [(
-                    format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
-                    top.clone(),
-                )]
-                .into(),
+                (&sha256_digest(&img.config.1), &img.config.1),
+                (&mdigest, &img.manifest.1),
+                &descs,
+                &chain,
             )
             .await?;
-            let mut mlabels: HashMap<String, String> =
-                [("containerd.io/gc.ref.content.config".to_string(), cdigest)].into();
-            for (i, (d, _)) in img.layers.iter().enumerate() {
-                mlabels.insert(
-                    format!("containerd.io/gc.ref.content.l.{i}"),
-                    d.digest.clone(),
-                );
-            }
-            let mdigest = sha256_digest(&img.manifest.1);
-            self.write_blob(lease, &mdigest, &img.manifest.1, mlabels)
-                .await?;
-            let descs: Vec<Descriptor> = img.layers.iter().map(|(d, _)| d.clone()).collect();
-            self.unpack(lease, &descs, &chain).await?;
             let target = Descriptor {
                 media_type: if img.manifest.0.is_empty() {
                     MT_OCI_MANIFEST.into()
@@ -430,6 +423,41 @@ impl Containerd {
             }
         }
         Ok(names)
+    }
+
+    /// Writes a manifest's config and the manifest itself (its layers are in the store) with
+    /// containerd's GC labels — the manifest holds its config and layers, the config the top
+    /// snapshot — and unpacks the layers onto snapshots named by `chain`.
+    pub(super) async fn commit_manifest(
+        &self,
+        lease: &str,
+        config: (&str, &[u8]),
+        manifest: (&str, &[u8]),
+        layers: &[Descriptor],
+        chain: &[String],
+    ) -> Result<()> {
+        let top = chain.last().cloned().unwrap_or_default();
+        self.write_blob(
+            lease,
+            config.0,
+            config.1,
+            [(format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"), top)].into(),
+        )
+        .await?;
+        let mut mlabels: HashMap<String, String> = [(
+            "containerd.io/gc.ref.content.config".to_string(),
+            config.0.to_string(),
+        )]
+        .into();
+        for (i, d) in layers.iter().enumerate() {
+            mlabels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                d.digest.clone(),
+            );
+        }
+        self.write_blob(lease, manifest.0, manifest.1, mlabels)
+            .await?;
+        self.unpack(lease, layers, chain).await
     }
 
     pub(super) async fn put_image(&self, name: &str, target: Descriptor) -> Result<()> {
@@ -545,12 +573,7 @@ impl Containerd {
     }
 
     /// Applies each layer onto a snapshot named by its chain ID, skipping those that exist.
-    pub(super) async fn unpack(
-        &self,
-        lease: &str,
-        layers: &[Descriptor],
-        chain: &[String],
-    ) -> Result<()> {
+    async fn unpack(&self, lease: &str, layers: &[Descriptor], chain: &[String]) -> Result<()> {
         for (i, d) in layers.iter().enumerate() {
             let name = &chain[i];
             let exists = self
@@ -655,16 +678,10 @@ impl Containerd {
         }
         let index: OciIndex = serde_json::from_slice(&bytes)
             .map_err(|e| Error::bad(format!("index of {name}"), e))?;
-        let arch = super::pull::node_arch();
-        let entry = index
-            .manifests
-            .iter()
-            .find(|d| {
-                d.platform
-                    .as_ref()
-                    .is_none_or(|p| p.os == "linux" && p.architecture == arch)
-            })
-            .ok_or_else(|| Error::bad(name, format!("no linux/{arch} manifest in its index")))?;
+        let entry = pick_platform(&index.manifests).ok_or_else(|| {
+            let arch = super::pull::node_arch();
+            Error::bad(name, format!("no linux/{arch} manifest in its index"))
+        })?;
         self.read_blob(&entry.digest).await
     }
 

@@ -22,7 +22,7 @@ use oci_client::{
 use serde::Deserialize;
 
 use super::{
-    Containerd, Error, Result, SNAPSHOTTER,
+    Containerd, Error, Result,
     image::{self, normalize_ref},
     pack::sha256_digest,
     registries::{Credential, Endpoint, Registries},
@@ -66,27 +66,13 @@ const LAYER_TYPES: &[&str] = &[
     image::MT_DOCKER_LAYER,
 ];
 
+/// The top of an image: an index (with `manifests`) or a manifest.
 #[derive(Deserialize)]
 struct Top {
     #[serde(rename = "mediaType", default)]
     media_type: String,
     #[serde(default)]
-    manifests: Option<Vec<IndexEntry>>,
-}
-#[derive(Deserialize)]
-struct IndexEntry {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-#[derive(Deserialize)]
-struct Platform {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
+    manifests: Option<Vec<image::OciDescriptor>>,
 }
 
 /// This node's platform in OCI words.
@@ -100,15 +86,6 @@ pub fn node_arch() -> &'static str {
         "powerpc64" => "ppc64le",
         other => other,
     }
-}
-
-/// The manifest of this node's platform in an index (`None` when it lists none).
-fn pick_platform(entries: &[IndexEntry]) -> Option<&IndexEntry> {
-    entries.iter().find(|e| {
-        e.platform
-            .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == node_arch())
-    })
 }
 
 /// An image reference split as the distribution grammar does it.
@@ -341,6 +318,35 @@ fn registry_auth(c: Option<&Credential>) -> RegistryAuth {
     }
 }
 
+/// A manifest or index as fetched.
+struct Blob {
+    media_type: String,
+    digest: String,
+    bytes: Vec<u8>,
+}
+
+impl Blob {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.bytes.len() as i64,
+            annotations: HashMap::new(),
+        }
+    }
+}
+
+/// The manifest for this node, and the index it came through.
+struct Resolved {
+    manifest: Blob,
+    index: Option<Blob>,
+}
+
+/// `s`, or `default` when it is empty (a manifest that leaves out its media type).
+fn or_default(s: &str, default: &str) -> String {
+    if s.is_empty() { default } else { s }.to_string()
+}
+
 /// One endpoint and credential a pull runs against.
 struct Source<'a> {
     client: Client,
@@ -434,62 +440,21 @@ impl Containerd {
         parallel: usize,
         lease: &str,
     ) -> Result<Pulled> {
-        let fail = |e: OciDistributionError| pull_error(src.name, describe(&e));
-        let (top_bytes, top_digest) = src
-            .client
-            .pull_manifest_raw(&src.reference, &src.auth, ACCEPT)
-            .await
-            .map_err(fail)?;
-        check_digest(src.name, &top_digest, &top_bytes)?;
-        let top: Top = serde_json::from_slice(&top_bytes)
-            .map_err(|e| pull_error(src.name, format!("manifest {top_digest}: {e}")))?;
-        let mut top_media = top.media_type.clone();
-        let (man_bytes, man_digest, man_media) = match &top.manifests {
-            Some(entries) => {
-                if top_media.is_empty() {
-                    top_media = image::MT_OCI_INDEX.into();
-                }
-                let e = pick_platform(entries).ok_or_else(|| {
-                    pull_error(
-                        src.name,
-                        format!("no manifest for linux/{} in the image index", node_arch()),
-                    )
-                })?;
-                let r = src.reference.clone_with_digest(e.digest.clone());
-                let (b, d) = src
-                    .client
-                    .pull_manifest_raw(&r, &src.auth, ACCEPT)
-                    .await
-                    .map_err(fail)?;
-                check_digest(src.name, &e.digest, &b)?;
-                let media = if e.media_type.is_empty() {
-                    image::MT_OCI_MANIFEST.to_string()
-                } else {
-                    e.media_type.clone()
-                };
-                (b.to_vec(), d, media)
-            }
-            None => {
-                let media = if top_media.is_empty() {
-                    image::MT_OCI_MANIFEST.to_string()
-                } else {
-                    top_media.clone()
-                };
-                (top_bytes.to_vec(), top_digest.clone(), media)
-            }
-        };
-        let man: image::OciManifest = serde_json::from_slice(&man_bytes)
-            .map_err(|e| pull_error(src.name, format!("manifest {man_digest}: {e}")))?;
-        for l in &man.layers {
-            if !LAYER_TYPES.contains(&l.media_type.as_str()) {
-                return Err(pull_error(
-                    src.name,
-                    format!(
-                        "layer {}: unsupported media type {:?}",
-                        l.digest, l.media_type
-                    ),
-                ));
-            }
+        let r = self.resolve(src).await?;
+        let man: image::OciManifest = serde_json::from_slice(&r.manifest.bytes)
+            .map_err(|e| pull_error(src.name, format!("manifest {}: {e}", r.manifest.digest)))?;
+        if let Some(l) = man
+            .layers
+            .iter()
+            .find(|l| !LAYER_TYPES.contains(&l.media_type.as_str()))
+        {
+            return Err(pull_error(
+                src.name,
+                format!(
+                    "layer {}: unsupported media type {:?}",
+                    l.digest, l.media_type
+                ),
+            ));
         }
         // Config first (small, and it names the snapshots), then the layers in parallel.
         let cfg_bytes = self
@@ -503,8 +468,6 @@ impl Containerd {
                 "config diff_ids and manifest layers differ in number",
             ));
         }
-        let chain = image::chain_ids(&cfg.rootfs.diff_ids);
-        let top_snapshot = chain.last().cloned().unwrap_or_default();
         let fetches: Vec<_> = man
             .layers
             .iter()
@@ -514,69 +477,84 @@ impl Containerd {
             .buffer_unordered(parallel.max(1))
             .try_collect::<Vec<()>>()
             .await?;
-        self.write_blob(
+        let descs: Vec<Descriptor> = man.layers.iter().map(image::descriptor).collect();
+        self.commit_manifest(
             lease,
-            &man.config.digest,
-            &cfg_bytes,
-            [(
-                format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
-                top_snapshot,
-            )]
-            .into(),
+            (&man.config.digest, &cfg_bytes),
+            (&r.manifest.digest, &r.manifest.bytes),
+            &descs,
+            &image::chain_ids(&cfg.rootfs.diff_ids),
         )
         .await?;
-        let mut mlabels: HashMap<String, String> = [(
-            "containerd.io/gc.ref.content.config".to_string(),
-            man.config.digest.clone(),
-        )]
-        .into();
-        for (i, l) in man.layers.iter().enumerate() {
-            mlabels.insert(
-                format!("containerd.io/gc.ref.content.l.{i}"),
-                l.digest.clone(),
-            );
-        }
-        self.write_blob(lease, &man_digest, &man_bytes, mlabels)
-            .await?;
-        let descs: Vec<Descriptor> = man.layers.iter().map(image::descriptor).collect();
-        self.unpack(lease, &descs, &chain).await?;
-        let target = if top.manifests.is_some() {
-            self.write_blob(
-                lease,
-                &top_digest,
-                &top_bytes,
-                [(
+        let target = match &r.index {
+            Some(index) => {
+                let labels = [(
                     "containerd.io/gc.ref.content.m.0".to_string(),
-                    man_digest.clone(),
-                )]
-                .into(),
-            )
-            .await?;
-            Descriptor {
-                media_type: top_media,
-                digest: top_digest.clone(),
-                size: top_bytes.len() as i64,
-                annotations: HashMap::new(),
+                    r.manifest.digest.clone(),
+                )];
+                self.write_blob(lease, &index.digest, &index.bytes, labels.into())
+                    .await?;
+                index.descriptor()
             }
-        } else {
-            Descriptor {
-                media_type: man_media,
-                digest: man_digest.clone(),
-                size: man_bytes.len() as i64,
-                annotations: HashMap::new(),
-            }
+            None => r.manifest.descriptor(),
         };
         self.put_image(src.name, target.clone()).await?;
         // The image is also known by its digest, as containerd's CRI records it.
         let repo = image::repository_of(src.name);
-        self.put_image(&format!("{repo}@{}", target.digest), target)
+        self.put_image(&format!("{repo}@{}", target.digest), target.clone())
             .await?;
         let size = man.config.size.max(0) as u64
             + man.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>();
         Ok(Pulled {
             name: src.name.to_string(),
-            digest: top_digest,
+            digest: target.digest,
             size,
+        })
+    }
+
+    /// The reference's manifest for this node: fetched directly, or through the index it
+    /// names; each checked against its digest.
+    async fn resolve(&self, src: &Source<'_>) -> Result<Resolved> {
+        let fail = |e: OciDistributionError| pull_error(src.name, describe(&e));
+        let (top_bytes, top_digest) = src
+            .client
+            .pull_manifest_raw(&src.reference, &src.auth, ACCEPT)
+            .await
+            .map_err(fail)?;
+        check_digest(src.name, &top_digest, &top_bytes)?;
+        let top: Top = serde_json::from_slice(&top_bytes)
+            .map_err(|e| pull_error(src.name, format!("manifest {top_digest}: {e}")))?;
+        let top_blob = |default: &str| Blob {
+            media_type: or_default(&top.media_type, default),
+            digest: top_digest.clone(),
+            bytes: top_bytes.to_vec(),
+        };
+        let Some(entries) = &top.manifests else {
+            return Ok(Resolved {
+                manifest: top_blob(image::MT_OCI_MANIFEST),
+                index: None,
+            });
+        };
+        let e = image::pick_platform(entries).ok_or_else(|| {
+            pull_error(
+                src.name,
+                format!("no manifest for linux/{} in the image index", node_arch()),
+            )
+        })?;
+        let r = src.reference.clone_with_digest(e.digest.clone());
+        let (b, d) = src
+            .client
+            .pull_manifest_raw(&r, &src.auth, ACCEPT)
+            .await
+            .map_err(fail)?;
+        check_digest(src.name, &e.digest, &b)?;
+        Ok(Resolved {
+            manifest: Blob {
+                media_type: or_default(&e.media_type, image::MT_OCI_MANIFEST),
+                digest: d,
+                bytes: b.to_vec(),
+            },
+            index: Some(top_blob(image::MT_OCI_INDEX)),
         })
     }
 
@@ -626,17 +604,8 @@ impl Containerd {
         }
         let r#ref = format!("keelson-pull-{}", l.digest.replace(':', "-"));
         let (mut tx, rx) = futures::channel::mpsc::channel::<WriteContentRequest>(4);
-        let msg = |action: WriteAction, offset: i64, data: Vec<u8>| WriteContentRequest {
-            action: action as i32,
-            r#ref: r#ref.clone(),
-            total: l.size,
-            expected: l.digest.clone(),
-            offset,
-            data,
-            labels: HashMap::new(),
-        };
         let closed = |_| pull_error(src.name, "containerd closed the content write");
-        tx.send(msg(WriteAction::Stat, 0, vec![]))
+        tx.send(write_req(WriteAction::Stat, &r#ref, l, 0, vec![]))
             .await
             .map_err(closed)?;
         let mut responses = self
@@ -664,84 +633,92 @@ impl Containerd {
             Ok::<(), Error>(())
         };
         let send = async {
-            let (mut stream, mut at) = match self.layer_stream(src, l, held).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tx.close_channel();
-                    return Err(e);
-                }
-            };
-            loop {
-                let Ok(next) = tokio::time::timeout(src.deadline, stream.next()).await else {
-                    tx.close_channel();
-                    return Err(pull_error(
-                        src.name,
-                        format!("layer {}: no progress for {:?}", l.digest, src.deadline),
-                    ));
-                };
-                let chunk = match next {
-                    None => break,
-                    Some(Ok(c)) => c,
-                    Some(Err(e)) => {
-                        if at >= l.size {
-                            // All the bytes came and they do not match: nothing to resume from.
-                            corrupt.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        // Ending the write without a commit leaves the ingest to resume from.
-                        tx.close_channel();
-                        return Err(pull_error(
-                            src.name,
-                            format!("layer {}: {}", l.digest, error_chain(&e)),
-                        ));
-                    }
-                };
-                let n = chunk.len() as i64;
-                tx.send(msg(WriteAction::Write, at, chunk.to_vec()))
-                    .await
-                    .map_err(closed)?;
-                at += n;
-            }
-            tx.send(msg(WriteAction::Commit, at, vec![]))
-                .await
-                .map_err(closed)?;
+            let r = self
+                .send_layer(src, l, &r#ref, held, &mut tx, &corrupt)
+                .await;
+            // Ending the write without a commit leaves the ingest to resume from.
             tx.close_channel();
-            Ok::<(), Error>(())
+            r
         };
         let (sent, drained) = futures::join!(send, drain);
         let res = sent.and(drained);
-        if res.is_err() && corrupt.load(std::sync::atomic::Ordering::Relaxed) {
+        let abort = || async {
             let _ = self
                 .content()
                 .abort(self.req(AbortRequest {
                     r#ref: r#ref.clone(),
                 }))
                 .await;
+        };
+        if res.is_err() && corrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            abort().await;
         }
-        if let Err(Error::Rpc { source, .. }) = &res {
-            if source.code() == tonic::Code::AlreadyExists {
-                return Ok(());
-            }
-            if source.code() == tonic::Code::FailedPrecondition
-                || source.code() == tonic::Code::InvalidArgument
+        match &res {
+            Err(Error::Rpc { source, .. }) if source.code() == tonic::Code::AlreadyExists => Ok(()),
+            Err(Error::Rpc { source, .. })
+                if matches!(
+                    source.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
             {
                 // A blob that does not match its digest or size: never keep it.
-                let _ = self
-                    .content()
-                    .abort(self.req(AbortRequest {
-                        r#ref: r#ref.clone(),
-                    }))
-                    .await;
-                return Err(pull_error(
+                abort().await;
+                Err(pull_error(
                     src.name,
                     format!(
                         "layer {}: the registry sent content that does not match the digest: {}",
                         l.digest,
                         source.message()
                     ),
-                ));
+                ))
             }
+            _ => res,
         }
-        res
+    }
+
+    /// Sends the layer's bytes from the registry to the content write `tx` (from `held` on),
+    /// then the commit; `corrupt` is set when all the bytes came and did not match.
+    async fn send_layer(
+        &self,
+        src: &Source<'_>,
+        l: &image::OciDescriptor,
+        r#ref: &str,
+        held: i64,
+        tx: &mut futures::channel::mpsc::Sender<WriteContentRequest>,
+        corrupt: &std::sync::atomic::AtomicBool,
+    ) -> Result<()> {
+        let closed = |_| pull_error(src.name, "containerd closed the content write");
+        let (mut stream, mut at) = self.layer_stream(src, l, held).await?;
+        loop {
+            let Ok(next) = tokio::time::timeout(src.deadline, stream.next()).await else {
+                return Err(pull_error(
+                    src.name,
+                    format!("layer {}: no progress for {:?}", l.digest, src.deadline),
+                ));
+            };
+            let chunk = match next {
+                None => break,
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    if at >= l.size {
+                        // All the bytes came and they do not match: nothing to resume from.
+                        corrupt.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Err(pull_error(
+                        src.name,
+                        format!("layer {}: {}", l.digest, error_chain(&e)),
+                    ));
+                }
+            };
+            let n = chunk.len() as i64;
+            tx.send(write_req(WriteAction::Write, r#ref, l, at, chunk.to_vec()))
+                .await
+                .map_err(closed)?;
+            at += n;
+        }
+        tx.send(write_req(WriteAction::Commit, r#ref, l, at, vec![]))
+            .await
+            .map_err(closed)
     }
 
     /// The layer's bytes from `held` on (a range request), or whole when the registry ignores
@@ -813,6 +790,25 @@ fn joined_failures(name: &str, mut failures: Vec<(String, Error)>) -> Error {
     pull_error(name, reasons.join("; "))
 }
 
+/// One message of the content write of layer `l` under ingest `ref`.
+fn write_req(
+    action: WriteAction,
+    r#ref: &str,
+    l: &image::OciDescriptor,
+    offset: i64,
+    data: Vec<u8>,
+) -> WriteContentRequest {
+    WriteContentRequest {
+        action: action as i32,
+        r#ref: r#ref.to_string(),
+        total: l.size,
+        expected: l.digest.clone(),
+        offset,
+        data,
+        labels: HashMap::new(),
+    }
+}
+
 /// The content matches the digest the registry or the reference named.
 fn check_digest(name: &str, digest: &str, data: &[u8]) -> Result<()> {
     if digest.starts_with("sha256:") && sha256_digest(data) != digest {
@@ -830,7 +826,7 @@ mod tests {
 
     #[test]
     fn an_index_resolves_to_this_nodes_platform() {
-        let entries: Vec<IndexEntry> = serde_json::from_str(&format!(
+        let entries: Vec<image::OciDescriptor> = serde_json::from_str(&format!(
             r#"[{{"digest":"sha256:a","size":1,"platform":{{"os":"linux","architecture":"s390x"}}}},
                {{"digest":"sha256:b","size":1,"platform":{{"os":"linux","architecture":"{}"}}}},
                {{"digest":"sha256:c","size":1,"platform":{{"os":"windows","architecture":"{}"}}}}]"#,
@@ -838,8 +834,8 @@ mod tests {
             node_arch()
         ))
         .unwrap();
-        assert_eq!(pick_platform(&entries).unwrap().digest, "sha256:b");
-        assert!(pick_platform(&entries[..1]).is_none());
+        assert_eq!(image::pick_platform(&entries).unwrap().digest, "sha256:b");
+        assert!(image::pick_platform(&entries[..1]).is_none());
     }
 
     #[test]

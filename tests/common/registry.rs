@@ -299,30 +299,11 @@ impl FaultyProxy {
     pub fn start(netns: &str, listen: &str, upstream: &str, fault: Fault) -> FaultyProxy {
         use std::sync::{Arc, Mutex, atomic::AtomicBool};
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
         let armed = Arc::new(AtomicBool::new(true));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (ns, listen_at, up) = (netns.to_string(), listen.to_string(), upstream.to_string());
-        let (reqs, stop2) = (requests.clone(), stop.clone());
-        std::thread::spawn(move || {
-            use std::os::fd::AsFd;
-            // This thread and those it spawns live in the lab namespace.
-            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let l = std::net::TcpListener::bind(&listen_at).unwrap();
-            l.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
-            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((c, _)) => {
-                        let (up, reqs, armed) = (up.clone(), reqs.clone(), armed.clone());
-                        std::thread::spawn(move || proxy_one(c, &up, &reqs, &armed, fault));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        let (up, reqs) = (upstream.to_string(), requests.clone());
+        let stop = serve_in_netns(netns, listen, move |c| {
+            proxy_one(c, &up, &reqs, &armed, fault)
         });
-        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         FaultyProxy {
             addr: listen.into(),
             requests,
@@ -342,6 +323,56 @@ impl Drop for FaultyProxy {
     }
 }
 
+/// Serves `listen` in namespace `netns` from a thread of its own (the threads it starts for
+/// each connection live there too), `handle` called with each connection, until the returned
+/// flag is set.
+fn serve_in_netns(
+    netns: &str,
+    listen: &str,
+    handle: impl Fn(std::net::TcpStream) + Send + Sync + 'static,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::{Arc, atomic::AtomicBool};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (ns, at, stop2) = (netns.to_string(), listen.to_string(), stop.clone());
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let l = std::net::TcpListener::bind(&at).unwrap();
+        l.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((c, _)) => {
+                    let handle = handle.clone();
+                    std::thread::spawn(move || handle(c));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    stop
+}
+
+/// An HTTP request's head (request line and headers), read from a blocking connection.
+fn read_head(c: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
+}
+
 /// One request through the proxy: `Connection: close` added so that each connection carries
 /// one exchange, the response relayed (and spoiled once when armed).
 fn proxy_one(
@@ -352,17 +383,9 @@ fn proxy_one(
     fault: Fault,
 ) {
     use std::io::{Read, Write};
-    let _ = c.set_nonblocking(false);
-    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match c.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => return,
-        }
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
+    let Some(text) = read_head(&mut c) else {
+        return;
+    };
     let line = text.lines().next().unwrap_or("").to_string();
     let range = text.lines().find_map(|l| {
         l.to_ascii_lowercase()
@@ -427,7 +450,6 @@ pub const TOKEN_SERVICE: &str = "lab-registry";
 
 impl TokenServer {
     pub fn start(netns: &str, dir: &Path, listen: &str, creds: &str) -> TokenServer {
-        use std::sync::{Arc, atomic::AtomicBool};
         std::fs::create_dir_all(dir).unwrap();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = rcgen::CertificateParams::new(vec!["lab-token-service".to_string()])
@@ -437,33 +459,8 @@ impl TokenServer {
         let cert_pem = dir.join("token-cert.pem");
         std::fs::write(&cert_pem, cert.pem()).unwrap();
         let x5c = base64_std(cert.der());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (ns, at, creds, stop2) = (
-            netns.to_string(),
-            listen.to_string(),
-            creds.to_string(),
-            stop.clone(),
-        );
-        let key = Arc::new(key);
-        std::thread::spawn(move || {
-            use std::os::fd::AsFd;
-            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let l = std::net::TcpListener::bind(&at).unwrap();
-            l.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
-            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((c, _)) => {
-                        let (key, x5c, creds) = (key.clone(), x5c.clone(), creds.clone());
-                        std::thread::spawn(move || answer_token(c, &key, &x5c, &creds));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let creds = creds.to_string();
+        let stop = serve_in_netns(netns, listen, move |c| answer_token(c, &key, &x5c, &creds));
         TokenServer {
             realm: format!("http://{listen}/token"),
             cert_pem,
@@ -531,18 +528,10 @@ fn der_to_raw(der: &[u8]) -> Vec<u8> {
 
 fn answer_token(mut c: std::net::TcpStream, key: &rcgen::KeyPair, x5c: &str, creds: &str) {
     use rcgen::SigningKey as _;
-    use std::io::{Read, Write};
-    let _ = c.set_nonblocking(false);
-    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match c.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => return,
-        }
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
+    use std::io::Write;
+    let Some(text) = read_head(&mut c) else {
+        return;
+    };
     let target = text
         .lines()
         .next()
