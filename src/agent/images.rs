@@ -60,8 +60,16 @@ pub struct Puller {
     rt: Arc<dyn Runtime>,
     cfg: PullConfig,
     slots: Option<Arc<tokio::sync::Semaphore>>,
-    inflight: Mutex<HashMap<(String, Vec<Credential>), SharedPull>>,
+    inflight: Mutex<HashMap<PullKey, SharedPull>>,
+    /// The last finished pull of each key (kept a minute): a pod that found the image missing
+    /// before that pull ended takes its result instead of pulling again.
+    finished: Mutex<HashMap<PullKey, (tokio::time::Instant, PullResult)>>,
 }
+
+type PullKey = (String, Vec<Credential>);
+
+/// How long a finished pull's result answers pods that looked before it ended.
+const FINISHED_KEPT: Duration = Duration::from_secs(60);
 
 impl Puller {
     pub fn new(rt: Arc<dyn Runtime>, cfg: PullConfig) -> Arc<Self> {
@@ -75,15 +83,33 @@ impl Puller {
             slots: limit.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             cfg,
             inflight: Mutex::new(HashMap::new()),
+            finished: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The pull of `reference` with `credentials`: the one in flight, or a new one.
-    pub fn pull(self: &Arc<Self>, reference: &str, credentials: Vec<Credential>) -> SharedPull {
+    /// The pull of `reference` with `credentials` for a pod that found it needed at `since`:
+    /// the one in flight, the one that finished after `since`, or a new one.
+    pub fn pull(
+        self: &Arc<Self>,
+        reference: &str,
+        credentials: Vec<Credential>,
+        since: tokio::time::Instant,
+    ) -> SharedPull {
         let key = (normalize_ref(reference), credentials);
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = inflight.get(&key) {
             return p.clone();
+        }
+        {
+            let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            finished.retain(|_, (at, _)| now.duration_since(*at) < FINISHED_KEPT);
+            if let Some((at, res)) = finished.get(&key)
+                && *at > since
+            {
+                let res = res.clone();
+                return async move { res }.boxed().shared();
+            }
         }
         let me = self.clone();
         let k = key.clone();
@@ -105,17 +131,23 @@ impl Puller {
                     },
                 )
                 .await;
-            me.inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&k);
-            match res {
+            let res: PullResult = match res {
                 Ok(p) => Ok(Arc::new(PullDone {
                     size: p.size,
                     took: t0.elapsed(),
                 })),
                 Err(e) => Err(Arc::new(e)),
-            }
+            };
+            // Finished before it leaves the in-flight map: no one can miss both.
+            me.finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(k.clone(), (tokio::time::Instant::now(), res.clone()));
+            me.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&k);
+            res
         });
         let shared = async move {
             task.await.unwrap_or_else(|e| {
@@ -195,6 +227,29 @@ pub fn go_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_that_looked_before_a_pull_ended_takes_its_result() {
+        let log = Arc::new(Mutex::new(vec![]));
+        let rt = Arc::new(crate::runtime::fake::FakeRuntime::new("n", log));
+        rt.absent("reg.lab/app:1");
+        rt.pull_takes(Duration::from_secs(5));
+        let puller = Puller::new(rt.clone(), PullConfig::default());
+        let looked = tokio::time::Instant::now();
+        let first = puller.pull("reg.lab/app:1", vec![], looked);
+        let joined = puller.pull("reg.lab/app:1", vec![], looked);
+        assert!(first.await.is_ok() && joined.await.is_ok());
+        // Asked after the pull ended, but missing the image before it did: no second pull.
+        assert!(puller.pull("reg.lab/app:1", vec![], looked).await.is_ok());
+        let pulls = |rt: &crate::runtime::fake::FakeRuntime| {
+            rt.calls().iter().filter(|c| c.starts_with("pull")).count()
+        };
+        assert_eq!(pulls(&rt), 1);
+        // Looking after it ended (an `Always` start later on) pulls again.
+        let later = tokio::time::Instant::now();
+        assert!(puller.pull("reg.lab/app:1", vec![], later).await.is_ok());
+        assert_eq!(pulls(&rt), 2);
+    }
 
     #[test]
     fn durations_print_as_go_does() {

@@ -28,6 +28,7 @@ impl PodWorker {
             return Err(StartFailure::new("InvalidImageName", msg));
         }
         let policy = crate::kinds::pod::image_pull_policy(c);
+        let looked = Instant::now();
         let present = match self.ctx.rt.image_info(&image_ref).await {
             Ok(img) => Some(img),
             Err(crate::runtime::Error::ImageNotFound(_)) => None,
@@ -72,18 +73,18 @@ impl PodWorker {
                 retry: Some(until - now),
             });
         }
-        self.start_pull(kind, i, &image_ref).await;
+        self.start_pull(kind, i, &image_ref, looked).await;
         Err(pending())
     }
 
-    /// Starts (or joins) the pull of `image_ref` for this container; its end comes back as
-    /// `Msg::ImagePulled`.
-    async fn start_pull(&mut self, kind: Kind, i: usize, image_ref: &str) {
+    /// Starts (or joins) the pull of `image_ref` for this container, which found it needed at
+    /// `looked`; its end comes back as `Msg::ImagePulled`.
+    async fn start_pull(&mut self, kind: Kind, i: usize, image_ref: &str, looked: Instant) {
         self.refresh_refs().await;
         let creds = credentials_for(&self.pod, &self.refs.secrets, image_ref);
         self.event(false, "Pulling", format!("Pulling image \"{image_ref}\""));
         self.rec(kind, i).pull.waiting_since = Some(Instant::now());
-        let pull = self.ctx.images.pull(image_ref, creds);
+        let pull = self.ctx.images.pull(image_ref, creds, looked);
         let tx = self.tx.clone();
         let image = image_ref.to_string();
         tokio::spawn(async move {
