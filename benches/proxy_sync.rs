@@ -253,7 +253,7 @@ fn main() {
     // Services' ports into the incremental table state, one transaction.
     let (nft_full_ms, mut nft_one, mut nft_kernel, mut nft_floor, mut nft_effect) = in_ns(|| {
         nftables::cleanup().unwrap();
-        let mut ix = index::Index::new("bench-node");
+        let mut ix = index::Index::new("bench-node", &[]);
         let (svcs, slices) = objects(n);
         ix.service_event(Event::Init);
         for s in svcs {

@@ -65,8 +65,11 @@ mirrors:
     endpoint: ["http://127.0.0.1:5000"]
 EOF
 
+# The node's resolver for the cluster DNS to forward to: none (the demo's namespace has no way
+# out, and the machine's own resolver is never used).
+echo "# keelson demo: no upstream DNS" > "$DEMO/resolv.conf"
 nsenter --net="/run/netns/$NETNS" "$BIN" up --data-dir "$DEMO" --private-containerd \
-  --registry-config "$DEMO/registries.yaml" &
+  --registry-config "$DEMO/registries.yaml" --agent-arg=--resolv-conf="$DEMO/resolv.conf" &
 UP=$!
 for _ in $(seq 1 240); do
   kc wait --for=condition=Ready node --all --timeout=1s >/dev/null 2>&1 && break
@@ -129,6 +132,10 @@ echo "== GET http://$CIP/ (the Service's ClusterIP), four times:"
 for _ in 1 2 3 4; do in_ns /bin/busybox wget -qO- "http://$CIP/"; done
 echo "== GET http://$NODE:$PORT/ (its NodePort):"
 in_ns /bin/busybox wget -qO- "http://$NODE:$PORT/"
+echo "== from inside a pod, by name: the node's cluster DNS answers web.default.svc.cluster.local"
+kc exec deploy/web -- nslookup web.default.svc.cluster.local
+echo "== GET http://web/ from inside a pod (the short name, through the pod's search path):"
+kc exec deploy/web -- wget -qO- http://web/
 echo
 echo "keelson runs; in another terminal:"
 echo "  nsenter --net=/run/netns/$NETNS env KUBECONFIG=$KUBECONFIG kubectl get pods -o wide"

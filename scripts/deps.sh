@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(containerd runc iptables nftables busybox-static etcd-server containernetworking-plugins
       protobuf-compiler libprotobuf-dev conntrack curl jq iproute2 gcc docker-registry skopeo)
 if [ "${1:-}" = --test ]; then
-  pkgs+=(systemd ruby shellcheck openssl python3-venv apache2-utils)
+  pkgs+=(systemd ruby shellcheck openssl python3-venv apache2-utils bind9-dnsutils dnsperf)
   # Node and npm for the JavaScript client's tests: whichever the machine has, else Debian's.
   command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
 fi

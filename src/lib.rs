@@ -6,6 +6,7 @@ pub mod api;
 pub mod control;
 #[cfg(feature = "server")]
 pub mod controllers;
+pub mod dns;
 pub mod kinds;
 #[cfg(feature = "server")]
 pub mod lab;

@@ -260,6 +260,7 @@ impl ProxyFlags {
             min_sync_period: self.min_sync_period,
             sync_period: self.sync_period,
             healthz_port: (self.healthz_port != 0).then_some(self.healthz_port),
+            local_vips: vec![],
         }))
     }
 }
@@ -398,6 +399,25 @@ struct AgentArgs {
     /// Rotated log files kept per container.
     #[arg(long, default_value_t = 5)]
     container_log_max_files: usize,
+    /// Nameservers of pods with cluster DNS (kubelet's flag), comma-separated; "auto": the
+    /// tenth address of --service-cidr when the agent joins a cluster, none standalone;
+    /// "": none (such pods get the node's resolver).
+    #[arg(long, default_value = "auto")]
+    cluster_dns: String,
+    /// The cluster domain (kubelet's flag).
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The node's resolver configuration: what dnsPolicy Default pods get and where the
+    /// cluster DNS forwards other names ("": none).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: String,
+    /// Answer the cluster DNS on this node, on the --cluster-dns addresses (turn off where
+    /// another server, e.g. CoreDNS, answers them).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    serve_cluster_dns: bool,
+    /// TTL of cluster DNS records, in seconds.
+    #[arg(long, default_value_t = 5)]
+    cluster_dns_ttl: u32,
 }
 
 #[cfg(feature = "server")]
@@ -447,6 +467,10 @@ enum LabCmd {
         /// Every node's registry configuration (k3s's registries.yaml format).
         #[arg(long)]
         registry_config: Option<PathBuf>,
+        /// An upstream DNS server for the nodes' cluster DNS (repeatable; default: none, so
+        /// names outside the cluster do not resolve).
+        #[arg(long)]
+        dns_upstream: Vec<std::net::IpAddr>,
         /// How long to wait for the nodes to be Ready.
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: std::time::Duration,
@@ -631,6 +655,7 @@ async fn lab(cmd: LabCmd) -> anyhow::Result<()> {
             server_arg,
             mut agent_arg,
             registry_config,
+            dns_upstream,
             timeout,
         } => {
             if let Some(r) = registry_config {
@@ -646,6 +671,7 @@ async fn lab(cmd: LabCmd) -> anyhow::Result<()> {
                 port,
                 server_args: server_arg,
                 agent_args: agent_arg,
+                dns_upstreams: dns_upstream,
                 timeout,
             })
             .await?;
@@ -739,7 +765,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .context("no --kubeconfig or --server, and no in-cluster configuration")?,
             };
-            keelson::proxy::run(client, cfg, shutdown_signal()).await
+            keelson::proxy::run(client, cfg, None, shutdown_signal()).await
         }
         cmd @ Cmd::Agent(_) => daemon(cmd).await,
         #[cfg(feature = "server")]
@@ -830,6 +856,44 @@ fn join_mode(a: &AgentArgs) -> anyhow::Result<Option<agent::cluster::Join>> {
     })
 }
 
+/// Pods' cluster DNS servers (--cluster-dns), and this node's DNS server when it answers them.
+fn cluster_dns(
+    a: &AgentArgs,
+    joined: bool,
+    service_cidr: Option<ipnet::Ipv4Net>,
+) -> anyhow::Result<(Vec<std::net::IpAddr>, Option<keelson::dns::DnsConfig>)> {
+    let domain = a.cluster_domain.trim_end_matches('.').to_ascii_lowercase();
+    if !keelson::kinds::validate::is_dns1123_subdomain(&domain) {
+        bail!("--cluster-domain {:?} is not a DNS name", a.cluster_domain);
+    }
+    let servers: Vec<std::net::IpAddr> = match a.cluster_dns.as_str() {
+        "auto" => match service_cidr.filter(|_| joined) {
+            Some(c) => vec![keelson::kinds::dns::default_cluster_dns(c.network()).into()],
+            None => vec![],
+        },
+        list => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse()
+                    .with_context(|| format!("--cluster-dns: {s:?} is not an IP address"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let serve = a.serve_cluster_dns && joined && !servers.is_empty();
+    let dns = serve.then(|| keelson::dns::DnsConfig {
+        listen: servers.clone(),
+        port: 53,
+        metrics_port: Some(9153),
+        domain,
+        ttl: a.cluster_dns_ttl,
+        resolv_conf: (!a.resolv_conf.is_empty()).then(|| PathBuf::from(&a.resolv_conf)),
+        cache_ttl: Duration::from_secs(30),
+    });
+    Ok((servers, dns))
+}
+
 /// The agent's configuration from its flags.
 fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
     let join = join_mode(&a)?;
@@ -843,8 +907,27 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
         .parse()
         .with_context(|| format!("--pod-cidr {:?} is not an IPv4 CIDR", a.pod_cidr))?;
     let pod_cidr = pod_cidr.trunc();
-    let node_name = node_name_or_host(a.node_name)?;
-    let proxy = a.proxy.config(&node_name)?;
+    let node_name = node_name_or_host(a.node_name.clone())?;
+    let mut proxy = a.proxy.config(&node_name)?;
+    let service_cidr = match a.service_cidr.as_str() {
+        "" => None,
+        c => Some(
+            c.parse::<ipnet::Ipv4Net>()
+                .with_context(|| format!("--service-cidr {c:?} is not an IPv4 CIDR"))?
+                .trunc(),
+        ),
+    };
+    let (cluster_dns, dns) = cluster_dns(&a, join.is_some(), service_cidr)?;
+    if let (Some(p), Some(d)) = (proxy.as_mut(), &dns) {
+        p.local_vips = d
+            .listen
+            .iter()
+            .filter_map(|ip| match ip {
+                std::net::IpAddr::V4(v) => Some(*v),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
+    }
     let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
     let cni = (a.network == "cni").then(|| keelson::net::cni::Cni {
         conf_dir: a.cni_conf_dir.clone(),
@@ -906,14 +989,11 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
             .max(Duration::from_secs(1)),
         proxy,
         cluster_cidr: a.cluster_cidr.trunc(),
-        service_cidr: match a.service_cidr.as_str() {
-            "" => None,
-            c => Some(
-                c.parse::<ipnet::Ipv4Net>()
-                    .with_context(|| format!("--service-cidr {c:?} is not an IPv4 CIDR"))?
-                    .trunc(),
-            ),
-        },
+        service_cidr,
+        cluster_dns,
+        cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),
+        resolv_conf: (!a.resolv_conf.is_empty()).then(|| PathBuf::from(&a.resolv_conf)),
+        dns,
     };
     Ok(cfg)
 }

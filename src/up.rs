@@ -166,7 +166,7 @@ fn busybox_image(a: &UpArgs, images: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("copying {}", a.busybox.display()))?;
     for applet in [
         "sh", "httpd", "echo", "cat", "sleep", "hostname", "wget", "ls", "ps", "env", "tar", "nc",
-        "date", "id", "mkdir", "rm", "grep", "head", "tail", "wc", "true", "false",
+        "date", "id", "mkdir", "rm", "grep", "head", "tail", "wc", "true", "false", "nslookup",
     ] {
         let link = root.join("bin").join(applet);
         if !link.exists() {
@@ -482,7 +482,10 @@ pub async fn down(a: DownArgs) -> anyhow::Result<()> {
     if let Err(e) = keelson::net::delete_link("keelson0").await {
         step(format!("bridge keelson0: {e:#}"));
     }
-    step("service rules, routes and the pod bridge removed");
+    if let Err(e) = keelson::net::remove_local_addrs().await {
+        step(format!("the cluster DNS address: {e:#}"));
+    }
+    step("service rules, routes, the pod bridge and the cluster DNS address removed");
     if a.purge {
         std::fs::remove_dir_all(&a.data_dir)
             .with_context(|| format!("removing {}", a.data_dir.display()))?;

@@ -1143,7 +1143,16 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
         "no per-group discovery once /apis answered aggregated: {log}"
     );
     let res = s.ok(&["api-resources", "--no-headers"]);
-    assert_eq!(res.lines().count(), 19, "{res}");
+    assert_eq!(res.lines().count(), 21, "{res}");
+    for (plural, short) in [("jobs", ""), ("cronjobs", "cj")] {
+        assert!(
+            res.lines().any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w[0] == plural && (short.is_empty() || w[1] == short) && l.contains("batch/v1")
+            }),
+            "{res}"
+        );
+    }
     assert!(
         res.lines()
             .any(|l| l.starts_with("deployments") && l.contains("apps/v1"))

@@ -291,4 +291,21 @@ fn bad_archives_and_flags_are_clear_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    for (flag, value, says) in [
+        (
+            "--cluster-domain",
+            "bad..domain",
+            "--cluster-domain \"bad..domain\" is not a DNS name",
+        ),
+        (
+            "--cluster-dns",
+            "10.96.0.10,banana",
+            "--cluster-dns: \"banana\" is not an IP address",
+        ),
+    ] {
+        let out = keelson(&["agent", "--standalone", "--manifests", "/tmp", flag, value]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
 }

@@ -1,7 +1,8 @@
 //! The seeds' blue/green exercise, end to end in a 2-node `keelson lab` with kubectl: two
 //! Deployments answer their colour, a NodePort Service selecting `version: blue` answers blue
 //! through its ClusterIP and its node port; patching the selector to green turns every new
-//! request green within a couple of seconds; blue scaled to zero leaves green serving.
+//! request green within a couple of seconds; blue scaled to zero leaves green serving. A pod
+//! reaches the app by the Service's name too (`http://web/`, through the cluster DNS).
 mod common;
 
 use std::time::Instant;
@@ -60,6 +61,38 @@ fn answers(c: &Cluster, url: &str) -> Vec<String> {
         .collect()
 }
 
+/// Ten GETs of `http://web/` from the `client` pod: the Service by its DNS name.
+fn answers_by_name(c: &Cluster) -> Vec<String> {
+    let out = c.kubectl(&[
+        "exec",
+        "client",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6 7 8 9 10; do timeout 5 wget -qO- http://web/; done",
+    ]);
+    if !out.status.success() {
+        eprintln!("by name: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+const CLIENT: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  labels: {app: client}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: BUSYBOX
+    command: ["sleep", "3600"]
+"#;
+
 fn all(v: &[String], colour: &str) -> bool {
     v.len() == 10 && v.iter().all(|a| a == colour)
 }
@@ -70,7 +103,9 @@ fn blue_green_switch_through_the_service() {
     c.apply(&deployment("blue"));
     c.apply(&deployment("green"));
     c.apply(SERVICE);
+    c.apply(&CLIENT.replace("BUSYBOX", BUSYBOX));
     c.wait_ready("app=web", 4, 90);
+    c.wait_ready("app=client", 1, 90);
     let vip = c.jsonpath(&["get", "svc", "web"], "{.spec.clusterIP}");
     let cluster_ip = format!("http://{vip}/");
     // node2's address: the node port answers on every node.
@@ -82,6 +117,8 @@ fn blue_green_switch_through_the_service() {
         all(&answers(&c, node_port), "blue"),
         "the NodePort answers blue"
     );
+    let by_name = answers_by_name(&c);
+    assert!(all(&by_name, "blue"), "by name: {by_name:?}");
 
     // Switch: every new request is green shortly after the patch.
     c.ok(&[
@@ -100,6 +137,9 @@ fn blue_green_switch_through_the_service() {
         t0.elapsed()
     );
     assert!(all(&answers(&c, node_port), "green"));
+    c.until(10, "the Service to answer green by name", || {
+        all(&answers_by_name(&c), "green")
+    });
 
     // Blue goes away; green keeps serving.
     c.ok(&["scale", "deployment", "blue", "--replicas=0"]);

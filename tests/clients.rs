@@ -59,7 +59,8 @@ fn python_javascript_and_helm_clients_work() {
     helm(&c, &tools.join("bin/helm"));
 }
 
-/// The chart `helm create` makes, installed, upgraded, rolled back and uninstalled. Its
+/// The chart `helm create` makes, installed, tested (`helm test`), upgraded, rolled back and
+/// uninstalled. Its
 /// default image (nginx) is not here: the test points it at the lab's busybox and gives the
 /// container an httpd on the chart's port 80, so its probes pass.
 fn helm(c: &Cluster, helm: &Path) {
@@ -91,6 +92,16 @@ fn helm(c: &Cluster, helm: &Path) {
         }
     }
     std::fs::write(&tpl, out).unwrap();
+    // The chart's test pod (`helm test`) wgets the Service by its DNS name, with an image from
+    // Docker Hub: the lab's busybox instead.
+    let test_tpl = dir.join("demo/templates/tests/test-connection.yaml");
+    let text = std::fs::read_to_string(&test_tpl).unwrap();
+    assert!(text.contains("image: busybox"), "{text}");
+    std::fs::write(
+        &test_tpl,
+        text.replace("image: busybox", &format!("image: {BUSYBOX}")),
+    )
+    .unwrap();
     let (repo, tag) = BUSYBOX.rsplit_once(':').unwrap();
     let image = [
         "--set".to_string(),
@@ -117,6 +128,14 @@ fn helm(c: &Cluster, helm: &Path) {
         c.jsonpath(&["get", "deploy", "demo"], "{.status.readyReplicas}"),
         "1"
     );
+    // helm test: the test pod reaches the release's Service by name through the cluster DNS.
+    let tested = h(&["test", "demo", "--timeout", "120s"]);
+    assert!(
+        tested.contains("demo-test-connection") && tested.contains("Succeeded"),
+        "{tested}"
+    );
+    // A test hook's pod is not the release's: Helm leaves it behind (on Kubernetes too).
+    c.ok(&["delete", "pod", "demo-test-connection", "--wait=false"]);
     h2(with(&[
         "upgrade",
         "demo",

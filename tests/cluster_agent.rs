@@ -6,36 +6,12 @@
 //! is a BackOff event, a static pod gets a mirror pod, and the kubelet API wants a credential.
 mod common;
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
 use common::*;
 
 /// The lab's node with the server it joined: kubectl runs in the node's namespace, and a
 /// failure shows both logs.
-struct Joined {
-    lab: Lab,
-    server: Server,
-}
-
-impl Kubectl for Joined {
-    fn kubeconfig(&self) -> PathBuf {
-        self.server.kubeconfig()
-    }
-    fn home(&self) -> PathBuf {
-        self.server.home()
-    }
-    fn netns(&self) -> Option<String> {
-        self.server.netns()
-    }
-    fn diagnostics(&self) -> String {
-        format!(
-            "agent log tail:\n{}\n{}",
-            kubectl::tail(&self.lab.agent_log(), 25),
-            self.server.diagnostics()
-        )
-    }
-}
-
 #[test]
 fn an_agent_joins_registers_and_runs_the_pods_bound_to_it() {
     let mut lab = Lab::start("join");

@@ -5,7 +5,6 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -144,18 +143,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-impl Kubectl for Plane {
-    fn kubeconfig(&self) -> PathBuf {
-        self.server.kubeconfig()
-    }
-    fn home(&self) -> PathBuf {
-        self.server.home()
-    }
-    fn netns(&self) -> Option<String> {
-        self.server.netns()
-    }
-    fn diagnostics(&self) -> String {
-        self.server.diagnostics()
+/// kubectl goes to the server (`s.ok(...)` through `Deref`).
+impl std::ops::Deref for Plane {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
     }
 }
 

@@ -20,9 +20,10 @@ const TOKENS: &str = "127.0.0.1:5100";
 
 /// The node (joined to a server in its namespace) with its two registries and the node's
 /// registries.yaml.
+/// The joined agent and server (kubectl, `s.lab`, `s.server` through `Deref`) and the
+/// registries.
 struct Pulls {
-    lab: Lab,
-    server: Server,
+    j: Joined,
     plain: Registry,
     secure: Registry,
     _tokened: Registry,
@@ -32,22 +33,10 @@ struct Pulls {
     registries_yaml: PathBuf,
 }
 
-impl Kubectl for Pulls {
-    fn kubeconfig(&self) -> PathBuf {
-        self.server.kubeconfig()
-    }
-    fn home(&self) -> PathBuf {
-        self.server.home()
-    }
-    fn netns(&self) -> Option<String> {
-        self.server.netns()
-    }
-    fn diagnostics(&self) -> String {
-        format!(
-            "agent log tail:\n{}\n{}",
-            kubectl::tail(&self.lab.agent_log(), 25),
-            self.server.diagnostics()
-        )
+impl std::ops::Deref for Pulls {
+    type Target = Joined;
+    fn deref(&self) -> &Joined {
+        &self.j
     }
 }
 
@@ -147,8 +136,7 @@ fn images_are_pulled_from_registries_with_mirrors_auth_and_tls() {
         &["--registry-config", registries_yaml.to_str().unwrap()],
     );
     let s = Pulls {
-        lab,
-        server,
+        j: Joined { lab, server },
         plain,
         secure,
         _tokened: tokened,

@@ -804,7 +804,11 @@ fn node_masquerade_and_reject_rules() {
                 "kt0",
                 "10.244.1.0/24".parse().unwrap(),
                 "10.244.0.0/16".parse().unwrap(),
-                Some("10.96.0.0/12".parse().unwrap()),
+                Some(&hostgw::ServiceRange {
+                    cidr: "10.96.0.0/12".parse().unwrap(),
+                    // An address this node serves itself (the cluster DNS): exempt.
+                    served: vec!["10.96.0.53".parse().unwrap()],
+                }),
             )
         })
         .unwrap()
@@ -818,10 +822,15 @@ fn node_masquerade_and_reject_rules() {
         "ip saddr 10.244.1.0/24 masquerade",
         "type filter hook forward priority filter",
         "type filter hook output priority filter",
+        "ip daddr 10.96.0.53 return",
         "ip daddr 10.96.0.0/12 reject",
     ] {
         assert!(first.contains(want), "{want:?} missing from\n{first}");
     }
+    assert!(
+        first.find("ip daddr 10.96.0.53 return") < first.find("ip daddr 10.96.0.0/12 reject"),
+        "{first}"
+    );
     assert_eq!(first.matches("reject").count(), 2, "{first}");
     install();
     assert_eq!(list().1, first, "a second install changes nothing");

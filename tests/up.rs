@@ -57,6 +57,14 @@ impl Drop for Netns {
 }
 
 /// A running `keelson up`: its stderr collected, the kubeconfig line awaited.
+/// A resolv.conf naming no server: the node's cluster DNS forwards nowhere (never to the
+/// machine's resolver).
+fn no_upstream(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.with_extension("resolv.conf");
+    std::fs::write(&p, "# no upstream DNS in tests\n").unwrap();
+    p
+}
+
 struct Up {
     child: Child,
     stderr: Arc<Mutex<String>>,
@@ -69,6 +77,10 @@ impl Up {
             .args(["up", "--data-dir"])
             .arg(dir)
             .args(["--private-containerd", "--busybox", "/bin/busybox"])
+            .arg(format!(
+                "--agent-arg=--resolv-conf={}",
+                no_upstream(dir).display()
+            ))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

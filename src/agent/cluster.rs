@@ -771,11 +771,23 @@ pub fn network(client: &Client, cfg: &AgentConfig) {
         let mut filter = None;
         loop {
             if !masq_ok {
+                let services = cfg.service_cidr.map(|cidr| hostgw::ServiceRange {
+                    cidr,
+                    served: cfg
+                        .dns
+                        .iter()
+                        .flat_map(|d| &d.listen)
+                        .filter_map(|ip| match ip {
+                            std::net::IpAddr::V4(v) => Some(*v),
+                            std::net::IpAddr::V6(_) => None,
+                        })
+                        .collect(),
+                });
                 match hostgw::ensure_masquerade(
                     &cfg.bridge,
                     cfg.pod_cidr,
                     cfg.cluster_cidr,
-                    cfg.service_cidr,
+                    services.as_ref(),
                 ) {
                     Ok(f) => {
                         if filter != Some(f) {

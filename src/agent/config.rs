@@ -51,6 +51,17 @@ pub struct AgentConfig {
     pub cluster_cidr: Ipv4Net,
     /// The Service range, unreachable on the node so that untranslated VIPs go nowhere.
     pub service_cidr: Option<Ipv4Net>,
+    /// The nameservers of pods with cluster DNS (kubelet's `--cluster-dns`; empty: none, and
+    /// such pods get the node's resolver).
+    pub cluster_dns: Vec<std::net::IpAddr>,
+    /// The cluster domain (kubelet's `--cluster-domain`).
+    pub cluster_domain: String,
+    /// The node's resolv.conf: pods with dnsPolicy Default get it, and the cluster DNS
+    /// forwards to its nameservers (None: `--resolv-conf ""`, no upstream at all).
+    pub resolv_conf: Option<PathBuf>,
+    /// This node answers the cluster DNS itself, on the `cluster_dns` addresses (None:
+    /// another server does, e.g. CoreDNS).
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 impl AgentConfig {

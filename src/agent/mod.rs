@@ -385,6 +385,14 @@ async fn join_cluster(
     })
 }
 
+/// The cluster DNS addresses on this node and the server on them.
+async fn start_dns(dc: &crate::dns::DnsConfig) -> anyhow::Result<Arc<crate::dns::Server>> {
+    crate::net::ensure_local_addrs(&dc.listen)
+        .await
+        .context("adding the cluster DNS addresses")?;
+    Ok(crate::dns::start(dc).await?)
+}
+
 /// The node's cluster roles: host-gw routes, the service proxy, the status publisher and the
 /// kubelet API (with its serving certificate, rotated).
 async fn start_cluster_roles(
@@ -395,13 +403,37 @@ async fn start_cluster_roles(
 ) -> anyhow::Result<()> {
     let cfg = &ctx.cfg;
     cluster::network(client, cfg);
-    if let Some(pc) = cfg.proxy.clone() {
-        let client = client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::proxy::run(client, pc, std::future::pending()).await {
-                tracing::error!(error = %format!("{e:#}"), "service proxy stopped");
-            }
-        });
+    // The cluster DNS: its addresses on this node, its sockets, and its zone fed by the
+    // proxy's watches (or watches of its own when the proxy is off).
+    let mut zone: Option<Box<dyn crate::proxy::Subscriber>> = None;
+    if let Some(dc) = &cfg.dns {
+        match start_dns(dc).await {
+            Ok(server) => zone = Some(Box::new(server.feed())),
+            // Someone else answers there (another agent on this node, NodeLocal DNS): the
+            // node's pods still ask the address; this agent just does not serve it.
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "the cluster DNS is not served by this agent (--serve-cluster-dns=false says so on purpose)"
+            ),
+        }
+    }
+    let client2 = client.clone();
+    match (cfg.proxy.clone(), zone) {
+        (Some(pc), zone) => {
+            tokio::spawn(async move {
+                if let Err(e) = crate::proxy::run(client2, pc, zone, std::future::pending()).await {
+                    tracing::error!(error = %format!("{e:#}"), "service proxy stopped");
+                }
+            });
+        }
+        (None, Some(zone)) => {
+            tokio::spawn(async move {
+                if let Err(e) = crate::proxy::feed(client2, zone).await {
+                    tracing::error!(error = %format!("{e:#}"), "cluster DNS watches stopped");
+                }
+            });
+        }
+        (None, None) => {}
     }
     cluster::publish_statuses(client.clone(), ctx.clone(), pods.clone());
     if cfg.kubelet_port == 0 {

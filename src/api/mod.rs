@@ -456,6 +456,44 @@ async fn seed_kubernetes_service(
     Ok(())
 }
 
+/// The `kube-dns` Service in `kube-system` on the range's tenth address (where kubelets'
+/// `--cluster-dns` points by convention), as the DNS add-on of kubeadm, k3s and kind makes it.
+/// It has no endpoints: every node's agent answers on that address itself. Made once; a
+/// cluster whose tenth address is taken keeps working, without it (said in the log).
+async fn seed_dns_service(store: &dyn Store, net: &alloc::ServiceNet) {
+    let made = async {
+        let svc_r = registry::find("", "v1", "services").context("services resource")?;
+        let key = svc_r.key(Some("kube-system"), "kube-dns");
+        if store.get(&key).await?.is_some() {
+            return Ok(());
+        }
+        let ip = crate::kinds::dns::default_cluster_dns(net.cidr.network());
+        let now = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let mut svc = json!({"kind": "Service", "apiVersion": "v1",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "uid": crate::runtime::random_hex(16), "creationTimestamp": now,
+                         "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true", "kubernetes.io/name": "CoreDNS"}},
+            "spec": {"clusterIP": ip.to_string(), "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                {"name": "metrics", "port": 9153, "protocol": "TCP", "targetPort": 9153}]}});
+        alloc::allocate(store, net, &mut svc, None, &key)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+        match store
+            .put(&key, serde_json::to_vec(&svc)?, Precondition::Absent)
+            .await
+        {
+            Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e)),
+        }
+    };
+    if let Err(e) = made.await {
+        tracing::warn!(error = %format!("{e:#}"), "the kube-dns Service could not be made");
+    }
+}
+
 /// The store the configuration names: the embedded one in DATA_DIR, or etcd.
 async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match &cfg.store {
@@ -565,6 +603,7 @@ pub async fn run(
         addr
     };
     seed_kubernetes_service(st.store.as_ref(), &cfg.services, advertise(addr)).await?;
+    seed_dns_service(st.store.as_ref(), &cfg.services).await;
     let kc = pki::kubeconfig(&format!("https://{shown}"), &pki.ca_pem, &pki.admin_token);
     // Agents join with this token: it lets them ask for their node's certificate.
     pki::write_private(&cfg.data_dir.join("node-token"), &pki.node_token)?;

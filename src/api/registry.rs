@@ -157,6 +157,16 @@ pub const RESOURCES: &[Resource] = &[
         &["ds"],
         &strategy::DAEMON_SET,
     ),
+    r("batch", "v1", "Job", "jobs", true, &[], &strategy::JOB),
+    r(
+        "batch",
+        "v1",
+        "CronJob",
+        "cronjobs",
+        true,
+        &["cj"],
+        &strategy::CRON_JOB,
+    ),
     r(
         "discovery.k8s.io",
         "v1",
@@ -401,6 +411,13 @@ const SUBRESOURCES: &[Sub] = &[
         ("apps", "v1", "DaemonSet"),
         STATUS_VERBS,
     ),
+    sub("jobs", "status", ("batch", "v1", "Job"), STATUS_VERBS),
+    sub(
+        "cronjobs",
+        "status",
+        ("batch", "v1", "CronJob"),
+        STATUS_VERBS,
+    ),
 ];
 
 fn subresources_of(r: &Resource) -> impl Iterator<Item = &'static Sub> {
@@ -575,6 +592,7 @@ mod tests {
             names,
             [
                 "apps",
+                "batch",
                 "discovery.k8s.io",
                 "coordination.k8s.io",
                 "certificates.k8s.io",

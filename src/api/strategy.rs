@@ -9,6 +9,7 @@
 
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    batch::v1::{CronJob, Job},
     certificates::v1::CertificateSigningRequest,
     coordination::v1::Lease,
     core::v1::{
@@ -174,14 +175,19 @@ fn pod_delete_grace(pod: &Value, requested: Option<i64>) -> Option<i64> {
     (grace > 0).then_some(grace)
 }
 
-fn validate_pod(obj: &Value) -> Vec<String> {
-    match serde_json::from_value::<Pod>(obj.clone()) {
-        Ok(p) => crate::kinds::validate::validate_pod(&p)
-            .iter()
-            .map(|e| e.to_string())
-            .collect(),
+/// Decodes `obj` as `T` and checks it with `check` (kinds/): its errors as `field: message`.
+fn checked<T: serde::de::DeserializeOwned>(
+    obj: &Value,
+    check: fn(&T) -> Vec<crate::kinds::validate::FieldError>,
+) -> Vec<String> {
+    match serde_json::from_value::<T>(obj.clone()) {
+        Ok(o) => check(&o).iter().map(|e| e.to_string()).collect(),
         Err(e) => vec![e.to_string()],
     }
+}
+
+fn validate_pod(obj: &Value) -> Vec<String> {
+    checked(obj, crate::kinds::validate::validate_pod)
 }
 
 /// A new Pod is Pending, with its QoS class.
@@ -289,6 +295,44 @@ pub const DAEMON_SET: Strategy = Strategy {
     categories: ALL,
     ..PLAIN
 };
+
+pub const JOB: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<Job>,
+    defaults: default_job,
+    validate: |obj| checked(obj, crate::kinds::job::validate_job),
+    initial_status: empty_status,
+    table: &table::JOB,
+    categories: ALL,
+    ..PLAIN
+};
+
+/// A Job's defaults: its own (the generated selector needs the uid, set before this runs)
+/// and its pod template's.
+fn default_job(obj: &mut Value) {
+    crate::kinds::job::default_job(obj);
+    typed::default_template(obj);
+}
+
+pub const CRON_JOB: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<CronJob>,
+    defaults: default_cronjob,
+    validate: |obj| checked(obj, crate::kinds::cronjob::validate_cronjob),
+    initial_status: empty_status,
+    table: &table::CRON_JOB,
+    categories: ALL,
+    ..PLAIN
+};
+
+/// A CronJob's defaults and its Job template's pod defaults.
+fn default_cronjob(obj: &mut Value) {
+    crate::kinds::cronjob::default_cronjob(obj);
+    if let Some(ps) = obj
+        .pointer_mut("/spec/jobTemplate/spec/template/spec")
+        .and_then(Value::as_object_mut)
+    {
+        typed::default_pod_spec(ps);
+    }
+}
 
 pub const ENDPOINT_SLICE: Strategy = Strategy {
     roundtrip: typed::roundtrip::<EndpointSlice>,

@@ -357,6 +357,135 @@ fn replica_set_cells(obj: &Value) -> Vec<Value> {
     ]
 }
 
+/// Job: kube's STATUS (Complete, Failed, Terminating, Suspended, FailureTarget, Running),
+/// COMPLETIONS (`succeeded/completions`, `n/1 of P` for a work queue) and DURATION.
+pub const JOB: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Status", "string", 0),
+        ("Completions", "string", 0),
+        ("Duration", "string", 0),
+        ("Age", "string", 0),
+        ("Containers", "string", 1),
+        ("Images", "string", 1),
+        ("Selector", "string", 1),
+    ],
+    cells: job_cells,
+};
+
+fn job_cells(obj: &Value) -> Vec<Value> {
+    let succeeded = int(obj, "/status/succeeded");
+    let completions = match obj.pointer("/spec/completions").and_then(Value::as_i64) {
+        Some(c) => format!("{succeeded}/{c}"),
+        None => match int(obj, "/spec/parallelism") {
+            p if p > 1 => format!("{succeeded}/1 of {p}"),
+            _ => format!("{succeeded}/1"),
+        },
+    };
+    let has = |ty: &str| {
+        obj.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == ty && c["status"] == "True"))
+    };
+    let status = if has("Complete") {
+        "Complete"
+    } else if has("Failed") {
+        "Failed"
+    } else if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        "Terminating"
+    } else if has("Suspended") {
+        "Suspended"
+    } else if has("FailureTarget") {
+        "FailureTarget"
+    } else {
+        "Running"
+    };
+    let time = |p: &str| -> Option<jiff::Timestamp> {
+        obj.pointer(p)
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse().ok())
+    };
+    let duration = match (time("/status/startTime"), time("/status/completionTime")) {
+        (None, _) => String::new(),
+        (Some(s), None) => crate::kinds::print::age_since(Some(s)),
+        (Some(s), Some(c)) => crate::kinds::print::age_of_secs(c.as_second() - s.as_second()),
+    };
+    let containers = obj
+        .pointer("/spec/template/spec/containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let list = |k: &str| {
+        containers
+            .iter()
+            .filter_map(|c| c[k].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let selector = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    vec![
+        name(obj),
+        json!(status),
+        json!(completions),
+        json!(duration),
+        json!(age(obj)),
+        json!(list("name")),
+        json!(list("image")),
+        json!(selector),
+    ]
+}
+
+/// CronJob: kube's SCHEDULE, TIMEZONE, SUSPEND, ACTIVE and LAST SCHEDULE.
+pub const CRON_JOB: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Schedule", "string", 0),
+        ("Timezone", "string", 0),
+        ("Suspend", "boolean", 0),
+        ("Active", "integer", 0),
+        ("Last Schedule", "string", 0),
+        ("Age", "string", 0),
+    ],
+    cells: cron_job_cells,
+};
+
+fn cron_job_cells(obj: &Value) -> Vec<Value> {
+    let last = obj
+        .pointer("/status/lastScheduleTime")
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse().ok())
+        .map_or_else(
+            || "<none>".to_string(),
+            |t| crate::kinds::print::age_since(Some(t)),
+        );
+    let active = obj
+        .pointer("/status/active")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    vec![
+        name(obj),
+        text(obj, "/spec/schedule", ""),
+        text(obj, "/spec/timeZone", "<none>"),
+        json!(
+            obj.pointer("/spec/suspend")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        ),
+        json!(active),
+        json!(last),
+        json!(age(obj)),
+    ]
+}
+
 /// DaemonSet.
 pub const DAEMON_SET: Columns = Columns {
     columns: &[

@@ -116,9 +116,13 @@ pub fn default_workload(kind: &str, obj: &mut Value) {
             }
         }
     }
-    if let Some(ps) = spec
-        .get_mut("template")
-        .and_then(|t| t.get_mut("spec"))
+    default_template(obj);
+}
+
+/// The pod defaults of a workload's `spec.template.spec`.
+pub fn default_template(obj: &mut Value) {
+    if let Some(ps) = obj
+        .pointer_mut("/spec/template/spec")
         .and_then(Value::as_object_mut)
     {
         default_pod_spec(ps);
@@ -242,7 +246,7 @@ pub fn default_pod(obj: &mut Value) {
     }
 }
 
-fn default_pod_spec(spec: &mut serde_json::Map<String, Value>) {
+pub fn default_pod_spec(spec: &mut serde_json::Map<String, Value>) {
     let mut set = |k: &str, v: Value| {
         spec.entry(k.to_string()).or_insert(v);
     };

@@ -5,7 +5,10 @@
 //! Every actor only talks to the API server: it reads its caches, writes through the API with
 //! optimistic concurrency, and reports what it sees in `status`.
 
+pub mod expect;
 pub mod leader;
+pub mod metrics;
+pub mod pods;
 pub mod recorder;
 pub mod runner;
 
@@ -81,6 +84,8 @@ pub struct Caches {
     pub replicasets: Cache<ReplicaSet>,
     pub deployments: Cache<Deployment>,
     pub daemonsets: Cache<DaemonSet>,
+    pub jobs: Cache<k8s_openapi::api::batch::v1::Job>,
+    pub cronjobs: Cache<k8s_openapi::api::batch::v1::CronJob>,
     pub services: Cache<Service>,
     pub slices: Cache<EndpointSlice>,
     pub namespaces: Cache<Namespace>,
@@ -97,6 +102,8 @@ impl Caches {
             replicasets: Cache::start(Api::all(client.clone()), cfg()),
             deployments: Cache::start(Api::all(client.clone()), cfg()),
             daemonsets: Cache::start(Api::all(client.clone()), cfg()),
+            jobs: Cache::start(Api::all(client.clone()), cfg()),
+            cronjobs: Cache::start(Api::all(client.clone()), cfg()),
             services: Cache::start(Api::all(client.clone()), cfg()),
             slices: Cache::start(Api::all(client.clone()), cfg()),
             namespaces: Cache::start(Api::all(client.clone()), cfg()),
@@ -112,6 +119,8 @@ impl Caches {
         let _ = self.replicasets.store.wait_until_ready().await;
         let _ = self.deployments.store.wait_until_ready().await;
         let _ = self.daemonsets.store.wait_until_ready().await;
+        let _ = self.jobs.store.wait_until_ready().await;
+        let _ = self.cronjobs.store.wait_until_ready().await;
         let _ = self.services.store.wait_until_ready().await;
         let _ = self.slices.store.wait_until_ready().await;
         let _ = self.namespaces.store.wait_until_ready().await;

@@ -21,15 +21,15 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{
-    Api, Client,
-    api::{DeleteParams, PostParams},
-};
-use tokio::{sync::watch, time::Instant};
+use kube::{Api, Client};
+use tokio::sync::watch;
 
 use crate::{
     control::{
-        Caches, controller_ref, controller_uid, patch_status,
+        Caches, controller_ref, controller_uid,
+        expect::Expectations,
+        patch_status,
+        pods::{self, PodControl},
         recorder::Recorder,
         runner::{self, Controller, PassError},
     },
@@ -42,20 +42,13 @@ const HASH_LABEL: &str = "controller-revision-hash";
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
     let c = DaemonSets {
-        rec: Recorder::new(client.clone(), "daemonset-controller"),
-        client,
-        caches: caches.clone(),
-        expect: HashMap::new(),
+        c: PodControl::new(client, &caches, "daemonset-controller"),
     };
     runner::run(c, &caches, leading).await;
 }
 
 struct DaemonSets {
-    client: Client,
-    rec: Recorder,
-    caches: Caches,
-    /// DaemonSet uid → (pod names created and not yet seen, give up at).
-    expect: HashMap<String, (HashSet<String>, Instant)>,
+    c: PodControl,
 }
 
 impl Controller for DaemonSets {
@@ -76,19 +69,19 @@ impl Controller for DaemonSets {
     }
 
     async fn pass(&mut self) -> Result<(), PassError> {
-        let nodes = self.caches.nodes.all();
-        let pods = self.caches.pods.all();
-        for ds in self.caches.daemonsets.all() {
+        let nodes = self.c.caches.nodes.all();
+        let pods = self.c.caches.pods.all();
+        for ds in self.c.caches.daemonsets.all() {
             if ds.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             if let Err(e) = sync(
-                &self.client,
-                &self.rec,
+                &self.c.client,
+                &self.c.rec,
                 &ds,
                 &nodes,
                 &pods,
-                &mut self.expect,
+                &mut self.c.expect,
             )
             .await
             {
@@ -295,7 +288,7 @@ async fn sync(
     ds: &Arc<DaemonSet>,
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
-    expect: &mut HashMap<String, (HashSet<String>, Instant)>,
+    expect: &mut Expectations,
 ) -> kube::Result<()> {
     let uid = ds.metadata.uid.clone().unwrap_or_default();
     let ns = ds.metadata.namespace.clone().unwrap_or_default();
@@ -303,12 +296,8 @@ async fn sync(
         .iter()
         .filter(|p| controller_uid(p.as_ref()) == Some(uid.as_str()))
         .collect();
-    if let Some((names, until)) = expect.get(&uid) {
-        let seen: HashSet<String> = owned.iter().map(|p| name_of(p.as_ref())).collect();
-        if !names.iter().all(|n| seen.contains(n)) && *until > Instant::now() {
-            return Ok(());
-        }
-        expect.remove(&uid);
+    if expect.waiting(&uid, &owned) {
+        return Ok(());
     }
     let plan = plan(ds, nodes, &owned, jiff::Timestamp::now());
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -331,38 +320,13 @@ async fn sync(
             spec: Some(s),
             status: None,
         };
-        match api.create(&PostParams::default(), &pod).await {
-            Ok(p) => {
-                rec.event(
-                    ds.as_ref(),
-                    false,
-                    "SuccessfulCreate",
-                    format!("Created pod: {}", name_of(&p)),
-                );
-                created.insert(name_of(&p));
-            }
-            Err(e) => rec.event(
-                ds.as_ref(),
-                true,
-                "FailedCreate",
-                format!("Error creating: {e}"),
-            ),
+        if let Ok(n) = pods::create(&api, rec, ds.as_ref(), &pod).await {
+            created.insert(n);
         }
     }
-    if !created.is_empty() {
-        expect.insert(uid, (created, Instant::now() + Duration::from_secs(30)));
-    }
+    expect.record(&uid, created, HashSet::new());
     for n in plan.delete {
-        match api.delete(&n, &DeleteParams::default()).await {
-            Ok(_) => rec.event(
-                ds.as_ref(),
-                false,
-                "SuccessfulDelete",
-                format!("Deleted pod: {n}"),
-            ),
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e),
-        }
+        pods::delete(&api, rec, ds.as_ref(), &n).await?;
     }
     if let Some(status) = plan.status {
         patch_status::<DaemonSet>(client, &ns, &name_of(ds.as_ref()), status).await?;

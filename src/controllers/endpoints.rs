@@ -164,6 +164,17 @@ fn endpoints_for<'a>(svc: &Service, pods: &'a [&'a Arc<Pod>]) -> Vec<Ep<'a>> {
     out
 }
 
+/// The endpoint's hostname, as kube's controllers set it: the pod's `hostname` when its
+/// `subdomain` names this Service (what gives a headless Service's pods their DNS names).
+fn hostname(svc: &Service, p: &Pod) -> Option<String> {
+    let spec = p.spec.as_ref()?;
+    let h = spec.hostname.as_deref().filter(|h| !h.is_empty())?;
+    let same = spec.subdomain.is_some()
+        && spec.subdomain == svc.metadata.name
+        && p.metadata.namespace == svc.metadata.namespace;
+    same.then(|| h.to_string())
+}
+
 fn target_ref(p: &Pod) -> Value {
     json!({"kind": "Pod", "name": p.metadata.name, "namespace": p.metadata.namespace, "uid": p.metadata.uid})
 }
@@ -190,7 +201,10 @@ fn subsets(svc: &Service, eps: &[Ep]) -> Vec<Value> {
         .unwrap_or(false);
     let mut groups: BTreeMap<Vec<PortMapping>, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
     for e in eps.iter().filter(|e| !e.terminating && !e.ports.is_empty()) {
-        let addr = json!({"ip": e.ip, "nodeName": e.pod.spec.as_ref().and_then(|s| s.node_name.clone()), "targetRef": target_ref(e.pod)});
+        let mut addr = json!({"ip": e.ip, "nodeName": e.pod.spec.as_ref().and_then(|s| s.node_name.clone()), "targetRef": target_ref(e.pod)});
+        if let Some(h) = hostname(svc, e.pod) {
+            addr["hostname"] = json!(h);
+        }
         let g = groups.entry(e.ports.clone()).or_default();
         if e.ready || publish {
             g.0.push(addr);
@@ -224,12 +238,16 @@ fn slices(svc: &Service, eps: &[Ep]) -> BTreeMap<String, Value> {
     let mut groups: BTreeMap<Vec<(String, i32, String)>, Vec<Value>> = BTreeMap::new();
     for e in eps {
         let ready = (e.ready || publish) && !e.terminating;
-        groups.entry(e.ports.clone()).or_default().push(json!({
+        let mut ep = json!({
             "addresses": [e.ip],
             "conditions": {"ready": ready, "serving": e.ready || publish, "terminating": e.terminating},
             "nodeName": e.pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             "targetRef": target_ref(e.pod),
-        }));
+        });
+        if let Some(h) = hostname(svc, e.pod) {
+            ep["hostname"] = json!(h);
+        }
+        groups.entry(e.ports.clone()).or_default().push(ep);
     }
     if groups.is_empty() {
         // An empty slice says "no endpoints" (kube-proxy then rejects connections).
@@ -536,6 +554,33 @@ mod tests {
         assert_eq!(want["endpoints"].as_array().unwrap().len(), 2);
         assert_eq!(want["endpoints"][1]["conditions"]["ready"], false);
         assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn a_pod_whose_subdomain_names_the_service_gets_its_hostname_in_both() {
+        let mut with_host = (*pod("a", "10.0.0.2", true)).clone();
+        let spec = with_host.spec.as_mut().unwrap();
+        spec.hostname = Some("web-0".into());
+        spec.subdomain = Some("web".into());
+        let mut other = (*pod("b", "10.0.0.3", true)).clone();
+        let spec = other.spec.as_mut().unwrap();
+        spec.hostname = Some("b-0".into());
+        spec.subdomain = Some("elsewhere".into());
+        let s = snap(
+            vec![svc("web", Some("web"))],
+            vec![Arc::new(with_host), Arc::new(other)],
+        );
+        let w = plan(&s);
+        let Write::PutEndpoints { want, .. } = &w[0] else {
+            panic!("{w:?}")
+        };
+        assert_eq!(want["subsets"][0]["addresses"][0]["hostname"], "web-0");
+        assert!(want["subsets"][0]["addresses"][1].get("hostname").is_none());
+        let Write::PutSlice { want, .. } = &w[1] else {
+            panic!("{w:?}")
+        };
+        assert_eq!(want["endpoints"][0]["hostname"], "web-0");
+        assert!(want["endpoints"][1].get("hostname").is_none());
     }
 
     #[test]

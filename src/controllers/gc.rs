@@ -111,6 +111,7 @@ fn dependents(caches: &Caches) -> Vec<Dependent> {
     of(caches.slices.all(), "EndpointSlice", &mut out);
     of(caches.deployments.all(), "Deployment", &mut out);
     of(caches.daemonsets.all(), "DaemonSet", &mut out);
+    of(caches.jobs.all(), "Job", &mut out);
     out
 }
 
@@ -137,6 +138,8 @@ fn finalizing(caches: &Caches) -> Vec<(ObjectMeta, &'static str, &'static str)> 
     of(caches.deployments.all(), "Deployment", &mut out);
     of(caches.replicasets.all(), "ReplicaSet", &mut out);
     of(caches.daemonsets.all(), "DaemonSet", &mut out);
+    of(caches.jobs.all(), "Job", &mut out);
+    of(caches.cronjobs.all(), "CronJob", &mut out);
     of(caches.services.all(), "Service", &mut out);
     of(caches.pods.all(), "Pod", &mut out);
     out
@@ -148,6 +151,8 @@ fn api(client: &Client, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
         "Deployment" => ApiResource::erase::<Deployment>(&()),
         "ReplicaSet" => ApiResource::erase::<ReplicaSet>(&()),
         "DaemonSet" => ApiResource::erase::<DaemonSet>(&()),
+        "Job" => ApiResource::erase::<k8s_openapi::api::batch::v1::Job>(&()),
+        "CronJob" => ApiResource::erase::<k8s_openapi::api::batch::v1::CronJob>(&()),
         "Service" => ApiResource::erase::<Service>(&()),
         "Pod" => ApiResource::erase::<Pod>(&()),
         "EndpointSlice" => ApiResource::erase::<EndpointSlice>(&()),
@@ -166,7 +171,9 @@ fn api(client: &Client, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
 async fn owner_exists(client: &Client, ns: &str, r: &OwnerReference) -> kube::Result<bool> {
     let known = matches!(
         (r.api_version.as_str(), r.kind.as_str()),
-        ("apps/v1", "Deployment" | "ReplicaSet" | "DaemonSet") | ("v1", "Service" | "Pod" | "Node")
+        ("apps/v1", "Deployment" | "ReplicaSet" | "DaemonSet")
+            | ("batch/v1", "Job" | "CronJob")
+            | ("v1", "Service" | "Pod" | "Node")
     );
     // Owners of kinds this collector does not know are assumed present.
     let Some(api) = api(client, &r.kind, ns).filter(|_| known) else {

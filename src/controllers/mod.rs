@@ -1,11 +1,13 @@
 //! The controllers of the control plane, each a loop over the shared caches that writes only
-//! through the API server: ReplicaSets, Deployments, Endpoints and EndpointSlices, node lifecycle and IPAM, garbage
-//! collection and default ServiceAccounts.
+//! through the API server: ReplicaSets, Deployments, DaemonSets, Jobs, CronJobs, Endpoints and
+//! EndpointSlices, node lifecycle and IPAM, garbage collection and default ServiceAccounts.
 
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
+pub mod job;
 pub mod node;
 pub mod replicaset;
 
@@ -28,5 +30,7 @@ pub async fn run(
         node::run(client.clone(), caches.clone(), leading.clone(), node_opts),
         gc::run(client.clone(), caches.clone(), leading.clone()),
         daemonset::run(client.clone(), caches.clone(), leading.clone()),
+        job::run(client.clone(), caches.clone(), leading.clone()),
+        cronjob::run(client.clone(), caches.clone(), leading.clone()),
     );
 }

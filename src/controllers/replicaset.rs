@@ -19,13 +19,13 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams},
 };
-use tokio::{sync::watch, time::Instant};
+use tokio::sync::watch;
 
 use crate::control::{
     Caches, controller_ref, controller_uid, patch_status,
-    recorder::Recorder,
+    pods::{self, PodControl},
     runner::{self, Controller, PassError},
 };
 use crate::kinds::{
@@ -33,33 +33,15 @@ use crate::kinds::{
     selector::selector_matches,
 };
 
-/// Writes not yet seen in the cache.
-#[derive(Default)]
-struct Expect {
-    created: HashSet<String>,
-    deleted: HashSet<String>,
-    until: Option<Instant>,
-}
-
-/// How long a write may stay unseen before the controller stops waiting for it.
-const EXPECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
     let c = ReplicaSets {
-        rec: Recorder::new(client.clone(), "replicaset-controller"),
-        client,
-        caches: caches.clone(),
-        expect: HashMap::new(),
+        c: PodControl::new(client, &caches, "replicaset-controller"),
     };
     runner::run(c, &caches, leading).await;
 }
 
 struct ReplicaSets {
-    client: Client,
-    rec: Recorder,
-    caches: Caches,
-    /// Per ReplicaSet uid, writes not yet seen in the cache.
-    expect: HashMap<String, Expect>,
+    c: PodControl,
 }
 
 impl Controller for ReplicaSets {
@@ -80,7 +62,7 @@ impl Controller for ReplicaSets {
     }
 
     async fn pass(&mut self) -> Result<(), PassError> {
-        let pods = self.caches.pods.all();
+        let pods = self.c.caches.pods.all();
         let mut by_ns: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
         for p in &pods {
             by_ns
@@ -88,9 +70,9 @@ impl Controller for ReplicaSets {
                 .or_default()
                 .push(p);
         }
-        let sets = self.caches.replicasets.all();
+        let sets = self.c.caches.replicasets.all();
         let live: HashSet<String> = sets.iter().filter_map(|r| r.metadata.uid.clone()).collect();
-        self.expect.retain(|k, _| live.contains(k));
+        self.c.expect.retain(&live);
         for rs in sets {
             let ns = rs.metadata.namespace.as_deref().unwrap_or("");
             let in_ns = by_ns.get(ns).map(Vec::as_slice).unwrap_or(&[]);
@@ -242,24 +224,8 @@ impl ReplicaSets {
     /// Whether `rs` still waits for its earlier writes to show in the cache (so a lagging
     /// cache never doubles a pod); expectations expire after `EXPECT_TIMEOUT`.
     fn waiting(&mut self, rs: &ReplicaSet, pods: &[&Arc<Pod>]) -> bool {
-        let uid = rs.metadata.uid.clone().unwrap_or_default();
-        let Some(e) = self.expect.get(&uid) else {
-            return false;
-        };
-        let names: HashSet<String> = pods.iter().map(|p| pod_name(p)).collect();
-        let gone_or_going = |n: &String| {
-            !pods
-                .iter()
-                .any(|p| &pod_name(p) == n && p.metadata.deletion_timestamp.is_none())
-        };
-        let satisfied =
-            e.created.iter().all(|n| names.contains(n)) && e.deleted.iter().all(gone_or_going);
-        let expired = e.until.is_some_and(|t| t < Instant::now());
-        if !satisfied && !expired {
-            return true;
-        }
-        self.expect.remove(&uid);
-        false
+        let uid = rs.metadata.uid.as_deref().unwrap_or_default();
+        self.c.expect.waiting(uid, pods)
     }
 
     /// Carries `plan` out for `rs`, recording what it wrote as expectations.
@@ -272,7 +238,7 @@ impl ReplicaSets {
         let uid = rs.metadata.uid.clone().unwrap_or_default();
         let ns = rs.metadata.namespace.clone().unwrap_or_default();
         let name = rs.metadata.name.clone().unwrap_or_default();
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        let api: Api<Pod> = Api::namespaced(self.c.client.clone(), &ns);
         let by_name = |n: &str| pods.iter().find(|p| pod_name(p) == n);
         for n in &plan.release {
             if let Some(p) = by_name(n) {
@@ -284,34 +250,16 @@ impl ReplicaSets {
                 adopt(&api, rs, p).await?;
             }
         }
-        let mut e = Expect {
-            until: Some(Instant::now() + EXPECT_TIMEOUT),
-            ..Default::default()
-        };
+        let (mut created, mut deleted) = (HashSet::new(), HashSet::new());
         if plan.create > 0 {
             tracing::info!(rs = %format!("{ns}/{name}"), create = plan.create, "creating missing pods");
             let pod = pod_from_template(rs);
             for _ in 0..plan.create {
-                match api.create(&PostParams::default(), &pod).await {
-                    Ok(created) => {
-                        let n = pod_name(&created);
-                        self.rec.event(
-                            rs.as_ref(),
-                            false,
-                            "SuccessfulCreate",
-                            format!("Created pod: {n}"),
-                        );
-                        e.created.insert(n);
+                match pods::create(&api, &self.c.rec, rs.as_ref(), &pod).await {
+                    Ok(n) => {
+                        created.insert(n);
                     }
-                    Err(err) => {
-                        self.rec.event(
-                            rs.as_ref(),
-                            true,
-                            "FailedCreate",
-                            format!("Error creating: {err}"),
-                        );
-                        break;
-                    }
+                    Err(_) => break,
                 }
             }
         }
@@ -320,31 +268,23 @@ impl ReplicaSets {
         }
         let mut failed = None;
         for n in plan.delete {
-            match api.delete(&n, &DeleteParams::default()).await {
-                Ok(_) => {
-                    self.rec.event(
-                        rs.as_ref(),
-                        false,
-                        "SuccessfulDelete",
-                        format!("Deleted pod: {n}"),
-                    );
-                    e.deleted.insert(n);
+            match pods::delete(&api, &self.c.rec, rs.as_ref(), &n).await {
+                Ok(true) => {
+                    deleted.insert(n);
                 }
-                Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+                Ok(false) => {}
                 Err(err) => {
                     failed = Some(err);
                     break;
                 }
             }
         }
-        if !e.created.is_empty() || !e.deleted.is_empty() {
-            self.expect.insert(uid, e);
-        }
+        self.c.expect.record(&uid, created, deleted);
         if let Some(err) = failed {
             return Err(err);
         }
         if let Some(status) = plan.status {
-            patch_status::<ReplicaSet>(&self.client, &ns, &name, status).await?;
+            patch_status::<ReplicaSet>(&self.c.client, &ns, &name, status).await?;
         }
         Ok(())
     }

@@ -3,6 +3,10 @@
 //! predicates (taints, tolerations, node affinity). Every role uses it; it imports nothing else
 //! of keelson, so the API server, scheduler and controllers never import the agent.
 
+pub mod cron;
+pub mod cronjob;
+pub mod dns;
+pub mod job;
 pub mod node;
 pub mod pod;
 pub mod print;

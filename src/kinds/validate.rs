@@ -23,7 +23,7 @@ impl std::fmt::Display for FieldError {
     }
 }
 
-fn err(errs: &mut Vec<FieldError>, path: impl Into<String>, message: impl Into<String>) {
+pub(super) fn err(errs: &mut Vec<FieldError>, path: impl Into<String>, message: impl Into<String>) {
     errs.push(FieldError {
         path: path.into(),
         message: message.into(),

@@ -58,6 +58,9 @@ pub struct UpOptions {
     /// Extra flags for the server and for every agent.
     pub server_args: Vec<String>,
     pub agent_args: Vec<String>,
+    /// The upstream DNS servers of every node's cluster DNS (and of pods with dnsPolicy
+    /// Default): the lab's own resolv.conf names only these, never the machine's resolver.
+    pub dns_upstreams: Vec<std::net::IpAddr>,
     /// How long to wait for every node to be Ready.
     pub timeout: Duration,
 }
@@ -511,6 +514,20 @@ fn start_lab_server(o: &UpOptions, st: &mut State, dir: &Path) -> anyhow::Result
     Ok(())
 }
 
+/// The lab's resolv.conf (DIR/resolv.conf): its DNS upstreams only (none by default, so that
+/// names outside the cluster fail fast instead of reaching for the machine's resolver).
+fn resolv_conf(o: &UpOptions, dir: &Path) -> anyhow::Result<PathBuf> {
+    let p = dir.join("resolv.conf");
+    let mut text = String::from(
+        "# keelson lab: the nodes' upstream DNS servers (keelson lab up --dns-upstream)\n",
+    );
+    for ip in &o.dns_upstreams {
+        text += &format!("nameserver {ip}\n");
+    }
+    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    Ok(p)
+}
+
 /// One agent per node, joined with the node token.
 fn start_agents(o: &UpOptions, st: &mut State, dir: &Path, sock: &Path) -> anyhow::Result<()> {
     let logs = dir.join("logs");
@@ -545,6 +562,9 @@ fn start_agents(o: &UpOptions, st: &mut State, dir: &Path, sock: &Path) -> anyho
                 .canonicalize()
                 .with_context(|| format!("--images {}", images.display()))?;
             args.extend(["--images".into(), d(&images)]);
+        }
+        if !o.agent_args.iter().any(|a| a.starts_with("--resolv-conf")) {
+            args.extend(["--resolv-conf".into(), d(&resolv_conf(o, dir)?)]);
         }
         args.extend(o.agent_args.iter().cloned());
         n.agent = Proc {

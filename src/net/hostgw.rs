@@ -147,12 +147,20 @@ pub async fn sync_routes(wanted: &[Route]) -> Result<(usize, usize)> {
 /// The filter chain rejecting untranslated Service addresses.
 pub const REJECT_CHAIN: &str = "KEELSON-SERVICES";
 
+/// The Service range, unreachable after translation, and the addresses in it this node
+/// answers on itself (the cluster DNS, bound locally), which stay reachable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRange {
+    pub cidr: Ipv4Net,
+    pub served: Vec<Ipv4Addr>,
+}
+
 /// The iptables-restore input for the masquerade chain (pod traffic to anything outside the
 /// cluster's pod network leaves with the node's address) and the Service-range reject chain.
 pub fn masquerade_rules(
     pod_cidr: Ipv4Net,
     cluster_cidr: Ipv4Net,
-    service_cidr: Option<Ipv4Net>,
+    services: Option<&ServiceRange>,
 ) -> String {
     let mut s = format!(
         "*nat\n:{MASQ_CHAIN} - [0:0]\n\
@@ -160,9 +168,15 @@ pub fn masquerade_rules(
          -A {MASQ_CHAIN} -s {pod_cidr} -m comment --comment \"keelson: pod traffic leaving the pod network\" -j MASQUERADE\n\
          COMMIT\n*filter\n:{REJECT_CHAIN} - [0:0]\n"
     );
-    if let Some(svc) = service_cidr {
+    if let Some(svc) = services {
+        for ip in &svc.served {
+            s += &format!(
+                "-A {REJECT_CHAIN} -d {ip}/32 -m comment --comment \"keelson: served on this node\" -j RETURN\n"
+            );
+        }
         s += &format!(
-            "-A {REJECT_CHAIN} -d {svc} -m comment --comment \"keelson: untranslated Service address\" -j REJECT --reject-with icmp-port-unreachable\n"
+            "-A {REJECT_CHAIN} -d {} -m comment --comment \"keelson: untranslated Service address\" -j REJECT --reject-with icmp-port-unreachable\n",
+            svc.cidr
         );
     }
     s + "COMMIT\n"
@@ -184,7 +198,7 @@ pub fn nft_batch(
     table: &str,
     pod_cidr: Ipv4Net,
     cluster_cidr: Ipv4Net,
-    service_cidr: Option<Ipv4Net>,
+    services: Option<&ServiceRange>,
 ) -> Batch {
     let reg = nft::REG32_00;
     let mut b = Batch::new();
@@ -211,8 +225,19 @@ pub fn nft_batch(
     for (chain, hook) in [("forward", nft::HOOK_FORWARD), ("output", nft::HOOK_OUTPUT)] {
         b.add_chain(table, chain, Some((hook, 0, "filter")));
         b.flush_chain(table, chain);
-        if let Some(svc) = service_cidr {
-            let mut reject = addr_in(IP_DADDR, svc, true, reg);
+        if let Some(svc) = services {
+            for ip in &svc.served {
+                let mut served = addr_in(IP_DADDR, Ipv4Net::from(*ip), true, reg);
+                served.push(Expr::Immediate {
+                    dreg: nft::REG_VERDICT,
+                    data: nft::Data::Verdict {
+                        code: nft::VERDICT_RETURN,
+                        chain: None,
+                    },
+                });
+                b.add_rule(table, chain, &served);
+            }
+            let mut reject = addr_in(IP_DADDR, svc.cidr, true, reg);
             reject.push(Expr::Reject);
             b.add_rule(table, chain, &reject);
         }
@@ -234,15 +259,14 @@ pub fn ensure_masquerade(
     bridge: &str,
     pod_cidr: Ipv4Net,
     cluster_cidr: Ipv4Net,
-    service_cidr: Option<Ipv4Net>,
+    services: Option<&ServiceRange>,
 ) -> Result<Filter> {
-    let nft_err = match nft_batch(&nft_table(bridge), pod_cidr, cluster_cidr, service_cidr).commit()
-    {
+    let nft_err = match nft_batch(&nft_table(bridge), pod_cidr, cluster_cidr, services).commit() {
         Ok(()) => return Ok(Filter::Nftables),
         Err(e) => e,
     };
     tracing::debug!(error = %nft_err, "nf_tables refused the node rules; using iptables");
-    xtables::restore(&masquerade_rules(pod_cidr, cluster_cidr, service_cidr))?;
+    xtables::restore(&masquerade_rules(pod_cidr, cluster_cidr, services))?;
     for (table, chain, target) in [
         ("nat", "POSTROUTING", MASQ_CHAIN),
         ("filter", "FORWARD", REJECT_CHAIN),
@@ -305,9 +329,20 @@ mod tests {
         let r = masquerade_rules(
             "10.244.1.0/24".parse().unwrap(),
             "10.244.0.0/16".parse().unwrap(),
-            Some("10.96.0.0/12".parse().unwrap()),
+            Some(&ServiceRange {
+                cidr: "10.96.0.0/12".parse().unwrap(),
+                served: vec![Ipv4Addr::new(10, 96, 0, 10)],
+            }),
         );
         assert!(r.contains("-d 10.96.0.0/12 -m comment"));
+        let (served, reject) = (
+            r.find("-d 10.96.0.10/32").unwrap(),
+            r.find("-d 10.96.0.0/12").unwrap(),
+        );
+        assert!(
+            served < reject,
+            "the served address is exempt before the reject:\n{r}"
+        );
         assert!(r.contains("-j REJECT --reject-with icmp-port-unreachable"));
         assert!(r.contains("-s 10.244.1.0/24 -d 10.244.0.0/16"));
         assert!(r.contains("-j RETURN"));

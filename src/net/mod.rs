@@ -71,12 +71,13 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
     }
 }
 
-async fn has_addr(h: &Handle, index: u32, ip: Ipv4Addr) -> Result<bool> {
+async fn has_addr(h: &Handle, index: u32, ip: impl Into<std::net::IpAddr>) -> Result<bool> {
+    let ip = ip.into();
     use netlink_packet_route::address::AddressAttribute;
     let mut addrs = h.address().get().set_link_index_filter(index).execute();
     while let Some(a) = addrs.try_next().await.map_err(nl("get addresses"))? {
         for attr in a.attributes {
-            if let AddressAttribute::Address(std::net::IpAddr::V4(v)) = attr
+            if let AddressAttribute::Address(v) = attr
                 && v == ip
             {
                 return Ok(true);
@@ -116,6 +117,67 @@ pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<
         .await
         .map_err(nl(format!("set {name} up")))?;
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(io("enable ip_forward"))?;
+    Ok(())
+}
+
+/// The label of the addresses this node answers on without a wire (the cluster DNS), on its
+/// loopback: what tells them apart from the host's own for removal. (A dummy link would do
+/// too, but not every kernel has the module; an address on `lo` works everywhere: packets to
+/// a local address are delivered whatever interface they came in on.)
+pub const LOCAL_LABEL: &str = "lo:keelson";
+
+/// Adds `addrs` as host addresses on the loopback (labelled [`LOCAL_LABEL`]): packets to them,
+/// from pods or the node, reach the node's own sockets. Acts in the caller's network
+/// namespace, which is the node's.
+pub async fn ensure_local_addrs(addrs: &[std::net::IpAddr]) -> Result<()> {
+    use netlink_packet_route::address::AddressAttribute;
+    let h = connect()?;
+    let idx = link_index(&h, "lo")
+        .await?
+        .ok_or_else(|| NetError::NoLink("lo".into()))?;
+    for ip in addrs {
+        if has_addr(&h, idx, *ip).await? {
+            continue;
+        }
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let mut req = h.address().add(idx, *ip, prefix);
+        if ip.is_ipv4() {
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Label(LOCAL_LABEL.into()));
+        }
+        req.execute()
+            .await
+            .map_err(nl(format!("add address {ip}/{prefix} to lo")))?;
+    }
+    Ok(())
+}
+
+/// Removes what [`ensure_local_addrs`] added (`keelson down`).
+pub async fn remove_local_addrs() -> Result<()> {
+    use netlink_packet_route::address::AddressAttribute;
+    let h = connect()?;
+    let Some(idx) = link_index(&h, "lo").await? else {
+        return Ok(());
+    };
+    let mut addrs = h.address().get().set_link_index_filter(idx).execute();
+    let mut ours = vec![];
+    while let Some(a) = addrs.try_next().await.map_err(nl("get addresses"))? {
+        let labelled = a
+            .attributes
+            .iter()
+            .any(|at| matches!(at, AddressAttribute::Label(l) if l == LOCAL_LABEL));
+        if labelled {
+            ours.push(a);
+        }
+    }
+    for a in ours {
+        h.address()
+            .del(a)
+            .execute()
+            .await
+            .map_err(nl("delete a cluster DNS address from lo"))?;
+    }
     Ok(())
 }
 

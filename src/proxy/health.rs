@@ -189,7 +189,7 @@ pub async fn serve_healthz(
 }
 
 /// Answers every connection with `answer()` once its request head arrived.
-async fn answer_each(
+pub async fn answer_each(
     listener: tokio::net::TcpListener,
     answer: impl Fn() -> String + Send + Sync + Clone + 'static,
 ) {

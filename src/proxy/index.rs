@@ -20,6 +20,44 @@ fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key
     )
 }
 
+/// What the model never reads, dropped before a Service is kept (10,000 Services' uids,
+/// timestamps, labels, annotations and managed fields are megabytes).
+fn trim_service(mut s: Service) -> Service {
+    let m = &mut s.metadata;
+    *m = kube::api::ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        ..Default::default()
+    };
+    if let Some(st) = s.status.as_mut() {
+        st.conditions = None;
+    }
+    s
+}
+
+/// The same for an EndpointSlice: its name, namespace and Service label, its endpoints'
+/// addresses, conditions and node, its ports.
+fn trim_slice(mut s: EndpointSlice) -> EndpointSlice {
+    let m = &mut s.metadata;
+    let owner = m
+        .labels
+        .as_mut()
+        .and_then(|l| l.remove(SERVICE_NAME))
+        .map(|svc| [(SERVICE_NAME.to_string(), svc)].into_iter().collect());
+    *m = kube::api::ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        labels: owner,
+        ..Default::default()
+    };
+    for e in &mut s.endpoints {
+        e.target_ref = None;
+        e.hints = None;
+        e.deprecated_topology = None;
+    }
+    s
+}
+
 /// The Service an EndpointSlice belongs to (its label).
 fn owner(s: &EndpointSlice) -> Option<Key> {
     let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME)?;
@@ -43,6 +81,8 @@ pub struct Changed {
 #[derive(Default)]
 pub struct Index {
     node: String,
+    /// ClusterIPs served on this node itself: left out of the model.
+    local_vips: Vec<std::net::Ipv4Addr>,
     services: HashMap<Key, Service>,
     slices: HashMap<Key, EndpointSlice>,
     slices_of: HashMap<Key, BTreeSet<String>>,
@@ -57,9 +97,10 @@ pub struct Index {
 }
 
 impl Index {
-    pub fn new(node: &str) -> Self {
+    pub fn new(node: &str, local_vips: &[std::net::Ipv4Addr]) -> Self {
         Index {
             node: node.to_string(),
+            local_vips: local_vips.to_vec(),
             all_dirty: true,
             ..Default::default()
         }
@@ -78,7 +119,7 @@ impl Index {
         match ev {
             Event::Apply(s) => {
                 let k = key_of(&s.metadata);
-                self.services.insert(k.clone(), s);
+                self.services.insert(k.clone(), trim_service(s));
                 self.dirty.insert(k);
             }
             Event::Delete(s) => {
@@ -89,7 +130,9 @@ impl Index {
             Event::Init => self.svc_relist = Some(HashMap::new()),
             Event::InitApply(s) => {
                 let k = key_of(&s.metadata);
-                self.svc_relist.get_or_insert_default().insert(k, s);
+                self.svc_relist
+                    .get_or_insert_default()
+                    .insert(k, trim_service(s));
             }
             Event::InitDone => {
                 self.services = self.svc_relist.take().unwrap_or_default();
@@ -129,13 +172,15 @@ impl Index {
             Event::Apply(s) => {
                 let k = key_of(&s.metadata);
                 self.unlink_slice(&k);
-                self.link_slice(k, s);
+                self.link_slice(k, trim_slice(s));
             }
             Event::Delete(s) => self.unlink_slice(&key_of(&s.metadata)),
             Event::Init => self.slice_relist = Some(HashMap::new()),
             Event::InitApply(s) => {
                 let k = key_of(&s.metadata);
-                self.slice_relist.get_or_insert_default().insert(k, s);
+                self.slice_relist
+                    .get_or_insert_default()
+                    .insert(k, trim_slice(s));
             }
             Event::InitDone => {
                 self.slices.clear();
@@ -160,7 +205,9 @@ impl Index {
             .flatten()
             .filter_map(|name| self.slices.get(&(k.0.clone(), name.clone())))
             .collect();
-        model::build_service(svc, &slices, &self.node)
+        let mut ports = model::build_service(svc, &slices, &self.node);
+        ports.retain(|(_, p)| !p.cluster_ip.is_some_and(|ip| self.local_vips.contains(&ip)));
+        ports
     }
 
     /// Brings the model up to date with the events received since the last call.
@@ -229,7 +276,7 @@ mod tests {
 
     #[test]
     fn events_rebuild_only_their_service_and_match_a_full_build() {
-        let mut ix = Index::new("n1");
+        let mut ix = Index::new("n1", &[]);
         ix.service_event(Event::Init);
         ix.service_event(Event::InitApply(svc("a", "10.96.0.1")));
         ix.service_event(Event::InitApply(svc("b", "10.96.0.2")));

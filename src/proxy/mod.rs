@@ -72,6 +72,17 @@ pub struct ProxyConfig {
     pub sync_period: Duration,
     /// kube-proxy's /healthz port (None: not served).
     pub healthz_port: Option<u16>,
+    /// ClusterIPs this node serves itself (the cluster DNS, bound locally): no rules, so
+    /// their packets reach the local sockets.
+    pub local_vips: Vec<Ipv4Addr>,
+}
+
+/// Another consumer of the proxy's Service and EndpointSlice watches (the cluster DNS): sees
+/// every event, as it arrives, before the proxy's own index takes it. One watch per kind
+/// feeds both.
+pub trait Subscriber: Send {
+    fn service(&mut self, ev: &watcher::Event<Service>);
+    fn slice(&mut self, ev: &watcher::Event<EndpointSlice>);
 }
 
 /// What was loaded last, per backend.
@@ -267,18 +278,52 @@ fn flush_udp(ep: (Ipv4Addr, u16)) {
     }
 }
 
-/// Runs the proxy until `shutdown`.
+type Watch<K> = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>,
+>;
+
+/// The Service and EndpointSlice watches (with kube's default back-off).
+fn watches(client: Client) -> (Watch<Service>, Watch<EndpointSlice>) {
+    let wc = watcher::Config::default;
+    (
+        watcher(Api::<Service>::all(client.clone()), wc())
+            .default_backoff()
+            .boxed(),
+        watcher(Api::<EndpointSlice>::all(client), wc())
+            .default_backoff()
+            .boxed(),
+    )
+}
+
+/// Feeds `sub` from the watches without programming anything (the cluster DNS on a node
+/// whose proxy is off).
+pub async fn feed(client: Client, mut sub: Box<dyn Subscriber>) -> anyhow::Result<()> {
+    let (mut services, mut slices) = watches(client);
+    loop {
+        tokio::select! {
+            ev = services.next() => match ev {
+                Some(Ok(ev)) => sub.service(&ev),
+                Some(Err(e)) => tracing::debug!(error = %e, "watching Services; retrying"),
+                None => anyhow::bail!("the Service watch ended"),
+            },
+            ev = slices.next() => match ev {
+                Some(Ok(ev)) => sub.slice(&ev),
+                Some(Err(e)) => tracing::debug!(error = %e, "watching EndpointSlices; retrying"),
+                None => anyhow::bail!("the EndpointSlice watch ended"),
+            },
+        }
+    }
+}
+
+/// Runs the proxy until `shutdown`; `sub` sees every event too.
 pub async fn run(
     client: Client,
     cfg: ProxyConfig,
+    mut sub: Option<Box<dyn Subscriber>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let wc = watcher::Config::default;
-    let mut services =
-        std::pin::pin!(watcher(Api::<Service>::all(client.clone()), wc()).default_backoff());
-    let mut slices =
-        std::pin::pin!(watcher(Api::<EndpointSlice>::all(client), wc()).default_backoff());
-    let mut index = index::Index::new(&cfg.node_name);
+    let (mut services, mut slices) = watches(client);
+    let mut index = index::Index::new(&cfg.node_name, &cfg.local_vips);
     let mut health = health::Health::default();
     let mut backend = Backend::new(cfg.mode);
     backend.clean_start()?;
@@ -324,12 +369,22 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             ev = services.next() => match ev {
-                Some(Ok(ev)) => index.service_event(ev),
+                Some(Ok(ev)) => {
+                    if let Some(s) = sub.as_mut() {
+                        s.service(&ev);
+                    }
+                    index.service_event(ev)
+                }
                 Some(Err(e)) => tracing::debug!(error = %e, "watching Services; retrying"),
                 None => anyhow::bail!("the Service watch ended"),
             },
             ev = slices.next() => match ev {
-                Some(Ok(ev)) => index.slice_event(ev),
+                Some(Ok(ev)) => {
+                    if let Some(s) = sub.as_mut() {
+                        s.slice(&ev);
+                    }
+                    index.slice_event(ev)
+                }
                 Some(Err(e)) => tracing::debug!(error = %e, "watching EndpointSlices; retrying"),
                 None => anyhow::bail!("the EndpointSlice watch ended"),
             },

@@ -695,22 +695,36 @@ impl Containerd {
             .into_inner()
             .images;
         let mut out = Vec::new();
+        let cached = |d: &str| self.image_sizes.lock().ok()?.get(d).copied();
         for img in images {
             let Some(target) = img.target else { continue };
-            let size = match self.platform_manifest(&img.name, &target).await {
-                Ok(b) => serde_json::from_slice::<OciManifest>(&b)
-                    .map(|m| {
-                        m.config.size.max(0) as u64
-                            + m.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
-                    })
-                    .unwrap_or(0),
-                Err(_) => 0,
+            let size = match cached(&target.digest) {
+                Some(s) => s,
+                None => {
+                    let size = match self.platform_manifest(&img.name, &target).await {
+                        Ok(b) => serde_json::from_slice::<OciManifest>(&b)
+                            .map(|m| {
+                                m.config.size.max(0) as u64
+                                    + m.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
+                            })
+                            .ok(),
+                        Err(_) => None,
+                    };
+                    // Only a size read from the manifest is kept (a failed read is tried again).
+                    if let (Some(s), Ok(mut c)) = (size, self.image_sizes.lock()) {
+                        c.insert(target.digest.clone(), s);
+                    }
+                    size.unwrap_or(0)
+                }
             };
             out.push(ImageSummary {
                 name: img.name,
                 digest: target.digest,
                 size,
             });
+        }
+        if let Ok(mut c) = self.image_sizes.lock() {
+            c.retain(|d, _| out.iter().any(|i| i.digest == *d));
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)

@@ -101,6 +101,10 @@ pub struct Containerd {
     /// Resolved images by `name@manifest-digest` (content is immutable).
     pub(crate) image_cache:
         std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, image::ImageInfo>>>,
+    /// Image sizes by target digest (content is immutable), so that listing the node's
+    /// images every heartbeat reads each manifest once.
+    pub(crate) image_sizes:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 impl Containerd {
@@ -117,6 +121,7 @@ impl Containerd {
             channel,
             namespace: namespace.to_string(),
             image_cache: Default::default(),
+            image_sizes: Default::default(),
         })
     }
 

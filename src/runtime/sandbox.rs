@@ -24,6 +24,9 @@ pub enum SandboxError {
     Runtime(super::Error),
     #[error(transparent)]
     Network(#[from] PodNetError),
+    /// What the pod asks for cannot be made (e.g. a host name too long for the kernel).
+    #[error("{0}")]
+    Pod(String),
 }
 
 /// The sandbox to make.

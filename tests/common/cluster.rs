@@ -30,6 +30,17 @@ impl Cluster {
 
     /// `up` with extra flags for every agent too.
     pub fn up_with(hint: &str, nodes: usize, server_args: &[&str], agent_args: &[&str]) -> Cluster {
+        Self::up_lab(hint, nodes, &[], server_args, agent_args)
+    }
+
+    /// `up_with` and extra flags for `keelson lab up` itself (e.g. --dns-upstream).
+    pub fn up_lab(
+        hint: &str,
+        nodes: usize,
+        lab_args: &[&str],
+        server_args: &[&str],
+        agent_args: &[&str],
+    ) -> Cluster {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the lab tests need root (network namespaces, containerd)"
@@ -68,6 +79,7 @@ impl Cluster {
             "RUST_LOG",
             std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "info".into()),
         );
+        cmd.args(lab_args);
         for a in server_args {
             cmd.arg(format!("--server-arg={a}"));
         }

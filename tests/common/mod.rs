@@ -14,6 +14,7 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 
 pub mod cluster;
+pub mod dns;
 pub mod floor;
 pub mod kubectl;
 pub mod registry;
@@ -22,6 +23,32 @@ pub mod server;
 
 pub use kubectl::Kubectl;
 pub use server::Server;
+
+/// An agent in a [`Lab`] joined to a [`Server`] there: kubectl goes to the server, failures
+/// show both logs.
+pub struct Joined {
+    pub lab: Lab,
+    pub server: Server,
+}
+
+impl Kubectl for Joined {
+    fn kubeconfig(&self) -> PathBuf {
+        self.server.kubeconfig()
+    }
+    fn home(&self) -> PathBuf {
+        self.server.home()
+    }
+    fn netns(&self) -> Option<String> {
+        self.server.netns()
+    }
+    fn diagnostics(&self) -> String {
+        format!(
+            "agent log tail:\n{}\n{}",
+            kubectl::tail(&self.lab.agent_log(), 25),
+            self.server.diagnostics()
+        )
+    }
+}
 
 pub const BUSYBOX: &str = "keelson.local/busybox:1";
 pub const NS: &str = "k8s.keelson.io";
@@ -112,6 +139,7 @@ pub fn busybox_archive(dir: &Path) -> PathBuf {
         "sha256sum",
         "stty",
         "sed",
+        "nslookup",
     ] {
         let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
     }
@@ -193,6 +221,15 @@ impl Lab {
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
+    /// The node's resolv.conf: no upstream DNS (never the machine's resolver).
+    pub fn resolv_conf(&self) -> PathBuf {
+        let p = self.dir.path().join("resolv.conf");
+        if !p.exists() {
+            std::fs::write(&p, "# no upstream DNS in tests\n").unwrap();
+        }
+        p
+    }
+
     pub fn manifests(&self) -> PathBuf {
         self.dir.path().join("manifests")
     }
@@ -300,6 +337,8 @@ impl Lab {
             .arg("--log-dir")
             .arg(self.log_dir())
             .args(["--rescan-seconds", "2", "--resync-seconds", "2"])
+            .arg("--resolv-conf")
+            .arg(self.resolv_conf())
             .env(
                 "RUST_LOG",
                 std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "info".into()),

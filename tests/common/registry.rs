@@ -326,7 +326,7 @@ impl Drop for FaultyProxy {
 /// Serves `listen` in namespace `netns` from a thread of its own (the threads it starts for
 /// each connection live there too), `handle` called with each connection, until the returned
 /// flag is set.
-fn serve_in_netns(
+pub fn serve_in_netns(
     netns: &str,
     listen: &str,
     handle: impl Fn(std::net::TcpStream) + Send + Sync + 'static,

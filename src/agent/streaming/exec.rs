@@ -213,26 +213,57 @@ fn exec_failure(what: &str, e: &dyn std::fmt::Display) -> End {
     ))
 }
 
-/// The session's end of the FIFOs: stdin's writer and the two output readers.
+/// The session's end of the FIFOs: stdin (opened on first use, see [`Stdin`]) and the two
+/// output readers.
 struct Pipes {
-    stdin: Option<pipe::Sender>,
+    stdin: Option<Stdin>,
     out: Option<pipe::Receiver>,
     err: Option<pipe::Receiver>,
+}
+
+/// The exec's stdin FIFO. Opened write-only once the shim reads it: bytes written into a FIFO
+/// nobody else has open are discarded when the last descriptor closes, so a client that sends
+/// its input and closes stdin at once (as the JavaScript client does) would lose both if the
+/// agent held the only descriptor; and a close (CloseIO) that reaches the shim before its own
+/// deferred opens ran leaves the shim's reader waiting for a writer forever, the process with
+/// neither input nor EOF.
+enum Stdin {
+    Path(PathBuf),
+    Open(pipe::Sender),
+}
+
+impl Stdin {
+    /// The writer, waiting (at most 10 s) until the shim has the FIFO open for reading.
+    async fn writer(&mut self) -> std::io::Result<&mut pipe::Sender> {
+        if let Stdin::Path(p) = self {
+            let t0 = tokio::time::Instant::now();
+            let w = loop {
+                match pipe::OpenOptions::new().open_sender(&*p) {
+                    Ok(w) => break w,
+                    // ENXIO: no reader yet.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ENXIO)
+                            && t0.elapsed() < Duration::from_secs(10) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(2)).await
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            *self = Stdin::Open(w);
+        }
+        match self {
+            Stdin::Open(w) => Ok(w),
+            Stdin::Path(_) => unreachable!("opened above"),
+        }
+    }
 }
 
 fn open_pipes(fifos: &Fifos) -> Result<Pipes, End> {
     for p in fifos.all() {
         mkfifo(p).map_err(|e| exec_failure("make FIFOs", &e))?;
     }
-    let stdin = match &fifos.stdin {
-        Some(p) => Some(
-            pipe::OpenOptions::new()
-                .read_write(true)
-                .open_sender(p)
-                .map_err(|e| exec_failure("open stdin", &e))?,
-        ),
-        None => None,
-    };
+    let stdin = fifos.stdin.clone().map(Stdin::Path);
     let open = |p: &Option<PathBuf>| p.as_ref().map(|p| logs::open_fifo(p)).transpose();
     match (open(&fifos.stdout), open(&fifos.stderr)) {
         (Ok(out), Ok(err)) => Ok(Pipes { stdin, out, err }),
@@ -291,7 +322,7 @@ fn spawn_client_reader(
     cid: &str,
     exec_id: &str,
     tty: bool,
-    stdin: Option<pipe::Sender>,
+    stdin: Option<Stdin>,
     activity: Activity,
 ) -> tokio::task::JoinHandle<()> {
     let (rt1, rt2) = (ctx.rt.clone(), ctx.rt.clone());
@@ -308,11 +339,20 @@ fn spawn_client_reader(
     tokio::spawn(read_client(
         rx,
         async move |d: &[u8]| match stdin.lock().await.as_mut() {
-            Some(w) => w.write_all(d).await.is_ok(),
+            Some(s) => match s.writer().await {
+                Ok(w) => w.write_all(d).await.is_ok(),
+                Err(_) => false,
+            },
             None => false,
         },
         async move || {
-            if stdin2.lock().await.take().is_some() {
+            if let Some(mut s) = stdin2.lock().await.take() {
+                // Only once the shim reads the FIFO: then what was written reaches the
+                // process, and the EOF after it.
+                if let Err(e) = s.writer().await {
+                    tracing::debug!(error = %e, "exec stdin was never read");
+                }
+                drop(s);
                 let _ = rt1.close_stdin(&c1, &e1).await;
             }
         },

@@ -2,6 +2,7 @@
 //! pumps, probes and hooks.
 
 use super::*;
+use crate::kinds::dns;
 
 impl PodWorker {
     /// Kills every container and the old sandbox; the next sync makes a new one.
@@ -195,7 +196,7 @@ impl PodWorker {
         let dir = self.pod_dir();
         self.write_sandbox_files(&dir, reserved.unwrap_or(self.ctx.cfg.node_ip))?;
         let id = random_hex(16);
-        let mut spec = spec::build(&self.sandbox_config(&id))?;
+        let mut spec = spec::build(&self.sandbox_config(&id, self.uts_hostname()?))?;
         spec::set_shim_group(&mut spec, &self.shim_group(&id));
         let start = self.start_time.unwrap_or_else(Timestamp::now);
         let labels = self.labels(
@@ -229,30 +230,61 @@ impl PodWorker {
         };
         // CNI: /etc/hosts names the address the plugins gave.
         if let Some(a) = ip.filter(|a| Some(*a) != reserved) {
-            let _ = std::fs::write(dir.join("etc-hosts"), hosts_file(a, &self.name));
+            let _ = std::fs::write(dir.join("etc-hosts"), self.hosts_file(a.into()));
         }
         self.start_time = Some(start);
         Ok(Sandbox { id, pid, ip })
     }
 
-    /// The pod's /etc/hosts (naming `ip`), hostname and resolv.conf, in its directory.
+    /// The pod's /etc/hosts (naming `ip`), hostname and resolv.conf, in its directory, as
+    /// kubelet makes them (dnsPolicy, dnsConfig, hostname/subdomain, hostAliases); what
+    /// kubelet would warn about becomes a Warning event.
     fn write_sandbox_files(&self, dir: &std::path::Path, ip: Ipv4Addr) -> Result<(), SandboxError> {
         let io = |path: PathBuf| move |source| SandboxError::Files { path, source };
         crate::runtime::private_dir(dir, 0o700).map_err(io(dir.to_path_buf()))?;
-        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let cfg = &self.ctx.cfg;
+        let host = match &cfg.resolv_conf {
+            Some(p) => Some(dns::ResolvConf::parse(
+                &std::fs::read_to_string(p).map_err(io(p.clone()))?,
+            )),
+            None => None,
+        };
+        let cluster = dns::ClusterDns {
+            servers: &cfg.cluster_dns,
+            domain: &cfg.cluster_domain,
+        };
+        let resolv = dns::pod_resolv_conf(&self.pod, Some(cluster), host.as_ref());
+        for (reason, message) in resolv.warnings {
+            self.event(true, reason, message);
+        }
+        let hostname = self.uts_hostname()?;
         for (f, content) in [
-            ("etc-hosts", hosts_file(ip, &self.name)),
-            ("hostname", format!("{}\n", self.name)),
-            ("resolv.conf", resolv),
+            ("etc-hosts", self.hosts_file(ip.into())),
+            ("hostname", format!("{hostname}\n")),
+            ("resolv.conf", resolv.conf.render()),
         ] {
             std::fs::write(dir.join(f), content).map_err(io(dir.join(f)))?;
         }
         Ok(())
     }
 
+    /// The name in the pod's UTS namespace (its FQDN with setHostnameAsFQDN).
+    fn uts_hostname(&self) -> Result<String, SandboxError> {
+        dns::uts_hostname(&self.pod, &self.ctx.cfg.cluster_domain).map_err(SandboxError::Pod)
+    }
+
+    /// The pod's /etc/hosts naming `ip` (hostNetwork: the node's file), with its hostAliases.
+    fn hosts_file(&self, ip: std::net::IpAddr) -> String {
+        let node = spec_of(&self.pod)
+            .host_network
+            .unwrap_or(false)
+            .then(|| std::fs::read_to_string("/etc/hosts").unwrap_or_default());
+        dns::hosts_file(&self.pod, ip, &self.ctx.cfg.cluster_domain, node.as_deref())
+    }
+
     /// The pause container's runtime config: new namespaces, or the node's for hostNetwork,
     /// hostIPC and hostPID (the agent's, which are the node's).
-    fn sandbox_config(&self, id: &str) -> RuntimeConfig {
+    fn sandbox_config(&self, id: &str, hostname: String) -> RuntimeConfig {
         let pod_spec = spec_of(&self.pod);
         let node_ns = |ns: &str| Ns::Join(format!("/proc/{}/ns/{ns}", std::process::id()));
         let pick = |on: Option<bool>, ns: &str| match on.unwrap_or(false) {
@@ -266,7 +298,7 @@ impl PodWorker {
                 cap_drop: vec!["ALL".into()],
                 ..Default::default()
             },
-            hostname: self.name.clone(),
+            hostname,
             readonly_rootfs: true,
             mounts: vec![],
             net: pick(pod_spec.host_network, "net"),
@@ -788,13 +820,6 @@ impl IoError {
             source,
         }
     }
-}
-
-/// A pod's /etc/hosts: localhost and the pod's own name at `ip`.
-fn hosts_file(ip: Ipv4Addr, name: &str) -> String {
-    format!(
-        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{name}\n"
-    )
 }
 
 /// Why a container instance could not be made: kubelet's waiting reason and message, and

@@ -58,6 +58,10 @@ fn harness() -> Harness {
         proxy: None,
         cluster_cidr: "10.88.0.0/16".parse().expect("cidr"),
         service_cidr: None,
+        cluster_dns: vec!["10.96.0.10".parse().expect("ip")],
+        cluster_domain: "cluster.local".into(),
+        resolv_conf: None,
+        dns: None,
     };
     for d in [cfg.pods_dir(), cfg.fifo_dir(), cfg.log_dir.clone()] {
         std::fs::create_dir_all(d).expect("dirs");
@@ -457,4 +461,51 @@ async fn a_malformed_image_name_is_invalid_image_name_and_never_pulled() {
     );
     h.until_waiting("InvalidImageName").await;
     assert!(!h.rt.calls().iter().any(|c| c.starts_with("pull")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sandbox_gets_kubelets_resolv_conf_hostname_and_hosts_file() {
+    let h = harness();
+    let _w = h.run(
+        pod(json!({
+            "hostname": "db-0", "subdomain": "db", "setHostnameAsFQDN": true,
+            "dnsConfig": {"options": [{"name": "ndots", "value": "2"}]},
+            "hostAliases": [{"ip": "10.1.2.3", "hostnames": ["foo.local"]}],
+            "containers": [{"name": "app", "image": "i"}],
+        })),
+        vec![],
+    );
+    h.until("app started", |c| c.contains(&"start app".into()))
+        .await;
+    let dir = h.ctx.cfg.pods_dir().join("uid-1");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("pod file");
+    assert_eq!(
+        read("resolv.conf"),
+        "search default.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:2\n"
+    );
+    assert_eq!(read("hostname"), "db-0.db.default.svc.cluster.local\n");
+    let hosts = read("etc-hosts");
+    assert!(
+        hosts.contains("10.88.0.2\tdb-0.db.default.svc.cluster.local\tdb-0\n"),
+        "{hosts}"
+    );
+    assert!(hosts.ends_with("10.1.2.3\tfoo.local\n"), "{hosts}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_name_too_long_for_the_kernel_keeps_the_sandbox_from_being_made() {
+    let h = harness();
+    let _w = h.run(
+        pod(json!({
+            "hostname": "h".repeat(40), "subdomain": "db", "setHostnameAsFQDN": true,
+            "containers": [{"name": "app", "image": "i"}],
+        })),
+        vec![],
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !h.rt.calls().contains(&"create POD".to_string()),
+        "{:#?}",
+        h.rt.calls()
+    );
 }
