@@ -2,7 +2,11 @@
 //! Jobs — `kubectl create job`, completions with parallelism, the back-off and
 //! `backoffLimit`, Indexed completion, `activeDeadlineSeconds`, `ttlSecondsAfterFinished`,
 //! kubectl's Job columns, and kube-apiserver's validation; a CronJob on the real clock and by
-//! hand (`kubectl create job --from=cronjob/…`), with its history limit.
+//! hand (`kubectl create job --from=cronjob/…`), with its history limit; StatefulSets with
+//! volume claims on the local-path provisioner (ordered start, stable names, host names and
+//! data, ordered scale-down, a partitioned roll, `kubectl rollout status|history|undo`), a
+//! claim that waits for its first consumer and takes its directory with it, and DaemonSet
+//! history.
 mod common;
 
 use std::time::{Duration, Instant};
@@ -52,6 +56,12 @@ fn jobs() {
         active_deadline_and_ttl_after_finished,
         an_invalid_job_is_refused_with_field_paths,
         a_cronjob_starts_jobs_on_its_schedule_and_by_hand,
+        a_statefulset_starts_in_order_with_stable_names_claims_and_data,
+        a_statefulset_scales_down_from_the_top_and_keeps_its_claims,
+        a_statefulset_rolls_to_its_partition_and_rollout_undo_restores_it,
+        a_claim_waits_for_its_first_consumer_and_its_directory_goes_with_it,
+        a_daemonset_keeps_revisions_that_rollout_undo_restores,
+        an_invalid_statefulset_is_refused_with_field_paths,
     );
 }
 
@@ -248,4 +258,324 @@ fn a_cronjob_starts_jobs_on_its_schedule_and_by_hand(c: &Cluster) {
         !c.kubectl(&["get", "job", "by-hand"]).status.success()
     });
     c.ok(&["delete", "cronjob", "tick"]);
+}
+
+const HEADLESS: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: None\n  selector:\n    app: web\n  ports:\n  - port: 80\n";
+
+/// The StatefulSet `web`: busybox pods that are ready two seconds after they start, each with
+/// a 1Mi claim `www` on /data.
+fn statefulset(replicas: usize, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: web\nspec:\n  serviceName: web\n  replicas: {replicas}\n{extra_spec}  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: c\n        image: {BUSYBOX}\n        command: [\"sh\", \"-c\", \"exec sleep 3600\"]\n        readinessProbe:\n          exec:\n            command: [\"true\"]\n          initialDelaySeconds: 2\n          periodSeconds: 1\n        volumeMounts:\n        - name: www\n          mountPath: /data\n  volumeClaimTemplates:\n  - metadata:\n      name: www\n    spec:\n      accessModes: [ReadWriteOnce]\n      resources:\n        requests:\n          storage: 1Mi\n"
+    )
+}
+
+fn wait_sts_ready(c: &Cluster, ready: &str, secs: u64) {
+    c.until(secs, &format!("statefulset web {ready} ready"), || {
+        c.jsonpath(
+            &["get", "sts", "web"],
+            "{.status.readyReplicas}/{.spec.replicas}",
+        ) == ready
+    });
+}
+
+fn a_statefulset_starts_in_order_with_stable_names_claims_and_data(c: &Cluster) {
+    c.apply(HEADLESS);
+    c.apply(&statefulset(3, ""));
+    wait_sts_ready(c, "3/3", 120);
+    // Ordered: each pod was made only after the one before it was ready.
+    for i in 1..3 {
+        let made = c.field("pod", &format!("web-{i}"), "{.metadata.creationTimestamp}");
+        let ready_before = c.field(
+            "pod",
+            &format!("web-{}", i - 1),
+            "{.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+        );
+        assert!(
+            made >= ready_before,
+            "web-{i} made at {made}, web-{} ready at {ready_before}",
+            i - 1
+        );
+    }
+    let table = c.ok(&["get", "sts", "web"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "READY", "AGE"], "{table}");
+    assert!(table.contains("3/3"), "{table}");
+    // Identity: host name, the pod labels, and the claim of each pod, bound on its node.
+    assert_eq!(c.ok(&["exec", "web-1", "--", "hostname"]).trim(), "web-1");
+    assert_eq!(
+        c.field(
+            "pod",
+            "web-2",
+            "{.metadata.labels.apps\\.kubernetes\\.io/pod-index}"
+        ),
+        "2"
+    );
+    for i in 0..3 {
+        let claim = format!("www-web-{i}");
+        assert_eq!(c.field("pvc", &claim, "{.status.phase}"), "Bound");
+        assert_eq!(
+            c.field("pvc", &claim, "{.spec.storageClassName}"),
+            "local-path"
+        );
+        let pv = c.field("pvc", &claim, "{.spec.volumeName}");
+        let node = c.field("pod", &format!("web-{i}"), "{.spec.nodeName}");
+        let pinned = c.jsonpath(
+            &["get", "pv", &pv],
+            "{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}",
+        );
+        assert_eq!(pinned, node, "{claim}'s volume is on the pod's node");
+        let path = c.jsonpath(&["get", "pv", &pv], "{.spec.hostPath.path}");
+        assert!(std::path::Path::new(&path).is_dir(), "{path}");
+    }
+    // The data outlives the pod: web-0 comes back with the same name, node and claim.
+    c.ok(&["exec", "web-0", "--", "sh", "-c", "echo kept > /data/x"]);
+    let (uid, node) = (
+        c.field("pod", "web-0", "{.metadata.uid}"),
+        c.field("pod", "web-0", "{.spec.nodeName}"),
+    );
+    c.ok(&["delete", "pod", "web-0", "--wait=false"]);
+    c.until(90, "web-0 back and ready", || {
+        c.jsonpath(
+            &["get", "pod", "web-0", "--ignore-not-found"],
+            "{.metadata.uid} {.status.conditions[?(@.type==\"Ready\")].status}",
+        )
+        .split_once(' ')
+        .is_some_and(|(u, r)| !u.is_empty() && u != uid && r == "True")
+    });
+    assert_eq!(c.field("pod", "web-0", "{.spec.nodeName}"), node);
+    assert_eq!(
+        c.ok(&["exec", "web-0", "--", "cat", "/data/x"]).trim(),
+        "kept"
+    );
+}
+
+fn a_statefulset_scales_down_from_the_top_and_keeps_its_claims(c: &Cluster) {
+    c.ok(&["scale", "sts", "web", "--replicas=1"]);
+    // web-2 goes before web-1: at no time is web-1 gone while web-2 is there.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let pods = c.sorted_words(
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].metadata.name}",
+        );
+        let has = |n: &str| pods.iter().any(|p| p == n);
+        assert!(
+            !has("web-2") || has("web-1"),
+            "web-1 went before web-2: {pods:?}"
+        );
+        if pods == ["web-0"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "scaling down: {pods:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let claims = c.sorted_words(&["get", "pvc"], "{.items[*].metadata.name}");
+    for i in 0..3 {
+        assert!(claims.contains(&format!("www-web-{i}")), "{claims:?}");
+    }
+    c.ok(&["scale", "sts", "web", "--replicas=3"]);
+    wait_sts_ready(c, "3/3", 120);
+}
+
+fn a_statefulset_rolls_to_its_partition_and_rollout_undo_restores_it(c: &Cluster) {
+    let rev = |pod: &str| c.field("pod", pod, "{.metadata.labels.controller-revision-hash}");
+    let before = rev("web-0");
+    c.ok(&[
+        "patch",
+        "sts",
+        "web",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":2}}}}"#,
+    ]);
+    c.ok(&["set", "env", "sts/web", "COLOUR=green"]);
+    let out = c.ok(&["rollout", "status", "sts/web", "--timeout=120s"]);
+    assert!(
+        out.contains("partitioned roll out complete: 1 new pods have been updated"),
+        "{out}"
+    );
+    let updated = c.field("sts", "web", "{.status.updateRevision}");
+    assert_ne!(updated, before);
+    assert_eq!(rev("web-2"), updated);
+    assert_eq!(rev("web-1"), before, "below the partition nothing changes");
+    assert_eq!(rev("web-0"), before);
+    c.ok(&[
+        "patch",
+        "sts",
+        "web",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":0}}}}"#,
+    ]);
+    let out = c.ok(&["rollout", "status", "sts/web", "--timeout=120s"]);
+    assert!(out.contains("3 new pods have been updated"), "{out}");
+    for i in 0..3 {
+        assert_eq!(rev(&format!("web-{i}")), updated);
+    }
+    let env = c.ok(&["exec", "web-0", "--", "sh", "-c", "echo $COLOUR"]);
+    assert_eq!(env.trim(), "green");
+    let history = c.ok(&["rollout", "history", "sts/web"]);
+    let revisions: Vec<&str> = history
+        .lines()
+        .skip_while(|l| !l.starts_with("REVISION"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(revisions, ["1", "2"], "{history}");
+    // Undo: the first template again, rolled out, and its revision renumbered to 3.
+    let undo = c.ok(&["rollout", "undo", "sts/web"]);
+    assert!(undo.contains("rolled back"), "{undo}");
+    let out = c.ok(&["rollout", "status", "sts/web", "--timeout=120s"]);
+    assert!(out.contains("3 new pods have been updated"), "{out}");
+    for i in 0..3 {
+        assert_eq!(
+            rev(&format!("web-{i}")),
+            before,
+            "after {undo}: {out}\n{}",
+            c.ok(&["get", "controllerrevisions", "-o", "json"])
+        );
+    }
+    assert_eq!(
+        c.ok(&["exec", "web-0", "--", "sh", "-c", "echo -n $COLOUR"]),
+        ""
+    );
+    let history = c.ok(&["rollout", "history", "sts/web"]);
+    assert!(history.lines().any(|l| l.starts_with("3 ")), "{history}");
+    let revs = c.ok(&["get", "controllerrevisions"]);
+    assert!(revs.contains("statefulset.apps/web"), "{revs}");
+}
+
+fn a_claim_waits_for_its_first_consumer_and_its_directory_goes_with_it(c: &Cluster) {
+    c.apply("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: scratch\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Mi\n");
+    c.until(30, "the WaitForFirstConsumer event", || {
+        c.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=scratch",
+        ])
+        .contains("WaitForFirstConsumer")
+    });
+    assert_eq!(c.field("pvc", "scratch", "{.status.phase}"), "Pending");
+    let table = c.ok(&["get", "sc"]);
+    assert!(
+        table.contains("local-path (default)") && table.contains("WaitForFirstConsumer"),
+        "{table}"
+    );
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: consumer\nspec:\n  terminationGracePeriodSeconds: 1\n  securityContext:\n    fsGroup: 2000\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [\"sh\", \"-c\", \"exec sleep 3600\"]\n    volumeMounts:\n    - name: d\n      mountPath: /d\n    - name: d\n      mountPath: /ro\n      readOnly: true\n  volumes:\n  - name: d\n    persistentVolumeClaim:\n      claimName: scratch\n"
+    ));
+    c.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/consumer",
+        "--timeout=90s",
+    ]);
+    assert_eq!(c.field("pvc", "scratch", "{.status.phase}"), "Bound");
+    assert_eq!(
+        c.field("pvc", "scratch", "{.status.capacity.storage}"),
+        "1Mi"
+    );
+    let pv = c.field("pvc", "scratch", "{.spec.volumeName}");
+    assert_eq!(
+        c.jsonpath(
+            &["get", "pv", &pv],
+            "{.metadata.annotations.volume\\.kubernetes\\.io/selected-node}"
+        ),
+        c.field("pod", "consumer", "{.spec.nodeName}")
+    );
+    let events = c.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=scratch",
+    ]);
+    assert!(events.contains("ProvisioningSucceeded"), "{events}");
+    let dir = c.jsonpath(&["get", "pv", &pv], "{.spec.hostPath.path}");
+    c.ok(&["exec", "consumer", "--", "sh", "-c", "echo x > /d/f"]);
+    assert!(std::path::Path::new(&format!("{dir}/f")).is_file());
+    // fsGroup owns the directory; the readOnly mount refuses writes.
+    assert_eq!(
+        c.ok(&["exec", "consumer", "--", "stat", "-c", "%g", "/d"])
+            .trim(),
+        "2000"
+    );
+    let o = c.kubectl(&["exec", "consumer", "--", "sh", "-c", "echo y > /ro/g"]);
+    assert!(
+        !o.status.success(),
+        "a write to the readOnly mount succeeded"
+    );
+    // The claim is held while its pod runs (pvc-protection), then goes with its volume and
+    // directory (reclaim Delete).
+    c.ok(&["delete", "pvc", "scratch", "--wait=false"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        c.ok(&["get", "pvc", "scratch", "-o", "name"]).trim(),
+        "persistentvolumeclaim/scratch"
+    );
+    c.ok(&["delete", "pod", "consumer"]);
+    c.until(60, "the claim, its volume and its directory gone", || {
+        c.ok(&["get", "pvc", "scratch", "--ignore-not-found"])
+            .is_empty()
+            && c.ok(&["get", "pv", &pv, "--ignore-not-found"]).is_empty()
+            && !std::path::Path::new(&dir).exists()
+    });
+}
+
+fn a_daemonset_keeps_revisions_that_rollout_undo_restores(c: &Cluster) {
+    c.apply(&format!(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agentd\nspec:\n  selector:\n    matchLabels:\n      app: agentd\n  template:\n    metadata:\n      labels:\n        app: agentd\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: c\n        image: {BUSYBOX}\n        command: [\"sh\", \"-c\", \"exec sleep 3600\"]\n"
+    ));
+    c.ok(&["rollout", "status", "ds/agentd", "--timeout=90s"]);
+    c.ok(&["set", "env", "ds/agentd", "MODE=two"]);
+    c.ok(&["rollout", "status", "ds/agentd", "--timeout=90s"]);
+    let history = c.ok(&["rollout", "history", "ds/agentd"]);
+    assert!(
+        history.lines().any(|l| l.starts_with("1 "))
+            && history.lines().any(|l| l.starts_with("2 ")),
+        "{history}"
+    );
+    let detail = c.ok(&["rollout", "history", "ds/agentd", "--revision=2"]);
+    assert!(
+        detail.contains("MODE:") && detail.contains("two"),
+        "{detail}"
+    );
+    c.ok(&["rollout", "undo", "ds/agentd"]);
+    c.ok(&["rollout", "status", "ds/agentd", "--timeout=90s"]);
+    assert_eq!(
+        c.field("ds", "agentd", "{.spec.template.spec.containers[0].env}"),
+        "",
+        "the undo restored the template without MODE"
+    );
+    c.until(60, "daemon pods back on the first template", || {
+        c.sorted_words(
+            &["get", "pods", "-l", "app=agentd"],
+            "{.items[*].spec.containers[0].env}",
+        )
+        .is_empty()
+            && c.jsonpath(&["get", "ds", "agentd"], "{.status.updatedNumberScheduled}") == "2"
+    });
+    c.ok(&["delete", "ds", "agentd"]);
+}
+
+fn an_invalid_statefulset_is_refused_with_field_paths(c: &Cluster) {
+    let bad = statefulset(1, "  podManagementPolicy: Sometimes\n")
+        .replace("name: web\nspec", "name: bad\nspec");
+    let file = c.dir.path().join("bad-sts.yaml");
+    std::fs::write(&file, bad).unwrap();
+    let msg = c.fails(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        msg.contains("spec.podManagementPolicy: Unsupported value: \"Sometimes\""),
+        "{msg}"
+    );
+    let msg = c.fails(&[
+        "patch",
+        "sts",
+        "web",
+        "-p",
+        r#"{"spec":{"serviceName":"other"}}"#,
+    ]);
+    assert!(
+        msg.contains("updates to statefulset spec for fields other than"),
+        "{msg}"
+    );
 }

@@ -392,6 +392,8 @@ pub async fn register(
     for (k, v) in &cfg.node_labels {
         labels[k] = json!(v);
     }
+    let annotations = json!({crate::kinds::storage::LOCAL_PATH_ROOT:
+        super::storage::root(&cfg.data_dir).to_string_lossy()});
     match api
         .get_opt(name)
         .await
@@ -399,7 +401,7 @@ pub async fn register(
     {
         None => {
             let node: Node = serde_json::from_value(json!({
-                "metadata": {"name": name, "labels": labels},
+                "metadata": {"name": name, "labels": labels, "annotations": annotations},
                 "status": status,
             }))?;
             api.create(&PostParams::default(), &node)
@@ -411,7 +413,7 @@ pub async fn register(
             api.patch(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(&json!({"metadata": {"labels": labels}})),
+                &Patch::Merge(&json!({"metadata": {"labels": labels, "annotations": annotations}})),
             )
             .await
             .context("updating the Node's labels")?;

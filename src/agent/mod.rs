@@ -17,6 +17,7 @@ pub mod probe;
 pub mod server;
 pub mod state;
 pub mod statuses;
+pub mod storage;
 pub mod streaming;
 pub mod worker;
 
@@ -376,6 +377,11 @@ async fn join_cluster(
         }
     }
     cluster::heartbeat(client.clone(), cfg.clone(), rt.clone(), version);
+    storage::start(
+        client.clone(),
+        storage::root(&cfg.data_dir),
+        cfg.node_name.clone(),
+    );
     let pods = cluster::pods(&client, &cfg.node_name);
     let _ = pods.store.wait_until_ready().await;
     Ok(Joined {

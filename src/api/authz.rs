@@ -185,8 +185,81 @@ pub async fn node_may_read(
                 ))
             }
         }
+        ("", "persistentvolumeclaims" | "persistentvolumes", None) => {
+            let Some(name) = t.name.as_deref() else {
+                return deny(&format!(
+                    "node \"{node}\" may only get individual {} referenced by pods bound to it",
+                    r.plural
+                ));
+            };
+            let (ns, claim) = if r.plural == "persistentvolumes" {
+                let pv = stored(st, r, None, name).await?;
+                if volume_pinned_to(&pv, node) {
+                    return Ok(());
+                }
+                let cr = &pv["spec"]["claimRef"];
+                (
+                    cr["namespace"].as_str().unwrap_or("").to_string(),
+                    cr["name"].as_str().unwrap_or("").to_string(),
+                )
+            } else {
+                (t.namespace.clone().unwrap_or_default(), name.to_string())
+            };
+            if claim_used_on(st, &ns, &claim, node).await? {
+                Ok(())
+            } else {
+                deny(&format!(
+                    "no relationship found between node '{node}' and this object"
+                ))
+            }
+        }
         _ => deny(&format!("node \"{node}\" may not read {}", r.plural)),
     }
+}
+
+/// The stored object `name` of `r` (Null when absent).
+async fn stored(
+    st: &ApiState,
+    r: &super::registry::Resource,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Value, ApiError> {
+    let kv = st
+        .store
+        .get(&r.key(ns, name))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(kv
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+        .unwrap_or(Value::Null))
+}
+
+/// Whether a volume was provisioned on `node` (keelson's local-path volumes name it).
+fn volume_pinned_to(pv: &Value, node: &str) -> bool {
+    pv.pointer("/metadata/annotations/volume.kubernetes.io~1selected-node")
+        .and_then(Value::as_str)
+        == Some(node)
+}
+
+/// Whether a pod bound to `node` uses claim `ns/claim`.
+async fn claim_used_on(st: &ApiState, ns: &str, claim: &str, node: &str) -> Result<bool, ApiError> {
+    let pods = super::registry::find("", "v1", "pods")
+        .ok_or_else(|| ApiError::internal("no pods resource"))?;
+    let page = st
+        .cache
+        .list(&pods.prefix(), &format!("{}{ns}/", pods.prefix()), None, 0)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(page.items.iter().any(|kv| {
+        let Ok(pod) = serde_json::from_slice::<Value>(&kv.value) else {
+            return false;
+        };
+        pod["spec"]["nodeName"].as_str() == Some(node)
+            && pod["spec"]["volumes"].as_array().is_some_and(|vs| {
+                vs.iter()
+                    .any(|v| v["persistentVolumeClaim"]["claimName"].as_str() == Some(claim))
+            })
+    }))
 }
 
 fn verb(method: &Method, t: &Target) -> &'static str {
@@ -337,6 +410,35 @@ pub async fn node_may_write(
                 ));
             }
             Ok(())
+        }
+        // The cleanup of a volume provisioned on this node: only its own finalizer removed.
+        ("", "PersistentVolume") if *method == Method::PATCH && t.subresource.is_none() => {
+            let name = t.name.as_deref().unwrap_or("");
+            let pv = stored(st, r, None, name).await?;
+            let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let only_finalizers = patch.as_object().is_some_and(|o| o.len() == 1)
+                && patch["metadata"]
+                    .as_object()
+                    .is_some_and(|m| m.len() == 1 && m.contains_key("finalizers"));
+            let kept: Vec<&Value> = patch["metadata"]["finalizers"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default();
+            let had = pv["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let removes_own_only = had
+                .iter()
+                .filter(|f| !kept.contains(f))
+                .all(|f| f == crate::kinds::storage::CLEANUP_FINALIZER)
+                && kept.iter().all(|f| had.contains(f));
+            if volume_pinned_to(&pv, node) && only_finalizers && removes_own_only {
+                return Ok(());
+            }
+            deny(&format!(
+                "node \"{node}\" may only remove its cleanup finalizer from volumes provisioned on it"
+            ))
         }
         _ => deny(&format!("node \"{node}\" may not modify {}", r.plural)),
     }

@@ -607,13 +607,13 @@ async fn list(
     Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
 }
 
-/// Appends a stored object with `metadata.resourceVersion` set, without parsing it. Objects are
-/// stored without a resourceVersion as compact JSON, and the first `"metadata":{` in them is the
-/// object's own (no field before it holds an object with a `metadata` key; inside strings the
-/// quotes would be escaped).
+/// Appends a stored object with `metadata.resourceVersion` set, without parsing it: the
+/// object's own `"metadata":{` is found by a scan that follows nesting and strings (a field
+/// before it may hold objects with a `metadata` of their own, as a ControllerRevision's `data`
+/// does).
 fn splice_rv(stored: &[u8], rev: i64, out: &mut Vec<u8>) -> Result<(), ApiError> {
     const KEY: &[u8] = b"\"metadata\":{";
-    let Some(at) = stored.windows(KEY.len()).position(|w| w == KEY) else {
+    let Some(at) = top_level_key(stored, KEY) else {
         // No metadata object: fall back to parsing.
         let v: Value = serde_json::from_slice(stored).map_err(ApiError::internal)?;
         out.extend_from_slice(with_rv(v, rev).to_string().as_bytes());
@@ -627,6 +627,31 @@ fn splice_rv(stored: &[u8], rev: i64, out: &mut Vec<u8>) -> Result<(), ApiError>
     }
     out.extend_from_slice(&stored[at..]);
     Ok(())
+}
+
+/// Where `key` (a quoted key, its colon and what follows) starts as a key of the outermost
+/// object of compact JSON `json`.
+fn top_level_key(json: &[u8], key: &[u8]) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in json.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' if depth == 1 && json[i..].starts_with(key) => return Some(i),
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 async fn watch(
@@ -757,6 +782,10 @@ mod tests {
                    "spec": {"template": {"metadata": {"labels": {"a": "b"}}}}}),
             json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"metadata": "{\"metadata\":{"}, "metadata": {}}),
             json!({"kind": "Event", "involvedObject": {"name": "x"}, "metadata": {"name": "e"}}),
+            // A ControllerRevision: its data (before its metadata) holds a template's metadata.
+            json!({"apiVersion": "apps/v1", "kind": "ControllerRevision",
+                   "data": {"spec": {"template": {"metadata": {"labels": {"a": "b"}}, "x": "\\\"}"}}},
+                   "metadata": {"name": "web-1"}, "revision": 1}),
         ] {
             let stored = serde_json::to_vec(&obj).unwrap();
             let mut out = vec![];

@@ -494,6 +494,36 @@ async fn seed_dns_service(store: &dyn Store, net: &alloc::ServiceNet) {
     }
 }
 
+/// The default StorageClass, `local-path` on keelson's provisioner, made at start when absent
+/// (k3s's packaged manifest does the same); one an administrator changed is left as it is.
+async fn seed_storage_class(store: &dyn Store) {
+    use crate::kinds::storage::{DEFAULT_CLASS, DEFAULT_CLASS_NAME, PROVISIONER};
+    let made = async {
+        let r =
+            registry::find("storage.k8s.io", "v1", "storageclasses").context("storageclasses")?;
+        let key = r.key(None, DEFAULT_CLASS_NAME);
+        let now = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let sc = json!({"kind": "StorageClass", "apiVersion": "storage.k8s.io/v1",
+            "metadata": {"name": DEFAULT_CLASS_NAME, "uid": crate::runtime::random_hex(16),
+                         "creationTimestamp": now, "annotations": {DEFAULT_CLASS: "true"}},
+            "provisioner": PROVISIONER, "reclaimPolicy": "Delete",
+            "volumeBindingMode": "WaitForFirstConsumer"});
+        match store
+            .put(&key, serde_json::to_vec(&sc)?, Precondition::Absent)
+            .await
+        {
+            Ok(_) | Err(crate::store::Error::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e)),
+        }
+    };
+    if let Err(e) = made.await {
+        let e: anyhow::Error = e;
+        tracing::warn!(error = %format!("{e:#}"), "the local-path StorageClass could not be made");
+    }
+}
+
 /// The store the configuration names: the embedded one in DATA_DIR, or etcd.
 async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match &cfg.store {
@@ -604,6 +634,7 @@ pub async fn run(
     };
     seed_kubernetes_service(st.store.as_ref(), &cfg.services, advertise(addr)).await?;
     seed_dns_service(st.store.as_ref(), &cfg.services).await;
+    seed_storage_class(st.store.as_ref()).await;
     let kc = pki::kubeconfig(&format!("https://{shown}"), &pki.ca_pem, &pki.admin_token);
     // Agents join with this token: it lets them ask for their node's certificate.
     pki::write_private(&cfg.data_dir.join("node-token"), &pki.node_token)?;

@@ -157,6 +157,42 @@ pub const RESOURCES: &[Resource] = &[
         &["ds"],
         &strategy::DAEMON_SET,
     ),
+    r(
+        "apps",
+        "v1",
+        "StatefulSet",
+        "statefulsets",
+        true,
+        &["sts"],
+        &strategy::STATEFUL_SET,
+    ),
+    r(
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        true,
+        &[],
+        &strategy::CONTROLLER_REVISION,
+    ),
+    r(
+        "",
+        "v1",
+        "PersistentVolumeClaim",
+        "persistentvolumeclaims",
+        true,
+        &["pvc"],
+        &strategy::PERSISTENT_VOLUME_CLAIM,
+    ),
+    r(
+        "",
+        "v1",
+        "PersistentVolume",
+        "persistentvolumes",
+        false,
+        &["pv"],
+        &strategy::PERSISTENT_VOLUME,
+    ),
     r("batch", "v1", "Job", "jobs", true, &[], &strategy::JOB),
     r(
         "batch",
@@ -229,6 +265,15 @@ pub const RESOURCES: &[Resource] = &[
         true,
         &[],
         &strategy::ROLE_BINDING,
+    ),
+    r(
+        "storage.k8s.io",
+        "v1",
+        "StorageClass",
+        "storageclasses",
+        false,
+        &["sc"],
+        &strategy::STORAGE_CLASS,
     ),
 ];
 
@@ -409,6 +454,30 @@ const SUBRESOURCES: &[Sub] = &[
         "daemonsets",
         "status",
         ("apps", "v1", "DaemonSet"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "statefulsets",
+        "status",
+        ("apps", "v1", "StatefulSet"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "statefulsets",
+        "scale",
+        ("autoscaling", "v1", "Scale"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "persistentvolumeclaims",
+        "status",
+        ("", "v1", "PersistentVolumeClaim"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "persistentvolumes",
+        "status",
+        ("", "v1", "PersistentVolume"),
         STATUS_VERBS,
     ),
     sub("jobs", "status", ("batch", "v1", "Job"), STATUS_VERBS),
@@ -596,7 +665,8 @@ mod tests {
                 "discovery.k8s.io",
                 "coordination.k8s.io",
                 "certificates.k8s.io",
-                "rbac.authorization.k8s.io"
+                "rbac.authorization.k8s.io",
+                "storage.k8s.io"
             ]
         );
         assert!(resource_list("nope", "v1").is_none());

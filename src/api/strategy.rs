@@ -8,15 +8,17 @@
 //! Adding a kind: a `Strategy` here (or `PLAIN`) and its line in `registry::RESOURCES`.
 
 use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet},
     batch::v1::{CronJob, Job},
     certificates::v1::CertificateSigningRequest,
     coordination::v1::Lease,
     core::v1::{
-        ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
+        ConfigMap, Endpoints, Event, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod,
+        Secret, Service, ServiceAccount,
     },
     discovery::v1::EndpointSlice,
     rbac::v1 as rbac,
+    storage::v1::StorageClass,
 };
 use serde_json::{Value, json};
 
@@ -35,6 +37,8 @@ pub struct Strategy {
     pub defaults: fn(&mut Value),
     /// Validation errors as `field: message` lines.
     pub validate: fn(&Value) -> Vec<String>,
+    /// What an update may not change (old, new), as `field: message` lines.
+    pub validate_update: fn(&Value, &Value) -> Vec<String>,
     /// The status a created object starts with (the request's is not kept).
     pub initial_status: fn(&mut Value),
     /// Fields a field selector may name besides `metadata.name` and `metadata.namespace`.
@@ -70,6 +74,9 @@ pub enum Hook {
     /// The ServiceAccount admission on create: a pod without `imagePullSecrets` gets its
     /// service account's.
     ServiceAccountPullSecrets,
+    /// The DefaultStorageClass admission on create: a claim without a class gets the
+    /// default one.
+    DefaultStorageClass,
 }
 
 impl Strategy {
@@ -93,6 +100,7 @@ pub const PLAIN: Strategy = Strategy {
     roundtrip: as_json,
     defaults: |_| {},
     validate: valid,
+    validate_update: |_, _| vec![],
     initial_status: |_| {},
     field_selectors: &[],
     table: &table::PLAIN,
@@ -183,6 +191,21 @@ fn checked<T: serde::de::DeserializeOwned>(
     match serde_json::from_value::<T>(obj.clone()) {
         Ok(o) => check(&o).iter().map(|e| e.to_string()).collect(),
         Err(e) => vec![e.to_string()],
+    }
+}
+
+/// Decodes both sides of an update as `T` and checks them with `check` (kinds/).
+fn checked_update<T: serde::de::DeserializeOwned>(
+    old: &Value,
+    new: &Value,
+    check: fn(&T, &T) -> Vec<crate::kinds::validate::FieldError>,
+) -> Vec<String> {
+    match (
+        serde_json::from_value::<T>(old.clone()),
+        serde_json::from_value::<T>(new.clone()),
+    ) {
+        (Ok(o), Ok(n)) => check(&o, &n).iter().map(|e| e.to_string()).collect(),
+        (_, Err(e)) | (Err(e), _) => vec![e.to_string()],
     }
 }
 
@@ -331,6 +354,84 @@ fn default_cronjob(obj: &mut Value) {
         .and_then(Value::as_object_mut)
     {
         typed::default_pod_spec(ps);
+    }
+}
+
+pub const STATEFUL_SET: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<StatefulSet>,
+    defaults: default_statefulset,
+    validate: |obj| checked(obj, crate::kinds::statefulset::validate_statefulset),
+    validate_update: |old, new| {
+        checked_update(old, new, crate::kinds::statefulset::validate_update)
+    },
+    initial_status: |obj| obj["status"] = json!({"replicas": 0, "availableReplicas": 0}),
+    table: &table::STATEFUL_SET,
+    categories: ALL,
+    ..PLAIN
+};
+
+/// A StatefulSet's defaults and its pod template's.
+fn default_statefulset(obj: &mut Value) {
+    crate::kinds::statefulset::default_statefulset(obj);
+    typed::default_template(obj);
+}
+
+pub const CONTROLLER_REVISION: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<ControllerRevision>,
+    table: &table::CONTROLLER_REVISION,
+    ..PLAIN
+};
+
+pub const PERSISTENT_VOLUME_CLAIM: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<PersistentVolumeClaim>,
+    defaults: crate::kinds::storage::default_pvc,
+    validate: |obj| checked(obj, crate::kinds::storage::validate_pvc),
+    validate_update: |old, new| {
+        checked_update(old, new, crate::kinds::storage::validate_pvc_update)
+    },
+    initial_status: |obj| obj["status"] = json!({"phase": "Pending"}),
+    table: &table::PERSISTENT_VOLUME_CLAIM,
+    on_create: |obj| protect(obj, crate::kinds::storage::PVC_PROTECTION),
+    hooks: &[Hook::DefaultStorageClass],
+    ..PLAIN
+};
+
+pub const PERSISTENT_VOLUME: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<PersistentVolume>,
+    defaults: crate::kinds::storage::default_pv,
+    validate: |obj| checked(obj, crate::kinds::storage::validate_pv),
+    initial_status: |obj| obj["status"] = json!({"phase": "Pending"}),
+    table: &table::PERSISTENT_VOLUME,
+    on_create: |obj| protect(obj, crate::kinds::storage::PV_PROTECTION),
+    ..PLAIN
+};
+
+pub const STORAGE_CLASS: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<StorageClass>,
+    defaults: crate::kinds::storage::default_storage_class,
+    validate: |obj| checked(obj, crate::kinds::storage::validate_storage_class),
+    validate_update: |old, new| {
+        checked_update(
+            old,
+            new,
+            crate::kinds::storage::validate_storage_class_update,
+        )
+    },
+    table: &table::STORAGE_CLASS,
+    ..PLAIN
+};
+
+/// The storage-object-in-use-protection admission: the finalizer that holds a claim while
+/// pods use it, and a volume while it is bound.
+fn protect(obj: &mut Value, finalizer: &str) {
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let fs = meta.entry("finalizers").or_insert_with(|| json!([]));
+    if let Some(a) = fs.as_array_mut()
+        && !a.iter().any(|f| f == finalizer)
+    {
+        a.push(finalizer.into());
     }
 }
 

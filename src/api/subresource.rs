@@ -20,17 +20,7 @@ use crate::store::{self, Precondition};
 
 /// Kinds whose status is written only through `/status`.
 pub fn has_status(r: &Resource) -> bool {
-    matches!(
-        r.kind,
-        "Pod"
-            | "Node"
-            | "Namespace"
-            | "Service"
-            | "Deployment"
-            | "ReplicaSet"
-            | "DaemonSet"
-            | "CertificateSigningRequest"
-    )
+    super::registry::has_subresource(r, "status")
 }
 
 fn not_found() -> ApiError {

@@ -308,22 +308,27 @@ pub(super) fn admit(
     (r.strategy.defaults)(&mut obj);
     let errs = (r.strategy.validate)(&obj);
     if !errs.is_empty() {
-        let causes: Vec<Value> = errs
-            .iter()
-            .map(|e| {
-                let (field, msg) = e.split_once(": ").unwrap_or(("", e));
-                json!({"reason": "FieldValueInvalid", "message": msg, "field": field})
-            })
-            .collect();
-        let mut e = ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Invalid",
-            format!("{} \"{name}\" is invalid: [{}]", r.kind, errs.join(", ")),
-        );
-        e.details = Some(json!({"name": name, "kind": r.kind, "group": r.group, "causes": causes}));
-        return Err(e);
+        return Err(invalid_all(r, name, &errs));
     }
     Ok((obj, warnings))
+}
+
+/// A 422 Invalid listing every `field: message` error, as kube-apiserver words it.
+fn invalid_all(r: &Resource, name: &str, errs: &[String]) -> ApiError {
+    let causes: Vec<Value> = errs
+        .iter()
+        .map(|e| {
+            let (field, msg) = e.split_once(": ").unwrap_or(("", e));
+            json!({"reason": "FieldValueInvalid", "message": msg, "field": field})
+        })
+        .collect();
+    let mut e = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        format!("{} \"{name}\" is invalid: [{}]", r.kind, errs.join(", ")),
+    );
+    e.details = Some(json!({"name": name, "kind": r.kind, "group": r.group, "causes": causes}));
+    e
 }
 
 /// Adds `Warning` headers (kubectl prints them as `Warning: ...`).
@@ -431,6 +436,9 @@ pub(super) async fn create(
     if r.strategy.has(Hook::ServiceAccountPullSecrets) {
         service_account_pull_secrets(st, ns.unwrap_or("default"), &mut obj).await;
     }
+    if r.strategy.has(Hook::DefaultStorageClass) {
+        default_storage_class(st, &mut obj).await?;
+    }
     (r.strategy.on_create)(&mut obj);
     (r.strategy.initial_status)(&mut obj);
     ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
@@ -506,6 +514,10 @@ async fn prepare_update(
         new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
     }
     let (mut new, warnings) = admit(r, new, name, o.field_validation)?;
+    let errs = (r.strategy.validate_update)(old, &new);
+    if !errs.is_empty() {
+        return Err(invalid_all(r, name, &errs));
+    }
     let ns = new
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -792,6 +804,36 @@ pub(super) fn uuid() -> String {
         &h[17..20],
         &h[20..32]
     )
+}
+
+/// kube-apiserver's DefaultStorageClass admission: a new claim that names no class (the
+/// field absent, not empty) gets the default class, if there is one.
+async fn default_storage_class(st: &ApiState, claim: &mut Value) -> Result<(), ApiError> {
+    if claim
+        .pointer("/spec/storageClassName")
+        .is_some_and(|v| !v.is_null())
+    {
+        return Ok(());
+    }
+    let Some(r) = super::registry::find("storage.k8s.io", "v1", "storageclasses") else {
+        return Ok(());
+    };
+    let page = st
+        .cache
+        .list(&r.prefix(), &r.prefix(), None, 0)
+        .await
+        .map_err(ApiError::internal)?;
+    let classes: Vec<k8s_openapi::api::storage::v1::StorageClass> = page
+        .items
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    if let Some(name) = crate::kinds::storage::default_class(classes.iter())
+        && let Some(spec) = claim.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.insert("storageClassName".into(), name.into());
+    }
+    Ok(())
 }
 
 /// kube-apiserver's ServiceAccount admission for image pull secrets: a new pod that names

@@ -6,6 +6,7 @@
 //! optimistic concurrency, and reports what it sees in `status`.
 
 pub mod expect;
+pub mod history;
 pub mod leader;
 pub mod metrics;
 pub mod pods;
@@ -16,10 +17,13 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet},
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
+    core::v1::{
+        Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
+    },
     discovery::v1::EndpointSlice,
+    storage::v1::StorageClass,
 };
 use kube::{
     Api, Client, Resource,
@@ -86,6 +90,11 @@ pub struct Caches {
     pub daemonsets: Cache<DaemonSet>,
     pub jobs: Cache<k8s_openapi::api::batch::v1::Job>,
     pub cronjobs: Cache<k8s_openapi::api::batch::v1::CronJob>,
+    pub statefulsets: Cache<StatefulSet>,
+    pub revisions: Cache<ControllerRevision>,
+    pub claims: Cache<PersistentVolumeClaim>,
+    pub volumes: Cache<PersistentVolume>,
+    pub classes: Cache<StorageClass>,
     pub services: Cache<Service>,
     pub slices: Cache<EndpointSlice>,
     pub namespaces: Cache<Namespace>,
@@ -104,6 +113,11 @@ impl Caches {
             daemonsets: Cache::start(Api::all(client.clone()), cfg()),
             jobs: Cache::start(Api::all(client.clone()), cfg()),
             cronjobs: Cache::start(Api::all(client.clone()), cfg()),
+            statefulsets: Cache::start(Api::all(client.clone()), cfg()),
+            revisions: Cache::start(Api::all(client.clone()), cfg()),
+            claims: Cache::start(Api::all(client.clone()), cfg()),
+            volumes: Cache::start(Api::all(client.clone()), cfg()),
+            classes: Cache::start(Api::all(client.clone()), cfg()),
             services: Cache::start(Api::all(client.clone()), cfg()),
             slices: Cache::start(Api::all(client.clone()), cfg()),
             namespaces: Cache::start(Api::all(client.clone()), cfg()),
@@ -121,6 +135,11 @@ impl Caches {
         let _ = self.daemonsets.store.wait_until_ready().await;
         let _ = self.jobs.store.wait_until_ready().await;
         let _ = self.cronjobs.store.wait_until_ready().await;
+        let _ = self.statefulsets.store.wait_until_ready().await;
+        let _ = self.revisions.store.wait_until_ready().await;
+        let _ = self.claims.store.wait_until_ready().await;
+        let _ = self.volumes.store.wait_until_ready().await;
+        let _ = self.classes.store.wait_until_ready().await;
         let _ = self.services.store.wait_until_ready().await;
         let _ = self.slices.store.wait_until_ready().await;
         let _ = self.namespaces.store.wait_until_ready().await;

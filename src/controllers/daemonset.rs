@@ -16,7 +16,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{ControllerRevision, DaemonSet},
         core::v1::{Node, Pod, PodSpec, Taint, Toleration},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -28,17 +28,18 @@ use crate::{
     control::{
         Caches, controller_ref, controller_uid,
         expect::Expectations,
-        patch_status,
+        history, patch_status,
         pods::{self, PodControl},
         recorder::Recorder,
         runner::{self, Controller, PassError},
     },
-    controllers::deployment::{resolve, template_hash},
+    controllers::deployment::resolve,
+    kinds::history::template_hash,
     kinds::pod::{pod_active, pod_available, pod_ready},
     kinds::scheduling::{affinity_matches, tolerates},
 };
 
-const HASH_LABEL: &str = "controller-revision-hash";
+use crate::kinds::history::HASH_LABEL;
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
     let c = DaemonSets {
@@ -75,10 +76,11 @@ impl Controller for DaemonSets {
             if ds.metadata.deletion_timestamp.is_some() {
                 continue;
             }
+            let revisions = history::owned_by(&self.c.caches, ds.as_ref());
             if let Err(e) = sync(
                 &self.c.client,
                 &self.c.rec,
-                &ds,
+                (&ds, &revisions),
                 &nodes,
                 &pods,
                 &mut self.c.expect,
@@ -282,10 +284,12 @@ pub fn plan(ds: &DaemonSet, nodes: &[Arc<Node>], pods: &[&Arc<Pod>], now: jiff::
     plan
 }
 
+/// Keeps `ds`'s revisions (the ControllerRevisions `kubectl rollout history|undo` read) and
+/// carries out its plan.
 async fn sync(
     client: &Client,
     rec: &Recorder,
-    ds: &Arc<DaemonSet>,
+    (ds, revisions): (&Arc<DaemonSet>, &[Arc<ControllerRevision>]),
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
     expect: &mut Expectations,
@@ -299,6 +303,22 @@ async fn sync(
     if expect.waiting(&uid, &owned) {
         return Ok(());
     }
+    let ds_name = name_of(ds.as_ref());
+    let in_use: HashSet<String> = owned
+        .iter()
+        .filter_map(|p| p.metadata.labels.as_ref()?.get(HASH_LABEL))
+        .map(|h| format!("{ds_name}-{h}"))
+        .collect();
+    let spec0 = ds.spec.clone().unwrap_or_default();
+    history::sync(
+        client,
+        ds.as_ref(),
+        revisions,
+        &spec0.template,
+        &in_use,
+        spec0.revision_history_limit.unwrap_or(10),
+    )
+    .await?;
     let plan = plan(ds, nodes, &owned, jiff::Timestamp::now());
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let spec = ds.spec.clone().unwrap_or_default();

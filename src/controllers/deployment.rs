@@ -23,7 +23,6 @@ use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use sha2::Digest;
 use tokio::sync::watch;
 
 use crate::control::{
@@ -31,7 +30,7 @@ use crate::control::{
     recorder::Recorder,
     runner::{self, Controller, PassError},
 };
-use crate::kinds::pod::pod_active;
+use crate::kinds::{history::template_hash, pod::pod_active};
 use std::collections::HashMap;
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -94,20 +93,6 @@ impl Controller for Deployments {
 }
 
 /// kube's pod-template-hash alphabet (no vowels, no confusable characters).
-const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-
-/// A short, stable hash of a pod template.
-pub fn template_hash(template: &serde_json::Value) -> String {
-    let digest = sha2::Sha256::digest(template.to_string().as_bytes());
-    let mut n = u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]));
-    let mut out = String::new();
-    for _ in 0..10 {
-        out.push(ALPHABET[(n % ALPHABET.len() as u64) as usize] as char);
-        n /= ALPHABET.len() as u64;
-    }
-    out
-}
-
 /// An IntOrString against a total: percentages rounded up or down.
 pub fn resolve(v: Option<&IntOrString>, total: i32, default: &str, round_up: bool) -> i32 {
     let s = match v {
@@ -615,7 +600,7 @@ mod tests {
             a,
             template_hash(&serde_json::json!({"spec": {"containers": [{"image": "a"}]}}))
         );
-        assert!(a.bytes().all(|c| ALPHABET.contains(&c)));
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
     }
     fn deployment(replicas: i32, strategy: serde_json::Value) -> Deployment {
         serde_json::from_value(serde_json::json!({

@@ -58,6 +58,7 @@ impl Controller for GarbageCollector {
             caches.replicasets.changed.clone(),
             caches.deployments.changed.clone(),
             caches.daemonsets.changed.clone(),
+            caches.statefulsets.changed.clone(),
             caches.namespaces.changed.clone(),
             caches.services.changed.clone(),
         ]
@@ -112,6 +113,8 @@ fn dependents(caches: &Caches) -> Vec<Dependent> {
     of(caches.deployments.all(), "Deployment", &mut out);
     of(caches.daemonsets.all(), "DaemonSet", &mut out);
     of(caches.jobs.all(), "Job", &mut out);
+    of(caches.revisions.all(), "ControllerRevision", &mut out);
+    of(caches.claims.all(), "PersistentVolumeClaim", &mut out);
     out
 }
 
@@ -140,6 +143,7 @@ fn finalizing(caches: &Caches) -> Vec<(ObjectMeta, &'static str, &'static str)> 
     of(caches.daemonsets.all(), "DaemonSet", &mut out);
     of(caches.jobs.all(), "Job", &mut out);
     of(caches.cronjobs.all(), "CronJob", &mut out);
+    of(caches.statefulsets.all(), "StatefulSet", &mut out);
     of(caches.services.all(), "Service", &mut out);
     of(caches.pods.all(), "Pod", &mut out);
     out
@@ -151,6 +155,13 @@ fn api(client: &Client, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
         "Deployment" => ApiResource::erase::<Deployment>(&()),
         "ReplicaSet" => ApiResource::erase::<ReplicaSet>(&()),
         "DaemonSet" => ApiResource::erase::<DaemonSet>(&()),
+        "StatefulSet" => ApiResource::erase::<k8s_openapi::api::apps::v1::StatefulSet>(&()),
+        "ControllerRevision" => {
+            ApiResource::erase::<k8s_openapi::api::apps::v1::ControllerRevision>(&())
+        }
+        "PersistentVolumeClaim" => {
+            ApiResource::erase::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(&())
+        }
         "Job" => ApiResource::erase::<k8s_openapi::api::batch::v1::Job>(&()),
         "CronJob" => ApiResource::erase::<k8s_openapi::api::batch::v1::CronJob>(&()),
         "Service" => ApiResource::erase::<Service>(&()),
@@ -171,8 +182,10 @@ fn api(client: &Client, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
 async fn owner_exists(client: &Client, ns: &str, r: &OwnerReference) -> kube::Result<bool> {
     let known = matches!(
         (r.api_version.as_str(), r.kind.as_str()),
-        ("apps/v1", "Deployment" | "ReplicaSet" | "DaemonSet")
-            | ("batch/v1", "Job" | "CronJob")
+        (
+            "apps/v1",
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet"
+        ) | ("batch/v1", "Job" | "CronJob")
             | ("v1", "Service" | "Pod" | "Node")
     );
     // Owners of kinds this collector does not know are assumed present.

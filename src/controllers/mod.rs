@@ -1,6 +1,6 @@
 //! The controllers of the control plane, each a loop over the shared caches that writes only
-//! through the API server: ReplicaSets, Deployments, DaemonSets, Jobs, CronJobs, Endpoints and
-//! EndpointSlices, node lifecycle and IPAM, garbage collection and default ServiceAccounts.
+//! through the API server: ReplicaSets, Deployments, DaemonSets, Jobs, CronJobs, StatefulSets,
+//! volume binding and provisioning, Endpoints and EndpointSlices, node lifecycle and IPAM, garbage collection and default ServiceAccounts.
 
 pub mod cronjob;
 pub mod daemonset;
@@ -10,6 +10,8 @@ pub mod gc;
 pub mod job;
 pub mod node;
 pub mod replicaset;
+pub mod statefulset;
+pub mod volume;
 
 use kube::Client;
 use tokio::sync::watch;
@@ -32,5 +34,7 @@ pub async fn run(
         daemonset::run(client.clone(), caches.clone(), leading.clone()),
         job::run(client.clone(), caches.clone(), leading.clone()),
         cronjob::run(client.clone(), caches.clone(), leading.clone()),
+        statefulset::run(client.clone(), caches.clone(), leading.clone()),
+        volume::run(client.clone(), caches.clone(), leading.clone()),
     );
 }

@@ -142,50 +142,13 @@ pub fn validate_job(job: &Job) -> Vec<FieldError> {
             format!("Unsupported value: \"{o}\": supported values: \"NonIndexed\", \"Indexed\""),
         ),
     }
-    let restart = spec
-        .template
-        .spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.as_deref())
-        .unwrap_or("Always");
-    if !matches!(restart, "OnFailure" | "Never") {
-        err(
-            &mut errs,
-            "spec.template.spec.restartPolicy",
-            format!("Unsupported value: \"{restart}\": supported values: \"OnFailure\", \"Never\""),
-        );
-    }
-    let labels = spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone());
-    match &spec.selector {
-        None => err(&mut errs, "spec.selector", "Required value"),
-        Some(sel) if !super::selector::selector_matches(sel, labels.as_ref()) => err(
-            &mut errs,
-            "spec.template.metadata.labels",
-            format!(
-                "Invalid value: {}: `selector` does not match template `labels`",
-                serde_json::to_string(&labels.unwrap_or_default()).unwrap_or_default()
-            ),
-        ),
-        Some(_) => {}
-    }
-    if let Some(ps) = &spec.template.spec {
-        // The template's pods are named by the controller.
-        let mut metadata = spec.template.metadata.clone().unwrap_or_default();
-        metadata.name = Some("job-pod".into());
-        let pod = Pod {
-            metadata,
-            spec: Some(ps.clone()),
-            status: None,
-        };
-        for mut e in super::validate::validate_pod(&pod) {
-            e.path = format!("spec.template.{}", e.path);
-            errs.push(e);
-        }
-    }
+    super::validate::validate_template(
+        &mut errs,
+        spec.selector.as_ref(),
+        &spec.template,
+        &["OnFailure", "Never"],
+        "job",
+    );
     errs
 }
 

@@ -6,6 +6,7 @@
 pub mod cron;
 pub mod cronjob;
 pub mod dns;
+pub mod history;
 pub mod job;
 pub mod node;
 pub mod pod;
@@ -13,6 +14,8 @@ pub mod print;
 pub mod quantity;
 pub mod scheduling;
 pub mod selector;
+pub mod statefulset;
+pub mod storage;
 pub mod validate;
 
 /// The Kubernetes minor version keelson presents, as API server and as kubelet (kubectl picks

@@ -67,28 +67,32 @@ pub fn affinity_matches(p: &Pod, n: &Node) -> bool {
             na.required_during_scheduling_ignored_during_execution
                 .as_ref()
         });
-    match required {
-        None => true,
-        // Terms are ORed; the expressions of a term are ANDed.
-        Some(req) => req.node_selector_terms.iter().any(|term| {
-            term.match_expressions
-                .iter()
-                .flatten()
-                .all(|r| requirement_matches(r, labels))
-                && term.match_fields.iter().flatten().all(|r| {
-                    r.key == "metadata.name"
-                        && requirement_matches(
-                            &NodeSelectorRequirement {
-                                key: "name".into(),
-                                ..r.clone()
-                            },
-                            &[(
-                                "name".to_string(),
-                                n.metadata.name.clone().unwrap_or_default(),
-                            )]
-                            .into(),
-                        )
-                })
-        }),
-    }
+    required.is_none_or(|req| selector_terms_match(req, n))
+}
+
+/// Whether node `n` matches a NodeSelector: its terms ORed, each term's expressions (on
+/// labels) and fields (`metadata.name`) ANDed.
+pub fn selector_terms_match(sel: &k8s_openapi::api::core::v1::NodeSelector, n: &Node) -> bool {
+    let empty = BTreeMap::new();
+    let labels = n.metadata.labels.as_ref().unwrap_or(&empty);
+    sel.node_selector_terms.iter().any(|term| {
+        term.match_expressions
+            .iter()
+            .flatten()
+            .all(|r| requirement_matches(r, labels))
+            && term.match_fields.iter().flatten().all(|r| {
+                r.key == "metadata.name"
+                    && requirement_matches(
+                        &NodeSelectorRequirement {
+                            key: "name".into(),
+                            ..r.clone()
+                        },
+                        &[(
+                            "name".to_string(),
+                            n.metadata.name.clone().unwrap_or_default(),
+                        )]
+                        .into(),
+                    )
+            })
+    })
 }

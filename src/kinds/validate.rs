@@ -30,7 +30,7 @@ pub(super) fn err(errs: &mut Vec<FieldError>, path: impl Into<String>, message: 
     });
 }
 
-const DNS1123_LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+pub(super) const DNS1123_LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
 const DNS1123_SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
 
 /// RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
@@ -340,7 +340,17 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
             v.secret.is_some(),
             v.downward_api.is_some(),
             v.projected.is_some(),
+            v.persistent_volume_claim.is_some(),
         ];
+        if let Some(c) = &v.persistent_volume_claim
+            && c.claim_name.is_empty()
+        {
+            err(
+                &mut errs,
+                format!("spec.volumes[{i}].persistentVolumeClaim.claimName"),
+                "Required value",
+            );
+        }
         if sources.iter().filter(|s| **s).count() == 0 {
             err(
                 &mut errs,
@@ -400,6 +410,72 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
             .map(|v| v.clamp(i32::MIN as i64, i32::MAX as i64) as i32),
     );
     errs
+}
+
+/// A workload's selector and pod template as kube-apiserver checks them: a selector that is
+/// given, not empty and matches the template's labels, a restart policy among `restart`, and
+/// the template's pod (named by the controller later).
+pub fn validate_template(
+    errs: &mut Vec<FieldError>,
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+    restart: &[&str],
+    kind: &str,
+) {
+    let policy = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .unwrap_or("Always");
+    if !restart.contains(&policy) {
+        let list: Vec<String> = restart.iter().map(|r| format!("\"{r}\"")).collect();
+        err(
+            errs,
+            "spec.template.spec.restartPolicy",
+            format!(
+                "Unsupported value: \"{policy}\": supported values: {}",
+                list.join(", ")
+            ),
+        );
+    }
+    let labels = template.metadata.as_ref().and_then(|m| m.labels.clone());
+    match selector {
+        None => err(errs, "spec.selector", "Required value"),
+        // A Job's selector is generated; the apps kinds refuse an empty one.
+        Some(sel)
+            if kind != "job"
+                && sel.match_labels.as_ref().is_none_or(|l| l.is_empty())
+                && sel.match_expressions.as_ref().is_none_or(|e| e.is_empty()) =>
+        {
+            err(
+                errs,
+                "spec.selector",
+                format!("Invalid value: {{}}: empty selector is invalid for {kind}"),
+            )
+        }
+        Some(sel) if !super::selector::selector_matches(sel, labels.as_ref()) => err(
+            errs,
+            "spec.template.metadata.labels",
+            format!(
+                "Invalid value: {}: `selector` does not match template `labels`",
+                serde_json::to_string(&labels.unwrap_or_default()).unwrap_or_default()
+            ),
+        ),
+        Some(_) => {}
+    }
+    if let Some(ps) = &template.spec {
+        let mut metadata = template.metadata.clone().unwrap_or_default();
+        metadata.name = Some(format!("{kind}-pod"));
+        let pod = Pod {
+            metadata,
+            spec: Some(ps.clone()),
+            status: None,
+        };
+        for mut e in validate_pod(&pod) {
+            e.path = format!("spec.template.{}", e.path);
+            errs.push(e);
+        }
+    }
 }
 
 #[cfg(test)]

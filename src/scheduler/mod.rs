@@ -5,13 +5,16 @@
 //! failure naming the node's reason: NodeUnschedulable, TaintToleration (NoSchedule/NoExecute;
 //! a node that is not Ready counts as tainted `node.kubernetes.io/not-ready`), NodeAffinity
 //! (nodeSelector and required node affinity), NodePorts, NodeResourcesFit (cpu, memory, pods
-//! against allocatable minus what bound and just-bound pods request). Feasible nodes are scored
+//! against allocatable minus what bound and just-bound pods request), VolumeBinding (claims
+//! present and bound, their volumes' node affinity; see `volumes`). Feasible nodes are scored
 //! by least-allocated resources plus spreading of pods with the same owner; the best one wins.
 //!
 //! Bound pods are "assumed" on their node at once, so the next pod in the same pass sees the
 //! capacity taken, until the cache shows the binding. A pod that fits nowhere gets a
 //! PodScheduled=False condition and a FailedScheduling event in kube-scheduler's words, and is
 //! retried with back-off (1 s doubling to 10 s) and whenever nodes change.
+
+mod volumes;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -42,6 +45,8 @@ const NAMES: [&str; 2] = ["default-scheduler", "keelson"];
 const BIND_CONCURRENCY: usize = 32;
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How soon a pod whose volumes are being provisioned is looked at again.
+const VOLUME_WAIT: Duration = Duration::from_millis(500);
 
 /// What a pod asks of a node.
 #[derive(Debug, Default, Clone, Copy)]
@@ -149,7 +154,12 @@ fn host_ports(p: &Pod) -> Vec<(String, String, i32)> {
 }
 
 /// Runs the filters; `Err` holds the reasons this node does not fit (usually one).
-fn filter(p: &Pod, req: Request, ni: &NodeInfo) -> Result<(), Vec<String>> {
+fn filter(
+    p: &Pod,
+    req: Request,
+    ni: &NodeInfo,
+    vols: Option<(&volumes::Needs, &Caches)>,
+) -> Result<(), Vec<String>> {
     let n = &ni.node;
     let spec = p.spec.as_ref();
     let tols = spec.and_then(|s| s.tolerations.as_deref()).unwrap_or(&[]);
@@ -212,6 +222,9 @@ fn filter(p: &Pod, req: Request, ni: &NodeInfo) -> Result<(), Vec<String>> {
         return Err(vec![
             "node(s) didn't have free ports for the requested pod ports".into(),
         ]);
+    }
+    if let Some((needs, caches)) = vols {
+        volumes::fits(needs, n, caches).map_err(|e| vec![e])?;
     }
     let mut why = vec![];
     if ni.pods + 1 > ni.alloc_pods {
@@ -317,7 +330,11 @@ impl Controller for Scheduler {
     }
 
     fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
-        vec![caches.pods.changed.clone(), caches.nodes.changed.clone()]
+        vec![
+            caches.pods.changed.clone(),
+            caches.nodes.changed.clone(),
+            caches.claims.changed.clone(),
+        ]
     }
 
     fn period(&self) -> Duration {
@@ -328,10 +345,33 @@ impl Controller for Scheduler {
         let (mut infos, pending) = self.snapshot();
         let mut binds = tokio::task::JoinSet::new();
         for p in pending {
-            match self.pick_node(&p, &infos) {
+            let needs = match volumes::needs(&self.caches, &p) {
+                Ok(n) => n,
+                Err(why) => {
+                    let msg = format!("0/{} nodes are available: {why}.", infos.len());
+                    self.unschedulable(&p, msg);
+                    continue;
+                }
+            };
+            match self.pick_node(&p, &infos, &needs) {
                 Ok(i) => {
-                    infos[i].add(&p);
                     let node = infos[i].node.metadata.name.clone().unwrap_or_default();
+                    if !needs.delayed.is_empty() {
+                        // The claims' volumes come first; the pod is bound once they are.
+                        if let Err(e) = volumes::select_node(&self.client, &needs, &node).await {
+                            tracing::debug!(pod = ?p.metadata.name, error = %e, "selecting the claims' node");
+                        }
+                        self.waiting.insert(
+                            uid(&p),
+                            (
+                                Instant::now() + VOLUME_WAIT,
+                                INITIAL_BACKOFF / 2,
+                                String::new(),
+                            ),
+                        );
+                        continue;
+                    }
+                    infos[i].add(&p);
                     self.assumed.insert(uid(&p), (p.clone(), node.clone()));
                     self.waiting.remove(&uid(&p));
                     if binds.len() >= BIND_CONCURRENCY {
@@ -436,7 +476,12 @@ impl Scheduler {
 
     /// The best node for `p` (filters, then scores; equal scores spread by a rotating
     /// start), or why no node fits: each reason with the number of nodes it ruled out.
-    fn pick_node(&mut self, p: &Pod, infos: &[NodeInfo]) -> Result<usize, BTreeMap<String, usize>> {
+    fn pick_node(
+        &mut self,
+        p: &Pod,
+        infos: &[NodeInfo],
+        needs: &volumes::Needs,
+    ) -> Result<usize, BTreeMap<String, usize>> {
         let req = pod_request(p);
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         let max_same = controller_uid(p)
@@ -453,7 +498,7 @@ impl Scheduler {
         let n = infos.len();
         for k in 0..n {
             let i = (k + self.rotate) % n;
-            match filter(p, req, &infos[i]) {
+            match filter(p, req, &infos[i], Some((needs, &self.caches))) {
                 Ok(()) => {
                     let s = score(p, req, &infos[i], max_same);
                     if best.is_none_or(|(b, _)| s > b) {
@@ -589,21 +634,21 @@ mod tests {
         let ni = NodeInfo::new(node("n1", "1", true));
         let p = pod("1500m", serde_json::json!({}));
         assert_eq!(
-            filter(&p, pod_request(&p), &ni),
+            filter(&p, pod_request(&p), &ni, None),
             Err(vec!["Insufficient cpu".to_string()])
         );
         let p = pod("500m", serde_json::json!({"nodeSelector": {"disk": "hdd"}}));
         assert_eq!(
-            filter(&p, pod_request(&p), &ni),
+            filter(&p, pod_request(&p), &ni, None),
             Err(vec![
                 "node(s) didn't match Pod's node affinity/selector".to_string()
             ])
         );
         let p = pod("500m", serde_json::json!({"nodeSelector": {"disk": "ssd"}}));
-        assert_eq!(filter(&p, pod_request(&p), &ni), Ok(()));
+        assert_eq!(filter(&p, pod_request(&p), &ni, None), Ok(()));
         let not_ready = NodeInfo::new(node("n2", "1", false));
         assert_eq!(
-            filter(&p, pod_request(&p), &not_ready),
+            filter(&p, pod_request(&p), &not_ready, None),
             Err(vec![
                 "node(s) had untolerated taint {node.kubernetes.io/not-ready: }".to_string()
             ])
@@ -613,7 +658,7 @@ mod tests {
             serde_json::json!({"tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}]}),
         );
         assert_eq!(
-            filter(&tolerant, pod_request(&tolerant), &not_ready),
+            filter(&tolerant, pod_request(&tolerant), &not_ready, None),
             Ok(())
         );
         let mut full = NodeInfo::new(node("n3", "4", true));
@@ -621,7 +666,7 @@ mod tests {
             full.add(&pod("100m", serde_json::json!({})));
         }
         assert_eq!(
-            filter(&p, pod_request(&p), &full),
+            filter(&p, pod_request(&p), &full, None),
             Err(vec!["Too many pods".to_string()])
         );
     }

@@ -6,8 +6,16 @@
 use std::{panic::AssertUnwindSafe, time::Instant};
 
 /// Runs `f` as the scenario `name` (a function name; its underscores read as spaces).
+/// For a developer's run, `KEELSON_SCENARIOS=word,word` runs only the scenarios whose name
+/// holds one of the words (CI sets nothing and runs them all).
 pub fn scenario(name: &str, f: impl FnOnce()) {
     let sentence = name.replace('_', " ");
+    if let Ok(only) = std::env::var("KEELSON_SCENARIOS")
+        && !only.split(',').any(|w| !w.is_empty() && name.contains(w))
+    {
+        eprintln!("--- scenario not picked: {sentence}");
+        return;
+    }
     eprintln!("--- scenario: {sentence}");
     let t0 = Instant::now();
     if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(f)) {

@@ -4,7 +4,9 @@
 
 use std::{collections::HashMap, path::Path};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+};
 
 use crate::kinds::quantity;
 
@@ -42,6 +44,8 @@ pub struct Refs {
     pub secrets: HashMap<String, Secret>,
     /// Service account tokens for projected volumes, by audience ("" = the API server's).
     pub tokens: HashMap<String, Token>,
+    /// The pod's claims by name, each with its bound volume (if it is bound).
+    pub claims: HashMap<String, (PersistentVolumeClaim, Option<PersistentVolume>)>,
     /// The `kubernetes` Service (ClusterIP, port): the environment every container gets.
     pub kubernetes: Option<(String, i32)>,
 }

@@ -21,6 +21,9 @@ pub fn volume_dir(pod: &Pod, sb: &SandboxInfo, name: &str) -> Result<String, Con
     if let Some(ed) = &vol.empty_dir {
         return empty_dir(pod, sb, name, ed);
     }
+    if let Some(c) = &vol.persistent_volume_claim {
+        return claim_volume(pod, sb, name, &c.claim_name);
+    }
     let projected = match (&vol.config_map, &vol.secret) {
         (Some(c), _) => Some((
             false,
@@ -83,6 +86,67 @@ fn host_path(hp: &k8s_openapi::api::core::v1::HostPathVolumeSource) -> Result<St
         _ => {}
     }
     Ok(hp.path.clone())
+}
+
+/// A persistentVolumeClaim volume: its bound volume's directory (hostPath or local). A
+/// directory keelson's provisioner made is created on first use, world-writable and, with an
+/// fsGroup, group-owned by it and setgid (as k3s's local-path helper and kubelet's ownership
+/// management leave it).
+fn claim_volume(
+    pod: &Pod,
+    sb: &SandboxInfo,
+    name: &str,
+    claim: &str,
+) -> Result<String, ConfigError> {
+    let fail = |why: String| {
+        ConfigError(format!(
+            "MountVolume.SetUp failed for volume \"{name}\" : {why}"
+        ))
+    };
+    let Some((_, pv)) = sb.refs.claims.get(claim) else {
+        return Err(fail(format!("persistentvolumeclaim \"{claim}\" not found")));
+    };
+    let Some(pv) = pv else {
+        return Err(fail(format!(
+            "PersistentVolumeClaim \"{claim}\" is not bound"
+        )));
+    };
+    let spec = pv.spec.clone().unwrap_or_default();
+    if let Some(l) = &spec.local {
+        if !Path::new(&l.path).is_dir() {
+            return Err(fail(format!(
+                "local volume path {:?} is not a directory",
+                l.path
+            )));
+        }
+        return Ok(l.path.clone());
+    }
+    let Some(hp) = &spec.host_path else {
+        return Err(fail(
+            "the volume's type is not supported on this node".into(),
+        ));
+    };
+    let fresh = !Path::new(&hp.path).exists();
+    let path = host_path(hp)?;
+    if fresh && crate::kinds::storage::provisioned_here(pv) {
+        let fs_group = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|s| s.fs_group);
+        if let Some(g) = fs_group {
+            nix::unistd::chown(
+                Path::new(&path),
+                None,
+                Some(nix::unistd::Gid::from_raw(g as u32)),
+            )
+            .map_err(|e| fail(format!("chown to fsGroup {g}: {e}")))?;
+        }
+        let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(path)
 }
 
 /// An emptyDir: a directory under the pod's (a tmpfs for `medium: Memory`), world-writable
@@ -498,5 +562,8 @@ pub(super) fn agent_written(pod: &Pod, name: &str) -> bool {
                 || v.secret.is_some()
                 || v.downward_api.is_some()
                 || v.projected.is_some()
+                || v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.read_only == Some(true))
         })
 }

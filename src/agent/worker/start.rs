@@ -97,6 +97,7 @@ impl PodWorker {
                 }
             }
         }
+        refs.claims = claims_of(client, &self.pod, &self.namespace).await;
         // Projected service account tokens: kept while fresh, requested again at 80% of their
         // lifetime (kubelet's TokenRequest, bound to the pod).
         let mut tokens = std::mem::take(&mut self.refs.tokens);
@@ -838,4 +839,52 @@ impl StartFailure {
             retry: Some(Duration::from_secs(10)),
         }
     }
+}
+
+/// The pod's claims and the volumes they are bound to, from the API.
+async fn claims_of(
+    client: &kube::Client,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    ns: &str,
+) -> std::collections::HashMap<
+    String,
+    (
+        k8s_openapi::api::core::v1::PersistentVolumeClaim,
+        Option<k8s_openapi::api::core::v1::PersistentVolume>,
+    ),
+> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let mut out = std::collections::HashMap::new();
+    let claims: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client.clone(), ns);
+    let volumes: kube::Api<PersistentVolume> = kube::Api::all(client.clone());
+    let names = spec_of(pod)
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.clone());
+    for n in names {
+        let c = match claims.get_opt(&n).await {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(claim = %n, error = %e, "reading a PersistentVolumeClaim");
+                continue;
+            }
+        };
+        let bound = c
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.clone())
+            .filter(|v| !v.is_empty());
+        let pv = match bound {
+            Some(v) => volumes.get_opt(&v).await.unwrap_or_else(|e| {
+                tracing::warn!(volume = %v, error = %e, "reading a PersistentVolume");
+                None
+            }),
+            None => None,
+        };
+        out.insert(n, (c, pv));
+    }
+    out
 }
