@@ -62,6 +62,8 @@ fn jobs() {
         a_claim_waits_for_its_first_consumer_and_its_directory_goes_with_it,
         a_daemonset_keeps_revisions_that_rollout_undo_restores,
         an_invalid_statefulset_is_refused_with_field_paths,
+        kubectl_drain_waits_for_a_disruption_budget_until_a_replacement_is_ready,
+        a_replication_controller_keeps_its_replicas_and_scales,
     );
 }
 
@@ -578,4 +580,119 @@ fn an_invalid_statefulset_is_refused_with_field_paths(c: &Cluster) {
         msg.contains("updates to statefulset spec for fields other than"),
         "{msg}"
     );
+}
+
+fn kubectl_drain_waits_for_a_disruption_budget_until_a_replacement_is_ready(c: &Cluster) {
+    let nodes = c.sorted_words(&["get", "nodes"], "{.items[*].metadata.name}");
+    let (a, b) = (nodes[0].as_str(), nodes[1].as_str());
+    // Both replicas on node a (b cordoned while they start), then b open again.
+    c.ok(&["cordon", b]);
+    c.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: held\nspec:\n  replicas: 2\n  selector:\n    matchLabels:\n      app: held\n  template:\n    metadata:\n      labels:\n        app: held\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: c\n        image: {BUSYBOX}\n        command: [\"sh\", \"-c\", \"exec sleep 3600\"]\n        readinessProbe:\n          exec:\n            command: [\"true\"]\n          initialDelaySeconds: 3\n          periodSeconds: 1\n"
+    ));
+    c.ok(&["rollout", "status", "deploy/held", "--timeout=90s"]);
+    c.ok(&["uncordon", b]);
+    let on = c.sorted_words(
+        &["get", "pods", "-l", "app=held"],
+        "{.items[*].spec.nodeName}",
+    );
+    assert_eq!(on, [a, a]);
+    c.apply("apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: held\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app: held\n");
+    c.until(30, "the budget allows one disruption", || {
+        c.jsonpath(&["get", "pdb", "held"], "{.status.disruptionsAllowed}") == "1"
+    });
+    let table = c.ok(&["get", "pdb", "held"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "MIN",
+            "AVAILABLE",
+            "MAX",
+            "UNAVAILABLE",
+            "ALLOWED",
+            "DISRUPTIONS",
+            "AGE"
+        ],
+        "{table}"
+    );
+    // The first eviction spends the budget; the second waits (429) for the first pod's
+    // replacement on b to be ready, and kubectl drain retries until it is.
+    let o = c.kubectl(&[
+        "drain",
+        a,
+        "--pod-selector=app=held",
+        "--ignore-daemonsets",
+        "--timeout=120s",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let _ = c.kubectl(&["uncordon", a]);
+    assert!(o.status.success(), "drain: {err}");
+    assert!(
+        err.contains("Cannot evict pod as it would violate the pod's disruption budget."),
+        "the budget never held the drain: {err}"
+    );
+    c.until(60, "both replicas ready on b", || {
+        c.sorted_words(
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=held",
+                "--field-selector=status.phase=Running",
+            ],
+            "{.items[*].spec.nodeName}",
+        ) == [b, b]
+            && c.jsonpath(&["get", "deploy", "held"], "{.status.readyReplicas}") == "2"
+    });
+    c.ok(&["delete", "pdb", "held"]);
+    c.ok(&["delete", "deploy", "held"]);
+}
+
+fn a_replication_controller_keeps_its_replicas_and_scales(c: &Cluster) {
+    c.apply(&format!(
+        "apiVersion: v1\nkind: ReplicationController\nmetadata:\n  name: old\nspec:\n  replicas: 2\n  template:\n    metadata:\n      labels:\n        app: old\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: c\n        image: {BUSYBOX}\n        command: [\"sh\", \"-c\", \"exec sleep 3600\"]\n"
+    ));
+    // The selector defaulted from the template's labels.
+    assert_eq!(c.field("rc", "old", "{.spec.selector.app}"), "old");
+    let ready = |n: &str| {
+        c.until(90, &format!("rc old {n} ready"), || {
+            c.jsonpath(&["get", "rc", "old"], "{.status.readyReplicas}") == n
+        })
+    };
+    ready("2");
+    let table = c.ok(&["get", "rc", "old"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
+        "{table}"
+    );
+    c.ok(&["scale", "rc", "old", "--replicas=3"]);
+    ready("3");
+    let pods = c.sorted_words(
+        &["get", "pods", "-l", "app=old"],
+        "{.items[*].metadata.name}",
+    );
+    c.ok(&["delete", "pod", &pods[0], "--wait=false"]);
+    c.until(60, "the deleted pod replaced", || {
+        let now = c.sorted_words(
+            &["get", "pods", "-l", "app=old"],
+            "{.items[*].metadata.name}",
+        );
+        !now.contains(&pods[0]) && now.len() == 3
+    });
+    ready("3");
+    let owner = c.jsonpath(
+        &["get", "pods", "-l", "app=old"],
+        "{.items[0].metadata.ownerReferences[0].kind}",
+    );
+    assert_eq!(owner, "ReplicationController");
+    c.ok(&["delete", "rc", "old"]);
+    c.until(60, "the controller's pods gone", || {
+        c.ok(&["get", "pods", "-l", "app=old", "-o", "name"])
+            .trim()
+            .is_empty()
+    });
 }

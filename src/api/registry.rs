@@ -114,6 +114,15 @@ pub const RESOURCES: &[Resource] = &[
     r(
         "",
         "v1",
+        "ReplicationController",
+        "replicationcontrollers",
+        true,
+        &["rc"],
+        &strategy::REPLICATION_CONTROLLER,
+    ),
+    r(
+        "",
+        "v1",
         "ConfigMap",
         "configmaps",
         true,
@@ -274,6 +283,15 @@ pub const RESOURCES: &[Resource] = &[
         false,
         &["sc"],
         &strategy::STORAGE_CLASS,
+    ),
+    r(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        true,
+        &["pdb"],
+        &strategy::POD_DISRUPTION_BUDGET,
     ),
 ];
 
@@ -480,6 +498,24 @@ const SUBRESOURCES: &[Sub] = &[
         ("", "v1", "PersistentVolume"),
         STATUS_VERBS,
     ),
+    sub(
+        "poddisruptionbudgets",
+        "status",
+        ("policy", "v1", "PodDisruptionBudget"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "replicationcontrollers",
+        "status",
+        ("", "v1", "ReplicationController"),
+        STATUS_VERBS,
+    ),
+    sub(
+        "replicationcontrollers",
+        "scale",
+        ("autoscaling", "v1", "Scale"),
+        STATUS_VERBS,
+    ),
     sub("jobs", "status", ("batch", "v1", "Job"), STATUS_VERBS),
     sub(
         "cronjobs",
@@ -666,7 +702,8 @@ mod tests {
                 "coordination.k8s.io",
                 "certificates.k8s.io",
                 "rbac.authorization.k8s.io",
-                "storage.k8s.io"
+                "storage.k8s.io",
+                "policy"
             ]
         );
         assert!(resource_list("nope", "v1").is_none());

@@ -17,6 +17,7 @@ use k8s_openapi::api::{
         Secret, Service, ServiceAccount,
     },
     discovery::v1::EndpointSlice,
+    policy::v1::PodDisruptionBudget,
     rbac::v1 as rbac,
     storage::v1::StorageClass,
 };
@@ -434,6 +435,31 @@ fn protect(obj: &mut Value, finalizer: &str) {
         a.push(finalizer.into());
     }
 }
+
+pub const REPLICATION_CONTROLLER: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<k8s_openapi::api::core::v1::ReplicationController>,
+    defaults: default_replication_controller,
+    validate: |obj| checked(obj, crate::kinds::replication::validate_rc),
+    initial_status: |obj| obj["status"] = json!({"replicas": 0}),
+    table: &table::REPLICA_SET,
+    categories: ALL,
+    ..PLAIN
+};
+
+/// A ReplicationController's defaults (its selector and labels from its template) and its
+/// template's.
+fn default_replication_controller(obj: &mut Value) {
+    crate::kinds::replication::default_rc(obj);
+    typed::default_template(obj);
+}
+
+pub const POD_DISRUPTION_BUDGET: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<PodDisruptionBudget>,
+    validate: |obj| checked(obj, crate::kinds::disruption::validate_pdb),
+    initial_status: |obj| obj["status"] = json!({"currentHealthy": 0, "desiredHealthy": 0, "disruptionsAllowed": 0, "expectedPods": 0}),
+    table: &table::POD_DISRUPTION_BUDGET,
+    ..PLAIN
+};
 
 pub const ENDPOINT_SLICE: Strategy = Strategy {
     roundtrip: typed::roundtrip::<EndpointSlice>,

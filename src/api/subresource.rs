@@ -240,8 +240,10 @@ async fn token(t: &Target<'_>, body: &Bytes) -> Result<Response, ApiError> {
     Ok(json_response(StatusCode::CREATED, &out))
 }
 
-/// `POST pods/NAME/eviction`. No PodDisruptionBudgets are served, so every eviction is
-/// allowed: it deletes the pod with the Eviction's DeleteOptions.
+/// `POST pods/NAME/eviction`: the pod is deleted with the Eviction's DeleteOptions unless the
+/// PodDisruptionBudget that covers it allows no disruption now (429, as kube-apiserver, so
+/// `kubectl drain` retries). A pod that is pending, finished or already going ignores budgets;
+/// an eviction that spends the budget records itself in the budget's status first.
 async fn eviction(t: &Target<'_>, body: &Bytes) -> Result<Response, ApiError> {
     let b: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid Eviction: {e}")))?;
@@ -250,12 +252,100 @@ async fn eviction(t: &Target<'_>, body: &Bytes) -> Result<Response, ApiError> {
             "the body of the request must be an Eviction (policy/v1)",
         ));
     }
+    let pod: k8s_openapi::api::core::v1::Pod =
+        serde_json::from_value(t.cur.clone()).map_err(ApiError::internal)?;
+    let ignores_budgets = pod.metadata.deletion_timestamp.is_some()
+        || matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Pending" | "Succeeded" | "Failed")
+        );
+    if !ignores_budgets {
+        check_budget(t, &pod).await?;
+    }
     let opts = b.get("deleteOptions").cloned().unwrap_or(json!({}));
     let bytes = Bytes::from(opts.to_string());
     super::write::delete(t.st, t.r, t.ns, t.name, &bytes, None, false).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
+/// The budget covering `pod`: refuses the eviction, or lets it through (spending one
+/// disruption, written conditionally so two evictions cannot spend the same one).
+async fn check_budget(
+    t: &Target<'_>,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Result<(), ApiError> {
+    use crate::kinds::disruption::{Eviction, covers, evict, spent};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let Some(r) = super::registry::find("policy", "v1", "poddisruptionbudgets") else {
+        return Ok(());
+    };
+    let ns = t.ns.unwrap_or("default");
+    for _ in 0..5 {
+        let page =
+            t.st.store
+                .list(&format!("{}{ns}/", r.prefix()), None, 0)
+                .await
+                .map_err(ApiError::internal)?;
+        let budgets: Vec<(PodDisruptionBudget, i64, String)> = page
+            .items
+            .iter()
+            .filter_map(|kv| {
+                Some((
+                    serde_json::from_slice(&kv.value).ok()?,
+                    kv.mod_revision,
+                    kv.key.clone(),
+                ))
+            })
+            .filter(|(b, _, _)| covers(b, pod))
+            .collect();
+        let (pdb, rev, key) = match budgets.as_slice() {
+            [] => return Ok(()),
+            [one] => one,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+                ));
+            }
+        };
+        match evict(pdb, pod) {
+            Eviction::Allow => return Ok(()),
+            Eviction::Refuse(why) => {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    "Cannot evict pod as it would violate the pod's disruption budget.",
+                );
+                e.details =
+                    Some(json!({"causes": [{"reason": "DisruptionBudget", "message": why}]}));
+                return Err(e);
+            }
+            Eviction::Spend => {
+                let mut v = serde_json::to_value(pdb).map_err(ApiError::internal)?;
+                v["status"] = serde_json::to_value(spent(pdb, t.name, jiff::Timestamp::now()))
+                    .map_err(ApiError::internal)?;
+                let bytes = serde_json::to_vec(&v).map_err(ApiError::internal)?;
+                match t
+                    .st
+                    .store
+                    .put(key, bytes, Precondition::ModRevision(*rev))
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    Err(store::Error::Conflict { .. }) => continue,
+                    Err(e) => return Err(ApiError::internal(e)),
+                }
+            }
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        "Cannot evict pod as the disruption budget kept changing; try again.",
     ))
 }
 
@@ -268,7 +358,13 @@ async fn scale(
 ) -> Result<Response, ApiError> {
     let name = t.name;
     let view = |o: &Value| {
-        let sel = super::selector::labels_to_string(o.pointer("/spec/selector/matchLabels"));
+        // A ReplicationController's selector is the label map itself.
+        let sel = super::selector::labels_to_string(
+            o.pointer("/spec/selector/matchLabels").or_else(|| {
+                o.pointer("/spec/selector")
+                    .filter(|_| o["kind"] == "ReplicationController")
+            }),
+        );
         json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
                 "metadata": {"name": o.pointer("/metadata/name"), "namespace": o.pointer("/metadata/namespace"),
                              "uid": o.pointer("/metadata/uid"), "resourceVersion": o.pointer("/metadata/resourceVersion"),

@@ -727,6 +727,33 @@ fn storage_class_cells(obj: &Value) -> Vec<Value> {
     ]
 }
 
+/// PodDisruptionBudget.
+pub const POD_DISRUPTION_BUDGET: Columns = Columns {
+    columns: &[
+        ("Name", "string", 0),
+        ("Min Available", "string", 0),
+        ("Max Unavailable", "string", 0),
+        ("Allowed Disruptions", "integer", 0),
+        ("Age", "string", 0),
+    ],
+    cells: pdb_cells,
+};
+
+fn pdb_cells(obj: &Value) -> Vec<Value> {
+    let int_or_str = |p: &str| match obj.pointer(p) {
+        Some(Value::Number(n)) => json!(n.to_string()),
+        Some(Value::String(s)) => json!(s),
+        _ => json!("N/A"),
+    };
+    vec![
+        name(obj),
+        int_or_str("/spec/minAvailable"),
+        int_or_str("/spec/maxUnavailable"),
+        json!(int(obj, "/status/disruptionsAllowed")),
+        json!(age(obj)),
+    ]
+}
+
 /// Event.
 pub const EVENT: Columns = Columns {
     columns: &[

@@ -95,6 +95,8 @@ pub struct Caches {
     pub claims: Cache<PersistentVolumeClaim>,
     pub volumes: Cache<PersistentVolume>,
     pub classes: Cache<StorageClass>,
+    pub budgets: Cache<k8s_openapi::api::policy::v1::PodDisruptionBudget>,
+    pub replication_controllers: Cache<k8s_openapi::api::core::v1::ReplicationController>,
     pub services: Cache<Service>,
     pub slices: Cache<EndpointSlice>,
     pub namespaces: Cache<Namespace>,
@@ -118,6 +120,8 @@ impl Caches {
             claims: Cache::start(Api::all(client.clone()), cfg()),
             volumes: Cache::start(Api::all(client.clone()), cfg()),
             classes: Cache::start(Api::all(client.clone()), cfg()),
+            budgets: Cache::start(Api::all(client.clone()), cfg()),
+            replication_controllers: Cache::start(Api::all(client.clone()), cfg()),
             services: Cache::start(Api::all(client.clone()), cfg()),
             slices: Cache::start(Api::all(client.clone()), cfg()),
             namespaces: Cache::start(Api::all(client.clone()), cfg()),
@@ -140,6 +144,8 @@ impl Caches {
         let _ = self.claims.store.wait_until_ready().await;
         let _ = self.volumes.store.wait_until_ready().await;
         let _ = self.classes.store.wait_until_ready().await;
+        let _ = self.budgets.store.wait_until_ready().await;
+        let _ = self.replication_controllers.store.wait_until_ready().await;
         let _ = self.services.store.wait_until_ready().await;
         let _ = self.slices.store.wait_until_ready().await;
         let _ = self.namespaces.store.wait_until_ready().await;

@@ -144,6 +144,11 @@ fn finalizing(caches: &Caches) -> Vec<(ObjectMeta, &'static str, &'static str)> 
     of(caches.jobs.all(), "Job", &mut out);
     of(caches.cronjobs.all(), "CronJob", &mut out);
     of(caches.statefulsets.all(), "StatefulSet", &mut out);
+    of(
+        caches.replication_controllers.all(),
+        "ReplicationController",
+        &mut out,
+    );
     of(caches.services.all(), "Service", &mut out);
     of(caches.pods.all(), "Pod", &mut out);
     out
@@ -158,6 +163,9 @@ fn api(client: &Client, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
         "StatefulSet" => ApiResource::erase::<k8s_openapi::api::apps::v1::StatefulSet>(&()),
         "ControllerRevision" => {
             ApiResource::erase::<k8s_openapi::api::apps::v1::ControllerRevision>(&())
+        }
+        "ReplicationController" => {
+            ApiResource::erase::<k8s_openapi::api::core::v1::ReplicationController>(&())
         }
         "PersistentVolumeClaim" => {
             ApiResource::erase::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(&())
@@ -186,7 +194,7 @@ async fn owner_exists(client: &Client, ns: &str, r: &OwnerReference) -> kube::Re
             "apps/v1",
             "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet"
         ) | ("batch/v1", "Job" | "CronJob")
-            | ("v1", "Service" | "Pod" | "Node")
+            | ("v1", "Service" | "Pod" | "Node" | "ReplicationController")
     );
     // Owners of kinds this collector does not know are assumed present.
     let Some(api) = api(client, &r.kind, ns).filter(|_| known) else {

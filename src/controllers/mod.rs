@@ -1,10 +1,12 @@
 //! The controllers of the control plane, each a loop over the shared caches that writes only
 //! through the API server: ReplicaSets, Deployments, DaemonSets, Jobs, CronJobs, StatefulSets,
-//! volume binding and provisioning, Endpoints and EndpointSlices, node lifecycle and IPAM, garbage collection and default ServiceAccounts.
+//! volume binding and provisioning, disruption budgets, Endpoints and EndpointSlices, node
+//! lifecycle and IPAM, garbage collection and default ServiceAccounts.
 
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod gc;
 pub mod job;
@@ -36,5 +38,6 @@ pub async fn run(
         cronjob::run(client.clone(), caches.clone(), leading.clone()),
         statefulset::run(client.clone(), caches.clone(), leading.clone()),
         volume::run(client.clone(), caches.clone(), leading.clone()),
+        disruption::run(client.clone(), caches.clone(), leading.clone()),
     );
 }

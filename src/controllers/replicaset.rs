@@ -15,10 +15,10 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::{ReplicaSet, ReplicaSetStatus},
-    core::v1::Pod,
+    core::v1::{Pod, ReplicationController},
 };
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
     api::{Patch, PatchParams},
 };
 use tokio::sync::watch;
@@ -52,6 +52,7 @@ impl Controller for ReplicaSets {
     fn signals(&self, caches: &Caches) -> Vec<watch::Receiver<u64>> {
         vec![
             caches.replicasets.changed.clone(),
+            caches.replication_controllers.changed.clone(),
             caches.pods.changed.clone(),
         ]
     }
@@ -71,20 +72,53 @@ impl Controller for ReplicaSets {
                 .push(p);
         }
         let sets = self.c.caches.replicasets.all();
-        let live: HashSet<String> = sets.iter().filter_map(|r| r.metadata.uid.clone()).collect();
+        let rcs = self.c.caches.replication_controllers.all();
+        let live: HashSet<String> = sets
+            .iter()
+            .filter_map(|r| r.metadata.uid.clone())
+            .chain(rcs.iter().filter_map(|r| r.metadata.uid.clone()))
+            .collect();
         self.c.expect.retain(&live);
         for rs in sets {
             let ns = rs.metadata.namespace.as_deref().unwrap_or("");
             let in_ns = by_ns.get(ns).map(Vec::as_slice).unwrap_or(&[]);
-            if self.waiting(&rs, in_ns) {
-                continue;
-            }
-            let plan = plan(&rs, in_ns, jiff::Timestamp::now());
-            if let Err(e) = self.apply(&rs, in_ns, plan).await {
-                tracing::debug!(rs = ?rs.metadata.name, error = %e, "replicaset sync");
-            }
+            self.sync(&rs, rs.as_ref(), in_ns).await;
+        }
+        // A ReplicationController is a ReplicaSet with an equality selector: the same rules,
+        // its own object as owner.
+        for rc in rcs {
+            let ns = rc.metadata.namespace.as_deref().unwrap_or("");
+            let in_ns = by_ns.get(ns).map(Vec::as_slice).unwrap_or(&[]);
+            self.sync(&as_replica_set(&rc), rc.as_ref(), in_ns).await;
         }
         Ok(())
+    }
+}
+
+/// The ReplicaSet a ReplicationController amounts to (same identity, its selector as
+/// matchLabels).
+pub fn as_replica_set(rc: &ReplicationController) -> ReplicaSet {
+    let spec = rc.spec.clone().unwrap_or_default();
+    let status = rc.status.clone().unwrap_or_default();
+    ReplicaSet {
+        metadata: rc.metadata.clone(),
+        spec: Some(k8s_openapi::api::apps::v1::ReplicaSetSpec {
+            replicas: spec.replicas,
+            min_ready_seconds: spec.min_ready_seconds,
+            selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: spec.selector,
+                match_expressions: None,
+            },
+            template: spec.template,
+        }),
+        status: Some(ReplicaSetStatus {
+            replicas: status.replicas,
+            fully_labeled_replicas: status.fully_labeled_replicas,
+            ready_replicas: status.ready_replicas,
+            available_replicas: status.available_replicas,
+            observed_generation: status.observed_generation,
+            ..Default::default()
+        }),
     }
 }
 
@@ -228,13 +262,39 @@ impl ReplicaSets {
         self.c.expect.waiting(uid, pods)
     }
 
-    /// Carries `plan` out for `rs`, recording what it wrote as expectations.
-    async fn apply(
+    /// Plans `view` (a ReplicaSet, or a ReplicationController as one) and carries the plan
+    /// out with `owner` as the pods' controller.
+    async fn sync<K>(&mut self, view: &ReplicaSet, owner: &K, pods: &[&Arc<Pod>])
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        if self.waiting(view, pods) {
+            return;
+        }
+        let plan = plan(view, pods, jiff::Timestamp::now());
+        if let Err(e) = self.apply(view, owner, pods, plan).await {
+            tracing::debug!(owner = ?view.metadata.name, error = %e, "replica sync");
+        }
+    }
+
+    /// Carries `plan` out for `rs` (its pods controlled by `owner`), recording what it wrote
+    /// as expectations.
+    async fn apply<K>(
         &mut self,
-        rs: &Arc<ReplicaSet>,
+        rs: &ReplicaSet,
+        owner: &K,
         pods: &[&Arc<Pod>],
         plan: Plan,
-    ) -> kube::Result<()> {
+    ) -> kube::Result<()>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
         let uid = rs.metadata.uid.clone().unwrap_or_default();
         let ns = rs.metadata.namespace.clone().unwrap_or_default();
         let name = rs.metadata.name.clone().unwrap_or_default();
@@ -247,15 +307,15 @@ impl ReplicaSets {
         }
         for n in &plan.adopt {
             if let Some(p) = by_name(n) {
-                adopt(&api, rs, p).await?;
+                adopt(&api, owner, p).await?;
             }
         }
         let (mut created, mut deleted) = (HashSet::new(), HashSet::new());
         if plan.create > 0 {
             tracing::info!(rs = %format!("{ns}/{name}"), create = plan.create, "creating missing pods");
-            let pod = pod_from_template(rs);
+            let pod = pod_from_template(rs, owner);
             for _ in 0..plan.create {
-                match pods::create(&api, &self.c.rec, rs.as_ref(), &pod).await {
+                match pods::create(&api, &self.c.rec, owner, &pod).await {
                     Ok(n) => {
                         created.insert(n);
                     }
@@ -268,7 +328,7 @@ impl ReplicaSets {
         }
         let mut failed = None;
         for n in plan.delete {
-            match pods::delete(&api, &self.c.rec, rs.as_ref(), &n).await {
+            match pods::delete(&api, &self.c.rec, owner, &n).await {
                 Ok(true) => {
                     deleted.insert(n);
                 }
@@ -284,14 +344,14 @@ impl ReplicaSets {
             return Err(err);
         }
         if let Some(status) = plan.status {
-            patch_status::<ReplicaSet>(&self.c.client, &ns, &name, status).await?;
+            patch_status::<K>(&self.c.client, &ns, &name, status).await?;
         }
         Ok(())
     }
 }
 
-/// A new pod from the ReplicaSet's template: named `<rs>-<random>`, controlled by it.
-fn pod_from_template(rs: &ReplicaSet) -> Pod {
+/// A new pod from the ReplicaSet's template: named `<rs>-<random>`, controlled by `owner`.
+fn pod_from_template<K: Resource<DynamicType = ()>>(rs: &ReplicaSet, owner: &K) -> Pod {
     let template = rs
         .spec
         .as_ref()
@@ -301,7 +361,7 @@ fn pod_from_template(rs: &ReplicaSet) -> Pod {
     meta.name = None;
     meta.generate_name = Some(format!("{}-", rs.metadata.name.as_deref().unwrap_or("")));
     meta.namespace = rs.metadata.namespace.clone();
-    meta.owner_references = controller_ref(rs).map(|r| vec![r]);
+    meta.owner_references = controller_ref(owner).map(|r| vec![r]);
     Pod {
         metadata: meta,
         spec: template.spec,
@@ -332,9 +392,13 @@ async fn set_owners(
     }
 }
 
-async fn adopt(api: &Api<Pod>, rs: &ReplicaSet, p: &Pod) -> kube::Result<()> {
+async fn adopt<K: Resource<DynamicType = ()>>(
+    api: &Api<Pod>,
+    owner: &K,
+    p: &Pod,
+) -> kube::Result<()> {
     let mut refs = p.metadata.owner_references.clone().unwrap_or_default();
-    refs.extend(controller_ref(rs));
+    refs.extend(controller_ref(owner));
     set_owners(api, p, refs).await
 }
 

@@ -5,6 +5,7 @@
 
 pub mod cron;
 pub mod cronjob;
+pub mod disruption;
 pub mod dns;
 pub mod history;
 pub mod job;
@@ -12,6 +13,7 @@ pub mod node;
 pub mod pod;
 pub mod print;
 pub mod quantity;
+pub mod replication;
 pub mod scheduling;
 pub mod selector;
 pub mod statefulset;
