@@ -55,6 +55,8 @@ fn jobs() {
         an_indexed_job_gives_each_pod_its_index,
         active_deadline_and_ttl_after_finished,
         an_invalid_job_is_refused_with_field_paths,
+        a_pod_failure_policy_ignores_one_exit_code_and_fails_the_job_on_another,
+        a_succeeded_pod_deleted_at_once_is_still_counted,
         a_cronjob_starts_jobs_on_its_schedule_and_by_hand,
         a_statefulset_starts_in_order_with_stable_names_claims_and_data,
         a_statefulset_scales_down_from_the_top_and_keeps_its_claims,
@@ -216,6 +218,89 @@ fn an_invalid_job_is_refused_with_field_paths(c: &Cluster) {
         msg.contains("spec.template.spec.restartPolicy: Unsupported value: \"Always\""),
         "{msg}"
     );
+}
+
+fn a_pod_failure_policy_ignores_one_exit_code_and_fails_the_job_on_another(c: &Cluster) {
+    // The first pod exits 42 (ignored: not counted against backoffLimit 0), the next one
+    // finds its marker on the host and succeeds.
+    let marker = c.dir.path().join("pfp");
+    std::fs::create_dir_all(&marker).unwrap();
+    let dir = marker.to_str().unwrap();
+    let policy = "  backoffLimit: 0\n  podFailurePolicy:\n    rules:\n    - action: Ignore\n      onExitCodes:\n        operator: In\n        values: [42]\n    - action: FailJob\n      onExitCodes:\n        containerName: c\n        operator: In\n        values: [3]";
+    let with_marker = |name: &str, command: &str| {
+        job(name, policy, command).replace(
+            "      containers:\n",
+            &format!("      volumes:\n      - name: m\n        hostPath:\n          path: {dir}\n      containers:\n"),
+        ) + "        volumeMounts:\n        - name: m\n          mountPath: /m\n"
+    };
+    c.apply(&with_marker(
+        "tolerant",
+        "if [ -e /m/seen ]; then exit 0; fi; touch /m/seen; exit 42",
+    ));
+    assert_eq!(
+        wait_condition(c, "tolerant", "Complete", 120),
+        "CompletionsReached"
+    );
+    assert_eq!(
+        status(c, "tolerant", "failed"),
+        "0",
+        "the ignored failure is not counted"
+    );
+    assert_eq!(status(c, "tolerant", "succeeded"), "1");
+    c.apply(&with_marker("fatal", "exit 3"));
+    assert_eq!(wait_condition(c, "fatal", "Failed", 60), "PodFailurePolicy");
+    let msg = c.jsonpath(
+        &["get", "job", "fatal"],
+        "{.status.conditions[?(@.type==\"Failed\")].message}",
+    );
+    assert!(
+        msg.contains("failed with exit code 3 matching FailJob rule at index 1"),
+        "{msg}"
+    );
+}
+
+fn a_succeeded_pod_deleted_at_once_is_still_counted(c: &Cluster) {
+    c.apply(&job(
+        "counted",
+        "  completions: 2\n  parallelism: 1",
+        "echo done",
+    ));
+    // Delete each pod as soon as it has succeeded.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c.jsonpath(
+        &["get", "job", "counted"],
+        "{.status.conditions[?(@.type==\"Complete\")].status}",
+    ) != "True"
+    {
+        for p in c.sorted_words(
+            &[
+                "get",
+                "pods",
+                "-l",
+                "job-name=counted",
+                "--field-selector=status.phase=Succeeded",
+            ],
+            "{.items[*].metadata.name}",
+        ) {
+            let _ = c.kubectl(&["delete", "pod", &p, "--wait=false"]);
+        }
+        assert!(Instant::now() < deadline, "job counted did not complete");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(status(c, "counted", "succeeded"), "2");
+    let made = c.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=counted,reason=SuccessfulCreate",
+        "-o",
+        "jsonpath={.items[*].count}",
+    ]);
+    let total: u32 = made
+        .split_whitespace()
+        .map(|n| n.parse::<u32>().unwrap())
+        .sum();
+    assert_eq!(total, 2, "each completion made one pod: {made}");
 }
 
 fn a_cronjob_starts_jobs_on_its_schedule_and_by_hand(c: &Cluster) {

@@ -155,9 +155,19 @@ pub const POD: Strategy = Strategy {
     on_create: typed::mount_service_account_token,
     hooks: &[Hook::ServiceAccountPullSecrets],
     delete_grace: pod_delete_grace,
-    confirmed_delete: bound,
+    confirmed_delete: awaits_kubelet,
     ..PLAIN
 };
+
+/// A bound pod being deleted waits for its kubelet's last word (a delete with grace 0), unless
+/// it had it already: then the last finalizer's removal finishes the delete.
+fn awaits_kubelet(pod: &Value) -> bool {
+    bound(pod)
+        && pod
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            != Some(0)
+}
 
 fn bound(pod: &Value) -> bool {
     pod.pointer("/spec/nodeName")

@@ -24,7 +24,7 @@ use crate::{
         pods::{self, PodControl},
         runner::{self, Controller, PassError},
     },
-    kinds::job::{JobPlan, plan, pod_for},
+    kinds::job::{JobPlan, TRACKING_FINALIZER, plan, pod_for},
 };
 
 pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>) {
@@ -64,6 +64,23 @@ impl Controller for Jobs {
         let live: HashSet<String> = jobs.iter().filter_map(|j| j.metadata.uid.clone()).collect();
         self.c.expect.retain(&live);
         let now = jiff::Timestamp::now();
+        // Pods whose Job is gone or going are no longer counted: their finalizer comes off.
+        let counting: HashSet<&str> = jobs
+            .iter()
+            .filter(|j| j.metadata.deletion_timestamp.is_none())
+            .filter_map(|j| j.metadata.uid.as_deref())
+            .collect();
+        for p in &pods {
+            let held = p
+                .metadata
+                .finalizers
+                .iter()
+                .flatten()
+                .any(|f| f == TRACKING_FINALIZER);
+            if held && controller_uid(p.as_ref()).is_none_or(|u| !counting.contains(u)) {
+                self.release(p).await;
+            }
+        }
         for job in jobs {
             if job.metadata.deletion_timestamp.is_some() {
                 continue;
@@ -84,6 +101,30 @@ impl Controller for Jobs {
 }
 
 impl Jobs {
+    /// Takes the tracking finalizer off a pod (guarded by its resourceVersion).
+    async fn release(&self, p: &Pod) {
+        let ns = p.metadata.namespace.clone().unwrap_or_default();
+        let rest: Vec<&String> = p
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != TRACKING_FINALIZER)
+            .collect();
+        let patch = serde_json::json!({"metadata": {"finalizers": rest, "resourceVersion": p.metadata.resource_version}});
+        let api: Api<Pod> = Api::namespaced(self.c.client.clone(), &ns);
+        if let Err(e) = api
+            .patch(
+                p.metadata.name.as_deref().unwrap_or_default(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            tracing::debug!(pod = ?p.metadata.name, error = %e, "removing the job-tracking finalizer");
+        }
+    }
+
     async fn apply(&mut self, job: &Arc<Job>, p: JobPlan) -> kube::Result<()> {
         let ns = job.metadata.namespace.clone().unwrap_or_default();
         let name = job.metadata.name.clone().unwrap_or_default();
@@ -130,9 +171,19 @@ impl Jobs {
             }
         }
         self.c.expect.record(&uid, created, deleted);
-        if let Some(st) = p.status {
-            let v = serde_json::to_value(&st).unwrap_or_default();
+        // The status records the pods before their finalizers come off.
+        if let Some(st) = &p.status {
+            let v = serde_json::to_value(st).unwrap_or_default();
             patch_status::<Job>(&self.c.client, &ns, &name, v).await?;
+        }
+        let mine = self.c.caches.pods.all();
+        for n in &p.release {
+            if let Some(pod) = mine.iter().find(|x| {
+                x.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && x.metadata.name.as_deref() == Some(n.as_str())
+            }) {
+                self.release(pod).await;
+            }
         }
         Ok(())
     }

@@ -18,6 +18,9 @@ use serde_json::Value;
 
 use super::validate::{FieldError, err};
 
+mod tracking;
+pub use tracking::TRACKING_FINALIZER;
+
 /// The label the generated selector uses (and its legacy twin), and the Job name labels.
 pub const CONTROLLER_UID: &str = "batch.kubernetes.io/controller-uid";
 pub const JOB_NAME: &str = "batch.kubernetes.io/job-name";
@@ -149,7 +152,78 @@ pub fn validate_job(job: &Job) -> Vec<FieldError> {
         &["OnFailure", "Never"],
         "job",
     );
+    if let Some(pfp) = &spec.pod_failure_policy {
+        validate_failure_policy(&mut errs, pfp, &spec);
+    }
     errs
+}
+
+/// kube-apiserver's checks of a podFailurePolicy.
+fn validate_failure_policy(
+    errs: &mut Vec<FieldError>,
+    pfp: &k8s_openapi::api::batch::v1::PodFailurePolicy,
+    spec: &k8s_openapi::api::batch::v1::JobSpec,
+) {
+    let restart = spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .unwrap_or("Always");
+    if restart != "Never" {
+        err(
+            errs,
+            "spec.template.spec.restartPolicy",
+            format!(
+                "Invalid value: \"{restart}\": only \"Never\" is supported when podFailurePolicy is specified"
+            ),
+        );
+    }
+    for (i, r) in pfp.rules.iter().enumerate() {
+        let at = format!("spec.podFailurePolicy.rules[{i}]");
+        if !["FailJob", "Ignore", "Count", "FailIndex"].contains(&r.action.as_str()) {
+            err(
+                errs,
+                format!("{at}.action"),
+                format!(
+                    "Unsupported value: \"{}\": supported values: \"Count\", \"FailIndex\", \"FailJob\", \"Ignore\"",
+                    r.action
+                ),
+            );
+        }
+        match (&r.on_exit_codes, &r.on_pod_conditions) {
+            (Some(_), Some(c)) if !c.is_empty() => err(
+                errs,
+                at.clone(),
+                "Invalid value: specifying both OnExitCodes and OnPodConditions is not supported",
+            ),
+            (None, None) => err(
+                errs,
+                at.clone(),
+                "Invalid value: specifying one of OnExitCodes and OnPodConditions is required",
+            ),
+            _ => {}
+        }
+        if let Some(codes) = &r.on_exit_codes {
+            if !["In", "NotIn"].contains(&codes.operator.as_str()) {
+                err(
+                    errs,
+                    format!("{at}.onExitCodes.operator"),
+                    format!(
+                        "Unsupported value: \"{}\": supported values: \"In\", \"NotIn\"",
+                        codes.operator
+                    ),
+                );
+            }
+            if codes.operator == "In" && codes.values.contains(&0) {
+                err(
+                    errs,
+                    format!("{at}.onExitCodes.values"),
+                    "Invalid value: 0: must not be 0 for the In operator",
+                );
+            }
+        }
+    }
 }
 
 /// How a pod of the Job stands.
@@ -192,6 +266,22 @@ pub fn index_of(p: &Pod) -> Option<i32> {
         .ok()
 }
 
+/// The indexes `completedIndexes` names (`0-2,5`); malformed parts are skipped.
+pub fn parse_indexes(s: &str) -> BTreeSet<i32> {
+    let mut out = BTreeSet::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.parse::<i32>(), b.parse::<i32>())
+            && a >= 0
+            && b >= a
+            && b - a < 1_000_000
+        {
+            out.extend(a..=b);
+        }
+    }
+    out
+}
+
 /// Indexes as kube writes `completedIndexes`: sorted ranges, `0-2,5`.
 pub fn compress(indexes: &BTreeSet<i32>) -> String {
     let mut out: Vec<String> = vec![];
@@ -227,12 +317,14 @@ pub struct JobPlan {
     pub create: Vec<Option<i32>>,
     /// Pods to delete, by name.
     pub delete: Vec<String>,
+    /// Pods whose tracking finalizer comes off (counted, or no longer the Job's concern).
+    pub release: Vec<String>,
     /// The new status, when it differs.
     pub status: Option<JobStatus>,
     /// `ttlSecondsAfterFinished` has passed: the Job goes, its pods with it.
     pub delete_job: bool,
     /// Events: (warning, reason, message).
-    pub events: Vec<(bool, &'static str, String)>,
+    pub events: Vec<(bool, std::borrow::Cow<'static, str>, String)>,
     /// Look again after this long (a back-off, a deadline, a TTL ahead).
     pub requeue: Option<Duration>,
 }
@@ -288,8 +380,12 @@ pub fn plan(job: &Job, pods: &[&Pod], now: Timestamp) -> JobPlan {
     let name = |x: &Pod| x.metadata.name.clone().unwrap_or_default();
     let by = |o: Outcome| pods.iter().filter(move |x| outcome(x) == o);
     let active: Vec<&&Pod> = by(Outcome::Active).collect();
-    let succeeded = by(Outcome::Succeeded).count() as i32;
-    let failed = by(Outcome::Failed).count() as i32;
+    let ending = has(&old, "SuccessCriteriaMet") || has(&old, "FailureTarget");
+    let t = tracking::tally(job, pods, ending || finished_time(&old).is_some());
+    p.release = t.release.clone();
+    st.succeeded = Some(t.status_succeeded);
+    st.failed = Some(t.status_failed);
+    st.uncounted_terminated_pods = Some(t.uncounted.clone());
     if let Some(at) = finished_time(&old) {
         // Finished: only the TTL is left to act on (and pods still running, to stop).
         p.delete = active.iter().map(|x| name(x)).collect();
@@ -303,76 +399,93 @@ pub fn plan(job: &Job, pods: &[&Pod], now: Timestamp) -> JobPlan {
                 }
             }
         }
+        p.status = (st != old).then_some(st);
         return p;
     }
     let indexed = spec.completion_mode.as_deref() == Some("Indexed");
     let completions = spec.completions;
-    let done_indexes: BTreeSet<i32> = by(Outcome::Succeeded).filter_map(|x| index_of(x)).collect();
     st.active = Some(active.len() as i32);
-    st.succeeded = Some(succeeded);
-    st.failed = Some(failed);
     st.ready = Some(active.iter().filter(|x| super::pod::pod_ready(x)).count() as i32);
     st.terminating = Some(by(Outcome::Terminating).count() as i32);
     if indexed {
-        st.completed_indexes = Some(compress(&done_indexes));
+        st.completed_indexes = Some(compress(&t.done_indexes));
     }
     let suspended = spec.suspend.unwrap_or(false);
     let running: Vec<String> = active.iter().map(|x| name(x)).collect();
     suspend_or_start(&mut p, &mut st, suspended, &running, now);
     let start = st.start_time.as_ref().map(|t| t.0);
-    // Failure: too many failed pods, or past the deadline.
+    // Failure: a FailJob rule, too many failed pods, or past the deadline.
     let backoff_limit = spec.backoff_limit.unwrap_or(6);
     let deadline = spec
         .active_deadline_seconds
         .zip(start)
         .map(|(d, s)| s + jiff::SignedDuration::from_secs(d));
-    let failure = if failed > backoff_limit {
+    // A failure found in an earlier pass keeps its reason while the pods are counted.
+    let target = old
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "FailureTarget" && c.status == "True")
+        .map(|c| {
+            (
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default(),
+            )
+        });
+    let failure = if let Some(t) = target {
+        Some(t)
+    } else if let Some(msg) = &t.fail_job {
+        Some(("PodFailurePolicy".to_string(), msg.clone()))
+    } else if t.failed > backoff_limit {
         Some((
-            "BackoffLimitExceeded",
-            "Job has reached the specified backoff limit",
+            "BackoffLimitExceeded".to_string(),
+            "Job has reached the specified backoff limit".to_string(),
         ))
     } else if deadline.is_some_and(|d| now >= d) && !suspended {
         Some((
-            "DeadlineExceeded",
-            "Job was active longer than specified deadline",
+            "DeadlineExceeded".to_string(),
+            "Job was active longer than specified deadline".to_string(),
         ))
     } else {
         None
     };
     let ttl = spec.ttl_seconds_after_finished;
+    let counted = t.uncounted.succeeded.as_ref().is_none_or(Vec::is_empty)
+        && t.uncounted.failed.as_ref().is_none_or(Vec::is_empty)
+        && t.release.is_empty();
     if let Some((reason, message)) = failure {
         let end = Ending {
             target: "FailureTarget",
             last: "Failed",
             reason,
             message,
-            event: (true, reason, message),
+            warning: true,
         };
-        finish(&mut p, &mut st, running, end, ttl, now);
+        finish(&mut p, &mut st, running, end, (ttl, counted), now);
         p.status = (st != old).then_some(st);
         return p;
     }
     let complete = match (indexed, completions) {
-        (true, Some(c)) => (0..c).all(|i| done_indexes.contains(&i)),
-        (false, Some(c)) => succeeded >= c,
+        _ if has(&old, "SuccessCriteriaMet") => true,
+        (true, Some(c)) => (0..c).all(|i| t.done_indexes.contains(&i)),
+        (false, Some(c)) => t.succeeded >= c,
         // No completions: done once a pod succeeded and none is left running.
-        (_, None) => succeeded > 0 && active.is_empty(),
+        (_, None) => t.succeeded > 0 && active.is_empty(),
     };
     if complete && !suspended {
-        st.completion_time = Some(Time(now));
         let end = Ending {
             target: "SuccessCriteriaMet",
             last: "Complete",
-            reason: "CompletionsReached",
-            message: "Reached expected number of succeeded pods",
-            event: (false, "Completed", "Job completed"),
+            reason: "CompletionsReached".into(),
+            message: "Reached expected number of succeeded pods".into(),
+            warning: false,
         };
-        finish(&mut p, &mut st, running, end, ttl, now);
+        finish(&mut p, &mut st, running, end, (ttl, counted), now);
         p.status = (st != old).then_some(st);
         return p;
     }
     if !suspended {
-        start_or_stop(&mut p, job, pods, &active, now);
+        start_or_stop(&mut p, job, pods, &active, &t, now);
         if let Some(d) = deadline {
             let left = secs(d.as_second() - now.as_second()).max(Duration::from_secs(1));
             p.requeue = Some(p.requeue.map_or(left, |r| r.min(left)));
@@ -399,7 +512,8 @@ fn suspend_or_start(
                 st,
                 condition("Suspended", "JobSuspended", "Job suspended", now),
             );
-            p.events.push((false, "Suspended", "Job suspended".into()));
+            p.events
+                .push((false, "Suspended".into(), "Job suspended".into()));
         }
         return;
     }
@@ -407,7 +521,8 @@ fn suspend_or_start(
         let mut c = condition("Suspended", "JobResumed", "Job resumed", now);
         c.status = "False".into();
         set_condition(st, c);
-        p.events.push((false, "Resumed", "Job resumed".into()));
+        p.events
+            .push((false, "Resumed".into(), "Job resumed".into()));
         st.start_time = None;
     }
     if st.start_time.is_none() {
@@ -416,45 +531,73 @@ fn suspend_or_start(
 }
 
 /// How a Job ends: its two conditions (the target first, as kube sets them), their reason and
-/// message, and the event that says so.
+/// message, and whether its event is a warning.
 struct Ending {
     target: &'static str,
     last: &'static str,
-    reason: &'static str,
-    message: &'static str,
-    event: (bool, &'static str, &'static str),
+    reason: String,
+    message: String,
+    warning: bool,
 }
 
-/// The Job ends: its running pods stop, the conditions are set, the TTL (if any) starts.
+/// The Job ends: its running pods stop and the target condition is set at once; the final
+/// one (Complete or Failed, with the completion time and the TTL's start) only once every
+/// pod is counted (`counted`), as kube does.
 fn finish(
     p: &mut JobPlan,
     st: &mut JobStatus,
     running: Vec<String>,
     e: Ending,
-    ttl: Option<i32>,
+    (ttl, counted): (Option<i32>, bool),
     now: Timestamp,
 ) {
     p.delete = running;
     st.active = Some(0);
-    set_condition(st, condition(e.target, e.reason, e.message, now));
-    set_condition(st, condition(e.last, e.reason, e.message, now));
-    p.events.push((e.event.0, e.event.1, e.event.2.into()));
+    if !has(st, e.target) {
+        set_condition(st, condition(e.target, &e.reason, &e.message, now));
+    }
+    if !counted {
+        p.requeue = Some(Duration::from_secs(1));
+        return;
+    }
+    if e.last == "Complete" {
+        st.completion_time = Some(Time(now));
+    }
+    set_condition(st, condition(e.last, &e.reason, &e.message, now));
+    // kube's events: Completed "Job completed", or the failure's reason and message.
+    let (reason, message): (std::borrow::Cow<'static, str>, String) = if e.last == "Complete" {
+        ("Completed".into(), "Job completed".into())
+    } else {
+        (e.reason.into(), e.message)
+    };
+    p.events.push((e.warning, reason, message));
     p.requeue = ttl.map(|t| secs(t.into()));
 }
 
 /// How many pods should run now, after the back-off, and which to start or stop.
-fn start_or_stop(p: &mut JobPlan, job: &Job, pods: &[&Pod], active: &[&&Pod], now: Timestamp) {
+fn start_or_stop(
+    p: &mut JobPlan,
+    job: &Job,
+    pods: &[&Pod],
+    active: &[&&Pod],
+    t: &tracking::Tally,
+    now: Timestamp,
+) {
     let spec = job.spec.clone().unwrap_or_default();
     let parallelism = spec.parallelism.unwrap_or(1).max(0) as usize;
     let succeeded: Vec<&&Pod> = pods
         .iter()
         .filter(|x| outcome(x) == Outcome::Succeeded)
         .collect();
-    // Failures since the last success count for the back-off.
+    // Failures since the last success count for the back-off (ignored ones do not).
     let last_success = succeeded.iter().filter_map(|x| finished_at(x)).max();
     let failures: Vec<Timestamp> = pods
         .iter()
         .filter(|x| outcome(x) == Outcome::Failed)
+        .filter(|x| {
+            !t.ignored
+                .contains(x.metadata.name.as_deref().unwrap_or_default())
+        })
         .filter_map(|x| finished_at(x))
         .filter(|t| last_success.is_none_or(|s| *t > s))
         .collect();
@@ -464,11 +607,8 @@ fn start_or_stop(p: &mut JobPlan, job: &Job, pods: &[&Pod], active: &[&&Pod], no
     let indexed = spec.completion_mode.as_deref() == Some("Indexed");
     let want: Vec<Option<i32>> = if indexed {
         let c = spec.completions.unwrap_or(0);
-        let taken: BTreeSet<i32> = succeeded
-            .iter()
-            .chain(active.iter())
-            .filter_map(|x| index_of(x))
-            .collect();
+        let mut taken = t.done_indexes.clone();
+        taken.extend(active.iter().filter_map(|x| index_of(x)));
         let room = parallelism.saturating_sub(active.len());
         (0..c)
             .filter(|i| !taken.contains(i))
@@ -477,8 +617,8 @@ fn start_or_stop(p: &mut JobPlan, job: &Job, pods: &[&Pod], active: &[&&Pod], no
             .collect()
     } else {
         let remaining = match spec.completions {
-            Some(c) => (c - succeeded.len() as i32).max(0) as usize,
-            None if succeeded.is_empty() => parallelism,
+            Some(c) => (c - t.succeeded).max(0) as usize,
+            None if t.succeeded == 0 => parallelism,
             None => 0,
         };
         let target = parallelism.min(remaining);
@@ -518,6 +658,7 @@ pub fn pod_for(job: &Job, index: Option<i32>) -> Pod {
     } = spec.template;
     let mut meta = metadata.unwrap_or_default();
     let name = job.metadata.name.clone().unwrap_or_default();
+    meta.finalizers = Some(vec![TRACKING_FINALIZER.into()]);
     meta.name = None;
     meta.namespace = job.metadata.namespace.clone();
     meta.generate_name = Some(match index {
@@ -577,7 +718,8 @@ mod tests {
     }
 
     fn pod(name: &str, phase: &str, finished: Option<&str>, index: Option<i32>) -> Pod {
-        let mut v = serde_json::json!({"metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        let mut v = serde_json::json!({"metadata": {"name": name, "uid": name, "creationTimestamp": "2026-01-01T00:00:00Z",
+                "finalizers": [TRACKING_FINALIZER]},
             "status": {"phase": phase}});
         if let Some(f) = finished {
             v["status"]["containerStatuses"] = serde_json::json!([{"name": "c", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
@@ -591,6 +733,28 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    /// Passes as the controller makes them (the status written, finalizers lifted) until the
+    /// Job's status stops changing: the last status and the last plan.
+    fn settle(j: &Job, pods: &[&Pod], now: Timestamp) -> (JobStatus, JobPlan) {
+        let mut j = j.clone();
+        let mut pods: Vec<Pod> = pods.iter().map(|p| (*p).clone()).collect();
+        for _ in 0..5 {
+            let refs: Vec<&Pod> = pods.iter().collect();
+            let p = plan(&j, &refs, now);
+            for x in pods.iter_mut() {
+                if p.release.contains(x.metadata.name.as_ref().unwrap()) {
+                    x.metadata.finalizers = None;
+                }
+            }
+            match &p.status {
+                Some(st) => j.status = Some(st.clone()),
+                None if p.release.is_empty() => return (j.status.unwrap_or_default(), p),
+                None => {}
+            }
+        }
+        panic!("the Job did not settle: {:?}", j.status)
     }
 
     #[test]
@@ -649,8 +813,11 @@ mod tests {
             pod("c", "Succeeded", None, None),
             pod("d", "Succeeded", None, None),
         );
+        // The criteria are met at once; Complete once every pod is counted.
         let p = plan(&j, &[&a, &c, &d], now);
         let st = p.status.unwrap();
+        assert!(has(&st, "SuccessCriteriaMet") && !has(&st, "Complete"));
+        let (st, _) = settle(&j, &[&a, &c, &d], now);
         assert!(has(&st, "Complete") && st.completion_time.is_some());
         assert_eq!(st.succeeded, Some(3));
     }
@@ -678,13 +845,14 @@ mod tests {
         let f3 = pod("f3", "Failed", Some("2026-01-01T00:01:00Z"), None);
         let run = pod("r", "Running", None, None);
         let p = plan(&j, &[&f1, &f2, &f3, &run], at("2026-01-01T00:01:01Z"));
-        let st = p.status.unwrap();
+        assert_eq!(p.delete, ["r"]);
+        let (st, _) = settle(&j, &[&f1, &f2, &f3], at("2026-01-01T00:01:01Z"));
         assert!(has(&st, "Failed"));
         assert_eq!(
             st.conditions.as_ref().unwrap()[1].reason.as_deref(),
             Some("BackoffLimitExceeded")
         );
-        assert_eq!(p.delete, ["r"]);
+        assert_eq!(st.failed, Some(3));
     }
 
     #[test]
