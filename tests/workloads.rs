@@ -218,6 +218,24 @@ fn an_invalid_job_is_refused_with_field_paths(c: &Cluster) {
         msg.contains("spec.template.spec.restartPolicy: Unsupported value: \"Always\""),
         "{msg}"
     );
+    // A Job's template and completion mode are fixed once it exists.
+    c.apply(&job("fixed", "  completions: 1", "true"));
+    let msg = c.fails(&[
+        "patch",
+        "job",
+        "fixed",
+        "-p",
+        r#"{"spec":{"completionMode":"Indexed"}}"#,
+    ]);
+    assert!(
+        msg.contains("spec.completionMode: Invalid value: \"Indexed\": field is immutable"),
+        "{msg}"
+    );
+    let msg = c.fails(&["set", "image", "job/fixed", "c=other:1"]);
+    assert!(
+        msg.contains("spec.template: Invalid value") && msg.contains("field is immutable"),
+        "{msg}"
+    );
 }
 
 fn a_pod_failure_policy_ignores_one_exit_code_and_fails_the_job_on_another(c: &Cluster) {
@@ -388,8 +406,20 @@ fn a_statefulset_starts_in_order_with_stable_names_claims_and_data(c: &Cluster) 
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "READY", "AGE"], "{table}");
     assert!(table.contains("3/3"), "{table}");
-    // Identity: host name, the pod labels, and the claim of each pod, bound on its node.
+    // Identity: host name, DNS name, the pod labels, and the claim of each pod, bound on its
+    // node.
     assert_eq!(c.ok(&["exec", "web-1", "--", "hostname"]).trim(), "web-1");
+    let ip = c.field("pod", "web-0", "{.status.podIP}");
+    c.until(30, "web-0.web resolves to web-0's address", || {
+        let o = c.kubectl(&[
+            "exec",
+            "web-1",
+            "--",
+            "nslookup",
+            "web-0.web.default.svc.cluster.local",
+        ]);
+        String::from_utf8_lossy(&o.stdout).contains(&format!("Address: {ip}"))
+    });
     assert_eq!(
         c.field(
             "pod",

@@ -220,6 +220,14 @@ fn checked_update<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The fields at `paths` may not change on update.
+fn fixed(old: &Value, new: &Value, paths: &[&str]) -> Vec<String> {
+    crate::kinds::validate::immutable(old, new, paths)
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
 fn validate_pod(obj: &Value) -> Vec<String> {
     checked(obj, crate::kinds::validate::validate_pod)
 }
@@ -308,6 +316,7 @@ pub const DEPLOYMENT: Strategy = Strategy {
     initial_status: empty_status,
     table: &table::DEPLOYMENT,
     categories: ALL,
+    validate_update: |old, new| fixed(old, new, &["/spec/selector"]),
     ..PLAIN
 };
 
@@ -318,6 +327,7 @@ pub const REPLICA_SET: Strategy = Strategy {
     field_selectors: &["status.replicas"],
     table: &table::REPLICA_SET,
     categories: ALL,
+    validate_update: |old, new| fixed(old, new, &["/spec/selector"]),
     ..PLAIN
 };
 
@@ -327,6 +337,7 @@ pub const DAEMON_SET: Strategy = Strategy {
     initial_status: empty_status,
     table: &table::DAEMON_SET,
     categories: ALL,
+    validate_update: |old, new| fixed(old, new, &["/spec/selector"]),
     ..PLAIN
 };
 
@@ -337,6 +348,19 @@ pub const JOB: Strategy = Strategy {
     initial_status: empty_status,
     table: &table::JOB,
     categories: ALL,
+    validate_update: |old, new| {
+        fixed(
+            old,
+            new,
+            &[
+                "/spec/selector",
+                "/spec/template",
+                "/spec/completionMode",
+                "/spec/podFailurePolicy",
+                "/spec/manualSelector",
+            ],
+        )
+    },
     ..PLAIN
 };
 

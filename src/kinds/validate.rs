@@ -478,6 +478,28 @@ pub fn validate_template(
     }
 }
 
+/// kube-apiserver's "field is immutable" for each JSON pointer in `paths` whose value
+/// differs between `old` and `new` (the field path dotted, as kube names it).
+pub fn immutable(
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    paths: &[&str],
+) -> Vec<FieldError> {
+    let mut errs = vec![];
+    for p in paths {
+        let (a, b) = (old.pointer(p), new.pointer(p));
+        if a != b {
+            let shown = b.map_or_else(|| "null".to_string(), |v| v.to_string());
+            err(
+                &mut errs,
+                p.trim_start_matches('/').replace('/', "."),
+                format!("Invalid value: {shown}: field is immutable"),
+            );
+        }
+    }
+    errs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
