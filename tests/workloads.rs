@@ -57,6 +57,7 @@ fn jobs() {
         an_invalid_job_is_refused_with_field_paths,
         a_pod_failure_policy_ignores_one_exit_code_and_fails_the_job_on_another,
         a_succeeded_pod_deleted_at_once_is_still_counted,
+        an_index_that_fails_past_its_own_limit_fails_alone_then_the_job,
         a_cronjob_starts_jobs_on_its_schedule_and_by_hand,
         a_statefulset_starts_in_order_with_stable_names_claims_and_data,
         a_statefulset_scales_down_from_the_top_and_keeps_its_claims,
@@ -319,6 +320,31 @@ fn a_succeeded_pod_deleted_at_once_is_still_counted(c: &Cluster) {
         .map(|n| n.parse::<u32>().unwrap())
         .sum();
     assert_eq!(total, 2, "each completion made one pod: {made}");
+}
+
+fn an_index_that_fails_past_its_own_limit_fails_alone_then_the_job(c: &Cluster) {
+    c.apply(&job(
+        "per-index",
+        "  completionMode: Indexed\n  completions: 3\n  parallelism: 3\n  backoffLimitPerIndex: 1",
+        "test $JOB_COMPLETION_INDEX != 1",
+    ));
+    assert_eq!(
+        wait_condition(c, "per-index", "Failed", 90),
+        "FailedIndexes"
+    );
+    assert_eq!(status(c, "per-index", "failedIndexes"), "1");
+    assert_eq!(status(c, "per-index", "completedIndexes"), "0,2");
+    // Index 1 ran twice (its limit is one retry), the others once.
+    let index_one = c.sorted_words(
+        &[
+            "get",
+            "pods",
+            "-l",
+            "job-name=per-index,batch.kubernetes.io/job-completion-index=1",
+        ],
+        "{.items[*].metadata.annotations.batch\\.kubernetes\\.io/job-index-failure-count}",
+    );
+    assert_eq!(index_one, ["0", "1"]);
 }
 
 fn a_cronjob_starts_jobs_on_its_schedule_and_by_hand(c: &Cluster) {

@@ -152,7 +152,8 @@ impl Jobs {
         let api: Api<Pod> = Api::namespaced(self.c.client.clone(), &ns);
         let (mut created, mut deleted) = (HashSet::new(), HashSet::new());
         for index in &p.create {
-            let mut pod = pod_for(job, *index);
+            let failures = index.and_then(|i| p.failures.get(&i).copied()).unwrap_or(0);
+            let mut pod = pod_for(job, *index, failures);
             pod.metadata.owner_references = controller_ref(job.as_ref()).map(|r| vec![r]);
             match pods::create(&api, &self.c.rec, job.as_ref(), &pod).await {
                 Ok(n) => {

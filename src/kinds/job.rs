@@ -26,6 +26,8 @@ pub const CONTROLLER_UID: &str = "batch.kubernetes.io/controller-uid";
 pub const JOB_NAME: &str = "batch.kubernetes.io/job-name";
 const LEGACY_CONTROLLER_UID: &str = "controller-uid";
 const LEGACY_JOB_NAME: &str = "job-name";
+/// How many times an index failed before this pod (backoffLimitPerIndex).
+pub const INDEX_FAILURE_COUNT: &str = "batch.kubernetes.io/job-index-failure-count";
 /// An Indexed Job's pod's index (annotation and label).
 pub const COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
 
@@ -67,7 +69,12 @@ pub fn default_job(obj: &mut Value) {
         spec.insert("completions".into(), 1.into());
     }
     spec.entry("parallelism").or_insert(1.into());
-    spec.entry("backoffLimit").or_insert(6.into());
+    // With a limit per index the Job-wide one is kube's "unlimited".
+    let per_index = spec
+        .get("backoffLimitPerIndex")
+        .is_some_and(|v| !v.is_null());
+    spec.entry("backoffLimit")
+        .or_insert(if per_index { i32::MAX.into() } else { 6.into() });
     spec.entry("completionMode").or_insert("NonIndexed".into());
     spec.entry("suspend").or_insert(false.into());
     spec.entry("podReplacementPolicy")
@@ -154,6 +161,39 @@ pub fn validate_job(job: &Job) -> Vec<FieldError> {
     );
     if let Some(pfp) = &spec.pod_failure_policy {
         validate_failure_policy(&mut errs, pfp, &spec);
+    }
+    let indexed = spec.completion_mode.as_deref() == Some("Indexed");
+    if let Some(v) = spec.backoff_limit_per_index {
+        if v < 0 {
+            err(
+                &mut errs,
+                "spec.backoffLimitPerIndex",
+                format!("Invalid value: {v}: must be greater than or equal to 0"),
+            );
+        }
+        if !indexed {
+            err(
+                &mut errs,
+                "spec.backoffLimitPerIndex",
+                format!("Invalid value: {v}: requires indexed completion mode"),
+            );
+        }
+    }
+    if let Some(m) = spec.max_failed_indexes {
+        if spec.backoff_limit_per_index.is_none() {
+            err(
+                &mut errs,
+                "spec.backoffLimitPerIndex",
+                "Required value: when maxFailedIndexes is specified",
+            );
+        }
+        if spec.completions.is_some_and(|c| m > c) {
+            err(
+                &mut errs,
+                "spec.maxFailedIndexes",
+                format!("Invalid value: {m}: must be less than or equal to completions"),
+            );
+        }
     }
     errs
 }
@@ -319,6 +359,8 @@ pub struct JobPlan {
     pub delete: Vec<String>,
     /// Pods whose tracking finalizer comes off (counted, or no longer the Job's concern).
     pub release: Vec<String>,
+    /// How often each index failed so far (backoffLimitPerIndex): its new pod says so.
+    pub failures: std::collections::BTreeMap<i32, i32>,
     /// The new status, when it differs.
     pub status: Option<JobStatus>,
     /// `ttlSecondsAfterFinished` has passed: the Job goes, its pods with it.
@@ -410,6 +452,10 @@ pub fn plan(job: &Job, pods: &[&Pod], now: Timestamp) -> JobPlan {
     if indexed {
         st.completed_indexes = Some(compress(&t.done_indexes));
     }
+    let failed_indexes = failed_indexes(job, pods, &t);
+    if spec.backoff_limit_per_index.is_some() {
+        st.failed_indexes = Some(compress(&failed_indexes));
+    }
     let suspended = spec.suspend.unwrap_or(false);
     let running: Vec<String> = active.iter().map(|x| name(x)).collect();
     suspend_or_start(&mut p, &mut st, suspended, &running, now);
@@ -436,6 +482,24 @@ pub fn plan(job: &Job, pods: &[&Pod], now: Timestamp) -> JobPlan {
         Some(t)
     } else if let Some(msg) = &t.fail_job {
         Some(("PodFailurePolicy".to_string(), msg.clone()))
+    } else if spec
+        .max_failed_indexes
+        .is_some_and(|m| failed_indexes.len() as i32 > m)
+    {
+        Some((
+            "MaxFailedIndexesExceeded".to_string(),
+            "Job has exceeded the specified maximal number of failed indexes".to_string(),
+        ))
+    } else if indexed
+        && !failed_indexes.is_empty()
+        && completions.is_some_and(|c| {
+            (0..c).all(|i| t.done_indexes.contains(&i) || failed_indexes.contains(&i))
+        })
+    {
+        Some((
+            "FailedIndexes".to_string(),
+            "Job has failed indexes".to_string(),
+        ))
     } else if t.failed > backoff_limit {
         Some((
             "BackoffLimitExceeded".to_string(),
@@ -485,7 +549,7 @@ pub fn plan(job: &Job, pods: &[&Pod], now: Timestamp) -> JobPlan {
         return p;
     }
     if !suspended {
-        start_or_stop(&mut p, job, pods, &active, &t, now);
+        start_or_stop(&mut p, job, pods, (&active, &failed_indexes), &t, now);
         if let Some(d) = deadline {
             let left = secs(d.as_second() - now.as_second()).max(Duration::from_secs(1));
             p.requeue = Some(p.requeue.map_or(left, |r| r.min(left)));
@@ -579,7 +643,7 @@ fn start_or_stop(
     p: &mut JobPlan,
     job: &Job,
     pods: &[&Pod],
-    active: &[&&Pod],
+    (active, failed_indexes): (&[&&Pod], &BTreeSet<i32>),
     t: &tracking::Tally,
     now: Timestamp,
 ) {
@@ -609,7 +673,35 @@ fn start_or_stop(
         let c = spec.completions.unwrap_or(0);
         let mut taken = t.done_indexes.clone();
         taken.extend(active.iter().filter_map(|x| index_of(x)));
+        taken.extend(failed_indexes.iter().copied());
         let room = parallelism.saturating_sub(active.len());
+        if spec.backoff_limit_per_index.is_some() {
+            // Each index backs off on its own failures.
+            let counts = index_failures(pods, &t.ignored);
+            let mut next: Option<Timestamp> = None;
+            let ready: Vec<Option<i32>> = (0..c)
+                .filter(|i| !taken.contains(i))
+                .filter(|i| match counts.get(i) {
+                    Some(&(n, last)) => {
+                        let due = last
+                            + jiff::SignedDuration::try_from(backoff(n as u32)).unwrap_or_default();
+                        if due > now {
+                            next = Some(next.map_or(due, |x: Timestamp| x.min(due)));
+                        }
+                        due <= now
+                    }
+                    None => true,
+                })
+                .take(room)
+                .map(Some)
+                .collect();
+            p.failures = counts.iter().map(|(i, (n, _))| (*i, *n)).collect();
+            if let Some(t) = next {
+                p.requeue = Some(secs(t.as_second() - now.as_second()).max(Duration::from_secs(1)));
+            }
+            p.create = ready;
+            return;
+        }
         (0..c)
             .filter(|i| !taken.contains(i))
             .take(room)
@@ -647,10 +739,62 @@ fn start_or_stop(
     }
 }
 
+/// Each index's failures (not ignored) and the last one's time: a failed pod counts once
+/// more than the failures its annotation says came before it.
+fn index_failures(
+    pods: &[&Pod],
+    ignored: &std::collections::HashSet<String>,
+) -> std::collections::BTreeMap<i32, (i32, Timestamp)> {
+    let mut out: std::collections::BTreeMap<i32, (i32, Timestamp)> = Default::default();
+    for p in pods {
+        let Some(i) = index_of(p) else { continue };
+        let before: i32 = p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INDEX_FAILURE_COUNT))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let failed = outcome(p) == Outcome::Failed
+            && !ignored.contains(p.metadata.name.as_deref().unwrap_or_default());
+        let n = before + i32::from(failed);
+        if n == 0 {
+            continue;
+        }
+        let at = finished_at(p).unwrap_or(Timestamp::UNIX_EPOCH);
+        let e = out.entry(i).or_insert((0, at));
+        if n > e.0 {
+            e.0 = n;
+        }
+        if failed && at > e.1 {
+            e.1 = at;
+        }
+    }
+    out
+}
+
+/// The indexes that failed for good: past backoffLimitPerIndex, or by a FailIndex rule (and
+/// those the status already names).
+fn failed_indexes(job: &Job, pods: &[&Pod], t: &tracking::Tally) -> BTreeSet<i32> {
+    let spec = job.spec.clone().unwrap_or_default();
+    let Some(limit) = spec.backoff_limit_per_index else {
+        return BTreeSet::new();
+    };
+    let old = job.status.clone().unwrap_or_default();
+    let mut out = parse_indexes(old.failed_indexes.as_deref().unwrap_or(""));
+    out.extend(t.fail_indexes.iter().copied());
+    for (i, (n, _)) in index_failures(pods, &t.ignored) {
+        if n > limit {
+            out.insert(i);
+        }
+    }
+    out
+}
+
 /// The pod the Job starts (for `index`, in an Indexed Job): its template with the Job as
 /// controller; an Indexed pod also gets its index as annotation, label, `JOB_COMPLETION_INDEX`
 /// and host name `<job>-<index>`.
-pub fn pod_for(job: &Job, index: Option<i32>) -> Pod {
+pub fn pod_for(job: &Job, index: Option<i32>, failures: i32) -> Pod {
     let spec = job.spec.clone().unwrap_or_default();
     let PodTemplateSpec {
         metadata,
@@ -673,6 +817,11 @@ pub fn pod_for(job: &Job, index: Option<i32>) -> Pod {
         meta.labels
             .get_or_insert_default()
             .insert(COMPLETION_INDEX.into(), i.to_string());
+        if spec.backoff_limit_per_index.is_some() {
+            meta.annotations
+                .get_or_insert_default()
+                .insert(INDEX_FAILURE_COUNT.into(), failures.to_string());
+        }
         if ps.hostname.is_none() {
             ps.hostname = Some(format!("{name}-{i}"));
         }
@@ -755,6 +904,51 @@ mod tests {
             }
         }
         panic!("the Job did not settle: {:?}", j.status)
+    }
+
+    #[test]
+    fn an_index_past_its_own_backoff_limit_fails_and_the_job_with_it_at_the_end() {
+        let j = job(
+            serde_json::json!({"completionMode": "Indexed", "completions": 3, "parallelism": 3,
+            "backoffLimitPerIndex": 1, "template": template()}),
+        );
+        assert_eq!(j.spec.as_ref().unwrap().backoff_limit, Some(i32::MAX));
+        let mut f0 = pod("f0", "Failed", Some("2026-01-01T00:00:00Z"), Some(0));
+        let ok1 = pod("ok1", "Succeeded", Some("2026-01-01T00:00:00Z"), Some(1));
+        let run2 = pod("run2", "Running", None, Some(2));
+        // Index 0 failed once: its replacement waits out its own back-off, then says so.
+        let p = plan(&j, &[&f0, &ok1, &run2], at("2026-01-01T00:00:05Z"));
+        assert!(p.create.is_empty());
+        let p = plan(&j, &[&f0, &ok1, &run2], at("2026-01-01T00:00:11Z"));
+        assert_eq!(
+            (p.create.clone(), p.failures.get(&0)),
+            (vec![Some(0)], Some(&1))
+        );
+        let again = pod_for(&j, Some(0), 1);
+        assert_eq!(
+            again.metadata.annotations.unwrap()[INDEX_FAILURE_COUNT],
+            "1"
+        );
+        // The second failure (annotation 1, failed) passes the limit: index 0 fails for good.
+        let mut f0b = pod("f0b", "Failed", Some("2026-01-01T00:00:20Z"), Some(0));
+        f0b.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(INDEX_FAILURE_COUNT.into(), "1".into());
+        f0.metadata.finalizers = None;
+        let ok2 = pod("ok2", "Succeeded", Some("2026-01-01T00:00:21Z"), Some(2));
+        let (st, p) = settle(&j, &[&f0, &f0b, &ok1, &ok2], at("2026-01-01T00:00:30Z"));
+        assert!(p.create.is_empty());
+        assert_eq!(st.failed_indexes.as_deref(), Some("0"));
+        assert_eq!(st.completed_indexes.as_deref(), Some("1-2"));
+        let failed = st
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Failed")
+            .unwrap();
+        assert_eq!(failed.reason.as_deref(), Some("FailedIndexes"));
     }
 
     #[test]
@@ -903,7 +1097,7 @@ mod tests {
         let p = plan(&ix, &[&i0, &i2], at("2026-01-01T00:00:01Z"));
         assert_eq!(p.create, vec![Some(1)]);
         assert_eq!(p.status.unwrap().completed_indexes.as_deref(), Some("0"));
-        let pod = pod_for(&ix, Some(1));
+        let pod = pod_for(&ix, Some(1), 0);
         assert_eq!(pod.metadata.annotations.unwrap()[COMPLETION_INDEX], "1");
         let ps = pod.spec.unwrap();
         assert_eq!(ps.hostname.as_deref(), Some("pi-1"));

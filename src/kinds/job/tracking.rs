@@ -27,6 +27,8 @@ pub enum OnFailure {
     Ignore,
     /// The Job fails at once (the rule's message).
     FailJob(String),
+    /// The pod's index fails at once (with backoffLimitPerIndex).
+    FailIndex,
 }
 
 fn uid(p: &Pod) -> &str {
@@ -106,6 +108,7 @@ pub fn on_failure(job: &Job, p: &Pod) -> OnFailure {
         };
         return match rule.action.as_str() {
             "Ignore" => OnFailure::Ignore,
+            "FailIndex" => OnFailure::FailIndex,
             "FailJob" => OnFailure::FailJob(if what.ends_with("matching") {
                 format!("{what} FailJob rule at index {i}")
             } else {
@@ -135,6 +138,8 @@ pub struct Tally {
     pub ignored: HashSet<String>,
     /// A FailJob rule matched: the message.
     pub fail_job: Option<String>,
+    /// Indexes a FailIndex rule failed.
+    pub fail_indexes: BTreeSet<i32>,
 }
 
 /// Counts `pods` (the Job's) against its status. With `ended`, the Job has finished: every
@@ -198,6 +203,10 @@ pub fn tally(job: &Job, pods: &[&Pod], ended: bool) -> Tally {
                 }
                 OnFailure::FailJob(msg) => {
                     t.fail_job.get_or_insert(msg);
+                    unc_f.push(uid(p).to_string());
+                }
+                OnFailure::FailIndex => {
+                    t.fail_indexes.extend(index_of(p));
                     unc_f.push(uid(p).to_string());
                 }
                 OnFailure::Count => unc_f.push(uid(p).to_string()),
