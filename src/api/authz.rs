@@ -241,6 +241,30 @@ fn volume_pinned_to(pv: &Value, node: &str) -> bool {
         == Some(node)
 }
 
+/// Whether `body` (a merge patch of volume `pv`) only removes keelson's cleanup finalizer,
+/// on a volume provisioned on `node`.
+fn lifts_own_finalizer(pv: &Value, node: &str, body: &Bytes) -> bool {
+    let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let only_finalizers = patch.as_object().is_some_and(|o| o.len() == 1)
+        && patch["metadata"]
+            .as_object()
+            .is_some_and(|m| m.len() == 1 && m.contains_key("finalizers"));
+    let kept: Vec<&Value> = patch["metadata"]["finalizers"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let had = pv["metadata"]["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let removes_own_only = had
+        .iter()
+        .filter(|f| !kept.contains(f))
+        .all(|f| f == crate::kinds::storage::CLEANUP_FINALIZER)
+        && kept.iter().all(|f| had.contains(f));
+    volume_pinned_to(pv, node) && only_finalizers && removes_own_only
+}
+
 /// Whether a pod bound to `node` uses claim `ns/claim`.
 async fn claim_used_on(st: &ApiState, ns: &str, claim: &str, node: &str) -> Result<bool, ApiError> {
     let pods = super::registry::find("", "v1", "pods")
@@ -413,27 +437,8 @@ pub async fn node_may_write(
         }
         // The cleanup of a volume provisioned on this node: only its own finalizer removed.
         ("", "PersistentVolume") if *method == Method::PATCH && t.subresource.is_none() => {
-            let name = t.name.as_deref().unwrap_or("");
-            let pv = stored(st, r, None, name).await?;
-            let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            let only_finalizers = patch.as_object().is_some_and(|o| o.len() == 1)
-                && patch["metadata"]
-                    .as_object()
-                    .is_some_and(|m| m.len() == 1 && m.contains_key("finalizers"));
-            let kept: Vec<&Value> = patch["metadata"]["finalizers"]
-                .as_array()
-                .map(|a| a.iter().collect())
-                .unwrap_or_default();
-            let had = pv["metadata"]["finalizers"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let removes_own_only = had
-                .iter()
-                .filter(|f| !kept.contains(f))
-                .all(|f| f == crate::kinds::storage::CLEANUP_FINALIZER)
-                && kept.iter().all(|f| had.contains(f));
-            if volume_pinned_to(&pv, node) && only_finalizers && removes_own_only {
+            let pv = stored(st, r, None, t.name.as_deref().unwrap_or("")).await?;
+            if lifts_own_finalizer(&pv, node, body) {
                 return Ok(());
             }
             deny(&format!(

@@ -460,59 +460,16 @@ pub fn plan(job: &Job, pods: &[&Pod], now: Timestamp) -> JobPlan {
     let running: Vec<String> = active.iter().map(|x| name(x)).collect();
     suspend_or_start(&mut p, &mut st, suspended, &running, now);
     let start = st.start_time.as_ref().map(|t| t.0);
-    // Failure: a FailJob rule, too many failed pods, or past the deadline.
-    let backoff_limit = spec.backoff_limit.unwrap_or(6);
     let deadline = spec
         .active_deadline_seconds
         .zip(start)
         .map(|(d, s)| s + jiff::SignedDuration::from_secs(d));
-    // A failure found in an earlier pass keeps its reason while the pods are counted.
-    let target = old
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == "FailureTarget" && c.status == "True")
-        .map(|c| {
-            (
-                c.reason.clone().unwrap_or_default(),
-                c.message.clone().unwrap_or_default(),
-            )
-        });
-    let failure = if let Some(t) = target {
-        Some(t)
-    } else if let Some(msg) = &t.fail_job {
-        Some(("PodFailurePolicy".to_string(), msg.clone()))
-    } else if spec
-        .max_failed_indexes
-        .is_some_and(|m| failed_indexes.len() as i32 > m)
-    {
-        Some((
-            "MaxFailedIndexesExceeded".to_string(),
-            "Job has exceeded the specified maximal number of failed indexes".to_string(),
-        ))
-    } else if indexed
-        && !failed_indexes.is_empty()
-        && completions.is_some_and(|c| {
-            (0..c).all(|i| t.done_indexes.contains(&i) || failed_indexes.contains(&i))
-        })
-    {
-        Some((
-            "FailedIndexes".to_string(),
-            "Job has failed indexes".to_string(),
-        ))
-    } else if t.failed > backoff_limit {
-        Some((
-            "BackoffLimitExceeded".to_string(),
-            "Job has reached the specified backoff limit".to_string(),
-        ))
-    } else if deadline.is_some_and(|d| now >= d) && !suspended {
-        Some((
-            "DeadlineExceeded".to_string(),
-            "Job was active longer than specified deadline".to_string(),
-        ))
-    } else {
-        None
-    };
+    let failure = failure(
+        job,
+        &t,
+        &failed_indexes,
+        deadline.filter(|d| now >= *d && !suspended).is_some(),
+    );
     let ttl = spec.ttl_seconds_after_finished;
     let counted = t.uncounted.succeeded.as_ref().is_none_or(Vec::is_empty)
         && t.uncounted.failed.as_ref().is_none_or(Vec::is_empty)
@@ -557,6 +514,63 @@ pub fn plan(job: &Job, pods: &[&Pod], now: Timestamp) -> JobPlan {
     }
     p.status = (st != old).then_some(st);
     p
+}
+
+/// Why the Job fails now, if it does: a failure found in an earlier pass (kept while the pods
+/// are counted), a FailJob rule, too many failed indexes, failed indexes once all are done, too
+/// many failed pods, or its deadline (`past_deadline`).
+fn failure(
+    job: &Job,
+    t: &tracking::Tally,
+    failed_indexes: &BTreeSet<i32>,
+    past_deadline: bool,
+) -> Option<(String, String)> {
+    let spec = job.spec.clone().unwrap_or_default();
+    let old = job.status.clone().unwrap_or_default();
+    let indexed = spec.completion_mode.as_deref() == Some("Indexed");
+    let pair = |r: &str, m: &str| Some((r.to_string(), m.to_string()));
+    if let Some(c) = old
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "FailureTarget" && c.status == "True")
+    {
+        return Some((
+            c.reason.clone().unwrap_or_default(),
+            c.message.clone().unwrap_or_default(),
+        ));
+    }
+    if let Some(msg) = &t.fail_job {
+        return pair("PodFailurePolicy", msg);
+    }
+    if spec
+        .max_failed_indexes
+        .is_some_and(|m| failed_indexes.len() as i32 > m)
+    {
+        return pair(
+            "MaxFailedIndexesExceeded",
+            "Job has exceeded the specified maximal number of failed indexes",
+        );
+    }
+    let all_ended = spec.completions.is_some_and(|c| {
+        (0..c).all(|i| t.done_indexes.contains(&i) || failed_indexes.contains(&i))
+    });
+    if indexed && !failed_indexes.is_empty() && all_ended {
+        return pair("FailedIndexes", "Job has failed indexes");
+    }
+    if t.failed > spec.backoff_limit.unwrap_or(6) {
+        return pair(
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        );
+    }
+    if past_deadline {
+        return pair(
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline",
+        );
+    }
+    None
 }
 
 /// `suspend`: the running pods stop and the Suspended condition says so; a resumed (or new)

@@ -192,23 +192,7 @@ pub fn validate_statefulset(set: &StatefulSet) -> Vec<FieldError> {
             );
         }
     }
-    // The template is checked as its pods will be: with a volume for each claim template.
-    let mut template = spec.template.clone();
-    if let Some(ps) = template.spec.as_mut() {
-        for t in spec.volume_claim_templates.iter().flatten() {
-            let name = name_of(&t.metadata).to_string();
-            let vols = ps.volumes.get_or_insert_default();
-            vols.retain(|v| v.name != name);
-            vols.push(Volume {
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim_name(&name, "set", 0),
-                    read_only: None,
-                }),
-                name,
-                ..Default::default()
-            });
-        }
-    }
+    let template = with_claim_volumes(&spec);
     validate_template(
         &mut errs,
         Some(&spec.selector),
@@ -230,6 +214,28 @@ pub fn validate_statefulset(set: &StatefulSet) -> Vec<FieldError> {
         );
     }
     errs
+}
+
+/// The pod template as the set's pods get it (for validation): a volume for each claim
+/// template.
+fn with_claim_volumes(spec: &StatefulSetSpec) -> PodTemplateSpec {
+    let mut template = spec.template.clone();
+    if let Some(ps) = template.spec.as_mut() {
+        for t in spec.volume_claim_templates.iter().flatten() {
+            let name = name_of(&t.metadata).to_string();
+            let vols = ps.volumes.get_or_insert_default();
+            vols.retain(|v| v.name != name);
+            vols.push(Volume {
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim_name(&name, "set", 0),
+                    read_only: None,
+                }),
+                name,
+                ..Default::default()
+            });
+        }
+    }
+    template
 }
 
 /// kube-apiserver's check of an update: only some of the spec may change.
