@@ -18,7 +18,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use crate::kinds::storage::{CLEANUP_FINALIZER, volume_node};
+use crate::kinds::storage::{CLEANUP_FINALIZER, PV_PROTECTION, volume_node};
 
 /// How often the node looks for volumes to clean up.
 const SWEEP: Duration = Duration::from_secs(2);
@@ -64,7 +64,14 @@ fn decide(pv: &PersistentVolume, dir: &Path, node: &str) -> Cleanup {
             .as_ref()
             .and_then(|s| s.host_path.as_ref())
             .is_some_and(|hp| Path::new(&hp.path) == dir);
-    if !ours || pv.metadata.deletion_timestamp.is_none() {
+    // Still bound (pv-protection not lifted): a pod may be using it; nothing is touched.
+    let protected = pv
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == PV_PROTECTION);
+    if !ours || protected || pv.metadata.deletion_timestamp.is_none() {
         return Cleanup::Keep;
     }
     let policy = pv
@@ -88,34 +95,47 @@ async fn sweep(client: &Client, root: &Path, node: &str) -> anyhow::Result<()> {
         let Some(pv_name) = name.split('_').next().filter(|n| n.starts_with("pvc-")) else {
             continue;
         };
-        let dir = e.path();
-        let is_dir = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
-        let Some(pv) = api.get_opt(pv_name).await? else {
-            continue;
-        };
-        let what = decide(&pv, &dir, node);
-        if what == Cleanup::Keep {
-            continue;
+        // One directory's trouble (a volume gone, a refused read) never stops the others.
+        if let Err(err) = clean(&api, pv_name, &e.path(), node).await {
+            tracing::debug!(volume = %pv_name, error = %err, "local-path cleanup");
         }
-        if what == Cleanup::Remove && is_dir {
-            std::fs::remove_dir_all(&dir)?;
-            tracing::info!(volume = %pv_name, dir = %dir.display(), "local-path volume removed");
-        }
-        let rest: Vec<String> = pv
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .filter(|f| *f != CLEANUP_FINALIZER)
-            .cloned()
-            .collect();
-        api.patch(
-            pv_name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"metadata": {"finalizers": rest}})),
-        )
-        .await?;
     }
+    Ok(())
+}
+
+/// Cleans up the directory `dir` of volume `pv_name` if the volume is being deleted.
+async fn clean(
+    api: &Api<PersistentVolume>,
+    pv_name: &str,
+    dir: &Path,
+    node: &str,
+) -> anyhow::Result<()> {
+    let Some(pv) = api.get_opt(pv_name).await? else {
+        return Ok(());
+    };
+    let what = decide(&pv, dir, node);
+    if what == Cleanup::Keep {
+        return Ok(());
+    }
+    let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+    if what == Cleanup::Remove && is_dir {
+        std::fs::remove_dir_all(dir)?;
+        tracing::info!(volume = %pv_name, dir = %dir.display(), "local-path volume removed");
+    }
+    let rest: Vec<String> = pv
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .filter(|f| *f != CLEANUP_FINALIZER)
+        .cloned()
+        .collect();
+    api.patch(
+        pv_name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"finalizers": rest}})),
+    )
+    .await?;
     Ok(())
 }
 

@@ -236,9 +236,8 @@ async fn stored(
 
 /// Whether a volume was provisioned on `node` (keelson's local-path volumes name it).
 fn volume_pinned_to(pv: &Value, node: &str) -> bool {
-    pv.pointer("/metadata/annotations/volume.kubernetes.io~1selected-node")
-        .and_then(Value::as_str)
-        == Some(node)
+    serde_json::from_value::<k8s_openapi::api::core::v1::PersistentVolume>(pv.clone())
+        .is_ok_and(|pv| crate::kinds::storage::volume_node(&pv) == Some(node))
 }
 
 /// Whether `body` (a merge patch of volume `pv`) only removes keelson's cleanup finalizer,

@@ -17,7 +17,7 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentCondition, DeploymentSpec, ReplicaSet, ReplicaSetSpec},
         core::v1::Pod,
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client,
@@ -92,22 +92,7 @@ impl Controller for Deployments {
     }
 }
 
-/// kube's pod-template-hash alphabet (no vowels, no confusable characters).
-/// An IntOrString against a total: percentages rounded up or down.
-pub fn resolve(v: Option<&IntOrString>, total: i32, default: &str, round_up: bool) -> i32 {
-    let s = match v {
-        Some(IntOrString::Int(i)) => return *i,
-        Some(IntOrString::String(s)) => s.clone(),
-        None => default.to_string(),
-    };
-    match s.strip_suffix('%').and_then(|p| p.parse::<i64>().ok()) {
-        Some(p) => {
-            let x = p * i64::from(total);
-            (if round_up { (x + 99) / 100 } else { x / 100 }) as i32
-        }
-        None => s.parse().unwrap_or(0),
-    }
-}
+pub use crate::kinds::quantity::int_or_percent as resolve;
 
 fn revision(rs: &ReplicaSet) -> i64 {
     rs.metadata
@@ -583,10 +568,18 @@ mod tests {
 
     #[test]
     fn surge_rounds_up_and_unavailability_down() {
-        let pct = IntOrString::String("25%".into());
+        let pct = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("25%".into());
         assert_eq!(resolve(Some(&pct), 10, "25%", true), 3);
         assert_eq!(resolve(Some(&pct), 10, "25%", false), 2);
-        assert_eq!(resolve(Some(&IntOrString::Int(1)), 10, "25%", false), 1);
+        assert_eq!(
+            resolve(
+                Some(&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)),
+                10,
+                "25%",
+                false
+            ),
+            1
+        );
         assert_eq!(resolve(None, 4, "25%", true), 1);
     }
 

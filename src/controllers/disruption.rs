@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use k8s_openapi::api::{core::v1::Pod, policy::v1::PodDisruptionBudget};
-use kube::Client;
+use kube::{Api, Client, api::PostParams};
 use tokio::sync::watch;
 
 use crate::{
     control::{
-        Caches, patch_status,
+        Caches,
         runner::{self, Controller, PassError},
     },
     kinds::disruption::{covers, status},
@@ -73,10 +73,17 @@ impl Controller for Budgets {
             if same(&old) == same(&st) {
                 continue;
             }
+            // The whole status, conditional on the budget's resourceVersion: an eviction that
+            // spent a disruption meanwhile is never overwritten (the next pass sees it).
             let ns = pdb.metadata.namespace.clone().unwrap_or_default();
             let name = pdb.metadata.name.clone().unwrap_or_default();
-            let v = serde_json::to_value(&st).unwrap_or_default();
-            if let Err(e) = patch_status::<PodDisruptionBudget>(&self.client, &ns, &name, v).await {
+            let mut next = (*pdb).clone();
+            next.status = Some(st);
+            let api: Api<PodDisruptionBudget> = Api::namespaced(self.client.clone(), &ns);
+            if let Err(e) = api
+                .replace_status(&name, &PostParams::default(), &next)
+                .await
+            {
                 tracing::debug!(pdb = %name, error = %e, "budget status");
             }
         }
@@ -108,11 +115,20 @@ impl Budgets {
                 .find(|r| r.controller == Some(true));
             let ns = p.metadata.namespace.as_deref();
             let replicas = owner.and_then(|r| match r.kind.as_str() {
-                "ReplicaSet" => self
-                    .caches
-                    .replicasets
-                    .get(ns, &r.name)
-                    .and_then(|o| o.spec.as_ref()?.replicas),
+                // A Deployment's ReplicaSets count as the Deployment (its replicas, once).
+                "ReplicaSet" => self.caches.replicasets.get(ns, &r.name).and_then(|rs| {
+                    let deploy = rs
+                        .metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .find(|o| o.controller == Some(true) && o.kind == "Deployment")
+                        .and_then(|o| self.caches.deployments.get(ns, &o.name));
+                    match deploy {
+                        Some(d) => d.spec.as_ref()?.replicas,
+                        None => rs.spec.as_ref()?.replicas,
+                    }
+                }),
                 "ReplicationController" => self
                     .caches
                     .replication_controllers
@@ -125,9 +141,24 @@ impl Budgets {
                     .and_then(|o| o.spec.as_ref()?.replicas),
                 _ => None,
             });
-            match (owner, replicas) {
-                (Some(r), Some(n)) => {
-                    if seen.insert(r.uid.clone()) {
+            let key = owner.map(|r| {
+                // ReplicaSets of one Deployment share its count.
+                let rs = (r.kind == "ReplicaSet")
+                    .then(|| self.caches.replicasets.get(ns, &r.name))
+                    .flatten();
+                rs.and_then(|rs| {
+                    rs.metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .find(|o| o.controller == Some(true))
+                        .map(|o| o.uid.clone())
+                })
+                .unwrap_or_else(|| r.uid.clone())
+            });
+            match (key, replicas) {
+                (Some(k), Some(n)) => {
+                    if seen.insert(k) {
                         total += i64::from(n);
                     }
                 }

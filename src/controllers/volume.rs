@@ -72,11 +72,12 @@ impl Controller for Volumes {
         let volumes = self.caches.volumes.all();
         let classes = self.caches.classes.all();
         let pods = self.caches.pods.all();
-        let roots: BTreeMap<String, String> = self
-            .caches
-            .nodes
-            .all()
+        let nodes = self.caches.nodes.all();
+        let node_refs: Vec<&k8s_openapi::api::core::v1::Node> =
+            nodes.iter().map(|n| n.as_ref()).collect();
+        let roots: BTreeMap<String, String> = nodes
             .iter()
+            .filter(|n| crate::kinds::node::node_ready(n))
             .filter_map(|n| {
                 let root = n.metadata.annotations.as_ref()?.get(LOCAL_PATH_ROOT)?;
                 Some((n.metadata.name.clone()?, root.clone()))
@@ -92,6 +93,7 @@ impl Controller for Volumes {
             classes: &s,
             pods: &p,
             roots: &roots,
+            nodes: &node_refs,
         });
         for w in writes {
             if let Err(e) = self.apply(w.clone()).await {
@@ -125,11 +127,18 @@ impl Volumes {
                 pv,
             } => {
                 let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
+                // Conditional on the volume as the cache saw it free: two claims never both
+                // get it (the loser's write conflicts and its claim is planned again).
+                let rv = self
+                    .caches
+                    .volumes
+                    .get(None, &pv)
+                    .and_then(|v| v.metadata.resource_version.clone());
                 pvs.patch(
                     &pv,
                     &pp,
                     &Patch::Merge(json!({
-                        "metadata": {"annotations": {BOUND_BY_CONTROLLER: "yes"}},
+                        "metadata": {"annotations": {BOUND_BY_CONTROLLER: "yes"}, "resourceVersion": rv},
                         "spec": {"claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                                               "namespace": ns, "name": claim, "uid": claim_uid}}})),
                 )

@@ -84,15 +84,15 @@ pub fn validate_pdb(pdb: &PodDisruptionBudget) -> Vec<FieldError> {
     errs
 }
 
-/// Whether the budget covers `pod` (same namespace, its selector; an empty selector matches
-/// every pod, as in policy/v1).
+/// Whether the budget covers `pod` (same namespace, its selector; in policy/v1 an empty
+/// selector matches every pod and a missing one none).
 pub fn covers(pdb: &PodDisruptionBudget, pod: &Pod) -> bool {
     pdb.metadata.namespace == pod.metadata.namespace
         && pdb
             .spec
             .as_ref()
             .and_then(|s| s.selector.as_ref())
-            .is_none_or(|sel| selector_matches(sel, pod.metadata.labels.as_ref()))
+            .is_some_and(|sel| selector_matches(sel, pod.metadata.labels.as_ref()))
 }
 
 /// A pod that counts as healthy: ready and not going away.
@@ -101,13 +101,12 @@ pub fn healthy(p: &Pod) -> bool {
 }
 
 fn resolve(v: &IntOrString, total: i64) -> i64 {
-    match v {
-        IntOrString::Int(i) => i64::from(*i),
-        IntOrString::String(s) => {
-            let p: i64 = s.trim_end_matches('%').parse().unwrap_or(0);
-            (p * total + 99) / 100
-        }
-    }
+    i64::from(super::quantity::int_or_percent(
+        Some(v),
+        i32::try_from(total).unwrap_or(i32::MAX),
+        "0",
+        true,
+    ))
 }
 
 /// The budget's status from the pods it covers (`pods`, none terminated) and the number its
@@ -199,7 +198,9 @@ pub fn evict(pdb: &PodDisruptionBudget, pod: &Pod) -> Eviction {
             .as_ref()
             .and_then(|s| s.unhealthy_pod_eviction_policy.as_deref())
             .unwrap_or("IfHealthyBudget");
-        if policy == "AlwaysAllow" || st.current_healthy >= st.desired_healthy {
+        if policy == "AlwaysAllow"
+            || (st.current_healthy >= st.desired_healthy && st.desired_healthy > 0)
+        {
             return Eviction::Allow;
         }
     }

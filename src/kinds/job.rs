@@ -529,6 +529,10 @@ fn failure(
     let old = job.status.clone().unwrap_or_default();
     let indexed = spec.completion_mode.as_deref() == Some("Indexed");
     let pair = |r: &str, m: &str| Some((r.to_string(), m.to_string()));
+    // Success found in an earlier pass stands while the pods are counted.
+    if has(&old, "SuccessCriteriaMet") {
+        return None;
+    }
     if let Some(c) = old
         .conditions
         .iter()
@@ -671,11 +675,7 @@ fn start_or_stop(
     let last_success = succeeded.iter().filter_map(|x| finished_at(x)).max();
     let failures: Vec<Timestamp> = pods
         .iter()
-        .filter(|x| outcome(x) == Outcome::Failed)
-        .filter(|x| {
-            !t.ignored
-                .contains(x.metadata.name.as_deref().unwrap_or_default())
-        })
+        .filter(|x| counted_failure(job, x))
         .filter_map(|x| finished_at(x))
         .filter(|t| last_success.is_none_or(|s| *t > s))
         .collect();
@@ -691,7 +691,7 @@ fn start_or_stop(
         let room = parallelism.saturating_sub(active.len());
         if spec.backoff_limit_per_index.is_some() {
             // Each index backs off on its own failures.
-            let counts = index_failures(pods, &t.ignored);
+            let counts = index_failures(job, pods);
             let mut next: Option<Timestamp> = None;
             let ready: Vec<Option<i32>> = (0..c)
                 .filter(|i| !taken.contains(i))
@@ -755,10 +755,7 @@ fn start_or_stop(
 
 /// Each index's failures (not ignored) and the last one's time: a failed pod counts once
 /// more than the failures its annotation says came before it.
-fn index_failures(
-    pods: &[&Pod],
-    ignored: &std::collections::HashSet<String>,
-) -> std::collections::BTreeMap<i32, (i32, Timestamp)> {
+fn index_failures(job: &Job, pods: &[&Pod]) -> std::collections::BTreeMap<i32, (i32, Timestamp)> {
     let mut out: std::collections::BTreeMap<i32, (i32, Timestamp)> = Default::default();
     for p in pods {
         let Some(i) = index_of(p) else { continue };
@@ -769,8 +766,7 @@ fn index_failures(
             .and_then(|a| a.get(INDEX_FAILURE_COUNT))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let failed = outcome(p) == Outcome::Failed
-            && !ignored.contains(p.metadata.name.as_deref().unwrap_or_default());
+        let failed = counted_failure(job, p);
         let n = before + i32::from(failed);
         if n == 0 {
             continue;
@@ -787,6 +783,11 @@ fn index_failures(
     out
 }
 
+/// Whether `p` failed and the podFailurePolicy does not ignore it.
+fn counted_failure(job: &Job, p: &Pod) -> bool {
+    outcome(p) == Outcome::Failed && tracking::on_failure(job, p) != tracking::OnFailure::Ignore
+}
+
 /// The indexes that failed for good: past backoffLimitPerIndex, or by a FailIndex rule (and
 /// those the status already names).
 fn failed_indexes(job: &Job, pods: &[&Pod], t: &tracking::Tally) -> BTreeSet<i32> {
@@ -797,7 +798,7 @@ fn failed_indexes(job: &Job, pods: &[&Pod], t: &tracking::Tally) -> BTreeSet<i32
     let old = job.status.clone().unwrap_or_default();
     let mut out = parse_indexes(old.failed_indexes.as_deref().unwrap_or(""));
     out.extend(t.fail_indexes.iter().copied());
-    for (i, (n, _)) in index_failures(pods, &t.ignored) {
+    for (i, (n, _)) in index_failures(job, pods) {
         if n > limit {
             out.insert(i);
         }

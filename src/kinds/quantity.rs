@@ -45,6 +45,29 @@ pub fn millicores(q: &str) -> Option<i64> {
     parse(q).map(|v| (v * 1000.0).ceil() as i64)
 }
 
+/// An IntOrString (`3` or `"25%"`) against a total, `default` when unset: percentages rounded
+/// up or down as the caller's rule says (kube's GetScaledValueFromIntOrPercent).
+pub fn int_or_percent(
+    v: Option<&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    total: i32,
+    default: &str,
+    round_up: bool,
+) -> i32 {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let s = match v {
+        Some(IntOrString::Int(i)) => return *i,
+        Some(IntOrString::String(s)) => s.clone(),
+        None => default.to_string(),
+    };
+    match s.strip_suffix('%').and_then(|p| p.parse::<i64>().ok()) {
+        Some(p) => {
+            let x = p * i64::from(total);
+            (if round_up { (x + 99) / 100 } else { x / 100 }) as i32
+        }
+        None => s.parse().unwrap_or(0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -244,6 +244,7 @@ pub fn validate_update(old: &StatefulSet, new: &StatefulSet) -> Vec<FieldError> 
         let mut s = s.clone().unwrap_or_default();
         s.replicas = None;
         s.ordinals = None;
+        s.revision_history_limit = None;
         s.template = PodTemplateSpec::default();
         s.update_strategy = None;
         s.persistent_volume_claim_retention_policy = None;
@@ -259,7 +260,7 @@ pub fn validate_update(old: &StatefulSet, new: &StatefulSet) -> Vec<FieldError> 
         err(
             &mut errs,
             "spec",
-            "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+            "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
         );
     }
     errs
@@ -380,6 +381,20 @@ pub fn pod_for(set: &StatefulSet, ordinal: i32, rev: &str, template: &PodTemplat
     }
 }
 
+/// Whether one of the claims of the pod at `ordinal` is being deleted.
+fn claims_going(
+    set: &StatefulSet,
+    ordinal: i32,
+    existing: &BTreeMap<String, &PersistentVolumeClaim>,
+) -> bool {
+    let set_name = name_of(&set.metadata);
+    set.spec
+        .iter()
+        .flat_map(|s| s.volume_claim_templates.iter().flatten())
+        .filter_map(|t| existing.get(&claim_name(name_of(&t.metadata), set_name, ordinal)))
+        .any(|c| c.metadata.deletion_timestamp.is_some())
+}
+
 /// The claims the pod at `ordinal` needs that `existing` lacks.
 fn claims_for(
     set: &StatefulSet,
@@ -440,7 +455,7 @@ pub fn plan(
         let Some(ord) = ordinal_of(set_name, name_of(&p.metadata)) else {
             continue;
         };
-        if (start..start + n).contains(&ord) {
+        if (start..start.saturating_add(n)).contains(&ord) {
             slots[(ord - start) as usize] = Some(p);
         } else {
             condemned.push((ord, p));
@@ -495,8 +510,10 @@ fn ensure_replicas(
     let monotonic = spec.pod_management_policy.as_deref() != Some("Parallel");
     let mut ok = true;
     for (i, slot) in slots.iter().enumerate() {
-        let ord = start + i as i32;
+        let ord = start.saturating_add(i as i32);
         match slot {
+            // A claim still being deleted must go before the pod is made again.
+            None if claims_going(set, ord, claims) => ok = false,
             None => {
                 p.claims.extend(claims_for(set, ord, claims));
                 let (rev, template) = if rolling && (i as i32) < partition {
@@ -602,16 +619,9 @@ fn roll(
         .update_strategy
         .as_ref()
         .and_then(|s| s.rolling_update.as_ref())
-        .and_then(|r| r.max_unavailable.as_ref())
-        .map(|v| match v {
-            IntOrString::Int(i) => *i,
-            IntOrString::String(s) => {
-                let pct: i64 = s.trim_end_matches('%').parse().unwrap_or(0);
-                (pct * slots.len() as i64 / 100) as i32
-            }
-        })
-        .unwrap_or(1)
-        .max(1);
+        .and_then(|r| r.max_unavailable.as_ref());
+    let max_unavailable =
+        super::quantity::int_or_percent(max_unavailable, slots.len() as i32, "1", false).max(1);
     let unavailable = slots
         .iter()
         .filter(|s| !s.is_some_and(|pod| healthy(pod, min_ready, now)))

@@ -143,8 +143,23 @@ pub fn validate_pvc_update(
     if o.storage_class_name.is_none() {
         o.storage_class_name = n.storage_class_name.clone();
     }
-    o.resources = n.resources.clone();
+    let storage = |s: &k8s_openapi::api::core::v1::PersistentVolumeClaimSpec| {
+        bytes_of(
+            s.resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("storage")),
+        )
+    };
     let mut errs = vec![];
+    if storage(&n) < storage(&o) {
+        err(
+            &mut errs,
+            "spec.resources.requests.storage",
+            "Forbidden: field can not be less than previous value",
+        );
+    }
+    o.resources = n.resources.clone();
     if o != n {
         err(
             &mut errs,
@@ -534,8 +549,10 @@ pub struct World<'a> {
     pub volumes: &'a [&'a PersistentVolume],
     pub classes: &'a [&'a StorageClass],
     pub pods: &'a [&'a Pod],
-    /// Each node's local-path root (from its annotation).
+    /// Each Ready node's local-path root (from its annotation).
     pub roots: &'a BTreeMap<String, String>,
+    /// The nodes (a claim that waits for its first consumer binds only volumes its node may use).
+    pub nodes: &'a [&'a Node],
 }
 
 fn key(m: &ObjectMeta) -> (String, String) {
@@ -550,7 +567,13 @@ pub fn plan(w: &World) -> Vec<StorageWrite> {
     let mut out = vec![];
     let claims: BTreeMap<(String, String), &PersistentVolumeClaim> =
         w.claims.iter().map(|c| (key(&c.metadata), *c)).collect();
-    let mut taken: HashSet<String> = HashSet::new();
+    // Volumes some claim names already are nobody else's, whatever order the claims come in.
+    let mut taken: HashSet<String> = w
+        .claims
+        .iter()
+        .filter_map(|c| c.spec.as_ref()?.volume_name.clone())
+        .filter(|v| !v.is_empty())
+        .collect();
     for c in w.claims {
         plan_claim(w, c, &mut taken, &mut out);
     }
@@ -646,10 +669,25 @@ fn plan_claim(
         }
         return;
     }
+    // A claim of a class that waits for its first consumer binds only a volume pre-bound to it
+    // before the scheduler chose a node, then volumes that node may use.
+    let waits = class_of(w, c)
+        .is_some_and(|sc| sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
+    let selected = c
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SELECTED_NODE));
+    let node = selected.and_then(|n| w.nodes.iter().find(|x| x.metadata.name.as_ref() == Some(n)));
     let free: Vec<&PersistentVolume> = w
         .volumes
         .iter()
         .filter(|pv| !taken.contains(name_of(&pv.metadata)))
+        .filter(|pv| {
+            !waits
+                || claim_ref(pv).is_some_and(|r| refers_to(r, c))
+                || node.is_some_and(|n| pv_fits_node(pv, n))
+        })
         .copied()
         .collect();
     if let Some(pv) = best_volume(c, &free) {
@@ -818,6 +856,18 @@ fn plan_volume(
             status: json!({"phase": want}),
         });
     }
+}
+
+/// Whether volume `pv` is bound to claim `c`: the claim names it and the volume's claimRef
+/// names the claim, uid included.
+pub fn bound_to(pv: &PersistentVolume, c: &PersistentVolumeClaim) -> bool {
+    c.spec.as_ref().and_then(|s| s.volume_name.as_deref()) == pv.metadata.name.as_deref()
+        && claim_ref(pv).is_some_and(|r| {
+            r.namespace == c.metadata.namespace
+                && r.name == c.metadata.name
+                && r.uid.is_some()
+                && r.uid == c.metadata.uid
+        })
 }
 
 /// Whether keelson's provisioner made the volume.

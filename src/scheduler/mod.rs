@@ -334,6 +334,7 @@ impl Controller for Scheduler {
             caches.pods.changed.clone(),
             caches.nodes.changed.clone(),
             caches.claims.changed.clone(),
+            caches.volumes.changed.clone(),
         ]
     }
 

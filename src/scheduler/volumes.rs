@@ -14,7 +14,7 @@ use kube::{
 
 use crate::{
     control::Caches,
-    kinds::storage::{LOCAL_PATH_ROOT, PROVISIONER, SELECTED_NODE, pv_fits_node},
+    kinds::storage::{LOCAL_PATH_ROOT, PROVISIONER, SELECTED_NODE, bound_to, pv_fits_node},
 };
 
 /// What the pod's claims ask of its node.
@@ -45,7 +45,9 @@ pub fn needs(caches: &Caches, p: &Pod) -> Result<Needs, String> {
         let spec = c.spec.clone().unwrap_or_default();
         if let Some(vn) = spec.volume_name.filter(|v| !v.is_empty()) {
             match caches.volumes.get(None, &vn) {
-                Some(pv) => n.bound.push(pv),
+                Some(pv) if bound_to(&pv, &c) => n.bound.push(pv),
+                // Named but not bound back (yet, or it is someone else's volume).
+                Some(_) => return Err("pod has unbound immediate PersistentVolumeClaims".into()),
                 None => return Err("pvc(s) bound to non-existent pv(s)".into()),
             }
             continue;

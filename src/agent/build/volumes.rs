@@ -103,10 +103,15 @@ fn claim_volume(
             "MountVolume.SetUp failed for volume \"{name}\" : {why}"
         ))
     };
-    let Some((_, pv)) = sb.refs.claims.get(claim) else {
+    let Some((pvc, pv)) = sb.refs.claims.get(claim) else {
         return Err(fail(format!("persistentvolumeclaim \"{claim}\" not found")));
     };
-    let Some(pv) = pv else {
+    // Only a volume bound to this very claim: a claim naming someone else's volume in its
+    // spec.volumeName gets nothing (kubelet checks the same).
+    let bound = pv
+        .as_ref()
+        .filter(|pv| crate::kinds::storage::bound_to(pv, pvc));
+    let Some(pv) = bound else {
         return Err(fail(format!(
             "PersistentVolumeClaim \"{claim}\" is not bound"
         )));
@@ -129,24 +134,26 @@ fn claim_volume(
     let fresh = !Path::new(&hp.path).exists();
     let path = host_path(hp)?;
     if fresh && crate::kinds::storage::provisioned_here(pv) {
-        let fs_group = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.security_context.as_ref())
-            .and_then(|s| s.fs_group);
-        if let Some(g) = fs_group {
-            nix::unistd::chown(
-                Path::new(&path),
-                None,
-                Some(nix::unistd::Gid::from_raw(g as u32)),
-            )
-            .map_err(|e| fail(format!("chown to fsGroup {g}: {e}")))?;
-        }
-        let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .map_err(|e| fail(e.to_string()))?;
+        shared_with_fs_group(pod, Path::new(&path)).map_err(fail)?;
     }
     Ok(path)
+}
+
+/// Makes `dir` world-writable, and with the pod's fsGroup group-owned by it and setgid (as
+/// kubelet leaves the volumes it manages).
+fn shared_with_fs_group(pod: &Pod, dir: &Path) -> Result<(), String> {
+    let fs_group = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.fs_group);
+    if let Some(g) = fs_group {
+        nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(g as u32)))
+            .map_err(|e| format!("chown to fsGroup {g}: {e}"))?;
+    }
+    let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(|e| e.to_string())
 }
 
 /// An emptyDir: a directory under the pod's (a tmpfs for `medium: Memory`), world-writable
@@ -177,18 +184,7 @@ fn empty_dir(
             .map_err(|e| ConfigError(format!("emptyDir {name:?}: mount tmpfs: {e}")))?;
         }
         // kubelet makes emptyDirs world-writable, group-owned by fsGroup (setgid) if set.
-        let fs_group = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.security_context.as_ref())
-            .and_then(|s| s.fs_group);
-        let mode = if fs_group.is_some() { 0o2777 } else { 0o777 };
-        if let Some(g) = fs_group {
-            nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(g as u32))).map_err(
-                |e| ConfigError(format!("emptyDir {name:?}: chown to fsGroup {g}: {e}")),
-            )?;
-        }
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        shared_with_fs_group(pod, &dir)
             .map_err(|e| ConfigError(format!("emptyDir {name:?}: {e}")))?;
     }
     Ok(dir.to_string_lossy().into())

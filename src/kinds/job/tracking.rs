@@ -20,7 +20,7 @@ pub const TRACKING_FINALIZER: &str = "batch.kubernetes.io/job-tracking";
 
 /// What a failed pod means under the Job's podFailurePolicy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OnFailure {
+pub(super) enum OnFailure {
     /// Counted against backoffLimit (no rule matched, or a Count rule).
     Count,
     /// Not counted; the pod is replaced.
@@ -95,7 +95,7 @@ fn matches(rule: &PodFailurePolicyRule, p: &Pod) -> Option<String> {
 }
 
 /// The podFailurePolicy's verdict on failed pod `p`.
-pub fn on_failure(job: &Job, p: &Pod) -> OnFailure {
+pub(super) fn on_failure(job: &Job, p: &Pod) -> OnFailure {
     let rules = job
         .spec
         .as_ref()
@@ -184,6 +184,12 @@ pub fn tally(job: &Job, pods: &[&Pod], ended: bool) -> Tally {
             }
         }
     }
+    // A pod deleted before it finished counts as failed at once (kube's default
+    // TerminatingOrFailed), unless the Job is suspended or ended, or a podFailurePolicy
+    // wants to see how it ends.
+    let spec = job.spec.clone().unwrap_or_default();
+    let count_terminating =
+        !ended && !spec.suspend.unwrap_or(false) && spec.pod_failure_policy.is_none();
     for p in pods {
         if phase(p) == Some("Succeeded")
             && let Some(i) = index_of(p)
@@ -194,8 +200,11 @@ pub fn tally(job: &Job, pods: &[&Pod], ended: bool) -> Tally {
         if !tracked(p) || recorded {
             continue;
         }
+        let going = p.metadata.deletion_timestamp.is_some() && count_terminating;
         match phase(p) {
             Some("Succeeded") => unc_s.push(uid(p).to_string()),
+            Some(ph) if going && ph != "Failed" => unc_f.push(uid(p).to_string()),
+            None if going => unc_f.push(uid(p).to_string()),
             Some("Failed") => match on_failure(job, p) {
                 OnFailure::Ignore => {
                     t.ignored.insert(name(p));

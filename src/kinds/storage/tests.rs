@@ -57,12 +57,23 @@ fn run(
     let s: Vec<&StorageClass> = classes.iter().collect();
     let p: Vec<&Pod> = pods.iter().collect();
     let roots = BTreeMap::from([("n1".to_string(), "/var/lib/keelson/storage".to_string())]);
+    let nodes: Vec<Node> = ["n1", "n2"]
+        .iter()
+        .map(|n| {
+            serde_json::from_value(
+                json!({"metadata": {"name": n, "labels": {"kubernetes.io/hostname": n}}}),
+            )
+            .unwrap()
+        })
+        .collect();
+    let node_refs: Vec<&Node> = nodes.iter().collect();
     plan(&World {
         claims: &c,
         volumes: &v,
         classes: &s,
         pods: &p,
         roots: &roots,
+        nodes: &node_refs,
     })
 }
 
@@ -253,4 +264,37 @@ fn validation_names_the_field() {
         errs,
         ["spec.nodeAffinity: Required value: Local volume requires node affinity"]
     );
+}
+
+#[test]
+fn a_waiting_claim_binds_a_static_volume_only_on_its_node() {
+    let sc: StorageClass = serde_json::from_value(json!({"metadata": {"name": "local"},
+        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"}))
+    .unwrap();
+    let pinned = volume(
+        "on-n2",
+        "1Gi",
+        "local",
+        json!({"nodeAffinity": {"required": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["n2"]}]}]}}}),
+    );
+    let on = |node: Option<&str>| {
+        let meta = match node {
+            Some(n) => json!({"metadata": {"annotations": {SELECTED_NODE: n}}}),
+            None => json!({}),
+        };
+        run(
+            &[claim("data", "1Gi", Some("local"), meta)],
+            std::slice::from_ref(&pinned),
+            std::slice::from_ref(&sc),
+            &[],
+        )
+    };
+    let binds = |w: &[StorageWrite]| w.iter().any(|x| matches!(x, StorageWrite::Bind { .. }));
+    assert!(!binds(&on(None)), "bound before a node was chosen");
+    assert!(
+        !binds(&on(Some("n1"))),
+        "bound a volume its node cannot use"
+    );
+    assert!(binds(&on(Some("n2"))));
 }
