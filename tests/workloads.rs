@@ -647,6 +647,22 @@ fn a_claim_waits_for_its_first_consumer_and_its_directory_goes_with_it(c: &Clust
         !o.status.success(),
         "a write to the readOnly mount succeeded"
     );
+    // A claim that names this volume in spec.volumeName does not get it: the volume is bound
+    // to scratch, so the thief's pod is never placed (and no node would mount it).
+    c.apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: thief\nspec:\n  volumeName: {pv}\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Mi\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: thief\nspec:\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [\"cat\", \"/d/f\"]\n    volumeMounts:\n    - name: d\n      mountPath: /d\n  volumes:\n  - name: d\n    persistentVolumeClaim:\n      claimName: thief\n"
+    ));
+    c.until(30, "the thief's pod refused a node", || {
+        c.jsonpath(
+            &["get", "pod", "thief"],
+            "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        )
+        .contains("unbound immediate PersistentVolumeClaims")
+    });
+    assert_eq!(c.field("pod", "thief", "{.spec.nodeName}"), "");
+    assert_eq!(c.field("pvc", "thief", "{.status.phase}"), "Pending");
+    c.ok(&["delete", "pod", "thief", "--grace-period=0"]);
+    c.ok(&["delete", "pvc", "thief"]);
     // The claim is held while its pod runs (pvc-protection), then goes with its volume and
     // directory (reclaim Delete).
     c.ok(&["delete", "pvc", "scratch", "--wait=false"]);
