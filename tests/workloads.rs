@@ -62,6 +62,7 @@ fn jobs() {
         a_statefulset_starts_in_order_with_stable_names_claims_and_data,
         a_statefulset_scales_down_from_the_top_and_keeps_its_claims,
         a_statefulset_rolls_to_its_partition_and_rollout_undo_restores_it,
+        a_statefulset_made_again_after_an_orphaning_delete_adopts_its_pods,
         a_claim_waits_for_its_first_consumer_and_its_directory_goes_with_it,
         a_daemonset_keeps_revisions_that_rollout_undo_restores,
         an_invalid_statefulset_is_refused_with_field_paths,
@@ -585,6 +586,29 @@ fn a_statefulset_rolls_to_its_partition_and_rollout_undo_restores_it(c: &Cluster
     assert!(history.lines().any(|l| l.starts_with("3 ")), "{history}");
     let revs = c.ok(&["get", "controllerrevisions"]);
     assert!(revs.contains("statefulset.apps/web"), "{revs}");
+}
+
+fn a_statefulset_made_again_after_an_orphaning_delete_adopts_its_pods(c: &Cluster) {
+    let uids = || {
+        c.sorted_words(
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].metadata.uid}",
+        )
+    };
+    let before = uids();
+    assert_eq!(before.len(), 3);
+    c.ok(&["delete", "sts", "web", "--cascade=orphan"]);
+    assert_eq!(uids(), before, "the pods stay");
+    c.apply(&statefulset(3, ""));
+    let set = c.field("sts", "web", "{.metadata.uid}");
+    c.until(60, "the pods adopted by the new set", || {
+        c.sorted_words(
+            &["get", "pods", "-l", "app=web"],
+            "{.items[*].metadata.ownerReferences[0].uid}",
+        ) == [set.as_str(); 3]
+    });
+    wait_sts_ready(c, "3/3", 60);
+    assert_eq!(uids(), before, "adopted, not made again");
 }
 
 fn a_claim_waits_for_its_first_consumer_and_its_directory_goes_with_it(c: &Cluster) {

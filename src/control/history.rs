@@ -47,7 +47,24 @@ pub async fn sync<K: Resource<DynamicType = ()>>(
         rev.metadata.owner_references = controller_ref(owner).map(|r| vec![r]);
         match api.create(&PostParams::default(), &rev).await {
             Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            // There already: an orphan of an earlier owner of that name is taken over.
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let name = rev.metadata.name.clone().unwrap_or_default();
+                if let Some(old) = api.get_opt(&name).await?
+                    && controller_uid(&old).is_none()
+                {
+                    let mut refs = old.metadata.owner_references.clone().unwrap_or_default();
+                    refs.extend(controller_ref(owner));
+                    api.patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"metadata": {
+                            "ownerReferences": refs,
+                            "resourceVersion": old.metadata.resource_version}})),
+                    )
+                    .await?;
+                }
+            }
             Err(e) => return Err(e),
         }
     }

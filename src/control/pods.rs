@@ -1,6 +1,7 @@
 //! The pod writes every workload controller makes, with the events kube's controllers give
 //! them: a pod created for its owner (SuccessfulCreate, or FailedCreate with the error) and a
-//! pod deleted (SuccessfulDelete; one already gone is no error).
+//! pod deleted (SuccessfulDelete; one already gone is no error); an orphan adopted and a pod
+//! that stopped matching released.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -76,4 +77,53 @@ pub async fn delete<K: Resource<DynamicType = ()>>(
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Replaces a pod's ownerReferences (guarded by its resourceVersion; a pod that changed or
+/// went meanwhile is left to the next pass).
+async fn set_owners(
+    api: &Api<Pod>,
+    p: &Pod,
+    refs: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+) -> kube::Result<()> {
+    let refs = if refs.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!(refs)
+    };
+    let patch = serde_json::json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.metadata.resource_version}});
+    match api
+        .patch(
+            p.metadata.name.as_deref().unwrap_or_default(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn adopt<K: Resource<DynamicType = ()>>(
+    api: &Api<Pod>,
+    owner: &K,
+    p: &Pod,
+) -> kube::Result<()> {
+    let mut refs = p.metadata.owner_references.clone().unwrap_or_default();
+    refs.extend(super::controller_ref(owner));
+    set_owners(api, p, refs).await
+}
+
+pub async fn release(api: &Api<Pod>, p: &Pod, uid: &str) -> kube::Result<()> {
+    let refs = p
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|r| r.uid != uid)
+        .cloned()
+        .collect();
+    set_owners(api, p, refs).await
 }

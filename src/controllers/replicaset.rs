@@ -17,10 +17,7 @@ use k8s_openapi::api::{
     apps::v1::{ReplicaSet, ReplicaSetStatus},
     core::v1::{Pod, ReplicationController},
 };
-use kube::{
-    Api, Client, Resource,
-    api::{Patch, PatchParams},
-};
+use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 
 use crate::control::{
@@ -302,12 +299,12 @@ impl ReplicaSets {
         let by_name = |n: &str| pods.iter().find(|p| pod_name(p) == n);
         for n in &plan.release {
             if let Some(p) = by_name(n) {
-                release(&api, p, &uid).await?;
+                pods::release(&api, p, &uid).await?;
             }
         }
         for n in &plan.adopt {
             if let Some(p) = by_name(n) {
-                adopt(&api, owner, p).await?;
+                pods::adopt(&api, owner, p).await?;
             }
         }
         let (mut created, mut deleted) = (HashSet::new(), HashSet::new());
@@ -367,51 +364,6 @@ fn pod_from_template<K: Resource<DynamicType = ()>>(rs: &ReplicaSet, owner: &K) 
         spec: template.spec,
         status: None,
     }
-}
-
-/// Replaces a pod's ownerReferences (guarded by its resourceVersion; a pod that changed or
-/// went meanwhile is left to the next pass).
-async fn set_owners(
-    api: &Api<Pod>,
-    p: &Pod,
-    refs: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
-) -> kube::Result<()> {
-    let refs = if refs.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::json!(refs)
-    };
-    let patch = serde_json::json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.metadata.resource_version}});
-    match api
-        .patch(&pod_name(p), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-async fn adopt<K: Resource<DynamicType = ()>>(
-    api: &Api<Pod>,
-    owner: &K,
-    p: &Pod,
-) -> kube::Result<()> {
-    let mut refs = p.metadata.owner_references.clone().unwrap_or_default();
-    refs.extend(controller_ref(owner));
-    set_owners(api, p, refs).await
-}
-
-async fn release(api: &Api<Pod>, p: &Pod, uid: &str) -> kube::Result<()> {
-    let refs = p
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .filter(|r| r.uid != uid)
-        .cloned()
-        .collect();
-    set_owners(api, p, refs).await
 }
 
 #[cfg(test)]

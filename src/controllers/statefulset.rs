@@ -23,11 +23,12 @@ use tokio::sync::watch;
 use crate::{
     control::{
         Caches, controller_ref, controller_uid, history, patch_status,
-        pods::PodControl,
+        pods::{self, PodControl},
         runner::{self, Controller, PassError},
     },
     kinds::{
         history::template_of,
+        selector::selector_matches,
         statefulset::{Revisions, SetPlan, plan, revisions_in_use},
     },
 };
@@ -84,6 +85,29 @@ impl Controller for Sets {
                 .filter(|p| controller_uid(p.as_ref()) == Some(uid))
                 .collect();
             if self.c.expect.waiting(uid, &arcs) {
+                continue;
+            }
+            // Orphans that match (a set deleted with --cascade=orphan and made again) are taken
+            // back before anything is planned.
+            let orphans: Vec<&Arc<Pod>> = pods
+                .iter()
+                .filter(|p| {
+                    p.metadata.namespace == set.metadata.namespace
+                        && controller_uid(p.as_ref()).is_none()
+                        && p.metadata.deletion_timestamp.is_none()
+                        && set.spec.as_ref().is_some_and(|s| {
+                            selector_matches(&s.selector, p.metadata.labels.as_ref())
+                        })
+                })
+                .collect();
+            if !orphans.is_empty() {
+                let ns = set.metadata.namespace.clone().unwrap_or_default();
+                let api: Api<Pod> = Api::namespaced(self.c.client.clone(), &ns);
+                for p in orphans {
+                    if let Err(e) = pods::adopt(&api, set.as_ref(), p).await {
+                        tracing::debug!(pod = ?p.metadata.name, error = %e, "adopting a pod");
+                    }
+                }
                 continue;
             }
             let claims: BTreeMap<String, &PersistentVolumeClaim> = all_claims
