@@ -495,6 +495,27 @@ mod tests {
         super::super::suite::run_all(&s).await;
     }
 
+    /// Writes `key` once, through a failover: a request cut off while the members elect a new
+    /// leader (the client's 5 s timeout) may or may not have been applied, so the key is looked
+    /// up before the write is tried again, as any etcd client must. Within 30 s it is there.
+    async fn put_through_failover(s: &EtcdStore, key: &str, v: Vec<u8>) -> KeyValue {
+        let t0 = std::time::Instant::now();
+        loop {
+            match s.put(key, v.clone(), Precondition::Absent).await {
+                Ok(kv) => return kv,
+                Err(Error::Backend(_) | Error::AlreadyExists(_))
+                    if t0.elapsed() < Duration::from_secs(30) =>
+                {
+                    if let Ok(Some(kv)) = s.get(key).await {
+                        return kv;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("writes go on with two of three members: {e}"),
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_three_member_cluster_keeps_serving_with_one_member_killed() {
         let mut c = Cluster::start(3);
@@ -509,10 +530,7 @@ mod tests {
         c.members[0].wait().unwrap();
         let mut last = first.mod_revision;
         for i in 0..20 {
-            let kv = s
-                .put(&format!("/ha/k{i}"), vec![i], Precondition::Absent)
-                .await
-                .expect("writes go on with two of three members");
+            let kv = put_through_failover(&s, &format!("/ha/k{i}"), vec![i]).await;
             assert!(kv.mod_revision > last);
             last = kv.mod_revision;
         }
