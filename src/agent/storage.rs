@@ -53,24 +53,14 @@ enum Cleanup {
 
 fn decide(pv: &PersistentVolume, dir: &Path, node: &str) -> Cleanup {
     let ours = volume_node(pv) == Some(node)
-        && pv
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .any(|f| f == CLEANUP_FINALIZER)
+        && crate::kinds::has_finalizer(&pv.metadata, CLEANUP_FINALIZER)
         && pv
             .spec
             .as_ref()
             .and_then(|s| s.host_path.as_ref())
             .is_some_and(|hp| Path::new(&hp.path) == dir);
     // Still bound (pv-protection not lifted): a pod may be using it; nothing is touched.
-    let protected = pv
-        .metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .any(|f| f == PV_PROTECTION);
+    let protected = crate::kinds::has_finalizer(&pv.metadata, PV_PROTECTION);
     if !ours || protected || pv.metadata.deletion_timestamp.is_none() {
         return Cleanup::Keep;
     }

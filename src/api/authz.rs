@@ -151,21 +151,8 @@ pub async fn node_may_read(
                     r.plural
                 ));
             };
-            let pods = super::registry::find("", "v1", "pods")
-                .ok_or_else(|| ApiError::internal("no pods resource"))?;
-            let page = st
-                .cache
-                .list(&pods.prefix(), &format!("{}{ns}/", pods.prefix()), None, 0)
-                .await
-                .map_err(ApiError::internal)?;
-            let referenced = page.items.iter().any(|kv| {
-                let Ok(pod) = serde_json::from_slice::<Value>(&kv.value) else {
-                    return false;
-                };
-                if pod["spec"]["nodeName"].as_str() != Some(node) {
-                    return false;
-                }
-                let (secrets, cms) = pod_references(&pod);
+            let referenced = pods_on(st, ns, node).await?.iter().any(|pod| {
+                let (secrets, cms) = pod_references(pod);
                 match r.plural {
                     "secrets" => secrets.iter().any(|s| s == name),
                     "configmaps" => cms.iter().any(|s| s == name),
@@ -264,8 +251,8 @@ fn lifts_own_finalizer(pv: &Value, node: &str, body: &Bytes) -> bool {
     volume_pinned_to(pv, node) && only_finalizers && removes_own_only
 }
 
-/// Whether a pod bound to `node` uses claim `ns/claim`.
-async fn claim_used_on(st: &ApiState, ns: &str, claim: &str, node: &str) -> Result<bool, ApiError> {
+/// The pods of namespace `ns` bound to `node`, from the watch cache.
+async fn pods_on(st: &ApiState, ns: &str, node: &str) -> Result<Vec<Value>, ApiError> {
     let pods = super::registry::find("", "v1", "pods")
         .ok_or_else(|| ApiError::internal("no pods resource"))?;
     let page = st
@@ -273,15 +260,21 @@ async fn claim_used_on(st: &ApiState, ns: &str, claim: &str, node: &str) -> Resu
         .list(&pods.prefix(), &format!("{}{ns}/", pods.prefix()), None, 0)
         .await
         .map_err(ApiError::internal)?;
-    Ok(page.items.iter().any(|kv| {
-        let Ok(pod) = serde_json::from_slice::<Value>(&kv.value) else {
-            return false;
-        };
-        pod["spec"]["nodeName"].as_str() == Some(node)
-            && pod["spec"]["volumes"].as_array().is_some_and(|vs| {
-                vs.iter()
-                    .any(|v| v["persistentVolumeClaim"]["claimName"].as_str() == Some(claim))
-            })
+    Ok(page
+        .items
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+        .filter(|pod| pod["spec"]["nodeName"].as_str() == Some(node))
+        .collect())
+}
+
+/// Whether a pod bound to `node` uses claim `ns/claim`.
+async fn claim_used_on(st: &ApiState, ns: &str, claim: &str, node: &str) -> Result<bool, ApiError> {
+    Ok(pods_on(st, ns, node).await?.iter().any(|pod| {
+        pod["spec"]["volumes"].as_array().is_some_and(|vs| {
+            vs.iter()
+                .any(|v| v["persistentVolumeClaim"]["claimName"].as_str() == Some(claim))
+        })
     }))
 }
 

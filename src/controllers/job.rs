@@ -71,12 +71,7 @@ impl Controller for Jobs {
             .filter_map(|j| j.metadata.uid.as_deref())
             .collect();
         for p in &pods {
-            let held = p
-                .metadata
-                .finalizers
-                .iter()
-                .flatten()
-                .any(|f| f == TRACKING_FINALIZER);
+            let held = crate::kinds::has_finalizer(&p.metadata, TRACKING_FINALIZER);
             if held && controller_uid(p.as_ref()).is_none_or(|u| !counting.contains(u)) {
                 self.release(p).await;
             }

@@ -23,3 +23,11 @@ pub mod validate;
 /// The Kubernetes minor version keelson presents, as API server and as kubelet (kubectl picks
 /// its client by it).
 pub const KUBE_MINOR: &str = "32";
+
+/// Whether the object's metadata holds finalizer `f`.
+pub fn has_finalizer(
+    m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    f: &str,
+) -> bool {
+    m.finalizers.iter().flatten().any(|x| x == f)
+}

@@ -621,12 +621,7 @@ fn plan_claim(
 ) {
     let (ns, claim) = key(&c.metadata);
     if c.metadata.deletion_timestamp.is_some() {
-        let protected = c
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .any(|f| f == PVC_PROTECTION);
+        let protected = super::has_finalizer(&c.metadata, PVC_PROTECTION);
         if protected && !in_use(w, c) {
             out.push(StorageWrite::ReleaseClaim { ns, claim });
         }
@@ -701,6 +696,13 @@ fn plan_claim(
         });
         return;
     }
+    no_volume_fits(w, c, out);
+}
+
+/// No volume serves claim `c`: keelson's class provisions one; another class or none says why
+/// the claim waits.
+fn no_volume_fits(w: &World, c: &PersistentVolumeClaim, out: &mut Vec<StorageWrite>) {
+    let (ns, claim) = key(&c.metadata);
     let class = class_of(w, c);
     let class_name = c
         .spec
@@ -823,12 +825,7 @@ fn plan_volume(
         }
     };
     if pv.metadata.deletion_timestamp.is_some() {
-        let protected = pv
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .any(|f| f == PV_PROTECTION);
+        let protected = super::has_finalizer(&pv.metadata, PV_PROTECTION);
         if protected && want != "Bound" {
             out.push(StorageWrite::ReleaseVolume(name));
         }

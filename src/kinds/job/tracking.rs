@@ -36,11 +36,7 @@ fn uid(p: &Pod) -> &str {
 }
 
 fn tracked(p: &Pod) -> bool {
-    p.metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .any(|f| f == TRACKING_FINALIZER)
+    super::super::has_finalizer(&p.metadata, TRACKING_FINALIZER)
 }
 
 fn phase(p: &Pod) -> Option<&str> {
