@@ -16,7 +16,10 @@ use k8s_openapi::{
 };
 use serde_json::Value;
 
-use super::validate::{FieldError, err};
+use super::{
+    has_finalizer,
+    validate::{FieldError, err},
+};
 
 mod tracking;
 pub use tracking::TRACKING_FINALIZER;

@@ -36,7 +36,7 @@ fn uid(p: &Pod) -> &str {
 }
 
 fn tracked(p: &Pod) -> bool {
-    super::super::has_finalizer(&p.metadata, TRACKING_FINALIZER)
+    super::has_finalizer(&p.metadata, TRACKING_FINALIZER)
 }
 
 fn phase(p: &Pod) -> Option<&str> {
