@@ -41,9 +41,9 @@ struct ElectionArgs {
 }
 
 #[cfg(feature = "server")]
-/// Settings of the node controllers.
+/// Settings of the controllers (kube-controller-manager's flags).
 #[derive(clap::Args, Clone, Copy)]
-struct NodeControllerArgs {
+struct ControllerArgs {
     /// How long a node may stay silent (no Lease renewal) before it turns Ready=Unknown.
     #[arg(long, default_value = "50s", value_parser = parse_duration)]
     node_monitor_grace_period: std::time::Duration,
@@ -53,11 +53,15 @@ struct NodeControllerArgs {
     /// Prefix length of each node's pod CIDR.
     #[arg(long, default_value = "24")]
     node_cidr_mask_size: u8,
+    /// A test clock for the CronJob controller: its time runs this many times faster than
+    /// the real one (60: a minute a second).
+    #[arg(long, default_value = "1", hide = true)]
+    cronjob_time_scale: u32,
 }
 
 #[cfg(feature = "server")]
-impl NodeControllerArgs {
-    fn options(self) -> anyhow::Result<keelson::controllers::node::Options> {
+impl ControllerArgs {
+    fn options(self) -> anyhow::Result<keelson::controllers::Options> {
         anyhow::ensure!(
             self.node_cidr_mask_size >= self.cluster_cidr.prefix_len()
                 && self.node_cidr_mask_size <= 30,
@@ -65,10 +69,18 @@ impl NodeControllerArgs {
             self.node_cidr_mask_size,
             self.cluster_cidr.prefix_len()
         );
-        Ok(keelson::controllers::node::Options {
-            grace: self.node_monitor_grace_period,
-            cluster_cidr: self.cluster_cidr.trunc(),
-            node_prefix: self.node_cidr_mask_size,
+        anyhow::ensure!(
+            (1..=3600).contains(&self.cronjob_time_scale),
+            "--cronjob-time-scale {} must be between 1 and 3600",
+            self.cronjob_time_scale
+        );
+        Ok(keelson::controllers::Options {
+            node: keelson::controllers::node::Options {
+                grace: self.node_monitor_grace_period,
+                cluster_cidr: self.cluster_cidr.trunc(),
+                node_prefix: self.node_cidr_mask_size,
+            },
+            cron_clock: keelson::controllers::cronjob::Clock::scaled(self.cronjob_time_scale),
         })
     }
 }
@@ -140,7 +152,7 @@ enum Cmd {
         #[command(flatten)]
         election: ElectionArgs,
         #[command(flatten)]
-        nodes: NodeControllerArgs,
+        nodes: ControllerArgs,
         /// Seconds new pods tolerate a not-ready node (DefaultTolerationSeconds).
         #[arg(long, default_value = "300")]
         default_not_ready_toleration_seconds: i64,
@@ -170,7 +182,7 @@ enum Cmd {
         #[command(flatten)]
         election: ElectionArgs,
         #[command(flatten)]
-        nodes: NodeControllerArgs,
+        nodes: ControllerArgs,
     },
     /// Build and load container images offline.
     Image {

@@ -19,7 +19,7 @@ pub async fn run(
     client: Client,
     actors: Actors,
     election: leader::Config,
-    node_opts: crate::controllers::node::Options,
+    opts: crate::controllers::Options,
 ) {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().to_string())
@@ -47,7 +47,7 @@ pub async fn run(
                 identity.clone(),
                 election,
             );
-            crate::controllers::run(client.clone(), caches.clone(), leading, node_opts).await;
+            crate::controllers::run(client.clone(), caches.clone(), leading, opts).await;
         }
     };
     tokio::join!(sched, ctrl);

@@ -2,7 +2,8 @@
 //! Jobs — `kubectl create job`, completions with parallelism, the back-off and
 //! `backoffLimit`, Indexed completion, `activeDeadlineSeconds`, `ttlSecondsAfterFinished`,
 //! kubectl's Job columns, and kube-apiserver's validation; a CronJob on the real clock and by
-//! hand (`kubectl create job --from=cronjob/…`), with its history limit; StatefulSets with
+//! hand (`kubectl create job --from=cronjob/…`), with its history limit, and the concurrency
+//! policies on a test clock; StatefulSets with
 //! volume claims on the local-path provisioner (ordered start, stable names, host names and
 //! data, ordered scale-down, a partitioned roll, `kubectl rollout status|history|undo`), a
 //! claim that waits for its first consumer and takes its directory with it, and DaemonSet
@@ -71,6 +72,90 @@ fn jobs() {
     );
 }
 
+/// CronJob concurrency policies on the controller's test clock (`--cronjob-time-scale=60`:
+/// each second a minute, so `*/1` comes due every second); the real clock is
+/// `a_cronjob_starts_jobs_on_its_schedule_and_by_hand`'s.
+#[test]
+fn cronjob_concurrency_policies_on_a_test_clock() {
+    let c = Cluster::up_with("cron", 1, &["--cronjob-time-scale=60"], &[]);
+    let cron = |name: &str, policy: &str, command: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: {name}\nspec:\n  schedule: \"*/1 * * * *\"\n  concurrencyPolicy: {policy}\n  startingDeadlineSeconds: 120\n  successfulJobsHistoryLimit: 100\n  jobTemplate:\n    spec:\n{}",
+            template("      ", command)
+        )
+    };
+    let active = |name: &str| c.sorted_words(&["get", "cronjob", name], "{.status.active[*].name}");
+    let made = |name: &str| {
+        c.sorted_words(&["get", "jobs"], "{.items[*].metadata.name}")
+            .into_iter()
+            .filter(|j| j.starts_with(&format!("{name}-")))
+            .count()
+    };
+    // Forbid: while a Job runs (3 s, three scheduled minutes) no other starts; the skipped
+    // schedule starts once it is done.
+    c.apply(&cron("forbid", "Forbid", "sleep 3"));
+    let t0 = Instant::now();
+    let mut most = 0;
+    let mut jobs = 0;
+    c.until(90, "three Forbid Jobs, one after the other", || {
+        most = most.max(active("forbid").len());
+        jobs = made("forbid");
+        jobs >= 3
+    });
+    c.ok(&[
+        "patch",
+        "cronjob",
+        "forbid",
+        "-p",
+        "{\"spec\":{\"suspend\":true}}",
+    ]);
+    let minutes = t0.elapsed().as_secs();
+    eprintln!("workloads: Forbid made {jobs} Jobs in {minutes} scheduled minutes");
+    assert_eq!(most, 1, "Forbid: one Job at a time");
+    // Each Job runs at least three scheduled minutes: the schedules in between are skipped.
+    assert!(
+        jobs as u64 <= minutes / 3 + 1,
+        "Forbid skips while one runs: {jobs} Jobs in {minutes} minutes"
+    );
+    let events = c.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=forbid",
+    ]);
+    assert!(events.contains("JobAlreadyActive"), "{events}");
+    // Allow: Jobs pile up.
+    c.apply(&cron("allow", "Allow", "sleep 300"));
+    c.until(30, "three Allow Jobs at once", || {
+        active("allow").len() >= 3
+    });
+    c.ok(&[
+        "patch",
+        "cronjob",
+        "allow",
+        "-p",
+        "{\"spec\":{\"suspend\":true}}",
+    ]);
+    // Replace: each schedule's Job replaces the running one.
+    c.apply(&cron("replace", "Replace", "sleep 300"));
+    let mut seen = std::collections::BTreeSet::new();
+    let t0 = Instant::now();
+    while seen.len() < 3 {
+        let now = active("replace");
+        assert!(now.len() <= 1, "Replace: one Job at a time, saw {now:?}");
+        seen.extend(now);
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "Replace: Jobs replaced, saw {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let first = seen.iter().next().cloned().unwrap_or_default();
+    c.until(30, "the replaced Job deleted", || {
+        !c.kubectl(&["get", "job", &first]).status.success()
+    });
+}
+
 fn kubectl_create_job_runs_to_completion_and_shows_kubectls_columns(c: &Cluster) {
     c.ok(&[
         "create",
@@ -114,8 +199,8 @@ fn kubectl_create_job_runs_to_completion_and_shows_kubectls_columns(c: &Cluster)
 fn completions_run_with_bounded_parallelism(c: &Cluster) {
     c.apply(&job(
         "par",
-        "  completions: 5\n  parallelism: 2",
-        "sleep 1; echo done",
+        "  completions: 6\n  parallelism: 3",
+        "sleep 2; echo done",
     ));
     let mut most = 0;
     let t0 = Instant::now();
@@ -124,14 +209,28 @@ fn completions_run_with_bounded_parallelism(c: &Cluster) {
         !status(c, "par", "completionTime").is_empty()
     });
     eprintln!(
-        "workloads: 5 completions, parallelism 2, in {:?}",
+        "workloads: 6 completions, parallelism 3, in {:?}",
         t0.elapsed()
     );
-    assert_eq!(status(c, "par", "succeeded"), "5");
-    assert!(most <= 2, "at most 2 active, saw {most}");
+    assert_eq!(status(c, "par", "succeeded"), "6");
+    assert!(
+        (2..=3).contains(&most),
+        "at most 3 active at once, saw {most}"
+    );
     assert_eq!(
         wait_condition(c, "par", "Complete", 5),
         "CompletionsReached"
+    );
+    // Spread over both nodes.
+    let mut nodes = c.sorted_words(
+        &["get", "pods", "-l", "job-name=par"],
+        "{.items[*].spec.nodeName}",
+    );
+    nodes.dedup();
+    assert_eq!(
+        nodes.len(),
+        2,
+        "the Job's pods ran on both nodes: {nodes:?}"
     );
 }
 

@@ -169,6 +169,8 @@ pub(crate) mod fake {
         log: std::sync::Arc<Mutex<Vec<String>>>,
         next: Mutex<u8>,
         held: Mutex<Vec<String>>,
+        /// Adoption finds no record of any address (a lost IPAM entry).
+        pub(crate) forgets: std::sync::atomic::AtomicBool,
     }
 
     impl FakeNetwork {
@@ -177,6 +179,7 @@ pub(crate) mod fake {
                 log,
                 next: Mutex::new(0),
                 held: Mutex::new(vec![]),
+                forgets: Default::default(),
             }
         }
 
@@ -210,7 +213,8 @@ pub(crate) mod fake {
         }
         fn adopt(&self, pod: &PodRef, _sandbox: &str, _pid: u32) -> Option<Ipv4Addr> {
             self.record(format!("adopt {}", pod.name));
-            Some(Ipv4Addr::new(10, 88, 0, 200))
+            let forgets = self.forgets.load(std::sync::atomic::Ordering::Relaxed);
+            (!forgets).then_some(Ipv4Addr::new(10, 88, 0, 200))
         }
         fn release(&self, pod_uid: &str) {
             self.record("release".into());

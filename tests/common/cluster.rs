@@ -147,7 +147,17 @@ impl Cluster {
     fn tails(&self) -> String {
         let mut s = String::new();
         for m in std::iter::once("server".to_string()).chain(self.nodes.iter().cloned()) {
-            s += &format!("--- {m} (last 25 lines) ---\n{}", tail(&self.log(&m), 25));
+            let log = self.log(&m);
+            // Warnings first: the start of a failure is rarely in the last lines.
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            s += &format!(
+                "--- {m} (last 20 warnings) ---\n{}",
+                tail(&warnings.join("\n"), 20)
+            );
+            s += &format!("--- {m} (last 25 lines) ---\n{}", tail(&log, 25));
         }
         s
     }

@@ -21,7 +21,7 @@ impl PodWorker {
         }
         for l in found.sandboxes {
             if self.state.sandbox().is_none()
-                && let Ok(TaskState::Running { pid }) = rt.task_state(&l.id).await
+                && let Some(TaskState::Running { pid }) = settled_state(rt.as_ref(), &l.id).await
             {
                 self.adopt_sandbox(&l, pid);
                 continue;
@@ -90,6 +90,11 @@ impl PodWorker {
         }
         if self.state.sandbox().is_some() {
             tracing::info!("adopted running pod");
+        } else {
+            // Containers running without their sandbox (kubelet: the sandbox changed, so the
+            // pod is killed and made again): they would keep a network namespace nobody
+            // wires, and probes without an address.
+            self.stop_running().await;
         }
     }
 
@@ -107,6 +112,11 @@ impl PodWorker {
             ip,
         });
         self.register(&l.id);
+        if ip.is_none() && !spec_of(&self.pod).host_network.unwrap_or(false) {
+            // kubelet: "Sandbox for pod has no IP address. Need to start a new one".
+            tracing::warn!(sandbox = %l.id, "the adopted sandbox has no IP address: making a new one");
+            self.state.task_exited(&l.id);
+        }
     }
 
     /// The process config of an adopted container, rebuilt from its spec and image.
@@ -130,6 +140,21 @@ impl PodWorker {
             .map(|rc| rc.process)
             .unwrap_or_default()
     }
+}
+
+/// A task's state, asked up to three times: `None` when containerd never answered (one
+/// failed call must not make a restarted agent replace a running pod's sandbox).
+pub(super) async fn settled_state(rt: &dyn crate::runtime::Runtime, id: &str) -> Option<TaskState> {
+    for attempt in 0..3 {
+        match rt.task_state(id).await {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                tracing::warn!(container = id, attempt, error = %e, "asking a task's state");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    None
 }
 
 /// A container of the spec and its instances found, newest first, with their restart counts.

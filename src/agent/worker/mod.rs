@@ -456,10 +456,11 @@ impl PodWorker {
 
     /// Checks every running instance against containerd (repairs missed events).
     async fn relist(&mut self) {
+        // Only an answer counts: a failed call says nothing about the sandbox.
         if let Some(id) = self.state.sandbox().map(|s| s.id.clone())
-            && !matches!(
+            && matches!(
                 self.ctx.rt.task_state(&id).await,
-                Ok(TaskState::Running { .. })
+                Ok(s) if !matches!(s, TaskState::Running { .. })
             )
         {
             self.state.task_exited(&id);

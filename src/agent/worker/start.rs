@@ -11,23 +11,7 @@ impl PodWorker {
             event = "SandboxChanged",
             "Pod sandbox changed, it will be killed and re-created."
         );
-        for k in [Kind::Init, Kind::App] {
-            let n = if k == Kind::Init {
-                self.init.len()
-            } else {
-                self.app.len()
-            };
-            for i in 0..n {
-                if self
-                    .rec(k, i)
-                    .current
-                    .as_ref()
-                    .is_some_and(|c| c.is_running())
-                {
-                    self.stop_container(k, i, 0, false).await;
-                }
-            }
-        }
+        self.stop_running().await;
         if let Some(sb) = self.state.take_sandbox() {
             self.unregister(&sb.id);
             self.net_teardown(&sb.id, Some(sb.pid)).await;

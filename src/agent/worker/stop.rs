@@ -46,6 +46,28 @@ impl PodWorker {
         self.mark_exited(&cid, code, at);
     }
 
+    /// Kills every running container at once (no grace, no preStop): the sandbox under them
+    /// is gone or being replaced.
+    pub(super) async fn stop_running(&mut self) {
+        for k in [Kind::Init, Kind::App] {
+            let n = if k == Kind::Init {
+                self.init.len()
+            } else {
+                self.app.len()
+            };
+            for i in 0..n {
+                if self
+                    .rec(k, i)
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.is_running())
+                {
+                    self.stop_container(k, i, 0, false).await;
+                }
+            }
+        }
+    }
+
     /// Stops everything of the pod and frees its resources.
     pub(super) async fn terminate(&mut self, grace: Option<i64>) {
         let grace = self.grace(grace);

@@ -22,6 +22,7 @@ use crate::{
 struct Harness {
     ctx: Arc<AgentCtx>,
     rt: Arc<FakeRuntime>,
+    net: Arc<FakeNetwork>,
     _dir: tempfile::TempDir,
 }
 
@@ -29,6 +30,7 @@ fn harness() -> Harness {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = Arc::new(Mutex::new(vec![]));
     let rt = Arc::new(FakeRuntime::new(labels::NAME, log.clone()));
+    let net = Arc::new(FakeNetwork::new(log));
     let data = dir.path().to_path_buf();
     let cfg = AgentConfig {
         node_name: "node-1".into(),
@@ -70,7 +72,7 @@ fn harness() -> Harness {
         images: crate::agent::images::Puller::new(rt.clone(), Default::default()),
         rt: rt.clone(),
         cfg,
-        network: Arc::new(FakeNetwork::new(log)),
+        network: net.clone(),
         pause: ImageInfo {
             name: "keelson.local/pause:1".into(),
             ..Default::default()
@@ -82,7 +84,12 @@ fn harness() -> Harness {
         attach: Mutex::new(HashMap::new()),
     });
     tokio::spawn(crate::agent::route_events(ctx.clone()));
-    Harness { ctx, rt, _dir: dir }
+    Harness {
+        ctx,
+        rt,
+        net,
+        _dir: dir,
+    }
 }
 
 fn pod(spec: serde_json::Value) -> Pod {
@@ -331,6 +338,74 @@ async fn after_an_agent_restart_the_running_pod_is_adopted_and_nothing_starts_tw
         "nothing is made again: {after:#?}"
     );
     assert!(h.status()["containerStatuses"][0]["state"]["running"].is_object());
+}
+
+/// Runs `spec`'s pod until its app runs, then ends the worker as a killed agent would; the
+/// containers found in the runtime for the next one, and the calls made so far.
+async fn agent_gone(
+    h: &Harness,
+    spec: &serde_json::Value,
+) -> (Vec<crate::runtime::container::Listed>, usize) {
+    let w = h.run(pod(spec.clone()), vec![]);
+    h.until("app started", |c| c.contains(&"start app".into()))
+        .await;
+    h.until("status reported", |_| h.status()["phase"] == "Running")
+        .await;
+    w.join.abort();
+    let _ = w.join.await;
+    let found = h.rt.list_with_label(labels::POD_UID).await.expect("list");
+    (found, h.rt.calls().len())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_adopted_sandbox_without_an_address_is_replaced_with_its_containers() {
+    let h = harness();
+    let spec = json!({"containers": [{"name": "app", "image": "i"}]});
+    let (found, before) = agent_gone(&h, &spec).await;
+    // The network keeps no record of the pod's address (kubelet: "Sandbox for pod has no IP
+    // address. Need to start a new one").
+    h.net
+        .forgets
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let _w2 = h.run(pod(spec), found);
+    h.until("app started again", |c| {
+        count(&c[before..], "start app") == 1
+    })
+    .await;
+    let after = &h.rt.calls()[before..];
+    let pos = |what: &str| after.iter().position(|l| l.starts_with(what));
+    assert!(pos("kill app").is_some(), "{after:#?}");
+    assert!(pos("kill app") < pos("start POD"), "{after:#?}");
+    assert!(pos("start POD") < pos("start app"), "{after:#?}");
+    assert_eq!(h.rt.running(), vec!["POD".to_string(), "app".to_string()]);
+    h.until("status with the new address", |_| {
+        h.status()["podIP"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.88.0."))
+            && h.status()["containerStatuses"][0]["state"]["running"].is_object()
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn containers_found_running_without_their_sandbox_are_killed_and_the_pod_made_again() {
+    let h = harness();
+    let spec = json!({"containers": [{"name": "app", "image": "i"}]});
+    agent_gone(&h, &spec).await;
+    // The pause died while the agent was away; the app still runs in its namespace.
+    h.rt.crash("POD", 137);
+    let found = h.rt.list_with_label(labels::POD_UID).await.expect("list");
+    let before = h.rt.calls().len();
+    let _w2 = h.run(pod(spec), found);
+    h.until("app started again", |c| {
+        count(&c[before..], "start app") == 1
+    })
+    .await;
+    let after = &h.rt.calls()[before..];
+    let pos = |what: &str| after.iter().position(|l| l.starts_with(what));
+    assert!(pos("kill app").is_some(), "{after:#?}");
+    assert!(pos("kill app") < pos("start POD"), "{after:#?}");
+    assert_eq!(h.rt.running(), vec!["POD".to_string(), "app".to_string()]);
 }
 
 #[tokio::test(start_paused = true)]
