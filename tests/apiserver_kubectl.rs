@@ -1143,7 +1143,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
         "no per-group discovery once /apis answered aggregated: {log}"
     );
     let res = s.ok(&["api-resources", "--no-headers"]);
-    assert_eq!(res.lines().count(), 28, "{res}");
+    assert_eq!(res.lines().count(), 34, "{res}");
     for (plural, short) in [("jobs", ""), ("cronjobs", "cj")] {
         assert!(
             res.lines().any(|l| {

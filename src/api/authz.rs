@@ -30,16 +30,89 @@ pub enum Identity {
     ServiceAccount(String, String),
     /// The holder of the node (join) token: may only ask for a node client certificate.
     Bootstrap,
+    /// Any other user, known by name and groups (an administrator impersonating one, as
+    /// `kubectl --as=jane --as-group=dev` does); RBAC decides.
+    User(UserInfo),
 }
+
+/// A user as authenticators report one (authentication.k8s.io's `UserInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserInfo {
+    pub username: String,
+    pub groups: Vec<String>,
+}
+
+pub const AUTHENTICATED: &str = "system:authenticated";
+pub const MASTERS: &str = "system:masters";
 
 impl Identity {
     pub fn user(&self) -> String {
-        match self {
-            Identity::Admin => "admin".into(),
-            Identity::Node(n) => format!("system:node:{n}"),
-            Identity::ServiceAccount(ns, n) => format!("system:serviceaccount:{ns}:{n}"),
-            Identity::Bootstrap => "system:bootstrap:keelson".into(),
+        self.info().username
+    }
+
+    /// The user name and groups the API server records for the caller (what its
+    /// authenticator would report).
+    pub fn info(&self) -> UserInfo {
+        let auth = AUTHENTICATED.to_string();
+        let (username, groups) = match self {
+            Identity::Admin => ("kubernetes-admin".into(), vec![MASTERS.into(), auth]),
+            Identity::Bootstrap => (
+                "system:bootstrap:keelson".into(),
+                vec!["system:bootstrappers".into(), auth],
+            ),
+            Identity::Node(n) => (
+                format!("system:node:{n}"),
+                vec!["system:nodes".into(), auth],
+            ),
+            Identity::ServiceAccount(ns, n) => (
+                format!("system:serviceaccount:{ns}:{n}"),
+                vec![
+                    "system:serviceaccounts".into(),
+                    format!("system:serviceaccounts:{ns}"),
+                    auth,
+                ],
+            ),
+            Identity::User(u) => return u.clone(),
+        };
+        UserInfo { username, groups }
+    }
+
+    /// The user RBAC decides for, when RBAC decides (service accounts and other users;
+    /// administrators, nodes and the bootstrap token have their own authorizers).
+    pub fn rbac_subject(&self) -> Option<UserInfo> {
+        matches!(self, Identity::ServiceAccount(..) | Identity::User(_)).then(|| self.info())
+    }
+
+    /// The identity a user name and groups stand for (impersonation, SubjectAccessReview):
+    /// `system:masters` is an administrator, `system:node:NAME` in `system:nodes` that node,
+    /// `system:serviceaccount:NS:NAME` that service account, anyone else a plain user.
+    pub fn of_user(username: &str, groups: &[String]) -> Identity {
+        let has = |g: &str| groups.iter().any(|x| x == g);
+        if has(MASTERS) {
+            return Identity::Admin;
         }
+        if let Some(n) = username.strip_prefix("system:node:")
+            && !n.is_empty()
+            && has("system:nodes")
+        {
+            return Identity::Node(n.to_string());
+        }
+        if let Some((ns, n)) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+            && !ns.is_empty()
+            && !n.is_empty()
+        {
+            return Identity::ServiceAccount(ns.to_string(), n.to_string());
+        }
+        let mut groups = groups.to_vec();
+        if !groups.iter().any(|g| g == AUTHENTICATED) {
+            groups.push(AUTHENTICATED.into());
+        }
+        Identity::User(UserInfo {
+            username: username.to_string(),
+            groups,
+        })
     }
 }
 
@@ -61,6 +134,94 @@ pub fn from_certificate(c: &crate::tls::ClientCertVerified) -> Option<Identity> 
     let node = c.common_name.strip_prefix("system:node:")?;
     (!node.is_empty() && c.organizations.iter().any(|o| o == "system:nodes"))
         .then(|| Identity::Node(node.to_string()))
+}
+
+/// Authorizes a request of `id` (kube-apiserver's chain): administrators may do anything;
+/// a node what the Node authorizer and NodeRestriction allow, the bootstrap token its
+/// certificate requests, each else what RBAC grants its user; service accounts and other
+/// users what RBAC grants.
+pub async fn authorize(
+    st: &ApiState,
+    id: &Identity,
+    method: &Method,
+    t: &Target,
+    body: &Bytes,
+    watch: bool,
+) -> Result<(), ApiError> {
+    let first = match id {
+        Identity::Admin => return Ok(()),
+        Identity::Node(node) => match node_may_read(st, node, method, t).await {
+            Ok(()) => node_may_write(st, node, method, t, body).await,
+            Err(e) => Err(e),
+        },
+        Identity::Bootstrap => bootstrap_may(method, t),
+        Identity::ServiceAccount(..) | Identity::User(_) => {
+            let a = super::rbac::Attributes::of(method, t, watch);
+            return super::rbac::authorize(st, &id.info(), &a).await;
+        }
+    };
+    let Err(denied) = first else { return Ok(()) };
+    let a = super::rbac::Attributes::of(method, t, watch);
+    if super::rbac::allows(st, &id.info(), &a).await? {
+        return Ok(());
+    }
+    Err(denied)
+}
+
+/// The identity a request acts as: the caller's own, or the one its `Impersonate-User` and
+/// `Impersonate-Group` headers name when the caller may impersonate them (administrators;
+/// RBAC's `impersonate` verb on `users`, `groups` and `serviceaccounts` for others).
+pub async fn impersonate(
+    st: &ApiState,
+    id: Identity,
+    headers: &axum::http::HeaderMap,
+) -> Result<Identity, ApiError> {
+    let header = |name: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let user = header("impersonate-user").into_iter().next();
+    let groups = header("impersonate-group");
+    let Some(user) = user else {
+        if groups.is_empty() {
+            return Ok(id);
+        }
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("requested {groups:?} without impersonating a user"),
+        ));
+    };
+    let target = Identity::of_user(&user, &groups);
+    if id != Identity::Admin {
+        let mut asked = vec![];
+        match &target {
+            Identity::ServiceAccount(ns, n) => {
+                asked.push(("serviceaccounts", Some(ns.clone()), n.clone()))
+            }
+            _ => asked.push(("users", None, user.clone())),
+        }
+        asked.extend(groups.iter().map(|g| ("groups", None, g.clone())));
+        let who = id.info();
+        for (resource, namespace, name) in asked {
+            let a = super::rbac::Attributes {
+                verb: "impersonate".into(),
+                group: String::new(),
+                resource: resource.into(),
+                namespace,
+                name: Some(name),
+            };
+            if !super::rbac::allows(st, &who, &a).await? {
+                return Err(super::rbac::forbidden(&who.username, &a));
+            }
+        }
+    }
+    tracing::debug!(user = %id.user(), as_user = %target.user(), "impersonating");
+    Ok(target)
 }
 
 /// What the bootstrap token may do: create CertificateSigningRequests and read them

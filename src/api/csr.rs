@@ -16,34 +16,6 @@ pub const CLIENT_KUBELET: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 pub const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
 pub const CLIENT: &str = "kubernetes.io/kube-apiserver-client";
 
-/// The user name and groups the API server records for a caller (what its authenticator
-/// would report).
-pub fn user_info(id: &Identity) -> (String, Vec<String>) {
-    let auth = "system:authenticated".to_string();
-    match id {
-        Identity::Admin => (
-            "kubernetes-admin".into(),
-            vec!["system:masters".into(), auth],
-        ),
-        Identity::Bootstrap => (
-            "system:bootstrap:keelson".into(),
-            vec!["system:bootstrappers".into(), auth],
-        ),
-        Identity::Node(n) => (
-            format!("system:node:{n}"),
-            vec!["system:nodes".into(), auth],
-        ),
-        Identity::ServiceAccount(ns, n) => (
-            format!("system:serviceaccount:{ns}:{n}"),
-            vec![
-                "system:serviceaccounts".into(),
-                format!("system:serviceaccounts:{ns}"),
-                auth,
-            ],
-        ),
-    }
-}
-
 fn invalid(name: &str, cause: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         axum::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -192,7 +164,10 @@ pub async fn on_create(st: &ApiState, id: &Identity, obj: &mut Value) -> Result<
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let (user, groups) = user_info(id);
+    let super::authz::UserInfo {
+        username: user,
+        groups,
+    } = id.info();
     obj["spec"]["username"] = json!(user);
     obj["spec"]["groups"] = json!(groups);
     if let Some(spec) = obj["spec"].as_object_mut() {
@@ -241,7 +216,7 @@ async fn auto_approval(
         (CLIENT_KUBELET, Identity::Bootstrap | Identity::Admin) => Ok(Some(
             "Auto approving kubelet client certificate after SubjectAccessReview.".into(),
         )),
-        (CLIENT_KUBELET, Identity::ServiceAccount(ns, name)) => {
+        (CLIENT_KUBELET, Identity::ServiceAccount(..) | Identity::User(_)) => {
             let a = super::rbac::Attributes {
                 verb: "create".into(),
                 group: "certificates.k8s.io".into(),
@@ -249,7 +224,7 @@ async fn auto_approval(
                 namespace: None,
                 name: None,
             };
-            Ok(super::rbac::allows(st, ns, name, &a).await?.then(|| {
+            Ok(super::rbac::allows(st, &id.info(), &a).await?.then(|| {
                 "Auto approving kubelet client certificate after SubjectAccessReview.".into()
             }))
         }

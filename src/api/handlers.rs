@@ -360,17 +360,20 @@ pub async fn resource(
     } else {
         body
     };
-    match &id {
-        super::authz::Identity::Node(node) => {
-            super::authz::node_may_read(&st, node, &method, &t).await?;
-            super::authz::node_may_write(&st, node, &method, &t, &body).await?;
+    super::authz::authorize(&st, &id, &method, &t, &body, q.is_watch()).await?;
+    if let Some(kind) = t.resource.strategy.review {
+        // Never stored: only a create is served, and it is answered.
+        if method != Method::POST || t.name.is_some() || t.subresource.is_some() {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!(
+                    "the server does not allow this method on the requested resource ({})",
+                    t.resource.qualified()
+                ),
+            ));
         }
-        super::authz::Identity::Bootstrap => super::authz::bootstrap_may(&method, &t)?,
-        super::authz::Identity::ServiceAccount(ns, name) => {
-            let a = super::rbac::Attributes::of(&method, &t, q.is_watch());
-            super::rbac::authorize(&st, ns, name, &a).await?;
-        }
-        super::authz::Identity::Admin => {}
+        return super::review::answer(&st, &id, kind, t.namespace.as_deref(), &body).await;
     }
     if let (Some(sub), Some(name)) = (t.subresource.as_deref(), t.name.as_deref()) {
         return super::subresource::handle(
@@ -388,14 +391,12 @@ pub async fn resource(
     }
     let r = t.resource;
     let dry = q.dry_run.as_deref() == Some("All");
+    let subject = id.rbac_subject();
     let wo = WriteOpts {
         dry,
         field_validation: q.field_validation.as_deref(),
         identity: &id,
-        caller: match &id {
-            super::authz::Identity::ServiceAccount(ns, name) => Some((ns.as_str(), name.as_str())),
-            _ => None,
-        },
+        caller: subject.as_ref(),
     };
     match (method, t.name.as_deref()) {
         (Method::GET, None) if q.is_watch() => {

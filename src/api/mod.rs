@@ -13,6 +13,7 @@ pub mod pki;
 mod protobuf;
 pub mod rbac;
 pub mod registry;
+mod review;
 pub mod selector;
 pub mod strategy;
 pub mod stream;
@@ -133,25 +134,43 @@ async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> 
         Some(t) => authz::authenticate(&t, &st.admin_token, &st.node_token),
         None => cert,
     };
-    match id {
-        Some(id) => {
-            req.extensions_mut().insert(id);
-            next.run(req).await
-        }
-        None => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized").into_response()
-        }
-    }
+    let Some(id) = id else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+            .into_response();
+    };
+    let id = match authz::impersonate(&st, id, req.headers()).await {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    req.extensions_mut().insert(id);
+    next.run(req).await
+}
+
+/// What a verified service account token proves.
+pub(crate) struct SaToken {
+    pub identity: authz::Identity,
+    /// The service account's UID.
+    pub sa_uid: String,
+    /// The pod the token is bound to (name, UID), if any.
+    pub pod: Option<(String, String)>,
+    pub audiences: Vec<String>,
 }
 
 /// The service account a token names, if it verifies, is for the API server's audience, the
 /// account still exists as issued, and the pod it is bound to (if any) still exists with the
 /// same UID and has not passed its deletion time.
 async fn service_account(st: &ApiState, token: &str) -> Option<authz::Identity> {
+    let t = service_account_token(st, token).await?;
+    t.audiences
+        .iter()
+        .any(|a| a == rbac::API_AUDIENCE)
+        .then_some(t.identity)
+}
+
+/// A service account token checked as `service_account` does, for any audience (TokenReview
+/// asks for others).
+pub(crate) async fn service_account_token(st: &ApiState, token: &str) -> Option<SaToken> {
     let c = rbac::verify(&st.sa_key, token, jiff::Timestamp::now().as_second())?;
-    if !c.aud.iter().any(|a| a == rbac::API_AUDIENCE) {
-        return None;
-    }
     let uid_of =
         |kv: crate::store::KeyValue| serde_json::from_slice::<serde_json::Value>(&kv.value).ok();
     let r = registry::find("", "v1", "serviceaccounts")?;
@@ -185,7 +204,12 @@ async fn service_account(st: &ApiState, token: &str) -> Option<authz::Identity> 
             return None;
         }
     }
-    Some(authz::Identity::ServiceAccount(c.namespace, c.name))
+    Some(SaToken {
+        identity: authz::Identity::ServiceAccount(c.namespace, c.name),
+        sa_uid: c.uid,
+        pod: c.pod,
+        audiences: c.aud,
+    })
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -313,15 +337,59 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
             json!([{"apiGroups": ["certificates.k8s.io"],
                     "resources": ["certificatesigningrequests/nodeclient"], "verbs": ["create"]}]),
         ),
+        // What every user may do (kube-apiserver binds these to every authenticated user):
+        // ask about itself, and read discovery and health.
+        (
+            "system:basic-user",
+            json!([{"apiGroups": ["authorization.k8s.io"],
+                    "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+                   {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
+        ),
+        (
+            "system:discovery",
+            json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/healthz", "/livez",
+                                        "/openapi", "/openapi/*", "/readyz", "/version", "/version/"],
+                    "verbs": ["get"]}]),
+        ),
+        (
+            "system:public-info-viewer",
+            json!([{"nonResourceURLs": ["/healthz", "/livez", "/readyz", "/version", "/version/"],
+                    "verbs": ["get"]}]),
+        ),
     ] {
         let obj = json!({"kind": "ClusterRole", "apiVersion": "rbac.authorization.k8s.io/v1",
-            "metadata": {"name": name, "uid": crate::runtime::random_hex(16),
-                         "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                         "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
-            "rules": rules});
+            "metadata": bootstrap_meta(name), "rules": rules});
         put_absent(store, &roles.key(None, name), &obj).await?;
     }
+    let bindings = registry::find("rbac.authorization.k8s.io", "v1", "clusterrolebindings")
+        .context("clusterrolebindings resource")?;
+    for (name, groups) in [
+        ("system:basic-user", &["system:authenticated"][..]),
+        ("system:discovery", &["system:authenticated"][..]),
+        (
+            "system:public-info-viewer",
+            &["system:authenticated", "system:unauthenticated"][..],
+        ),
+    ] {
+        let subjects: Vec<_> = groups
+            .iter()
+            .map(|g| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": g}))
+            .collect();
+        let obj = json!({"kind": "ClusterRoleBinding", "apiVersion": "rbac.authorization.k8s.io/v1",
+            "metadata": bootstrap_meta(name),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": subjects});
+        put_absent(store, &bindings.key(None, name), &obj).await?;
+    }
     Ok(())
+}
+
+/// The metadata of an RBAC object the server makes at start (kube's `rbac-defaults`).
+fn bootstrap_meta(name: &str) -> serde_json::Value {
+    json!({"name": name, "uid": crate::runtime::random_hex(16),
+           "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+           "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+           "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}})
 }
 
 /// Keeps the `kube-root-ca.crt` ConfigMap (the cluster CA, for in-cluster clients' projected

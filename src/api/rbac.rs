@@ -18,11 +18,12 @@ use serde_json::Value;
 
 use super::{
     ApiState,
+    authz::UserInfo,
     handlers::{ApiError, Target},
     registry,
 };
 
-const PREFIX: &str = "keelson-sa.";
+pub const PREFIX: &str = "keelson-sa.";
 /// kube-apiserver's magic expiry of kubelet-requested tokens that get extended.
 pub const KUBELET_EXPIRY: i64 = 3607;
 const EXTENDED: i64 = 365 * 24 * 3600;
@@ -307,21 +308,35 @@ pub fn rule_allows(rule: &Value, a: &Attributes) -> bool {
 }
 
 /// Whether a binding's subjects include service account `ns/name`.
-fn binds(binding: &Value, ns: &str, name: &str) -> bool {
-    let user = format!("system:serviceaccount:{ns}:{name}");
-    let groups = [
-        "system:serviceaccounts".to_string(),
-        format!("system:serviceaccounts:{ns}"),
-        "system:authenticated".to_string(),
-    ];
+/// Whether one PolicyRule allows `verb` on the non-resource URL `path`: an exact URL, or a
+/// prefix ending in `*`.
+pub fn url_allows(rule: &Value, path: &str, verb: &str) -> bool {
+    has(&rule["verbs"], verb)
+        && rule["nonResourceURLs"].as_array().is_some_and(|urls| {
+            urls.iter()
+                .filter_map(Value::as_str)
+                .any(|u| match u.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => u == path,
+                })
+        })
+}
+
+/// Whether a (Cluster)RoleBinding names `who`: as that service account, that user, or one
+/// of their groups.
+fn binds(binding: &Value, who: &UserInfo) -> bool {
     binding["subjects"].as_array().is_some_and(|subs| {
-        subs.iter().any(|s| match s["kind"].as_str() {
-            Some("ServiceAccount") => {
-                s["name"] == name && s["namespace"].as_str().unwrap_or("") == ns
+        subs.iter().any(|s| {
+            let name = s["name"].as_str().unwrap_or("");
+            match s["kind"].as_str() {
+                Some("ServiceAccount") => {
+                    let ns = s["namespace"].as_str().unwrap_or("");
+                    who.username == format!("system:serviceaccount:{ns}:{name}")
+                }
+                Some("User") => who.username == name,
+                Some("Group") => who.groups.iter().any(|g| g == name),
+                _ => false,
             }
-            Some("User") => s["name"] == user.as_str(),
-            Some("Group") => groups.iter().any(|g| s["name"] == g.as_str()),
-            _ => false,
         })
     })
 }
@@ -379,10 +394,10 @@ async fn role_rules(
         .unwrap_or_default())
 }
 
-/// Whether service account `ns/name` may do `a`, by the bindings in the store.
-pub async fn allows(st: &ApiState, ns: &str, name: &str, a: &Attributes) -> Result<bool, ApiError> {
+/// Whether `who` may do `a`, by the bindings in the store.
+pub async fn allows(st: &ApiState, who: &UserInfo, a: &Attributes) -> Result<bool, ApiError> {
     for b in list_all(st, "clusterrolebindings", None).await? {
-        if binds(&b, ns, name)
+        if binds(&b, who)
             && role_rules(st, &b["roleRef"], None)
                 .await?
                 .iter()
@@ -393,7 +408,7 @@ pub async fn allows(st: &ApiState, ns: &str, name: &str, a: &Attributes) -> Resu
     }
     if let Some(target_ns) = a.namespace.as_deref() {
         for b in list_all(st, "rolebindings", Some(target_ns)).await? {
-            if binds(&b, ns, name)
+            if binds(&b, who)
                 && role_rules(st, &b["roleRef"], Some(target_ns))
                     .await?
                     .iter()
@@ -406,23 +421,22 @@ pub async fn allows(st: &ApiState, ns: &str, name: &str, a: &Attributes) -> Resu
     Ok(false)
 }
 
-/// Every rule the bindings in the store give service account `ns/name`: cluster-wide ones,
-/// plus those of RoleBindings in `scope` (a namespace), as kube-apiserver's rule resolver.
-async fn rules_of(
+/// Every rule the bindings in the store give `who`: cluster-wide ones, plus those of
+/// RoleBindings in `scope` (a namespace), as kube-apiserver's rule resolver.
+pub async fn rules_of(
     st: &ApiState,
-    ns: &str,
-    name: &str,
+    who: &UserInfo,
     scope: Option<&str>,
 ) -> Result<Vec<Value>, ApiError> {
     let mut out = vec![];
     for b in list_all(st, "clusterrolebindings", None).await? {
-        if binds(&b, ns, name) {
+        if binds(&b, who) {
             out.extend(role_rules(st, &b["roleRef"], None).await?);
         }
     }
     if let Some(scope) = scope {
         for b in list_all(st, "rolebindings", Some(scope)).await? {
-            if binds(&b, ns, name) {
+            if binds(&b, who) {
                 out.extend(role_rules(st, &b["roleRef"], Some(scope)).await?);
             }
         }
@@ -494,18 +508,18 @@ pub fn uncovered(owned: &[Value], wanted: &[Value]) -> Vec<Value> {
     missing
 }
 
-/// Kubernetes' RBAC escalation prevention for a service account writing RBAC objects: a Role
+/// Kubernetes' RBAC escalation prevention for a caller RBAC decides for writing RBAC objects: a Role
 /// or ClusterRole only with rules the caller already holds (or the `escalate` verb on it), a
 /// binding only to a role whose rules the caller holds (or the `bind` verb on that role).
 /// Other kinds and other callers pass.
 pub async fn check_escalation(
     st: &ApiState,
-    caller: Option<(&str, &str)>,
+    caller: Option<&UserInfo>,
     kind: &str,
     ns: Option<&str>,
     obj: &Value,
 ) -> Result<(), ApiError> {
-    let Some((sa_ns, sa)) = caller else {
+    let Some(who) = caller else {
         return Ok(());
     };
     const GROUP: &str = "rbac.authorization.k8s.io";
@@ -556,7 +570,7 @@ pub async fn check_escalation(
                     namespace: ns.map(str::to_string),
                     name: Some(ref_name.clone()),
                 };
-                if allows(st, sa_ns, sa, &a).await? {
+                if allows(st, who, &a).await? {
                     return Ok(());
                 }
                 return Err(ApiError::new(
@@ -576,10 +590,10 @@ pub async fn check_escalation(
         namespace: ns.map(str::to_string),
         name: Some(checked_role.1),
     };
-    if allows(st, sa_ns, sa, &a).await? {
+    if allows(st, who, &a).await? {
         return Ok(());
     }
-    let owned = rules_of(st, sa_ns, sa, ns).await?;
+    let owned = rules_of(st, who, ns).await?;
     let missing = uncovered(&owned, &wanted);
     if missing.is_empty() {
         return Ok(());
@@ -589,7 +603,13 @@ pub async fn check_escalation(
         axum::http::StatusCode::FORBIDDEN,
         "Forbidden",
         format!(
-            "{plural}.{GROUP} \"{name}\" is forbidden: user \"system:serviceaccount:{sa_ns}:{sa}\" (groups=[\"system:serviceaccounts\" \"system:serviceaccounts:{sa_ns}\" \"system:authenticated\"]) is attempting to grant RBAC permissions not currently held:\n{}",
+            "{plural}.{GROUP} \"{name}\" is forbidden: user \"{}\" (groups=[{}]) is attempting to grant RBAC permissions not currently held:\n{}",
+            who.username,
+            who.groups
+                .iter()
+                .map(|g| format!("{g:?}"))
+                .collect::<Vec<_>>()
+                .join(" "),
             shown.join("\n")
         ),
     ))
@@ -629,18 +649,20 @@ fn describe_rule(r: &Value) -> String {
     format!("{{{}}}", parts.join(", "))
 }
 
-/// Allows `a` for service account `ns/name`, or answers kube-apiserver's 403.
-pub async fn authorize(
-    st: &ApiState,
-    ns: &str,
-    name: &str,
-    a: &Attributes,
-) -> Result<(), ApiError> {
-    if allows(st, ns, name, a).await? {
+/// Allows `a` for `who`, or answers kube-apiserver's 403.
+pub async fn authorize(st: &ApiState, who: &UserInfo, a: &Attributes) -> Result<(), ApiError> {
+    if allows(st, who, a).await? {
         return Ok(());
     }
-    let (plural, sub) = a.resource.split_once('/').unwrap_or((&a.resource, ""));
-    let _ = sub;
+    Err(forbidden(&who.username, a))
+}
+
+/// kube-apiserver's 403 for `user` asking `a`.
+pub fn forbidden(user: &str, a: &Attributes) -> ApiError {
+    let plural = a
+        .resource
+        .split_once('/')
+        .map_or(a.resource.as_str(), |(p, _)| p);
     let scope = match &a.namespace {
         Some(n) => format!("in the namespace \"{n}\""),
         None => "at the cluster scope".into(),
@@ -649,19 +671,20 @@ pub async fn authorize(
         Some(n) => format!("{plural} \"{n}\" is forbidden"),
         None => format!("{plural} is forbidden"),
     };
-    Err(ApiError::new(
+    ApiError::new(
         axum::http::StatusCode::FORBIDDEN,
         "Forbidden",
         format!(
-            "{what}: User \"system:serviceaccount:{ns}:{name}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+            "{what}: User \"{user}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
             a.verb, a.resource, a.group
         ),
-    ))
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::authz::Identity;
     use serde_json::json;
 
     #[test]
@@ -803,13 +826,21 @@ mod tests {
 
     #[test]
     fn bindings_name_accounts_users_and_groups() {
+        let sa = |ns: &str, n: &str| Identity::ServiceAccount(ns.into(), n.into()).info();
         let b = json!({"subjects": [{"kind": "ServiceAccount", "name": "p", "namespace": "kube-system"}]});
-        assert!(binds(&b, "kube-system", "p"));
-        assert!(!binds(&b, "default", "p"));
+        assert!(binds(&b, &sa("kube-system", "p")));
+        assert!(!binds(&b, &sa("default", "p")));
         let g = json!({"subjects": [{"kind": "Group", "name": "system:serviceaccounts:ci"}]});
-        assert!(binds(&g, "ci", "any") && !binds(&g, "other", "any"));
+        assert!(binds(&g, &sa("ci", "any")) && !binds(&g, &sa("other", "any")));
         let u = json!({"subjects": [{"kind": "User", "name": "system:serviceaccount:a:b"}]});
-        assert!(binds(&u, "a", "b"));
+        assert!(binds(&u, &sa("a", "b")));
+        // Plain users by name and by group.
+        let jane = Identity::of_user("jane", &["dev".into()]).info();
+        let by_name = json!({"subjects": [{"kind": "User", "name": "jane"}]});
+        let by_group = json!({"subjects": [{"kind": "Group", "name": "dev"}]});
+        let everyone = json!({"subjects": [{"kind": "Group", "name": "system:authenticated"}]});
+        assert!(binds(&by_name, &jane) && binds(&by_group, &jane) && binds(&everyone, &jane));
+        assert!(!binds(&b, &jane));
     }
 
     #[test]

@@ -293,6 +293,60 @@ pub const RESOURCES: &[Resource] = &[
         &["pdb"],
         &strategy::POD_DISRUPTION_BUDGET,
     ),
+    r(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        false,
+        &[],
+        &strategy::SELF_SUBJECT_ACCESS_REVIEW,
+    ),
+    r(
+        "authorization.k8s.io",
+        "v1",
+        "SubjectAccessReview",
+        "subjectaccessreviews",
+        false,
+        &[],
+        &strategy::SUBJECT_ACCESS_REVIEW,
+    ),
+    r(
+        "authorization.k8s.io",
+        "v1",
+        "LocalSubjectAccessReview",
+        "localsubjectaccessreviews",
+        true,
+        &[],
+        &strategy::LOCAL_SUBJECT_ACCESS_REVIEW,
+    ),
+    r(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectRulesReview",
+        "selfsubjectrulesreviews",
+        false,
+        &[],
+        &strategy::SELF_SUBJECT_RULES_REVIEW,
+    ),
+    r(
+        "authentication.k8s.io",
+        "v1",
+        "TokenReview",
+        "tokenreviews",
+        false,
+        &[],
+        &strategy::TOKEN_REVIEW,
+    ),
+    r(
+        "authentication.k8s.io",
+        "v1",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+        false,
+        &[],
+        &strategy::SELF_SUBJECT_REVIEW,
+    ),
 ];
 
 /// The resource served at `group/version/plural`.
@@ -300,6 +354,14 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The resource `plural` of `group` in the first version served (access reviews name no
+/// version).
+pub fn find_any_version(group: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.plural == plural)
 }
 
 const VERBS: &[&str] = &[
@@ -325,7 +387,9 @@ impl Resource {
 
     /// The verbs discovery lists for this resource.
     pub fn verbs(&self) -> &'static [&'static str] {
-        if self.strategy.delete_collection {
+        if self.strategy.review.is_some() {
+            &["create"]
+        } else if self.strategy.delete_collection {
             VERBS
         } else {
             NAMESPACE_VERBS
@@ -703,9 +767,16 @@ mod tests {
                 "certificates.k8s.io",
                 "rbac.authorization.k8s.io",
                 "storage.k8s.io",
-                "policy"
+                "policy",
+                "authorization.k8s.io",
+                "authentication.k8s.io"
             ]
         );
         assert!(resource_list("nope", "v1").is_none());
+        // Reviews are answered, never stored: create is their only verb.
+        let authz = resource_list("authorization.k8s.io", "v1").unwrap();
+        for r in authz["resources"].as_array().unwrap() {
+            assert_eq!(r["verbs"], json!(["create"]), "{r}");
+        }
     }
 }

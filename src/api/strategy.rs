@@ -61,6 +61,25 @@ pub struct Strategy {
     pub confirmed_delete: fn(&Value) -> bool,
     /// Server-side work around the kind's writes that needs the server's state.
     pub hooks: &'static [Hook],
+    /// A kind never stored: a create is answered (`api::review`), nothing else is served.
+    pub review: Option<Review>,
+}
+
+/// The kinds a create of which asks the server a question (access and identity reviews).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Review {
+    /// SelfSubjectAccessReview: may I …?
+    SelfAccess,
+    /// SubjectAccessReview: may this user …?
+    Access,
+    /// LocalSubjectAccessReview: may this user … in this namespace?
+    LocalAccess,
+    /// SelfSubjectRulesReview: what may I do in this namespace?
+    SelfRules,
+    /// TokenReview: whose is this token?
+    Token,
+    /// SelfSubjectReview: who am I?
+    SelfSubject,
 }
 
 /// Work the write handlers do for the kinds that name it.
@@ -111,7 +130,23 @@ pub const PLAIN: Strategy = Strategy {
     delete_grace: |_, _| None,
     confirmed_delete: |_| false,
     hooks: &[],
+    review: None,
 };
+
+const fn review(kind: Review) -> Strategy {
+    Strategy {
+        delete_collection: false,
+        review: Some(kind),
+        ..PLAIN
+    }
+}
+
+pub const SELF_SUBJECT_ACCESS_REVIEW: Strategy = review(Review::SelfAccess);
+pub const SUBJECT_ACCESS_REVIEW: Strategy = review(Review::Access);
+pub const LOCAL_SUBJECT_ACCESS_REVIEW: Strategy = review(Review::LocalAccess);
+pub const SELF_SUBJECT_RULES_REVIEW: Strategy = review(Review::SelfRules);
+pub const TOKEN_REVIEW: Strategy = review(Review::Token);
+pub const SELF_SUBJECT_REVIEW: Strategy = review(Review::SelfSubject);
 
 const ALL: &[&str] = &["all"];
 

@@ -86,7 +86,7 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
     let (State(st), axum::Extension(id), Path((ns, name)), RawQuery(q), mut req) = args;
     let allowed = match &id {
         Identity::Admin => true,
-        Identity::ServiceAccount(sns, sname) => {
+        Identity::ServiceAccount(..) | Identity::User(_) => {
             let a = super::rbac::Attributes {
                 verb: "create".into(),
                 group: String::new(),
@@ -94,7 +94,7 @@ async fn handle(args: Args, sub: &str) -> Result<Response, ApiError> {
                 namespace: Some(ns.clone()),
                 name: Some(name.clone()),
             };
-            super::rbac::allows(&st, sns, sname, &a).await?
+            super::rbac::allows(&st, &id.info(), &a).await?
         }
         Identity::Node(_) | Identity::Bootstrap => false,
     };

@@ -267,9 +267,9 @@ pub(super) struct WriteOpts<'a> {
     pub(super) dry: bool,
     /// `fieldValidation`: Strict, Warn (default) or Ignore.
     pub(super) field_validation: Option<&'a str>,
-    /// The service account (namespace, name) making the request, when RBAC governs it: RBAC
-    /// objects it writes go through the escalation check.
-    pub(super) caller: Option<(&'a str, &'a str)>,
+    /// The user making the request, when RBAC governs it: RBAC objects it writes go through
+    /// the escalation check.
+    pub(super) caller: Option<&'a super::authz::UserInfo>,
     /// Who makes the request (CertificateSigningRequests record it).
     pub(super) identity: &'a super::authz::Identity,
 }
@@ -761,7 +761,7 @@ async fn apply_creates(
     o: WriteOpts<'_>,
 ) -> Result<Response, ApiError> {
     same_name(doc, name)?;
-    if let Some((sa_ns, sa)) = o.caller {
+    if let Some(who) = o.caller {
         let a = super::rbac::Attributes {
             verb: "create".into(),
             group: r.group.into(),
@@ -769,7 +769,7 @@ async fn apply_creates(
             namespace: ns.map(str::to_string),
             name: None,
         };
-        super::rbac::authorize(st, sa_ns, sa, &a).await?;
+        super::rbac::authorize(st, who, &a).await?;
     }
     let bytes = Bytes::from(serde_json::to_vec(doc).map_err(ApiError::internal)?);
     create(st, r, ns, &bytes, o).await
