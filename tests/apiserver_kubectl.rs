@@ -94,6 +94,7 @@ fn kubectl_works_against_keelson_server() {
         a_finalizer_holds_an_object_until_it_is_removed,
         a_pod_bound_to_a_node_stays_terminating_until_forced,
         a_namespace_takes_its_contents_along,
+        a_namespace_stays_terminating_while_a_finalizer_is_held,
         scale_status_and_binding_subresources_write_only_their_part,
         services_get_a_cluster_ip_and_node_ports_a_taken_one_refused_until_freed,
         a_watch_sees_the_deletion,
@@ -432,6 +433,61 @@ fn a_namespace_takes_its_contents_along(s: &Server) {
             .lines()
             .all(|l| !l.starts_with("scratch"))
     );
+}
+
+/// NamespaceLifecycle and the namespace controller: a deleted namespace turns Terminating,
+/// its contents are deleted, one held by a finalizer keeps it (its conditions say which), new
+/// content is refused, and it goes once the finalizer is removed.
+fn a_namespace_stays_terminating_while_a_finalizer_is_held(s: &Server) {
+    s.ok(&["create", "namespace", "held"]);
+    s.ok(&["create", "configmap", "plain", "-n", "held"]);
+    let pinned = s.write(
+        "pinned.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: pinned, namespace: held, finalizers: [example.com/hold]}\n",
+    );
+    s.ok(&["create", "-f", &pinned]);
+    s.ok(&["delete", "namespace", "held", "--wait=false"]);
+    let phase = s.field("namespace", "held", "{.status.phase}");
+    assert_eq!(phase, "Terminating");
+    let cond = "{.status.conditions[?(@.type==\"NamespaceFinalizersRemaining\")].message}";
+    s.until(30, "the namespace controller to report the held finalizer", || {
+        s.field("namespace", "held", cond)
+            == "Some content in the namespace has finalizers remaining: example.com/hold in 1 resource instances"
+    });
+    // What it could delete is gone; what is held is only marked.
+    assert!(
+        !s.kubectl(&["get", "cm", "plain", "-n", "held"])
+            .status
+            .success()
+    );
+    assert!(
+        !s.jsonpath(
+            &["get", "cm", "pinned", "-n", "held"],
+            "{.metadata.deletionTimestamp}"
+        )
+        .is_empty()
+    );
+    let o = s.kubectl(&["create", "configmap", "late", "-n", "held"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(
+            "unable to create new content in namespace held because it is being terminated"
+        ),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    s.ok(&[
+        "patch",
+        "cm",
+        "pinned",
+        "-n",
+        "held",
+        "--type=merge",
+        "-p",
+        "{\"metadata\":{\"finalizers\":null}}",
+    ]);
+    s.until(30, "the namespace to go once nothing holds it", || {
+        !s.kubectl(&["get", "namespace", "held"]).status.success()
+    });
 }
 
 /// Subresources: scale, status (the main resource keeps its status), binding (once).

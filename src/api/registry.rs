@@ -479,6 +479,12 @@ const SUBRESOURCES: &[Sub] = &[
         ("", "v1", "Namespace"),
         STATUS_VERBS,
     ),
+    sub(
+        "namespaces",
+        "finalize",
+        ("", "v1", "Namespace"),
+        &["update"],
+    ),
     sub("nodes", "status", ("", "v1", "Node"), STATUS_VERBS),
     sub("pods", "status", ("", "v1", "Pod"), STATUS_VERBS),
     sub("pods", "binding", ("", "v1", "Binding"), &["create"]),

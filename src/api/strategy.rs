@@ -159,9 +159,20 @@ pub const NAMESPACE: Strategy = Strategy {
         obj["spec"] = json!({"finalizers": ["kubernetes"]});
         obj["status"] = json!({"phase": "Active"});
     },
+    // A namespace with `spec.finalizers` waits for them (the namespace controller removes
+    // `kubernetes` once its contents are gone, through `namespaces/NAME/finalize`).
+    delete_grace: |ns, _| (!namespace_finalized(ns)).then_some(0),
+    confirmed_delete: |ns| !namespace_finalized(ns),
     hooks: &[Hook::NamespaceContents],
     ..PLAIN
 };
+
+/// Whether a namespace's `spec.finalizers` are all gone.
+fn namespace_finalized(ns: &Value) -> bool {
+    ns.pointer("/spec/finalizers")
+        .and_then(Value::as_array)
+        .is_none_or(|f| f.is_empty())
+}
 
 pub const NODE: Strategy = Strategy {
     roundtrip: typed::roundtrip::<Node>,

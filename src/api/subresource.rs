@@ -129,6 +129,7 @@ pub async fn handle(
             status(&t, method, headers, body).await
         }
         ("binding", &Method::POST) => binding(&t, body).await,
+        ("finalize", &Method::PUT) => finalize(&t, body).await,
         ("approval", &Method::PUT) => {
             let b = parse_body(body, r)?;
             let new = super::csr::approve(st, &t.cur, &b)?;
@@ -175,6 +176,30 @@ async fn status(
     let mut new = t.cur.clone();
     new["status"] = incoming.get("status").cloned().unwrap_or(Value::Null);
     Ok(json_response(StatusCode::OK, &t.write(new).await?))
+}
+
+/// `PUT namespaces/NAME/finalize`: only `spec.finalizers` changes; a terminating namespace
+/// left with none goes.
+async fn finalize(t: &Target<'_>, body: &Bytes) -> Result<Response, ApiError> {
+    let b = parse_body(body, t.r)?;
+    let mut new = t.cur.clone();
+    new["spec"]["finalizers"] = b
+        .pointer("/spec/finalizers")
+        .cloned()
+        .unwrap_or_else(|| json!([]));
+    let written = t.write(new).await?;
+    let rev = written
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    let pre = store::Precondition::ModRevision(rev);
+    if let Some(gone) =
+        super::write::finish_delete(t.st, t.r, &t.key, t.name, &written, pre).await?
+    {
+        return Ok(gone);
+    }
+    Ok(json_response(StatusCode::OK, &written))
 }
 
 /// `POST pods/NAME/binding`, the scheduler's bind: sets `spec.nodeName` once.

@@ -40,7 +40,8 @@ pub(super) struct DeletePreconditions {
 
 /// DELETE: preconditions, then finalizers and pod grace turn it into setting
 /// `deletionTimestamp` (the object stays until its finalizers are gone / its node confirms);
-/// otherwise the object goes at once. A namespace takes its contents with it.
+/// otherwise the object goes at once. A namespace turns `Terminating` until the namespace
+/// controller has removed its contents and its `kubernetes` finalizer.
 pub(super) async fn delete(
     st: &ApiState,
     r: &'static Resource,
@@ -74,6 +75,9 @@ pub(super) async fn delete(
     let grace = opts.grace_period_seconds.or(grace_param);
     let pod_grace = (r.strategy.delete_grace)(&obj, grace);
     if has_finalizers || pod_grace.is_some() {
+        if r.strategy.has(Hook::NamespaceContents) {
+            obj["status"]["phase"] = json!("Terminating");
+        }
         return mark_deleting(
             st,
             r,
@@ -244,7 +248,8 @@ pub(super) async fn finish_delete(
     Ok(Some(json_response(StatusCode::OK, &decode(&gone)?)))
 }
 
-/// Removes every object in a deleted namespace (until the namespace controller exists).
+/// Removes every object of a namespace deleted at once (one whose `spec.finalizers` someone
+/// emptied; others wait for the namespace controller).
 pub(super) async fn delete_namespace_contents(st: &ApiState, ns: &str) {
     for r in registry::RESOURCES.iter().filter(|r| r.namespaced) {
         let Ok(page) = st
@@ -342,23 +347,44 @@ pub(super) fn warn(mut resp: Response, warnings: &[String]) -> Response {
     resp
 }
 
-pub(super) async fn ensure_namespace(st: &ApiState, ns: Option<&str>) -> Result<(), ApiError> {
+/// kube-apiserver's NamespaceLifecycle admission for a create of `r` `name` in `ns`: the
+/// namespace must exist and not be terminating.
+pub(super) async fn ensure_namespace(
+    st: &ApiState,
+    ns: Option<&str>,
+    r: &Resource,
+    name: &str,
+) -> Result<(), ApiError> {
     let Some(ns) = ns else { return Ok(()) };
     let nsr = registry::find("", "v1", "namespaces")
         .ok_or_else(|| ApiError::internal("no namespaces"))?;
-    if st
+    let Some(kv) = st
         .store
         .get(&nsr.key(None, ns))
         .await
         .map_err(ApiError::internal)?
-        .is_none()
-    {
+    else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!("namespaces \"{ns}\" not found"),
         )
         .with(ns, nsr));
+    };
+    let namespace = decode(&kv)?;
+    if namespace.pointer("/metadata/deletionTimestamp").is_some() {
+        let mut e = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                r.qualified()
+            ),
+        );
+        e.details = Some(json!({"name": name, "kind": r.plural, "group": r.group,
+            "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"),
+                        "field": "metadata.namespace"}]}));
+        return Err(e);
     }
     Ok(())
 }
@@ -441,7 +467,7 @@ pub(super) async fn create(
     }
     (r.strategy.on_create)(&mut obj);
     (r.strategy.initial_status)(&mut obj);
-    ensure_namespace(st, ns.filter(|_| r.namespaced)).await?;
+    ensure_namespace(st, ns.filter(|_| r.namespaced), r, &name).await?;
     let key = r.key(ns, &name);
     if dry {
         if st

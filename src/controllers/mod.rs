@@ -1,6 +1,6 @@
 //! The controllers of the control plane, each a loop over the shared caches that writes only
 //! through the API server: ReplicaSets, Deployments, DaemonSets, Jobs, CronJobs, StatefulSets,
-//! volume binding and provisioning, disruption budgets, Endpoints and EndpointSlices, node
+//! volume binding and provisioning, disruption budgets, namespace deletion, Endpoints and EndpointSlices, node
 //! lifecycle and IPAM, garbage collection and default ServiceAccounts.
 
 pub mod cronjob;
@@ -10,6 +10,7 @@ pub mod disruption;
 pub mod endpoints;
 pub mod gc;
 pub mod job;
+pub mod namespace;
 pub mod node;
 pub mod replicaset;
 pub mod statefulset;
@@ -47,5 +48,6 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>,
         statefulset::run(client.clone(), caches.clone(), leading.clone()),
         volume::run(client.clone(), caches.clone(), leading.clone()),
         disruption::run(client.clone(), caches.clone(), leading.clone()),
+        namespace::run(client.clone(), caches.clone(), leading.clone()),
     );
 }

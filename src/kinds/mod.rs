@@ -9,6 +9,7 @@ pub mod disruption;
 pub mod dns;
 pub mod history;
 pub mod job;
+pub mod namespace;
 pub mod node;
 pub mod pod;
 pub mod print;
