@@ -1199,7 +1199,7 @@ fn aggregated_discovery_and_eviction_through_kubectl_drain() {
         "no per-group discovery once /apis answered aggregated: {log}"
     );
     let res = s.ok(&["api-resources", "--no-headers"]);
-    assert_eq!(res.lines().count(), 34, "{res}");
+    assert_eq!(res.lines().count(), 36, "{res}");
     for (plural, short) in [("jobs", ""), ("cronjobs", "cj")] {
         assert!(
             res.lines().any(|l| {

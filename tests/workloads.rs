@@ -6,9 +6,13 @@
 //! policies on a test clock; StatefulSets with
 //! volume claims on the local-path provisioner (ordered start, stable names, host names and
 //! data, ordered scale-down, a partitioned roll, `kubectl rollout status|history|undo`), a
-//! claim that waits for its first consumer and takes its directory with it, and DaemonSet
-//! history.
+//! claim that waits for its first consumer and takes its directory with it, DaemonSet
+//! history, and preemption by a higher PriorityClass (`workloads/priority.rs`).
 mod common;
+#[path = "workloads/priority.rs"]
+mod priority;
+
+use priority::a_higher_priority_pod_preempts_a_lower_one;
 
 use std::time::{Duration, Instant};
 
@@ -69,6 +73,7 @@ fn jobs() {
         an_invalid_statefulset_is_refused_with_field_paths,
         kubectl_drain_waits_for_a_disruption_budget_until_a_replacement_is_ready,
         a_replication_controller_keeps_its_replicas_and_scales,
+        a_higher_priority_pod_preempts_a_lower_one,
     );
 }
 

@@ -381,6 +381,51 @@ pub async fn seed(store: &dyn Store) -> anyhow::Result<()> {
             "subjects": subjects});
         put_absent(store, &bindings.key(None, name), &obj).await?;
     }
+    seed_priority_classes(store).await?;
+    seed_api_services(store).await
+}
+
+/// kube-apiserver's two system PriorityClasses.
+async fn seed_priority_classes(store: &dyn Store) -> anyhow::Result<()> {
+    let r = registry::find("scheduling.k8s.io", "v1", "priorityclasses")
+        .context("priorityclasses resource")?;
+    for (name, value, description) in crate::kinds::priority::SYSTEM_CLASSES {
+        let mut meta = bootstrap_meta(name);
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("labels");
+            m.remove("annotations");
+        }
+        let obj = json!({"kind": "PriorityClass", "apiVersion": "scheduling.k8s.io/v1",
+            "metadata": meta, "value": value, "description": description,
+            "preemptionPolicy": "PreemptLowerPriority"});
+        put_absent(store, &r.key(None, name), &obj).await?;
+    }
+    Ok(())
+}
+
+/// An APIService for every group/version the server serves itself, `Available` as kube-
+/// apiserver's local ones are (`kubectl get apiservices`).
+async fn seed_api_services(store: &dyn Store) -> anyhow::Result<()> {
+    let r = registry::find("apiregistration.k8s.io", "v1", "apiservices")
+        .context("apiservices resource")?;
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    for (i, (group, version)) in registry::group_versions().into_iter().enumerate() {
+        let name = format!("{version}.{group}");
+        let mut meta = bootstrap_meta(&name);
+        meta["labels"] = json!({"kube-aggregator.kubernetes.io/automanaged": "onstart"});
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("annotations");
+        }
+        let obj = json!({"kind": "APIService", "apiVersion": "apiregistration.k8s.io/v1",
+            "metadata": meta,
+            "spec": {"group": group, "version": version, "groupPriorityMinimum": 18000 - 100 * i as i64,
+                     "versionPriority": 15},
+            "status": {"conditions": [{"type": "Available", "status": "True", "reason": "Local",
+                        "message": "Local APIServices are always available", "lastTransitionTime": now}]}});
+        put_absent(store, &r.key(None, &name), &obj).await?;
+    }
     Ok(())
 }
 

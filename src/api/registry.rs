@@ -294,6 +294,24 @@ pub const RESOURCES: &[Resource] = &[
         &strategy::POD_DISRUPTION_BUDGET,
     ),
     r(
+        "scheduling.k8s.io",
+        "v1",
+        "PriorityClass",
+        "priorityclasses",
+        false,
+        &["pc"],
+        &strategy::PRIORITY_CLASS,
+    ),
+    r(
+        "apiregistration.k8s.io",
+        "v1",
+        "APIService",
+        "apiservices",
+        false,
+        &[],
+        &strategy::API_SERVICE,
+    ),
+    r(
         "authorization.k8s.io",
         "v1",
         "SelfSubjectAccessReview",
@@ -666,7 +684,8 @@ pub fn group_list() -> Value {
 }
 
 /// The group/versions served, as `api/v1` / `apis/<group>/<version>` paths.
-fn group_versions() -> Vec<(&'static str, &'static str)> {
+/// Every served group/version, in the table's order.
+pub fn group_versions() -> Vec<(&'static str, &'static str)> {
     let mut gvs: Vec<(&str, &str)> = RESOURCES.iter().map(|r| (r.group, r.version)).collect();
     gvs.dedup();
     gvs
@@ -774,6 +793,8 @@ mod tests {
                 "rbac.authorization.k8s.io",
                 "storage.k8s.io",
                 "policy",
+                "scheduling.k8s.io",
+                "apiregistration.k8s.io",
                 "authorization.k8s.io",
                 "authentication.k8s.io"
             ]

@@ -19,8 +19,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     policy::v1::PodDisruptionBudget,
     rbac::v1 as rbac,
+    scheduling::v1::PriorityClass,
     storage::v1::StorageClass,
 };
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use serde_json::{Value, json};
 
 use super::{
@@ -97,6 +99,11 @@ pub enum Hook {
     /// The DefaultStorageClass admission on create: a claim without a class gets the
     /// default one.
     DefaultStorageClass,
+    /// The Priority admission on create: a pod gets its PriorityClass's priority and
+    /// preemption policy (or the global default's), an unknown class is forbidden.
+    Priority,
+    /// Only one PriorityClass may be the global default (create and update).
+    SingleDefaultPriority,
 }
 
 impl Strategy {
@@ -199,7 +206,7 @@ pub const POD: Strategy = Strategy {
     table: &table::POD,
     categories: ALL,
     on_create: typed::mount_service_account_token,
-    hooks: &[Hook::ServiceAccountPullSecrets],
+    hooks: &[Hook::ServiceAccountPullSecrets, Hook::Priority],
     delete_grace: pod_delete_grace,
     confirmed_delete: awaits_kubelet,
     ..PLAIN
@@ -499,6 +506,22 @@ pub const STORAGE_CLASS: Strategy = Strategy {
         )
     },
     table: &table::STORAGE_CLASS,
+    ..PLAIN
+};
+
+pub const PRIORITY_CLASS: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<PriorityClass>,
+    defaults: crate::kinds::priority::default_class,
+    validate: crate::kinds::priority::validate_class,
+    validate_update: crate::kinds::priority::validate_class_update,
+    table: &table::PRIORITY_CLASS,
+    hooks: &[Hook::SingleDefaultPriority],
+    ..PLAIN
+};
+
+pub const API_SERVICE: Strategy = Strategy {
+    roundtrip: typed::roundtrip::<APIService>,
+    table: &table::API_SERVICE,
     ..PLAIN
 };
 

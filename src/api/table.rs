@@ -5,6 +5,9 @@ use serde_json::{Value, json};
 
 use super::registry::Resource;
 
+mod storage;
+pub use storage::{PERSISTENT_VOLUME, PERSISTENT_VOLUME_CLAIM, STORAGE_CLASS};
+
 fn age(obj: &Value) -> String {
     let created = obj
         .pointer("/metadata/creationTimestamp")
@@ -586,146 +589,62 @@ fn controller_revision_cells(obj: &Value) -> Vec<Value> {
     ]
 }
 
-/// kubectl's short access modes.
-fn modes(obj: &Value, p: &str) -> Value {
-    let short: Vec<&str> = obj
-        .pointer(p)
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|m| match m.as_str()? {
-            "ReadWriteOnce" => Some("RWO"),
-            "ReadOnlyMany" => Some("ROX"),
-            "ReadWriteMany" => Some("RWX"),
-            "ReadWriteOncePod" => Some("RWOP"),
-            _ => None,
-        })
-        .collect();
-    json!(short.join(","))
-}
-
-/// PersistentVolumeClaim.
-pub const PERSISTENT_VOLUME_CLAIM: Columns = Columns {
+/// PriorityClass: kubectl's columns.
+pub const PRIORITY_CLASS: Columns = Columns {
     columns: &[
         ("Name", "string", 0),
-        ("Status", "string", 0),
-        ("Volume", "string", 0),
-        ("Capacity", "string", 0),
-        ("Access Modes", "string", 0),
-        ("StorageClass", "string", 0),
-        ("VolumeAttributesClass", "string", 0),
+        ("Value", "integer", 0),
+        ("Global-Default", "boolean", 0),
         ("Age", "string", 0),
-        ("VolumeMode", "string", 1),
+        ("PreemptionPolicy", "string", 0),
     ],
-    cells: claim_cells,
+    cells: |obj| {
+        vec![
+            name(obj),
+            json!(int(obj, "/value")),
+            json!(
+                obj.get("globalDefault")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            ),
+            json!(age(obj)),
+            text(obj, "/preemptionPolicy", "PreemptLowerPriority"),
+        ]
+    },
 };
 
-fn claim_cells(obj: &Value) -> Vec<Value> {
-    let status = if obj.pointer("/metadata/deletionTimestamp").is_some() {
-        json!("Terminating")
-    } else {
-        text(obj, "/status/phase", "Pending")
-    };
-    vec![
-        name(obj),
-        status,
-        text(obj, "/spec/volumeName", ""),
-        text(obj, "/status/capacity/storage", ""),
-        modes(obj, "/status/accessModes"),
-        text(obj, "/spec/storageClassName", "<unset>"),
-        text(obj, "/spec/volumeAttributesClassName", "<unset>"),
-        json!(age(obj)),
-        text(obj, "/spec/volumeMode", "Filesystem"),
-    ]
-}
-
-/// PersistentVolume.
-pub const PERSISTENT_VOLUME: Columns = Columns {
+/// APIService: where it is served and whether it is available.
+pub const API_SERVICE: Columns = Columns {
     columns: &[
         ("Name", "string", 0),
-        ("Capacity", "string", 0),
-        ("Access Modes", "string", 0),
-        ("Reclaim Policy", "string", 0),
-        ("Status", "string", 0),
-        ("Claim", "string", 0),
-        ("StorageClass", "string", 0),
-        ("VolumeAttributesClass", "string", 0),
-        ("Reason", "string", 0),
-        ("Age", "string", 0),
-        ("VolumeMode", "string", 1),
-    ],
-    cells: volume_cells,
-};
-
-fn volume_cells(obj: &Value) -> Vec<Value> {
-    let claim = match (
-        obj.pointer("/spec/claimRef/namespace")
-            .and_then(Value::as_str),
-        obj.pointer("/spec/claimRef/name").and_then(Value::as_str),
-    ) {
-        (Some(ns), Some(n)) => format!("{ns}/{n}"),
-        _ => String::new(),
-    };
-    let status = if obj.pointer("/metadata/deletionTimestamp").is_some() {
-        json!("Terminating")
-    } else {
-        text(obj, "/status/phase", "Pending")
-    };
-    vec![
-        name(obj),
-        text(obj, "/spec/capacity/storage", ""),
-        modes(obj, "/spec/accessModes"),
-        text(obj, "/spec/persistentVolumeReclaimPolicy", "Retain"),
-        status,
-        json!(claim),
-        text(obj, "/spec/storageClassName", ""),
-        text(obj, "/spec/volumeAttributesClassName", "<unset>"),
-        text(obj, "/status/reason", ""),
-        json!(age(obj)),
-        text(obj, "/spec/volumeMode", "Filesystem"),
-    ]
-}
-
-/// StorageClass.
-pub const STORAGE_CLASS: Columns = Columns {
-    columns: &[
-        ("Name", "string", 0),
-        ("Provisioner", "string", 0),
-        ("ReclaimPolicy", "string", 0),
-        ("VolumeBindingMode", "string", 0),
-        ("AllowVolumeExpansion", "string", 0),
+        ("Service", "string", 0),
+        ("Available", "string", 0),
         ("Age", "string", 0),
     ],
-    cells: storage_class_cells,
+    cells: |obj| {
+        let service = match obj.pointer("/spec/service") {
+            Some(s) if s.is_object() => format!(
+                "{}/{}",
+                s["namespace"].as_str().unwrap_or(""),
+                s["name"].as_str().unwrap_or("")
+            ),
+            _ => "Local".into(),
+        };
+        let available = obj
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|c| c.iter().find(|c| c["type"] == "Available"))
+            .map(|c| {
+                let status = c["status"].as_str().unwrap_or("Unknown");
+                match c["reason"].as_str().filter(|_| status != "True") {
+                    Some(r) => format!("{status} ({r})"),
+                    None => status.to_string(),
+                }
+            })
+            .unwrap_or_else(|| "Unknown".into());
+        vec![name(obj), json!(service), json!(available), json!(age(obj))]
+    },
 };
-
-fn storage_class_cells(obj: &Value) -> Vec<Value> {
-    let mut n = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    if obj
-        .pointer("/metadata/annotations/storageclass.kubernetes.io~1is-default-class")
-        .and_then(Value::as_str)
-        == Some("true")
-    {
-        n.push_str(" (default)");
-    }
-    vec![
-        json!(n),
-        text(obj, "/provisioner", ""),
-        text(obj, "/reclaimPolicy", "Delete"),
-        text(obj, "/volumeBindingMode", "Immediate"),
-        json!(
-            obj.get("allowVolumeExpansion")
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
-                .to_string()
-        ),
-        json!(age(obj)),
-    ]
-}
 
 /// PodDisruptionBudget.
 pub const POD_DISRUPTION_BUDGET: Columns = Columns {

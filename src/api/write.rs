@@ -465,6 +465,17 @@ pub(super) async fn create(
     if r.strategy.has(Hook::DefaultStorageClass) {
         default_storage_class(st, &mut obj).await?;
     }
+    if r.strategy.has(Hook::Priority) {
+        let classes = priority_classes(st).await?;
+        crate::kinds::priority::admit(&mut obj, &classes).map_err(|why| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("{} \"{name}\" is forbidden: {why}", r.qualified()),
+            )
+        })?;
+    }
+    single_default_priority(st, r, &name, &obj).await?;
     (r.strategy.on_create)(&mut obj);
     (r.strategy.initial_status)(&mut obj);
     ensure_namespace(st, ns.filter(|_| r.namespaced), r, &name).await?;
@@ -550,10 +561,45 @@ async fn prepare_update(
         .filter(|_| r.namespaced)
         .map(str::to_string);
     super::rbac::check_escalation(st, o.caller, r.kind, ns.as_deref(), &new).await?;
+    single_default_priority(st, r, name, &new).await?;
     if !o.dry {
         allocate_service(st, r, &mut new, Some(old), key, name).await?;
     }
     Ok((new, warnings))
+}
+
+/// Every PriorityClass, as stored.
+async fn priority_classes(st: &ApiState) -> Result<Vec<Value>, ApiError> {
+    let Some(r) = registry::find("scheduling.k8s.io", "v1", "priorityclasses") else {
+        return Ok(vec![]);
+    };
+    let page = st
+        .cache
+        .list(&r.prefix(), &r.prefix(), None, 0)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(page
+        .items
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect())
+}
+
+/// Only one PriorityClass may be the global default (kube-apiserver's 422).
+async fn single_default_priority(
+    st: &ApiState,
+    r: &Resource,
+    name: &str,
+    class: &Value,
+) -> Result<(), ApiError> {
+    if !r.strategy.has(Hook::SingleDefaultPriority) {
+        return Ok(());
+    }
+    let classes = priority_classes(st).await?;
+    match crate::kinds::priority::second_default(class, &classes) {
+        Some(why) => Err(invalid(r, name, &why)),
+        None => Ok(()),
+    }
 }
 
 /// The body of a write to `.../NAME` must name the same object (kube-apiserver's 400).

@@ -13,6 +13,7 @@ pub mod namespace;
 pub mod node;
 pub mod pod;
 pub mod print;
+pub mod priority;
 pub mod quantity;
 pub mod replication;
 pub mod scheduling;

@@ -12,8 +12,10 @@
 //! Bound pods are "assumed" on their node at once, so the next pod in the same pass sees the
 //! capacity taken, until the cache shows the binding. A pod that fits nowhere gets a
 //! PodScheduled=False condition and a FailedScheduling event in kube-scheduler's words, and is
-//! retried with back-off (1 s doubling to 10 s) and whenever nodes change.
+//! retried with back-off (1 s doubling to 10 s) and whenever nodes change. A pod that fits
+//! nowhere may preempt pods of lower priority (`preemption`).
 
+mod preemption;
 mod volumes;
 
 use std::{
@@ -100,6 +102,8 @@ struct NodeInfo {
     ports: HashSet<(String, String, i32)>,
     /// Pods per controlling owner uid, for spreading.
     owners: HashMap<String, i64>,
+    /// The pods counted here (what preemption may choose victims from).
+    members: Vec<Arc<Pod>>,
 }
 
 impl NodeInfo {
@@ -122,7 +126,24 @@ impl NodeInfo {
             pods: 0,
             ports: HashSet::new(),
             owners: HashMap::new(),
+            members: vec![],
         }
+    }
+
+    fn add_member(&mut self, p: Arc<Pod>) {
+        self.add(&p);
+        self.members.push(p);
+    }
+
+    /// The node as it would be without the pods of `uids`.
+    fn without(&self, uids: &[String]) -> NodeInfo {
+        let mut ni = NodeInfo::new(self.node.clone());
+        for p in &self.members {
+            if !uids.iter().any(|u| p.metadata.uid.as_deref() == Some(u)) {
+                ni.add_member(p.clone());
+            }
+        }
+        ni
     }
 
     fn add(&mut self, p: &Pod) {
@@ -301,7 +322,9 @@ pub async fn run(client: Client, caches: Caches, leading: watch::Receiver<bool>)
         assumed: HashMap::new(),
         waiting: HashMap::new(),
         bound_before: HashSet::new(),
+        held_before: HashSet::new(),
         rotate: 0,
+        nominations: HashMap::new(),
     };
     runner::run(s, &caches, leading).await;
 }
@@ -320,8 +343,14 @@ struct Scheduler {
     node_version: u64,
     /// Bound pods seen in the previous pass: when one goes, its capacity is free again.
     bound_before: HashSet<String>,
+    /// Bound pods, terminating ones too, seen in the previous pass: when one is gone for good,
+    /// what it held is free (a preemptor waits for that).
+    held_before: HashSet<String>,
     /// Where the next pod's node search starts (spreads equal scores).
     rotate: usize,
+    /// Nodes nominated for pods that preempted (uid → node), known here before the cache
+    /// shows the pods' `nominatedNodeName`, so that one pod never preempts twice for one place.
+    nominations: HashMap<String, String>,
 }
 
 impl Controller for Scheduler {
@@ -345,6 +374,23 @@ impl Controller for Scheduler {
     async fn pass(&mut self) -> Result<(), PassError> {
         let (mut infos, pending) = self.snapshot();
         let mut binds = tokio::task::JoinSet::new();
+        // Pods that preempted keep the room made for them on their nominated node: pods of
+        // lower or equal priority are placed as if they were there (kube-scheduler's
+        // nominated pods).
+        let mut nominated: Vec<(usize, Arc<Pod>)> = self
+            .caches
+            .pods
+            .all()
+            .into_iter()
+            .filter(|p| serves(p))
+            .filter_map(|p| {
+                let n = self.nominated_node(&p)?;
+                let i = infos
+                    .iter()
+                    .position(|ni| ni.node.metadata.name.as_deref() == Some(n.as_str()))?;
+                Some((i, p))
+            })
+            .collect();
         for p in pending {
             let needs = match volumes::needs(&self.caches, &p) {
                 Ok(n) => n,
@@ -354,8 +400,25 @@ impl Controller for Scheduler {
                     continue;
                 }
             };
-            match self.pick_node(&p, &infos, &needs) {
+            let ahead: Vec<&(usize, Arc<Pod>)> = nominated
+                .iter()
+                .filter(|(_, q)| {
+                    uid(q) != uid(&p) && preemption::priority(q) >= preemption::priority(&p)
+                })
+                .collect();
+            let picked = if ahead.is_empty() {
+                self.pick_node(&p, &infos, &needs)
+            } else {
+                let mut view = infos.clone();
+                for (i, q) in ahead {
+                    view[*i].add(q);
+                }
+                self.pick_node(&p, &view, &needs)
+            };
+            match picked {
                 Ok(i) => {
+                    nominated.retain(|(_, q)| uid(q) != uid(&p));
+                    self.nominations.remove(&uid(&p));
                     let node = infos[i].node.metadata.name.clone().unwrap_or_default();
                     if !needs.delayed.is_empty() {
                         // The claims' volumes come first; the pod is bound once they are.
@@ -372,7 +435,7 @@ impl Controller for Scheduler {
                         );
                         continue;
                     }
-                    infos[i].add(&p);
+                    infos[i].add_member(p.clone());
                     self.assumed.insert(uid(&p), (p.clone(), node.clone()));
                     self.waiting.remove(&uid(&p));
                     if binds.len() >= BIND_CONCURRENCY {
@@ -386,6 +449,15 @@ impl Controller for Scheduler {
                     ));
                 }
                 Err(reasons) => {
+                    if preemption::eligible(&p, self.nominated_node(&p).as_deref(), &infos) {
+                        let req = pod_request(&p);
+                        let fits = |ni: &NodeInfo| {
+                            filter(&p, req, ni, Some((&needs, &self.caches))).is_ok()
+                        };
+                        if let Some((i, victims)) = preemption::plan(&p, &infos, fits) {
+                            self.preempt(&p, &infos[i], victims);
+                        }
+                    }
                     let msg = unschedulable_message(infos.len(), &reasons);
                     self.unschedulable(&p, msg);
                 }
@@ -420,6 +492,7 @@ impl Scheduler {
         let mut pending = vec![];
         let mut live: HashSet<String> = HashSet::with_capacity(all.len());
         let mut bound_now: HashSet<String> = HashSet::new();
+        let mut held_now: HashSet<String> = HashSet::new();
         for p in &all {
             live.insert(uid(p));
             let node = p
@@ -437,24 +510,31 @@ impl Scheduler {
             if p.metadata.deletion_timestamp.is_none() {
                 bound_now.insert(uid(p));
             }
+            held_now.insert(uid(p));
             let finished = matches!(
                 p.status.as_ref().and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
             );
             if let (false, Some(&i)) = (finished, index.get(node)) {
-                infos[i].add(p);
+                infos[i].add_member(p.clone());
             }
         }
-        if self.bound_before.iter().any(|u| !bound_now.contains(u)) {
+        if self.bound_before.iter().any(|u| !bound_now.contains(u))
+            || self.held_before.iter().any(|u| !held_now.contains(u))
+        {
             // A bound pod went away (or is going): waiting pods may fit now.
             self.retry_waiting();
         }
         self.bound_before = bound_now;
+        self.held_before = held_now;
         self.assumed.retain(|u, _| live.contains(u));
         self.waiting.retain(|u, _| live.contains(u));
+        let held = &self.held_before;
+        self.nominations
+            .retain(|u, _| live.contains(u) && !held.contains(u));
         for (p, node) in self.assumed.values() {
             if let Some(&i) = index.get(node) {
-                infos[i].add(p);
+                infos[i].add_member(p.clone());
             }
         }
         let now = Instant::now();
@@ -515,6 +595,77 @@ impl Scheduler {
         }
         self.rotate = self.rotate.wrapping_add(1);
         best.map(|(_, i)| i).ok_or(reasons)
+    }
+
+    /// The node `p` preempted for: this scheduler's record, else the pod's status.
+    fn nominated_node(&self, p: &Pod) -> Option<String> {
+        self.nominations.get(&uid(p)).cloned().or_else(|| {
+            p.status
+                .as_ref()?
+                .nominated_node_name
+                .clone()
+                .filter(|n| !n.is_empty())
+        })
+    }
+
+    /// Evicts `victims` from `ni`'s node for `p` (each marked with kube's DisruptionTarget
+    /// condition, a Preempted event, then deleted with its grace period) and nominates the
+    /// node for `p`, which is bound there once they are gone.
+    fn preempt(&mut self, p: &Arc<Pod>, ni: &NodeInfo, victims: Vec<Arc<Pod>>) {
+        let node = ni.node.metadata.name.clone().unwrap_or_default();
+        self.nominations.insert(uid(p), node.clone());
+        let scheduler = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.scheduler_name.clone())
+            .unwrap_or_else(|| "default-scheduler".into());
+        tracing::info!(pod = ?p.metadata.name, node, victims = victims.len(), "preempting");
+        for v in &victims {
+            self.recorder.event(
+                v.as_ref(),
+                false,
+                "Preempted",
+                format!("Preempted by pod {} on node {node}", uid(p)),
+            );
+        }
+        let client = self.client.clone();
+        let (ns, name) = (
+            p.metadata.namespace.clone().unwrap_or_default(),
+            p.metadata.name.clone().unwrap_or_default(),
+        );
+        tokio::spawn(async move {
+            let now = jiff::Timestamp::now()
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+                .to_string();
+            for v in victims {
+                let api: Api<Pod> = Api::namespaced(
+                    client.clone(),
+                    v.metadata.namespace.as_deref().unwrap_or(""),
+                );
+                let vname = v.metadata.name.clone().unwrap_or_default();
+                let cond = serde_json::json!({"status": {"conditions": [{
+                    "type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                    "message": format!("{scheduler}: preempting to accommodate a higher priority pod"),
+                    "lastTransitionTime": now}]}});
+                if let Err(e) = api
+                    .patch_status(&vname, &PatchParams::default(), &Patch::Strategic(&cond))
+                    .await
+                {
+                    tracing::debug!(pod = %vname, error = %e, "DisruptionTarget condition");
+                }
+                if let Err(e) = api.delete(&vname, &Default::default()).await {
+                    tracing::debug!(pod = %vname, error = %e, "deleting a preempted pod");
+                }
+            }
+            let api: Api<Pod> = Api::namespaced(client, &ns);
+            let nominate = serde_json::json!({"status": {"nominatedNodeName": node}});
+            if let Err(e) = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&nominate))
+                .await
+            {
+                tracing::debug!(pod = %name, error = %e, "nominating a node");
+            }
+        });
     }
 
     /// `p` fits nowhere: back off (1 s doubling to 10 s), a FailedScheduling event, and the
