@@ -78,25 +78,38 @@ impl Ipam {
             .filter(|v| (first..=last).contains(v))
             .map(|v| v + 1 - first)
             .unwrap_or(0);
+        // The owner is written to a private file first, which is then linked to the address's
+        // name: an allocation appears whole or not at all (a reader that saw an empty owner
+        // once released a just-made allocation, and the address went to two pods).
+        static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n_staged = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staged = self
+            .dir
+            .join(format!(".staged.{}.{n_staged}", std::process::id()));
+        {
+            let mut f = fs::File::create(&staged).map_err(Self::io(&staged))?;
+            f.write_all(owner.as_bytes()).map_err(Self::io(&staged))?;
+            f.sync_all().map_err(Self::io(&staged))?;
+        }
+        let mut result = Err(IpamError::Exhausted(self.cidr));
         for i in 0..n {
             let ip = Ipv4Addr::from(first + (start + i) % n);
             let path = self.dir.join(ip.to_string());
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    f.write_all(owner.as_bytes()).map_err(Self::io(&path))?;
-                    f.sync_all().map_err(Self::io(&path))?;
+            match fs::hard_link(&staged, &path) {
+                Ok(()) => {
                     let _ = fs::write(&last_file, ip.to_string());
-                    return Ok(ip);
+                    result = Ok(ip);
+                    break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Self::io(&path)(e)),
+                Err(e) => {
+                    result = Err(Self::io(&path)(e));
+                    break;
+                }
             }
         }
-        Err(IpamError::Exhausted(self.cidr))
+        let _ = fs::remove_file(&staged);
+        result
     }
 
     /// Every allocation as (address, owner).
@@ -127,8 +140,11 @@ impl Ipam {
             .map(|(ip, _)| ip))
     }
 
-    /// Releases whatever `owner` holds.
+    /// Releases whatever `owner` holds (nothing for an empty owner).
     pub fn release_owner(&self, owner: &str) -> Result<(), IpamError> {
+        if owner.is_empty() {
+            return Ok(());
+        }
         for (ip, o) in self.allocations()? {
             if o == owner {
                 let p = self.dir.join(ip.to_string());
@@ -177,6 +193,59 @@ mod tests {
         let b = again.allocate("b").unwrap();
         assert_ne!(a, b);
         assert_eq!(again.owned_by("a").unwrap(), Some(a));
+    }
+
+    #[test]
+    fn concurrent_allocations_are_unique_and_never_seen_without_their_owner() {
+        let (_d, ipam) = ipam("10.9.0.0/24");
+        let ipam = std::sync::Arc::new(ipam);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (ipam, stop) = (ipam.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut empty = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    empty += ipam
+                        .allocations()
+                        .unwrap()
+                        .iter()
+                        .filter(|(_, o)| o.is_empty())
+                        .count();
+                }
+                empty
+            })
+        };
+        let writers: Vec<_> = (0..6)
+            .map(|t| {
+                let ipam = ipam.clone();
+                std::thread::spawn(move || {
+                    (0..30)
+                        .map(|i| ipam.allocate(&format!("pod-{t}-{i}")).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<Ipv4Addr> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            reader.join().unwrap(),
+            0,
+            "an allocation seen without its owner"
+        );
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 180, "every address handed out once");
+        assert_eq!(
+            ipam.allocations().unwrap().len(),
+            180,
+            "no staged file counted"
+        );
+        // An empty owner releases nothing.
+        ipam.release_owner("").unwrap();
+        assert_eq!(ipam.allocations().unwrap().len(), 180);
     }
 
     #[test]
