@@ -52,22 +52,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-/// A token for service account `default/NAME` for `audiences` (the API server's if empty).
-fn sa_token(s: &Server, name: &str, audiences: &[&str]) -> String {
-    let req = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"expirationSeconds": 3600, "audiences": audiences}});
-    let req = s.write(&format!("tokenrequest-{name}.json"), &req.to_string());
-    let out = s.ok(&[
-        "create",
-        "--raw",
-        &format!("/api/v1/namespaces/default/serviceaccounts/{name}/token"),
-        "-f",
-        &req,
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("a TokenRequest answer");
-    v["status"]["token"].as_str().expect("a token").to_string()
-}
-
 #[test]
 fn access_and_identity_reviews() {
     let s = Server::start(&[]);
@@ -104,7 +88,7 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: dev}]
 "#,
         ),
     ]);
-    let reader = format!("--token={}", sa_token(&s, "reader", &[]));
+    let reader = format!("--token={}", s.sa_token("reader", &[]));
     let f = Fixture { s, reader };
     crate::scenarios!(&f;
         an_administrator_may_do_anything,
@@ -315,7 +299,7 @@ fn a_token_review_checks_the_token_and_its_audience(f: &Fixture) {
         f.s.ok(&["get", "sa", "reader", "-o", "jsonpath={.metadata.uid}"]);
     assert_eq!(a["status"]["user"]["uid"], uid.as_str(), "{a}");
     // A token for another audience proves nothing to the API server, and the reverse.
-    let vault = sa_token(&f.s, "reader", &["vault"]);
+    let vault = f.s.sa_token("reader", &["vault"]);
     let a = review("tr-vault.json", &vault, &["vault"]);
     assert_eq!(a["status"]["authenticated"], true, "{a}");
     assert_eq!(a["status"]["audiences"], serde_json::json!(["vault"]));

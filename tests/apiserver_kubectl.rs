@@ -828,23 +828,6 @@ fn a_token_that_is_no_credential_is_unauthorized(n: &N1) {
     assert!(stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
 }
 
-/// A token for service account `default/NAME` (a TokenRequest through the API).
-fn sa_token(s: &Server, name: &str) -> String {
-    let req = s.write(
-        "tokenrequest.json",
-        r#"{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}"#,
-    );
-    let out = s.ok(&[
-        "create",
-        "--raw",
-        &format!("/api/v1/namespaces/default/serviceaccounts/{name}/token"),
-        "-f",
-        &req,
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["status"]["token"].as_str().unwrap().to_string()
-}
-
 /// A service account `granter` that may write Roles and RoleBindings and read ConfigMaps in
 /// `default`, with a token.
 struct Granter {
@@ -900,7 +883,7 @@ subjects: [{kind: ServiceAccount, name: granter, namespace: default}]
 "#,
         ),
     ]);
-    let t = format!("--token={}", sa_token(&s, "granter"));
+    let t = format!("--token={}", s.sa_token("granter", &[]));
     let g = Granter { s, t };
     crate::scenarios!(&g;
         binding_cluster_admin_is_refused,

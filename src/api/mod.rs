@@ -390,13 +390,8 @@ async fn seed_priority_classes(store: &dyn Store) -> anyhow::Result<()> {
     let r = registry::find("scheduling.k8s.io", "v1", "priorityclasses")
         .context("priorityclasses resource")?;
     for (name, value, description) in crate::kinds::priority::SYSTEM_CLASSES {
-        let mut meta = bootstrap_meta(name);
-        if let Some(m) = meta.as_object_mut() {
-            m.remove("labels");
-            m.remove("annotations");
-        }
         let obj = json!({"kind": "PriorityClass", "apiVersion": "scheduling.k8s.io/v1",
-            "metadata": meta, "value": value, "description": description,
+            "metadata": seeded_meta(name), "value": value, "description": description,
             "preemptionPolicy": "PreemptLowerPriority"});
         put_absent(store, &r.key(None, name), &obj).await?;
     }
@@ -413,11 +408,8 @@ async fn seed_api_services(store: &dyn Store) -> anyhow::Result<()> {
         .to_string();
     for (i, (group, version)) in registry::group_versions().into_iter().enumerate() {
         let name = format!("{version}.{group}");
-        let mut meta = bootstrap_meta(&name);
+        let mut meta = seeded_meta(&name);
         meta["labels"] = json!({"kube-aggregator.kubernetes.io/automanaged": "onstart"});
-        if let Some(m) = meta.as_object_mut() {
-            m.remove("annotations");
-        }
         let obj = json!({"kind": "APIService", "apiVersion": "apiregistration.k8s.io/v1",
             "metadata": meta,
             "spec": {"group": group, "version": version, "groupPriorityMinimum": 18000 - 100 * i as i64,
@@ -429,12 +421,18 @@ async fn seed_api_services(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The metadata of an object the server makes at start.
+fn seeded_meta(name: &str) -> serde_json::Value {
+    json!({"name": name, "uid": crate::runtime::random_hex(16),
+           "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()})
+}
+
 /// The metadata of an RBAC object the server makes at start (kube's `rbac-defaults`).
 fn bootstrap_meta(name: &str) -> serde_json::Value {
-    json!({"name": name, "uid": crate::runtime::random_hex(16),
-           "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-           "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
-           "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}})
+    let mut meta = seeded_meta(name);
+    meta["labels"] = json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
+    meta["annotations"] = json!({"rbac.authorization.kubernetes.io/autoupdate": "true"});
+    meta
 }
 
 /// Keeps the `kube-root-ca.crt` ConfigMap (the cluster CA, for in-cluster clients' projected

@@ -444,7 +444,8 @@ pub async fn rules_of(
     Ok(out)
 }
 
-fn strings(v: &Value) -> Vec<String> {
+/// The strings of a JSON list (others left out; not a list: none).
+pub(super) fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|l| {
             l.iter()

@@ -14,7 +14,7 @@ use super::{
     ApiState,
     authz::{self, Identity},
     handlers::{ApiError, Target, json_response},
-    rbac::{self, Attributes},
+    rbac::{self, Attributes, strings},
     registry,
     strategy::Review,
 };
@@ -71,16 +71,6 @@ fn invalid(kind: &str, causes: &[String]) -> ApiError {
             causes.join(", ")
         ),
     )
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The user a SubjectAccessReview asks about (`spec.user`, `spec.groups`).

@@ -465,16 +465,7 @@ pub(super) async fn create(
     if r.strategy.has(Hook::DefaultStorageClass) {
         default_storage_class(st, &mut obj).await?;
     }
-    if r.strategy.has(Hook::Priority) {
-        let classes = priority_classes(st).await?;
-        crate::kinds::priority::admit(&mut obj, &classes).map_err(|why| {
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                format!("{} \"{name}\" is forbidden: {why}", r.qualified()),
-            )
-        })?;
-    }
+    priority_admission(st, r, &name, &mut obj).await?;
     single_default_priority(st, r, &name, &obj).await?;
     (r.strategy.on_create)(&mut obj);
     (r.strategy.initial_status)(&mut obj);
@@ -583,6 +574,27 @@ async fn priority_classes(st: &ApiState) -> Result<Vec<Value>, ApiError> {
         .iter()
         .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
         .collect())
+}
+
+/// The Priority admission of a new pod: its class's priority and preemption policy, or
+/// kube-apiserver's 403.
+async fn priority_admission(
+    st: &ApiState,
+    r: &Resource,
+    name: &str,
+    obj: &mut Value,
+) -> Result<(), ApiError> {
+    if !r.strategy.has(Hook::Priority) {
+        return Ok(());
+    }
+    let classes = priority_classes(st).await?;
+    crate::kinds::priority::admit(obj, &classes).map_err(|why| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("{} \"{name}\" is forbidden: {why}", r.qualified()),
+        )
+    })
 }
 
 /// Only one PriorityClass may be the global default (kube-apiserver's 422).

@@ -50,6 +50,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How soon a pod whose volumes are being provisioned is looked at again.
 const VOLUME_WAIT: Duration = Duration::from_millis(500);
 
+/// Unbound pods with a nominated node, by the node's index.
+type Nominated = Vec<(usize, Arc<Pod>)>;
+
 /// What a pod asks of a node.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Request {
@@ -372,25 +375,11 @@ impl Controller for Scheduler {
     }
 
     async fn pass(&mut self) -> Result<(), PassError> {
-        let (mut infos, pending) = self.snapshot();
-        let mut binds = tokio::task::JoinSet::new();
         // Pods that preempted keep the room made for them on their nominated node: pods of
         // lower or equal priority are placed as if they were there (kube-scheduler's
         // nominated pods).
-        let mut nominated: Vec<(usize, Arc<Pod>)> = self
-            .caches
-            .pods
-            .all()
-            .into_iter()
-            .filter(|p| serves(p))
-            .filter_map(|p| {
-                let n = self.nominated_node(&p)?;
-                let i = infos
-                    .iter()
-                    .position(|ni| ni.node.metadata.name.as_deref() == Some(n.as_str()))?;
-                Some((i, p))
-            })
-            .collect();
+        let (mut infos, pending, mut nominated) = self.snapshot();
+        let mut binds = tokio::task::JoinSet::new();
         for p in pending {
             let needs = match volumes::needs(&self.caches, &p) {
                 Ok(n) => n,
@@ -471,10 +460,10 @@ impl Controller for Scheduler {
 }
 
 impl Scheduler {
-    /// The nodes with what is bound or assumed on them, and the pods to schedule now (highest
-    /// priority, then oldest, first). Waiting pods are let go early when nodes changed or a
-    /// bound pod went.
-    fn snapshot(&mut self) -> (Vec<NodeInfo>, Vec<Arc<Pod>>) {
+    /// The nodes with what is bound or assumed on them, the pods to schedule now (highest
+    /// priority, then oldest, first), and the unbound pods with a nominated node (its index).
+    /// Waiting pods are let go early when nodes changed or a bound pod went.
+    fn snapshot(&mut self) -> (Vec<NodeInfo>, Vec<Arc<Pod>>, Nominated) {
         let nv = *self.caches.nodes.changed.borrow();
         if nv != self.node_version {
             // Nodes changed: every waiting pod may fit now.
@@ -490,6 +479,7 @@ impl Scheduler {
             .collect();
         let all = self.caches.pods.all();
         let mut pending = vec![];
+        let mut nominated = vec![];
         let mut live: HashSet<String> = HashSet::with_capacity(all.len());
         let mut bound_now: HashSet<String> = HashSet::new();
         let mut held_now: HashSet<String> = HashSet::new();
@@ -501,6 +491,11 @@ impl Scheduler {
                 .and_then(|s| s.node_name.as_deref())
                 .unwrap_or("");
             if node.is_empty() {
+                if serves(p)
+                    && let Some(&i) = self.nominated_node(p).and_then(|n| index.get(&n))
+                {
+                    nominated.push((i, p.clone()));
+                }
                 if serves(p) && !self.assumed.contains_key(&uid(p)) {
                     pending.push(p.clone());
                 }
@@ -546,7 +541,7 @@ impl Scheduler {
                 p.metadata.name.clone(),
             )
         });
-        (infos, pending)
+        (infos, pending, nominated)
     }
 
     fn retry_waiting(&mut self) {

@@ -202,6 +202,23 @@ impl Server {
         p.to_string_lossy().to_string()
     }
 
+    /// A token for service account `default/NAME` for `audiences` (the API server's when
+    /// empty), by a TokenRequest through the API.
+    pub fn sa_token(&self, name: &str, audiences: &[&str]) -> String {
+        let req = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600, "audiences": audiences}});
+        let req = self.write(&format!("tokenrequest-{name}.json"), &req.to_string());
+        let out = self.ok(&[
+            "create",
+            "--raw",
+            &format!("/api/v1/namespaces/default/serviceaccounts/{name}/token"),
+            "-f",
+            &req,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("a TokenRequest answer");
+        v["status"]["token"].as_str().expect("a token").to_string()
+    }
+
     /// A kube-rs client with the admin kubeconfig.
     pub async fn client(&self) -> kube::Client {
         keelson::control::client_from(&self.kubeconfig())

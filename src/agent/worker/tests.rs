@@ -357,6 +357,21 @@ async fn agent_gone(
     (found, h.rt.calls().len())
 }
 
+/// Waits for the app to be started again after call `before`; the calls since, in which the
+/// old app was killed before the new sandbox started, and the pod runs again.
+async fn pod_made_again(h: &Harness, before: usize) -> Vec<String> {
+    h.until("app started again", |c| {
+        count(&c[before..], "start app") == 1
+    })
+    .await;
+    let after = h.rt.calls()[before..].to_vec();
+    let pos = |what: &str| after.iter().position(|l| l.starts_with(what));
+    assert!(pos("kill app").is_some(), "{after:#?}");
+    assert!(pos("kill app") < pos("start POD"), "{after:#?}");
+    assert_eq!(h.rt.running(), vec!["POD".to_string(), "app".to_string()]);
+    after
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_adopted_sandbox_without_an_address_is_replaced_with_its_containers() {
     let h = harness();
@@ -368,16 +383,9 @@ async fn an_adopted_sandbox_without_an_address_is_replaced_with_its_containers()
         .forgets
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let _w2 = h.run(pod(spec), found);
-    h.until("app started again", |c| {
-        count(&c[before..], "start app") == 1
-    })
-    .await;
-    let after = &h.rt.calls()[before..];
+    let after = pod_made_again(&h, before).await;
     let pos = |what: &str| after.iter().position(|l| l.starts_with(what));
-    assert!(pos("kill app").is_some(), "{after:#?}");
-    assert!(pos("kill app") < pos("start POD"), "{after:#?}");
     assert!(pos("start POD") < pos("start app"), "{after:#?}");
-    assert_eq!(h.rt.running(), vec!["POD".to_string(), "app".to_string()]);
     h.until("status with the new address", |_| {
         h.status()["podIP"]
             .as_str()
@@ -397,15 +405,7 @@ async fn containers_found_running_without_their_sandbox_are_killed_and_the_pod_m
     let found = h.rt.list_with_label(labels::POD_UID).await.expect("list");
     let before = h.rt.calls().len();
     let _w2 = h.run(pod(spec), found);
-    h.until("app started again", |c| {
-        count(&c[before..], "start app") == 1
-    })
-    .await;
-    let after = &h.rt.calls()[before..];
-    let pos = |what: &str| after.iter().position(|l| l.starts_with(what));
-    assert!(pos("kill app").is_some(), "{after:#?}");
-    assert!(pos("kill app") < pos("start POD"), "{after:#?}");
-    assert_eq!(h.rt.running(), vec!["POD".to_string(), "app".to_string()]);
+    pod_made_again(&h, before).await;
 }
 
 #[tokio::test(start_paused = true)]
